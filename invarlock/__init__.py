@@ -1,0 +1,7 @@
+"""InvarLock: safety certificates for edited model checkpoints."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,118 @@
+"""Run configuration: load YAML files in the seed's shape, merge them in order, validate.
+
+Later sources win: the files given with `-c/--preset` in order, then CLI flags. Unknown keys
+and wrong types are `ConfigError`s (exit 2) that name the key, the source and, for a typo,
+the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+
+from invarlock.config_schema import CONFIG_SCHEMA
+from invarlock.errors import ConfigError
+
+_VALIDATOR = Draft202012Validator(CONFIG_SCHEMA)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one YAML mapping; an empty file is an empty mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: {problem}{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `override` into a copy of `base`; mappings merge key by key, anything else replaces."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def validate(config: Mapping[str, Any], source: str = "config") -> None:
+    """Check keys and types against the config schema; raise the first problem found."""
+    errors = sorted(_VALIDATOR.iter_errors(dict(config)), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(f"{source}: {describe_error(errors[0])}")
+
+
+def describe_error(error: ValidationError) -> str:
+    """One human line for a schema violation, with the nearest key for unknown keys."""
+    where = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        key = unknown[0]
+        full = f"{where}.{key}" if where else key
+        near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+        hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(allowed)}"
+        return f"unknown key '{full}'{hint}"
+    if error.validator == "enum":
+        choices = ", ".join(repr(c) for c in error.validator_value)
+        return f"{where or 'value'} must be one of {choices}, got {error.instance!r}"
+    if error.validator == "type":
+        expected = error.validator_value
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        return f"{where or 'value'} must be {expected}, got {error.instance!r}"
+    return f"{where or 'value'}: {error.message}"
+
+
+def merge_sources(sources: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Validate each (name, mapping) on its own, then merge them in order."""
+    merged: dict[str, Any] = {}
+    for name, data in sources:
+        validate(data, name)
+        merged = deep_merge(merged, data)
+    validate(merged, "merged configuration")
+    return merged
+
+
+def get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    """Look up `a.b.c` in nested mappings, or `default` when any part is missing or None."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or node.get(part) is None:
+            return default
+        node = node[part]
+    return node
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{'a': {'b': 1}}` → `{'a.b': 1}`; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,115 @@
+"""JSON Schema of run configs and presets (the seed's shape: model, dataset, edit, eval, guards,
+auto, output). Unknown keys are errors; `invarlock.config` names the nearest valid key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_POS_INT = {"type": "integer", "minimum": 1}
+_SEED = {"type": "integer", "minimum": 0}
+_STR = {"type": "string", "minLength": 1}
+_OPT_STR = {"type": ["string", "null"]}
+
+
+def _obj(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties,
+                              "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+MODEL = _obj({
+    "id": {**_STR, "description": "baseline: local directory, hub id, hf:ID, or 'demo'"},
+    "subject": {**_OPT_STR, "description": "subject checkpoint (omit to apply `edit`)"},
+    "adapter": {"type": "string", "enum": [
+        "auto", "hf_causal", "hf_mlm", "hf_seq_cls",
+        "hf_gpt2", "hf_llama", "hf_mistral", "hf_qwen2", "hf_bert", "hf_bert_cls",
+    ]},
+    "device": {"type": "string", "pattern": r"^(auto|cpu|mps|cuda(:\d+)?)$"},
+    "dtype": {"type": "string", "enum": ["auto", "float32", "float16", "bfloat16"]},
+    "allow_pickle": {"type": "boolean"},
+    "revision": _OPT_STR,
+})
+
+DATASET = _obj({
+    "provider": {"type": "string", "enum": ["demo", "text", "jsonl", "hf", "wikitext2"]},
+    "path": _OPT_STR,
+    "name": _OPT_STR,
+    "config": _OPT_STR,
+    "split": _OPT_STR,
+    "text_field": _STR,
+    "text_pair_field": _OPT_STR,
+    "label_field": _STR,
+    "seq_len": {"type": "integer", "minimum": 8},
+    "stride": _POS_INT,
+    "preview_n": _POS_INT,
+    "final_n": _POS_INT,
+    "seed": _SEED,
+})
+
+QUANT_RTN_PLAN = _obj({
+    "bitwidth": {"type": "integer", "minimum": 2, "maximum": 8},
+    "per_channel": {"type": "boolean"},
+    "group_size": {"type": ["integer", "null"], "minimum": 1},
+    "clamp_ratio": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+    "scope": {"type": "string", "enum": ["attn", "ffn", "all"]},
+    "max_modules": {"type": ["integer", "null"], "minimum": 1},
+})
+
+EDIT = _obj({
+    "name": {"type": "string", "enum": ["quant_rtn"]},
+    "plan": QUANT_RTN_PLAN,
+}, required=["name"])
+
+PRIMARY_METRIC = _obj({
+    "ratio_limit": {"type": "number", "exclusiveMinimum": 1.0},
+    "accuracy_delta_min_pp": {"type": "number", "maximum": 0.0},
+    "catastrophic_ratio": {"type": "number", "exclusiveMinimum": 1.0},
+    "drift_band": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0},
+                   "minItems": 2, "maxItems": 2},
+})
+
+EVAL = _obj({
+    "metric": _obj({"kind": {"type": "string",
+                             "enum": ["auto", "ppl_causal", "ppl_mlm", "accuracy"]}}),
+    "loss": _obj({"type": {"type": "string",
+                           "enum": ["auto", "causal", "mlm", "classification"]}}),
+    "batch_size": {"type": ["integer", "null"], "minimum": 1},
+    "bootstrap": _obj({
+        "replicates": _POS_INT,
+        "alpha": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.5},
+        "seed": _SEED,
+    }),
+    "primary_metric": PRIMARY_METRIC,
+})
+
+AUTO = _obj({
+    "enabled": {"type": "boolean"},
+    "tier": {"type": "string", "enum": ["balanced", "conservative", "aggressive"]},
+    "profile": {"type": "string", "enum": ["dev", "ci", "release"]},
+    "probes": {"type": "integer", "minimum": 0, "maximum": 0,
+               "description": "reserved; only 0 is accepted"},
+})
+
+OUTPUT = _obj({
+    "dir": _STR,
+    "save_model": {"type": "boolean"},
+    "save_report": {"type": "boolean"},
+    "save_subject": _OPT_STR,
+    "cache": {"type": "boolean"},
+    "cache_dir": _OPT_STR,
+})
+
+CONFIG_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "InvarLock run configuration",
+    **_obj({
+        "model": MODEL,
+        "dataset": DATASET,
+        "edit": {**EDIT, "type": ["object", "null"]},
+        "eval": EVAL,
+        "auto": AUTO,
+        "output": OUTPUT,
+    }),
+}

@@ -1,0 +1,197 @@
+"""Resolved policy: tier thresholds + profile evidence sizes + overrides, with a digest.
+
+The tier (`policies/tiers.yaml`) says how much degradation is acceptable; the profile
+(`policies/profiles.yaml`) says how much evidence to collect. A config or preset may override
+any of those values; the resolved policy records which ones it did, and its digest (sha256 of
+canonical JSON) lets a reviewer see at a glance whether two certificates used the same rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from invarlock.config import deep_merge, flatten, get
+from invarlock.errors import ConfigError
+
+TIERS = ("balanced", "conservative", "aggressive")
+PROFILES = ("dev", "ci", "release")
+DEFAULT_TIER = "balanced"
+DEFAULT_PROFILE = "ci"
+DEFAULT_SEED = 42
+
+# Config key → resolved-policy key, for values a config may override.
+_CONFIG_TO_POLICY = {
+    "dataset.preview_n": "windows.preview_n",
+    "dataset.final_n": "windows.final_n",
+    "dataset.seq_len": "windows.seq_len",
+    "dataset.stride": "windows.stride",
+    "dataset.seed": "windows.seed",
+    "eval.bootstrap.replicates": "bootstrap.replicates",
+    "eval.bootstrap.alpha": "bootstrap.alpha",
+    "eval.bootstrap.seed": "bootstrap.seed",
+    "eval.primary_metric.ratio_limit": "primary_metric.ratio_limit",
+    "eval.primary_metric.accuracy_delta_min_pp": "primary_metric.accuracy_delta_min_pp",
+    "eval.primary_metric.catastrophic_ratio": "primary_metric.catastrophic_ratio",
+    "eval.primary_metric.drift_band": "primary_metric.drift_band",
+}
+
+
+def policies_dir() -> Path:
+    """Where tiers.yaml and profiles.yaml live: inside the installed package, or the checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "policies", here.parent / "policies"):
+        if (candidate / "tiers.yaml").is_file():
+            return candidate
+    raise ConfigError(f"policy files not found next to the package ({here})")
+
+
+@cache
+def _load(name: str) -> dict[str, Any]:
+    path = policies_dir() / name
+    with path.open(encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def tiers() -> dict[str, Any]:
+    return _load("tiers.yaml")
+
+
+def profiles() -> dict[str, Any]:
+    return _load("profiles.yaml")
+
+
+@dataclass(frozen=True)
+class PrimaryMetricPolicy:
+    ratio_limit: float
+    accuracy_delta_min_pp: float
+    catastrophic_ratio: float
+    drift_band: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class WindowPolicy:
+    preview_n: int
+    final_n: int
+    seq_len: int
+    stride: int
+    seed: int
+    strict: bool
+
+
+@dataclass(frozen=True)
+class BootstrapPolicy:
+    replicates: int
+    alpha: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    """The rules a certificate was judged by. `values` is what the certificate records."""
+
+    tier: str
+    profile: str
+    values: dict[str, Any]
+    overrides: tuple[str, ...]
+
+    @property
+    def digest(self) -> str:
+        return policy_digest(self.values)
+
+    @property
+    def primary_metric(self) -> PrimaryMetricPolicy:
+        pm = self.values["primary_metric"]
+        return PrimaryMetricPolicy(
+            ratio_limit=float(pm["ratio_limit"]),
+            accuracy_delta_min_pp=float(pm["accuracy_delta_min_pp"]),
+            catastrophic_ratio=float(pm["catastrophic_ratio"]),
+            drift_band=(float(pm["drift_band"][0]), float(pm["drift_band"][1])),
+        )
+
+    @property
+    def windows(self) -> WindowPolicy:
+        w = self.values["windows"]
+        return WindowPolicy(int(w["preview_n"]), int(w["final_n"]), int(w["seq_len"]),
+                            int(w["stride"]), int(w["seed"]), bool(w["strict"]))
+
+    @property
+    def bootstrap(self) -> BootstrapPolicy:
+        b = self.values["bootstrap"]
+        return BootstrapPolicy(int(b["replicates"]), float(b["alpha"]), int(b["seed"]))
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dict(self.values.get(name, {}))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tier": self.tier, "profile": self.profile, "values": self.values,
+                "overrides": list(self.overrides), "digest": self.digest}
+
+
+def policy_digest(values: dict[str, Any]) -> str:
+    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def resolve(config: dict[str, Any]) -> ResolvedPolicy:
+    """Tier and profile defaults, then every policy value the (merged) config sets."""
+    tier = get(config, "auto.tier", DEFAULT_TIER)
+    profile = get(config, "auto.profile", DEFAULT_PROFILE)
+    if tier not in tiers():
+        raise ConfigError(f"unknown tier '{tier}'; choose one of {', '.join(tiers())}")
+    if profile not in profiles():
+        raise ConfigError(f"unknown profile '{profile}'; choose one of {', '.join(profiles())}")
+
+    prof = profiles()[profile]
+    defaults: dict[str, Any] = deep_merge(tiers()[tier], {
+        "windows": {**prof["windows"], "stride": None, "seed": DEFAULT_SEED},
+        "bootstrap": {**prof["bootstrap"], "seed": DEFAULT_SEED},
+    })
+    overrides: dict[str, Any] = {}
+    for cfg_key, pol_key in _CONFIG_TO_POLICY.items():
+        value = get(config, cfg_key)
+        if value is not None:
+            overrides[pol_key] = list(value) if isinstance(value, tuple) else value
+    for section in ("guards",):
+        if isinstance(config.get(section), dict):
+            for key, value in flatten(config[section], f"{section}.").items():
+                overrides[key] = value
+
+    values = deep_merge(defaults, {})
+    for dotted, value in overrides.items():
+        values = deep_merge(values, _nest(dotted, value))
+    windows = values["windows"]
+    if windows["stride"] is None:
+        windows["stride"] = windows["seq_len"]
+    if windows["stride"] < windows["seq_len"]:
+        raise ConfigError(
+            f"dataset.stride ({windows['stride']}) is shorter than dataset.seq_len "
+            f"({windows['seq_len']}): windows would overlap; use stride >= seq_len"
+        )
+    lo, hi = values["primary_metric"]["drift_band"]
+    if not lo < 1.0 < hi:
+        raise ConfigError(f"eval.primary_metric.drift_band must bracket 1.0, got [{lo}, {hi}]")
+    if defaults["windows"]["stride"] is None:
+        defaults["windows"]["stride"] = defaults["windows"]["seq_len"]
+    changed = tuple(sorted(k for k, v in overrides.items() if get(defaults, k) != v))
+    return ResolvedPolicy(tier=tier, profile=profile, values=values, overrides=changed)
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    node: dict[str, Any] = {}
+    cursor = node
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        cursor[part] = {}
+        cursor = cursor[part]
+    cursor[parts[-1]] = value
+    return node

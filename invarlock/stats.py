@@ -1,0 +1,229 @@
+"""Paired statistics for the primary metric: pure numpy, no torch, no I/O.
+
+Everything the gate decides is a function of per-window arrays stored in the certificate, so
+`invarlock verify` can recompute every number here from the certificate alone.
+
+The central statistic is a ratio of sums over windows, θ = Σ aᵢ / Σ wᵢ:
+
+- perplexity: aᵢ = NLLᵢ(subject) − NLLᵢ(baseline) (sums over the window's scored tokens),
+  wᵢ = tokens scored, so θ = Δ̄ is the token-weighted mean log-loss difference and
+  exp(θ) = PPL_subject / PPL_baseline on exactly the same tokens;
+- accuracy: aᵢ = cᵢ(subject) − cᵢ(baseline) ∈ {−1, 0, 1}, wᵢ = 1.
+
+Its confidence interval is a BCa bootstrap over windows (Efron 1987): windows are resampled
+with replacement, and baseline and subject stay paired because both arms of a window move
+together (one index array resamples both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+# Resample indices are drawn in blocks of at most this many integers so that memory stays
+# bounded for large window counts; the block size is part of the algorithm (same seed and
+# same inputs give the same interval, which `verify` relies on).
+_BLOCK_INTEGERS = 1 << 22
+
+
+@dataclass(frozen=True)
+class BootstrapInterval:
+    """A point estimate with its (1 − alpha) two-sided bootstrap interval."""
+
+    estimate: float
+    low: float
+    high: float
+    alpha: float
+    replicates: int
+    seed: int
+    method: str  # "bca", or "percentile" when BCa's bias correction is undefined, or "degenerate"
+    z0: float
+    acceleration: float
+
+    def as_tuple(self) -> tuple[float, float]:
+        return (self.low, self.high)
+
+
+def ratio_of_sums(numer: np.ndarray, denom: np.ndarray) -> float:
+    """θ = Σ numer / Σ denom (token-weighted mean when denom holds token counts)."""
+    numer, denom = _validate_pair(numer, denom)
+    return float(numer.sum() / denom.sum())
+
+
+def bca_ratio_of_sums(
+    numer: np.ndarray,
+    denom: np.ndarray,
+    *,
+    replicates: int,
+    seed: int,
+    alpha: float = 0.05,
+) -> BootstrapInterval:
+    """BCa bootstrap interval for θ = Σ numer / Σ denom, resampling windows (Efron 1987).
+
+    The bias correction z0 counts ties as half (mid-rank), which keeps it finite for discrete
+    data such as paired correctness; the acceleration comes from the jackknife. The returned
+    interval always contains the point estimate: when BCa's adjusted percentiles would
+    exclude it (possible under extreme skew) the bound is moved to the estimate.
+    """
+    numer, denom = _validate_pair(numer, denom)
+    if replicates < 1:
+        raise ValueError(f"replicates must be a positive integer, got {replicates}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    n = numer.shape[0]
+    estimate = float(numer.sum() / denom.sum())
+    theta_star = _bootstrap_ratios(numer, denom, replicates=replicates, seed=seed)
+
+    if np.ptp(theta_star) == 0.0 or n < 2:
+        return BootstrapInterval(estimate, estimate, estimate, alpha, replicates, seed,
+                                 "degenerate", 0.0, 0.0)
+
+    below = np.count_nonzero(theta_star < estimate)
+    ties = np.count_nonzero(theta_star == estimate)
+    share = (below + 0.5 * ties) / replicates
+    acceleration = _jackknife_acceleration(numer, denom)
+    if 0.0 < share < 1.0:
+        z0 = float(ndtri(share))
+        method = "bca"
+        q_low, q_high = _bca_levels(z0, acceleration, alpha)
+    else:  # every replicate on one side: BCa undefined, fall back to plain percentiles
+        z0 = float("inf") if share >= 1.0 else float("-inf")
+        method = "percentile"
+        q_low, q_high = alpha / 2.0, 1.0 - alpha / 2.0
+    low, high = np.quantile(theta_star, [q_low, q_high])
+    low, high = min(float(low), estimate), max(float(high), estimate)
+    return BootstrapInterval(estimate, low, high, alpha, replicates, seed, method, z0,
+                             acceleration)
+
+
+def _validate_pair(numer: np.ndarray, denom: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    numer = np.asarray(numer, dtype=np.float64)
+    denom = np.asarray(denom, dtype=np.float64)
+    if numer.ndim != 1 or denom.ndim != 1:
+        raise ValueError("numer and denom must be one-dimensional (one value per window)")
+    if numer.shape != denom.shape:
+        raise ValueError(f"numer and denom differ in length: {numer.size} vs {denom.size}")
+    if numer.size == 0:
+        raise ValueError("at least one window is required")
+    if not (np.all(np.isfinite(numer)) and np.all(np.isfinite(denom))):
+        raise ValueError("numer and denom must be finite")
+    if np.any(denom <= 0):
+        raise ValueError("denom must be positive for every window")
+    return numer, denom
+
+
+def _bootstrap_ratios(numer: np.ndarray, denom: np.ndarray, *, replicates: int,
+                      seed: int) -> np.ndarray:
+    """θ* for each replicate; one index array resamples both arms of every window."""
+    n = numer.shape[0]
+    rng = np.random.default_rng(seed)
+    rows_per_block = max(1, _BLOCK_INTEGERS // n)
+    out = np.empty(replicates, dtype=np.float64)
+    for start in range(0, replicates, rows_per_block):
+        rows = min(rows_per_block, replicates - start)
+        idx = rng.integers(0, n, size=(rows, n))  # [rows, n] window indices
+        out[start:start + rows] = numer[idx].sum(axis=1) / denom[idx].sum(axis=1)
+    return out
+
+
+def _jackknife_acceleration(numer: np.ndarray, denom: np.ndarray) -> float:
+    """Acceleration â from leave-one-out estimates (Efron 1987, eq. 6.6)."""
+    loo = (numer.sum() - numer) / (denom.sum() - denom)
+    dev = loo.mean() - loo
+    ss = float(np.sum(dev**2))
+    if ss == 0.0:
+        return 0.0
+    return float(np.sum(dev**3) / (6.0 * ss**1.5))
+
+
+def _bca_levels(z0: float, acceleration: float, alpha: float) -> tuple[float, float]:
+    """Adjusted percentile levels of the BCa interval."""
+    levels = []
+    for z_alpha in (ndtri(alpha / 2.0), ndtri(1.0 - alpha / 2.0)):
+        shifted = z0 + z_alpha
+        levels.append(float(ndtr(z0 + shifted / (1.0 - acceleration * shifted))))
+    return levels[0], levels[1]
+
+
+@dataclass(frozen=True)
+class PairedLogLoss:
+    """Paired perplexity comparison of subject vs baseline on the same windows."""
+
+    delta: BootstrapInterval  # Δ̄ (mean log-loss difference per token) and its CI
+    baseline_ppl: float
+    subject_ppl: float
+
+    @property
+    def ratio(self) -> float:
+        return float(np.exp(self.delta.estimate))
+
+    @property
+    def ratio_ci(self) -> tuple[float, float]:
+        return (float(np.exp(self.delta.low)), float(np.exp(self.delta.high)))
+
+
+def perplexity(nll_sums: np.ndarray, tokens: np.ndarray) -> float:
+    """exp(Σ NLL / Σ tokens): the corpus perplexity over the given windows."""
+    return float(np.exp(ratio_of_sums(nll_sums, tokens)))
+
+
+def paired_log_loss(
+    baseline_nll: np.ndarray,
+    subject_nll: np.ndarray,
+    tokens: np.ndarray,
+    *,
+    replicates: int,
+    seed: int,
+    alpha: float = 0.05,
+) -> PairedLogLoss:
+    """Δ̄ = Σ(NLLˢ − NLLᵇ)/Σn with its BCa CI; ratio = exp(Δ̄) = PPLˢ/PPLᵇ."""
+    baseline_nll = np.asarray(baseline_nll, dtype=np.float64)
+    subject_nll = np.asarray(subject_nll, dtype=np.float64)
+    tokens = np.asarray(tokens, dtype=np.float64)
+    if baseline_nll.shape != subject_nll.shape:
+        raise ValueError("baseline and subject must have one value per window, paired")
+    delta = bca_ratio_of_sums(subject_nll - baseline_nll, tokens, replicates=replicates,
+                              seed=seed, alpha=alpha)
+    return PairedLogLoss(
+        delta=delta,
+        baseline_ppl=perplexity(baseline_nll, tokens),
+        subject_ppl=perplexity(subject_nll, tokens),
+    )
+
+
+@dataclass(frozen=True)
+class PairedAccuracy:
+    """Paired accuracy comparison; the difference is in percentage points."""
+
+    difference_pp: BootstrapInterval  # mean(cˢ − cᵇ)·100 and its CI
+    baseline_accuracy: float
+    subject_accuracy: float
+
+    @property
+    def ratio(self) -> float:
+        """accuracyˢ/accuracyᵇ (1.0 when the baseline scores zero and so does the subject)."""
+        if self.baseline_accuracy == 0.0:
+            return 1.0 if self.subject_accuracy == 0.0 else float("inf")
+        return self.subject_accuracy / self.baseline_accuracy
+
+
+def paired_accuracy(
+    baseline_correct: np.ndarray,
+    subject_correct: np.ndarray,
+    *,
+    replicates: int,
+    seed: int,
+    alpha: float = 0.05,
+) -> PairedAccuracy:
+    """Mean paired difference of per-example correctness (in pp) with its BCa CI."""
+    base = np.asarray(baseline_correct, dtype=np.float64)
+    subj = np.asarray(subject_correct, dtype=np.float64)
+    if base.shape != subj.shape:
+        raise ValueError("baseline and subject must have one value per example, paired")
+    if not np.all(np.isin(base, (0.0, 1.0))) or not np.all(np.isin(subj, (0.0, 1.0))):
+        raise ValueError("correctness values must be 0 or 1")
+    interval = bca_ratio_of_sums((subj - base) * 100.0, np.ones_like(base),
+                                 replicates=replicates, seed=seed, alpha=alpha)
+    return PairedAccuracy(interval, float(base.mean()), float(subj.mean()))

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny seeded models and tokenizers, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: force the Hugging Face libraries offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("INVARLOCK_ALLOW_NETWORK", None)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> Path:
+    from tests.tinymodels import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="session")
+def wordpiece_tokenizer_dir(tmp_path_factory) -> Path:
+    from tests.tinymodels import train_wordpiece_tokenizer
+
+    return train_wordpiece_tokenizer(tmp_path_factory.mktemp("wordpiece"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, bpe_tokenizer_dir) -> Path:
+    from tests.tinymodels import build_gpt2
+
+    return build_gpt2(tmp_path_factory.mktemp("gpt2"), bpe_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, bpe_tokenizer_dir) -> Path:
+    from tests.tinymodels import build_llama
+
+    return build_llama(tmp_path_factory.mktemp("llama"), bpe_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, wordpiece_tokenizer_dir) -> Path:
+    from tests.tinymodels import build_bert_mlm
+
+    return build_bert_mlm(tmp_path_factory.mktemp("bert"), wordpiece_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory, wordpiece_tokenizer_dir) -> Path:
+    from tests.tinymodels import build_bert_classifier
+
+    return build_bert_classifier(tmp_path_factory.mktemp("cls"), wordpiece_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def labelled_jsonl(tmp_path_factory) -> Path:
+    from tests.tinymodels import write_labelled_jsonl
+
+    return write_labelled_jsonl(tmp_path_factory.mktemp("cls-data") / "labelled.jsonl")
+
+
+@pytest.fixture(scope="session")
+def sonnets_path() -> Path:
+    from tests.tinymodels import SONNETS
+
+    return SONNETS
