@@ -142,8 +142,12 @@ def policy_digest(values: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def resolve(config: dict[str, Any]) -> ResolvedPolicy:
-    """Tier and profile defaults, then every policy value the (merged) config sets."""
+def resolve(config: dict[str, Any], *, context_length: int | None = None) -> ResolvedPolicy:
+    """Tier and profile defaults, then every policy value the (merged) config sets.
+
+    With `context_length` (the model's maximum positions), a profile's default window length
+    that does not fit is shortened to it; an explicitly configured one is an error.
+    """
     tier = get(config, "auto.tier", DEFAULT_TIER)
     profile = get(config, "auto.profile", DEFAULT_PROFILE)
     if tier not in tiers():
@@ -166,9 +170,17 @@ def resolve(config: dict[str, Any]) -> ResolvedPolicy:
             for key, value in flatten(config[section], f"{section}.").items():
                 overrides[key] = value
 
+    too_long = context_length is not None and defaults["windows"]["seq_len"] > context_length
+    if too_long and "windows.seq_len" not in overrides:
+        overrides["windows.seq_len"] = context_length
     values = deep_merge(defaults, {})
     for dotted, value in overrides.items():
         values = deep_merge(values, _nest(dotted, value))
+    if context_length is not None and values["windows"]["seq_len"] > context_length:
+        raise ConfigError(
+            f"dataset.seq_len ({values['windows']['seq_len']}) exceeds the model's context "
+            f"length ({context_length})"
+        )
     windows = values["windows"]
     if windows["stride"] is None:
         windows["stride"] = windows["seq_len"]
@@ -176,6 +188,11 @@ def resolve(config: dict[str, Any]) -> ResolvedPolicy:
         raise ConfigError(
             f"dataset.stride ({windows['stride']}) is shorter than dataset.seq_len "
             f"({windows['seq_len']}): windows would overlap; use stride >= seq_len"
+        )
+    if windows["preview_n"] != windows["final_n"]:
+        raise ConfigError(
+            f"dataset.preview_n ({windows['preview_n']}) and dataset.final_n "
+            f"({windows['final_n']}) must be equal: paired evidence needs equal counts"
         )
     lo, hi = values["primary_metric"]["drift_band"]
     if not lo < 1.0 < hi:

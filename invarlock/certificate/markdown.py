@@ -1,0 +1,172 @@
+"""Markdown rendering of a certificate for people: the verdict and the one number first.
+
+Pure: a certificate dict in, a string out (no I/O, no environment).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_MARK = {True: "✅", False: "❌"}
+
+
+def render(cert: dict[str, Any]) -> str:
+    """The full `evaluation.cert.md`: headline, gates, metric table, models, provenance."""
+    parts = [
+        headline(cert),
+        "",
+        "## Gates",
+        "",
+        gates_table(cert),
+        "",
+        "## Primary metric",
+        "",
+        metric_table(cert),
+        "",
+        _interval_line(cert),
+        "",
+        "## Models and data",
+        "",
+        models_table(cert),
+        "",
+        "## Provenance",
+        "",
+        provenance_table(cert),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def headline(cert: dict[str, Any]) -> str:
+    """Title with the verdict, then the one number that matters against its limit."""
+    status = cert["verdict"]["status"]
+    icon = "✅" if status == "PASS" else "❌"
+    lines = [f"# {icon} InvarLock certificate: {status}", "", summary_sentence(cert)]
+    if status == "FAIL":
+        lines += ["", *[f"- {r}" for r in cert["verdict"]["reasons"]]]
+    return "\n".join(lines)
+
+
+def summary_sentence(cert: dict[str, Any]) -> str:
+    pm = cert["primary_metric"]
+    tier = cert["policy"]["tier"]
+    if pm["gate_value"] is None:
+        if pm["catastrophic"]:
+            prev = pm["preview"]["ratio"]
+            shown = "non-finite" if prev is None else f"{prev:.3f}"
+            return (f"**Catastrophic degradation**: preview ratio {shown}; the final set was "
+                    f"not evaluated ({tier} tier).")
+        return "The primary metric could not be computed."
+    if pm["basis"] == "ratio_ci_upper":
+        lo, hi = pm["ratio_ci"]
+        op = "≤" if hi <= pm["limit"] else ">"
+        return (f"**Perplexity ratio {pm['ratio']:.4f}** (95% CI {lo:.4f}–{hi:.4f}); "
+                f"upper bound **{hi:.4f} {op} {pm['limit']:.2f}** ({tier} tier).")
+    d = pm["delta"]
+    lo = d["ci"][0]
+    op = "≥" if lo >= pm["limit"] else "<"
+    return (f"**Accuracy change {d['estimate']:+.2f} pp** (95% CI {d['ci'][0]:+.2f} to "
+            f"{d['ci'][1]:+.2f}); lower bound **{lo:+.2f} {op} {pm['limit']:+.2f} pp** "
+            f"({tier} tier).")
+
+
+def gates_table(cert: dict[str, Any]) -> str:
+    gating = set(cert["gating"])
+    explanations = cert["verdict"].get("explanations", {})
+    rows = ["| Check | Result | Gating | Detail |", "|---|---|---|---|"]
+    for flag, ok in cert["validation"].items():
+        rows.append(f"| `{flag}` | {_MARK[bool(ok)]} | {'gate' if flag in gating else 'monitor'}"
+                    f" | {_cell(explanations.get(flag, ''))} |")
+    return "\n".join(rows)
+
+
+def metric_table(cert: dict[str, Any]) -> str:
+    pm = cert["primary_metric"]
+    ppl = pm["kind"] != "accuracy"
+    unit = "PPL" if ppl else "accuracy"
+    rows = [f"| Set | Windows | Baseline {unit} | Subject {unit} | Ratio |",
+            "|---|---:|---:|---:|---:|"]
+    for name in ("preview", "final"):
+        summary = pm[name]
+        n = len(cert["windows"][name]["ids"])
+        if summary is None:
+            rows.append(f"| {name} | {n} | — | not evaluated | — |")
+            continue
+        rows.append(f"| {name} | {n} | {_num(summary['baseline'])} | "
+                    f"{_num(summary['subject'])} | {_num(summary['ratio'])} |")
+    return "\n".join(rows)
+
+
+def _interval_line(cert: dict[str, Any]) -> str:
+    pm = cert["primary_metric"]
+    boot = pm["bootstrap"]
+    if boot is None:
+        return "No interval: the final set was not evaluated."
+    d = pm["delta"]
+    unit = "nats/token" if d["unit"] == "nats_per_token" else "pp"
+    drift = pm["drift"]
+    return (f"Paired Δ = {d['estimate']:+.6f} {unit} (CI {d['ci'][0]:+.6f} to "
+            f"{d['ci'][1]:+.6f}); {boot['method'].upper()} bootstrap, "
+            f"{boot['replicates']} replicates, seed {boot['seed']}, "
+            f"α = {boot['alpha']}; drift final/preview "
+            f"{'—' if drift is None else f'{drift:.4f}'}.")
+
+
+def models_table(cert: dict[str, Any]) -> str:
+    base, subj, data, win = cert["baseline"], cert["subject"], cert["dataset"], cert["windows"]
+    rows = ["| | |", "|---|---|",
+            f"| Baseline | {_model(base)} |",
+            f"| Subject | {_model(subj)} |"]
+    edit = cert.get("edit")
+    if edit:
+        plan = ", ".join(f"{k}={v}" for k, v in edit["plan"].items() if v is not None)
+        rows.append(f"| Edit | `{edit['name']}` ({plan}); {len(edit['modules_changed'])} "
+                    f"modules, {edit['params_changed']:,} parameters changed |")
+    rows += [
+        f"| Data | `{_cell(data['spec'])}` · {data['documents']:,} documents · "
+        f"{data['tokens']:,} tokens · `{_short(data['digest'])}` |",
+        f"| Windows | {cert['pairing']['preview_n']} preview + {cert['pairing']['final_n']} "
+        f"final × {win['seq_len']} tokens (stride {win['stride']}, seed {win['seed']}); "
+        f"match {cert['pairing']['match']:.2f}, overlap {cert['pairing']['overlap']:.2f} |",
+        f"| Tokenizer | {cert['tokenizer']['class']} · vocab {cert['tokenizer']['vocab_size']:,}"
+        f" · `{_short(cert['tokenizer']['hash'])}` |",
+    ]
+    return "\n".join(rows)
+
+
+def provenance_table(cert: dict[str, Any]) -> str:
+    env = cert["environment"]
+    policy = cert["policy"]
+    libs = ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v)
+    overrides = ", ".join(f"`{o}`" for o in policy["overrides"]) or "none"
+    rows = ["| | |", "|---|---|",
+            f"| Run | `{cert['run_id']}` · {cert['created_at']} |",
+            f"| Tool | invarlock {cert['tool']['version']} |",
+            f"| Policy | {policy['tier']} / {policy['profile']} · `{_short(policy['digest'])}` · "
+            f"overrides: {overrides} |",
+            f"| Device | {env['device']['type']} ({_cell(env['device']['name'])}), "
+            f"{env['device']['threads']} threads |",
+            f"| Environment | Python {env['python']}; {libs} |",
+            f"| Seeds | {', '.join(f'{k} {v}' for k, v in cert['seeds'].items())} |",
+            f"| Certificate digest | `{cert.get('digest', 'unsealed')}` |"]
+    return "\n".join(rows)
+
+
+def _model(m: dict[str, Any]) -> str:
+    cached = " · baseline results from cache" if m.get("results_from_cache") else ""
+    return (f"`{_cell(m['source'])}` · {m['architecture']} · {m['parameters']:,} parameters · "
+            f"{m['dtype']} · `{_short(m['weights_digest'])}`{cached}")
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"
+
+
+def _short(digest: str) -> str:
+    return digest[:19] + "…" if len(digest) > 20 else digest
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")

@@ -1,0 +1,200 @@
+"""Command line: `invarlock certify`, `invarlock version`.
+
+The CLI is the only place (with the Action entrypoint) that turns exceptions into exit codes:
+0 PASS, 1 FAIL, 2 bad input or configuration, 3 evidence cannot be produced. Errors are one
+line on stderr; with `--json` stdout carries exactly one JSON object whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from invarlock import __version__
+from invarlock.errors import InvarlockError, MissingExtraError
+
+EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_EVIDENCE = 0, 1, 2, 3
+
+log = logging.getLogger("invarlock")
+
+
+def _configure_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("invarlock: %(levelname)s: %(message)s"))
+    root = logging.getLogger("invarlock")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+def _require_hf(feature: str) -> None:
+    """Model commands need torch and transformers; say which extra installs them."""
+    for module in ("torch", "transformers"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError(feature, "hf")
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """Keep stdout for the one JSON object: anything a library prints goes to stderr."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def _run_guarded(as_json: bool, body: Callable[[], tuple[int, dict[str, Any] | None]]) -> None:
+    """Run a command body; translate errors into one line and the right exit code.
+
+    The body returns its exit code and, for `--json`, the object to print once stdout is
+    stdout again.
+    """
+    try:
+        with _stdout_to_stderr(as_json):
+            code, payload = body()
+    except InvarlockError as exc:
+        _fail(as_json, str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail(as_json, "interrupted", 130)
+    except Exception as exc:  # a defect, not bad input: still one line, unless debugging
+        if os.environ.get("INVARLOCK_DEBUG"):
+            raise
+        _fail(as_json, f"internal error: {type(exc).__name__}: {exc} "
+                       "(set INVARLOCK_DEBUG=1 for the traceback)", EXIT_EVIDENCE)
+    if as_json and payload is not None:
+        click.echo(json.dumps(payload))
+    sys.exit(code)
+
+
+def _fail(as_json: bool, message: str, code: int) -> None:
+    click.echo(f"invarlock: error: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"verdict": None, "error": message, "exit_code": code}))
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="invarlock")
+def main() -> None:
+    """InvarLock: certify that an edited checkpoint is still as good as its baseline.
+
+    \b
+    Examples:
+      invarlock certify                       # bundled demo: INT8 edit of a small model
+      invarlock certify --baseline models/base --subject models/int8 --dataset data.txt
+      invarlock certify --baseline models/base --edit quant_rtn --edit-config int4.yaml \\
+          --dataset hf:wikitext:wikitext-2-raw-v1:validation --profile release --json
+    """
+
+
+@main.command()
+def version() -> None:
+    """Print the version of invarlock and of the libraries it uses."""
+    from invarlock.environment import library_versions
+
+    click.echo(f"invarlock {__version__}")
+    for name, ver in library_versions().items():
+        click.echo(f"  {name} {ver or 'not installed'}")
+
+
+_CERTIFY_EPILOG = """\b
+Exit codes: 0 PASS, 1 FAIL, 2 bad input or configuration, 3 evidence cannot be produced.
+\b
+Examples:
+  invarlock certify
+  invarlock certify --baseline ./base --subject ./int8 --dataset ./eval.txt --profile ci
+  invarlock certify --baseline ./base --edit quant_rtn --edit-config rtn4.yaml \\
+      --dataset demo --tier conservative --out reports/rtn4 --json
+"""
+
+
+@main.command(epilog=_CERTIFY_EPILOG)
+@click.option("--baseline", metavar="MODEL",
+              help="Baseline: local directory, hub id (hf:ID), or 'demo' (default).")
+@click.option("--subject", metavar="MODEL", help="Subject checkpoint to compare.")
+@click.option("--edit", "edit_name", metavar="NAME",
+              help="Build the subject in memory with a built-in edit (quant_rtn).")
+@click.option("--edit-config", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML with `edit: {name: quant_rtn, plan: {...}}`.")
+@click.option("--dataset", "dataset_spec", metavar="SPEC",
+              help="Evaluation text: a .txt file, a folder of .txt, a .jsonl file, 'demo', "
+                   "'wikitext2', or hf:NAME[:CONFIG[:SPLIT]].")
+@click.option("--text-field", help="JSONL/HF field holding the text (default: text).")
+@click.option("--label-field", help="JSONL/HF field holding classifier labels (default: label).")
+@click.option("--profile", type=click.Choice(["dev", "ci", "release"]),
+              help="Evidence size (default: ci).")
+@click.option("--tier", type=click.Choice(["balanced", "conservative", "aggressive"]),
+              help="Acceptance thresholds (default: balanced).")
+@click.option("--preset", "presets", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Config file(s) merged in order (seed shape); flags win.")
+@click.option("--adapter", help="auto (default), hf_causal, hf_mlm, hf_seq_cls.")
+@click.option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Windows per forward pass.")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed for windows and bootstrap.")
+@click.option("--allow-pickle", is_flag=True, default=None,
+              help="Allow .bin/.pt checkpoints (loaded with weights_only).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the certificate (default: runs/<run id>).")
+@click.option("--save-subject", type=click.Path(file_okay=False, path_type=Path),
+              help="With --edit: write the edited checkpoint here, only when PASS.")
+@click.option("--no-cache", is_flag=True, help="Always re-evaluate the baseline.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Baseline cache folder (default: $INVARLOCK_CACHE_DIR or ~/.cache).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def certify(as_json: bool, quiet: bool, **flags: Any) -> None:
+    """Compare a subject with its baseline on paired windows and write a certificate.
+
+    With no --baseline, the bundled demo model, tokenizer and corpus are used, and with no
+    --subject the demo applies quant_rtn (INT8): `invarlock certify` alone is a real run.
+    """
+    _configure_logging(quiet)
+
+    def body() -> tuple[int, dict[str, Any] | None]:
+        from invarlock.run_config import config_from_certify_flags, request_from_config
+
+        _require_hf("invarlock certify")
+        config = config_from_certify_flags(flags)
+        progress = not quiet and sys.stderr.isatty()
+        request = request_from_config(config, progress=progress)
+        return _certify_and_report(request, as_json)
+
+    _run_guarded(as_json, body)
+
+
+def _certify_and_report(request: Any, as_json: bool) -> tuple[int, dict[str, Any] | None]:
+    from invarlock.certify import certify as run_certify
+
+    outcome = run_certify(request)
+    summary = outcome.summary()
+    if not as_json:
+        click.echo(_human_summary(summary))
+    return (EXIT_PASS if outcome.verdict == "PASS" else EXIT_FAIL), summary
+
+
+def _human_summary(s: dict[str, Any]) -> str:
+    if s["ratio_ci"] is not None:
+        lo, hi = s["ratio_ci"]
+        number = f"ratio {s['ratio']:.4f}, 95% CI [{lo:.4f}, {hi:.4f}], limit {s['limit']:.2f}"
+    elif s["delta_ci"] is not None:
+        lo, hi = s["delta_ci"]
+        number = f"accuracy change CI [{lo:+.2f}, {hi:+.2f}] pp, limit {s['limit']:+.2f} pp"
+    else:
+        number = "catastrophic preview, final set not evaluated"
+    lines = [f"{s['verdict']}: {number}"]
+    if s["verdict"] == "FAIL":
+        lines += [f"  - {r}" for r in s["reasons"]]
+    lines.append(f"certificate: {s['certificate']}")
+    return "\n".join(lines)

@@ -1,0 +1,268 @@
+"""The primary-metric gate: from per-window arrays and the policy to numbers, flags, reasons.
+
+Pure functions over numpy arrays. `certify` calls them on fresh evaluation results and
+`verify` calls the very same functions on the arrays stored in a certificate, so a
+certificate's numbers and flags can be recomputed by anyone.
+
+Rules (DESIGN "Metrics and statistics"):
+- perplexity gates on the upper bound of the ratio CI: exp(CI_hi(Δ̄)) ≤ ratio_limit;
+- accuracy gates on the lower bound of the paired difference: CI_lo(Δacc) ≥ min (pp);
+- a preview ratio above `catastrophic_ratio` stops the run (final set not evaluated);
+- drift ratio_final / ratio_preview must lie inside `drift_band`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from invarlock import stats
+from invarlock.enums import MetricKind
+from invarlock.policy import BootstrapPolicy, PrimaryMetricPolicy
+
+
+@dataclass(frozen=True)
+class PairedArrays:
+    """One window set's per-window results for both models (aligned by window)."""
+
+    tokens: np.ndarray  # int64 [N] tokens scored per window (1 per example for accuracy)
+    baseline: np.ndarray  # float64 [N] NLL sums (nats) or 0/1 correctness
+    subject: np.ndarray  # float64 [N]; NaN where the subject's logits were non-finite
+
+    @property
+    def nonfinite(self) -> int:
+        return int(np.count_nonzero(~np.isfinite(self.subject)))
+
+
+@dataclass(frozen=True)
+class SetSummary:
+    """Corpus-level metric of each model on one window set."""
+
+    baseline: float
+    subject: float | None  # None when the subject's losses were not finite
+    ratio: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "subject": self.subject, "ratio": self.ratio}
+
+
+def summarize(kind: MetricKind, arrays: PairedArrays) -> SetSummary:
+    """Perplexity (or accuracy) of both models on one set, and subject/baseline."""
+    if kind.is_perplexity:
+        base = stats.perplexity(arrays.baseline, arrays.tokens)
+        if arrays.nonfinite:
+            return SetSummary(base, None, None)
+        subj = stats.perplexity(arrays.subject, arrays.tokens)
+        return SetSummary(base, subj, subj / base)
+    base_acc = float(np.mean(arrays.baseline))
+    subj_acc = float(np.mean(arrays.subject))
+    ratio = subj_acc / base_acc if base_acc > 0 else (1.0 if subj_acc == 0 else None)
+    return SetSummary(base_acc, subj_acc, ratio)
+
+
+def is_catastrophic(kind: MetricKind, preview: SetSummary, policy: PrimaryMetricPolicy) -> bool:
+    """Preview so bad that evaluating the final set would waste time: stop and FAIL."""
+    if preview.ratio is None:  # non-finite subject losses
+        return True
+    if kind.is_perplexity:
+        return preview.ratio > policy.catastrophic_ratio
+    return preview.ratio < 1.0 / policy.catastrophic_ratio
+
+
+@dataclass(frozen=True)
+class PrimaryMetricResult:
+    kind: MetricKind
+    preview: SetSummary
+    final: SetSummary | None  # None when the run stopped after a catastrophic preview
+    catastrophic: bool
+    interval: stats.BootstrapInterval | None  # on Δ̄ (nats/token) or Δacc (pp), final set
+    limit: float
+    basis: str  # "ratio_ci_upper" | "delta_ci_lower"
+
+    @property
+    def ratio(self) -> float | None:
+        return self.final.ratio if self.final else None
+
+    @property
+    def ratio_ci(self) -> tuple[float, float] | None:
+        if self.interval is None or not self.kind.is_perplexity:
+            return None
+        return (float(np.exp(self.interval.low)), float(np.exp(self.interval.high)))
+
+    @property
+    def drift(self) -> float | None:
+        if self.final is None or self.final.ratio is None or not self.preview.ratio:
+            return None
+        return self.final.ratio / self.preview.ratio
+
+    @property
+    def gate_value(self) -> float | None:
+        """The one number compared with the limit: ratio CI upper bound, or Δacc CI lower."""
+        if self.interval is None:
+            return None
+        if self.kind.is_perplexity:
+            return float(np.exp(self.interval.high))
+        return self.interval.low
+
+    def as_dict(self) -> dict[str, Any]:
+        iv = self.interval
+        return {
+            "kind": str(self.kind),
+            "preview": self.preview.as_dict(),
+            "final": self.final.as_dict() if self.final else None,
+            "ratio": self.ratio,
+            "ratio_ci": list(self.ratio_ci) if self.ratio_ci else None,
+            "delta": None if iv is None else {
+                "estimate": iv.estimate, "ci": [iv.low, iv.high],
+                "unit": "nats_per_token" if self.kind.is_perplexity else "percentage_points",
+            },
+            "limit": self.limit,
+            "basis": self.basis,
+            "gate_value": self.gate_value,
+            "drift": self.drift,
+            "catastrophic": self.catastrophic,
+            "bootstrap": None if iv is None else {
+                "method": iv.method, "replicates": iv.replicates, "seed": iv.seed,
+                "alpha": iv.alpha, "z0": _finite_or_none(iv.z0),
+                "acceleration": iv.acceleration,
+            },
+        }
+
+
+def primary_metric(
+    kind: MetricKind,
+    preview: PairedArrays,
+    final: PairedArrays | None,
+    policy: PrimaryMetricPolicy,
+    bootstrap: BootstrapPolicy,
+) -> PrimaryMetricResult:
+    """Point estimates, BCa interval on the final set, drift and the catastrophe check."""
+    limit = policy.ratio_limit if kind.is_perplexity else policy.accuracy_delta_min_pp
+    basis = "ratio_ci_upper" if kind.is_perplexity else "delta_ci_lower"
+    prev = summarize(kind, preview)
+    catastrophic = is_catastrophic(kind, prev, policy)
+    if catastrophic or final is None:
+        return PrimaryMetricResult(kind, prev, None, catastrophic, None, limit, basis)
+    fin = summarize(kind, final)
+    if final.nonfinite:
+        return PrimaryMetricResult(kind, prev, fin, True, None, limit, basis)
+    if kind.is_perplexity:
+        interval = stats.paired_log_loss(
+            final.baseline, final.subject, final.tokens, replicates=bootstrap.replicates,
+            seed=bootstrap.seed, alpha=bootstrap.alpha,
+        ).delta
+    else:
+        interval = stats.paired_accuracy(
+            final.baseline, final.subject, replicates=bootstrap.replicates,
+            seed=bootstrap.seed, alpha=bootstrap.alpha,
+        ).difference_pp
+    return PrimaryMetricResult(kind, prev, fin, False, interval, limit, basis)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One validation flag with the sentence that explains it."""
+
+    flag: str
+    passed: bool
+    reason: str
+
+
+def primary_checks(result: PrimaryMetricResult, policy: PrimaryMetricPolicy) -> list[Check]:
+    """The primary-metric flags of `validation`, each with its reason."""
+    checks = [_catastrophe_check(result, policy)]
+    if result.interval is None or result.gate_value is None:
+        why = ("not evaluated: the run stopped after the preview set" if result.final is None
+               else "subject produced non-finite losses on the final set")
+        checks.append(Check("primary_metric_acceptable", False, f"primary metric {why}"))
+        checks.append(Check("preview_final_drift_acceptable", False, f"drift {why}"))
+        return checks
+    value = result.gate_value
+    if result.kind.is_perplexity:
+        ok = value <= result.limit
+        op = "<=" if ok else ">"
+        reason = (f"ratio {result.ratio:.4f}, CI upper bound {value:.4f} {op} limit "
+                  f"{result.limit:.2f}")
+    else:
+        ok = value >= result.limit
+        op = ">=" if ok else "<"
+        reason = (f"accuracy change {result.interval.estimate:+.2f} pp, CI lower bound "
+                  f"{value:+.2f} pp {op} limit {result.limit:+.2f} pp")
+    checks.append(Check("primary_metric_acceptable", ok, reason))
+    lo, hi = policy.drift_band
+    drift = result.drift
+    drift_ok = drift is not None and lo <= drift <= hi
+    shown = "undefined" if drift is None else f"{drift:.4f}"
+    checks.append(Check("preview_final_drift_acceptable", drift_ok,
+                        f"drift final/preview {shown} {'within' if drift_ok else 'outside'} "
+                        f"[{lo:.2f}, {hi:.2f}]"))
+    return checks
+
+
+def _catastrophe_check(result: PrimaryMetricResult, policy: PrimaryMetricPolicy) -> Check:
+    ratio = result.preview.ratio
+    if ratio is None:
+        return Check("not_catastrophic", False, "subject produced non-finite losses on preview")
+    if result.catastrophic and result.final is not None:
+        return Check("not_catastrophic", False, "subject produced non-finite losses on final")
+    if result.kind.is_perplexity:
+        return Check("not_catastrophic", not result.catastrophic,
+                     f"preview ratio {ratio:.3f} {'>' if result.catastrophic else '<='} "
+                     f"catastrophic limit {policy.catastrophic_ratio:.1f}")
+    return Check("not_catastrophic", not result.catastrophic,
+                 f"preview accuracy ratio {ratio:.3f} "
+                 f"{'<' if result.catastrophic else '>='} {1 / policy.catastrophic_ratio:.2f}")
+
+
+def pairing_check(match: float, overlap: float, preview_n: int, final_n: int) -> Check:
+    """Both models saw identical windows, preview and final are disjoint, counts are equal."""
+    ok = match == 1.0 and overlap == 0.0 and preview_n == final_n
+    return Check("pairing_acceptable", ok,
+                 f"pairing match {match:.2f}, overlap {overlap:.2f}, "
+                 f"{preview_n}+{final_n} windows")
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict: PASS iff every gating flag holds. Monitor-only flags are recorded only."""
+
+    verdict: str  # "PASS" | "FAIL"
+    validation: dict[str, bool]
+    gating: tuple[str, ...]
+    reasons: tuple[str, ...]
+    explanations: dict[str, str]
+
+    def verdict_section(self) -> dict[str, Any]:
+        return {"status": self.verdict, "reasons": list(self.reasons),
+                "explanations": dict(self.explanations)}
+
+
+def decide(checks: list[Check], gating: list[str] | tuple[str, ...]) -> Decision:
+    """AND of the gating flags; reasons name every failing gating check."""
+    validation = {c.flag: bool(c.passed) for c in checks}
+    missing = [g for g in gating if g not in validation]
+    if missing:
+        raise ValueError(f"gating flags without a check: {', '.join(missing)}")
+    failed = [c for c in checks if c.flag in gating and not c.passed]
+    if failed:
+        reasons = tuple(f"{c.flag}: {c.reason}" for c in failed)
+        status = "FAIL"
+    else:
+        reasons = (f"all {len(gating)} gating checks passed",)
+        status = "PASS"
+    return Decision(status, validation, tuple(gating), reasons,
+                    {c.flag: c.reason for c in checks})
+
+
+PRIMARY_GATING = (
+    "pairing_acceptable",
+    "not_catastrophic",
+    "primary_metric_acceptable",
+    "preview_final_drift_acceptable",
+)

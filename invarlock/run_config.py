@@ -1,0 +1,142 @@
+"""From command-line flags and config files to one merged config, and from that to a request.
+
+`certify` flags and `run -c` config files take the same road: sources merge in order
+(bundled demo preset, presets, edit config, flags), defaults for the bundled demo are filled,
+and the combination is checked once before any model is touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from invarlock.config import get, load_yaml, merge_sources
+from invarlock.errors import InputError
+from invarlock.policy import resolve
+
+DEMO = "demo"
+DEFAULT_DEMO_EDIT = {"name": "quant_rtn", "plan": {"bitwidth": 8, "per_channel": True,
+                                                   "scope": "all"}}
+
+
+def config_from_certify_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """Merge presets, the edit config and flags (in that order; flags win)."""
+    sources: list[tuple[str, dict[str, Any]]] = []
+    for preset in flags.get("presets") or ():
+        sources.append((str(preset), load_yaml(preset)))
+    if flags.get("edit_config") is not None:
+        edit_file = load_yaml(flags["edit_config"])
+        if set(edit_file) != {"edit"}:
+            raise InputError(f"{flags['edit_config']}: an edit config holds one top-level key, "
+                             "`edit: {name: ..., plan: {...}}`")
+        sources.append((str(flags["edit_config"]), edit_file))
+    sources.append(("command line", _flags_to_config(flags)))
+    return finalize(sources)
+
+
+def finalize(sources: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Merge sources (the demo preset first when the baseline is the demo) and fill defaults."""
+    merged = merge_sources(sources)
+    baseline = get(merged, "model.id", DEMO)
+    if baseline == DEMO:
+        from invarlock import demo
+
+        sources = [("bundled demo preset", load_yaml(demo.preset_path())), *sources]
+        merged = merge_sources(sources)
+        merged.setdefault("model", {})["id"] = DEMO
+        if not _has_dataset(merged):
+            merged.setdefault("dataset", {})["provider"] = DEMO
+        if not get(merged, "model.subject") and not get(merged, "edit"):
+            merged["edit"] = dict(DEFAULT_DEMO_EDIT)
+    _check_combination(merged)
+    resolve(merged)  # tier/profile/window rules fail here, before anything is loaded
+    return merged
+
+
+def _has_dataset(config: dict[str, Any]) -> bool:
+    return bool(get(config, "dataset.provider") or get(config, "dataset.path"))
+
+
+def _check_combination(config: dict[str, Any]) -> None:
+    subject, edit = get(config, "model.subject"), get(config, "edit")
+    if subject and edit:
+        raise InputError("give either a subject (--subject) or an edit (--edit), not both")
+    if not subject and not edit:
+        raise InputError("nothing to compare: give --subject MODEL or --edit quant_rtn")
+    if not _has_dataset(config):
+        raise InputError("--dataset is required unless the baseline is the bundled demo")
+    if get(config, "output.save_subject") and not edit:
+        raise InputError("--save-subject writes an edited subject; it needs --edit")
+
+
+def _flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
+    """Only the flags the user gave; unset flags leave presets alone."""
+    config: dict[str, Any] = {}
+
+    def put(dotted: str, value: Any) -> None:
+        if value is None:
+            return
+        node = config
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    put("model.id", flags.get("baseline"))
+    put("model.subject", flags.get("subject"))
+    put("model.adapter", flags.get("adapter"))
+    put("model.device", flags.get("device"))
+    put("model.dtype", flags.get("dtype"))
+    put("model.allow_pickle", flags.get("allow_pickle"))
+    if flags.get("dataset_spec"):
+        from invarlock.data.corpus import parse_dataset_spec
+
+        source = parse_dataset_spec(flags["dataset_spec"])
+        for key in ("provider", "path", "name", "config", "split"):
+            config.setdefault("dataset", {})[key] = getattr(source, key)
+    put("dataset.text_field", flags.get("text_field"))
+    put("dataset.label_field", flags.get("label_field"))
+    put("dataset.seed", flags.get("seed"))
+    put("eval.bootstrap.seed", flags.get("seed"))
+    put("eval.batch_size", flags.get("batch_size"))
+    put("auto.profile", flags.get("profile"))
+    put("auto.tier", flags.get("tier"))
+    put("edit.name", flags.get("edit_name"))
+    put("output.dir", _str(flags.get("out_dir")))
+    put("output.save_subject", _str(flags.get("save_subject")))
+    put("output.cache_dir", _str(flags.get("cache_dir")))
+    if flags.get("no_cache"):
+        put("output.cache", False)
+    return config
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def request_from_config(config: dict[str, Any], *, progress: bool = False) -> Any:
+    """The `CertifyRequest` a merged config describes."""
+    from invarlock.certify import CertifyRequest
+    from invarlock.data.corpus import dataset_source_from_config
+
+    out = get(config, "output.dir")
+    save = get(config, "output.save_subject")
+    cache_dir = get(config, "output.cache_dir")
+    return CertifyRequest(
+        config=config,
+        baseline=get(config, "model.id", DEMO),
+        subject=get(config, "model.subject"),
+        edit=get(config, "edit"),
+        dataset=dataset_source_from_config(config.get("dataset") or {}),
+        out_dir=Path(out) if out else None,
+        adapter=get(config, "model.adapter", "auto"),
+        device=get(config, "model.device", "auto"),
+        dtype=get(config, "model.dtype", "auto"),
+        allow_pickle=bool(get(config, "model.allow_pickle", False)),
+        revision=get(config, "model.revision"),
+        batch_size=get(config, "eval.batch_size"),
+        save_subject=Path(save) if save else None,
+        use_cache=bool(get(config, "output.cache", True)),
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        progress=progress,
+    )
