@@ -1,0 +1,37 @@
+# Everyday commands. Each target installs what it needs into .venv first.
+#   make demo       certify the bundled demo (INT8 edit of a small model) on this machine
+#   make test       the default test suite (fast; no network, no GPU)
+#   make test-slow  slow tests (a real pretrained 135M model, many seeds)
+#   make lint       ruff
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch where one is offered; on a CUDA machine pip picks the CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test test-slow lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[hf,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/invarlock certify --out runs/demo
+
+test: install
+	$(BIN)/python -m pytest
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info runs .pytest_cache .ruff_cache
