@@ -88,3 +88,18 @@ def resolve_dtype(requested: str, device: str, checkpoint_dtype: str | None) -> 
     if choice == "float16" and device == "cpu":
         logger.warning("float16 on CPU is slow and less accurate; consider float32 or bfloat16")
     return DTYPES[choice]
+
+
+def describe_device(device: str) -> dict[str, object]:
+    """What the certificate records about the device: its type, name and CPU threads."""
+    import platform
+
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+        name = torch.cuda.get_device_name(index)
+    elif kind == "mps":
+        name = "Apple MPS"
+    else:
+        name = platform.processor() or platform.machine() or "cpu"
+    return {"type": kind, "name": name, "threads": int(torch.get_num_threads())}

@@ -277,3 +277,12 @@ def weights_digest(files: list[Path]) -> str:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     return f"sha256:{digest.hexdigest()}"
+
+
+def context_length(config: dict) -> int | None:
+    """Longest input the model accepts, from the usual config fields (None when unknown)."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
