@@ -149,6 +149,9 @@ Examples:
               help="Folder for the certificate (default: runs/<run id>).")
 @click.option("--save-subject", type=click.Path(file_okay=False, path_type=Path),
               help="With --edit: write the edited checkpoint here, only when PASS.")
+@click.option("--write-ve-subject", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write a copy of the subject with the VE guard's proposed scales "
+                   "folded into its weights (the subject itself is never changed).")
 @click.option("--no-cache", is_flag=True, help="Always re-evaluate the baseline.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Baseline cache folder (default: $INVARLOCK_CACHE_DIR or ~/.cache).")

@@ -97,9 +97,64 @@ OUTPUT = _obj({
     "save_model": {"type": "boolean"},
     "save_report": {"type": "boolean"},
     "save_subject": _OPT_STR,
+    "write_ve_subject": {**_OPT_STR, "description": "write a VE-corrected copy of the subject"},
     "cache": {"type": "boolean"},
     "cache_dir": _OPT_STR,
 })
+
+# Guard settings (tiers.yaml `guards:` shape). Built-in guards are strict; other names are
+# left to the guard registry, which accepts registered plugin guards and rejects the rest
+# with the nearest known name.
+_MODE = {"type": "string", "enum": ["off", "monitor", "gate"]}
+_FAMILY_NUMBERS = _obj({f: {"type": "number", "minimum": 0}
+                        for f in ("attn", "ffn", "embed", "other")})
+_FAMILY_SCOPE = {"oneOf": [
+    {"type": "string", "enum": ["all", "attn", "ffn", "embed", "other"]},
+    {"type": "array", "items": {"type": "string", "enum": ["attn", "ffn", "embed", "other"]},
+     "minItems": 1, "uniqueItems": True},
+]}
+_FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
+
+GUARDS = {
+    "type": "object",
+    "properties": {
+        "order": {"type": "array", "items": _STR, "minItems": 1},
+        "calibration_windows": {"type": "integer", "minimum": 2,
+                                "description": "K: first K final windows for RMT and VE"},
+        "invariants": _obj({"mode": _MODE}),
+        "spectral": _obj({
+            "mode": _MODE,
+            "scope": _FAMILY_SCOPE,
+            "sigma_quantile": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+            "deadband": {"type": "number", "minimum": 0},
+            "max_caps": {"type": "integer", "minimum": 0},
+            "max_spectral_norm": {"type": ["number", "null"], "exclusiveMinimum": 0},
+            "multiple_testing": _obj({
+                "method": {"type": "string", "enum": ["bh", "bonferroni"]},
+                "alpha": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                "m": {"type": "integer", "minimum": 1},
+            }),
+            "family_caps": _FAMILY_NUMBERS,
+        }),
+        "rmt": _obj({
+            "mode": _MODE,
+            "scope": _FAMILY_SCOPE,
+            "max_rows": {"type": "integer", "minimum": 4},
+            "epsilon_by_family": _FAMILY_NUMBERS,
+        }),
+        "variance": _obj({
+            "mode": _MODE,
+            "deadband": _FRACTION,
+            "min_abs_adjust": _FRACTION,
+            "max_scale_step": _FRACTION,
+            "gating": _obj({
+                "sided": {"type": "string", "enum": ["one-sided", "two-sided"]},
+                "min_effect_lognll": {"type": "number", "minimum": 0},
+            }),
+        }),
+    },
+    "additionalProperties": {"type": "object", "properties": {"mode": _MODE}},
+}
 
 CONFIG_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -109,6 +164,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "dataset": DATASET,
         "edit": {**EDIT, "type": ["object", "null"]},
         "eval": EVAL,
+        "guards": GUARDS,
         "auto": AUTO,
         "output": OUTPUT,
     }),
