@@ -105,7 +105,8 @@ OUTPUT = _obj({
 # Guard settings (tiers.yaml `guards:` shape). Built-in guards are strict; other names are
 # left to the guard registry, which accepts registered plugin guards and rejects the rest
 # with the nearest known name.
-_MODE = {"type": "string", "enum": ["off", "monitor", "gate"]}
+# YAML 1.1 reads a bare `off` as false; both mean off.
+_MODE = {"enum": ["off", "monitor", "gate", False]}
 _FAMILY_NUMBERS = _obj({f: {"type": "number", "minimum": 0}
                         for f in ("attn", "ffn", "embed", "other")})
 _FAMILY_SCOPE = {"oneOf": [

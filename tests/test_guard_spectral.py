@@ -127,3 +127,11 @@ def test_bonferroni_is_stricter_than_bh_for_several_families():
 def test_unmeasured_section_fails_with_its_reason():
     d = spectral.decide({"evaluated": False, "why": "the invariants failed"}, POLICY)
     assert not d.passed and "invariants failed" in d.reason
+
+
+def test_families_too_small_for_a_z_fail_on_any_change_beyond_the_deadband():
+    mods = modules({"attn": [0.0] * 6, "embed": [0.0, 0.3]})
+    d = spectral.decide({"modules": mods}, POLICY)
+    assert not d.passed and d.findings[0]["module"] == "layers.1.embed.weight"
+    assert d.summary["families"]["embed"]["robust_z"] is False
+    assert spectral.decide({"modules": modules({"embed": [0.0, 0.05]})}, POLICY).passed

@@ -57,6 +57,7 @@ class ChainSettings:
         for name in order:
             section = guards.get(name) or {}
             raw = section.get("mode", "off") if isinstance(section, Mapping) else "off"
+            raw = "off" if raw is False else raw  # YAML 1.1 reads a bare `off` as false
             try:
                 modes[name] = GuardMode(raw)
             except ValueError:

@@ -16,7 +16,10 @@ For every 2-D weight in scope the probe measures σ_b = ‖W_b‖₂ (baseline) 
 - a candidate in a rejected family is a *violation*: one is enough to fail, because a single
   blown-up layer is exactly the damage the primary metric can miss; other candidates are
   *warnings*, and more than `max_caps` of them fail (the WARN budget);
-- with `max_spectral_norm` set, any σ_s above it is a violation too.
+- with `max_spectral_norm` set, any σ_s above it is a violation too;
+- a family with fewer than `MIN_FAMILY_FOR_Z` modules (embeddings: one or two matrices) has
+  no reference to compare a module with: z is 0 there, and any change beyond the deadband
+  is a violation.
 
 Limits: z compares modules of a family with each other, so a change shared by the whole
 family (every attention matrix ×3) leaves z small; the primary metric and RMT see that.
@@ -39,6 +42,7 @@ FAMILIES = ("attn", "ffn", "embed", "other")
 # Below this the robust scale of relative changes is numerical noise (float32 σ has ~1e-7
 # relative precision); it keeps z finite when most modules did not change at all.
 SCALE_FLOOR = 1e-9
+MIN_FAMILY_FOR_Z = 3
 
 
 def relative_change(sigma_baseline: np.ndarray, sigma_subject: np.ndarray) -> np.ndarray:
@@ -126,7 +130,8 @@ def score_modules(modules: Sequence[Mapping[str, Any]], sigma_quantile: float,
             continue
         r = relative_change(np.array([m["sigma_baseline"] for m in members]),
                             np.array([m["sigma_subject"] for m in members]))
-        z = robust_z(r, sigma_quantile)
+        small = len(members) < MIN_FAMILY_FOR_Z
+        z = np.zeros_like(r) if small else robust_z(r, sigma_quantile)
         for m, ri, zi in zip(members, r, z, strict=True):
             out.append(ModuleScore(m["name"], family, float(ri), float(zi),
                                    float(m["sigma_baseline"]), float(m["sigma_subject"]),
@@ -158,24 +163,26 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
     deadband = float(policy["deadband"])
     caps = {f: float(v) for f, v in policy["family_caps"].items()}
     mt = policy["multiple_testing"]
-    candidates = [s for s in scores if abs(s.r) > deadband and abs(s.z) > caps[s.family]]
-
     families = sorted({s.family for s in scores})
     sizes = {f: sum(1 for s in scores if s.family == f) for f in families}
+    small = {f for f in families if sizes[f] < MIN_FAMILY_FOR_Z}
+    candidates = [s for s in scores if abs(s.r) > deadband and (
+        s.family in small or abs(s.z) > caps[s.family])]
     family_p = {}
     for f in families:
         zs = [abs(s.z) for s in candidates if s.family == f]
-        family_p[f] = 1.0 if not zs else min(1.0, sizes[f] * float(two_sided_p(max(zs))))
+        family_p[f] = 1.0 if not zs or f in small else min(
+            1.0, sizes[f] * float(two_sided_p(max(zs))))
     reject = dict(zip(families, rejected([family_p[f] for f in families],
                                          float(mt["alpha"]), str(mt["method"]),
                                          int(mt.get("m", len(families)))), strict=True))
-    violations = [s for s in candidates if reject[s.family]]
-    warnings = [s for s in candidates if not reject[s.family]]
+    violations = [s for s in candidates if reject[s.family] or s.family in small]
+    warnings = [s for s in candidates if not reject[s.family] and s.family not in small]
     limit = policy.get("max_spectral_norm")
     above = [] if limit is None else [s for s in scores if s.sigma_subject > float(limit)]
 
-    findings = [_finding(s, "violation", f"σ changed {s.r:+.1%} (z {s.z:+.1f} > κ "
-                         f"{caps[s.family]:.2f}, family significant)") for s in violations]
+    findings = [_finding(s, "violation", _why(s, caps[s.family], s.family in small))
+                for s in violations]
     findings += [_finding(s, "violation", f"σ {s.sigma_subject:.4g} above max_spectral_norm "
                           f"{float(limit):.4g}") for s in above]
     findings += [_finding(s, "warning", f"σ changed {s.r:+.1%} (z {s.z:+.1f} > κ "
@@ -199,10 +206,18 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         top = max(members, key=lambda s: abs(s.z))
         summary["families"][f] = {
             "modules": len(members), "kappa": caps[f], "p_value": family_p[f],
-            "rejected": bool(reject[f]), "top_z": top.z, "top_module": top.name,
+            "rejected": bool(reject[f]), "robust_z": f not in small, "top_z": top.z,
+            "top_module": top.name,
             "max_abs_change": max(abs(s.r) for s in members),
         }
     return GuardDecision(passed, reason, tuple(findings), summary)
+
+
+def _why(s: ModuleScore, kappa: float, small: bool) -> str:
+    if small:
+        return (f"σ changed {s.r:+.1%}, beyond the deadband, in a family too small for a "
+                "robust z")
+    return f"σ changed {s.r:+.1%} (z {s.z:+.1f} > κ {kappa:.2f}, family significant)"
 
 
 def _finding(s: ModuleScore, kind: str, message: str) -> dict[str, Any]:
