@@ -80,6 +80,8 @@ class CertifyOutcome:
             "limit": pm["limit"],
             "catastrophic": pm["catastrophic"],
             "reasons": self.certificate["verdict"]["reasons"],
+            "guards": {name: {"mode": g["mode"], "passed": g["passed"]}
+                       for name, g in self.certificate["guards"].items()},
             "run_id": self.certificate["run_id"],
             "certificate": str(self.path),
             "markdown": str(self.markdown_path),

@@ -12,6 +12,28 @@ from click.testing import CliRunner
 from invarlock.certificate import document
 from invarlock.cli import main
 
+
+def smollm2_dir() -> Path | None:
+    """SmolLM2-135M as a local checkpoint (`make smollm2`), or None when absent."""
+    import os
+
+    for candidate in (os.environ.get("INVARLOCK_SMOLLM2_DIR"), ".cache/models/smollm2-135m",
+                      "/work/models/smollm2-135m"):
+        if candidate and (Path(candidate) / "model.safetensors").is_file():
+            return Path(candidate)
+    return None
+
+
+def demo_dir() -> Path | None:
+    """The bundled demo checkpoint, or None when this installation has none."""
+    try:
+        from invarlock import demo
+    except ImportError:
+        return None
+    path = Path(demo.model_dir())
+    return path if (path / "model.safetensors").is_file() else None
+
+
 FAST = ("dataset: {seq_len: 64, preview_n: 16, final_n: 16}\n"
         "eval: {bootstrap: {replicates: 200}}\n"
         "guards: {calibration_windows: 12}\n")
@@ -114,10 +136,13 @@ def nan_in(path: str) -> Callable[[object], None]:
     return damage
 
 
-def certify(*args: str, cache: Path | None = None) -> tuple[int, dict, dict | None]:
-    """Run `invarlock certify --json`; (exit code, summary, certificate or None)."""
+def certify(*args: str, cache: Path | None = None,
+            threads: bool = False) -> tuple[int, dict, dict | None]:
+    """Run `invarlock certify --json`; (exit code, summary, certificate or None).
+
+    Tiny models run on one thread; `threads=True` keeps torch's default (real models)."""
     cache_args = ["--cache-dir", str(cache)] if cache else ["--no-cache"]
-    with one_thread():
+    with contextlib.nullcontext() if threads else one_thread():
         result = CliRunner().invoke(main, ["certify", *args, *cache_args, "--json"],
                                     catch_exceptions=False)
     summary = json.loads([ln for ln in result.stdout.splitlines() if ln.strip()][-1])

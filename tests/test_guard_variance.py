@@ -78,3 +78,9 @@ def test_proposal_without_gate_fails():
     m = _measurements(0.0)
     m["gate"] = None
     assert not variance.decide(m, POLICY).passed
+
+
+def test_not_applicable_passes_and_not_measured_fails():
+    assert variance.decide({"evaluated": False, "applicable": False, "why": "classifier"},
+                           POLICY).passed
+    assert not variance.decide({"evaluated": False, "why": "final set skipped"}, POLICY).passed

@@ -8,8 +8,9 @@ INT8 step with different seeds) certified with every guard in monitor mode. From
   the family plus a margin, so at most B_f − 1 modules exceed it; over runs the largest.
   Parametric alternative: with normal two-sided tails, κ_f = Φ⁻¹(1 − B_f/(2M_f)) + margin
   (about B_f exceedances expected among M_f modules).
-- RMT ε_f: the `quantile` of the null Δ_f = e_f(subject)/e_f(baseline) − 1 over runs (the
-  maximum for small families, whose few modules make Δ_f jumpy), plus a floor.
+- RMT ε_f: the `quantile` of the null Δ_f = max over the family's modules of
+  e(subject)/e(baseline) − 1, over runs (the maximum for small families, whose few modules
+  make Δ_f jumpy), plus a floor.
 - VE min effect: from σ_Δ, the standard deviation of per-window paired ΔlogNLL of the
   reference comparisons: min_effect = z·σ_Δ/√K with K the calibration windows and
   z = Φ⁻¹(1 − α) one-sided (balanced) or Φ⁻¹(1 − α/2) two-sided (conservative).
@@ -40,7 +41,7 @@ class ReferenceRun:
     label: str                               # e.g. "quant_noise:3"
     abs_z: dict[str, list[float]]            # spectral |z| per module, by family
     family_sizes: dict[str, int]
-    rmt_delta: dict[str, float]              # e_f(subject)/e_f(baseline) − 1, by family
+    rmt_delta: dict[str, float]              # max module growth e_s/e_b − 1, by family
     window_delta: list[float]                # per-window paired ΔlogNLL (nats/token), final
     ratio: float | None
     flags: dict[str, bool]
@@ -76,9 +77,7 @@ def reference_run(label: str, cert: Mapping[str, Any], sigma_quantile: float) ->
     rmt_delta: dict[str, float] = {}
     rm = guards.get("rmt", {}).get("measurements", {})
     if rm.get("evaluated", False):
-        base = rmt.family_maxima(rm["modules"], "baseline")
-        subj = rmt.family_maxima(rm["modules"], "subject")
-        rmt_delta = {f: subj[f][0] / base[f][0] - 1.0 for f in base if base[f][0] > 0}
+        rmt_delta = {f: g - 1.0 for f, (g, _) in rmt.family_growth(rm["modules"]).items()}
     final = cert["windows"]["final"]
     deltas = [(s - b) / n for s, b, n in zip(final["subject"], final["baseline"],
                                              final["tokens"], strict=False)

@@ -155,11 +155,12 @@ def _guard_families(name: str, summary: dict[str, Any]) -> list[str]:
                         f"{'significant' if v['rejected'] else '—'} |")
         return rows
     if name == "rmt" and families:
-        rows = ["| Family | Baseline edge risk | Subject edge risk | Ratio | 1 + ε |",
-                "|---|---:|---:|---:|---:|"]
+        rows = ["| Family | Modules | Largest growth of edge risk | 1 + ε | Edge risk max "
+                "(baseline → subject) |", "|---|---:|---:|---:|---:|"]
         for fam, v in families.items():
-            rows.append(f"| {fam} | {v['baseline']:.3f} | {v['subject']:.3f} | "
-                        f"{_num(v['ratio'])} | {1 + v['epsilon']:.3f} |")
+            rows.append(f"| {fam} | {v['modules']} | ×{_num(v['max_growth'])} "
+                        f"(`{_cell(v['module'])}`) | {1 + v['epsilon']:.3f} | "
+                        f"{v['baseline_max']:.3f} → {v['subject_max']:.3f} |")
         return rows
     return []
 

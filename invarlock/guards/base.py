@@ -74,8 +74,17 @@ def not_measured(why: str) -> dict[str, Any]:
     return {"evaluated": False, "why": why}
 
 
+def not_applicable(why: str) -> dict[str, Any]:
+    """Measurements of a guard whose check does not exist for this kind of model (PASS)."""
+    return {"evaluated": False, "applicable": False, "why": why}
+
+
 def unmeasured_decision(measurements: Mapping[str, Any]) -> GuardDecision | None:
-    """The decision for `not_measured` measurements, or None when the guard did measure."""
+    """The decision for `not_measured`/`not_applicable` measurements, or None when the guard
+    did measure. A guard that could not measure fails; one that does not apply passes."""
     if measurements.get("evaluated", True):
         return None
-    return GuardDecision(False, f"not measured: {measurements.get('why', 'unknown reason')}")
+    why = measurements.get("why", "unknown reason")
+    if measurements.get("applicable", True) is False:
+        return GuardDecision(True, f"not applicable: {why}")
+    return GuardDecision(False, f"not measured: {why}")

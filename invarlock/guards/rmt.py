@@ -20,8 +20,12 @@ baseline already has a dominant direction. The median feature scale is set by th
 which a handful of outliers cannot move, and for i.i.d. entries it equals the common standard
 deviation, so e ≈ 1 keeps its Marchenko–Pastur meaning.
 
-Per family the edge risk is the maximum over its modules; the family is stable iff
-e_f(subject) ≤ (1 + ε_f)·e_f(baseline), and the guard passes iff every family is stable.
+Each module is compared with itself first, g = e(subject)/e(baseline); per family the
+statistic is the maximum of g over its modules, and the family is stable iff
+max g ≤ 1 + ε_f; the guard passes iff every family is stable. (Taking the maximum edge risk
+of each model per family and comparing those would let a module whose baseline edge risk is
+naturally high mask the growth of any other module in the family — on the demo model, FFN
+outlier rows that raise one projection's edge risk by 30% left the family maximum unmoved.)
 """
 
 from __future__ import annotations
@@ -87,19 +91,26 @@ def largest_eigenvalue(gram: np.ndarray) -> float:
     return float(eigsh(gram, k=1, which="LA", v0=start, return_eigenvectors=False, tol=0)[0])
 
 
-def family_maxima(modules: list[Mapping[str, Any]], key: str) -> dict[str, tuple[float, str]]:
-    """Per family: (largest edge risk, the module that has it)."""
+def growth(baseline: float, subject: float) -> float:
+    """e(subject)/e(baseline); 1 when both are 0, inf when only the baseline is."""
+    if baseline > 0:
+        return subject / baseline
+    return 1.0 if subject == 0 else float("inf")
+
+
+def family_growth(modules: list[Mapping[str, Any]]) -> dict[str, tuple[float, str]]:
+    """Per family: (largest module growth e_s/e_b, the module that has it)."""
     out: dict[str, tuple[float, str]] = {}
     for m in modules:
-        value = float(m[key])
+        g = growth(float(m["baseline"]), float(m["subject"]))
         fam = m["family"]
-        if fam not in out or value > out[fam][0]:
-            out[fam] = (value, m["name"])
+        if fam not in out or g > out[fam][0]:
+            out[fam] = (g, m["name"])
     return out
 
 
 def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardDecision:
-    """Stable iff e_f(subject) <= (1 + ε_f)·e_f(baseline) for every measured family."""
+    """Stable iff e(subject)/e(baseline) <= 1 + ε_f for every module of every family."""
     skipped = unmeasured_decision(measurements)
     if skipped is not None:
         return skipped
@@ -107,40 +118,42 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
     if not modules:
         return GuardDecision(True, "no module in scope was observed")
     eps = {f: float(v) for f, v in policy["epsilon_by_family"].items()}
-    base = family_maxima(modules, "baseline")
-    subj = family_maxima(modules, "subject")
+    grown = family_growth(modules)
     findings: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"families": {}}
     unstable = []
-    for fam in sorted(base):
-        limit = (1.0 + eps[fam]) * base[fam][0]
-        ok = subj[fam][0] <= limit
-        ratio = subj[fam][0] / base[fam][0] if base[fam][0] > 0 else float("inf")
+    for fam in sorted(grown):
+        ratio, name = grown[fam]
+        limit = 1.0 + eps[fam]
+        ok = ratio <= limit
+        members = [m for m in modules if m["family"] == fam]
         summary["families"][fam] = {
-            "baseline": base[fam][0], "subject": subj[fam][0], "epsilon": eps[fam],
-            "ratio": _finite(ratio), "stable": ok, "baseline_module": base[fam][1],
-            "subject_module": subj[fam][1],
+            "modules": len(members), "max_growth": _finite(ratio), "module": name,
+            "epsilon": eps[fam], "stable": ok,
+            "baseline_max": max(float(m["baseline"]) for m in members),
+            "subject_max": max(float(m["subject"]) for m in members),
         }
         if ok:
             continue
         unstable.append((fam, ratio))
-        for m in modules:
-            if m["family"] == fam and float(m["subject"]) > limit:
+        for m in members:
+            g = growth(float(m["baseline"]), float(m["subject"]))
+            if g > limit:
                 findings.append({
                     "module": m["name"], "family": fam, "kind": "violation",
-                    "message": f"edge risk {float(m['subject']):.3f} vs family baseline "
-                               f"{base[fam][0]:.3f} (limit {limit:.3f}, ε {eps[fam]:.3f})",
+                    "message": f"edge risk {float(m['subject']):.3f} vs baseline "
+                               f"{float(m['baseline']):.3f} (×{g:.3f} > 1 + ε = {limit:.3f})",
                     "edge_risk_baseline": float(m["baseline"]),
-                    "edge_risk_subject": float(m["subject"]),
+                    "edge_risk_subject": float(m["subject"]), "growth": _finite(g),
                 })
     if unstable:
         parts = ", ".join(f"{f} ×{r:.3f} > {1 + eps[f]:.3f}" for f, r in unstable)
         return GuardDecision(False, f"activation edge risk grew beyond ε in {parts}",
                              tuple(findings), summary)
-    worst = max(summary["families"].items(), key=lambda kv: kv[1]["ratio"] or 0.0)
+    fam, (ratio, name) = max(grown.items(), key=lambda kv: kv[1][0])
     return GuardDecision(True, f"{len(modules)} modules on {measurements.get('windows', '?')} "
-                               f"windows; every family within ε (largest ratio "
-                               f"{worst[1]['ratio']:.4f} in {worst[0]})", (), summary)
+                               f"windows; every family within ε (largest growth ×{ratio:.4f} "
+                               f"in {fam}, {name})", (), summary)
 
 
 def _finite(x: float) -> float | None:

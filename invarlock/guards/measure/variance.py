@@ -26,7 +26,7 @@ import torch
 from invarlock.enums import MetricKind
 from invarlock.families import block_index, family_of, is_block_output_projection
 from invarlock.guards import variance as pure
-from invarlock.guards.base import not_measured
+from invarlock.guards.base import not_applicable, not_measured
 from invarlock.guards.measure.probe import Probe, SubjectContext
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,9 @@ class VarianceProbe(Probe):
         if not self.scales:
             return measurements
         if ctx.info.kind is MetricKind.ACCURACY:
-            return {**measurements, "evaluated": False,
-                    "why": "the predictive gate needs per-window log-loss; classifiers "
-                           "report correctness"}
+            return {**measurements, **not_applicable(
+                "the predictive gate needs per-window log-loss; classifiers report "
+                "correctness")}
         measurements["gate"] = self._gate(ctx, final, alpha)
         return measurements
 
