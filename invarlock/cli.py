@@ -249,6 +249,8 @@ Examples:
               required=True, help="Folder for the preset, statistics and certificates.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Baseline cache folder (default: OUT/cache).")
+@click.option("--resume", is_flag=True,
+              help="Reuse reference certificates already in OUT/runs/ (same baseline, edit).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
 def calibrate(as_json: bool, quiet: bool, **flags: Any) -> None:
@@ -275,7 +277,7 @@ def calibrate(as_json: bool, quiet: bool, **flags: Any) -> None:
             base=request_from_config(config), out_dir=flags["out_dir"], seeds=flags["seeds"],
             edits=tuple(flags["edits"]) or EDITS, margin=flags["margin"],
             quantile=flags["quantile"], epsilon_floor=flags["epsilon_floor"],
-            half_width=flags["half_width"])
+            half_width=flags["half_width"], resume=flags["resume"])
         outcome = run(request)
         if not as_json:
             click.echo(f"calibrated on {len(outcome.calibration.rows)} reference runs")

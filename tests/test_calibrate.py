@@ -108,3 +108,13 @@ def test_calibrate_writes_a_preset_that_certify_accepts(tiny_gpt2_dir, sonnets_p
     assert code == 0
     assert cert["policy"]["values"]["guards"]["spectral"]["family_caps"] == caps
     assert "guards.spectral.family_caps.attn" in cert["policy"]["overrides"]
+    # --resume recomputes the statistics from the stored reference certificates
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+    with kit.one_thread():
+        again = CliRunner().invoke(main, [
+            "calibrate", "--baseline", str(tiny_gpt2_dir), "--dataset", str(sonnets_path),
+            "--preset", str(fast), "--seeds", "2", "--out", str(out), "--resume", "--json"],
+            catch_exceptions=False)
+    assert again.exit_code == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")} == before
+    assert yaml.safe_load((out / "calibration.yaml").read_text()) == preset

@@ -23,6 +23,7 @@ import yaml
 
 from invarlock import atomic
 from invarlock.calibration import recipe
+from invarlock.certificate import document
 from invarlock.config import deep_merge
 from invarlock.policy import resolve
 
@@ -42,6 +43,7 @@ class CalibrationRequest:
     quantile: float = 0.95
     epsilon_floor: float = 0.01
     half_width: float = 0.001
+    resume: bool = False         # reuse reference certificates already in OUT/runs/
 
 
 @dataclass(frozen=True)
@@ -81,15 +83,21 @@ def run(req: CalibrationRequest) -> CalibrationOutcome:
     cache_dir = req.base.cache_dir or (req.out_dir / "cache")
     runs = []
     certificates = []
+    sigma_quantile = float(tier_guards["spectral"]["sigma_quantile"])
     for label, section, impl in reference_edits(req.edits, req.seeds):
+        run_dir = req.out_dir / "runs" / label.replace(":", "-")
+        previous = _reusable(run_dir, req.base.baseline, section) if req.resume else None
+        if previous is not None:
+            runs.append(recipe.reference_run(label, previous, sigma_quantile))
+            certificates.append(str(run_dir / document.CERT_FILENAME))
+            log.info("reference %s: reusing %s", label, run_dir)
+            continue
         started = time.perf_counter()
         one = replace(req.base, config={**config, "edit": section}, subject=None, edit=section,
-                      edit_impl=impl, out_dir=req.out_dir / "runs" / label.replace(":", "-"),
-                      use_cache=True, cache_dir=cache_dir, save_subject=None,
-                      write_ve_subject=None)
+                      edit_impl=impl, out_dir=run_dir, use_cache=True, cache_dir=cache_dir,
+                      save_subject=None, write_ve_subject=None)
         outcome = certify(one)
-        runs.append(recipe.reference_run(label, outcome.certificate,
-                                         float(tier_guards["spectral"]["sigma_quantile"])))
+        runs.append(recipe.reference_run(label, outcome.certificate, sigma_quantile))
         certificates.append(str(outcome.path))
         log.info("reference %s: %s in %.0fs", label, outcome.verdict,
                  time.perf_counter() - started)
@@ -109,6 +117,23 @@ def run(req: CalibrationRequest) -> CalibrationOutcome:
                                   json.dumps(_finite(stats), indent=2, allow_nan=False) + "\n")
     csv_path = atomic.write_text(req.out_dir / "calibration.csv", _csv_text(result.rows))
     return CalibrationOutcome(result, yaml_path, json_path, csv_path)
+
+
+def _reusable(run_dir: Path, baseline: str, section: dict[str, Any]) -> dict[str, Any] | None:
+    """A sealed reference certificate in `run_dir` for this baseline and edit, if any."""
+    path = run_dir / document.CERT_FILENAME
+    if not path.is_file():
+        return None
+    cert = document.load_certificate(path)
+    if cert.get("digest") != document.content_digest(cert):
+        log.warning("ignoring %s: its digest does not match its content", path)
+        return None
+    edit = cert.get("edit") or {}
+    same_plan = all(edit.get("plan", {}).get(k) == v for k, v in section["plan"].items())
+    if cert["baseline"]["source"] != baseline or edit.get("name") != section["name"] or (
+            not same_plan):
+        return None
+    return cert
 
 
 def _finite(value: Any) -> Any:
