@@ -135,3 +135,53 @@ def test_families_too_small_for_a_z_fail_on_any_change_beyond_the_deadband():
     assert not d.passed and d.findings[0]["module"] == "layers.1.embed.weight"
     assert d.summary["families"]["embed"]["robust_z"] is False
     assert spectral.decide({"modules": modules({"embed": [0.0, 0.05]})}, POLICY).passed
+
+
+def test_power_iteration_and_baseline_top_match_exact_svd():
+    import torch
+
+    from invarlock.guards.measure.spectral import baseline_top
+    from invarlock.guards.measure.weights import power_iteration, single_thread
+
+    gen = torch.Generator().manual_seed(0)
+    # small: exact SVD; large with a spectral gap (as trained weights have): converged;
+    # large Gaussian (no gap at the top of the Marchenko–Pastur bulk): within 1e-4
+    spike = torch.randn(300, 1, generator=gen) @ torch.randn(1, 500, generator=gen) * 0.2
+    for w, rel in ((torch.randn(40, 30, generator=gen), 1e-6),
+                   (torch.randn(300, 500, generator=gen) + spike, 1e-6),
+                   (torch.randn(300, 500, generator=gen), 1e-4)):
+        with single_thread():
+            exact = float(torch.linalg.svdvals(w.double())[0])
+            sigma, v = baseline_top(w, seed=1)
+            warm, _, iters = power_iteration(w * 1.001, v)  # warm start: a few iterations
+        assert sigma == pytest.approx(exact, rel=rel)
+        assert warm == pytest.approx(1.001 * exact, rel=rel)
+        assert rel > 1e-5 or iters <= 5
+
+
+def test_spectral_probe_streams_baseline_weights_and_measures_changes(tiny_gpt2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.guards.measure.probe import SubjectContext
+    from invarlock.guards.measure.spectral import SpectralProbe
+    from invarlock.models.source import weight_files
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    probe = SpectralProbe({})
+    probe.baseline_loaded(model)
+    state = probe.baseline_state()
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight.mul_(1.5)
+    ctx = SubjectContext(info=None, model=model, config={}, baseline_config={},
+                         baseline_files=weight_files(tiny_gpt2_dir), tokenizer_hashes=("", ""),
+                         base_model_prefix=model.base_model_prefix)
+    probe.subject_loaded(ctx, state)
+    measured = {m["name"]: m for m in probe.measure(ctx, state)["modules"]}
+    changed = measured["transformer.h.1.mlp.c_proj.weight"]
+    assert changed["changed"] and changed["sigma_subject"] == pytest.approx(
+        1.5 * changed["sigma_baseline"], rel=1e-5)
+    assert changed["edit_size"] == pytest.approx(0.5, rel=1e-3)
+    same = measured["transformer.h.0.attn.c_attn.weight"]
+    assert not same["changed"] and same["sigma_subject"] == same["sigma_baseline"]
+    assert "transformer.wte.weight" in measured and "lm_head.weight" not in measured  # tied

@@ -8,7 +8,6 @@ the baseline never has to be resident next to the subject.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -63,27 +62,6 @@ class WeightReader:
         if isinstance(source, dict):
             return source[key]
         return source.get_tensor(key)
-
-
-def shape_table_from_headers(files: Iterable[Path]) -> dict[str, list[int]]:
-    """Parameter names and shapes from safetensors headers alone (no tensor is read)."""
-    table: dict[str, list[int]] = {}
-    for path in files:
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            continue
-        with path.open("rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-        for key, info in header.items():
-            if key != "__metadata__":
-                table[key] = list(info["shape"])
-    return table
-
-
-def as_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """float32 [out, in] view for the norm (the 2-norm is the same for W and Wᵀ)."""
-    return weight.detach().to(torch.float32)
 
 
 @contextlib.contextmanager
