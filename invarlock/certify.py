@@ -172,14 +172,16 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     edit_record = None
     t = time.perf_counter()
     if req.edit is not None:
-        from invarlock.edits import apply_edit
+        from invarlock.edits import get_edit
 
+        edit = get_edit(req.edit["name"])
+        edit_plan = edit.parse_plan(req.edit)
         if base_model is None:
             base_model = loading.load_model(base_src, adapter=adapter, device=device,
                                             dtype=req.dtype, allow_pickle=req.allow_pickle)
         subject = base_model
         t_edit = time.perf_counter()
-        result = apply_edit(subject.model, req.edit)
+        result = edit.apply(subject.model, edit_plan)
         timer.add("edit_s", t_edit)
         edit_record = {"name": result.name, "plan": result.plan,
                        "modules_changed": list(result.modules_changed),

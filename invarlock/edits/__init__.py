@@ -1,0 +1,49 @@
+"""Edits the certifier can apply itself, by name: a plan parser and an apply function each.
+
+`invarlock plugins edits` lists `EDITS`; the pipeline looks an edit up with `get_edit`, parses
+the config's `edit:` section with `parse_plan` and applies it to its own in-memory copy of the
+baseline. Nothing here imports torch, so listing and plan validation work without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from invarlock.edits.quant_rtn import QuantRTNPlan, apply_quant_rtn, edit_plan_from_config
+from invarlock.edits.result import EditResult
+from invarlock.errors import InputError
+
+__all__ = ["EDITS", "Edit", "EditResult", "QuantRTNPlan", "apply_quant_rtn",
+           "edit_plan_from_config", "get_edit"]
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A named edit: `parse_plan(edit_section) -> plan`, `apply(model, plan) -> EditResult`."""
+
+    name: str
+    summary: str
+    parse_plan: Callable[[Mapping[str, Any] | None], Any]
+    apply: Callable[[Any, Any], EditResult]
+
+
+EDITS: dict[str, Edit] = {
+    "quant_rtn": Edit(
+        name="quant_rtn",
+        summary="symmetric round-to-nearest weight quantization, 2-8 bits, "
+                "per channel / group / tensor",
+        parse_plan=edit_plan_from_config,
+        apply=apply_quant_rtn,
+    ),
+}
+
+
+def get_edit(name: str) -> Edit:
+    """The edit registered under `name`; InputError listing the known names otherwise."""
+    try:
+        return EDITS[name]
+    except KeyError:
+        known = ", ".join(sorted(EDITS))
+        raise InputError(f"unknown edit {name!r}; available: {known}") from None
