@@ -36,8 +36,8 @@ INPUTS: tuple[InputSpec, ...] = (
     InputSpec("mode", "certify",
               "`certify` runs the certifier; `publish` reports a downloaded result "
               "(fork pull requests, from a `workflow_run` workflow)."),
-    InputSpec("baseline", "", "Baseline model: a directory in the workspace, or empty for the "
-                              "bundled demo model."),
+    InputSpec("baseline", "", "Baseline model, a directory in the workspace (empty for the "
+                              "bundled demo model)."),
     InputSpec("subject", "", "Subject checkpoint to certify against the baseline."),
     InputSpec("edit-config", "", "YAML with `edit: {name: quant_rtn, plan: {...}}`: build the "
                                  "subject from the baseline instead of loading one."),
@@ -47,19 +47,21 @@ INPUTS: tuple[InputSpec, ...] = (
     InputSpec("tier", "balanced", "Acceptance thresholds: `balanced`, `conservative` or "
                                   "`aggressive`."),
     InputSpec("preset", "", "Config files merged in order, one path per line."),
-    InputSpec("device", "", "`cuda`, `cuda:N` or `cpu`; empty picks CUDA when visible."),
+    InputSpec("device", "", "`cuda`, `cuda:N` or `cpu`; empty picks CUDA when a GPU is "
+                            "visible."),
     InputSpec("dtype", "", "`float32`, `float16` or `bfloat16`; empty picks from the "
                            "checkpoint and device."),
     InputSpec("output-dir", "invarlock-report",
               "Folder for the certificate, relative to `working-directory`."),
     InputSpec("certificate", "", "Publish mode: the downloaded report folder (or certificate "
                                  "file) to publish."),
-    InputSpec("github-token", "", "Token for the check run and the comment (the job token)."),
+    InputSpec("github-token", "", "Token for the check run and the comment (default: the job "
+                                  "token, or GITHUB_TOKEN outside the action)."),
     InputSpec("check-name", "InvarLock", "Name of the check run; also keys the sticky comment."),
     InputSpec("check-run", "true", "Create a check run on the commit."),
     InputSpec("comment", "true", "Create or update one sticky comment on the pull request."),
     InputSpec("artifact-name", "invarlock-certificate",
-              "Name of the uploaded certificate artifact (named in the report)."),
+              "Name of the certificate artifact (named in the report)."),
 )
 _SPECS = {spec.name: spec for spec in INPUTS}
 
