@@ -186,7 +186,15 @@ def read_settings(environ: Mapping[str, str]) -> Settings:
     )
 
 
+# The workflow variables the entrypoint reads (action.yml forwards each into the container).
+GITHUB_VARIABLES = ("GITHUB_ACTIONS", "GITHUB_API_URL", "GITHUB_SERVER_URL", "GITHUB_REPOSITORY",
+                    "GITHUB_SHA", "GITHUB_EVENT_NAME", "GITHUB_EVENT_PATH", "GITHUB_RUN_ID",
+                    "GITHUB_RUN_ATTEMPT", "GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY")
+
+
 def _github_environment(environ: Mapping[str, str]) -> GitHubEnvironment:
+    environ = {k: v for k, v in environ.items() if k in GITHUB_VARIABLES}
+
     def path(name: str) -> Path | None:
         value = environ.get(name, "")
         return Path(value) if value else None

@@ -9,8 +9,8 @@ Behaviour that matters for the client is modelled: tokens with write or read-onl
 pagination with `Link` headers, an optional GHES-style path prefix (`/api/v3`).
 
 Faults are injected per operation id and consumed in order: a status with headers and body
-(500 then success, 403 with retry-after, 422), a delay (client timeouts), or `applied=True`
-for an answer that fails after the change was made (an ambiguous write).
+(500 then success, 403 with retry-after, 422), a delay (client timeouts), and `applied=True`
+for a change that is made although the answer fails or comes too late (an ambiguous write).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class Fault:
     status: int | None = None  # None: answer normally (after `delay`)
     body: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0
-    applied: bool = False  # make the change, then answer with `status`
+    delay: float = 0.0  # seconds before answering (with `applied`: after making the change)
+    applied: bool = False  # make the change, then answer (with `status` when given)
 
 
 def read_only_fault() -> Fault:
@@ -91,7 +91,8 @@ class GitHubStandIn:
         handler = _handler_for(self)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,),
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -140,37 +141,37 @@ class GitHubStandIn:
         if self.prefix and not path.startswith(self.prefix + "/"):
             return self._record(method, path, None, query, body, 404, {"message": "Not Found"},
                                 problem=f"path outside the API prefix: {path}")
-        path = path[len(self.prefix):]
+        full_path, path = path, path[len(self.prefix):]
         found = self.api.match(method, path)
         if found is None:
-            return self._record(method, path, None, query, body, 404, {"message": "Not Found"},
+            return self._record(method, full_path, None, query, body, 404, {"message": "Not Found"},
                                 problem=f"no such operation: {method} {path}")
         op, params = found
         header_problem = _header_problem(headers)
         if header_problem:
-            return self._record(method, path, op.operation_id, query, body, 400,
+            return self._record(method, full_path, op.operation_id, query, body, 400,
                                 {"message": header_problem}, problem=header_problem)
         token = headers.get("authorization", "").removeprefix("Bearer ").strip()
         if token not in self.tokens:
-            return self._record(method, path, op.operation_id, query, body, 401,
+            return self._record(method, full_path, op.operation_id, query, body, 401,
                                 {"message": "Bad credentials", "documentation_url": DOCS})
         errors = self.api.parameter_errors(op, params, query) + self.api.request_errors(op, body)
         if errors:
-            return self._record(method, path, op.operation_id, query, body, 422,
+            return self._record(method, full_path, op.operation_id, query, body, 422,
                                 _validation(errors), problem=f"{op.operation_id}: {errors}")
         if f"{params.get('owner')}/{params.get('repo')}" != self.repository:
-            return self._record(method, path, op.operation_id, query, body, 404,
+            return self._record(method, full_path, op.operation_id, query, body, 404,
                                 {"message": "Not Found", "documentation_url": DOCS},
                                 problem=f"wrong repository {params.get('owner')}/"
                                         f"{params.get('repo')}")
         fault = self._next_fault(op.operation_id)
-        if fault is not None and fault.delay:
+        if fault is not None and fault.delay and not fault.applied:
             time.sleep(fault.delay)
         if fault is not None and fault.status is not None and not fault.applied:
-            return self._record(method, path, op.operation_id, query, body, fault.status,
+            return self._record(method, full_path, op.operation_id, query, body, fault.status,
                                 fault.body, headers=fault.headers)
         if method != "GET" and self.tokens[token] != "write":
-            return self._record(method, path, op.operation_id, query, body, 403,
+            return self._record(method, full_path, op.operation_id, query, body, 403,
                                 {"message": READ_ONLY_MESSAGE, "documentation_url": DOCS})
         with self._lock:
             status, out_headers, answer = self._operate(op.operation_id, params, query, body,
@@ -180,10 +181,12 @@ class GitHubStandIn:
             if problems:
                 self.problems.append(f"stand-in answered {op.operation_id} off-schema: "
                                      f"{problems[:3]}")
+        if fault is not None and fault.applied and fault.delay:
+            time.sleep(fault.delay)  # applied, but the answer comes late
         if fault is not None and fault.applied and fault.status is not None:
-            return self._record(method, path, op.operation_id, query, body, fault.status,
+            return self._record(method, full_path, op.operation_id, query, body, fault.status,
                                 fault.body, headers=fault.headers)
-        return self._record(method, path, op.operation_id, query, body, status, answer,
+        return self._record(method, full_path, op.operation_id, query, body, status, answer,
                             headers=out_headers)
 
     def _next_fault(self, operation: str) -> Fault | None:
