@@ -105,15 +105,15 @@ def _certify(settings: Settings, client: GitHubClient | None, commands: Workflow
 
 
 def _target_of_this_run(settings: Settings, commands: WorkflowCommands) -> Target | None:
+    """The commit and pull request of this run: published to now, or recorded for later."""
     github = settings.github
-    if not settings.publishes:
-        return None
     try:
         payload = load_event(github.event_path)
         return target_for_run(github.event_name, payload, sha=github.sha,
                               run_url=github.run_url)
     except InvarlockError as exc:
-        commands.warning(f"Nothing to publish to: {exc}", title="InvarLock: not published")
+        if settings.publishes:
+            commands.warning(f"Nothing to publish to: {exc}", title="InvarLock: not published")
         return None
 
 

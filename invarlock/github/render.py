@@ -122,12 +122,12 @@ def headline(report: Report) -> str:
     name = _plain(report.check_name)
     if outcome.certificate is None:
         meaning = _EXIT_MEANING.get(outcome.exit_code, "the certifier did not finish")
-        quoted = "\n".join(f"> {_plain(line)}" for line in (outcome.error or "").splitlines())
+        error = (outcome.error or "").strip().replace("```", "'''")
         return "\n\n".join(filter(None, [
             f"### ⚠️ {name}: could not certify",
             f"The certifier stopped with exit code {outcome.exit_code} ({meaning}); no verdict "
             "was reached.",
-            quoted,
+            f"```text\n{error}\n```" if error else "",
         ]))
     cert = outcome.certificate
     status = cert["verdict"]["status"]
@@ -194,17 +194,17 @@ def delta_chart(cert: dict[str, Any]) -> str:
     if accuracy:
         labels = ["−1 (newly wrong)", "0 (unchanged)", "+1 (newly right)"]
         counts = [int(np.sum(deltas.values == v)) for v in (-1.0, 0.0, 1.0)]
-        axis = "Δ correct per example"
+        axis, unit = "Δ correct per example", "examples"
     else:
         labels, counts = _histogram(deltas.values)
-        axis = "Δ log-loss (nats/token)"
+        axis, unit = "Δ log-loss (nats/token)", "windows"
     top = max(counts)
     chart = "\n".join([
         "```mermaid",
         "xychart-beta",
-        f'    title "Per-window Δ, {deltas.set_name} set ({deltas.values.size} windows)"',
+        f'    title "Subject − baseline, {deltas.set_name} set ({deltas.values.size} {unit})"',
         f'    x-axis "{axis}" [{", ".join(_quoted(label) for label in labels)}]',
-        f'    y-axis "windows" 0 --> {max(top, 1)}',
+        f'    y-axis "{unit}" 0 --> {max(top, 1)}',
         f"    bar [{', '.join(str(c) for c in counts)}]",
         "```",
     ])
@@ -299,9 +299,9 @@ def fit(parts: Sequence[str], tail: str, limit: int, notice: str) -> str:
         space = room - used - (len(sep) if kept else 0)
         if space > 0:
             cut = part[:space]
-            cut = cut[: cut.rfind("\n")] if "\n" in cut else ""
+            cut = _close_blocks(cut[: cut.rfind("\n")] if "\n" in cut else "")
             if cut.strip():
-                kept.append(_close_blocks(cut))
+                kept.append(cut)
         break
     out = [*kept, notice] + ([tail] if tail else [])
     return sep.join(out)
@@ -349,12 +349,20 @@ def _list_block(key: str, items: list[Any]) -> str:
 
 
 def _dict_block(key: str, value: dict[str, Any]) -> str:
-    scalars = [f"{_plain(k)} {_value(v)}" for k, v in value.items() if _is_scalar(v)]
-    nested = len(value) - len(scalars)
-    text = f"_{_plain(key)}_: " + ("; ".join(scalars) if scalars else "")
-    if nested:
-        text += f"{'; ' if scalars else ''}{nested} nested fields in the certificate"
-    return text
+    """`key`: scalars inline, one nested level as `name (k v, k v)`, deeper ones counted."""
+    parts, deeper = [], 0
+    for k, v in value.items():
+        if _is_scalar(v):
+            parts.append(f"{_plain(k)} {_value(v)}")
+        elif isinstance(v, dict) and all(_is_scalar(x) for x in v.values()):
+            inner = ", ".join(f"{_plain(a)} {_value(b)}" for a, b in v.items())
+            parts.append(f"{_plain(k)} ({inner})")
+        else:
+            deeper += 1
+    if deeper:
+        parts.append(f"{deeper} more nested {'field' if deeper == 1 else 'fields'} in the "
+                     "certificate")
+    return f"_{_plain(key)}_: " + "; ".join(parts)
 
 
 def _is_scalar(value: Any) -> bool:
