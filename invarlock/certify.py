@@ -144,14 +144,16 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
 
     # Baseline: from the cache when this exact evaluation was done before.
     base_files = source.weight_files(base_src, req.allow_pickle)
-    dtype = devices.resolve_dtype(req.dtype, device, source.checkpoint_dtype(base_cfg))
+    dtype = devices.resolve_dtype(req.dtype, device, devices.checkpoint_dtype(base_cfg))
     key = CacheKey(source.weights_digest(base_files), tok_hash, plan.digest, str(kind),
                    str(dtype).removeprefix("torch."), device.split(":")[0], __version__)
     cache = BaselineCache(req.cache_dir) if req.use_cache else None
-    base_sets = _from_payload(cache.load(key)) if cache else None
-    base_from_cache = base_sets is not None
+    cached = _from_payload(cache.load(key)) if cache else None
+    base_from_cache = cached is not None
     base_model = None
-    if base_sets is None:
+    if cached is not None:
+        base_sets, base_parameters = cached
+    else:
         t = time.perf_counter()
         base_model = loading.load_model(base_src, adapter=adapter, device=device,
                                         dtype=req.dtype, allow_pickle=req.allow_pickle)
@@ -162,10 +164,11 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
         if broken:
             raise EvidenceError(f"the baseline produced non-finite losses on {broken} windows; "
                                 "there is nothing sound to compare the subject with")
+        base_parameters = int(base_model.parameters)
         if cache:
-            cache.store(key, _to_payload(base_sets))
+            cache.store(key, _to_payload(base_sets, base_parameters))
     base_record = _model_record(base_src, base_cfg, adapter, key.weights_digest, "files",
-                                dtype=key.dtype, parameters=_parameters(base_model, base_cfg),
+                                dtype=key.dtype, parameters=base_parameters,
                                 from_cache=base_from_cache)
 
     # Subject: the baseline edited in memory, or a checkpoint loaded after the baseline left.
@@ -293,14 +296,6 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _parameters(loaded: Any, config: dict[str, Any]) -> int:
-    if loaded is not None:
-        return int(loaded.parameters)
-    from invarlock.models import source
-
-    return source.parameter_count(config)
-
-
 def _model_record(src: Any, config: dict[str, Any], adapter: Any, digest: str, basis: str, *,
                   dtype: str, parameters: int, from_cache: bool = False,
                   produced_by: str | None = None) -> dict[str, Any]:
@@ -369,22 +364,25 @@ class _CachedScores:
     nonfinite_windows: int = 0
 
 
-def _to_payload(sets: dict[str, Any]) -> dict[str, Any]:
-    return {name: {"window_ids": [int(i) for i in s.window_ids], "sha256": list(s.sha256),
-                   "tokens": [int(n) for n in s.tokens],
-                   "values": [float(v) for v in s.values]}
-            for name, s in sets.items()}
+def _to_payload(sets: dict[str, Any], parameters: int) -> dict[str, Any]:
+    return {"parameters": parameters,
+            "sets": {name: {"window_ids": [int(i) for i in s.window_ids],
+                            "sha256": list(s.sha256), "tokens": [int(n) for n in s.tokens],
+                            "values": [float(v) for v in s.values]}
+                     for name, s in sets.items()}}
 
 
-def _from_payload(payload: dict[str, Any] | None) -> dict[str, _CachedScores] | None:
+def _from_payload(payload: dict[str, Any] | None,
+                  ) -> tuple[dict[str, _CachedScores], int] | None:
     if payload is None:
         return None
     try:
-        return {name: _CachedScores(np.asarray(p["window_ids"], dtype=np.int64),
+        sets = {name: _CachedScores(np.asarray(p["window_ids"], dtype=np.int64),
                                     tuple(p["sha256"]),
                                     np.asarray(p["tokens"], dtype=np.int64),
                                     np.asarray(p["values"], dtype=np.float64))
-                for name in ("preview", "final") for p in [payload[name]]}
+                for name in ("preview", "final") for p in [payload["sets"][name]]}
+        return sets, int(payload["parameters"])
     except (KeyError, TypeError, ValueError):
         log.warning("ignoring malformed baseline cache entry")
         return None

@@ -1,0 +1,439 @@
+"""Per-window scores of one model on one window set, batched.
+
+Causal LM: window w with ids x_1..x_T scores NLL_w = -sum_{t>=2} log p(x_t | x_<t), over the
+positions whose token and predecessor are both attended, so n_w = T - 1 for a full window.
+Masked LM: NLL summed over the positions whose label is not -100 (the masked ones), given
+the masked input. Classifier: 1 if argmax(logits) equals the label, else 0, one "token" per
+example. Values are float64 sums of float32 per-token losses (logits are upcast to float32
+first, whatever the model dtype).
+
+Windows whose logits (at attended positions) contain NaN or Inf are counted in
+``nonfinite_windows`` and get NaN values instead of raising: a broken subject is evidence,
+not a crash.
+
+Taps let guards observe activations during the same pass: evaluate registers one forward
+hook per tapped module for the duration of the call, passes each output to the tap, and
+always returns None from the hook, so a tap can read outputs but never replace them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from invarlock.enums import MetricKind
+from invarlock.errors import InputError, MissingExtraError
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError as exc:  # pragma: no cover - exercised only without the hf extra
+    raise MissingExtraError("evaluating models") from exc
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100                   # label value for positions that are not scored
+CPU_BUDGET_BYTES = 512 << 20    # per-batch temporaries on CPU (logits, float32 copy, CE)
+MPS_BUDGET_BYTES = 2 << 30
+CUDA_BUDGET_FRACTION = 0.5      # of the free device memory, after the model is loaded
+MAX_BATCH = {"cpu": 32, "mps": 128, "cuda": 256}  # beyond these, throughput stops growing
+
+
+class Windows(Protocol):
+    """What evaluation reads from a window set (``invarlock.data.windows.WindowSet``)."""
+
+    @property
+    def window_ids(self) -> np.ndarray: ...            # int64 [N]
+    @property
+    def input_ids(self) -> np.ndarray: ...             # int64 [N, T]
+    @property
+    def attention_mask(self) -> np.ndarray: ...        # int64 [N, T], padding on the right
+    @property
+    def labels(self) -> np.ndarray | None: ...         # MLM [N, T] with -100 | classes [N]
+    @property
+    def token_type_ids(self) -> np.ndarray | None: ...  # [N, T] or None
+    @property
+    def sha256(self) -> tuple[str, ...]: ...           # per window
+
+
+@dataclass(frozen=True)
+class WindowScores:
+    """One model's per-window results on one window set."""
+
+    kind: MetricKind
+    window_ids: np.ndarray      # int64 [N]
+    sha256: tuple[str, ...]     # hashes of the windows evaluated (copied from the set)
+    tokens: np.ndarray          # int64 [N] tokens scored (1 per example for accuracy)
+    values: np.ndarray          # float64 [N]: NLL sum in nats, or 1.0/0.0 correct; NaN if broken
+    nonfinite_windows: int      # windows whose logits held NaN/Inf
+    seconds: float              # wall time of the evaluation
+
+    @property
+    def n(self) -> int:
+        return int(self.window_ids.shape[0])
+
+    @property
+    def tokens_per_second(self) -> float:
+        return float(self.tokens.sum()) / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class TapContext:
+    """The batch a tapped output belongs to (padding is on the right of attention_mask)."""
+
+    window_ids: np.ndarray          # int64 [B] ids of the windows in this batch
+    attention_mask: torch.Tensor    # [B, T] on the model's device
+
+
+@runtime_checkable
+class Tap(Protocol):
+    """An observer of module outputs during ``evaluate_windows`` (e.g. a guard's statistics).
+
+    ``modules`` names what to observe; ``observe`` receives each forward output (a tensor or
+    tuple as the module returns it, under inference mode) with the batch it belongs to. The
+    hook evaluate registers ignores any return value; a tap must not modify outputs in place.
+    """
+
+    def modules(self, model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]: ...
+
+    def observe(self, name: str, output: Any, context: TapContext) -> None: ...
+
+
+TapSet = Tap | Sequence[Tap]
+
+
+def evaluate_windows(
+    model: torch.nn.Module,
+    windows: Windows,
+    *,
+    kind: MetricKind | str,
+    device: str,
+    batch_size: int | None = None,
+    taps: TapSet | None = None,
+    progress: bool = False,
+) -> WindowScores:
+    """Score every window of ``windows`` with ``model`` (already on ``device``), in batches.
+
+    ``batch_size`` None picks one from the window length, the logits width and the device's
+    memory (``auto_batch_size``); results do not depend on it beyond float rounding. The
+    model is put in eval mode for the call and restored afterwards.
+    """
+    kind = MetricKind(kind)
+    n, seq_len = _validate(windows, kind)
+    _check_device(model, device)
+    _check_fits(model, windows, seq_len)
+    size = batch_size if batch_size is not None else auto_batch_size(model, n, seq_len, device,
+                                                                      kind=kind)
+    if size < 1:
+        raise InputError(f"batch size must be at least 1, got {size}")
+    scorer = _SCORERS[kind]
+    start = time.perf_counter()
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    with (
+        torch.inference_mode(),
+        _eval_mode(model),
+        _attached(model, taps) as set_context,
+        _progress_bar(n, kind, progress) as bar,
+    ):
+        lo = 0
+        while lo < n:
+            hi = min(lo + size, n)
+            batch = _to_device(windows, lo, hi, device)
+            set_context(TapContext(np.asarray(windows.window_ids[lo:hi]), batch["attention_mask"]))
+            try:
+                logits = _forward(model, batch, kind)
+                parts.append(scorer(logits, batch))
+            except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one too
+                if not _is_oom(exc):
+                    raise
+                size = _shrink(size, seq_len, device, exc)
+                continue
+            finally:
+                logits = batch = None  # free this batch's logits before the next forward
+            bar.update(hi - lo)
+            lo = hi
+    values, tokens, broken = _collect(parts)
+    seconds = time.perf_counter() - start
+    values[broken] = np.nan
+    if broken.any():
+        logger.warning("%d of %d windows produced non-finite logits", int(broken.sum()), n)
+    return WindowScores(
+        kind=kind, window_ids=np.asarray(windows.window_ids, dtype=np.int64).copy(),
+        sha256=tuple(windows.sha256), tokens=tokens, values=values,
+        nonfinite_windows=int(broken.sum()), seconds=seconds,
+    )
+
+
+def auto_batch_size(
+    model: torch.nn.Module, n: int, seq_len: int, device: str,
+    *, kind: MetricKind = MetricKind.PPL_CAUSAL,
+) -> int:
+    """Windows per forward pass so the batch's temporaries stay within a memory budget.
+
+    Per window: logits (T x width in the model dtype, plus a float32 copy when that is
+    narrower, the log-softmax inside cross-entropy, a finiteness mask) and a rough bound on
+    activations (12 hidden-size vectors and two heads x T x T attention maps per position).
+    The budget is 512 MiB on CPU (larger logits only add memory traffic there), 2 GiB
+    on MPS and half the free memory on CUDA.
+    """
+    config = getattr(model, "config", None)
+    hidden = _config_int(config, "hidden_size", "n_embd", "d_model", default=1024)
+    heads = _config_int(config, "num_attention_heads", "n_head", default=16)
+    if kind is MetricKind.ACCURACY:
+        width = _config_int(config, "num_labels", default=2)
+    else:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        width = int(head.weight.shape[0]) if head is not None else _config_int(
+            config, "vocab_size", default=50_000)
+    elem = next(model.parameters()).element_size()
+    upcast = 4 if elem < 4 else 0
+    per_window = seq_len * width * (elem + upcast + 4 + 1)
+    per_window += 4 * seq_len * (12 * hidden + 2 * heads * seq_len)
+    base = device.split(":")[0]
+    if base == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        budget = int(free * CUDA_BUDGET_FRACTION)
+    elif base == "mps":
+        budget = MPS_BUDGET_BYTES
+    else:
+        budget = CPU_BUDGET_BYTES
+    size = max(1, min(n, MAX_BATCH.get(base, 32), budget // max(per_window, 1)))
+    logger.debug("auto batch size %d (%d windows of %d tokens on %s)", size, n, seq_len, device)
+    return size
+
+
+def _config_int(config: Any, *names: str, default: int) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def _validate(windows: Windows, kind: MetricKind) -> tuple[int, int]:
+    """Shapes must agree with each other and with the metric; returns (N, T)."""
+    ids = windows.input_ids
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [N, T], got shape {ids.shape}")
+    n, seq_len = ids.shape
+    if windows.attention_mask.shape != ids.shape:
+        raise ValueError("attention_mask must have the shape of input_ids")
+    if len(windows.window_ids) != n or len(windows.sha256) != n:
+        raise ValueError("window_ids and sha256 must have one entry per window")
+    if windows.token_type_ids is not None and windows.token_type_ids.shape != ids.shape:
+        raise ValueError("token_type_ids must have the shape of input_ids")
+    labels = windows.labels
+    if kind is MetricKind.PPL_CAUSAL and labels is not None:
+        raise ValueError("causal windows carry no labels (targets are the next tokens)")
+    if kind is MetricKind.PPL_MLM and (labels is None or labels.shape != ids.shape):
+        raise ValueError("masked-LM windows need labels of shape [N, T] (-100 = not scored)")
+    if kind is MetricKind.ACCURACY and (labels is None or labels.shape != (n,)):
+        raise ValueError("classifier windows need one class label per window, shape [N]")
+    return n, seq_len
+
+
+def _check_device(model: torch.nn.Module, device: str) -> None:
+    """The model must already be on ``device``: evaluation moves windows, never weights."""
+    wanted = torch.device(device)
+    actual = next(model.parameters()).device
+    if actual.type != wanted.type or (wanted.index is not None and actual.index != wanted.index):
+        raise ValueError(f"the model is on {actual}, not on the requested device {device}")
+
+
+def _check_fits(model: torch.nn.Module, windows: Windows, seq_len: int) -> None:
+    """Window length and token ids must fit the model (else torch fails with an index error)."""
+    config = getattr(model, "config", None)
+    positions = _config_int(config, "max_position_embeddings", "n_positions", default=0)
+    if positions and seq_len > positions:
+        raise InputError(
+            f"windows of {seq_len} tokens exceed the model's {positions} positions; "
+            "use a smaller seq_len"
+        )
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and windows.input_ids.size:
+        rows = int(embeddings.weight.shape[0])
+        top = int(windows.input_ids.max())
+        if top >= rows or int(windows.input_ids.min()) < 0:
+            raise InputError(
+                f"token id {top} is outside the model's vocabulary of {rows}; the tokenizer "
+                "does not belong to this model"
+            )
+
+
+def _to_device(windows: Windows, lo: int, hi: int, device: str) -> dict[str, torch.Tensor]:
+    def move(array: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(np.ascontiguousarray(array[lo:hi], dtype=np.int64))
+        return host.to(device, non_blocking=True)
+
+    batch = {"input_ids": move(windows.input_ids), "attention_mask": move(windows.attention_mask)}
+    if windows.token_type_ids is not None:
+        batch["token_type_ids"] = move(windows.token_type_ids)
+    if windows.labels is not None:
+        batch["labels"] = move(windows.labels)
+    return batch
+
+
+def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+             kind: MetricKind) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if kind is MetricKind.PPL_CAUSAL:
+        inputs["use_cache"] = False  # no KV cache: one pass, nothing to reuse
+    logits = model(**inputs).logits
+    expected = 2 if kind is MetricKind.ACCURACY else 3
+    if logits.ndim != expected:
+        raise ValueError(f"{kind.value} needs a model with {expected}-D logits, "
+                         f"got shape {tuple(logits.shape)}")
+    return logits
+
+
+def _nonfinite_positions(logits: torch.Tensor) -> torch.Tensor:
+    """Bool over all but the last dim: does that row of logits hold NaN or Inf?
+
+    A float32 sum propagates NaN/Inf and reads the logits once without a [.., V] mask
+    (isfinite().all() is ~30x slower on CPU); rows it flags are re-checked exactly, so a
+    finite row whose sum overflows is not miscounted.
+    """
+    suspect = ~torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+    if suspect.any():
+        suspect[suspect.clone()] = ~torch.isfinite(logits[suspect]).all(dim=-1)
+    return suspect
+
+
+def _nonfinite_rows(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] bool: any attended position whose logits hold NaN/Inf."""
+    return (_nonfinite_positions(logits) & mask.bool()).any(dim=-1)
+
+
+def _score_causal(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    b, t, v = logits.shape
+    # Position t predicts token t+1; the last position predicts nothing. Targets are laid
+    # out on the logits' own grid so the [B*T, V] view below needs no copy.
+    targets = torch.full_like(ids, IGNORE)
+    scored = mask[:, :-1].bool() & mask[:, 1:].bool()
+    targets[:, :-1] = torch.where(scored, ids[:, 1:], IGNORE)
+    losses = F.cross_entropy(logits.reshape(b * t, v).float(), targets.reshape(-1),
+                             reduction="none", ignore_index=IGNORE).view(b, t)
+    return (losses.double().sum(dim=1), (targets != IGNORE).sum(dim=1),
+            _nonfinite_rows(logits, mask))
+
+
+def _score_mlm(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    labels, mask = batch["labels"], batch["attention_mask"]
+    chosen = labels != IGNORE                              # [B, T]
+    # Cross-entropy only over the masked rows (about 15%), not the whole [B, T, V].
+    row_losses = F.cross_entropy(logits[chosen].float(), labels[chosen], reduction="none")
+    losses = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    losses[chosen] = row_losses
+    return losses.double().sum(dim=1), chosen.sum(dim=1), _nonfinite_rows(logits, mask)
+
+
+def _score_accuracy(logits: torch.Tensor,
+                    batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    correct = (logits.argmax(dim=-1) == batch["labels"]).double()
+    ones = torch.ones_like(batch["labels"])
+    return correct, ones, _nonfinite_positions(logits)
+
+
+_SCORERS: dict[MetricKind, Callable[..., tuple[torch.Tensor, ...]]] = {
+    MetricKind.PPL_CAUSAL: _score_causal,
+    MetricKind.PPL_MLM: _score_mlm,
+    MetricKind.ACCURACY: _score_accuracy,
+}
+
+
+def _collect(parts: list[tuple[torch.Tensor, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenate per-batch results and bring them to the host in one transfer each."""
+    if not parts:
+        return np.zeros(0, np.float64), np.zeros(0, np.int64), np.zeros(0, bool)
+    columns = zip(*parts, strict=True)
+    values, tokens, broken = (torch.cat(column).cpu().numpy() for column in columns)
+    return values.astype(np.float64), tokens.astype(np.int64), broken.astype(bool)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def _shrink(size: int, seq_len: int, device: str, exc: BaseException) -> int:
+    """Halve the batch after running out of memory; at one window, give up clearly."""
+    if size <= 1:
+        raise InputError(
+            f"out of memory on {device} evaluating one window of {seq_len} tokens; "
+            "use a smaller seq_len or another device"
+        ) from exc
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    logger.warning("out of memory at batch size %d on %s; retrying with %d",
+                   size, device, size // 2)
+    return size // 2
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for the call; each module's own flag restored afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextlib.contextmanager
+def _attached(model: torch.nn.Module,
+              taps: TapSet | None) -> Iterator[Callable[[TapContext], None]]:
+    """Register observing hooks for ``taps``; yields a setter for the current batch context."""
+    current: list[TapContext | None] = [None]
+    handles = []
+    tap_list: Sequence[Tap] = () if taps is None else (
+        (taps,) if isinstance(taps, Tap) else tuple(taps))
+
+    def observer(tap: Tap, name: str) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            tap.observe(name, output, current[0])  # type: ignore[arg-type]
+            return None  # never replace the module's output
+
+        return hook
+
+    try:
+        for tap in tap_list:
+            for name, module in tap.modules(model):
+                handles.append(module.register_forward_hook(observer(tap, name)))
+
+        def set_context(context: TapContext) -> None:
+            current[0] = context
+
+        yield set_context
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _progress_bar(n: int, kind: MetricKind, enabled: bool) -> Iterator[Any]:
+    """tqdm on stderr when asked for; a no-op counter otherwise."""
+    if not enabled:
+        yield _NoBar()
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=n, unit="window", desc=f"evaluating ({kind.value})", file=sys.stderr,
+              leave=False, dynamic_ncols=True) as bar:
+        yield bar
+
+
+class _NoBar:
+    def update(self, _count: int) -> None:
+        return None

@@ -1,0 +1,240 @@
+"""Load a checkpoint for scoring, fingerprint its tensors, and save an edited copy atomically.
+
+This is the one place where transformers and torch errors raised while loading or saving
+become InvarLock's InputError, and where the HF libraries are silenced for library use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from invarlock.enums import AdapterKind
+from invarlock.errors import InputError, InvarlockError
+from invarlock.models.device import (  # torch via device.py: MissingExtraError if absent
+    checkpoint_dtype,
+    resolve_device,
+    resolve_dtype,
+    torch,
+)
+from invarlock.models.network import enforce_offline
+from invarlock.models.source import (
+    PICKLE_FILE,
+    PICKLE_INDEX,
+    ModelSource,
+    detect_adapter,
+    read_config,
+    weight_files,
+    weights_digest,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@cache
+def _transformers() -> Any:
+    """transformers, imported offline-safe and quiet (no progress bars, errors only)."""
+    enforce_offline()
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+@cache
+def _foreign_errors() -> tuple[type[Exception], ...]:
+    """What transformers, torch and safetensors raise for unreadable or unfit checkpoints."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError,
+            SafetensorError)
+
+
+@contextlib.contextmanager
+def _translated(action: str) -> Iterator[None]:
+    """Turn loader/saver exceptions into one-line InputErrors naming ``action``."""
+    try:
+        yield
+    except InvarlockError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise InputError(
+            f"cannot {action}: the pickle checkpoint holds objects other than tensors and was "
+            "refused by torch's weights-only loader"
+        ) from exc
+    except Exception as exc:
+        if not isinstance(exc, _foreign_errors()):
+            raise
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise InputError(f"cannot {action}: {first}") from exc
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for scoring (eval mode, no grads, on its device) and what it is."""
+
+    model: torch.nn.Module
+    tokenizer: Any              # a transformers PreTrainedTokenizerBase
+    adapter: AdapterKind
+    source: ModelSource
+    config: dict
+    dtype: torch.dtype
+    device: str
+    architecture: str
+    model_type: str
+    parameters: int             # unique parameters (tied weights counted once)
+    weights_digest: str         # files on disk; for an edited model, tensor_digest
+
+
+def _auto_class(adapter: AdapterKind) -> Any:
+    transformers = _transformers()
+    return {
+        AdapterKind.CAUSAL_LM: transformers.AutoModelForCausalLM,
+        AdapterKind.MASKED_LM: transformers.AutoModelForMaskedLM,
+        AdapterKind.SEQ_CLS: transformers.AutoModelForSequenceClassification,
+    }[adapter]
+
+
+def load_model(
+    source: ModelSource,
+    *,
+    adapter: AdapterKind | str = "auto",
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load ``source`` for scoring with the adapter's head, refusing anything unsafe or partial.
+
+    safetensors unless ``allow_pickle`` (pickles then go through torch's weights-only
+    unpickler); never remote code; never the network (the source is already local). A
+    checkpoint that leaves any parameter of the head class uninitialised is an error:
+    scoring randomly initialised weights would certify nothing.
+    """
+    config = read_config(source)
+    kind = adapter if isinstance(adapter, AdapterKind) else detect_adapter(config, adapter)
+    files = weight_files(source, allow_pickle=allow_pickle)
+    pickled = files[0].name in (PICKLE_FILE, PICKLE_INDEX)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
+    with _translated(f"load model '{source}'"):
+        model, info = _auto_class(kind).from_pretrained(
+            str(source.path), dtype=torch_dtype, use_safetensors=not pickled,
+            weights_only=True, trust_remote_code=False, local_files_only=True,
+            output_loading_info=True,
+        )
+    _check_loading_info(source, model, info)
+    with _translated(f"move model '{source}' to {device}"):
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = load_tokenizer(source)
+    if kind is AdapterKind.SEQ_CLS and model.config.pad_token_id is None:
+        # Decoder classifiers find each row's last token through the pad id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    architectures = config.get("architectures") or [type(model).__name__]
+    loaded = LoadedModel(
+        model=model, tokenizer=tokenizer, adapter=kind, source=source, config=config,
+        dtype=torch_dtype, device=device, architecture=str(architectures[0]),
+        model_type=str(config.get("model_type", "")),
+        parameters=sum(p.numel() for p in model.parameters()),
+        weights_digest=weights_digest(files),
+    )
+    logger.info("loaded %s (%s, %s params, %s on %s)", source, loaded.architecture,
+                f"{loaded.parameters:,}", str(torch_dtype).replace("torch.", ""), device)
+    return loaded
+
+
+def _check_loading_info(source: ModelSource, model: Any, info: dict) -> None:
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if missing:
+        raise InputError(
+            f"model '{source}' has no weights for {len(missing)} parameter(s) of "
+            f"{type(model).__name__} (first: {missing[0]}); the checkpoint does not fit "
+            "this adapter"
+        )
+    if mismatched:
+        raise InputError(
+            f"model '{source}' has {len(mismatched)} weight(s) whose shape does not fit its "
+            f"config (first: {mismatched[0]})"
+        )
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        logger.info("model %s: %d checkpoint weight(s) unused by %s (e.g. %s)", source,
+                    len(unexpected), type(model).__name__, unexpected[0])
+
+
+def load_tokenizer(source: ModelSource | Path | str) -> Any:
+    """The checkpoint's own tokenizer (AutoTokenizer; local files only, no remote code)."""
+    path = source.path if isinstance(source, ModelSource) else Path(source)
+    transformers = _transformers()
+    with _translated(f"load the tokenizer of '{source}'"):
+        return transformers.AutoTokenizer.from_pretrained(
+            str(path), trust_remote_code=False, local_files_only=True
+        )
+
+
+def tensor_digest(model: torch.nn.Module) -> str:
+    """``sha256:<hex>`` over the state dict's tensors, in name order.
+
+    Each tensor contributes name, dtype, shape and raw bytes (copied to the CPU, so the
+    digest does not depend on the device). Tied weights appear under several names in the
+    state dict; only the first name in sorted order is hashed.
+    """
+    digest = hashlib.sha256()
+    seen: set[tuple] = set()
+    state = model.state_dict(keep_vars=True)
+    for name in sorted(state):
+        tensor = state[name].detach()
+        if tensor.numel():
+            alias_key = (str(tensor.device), tensor.data_ptr(), tensor.dtype, tuple(tensor.shape),
+                         tensor.stride())
+            if alias_key in seen:
+                continue
+            seen.add(alias_key)
+        header = f"{name}|{str(tensor.dtype).replace('torch.', '')}|{tuple(tensor.shape)}"
+        digest.update(header.encode("utf-8") + b"\0")
+        host = tensor.to("cpu").contiguous().reshape(-1)
+        digest.update(host.view(torch.uint8).numpy().data)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def save_checkpoint(loaded: LoadedModel, out_dir: Path | str) -> None:
+    """Write model (safetensors), config and tokenizer to ``out_dir`` all-or-nothing.
+
+    Everything is written into a hidden sibling directory that is renamed into place only
+    after every file is complete, so an interrupted or failed save leaves no partial
+    checkpoint. An existing non-empty ``out_dir`` is never overwritten.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(f"refusing to overwrite '{out_dir}': it exists and is not empty")
+    _transformers()
+    with _translated(f"write checkpoint '{out_dir}'"):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial",
+                                        dir=out_dir.parent))
+    try:
+        with _translated(f"write checkpoint '{out_dir}'"):
+            loaded.model.save_pretrained(staging)
+            loaded.tokenizer.save_pretrained(staging)
+            weight_files(staging)  # safetensors present, or this raises
+            if out_dir.exists():
+                out_dir.rmdir()
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("saved checkpoint to %s", out_dir)

@@ -1,0 +1,288 @@
+"""Where a model comes from and what it is, decided from files alone (no torch).
+
+A model is a local checkpoint directory, a Hugging Face Hub id (``org/name`` or ``hf:org/name``;
+downloaded only with INVARLOCK_ALLOW_NETWORK=1, else taken from the local HF cache), or
+``demo``, the model bundled with InvarLock. The adapter (how it is scored) is read from
+config.json, and the weight files are found, vetted (safetensors unless pickles are allowed)
+and digested here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from invarlock.enums import AdapterKind
+from invarlock.errors import InputError
+from invarlock.models.network import NETWORK_ENV, enforce_offline, network_allowed
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+# Hub ids: "name" or "org/name" (letters, digits, - _ .), as the Hub accepts them.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+# What a hub download fetches: configs, tokenizer files and safetensors (pickles on request).
+_HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
+
+ADAPTER_ALIASES: dict[str, AdapterKind] = {
+    "hf_causal": AdapterKind.CAUSAL_LM,
+    "hf_gpt2": AdapterKind.CAUSAL_LM,
+    "hf_llama": AdapterKind.CAUSAL_LM,
+    "hf_mistral": AdapterKind.CAUSAL_LM,
+    "hf_qwen2": AdapterKind.CAUSAL_LM,
+    "hf_mlm": AdapterKind.MASKED_LM,
+    "hf_bert": AdapterKind.MASKED_LM,
+    "hf_seq_cls": AdapterKind.SEQ_CLS,
+    "hf_bert_cls": AdapterKind.SEQ_CLS,
+}
+# Fallback when config.json lists no architectures: model families by model_type.
+_CAUSAL_TYPES = frozenset({
+    "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "mixtral", "qwen2", "qwen3",
+    "qwen2_moe", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "opt", "falcon", "bloom",
+    "olmo", "olmo2", "stablelm", "starcoder2", "smollm3", "granite", "cohere",
+})
+_MLM_TYPES = frozenset({
+    "bert", "roberta", "distilbert", "albert", "xlm-roberta", "camembert", "deberta",
+    "deberta-v2", "mpnet", "modernbert", "electra",
+})
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as the user named it, and the local directory it resolved to."""
+
+    spec: str                   # as given: path, hub id, "hf:ID", or "demo"
+    kind: str                   # "local" | "hub" | "demo"
+    path: Path | None           # local checkpoint directory (hub: the cached snapshot)
+    hub_id: str | None = None
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def resolve_model_source(
+    spec: str, *, revision: str | None = None, allow_pickle: bool = False
+) -> ModelSource:
+    """Resolve ``spec`` to a local checkpoint directory, downloading only when allowed.
+
+    ``allow_pickle`` widens a hub download to pickle weights; it loads nothing.
+    """
+    spec = (spec or "").strip()
+    if not spec:
+        raise InputError("no model given: pass a checkpoint directory, a hub id or 'demo'")
+    if spec == "demo":
+        return ModelSource(spec=spec, kind="demo", path=_demo_dir())
+    if spec.startswith("hf:"):
+        return _resolve_hub(spec, spec[3:], revision, allow_pickle)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"model '{spec}' is a file; give the checkpoint directory instead")
+        if not (path / "config.json").is_file():
+            raise InputError(f"model directory '{spec}' has no config.json")
+        if revision:
+            raise InputError(f"a revision applies only to hub models, not to directory '{spec}'")
+        return ModelSource(spec=spec, kind="local", path=path.resolve())
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        raise InputError(f"model directory '{spec}' does not exist")
+    return _resolve_hub(spec, spec, revision, allow_pickle)
+
+
+def _demo_dir() -> Path:
+    try:
+        from invarlock import demo
+    except ImportError as exc:
+        raise InputError("the bundled demo model is missing from this installation") from exc
+    path = Path(demo.model_dir())
+    if not (path / "config.json").is_file():
+        raise InputError(f"the bundled demo model at {path} is incomplete (no config.json)")
+    return path
+
+
+def _resolve_hub(spec: str, repo_id: str, revision: str | None, allow_pickle: bool) -> ModelSource:
+    if not _HUB_ID.match(repo_id):
+        raise InputError(f"'{repo_id}' is not a valid Hugging Face Hub model id")
+    if network_allowed():
+        path = _download(repo_id, revision, allow_pickle)
+    else:
+        enforce_offline()
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+        if not isinstance(cached, str):
+            raise InputError(
+                f"model '{spec}' is not a local directory and network access is off; "
+                f"set {NETWORK_ENV}=1 to download it from the Hugging Face Hub"
+            )
+        path = Path(cached).parent
+        logger.info("using cached hub model %s from %s", repo_id, path)
+    return ModelSource(spec=spec, kind="hub", path=path, hub_id=repo_id, revision=revision)
+
+
+def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = [*_HUB_PATTERNS, "*.bin"] if allow_pickle else list(_HUB_PATTERNS)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # hub errors (HTTP, auth, missing repo) are user-facing input
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = f"cannot download model '{repo_id}' from the Hugging Face Hub: {first}"
+        raise InputError(message) from exc
+
+
+def _directory(source: ModelSource | Path | str) -> Path:
+    path = source.path if isinstance(source, ModelSource) else Path(source)
+    if path is None:
+        raise InputError(f"model '{source}' has no local directory")
+    return path
+
+
+def read_config(source: ModelSource | Path | str) -> dict:
+    """config.json as a dict; refuses checkpoints that need the repository's own code."""
+    path = _directory(source) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(config, dict):
+        raise InputError(f"{path} must hold a JSON object")
+    _refuse_remote_code(config, path)
+    return config
+
+
+def _refuse_remote_code(config: dict, path: Path) -> None:
+    """A config with ``auto_map`` and a model_type transformers lacks needs remote code."""
+    if "auto_map" not in config:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if config.get("model_type") in CONFIG_MAPPING_NAMES:
+        logger.info("%s has auto_map; using the built-in %s classes", path, config["model_type"])
+        return
+    raise InputError(
+        f"{path} needs custom model code from its repository (auto_map, model_type "
+        f"'{config.get('model_type')}'); InvarLock never runs remote code, so this model is "
+        "not supported"
+    )
+
+
+def _adapter_from_architecture(architecture: str) -> AdapterKind | None:
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return AdapterKind.CAUSAL_LM
+    if architecture.endswith("ForMaskedLM"):
+        return AdapterKind.MASKED_LM
+    if architecture.endswith("ForSequenceClassification"):
+        return AdapterKind.SEQ_CLS
+    return None
+
+
+def detect_adapter(config: dict, requested: str = "auto") -> AdapterKind:
+    """The adapter for a checkpoint: from ``architectures``, else ``model_type``.
+
+    An explicit adapter (or alias such as hf_llama) must agree with a recognised
+    architecture; loading a classifier as a language model would score random heads.
+    """
+    choice = (requested or "auto").strip().lower()
+    if choice != "auto" and choice not in ADAPTER_ALIASES:
+        names = ", ".join(["auto", *ADAPTER_ALIASES])
+        raise InputError(f"unknown adapter '{requested}'; choose one of: {names}")
+    architectures = config.get("architectures") or []
+    architecture = str(architectures[0]) if architectures else None
+    detected = _adapter_from_architecture(architecture) if architecture else None
+    model_type = str(config.get("model_type", ""))
+    if choice != "auto":
+        wanted = ADAPTER_ALIASES[choice]
+        if detected is not None and detected is not wanted:
+            raise InputError(
+                f"adapter '{requested}' does not fit architecture {architecture} "
+                f"(which is {detected.value}); use --adapter auto"
+            )
+        return wanted
+    if detected is not None:
+        return detected
+    if architecture is None and model_type in _CAUSAL_TYPES:
+        return AdapterKind.CAUSAL_LM
+    if architecture is None and model_type in _MLM_TYPES:
+        return AdapterKind.MASKED_LM
+    what = f"architecture '{architecture}'" if architecture else f"model_type '{model_type}'"
+    raise InputError(
+        f"cannot tell how to score {what}: supported are causal LMs (*ForCausalLM, "
+        "*LMHeadModel), masked LMs (*ForMaskedLM) and sequence classifiers "
+        "(*ForSequenceClassification); pass --adapter to choose"
+    )
+
+
+def weight_files(source: ModelSource | Path | str, allow_pickle: bool = False) -> list[Path]:
+    """The checkpoint's weight files: safetensors (single or sharded), else vetted pickles.
+
+    Pickle files can run code when unpickled, so they are used only with ``allow_pickle``
+    (and are then loaded with torch's weights-only unpickler).
+    """
+    directory = _directory(source)
+    for single, index in ((SAFETENSORS_FILE, SAFETENSORS_INDEX), (PICKLE_FILE, PICKLE_INDEX)):
+        files = _weights_in(directory, single, index)
+        if not files:
+            continue
+        if single == PICKLE_FILE and not allow_pickle:
+            raise InputError(
+                f"model '{source}' has only pickle weights ({files[0].name}); unpickling can "
+                "run arbitrary code, so pickles are refused unless you pass --allow-pickle "
+                "(they are then loaded with torch weights_only=True)"
+            )
+        return files
+    other = sorted(p.name for p in directory.glob("*") if p.suffix in {".gguf", ".pt", ".pth"})
+    found = f" (found {', '.join(other)}; convert to safetensors)" if other else ""
+    raise InputError(
+        f"model '{source}' has no weights: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}"
+        f"{found}"
+    )
+
+
+def _weights_in(directory: Path, single: str, index: str) -> list[Path]:
+    if (directory / single).is_file():
+        return [directory / single]
+    index_path = directory / index
+    if not index_path.is_file():
+        return []
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{index_path} is not a valid shard index") from exc
+    missing = [name for name in shards if not (directory / name).is_file()]
+    if missing:
+        raise InputError(f"{index_path} names missing shard(s): {', '.join(missing[:3])}")
+    return [index_path, *(directory / name for name in shards)]
+
+
+def weights_digest(files: list[Path]) -> str:
+    """sha256 over each file's name, size and bytes, files sorted by name (1 MiB reads)."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.name):
+        size = path.stat().st_size
+        digest.update(path.name.encode("utf-8") + b"\0" + size.to_bytes(8, "little"))
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def context_length(config: dict) -> int | None:
+    """Longest input the model accepts, from the usual config fields (None when unknown)."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,419 @@
+"""Per-window evaluation: agreement with Hugging Face's own losses, and invariances."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from invarlock import evaluate as evaluate_mod
+from invarlock.enums import MetricKind
+from invarlock.errors import InputError
+from invarlock.evaluate import (
+    Tap,
+    TapContext,
+    WindowScores,
+    auto_batch_size,
+    evaluate_windows,
+)
+from invarlock.models.loading import load_model
+from invarlock.models.source import resolve_model_source
+
+CAUSAL, MLM, ACCURACY = MetricKind.PPL_CAUSAL, MetricKind.PPL_MLM, MetricKind.ACCURACY
+
+
+@dataclass(frozen=True)
+class Windows:
+    """The fields of a WindowSet that evaluation reads."""
+
+    window_ids: np.ndarray
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray | None = None
+    token_type_ids: np.ndarray | None = None
+    sha256: tuple[str, ...] = ()
+
+
+def make_windows(ids, mask=None, labels=None, token_type_ids=None) -> Windows:
+    ids = np.asarray(ids, dtype=np.int64)
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask, dtype=np.int64)
+    hashes = tuple(hashlib.sha256(row.astype("<i8").tobytes()).hexdigest() for row in ids)
+    return Windows(window_ids=np.arange(10, 10 + len(ids), dtype=np.int64), input_ids=ids,
+                   attention_mask=mask, labels=labels, token_type_ids=token_type_ids,
+                   sha256=hashes)
+
+
+def causal_windows(n=12, seq_len=48, vocab=512, seed=0) -> Windows:
+    rng = np.random.default_rng(seed)
+    return make_windows(rng.integers(1, vocab, size=(n, seq_len)))
+
+
+def mlm_windows(tokenizer, n=10, seq_len=40, seed=1) -> Windows:
+    """[CLS] content [SEP] windows with ~15% of content positions masked (labels elsewhere -100)."""
+    rng = np.random.default_rng(seed)
+    special = set(tokenizer.all_special_ids)
+    content = np.array([i for i in range(len(tokenizer)) if i not in special])
+    ids = rng.choice(content, size=(n, seq_len))
+    ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+    labels = np.full_like(ids, -100)
+    masked = ids.copy()
+    for row in range(n):
+        positions = rng.choice(np.arange(1, seq_len - 1), size=6, replace=False)
+        labels[row, positions] = ids[row, positions]
+        masked[row, positions] = tokenizer.mask_token_id
+    return make_windows(masked, labels=labels)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_gpt2_dir):
+    return load_model(resolve_model_source(str(tiny_gpt2_dir)))
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir):
+    return load_model(resolve_model_source(str(tiny_llama_dir)))
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_bert_dir):
+    return load_model(resolve_model_source(str(tiny_bert_dir)))
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_classifier_dir):
+    return load_model(resolve_model_source(str(tiny_classifier_dir)))
+
+
+@pytest.fixture(scope="module")
+def labelled(classifier, labelled_jsonl) -> Windows:
+    rows = [json.loads(line) for line in labelled_jsonl.read_text().splitlines()][:24]
+    encoded = classifier.tokenizer([r["text"] for r in rows], padding=True, truncation=True,
+                                   max_length=32, return_tensors="np")
+    return make_windows(encoded["input_ids"], encoded["attention_mask"],
+                        labels=np.array([r["label"] for r in rows], dtype=np.int64),
+                        token_type_ids=np.zeros_like(encoded["input_ids"]))
+
+
+def run(loaded, windows, kind, **kwargs) -> WindowScores:
+    return evaluate_windows(loaded.model, windows, kind=kind, device="cpu", **kwargs)
+
+
+# --- agreement with the model's own loss -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_causal_nll_matches_hf_loss_per_window(name, request):
+    loaded = request.getfixturevalue(name)
+    windows = causal_windows()
+    scores = run(loaded, windows, CAUSAL, batch_size=5)
+    seq_len = windows.input_ids.shape[1]
+    assert scores.tokens.tolist() == [seq_len - 1] * windows.input_ids.shape[0]
+    with torch.no_grad():
+        for i, row in enumerate(windows.input_ids):
+            ids = torch.from_numpy(row[None])
+            loss = loaded.model(input_ids=ids, labels=ids).loss.item()  # mean over T-1
+            assert scores.values[i] == pytest.approx(loss * (seq_len - 1), rel=1e-5)
+
+
+def test_causal_padding_is_not_scored(gpt2):
+    windows = causal_windows(n=4, seq_len=32)
+    lengths = [32, 20, 9, 2]
+    mask = np.zeros_like(windows.input_ids)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    padded = make_windows(np.where(mask == 1, windows.input_ids, 0), mask)
+    scores = run(gpt2, padded, CAUSAL)
+    assert scores.tokens.tolist() == [length - 1 for length in lengths]
+    with torch.no_grad():
+        for row, length in enumerate(lengths):
+            ids = torch.from_numpy(windows.input_ids[row, :length][None])
+            expected = gpt2.model(input_ids=ids, labels=ids).loss.item() * (length - 1)
+            assert scores.values[row] == pytest.approx(expected, rel=1e-5)
+
+
+def test_mlm_nll_only_on_masked_positions(bert):
+    windows = mlm_windows(bert.tokenizer)
+    scores = run(bert, windows, MLM)
+    scored = (windows.labels != -100).sum(axis=1)
+    assert scores.tokens.tolist() == scored.tolist()
+    with torch.no_grad():
+        for i in range(windows.input_ids.shape[0]):
+            out = bert.model(input_ids=torch.from_numpy(windows.input_ids[i:i + 1]),
+                             labels=torch.from_numpy(windows.labels[i:i + 1]))
+            assert scores.values[i] == pytest.approx(out.loss.item() * scored[i], rel=1e-5)
+    # Changing the label of an unscored position changes nothing.
+    labels = windows.labels.copy()
+    assert labels[0, 1:].min() == -100
+    shifted = make_windows(windows.input_ids, labels=labels)
+    np.testing.assert_array_equal(run(bert, shifted, MLM).values, scores.values)
+
+
+def test_classifier_correctness_matches_argmax(classifier, labelled):
+    scores = run(classifier, labelled, ACCURACY)
+    with torch.no_grad():
+        logits = classifier.model(
+            input_ids=torch.from_numpy(labelled.input_ids),
+            attention_mask=torch.from_numpy(labelled.attention_mask),
+            token_type_ids=torch.from_numpy(labelled.token_type_ids)).logits
+    expected = (logits.argmax(-1).numpy() == labelled.labels).astype(np.float64)
+    np.testing.assert_array_equal(scores.values, expected)
+    assert 0 < expected.sum() < len(expected)  # both outcomes occur: the check can fail
+    assert scores.tokens.tolist() == [1] * len(expected)
+    assert scores.kind is ACCURACY
+
+
+# --- invariances -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "bert", "classifier"])
+def test_results_independent_of_batch_size(case, request):
+    loaded = request.getfixturevalue(case)
+    if case == "bert":
+        windows, kind = mlm_windows(loaded.tokenizer), MLM
+    elif case == "classifier":
+        windows, kind = request.getfixturevalue("labelled"), ACCURACY
+    else:
+        windows, kind = causal_windows(), CAUSAL
+    one = run(loaded, windows, kind, batch_size=1)
+    four = run(loaded, windows, kind, batch_size=4)
+    auto = run(loaded, windows, kind)
+    for other in (four, auto):
+        np.testing.assert_allclose(other.values, one.values, rtol=1e-5)
+        np.testing.assert_array_equal(other.tokens, one.tokens)
+
+
+def test_auto_batches_windows_together(gpt2):
+    calls = []
+    handle = gpt2.model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        run(gpt2, causal_windows(n=20), CAUSAL)
+    finally:
+        handle.remove()
+    assert calls == [20]
+
+
+def test_scores_record_what_was_evaluated(gpt2):
+    windows = causal_windows(n=6)
+    scores = run(gpt2, windows, "ppl_causal")
+    assert scores.kind is CAUSAL and scores.n == 6
+    assert scores.values.dtype == np.float64 and scores.tokens.dtype == np.int64
+    assert scores.window_ids.dtype == np.int64
+    np.testing.assert_array_equal(scores.window_ids, windows.window_ids)
+    assert scores.window_ids is not windows.window_ids
+    assert scores.sha256 == windows.sha256
+    assert scores.nonfinite_windows == 0 and np.isfinite(scores.values).all()
+    assert scores.seconds > 0 and scores.tokens_per_second > 0
+
+
+def test_train_mode_is_restored_and_dropout_off(gpt2):
+    model = copy.deepcopy(gpt2.model)
+    model.train()
+    model.transformer.h[0].eval()  # a mixed state must come back exactly
+    before = [m.training for m in model.modules()]
+    windows = causal_windows(n=4)
+    scores = evaluate_windows(model, windows, kind=CAUSAL, device="cpu")
+    assert [m.training for m in model.modules()] == before
+    np.testing.assert_array_equal(scores.values, run(gpt2, windows, CAUSAL).values)
+
+
+# --- taps --------------------------------------------------------------------------------
+
+
+class RecordingTap:
+    """Observes every Linear/Conv1D output (and whole blocks, which return tuples)."""
+
+    def __init__(self, tamper: bool = False) -> None:
+        self.seen: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+        self.tamper = tamper
+
+    def modules(self, model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
+        for name, module in model.named_modules():
+            if type(module).__name__ in {"Linear", "Conv1D", "GPT2Block"}:
+                yield name, module
+
+    def observe(self, name: str, output, context: TapContext):
+        tensor = output[0] if isinstance(output, tuple) else output
+        self.seen.append((name, tuple(tensor.shape), tuple(context.window_ids.tolist())))
+        if self.tamper:
+            return torch.zeros_like(tensor)  # a return value must not replace the output
+        return None
+
+
+@pytest.mark.parametrize("tamper", [False, True])
+def test_taps_observe_without_changing_results(gpt2, tamper):
+    windows = causal_windows(n=6)
+    plain = run(gpt2, windows, CAUSAL, batch_size=4)
+    tap = RecordingTap(tamper=tamper)
+    assert isinstance(tap, Tap)
+    tapped = run(gpt2, windows, CAUSAL, batch_size=4, taps=[tap])
+    np.testing.assert_array_equal(tapped.values, plain.values)  # bit-identical
+    modules = list(tap.modules(gpt2.model))
+    assert len(tap.seen) == 2 * len(modules)  # every tapped module, in both batches
+    batches = {seen[2] for seen in tap.seen}
+    assert batches == {(10, 11, 12, 13), (14, 15)}
+    assert all(not m._forward_hooks for _, m in modules)  # hooks removed after the call
+
+
+def test_hooks_removed_when_evaluation_fails(gpt2):
+    tap = RecordingTap()
+    too_long = causal_windows(n=2, seq_len=200)
+    with pytest.raises(InputError):
+        run(gpt2, too_long, CAUSAL, taps=tap)
+    broken = make_windows(causal_windows(n=2).input_ids, labels=np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError):
+        run(gpt2, broken, ACCURACY, taps=tap)
+    assert all(not m._forward_hooks for m in gpt2.model.modules())
+
+
+# --- broken models and bad input ---------------------------------------------------------
+
+
+def test_nan_weight_marks_windows_without_raising(llama):
+    """A NaN in one (untied) embedding row breaks exactly the windows that use that token."""
+    poison = 7
+    rng = np.random.default_rng(3)
+    ids = rng.integers(8, 512, size=(6, 32))
+    ids[1, 5] = poison
+    ids[4, 30] = poison
+    windows = make_windows(ids)
+    model = copy.deepcopy(llama.model)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[poison] = float("nan")
+    scores = evaluate_windows(model, windows, kind=CAUSAL, device="cpu", batch_size=4)
+    assert scores.nonfinite_windows == 2
+    assert np.isnan(scores.values[[1, 4]]).all()
+    clean = run(llama, windows, CAUSAL)
+    keep = [0, 2, 3, 5]
+    np.testing.assert_allclose(scores.values[keep], clean.values[keep], rtol=1e-6)
+    np.testing.assert_array_equal(scores.tokens, clean.tokens)
+
+
+def test_nan_in_tied_head_breaks_every_window(gpt2):
+    model = copy.deepcopy(gpt2.model)
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")  # tied: also the embedding of token 3
+    scores = evaluate_windows(model, causal_windows(n=5), kind=CAUSAL, device="cpu")
+    assert scores.nonfinite_windows == 5 and np.isnan(scores.values).all()
+
+
+def test_nan_classifier_logits(classifier, labelled):
+    model = copy.deepcopy(classifier.model)
+    with torch.no_grad():
+        model.classifier.bias[0] = float("inf")
+        model.classifier.bias[1] = float("-inf")
+    scores = evaluate_windows(model, labelled, kind=ACCURACY, device="cpu")
+    assert scores.nonfinite_windows == labelled.input_ids.shape[0]
+    assert np.isnan(scores.values).all()
+
+
+def test_huge_finite_logits_are_not_counted_as_nonfinite(classifier, labelled):
+    model = copy.deepcopy(classifier.model)
+    with torch.no_grad():
+        model.classifier.bias.fill_(3e38)  # finite, but the row sum overflows float32
+    scores = evaluate_windows(model, labelled, kind=ACCURACY, device="cpu")
+    assert scores.nonfinite_windows == 0 and np.isfinite(scores.values).all()
+
+
+def test_window_longer_than_model_positions(gpt2):
+    with pytest.raises(InputError, match="windows of 200 tokens exceed the model's 128 positions"):
+        run(gpt2, causal_windows(n=2, seq_len=200), CAUSAL)
+
+
+def test_token_outside_vocabulary(gpt2):
+    windows = causal_windows(n=2)
+    windows.input_ids[1, 3] = 600
+    with pytest.raises(InputError, match="token id 600 is outside the model's vocabulary of 512"):
+        run(gpt2, windows, CAUSAL)
+
+
+@pytest.mark.parametrize(("kind", "labels", "message"), [
+    (CAUSAL, np.zeros((3, 16), dtype=np.int64), "causal windows carry no labels"),
+    (MLM, None, r"masked-LM windows need labels of shape \[N, T\]"),
+    (ACCURACY, np.zeros((3, 16), dtype=np.int64), r"one class label per window, shape \[N\]"),
+])
+def test_labels_must_fit_the_metric(gpt2, kind, labels, message):
+    windows = make_windows(causal_windows(n=3, seq_len=16).input_ids, labels=labels)
+    with pytest.raises(ValueError, match=message):
+        run(gpt2, windows, kind)
+
+
+def test_batch_size_must_be_positive(gpt2):
+    with pytest.raises(InputError, match="batch size must be at least 1"):
+        run(gpt2, causal_windows(n=2), CAUSAL, batch_size=0)
+
+
+# --- batch sizing, memory and progress ---------------------------------------------------
+
+
+class _FakeLM(torch.nn.Module):
+    """Only what auto_batch_size reads: config, parameters, output embeddings."""
+
+    def __init__(self, vocab: int, hidden: int, dtype=torch.float32) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"hidden_size": hidden, "num_attention_heads": 12,
+                                          "vocab_size": vocab})()
+        self.head = torch.nn.Linear(1, vocab, bias=False, dtype=dtype, device="meta")
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+
+def test_auto_batch_size_bounds_logit_memory():
+    big = _FakeLM(vocab=50_257, hidden=768)
+    size = auto_batch_size(big, n=1000, seq_len=1024, device="cpu")
+    assert size >= 1 and size * 1024 * 50_257 * 4 <= 512 * 2**20
+    assert auto_batch_size(big, n=1000, seq_len=128, device="cpu") > size
+    assert auto_batch_size(big, n=3, seq_len=128, device="cpu") == 3
+    huge = _FakeLM(vocab=256_000, hidden=4096)
+    assert auto_batch_size(huge, n=64, seq_len=4096, device="cpu") == 1
+    half = _FakeLM(vocab=50_257, hidden=768, dtype=torch.bfloat16)
+    assert auto_batch_size(half, n=1000, seq_len=1024, device="cpu") <= size
+
+
+def test_out_of_memory_halves_the_batch(gpt2, monkeypatch, caplog):
+    real_forward = evaluate_mod._forward
+    sizes = []
+
+    def forward(model, batch, kind):
+        sizes.append(batch["input_ids"].shape[0])
+        if batch["input_ids"].shape[0] > 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(model, batch, kind)
+
+    windows = causal_windows(n=10)
+    expected = run(gpt2, windows, CAUSAL, batch_size=10)
+    monkeypatch.setattr(evaluate_mod, "_forward", forward)
+    scores = run(gpt2, windows, CAUSAL, batch_size=10)
+    assert sizes == [10, 5, 2, 2, 2, 2, 2]
+    np.testing.assert_allclose(scores.values, expected.values, rtol=1e-5)
+    assert "out of memory at batch size 10" in caplog.text
+
+
+def test_other_runtime_errors_propagate(gpt2, monkeypatch):
+    def forward(model, batch, kind):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(evaluate_mod, "_forward", forward)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        run(gpt2, causal_windows(n=2), CAUSAL)
+
+
+def test_progress_only_on_request_and_on_stderr(gpt2, capfd):
+    windows = causal_windows(n=4)
+    run(gpt2, windows, CAUSAL)
+    assert capfd.readouterr() == ("", "")
+    run(gpt2, windows, CAUSAL, progress=True, batch_size=2)
+    out, err = capfd.readouterr()
+    assert out == "" and "evaluating (ppl_causal)" in err
+
+
+def test_model_must_be_on_the_requested_device(gpt2):
+    with pytest.raises(ValueError, match="the model is on cpu, not on the requested device cuda"):
+        evaluate_windows(gpt2.model, causal_windows(n=2), kind=CAUSAL, device="cuda")
