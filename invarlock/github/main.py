@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from invarlock.errors import InvarlockError
 from invarlock.github import render
@@ -29,10 +29,11 @@ from invarlock.github.http import GitHubClient, RetryPolicy
 from invarlock.github.outcome import EXIT_EVIDENCE, Outcome
 from invarlock.github.outputs import write_outputs
 from invarlock.github.publish import Publisher, verified_pull_request
-from invarlock.github.settings import Mode, Settings, read_settings
+from invarlock.github.settings import Mode, Settings, input_variables, read_settings
 from invarlock.github.summary import append_summary
 
 log = logging.getLogger("invarlock.github")
+T = TypeVar("T")
 
 
 def main() -> int:
@@ -44,12 +45,15 @@ def run(environ: Mapping[str, str], *, stdout: TextIO, stderr: TextIO,
     """One Action run; `environ` is the only input (tests pass their own)."""
     _configure_logging(stderr)
     commands = WorkflowCommands(stdout, in_actions=environ.get("GITHUB_ACTIONS") == "true")
+    tokens = {environ.get(v, "").strip()
+              for v in (*input_variables("github-token"), "GITHUB_TOKEN")}
+    for token in sorted(tokens):
+        commands.add_mask(token)  # first, whatever comes next
     try:
         settings = read_settings(environ)
     except InvarlockError as exc:
         commands.error(str(exc), title="InvarLock: bad input")
         return exc.exit_code
-    commands.add_mask(settings.token)
     client = None
     if settings.token and settings.publishes:
         client = GitHubClient(settings.github.api_url, settings.token, policy=policy)
@@ -64,25 +68,33 @@ def run(environ: Mapping[str, str], *, stdout: TextIO, stderr: TextIO,
 
     _announce(commands, outcome)
     _write_runner_files(settings, outcome)
-    try:
-        published = publisher.finish(outcome)
-    except Exception as exc:  # a defect while publishing must not change the verdict
-        log.debug("publishing failed", exc_info=True)
-        commands.warning(f"Publishing failed: {type(exc).__name__}: {exc}",
-                         title="InvarLock: not published")
-    else:
-        if settings.github.output_path is not None:
-            write_outputs(settings.github.output_path,
-                          {"check-run-url": published.check_url or "",
-                           "comment-url": published.comment_url or ""})
+    published = _publishing(commands, "complete", lambda: publisher.finish(outcome))
+    if published is not None and settings.github.output_path is not None:
+        write_outputs(settings.github.output_path,
+                      {"check-run-url": published.check_url or "",
+                       "comment-url": published.comment_url or ""})
     return outcome.exit_code
+
+
+def _publishing(commands: WorkflowCommands, stage: str, action: Callable[[], T]) -> T | None:
+    """Run a publishing stage; a defect in it must not change the verdict or stop the run.
+
+    (API failures are already warnings inside the Publisher; this catches the unexpected.)
+    """
+    try:
+        return action()
+    except Exception as exc:
+        log.debug("publishing (%s) failed", stage, exc_info=True)
+        commands.warning(f"Publishing failed ({stage}): {type(exc).__name__}: {exc}",
+                         title="InvarLock: not published")
+        return None
 
 
 def _certify(settings: Settings, client: GitHubClient | None, commands: WorkflowCommands,
              environ: Mapping[str, str], stderr: TextIO) -> tuple[Outcome, Publisher]:
     target = _target_of_this_run(settings, commands)
     publisher = Publisher(settings, client, commands, target)
-    publisher.start()
+    _publishing(commands, "start", publisher.start)
     out_dir = settings.output_dir
     arguments = certify_arguments(settings.certify, out_dir)
     log.info("running %s", " ".join([*settings.certify_command, *arguments]))

@@ -139,6 +139,7 @@ def test_bad_input_stops_before_anything_runs(tmp_path, standin):
     step = pr_step(tmp_path, standin, "pass", "105", comment="sometimes")
     done = run_entrypoint(step)
     assert done.returncode == 2
+    assert done.stdout.startswith(f"::add-mask::{TOKEN}\n")  # masked even before validation
     assert "::error title=InvarLock%3A bad input::input 'comment' must be true or false" in \
         done.stdout
     assert standin.log == [] and not (tmp_path / "certifier-calls.jsonl").exists()

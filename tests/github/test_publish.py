@@ -78,3 +78,17 @@ def test_a_github_outage_never_changes_the_exit_code(tmp_path, standin):
     assert out.count("::warning") == 3  # start, completion, comment
     assert step.outputs["verdict"] == "FAIL"
     assert "### ❌ InvarLock: FAIL" in step.summary
+
+
+def test_a_defect_while_publishing_is_a_warning_not_a_new_verdict(tmp_path, standin,
+                                                                   monkeypatch):
+    from invarlock.github.publish import Publisher
+
+    def broken(self, outcome):
+        raise RuntimeError("renderer bug")
+
+    monkeypatch.setattr(Publisher, "finish", broken)
+    code, out, step = _run(tmp_path, standin, "fail")
+    assert code == 1
+    assert "Publishing failed (complete): RuntimeError: renderer bug" in out
+    assert step.outputs["verdict"] == "FAIL"
