@@ -197,3 +197,18 @@ def test_publish_mode_needs_no_gpu(tmp_path, standin):
     runner.run(next(s for s in ACTION["runs"]["steps"] if s.get("id") == "prepare"))
     runner.run(next(s for s in ACTION["runs"]["steps"] if s.get("id") == "certify"))
     assert "--gpus" not in runner.docker_run["options"]
+
+
+def test_the_docker_stand_in_refuses_paths_that_are_not_mounted(tmp_path, monkeypatch):
+    """So the mount checks above can fail: the event folder left out is caught."""
+    from tests.github import fake_docker
+
+    event = tmp_path / "events" / "event.json"
+    monkeypatch.setenv("FAKE_DOCKER_RECORD", str(tmp_path / "record.json"))
+    monkeypatch.setenv("FAKE_DOCKER_HOME", str(tmp_path))
+    monkeypatch.setenv("FAKE_DOCKER_CERTIFY", "true")
+    monkeypatch.setenv("GITHUB_EVENT_PATH", str(event))
+    code = fake_docker.main(["run", "--rm", "--workdir", str(tmp_path / "work"), "--volume",
+                             f"{tmp_path / 'work'}:{tmp_path / 'work'}", "--env",
+                             "GITHUB_EVENT_PATH", "image"])
+    assert code == 125
