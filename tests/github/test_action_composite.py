@@ -199,7 +199,7 @@ def test_publish_mode_needs_no_gpu(tmp_path, standin):
     assert "--gpus" not in runner.docker_run["options"]
 
 
-def test_the_docker_stand_in_refuses_paths_that_are_not_mounted(tmp_path, monkeypatch):
+def test_the_docker_stand_in_refuses_paths_that_are_not_mounted(tmp_path, monkeypatch, capsys):
     """So the mount checks above can fail: the event folder left out is caught."""
     from tests.github import fake_docker
 
@@ -212,3 +212,4 @@ def test_the_docker_stand_in_refuses_paths_that_are_not_mounted(tmp_path, monkey
                              f"{tmp_path / 'work'}:{tmp_path / 'work'}", "--env",
                              "GITHUB_EVENT_PATH", "image"])
     assert code == 125
+    assert f"{event} is not mounted" in capsys.readouterr().err
