@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+from invarlock.errors import InvarlockError
 from invarlock.github import render
 from invarlock.github.checks import CheckOutput, CheckRun, CheckRuns, CheckSpec
 from invarlock.github.commands import WorkflowCommands
@@ -47,7 +48,13 @@ class Publisher:
         self._run: CheckRun | None = None
         self._checks_refused = False
         if client is not None and target is not None:
-            owner, repo = settings.github.owner_and_name
+            try:
+                owner, repo = settings.github.owner_and_name
+            except InvarlockError as exc:
+                commands.warning(f"Nothing to publish to: {exc}",
+                                 title="InvarLock: not published")
+                self._client = None
+                return
             self._checks = CheckRuns(client, owner, repo)
             self._owner, self._repo = owner, repo
 

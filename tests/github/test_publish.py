@@ -92,3 +92,15 @@ def test_a_defect_while_publishing_is_a_warning_not_a_new_verdict(tmp_path, stan
     assert code == 1
     assert "Publishing failed (complete): RuntimeError: renderer bug" in out
     assert step.outputs["verdict"] == "FAIL"
+
+
+def test_a_malformed_repository_variable_skips_publishing_only(tmp_path, standin):
+    step = step_environment(tmp_path, standin.url, "pull_request",
+                            payload("pull_request__opened.payload.json"), github_token=TOKEN,
+                            output_dir=str(tmp_path / "invarlock-report"))
+    step.env["GITHUB_REPOSITORY"] = "not a repository"
+    step.certify_with("pass")
+    out = io.StringIO()
+    assert run(step.env, stdout=out, stderr=io.StringIO(), policy=QUICK) == 0
+    assert "GITHUB_REPOSITORY must be owner/name" in out.getvalue()
+    assert standin.log == [] and step.outputs["verdict"] == "PASS"
