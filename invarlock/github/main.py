@@ -142,9 +142,14 @@ def _load_for_publishing(settings: Settings, client: GitHubClient | None,
     except InvarlockError as exc:  # reported as a neutral check: the evidence is unusable
         outcome, recorded = Outcome.failed(exc.exit_code, str(exc)), None
     if target.pull_request is None and client is not None and settings.comment:
-        owner, repo = settings.github.owner_and_name
-        number = verified_pull_request(client, owner, repo, recorded, target.head_sha, commands)
-        target = replace(target, pull_request=number)
+        try:
+            owner, repo = settings.github.owner_and_name
+        except InvarlockError:
+            pass  # the publisher warns that there is nothing to publish to
+        else:
+            number = verified_pull_request(client, owner, repo, recorded, target.head_sha,
+                                           commands)
+            target = replace(target, pull_request=number)
     return outcome, Publisher(settings, client, commands, target)
 
 
