@@ -9,12 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.github.conftest import ROOT, TOKEN, payload, step_environment
-
-pytest.importorskip("invarlock.demo", reason="needs the bundled demo model")
-pytest.importorskip("torch")
 
 HEAD_SHA = "ec26c3e57ca3a959ca5aad62de7213c562f8c821"
 
