@@ -30,6 +30,8 @@ from invarlock.policy import resolve
 
 log = logging.getLogger(__name__)
 
+SAVED_MODEL_DIR = "model"  # output.save_model: the edited subject goes here, inside out_dir
+
 
 @dataclass(frozen=True)
 class CertifyRequest:
@@ -48,6 +50,7 @@ class CertifyRequest:
     revision: str | None = None
     batch_size: int | None = None
     save_subject: Path | None = None
+    save_model: bool = False  # with an edit: save the edited subject to <out_dir>/model on PASS
     use_cache: bool = True
     cache_dir: Path | None = None
     progress: bool = False
@@ -226,14 +229,16 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
               *gate.primary_checks(pm, policy.primary_metric)]
     decision = gate.decide(checks, gate.PRIMARY_GATING)
 
+    out_dir = req.out_dir if req.out_dir is not None else Path("runs") / run_id
+    save_to = req.save_subject or (out_dir / SAVED_MODEL_DIR if req.save_model else None)
     saved = None
-    if req.save_subject is not None:
+    if save_to is not None:
         if decision.verdict == "PASS":
-            loading.save_checkpoint(subject, req.save_subject)
-            saved = str(req.save_subject)
+            loading.save_checkpoint(subject, save_to)
+            saved = str(save_to)
         else:
             log.warning("verdict FAIL: the edited subject is discarded, nothing saved to %s",
-                        req.save_subject)
+                        save_to)
     del subject
     _release_memory()
 
@@ -268,7 +273,6 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
         "timings": timer.spans,
     }
     sealed = document.seal(cert)
-    out_dir = req.out_dir if req.out_dir is not None else Path("runs") / run_id
     path = document.write_certificate(sealed, out_dir, markdown.render(sealed))
     return CertifyOutcome(sealed, path, out_dir / document.MARKDOWN_FILENAME)
 

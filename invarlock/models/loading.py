@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from invarlock import plugins
 from invarlock.enums import AdapterKind
 from invarlock.errors import InputError, InvarlockError
 from invarlock.models.device import (  # torch via device.py: MissingExtraError if absent
@@ -128,13 +129,19 @@ def load_model(
     pickled = files[0].name in (PICKLE_FILE, PICKLE_INDEX)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
-    with _translated(f"load model '{source}'"):
-        model, info = _auto_class(kind).from_pretrained(
-            str(source.path), dtype=torch_dtype, use_safetensors=not pickled,
-            weights_only=True, trust_remote_code=False, local_files_only=True,
-            output_loading_info=True,
-        )
-    _check_loading_info(source, model, info)
+    plugin = plugins.adapter_plugin_for(config, adapter if isinstance(adapter, str) else "auto")
+    if plugin is not None and plugin.load is not None:
+        with _translated(f"load model '{source}' with adapter plugin '{plugin.name}'"):
+            model = plugin.load(source.path, dtype=torch_dtype, device=device)
+        logger.info("model %s loaded by adapter plugin %s", source, plugin.name)
+    else:
+        with _translated(f"load model '{source}'"):
+            model, info = _auto_class(kind).from_pretrained(
+                str(source.path), dtype=torch_dtype, use_safetensors=not pickled,
+                weights_only=True, trust_remote_code=False, local_files_only=True,
+                output_loading_info=True,
+            )
+        _check_loading_info(source, model, info)
     with _translated(f"move model '{source}' to {device}"):
         model.to(device)
     model.eval()
