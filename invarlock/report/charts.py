@@ -108,7 +108,8 @@ def interval_plot(*, estimate: float, low: float, high: float, limit: float,
     body.append(f'<line x1="{x_limit:.1f}" y1="24" x2="{x_limit:.1f}" y2="{axis_y}" '
                 f'stroke="{FAIL_COLOUR}" stroke-width="2" stroke-dasharray="6 4"/>')
     body.append(_text(x_limit + (4 if upper_limit else -4), 36,
-                      f"limit {limit:{value_format[:-2] + '.2f'}}{unit}", size=11,
+                      f"limit {limit:{'+.2f' if value_format.startswith('+') else '.2f'}}{unit}",
+                      size=11,
                       colour=FAIL_COLOUR, anchor="start" if upper_limit else "end"))
     colour = PASS_COLOUR if passed else FAIL_COLOUR
     x_lo, x_hi, x_est = scale(low), scale(high), scale(estimate)

@@ -133,6 +133,8 @@ def _primary(cert: Mapping[str, Any]) -> str:
         caption = "No interval: the final set was not evaluated (catastrophic preview)."
     table = _md_table(md.metric_table(dict(cert)))
     fig = f"<figure>{figure}<figcaption>{escape(caption)}</figcaption></figure>"
+    if not figure:
+        return f"{fig}{table}"
     return f"{fig}{table}<p class=\"muted\">{escape(_interval_line(cert))}</p>"
 
 
@@ -140,6 +142,10 @@ def _confidence(pm: Mapping[str, Any]) -> str:
     boot = pm.get("bootstrap") or {}
     alpha = boot.get("alpha")
     return f"{(1 - alpha) * 100:g}%" if isinstance(alpha, (int, float)) else ""
+
+
+_METHODS = {"bca": "BCa", "percentile": "percentile (BCa undefined)",
+            "degenerate": "degenerate (every replicate equal)"}
 
 
 def _interval_line(cert: Mapping[str, Any]) -> str:
@@ -150,7 +156,8 @@ def _interval_line(cert: Mapping[str, Any]) -> str:
     unit = "nats/token" if d["unit"] == "nats_per_token" else "pp"
     drift = "—" if pm["drift"] is None else f"{pm['drift']:.4f}"
     return (f"Paired Δ = {d['estimate']:+.6f} {unit} (CI {d['ci'][0]:+.6f} to "
-            f"{d['ci'][1]:+.6f}); {boot['method'].upper()} bootstrap, {boot['replicates']} "
+            f"{d['ci'][1]:+.6f}); {_METHODS.get(boot['method'], boot['method'])} bootstrap, "
+            f"{boot['replicates']} "
             f"replicates, seed {boot['seed']}, α = {boot['alpha']}; drift final/preview {drift}.")
 
 
