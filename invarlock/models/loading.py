@@ -129,7 +129,8 @@ def load_model(
     pickled = files[0].name in (PICKLE_FILE, PICKLE_INDEX)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
-    plugin = plugins.adapter_plugin_for(config, adapter if isinstance(adapter, str) else "auto")
+    requested = "auto" if isinstance(adapter, AdapterKind) else adapter
+    plugin = plugins.adapter_plugin_for(config, requested)
     if plugin is not None and plugin.load is not None:
         with _translated(f"load model '{source}' with adapter plugin '{plugin.name}'"):
             model = plugin.load(source.path, dtype=torch_dtype, device=device)
