@@ -108,7 +108,7 @@ def run_setup(result: DoctorResult, config: dict[str, Any]) -> None:
         result.add("D034" if "context length" in str(exc) else "D003", str(exc))
     if policy is not None:
         _policy_note(result, policy)
-    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    missing = missing_hf_modules()
     if missing:
         result.add("D060", f"{' and '.join(missing)} not installed: certify and run cannot work "
                            "here; tokenizer, window and device checks were skipped",
@@ -120,6 +120,11 @@ def run_setup(result: DoctorResult, config: dict[str, Any]) -> None:
     if tokenizer is not None:
         _windows(result, config, policy, base, tokenizer)
     _device(result, config, base, subject)
+
+
+def missing_hf_modules() -> list[str]:
+    """The modules of the hf extra that certify needs and this environment lacks."""
+    return [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
 
 
 def _model(result: DoctorResult, role: str, spec: str, config: dict[str, Any],
