@@ -48,7 +48,7 @@ def certificate(tmp_path_factory) -> Path:
     return path
 
 
-def _commands(cert: Path, out: Path, model: Path | None) -> list[list[str]]:
+def _commands(cert: Path, out: Path, model: Path) -> list[list[str]]:
     commands = [
         ["version"],
         ["plugins", "--json"],
@@ -57,10 +57,9 @@ def _commands(cert: Path, out: Path, model: Path | None) -> list[list[str]]:
         ["report", str(cert), "--format", "json"],
         ["certify", "--baseline", "x", "--edit", "quant_rtn", "--dataset", "demo", "--json"],
         ["run", "-c", str(out / "run.yaml"), "--json"],
+        ["doctor", "--baseline", str(model), "--edit", "quant_rtn", "--dataset",
+         str(ROOT / "tests" / "data" / "sonnets.txt"), "--json"],
     ]
-    if model is not None:
-        commands.append(["doctor", "--baseline", str(model), "--edit", "quant_rtn", "--dataset",
-                         str(ROOT / "tests" / "data" / "sonnets.txt"), "--json"])
     return commands
 
 
@@ -84,11 +83,10 @@ def _check(results: list[dict], out: Path, *, really_absent: bool) -> None:
         error = json.loads(r["stdout"])["error"]
         assert "needs the 'hf' extra" in error and 'pip install "invarlock[hf]"' in error
         assert "Traceback" not in r["stderr"]
-    if not really_absent:  # doctor reads the tiny test model built with torch
-        payload = json.loads(by["doctor"]["stdout"])
-        found = [f["code"] for f in payload["findings"]]
-        assert "INVARLOCK:D018" in found and found[-1] == "INVARLOCK:D060"
-        assert by["doctor"]["code"] == 2
+    payload = json.loads(by["doctor"]["stdout"])
+    found = [f["code"] for f in payload["findings"]]
+    assert "INVARLOCK:D018" in found and found[-1] == "INVARLOCK:D060"
+    assert by["doctor"]["code"] == 2
 
 
 def test_core_commands_work_when_model_libraries_cannot_be_imported(certificate, tmp_path,
@@ -104,7 +102,7 @@ def test_core_commands_work_when_model_libraries_cannot_be_imported(certificate,
 
 
 @pytest.mark.slow
-def test_wheel_in_a_fresh_virtualenv_without_torch(certificate, tmp_path):
+def test_wheel_in_a_fresh_virtualenv_without_torch(certificate, tmp_path, tiny_gpt2_dir):
     """pip install invarlock (core dependencies only), then the auditor's commands."""
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
@@ -123,7 +121,7 @@ def test_wheel_in_a_fresh_virtualenv_without_torch(certificate, tmp_path):
     (tmp_path / "run.yaml").write_text("model: {id: ./m}\nedit: {name: quant_rtn}\n"
                                        "dataset: {provider: demo}\n")
     driver = _DRIVER.format(heavy=())
-    argv = json.dumps(_commands(certificate, tmp_path, None))
+    argv = json.dumps(_commands(certificate, tmp_path, tiny_gpt2_dir))
     proc = subprocess.run([str(python), "-c", driver, argv], capture_output=True, text=True,
                           cwd=tmp_path, env=clean_env, check=True)
     _check(json.loads(proc.stdout.strip().splitlines()[-1])["results"], tmp_path,

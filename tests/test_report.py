@@ -23,7 +23,8 @@ from tests.guard_sections import rmt_section, spectral_section, with_guard_secti
 class _Tags(HTMLParser):
     """Every start tag with its attributes, and whether tags close in order."""
 
-    VOID = {"meta", "br", "img", "input", "link", "hr", "circle", "line", "rect", "path"}
+    VOID = frozenset({"meta", "br", "img", "input", "link", "hr", "circle", "line", "rect",
+                      "path"})
 
     def __init__(self) -> None:
         super().__init__()
