@@ -249,7 +249,7 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
         "run_id": run_id,
         "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "tool": {"name": "invarlock", "version": __version__},
-        "environment": environment.describe(devices.describe_device(device)),
+        "environment": _environment(devices.describe_device(device), base_cfg, req),
         "seeds": {"windows": wp.seed, "bootstrap": policy.bootstrap.seed, "torch": wp.seed,
                   "numpy": wp.seed, "python": wp.seed},
         "baseline": base_record,
@@ -275,6 +275,17 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     sealed = document.seal(cert)
     path = document.write_certificate(sealed, out_dir, markdown.render(sealed))
     return CertifyOutcome(sealed, path, out_dir / document.MARKDOWN_FILENAME)
+
+
+def _environment(device: dict[str, Any], config: dict[str, Any],
+                 req: CertifyRequest) -> dict[str, Any]:
+    """Where the run happened; plugin distributions that loaded or edited a model included."""
+    from invarlock import plugins
+
+    described = environment.describe(device)
+    edit_name = req.edit.get("name") if req.edit else None
+    described["libraries"].update(plugins.distributions_in_use(config, req.adapter, edit_name))
+    return described
 
 
 def _run_id() -> str:

@@ -94,10 +94,22 @@ def main() -> None:
       invarlock certify --baseline models/base --subject models/int8 --dataset data.txt
       invarlock certify --baseline models/base --edit quant_rtn --edit-config int4.yaml \\
           --dataset hf:wikitext:wikitext-2-raw-v1:validation --profile release --json
+      invarlock run -c run.yaml                 # the same, from a config file
+      invarlock doctor -c run.yaml              # preflight: would that run work?
+      invarlock verify runs/int8                # re-check a certificate without models
+      invarlock report runs/int8 -o int8.html   # render it for people
+
+    \b
+    Environment: INVARLOCK_ALLOW_NETWORK=1 allows downloads; INVARLOCK_CACHE_DIR holds the
+    baseline cache; INVARLOCK_DEBUG=1 shows tracebacks. Reference: docs/cli.md.
     """
 
 
-@main.command()
+@main.command(epilog="""\b
+Examples:
+  invarlock version
+  invarlock -V          # the version only
+""")
 def version() -> None:
     """Print the version of invarlock and of the libraries it uses."""
     from invarlock.environment import library_versions
@@ -123,7 +135,7 @@ Examples:
               help="Baseline: local directory, hub id (hf:ID), or 'demo' (default).")
 @click.option("--subject", metavar="MODEL", help="Subject checkpoint to compare.")
 @click.option("--edit", "edit_name", metavar="NAME",
-              help="Build the subject in memory with a built-in edit (quant_rtn).")
+              help="Build the subject in memory with an edit (quant_rtn, or an edit plugin).")
 @click.option("--edit-config", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML with `edit: {name: quant_rtn, plan: {...}}`.")
 @click.option("--dataset", "dataset_spec", metavar="SPEC",
@@ -138,7 +150,7 @@ Examples:
 @click.option("--preset", "presets", multiple=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Config file(s) merged in order (seed shape); flags win.")
-@click.option("--adapter", help="auto (default), hf_causal, hf_mlm, hf_seq_cls.")
+@click.option("--adapter", help="auto (default), hf_causal, hf_mlm, hf_seq_cls, or a plugin.")
 @click.option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--batch-size", type=click.IntRange(min=1), help="Windows per forward pass.")

@@ -125,6 +125,21 @@ def edit_plugin(name: str) -> Any | None:
     return None
 
 
+def distributions_in_use(config: dict[str, Any], requested_adapter: str = "auto",
+                         edit_name: str | None = None) -> dict[str, str | None]:
+    """Distribution -> version of the plugins a run uses (its adapter, its edit), for the
+    certificate's record of the software that produced it."""
+    used: dict[str, str | None] = {}
+    adapter = adapter_plugin_for(config, requested_adapter)
+    for comp in components():
+        if comp.origin == BUILTIN or comp.error is not None:
+            continue
+        if (comp.kind == "adapters" and adapter is not None and comp.obj is adapter) or (
+                comp.kind == "edits" and comp.name == edit_name):
+            used[comp.origin] = comp.version
+    return used
+
+
 def guard_plugins() -> dict[str, Any]:
     """Guard objects from ``invarlock.guards`` entry points, by name."""
     return {c.name: c.obj for c in components("guards")

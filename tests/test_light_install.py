@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -20,6 +21,7 @@ import pytest
 from tests.certs import synthetic_certificate
 
 ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = ("certify", "run", "verify", "report", "doctor", "plugins", "version")
 HEAVY = ("torch", "transformers", "datasets", "tokenizers", "safetensors", "huggingface_hub",
          "accelerate")
 
@@ -60,12 +62,16 @@ def _commands(cert: Path, out: Path, model: Path) -> list[list[str]]:
         ["doctor", "--baseline", str(model), "--edit", "quant_rtn", "--dataset",
          str(ROOT / "tests" / "data" / "sonnets.txt"), "--json"],
     ]
-    return commands
+    return commands + [[name, "--help"] for name in COMMANDS] + [["--help"]]
 
 
 def _check(results: list[dict], out: Path, *, really_absent: bool) -> None:
+    helps = [r for r in results if r["argv"][-1] == "--help"]
+    assert len(helps) == len(COMMANDS) + 1
+    for r in helps:  # every command explains itself with examples, torch or not
+        assert r["code"] == 0 and "Examples:" in r["stdout"], r
     by = {r["argv"][0] + ("-" + r["argv"][-1] if r["argv"][0] == "report" else ""): r
-          for r in results}
+          for r in results if r["argv"][-1] != "--help"}
     assert by["version"]["code"] == 0 and by["version"]["stdout"].startswith("invarlock ")
     if really_absent:  # version reads installed metadata, which blocking imports leaves
         assert "torch not installed" in by["version"]["stdout"]
@@ -99,6 +105,19 @@ def test_core_commands_work_when_model_libraries_cannot_be_imported(certificate,
     payload = json.loads(proc.stdout.strip().splitlines()[-1])
     assert payload["loaded"] == []
     _check(payload["results"], tmp_path, really_absent=False)
+
+
+def test_the_cli_reference_covers_every_command_and_option():
+    from invarlock.cli import main
+
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert set(main.commands) == set(COMMANDS)
+    for name, command in main.commands.items():
+        assert f"## `invarlock {name}`" in text, name
+        for param in command.params:
+            for opt in param.opts:
+                if opt.startswith("--") and opt != "--help":
+                    assert re.search(rf"[\s`/\[]{re.escape(opt)}\b", text), f"{name} {opt}"
 
 
 @pytest.mark.slow

@@ -126,6 +126,7 @@ def test_certify_loads_a_plugin_architecture_through_the_plugin(installed, tiny_
     cert = document.load_certificate(summary["certificate"])
     assert cert["baseline"]["architecture"] == "AcmeLM"
     assert cert["primary_metric"]["ratio"] == 1.0
+    assert cert["environment"]["libraries"]["invarlock-acme-plugin"] == "0.1.0"
 
 
 def test_certify_applies_an_edit_plugin(installed, tiny_gpt2_dir, sonnets_path, tmp_path):
@@ -136,6 +137,7 @@ def test_certify_applies_an_edit_plugin(installed, tiny_gpt2_dir, sonnets_path, 
     assert code == 0, summary
     cert = document.load_certificate(summary["certificate"])
     assert cert["edit"]["name"] == "acme_scale" and cert["edit"]["plan"] == {"factor": 0.001}
+    assert cert["environment"]["libraries"]["invarlock-acme-plugin"] == "0.1.0"
     assert cert["edit"]["modules_changed"]
 
 
