@@ -20,7 +20,12 @@ from typing import Any
 import click
 
 from invarlock import __version__
-from invarlock.errors import InputError, InvarlockError, MissingExtraError
+from invarlock.errors import (
+    InputError,
+    InvarlockError,
+    MissingExtraError,
+    TamperedCertificateError,
+)
 
 EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_EVIDENCE = 0, 1, 2, 3
 
@@ -268,8 +273,9 @@ def verify(certificates: tuple[str, ...], baseline_cert: str | None, as_json: bo
             reference = load_certificate(baseline_cert)
             ref_report = verifying.verify_certificate(reference)
             if not ref_report.verified:
-                raise InvarlockError(f"the reference certificate {baseline_cert} does not "
-                                     f"verify: {ref_report.differences[0]}")
+                raise TamperedCertificateError(
+                    f"the reference certificate {baseline_cert} does not verify: "
+                    f"{ref_report.differences[0]}")
         for path in certificates:
             try:
                 cert = load_certificate(path)

@@ -21,6 +21,7 @@ Pure: certificate dicts in, a report out (no I/O).
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -146,7 +147,7 @@ def _check_policy(cert: Mapping[str, Any], found: _Findings) -> ResolvedPolicy |
     policy = ResolvedPolicy(recorded["tier"], recorded["profile"], recorded["values"],
                             tuple(recorded["overrides"]))
     try:
-        policy.primary_metric, policy.windows, policy.bootstrap  # noqa: B018 - parse check
+        _parsed = (policy.primary_metric, policy.windows, policy.bootstrap)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         found.differ("policy.values", f"incomplete or malformed ({type(exc).__name__}: {exc})")
         return None
@@ -427,7 +428,7 @@ def _guard_recheck(name: str, section: Mapping[str, Any],
                    values: Mapping[str, Any]) -> tuple[gate.Check | None, str]:
     """`invarlock.guards.recheck`, or why it cannot run here."""
     try:
-        from invarlock import guards
+        guards = importlib.import_module("invarlock.guards")
     except ImportError:
         return None, "invarlock.guards is not installed"
     recheck = getattr(guards, "recheck", None)
