@@ -180,13 +180,21 @@ def _builtin_guards() -> list[Component]:
         from invarlock import guards
     except ImportError:
         return []
-    registry = getattr(guards, "GUARDS", None) or getattr(guards, "BUILTIN_GUARDS", None) or {}
     out = []
-    for name, obj in dict(registry).items():
-        summary = str(getattr(obj, "summary", "") or (obj.__doc__ or "").strip().split("\n")[0])
+    for name in getattr(guards, "BUILTIN", ()):
+        obj = guards.get_guard(name)
         out.append(Component("guards", str(name), BUILTIN, __version__, "invarlock.guards",
-                             summary, obj=obj))
+                             _summary(obj), obj=obj))
     return out
+
+
+def _summary(obj: Any) -> str:
+    """A component's one-line description: `summary`, `measures`, or its docstring."""
+    for attr in ("summary", "measures"):
+        value = getattr(obj, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return (obj.__doc__ or "").strip().split("\n")[0]
 
 
 _BUILTINS: dict[str, Callable[[], list[Component]]] = {
@@ -248,9 +256,8 @@ def _describe(comp: Component, obj: Any) -> Component:
             if not hasattr(obj, attr):
                 raise TypeError(f"an edits entry point must provide an invarlock.edits.Edit "
                                 f"(missing '{attr}')")
-    summary = str(getattr(obj, "summary", "") or (obj.__doc__ or "").strip().split("\n")[0])
-    return Component(comp.kind, comp.name, comp.origin, comp.version, comp.target, summary,
-                     obj=obj)
+    return Component(comp.kind, comp.name, comp.origin, comp.version, comp.target,
+                     _summary(obj), obj=obj)
 
 
 def _with_error(comp: Component, error: str) -> Component:

@@ -33,7 +33,7 @@ from invarlock import __version__, gate
 from invarlock.certificate.document import content_digest, schema_errors
 from invarlock.config import flatten
 from invarlock.enums import AdapterKind, MetricKind
-from invarlock.errors import ConfigError
+from invarlock.errors import ConfigError, InvarlockError
 from invarlock.policy import ResolvedPolicy, policy_digest, resolve
 
 REL_TOL = 1e-12
@@ -413,7 +413,8 @@ def _recheck_guards(cert: Mapping[str, Any], found: _Findings) -> list[gate.Chec
                                           f"{policy_mode!r}")
         recomputed, why = _guard_recheck(name, section, values)
         if recomputed is None:
-            found.differ(where, f"cannot re-check guard {name} ({why})")
+            found.differ(where, why if why.startswith("cannot re-check") else
+                         f"cannot re-check guard {name} ({why})")
             checks.append(stored)
             continue
         found.compare(where, {"flag": flag, "passed": section["passed"],
@@ -437,9 +438,9 @@ def _guard_recheck(name: str, section: Mapping[str, Any],
     guard_policy = dict((values.get("guards") or {}).get(name) or {})
     try:
         return recheck(name, dict(section), guard_policy), ""
-    except (LookupError, ValueError, TypeError) as exc:
-        return None, f"not installed or not re-checkable: {exc}"
-    except Exception as exc:  # a plugin's own failure must not pass as verification
+    except InvarlockError as exc:  # e.g. the guard is not installed here
+        return None, str(exc)
+    except Exception as exc:  # malformed measurements, or a plugin's own failure
         return None, f"{type(exc).__name__}: {exc}"
 
 

@@ -237,15 +237,18 @@ def _guard(name: str, section: Mapping[str, Any], policy: Mapping[str, Any]) -> 
     mark = _mark(section.get("passed"))
     head = (f"<h3>{escape(name)} {mark} <span class=\"tag\">{escape(str(section.get('mode')))}"
             f"</span></h3><p>{escape(str(section.get('reason', '')))}</p>")
-    measurements = section.get("measurements") or {}
     parts = [head]
-    families = measurements.get("families") if isinstance(measurements, Mapping) else None
-    if isinstance(families, Mapping) and families:
-        parts.append("<p class=\"muted\">Per family</p>" + _dict_table(families, "family"))
-    scalars = {k: v for k, v in measurements.items() if _is_scalar(v)} \
-        if isinstance(measurements, Mapping) else {}
-    if scalars:
-        parts.append(_kv_table(scalars))
+    for part in ("summary", "measurements"):  # derived numbers first, then the raw ones
+        data = section.get(part)
+        if not isinstance(data, Mapping):
+            continue
+        families = data.get("families")
+        if isinstance(families, Mapping) and families:
+            parts.append(f"<p class=\"muted\">Per family ({part})</p>"
+                         + _dict_table(families, "family"))
+        scalars = {k: v for k, v in data.items() if _is_scalar(v)}
+        if scalars:
+            parts.append(_kv_table(scalars))
     bars = module_scores(section, policy)
     if bars:
         parts.append(_module_chart(name, bars))
@@ -259,10 +262,12 @@ _Z_KEYS = ("abs_z", "z", "z_score")
 
 
 def module_scores(section: Mapping[str, Any], policy: Mapping[str, Any]) -> list[charts.Bar]:
-    """|z| per module from a guard's measurements, with its family's cap when known.
+    """|z| per module from a guard's section, with its family's cap when known.
 
-    Accepts `measurements.modules` as a list of {module, family, z|abs_z} or as a mapping
-    module -> {family, z|abs_z}; anything else yields no chart.
+    `measurements.modules` is a list of {module|name, family, z|abs_z} or a mapping
+    module -> {family, z|abs_z}; spectral measurements ({name, family, sigma_baseline,
+    sigma_subject}) get their z from the spectral guard's own scoring when it is installed.
+    Anything else yields no chart.
     """
     measurements = section.get("measurements")
     if not isinstance(measurements, Mapping):
@@ -270,32 +275,51 @@ def module_scores(section: Mapping[str, Any], policy: Mapping[str, Any]) -> list
     modules = measurements.get("modules")
     if isinstance(modules, Mapping):
         modules = [{"module": k, **v} for k, v in modules.items() if isinstance(v, Mapping)]
-    if not isinstance(modules, Sequence):
+    if not isinstance(modules, Sequence) or isinstance(modules, str):
         return []
-    caps = _family_caps(measurements, policy)
+    entries = [m for m in modules if isinstance(m, Mapping)]
+    scored = _spectral_z(entries, policy)
+    caps = _family_caps(section, policy)
     bars = []
-    for entry in modules:
-        if not isinstance(entry, Mapping):
-            continue
-        z = next((entry[k] for k in _Z_KEYS if _is_number(entry.get(k))), None)
-        if z is None:
+    for entry in entries:
+        label = str(entry.get("module") or entry.get("name") or "?")
+        z = next((entry[k] for k in _Z_KEYS if _is_number(entry.get(k))), scored.get(label))
+        if z is None or not np.isfinite(z):
             continue
         family = str(entry.get("family", "other"))
-        bars.append(charts.Bar(str(entry.get("module", "?")), abs(float(z)), family,
-                               caps.get(family)))
+        bars.append(charts.Bar(label, abs(float(z)), family, caps.get(family)))
     return bars
 
 
-def _family_caps(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> dict[str, float]:
+def _spectral_z(entries: Sequence[Mapping[str, Any]],
+                policy: Mapping[str, Any]) -> dict[str, float]:
+    """Robust z per module, computed by the spectral guard from σ baseline/subject."""
+    if not entries or any(k not in entries[0] for k in ("sigma_baseline", "sigma_subject")):
+        return {}
+    try:
+        from invarlock.guards import spectral
+    except ImportError:
+        return {}
+    try:
+        scores = spectral.score_modules(entries, float(policy.get("sigma_quantile", 0.5)),
+                                        spectral.FAMILIES)
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return {s.name: s.z for s in scores}
+
+
+def _family_caps(section: Mapping[str, Any], policy: Mapping[str, Any]) -> dict[str, float]:
     caps: dict[str, float] = {}
+    measurements = section.get("measurements") or {}
     for source in (policy.get("family_caps"), measurements.get("family_caps")):
         if isinstance(source, Mapping):
             caps.update({str(k): float(v) for k, v in source.items() if _is_number(v)})
-    families = measurements.get("families")
-    if isinstance(families, Mapping):
-        for fam, info in families.items():
-            if isinstance(info, Mapping) and _is_number(info.get("kappa")):
-                caps[str(fam)] = float(info["kappa"])
+    for part in ("measurements", "summary"):
+        families = (section.get(part) or {}).get("families")
+        if isinstance(families, Mapping):
+            for fam, info in families.items():
+                if isinstance(info, Mapping) and _is_number(info.get("kappa")):
+                    caps[str(fam)] = float(info["kappa"])
     return caps
 
 
