@@ -183,7 +183,7 @@ def _check_policy_defaults(cert: Mapping[str, Any], policy: ResolvedPolicy,
             if key not in declared:
                 lines.append(f"policy.values.{key} = {recorded[key]!r} is not a known policy "
                              "value and not declared as an override")
-        elif recorded[key] != expected[key] and key not in declared and _is_default(key):
+        elif recorded[key] != expected[key] and key not in declared:
             lines.append(f"policy.values.{key} = {recorded[key]!r} differs from the "
                          f"{policy.tier}/{policy.profile} default {expected[key]!r} but is not "
                          "declared in policy.overrides")
@@ -193,11 +193,6 @@ def _check_policy_defaults(cert: Mapping[str, Any], policy: ResolvedPolicy,
         else:
             found.notes.append(f"{line} (certificate from invarlock "
                                f"{cert['tool']['version']}, defaults of {__version__})")
-
-
-def _is_default(key: str) -> bool:
-    """windows.stride equal to seq_len is implied, never an override of its own."""
-    return key != "windows.stride"
 
 
 # --- layout: fields that must agree with each other and with the policy ---------------------

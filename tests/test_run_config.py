@@ -138,6 +138,10 @@ output: {{dir: "{tmp_path / 'b'}", cache: false, save_report: false}}
     two = document.load_certificate(via_run["certificate"])
     for key in ("windows", "primary_metric", "policy", "validation", "verdict", "edit"):
         assert one[key] == two[key], key
+    # Real certificates verify: every number recomputes from what they store.
+    verified = CliRunner().invoke(main, ["verify", via_certify["certificate"],
+                                         via_run["certificate"]])
+    assert verified.exit_code == 0, verified.output
     assert (tmp_path / "a" / "evaluation.report.html").is_file()  # save_report defaults on
     assert not (tmp_path / "b" / "evaluation.report.html").exists()
     assert "report" not in via_run
@@ -214,6 +218,7 @@ def test_seed_minimal_config_runs_as_written(gpt2_512, large_corpus, tmp_path):
     assert (out / "evaluation.report.html").is_file()  # save_report: true
     assert (out / "model" / "model.safetensors").is_file()  # save_model: true, and PASS
     assert cert["artifacts"]["saved_subject"] == str(out / "model")
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
     if not guards_schema:
         pytest.xfail("the config schema has no `guards` section yet; ran the seed config "
                      "without it")

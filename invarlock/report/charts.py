@@ -120,10 +120,14 @@ def interval_plot(*, estimate: float, low: float, high: float, limit: float,
                     f'stroke="{colour}" stroke-width="2"/>')
     body.append(f'<circle cx="{x_est:.1f}" cy="{bar_y}" r="6" fill="{colour}" '
                 f'stroke="#ffffff" stroke-width="2"/>')
-    body.append(_text(x_lo - 2, bar_y + 26, f"{low:{value_format}}{unit}", size=11,
-                      colour=colour, anchor="end"))
-    body.append(_text(x_hi + 2, bar_y + 26, f"{high:{value_format}}{unit}", size=11,
-                      colour=colour, anchor="start"))
+    if x_hi - x_lo >= 60:
+        body.append(_text(x_lo - 2, bar_y + 26, f"{low:{value_format}}{unit}", size=11,
+                          colour=colour, anchor="end"))
+        body.append(_text(x_hi + 2, bar_y + 26, f"{high:{value_format}}{unit}", size=11,
+                          colour=colour, anchor="start"))
+    else:  # too narrow for two labels: one, centred
+        body.append(_text((x_lo + x_hi) / 2, bar_y + 26, f"CI {low:{value_format}} to "
+                          f"{high:{value_format}}{unit}", size=11, colour=colour))
     body.append(_text(x_est, bar_y - 14, f"{estimate:{value_format}}{unit}", size=12,
                       colour=colour, weight="bold"))
     return _svg(width, height, body, label)
