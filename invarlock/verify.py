@@ -416,6 +416,9 @@ def _recheck_guards(cert: Mapping[str, Any], found: _Findings) -> list[gate.Chec
                               "reason": section.get("reason")},
                       {"flag": recomputed.flag, "passed": recomputed.passed,
                        "reason": recomputed.reason})
+        for part, value in _guard_details(name, section, values).items():
+            if part in section:
+                found.compare(f"{where}.{part}", section[part], value)
         checks.append(recomputed)
     return checks
 
@@ -437,6 +440,19 @@ def _guard_recheck(name: str, section: Mapping[str, Any],
         return None, str(exc)
     except Exception as exc:  # malformed measurements, or a plugin's own failure
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def _guard_details(name: str, section: Mapping[str, Any],
+                   values: Mapping[str, Any]) -> dict[str, Any]:
+    """Findings and summary as the guard's pure `decide` recomputes them (when it can)."""
+    try:
+        guards = importlib.import_module("invarlock.guards")
+        decision = guards.get_guard(name).decide(
+            section["measurements"], dict((values.get("guards") or {}).get(name) or {}))
+    except Exception:  # already reported through recheck, or no decide to call
+        return {}
+    return {"findings": [dict(f) for f in getattr(decision, "findings", ())],
+            "summary": dict(getattr(decision, "summary", {}) or {})}
 
 
 # --- baseline evidence shared with a reference certificate ----------------------------------
