@@ -146,6 +146,22 @@ def guard_plugins() -> dict[str, Any]:
             if c.origin != BUILTIN and c.error is None}
 
 
+def register_guard_plugins() -> None:
+    """Add every guard plugin to the guard registry (`invarlock.guards.register`), once.
+
+    Called before a run's policy is resolved and before a certificate's guards are
+    re-checked, so plugin guards can be configured, run, listed and verified like built-ins.
+    """
+    try:
+        from invarlock import guards
+    except ImportError:
+        return
+    known = set(guards.guard_names())
+    for name, guard in guard_plugins().items():
+        if name not in known:
+            guards.register(guard)
+
+
 # --- built-ins ------------------------------------------------------------------------------
 
 def _builtin_adapters() -> list[Component]:
@@ -251,6 +267,13 @@ def _describe(comp: Component, obj: Any) -> Component:
         summary = obj.summary or f"{', '.join(obj.architectures)} as {obj.kind.value}"
         return Component(comp.kind, comp.name, comp.origin, comp.version, comp.target, summary,
                          obj=obj)
+    if comp.kind == "guards":
+        for attr in ("name", "flag", "decide", "probe"):
+            if not hasattr(obj, attr):
+                raise TypeError(f"a guards entry point must provide a guard following "
+                                f"invarlock.guards.Guard (missing '{attr}')")
+        if obj.name != comp.name:
+            raise ValueError(f"entry point '{comp.name}' provides guard '{obj.name}'")
     if comp.kind == "edits":
         for attr in ("name", "parse_plan", "apply"):
             if not hasattr(obj, attr):

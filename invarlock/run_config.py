@@ -44,6 +44,9 @@ def config_from_files(paths: Sequence[str | Path]) -> dict[str, Any]:
 
 def finalize(sources: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """Merge sources (the demo preset first when the baseline is the demo) and fill defaults."""
+    from invarlock import plugins
+
+    plugins.register_guard_plugins()  # plugin guards can then be configured like built-ins
     merged = merge_sources(sources)
     baseline = get(merged, "model.id", DEMO)
     if baseline == DEMO:

@@ -430,6 +430,9 @@ def _guard_recheck(name: str, section: Mapping[str, Any],
         guards = importlib.import_module("invarlock.guards")
     except ImportError:
         return None, "invarlock.guards is not installed"
+    from invarlock import plugins
+
+    plugins.register_guard_plugins()
     recheck = getattr(guards, "recheck", None)
     if recheck is None:
         return None, "this installation's invarlock.guards has no recheck"

@@ -7,6 +7,7 @@ installs it with --target into a temporary directory), then put on sys.path.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -40,12 +41,22 @@ def plugin_site(tmp_path_factory) -> Path:
     return site
 
 
+GUARD_CHAIN = importlib.util.find_spec("invarlock.guards") is not None
+needs_guard_chain = pytest.mark.skipif(not GUARD_CHAIN,
+                                       reason="the guard chain (invarlock.guards) is not in "
+                                              "this checkout")
+
+
 @pytest.fixture
 def installed(plugin_site, monkeypatch):
     monkeypatch.syspath_prepend(str(plugin_site))
     plugins.refresh()
     yield plugin_site
     plugins.refresh()
+    if GUARD_CHAIN:
+        from invarlock import guards
+
+        guards.unregister("acme_norm")  # registration is process-wide
 
 
 @pytest.fixture(autouse=True)
@@ -153,3 +164,55 @@ def test_unknown_edit_names_the_available_ones(installed, tiny_gpt2_dir, tmp_pat
     code, summary = _certify(tmp_path, "--baseline", str(tiny_gpt2_dir), "--edit", "nope",
                              "--dataset", "demo")
     assert code == 2 and "acme_scale" in summary["error"] and "quant_rtn" in summary["error"]
+
+
+# --- a guard plugin runs in certify and is re-checked by verify -----------------------------
+
+GUARDED = """
+dataset: {seq_len: 64, preview_n: 8, final_n: 8}
+eval: {bootstrap: {replicates: 100}}
+guards:
+  order: [invariants, spectral, rmt, variance, acme_norm, invariants]
+  acme_norm: {mode: gate, max_relative_change: LIMIT}
+"""
+
+
+def _guarded_certify(tmp_path: Path, model: Path, data: Path, limit: float) -> tuple[int, dict]:
+    preset = tmp_path / f"guarded-{limit}.yaml"
+    preset.write_text(GUARDED.replace("LIMIT", str(limit)))
+    result = CliRunner().invoke(main, [
+        "certify", "--baseline", str(model), "--edit", "quant_rtn", "--dataset", str(data),
+        "--profile", "dev", "--preset", str(preset), "--no-cache", "--json", "--out",
+        str(tmp_path / f"out-{limit}")], catch_exceptions=False)
+    return result.exit_code, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@needs_guard_chain
+def test_guard_plugin_is_listed_as_a_guard(installed):
+    guards = {c["name"]: c for c in listing("guards")["components"]}
+    assert guards["acme_norm"]["origin"] == "invarlock-acme-plugin"
+    assert guards["acme_norm"]["error"] is None
+    assert guards["spectral"]["origin"] == "builtin"
+
+
+@needs_guard_chain
+def test_guard_plugin_runs_in_certify_and_verifies(installed, tiny_gpt2_dir, sonnets_path,
+                                                   tmp_path, monkeypatch):
+    from invarlock import guards
+    from invarlock.verify import verify_certificate
+
+    code, summary = _guarded_certify(tmp_path, tiny_gpt2_dir, sonnets_path, 0.05)
+    assert code == 0, summary
+    cert = document.load_certificate(summary["certificate"])
+    section = cert["guards"]["acme_norm"]
+    assert section["passed"] is True and section["measurements"]["modules"]
+    assert "acme_norm_stable" in cert["gating"]
+    assert verify_certificate(cert).differences == ()
+
+    code, summary = _guarded_certify(tmp_path, tiny_gpt2_dir, sonnets_path, 0.0)
+    assert code == 1 and any(r.startswith("acme_norm_stable") for r in summary["reasons"])
+
+    guards.unregister("acme_norm")  # an auditor without the plugin cannot re-check it
+    monkeypatch.setattr(plugins, "register_guard_plugins", lambda: None)
+    report = verify_certificate(cert)
+    assert any("cannot re-check guard acme_norm" in d for d in report.differences)
