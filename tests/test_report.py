@@ -141,6 +141,7 @@ def test_module_scores_accept_lists_or_mappings_and_take_family_caps():
     section = spectral_section(modules=6, violations=1)
     bars = module_scores(section, {})
     assert len(bars) == 6 and bars[0].threshold == 2.8 and bars[0].value > 2.8
+    assert [b.flagged for b in bars] == [True] + [False] * 5  # the one in the findings
     as_map = {"measurements": {"modules": {"a.q_proj": {"family": "attn", "abs_z": 1.5}}}}
     assert [(b.label, b.value, b.threshold) for b in module_scores(
         as_map, {"family_caps": {"attn": 2.0}})] == [("a.q_proj", 1.5, 2.0)]

@@ -184,6 +184,7 @@ class Bar:
     value: float
     group: str = "other"  # colour group (module family)
     threshold: float | None = None  # drawn as a tick on the bar's row
+    flagged: bool = False  # the guard reported this module (drawn in red)
 
 
 def bar_chart(bars: Sequence[Bar], *, label: str, x_label: str) -> str:
@@ -202,7 +203,7 @@ def bar_chart(bars: Sequence[Bar], *, label: str, x_label: str) -> str:
     for i, bar in enumerate(bars):
         y = top + i * row
         colour = FAMILY_COLOURS.get(bar.group, FAMILY_COLOURS["other"])
-        over = bar.threshold is not None and bar.value > bar.threshold
+        over = bar.flagged
         body.append(_text(left - 6, y + 12, _shorten(bar.label, 40), anchor="end", size=10,
                           colour=FAIL_COLOUR if over else INK))
         body.append(f'<rect x="{left}" y="{y + 3}" width="{max(scale(bar.value) - left, 0.5):.1f}" '

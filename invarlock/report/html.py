@@ -45,8 +45,8 @@ th { background: #f6f8fa; font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.kv td { text-align: left; } table.kv td:first-child { width: 45%; }
 code { font: 13px ui-monospace, SFMono-Regular, Menlo, monospace; word-break: break-all; }
-.ok-mark { color: var(--pass); font-weight: 700; }
-.bad-mark { color: var(--fail); font-weight: 700; }
+.ok-mark { color: var(--pass); font-weight: 700; white-space: nowrap; }
+.bad-mark { color: var(--fail); font-weight: 700; white-space: nowrap; }
 .muted { color: var(--muted); }
 .tag { display: inline-block; padding: 0 6px; border-radius: 10px; font-size: 12px;
        border: 1px solid var(--line); }
@@ -280,6 +280,8 @@ def module_scores(section: Mapping[str, Any], policy: Mapping[str, Any]) -> list
     entries = [m for m in modules if isinstance(m, Mapping)]
     scored = _spectral_z(entries, policy)
     caps = _family_caps(section, policy)
+    reported = {str(f.get("module")) for f in section.get("findings") or []
+                if isinstance(f, Mapping)}
     bars = []
     for entry in entries:
         label = str(entry.get("module") or entry.get("name") or "?")
@@ -287,7 +289,8 @@ def module_scores(section: Mapping[str, Any], policy: Mapping[str, Any]) -> list
         if z is None or not np.isfinite(z):
             continue
         family = str(entry.get("family", "other"))
-        bars.append(charts.Bar(label, abs(float(z)), family, caps.get(family)))
+        bars.append(charts.Bar(label, abs(float(z)), family, caps.get(family),
+                               flagged=label in reported))
     return bars
 
 
@@ -331,7 +334,8 @@ def _module_chart(name: str, bars: list[charts.Bar], limit: int = 60) -> str:
     legend = " ".join(f'<span class="tag" style="border-color:{c};color:{c}">{f}</span>'
                       for f, c in charts.FAMILY_COLOURS.items())
     return (f"<figure>{svg}<figcaption>|z| per module, coloured by family {legend}; red ticks "
-            f"mark the family cap κ.{note}</figcaption></figure>")
+            f"mark the family cap κ; modules the guard reported are named in red.{note}"
+            "</figcaption></figure>")
 
 
 def _findings_tables(findings: Sequence[Any]) -> str:

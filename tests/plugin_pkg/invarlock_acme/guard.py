@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
 from invarlock.guards.base import GuardDecision, Stage
 from invarlock.guards.measure.probe import Probe
 
