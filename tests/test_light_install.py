@@ -111,7 +111,7 @@ def test_the_cli_reference_covers_every_command_and_option():
     from invarlock.cli import main
 
     text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
-    assert set(main.commands) == set(COMMANDS)
+    assert set(COMMANDS) <= set(main.commands)
     for name, command in main.commands.items():
         assert f"## `invarlock {name}`" in text, name
         for param in command.params:
