@@ -113,6 +113,13 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, text, message):
     assert "Traceback" not in stderr
 
 
+def test_exponent_floats_are_numbers_as_in_the_seed_config(tmp_path):
+    from invarlock.config import load_yaml
+
+    path = write(tmp_path / "f.yaml", "a: 9e-4\nb: 1E+3\nc: -2.5e-1\nd: '9e-4'\ne: 12\n")
+    assert load_yaml(path) == {"a": 9e-4, "b": 1000.0, "c": -0.25, "d": "9e-4", "e": 12}
+
+
 def test_no_config_file_is_an_error():
     with pytest.raises(InputError, match="at least one config"):
         config_from_files([])
