@@ -17,6 +17,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -153,13 +154,19 @@ def register_guard_plugins() -> None:
     re-checked, so plugin guards can be configured, run, listed and verified like built-ins.
     """
     try:
-        from invarlock import guards
+        guards = importlib.import_module("invarlock.guards")
     except ImportError:
         return
+    if not (hasattr(guards, "register") and hasattr(guards, "guard_names")):
+        return  # a guard package without a registry: nothing to join
     known = set(guards.guard_names())
     for name, guard in guard_plugins().items():
-        if name not in known:
+        if name in known:
+            continue
+        try:
             guards.register(guard)
+        except (TypeError, ValueError) as exc:  # protocol mismatch, flag taken, bad name
+            log.warning("guard plugin %s cannot be registered: %s", name, exc)
 
 
 # --- built-ins ------------------------------------------------------------------------------
