@@ -289,8 +289,8 @@ def _device(result: DoctorResult, config: dict[str, Any], base: dict[str, Any],
     need = int(max(sizes) * _DTYPE_BYTES.get(dtype_name, 4) * MEMORY_MARGIN)
     free = free_memory(device)
     result.resolution["device"].update({"memory_needed": need, "memory_free": free})
-    shown = (f"needs about {need / 2**30:.2f} GiB" if free is None else
-             f"needs about {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free on {device}")
+    shown = (f"needs about {_size(need)}" if free is None else
+             f"needs about {_size(need)}, {_size(free)} free on {device}")
     result.add("D041", f"device {device} (requested {requested}), compute dtype {dtype_name}; "
                        f"the model {shown}")
     if free is None:
@@ -299,6 +299,10 @@ def _device(result: DoctorResult, config: dict[str, Any], base: dict[str, Any],
         result.add("D042", f"the model {shown}", hint="use a smaller dtype or another device")
     elif need > TIGHT_SHARE * free:
         result.add("D043", f"the model {shown}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def free_memory(device: str) -> int | None:
