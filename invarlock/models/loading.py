@@ -21,6 +21,7 @@ from typing import Any
 
 from invarlock import plugins
 from invarlock.enums import AdapterKind
+from invarlock.atomic import default_mode
 from invarlock.errors import InputError, InvarlockError
 from invarlock.models.device import (  # torch via device.py: MissingExtraError if absent
     checkpoint_dtype,
@@ -241,6 +242,7 @@ def save_checkpoint(loaded: LoadedModel, out_dir: Path | str) -> None:
             weight_files(staging)  # safetensors present, or this raises
             if out_dir.exists():
                 out_dir.rmdir()
+            os.chmod(staging, default_mode(0o777))  # mkdtemp makes it private
             os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
