@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from invarlock import plugins
-from invarlock.enums import AdapterKind
 from invarlock.atomic import default_mode
+from invarlock.enums import AdapterKind
 from invarlock.errors import InputError, InvarlockError
 from invarlock.models.device import (  # torch via device.py: MissingExtraError if absent
     checkpoint_dtype,
