@@ -17,11 +17,20 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, default_mode(0o666))  # mkstemp makes 0600; a certificate is for others too
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def default_mode(base: int) -> int:
+    """Permissions a plain open()/mkdir() would give under the current umask (0o666 files,
+    0o777 folders); temporary files and folders are created private and widened to this."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
 
 
 def write_text(path: str | Path, text: str) -> Path:

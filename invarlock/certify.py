@@ -31,6 +31,8 @@ from invarlock.policy import resolve
 
 log = logging.getLogger(__name__)
 
+SAVED_MODEL_DIR = "model"  # output.save_model: the edited subject goes here, inside out_dir
+
 
 @dataclass(frozen=True)
 class CertifyRequest:
@@ -50,6 +52,7 @@ class CertifyRequest:
     batch_size: int | None = None
     save_subject: Path | None = None
     write_ve_subject: Path | None = None  # write a VE-corrected copy of the subject here
+    save_model: bool = False  # with an edit: save the edited subject to <out_dir>/model on PASS
     use_cache: bool = True
     cache_dir: Path | None = None
     progress: bool = False
@@ -268,14 +271,16 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     if req.write_ve_subject is not None:
         ve_written = _write_ve_subject(guards, subject, req.write_ve_subject)
 
+    out_dir = req.out_dir if req.out_dir is not None else Path("runs") / run_id
+    save_to = req.save_subject or (out_dir / SAVED_MODEL_DIR if req.save_model else None)
     saved = None
-    if req.save_subject is not None:
+    if save_to is not None:
         if decision.verdict == "PASS":
-            loading.save_checkpoint(subject, req.save_subject)
-            saved = str(req.save_subject)
+            loading.save_checkpoint(subject, save_to)
+            saved = str(save_to)
         else:
             log.warning("verdict FAIL: the edited subject is discarded, nothing saved to %s",
-                        req.save_subject)
+                        save_to)
     del subject
     _release_memory()
 
@@ -286,7 +291,7 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
         "run_id": run_id,
         "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "tool": {"name": "invarlock", "version": __version__},
-        "environment": environment.describe(devices.describe_device(device)),
+        "environment": _environment(devices.describe_device(device), base_cfg, req),
         "seeds": {"windows": wp.seed, "bootstrap": policy.bootstrap.seed, "torch": wp.seed,
                   "numpy": wp.seed, "python": wp.seed},
         "baseline": base_record,
@@ -311,7 +316,6 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
         "timings": timer.spans,
     }
     sealed = document.seal(cert)
-    out_dir = req.out_dir if req.out_dir is not None else Path("runs") / run_id
     path = document.write_certificate(sealed, out_dir, markdown.render(sealed))
     return CertifyOutcome(sealed, path, out_dir / document.MARKDOWN_FILENAME)
 
@@ -326,6 +330,15 @@ def _write_ve_subject(guards: Any, subject: Any, out_dir: Path) -> str | None:
         return None
     write_corrected_copy(subject, probe.scales, out_dir)
     return str(out_dir)
+def _environment(device: dict[str, Any], config: dict[str, Any],
+                 req: CertifyRequest) -> dict[str, Any]:
+    """Where the run happened; plugin distributions that loaded or edited a model included."""
+    from invarlock import plugins
+
+    described = environment.describe(device)
+    edit_name = req.edit.get("name") if req.edit else None
+    described["libraries"].update(plugins.distributions_in_use(config, req.adapter, edit_name))
+    return described
 
 
 def _run_id() -> str:

@@ -1,4 +1,4 @@
-"""Command line: `invarlock certify`, `invarlock version`.
+"""Command line: certify, run, verify, report, doctor, plugins, version.
 
 The CLI is the only place (with the Action entrypoint) that turns exceptions into exit codes:
 0 PASS, 1 FAIL, 2 bad input or configuration, 3 evidence cannot be produced. Errors are one
@@ -20,7 +20,12 @@ from typing import Any
 import click
 
 from invarlock import __version__
-from invarlock.errors import InvarlockError, MissingExtraError
+from invarlock.errors import (
+    InputError,
+    InvarlockError,
+    MissingExtraError,
+    TamperedCertificateError,
+)
 
 EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_EVIDENCE = 0, 1, 2, 3
 
@@ -94,10 +99,22 @@ def main() -> None:
       invarlock certify --baseline models/base --subject models/int8 --dataset data.txt
       invarlock certify --baseline models/base --edit quant_rtn --edit-config int4.yaml \\
           --dataset hf:wikitext:wikitext-2-raw-v1:validation --profile release --json
+      invarlock run -c run.yaml                 # the same, from a config file
+      invarlock doctor -c run.yaml              # preflight: would that run work?
+      invarlock verify runs/int8                # re-check a certificate without models
+      invarlock report runs/int8 -o int8.html   # render it for people
+
+    \b
+    Environment: INVARLOCK_ALLOW_NETWORK=1 allows downloads; INVARLOCK_CACHE_DIR holds the
+    baseline cache; INVARLOCK_DEBUG=1 shows tracebacks. Reference: docs/cli.md.
     """
 
 
-@main.command()
+@main.command(epilog="""\b
+Examples:
+  invarlock version
+  invarlock -V          # the version only
+""")
 def version() -> None:
     """Print the version of invarlock and of the libraries it uses."""
     from invarlock.environment import library_versions
@@ -123,7 +140,7 @@ Examples:
               help="Baseline: local directory, hub id (hf:ID), or 'demo' (default).")
 @click.option("--subject", metavar="MODEL", help="Subject checkpoint to compare.")
 @click.option("--edit", "edit_name", metavar="NAME",
-              help="Build the subject in memory with a built-in edit (quant_rtn).")
+              help="Build the subject in memory with an edit (quant_rtn, or an edit plugin).")
 @click.option("--edit-config", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML with `edit: {name: quant_rtn, plan: {...}}`.")
 @click.option("--dataset", "dataset_spec", metavar="SPEC",
@@ -138,7 +155,7 @@ Examples:
 @click.option("--preset", "presets", multiple=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Config file(s) merged in order (seed shape); flags win.")
-@click.option("--adapter", help="auto (default), hf_causal, hf_mlm, hf_seq_cls.")
+@click.option("--adapter", help="auto (default), hf_causal, hf_mlm, hf_seq_cls, or a plugin.")
 @click.option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--batch-size", type=click.IntRange(min=1), help="Windows per forward pass.")
@@ -182,9 +199,20 @@ def _certify_and_report(request: Any, as_json: bool) -> tuple[int, dict[str, Any
 
     outcome = run_certify(request)
     summary = outcome.summary()
+    if (request.config.get("output") or {}).get("save_report", True):
+        summary["report"] = str(_write_html_report(outcome))
     if not as_json:
         click.echo(_human_summary(summary))
     return (EXIT_PASS if outcome.verdict == "PASS" else EXIT_FAIL), summary
+
+
+def _write_html_report(outcome: Any) -> Path:
+    """output.save_report: the self-contained HTML page next to the certificate."""
+    from invarlock import atomic
+    from invarlock import report as reporting
+
+    path = outcome.path.parent / reporting.HTML_FILENAME
+    return atomic.write_text(path, reporting.render(outcome.certificate, "html"))
 
 
 def _human_summary(s: dict[str, Any]) -> str:
@@ -201,6 +229,276 @@ def _human_summary(s: dict[str, Any]) -> str:
         lines += [f"  - {r}" for r in s["reasons"]]
     lines.append(f"certificate: {s['certificate']}")
     return "\n".join(lines)
+
+
+# ============================================================================================
+# Auditing and operator commands: verify, report, doctor, plugins, run.
+# Each body loads only what it needs: verify, report and plugins run without torch.
+# ============================================================================================
+
+_VERIFY_EPILOG = """\b
+Without models, for each certificate: the JSON schema; the content digest; the policy digest
+and that every policy value differing from the tier/profile defaults is a declared override;
+pairing (match 1.00, overlap 0.00 recomputed from the window hashes, equal counts); the
+primary metric, its BCa interval (recorded seed and replicates), every validation flag and
+the verdict, recomputed with the functions certify uses (tolerance 1e-12 relative); each
+guard section through its guard's re-check.
+\b
+--baseline-cert REF: also confirm each certificate was judged against the same baseline
+evidence as REF: identical baseline weights digest, tokenizer, dataset, window plan and
+baseline per-window results.
+\b
+Exit codes: 0 every certificate verifies and says PASS; 1 they verify and one says FAIL;
+2 a certificate is tampered with, malformed or unreadable, or its baseline evidence differs.
+\b
+Examples:
+  invarlock verify runs/int8/evaluation.cert.json
+  invarlock verify runs/int8 runs/int4 --baseline-cert runs/int8 --json
+"""
+
+
+@main.command(epilog=_VERIFY_EPILOG)
+@click.argument("certificates", nargs=-1, required=True, metavar="CERT...")
+@click.option("--baseline-cert", metavar="CERT",
+              help="Reference certificate whose baseline evidence each CERT must share.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def verify(certificates: tuple[str, ...], baseline_cert: str | None, as_json: bool) -> None:
+    """Re-check certificates without models: digest, numbers, flags, verdict."""
+    _configure_logging(quiet=True)
+
+    def body() -> tuple[int, dict[str, Any] | None]:
+        from invarlock import verify as verifying
+        from invarlock.certificate.document import load_certificate
+
+        reference = None
+        results: list[dict[str, Any]] = []
+        if baseline_cert is not None:
+            reference = load_certificate(baseline_cert)
+            ref_report = verifying.verify_certificate(reference)
+            if not ref_report.verified:
+                raise TamperedCertificateError(
+                    f"the reference certificate {baseline_cert} does not verify: "
+                    f"{ref_report.differences[0]}")
+        for path in certificates:
+            try:
+                cert = load_certificate(path)
+            except InvarlockError as exc:
+                results.append({"path": path, "verified": False, "verdict": None,
+                                "differences": [str(exc)], "notes": [], "checked": [],
+                                "exit_code": exc.exit_code})
+                continue
+            report = verifying.verify_certificate(cert, reference)
+            results.append({"path": path, **report.as_dict()})
+        code = _verify_exit_code(results)
+        if not as_json:
+            click.echo(_verify_text(results))
+        return code, {"format_version": 1, "exit_code": code,
+                      "tolerance": {"relative": verifying.REL_TOL,
+                                    "absolute": verifying.ABS_TOL},
+                      "baseline_cert": baseline_cert, "certificates": results}
+
+    _run_guarded(as_json, body)
+
+
+def _verify_exit_code(results: list[dict[str, Any]]) -> int:
+    if any(not r["verified"] for r in results):
+        return EXIT_INPUT
+    return EXIT_FAIL if any(r["verdict"] != "PASS" for r in results) else EXIT_PASS
+
+
+def _verify_text(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        if r["verified"]:
+            lines.append(f"{r['path']}: verified, verdict {r['verdict']} "
+                         f"({', '.join(r['checked'])})")
+        else:
+            lines.append(f"{r['path']}: NOT VERIFIED ({len(r['differences'])} "
+                         f"difference(s))")
+            lines += [f"  - {d}" for d in r["differences"]]
+        lines += [f"  note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
+
+
+_REPORT_EPILOG = """\b
+Every rendering says whether the certificate verifies (see `invarlock verify`); a page made
+from an edited certificate carries the differences at the top. Without --format the format
+follows the -o suffix (.html, .json, else Markdown).
+\b
+Exit codes: 0 rendered; 2 unreadable or malformed certificate, or unwritable output.
+\b
+Examples:
+  invarlock report runs/int8/evaluation.cert.json
+  invarlock report runs/int8 --format html -o int8.html
+  invarlock report runs/int8 --format json | jq .primary_metric
+"""
+
+
+@main.command(epilog=_REPORT_EPILOG)
+@click.argument("certificate", metavar="CERT")
+@click.option("--format", "fmt", type=click.Choice(["md", "html", "json"]),
+              help="md (default), html (one self-contained page) or json (a summary).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write here instead of stdout.")
+def report(certificate: str, fmt: str | None, output: Path | None) -> None:
+    """Render a certificate for people: Markdown, a self-contained HTML page, or JSON."""
+    _configure_logging(quiet=False)
+
+    def body() -> tuple[int, dict[str, Any] | None]:
+        from invarlock import atomic
+        from invarlock import report as reporting
+        from invarlock.certificate.document import load_certificate
+        from invarlock.verify import verify_certificate
+
+        chosen = fmt or _format_from_suffix(output)
+        cert = load_certificate(certificate)
+        verification = verify_certificate(cert)
+        text = reporting.render(cert, chosen, verification)
+        if not verification.verified:
+            log.warning("%s does not verify (%d difference(s)); the report says so at the top",
+                        certificate, len(verification.differences))
+        if output is None:
+            click.echo(text, nl=False)
+        else:
+            try:
+                atomic.write_text(output, text)
+            except OSError as exc:
+                raise InputError(f"cannot write {output}: {exc.strerror or exc}") from None
+            log.info("wrote %s", output)
+        return EXIT_PASS, None
+
+    _run_guarded(False, body)
+
+
+def _format_from_suffix(output: Path | None) -> str:
+    suffix = output.suffix.lower() if output is not None else ""
+    return {".html": "html", ".htm": "html", ".json": "json"}.get(suffix, "md")
+
+
+_PLUGINS_EPILOG = """\b
+Distributions add components through the entry-point groups invarlock.adapters,
+invarlock.edits and invarlock.guards; see docs/cli.md for what each must provide.
+\b
+Examples:
+  invarlock plugins
+  invarlock plugins adapters
+  invarlock plugins guards --json
+"""
+
+
+@main.command(epilog=_PLUGINS_EPILOG)
+@click.argument("kind", required=False, type=click.Choice(["adapters", "edits", "guards"]))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def plugins(kind: str | None, as_json: bool) -> None:
+    """List adapters, edits and guards: built-in and from installed plugins."""
+    _configure_logging(quiet=True)
+
+    def body() -> tuple[int, dict[str, Any] | None]:
+        from invarlock import plugins as registry
+
+        found = registry.components(kind)
+        if not as_json:
+            click.echo(_plugins_text(found, (kind,) if kind else registry.KINDS))
+        return EXIT_PASS, {"format_version": 1,
+                           "components": [c.as_dict() for c in found]}
+
+    _run_guarded(as_json, body)
+
+
+def _plugins_text(found: list[Any], kinds: tuple[str, ...]) -> str:
+    lines = []
+    for kind in kinds:
+        lines.append(f"{kind}:")
+        rows = [c for c in found if c.kind == kind]
+        if not rows:
+            lines.append("  (none)")
+        width = max((len(c.name) for c in rows), default=0)
+        for c in rows:
+            origin = f"{c.origin} {c.version or ''}".strip()
+            extra = f" (aliases: {', '.join(c.aliases)})" if c.aliases else ""
+            if c.origin != "builtin":
+                extra += f" [{c.target}]"
+            if c.error:
+                extra += f" UNUSABLE: {c.error}"
+            lines.append(f"  {c.name:<{width}}  {origin:<24}  {c.summary}{extra}")
+    return "\n".join(lines)
+
+
+_DOCTOR_EPILOG = """\b
+Preflight without evaluating: config keys and types, tier and profile, models as metadata
+(config.json, safetensors headers), architecture and shapes, tokenizers, enough unique
+windows for the profile, device, free memory, network policy. Findings print as
+SEVERITY [INVARLOCK:Dnnn] message; the codes are listed in docs/cli.md.
+\b
+Exit codes: 0 no ERROR finding; 2 at least one ERROR.
+\b
+Examples:
+  invarlock doctor --config run.yaml
+  invarlock doctor --baseline ./base --subject ./int8 --dataset eval.txt --profile ci --json
+"""
+
+
+@main.command(epilog=_DOCTOR_EPILOG)
+@click.option("-c", "--config", "configs", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Run config file(s) in the seed shape, merged in order.")
+@click.option("--baseline", metavar="MODEL", help="Baseline checkpoint (overrides model.id).")
+@click.option("--subject", metavar="MODEL", help="Subject checkpoint (overrides model.subject).")
+@click.option("--dataset", "dataset_spec", metavar="SPEC", help="Dataset spec, as for certify.")
+@click.option("--edit", "edit_name", metavar="NAME", help="Edit to build the subject with.")
+@click.option("--profile", type=click.Choice(["dev", "ci", "release"]))
+@click.option("--tier", type=click.Choice(["balanced", "conservative", "aggressive"]))
+@click.option("--adapter", help="auto (default), hf_causal, hf_mlm, hf_seq_cls, or a plugin.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N, mps.")
+@click.option("--allow-pickle", is_flag=True, default=None, help="Accept .bin/.pt weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def doctor(configs: tuple[Path, ...], as_json: bool, **flags: Any) -> None:
+    """Check a run before spending compute on it: config, models, data, device."""
+    _configure_logging(quiet=True)
+
+    def body() -> tuple[int, dict[str, Any] | None]:
+        from invarlock.doctor import diagnose
+
+        result = diagnose(configs=configs, flags=flags)
+        if not as_json:
+            click.echo(result.text())
+        return result.exit_code, result.as_dict()
+
+    _run_guarded(as_json, body)
+
+
+_RUN_EPILOG = """\b
+The config files (the seed's shape: model, dataset, edit, eval, guards, auto, output) merge
+in order, later files win; then the run is exactly `certify` with that configuration.
+output.dir: the certificate folder (default runs/<run id>); output.save_report (default
+true): also write the HTML report there; output.save_model: with an edit, save the edited
+subject to <output.dir>/model, only on PASS.
+\b
+Exit codes: 0 PASS, 1 FAIL, 2 bad input or configuration, 3 evidence cannot be produced.
+\b
+Examples:
+  invarlock run -c run.yaml
+  invarlock run -c configs/base.yaml -c configs/int4.yaml --json
+"""
+
+
+@main.command(epilog=_RUN_EPILOG)
+@click.option("-c", "--config", "configs", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Run config file; repeat to layer overrides (later wins).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def run(configs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
+    """Certify as a config file describes it (the same pipeline as certify)."""
+    _configure_logging(quiet)
+
+    def body() -> tuple[int, dict[str, Any] | None]:
+        from invarlock.run_config import config_from_files, request_from_config
+
+        _require_hf("invarlock run")
+        config = config_from_files(configs)
+        progress = not quiet and sys.stderr.isatty()
+        return _certify_and_report(request_from_config(config, progress=progress), as_json)
 
 
 # --- invarlock calibrate ---------------------------------------------------------------------

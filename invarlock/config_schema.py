@@ -22,10 +22,9 @@ def _obj(properties: dict[str, Any], required: list[str] | None = None) -> dict[
 MODEL = _obj({
     "id": {**_STR, "description": "baseline: local directory, hub id, hf:ID, or 'demo'"},
     "subject": {**_OPT_STR, "description": "subject checkpoint (omit to apply `edit`)"},
-    "adapter": {"type": "string", "enum": [
-        "auto", "hf_causal", "hf_mlm", "hf_seq_cls",
-        "hf_gpt2", "hf_llama", "hf_mistral", "hf_qwen2", "hf_bert", "hf_bert_cls",
-    ]},
+    # auto, hf_causal, hf_mlm, hf_seq_cls, their aliases, or an adapter plugin's name
+    # (checked by invarlock.models.source.detect_adapter, which knows the plugins).
+    "adapter": _STR,
     "device": {"type": "string", "pattern": r"^(auto|cpu|mps|cuda(:\d+)?)$"},
     "dtype": {"type": "string", "enum": ["auto", "float32", "float16", "bfloat16"]},
     "allow_pickle": {"type": "boolean"},
@@ -57,10 +56,12 @@ QUANT_RTN_PLAN = _obj({
     "max_modules": {"type": ["integer", "null"], "minimum": 1},
 })
 
-EDIT = _obj({
-    "name": {"type": "string", "enum": ["quant_rtn"]},
-    "plan": QUANT_RTN_PLAN,
-}, required=["name"])
+# Built-in edit plans are checked here; an edit plugin's plan is checked by its own parser.
+EDIT = {
+    **_obj({"name": _STR, "plan": {"type": "object"}}, required=["name"]),
+    "if": {"properties": {"name": {"const": "quant_rtn"}}},
+    "then": {"properties": {"plan": QUANT_RTN_PLAN}},
+}
 
 PRIMARY_METRIC = _obj({
     "ratio_limit": {"type": "number", "exclusiveMinimum": 1.0},

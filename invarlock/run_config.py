@@ -7,6 +7,7 @@ and the combination is checked once before any model is touched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,22 @@ def config_from_certify_flags(flags: dict[str, Any]) -> dict[str, Any]:
             raise InputError(f"{flags['edit_config']}: an edit config holds one top-level key, "
                              "`edit: {name: ..., plan: {...}}`")
         sources.append((str(flags["edit_config"]), edit_file))
-    sources.append(("command line", _flags_to_config(flags)))
+    sources.append(("command line", flags_to_config(flags)))
     return finalize(sources)
+
+
+def config_from_files(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """`run -c A -c B ...`: the files merge in order (later wins), then the certify checks."""
+    if not paths:
+        raise InputError("give at least one config file with -c/--config")
+    return finalize([(str(path), load_yaml(path)) for path in paths])
 
 
 def finalize(sources: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """Merge sources (the demo preset first when the baseline is the demo) and fill defaults."""
+    from invarlock import plugins
+
+    plugins.register_guard_plugins()  # plugin guards can then be configured like built-ins
     merged = merge_sources(sources)
     baseline = get(merged, "model.id", DEMO)
     if baseline == DEMO:
@@ -67,13 +78,16 @@ def _check_combination(config: dict[str, Any]) -> None:
         raise InputError("--dataset is required unless the baseline is the bundled demo")
     if get(config, "output.save_subject") and not edit:
         raise InputError("--save-subject writes an edited subject; it needs --edit")
+    if get(config, "output.save_model") and not edit:
+        raise InputError("output.save_model saves the edited subject; it needs an edit "
+                         "(a subject checkpoint is already on disk)")
     if edit:
         from invarlock.edits import get_edit
 
         get_edit(edit.get("name", "")).parse_plan(edit)  # a bad plan fails before any loading
 
 
-def _flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
+def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
     """Only the flags the user gave; unset flags leave presets alone."""
     config: dict[str, Any] = {}
 
@@ -143,6 +157,7 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False) -> An
         batch_size=get(config, "eval.batch_size"),
         save_subject=Path(save) if save else None,
         write_ve_subject=Path(ve_out) if ve_out else None,
+        save_model=bool(get(config, "output.save_model", False)),
         use_cache=bool(get(config, "output.cache", True)),
         cache_dir=Path(cache_dir) if cache_dir else None,
         progress=progress,

@@ -25,7 +25,8 @@ def _arrays(rng: np.random.Generator, n: int, shift: float, kind: MetricKind):
         flips = round(abs(shift) * n)
         subj[:flips] = 0.0
         return np.ones(n, dtype=np.int64), base, subj
-    tokens = np.full(n, 127, dtype=np.int64)
+    # A causal window of 128 tokens scores 127; a masked-LM window ~15% of its positions.
+    tokens = np.full(n, 127 if kind is MetricKind.PPL_CAUSAL else 19, dtype=np.int64)
     base = tokens * rng.normal(3.0, 0.2, n)
     subj = base + tokens * (shift + rng.normal(0, 0.01, n))
     return tokens, base, subj
@@ -62,8 +63,10 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
         }
 
     digest = "sha256:" + "ab" * 32
+    adapter = {MetricKind.PPL_CAUSAL: "hf_causal", MetricKind.PPL_MLM: "hf_mlm",
+               MetricKind.ACCURACY: "hf_seq_cls"}[kind]
     model = {"source": "models/base", "kind": "local", "path": "models/base",
-             "revision": None, "adapter": "hf_causal", "architecture": "GPT2LMHeadModel",
+             "revision": None, "adapter": adapter, "architecture": "GPT2LMHeadModel",
              "model_type": "gpt2", "dtype": "float32", "parameters": 1_000_000,
              "weights_digest": digest, "digest_basis": "files", "results_from_cache": False,
              "produced_by": None}

@@ -88,3 +88,15 @@ def test_markdown_leads_with_verdict_and_the_gate_number():
     assert passing.startswith("# ✅ InvarLock certificate: PASS")
     catastrophic = markdown.render(synthetic_certificate(shift=1.2))
     assert "Catastrophic degradation" in catastrophic and "not evaluated" in catastrophic
+
+
+def test_written_files_follow_the_umask_not_mkstemp(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = atomic.write_text(tmp_path / "x.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -194,3 +194,23 @@ def test_human_output_without_json(tiny_gpt2_dir, fast_preset, sonnets_path, tmp
     assert result.exit_code == 0
     assert result.stdout.startswith("PASS: ratio ")
     assert "certificate: " in result.stdout
+
+
+def test_bundled_demo_int8_passes_and_2bit_fails(tmp_path):
+    """`invarlock certify` alone certifies the bundled demo; a 2-bit edit of it clearly fails."""
+    preset = tmp_path / "small.yaml"
+    preset.write_text("dataset: {preview_n: 48, final_n: 48}\n"
+                      "eval: {bootstrap: {replicates: 300}}\n")
+    code, summary, _ = certify("--profile", "dev", "--preset", str(preset),
+                               "--out", str(tmp_path / "int8"))
+    cert = document.load_certificate(summary["certificate"])
+    assert code == 0 and summary["verdict"] == "PASS"
+    assert cert["baseline"]["source"] == "demo" and cert["dataset"]["spec"] == "demo"
+    assert cert["edit"]["plan"]["bitwidth"] == 8
+    assert summary["ratio_ci"][1] < 1.01  # INT8 barely moves a trained model
+
+    rtn2 = tmp_path / "rtn2.yaml"
+    rtn2.write_text("edit: {name: quant_rtn, plan: {bitwidth: 2}}\n")
+    code, summary, _ = certify("--edit-config", str(rtn2), "--profile", "dev", "--preset",
+                               str(preset), "--out", str(tmp_path / "rtn2"))
+    assert code == 1 and summary["verdict"] == "FAIL" and summary["catastrophic"]

@@ -263,7 +263,10 @@ def test_demo_reads_the_bundled_gzip_split_on_form_feed_lines(tmp_path, monkeypa
 
 
 def test_demo_absent_from_the_installation_is_an_input_error(monkeypatch):
+    import invarlock
+
     monkeypatch.setitem(sys.modules, "invarlock.demo", None)
+    monkeypatch.delattr(invarlock, "demo", raising=False)
     with pytest.raises(InputError, match="demo corpus is not part of this installation"):
         load_corpus(parse_dataset_spec("demo"), labelled=False)
 

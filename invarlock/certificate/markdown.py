@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 _MARK = {True: "✅", False: "❌"}
+_METHOD = {"bca": "BCa", "percentile": "percentile", "degenerate": "zero-width"}
 
 
 def render(cert: dict[str, Any]) -> str:
@@ -61,14 +62,20 @@ def summary_sentence(cert: dict[str, Any]) -> str:
     if pm["basis"] == "ratio_ci_upper":
         lo, hi = pm["ratio_ci"]
         op = "≤" if hi <= pm["limit"] else ">"
-        return (f"**Perplexity ratio {pm['ratio']:.4f}** (95% CI {lo:.4f}–{hi:.4f}); "
+        return (f"**Perplexity ratio {pm['ratio']:.4f}** ({_level(pm)} CI {lo:.4f}–{hi:.4f}); "
                 f"upper bound **{hi:.4f} {op} {pm['limit']:.2f}** ({tier} tier).")
     d = pm["delta"]
     lo = d["ci"][0]
     op = "≥" if lo >= pm["limit"] else "<"
-    return (f"**Accuracy change {d['estimate']:+.2f} pp** (95% CI {d['ci'][0]:+.2f} to "
+    return (f"**Accuracy change {d['estimate']:+.2f} pp** ({_level(pm)} CI {d['ci'][0]:+.2f} to "
             f"{d['ci'][1]:+.2f}); lower bound **{lo:+.2f} {op} {pm['limit']:+.2f} pp** "
             f"({tier} tier).")
+
+
+def _level(pm: dict[str, Any]) -> str:
+    """Confidence level of the interval, from the recorded alpha (95% for alpha 0.05)."""
+    alpha = pm["bootstrap"]["alpha"] if pm.get("bootstrap") else 0.05
+    return f"{100 * (1 - alpha):g}%"
 
 
 def gates_table(cert: dict[str, Any]) -> str:
@@ -107,7 +114,7 @@ def _interval_line(cert: dict[str, Any]) -> str:
     unit = "nats/token" if d["unit"] == "nats_per_token" else "pp"
     drift = pm["drift"]
     return (f"Paired Δ = {d['estimate']:+.6f} {unit} (CI {d['ci'][0]:+.6f} to "
-            f"{d['ci'][1]:+.6f}); {boot['method'].upper()} bootstrap, "
+            f"{d['ci'][1]:+.6f}); {_METHOD.get(boot['method'], boot['method'])} bootstrap, "
             f"{boot['replicates']} replicates, seed {boot['seed']}, "
             f"α = {boot['alpha']}; drift final/preview "
             f"{'—' if drift is None else f'{drift:.4f}'}.")

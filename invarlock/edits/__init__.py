@@ -41,9 +41,14 @@ EDITS: dict[str, Edit] = {
 
 
 def get_edit(name: str) -> Edit:
-    """The edit registered under `name`; InputError listing the known names otherwise."""
-    try:
+    """The edit registered under `name` (built-in, then `invarlock.edits` entry points)."""
+    if name in EDITS:
         return EDITS[name]
-    except KeyError:
-        known = ", ".join(sorted(EDITS))
-        raise InputError(f"unknown edit {name!r}; available: {known}") from None
+    from invarlock import plugins
+
+    found = plugins.edit_plugin(name)
+    if found is not None:
+        return found
+    known = ", ".join(sorted({*EDITS, *(c.name for c in plugins.components("edits")
+                                         if c.error is None)}))
+    raise InputError(f"unknown edit {name!r}; available: {known}")

@@ -19,6 +19,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from invarlock import plugins
+from invarlock.atomic import default_mode
 from invarlock.enums import AdapterKind
 from invarlock.errors import InputError, InvarlockError
 from invarlock.models.device import (  # torch via device.py: MissingExtraError if absent
@@ -128,13 +130,20 @@ def load_model(
     pickled = files[0].name in (PICKLE_FILE, PICKLE_INDEX)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
-    with _translated(f"load model '{source}'"):
-        model, info = _auto_class(kind).from_pretrained(
-            str(source.path), dtype=torch_dtype, use_safetensors=not pickled,
-            weights_only=True, trust_remote_code=False, local_files_only=True,
-            output_loading_info=True,
-        )
-    _check_loading_info(source, model, info)
+    requested = "auto" if isinstance(adapter, AdapterKind) else adapter
+    plugin = plugins.adapter_plugin_for(config, requested)
+    if plugin is not None and plugin.load is not None:
+        with _translated(f"load model '{source}' with adapter plugin '{plugin.name}'"):
+            model = plugin.load(source.path, dtype=torch_dtype, device=device)
+        logger.info("model %s loaded by adapter plugin %s", source, plugin.name)
+    else:
+        with _translated(f"load model '{source}'"):
+            model, info = _auto_class(kind).from_pretrained(
+                str(source.path), dtype=torch_dtype, use_safetensors=not pickled,
+                weights_only=True, trust_remote_code=False, local_files_only=True,
+                output_loading_info=True,
+            )
+        _check_loading_info(source, model, info)
     with _translated(f"move model '{source}' to {device}"):
         model.to(device)
     model.eval()
@@ -233,6 +242,7 @@ def save_checkpoint(loaded: LoadedModel, out_dir: Path | str) -> None:
             weight_files(staging)  # safetensors present, or this raises
             if out_dir.exists():
                 out_dir.rmdir()
+            os.chmod(staging, default_mode(0o777))  # mkdtemp makes it private
             os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from invarlock import plugins
 from invarlock.enums import AdapterKind
 from invarlock.errors import InputError
 from invarlock.models.network import NETWORK_ENV, enforce_offline, network_allowed
@@ -195,11 +196,18 @@ def detect_adapter(config: dict, requested: str = "auto") -> AdapterKind:
     architecture; loading a classifier as a language model would score random heads.
     """
     choice = (requested or "auto").strip().lower()
-    if choice != "auto" and choice not in ADAPTER_ALIASES:
-        names = ", ".join(["auto", *ADAPTER_ALIASES])
-        raise InputError(f"unknown adapter '{requested}'; choose one of: {names}")
     architectures = config.get("architectures") or []
     architecture = str(architectures[0]) if architectures else None
+    plugin = plugins.adapter_plugin_for(config, choice)
+    if plugin is not None:  # an installed adapter plugin claims this architecture
+        return plugin.kind
+    if choice != "auto" and choice not in ADAPTER_ALIASES:
+        plugin_names = plugins.adapter_plugin_names()
+        if choice in plugin_names:
+            raise InputError(f"adapter plugin '{choice}' does not handle architecture "
+                             f"{architecture}")
+        names = ", ".join(["auto", *ADAPTER_ALIASES, *plugin_names])
+        raise InputError(f"unknown adapter '{requested}'; choose one of: {names}")
     detected = _adapter_from_architecture(architecture) if architecture else None
     model_type = str(config.get("model_type", ""))
     if choice != "auto":
@@ -220,7 +228,8 @@ def detect_adapter(config: dict, requested: str = "auto") -> AdapterKind:
     raise InputError(
         f"cannot tell how to score {what}: supported are causal LMs (*ForCausalLM, "
         "*LMHeadModel), masked LMs (*ForMaskedLM) and sequence classifiers "
-        "(*ForSequenceClassification); pass --adapter to choose"
+        "(*ForSequenceClassification); pass --adapter to choose, or install an adapter "
+        "plugin that handles it (see `invarlock plugins adapters`)"
     )
 
 

@@ -1,0 +1,120 @@
+"""What a checkpoint is, from its files alone: tensor names, shapes, dtypes and bytes.
+
+safetensors files start with an 8-byte little-endian header length and a JSON header that
+lists every tensor; reading it costs a few kilobytes, whatever the model size, and needs
+neither torch nor the safetensors package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from invarlock.errors import InputError
+
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4,
+               "U64": 8}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors dtype code, e.g. "F32"
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class CheckpointTensors:
+    """Every tensor a checkpoint stores (all shards), by name."""
+
+    tensors: dict[str, TensorInfo]
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        return tuple(sorted({t.dtype for t in self.tensors.values()}))
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor names, dtypes and shapes of one .safetensors file (header only)."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise InputError(f"{path} is too short to be a safetensors file")
+            (length,) = struct.unpack("<Q", raw)
+            if length > _MAX_HEADER:
+                raise InputError(f"{path}: safetensors header of {length} bytes is implausible")
+            header = json.loads(fh.read(length).decode("utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: safetensors header is not a JSON object")
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            tensors[name] = TensorInfo(str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: malformed header entry for tensor '{name}'") from None
+    return tensors
+
+
+def checkpoint_tensors(files: list[Path]) -> CheckpointTensors:
+    """All tensors of a safetensors checkpoint (single file or shards; the index is skipped)."""
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            tensors.update(read_safetensors_header(path))
+    return CheckpointTensors(tensors)
+
+
+def shape_differences(base: CheckpointTensors, subject: CheckpointTensors,
+                      limit: int = 3) -> list[str]:
+    """Human lines naming tensors that exist in one checkpoint only or differ in shape."""
+    lines = []
+    only_base = sorted(set(base.tensors) - set(subject.tensors))
+    only_subj = sorted(set(subject.tensors) - set(base.tensors))
+    if only_base:
+        lines.append(f"{len(only_base)} tensor(s) only in the baseline (first: {only_base[0]})")
+    if only_subj:
+        lines.append(f"{len(only_subj)} tensor(s) only in the subject (first: {only_subj[0]})")
+    reshaped = [n for n in sorted(set(base.tensors) & set(subject.tensors))
+                if base.tensors[n].shape != subject.tensors[n].shape]
+    for name in reshaped[:limit]:
+        lines.append(f"{name}: shape {list(base.tensors[name].shape)} vs "
+                     f"{list(subject.tensors[name].shape)}")
+    if len(reshaped) > limit:
+        lines.append(f"... and {len(reshaped) - limit} more reshaped tensor(s)")
+    return lines
+
+
+# config.json keys that may differ between a baseline and a faithful edit of it.
+IGNORED_CONFIG_KEYS = frozenset({
+    "torch_dtype", "dtype", "quantization_config", "transformers_version", "_name_or_path",
+    "_commit_hash", "architectures", "use_cache",
+})
+
+
+def config_differences(base: dict, subject: dict, limit: int = 3) -> list[str]:
+    """config.json fields that differ, dtype/quantization/bookkeeping fields excepted."""
+    keys = sorted((set(base) | set(subject)) - IGNORED_CONFIG_KEYS)
+    differing = [k for k in keys if base.get(k) != subject.get(k)]
+    lines = [f"{k}: {base.get(k)!r} vs {subject.get(k)!r}" for k in differing[:limit]]
+    if len(differing) > limit:
+        lines.append(f"... and {len(differing) - limit} more")
+    return lines

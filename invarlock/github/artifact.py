@@ -1,0 +1,96 @@
+"""The report folder: the certificate, its Markdown, and what the Action adds for publishing.
+
+A certifying run writes `invarlock-action.json` next to the certificate: the exit code, the
+error (if any) and the commit and pull request it certified. A publishing run (fork pull
+requests, `mode: publish`) reads the folder back. The certificate is the evidence: it must
+match its schema and its content digest before anything is published from it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from invarlock import atomic
+from invarlock.certificate import document
+from invarlock.enums import Verdict
+from invarlock.errors import InputError, TamperedCertificateError
+from invarlock.github.event import RecordedTarget
+from invarlock.github.outcome import EXIT_FAIL, EXIT_PASS, Outcome
+
+RESULT_FILENAME = "invarlock-action.json"
+RESULT_FORMAT = "invarlock.action-result"
+
+
+def checked_certificate(path: Path) -> dict[str, Any]:
+    """Load a certificate and check its schema and digest (TamperedCertificateError if not)."""
+    cert = document.load_certificate(path)
+    problems = document.schema_errors(cert)
+    if problems:
+        raise TamperedCertificateError(f"{path}: does not match the certificate schema: "
+                                       + "; ".join(problems[:3]))
+    if cert.get("digest") != document.content_digest(cert):
+        raise TamperedCertificateError(f"{path}: content digest mismatch; the certificate was "
+                                       "changed after it was written")
+    return cert
+
+
+def outcome_from_certificate(path: Path) -> Outcome:
+    """The outcome a certificate file stands for (its verdict decides the exit code)."""
+    cert = checked_certificate(path)
+    verdict = Verdict(cert["verdict"]["status"])
+    markdown = path.parent / cert["artifacts"]["markdown"]
+    return Outcome(EXIT_PASS if verdict is Verdict.PASS else EXIT_FAIL, verdict, cert,
+                   path.resolve(), markdown.resolve() if markdown.is_file() else None)
+
+
+def write_result(out_dir: Path, outcome: Outcome, target: RecordedTarget | None) -> Path:
+    data = {
+        "format": RESULT_FORMAT,
+        "version": 1,
+        "exit_code": outcome.exit_code,
+        "verdict": None if outcome.verdict is None else str(outcome.verdict),
+        "error": outcome.error,
+        "certificate": None if outcome.certificate_path is None
+        else outcome.certificate_path.name,
+        "target": None if target is None else target.as_dict(),
+    }
+    return atomic.write_text(Path(out_dir) / RESULT_FILENAME, json.dumps(data, indent=2) + "\n")
+
+
+def load_report(path: Path) -> tuple[Outcome, RecordedTarget | None]:
+    """Read a downloaded report folder (or a bare certificate file)."""
+    path = Path(path)
+    if path.is_file():
+        return outcome_from_certificate(path), None
+    if not path.is_dir():
+        raise InputError(f"no report at {path}: give the downloaded artifact folder or the "
+                         "certificate file")
+    result = _read_result(path / RESULT_FILENAME)
+    target = RecordedTarget.from_dict(result.get("target")) if result else None
+    cert_path = path / document.CERT_FILENAME
+    if cert_path.is_file():
+        return outcome_from_certificate(cert_path), target
+    if result is None:
+        raise InputError(f"{path} holds neither {document.CERT_FILENAME} nor {RESULT_FILENAME}")
+    code = result.get("exit_code")
+    if not isinstance(code, int) or code in (EXIT_PASS, EXIT_FAIL):
+        raise TamperedCertificateError(f"{path / RESULT_FILENAME}: records a verdict but the "
+                                       "certificate is missing")
+    error = result.get("error")
+    return Outcome.failed(code, str(error) if error else f"the certifier exited with {code}"), \
+        target
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != RESULT_FORMAT:
+        raise InputError(f"{path} is not an InvarLock Action result")
+    return data
+

@@ -1,0 +1,145 @@
+"""Run the certifier as a child process: `invarlock certify ... --json`.
+
+A separate process because the certifier's contract is its command line (one JSON object on
+stdout, the exit code 0/1/2/3) and because the Action must report whatever happens to it:
+an out-of-memory kill or a CUDA crash ends the child, not the reporter, which then still
+completes the check run (neutral) and updates the comment. It also keeps the job token out
+of the process that loads models: the child's environment has no token and no inputs.
+
+`INVARLOCK_CERTIFY_COMMAND` replaces `invarlock certify` (for example `python -m invarlock
+certify` for another interpreter); the flags below are appended to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from invarlock.enums import Verdict
+from invarlock.errors import InvarlockError
+from invarlock.github.artifact import outcome_from_certificate
+from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_FAIL, EXIT_INPUT, EXIT_PASS, Outcome
+from invarlock.github.settings import CERTIFY_COMMAND_VARIABLE, CertifyInputs
+
+log = logging.getLogger(__name__)
+
+STDERR_TAIL_LINES = 20
+_SECRET_VARIABLES = ("GITHUB_TOKEN", "ACTIONS_RUNTIME_TOKEN", "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
+                     "ACTIONS_ID_TOKEN_REQUEST_URL")
+
+
+def certify_arguments(inputs: CertifyInputs, out_dir: Path) -> list[str]:
+    """The `invarlock certify` flags for the inputs (`--flag=value`, so no value reads as a
+    flag)."""
+    args = []
+    for flag, value in (("--baseline", inputs.baseline), ("--subject", inputs.subject),
+                        ("--edit-config", inputs.edit_config), ("--dataset", inputs.dataset),
+                        ("--profile", inputs.profile), ("--tier", inputs.tier),
+                        ("--device", inputs.device), ("--dtype", inputs.dtype)):
+        if value:
+            args.append(f"{flag}={value}")
+    args += [f"--preset={preset}" for preset in inputs.presets]
+    args += [f"--out={out_dir}", "--json"]
+    return args
+
+
+def child_environment(environ: Mapping[str, str], token: str) -> dict[str, str]:
+    """The environment without the Action's inputs and without any token."""
+    return {k: v for k, v in environ.items()
+            if not k.startswith("INPUT_") and k not in _SECRET_VARIABLES
+            and not (token and token in v)}
+
+
+def run_certifier(command: Sequence[str], arguments: Sequence[str], *,
+                  env: Mapping[str, str], log_stream: TextIO | None = None) -> Outcome:
+    """Run the certifier, echo its log, and turn what it left behind into an Outcome."""
+    log_stream = log_stream if log_stream is not None else sys.stderr
+    argv = [*command, *arguments]
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, env=dict(env), text=True,
+                                encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return Outcome.failed(EXIT_INPUT, f"certify command not found: {command[0]!r} (install "
+                                          f"invarlock or set {CERTIFY_COMMAND_VARIABLE})")
+    except OSError as exc:
+        return Outcome.failed(EXIT_INPUT, f"cannot start {command[0]!r}: {exc}")
+    tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+    echo = threading.Thread(target=_echo, args=(proc.stderr, log_stream, tail), daemon=True)
+    echo.start()
+    assert proc.stdout is not None
+    stdout = proc.stdout.read()
+    code = proc.wait()
+    echo.join()
+    return interpret(code, stdout, list(tail))
+
+
+def interpret(code: int, stdout: str, stderr_tail: Sequence[str]) -> Outcome:
+    """From the exit code, the printed JSON and the last log lines to an Outcome."""
+    result = _parse_result(stdout)
+    if code in (EXIT_PASS, EXIT_FAIL):
+        return _verdict_outcome(code, result)
+    if code in (EXIT_INPUT, EXIT_EVIDENCE):
+        error = result.get("error") if result else None
+        return Outcome.failed(code, str(error) if error else _tail_message(stderr_tail))
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    return Outcome.failed(EXIT_EVIDENCE, f"the certifier {how}" + _tail_suffix(stderr_tail))
+
+
+def _verdict_outcome(code: int, result: dict[str, Any] | None) -> Outcome:
+    if result is None or result.get("verdict") not in ("PASS", "FAIL"):
+        return Outcome.failed(EXIT_EVIDENCE, f"the certifier exited with {code} but printed no "
+                                             "verdict")
+    verdict = Verdict(result["verdict"])
+    if (verdict is Verdict.PASS) != (code == EXIT_PASS):
+        return Outcome.failed(EXIT_EVIDENCE, f"the certifier printed {verdict} but exited with "
+                                             f"{code}")
+    if not result.get("certificate"):
+        return Outcome.failed(EXIT_EVIDENCE, "the certifier printed no certificate path")
+    try:
+        outcome = outcome_from_certificate(Path(result["certificate"]))
+    except InvarlockError as exc:
+        return Outcome.failed(EXIT_EVIDENCE, f"the certificate cannot be used: {exc}")
+    if outcome.verdict is not verdict:
+        return Outcome.failed(EXIT_EVIDENCE, f"the certifier printed {verdict} but the "
+                                             f"certificate says {outcome.verdict}")
+    return outcome
+
+
+def _parse_result(stdout: str) -> dict[str, Any] | None:
+    """The one JSON object on stdout (tolerating stray lines before it)."""
+    text = stdout.strip()
+    candidates = [text, *reversed(text.splitlines())] if text else []
+    for candidate in candidates:
+        try:
+            data = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def _echo(stream: TextIO | None, sink: TextIO, tail: deque[str]) -> None:
+    if stream is None:
+        return
+    for line in stream:
+        sink.write(line)
+        sink.flush()
+        if line.strip():
+            tail.append(line.rstrip("\n"))
+
+
+def _tail_message(tail: Sequence[str]) -> str:
+    return "\n".join(tail[-5:]) if tail else "the certifier failed without a message"
+
+
+def _tail_suffix(tail: Sequence[str]) -> str:
+    return (":\n" + "\n".join(tail[-5:])) if tail else ""

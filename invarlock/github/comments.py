@@ -1,0 +1,89 @@
+"""One sticky comment per pull request and check name, updated in place on every push.
+
+The comment is recognised by a hidden marker on its first line that names the check, so
+two differently named InvarLock checks keep two comments and nothing else is ever edited.
+Listing pages through every comment (a busy pull request has more than one page).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from invarlock.github.http import AmbiguousWrite, GitHubClient, ValidationFailed
+
+log = logging.getLogger(__name__)
+
+BODY_LIMIT = 65536  # characters GitHub accepts in a comment body
+
+
+def marker(check_name: str) -> str:
+    """The hidden first line; the name is percent-encoded so it cannot end the HTML comment."""
+    return f"<!-- invarlock:sticky-comment check={quote(check_name, safe='')} -->"
+
+
+@dataclass(frozen=True)
+class Comment:
+    id: int
+    html_url: str | None
+
+
+class StickyComment:
+    def __init__(self, client: GitHubClient, owner: str, repo: str, number: int,
+                 marker_line: str) -> None:
+        self._client = client
+        self._base = f"/repos/{owner}/{repo}/issues"
+        self._number = number
+        self._marker = marker_line
+
+    def find(self) -> Comment | None:
+        """The first comment whose first line is our marker."""
+        for item in self._client.paginate(f"{self._base}/{self._number}/comments",
+                                          {"per_page": 100}):
+            body = item.get("body") or ""
+            if body.split("\n", 1)[0].strip() == self._marker:
+                return _comment(item)
+        return None
+
+    def upsert(self, body: str, fallback: str) -> Comment:
+        """Update the sticky comment or create it; on 422 send `fallback` instead.
+
+        A create that may have been applied is not repeated blindly: the comments are listed
+        again first, so a retry never leaves two comments.
+        """
+        try:
+            return self._upsert(body)
+        except ValidationFailed as exc:
+            log.warning("comment refused (%s); sending a shorter one", exc)
+            return self._upsert(fallback)
+
+    def _upsert(self, body: str) -> Comment:
+        text = self._with_marker(body)
+        for attempt in (1, 2):
+            existing = self.find()
+            try:
+                if existing is not None:
+                    data = self._client.patch(f"{self._base}/comments/{existing.id}",
+                                              {"body": text})
+                else:
+                    data = self._client.post(f"{self._base}/{self._number}/comments",
+                                             {"body": text})
+                return _comment(data)
+            except AmbiguousWrite:
+                if attempt == 2:
+                    raise
+                log.warning("writing the comment may have failed; looking before retrying")
+        raise AssertionError("unreachable")
+
+    def _with_marker(self, body: str) -> str:
+        text = f"{self._marker}\n{body}"
+        if len(text) > BODY_LIMIT:
+            raise ValueError(f"comment body of {len(text)} characters exceeds {BODY_LIMIT}; "
+                             "render it with a limit")
+        return text
+
+
+def _comment(data: Any) -> Comment:
+    return Comment(int(data["id"]), data.get("html_url"))

@@ -1,0 +1,185 @@
+"""The Action entrypoint: read settings, certify (or load a result), report, exit.
+
+The exit code is the certifier's: 0 PASS, 1 FAIL, 2 bad input, 3 no evidence. Publishing
+happens after the outputs and the job summary are written and can only add warnings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import TextIO, TypeVar
+
+from invarlock.errors import InvarlockError
+from invarlock.github import render
+from invarlock.github.artifact import load_report, write_result
+from invarlock.github.certifier import certify_arguments, child_environment, run_certifier
+from invarlock.github.commands import WorkflowCommands
+from invarlock.github.event import (
+    RecordedTarget,
+    Target,
+    load_event,
+    target_for_run,
+    target_for_workflow_run,
+)
+from invarlock.github.http import GitHubClient, RetryPolicy
+from invarlock.github.outcome import EXIT_EVIDENCE, Outcome
+from invarlock.github.outputs import write_outputs
+from invarlock.github.publish import Publisher, verified_pull_request
+from invarlock.github.settings import Mode, Settings, input_variables, read_settings
+from invarlock.github.summary import append_summary
+
+log = logging.getLogger("invarlock.github")
+T = TypeVar("T")
+
+
+def main() -> int:
+    return run(os.environ, stdout=sys.stdout, stderr=sys.stderr)
+
+
+def run(environ: Mapping[str, str], *, stdout: TextIO, stderr: TextIO,
+        policy: RetryPolicy | None = None) -> int:
+    """One Action run; `environ` is the only input (tests pass their own)."""
+    _configure_logging(stderr)
+    commands = WorkflowCommands(stdout, in_actions=environ.get("GITHUB_ACTIONS") == "true")
+    tokens = {environ.get(v, "").strip()
+              for v in (*input_variables("github-token"), "GITHUB_TOKEN")}
+    for token in sorted(tokens):
+        commands.add_mask(token)  # first, whatever comes next
+    try:
+        settings = read_settings(environ)
+    except InvarlockError as exc:
+        commands.error(str(exc), title="InvarLock: bad input")
+        return exc.exit_code
+    client = None
+    if settings.token and settings.publishes:
+        client = GitHubClient(settings.github.api_url, settings.token, policy=policy)
+    elif settings.publishes:
+        commands.warning("No github-token: the check run and the comment are skipped.",
+                         title="InvarLock: not published")
+
+    if settings.mode is Mode.PUBLISH:
+        outcome, publisher = _load_for_publishing(settings, client, commands)
+    else:
+        outcome, publisher = _certify(settings, client, commands, environ, stderr)
+
+    _announce(commands, outcome)
+    _write_runner_files(settings, outcome)
+    published = _publishing(commands, "complete", lambda: publisher.finish(outcome))
+    if published is not None and settings.github.output_path is not None:
+        write_outputs(settings.github.output_path,
+                      {"check-run-url": published.check_url or "",
+                       "comment-url": published.comment_url or ""})
+    return outcome.exit_code
+
+
+def _publishing(commands: WorkflowCommands, stage: str, action: Callable[[], T]) -> T | None:
+    """Run a publishing stage; a defect in it must not change the verdict or stop the run.
+
+    (API failures are already warnings inside the Publisher; this catches the unexpected.)
+    """
+    try:
+        return action()
+    except Exception as exc:
+        log.debug("publishing (%s) failed", stage, exc_info=True)
+        commands.warning(f"Publishing failed ({stage}): {type(exc).__name__}: {exc}",
+                         title="InvarLock: not published")
+        return None
+
+
+def _certify(settings: Settings, client: GitHubClient | None, commands: WorkflowCommands,
+             environ: Mapping[str, str], stderr: TextIO) -> tuple[Outcome, Publisher]:
+    target = _target_of_this_run(settings, commands)
+    publisher = Publisher(settings, client, commands, target)
+    _publishing(commands, "start", publisher.start)
+    out_dir = settings.output_dir
+    arguments = certify_arguments(settings.certify, out_dir)
+    log.info("running %s", " ".join([*settings.certify_command, *arguments]))
+    with commands.group("invarlock certify"), commands.stop_commands():
+        try:
+            outcome = run_certifier(settings.certify_command, arguments,
+                                    env=child_environment(environ, settings.token),
+                                    log_stream=stderr)
+        except Exception as exc:  # the reporter must still report
+            log.debug("running the certifier failed", exc_info=True)
+            outcome = Outcome.failed(EXIT_EVIDENCE, f"internal error: {type(exc).__name__}: "
+                                                    f"{exc}")
+    recorded = None if target is None else RecordedTarget(
+        settings.github.event_name, target.head_sha, target.pull_request, target.run_url)
+    try:
+        write_result(out_dir, outcome, recorded)
+    except OSError as exc:
+        commands.warning(f"Could not write the result file into {out_dir}: {exc}")
+    return outcome, publisher
+
+
+def _target_of_this_run(settings: Settings, commands: WorkflowCommands) -> Target | None:
+    """The commit and pull request of this run: published to now, or recorded for later."""
+    github = settings.github
+    try:
+        payload = load_event(github.event_path)
+        return target_for_run(github.event_name, payload, sha=github.sha,
+                              run_url=github.run_url)
+    except InvarlockError as exc:
+        if settings.publishes:
+            commands.warning(f"Nothing to publish to: {exc}", title="InvarLock: not published")
+        return None
+
+
+def _load_for_publishing(settings: Settings, client: GitHubClient | None,
+                         commands: WorkflowCommands) -> tuple[Outcome, Publisher]:
+    assert settings.certificate is not None
+    try:
+        target = target_for_workflow_run(load_event(settings.github.event_path))
+    except InvarlockError as exc:
+        commands.error(str(exc), title="InvarLock: cannot publish")
+        return Outcome.failed(exc.exit_code, str(exc)), Publisher(settings, None, commands, None)
+    try:
+        outcome, recorded = load_report(settings.certificate)
+    except InvarlockError as exc:  # reported as a neutral check: the evidence is unusable
+        outcome, recorded = Outcome.failed(exc.exit_code, str(exc)), None
+    if target.pull_request is None and client is not None and settings.comment:
+        try:
+            owner, repo = settings.github.owner_and_name
+        except InvarlockError:
+            pass  # the publisher warns that there is nothing to publish to
+        else:
+            number = verified_pull_request(client, owner, repo, recorded, target.head_sha,
+                                           commands)
+            target = replace(target, pull_request=number)
+    return outcome, Publisher(settings, client, commands, target)
+
+
+def _announce(commands: WorkflowCommands, outcome: Outcome) -> None:
+    report = render.Report("InvarLock", outcome, render.Links())
+    line = render.title(report)
+    if outcome.verdict is None:
+        commands.error(outcome.error or line, title="InvarLock: could not certify")
+    elif outcome.exit_code == 0:
+        commands.notice(line, title="InvarLock")
+    else:
+        commands.error(line, title="InvarLock")
+
+
+def _write_runner_files(settings: Settings, outcome: Outcome) -> None:
+    github = settings.github
+    if github.output_path is not None:
+        write_outputs(github.output_path, outcome.outputs())
+    if github.summary_path is not None:
+        report = render.Report(settings.check_name, outcome,
+                               render.Links(run_url=github.run_url,
+                                            artifact_name=settings.artifact_name))
+        append_summary(github.summary_path, render.job_summary(report), run_url=github.run_url)
+
+
+def _configure_logging(stream: TextIO) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("invarlock-action: %(levelname)s: %(message)s"))
+    root = logging.getLogger("invarlock")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+

@@ -1,0 +1,404 @@
+"""Markdown for reviewers: the PR comment, the check run and the job summary.
+
+Pure: an Outcome and a few links in, strings out (no I/O, no environment). Every report leads
+with the verdict and the one number that decides it (the ratio's upper bound against the
+limit, or for classifiers the lower bound of the accuracy change), then the gates, guard
+findings and a chart of the per-window deltas. The certificate's own tables come from
+`invarlock.certificate.markdown`; this module only arranges them and adds what a pull request
+needs (links, truncation within GitHub's limits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from invarlock.certificate import markdown as cert_md
+from invarlock.github.checks import OUTPUT_LIMIT, CheckOutput
+from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_INPUT, Outcome
+
+_EXIT_MEANING = {EXIT_INPUT: "bad input or configuration",
+                 EXIT_EVIDENCE: "the evidence could not be produced"}
+_MAX_BINS = 12
+_MAX_GUARD_ROWS = 10
+
+
+@dataclass(frozen=True)
+class Links:
+    """Where the reader can find more; any of them may be missing."""
+
+    run_url: str | None = None
+    check_url: str | None = None
+    artifact_name: str | None = None
+    head_sha: str | None = None  # the commit that was certified
+
+
+@dataclass(frozen=True)
+class Report:
+    check_name: str
+    outcome: Outcome
+    links: Links
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def title(report: Report) -> str:
+    """One line: the verdict and the deciding number (the check run's title)."""
+    outcome = report.outcome
+    if outcome.verdict is None:
+        return f"Could not certify (exit {outcome.exit_code}): {_first_line(outcome.error)}"
+    pm = outcome.primary_metric
+    assert pm is not None
+    status = str(outcome.verdict)
+    if pm["gate_value"] is None:
+        if pm["catastrophic"]:
+            prev = pm["preview"]["ratio"]
+            shown = "non-finite" if prev is None else f"{prev:.3f}"
+            return f"{status}: catastrophic preview ratio {shown}"
+        return f"{status}: primary metric not computed"
+    if pm["basis"] == "ratio_ci_upper":
+        hi = pm["ratio_ci"][1]
+        op = "≤" if hi <= pm["limit"] else ">"
+        return (f"{status}: ratio {pm['ratio']:.4f}, upper bound {hi:.4f} {op} "
+                f"{pm['limit']:.2f}")
+    lo = pm["delta"]["ci"][0]
+    op = "≥" if lo >= pm["limit"] else "<"
+    return f"{status}: accuracy change lower bound {lo:+.2f} {op} {pm['limit']:+.2f} pp"
+
+
+def comment(report: Report, limit: int) -> str:
+    """The sticky PR comment body (without the marker line), at most `limit` characters."""
+    return fit(sections(report), footer(report), limit, _truncation_notice(report))
+
+
+def job_summary(report: Report) -> str:
+    """The job summary: the same report (its size is bounded by the caller in bytes)."""
+    return "\n\n".join([*sections(report), footer(report)]) + "\n"
+
+
+def check_output(report: Report) -> CheckOutput:
+    """Title, summary (the report) and text (the whole certificate) of the check run."""
+    summary = fit(sections(report), footer(report), OUTPUT_LIMIT, _truncation_notice(report))
+    text = ""
+    if report.outcome.certificate is not None:
+        full = cert_md.render(report.outcome.certificate)
+        text = fit([full], "", OUTPUT_LIMIT, _truncation_notice(report))
+    return CheckOutput(title(report), summary, text)
+
+
+def short_report(report: Report) -> str:
+    """A few lines for when GitHub refuses the full report: headline and links only."""
+    return "\n\n".join([headline(report), footer(report)]) + "\n"
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def sections(report: Report) -> list[str]:
+    """The report in reading order; later sections are the first to go when space is short."""
+    outcome = report.outcome
+    if outcome.certificate is None:
+        return [headline(report)]
+    cert = outcome.certificate
+    return [
+        headline(report),
+        "#### Gates\n\n" + cert_md.gates_table(cert),
+        "#### Primary metric\n\n" + cert_md.metric_table(cert),
+        "#### Guards\n\n" + guard_findings(cert),
+        "#### Per-window deltas\n\n" + delta_chart(cert),
+        "<details><summary>Models, data and provenance</summary>\n\n"
+        + cert_md.models_table(cert) + "\n\n" + cert_md.provenance_table(cert)
+        + "\n\n</details>",
+    ]
+
+
+def headline(report: Report) -> str:
+    outcome = report.outcome
+    name = _plain(report.check_name)
+    if outcome.certificate is None:
+        meaning = _EXIT_MEANING.get(outcome.exit_code, "the certifier did not finish")
+        error = (outcome.error or "").strip().replace("```", "'''")
+        return "\n\n".join(filter(None, [
+            f"### ⚠️ {name}: could not certify",
+            f"The certifier stopped with exit code {outcome.exit_code} ({meaning}); no verdict "
+            "was reached.",
+            f"```text\n{error}\n```" if error else "",
+        ]))
+    cert = outcome.certificate
+    status = cert["verdict"]["status"]
+    icon = "✅" if status == "PASS" else "❌"
+    base, subj = cert["baseline"], cert["subject"]
+    subject = (f"`{_code(subj['source'])}`" if subj.get("produced_by") is None
+               else f"`{_code(base['source'])}` + {_code(str(subj['produced_by']))}")
+    policy = cert["policy"]
+    context = (f"{subject} vs baseline `{_code(base['source'])}` · {policy['tier']} tier · "
+               f"{policy['profile']} profile · {cert['pairing']['preview_n']} + "
+               f"{cert['pairing']['final_n']} windows")
+    parts = [f"### {icon} {name}: {status}", cert_md.summary_sentence(cert), context]
+    if status == "FAIL":
+        parts.append("\n".join(f"- {_plain(r)}" for r in cert["verdict"]["reasons"]))
+    return "\n\n".join(parts)
+
+
+def footer(report: Report) -> str:
+    links = report.links
+    parts = []
+    if links.head_sha:
+        parts.append(f"commit `{_code(links.head_sha[:12])}`")
+    if links.run_url:
+        parts.append(f"[workflow run]({links.run_url})")
+    if links.check_url:
+        parts.append(f"[check run]({links.check_url})")
+    if links.artifact_name and report.outcome.certificate is not None:
+        parts.append(f"certificate artifact `{_code(links.artifact_name)}`")
+    cert = report.outcome.certificate
+    if cert is not None:
+        parts.append(f"run `{_code(cert['run_id'])}`")
+        parts.append(f"digest `{_code(cert.get('digest', 'unsealed'))[:19]}…`")
+    return f"<sub>{' · '.join(parts)}</sub>" if parts else ""
+
+
+def guard_findings(cert: dict[str, Any]) -> str:
+    """Whatever per-guard sections the certificate holds, as small tables."""
+    guards = cert.get("guards") or {}
+    if not guards:
+        return "No guard results in this certificate."
+    blocks = []
+    for name in sorted(guards):
+        section = guards[name]
+        lines = [f"**{_plain(name)}**"]
+        scalars = {k: v for k, v in section.items() if _is_scalar(v)}
+        if scalars:
+            lines += ["", "| | |", "|---|---|"]
+            lines += [f"| {_plain(k)} | {_value(v)} |" for k, v in scalars.items()]
+        for key, value in section.items():
+            if isinstance(value, list):
+                lines += ["", _list_block(key, value)]
+            elif isinstance(value, dict):
+                lines += ["", _dict_block(key, value)]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def delta_chart(cert: dict[str, Any]) -> str:
+    """A Mermaid histogram of per-window Δ (subject − baseline), with one line of context."""
+    deltas = window_deltas(cert)
+    if deltas.values.size == 0:
+        return f"No per-window results to chart ({deltas.nonfinite} non-finite)."
+    accuracy = cert["primary_metric"]["kind"] == "accuracy"
+    if accuracy:
+        labels = ["−1 (newly wrong)", "0 (unchanged)", "+1 (newly right)"]
+        counts = [int(np.sum(deltas.values == v)) for v in (-1.0, 0.0, 1.0)]
+        axis, unit = "Δ correct per example", "examples"
+    else:
+        labels, counts = _histogram(deltas.values)
+        axis, unit = "Δ log-loss (nats/token)", "windows"
+    top = max(counts)
+    chart = "\n".join([
+        "```mermaid",
+        "xychart-beta",
+        f'    title "Subject − baseline, {deltas.set_name} set ({deltas.values.size} {unit})"',
+        f'    x-axis "{axis}" [{", ".join(_quoted(label) for label in labels)}]',
+        f'    y-axis "{unit}" 0 --> {max(top, 1)}',
+        f"    bar [{', '.join(str(c) for c in counts)}]",
+        "```",
+    ])
+    return chart + "\n\n" + _delta_caption(cert, deltas, accuracy)
+
+
+# ----------------------------------------------------------------------------- deltas
+
+
+@dataclass(frozen=True)
+class WindowDeltas:
+    set_name: str  # "final", or "preview" when the final set was not evaluated
+    values: np.ndarray  # float64 [N] finite per-window Δ
+    nonfinite: int  # windows whose subject loss was not finite
+
+
+def window_deltas(cert: dict[str, Any]) -> WindowDeltas:
+    """Per-window Δ: subject − baseline per-token log-loss (or correctness for classifiers)."""
+    windows = cert["windows"]
+    name = "final" if windows["final"]["subject"] else "preview"
+    w = windows[name]
+    base = np.asarray(w["baseline"], dtype=np.float64)
+    subj = np.asarray([np.nan if v is None else v for v in w["subject"]], dtype=np.float64)
+    tokens = np.asarray(w["tokens"], dtype=np.float64)
+    if subj.size != base.size:
+        return WindowDeltas(name, np.zeros(0), 0)
+    if cert["primary_metric"]["kind"] != "accuracy":
+        delta = subj / tokens - base / tokens
+    else:
+        delta = subj - base
+    finite = np.isfinite(delta)
+    return WindowDeltas(name, delta[finite], int(np.count_nonzero(~finite)))
+
+
+def _histogram(values: np.ndarray) -> tuple[list[str], list[int]]:
+    bins = max(1, min(_MAX_BINS, math.ceil(math.sqrt(values.size))))
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo <= 1e-12 * max(1.0, abs(lo)):
+        return [_signed(lo, 4)], [int(values.size)]
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    width = edges[1] - edges[0]
+    decimals = max(1, min(6, 1 - math.floor(math.log10(width))))
+    centres = (edges[:-1] + edges[1:]) / 2
+    return [_signed(c, decimals) for c in centres], [int(c) for c in counts]
+
+
+def _delta_caption(cert: dict[str, Any], deltas: WindowDeltas, accuracy: bool) -> str:
+    pm = cert["primary_metric"]
+    values = deltas.values
+    if accuracy:
+        worse = int(np.sum(values < 0))
+        better = int(np.sum(values > 0))
+        text = f"{worse} examples newly wrong, {better} newly right"
+    else:
+        p5, median, p95 = np.percentile(values, [5, 50, 95])
+        text = (f"Median Δ {_signed(median, 4)} nats/token; 90% of windows between "
+                f"{_signed(p5, 4)} and {_signed(p95, 4)}")
+        delta = pm["delta"]
+        if delta is not None and pm["limit"] > 0:
+            text += (f". The gate compares the mean's upper bound ({_signed(delta['ci'][1], 4)}) "
+                     f"with ln {pm['limit']:.2f} = {_signed(math.log(pm['limit']), 4)}")
+    if deltas.nonfinite:
+        text += f"; {deltas.nonfinite} windows with non-finite subject loss"
+    return text + "."
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def fit(parts: Sequence[str], tail: str, limit: int, notice: str) -> str:
+    """Join `parts` (then `tail`) within `limit` characters, dropping later parts first.
+
+    When something is dropped, `notice` takes its place; a part that alone is too long is cut
+    at a line boundary.
+    """
+    sep = "\n\n"
+    full = sep.join([*parts, tail]) if tail else sep.join(parts)
+    if len(full) <= limit:
+        return full
+    reserve = len(notice) + len(sep) + (len(tail) + len(sep) if tail else 0)
+    room = limit - reserve
+    if room < 0:
+        raise ValueError(f"limit {limit} leaves no room for the notice and the footer")
+    kept: list[str] = []
+    used = 0
+    for part in parts:
+        extra = len(part) + (len(sep) if kept else 0)
+        if used + extra <= room:
+            kept.append(part)
+            used += extra
+            continue
+        space = room - used - (len(sep) if kept else 0)
+        if space > 0:
+            cut = part[:space]
+            cut = _close_blocks(cut[: cut.rfind("\n")] if "\n" in cut else "")
+            if cut.strip():
+                kept.append(cut)
+        break
+    out = [*kept, notice] + ([tail] if tail else [])
+    return sep.join(out)
+
+
+def _close_blocks(text: str) -> str:
+    """A cut inside a ``` block or <details> would swallow what follows; drop the open block."""
+    if text.count("```") % 2 == 1:
+        text = text[: text.rfind("```")].rstrip()
+    if text.count("<details>") > text.count("</details>"):
+        text = text[: text.rfind("<details>")].rstrip()
+    return text
+
+
+def _truncation_notice(report: Report) -> str:
+    where = (f"[workflow run]({report.links.run_url})" if report.links.run_url
+             else "workflow run")
+    return (f"_Report truncated to fit GitHub's size limit; the full certificate is attached to "
+            f"the {where}._")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _list_block(key: str, items: list[Any]) -> str:
+    head = f"_{_plain(key)}_: {len(items)} {'entry' if len(items) == 1 else 'entries'}"
+    rows = [item for item in items if isinstance(item, dict)]
+    if not rows:
+        shown = ", ".join(_value(v) for v in items[:_MAX_GUARD_ROWS] if _is_scalar(v))
+        more = " …" if len(items) > _MAX_GUARD_ROWS else ""
+        return head + (f" ({shown}{more})" if shown else "")
+    columns: list[str] = []
+    for row in rows[:_MAX_GUARD_ROWS]:
+        columns += [k for k, v in row.items() if _is_scalar(v) and k not in columns]
+    if not columns:
+        return head
+    lines = [head, "", "| " + " | ".join(_plain(c) for c in columns) + " |",
+             "|" + "---|" * len(columns)]
+    for row in rows[:_MAX_GUARD_ROWS]:
+        lines.append("| " + " | ".join(_value(row.get(c)) if c in row else ""
+                                       for c in columns) + " |")
+    if len(rows) > _MAX_GUARD_ROWS:
+        lines.append(f"\n… and {len(rows) - _MAX_GUARD_ROWS} more in the certificate.")
+    return "\n".join(lines)
+
+
+def _dict_block(key: str, value: dict[str, Any]) -> str:
+    """`key`: scalars inline, one nested level as `name (k v, k v)`, deeper ones counted."""
+    parts, deeper = [], 0
+    for k, v in value.items():
+        if _is_scalar(v):
+            parts.append(f"{_plain(k)} {_value(v)}")
+        elif isinstance(v, dict) and all(_is_scalar(x) for x in v.values()):
+            inner = ", ".join(f"{_plain(a)} {_value(b)}" for a, b in v.items())
+            parts.append(f"{_plain(k)} ({inner})")
+        else:
+            deeper += 1
+    if deeper:
+        parts.append(f"{deeper} more nested {'field' if deeper == 1 else 'fields'} in the "
+                     "certificate")
+    return f"_{_plain(key)}_: " + "; ".join(parts)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "✅" if value else "❌"
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return _plain(str(value))
+
+
+def _signed(x: float, decimals: int) -> str:
+    text = f"{x:+.{decimals}f}"
+    return text.replace("-", "−")
+
+
+def _quoted(label: str) -> str:
+    return '"' + label.replace('"', "'") + '"'
+
+
+def _plain(text: str) -> str:
+    """Untrusted text for a table cell or a line: no HTML, no table breaks, one line."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace("|", "\\|")
+            .replace("\r", " ").replace("\n", " "))
+
+
+def _code(text: str) -> str:
+    """Text shown inside backticks: no backticks or line breaks inside."""
+    return str(text).replace("`", "'").replace("\r", " ").replace("\n", " ")
+
+
+def _first_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0][:200] if lines else "no message"

@@ -1,0 +1,247 @@
+"""Action settings: every input and GitHub variable, read once from the environment.
+
+Inputs arrive as `INPUT_<NAME>` with the name upper-cased and hyphens turned into
+underscores, which is how the composite action passes them to the container. Docker and
+JavaScript actions receive the hyphenated form (`INPUT_GITHUB-TOKEN`); both are accepted.
+Nothing else in the package reads the environment.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from invarlock.enums import StrEnum
+from invarlock.errors import InputError
+
+CERTIFY_COMMAND_VARIABLE = "INVARLOCK_CERTIFY_COMMAND"
+DEFAULT_CERTIFY_COMMAND = ("invarlock", "certify")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input the entrypoint reads; `default` applies when the variable is unset or empty."""
+
+    name: str
+    default: str
+    description: str
+
+
+# The inputs the entrypoint reads. action.yml declares each of them (with the same default)
+# and passes each to the container; tests/github/test_action_consistency.py checks that.
+INPUTS: tuple[InputSpec, ...] = (
+    InputSpec("mode", "certify",
+              "`certify` runs the certifier; `publish` reports a downloaded result "
+              "(fork pull requests, from a `workflow_run` workflow)."),
+    InputSpec("baseline", "", "Baseline model, a directory in the workspace (empty for the "
+                              "bundled demo model)."),
+    InputSpec("subject", "", "Subject checkpoint to certify against the baseline."),
+    InputSpec("edit-config", "", "YAML with `edit: {name: quant_rtn, plan: {...}}`: build the "
+                                 "subject from the baseline instead of loading one."),
+    InputSpec("dataset", "", "Evaluation data: a .txt file, a folder of .txt, a .jsonl file, "
+                             "`demo`, `wikitext2` or `hf:NAME[:CONFIG[:SPLIT]]`."),
+    InputSpec("profile", "ci", "Evidence size: `dev`, `ci` or `release`."),
+    InputSpec("tier", "balanced", "Acceptance thresholds: `balanced`, `conservative` or "
+                                  "`aggressive`."),
+    InputSpec("preset", "", "Config files merged in order, one path per line."),
+    InputSpec("device", "", "`cuda`, `cuda:N` or `cpu`; empty picks CUDA when a GPU is "
+                            "visible."),
+    InputSpec("dtype", "", "`float32`, `float16` or `bfloat16`; empty picks from the "
+                           "checkpoint and device."),
+    InputSpec("output-dir", "invarlock-report",
+              "Folder for the certificate, relative to `working-directory`."),
+    InputSpec("certificate", "", "Publish mode: the downloaded report folder (or certificate "
+                                 "file) to publish."),
+    InputSpec("github-token", "", "Token for the check run and the comment (default: the job "
+                                  "token, or GITHUB_TOKEN outside the action)."),
+    InputSpec("check-name", "InvarLock", "Name of the check run; also keys the sticky comment."),
+    InputSpec("check-run", "true", "Create a check run on the commit."),
+    InputSpec("comment", "true", "Create or update one sticky comment on the pull request."),
+    InputSpec("artifact-name", "invarlock-certificate",
+              "Name of the certificate artifact (named in the report)."),
+)
+_SPECS = {spec.name: spec for spec in INPUTS}
+
+
+class Mode(StrEnum):
+    CERTIFY = "certify"
+    PUBLISH = "publish"
+
+
+@dataclass(frozen=True)
+class CertifyInputs:
+    """What goes to `invarlock certify`; empty strings mean "the certifier's default"."""
+
+    baseline: str = ""
+    subject: str = ""
+    edit_config: str = ""
+    dataset: str = ""
+    profile: str = "ci"
+    tier: str = "balanced"
+    presets: tuple[str, ...] = ()
+    device: str = ""
+    dtype: str = ""
+
+
+@dataclass(frozen=True)
+class GitHubEnvironment:
+    """The default variables of a workflow run (empty outside GitHub Actions)."""
+
+    api_url: str = "https://api.github.com"
+    server_url: str = "https://github.com"
+    repository: str = ""  # owner/name
+    sha: str = ""  # for pull_request events the merge commit, not the head
+    event_name: str = ""
+    event_path: Path | None = None
+    run_id: str = ""
+    run_attempt: str = "1"
+    output_path: Path | None = None  # GITHUB_OUTPUT
+    summary_path: Path | None = None  # GITHUB_STEP_SUMMARY
+    in_actions: bool = False
+
+    @property
+    def run_url(self) -> str | None:
+        if not (self.repository and self.run_id):
+            return None
+        return f"{self.server_url.rstrip('/')}/{self.repository}/actions/runs/{self.run_id}"
+
+    @property
+    def owner_and_name(self) -> tuple[str, str]:
+        if not _REPOSITORY.fullmatch(self.repository):
+            raise InputError(f"GITHUB_REPOSITORY must be owner/name, not {self.repository!r}")
+        owner, name = self.repository.split("/")
+        return owner, name
+
+
+_REPOSITORY = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: Mode
+    certify: CertifyInputs
+    output_dir: Path
+    certificate: Path | None
+    check_name: str
+    check_run: bool
+    comment: bool
+    artifact_name: str
+    certify_command: tuple[str, ...]
+    github: GitHubEnvironment
+    token: str = field(default="", repr=False)  # never in a repr, a log line or an error
+
+    @property
+    def publishes(self) -> bool:
+        """Whether anything is sent to the GitHub API."""
+        return self.check_run or self.comment
+
+
+def input_variables(name: str) -> tuple[str, str]:
+    """The two spellings an input can arrive in: `INPUT_EDIT_CONFIG`, `INPUT_EDIT-CONFIG`."""
+    upper = name.upper()
+    return f"INPUT_{upper.replace('-', '_')}", f"INPUT_{upper}"
+
+
+def read_input(environ: Mapping[str, str], name: str) -> str:
+    """An input's value (whitespace stripped), or its default when unset or empty."""
+    for variable in input_variables(name):
+        value = environ.get(variable, "").strip()
+        if value:
+            return value
+    return _SPECS[name].default
+
+
+def read_settings(environ: Mapping[str, str]) -> Settings:
+    """Read and check every input once; bad values raise InputError naming the input."""
+    def get(name: str) -> str:
+        return read_input(environ, name)
+
+    mode = _choice("mode", get("mode"), Mode)
+    certificate = Path(get("certificate")) if get("certificate") else None
+    if mode is Mode.PUBLISH and certificate is None:
+        raise InputError("input 'certificate' is required in publish mode: the downloaded "
+                         "report folder or certificate file")
+    check_name = get("check-name")
+    if len(check_name) > 100:
+        raise InputError("input 'check-name' is longer than 100 characters")
+    return Settings(
+        mode=mode,
+        certify=CertifyInputs(
+            baseline=get("baseline"), subject=get("subject"), edit_config=get("edit-config"),
+            dataset=get("dataset"), profile=get("profile"), tier=get("tier"),
+            presets=tuple(line.strip() for line in get("preset").splitlines() if line.strip()),
+            device=get("device"), dtype=get("dtype")),
+        output_dir=Path(get("output-dir")),
+        certificate=certificate,
+        check_name=check_name,
+        check_run=_boolean("check-run", get("check-run")),
+        comment=_boolean("comment", get("comment")),
+        artifact_name=get("artifact-name"),
+        certify_command=_command(environ.get(CERTIFY_COMMAND_VARIABLE, "")),
+        github=_github_environment(environ),
+        token=get("github-token") or environ.get("GITHUB_TOKEN", "").strip(),
+    )
+
+
+# The workflow variables the entrypoint reads (action.yml forwards each into the container).
+GITHUB_VARIABLES = ("GITHUB_ACTIONS", "GITHUB_API_URL", "GITHUB_SERVER_URL", "GITHUB_REPOSITORY",
+                    "GITHUB_SHA", "GITHUB_EVENT_NAME", "GITHUB_EVENT_PATH", "GITHUB_RUN_ID",
+                    "GITHUB_RUN_ATTEMPT", "GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY")
+
+
+def _github_environment(environ: Mapping[str, str]) -> GitHubEnvironment:
+    environ = {k: v for k, v in environ.items() if k in GITHUB_VARIABLES}
+
+    def path(name: str) -> Path | None:
+        value = environ.get(name, "")
+        return Path(value) if value else None
+
+    defaults = GitHubEnvironment()
+    return GitHubEnvironment(
+        api_url=environ.get("GITHUB_API_URL") or defaults.api_url,
+        server_url=environ.get("GITHUB_SERVER_URL") or defaults.server_url,
+        repository=environ.get("GITHUB_REPOSITORY", ""),
+        sha=environ.get("GITHUB_SHA", ""),
+        event_name=environ.get("GITHUB_EVENT_NAME", ""),
+        event_path=path("GITHUB_EVENT_PATH"),
+        run_id=environ.get("GITHUB_RUN_ID", ""),
+        run_attempt=environ.get("GITHUB_RUN_ATTEMPT") or defaults.run_attempt,
+        output_path=path("GITHUB_OUTPUT"),
+        summary_path=path("GITHUB_STEP_SUMMARY"),
+        in_actions=environ.get("GITHUB_ACTIONS") == "true",
+    )
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _boolean(name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise InputError(f"input '{name}' must be true or false, not {value!r}")
+
+
+def _choice(name: str, value: str, enum: type[Mode]) -> Mode:
+    try:
+        return enum(value.lower())
+    except ValueError:
+        allowed = " or ".join(m.value for m in enum)
+        raise InputError(f"input '{name}' must be {allowed}, not {value!r}") from None
+
+
+def _command(value: str) -> tuple[str, ...]:
+    """`INVARLOCK_CERTIFY_COMMAND`: the command run in place of `invarlock certify`."""
+    if not value.strip():
+        return DEFAULT_CERTIFY_COMMAND
+    try:
+        parts = tuple(shlex.split(value))
+    except ValueError as exc:
+        raise InputError(f"{CERTIFY_COMMAND_VARIABLE} is not a valid command line: {exc}") \
+            from None
+    return parts

@@ -1,0 +1,470 @@
+"""The HTML report: one self-contained page (inline CSS and SVG, no scripts, no network).
+
+Order follows what a reviewer asks: the verdict and whether the document verifies; the one
+number against its limit (interval plot); how the per-window differences are spread; the
+gates; the guards (per-family tables, spectral |z| per module); the policy; provenance.
+
+Pure: a certificate and its verification report in, a string out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from html import escape
+from typing import Any
+
+import numpy as np
+
+from invarlock.certificate import markdown as md
+from invarlock.config import flatten
+from invarlock.report import charts
+from invarlock.verify import ABS_TOL, REL_TOL, VerifyReport
+
+_CSS = """
+:root { --pass: #1a7f37; --fail: #cf222e; --ink: #1f2328; --muted: #656d76; --line: #d0d7de; }
+* { box-sizing: border-box; }
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--ink);
+       margin: 0; background: #f6f8fa; }
+main { max-width: 980px; margin: 0 auto; padding: 24px; background: #fff; }
+h1 { font-size: 28px; margin: 0 0 4px; }
+h2 { font-size: 19px; margin: 32px 0 8px; padding-bottom: 4px;
+     border-bottom: 1px solid var(--line); }
+h3 { font-size: 16px; margin: 20px 0 6px; }
+.verdict { border-radius: 8px; padding: 16px 20px; color: #fff; }
+.verdict.pass { background: var(--pass); } .verdict.fail { background: var(--fail); }
+.verdict p { margin: 4px 0 0; }
+.verdict ul { margin: 8px 0 0; padding-left: 20px; }
+.check { margin: 12px 0; padding: 10px 14px; border-radius: 6px; border: 1px solid var(--line); }
+.check.ok { border-color: var(--pass); background: #dafbe1; }
+.check.bad { border-color: var(--fail); background: #ffebe9; }
+.check ul { margin: 6px 0 0; padding-left: 20px; }
+table { border-collapse: collapse; width: 100%; margin: 8px 0; font-size: 14px; }
+th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line);
+         vertical-align: top; }
+th { background: #f6f8fa; font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.kv td { text-align: left; } table.kv td:first-child { width: 45%; }
+code { font: 13px ui-monospace, SFMono-Regular, Menlo, monospace; word-break: break-all; }
+.ok-mark { color: var(--pass); font-weight: 700; white-space: nowrap; }
+.bad-mark { color: var(--fail); font-weight: 700; white-space: nowrap; }
+.muted { color: var(--muted); }
+.tag { display: inline-block; padding: 0 6px; border-radius: 10px; font-size: 12px;
+       border: 1px solid var(--line); }
+figure { margin: 8px 0; } figcaption { color: var(--muted); font-size: 13px; }
+footer { margin-top: 32px; color: var(--muted); font-size: 12px; }
+@media print { body { background: #fff; } main { padding: 0; } }
+"""
+
+
+def render(cert: Mapping[str, Any], verification: VerifyReport) -> str:
+    """The whole page."""
+    status = cert["verdict"]["status"]
+    title = f"InvarLock certificate: {status}"
+    parts = [
+        _verdict(cert),
+        _verification(verification),
+        _section("Primary metric", _primary(cert)),
+        _section("Per-window differences", _histogram(cert)),
+        _section("Gates", _gates(cert)),
+        _section("Guards", _guards(cert)),
+        _section("Policy", _policy(cert)),
+        _section("Models, data and provenance", _provenance(cert)),
+        f"<footer>Certificate digest <code>{escape(str(cert.get('digest')))}</code>. "
+        f"Re-check it with <code>invarlock verify evaluation.cert.json</code>.</footer>",
+    ]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{escape(title)}</title><style>{_CSS}</style></head>"
+            f"<body><main>{''.join(parts)}</main></body></html>\n")
+
+
+def _section(title: str, body: str) -> str:
+    return f"<section><h2>{escape(title)}</h2>{body}</section>"
+
+
+def _verdict(cert: Mapping[str, Any]) -> str:
+    status = cert["verdict"]["status"]
+    reasons = ""
+    if status == "FAIL":
+        items = "".join(f"<li>{escape(r)}</li>" for r in cert["verdict"]["reasons"])
+        reasons = f"<ul>{items}</ul>"
+    sentence = md.summary_sentence(dict(cert)).replace("**", "")
+    return (f'<div class="verdict {status.lower()}"><h1>{"✔" if status == "PASS" else "✘"} '
+            f"{escape(status)}</h1><p>{escape(sentence)}</p>{reasons}</div>")
+
+
+def _verification(report: VerifyReport) -> str:
+    if report.verified:
+        notes = "".join(f"<li>{escape(n)}</li>" for n in report.notes)
+        return (f'<div class="check ok"><strong>Verified.</strong> Recomputed from the stored '
+                f"numbers: {escape(', '.join(report.checked))} (tolerance {REL_TOL:g} relative, "
+                f"{ABS_TOL:g} absolute).{f'<ul>{notes}</ul>' if notes else ''}</div>")
+    items = "".join(f"<li>{escape(d)}</li>" for d in report.differences[:30])
+    more = len(report.differences) - 30
+    extra = f"<li>… and {more} more</li>" if more > 0 else ""
+    return (f'<div class="check bad"><strong>This certificate does not verify</strong> '
+            f"({len(report.differences)} difference(s)); do not rely on it."
+            f"<ul>{items}{extra}</ul></div>")
+
+
+def _primary(cert: Mapping[str, Any]) -> str:
+    pm = cert["primary_metric"]
+    passed = bool(cert["validation"].get("primary_metric_acceptable"))
+    figure = ""
+    if pm["ratio_ci"] is not None:
+        lo, hi = pm["ratio_ci"]
+        figure = charts.interval_plot(
+            estimate=pm["ratio"], low=lo, high=hi, limit=pm["limit"], reference=1.0,
+            upper_limit=True, passed=passed,
+            label="Perplexity ratio subject/baseline with its confidence interval and limit")
+        caption = (f"Perplexity ratio subject/baseline with its "
+                   f"{_confidence(pm)} BCa interval; PASS needs the upper bound at or "
+                   f"below the limit {pm['limit']:.2f}.")
+    elif pm["delta"] is not None:
+        d = pm["delta"]
+        figure = charts.interval_plot(
+            estimate=d["estimate"], low=d["ci"][0], high=d["ci"][1], limit=pm["limit"],
+            reference=0.0, upper_limit=False, passed=passed, unit=" pp", value_format="+.2f",
+            label="Accuracy change with its confidence interval and limit")
+        caption = (f"Accuracy change subject − baseline (percentage points) with its "
+                   f"{_confidence(pm)} BCa interval; PASS needs the lower bound at or above "
+                   f"{pm['limit']:+.2f} pp.")
+    else:
+        caption = "No interval: the final set was not evaluated (catastrophic preview)."
+    table = _md_table(md.metric_table(dict(cert)))
+    fig = f"<figure>{figure}<figcaption>{escape(caption)}</figcaption></figure>"
+    if not figure:
+        return f"{fig}{table}"
+    return f"{fig}{table}<p class=\"muted\">{escape(_interval_line(cert))}</p>"
+
+
+def _confidence(pm: Mapping[str, Any]) -> str:
+    boot = pm.get("bootstrap") or {}
+    alpha = boot.get("alpha")
+    return f"{(1 - alpha) * 100:g}%" if isinstance(alpha, (int, float)) else ""
+
+
+_METHODS = {"bca": "BCa", "percentile": "percentile (BCa undefined)",
+            "degenerate": "degenerate (every replicate equal)"}
+
+
+def _interval_line(cert: Mapping[str, Any]) -> str:
+    pm = cert["primary_metric"]
+    boot, d = pm["bootstrap"], pm["delta"]
+    if boot is None or d is None:
+        return "No interval: the final set was not evaluated."
+    unit = "nats/token" if d["unit"] == "nats_per_token" else "pp"
+    drift = "—" if pm["drift"] is None else f"{pm['drift']:.4f}"
+    return (f"Paired Δ = {d['estimate']:+.6f} {unit} (CI {d['ci'][0]:+.6f} to "
+            f"{d['ci'][1]:+.6f}); {_METHODS.get(boot['method'], boot['method'])} bootstrap, "
+            f"{boot['replicates']} "
+            f"replicates, seed {boot['seed']}, α = {boot['alpha']}; drift final/preview {drift}.")
+
+
+def window_deltas(cert: Mapping[str, Any]) -> tuple[str, list[float]]:
+    """Per-window differences of the set the interval was computed on (final, else preview).
+
+    Perplexity: (NLLˢ − NLLᵇ)/tokens in nats/token; accuracy: cˢ − cᵇ in {−1, 0, 1}.
+    """
+    windows = cert["windows"]
+    name = "final" if windows["final"]["subject"] else "preview"
+    ws = windows[name]
+    deltas = []
+    for n, b, s in zip(ws["tokens"], ws["baseline"], ws["subject"], strict=False):
+        if s is None:
+            continue
+        deltas.append((s - b) / n if windows["kind"] != "accuracy" else s - b)
+    return name, deltas
+
+
+def _histogram(cert: Mapping[str, Any]) -> str:
+    name, deltas = window_deltas(cert)
+    if not deltas:
+        return "<p>No per-window results.</p>"
+    accuracy = cert["windows"]["kind"] == "accuracy"
+    if accuracy:
+        counts = {k: sum(1 for d in deltas if d == k) for k in (-1.0, 0.0, 1.0)}
+        rows = "".join(f"<tr><td>{label}</td><td class=\"num\">{counts[k]}</td></tr>"
+                       for k, label in ((1.0, "subject right, baseline wrong"),
+                                        (0.0, "both agree"),
+                                        (-1.0, "subject wrong, baseline right")))
+        return (f"<p>Paired outcomes on the {name} set ({len(deltas)} examples):</p>"
+                f"<table><tr><th>Outcome</th><th>Examples</th></tr>{rows}</table>")
+    mean = float(np.mean(deltas))
+    weighted = cert["primary_metric"]["delta"]
+    marks = [(mean, "mean")]
+    if weighted is not None and name == "final":
+        marks = [(weighted["estimate"], "token-weighted mean")]
+    svg = charts.histogram(deltas, label=f"Histogram of per-window log-loss differences, "
+                                         f"{name} set", x_label="Δ log-loss per token "
+                                         "(subject − baseline, nats)", marks=marks)
+    worse = sum(1 for d in deltas if d > 0)
+    return (f"<figure>{svg}<figcaption>{len(deltas)} {name} windows; {worse} where the subject "
+            f"is worse than the baseline.</figcaption></figure>")
+
+
+def _mark(ok: Any) -> str:
+    return ('<span class="ok-mark">✔ pass</span>' if ok is True
+            else '<span class="bad-mark">✘ fail</span>')
+
+
+def _gates(cert: Mapping[str, Any]) -> str:
+    gating = set(cert["gating"])
+    explanations = cert["verdict"].get("explanations", {})
+    rows = []
+    for flag, ok in cert["validation"].items():
+        mark = _mark(ok)
+        role = "gate" if flag in gating else "monitor"
+        rows.append(f"<tr><td><code>{escape(flag)}</code></td><td>{mark}</td>"
+                    f"<td><span class=\"tag\">{role}</span></td>"
+                    f"<td>{escape(explanations.get(flag, ''))}</td></tr>")
+    return ("<table><tr><th>Check</th><th>Result</th><th>Role</th><th>Detail</th></tr>"
+            f"{''.join(rows)}</table>")
+
+
+# --- guards ---------------------------------------------------------------------------------
+
+def _guards(cert: Mapping[str, Any]) -> str:
+    guards = cert.get("guards") or {}
+    if not guards:
+        return "<p class=\"muted\">No guard results in this certificate.</p>"
+    policy_guards = (cert["policy"]["values"].get("guards") or {})
+    return "".join(_guard(name, section, policy_guards.get(name) or {})
+                   for name, section in guards.items())
+
+
+def _guard(name: str, section: Mapping[str, Any], policy: Mapping[str, Any]) -> str:
+    mark = _mark(section.get("passed"))
+    head = (f"<h3>{escape(name)} {mark} <span class=\"tag\">{escape(str(section.get('mode')))}"
+            f"</span></h3><p>{escape(str(section.get('reason', '')))}</p>")
+    parts = [head]
+    for part in ("summary", "measurements"):  # derived numbers first, then the raw ones
+        data = section.get(part)
+        if not isinstance(data, Mapping):
+            continue
+        families = data.get("families")
+        if isinstance(families, Mapping) and families:
+            parts.append(f"<p class=\"muted\">Per family ({part})</p>"
+                         + _dict_table(families, "family"))
+        scalars = {k: v for k, v in data.items() if _is_scalar(v)}
+        if scalars:
+            parts.append(_kv_table(scalars))
+    bars = module_scores(section, policy)
+    if bars:
+        parts.append(_module_chart(name, bars))
+    findings = section.get("findings") or []
+    if findings:
+        parts.append(_findings_tables(findings))
+    return "".join(parts)
+
+
+_Z_KEYS = ("abs_z", "z", "z_score")
+
+
+def module_scores(section: Mapping[str, Any], policy: Mapping[str, Any]) -> list[charts.Bar]:
+    """|z| per module from a guard's section, with its family's cap when known.
+
+    `measurements.modules` is a list of {module|name, family, z|abs_z} or a mapping
+    module -> {family, z|abs_z}; spectral measurements ({name, family, sigma_baseline,
+    sigma_subject}) get their z from the spectral guard's own scoring when it is installed.
+    Anything else yields no chart.
+    """
+    measurements = section.get("measurements")
+    if not isinstance(measurements, Mapping):
+        return []
+    modules = measurements.get("modules")
+    if isinstance(modules, Mapping):
+        modules = [{"module": k, **v} for k, v in modules.items() if isinstance(v, Mapping)]
+    if not isinstance(modules, Sequence) or isinstance(modules, str):
+        return []
+    entries = [m for m in modules if isinstance(m, Mapping)]
+    scored = _spectral_z(entries, policy)
+    caps = _family_caps(section, policy)
+    reported = {str(f.get("module")) for f in section.get("findings") or []
+                if isinstance(f, Mapping)}
+    bars = []
+    for entry in entries:
+        label = str(entry.get("module") or entry.get("name") or "?")
+        z = next((entry[k] for k in _Z_KEYS if _is_number(entry.get(k))), scored.get(label))
+        if z is None or not np.isfinite(z):
+            continue
+        family = str(entry.get("family", "other"))
+        bars.append(charts.Bar(label, abs(float(z)), family, caps.get(family),
+                               flagged=label in reported))
+    return bars
+
+
+def _spectral_z(entries: Sequence[Mapping[str, Any]],
+                policy: Mapping[str, Any]) -> dict[str, float]:
+    """Robust z per module, computed by the spectral guard from σ baseline/subject."""
+    if not entries or any(k not in entries[0] for k in ("sigma_baseline", "sigma_subject")):
+        return {}
+    try:
+        from invarlock.guards import spectral
+    except ImportError:
+        return {}
+    try:
+        scores = spectral.score_modules(entries, float(policy.get("sigma_quantile", 0.5)),
+                                        spectral.FAMILIES)
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return {s.name: s.z for s in scores}
+
+
+def _family_caps(section: Mapping[str, Any], policy: Mapping[str, Any]) -> dict[str, float]:
+    caps: dict[str, float] = {}
+    measurements = section.get("measurements") or {}
+    for source in (policy.get("family_caps"), measurements.get("family_caps")):
+        if isinstance(source, Mapping):
+            caps.update({str(k): float(v) for k, v in source.items() if _is_number(v)})
+    for part in ("measurements", "summary"):
+        families = (section.get(part) or {}).get("families")
+        if isinstance(families, Mapping):
+            for fam, info in families.items():
+                if isinstance(info, Mapping) and _is_number(info.get("kappa")):
+                    caps[str(fam)] = float(info["kappa"])
+    return caps
+
+
+def _module_chart(name: str, bars: list[charts.Bar], limit: int = 60) -> str:
+    shown = sorted(bars, key=lambda b: -b.value)[:limit] if len(bars) > limit else bars
+    note = (f" The {limit} largest of {len(bars)} modules are shown." if len(bars) > limit
+            else "")
+    svg = charts.bar_chart(shown, label=f"{name}: |z| per module", x_label="|z|")
+    legend = " ".join(f'<span class="tag" style="border-color:{c};color:{c}">{f}</span>'
+                      for f, c in charts.FAMILY_COLOURS.items())
+    return (f"<figure>{svg}<figcaption>|z| per module, coloured by family {legend}; red ticks "
+            f"mark the family cap κ; modules the guard reported are named in red.{note}"
+            "</figcaption></figure>")
+
+
+def _findings_tables(findings: Sequence[Any]) -> str:
+    by_family: dict[str, list[Mapping[str, Any]]] = {}
+    for item in findings:
+        if isinstance(item, Mapping):
+            by_family.setdefault(str(item.get("family", "other")), []).append(item)
+    parts = []
+    for family in sorted(by_family):
+        rows = by_family[family]
+        extra = {k for r in rows for k in r if _is_scalar(r[k])} - {"module", "message", "family"}
+        keys = ["module", "message", *sorted(extra)]
+        head = "".join(f"<th>{escape(k)}</th>" for k in keys)
+        body = "".join("<tr>" + "".join(_cell(r.get(k)) for k in keys) + "</tr>" for r in rows)
+        parts.append(f"<p class=\"muted\">Findings: {escape(family)} ({len(rows)})</p>"
+                     f"<table><tr>{head}</tr>{body}</table>")
+    return "".join(parts)
+
+
+def _dict_table(rows: Mapping[str, Any], first: str) -> str:
+    keys = sorted({k for v in rows.values() if isinstance(v, Mapping) for k in v
+                   if _is_scalar(v[k])})
+    numeric = {k for k in keys if all(_is_number(v.get(k)) for v in rows.values()
+                                      if isinstance(v, Mapping) and k in v)}
+    head = f"<th>{escape(first)}</th>" + "".join(
+        (f'<th class="num">{escape(k)}</th>' if k in numeric else f"<th>{escape(k)}</th>")
+        for k in keys)
+    body = []
+    for name, value in rows.items():
+        cells = "".join(_cell(value.get(k)) if isinstance(value, Mapping) else _cell(None)
+                        for k in keys)
+        if not isinstance(value, Mapping):
+            cells = _cell(value)
+        body.append(f"<tr><td>{escape(str(name))}</td>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _kv_table(values: Mapping[str, Any]) -> str:
+    rows = "".join(f"<tr><td><code>{escape(str(k))}</code></td>{_cell(v)}</tr>"
+                   for k, v in values.items())
+    return f"<table class=\"kv\">{rows}</table>"
+
+
+def _cell(value: Any) -> str:
+    if _is_number(value):
+        return f'<td class="num">{escape(_num(value))}</td>'
+    if isinstance(value, bool):
+        return f"<td>{'✔' if value else '✘'}</td>"
+    if value is None:
+        return "<td class=\"muted\">—</td>"
+    if isinstance(value, (list, tuple)) and all(_is_scalar(v) for v in value):
+        return f"<td>{escape(', '.join(_num(v) if _is_number(v) else str(v) for v in value))}</td>"
+    return f"<td>{escape(str(value))}</td>"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool)) or (
+        isinstance(value, (list, tuple)) and len(value) <= 8
+        and all(isinstance(v, (str, int, float, bool)) for v in value))
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.6g}"
+
+
+# --- policy and provenance ------------------------------------------------------------------
+
+def _policy(cert: Mapping[str, Any]) -> str:
+    policy = cert["policy"]
+    overrides = set(policy["overrides"])
+    rows = []
+    for key, value in flatten(policy["values"]).items():
+        tag = ' <span class="tag">override</span>' if key in overrides else ""
+        rows.append(f"<tr><td><code>{escape(key)}</code>{tag}</td>{_cell(value)}</tr>")
+    return (f"<p>Tier <strong>{escape(policy['tier'])}</strong>, profile "
+            f"<strong>{escape(policy['profile'])}</strong>; policy digest "
+            f"<code>{escape(policy['digest'])}</code>.</p>"
+            f"<table class=\"kv\"><tr><th>Value</th><th>Setting</th></tr>{''.join(rows)}"
+            "</table>")
+
+
+def _provenance(cert: Mapping[str, Any]) -> str:
+    return (_md_table(md.models_table(dict(cert)))
+            + _md_table(md.provenance_table(dict(cert))))
+
+
+def _md_table(text: str) -> str:
+    """A pipe table from the Markdown renderer, as HTML (inline `code` kept)."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    if len(lines) < 2:
+        return ""
+    header, rows = _cells(lines[0]), [_cells(ln) for ln in lines[2:]]
+    head = "".join(f"<th>{_inline(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+    head_row = f"<tr>{head}</tr>" if any(c.strip() for c in header) else ""
+    return f"<table>{head_row}{body}</table>"
+
+
+def _cells(line: str) -> list[str]:
+    cells, current, escaped = [], [], False
+    for ch in line.strip()[1:-1]:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "|":
+            cells.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    cells.append("".join(current).strip())
+    return cells
+
+
+def _inline(text: str) -> str:
+    """Markdown `code` and **bold** spans to HTML; everything else escaped."""
+    out, parts = [], text.split("`")
+    for i, part in enumerate(parts):
+        if i % 2:
+            out.append(f"<code>{escape(part)}</code>")
+        else:
+            bold = part.split("**")
+            out.append("".join(f"<strong>{escape(b)}</strong>" if j % 2 else escape(b)
+                               for j, b in enumerate(bold)))
+    return "".join(out)

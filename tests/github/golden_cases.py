@@ -1,0 +1,100 @@
+"""The reports whose rendering is kept as golden files (tests/github/golden/).
+
+Regenerate after an intended change with `python scripts/regenerate_golden.py`, then review
+the diff: these files are what reviewers see in pull requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from invarlock.certificate import document
+from invarlock.enums import MetricKind, Verdict
+from invarlock.github import render
+from invarlock.github.comments import BODY_LIMIT, marker
+from invarlock.github.outcome import Outcome
+from tests.certs import synthetic_certificate
+
+GOLDEN = Path(__file__).with_name("golden")
+LINKS = render.Links(run_url="https://github.com/Codertocat/Hello-World/actions/runs/4242",
+                     check_url="https://github.com/Codertocat/Hello-World/runs/1001",
+                     artifact_name="invarlock-certificate",
+                     head_sha="ec26c3e57ca3a959ca5aad62de7213c562f8c821")
+CERT_PATH = Path("/work/invarlock-report/evaluation.cert.json")
+
+
+def _verdict(cert: dict[str, Any]) -> Outcome:
+    verdict = Verdict(cert["verdict"]["status"])
+    return Outcome(0 if verdict is Verdict.PASS else 1, verdict, cert, CERT_PATH,
+                   CERT_PATH.with_suffix(".md"))
+
+
+def with_guards(cert: dict[str, Any]) -> dict[str, Any]:
+    """A certificate carrying guard sections of assorted shapes (rendered generically)."""
+    guards = {
+        "spectral": {
+            "mode": "gate", "passed": False, "modules": 48, "max_caps": 2,
+            "violations": [{"module": f"transformer.h.{i}.mlp.c_fc", "family": "ffn",
+                            "relative_change": 0.31 + i / 100, "z": 4.2 + i / 10}
+                           for i in range(12)],
+            "families": {"attn": {"kappa": 2.5, "modules": 24}, "ffn": {"kappa": 2.3}},
+        },
+        "rmt": {"mode": "monitor", "passed": True, "epsilon": 0.1,
+                "edge_ratio": {"attn": 1.012, "ffn": 0.994}},
+        "invariants": {"mode": "gate", "passed": True, "checks": ["architecture", "tokenizer",
+                                                                  "finite weights"]},
+    }
+    body = {k: v for k, v in cert.items() if k != "digest"}
+    return document.seal({**body, "guards": guards})
+
+
+def _cases() -> dict[str, Callable[[], Outcome]]:
+    return {
+        "pass": lambda: _verdict(synthetic_certificate(shift=0.0, seed=1)),
+        "fail": lambda: _verdict(synthetic_certificate(shift=0.2, seed=2)),
+        "catastrophic": lambda: _verdict(synthetic_certificate(shift=1.5, seed=3)),
+        "accuracy": lambda: _verdict(synthetic_certificate(kind=MetricKind.ACCURACY, n=64,
+                                                           seed=4)),
+        "guards": lambda: _verdict(with_guards(synthetic_certificate(shift=0.0, seed=5))),
+        "error-input": lambda: Outcome.failed(2, "--dataset is required unless the baseline "
+                                                 "is the bundled demo"),
+        "error-crash": lambda: Outcome.failed(3, "the certifier was killed by signal 9:\n"
+                                                 "loading subject <models/int8>\n"
+                                                 "CUDA out of memory | 79.1 GiB in use"),
+    }
+
+
+CASES = _cases()
+
+
+def rendered(name: str) -> dict[str, str]:
+    """File name -> content for one case: the PR comment and the check run's title."""
+    report = render.Report("InvarLock", CASES[name](), LINKS)
+    line = marker(report.check_name)
+    return {
+        f"{name}.comment.md": line + "\n" + render.comment(report, BODY_LIMIT - len(line) - 1)
+        + "\n",
+        f"{name}.title.txt": render.title(report) + "\n",
+    }
+
+
+def all_rendered() -> dict[str, str]:
+    files: dict[str, str] = {}
+    for name in CASES:
+        files.update(rendered(name))
+    return files
+
+
+def write_all() -> list[Path]:
+    GOLDEN.mkdir(exist_ok=True)
+    written = []
+    for filename, text in all_rendered().items():
+        path = GOLDEN / filename
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+

@@ -1,0 +1,242 @@
+"""action.yml, the workflows, the Dockerfile and docs/action.md: valid, secure, in agreement.
+
+- action.yml and every workflow validate against SchemaStore's schemas;
+- no `${{ }}` inside a `run:` script; every third-party action pinned by commit SHA;
+- the inputs agree between action.yml, the container's environment (the certify step's
+  `env:` and its `--env` list), the entrypoint's settings and docs/action.md;
+- hadolint (Dockerfile) and zizmor (action.yml, workflows) report nothing;
+- the image is built with the torch version CI installs, and the default image tag is the
+  package version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jsonschema import Draft7Validator
+
+from invarlock.github.outcome import Outcome
+from invarlock.github.settings import GITHUB_VARIABLES, INPUTS, input_variables
+from tests.github.conftest import DATA, ROOT
+
+SCHEMAS = DATA / "schemastore"
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+PUBLISHED_OUTPUTS = {"check-run-url", "comment-url"}  # written after publishing
+
+
+class _ActionsLoader(yaml.SafeLoader):
+    """YAML as GitHub reads it: `on:` is a key, not the boolean true (YAML 1.1)."""
+
+
+_ActionsLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ActionsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"))
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=_ActionsLoader)
+
+
+def schema(name: str) -> Draft7Validator:
+    return Draft7Validator(json.loads((SCHEMAS / name).read_text(encoding="utf-8")))
+
+
+@pytest.fixture(scope="module")
+def action() -> dict[str, Any]:
+    return load_yaml(ROOT / "action.yml")
+
+
+def step(action: dict[str, Any], step_id: str) -> dict[str, Any]:
+    return next(s for s in action["runs"]["steps"] if s.get("id") == step_id)
+
+
+# ----------------------------------------------------------------------------- schemas
+
+
+def test_schemastore_examples_behave_as_published():
+    validator = schema("schemas__json__github-action.json")
+    for good in ("test__github-action__docker.json",
+                 "test__github-action__composite-run-steps.json"):
+        assert not list(validator.iter_errors(json.loads((SCHEMAS / good).read_text())))
+    bad = json.loads((SCHEMAS / "negative_test__github-action__missing_items_in_run.json")
+                     .read_text())
+    assert list(validator.iter_errors(bad))
+
+
+def test_action_yml_matches_schemastore(action):
+    errors = [e.message for e in schema("schemas__json__github-action.json").iter_errors(action)]
+    assert errors == []
+    assert action["runs"]["using"] == "composite"
+    assert action["branding"]["icon"] and action["branding"]["color"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_matches_schemastore(path):
+    validator = schema("schemas__json__github-workflow.json")
+    errors = [f"{list(e.absolute_path)}: {e.message}"
+              for e in validator.iter_errors(load_yaml(path))]
+    assert errors == []
+
+
+def test_the_expected_workflows_exist():
+    names = {p.name for p in WORKFLOWS}
+    assert {"ci.yml", "certify-example.yml", "certify-publish.yml",
+            "release-image.yml"} <= names
+    example = load_yaml(ROOT / ".github/workflows/certify-example.yml")
+    job = example["jobs"]["certify"]
+    assert "self-hosted" in job["runs-on"] and "gpu" in job["runs-on"]
+    assert job["permissions"] == {"contents": "read", "checks": "write",
+                                  "pull-requests": "write"}
+    assert "pull_request" in example["on"]
+    publish = load_yaml(ROOT / ".github/workflows/certify-publish.yml")
+    assert publish["on"]["workflow_run"]["workflows"] == [example["name"]]
+    release = load_yaml(ROOT / ".github/workflows/release-image.yml")
+    assert release["on"]["push"]["tags"]
+
+
+# ----------------------------------------------------------------------------- security
+
+
+def _runs(document: Any) -> list[str]:
+    found = []
+    if isinstance(document, dict):
+        for key, value in document.items():
+            if key == "run" and isinstance(value, str):
+                found.append(value)
+            else:
+                found += _runs(value)
+    elif isinstance(document, list):
+        for item in document:
+            found += _runs(item)
+    return found
+
+
+def _uses(path: Path) -> list[str]:
+    return re.findall(r"^\s*(?:-\s*)?uses:\s*(\S+.*)$", path.read_text(), flags=re.M)
+
+
+@pytest.mark.parametrize("path", [ROOT / "action.yml", *WORKFLOWS], ids=lambda p: p.name)
+def test_no_expressions_inside_scripts(path):
+    for script in _runs(load_yaml(path)):
+        assert "${{" not in script, script
+
+
+@pytest.mark.parametrize("path", [ROOT / "action.yml", *WORKFLOWS], ids=lambda p: p.name)
+def test_actions_are_pinned_by_commit(path):
+    for use in _uses(path):
+        if use.startswith("./"):
+            continue
+        assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40} # v\d+(\.\d+)*", use), use
+
+
+def test_zizmor_finds_nothing():
+    zizmor = shutil.which("zizmor") or str(Path(sys.executable).with_name("zizmor"))
+    result = subprocess.run(
+        [zizmor, "--offline", "--no-progress", "--config", ".github/zizmor.yml", "action.yml",
+         ".github/workflows"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No findings to report" in result.stdout
+
+
+def test_hadolint_finds_nothing():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    result = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+def test_inputs_agree_between_action_container_settings_and_docs(action):
+    action_inputs = {name: str(spec.get("default", "")) for name, spec in action["inputs"].items()}
+    settings_inputs = {spec.name: spec.default for spec in INPUTS}
+
+    # every input the entrypoint reads is declared, with the same default
+    for name, default in settings_inputs.items():
+        assert name in action_inputs, name
+        if not action_inputs[name].startswith("${{"):
+            assert action_inputs[name] == default, name
+
+    # ... and reaches the container: set in the certify step's env, forwarded by name
+    certify = step(action, "certify")
+    env = certify["env"]
+    container_inputs = {k: v for k, v in env.items() if k.startswith("INPUT_")}
+    assert container_inputs == {input_variables(name)[0]: f"${{{{ inputs.{name} }}}}"
+                                for name in settings_inputs}
+    forwarded = set(re.findall(r"^\s+((?:INPUT|GITHUB)_[A-Z_]+)\s*$", certify["run"],
+                               flags=re.M))
+    assert {k for k in forwarded if k.startswith("INPUT_")} == set(container_inputs)
+    assert set(GITHUB_VARIABLES) <= forwarded
+
+    # the inputs only the composite steps use are used there
+    text = (ROOT / "action.yml").read_text()
+    for name in set(action_inputs) - set(settings_inputs):
+        assert re.search(rf"\binputs\.{re.escape(name)}\b", text), name
+
+    # docs/action.md lists every input with the same default
+    docs = _table(ROOT / "docs" / "action.md", "Input")
+    assert set(docs) == set(action_inputs)
+    for name, cells in docs.items():
+        assert cells[0].strip("`") == action_inputs[name], name
+
+
+def test_outputs_agree_between_action_entrypoint_and_docs(action):
+    written = set(Outcome.failed(2, "x").outputs()) | PUBLISHED_OUTPUTS
+    for name, spec in action["outputs"].items():
+        match = re.fullmatch(r"\$\{\{ steps\.certify\.outputs\.([\w-]+) \}\}", spec["value"])
+        assert match and match.group(1) == name, name
+        assert name in written, name
+    assert set(_table(ROOT / "docs" / "action.md", "Output")) == set(action["outputs"])
+
+
+def test_image_tag_is_the_package_version_and_torch_matches_ci(action):
+    version = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(),
+                        flags=re.M).group(1)
+    assert action["inputs"]["image"]["default"] == f"ghcr.io/invarlock/invarlock:{version}"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, flags=re.M).group(1)
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^TORCH \?= torch==(\S+)$", makefile, flags=re.M).group(1) == torch
+    # the same two install commands as `make install`
+    assert 'python -m pip install "torch==${TORCH_VERSION}"' in dockerfile
+    assert 'python -m pip install ".[hf]"' in dockerfile
+    assert re.search(r"^ENTRYPOINT \[\"/opt/invarlock/entrypoint\"\]$", dockerfile, flags=re.M)
+    assert "NVIDIA_VISIBLE_DEVICES" in dockerfile and "NVIDIA_DRIVER_CAPABILITIES" in dockerfile
+
+
+def test_entrypoint_is_an_executable_python_script():
+    path = ROOT / "entrypoint"
+    assert path.stat().st_mode & 0o111
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env python3\n")
+    assert "invarlock.github" in text
+
+
+def _table(path: Path, first_header: str) -> dict[str, list[str]]:
+    """Rows of the Markdown table whose first header cell is `first_header`: name -> cells."""
+    rows: dict[str, list[str]] = {}
+    inside = False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if line.startswith(f"| {first_header} |"):
+            inside = True
+            continue
+        if inside and line.startswith("|---"):
+            continue
+        if inside and line.startswith("|"):
+            rows[cells[0].strip("`")] = [c.strip() for c in line.split("|")[2:-1]]
+        elif inside:
+            break
+    return rows

@@ -1,0 +1,151 @@
+"""Reports for reviewers: golden files, GitHub's size limits, the chart's numbers."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from invarlock.certificate import document
+from invarlock.github import render
+from invarlock.github.checks import OUTPUT_LIMIT
+from invarlock.github.comments import BODY_LIMIT
+from invarlock.github.outcome import Outcome
+from invarlock.github.summary import SUMMARY_LIMIT, append_summary, fit_bytes
+from tests.certs import synthetic_certificate
+from tests.github.golden_cases import CASES, GOLDEN, LINKS, rendered
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden(name):
+    """Rendering changed? Run `python scripts/regenerate_golden.py` and review the diff."""
+    for filename, text in rendered(name).items():
+        assert (GOLDEN / filename).read_text(encoding="utf-8") == text, filename
+
+
+def test_no_stale_golden_files():
+    expected = {f for name in CASES for f in rendered(name)}
+    assert {p.name for p in GOLDEN.iterdir()} == expected
+
+
+def _report(outcome: Outcome, links: render.Links = LINKS) -> render.Report:
+    return render.Report("InvarLock", outcome, links)
+
+
+def _outcome(cert) -> Outcome:
+    from invarlock.enums import Verdict
+
+    verdict = Verdict(cert["verdict"]["status"])
+    return Outcome(0 if verdict is Verdict.PASS else 1, verdict, cert, None, None)
+
+
+def test_reports_lead_with_the_verdict_and_the_deciding_number(certificates):
+    fail = render.comment(_report(_outcome(certificates["fail"])), BODY_LIMIT)
+    pm = certificates["fail"]["primary_metric"]
+    first = fail.split("\n\n")
+    assert first[0] == "### ❌ InvarLock: FAIL"
+    assert f"upper bound **{pm['ratio_ci'][1]:.4f} > {pm['limit']:.2f}**" in first[1]
+    accuracy = render.comment(_report(_outcome(certificates["accuracy"])), BODY_LIMIT)
+    lower = certificates["accuracy"]["primary_metric"]["delta"]["ci"][0]
+    assert f"lower bound **{lower:+.2f} ≥" in accuracy.split("\n\n")[1]
+    sections = [s.split("\n")[0] for s in fail.split("\n\n") if s.startswith("####")]
+    assert sections == ["#### Gates", "#### Primary metric", "#### Guards",
+                        "#### Per-window deltas"]
+
+
+def test_titles(certificates):
+    assert render.title(_report(_outcome(certificates["pass"]))).startswith("PASS: ratio ")
+    assert render.title(_report(Outcome.failed(2, ""))) == "Could not certify (exit 2): no message"
+
+
+def test_the_chart_counts_every_window_and_its_caption_matches_the_data(certificates):
+    cert = certificates["fail"]
+    chart = render.delta_chart(cert)
+    bars = [int(x) for x in re.search(r"bar \[(.*)\]", chart).group(1).split(", ")]
+    labels = re.search(r'x-axis "[^"]*" \[(.*)\]', chart).group(1).split(", ")
+    assert sum(bars) == len(cert["windows"]["final"]["ids"])
+    assert len(labels) == len(bars) <= 12
+    assert int(re.search(r"0 --> (\d+)", chart).group(1)) == max(bars)
+    final = cert["windows"]["final"]
+    deltas = (np.array(final["subject"]) - np.array(final["baseline"])) / np.array(
+        final["tokens"])
+    median = f"{np.median(deltas):+.4f}".replace("-", "−")
+    assert f"Median Δ {median} nats/token" in chart
+    assert f"ln 1.10 = +{math.log(1.1):.4f}" in chart
+    assert chart.count("```") == 2
+
+
+def test_the_chart_uses_the_preview_set_when_the_final_set_was_skipped(certificates):
+    chart = render.delta_chart(certificates["catastrophic"])
+    assert "preview set" in chart
+
+
+def test_the_chart_reports_non_finite_windows():
+    cert = synthetic_certificate(shift=0.0, seed=8)
+    body = {k: v for k, v in cert.items() if k != "digest"}
+    body["windows"]["final"]["subject"][3] = None
+    deltas = render.window_deltas(document.seal(body))
+    assert deltas.nonfinite == 1 and deltas.values.size == 31
+
+
+def test_identical_deltas_make_one_bar():
+    labels, counts = render._histogram(np.full(10, 0.25))
+    assert counts == [10] and labels == ["+0.2500"]
+
+
+def test_guards_render_generically_and_empty_guards_say_so(certificates):
+    assert render.guard_findings(certificates["pass"]) == "No guard results in this certificate."
+    text = render.guard_findings({"guards": {"odd": {"nested": {"deep": {"x": [1]}},
+                                                    "items": [1, 2, 3], "empty": []}}})
+    assert "**odd**" in text and "_items_: 3 entries (1, 2, 3)" in text
+    assert "1 more nested field in the certificate" in text
+    assert "_empty_: 0 entries" in text
+
+
+def _oversized(cert):
+    body = {k: v for k, v in cert.items() if k != "digest"}
+    body["verdict"]["reasons"] = [f"reason {i}: " + "x" * 90 for i in range(2000)]
+    return document.seal(body)
+
+
+def test_oversized_reports_fit_github_limits_and_link_to_the_run(certificates):
+    report = _report(_outcome(_oversized(certificates["fail"])))
+    limit = BODY_LIMIT - 60
+    body = render.comment(report, limit)
+    assert len(body) <= limit
+    assert "Report truncated to fit GitHub's size limit" in body
+    assert LINKS.run_url in body.split("Report truncated")[1]
+    assert body.rstrip().endswith("</sub>")  # the footer survives
+    output = render.check_output(report)
+    assert len(output.summary) <= OUTPUT_LIMIT and len(output.text) <= OUTPUT_LIMIT
+    assert output.summary.count("```") % 2 == 0
+
+
+def test_fit_drops_later_parts_first_and_closes_open_blocks():
+    parts = ["head", "```mermaid\n" + "line\n" * 50 + "```", "tail part"]
+    out = render.fit(parts, "footer", 120, "NOTICE")
+    assert out.startswith("head\n\nNOTICE") and out.endswith("footer") and len(out) <= 120
+    assert "```" not in out
+    assert render.fit(["a", "b"], "f", 100, "N") == "a\n\nb\n\nf"
+    with pytest.raises(ValueError):
+        render.fit(["a" * 50], "f" * 50, 40, "NOTICE")
+
+
+def test_untrusted_text_cannot_inject_html_or_break_tables():
+    assert render._plain("<img src=x> | a\nb") == "&lt;img src=x> \\| a b"
+    assert "`" not in render._code("a`b")
+
+
+def test_job_summary_is_bounded_in_bytes(tmp_path):
+    path = tmp_path / "summary.md"
+    path.write_text("earlier step\n", encoding="utf-8")
+    big = "ü" * (SUMMARY_LIMIT // 2 + 10) + "\n" + "tail\n"  # 2 bytes per ü
+    append_summary(path, big, run_url="https://example.com/run")
+    written = path.read_text(encoding="utf-8")
+    assert written.startswith("earlier step\n")
+    added = written[len("earlier step\n"):]
+    assert len(added.encode("utf-8")) <= SUMMARY_LIMIT
+    assert "Summary truncated" in added and "https://example.com/run" in added
+    assert fit_bytes("short", 100, "N") == "short"

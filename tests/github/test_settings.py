@@ -1,0 +1,109 @@
+"""Settings: inputs in both spellings, defaults, validation messages, the token kept hidden."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from invarlock.errors import InputError
+from invarlock.github.settings import (
+    DEFAULT_CERTIFY_COMMAND,
+    INPUTS,
+    Mode,
+    input_variables,
+    read_input,
+    read_settings,
+)
+
+
+def test_defaults_when_nothing_is_set():
+    s = read_settings({})
+    assert s.mode is Mode.CERTIFY
+    assert s.certify.profile == "ci" and s.certify.tier == "balanced"
+    assert s.certify.baseline == "" and s.certify.presets == ()
+    assert s.check_run and s.comment and s.check_name == "InvarLock"
+    assert s.output_dir == Path("invarlock-report")
+    assert s.certify_command == DEFAULT_CERTIFY_COMMAND
+    assert s.token == ""
+    assert s.github.api_url == "https://api.github.com"
+    assert not s.github.in_actions
+
+
+def test_both_spellings_are_read():
+    assert input_variables("github-token") == ("INPUT_GITHUB_TOKEN", "INPUT_GITHUB-TOKEN")
+    assert read_settings({"INPUT_GITHUB-TOKEN": "t1"}).token == "t1"
+    assert read_settings({"INPUT_GITHUB_TOKEN": "t2"}).token == "t2"
+    assert read_settings({"INPUT_EDIT-CONFIG": "e.yaml"}).certify.edit_config == "e.yaml"
+    # the composite action's underscore form wins when both are set
+    assert read_settings({"INPUT_CHECK_NAME": "a", "INPUT_CHECK-NAME": "b"}).check_name == "a"
+
+
+def test_empty_or_blank_inputs_fall_back_to_the_default():
+    assert read_input({"INPUT_PROFILE": "  "}, "profile") == "ci"
+    assert read_input({"INPUT_TIER": " conservative\n"}, "tier") == "conservative"
+
+
+def test_every_input_has_a_description_and_a_string_default():
+    for spec in INPUTS:
+        assert spec.description and isinstance(spec.default, str)
+    assert len({spec.name for spec in INPUTS}) == len(INPUTS)
+
+
+def test_presets_one_per_line_and_the_certify_inputs():
+    s = read_settings({"INPUT_PRESET": "a.yaml\n\n  b dir/c.yaml \n", "INPUT_BASELINE": "m/base",
+                       "INPUT_SUBJECT": "m/int8", "INPUT_DATASET": "d.txt",
+                       "INPUT_PROFILE": "dev", "INPUT_DEVICE": "cuda:1", "INPUT_DTYPE": "bfloat16"})
+    assert s.certify.presets == ("a.yaml", "b dir/c.yaml")
+    assert (s.certify.baseline, s.certify.subject, s.certify.dataset) == ("m/base", "m/int8",
+                                                                         "d.txt")
+    assert (s.certify.device, s.certify.dtype, s.certify.profile) == ("cuda:1", "bfloat16", "dev")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("False", False), ("1", True),
+                                                 ("no", False), ("ON", True)])
+def test_booleans(value, expected):
+    assert read_settings({"INPUT_COMMENT": value}).comment is expected
+
+
+def test_bad_values_name_the_input():
+    with pytest.raises(InputError, match="input 'check-run' must be true or false, not 'maybe'"):
+        read_settings({"INPUT_CHECK_RUN": "maybe"})
+    with pytest.raises(InputError, match="input 'mode' must be certify or publish, not 'push'"):
+        read_settings({"INPUT_MODE": "push"})
+    with pytest.raises(InputError, match="input 'certificate' is required in publish mode"):
+        read_settings({"INPUT_MODE": "publish"})
+    with pytest.raises(InputError, match="check-name"):
+        read_settings({"INPUT_CHECK_NAME": "x" * 101})
+    with pytest.raises(InputError, match="INVARLOCK_CERTIFY_COMMAND is not a valid command"):
+        read_settings({"INVARLOCK_CERTIFY_COMMAND": "python 'unclosed"})
+
+
+def test_publish_mode_and_the_certify_command():
+    s = read_settings({"INPUT_MODE": "Publish", "INPUT_CERTIFICATE": "dl/report",
+                       "INVARLOCK_CERTIFY_COMMAND": "python3 -m invarlock certify"})
+    assert s.mode is Mode.PUBLISH and s.certificate == Path("dl/report")
+    assert s.certify_command == ("python3", "-m", "invarlock", "certify")
+
+
+def test_github_variables_and_token_fallback():
+    s = read_settings({"GITHUB_API_URL": "https://ghe.example.com/api/v3",
+                       "GITHUB_SERVER_URL": "https://ghe.example.com",
+                       "GITHUB_REPOSITORY": "org/repo", "GITHUB_RUN_ID": "9",
+                       "GITHUB_ACTIONS": "true", "GITHUB_TOKEN": "from-env",
+                       "GITHUB_OUTPUT": "/tmp/out"})
+    assert s.github.api_url == "https://ghe.example.com/api/v3"
+    assert s.github.run_url == "https://ghe.example.com/org/repo/actions/runs/9"
+    assert s.github.owner_and_name == ("org", "repo")
+    assert s.github.output_path == Path("/tmp/out") and s.github.in_actions
+    assert s.token == "from-env"
+
+
+def test_bad_repository_is_an_input_error():
+    with pytest.raises(InputError, match="GITHUB_REPOSITORY must be owner/name"):
+        _ = read_settings({"GITHUB_REPOSITORY": "no-slash"}).github.owner_and_name
+
+
+def test_the_token_is_not_in_the_repr():
+    s = read_settings({"INPUT_GITHUB_TOKEN": "ghs_secret_value"})
+    assert "ghs_secret_value" not in repr(s)

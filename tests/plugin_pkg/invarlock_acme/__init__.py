@@ -1,0 +1,1 @@
+"""Example InvarLock plugin (used by InvarLock's own tests)."""

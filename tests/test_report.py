@@ -1,0 +1,190 @@
+"""`invarlock report`: Markdown, self-contained HTML and JSON renderings of a certificate."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from invarlock import report
+from invarlock.cli import main
+from invarlock.enums import MetricKind
+from invarlock.errors import TamperedCertificateError
+from invarlock.report import charts
+from invarlock.report.html import module_scores, window_deltas
+from tests.certs import synthetic_certificate
+from tests.guard_sections import rmt_section, spectral_section, with_guard_sections
+
+
+class _Tags(HTMLParser):
+    """Every start tag with its attributes, and whether tags close in order."""
+
+    VOID = frozenset({"meta", "br", "img", "input", "link", "hr", "circle", "line", "rect",
+                      "path"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1] if self.stack else 'nothing'}")
+            return
+        self.stack.pop()
+
+
+def parse(page: str) -> _Tags:
+    tags = _Tags()
+    tags.feed(page)
+    return tags
+
+
+@pytest.fixture(scope="module")
+def failing_with_guards() -> dict:
+    return with_guard_sections(synthetic_certificate(shift=0.2, seed=2),
+                               {"spectral": spectral_section(), "rmt": rmt_section()})
+
+
+def test_html_is_one_self_contained_well_formed_page(failing_with_guards):
+    page = report.render(failing_with_guards, "html")
+    tags = parse(page)
+    assert tags.errors == [] and tags.stack == []
+    names = {t for t, _ in tags.tags}
+    assert not names & {"script", "link", "img", "iframe", "object", "embed"}
+    for _, attrs in tags.tags:
+        assert "src" not in attrs and "href" not in attrs
+    assert "url(" not in page and "@import" not in page
+    assert re.findall(r"https?://[^\s\"']+", page) == ["http://www.w3.org/2000/svg"] * page.count(
+        "<svg ")
+
+
+def test_html_puts_the_verdict_first_then_the_evidence(failing_with_guards):
+    page = report.render(failing_with_guards, "html")
+    order = [page.index(s) for s in ("✘ FAIL", "Primary metric", "Per-window differences",
+                                     "Gates", "Guards", "Policy", "provenance")]
+    assert order == sorted(order)
+    assert "limit 1.10" in page and "interval" in page
+    assert "Histogram of per-window log-loss differences" in page
+    assert 'aria-label="spectral: |z| per module"' in page
+    assert "Findings: attn" in page and "edge_subject" in page
+
+
+def test_html_says_when_a_certificate_does_not_verify(failing_with_guards):
+    cert = {**failing_with_guards, "digest": "sha256:" + "0" * 64}
+    page = report.render(cert, "html")
+    assert "does not verify" in page and "edited after it was sealed" in page
+
+
+@pytest.mark.parametrize(("kind", "shift", "expected"), [
+    (MetricKind.ACCURACY, 0.0, "Paired outcomes on the final set"),
+    (MetricKind.PPL_CAUSAL, 1.5, "No interval: the final set was not evaluated"),
+    (MetricKind.PPL_MLM, 0.0, "Perplexity ratio subject/baseline"),
+])
+def test_html_renders_every_kind_of_certificate(kind, shift, expected):
+    cert = synthetic_certificate(kind=kind, shift=shift, n=40, seed=8)
+    page = report.render(cert, "html")
+    assert expected in page
+    assert "No guard results in this certificate." in page
+    assert parse(page).errors == []
+
+
+def test_interval_plot_places_estimate_inside_its_interval_and_marks_the_limit():
+    svg = charts.interval_plot(estimate=1.05, low=1.02, high=1.08, limit=1.10, reference=1.0,
+                               upper_limit=True, passed=True, label="x")
+    scale = charts.Scale(1.0 - 0.025, 1.10 + 0.025, 40, 680)  # range ± 25% padding
+    cx = float(re.search(r'<circle cx="([\d.]+)"', svg).group(1))
+    assert cx == pytest.approx(scale(1.05), abs=0.1)
+    ends = [float(x) for x in re.findall(r'<line x1="([\d.]+)" y1="52"', svg)]
+    assert ends == [pytest.approx(scale(1.02), abs=0.1), pytest.approx(scale(1.08), abs=0.1)]
+    assert "limit 1.10" in svg and "1.0500" in svg
+
+
+def test_histogram_counts_every_value():
+    values = [0.0, 0.1, 0.1, 0.2, 0.3, 0.3, 0.3]
+    svg = charts.histogram(values, label="h", x_label="x", bins=3)
+    counts = [int(n) for n in re.findall(r": (\d+)</title></rect>", svg)]
+    assert sum(counts) == len(values)
+
+
+def test_nice_ticks_cover_the_range_with_round_steps():
+    assert charts.nice_ticks(0.0, 1.0, 5) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    ticks = charts.nice_ticks(0.97, 1.13, 6)
+    assert ticks == [1.0, 1.05, 1.1]
+
+
+def test_window_deltas_are_per_token_differences():
+    cert = synthetic_certificate(shift=0.05, n=16, seed=9)
+    name, deltas = window_deltas(cert)
+    final = cert["windows"]["final"]
+    assert name == "final" and len(deltas) == 16
+    assert deltas[3] == pytest.approx((final["subject"][3] - final["baseline"][3])
+                                      / final["tokens"][3])
+
+
+def test_module_scores_accept_lists_or_mappings_and_take_family_caps():
+    section = spectral_section(modules=6, violations=1)
+    bars = module_scores(section, {})
+    assert len(bars) == 6 and bars[0].threshold == 2.8 and bars[0].value > 2.8
+    assert [b.flagged for b in bars] == [True] + [False] * 5  # the one in the findings
+    as_map = {"measurements": {"modules": {"a.q_proj": {"family": "attn", "abs_z": 1.5}}}}
+    assert [(b.label, b.value, b.threshold) for b in module_scores(
+        as_map, {"family_caps": {"attn": 2.0}})] == [("a.q_proj", 1.5, 2.0)]
+    assert module_scores({"measurements": {"edge": 1.0}}, {}) == []
+
+
+def test_markdown_and_json_carry_the_verification():
+    cert = synthetic_certificate(shift=0.0, seed=1)
+    text = report.render(cert, "md")
+    assert text.startswith("# ✅ InvarLock certificate: PASS")
+    assert "## Verification" in text and "Verified:" in text
+    summary = json.loads(report.render(cert, "json"))
+    assert summary["verdict"] == "PASS" and summary["verification"]["verified"] is True
+    assert {g["flag"] for g in summary["gates"]} == set(cert["validation"])
+    assert summary["primary_metric"]["ratio_ci"] == cert["primary_metric"]["ratio_ci"]
+
+
+def test_a_malformed_certificate_is_refused():
+    cert = synthetic_certificate(seed=1)
+    del cert["primary_metric"]
+    with pytest.raises(TamperedCertificateError, match="malformed"):
+        report.render(cert, "html")
+
+
+def test_cli_writes_the_format_its_suffix_names(tmp_path: Path):
+    cert_path = tmp_path / "c.json"
+    cert_path.write_text(json.dumps(synthetic_certificate(shift=0.2, seed=2)))
+    runner = CliRunner()
+    result = runner.invoke(main, ["report", str(cert_path), "-o", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+    result = runner.invoke(main, ["report", str(cert_path), "--format", "json"])
+    assert json.loads(result.stdout)["verdict"] == "FAIL"
+    result = runner.invoke(main, ["report", str(cert_path)])
+    assert result.stdout.startswith("# ❌ InvarLock certificate: FAIL")
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["report", str(tmp_path / "none.json")])
+    assert result.exit_code == 2 and "certificate not found" in result.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "invarlock.certificate"}))
+    result = runner.invoke(main, ["report", str(bad), "--format", "html"])
+    assert result.exit_code == 2 and "malformed" in result.stderr
+    assert "Traceback" not in result.stderr
