@@ -248,7 +248,8 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     if catastrophic:
         log.warning("preview ratio beyond the catastrophic limit: final set not evaluated")
     elif not intact:
-        log.warning("invariants failed: final set not evaluated")
+        log.warning("%s failed before evaluation (fatal): final set not evaluated",
+                    guards.fatal)
     else:
         subj_fin = score(subject.model, plan.final, "subject",
                          guards.taps(subject.model, "subject", "final"))

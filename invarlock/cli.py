@@ -500,6 +500,8 @@ def run(configs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
         progress = not quiet and sys.stderr.isatty()
         return _certify_and_report(request_from_config(config, progress=progress), as_json)
 
+    _run_guarded(as_json, body)
+
 
 # --- invarlock calibrate ---------------------------------------------------------------------
 

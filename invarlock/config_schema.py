@@ -103,19 +103,24 @@ OUTPUT = _obj({
     "cache_dir": _OPT_STR,
 })
 
-# Guard settings (tiers.yaml `guards:` shape). Built-in guards are strict; other names are
-# left to the guard registry, which accepts registered plugin guards and rejects the rest
-# with the nearest known name.
-# YAML 1.1 reads a bare `off` as false; both mean off.
-_MODE = {"enum": ["off", "monitor", "gate", False]}
-_FAMILY_NUMBERS = _obj({f: {"type": "number", "minimum": 0}
-                        for f in ("attn", "ffn", "embed", "other")})
+# Guard settings (tiers.yaml `guards:` shape, which is the seed's). Built-in guards are
+# strict; other names are left to the guard registry, which accepts registered plugin guards
+# and rejects the rest with the nearest known name. Numbers may also be written as strings
+# such as "9e-4": YAML 1.1 (PyYAML) reads an exponent without a decimal point as a string.
+_MODE = {"enum": ["off", "monitor", "gate", False]}  # YAML 1.1 reads a bare `off` as false
+_NUMERIC_TEXT = {"type": "string", "pattern": r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"}
+
+
+def _number(**bounds: Any) -> dict[str, Any]:
+    return {"anyOf": [{"type": "number", **bounds}, _NUMERIC_TEXT]}
+
+
+_FAMILY_NUMBERS = _obj({f: _number(minimum=0) for f in ("attn", "ffn", "embed", "other")})
 _FAMILY_SCOPE = {"oneOf": [
     {"type": "string", "enum": ["all", "attn", "ffn", "embed", "other"]},
     {"type": "array", "items": {"type": "string", "enum": ["attn", "ffn", "embed", "other"]},
      "minItems": 1, "uniqueItems": True},
 ]}
-_FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
 
 GUARDS = {
     "type": "object",
@@ -127,13 +132,14 @@ GUARDS = {
         "spectral": _obj({
             "mode": _MODE,
             "scope": _FAMILY_SCOPE,
-            "sigma_quantile": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-            "deadband": {"type": "number", "minimum": 0},
+            "sigma_quantile": _number(exclusiveMinimum=0, exclusiveMaximum=1),
+            "deadband": _number(minimum=0),
             "max_caps": {"type": "integer", "minimum": 0},
-            "max_spectral_norm": {"type": ["number", "null"], "exclusiveMinimum": 0},
+            "max_spectral_norm": {"anyOf": [{"type": "null"}, *_number(
+                exclusiveMinimum=0)["anyOf"]]},
             "multiple_testing": _obj({
                 "method": {"type": "string", "enum": ["bh", "bonferroni"]},
-                "alpha": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                "alpha": _number(exclusiveMinimum=0, exclusiveMaximum=1),
                 "m": {"type": "integer", "minimum": 1},
             }),
             "family_caps": _FAMILY_NUMBERS,
@@ -146,12 +152,17 @@ GUARDS = {
         }),
         "variance": _obj({
             "mode": _MODE,
-            "deadband": _FRACTION,
-            "min_abs_adjust": _FRACTION,
-            "max_scale_step": _FRACTION,
+            "tap": {"type": "string", "enum": ["all", "attn", "ffn",
+                                               "post mlp.c_proj (pre-residual)"]},
+            "targets": {"type": "string", "enum": ["all", "edited_modules_only"]},
+            "discovery": _obj({
+                "deadband": _number(minimum=0, maximum=1),
+                "min_abs_adjust": _number(minimum=0, maximum=1),
+                "max_scale_step": _number(minimum=0, maximum=1),
+            }),
             "gating": _obj({
                 "sided": {"type": "string", "enum": ["one-sided", "two-sided"]},
-                "min_effect_lognll": {"type": "number", "minimum": 0},
+                "min_effect_lognll": _number(minimum=0),
             }),
         }),
     },

@@ -40,7 +40,8 @@ def bench(request, tmp_path_factory, tiny_gpt2_dir, sonnets_path) -> Bench:
         # case lets the proposal correct fully (max_scale_step 0.5), with 64 gate windows.
         ve = root / "ve.yaml"
         ve.write_text("dataset: {preview_n: 64, final_n: 64}\n"
-                      "guards: {calibration_windows: 64, variance: {max_scale_step: 0.5}}\n")
+                      "guards: {calibration_windows: 64,\n"
+                      "         variance: {discovery: {max_scale_step: 0.5}}}\n")
         with kit.one_thread():
             model = kit.train_tiny(tiny_gpt2_dir, root / "gpt2", sonnets_path)
         return Bench(model, str(sonnets_path), preset, "transformer.h.0.mlp.c_fc", 25.0, 0.6,

@@ -7,7 +7,8 @@ import pytest
 
 from invarlock.guards import variance
 
-POLICY = {"deadband": 0.02, "min_abs_adjust": 0.012, "max_scale_step": 0.03,
+POLICY = {"tap": "all", "targets": "all",
+          "discovery": {"deadband": 0.02, "min_abs_adjust": 0.012, "max_scale_step": 0.03},
           "gating": {"sided": "one-sided", "min_effect_lognll": 0.001}}
 
 
@@ -84,3 +85,19 @@ def test_not_applicable_passes_and_not_measured_fails():
     assert variance.decide({"evaluated": False, "applicable": False, "why": "classifier"},
                            POLICY).passed
     assert not variance.decide({"evaluated": False, "why": "final set skipped"}, POLICY).passed
+
+
+def test_targets_edited_modules_only_and_numbers_written_as_text():
+    m = {"modules": [{"name": "h.0.mlp.c_proj", "family": "ffn", "m2_baseline": 1.0,
+                      "m2_subject": 0.81, "edited": False},
+                     {"name": "h.1.mlp.c_proj", "family": "ffn", "m2_baseline": 1.0,
+                      "m2_subject": 0.81, "edited": True}]}
+    assert variance.proposal(m, POLICY).tolist() == pytest.approx([1.03, 1.03])
+    only = {**POLICY, "targets": "edited_modules_only"}
+    assert variance.proposal(m, only).tolist() == pytest.approx([1.0, 1.03])
+    text = {**POLICY, "discovery": {"deadband": "2e-2", "min_abs_adjust": "0.012",
+                                    "max_scale_step": "3e-2"}}
+    assert variance.proposal(m, text).tolist() == pytest.approx([1.03, 1.03])
+    assert variance.tapped_families("post mlp.c_proj (pre-residual)") == ("ffn",)
+    with pytest.raises(ValueError, match="targets"):
+        variance.proposal(m, {**POLICY, "targets": "some"})

@@ -157,8 +157,10 @@ def _guard_families(name: str, summary: dict[str, Any]) -> list[str]:
         rows = ["| Family | Modules | κ | top z | max abs(σ change) | Screen |",
                 "|---|---:|---:|---:|---:|---|"]
         for fam, v in families.items():
-            rows.append(f"| {fam} | {v['modules']} | {v['kappa']:.2f} | {v['top_z']:+.2f} "
-                        f"(`{_cell(v['top_module'])}`) | {v['max_abs_change']:.2%} | "
+            z = "—" if v["top_z"] is None else f"{v['top_z']:+.2f}"
+            change = "—" if v["max_abs_change"] is None else f"{v['max_abs_change']:.2%}"
+            rows.append(f"| {fam} | {v['modules']} | {v['kappa']:.2f} | {z} "
+                        f"(`{_cell(v['top_module'])}`) | {change} | "
                         f"{'significant' if v['rejected'] else '—'} |")
         return rows
     if name == "rmt" and families:
@@ -167,7 +169,7 @@ def _guard_families(name: str, summary: dict[str, Any]) -> list[str]:
         for fam, v in families.items():
             rows.append(f"| {fam} | {v['modules']} | ×{_num(v['max_growth'])} "
                         f"(`{_cell(v['module'])}`) | {1 + v['epsilon']:.3f} | "
-                        f"{v['baseline_max']:.3f} → {v['subject_max']:.3f} |")
+                        f"{_num(v['baseline_max'])} → {_num(v['subject_max'])} |")
         return rows
     return []
 

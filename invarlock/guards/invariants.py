@@ -108,12 +108,6 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
                          f"{pre.get('parameters', 0)} parameters intact {phases}", findings)
 
 
-def pre_decision(measurements: Mapping[str, Any]) -> GuardDecision:
-    """The `pre` phase alone: the chain stops when this fails."""
-    problems = pre_problems(measurements.get("pre") or {})
-    return GuardDecision(not problems, "; ".join(problems) or "intact")
-
-
 class InvariantsGuard:
     name = NAME
     flag = FLAG

@@ -91,18 +91,25 @@ def largest_eigenvalue(gram: np.ndarray) -> float:
     return float(eigsh(gram, k=1, which="LA", v0=start, return_eigenvectors=False, tol=0)[0])
 
 
-def growth(baseline: float, subject: float) -> float:
-    """e(subject)/e(baseline); 1 when both are 0, inf when only the baseline is."""
+def growth(baseline: float | None, subject: float | None) -> float:
+    """e(subject)/e(baseline); 1 when both are 0, inf when only the baseline is, and inf
+    when either is None (activations that were not finite)."""
+    if baseline is None or subject is None:
+        return float("inf")
     if baseline > 0:
         return subject / baseline
     return 1.0 if subject == 0 else float("inf")
+
+
+def _value(x: Any) -> float | None:
+    return None if x is None else float(x)
 
 
 def family_growth(modules: list[Mapping[str, Any]]) -> dict[str, tuple[float, str]]:
     """Per family: (largest module growth e_s/e_b, the module that has it)."""
     out: dict[str, tuple[float, str]] = {}
     for m in modules:
-        g = growth(float(m["baseline"]), float(m["subject"]))
+        g = growth(_value(m["baseline"]), _value(m["subject"]))
         fam = m["family"]
         if fam not in out or g > out[fam][0]:
             out[fam] = (g, m["name"])
@@ -130,21 +137,22 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         summary["families"][fam] = {
             "modules": len(members), "max_growth": _finite(ratio), "module": name,
             "epsilon": eps[fam], "stable": ok,
-            "baseline_max": max(float(m["baseline"]) for m in members),
-            "subject_max": max(float(m["subject"]) for m in members),
+            "baseline_max": _max(m["baseline"] for m in members),
+            "subject_max": _max(m["subject"] for m in members),
         }
         if ok:
             continue
         unstable.append((fam, ratio))
         for m in members:
-            g = growth(float(m["baseline"]), float(m["subject"]))
+            g = growth(_value(m["baseline"]), _value(m["subject"]))
             if g > limit:
+                shown = ("not finite" if m["subject"] is None or m["baseline"] is None else
+                         f"{float(m['subject']):.3f} vs baseline {float(m['baseline']):.3f}")
                 findings.append({
                     "module": m["name"], "family": fam, "kind": "violation",
-                    "message": f"edge risk {float(m['subject']):.3f} vs baseline "
-                               f"{float(m['baseline']):.3f} (×{g:.3f} > 1 + ε = {limit:.3f})",
-                    "edge_risk_baseline": float(m["baseline"]),
-                    "edge_risk_subject": float(m["subject"]), "growth": _finite(g),
+                    "message": f"edge risk {shown} (×{g:.3f} > 1 + ε = {limit:.3f})",
+                    "edge_risk_baseline": _value(m["baseline"]),
+                    "edge_risk_subject": _value(m["subject"]), "growth": _finite(g),
                 })
     if unstable:
         parts = ", ".join(f"{f} ×{r:.3f} > {1 + eps[f]:.3f}" for f, r in unstable)
@@ -154,6 +162,11 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
     return GuardDecision(True, f"{len(modules)} modules on {measurements.get('windows', '?')} "
                                f"windows; every family within ε (largest growth ×{ratio:.4f} "
                                f"in {fam}, {name})", (), summary)
+
+
+def _max(values: Any) -> float | None:
+    finite = [float(v) for v in values if v is not None]
+    return max(finite) if finite else None
 
 
 def _finite(x: float) -> float | None:

@@ -128,15 +128,25 @@ def score_modules(modules: Sequence[Mapping[str, Any]], sigma_quantile: float,
         members = [m for m in chosen if m["family"] == family]
         if not members:
             continue
-        r = relative_change(np.array([m["sigma_baseline"] for m in members]),
-                            np.array([m["sigma_subject"] for m in members]))
+        r = relative_change(np.array([_sigma(m["sigma_baseline"]) for m in members]),
+                            np.array([_sigma(m["sigma_subject"]) for m in members]))
         small = len(members) < MIN_FAMILY_FOR_Z
         z = np.zeros_like(r) if small else robust_z(r, sigma_quantile)
         for m, ri, zi in zip(members, r, z, strict=True):
             out.append(ModuleScore(m["name"], family, float(ri), float(zi),
-                                   float(m["sigma_baseline"]), float(m["sigma_subject"]),
-                                   float(m.get("edit_size", 0.0))))
+                                   _sigma(m["sigma_baseline"]), _sigma(m["sigma_subject"]),
+                                   _sigma(m.get("edit_size", 0.0))))
     return out
+
+
+def _sigma(x: Any) -> float:
+    """A stored norm; None (not finite when measured) reads as inf."""
+    return float("inf") if x is None else float(x)
+
+
+def _json(x: float) -> float | None:
+    """Derived numbers go to JSON, which has no inf/NaN."""
+    return float(x) if np.isfinite(x) else None
 
 
 def _scope(policy: Mapping[str, Any]) -> tuple[str, ...]:
@@ -206,9 +216,9 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         top = max(members, key=lambda s: abs(s.z))
         summary["families"][f] = {
             "modules": len(members), "kappa": caps[f], "p_value": family_p[f],
-            "rejected": bool(reject[f]), "robust_z": f not in small, "top_z": top.z,
+            "rejected": bool(reject[f]), "robust_z": f not in small, "top_z": _json(top.z),
             "top_module": top.name,
-            "max_abs_change": max(abs(s.r) for s in members),
+            "max_abs_change": _json(max(abs(s.r) for s in members)),
         }
     return GuardDecision(passed, reason, tuple(findings), summary)
 
@@ -222,8 +232,9 @@ def _why(s: ModuleScore, kappa: float, small: bool) -> str:
 
 def _finding(s: ModuleScore, kind: str, message: str) -> dict[str, Any]:
     return {"module": s.name, "family": s.family, "kind": kind, "message": message,
-            "relative_change": s.r, "z": s.z, "sigma_baseline": s.sigma_baseline,
-            "sigma_subject": s.sigma_subject, "edit_size": s.edit_size}
+            "relative_change": _json(s.r), "z": _json(s.z),
+            "sigma_baseline": _json(s.sigma_baseline),
+            "sigma_subject": _json(s.sigma_subject), "edit_size": _json(s.edit_size)}
 
 
 class SpectralGuard:

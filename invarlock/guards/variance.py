@@ -3,9 +3,12 @@
 The probe records the second moment E[y²] of each block output projection (attention and
 FFN outputs before the residual add) for both models on the preview windows. Here:
 
-1. Scale proposal per module, ρ = E[y²]_subject / E[y²]_baseline:
+1. Scale proposal per module, ρ = E[y²]_subject / E[y²]_baseline (rules under `discovery`):
    no proposal when |ρ − 1| <= `deadband`; otherwise α = 1/√ρ clipped to
-   [1 − max_scale_step, 1 + max_scale_step], dropped when |α − 1| < `min_abs_adjust`.
+   [1 − max_scale_step, 1 + max_scale_step], dropped when |α − 1| < `min_abs_adjust`;
+   with `targets: edited_modules_only`, only for modules whose own weights changed.
+   `tap` chooses the projections observed: all, attn, ffn (the seed's
+   "post mlp.c_proj (pre-residual)" means ffn).
 2. Predictive paired gate, on calibration windows disjoint from the preview windows the
    proposal was fitted on: the subject scored with α applied through forward hooks against the
    subject as it is, per window. Δ = Σ(NLL_α − NLL)/Σ tokens with its BCa interval
@@ -74,14 +77,42 @@ def predictive_gate(nll_plain: Sequence[float], nll_scaled: Sequence[float],
     return GateResult(iv.estimate, iv.low, iv.high, bool(helps), bool(hurts), iv.method)
 
 
+TARGETS = ("all", "edited_modules_only")
+# `tap` values: which block output projections are observed; the seed's wording is an alias.
+TAPS = {"all": ("attn", "ffn"), "attn": ("attn",), "ffn": ("ffn",),
+        "post mlp.c_proj (pre-residual)": ("ffn",)}
+
+
+def tapped_families(tap: str) -> tuple[str, ...]:
+    try:
+        return TAPS[tap]
+    except KeyError:
+        raise ValueError(f"variance tap must be one of {', '.join(map(repr, TAPS))}, "
+                         f"got {tap!r}") from None
+
+
 def proposal(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> np.ndarray:
-    """The α the policy proposes for the measured modules, in their stored order."""
+    """The α the policy proposes for the measured modules, in their stored order.
+
+    `discovery` holds the proposal rules; with `targets: edited_modules_only` only modules
+    whose own weights changed get a proposal.
+    """
     modules = measurements["modules"]
-    return propose_scales([m["m2_baseline"] for m in modules],
-                          [m["m2_subject"] for m in modules],
-                          deadband=float(policy["deadband"]),
-                          min_abs_adjust=float(policy["min_abs_adjust"]),
-                          max_scale_step=float(policy["max_scale_step"]))
+    rules = policy["discovery"]
+    targets = policy.get("targets", "all")
+    if targets not in TARGETS:
+        raise ValueError(f"variance targets must be one of {TARGETS}, got {targets!r}")
+    nan = float("nan")  # a moment stored as None (not finite) gets no proposal
+    alpha = propose_scales([nan if m["m2_baseline"] is None else m["m2_baseline"]
+                            for m in modules],
+                           [nan if m["m2_subject"] is None else m["m2_subject"]
+                            for m in modules],
+                           deadband=float(rules["deadband"]),
+                           min_abs_adjust=float(rules["min_abs_adjust"]),
+                           max_scale_step=float(rules["max_scale_step"]))
+    if targets == "edited_modules_only":
+        alpha[[not m.get("edited", True) for m in modules]] = 1.0
+    return alpha
 
 
 def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardDecision:
@@ -102,7 +133,8 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         for m, a in moved)
     if not moved:
         return GuardDecision(True, f"{len(modules)} block outputs, none moved beyond the "
-                                   f"deadband {float(policy['deadband']):.3f}", (), summary)
+                                   f"deadband {float(policy['discovery']['deadband']):.3f}",
+                             (), summary)
     gate = measurements.get("gate")
     if gate is None:
         return GuardDecision(False, "scales were proposed but the predictive gate was not "

@@ -98,7 +98,7 @@ class InvariantsProbe(Probe):
         self._pre = pre
         self._before = before
 
-    def pre_measurements(self) -> dict[str, Any]:
+    def fatal_check(self) -> dict[str, Any] | None:
         return {"evaluated": True, "pre": self._pre, "post": None}
 
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ baseline (skipped when the baseline's results and guard states come from the cac
     baseline_state() -> JSON             kept in the baseline cache with its results
 subject
     subject_loaded(ctx)                  the subject is resident (nothing evaluated yet)
+    fatal_check() -> JSON | None         decided at once; a failure stops the chain
     taps(model, "subject", phase)        observing taps for its preview/final passes
     measure(ctx) -> JSON                 the certificate's `measurements` for the guard
 
@@ -82,6 +83,12 @@ class Probe:
         return {}
 
     def subject_loaded(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> None:
+        return None
+
+    def fatal_check(self) -> dict[str, Any] | None:
+        """Measurements to decide right after `subject_loaded`; when the guard's decision on
+        them fails, the chain stops (the invariants' pre-evaluation check). None: no such
+        check."""
         return None
 
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:

@@ -50,7 +50,9 @@ def reduce_rows(y: torch.Tensor) -> dict[str, Any]:
         col_var = yc.square().mean(dim=0)
         risk = edge_risk_from_gram(gram.double().cpu().numpy(), col_var.double().cpu().numpy(),
                                    m, n)
-    return {"edge_risk": risk, "rows": int(m), "features": int(n)}
+    # a non-finite edge risk (inf/NaN activations) is stored as None: JSON has no inf
+    return {"edge_risk": risk if np.isfinite(risk) else None, "rows": int(m),
+            "features": int(n)}
 
 
 class RowTap:
@@ -144,8 +146,8 @@ class RMTProbe(Probe):
             if name not in base:
                 continue
             modules.append({"name": name, "family": str(family_of(name)),
-                            "baseline": float(base[name]["edge_risk"]),
-                            "subject": float(subj["edge_risk"]),
+                            "baseline": base[name]["edge_risk"],
+                            "subject": subj["edge_risk"],
                             "rows": subj["rows"], "features": subj["features"]})
         return {"evaluated": True, "windows": int(self.info.calibration_ids.size),
                 "window_ids": [int(i) for i in self.info.calibration_ids],

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from invarlock.guards import invariants as invariants_pure
 from invarlock.guards.base import not_measured
 from invarlock.guards.chain import ChainSettings, GuardOutcome, evaluate, gating_flags
 from invarlock.guards.measure.probe import Probe, RunInfo, SubjectContext
@@ -52,7 +51,8 @@ class GuardRun:
             probe.bind(info)
             self.probes[name] = probe
         self.baseline: dict[str, dict[str, Any]] = {}
-        self.fatal: str | None = None
+        self.fatal: str | None = None  # the guard whose fatal check failed
+        self._early: dict[str, dict[str, Any]] = {}
         self._seconds: dict[str, float] = dict.fromkeys(self.probes, 0.0)
 
     # --- baseline ---------------------------------------------------------------------
@@ -102,15 +102,18 @@ class GuardRun:
     # --- subject ----------------------------------------------------------------------
 
     def subject_loaded(self, ctx: SubjectContext) -> bool:
-        """Pre-evaluation measurements; False (fatal) when the invariants are breached."""
+        """Pre-evaluation measurements; False when a fatal check (the invariants) fails."""
         for name, probe in self.probes.items():
             self._timed(name, probe.subject_loaded, ctx, self.baseline.get(name, {}))
-            if name == "invariants":
-                decision = invariants_pure.pre_decision(probe.pre_measurements())  # type: ignore[attr-defined]
-                if not decision.passed:
-                    self.fatal = decision.reason
-                    log.warning("invariants failed before evaluation: %s", decision.reason)
-                    return False
+            early = probe.fatal_check()
+            if early is None:
+                continue
+            decision = get_guard(name).decide(early, self.policy[name])
+            if not decision.passed:
+                self.fatal = name
+                self._early[name] = early
+                log.warning("%s failed before evaluation (fatal): %s", name, decision.reason)
+                return False
         return True
 
     def finish(self, ctx: SubjectContext) -> list[GuardOutcome]:
@@ -119,10 +122,11 @@ class GuardRun:
         for name in self.settings.active:
             probe = self.probes[name]
             started = time.perf_counter()
-            if self.fatal is not None and name != "invariants":
-                measurements = not_measured("the invariants failed before evaluation (fatal)")
+            if name in self._early:
+                measurements = self._early[name]
             elif self.fatal is not None:
-                measurements = probe.pre_measurements()  # type: ignore[attr-defined]
+                measurements = not_measured(f"the {self.fatal} guard failed before evaluation "
+                                            "(fatal)")
             else:
                 measurements = probe.measure(ctx, self.baseline.get(name, {}))
             outcomes.append(evaluate(name, self.settings.modes[name], measurements,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -131,8 +132,10 @@ class SpectralProbe(Probe):
         sigma_s, _, iters = power_iteration(ws, start, tol=1e-7, max_iter=200)
         diff = ws - base.to(torch.float32)
         edit, _, _ = power_iteration(diff, start, tol=1e-3, max_iter=EDIT_SIZE_ITERATIONS)
-        record.update(sigma_subject=sigma_s, changed=True, iterations=iters,
-                      edit_size=edit / sigma_b if sigma_b > 0 else 0.0)
+        size = edit / sigma_b if sigma_b > 0 else 0.0
+        # JSON has no inf/NaN: a norm that is not finite is stored as None
+        record.update(sigma_subject=sigma_s if math.isfinite(sigma_s) else None, changed=True,
+                      iterations=iters, edit_size=size if math.isfinite(size) else None)
         return record
 
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:

@@ -135,10 +135,14 @@ class VarianceProbe(Probe):
             return not_measured("the final windows were not evaluated")
         base = baseline.get("moments", {})
         subj = tap.moments()
-        modules = [{"name": n, "family": str(family_of(n)), "m2_baseline": float(base[n]),
-                    "m2_subject": float(subj[n])} for n in subj if n in base]
+        families = pure.tapped_families(self.policy.get("tap", "all"))
+        names = [n for n in subj if n in base and str(family_of(n)) in families]
+        edited = _edited(ctx, names)
+        modules = [{"name": n, "family": str(family_of(n)), "m2_baseline": _finite(base[n]),
+                    "m2_subject": _finite(subj[n]), "edited": edited[n]} for n in names]
         measurements: dict[str, Any] = {"evaluated": True, "fit_windows": "preview",
-                                        "modules": modules, "gate": None}
+                                        "tap": sorted(families), "modules": modules,
+                                        "gate": None}
         alpha = pure.proposal(measurements, self.policy) if modules else np.ones(0)
         self.scales = {m["name"]: float(a) for m, a in zip(modules, alpha, strict=True)
                        if a != 1.0}
@@ -148,7 +152,12 @@ class VarianceProbe(Probe):
             return {**measurements, **not_applicable(
                 "the predictive gate needs per-window log-loss; classifiers report "
                 "correctness")}
-        measurements["gate"] = self._gate(ctx, final, alpha)
+        gate = self._gate(ctx, final, alpha)
+        if not (np.all(np.isfinite(gate["nll_plain"])) and np.all(np.isfinite(
+                gate["nll_scaled"]))):
+            return {**measurements, **not_measured(
+                "non-finite losses on the VE gate's windows")}
+        measurements["gate"] = gate
         return measurements
 
     def _gate(self, ctx: SubjectContext, final: Any, alpha: np.ndarray) -> dict[str, Any]:
@@ -165,6 +174,29 @@ class VarianceProbe(Probe):
                 "alpha": [float(a) for a in alpha],
                 "replicates": ctx.info.replicates, "seed": ctx.info.seed,
                 "ci_alpha": ctx.info.ci_alpha}
+
+
+def _edited(ctx: SubjectContext, names: list[str]) -> dict[str, bool]:
+    """Which output projections' weights differ from the baseline's (streamed from its files);
+    `targets: edited_modules_only` restricts the proposal to these."""
+    from invarlock.guards.measure.weights import WeightReader, single_thread
+
+    reader = WeightReader(ctx.baseline_files)
+    modules = dict(ctx.model.named_modules())
+    out = {}
+    with torch.inference_mode(), single_thread():
+        for name in names:
+            weight = modules[name].weight.detach()
+            key = reader.resolve(f"{name}.weight", ctx.base_model_prefix)
+            base = None if key is None else reader.get(key)
+            out[name] = base is None or tuple(base.shape) != tuple(weight.shape) or not (
+                torch.equal(weight, base.to(device=weight.device, dtype=weight.dtype)))
+    return out
+
+
+def _finite(x: float | None) -> float | None:
+    """JSON has no inf/NaN: a moment that is not finite is stored as None."""
+    return None if x is None or not np.isfinite(x) else float(x)
 
 
 def write_corrected_copy(loaded: Any, scales: Mapping[str, float], out_dir: Path) -> None:
