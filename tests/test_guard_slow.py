@@ -40,7 +40,8 @@ def test_twenty_benign_noise_seeds_give_at_most_one_balanced_fail(tmp_path):
         from false_alarm_rate import certify_noise_seeds
     finally:
         sys.path.remove(str(ROOT / "scripts"))
+    # seeds 100-119: not among the seeds the shipped thresholds were calibrated on (0-9)
     results = certify_noise_seeds("demo", None, 20, tier="balanced", profile="dev",
-                                  presets=(), out=tmp_path)
+                                  presets=(), out=tmp_path, first_seed=100)
     fails = [r for r in results if r["verdict"] == "FAIL"]
     assert len(results) == 20 and len(fails) <= 1, fails
