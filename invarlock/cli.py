@@ -227,6 +227,11 @@ def _human_summary(s: dict[str, Any]) -> str:
     lines = [f"{s['verdict']}: {number}"]
     if s["verdict"] == "FAIL":
         lines += [f"  - {r}" for r in s["reasons"]]
+    if s.get("guards"):
+        lines.append("guards: " + ", ".join(
+            f"{name} {'ok' if g['passed'] else 'FAILED'}"
+            f"{' (monitor)' if g['mode'] == 'monitor' else ''}"
+            for name, g in s["guards"].items()))
     lines.append(f"certificate: {s['certificate']}")
     return "\n".join(lines)
 

@@ -35,11 +35,12 @@ class RunInfo:
 
     kind: MetricKind
     device: str
-    seed: int
+    seed: int                     # window seed: RMT row sampling
     preview_ids: np.ndarray       # int64: windows VE fits its proposal on
     calibration_ids: np.ndarray   # int64: the first K final windows (RMT, VE gate)
     replicates: int               # bootstrap settings for the VE gate's interval
     ci_alpha: float
+    bootstrap_seed: int
 
 
 @dataclass

@@ -149,4 +149,5 @@ def run_info(kind: Any, device: str, plan: Any, settings: ChainSettings, policy:
                    preview_ids=np.asarray(plan.preview.window_ids, dtype=np.int64),
                    calibration_ids=np.asarray(plan.final.window_ids[:k], dtype=np.int64),
                    replicates=int(policy.bootstrap.replicates),
-                   ci_alpha=float(policy.bootstrap.alpha))
+                   ci_alpha=float(policy.bootstrap.alpha),
+                   bootstrap_seed=int(policy.bootstrap.seed))

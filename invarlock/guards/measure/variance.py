@@ -172,7 +172,7 @@ class VarianceProbe(Probe):
                 "nll_plain": [float(v) for v in final.values[:k]],
                 "nll_scaled": [float(v) for v in scaled.values],
                 "alpha": [float(a) for a in alpha],
-                "replicates": ctx.info.replicates, "seed": ctx.info.seed,
+                "replicates": ctx.info.replicates, "seed": ctx.info.bootstrap_seed,
                 "ci_alpha": ctx.info.ci_alpha}
 
 
