@@ -239,3 +239,24 @@ def test_a_registered_plugin_guard_runs_gates_and_rechecks(tiny_gpt2_dir, fast_p
         guards.unregister("param_count")
     with pytest.raises(ConfigError, match="unknown guard 'param_count'"):
         ChainSettings.from_policy({"order": ["param_count"]})
+
+
+def test_decisions_and_rechecks_need_no_torch(int8_cert, tmp_path):
+    """verify re-checks guards on machines without torch: the pure side must not import it."""
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "cert.json"
+    path.write_text(json.dumps(int8_cert))
+    code = ("import json, sys\n"
+            "sys.modules['torch'] = None  # any import of torch now fails\n"
+            "from invarlock import guards\n"
+            f"cert = json.load(open({str(path)!r}))\n"
+            "for name, section in cert['guards'].items():\n"
+            "    check = guards.recheck(name, section, cert['policy']['values']['guards'][name])\n"
+            "    assert check.passed == section['passed'], name\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
