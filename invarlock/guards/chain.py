@@ -1,9 +1,15 @@
 """The guard chain's settings and its contribution to the verdict (pure: no torch, no I/O).
 
 `ChainSettings.from_policy` reads `values.guards` of the resolved policy: the order, each
-guard's mode and the number of calibration windows K. `assemble` turns each guard's
-measurements into its certificate section, its `validation` check and — for guards in `gate`
-mode — its place in `gating`.
+guard's mode and the number of calibration windows K. `evaluate` turns a guard's
+measurements into its certificate section and its `validation` check; `gating_flags` names
+the flags of guards in `gate` mode.
+
+The order decides which guards run (a guard not listed does not), the order of their
+sections and decisions, and so which guard's failure is reported first. Measuring happens
+when the data exists whatever the order: structure and weights when the subject loads,
+activations during the evaluation passes, fingerprints at the end; a failed fatal check
+(the invariants, before evaluation) leaves the other guards unmeasured.
 """
 
 from __future__ import annotations
