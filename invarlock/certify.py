@@ -26,6 +26,7 @@ from invarlock.data.corpus import DatasetSource, load_corpus
 from invarlock.data.windows import WindowPlan, WindowSet, plan_windows
 from invarlock.enums import MetricKind
 from invarlock.errors import EvidenceError, InputError
+from invarlock.guards import ChainSettings
 from invarlock.policy import resolve
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,12 @@ class CertifyRequest:
     revision: str | None = None
     batch_size: int | None = None
     save_subject: Path | None = None
+    write_ve_subject: Path | None = None  # write a VE-corrected copy of the subject here
     save_model: bool = False  # with an edit: save the edited subject to <out_dir>/model on PASS
     use_cache: bool = True
     cache_dir: Path | None = None
     progress: bool = False
+    edit_impl: Any = None  # an invarlock.edits.Edit to use instead of looking up edit["name"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class CertifyOutcome:
             "limit": pm["limit"],
             "catastrophic": pm["catastrophic"],
             "reasons": self.certificate["verdict"]["reasons"],
+            "guards": {name: {"mode": g["mode"], "passed": g["passed"]}
+                       for name, g in self.certificate["guards"].items()},
             "run_id": self.certificate["run_id"],
             "certificate": str(self.path),
             "markdown": str(self.markdown_path),
@@ -97,6 +102,8 @@ class _Timer:
 def certify(req: CertifyRequest) -> CertifyOutcome:
     """Run one certification and write its certificate; the verdict is in the outcome."""
     from invarlock import evaluate
+    from invarlock.guards.measure.probe import SubjectContext
+    from invarlock.guards.measure.run import GuardRun, head, run_info
     from invarlock.models import device as devices
     from invarlock.models import loading, source, tokenizer
 
@@ -138,12 +145,17 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
                         strict=wp.strict, tokenizer_hash=tok_hash)
     timer.add("windows_s", t)
 
-    def score(model: Any, windows: WindowSet, label: str) -> Any:
+    def score(model: Any, windows: WindowSet, label: str, taps: Any = None) -> Any:
         t0 = time.perf_counter()
         scores = evaluate.evaluate_windows(model, windows, kind=kind, device=device,
-                                           batch_size=req.batch_size, progress=req.progress)
+                                           batch_size=req.batch_size, taps=taps or None,
+                                           progress=req.progress)
         timer.add(f"{label}_eval_s", t0)
         return scores
+
+    chain = ChainSettings.from_policy(policy.values.get("guards"))
+    guards = GuardRun(chain, policy.values.get("guards") or {},
+                      run_info(kind, device, plan, chain, policy))
 
     # Baseline: from the cache when this exact evaluation was done before.
     base_files = source.weight_files(base_src, req.allow_pickle)
@@ -151,7 +163,11 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     key = CacheKey(source.weights_digest(base_files), tok_hash, plan.digest, str(kind),
                    str(dtype).removeprefix("torch."), device.split(":")[0], __version__)
     cache = BaselineCache(req.cache_dir) if req.use_cache else None
-    cached = _from_payload(cache.load(key)) if cache else None
+    payload = cache.load(key) if cache else None
+    cached = _from_payload(payload)
+    if cached is not None and not guards.restore(payload.get("guards")):
+        log.info("baseline cache entry lacks these guard settings; evaluating the baseline")
+        cached = None
     base_from_cache = cached is not None
     base_model = None
     if cached is not None:
@@ -161,15 +177,19 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
         base_model = loading.load_model(base_src, adapter=adapter, device=device,
                                         dtype=req.dtype, allow_pickle=req.allow_pickle)
         timer.add("load_s", t)
-        base_sets = {"preview": score(base_model.model, plan.preview, "baseline"),
-                     "final": score(base_model.model, plan.final, "baseline")}
+        guards.baseline_loaded(base_model.model)
+        base_sets = {name: score(base_model.model, getattr(plan, name), "baseline",
+                                 guards.taps(base_model.model, "baseline", name))
+                     for name in ("preview", "final")}
         broken = sum(s.nonfinite_windows for s in base_sets.values())
         if broken:
             raise EvidenceError(f"the baseline produced non-finite losses on {broken} windows; "
                                 "there is nothing sound to compare the subject with")
         base_parameters = int(base_model.parameters)
+        guard_payload = guards.baseline_done()
         if cache:
-            cache.store(key, _to_payload(base_sets, base_parameters))
+            cache.store(key, {**_to_payload(base_sets, base_parameters),
+                              "guards": guard_payload})
     base_record = _model_record(base_src, base_cfg, adapter, key.weights_digest, "files",
                                 dtype=key.dtype, parameters=base_parameters,
                                 from_cache=base_from_cache)
@@ -180,7 +200,7 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     if req.edit is not None:
         from invarlock.edits import get_edit
 
-        edit = get_edit(req.edit["name"])
+        edit = req.edit_impl or get_edit(req.edit["name"])
         edit_plan = edit.parse_plan(req.edit)
         if base_model is None:
             base_model = loading.load_model(base_src, adapter=adapter, device=device,
@@ -209,16 +229,34 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
                                     parameters=subject.parameters)
     timer.add("load_s", t)
 
-    subj_prev = score(subject.model, plan.preview, "subject")
+    ctx = SubjectContext(
+        info=guards.info, model=subject.model, config=subject.config, baseline_config=base_cfg,
+        baseline_files=base_files, tokenizer_hashes=(tok_hash, tok_hash),
+        fingerprint=subj_record["weights_digest"] if req.edit is not None else None,
+        calibration=head(plan.final, int(guards.info.calibration_ids.size)),
+        score=lambda model, windows: evaluate.evaluate_windows(
+            model, windows, kind=kind, device=device, batch_size=req.batch_size),
+        base_model_prefix=str(getattr(subject.model, "base_model_prefix", "") or ""))
+    intact = guards.subject_loaded(ctx)
+
+    subj_prev = score(subject.model, plan.preview, "subject",
+                      guards.taps(subject.model, "subject", "preview"))
     preview = _paired(base_sets["preview"], subj_prev)
     catastrophic = gate.is_catastrophic(kind, gate.summarize(kind, preview),
                                         policy.primary_metric)
     subj_fin = None
     if catastrophic:
         log.warning("preview ratio beyond the catastrophic limit: final set not evaluated")
+    elif not intact:
+        log.warning("%s failed before evaluation (fatal): final set not evaluated",
+                    guards.fatal)
     else:
-        subj_fin = score(subject.model, plan.final, "subject")
+        subj_fin = score(subject.model, plan.final, "subject",
+                         guards.taps(subject.model, "subject", "final"))
     final = _paired(base_sets["final"], subj_fin) if subj_fin is not None else None
+    ctx.scores = {"preview": subj_prev, "final": subj_fin}
+    outcomes = guards.finish(ctx)
+    timer.spans.update(guards.timings())
 
     match = _match(base_sets, {"preview": subj_prev, "final": subj_fin})
     if match < 1.0:
@@ -226,8 +264,13 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
                             "both models")
     pm = gate.primary_metric(kind, preview, final, policy.primary_metric, policy.bootstrap)
     checks = [gate.pairing_check(match, plan.overlap(), plan.preview.n, plan.final.n),
-              *gate.primary_checks(pm, policy.primary_metric)]
-    decision = gate.decide(checks, gate.PRIMARY_GATING)
+              *gate.primary_checks(pm, policy.primary_metric),
+              *(o.check for o in outcomes)]
+    decision = gate.decide(checks, [*gate.PRIMARY_GATING, *guards.gating(outcomes)])
+
+    ve_written = None
+    if req.write_ve_subject is not None:
+        ve_written = _write_ve_subject(guards, subject, req.write_ve_subject)
 
     out_dir = req.out_dir if req.out_dir is not None else Path("runs") / run_id
     save_to = req.save_subject or (out_dir / SAVED_MODEL_DIR if req.save_model else None)
@@ -265,11 +308,12 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
         "edit": edit_record,
         "primary_metric": pm.as_dict(),
         "policy": policy.as_dict(),
-        "guards": {},
+        "guards": {o.name: o.section for o in outcomes},
         "validation": decision.validation,
         "gating": list(decision.gating),
         "verdict": decision.verdict_section(),
-        "artifacts": {"markdown": document.MARKDOWN_FILENAME, "saved_subject": saved},
+        "artifacts": {"markdown": document.MARKDOWN_FILENAME, "saved_subject": saved,
+                      "ve_subject": ve_written},
         "timings": timer.spans,
     }
     sealed = document.seal(cert)
@@ -277,6 +321,16 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     return CertifyOutcome(sealed, path, out_dir / document.MARKDOWN_FILENAME)
 
 
+def _write_ve_subject(guards: Any, subject: Any, out_dir: Path) -> str | None:
+    """Write the VE-corrected copy requested with --write-ve-subject (the subject stays)."""
+    from invarlock.guards.measure.variance import write_corrected_copy
+
+    probe = guards.probes.get("variance")
+    if probe is None or guards.fatal is not None:
+        log.warning("no VE-corrected subject written: the variance guard did not run")
+        return None
+    write_corrected_copy(subject, probe.scales, out_dir)
+    return str(out_dir)
 def _environment(device: dict[str, Any], config: dict[str, Any],
                  req: CertifyRequest) -> dict[str, Any]:
     """Where the run happened; plugin distributions that loaded or edited a model included."""

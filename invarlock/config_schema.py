@@ -98,9 +98,76 @@ OUTPUT = _obj({
     "save_model": {"type": "boolean"},
     "save_report": {"type": "boolean"},
     "save_subject": _OPT_STR,
+    "write_ve_subject": {**_OPT_STR, "description": "write a VE-corrected copy of the subject"},
     "cache": {"type": "boolean"},
     "cache_dir": _OPT_STR,
 })
+
+# Guard settings (tiers.yaml `guards:` shape, which is the seed's). Built-in guards are
+# strict; other names are left to the guard registry, which accepts registered plugin guards
+# and rejects the rest with the nearest known name. Numbers may also be written as strings
+# such as "9e-4": YAML 1.1 (PyYAML) reads an exponent without a decimal point as a string.
+_MODE = {"enum": ["off", "monitor", "gate", False]}  # YAML 1.1 reads a bare `off` as false
+_NUMERIC_TEXT = {"type": "string", "pattern": r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"}
+
+
+def _number(**bounds: Any) -> dict[str, Any]:
+    return {"anyOf": [{"type": "number", **bounds}, _NUMERIC_TEXT]}
+
+
+_FAMILY_NUMBERS = _obj({f: _number(minimum=0) for f in ("attn", "ffn", "embed", "other")})
+_FAMILY_SCOPE = {"oneOf": [
+    {"type": "string", "enum": ["all", "attn", "ffn", "embed", "other"]},
+    {"type": "array", "items": {"type": "string", "enum": ["attn", "ffn", "embed", "other"]},
+     "minItems": 1, "uniqueItems": True},
+]}
+
+GUARDS = {
+    "type": "object",
+    "properties": {
+        "order": {"type": "array", "items": _STR, "minItems": 1},
+        "calibration_windows": {"type": "integer", "minimum": 2,
+                                "description": "K: first K final windows for RMT and VE"},
+        "invariants": _obj({"mode": _MODE}),
+        "spectral": _obj({
+            "mode": _MODE,
+            "scope": _FAMILY_SCOPE,
+            "sigma_quantile": _number(exclusiveMinimum=0, exclusiveMaximum=1),
+            "deadband": _number(minimum=0),
+            "max_caps": {"type": "integer", "minimum": 0},
+            "max_spectral_norm": {"anyOf": [{"type": "null"}, *_number(
+                exclusiveMinimum=0)["anyOf"]]},
+            "multiple_testing": _obj({
+                "method": {"type": "string", "enum": ["bh", "bonferroni"]},
+                "alpha": _number(exclusiveMinimum=0, exclusiveMaximum=1),
+                "m": {"type": "integer", "minimum": 1},
+            }),
+            "family_caps": _FAMILY_NUMBERS,
+        }),
+        "rmt": _obj({
+            "mode": _MODE,
+            "scope": _FAMILY_SCOPE,
+            "max_rows": {"type": "integer", "minimum": 4},
+            "epsilon_by_family": _FAMILY_NUMBERS,
+        }),
+        "variance": _obj({
+            "mode": _MODE,
+            "tap": {"type": "string", "enum": ["all", "attn", "ffn",
+                                               "post mlp.c_proj (pre-residual)"]},
+            "targets": {"type": "string", "enum": ["all", "edited_modules_only"]},
+            "discovery": _obj({
+                "deadband": _number(minimum=0, maximum=1),
+                "min_abs_adjust": _number(minimum=0, maximum=1),
+                "max_scale_step": _number(minimum=0, maximum=1),
+            }),
+            "gating": _obj({
+                "sided": {"type": "string", "enum": ["one-sided", "two-sided"]},
+                "min_effect_lognll": _number(minimum=0),
+            }),
+        }),
+    },
+    "additionalProperties": {"type": "object", "properties": {"mode": _MODE}},
+}
 
 CONFIG_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -110,6 +177,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "dataset": DATASET,
         "edit": {**EDIT, "type": ["object", "null"]},
         "eval": EVAL,
+        "guards": GUARDS,
         "auto": AUTO,
         "output": OUTPUT,
     }),

@@ -159,6 +159,7 @@ def resolve(config: dict[str, Any], *, context_length: int | None = None) -> Res
     defaults: dict[str, Any] = deep_merge(tiers()[tier], {
         "windows": {**prof["windows"], "stride": None, "seed": DEFAULT_SEED},
         "bootstrap": {**prof["bootstrap"], "seed": DEFAULT_SEED},
+        "guards": dict(prof.get("guards") or {}),
     })
     overrides: dict[str, Any] = {}
     for cfg_key, pol_key in _CONFIG_TO_POLICY.items():

@@ -122,6 +122,7 @@ def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
     put("edit.name", flags.get("edit_name"))
     put("output.dir", _str(flags.get("out_dir")))
     put("output.save_subject", _str(flags.get("save_subject")))
+    put("output.write_ve_subject", _str(flags.get("write_ve_subject")))
     put("output.cache_dir", _str(flags.get("cache_dir")))
     if flags.get("no_cache"):
         put("output.cache", False)
@@ -139,6 +140,7 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False) -> An
 
     out = get(config, "output.dir")
     save = get(config, "output.save_subject")
+    ve_out = get(config, "output.write_ve_subject")
     cache_dir = get(config, "output.cache_dir")
     return CertifyRequest(
         config=config,
@@ -154,6 +156,7 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False) -> An
         revision=get(config, "model.revision"),
         batch_size=get(config, "eval.batch_size"),
         save_subject=Path(save) if save else None,
+        write_ve_subject=Path(ve_out) if ve_out else None,
         save_model=bool(get(config, "output.save_model", False)),
         use_cache=bool(get(config, "output.cache", True)),
         cache_dir=Path(cache_dir) if cache_dir else None,

@@ -26,6 +26,7 @@ def render(cert: dict[str, Any]) -> str:
         "",
         _interval_line(cert),
         "",
+        *guard_findings(cert),
         "## Models and data",
         "",
         models_table(cert),
@@ -117,6 +118,60 @@ def _interval_line(cert: dict[str, Any]) -> str:
             f"{boot['replicates']} replicates, seed {boot['seed']}, "
             f"α = {boot['alpha']}; drift final/preview "
             f"{'—' if drift is None else f'{drift:.4f}'}.")
+
+
+MAX_FINDINGS = 10
+
+
+def guard_findings(cert: dict[str, Any]) -> list[str]:
+    """The guard chain: one row per guard, per-family numbers, then its findings."""
+    sections = cert.get("guards") or {}
+    if not sections:
+        return []
+    lines = ["## Guards", "", "| Guard | Mode | Result | Detail |", "|---|---|---|---|"]
+    for name, g in sections.items():
+        lines.append(f"| {name} | {g['mode']} | {_MARK[bool(g['passed'])]} `{g['flag']}` | "
+                     f"{_cell(g['reason'])} |")
+    lines.append("")
+    for name, g in sections.items():
+        detail = _guard_families(name, g.get("summary") or {})
+        findings = g.get("findings") or []
+        if not detail and not findings:
+            continue
+        lines += [f"### {name}", "", *detail]
+        if detail and findings:
+            lines.append("")
+        for f in findings[:MAX_FINDINGS]:
+            family = f" ({f['family']})" if f.get("family") else ""
+            kind = f"{f['kind']}: " if f.get("kind") else ""
+            lines.append(f"- `{_cell(f['module'])}`{family}: {kind}{_cell(f['message'])}")
+        if len(findings) > MAX_FINDINGS:
+            lines.append(f"- … and {len(findings) - MAX_FINDINGS} more in the JSON certificate")
+        lines.append("")
+    return lines
+
+
+def _guard_families(name: str, summary: dict[str, Any]) -> list[str]:
+    families = summary.get("families") or {}
+    if name == "spectral" and families:
+        rows = ["| Family | Modules | κ | top z | max abs(σ change) | Screen |",
+                "|---|---:|---:|---:|---:|---|"]
+        for fam, v in families.items():
+            z = "—" if v["top_z"] is None else f"{v['top_z']:+.2f}"
+            change = "—" if v["max_abs_change"] is None else f"{v['max_abs_change']:.2%}"
+            rows.append(f"| {fam} | {v['modules']} | {v['kappa']:.2f} | {z} "
+                        f"(`{_cell(v['top_module'])}`) | {change} | "
+                        f"{'significant' if v['rejected'] else '—'} |")
+        return rows
+    if name == "rmt" and families:
+        rows = ["| Family | Modules | Largest growth of edge risk | 1 + ε | Edge risk max "
+                "(baseline → subject) |", "|---|---:|---:|---:|---:|"]
+        for fam, v in families.items():
+            rows.append(f"| {fam} | {v['modules']} | ×{_num(v['max_growth'])} "
+                        f"(`{_cell(v['module'])}`) | {1 + v['epsilon']:.3f} | "
+                        f"{_num(v['baseline_max'])} → {_num(v['subject_max'])} |")
+        return rows
+    return []
 
 
 def models_table(cert: dict[str, Any]) -> str:

@@ -32,19 +32,26 @@ def _verdict(cert: dict[str, Any]) -> Outcome:
 
 
 def with_guards(cert: dict[str, Any]) -> dict[str, Any]:
-    """A certificate carrying guard sections of assorted shapes (rendered generically)."""
+    """A certificate carrying guard sections in the certificate's shape (rendered generically:
+    scalars, lists and mappings)."""
+    violations = [{"module": f"transformer.h.{i}.mlp.c_fc.weight", "family": "ffn",
+                   "kind": "violation", "message": f"σ changed {31 + i}%",
+                   "relative_change": 0.31 + i / 100, "z": 4.2 + i / 10} for i in range(12)]
     guards = {
         "spectral": {
-            "mode": "gate", "passed": False, "modules": 48, "max_caps": 2,
-            "violations": [{"module": f"transformer.h.{i}.mlp.c_fc", "family": "ffn",
-                            "relative_change": 0.31 + i / 100, "z": 4.2 + i / 10}
-                           for i in range(12)],
-            "families": {"attn": {"kappa": 2.5, "modules": 24}, "ffn": {"kappa": 2.3}},
+            "mode": "gate", "flag": "spectral_stable", "passed": False,
+            "reason": "12 violation(s); largest: transformer.h.11.mlp.c_fc.weight",
+            "measurements": {"modules": 48, "max_caps": 2}, "findings": violations,
+            "summary": {"families": {"attn": {"kappa": 2.5, "modules": 24},
+                                     "ffn": {"kappa": 2.3, "modules": 24}}},
         },
-        "rmt": {"mode": "monitor", "passed": True, "epsilon": 0.1,
-                "edge_ratio": {"attn": 1.012, "ffn": 0.994}},
-        "invariants": {"mode": "gate", "passed": True, "checks": ["architecture", "tokenizer",
-                                                                  "finite weights"]},
+        "rmt": {"mode": "monitor", "flag": "rmt_stable", "passed": True,
+                "reason": "every family within ε", "measurements": {"epsilon": 0.1},
+                "findings": [], "summary": {"growth": {"attn": 1.012, "ffn": 0.994}}},
+        "invariants": {"mode": "gate", "flag": "invariants_pass", "passed": True,
+                       "reason": "intact", "measurements": {
+                           "checks": ["architecture", "tokenizer", "finite weights"]},
+                       "findings": []},
     }
     body = {k: v for k, v in cert.items() if k != "digest"}
     return document.seal({**body, "guards": guards})

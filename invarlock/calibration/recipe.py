@@ -1,0 +1,208 @@
+"""The recalibration recipe as pure functions over reference certificates (numpy/scipy only).
+
+Reference comparisons are benign edits of the baseline (INT8 RTN, and uniform noise of one
+INT8 step with different seeds) certified with every guard in monitor mode. From them:
+
+- spectral κ_f, order statistic (recommended): the WARN budget B (`max_caps`) is split by
+  family size, B_f = ⌊B·M_f/M + 0.5⌋ (at least 1); per run κ_f is the B_f-th largest |z| of
+  the family plus a margin, so at most B_f − 1 modules exceed it; over runs the largest.
+  Parametric alternative: with normal two-sided tails, κ_f = Φ⁻¹(1 − B_f/(2M_f)) + margin
+  (about B_f exceedances expected among M_f modules).
+- RMT ε_f: the `quantile` of the null Δ_f = max over the family's modules of
+  e(subject)/e(baseline) − 1, over runs (the maximum for small families, whose few modules
+  make Δ_f jumpy), plus a floor.
+- VE min effect: from σ_Δ, the standard deviation of per-window paired ΔlogNLL of the
+  reference comparisons: min_effect = z·σ_Δ/√K with K the calibration windows and
+  z = Φ⁻¹(1 − α) one-sided (balanced) or Φ⁻¹(1 − α/2) two-sided (conservative).
+- Windows: the CI half-width of the mean paired Δ is about Φ⁻¹(1 − α/2)·σ_Δ/√n, so a target
+  half-width h needs n = ⌈(Φ⁻¹(1 − α/2)·σ_Δ/h)²⌉ windows per set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.special import ndtri
+
+from invarlock.guards import rmt, spectral
+
+FAMILIES = ("attn", "ffn", "embed", "other")
+SMALL_FAMILY = 8  # fewer modules: ε from the maximum instead of the quantile
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """What calibration reads from one reference certificate."""
+
+    label: str                               # e.g. "quant_noise:3"
+    abs_z: dict[str, list[float]]            # spectral |z| per module, by family
+    family_sizes: dict[str, int]
+    rmt_delta: dict[str, float]              # max module growth e_s/e_b − 1, by family
+    window_delta: list[float]                # per-window paired ΔlogNLL (nats/token), final
+    ratio: float | None
+    flags: dict[str, bool]
+
+    def row(self) -> dict[str, Any]:
+        """Flat CSV-ready summary of the run."""
+        out: dict[str, Any] = {"run": self.label, "ratio": self.ratio,
+                               "sigma_delta": _std(self.window_delta)}
+        for f in FAMILIES:
+            zs = sorted(self.abs_z.get(f, []), reverse=True)
+            out[f"{f}_modules"] = self.family_sizes.get(f, 0)
+            out[f"{f}_max_abs_z"] = zs[0] if zs else None
+            out[f"{f}_rmt_delta"] = self.rmt_delta.get(f)
+        out.update({k: v for k, v in self.flags.items() if k.endswith(
+            ("_pass", "_stable", "_ok"))})
+        return out
+
+
+def _std(values: Sequence[float]) -> float | None:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def reference_run(label: str, cert: Mapping[str, Any], sigma_quantile: float) -> ReferenceRun:
+    """Extract the calibration statistics from one certificate (guards measured)."""
+    guards = cert["guards"]
+    abs_z: dict[str, list[float]] = {}
+    sizes: dict[str, int] = {}
+    sp = guards.get("spectral", {}).get("measurements", {})
+    if sp.get("evaluated", False):
+        for s in spectral.score_modules(sp["modules"], sigma_quantile, FAMILIES):
+            abs_z.setdefault(s.family, []).append(abs(s.z))
+        sizes = {f: len(v) for f, v in abs_z.items()}
+    rmt_delta: dict[str, float] = {}
+    rm = guards.get("rmt", {}).get("measurements", {})
+    if rm.get("evaluated", False):
+        rmt_delta = {f: g - 1.0 for f, (g, _) in rmt.family_growth(rm["modules"]).items()}
+    final = cert["windows"]["final"]
+    deltas = [(s - b) / n for s, b, n in zip(final["subject"], final["baseline"],
+                                             final["tokens"], strict=False)
+              if s is not None and n > 0]
+    return ReferenceRun(label, abs_z, sizes, rmt_delta, deltas,
+                        cert["primary_metric"]["ratio"], dict(cert["validation"]))
+
+
+def budget_split(budget: int, sizes: Mapping[str, int]) -> dict[str, int]:
+    """B_f = ⌊B·M_f/M + 0.5⌋ for each family present."""
+    total = sum(sizes.values())
+    return {f: math.floor(budget * m / total + 0.5) for f, m in sizes.items() if m}
+
+
+def kappa_order_statistic(abs_z_runs: Sequence[Sequence[float]], b_f: int,
+                          margin: float) -> float:
+    """Largest over runs of the max(B_f, 1)-th largest |z|, plus the margin."""
+    k = max(1, b_f)
+    per_run = []
+    for zs in abs_z_runs:
+        ordered = sorted(zs, reverse=True)
+        if ordered:
+            per_run.append(ordered[min(k, len(ordered)) - 1])
+    return float(max(per_run) + margin) if per_run else float("nan")
+
+
+def kappa_parametric(m_f: int, b_f: int, margin: float) -> float:
+    """Φ⁻¹(1 − B_f/(2 M_f)) + margin: about B_f two-sided normal exceedances in M_f."""
+    p = min(0.5, max(1, b_f) / (2.0 * m_f))
+    return float(ndtri(1.0 - p) + margin)
+
+
+def epsilon(deltas: Sequence[float], quantile: float, small: bool, floor: float) -> float:
+    """ε_f from null Δ_f: the quantile (the maximum for a small family), at least 0, + floor."""
+    values = np.asarray(deltas, dtype=np.float64)
+    if values.size == 0:
+        return float("nan")
+    q = float(np.max(values)) if small else float(np.quantile(values, quantile))
+    return max(q, 0.0) + floor
+
+
+def min_effect(sigma_delta: float, windows: int, alpha: float, sided: str) -> float:
+    z = ndtri(1.0 - alpha) if sided == "one-sided" else ndtri(1.0 - alpha / 2.0)
+    return float(z * sigma_delta / math.sqrt(windows))
+
+
+def windows_for_half_width(sigma_delta: float, half_width: float, alpha: float) -> int:
+    return math.ceil((ndtri(1.0 - alpha / 2.0) * sigma_delta / half_width) ** 2)
+
+
+def _round_up(x: float, digits: int) -> float:
+    scale = 10.0**digits
+    return math.ceil(x * scale - 1e-9) / scale
+
+
+def _round_up_significant(x: float, figures: int = 2) -> float:
+    if x <= 0 or not math.isfinite(x):
+        return x
+    return _round_up(x, figures - 1 - math.floor(math.log10(x)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    budget: int                  # the tier's max_caps
+    margin: float = 0.1          # added to κ
+    quantile: float = 0.95       # ε quantile of null Δ_f
+    epsilon_floor: float = 0.01
+    windows: int = 16            # K, the VE gate's windows
+    alpha: float = 0.05
+    sided: str = "one-sided"
+    half_width: float = 0.001    # target CI half-width (nats/token) for window sizing
+
+
+@dataclass(frozen=True)
+class Calibration:
+    overrides: dict[str, Any]                 # preset fragment for `certify --preset`
+    statistics: dict[str, Any]                # everything the numbers came from
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per reference run
+
+
+def calibrate(runs: Sequence[ReferenceRun], tier_guards: Mapping[str, Any],
+              settings: Settings) -> Calibration:
+    """Every calibrated number, the override YAML content and its statistics."""
+    if not runs:
+        raise ValueError("calibration needs at least one reference run")
+    sizes = dict(runs[0].family_sizes)
+    budgets = budget_split(settings.budget, sizes)
+    caps = dict(tier_guards["spectral"]["family_caps"])
+    eps = dict(tier_guards["rmt"]["epsilon_by_family"])
+    stats: dict[str, Any] = {"runs": [r.label for r in runs], "spectral": {}, "rmt": {},
+                             "variance": {}, "windows": {}, "settings": settings.__dict__}
+    for f, m_f in sizes.items():
+        b_f = budgets.get(f, 0)
+        entry: dict[str, Any] = {"modules": m_f, "budget": b_f}
+        if m_f < spectral.MIN_FAMILY_FOR_Z:
+            entry["note"] = "too few modules for a robust z; the tier value is kept"
+        else:
+            order = kappa_order_statistic([r.abs_z.get(f, []) for r in runs], b_f,
+                                          settings.margin)
+            entry.update(order_statistic=order,
+                         parametric=kappa_parametric(m_f, b_f, settings.margin),
+                         max_abs_z=max(max(r.abs_z.get(f, [0.0])) for r in runs))
+            caps[f] = _round_up(order, 2)
+        stats["spectral"][f] = entry
+    for f in sorted({f for r in runs for f in r.rmt_delta}):
+        deltas = [r.rmt_delta[f] for r in runs if f in r.rmt_delta]
+        small = sizes.get(f, 0) < SMALL_FAMILY
+        value = epsilon(deltas, settings.quantile, small, settings.epsilon_floor)
+        stats["rmt"][f] = {"null_deltas": deltas, "small_family": small,
+                           "quantile": 1.0 if small else settings.quantile, "epsilon": value}
+        eps[f] = _round_up(value, 3)
+    pooled = [d for r in runs for d in r.window_delta]
+    sigma = float(np.std(pooled, ddof=1)) if len(pooled) > 1 else float("nan")
+    one = min_effect(sigma, settings.windows, settings.alpha, "one-sided")
+    two = min_effect(sigma, settings.windows, settings.alpha, "two-sided")
+    chosen = one if settings.sided == "one-sided" else two
+    stats["variance"] = {"sigma_delta": sigma, "windows": settings.windows,
+                         "alpha": settings.alpha, "one_sided": one, "two_sided": two,
+                         "sided": settings.sided, "min_effect_lognll": chosen}
+    stats["windows"] = {"sigma_delta": sigma, "target_half_width": settings.half_width,
+                        "recommended_per_set": windows_for_half_width(
+                            sigma, settings.half_width, settings.alpha)}
+    overrides = {"guards": {
+        "spectral": {"family_caps": caps},
+        "rmt": {"epsilon_by_family": eps},
+        "variance": {"gating": {"min_effect_lognll": _round_up_significant(chosen)}},
+    }}
+    return Calibration(overrides, stats, [r.row() for r in runs])

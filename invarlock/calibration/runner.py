@@ -1,0 +1,175 @@
+"""`invarlock calibrate`: certify benign reference edits, then apply the recipe.
+
+Every reference run is a full certification of the baseline against an in-memory edit
+(INT8 RTN; INT8-step uniform noise with seeds 0..N−1) with spectral, RMT and VE in monitor
+mode, sharing one baseline cache so the baseline is evaluated once. The certificates stay in
+`OUT/runs/` for audit; `OUT/calibration.yaml` is a preset for `certify --preset`,
+`OUT/calibration.json` and `OUT/calibration.csv` hold the statistics it came from.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from invarlock import atomic
+from invarlock.calibration import recipe
+from invarlock.certificate import document
+from invarlock.config import deep_merge
+from invarlock.policy import resolve
+
+log = logging.getLogger(__name__)
+
+EDITS = ("rtn8", "noise")
+MONITORED = ("spectral", "rmt", "variance")
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    base: Any                    # a CertifyRequest: baseline, dataset, config, device, cache
+    out_dir: Path
+    seeds: int = 5
+    edits: tuple[str, ...] = EDITS
+    margin: float = 0.1
+    quantile: float = 0.95
+    epsilon_floor: float = 0.01
+    half_width: float = 0.001
+    resume: bool = False         # reuse reference certificates already in OUT/runs/
+
+
+@dataclass(frozen=True)
+class CalibrationOutcome:
+    calibration: recipe.Calibration
+    yaml_path: Path
+    json_path: Path
+    csv_path: Path
+
+    def summary(self) -> dict[str, Any]:
+        return {"overrides": self.calibration.overrides, "runs": len(self.calibration.rows),
+                "preset": str(self.yaml_path), "statistics": str(self.json_path),
+                "table": str(self.csv_path)}
+
+
+def reference_edits(edits: tuple[str, ...], seeds: int) -> list[tuple[str, dict, Any]]:
+    """(label, edit section, edit implementation or None) for every reference run."""
+    from invarlock.calibration.perturb import NOISE_EDIT
+
+    runs: list[tuple[str, dict, Any]] = []
+    if "rtn8" in edits:
+        runs.append(("quant_rtn:int8", {"name": "quant_rtn", "plan": {"bitwidth": 8}}, None))
+    if "noise" in edits:
+        runs += [(f"quant_noise:{s}", {"name": "quant_noise", "plan": {"bitwidth": 8, "seed": s}},
+                  NOISE_EDIT) for s in range(seeds)]
+    return runs
+
+
+def run(req: CalibrationRequest) -> CalibrationOutcome:
+    """Certify every reference edit, calibrate, and write the three outputs."""
+    from invarlock.certify import certify
+
+    monitored = {"guards": {g: {"mode": "monitor"} for g in MONITORED}}
+    config = deep_merge(req.base.config, monitored)
+    policy = resolve(config)
+    tier_guards = policy.values["guards"]
+    cache_dir = req.base.cache_dir or (req.out_dir / "cache")
+    runs = []
+    certificates = []
+    sigma_quantile = float(tier_guards["spectral"]["sigma_quantile"])
+    for label, section, impl in reference_edits(req.edits, req.seeds):
+        run_dir = req.out_dir / "runs" / label.replace(":", "-")
+        previous = _reusable(run_dir, req.base.baseline, section) if req.resume else None
+        if previous is not None:
+            runs.append(recipe.reference_run(label, previous, sigma_quantile))
+            certificates.append(str(run_dir / document.CERT_FILENAME))
+            log.info("reference %s: reusing %s", label, run_dir)
+            continue
+        started = time.perf_counter()
+        one = replace(req.base, config={**config, "edit": section}, subject=None, edit=section,
+                      edit_impl=impl, out_dir=run_dir, use_cache=True, cache_dir=cache_dir,
+                      save_subject=None, write_ve_subject=None)
+        outcome = certify(one)
+        runs.append(recipe.reference_run(label, outcome.certificate, sigma_quantile))
+        certificates.append(str(outcome.path))
+        log.info("reference %s: %s in %.0fs", label, outcome.verdict,
+                 time.perf_counter() - started)
+    settings = recipe.Settings(
+        budget=int(tier_guards["spectral"]["max_caps"]), margin=req.margin,
+        quantile=req.quantile, epsilon_floor=req.epsilon_floor,
+        windows=min(int(tier_guards["calibration_windows"]), policy.windows.final_n),
+        alpha=policy.bootstrap.alpha, sided=str(tier_guards["variance"]["gating"]["sided"]),
+        half_width=req.half_width)
+    result = recipe.calibrate(runs, tier_guards, settings)
+    stats = {**result.statistics, "tier": policy.tier, "profile": policy.profile,
+             "baseline": req.base.baseline, "dataset": req.base.dataset.spec(),
+             "certificates": certificates, "per_run": result.rows}
+    yaml_path = atomic.write_text(req.out_dir / "calibration.yaml",
+                                  _yaml_text(result, stats))
+    json_path = atomic.write_text(req.out_dir / "calibration.json",
+                                  json.dumps(_finite(stats), indent=2, allow_nan=False) + "\n")
+    csv_path = atomic.write_text(req.out_dir / "calibration.csv", _csv_text(result.rows))
+    return CalibrationOutcome(result, yaml_path, json_path, csv_path)
+
+
+def _reusable(run_dir: Path, baseline: str, section: dict[str, Any]) -> dict[str, Any] | None:
+    """A sealed reference certificate in `run_dir` for this baseline and edit, if any."""
+    path = run_dir / document.CERT_FILENAME
+    if not path.is_file():
+        return None
+    cert = document.load_certificate(path)
+    if cert.get("digest") != document.content_digest(cert):
+        log.warning("ignoring %s: its digest does not match its content", path)
+        return None
+    edit = cert.get("edit") or {}
+    same_plan = all(edit.get("plan", {}).get(k) == v for k, v in section["plan"].items())
+    if cert["baseline"]["source"] != baseline or edit.get("name") != section["name"] or (
+            not same_plan):
+        return None
+    return cert
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf (a statistic with too little data) become null in JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _yaml_text(result: recipe.Calibration, stats: dict[str, Any]) -> str:
+    var = stats["variance"]
+    win = stats["windows"]
+    header = [
+        "# Calibrated guard thresholds (invarlock calibrate); use with certify --preset.",
+        f"# baseline {stats['baseline']}, dataset {stats['dataset']}, tier {stats['tier']}, "
+        f"profile {stats['profile']}",
+        f"# reference runs: {', '.join(stats['runs'])}",
+        f"# VE: sigma_delta {var['sigma_delta']:.5f} over K={var['windows']} windows "
+        f"({var['sided']}, alpha {var['alpha']})",
+        f"# windows: {win['recommended_per_set']} per set for a CI half-width of "
+        f"{win['target_half_width']} nats/token",
+        "# statistics: calibration.json, calibration.csv",
+    ]
+    return "\n".join(header) + "\n" + yaml.safe_dump(result.overrides, sort_keys=False)
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

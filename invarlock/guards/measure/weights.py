@@ -1,0 +1,104 @@
+"""Weights on disk, one tensor at a time, and the power iteration the spectral guard uses.
+
+`WeightReader` streams the baseline's tensors from its checkpoint files (safetensors through
+`safe_open`, memory-mapped; vetted pickles through torch's weights-only loader with mmap), so
+the baseline never has to be resident next to the subject.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Exact SVD below this many elements (a few ms); power iteration above.
+EXACT_SVD_MAX_ELEMENTS = 1 << 16
+
+
+class WeightReader:
+    """Read named tensors from a checkpoint's weight files without loading the model."""
+
+    def __init__(self, files: Iterable[Path]) -> None:
+        self._where: dict[str, Any] = {}
+        self._handles: list[Any] = []
+        for path in files:
+            path = Path(path)
+            if path.name.endswith(".index.json"):
+                continue
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                handle = safe_open(str(path), framework="pt", device="cpu")
+                self._handles.append(handle)
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    self._where[key] = handle
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                self._handles.append(state)
+                for key in state:
+                    self._where[key] = state
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def resolve(self, name: str, prefix: str = "") -> str | None:
+        """The file key of a model parameter name (checkpoints may omit the base prefix)."""
+        candidates = [name]
+        if prefix:
+            candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
+        for key in candidates:
+            if key in self._where:
+                return key
+        return None
+
+    def get(self, key: str) -> torch.Tensor:
+        source = self._where[key]
+        if isinstance(source, dict):
+            return source[key]
+        return source.get_tensor(key)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block (restored afterwards).
+
+    The spectral work is matrix-vector products (memory-bound) and small decompositions,
+    which gain nothing from more threads; on a busy machine, waking a thread pool for each
+    small LAPACK call costs far more than the call itself.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def power_iteration(w: torch.Tensor, start: torch.Tensor | None = None, *, tol: float = 1e-7,
+                    max_iter: int = 300) -> tuple[float, torch.Tensor, int]:
+    """Power iteration for σ_max(W) (von Mises): v ← WᵀWv/‖WᵀWv‖, σ = ‖Wv‖."""
+    n = w.shape[1]
+    if start is None:
+        gen = torch.Generator(device="cpu").manual_seed(n)
+        v = torch.randn(n, generator=gen, dtype=torch.float32).to(w.device)
+    else:
+        v = start.to(device=w.device, dtype=torch.float32)
+    v = v / v.norm().clamp_min(1e-30)
+    sigma = 0.0
+    for i in range(1, max_iter + 1):
+        u = w @ v
+        new_sigma = float(u.norm())
+        if new_sigma == 0.0:
+            return 0.0, v, i
+        v = w.T @ (u / new_sigma)
+        v = v / v.norm().clamp_min(1e-30)
+        if abs(new_sigma - sigma) <= tol * new_sigma:
+            return new_sigma, v, i
+        sigma = new_sigma
+    return sigma, v, max_iter

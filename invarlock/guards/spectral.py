@@ -1,0 +1,254 @@
+"""Spectral guard: did any weight matrix's largest singular value move abnormally?
+
+For every 2-D weight in scope the probe measures σ_b = ‖W_b‖₂ (baseline) and σ_s = ‖W_s‖₂
+(subject) and the edit size ‖W_s − W_b‖₂ / σ_b. Here, with numpy only:
+
+- relative change r = σ_s/σ_b − 1 per module;
+- robust z within each family (attn, ffn, embed, other): z = (r − median) / s, where s is the
+  `sigma_quantile` quantile of |r − median| divided by Φ⁻¹((1 + q)/2), the same quantile of a
+  standard normal's |Z|, so q = 0.5 gives the MAD-based σ (Hampel 1974) and q = 0.95 a
+  scale that a few outliers cannot shrink;
+- a *candidate* is a module with |r| > `deadband` (a practically relevant change) and
+  |z| > κ_f (`family_caps`, calibrated by `invarlock calibrate`);
+- families are screened for significance: a family's p-value is the Bonferroni-adjusted
+  two-sided normal tail of its most extreme candidate, min(1, M_f · 2Φ(−|z|)), and the m
+  families are tested with Benjamini–Hochberg (1995) or Bonferroni at `alpha`;
+- a candidate in a rejected family is a *violation*: one is enough to fail, because a single
+  blown-up layer is exactly the damage the primary metric can miss; other candidates are
+  *warnings*, and more than `max_caps` of them fail (the WARN budget);
+- with `max_spectral_norm` set, any σ_s above it is a violation too;
+- a family with fewer than `MIN_FAMILY_FOR_Z` modules (embeddings: one or two matrices) has
+  no reference to compare a module with: z is 0 there, and any change beyond the deadband
+  is a violation.
+
+Limits: z compares modules of a family with each other, so a change shared by the whole
+family (every attention matrix ×3) leaves z small; the primary metric and RMT see that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+from invarlock.guards.base import GuardDecision, Stage, unmeasured_decision
+
+NAME = "spectral"
+FLAG = "spectral_stable"
+FAMILIES = ("attn", "ffn", "embed", "other")
+# Below this the robust scale of relative changes is numerical noise (float32 σ has ~1e-7
+# relative precision); it keeps z finite when most modules did not change at all.
+SCALE_FLOOR = 1e-9
+MIN_FAMILY_FOR_Z = 3
+
+
+def relative_change(sigma_baseline: np.ndarray, sigma_subject: np.ndarray) -> np.ndarray:
+    """r = σ_s/σ_b − 1; a zero baseline norm gives 0 if the subject's is zero too, else inf."""
+    base = np.asarray(sigma_baseline, dtype=np.float64)
+    subj = np.asarray(sigma_subject, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = subj / base - 1.0
+    r[(base == 0) & (subj == 0)] = 0.0
+    r[(base == 0) & (subj != 0)] = np.inf
+    return r
+
+
+def robust_scale(r: np.ndarray, sigma_quantile: float) -> float:
+    """Normal-equivalent σ from the q-quantile of |r − median| (q = 0.5: MAD/0.6745)."""
+    if not 0.0 < sigma_quantile < 1.0:
+        raise ValueError(f"sigma_quantile must lie in (0, 1), got {sigma_quantile}")
+    r = np.asarray(r, dtype=np.float64)
+    finite = r[np.isfinite(r)]
+    if finite.size == 0:
+        return SCALE_FLOOR
+    dev = np.abs(finite - np.median(finite))
+    q = float(np.quantile(dev, sigma_quantile))
+    return max(q / float(ndtri(0.5 + sigma_quantile / 2.0)), SCALE_FLOOR)
+
+
+def robust_z(r: np.ndarray, sigma_quantile: float) -> np.ndarray:
+    """Robust z of each module's relative change within one family."""
+    r = np.asarray(r, dtype=np.float64)
+    finite = r[np.isfinite(r)]
+    if finite.size == 0:
+        return np.where(np.isnan(r), 0.0, np.inf)
+    z = (r - np.median(finite)) / robust_scale(r, sigma_quantile)
+    return np.nan_to_num(z, nan=0.0, posinf=np.finfo(np.float64).max,
+                         neginf=-np.finfo(np.float64).max)
+
+
+def two_sided_p(z: np.ndarray) -> np.ndarray:
+    """2Φ(−|z|): the normal tail probability of a robust z at least this extreme."""
+    return 2.0 * ndtr(-np.abs(np.asarray(z, dtype=np.float64)))
+
+
+def rejected(p_values: Sequence[float], alpha: float, method: str, m: int) -> np.ndarray:
+    """Which hypotheses are rejected at level `alpha` among `m` (>= len(p_values)).
+
+    bh: Benjamini–Hochberg step-up (1995), reject the k smallest p with p_(k) <= k·α/m;
+    bonferroni: reject p <= α/m.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    m = max(int(m), p.size)
+    if p.size == 0:
+        return np.zeros(0, dtype=bool)
+    if method == "bonferroni":
+        return p <= alpha / m
+    if method != "bh":
+        raise ValueError(f"multiple_testing.method must be 'bh' or 'bonferroni', got {method!r}")
+    order = np.argsort(p, kind="stable")
+    thresholds = alpha * np.arange(1, p.size + 1) / m
+    below = np.nonzero(p[order] <= thresholds)[0]
+    out = np.zeros(p.size, dtype=bool)
+    if below.size:
+        out[order[: below[-1] + 1]] = True
+    return out
+
+
+@dataclass(frozen=True)
+class ModuleScore:
+    name: str
+    family: str
+    r: float
+    z: float
+    sigma_baseline: float
+    sigma_subject: float
+    edit_size: float
+
+
+def score_modules(modules: Sequence[Mapping[str, Any]], sigma_quantile: float,
+                  scope: Sequence[str]) -> list[ModuleScore]:
+    """r and robust z for the measured modules whose family is in scope."""
+    chosen = [m for m in modules if m["family"] in scope]
+    out: list[ModuleScore] = []
+    for family in FAMILIES:
+        members = [m for m in chosen if m["family"] == family]
+        if not members:
+            continue
+        r = relative_change(np.array([_sigma(m["sigma_baseline"]) for m in members]),
+                            np.array([_sigma(m["sigma_subject"]) for m in members]))
+        small = len(members) < MIN_FAMILY_FOR_Z
+        z = np.zeros_like(r) if small else robust_z(r, sigma_quantile)
+        for m, ri, zi in zip(members, r, z, strict=True):
+            out.append(ModuleScore(m["name"], family, float(ri), float(zi),
+                                   _sigma(m["sigma_baseline"]), _sigma(m["sigma_subject"]),
+                                   _sigma(m.get("edit_size", 0.0))))
+    return out
+
+
+def _sigma(x: Any) -> float:
+    """A stored norm; None (not finite when measured) reads as inf."""
+    return float("inf") if x is None else float(x)
+
+
+def _json(x: float) -> float | None:
+    """Derived numbers go to JSON, which has no inf/NaN."""
+    return float(x) if np.isfinite(x) else None
+
+
+def _scope(policy: Mapping[str, Any]) -> tuple[str, ...]:
+    scope = policy.get("scope", "all")
+    if scope == "all":
+        return FAMILIES
+    if isinstance(scope, str):
+        scope = [scope]
+    unknown = [s for s in scope if s not in FAMILIES]
+    if unknown:
+        raise ValueError(f"spectral scope has unknown families: {', '.join(unknown)}")
+    return tuple(scope)
+
+
+def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardDecision:
+    """Candidates, family screen, violations and the WARN budget (see the module docstring)."""
+    skipped = unmeasured_decision(measurements)
+    if skipped is not None:
+        return skipped
+    scores = score_modules(measurements["modules"], float(policy["sigma_quantile"]),
+                           _scope(policy))
+    if not scores:
+        return GuardDecision(True, "no 2-D weight in scope")
+    deadband = float(policy["deadband"])
+    caps = {f: float(v) for f, v in policy["family_caps"].items()}
+    mt = policy["multiple_testing"]
+    families = sorted({s.family for s in scores})
+    sizes = {f: sum(1 for s in scores if s.family == f) for f in families}
+    small = {f for f in families if sizes[f] < MIN_FAMILY_FOR_Z}
+    candidates = [s for s in scores if abs(s.r) > deadband and (
+        s.family in small or abs(s.z) > caps[s.family])]
+    family_p = {}
+    for f in families:
+        zs = [abs(s.z) for s in candidates if s.family == f]
+        family_p[f] = 1.0 if not zs or f in small else min(
+            1.0, sizes[f] * float(two_sided_p(max(zs))))
+    reject = dict(zip(families, rejected([family_p[f] for f in families],
+                                         float(mt["alpha"]), str(mt["method"]),
+                                         int(mt.get("m", len(families)))), strict=True))
+    violations = [s for s in candidates if reject[s.family] or s.family in small]
+    warnings = [s for s in candidates if not reject[s.family] and s.family not in small]
+    limit = policy.get("max_spectral_norm")
+    above = [] if limit is None else [s for s in scores if s.sigma_subject > float(limit)]
+
+    findings = [_finding(s, "violation", _why(s, caps[s.family], s.family in small))
+                for s in violations]
+    findings += [_finding(s, "violation", f"σ {s.sigma_subject:.4g} above max_spectral_norm "
+                          f"{float(limit):.4g}") for s in above]
+    findings += [_finding(s, "warning", f"σ changed {s.r:+.1%} (z {s.z:+.1f} > κ "
+                          f"{caps[s.family]:.2f}, family not significant)") for s in warnings]
+    max_caps = int(policy["max_caps"])
+    passed = not violations and not above and len(warnings) <= max_caps
+    if violations or above:
+        worst = max([*violations, *above], key=lambda s: abs(s.r))
+        reason = (f"{len(violations) + len(above)} violation(s); largest: {worst.name} "
+                  f"σ {worst.r:+.1%} vs baseline")
+    elif len(warnings) > max_caps:
+        reason = f"{len(warnings)} warnings exceed the budget max_caps = {max_caps}"
+    else:
+        top = max(scores, key=lambda s: abs(s.r))
+        reason = (f"{len(scores)} matrices, no violation, {len(warnings)} warning(s) within "
+                  f"budget {max_caps}; largest change {top.r:+.2%} ({top.name})")
+    summary = {"modules": len(scores), "violations": len(violations) + len(above),
+               "warnings": len(warnings), "families": {}}
+    for f in families:
+        members = [s for s in scores if s.family == f]
+        top = max(members, key=lambda s: abs(s.z))
+        summary["families"][f] = {
+            "modules": len(members), "kappa": caps[f], "p_value": family_p[f],
+            "rejected": bool(reject[f]), "robust_z": f not in small, "top_z": _json(top.z),
+            "top_module": top.name,
+            "max_abs_change": _json(max(abs(s.r) for s in members)),
+        }
+    return GuardDecision(passed, reason, tuple(findings), summary)
+
+
+def _why(s: ModuleScore, kappa: float, small: bool) -> str:
+    if small:
+        return (f"σ changed {s.r:+.1%}, beyond the deadband, in a family too small for a "
+                "robust z")
+    return f"σ changed {s.r:+.1%} (z {s.z:+.1f} > κ {kappa:.2f}, family significant)"
+
+
+def _finding(s: ModuleScore, kind: str, message: str) -> dict[str, Any]:
+    return {"module": s.name, "family": s.family, "kind": kind, "message": message,
+            "relative_change": _json(s.r), "z": _json(s.z),
+            "sigma_baseline": _json(s.sigma_baseline),
+            "sigma_subject": _json(s.sigma_subject), "edit_size": _json(s.edit_size)}
+
+
+class SpectralGuard:
+    name = NAME
+    flag = FLAG
+    stages = (Stage.WEIGHTS,)
+    measures = ("largest singular value of every 2-D weight, baseline (streamed from its "
+                "files) vs subject, after the subject is loaded")
+
+    def decide(self, measurements: Mapping[str, Any],
+               policy: Mapping[str, Any]) -> GuardDecision:
+        return decide(measurements, policy)
+
+    def probe(self, policy: Mapping[str, Any]) -> Any:
+        from invarlock.guards.measure.spectral import SpectralProbe
+
+        return SpectralProbe(policy)

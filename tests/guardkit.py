@@ -1,0 +1,152 @@
+"""Helpers for guard tests: a briefly trained tiny GPT-2, targeted damage, a certify runner."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from invarlock.certificate import document
+from invarlock.cli import main
+
+
+def smollm2_dir() -> Path | None:
+    """SmolLM2-135M as a local checkpoint (`make smollm2`), or None when absent."""
+    import os
+
+    for candidate in (os.environ.get("INVARLOCK_SMOLLM2_DIR"), ".cache/models/smollm2-135m",
+                      "/work/models/smollm2-135m"):
+        if candidate and (Path(candidate) / "model.safetensors").is_file():
+            return Path(candidate)
+    return None
+
+
+def demo_dir() -> Path | None:
+    """The bundled demo checkpoint, or None when this installation has none."""
+    try:
+        from invarlock import demo
+    except ImportError:
+        return None
+    path = Path(demo.model_dir())
+    return path if (path / "model.safetensors").is_file() else None
+
+
+FAST = ("dataset: {seq_len: 64, preview_n: 16, final_n: 16}\n"
+        "eval: {bootstrap: {replicates: 200}}\n"
+        "guards: {calibration_windows: 12}\n")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread (a busy machine makes thread pools very slow)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_tiny(src: Path, dst: Path, text: Path, steps: int = 60, seed: int = 0) -> Path:
+    """A few AdamW steps on `text`, so that the model's loss depends on its activations."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = np.array(tok(text.read_text())["input_ids"])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        starts = rng.integers(0, len(ids) - 65, 16)
+        x = torch.tensor(np.stack([ids[s:s + 64] for s in starts]))
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def damaged_copy(src: Path, dst: Path, damage: Callable[[object], None]) -> Path:
+    """Save a copy of `src` with `damage(model)` applied to its weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        damage(model)
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+def output_rows(module: object) -> object:
+    """The weight viewed as [out, in] (transformers' Conv1D stores [in, out])."""
+    w = module.weight
+    return w.T if type(module).__name__ == "Conv1D" else w
+
+
+def scale_matrix(path: str, factor: float) -> Callable[[object], None]:
+    def damage(model: object) -> None:
+        model.get_submodule(path).weight.mul_(factor)
+    return damage
+
+
+def outlier_rows(path: str, rows: tuple[int, ...] = (3, 17, 42), size: float = 25.0,
+                 seed: int = 0) -> Callable[[object], None]:
+    """Replace a few output rows of one weight by large random rows (outlier features)."""
+    def damage(model: object) -> None:
+        import torch
+
+        w = output_rows(model.get_submodule(path))
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(len(rows), w.shape[1], generator=gen) * float(w.std()) * size
+        w[list(rows)] = noise
+    return damage
+
+
+def rescale_block_outputs(factor: float) -> Callable[[object], None]:
+    """Multiply every block output projection (weight and bias) by `factor`."""
+    from invarlock.families import block_index, is_block_output_projection
+
+    def damage(model: object) -> None:
+        for name, module in model.named_modules():
+            if block_index(name) is not None and is_block_output_projection(name) and hasattr(
+                    module, "weight"):
+                module.weight.mul_(factor)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.mul_(factor)
+    return damage
+
+
+def nan_in(path: str) -> Callable[[object], None]:
+    def damage(model: object) -> None:
+        model.get_submodule(path).weight.view(-1)[7] = float("nan")
+    return damage
+
+
+def certify(*args: str, cache: Path | None = None,
+            threads: bool = False) -> tuple[int, dict, dict | None]:
+    """Run `invarlock certify --json`; (exit code, summary, certificate or None).
+
+    Tiny models run on one thread; `threads=True` keeps torch's default (real models)."""
+    cache_args = ["--cache-dir", str(cache)] if cache else ["--no-cache"]
+    with contextlib.nullcontext() if threads else one_thread():
+        result = CliRunner().invoke(main, ["certify", *args, *cache_args, "--json"],
+                                    catch_exceptions=False)
+    summary = json.loads([ln for ln in result.stdout.splitlines() if ln.strip()][-1])
+    cert = None
+    if summary.get("certificate"):
+        cert = document.load_certificate(summary["certificate"])
+    return result.exit_code, summary, cert

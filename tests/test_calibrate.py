@@ -1,0 +1,120 @@
+"""Calibration: the recipe's statistics, the noise reference edit, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy.stats import norm
+
+from invarlock.calibration import recipe
+from tests import guardkit as kit
+
+
+def test_budget_split_by_family_size():
+    # 120 modules, budget 5: B_f = floor(5 M_f / 120 + 0.5)
+    assert recipe.budget_split(5, {"ffn": 40, "attn": 40, "embed": 8, "other": 32}) == {
+        "ffn": 2, "attn": 2, "embed": 0, "other": 1}
+    assert recipe.budget_split(3, {"attn": 120, "ffn": 90, "embed": 1}) == {
+        "attn": 2, "ffn": 1, "embed": 0}
+
+
+def test_kappa_order_statistic_and_parametric():
+    # the B_f-th largest |z| plus the margin; over runs the largest
+    runs = [[2.1, 1.8, 1.6, 1.5, 1.4], [1.2, 1.7, 0.3]]
+    assert recipe.kappa_order_statistic(runs, 2, 0.1) == pytest.approx(1.9)
+    assert recipe.kappa_order_statistic(runs, 0, 0.1) == pytest.approx(2.2)  # at least one
+    assert recipe.kappa_order_statistic([[0.5]], 3, 0.0) == 0.5  # fewer modules than B_f
+    assert recipe.kappa_parametric(40, 2, 0.1) == pytest.approx(norm.ppf(0.975) + 0.1)
+    # on many normal samples the two rules agree
+    rng = np.random.default_rng(0)
+    z = [np.abs(rng.normal(size=4000)).tolist()]
+    assert recipe.kappa_order_statistic(z, 100, 0.0) == pytest.approx(
+        recipe.kappa_parametric(4000, 100, 0.0), abs=0.05)
+
+
+def test_epsilon_min_effect_and_windows():
+    deltas = list(np.linspace(-0.01, 0.04, 101))
+    assert recipe.epsilon(deltas, 0.95, small=False, floor=0.01) == pytest.approx(0.0375 + 0.01)
+    assert recipe.epsilon(deltas, 0.95, small=True, floor=0.01) == pytest.approx(0.05)
+    assert recipe.epsilon([-0.02, -0.01], 0.95, small=False, floor=0.01) == pytest.approx(0.01)
+    assert recipe.min_effect(0.02, 16, 0.05, "one-sided") == pytest.approx(
+        norm.ppf(0.95) * 0.02 / 4)
+    assert recipe.min_effect(0.02, 16, 0.05, "two-sided") == pytest.approx(
+        norm.ppf(0.975) * 0.02 / 4)
+    n = recipe.windows_for_half_width(0.02, 0.002, 0.05)
+    assert n == int(np.ceil((norm.ppf(0.975) * 10) ** 2))
+    assert norm.ppf(0.975) * 0.02 / np.sqrt(n) <= 0.002
+
+
+def test_noise_edit_is_one_int8_step_per_channel_and_seeded(tiny_gpt2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.calibration.perturb import NoisePlan, apply_noise
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    models = [AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir) for _ in range(3)]
+    results = [apply_noise(m, NoisePlan(seed=s)) for m, s in zip(models, (0, 0, 1),
+                                                                  strict=True)]
+    assert results[0].modules_changed == results[2].modules_changed
+    name = "transformer.h.0.mlp.c_fc.weight"  # Conv1D: output channels are columns
+    w = base.state_dict()[name]
+    diff = models[0].state_dict()[name] - w
+    step = w.abs().amax(dim=0) / 127
+    assert torch.all(diff.abs() <= step / 2 + 1e-7) and diff.abs().max() > step.max() / 4
+    assert torch.equal(models[0].state_dict()[name], models[1].state_dict()[name])
+    assert not torch.equal(models[0].state_dict()[name], models[2].state_dict()[name])
+    assert torch.equal(models[0].state_dict()["transformer.wte.weight"],
+                       base.state_dict()["transformer.wte.weight"])
+
+
+def test_calibrate_writes_a_preset_that_certify_accepts(tiny_gpt2_dir, sonnets_path, tmp_path):
+    from click.testing import CliRunner
+
+    from invarlock.cli import main
+
+    fast = tmp_path / "fast.yaml"
+    fast.write_text(kit.FAST)
+    out = tmp_path / "cal"
+    with kit.one_thread():
+        result = CliRunner().invoke(main, [
+            "calibrate", "--baseline", str(tiny_gpt2_dir), "--dataset", str(sonnets_path),
+            "--preset", str(fast), "--seeds", "2", "--out", str(out), "--json"],
+            catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["runs"] == 3
+    stats = json.loads((out / "calibration.json").read_text())
+    assert stats["runs"] == ["quant_rtn:int8", "quant_noise:0", "quant_noise:1"]
+    assert stats["spectral"]["attn"]["budget"] == 2 and "order_statistic" in stats["spectral"][
+        "attn"]
+    assert stats["spectral"]["embed"]["note"].startswith("too few modules")
+    assert len((out / "calibration.csv").read_text().splitlines()) == 4
+    preset = yaml.safe_load((out / "calibration.yaml").read_text())
+    caps = preset["guards"]["spectral"]["family_caps"]
+    assert caps["attn"] == pytest.approx(np.ceil(stats["spectral"]["attn"][
+        "order_statistic"] * 100) / 100)
+    for cert_path in stats["certificates"]:
+        cert = json.loads(Path(cert_path).read_text())
+        assert cert["guards"]["spectral"]["mode"] == "monitor"
+    code, summary, cert = kit.certify("--baseline", str(tiny_gpt2_dir), "--edit", "quant_rtn",
+                                      "--dataset", str(sonnets_path), "--profile", "dev",
+                                      "--preset", str(fast), "--preset",
+                                      str(out / "calibration.yaml"), "--out", str(tmp_path / "c"))
+    assert code == 0
+    assert cert["policy"]["values"]["guards"]["spectral"]["family_caps"] == caps
+    assert "guards.spectral.family_caps.attn" in cert["policy"]["overrides"]
+    # --resume recomputes the statistics from the stored reference certificates
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+    with kit.one_thread():
+        again = CliRunner().invoke(main, [
+            "calibrate", "--baseline", str(tiny_gpt2_dir), "--dataset", str(sonnets_path),
+            "--preset", str(fast), "--seeds", "2", "--out", str(out), "--resume", "--json"],
+            catch_exceptions=False)
+    assert again.exit_code == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")} == before
+    assert yaml.safe_load((out / "calibration.yaml").read_text()) == preset

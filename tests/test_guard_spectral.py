@@ -1,0 +1,187 @@
+"""Spectral guard: robust z, multiple testing and the decision, on synthetic σ values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from invarlock.guards import spectral
+
+POLICY = {"sigma_quantile": 0.5, "deadband": 0.10, "max_caps": 2, "max_spectral_norm": None,
+          "multiple_testing": {"method": "bh", "alpha": 0.05, "m": 4},
+          "family_caps": {"attn": 3.0, "ffn": 3.0, "embed": 3.0, "other": 3.0}}
+
+
+def modules(r_by_family: dict[str, list[float]], sigma: float = 2.0) -> list[dict]:
+    out = []
+    for family, rs in r_by_family.items():
+        for i, r in enumerate(rs):
+            out.append({"name": f"layers.{i}.{family}.weight", "family": family,
+                        "sigma_baseline": sigma, "sigma_subject": sigma * (1 + r),
+                        "edit_size": abs(r)})
+    return out
+
+
+def test_scale_half_quantile_is_mad_and_matches_normal_sigma():
+    rng = np.random.default_rng(0)
+    r = rng.normal(0.0, 0.3, 200_000)
+    mad = np.median(np.abs(r - np.median(r)))
+    assert spectral.robust_scale(r, 0.5) == pytest.approx(mad / norm.ppf(0.75))
+    for q in (0.5, 0.8, 0.95):  # every quantile is a consistent estimator of σ
+        assert spectral.robust_scale(r, q) == pytest.approx(0.3, rel=0.01)
+
+
+def test_robust_z_ignores_one_huge_outlier():
+    rng = np.random.default_rng(1)
+    r = np.append(rng.normal(0.0, 1e-3, 99), 2.0)
+    z = spectral.robust_z(r, 0.5)
+    assert abs(z[-1]) > 1000
+    assert np.max(np.abs(z[:-1])) < 4
+
+
+def test_robust_z_of_identical_values_is_zero_and_finite():
+    z = spectral.robust_z(np.zeros(7), 0.5)
+    assert np.array_equal(z, np.zeros(7))
+    z = spectral.robust_z(np.array([0.0, 0.0, 0.0, 2.0]), 0.5)
+    assert np.isfinite(z).all() and z[-1] > 1e6
+
+
+def test_benjamini_hochberg_matches_step_up_definition():
+    p = np.array([0.001, 0.008, 0.039, 0.041, 0.042, 0.06, 0.074, 0.205])
+    # k = 2 is the largest k with p_(k) <= k/8 * 0.05 (0.008 <= 0.0125; 0.039 > 0.01875).
+    assert spectral.rejected(p, 0.05, "bh", 8).tolist() == [True, True] + [False] * 6
+    assert spectral.rejected(p, 0.05, "bonferroni", 8).tolist() == [True] + [False] * 7
+    # m larger than the number of p-values makes both stricter
+    assert not spectral.rejected([0.02], 0.05, "bh", 4)[0]
+    assert spectral.rejected([0.02], 0.05, "bh", 1)[0]
+    with pytest.raises(ValueError, match="method"):
+        spectral.rejected(p, 0.05, "holm", 8)
+
+
+def test_identical_weights_pass_with_zero_change():
+    d = spectral.decide({"modules": modules({"attn": [0.0] * 8, "ffn": [0.0] * 8})}, POLICY)
+    assert d.passed and not d.findings
+    assert d.summary["families"]["attn"]["max_abs_change"] == 0.0
+
+
+def test_one_matrix_tripled_is_a_violation_and_fails():
+    rng = np.random.default_rng(2)
+    attn = list(rng.normal(0, 2e-4, 12))
+    attn[5] = 2.0  # σ ×3
+    d = spectral.decide({"modules": modules({"attn": attn, "ffn": list(rng.normal(0, 2e-4, 12))})},
+                        POLICY)
+    assert not d.passed
+    assert [f["module"] for f in d.findings if f["kind"] == "violation"] == ["layers.5.attn.weight"]
+    assert "layers.5.attn.weight" in d.reason
+    assert d.summary["families"]["attn"]["rejected"] is True
+    assert d.summary["families"]["attn"]["top_module"] == "layers.5.attn.weight"
+
+
+def test_small_changes_inside_deadband_never_count_however_extreme_their_z():
+    rng = np.random.default_rng(3)
+    attn = list(rng.normal(0, 1e-5, 20))
+    attn[0] = 0.09  # z is enormous, but a 9% change is inside the 10% deadband
+    d = spectral.decide({"modules": modules({"attn": attn})}, POLICY)
+    assert d.passed and d.summary["families"]["attn"]["top_z"] > 1000
+
+
+def test_candidates_in_a_family_that_is_not_significant_are_budgeted_warnings():
+    # Broad changes of 5-25% everywhere: a few exceed κ, but not significantly for 40 modules.
+    rng = np.random.default_rng(4)
+    ffn = list(rng.normal(0.15, 0.05, 40))
+    d = spectral.decide({"modules": modules({"ffn": ffn})}, {**POLICY, "family_caps": {
+        "attn": 3.0, "ffn": 1.5, "embed": 3.0, "other": 3.0}})
+    kinds = [f["kind"] for f in d.findings]
+    assert kinds and set(kinds) == {"warning"}
+    assert d.passed == (len(kinds) <= POLICY["max_caps"])
+    more = spectral.decide({"modules": modules({"ffn": ffn})}, {**POLICY, "max_caps": 100,
+                           "family_caps": {"attn": 3.0, "ffn": 1.5, "embed": 3.0, "other": 3.0}})
+    assert more.passed
+
+
+def test_absolute_cap_and_scope():
+    mods = modules({"attn": [0.0, 0.0, 0.01], "embed": [0.0]}, sigma=5.0)
+    assert not spectral.decide({"modules": mods}, {**POLICY, "max_spectral_norm": 5.01}).passed
+    assert spectral.decide({"modules": mods}, {**POLICY, "max_spectral_norm": 6.0}).passed
+    scoped = spectral.decide({"modules": mods}, {**POLICY, "scope": ["embed"]})
+    assert scoped.summary["modules"] == 1
+
+
+def test_bonferroni_is_stricter_than_bh_for_several_families():
+    rng = np.random.default_rng(5)
+    fams = {f: list(rng.normal(0, 1e-3, 10)) for f in ("attn", "ffn")}
+    fams["attn"][0] = fams["ffn"][0] = 0.2
+    # make the outliers moderate in z: widen the spread so z ~ 4.5
+    fams["attn"][1:] = list(rng.normal(0, 0.03, 9))
+    fams["ffn"][1:] = list(rng.normal(0, 0.03, 9))
+    bh = spectral.decide({"modules": modules(fams)}, POLICY)
+    bonf = spectral.decide({"modules": modules(fams)}, {
+        **POLICY, "multiple_testing": {"method": "bonferroni", "alpha": 0.05, "m": 4}})
+    assert bh.summary["families"]["attn"]["p_value"] == bonf.summary["families"]["attn"][
+        "p_value"]
+    assert sum(f["rejected"] for f in bh.summary["families"].values()) >= sum(
+        f["rejected"] for f in bonf.summary["families"].values())
+
+
+def test_unmeasured_section_fails_with_its_reason():
+    d = spectral.decide({"evaluated": False, "why": "the invariants failed"}, POLICY)
+    assert not d.passed and "invariants failed" in d.reason
+
+
+def test_families_too_small_for_a_z_fail_on_any_change_beyond_the_deadband():
+    mods = modules({"attn": [0.0] * 6, "embed": [0.0, 0.3]})
+    d = spectral.decide({"modules": mods}, POLICY)
+    assert not d.passed and d.findings[0]["module"] == "layers.1.embed.weight"
+    assert d.summary["families"]["embed"]["robust_z"] is False
+    assert spectral.decide({"modules": modules({"embed": [0.0, 0.05]})}, POLICY).passed
+
+
+def test_power_iteration_and_baseline_top_match_exact_svd():
+    import torch
+
+    from invarlock.guards.measure.spectral import baseline_top
+    from invarlock.guards.measure.weights import power_iteration, single_thread
+
+    gen = torch.Generator().manual_seed(0)
+    # small: exact SVD; large with a spectral gap (as trained weights have): converged;
+    # large Gaussian (no gap at the top of the Marchenko–Pastur bulk): within 1e-4
+    spike = torch.randn(300, 1, generator=gen) @ torch.randn(1, 500, generator=gen) * 0.2
+    for w, rel in ((torch.randn(40, 30, generator=gen), 1e-6),
+                   (torch.randn(300, 500, generator=gen) + spike, 1e-6),
+                   (torch.randn(300, 500, generator=gen), 1e-4)):
+        with single_thread():
+            exact = float(torch.linalg.svdvals(w.double())[0])
+            sigma, v = baseline_top(w, seed=1)
+            warm, _, iters = power_iteration(w * 1.001, v)  # warm start: a few iterations
+        assert sigma == pytest.approx(exact, rel=rel)
+        assert warm == pytest.approx(1.001 * exact, rel=rel)
+        assert rel > 1e-5 or iters <= 5
+
+
+def test_spectral_probe_streams_baseline_weights_and_measures_changes(tiny_gpt2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.guards.measure.probe import SubjectContext
+    from invarlock.guards.measure.spectral import SpectralProbe
+    from invarlock.models.source import weight_files
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    probe = SpectralProbe({})
+    probe.baseline_loaded(model)
+    state = probe.baseline_state()
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight.mul_(1.5)
+    ctx = SubjectContext(info=None, model=model, config={}, baseline_config={},
+                         baseline_files=weight_files(tiny_gpt2_dir), tokenizer_hashes=("", ""),
+                         base_model_prefix=model.base_model_prefix)
+    probe.subject_loaded(ctx, state)
+    measured = {m["name"]: m for m in probe.measure(ctx, state)["modules"]}
+    changed = measured["transformer.h.1.mlp.c_proj.weight"]
+    assert changed["changed"] and changed["sigma_subject"] == pytest.approx(
+        1.5 * changed["sigma_baseline"], rel=1e-5)
+    assert changed["edit_size"] == pytest.approx(0.5, rel=1e-3)
+    same = measured["transformer.h.0.attn.c_attn.weight"]
+    assert not same["changed"] and same["sigma_subject"] == same["sigma_baseline"]
+    assert "transformer.wte.weight" in measured and "lm_head.weight" not in measured  # tied
