@@ -1,5 +1,5 @@
 """`invarlock plugins` and the entry-point registry: a third-party distribution adds an
-adapter and an edit without touching InvarLock, and `certify` uses them.
+adapter, an edit and a guard without touching InvarLock, and `certify` uses them.
 
 The example distribution lives in tests/plugin_pkg; it is installed for real (pip builds and
 installs it with --target into a temporary directory), then put on sys.path.
@@ -7,7 +7,6 @@ installs it with --target into a temporary directory), then put on sys.path.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from invarlock import plugins
+from invarlock import guards, plugins
 from invarlock.certificate import document
 from invarlock.cli import main
 from invarlock.enums import AdapterKind
@@ -41,22 +40,13 @@ def plugin_site(tmp_path_factory) -> Path:
     return site
 
 
-GUARD_CHAIN = importlib.util.find_spec("invarlock.guards") is not None
-needs_guard_chain = pytest.mark.skipif(not GUARD_CHAIN,
-                                       reason="the guard chain (invarlock.guards) is not in "
-                                              "this checkout")
-
-
 @pytest.fixture
 def installed(plugin_site, monkeypatch):
     monkeypatch.syspath_prepend(str(plugin_site))
     plugins.refresh()
     yield plugin_site
     plugins.refresh()
-    if GUARD_CHAIN:
-        from invarlock import guards
-
-        guards.unregister("acme_norm")  # registration is process-wide
+    guards.unregister("acme_norm")  # registration is process-wide
 
 
 @pytest.fixture(autouse=True)
@@ -187,7 +177,6 @@ def _guarded_certify(tmp_path: Path, model: Path, data: Path, limit: float) -> t
     return result.exit_code, json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@needs_guard_chain
 def test_guard_plugin_is_listed_as_a_guard(installed):
     guards = {c["name"]: c for c in listing("guards")["components"]}
     assert guards["acme_norm"]["origin"] == "invarlock-acme-plugin"
@@ -195,10 +184,8 @@ def test_guard_plugin_is_listed_as_a_guard(installed):
     assert guards["spectral"]["origin"] == "builtin"
 
 
-@needs_guard_chain
 def test_guard_plugin_runs_in_certify_and_verifies(installed, tiny_gpt2_dir, sonnets_path,
                                                    tmp_path, monkeypatch):
-    from invarlock import guards
     from invarlock.verify import verify_certificate
 
     code, summary = _guarded_certify(tmp_path, tiny_gpt2_dir, sonnets_path, 0.05)
