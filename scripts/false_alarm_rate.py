@@ -6,7 +6,7 @@ default) with one shared baseline cache. A FAIL here is a false alarm. Prints on
 seed with the failing flags, then the count.
 
     python scripts/false_alarm_rate.py --baseline demo --seeds 20
-    python scripts/false_alarm_rate.py --baseline /work/models/smollm2-135m \
+    python scripts/false_alarm_rate.py --baseline .cache/models/smollm2-135m \
         --dataset tests/data/sonnets.txt --seeds 5
 """
 

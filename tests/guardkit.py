@@ -17,8 +17,9 @@ def smollm2_dir() -> Path | None:
     """SmolLM2-135M as a local checkpoint (`make smollm2`), or None when absent."""
     import os
 
-    for candidate in (os.environ.get("INVARLOCK_SMOLLM2_DIR"), ".cache/models/smollm2-135m",
-                      "/work/models/smollm2-135m"):
+    repo = Path(__file__).resolve().parent.parent
+    for candidate in (os.environ.get("INVARLOCK_SMOLLM2_DIR"),
+                      repo / ".cache" / "models" / "smollm2-135m"):
         if candidate and (Path(candidate) / "model.safetensors").is_file():
             return Path(candidate)
     return None
