@@ -123,12 +123,16 @@ def _interval_line(cert: dict[str, Any]) -> str:
 MAX_FINDINGS = 10
 
 
-def guard_findings(cert: dict[str, Any]) -> list[str]:
-    """The guard chain: one row per guard, per-family numbers, then its findings."""
+def guard_findings(cert: dict[str, Any], level: int = 2) -> list[str]:
+    """The guard chain: one row per guard, per-family numbers, then its findings.
+
+    `level` is the heading level of the "Guards" heading (the PR comment nests it deeper).
+    """
     sections = cert.get("guards") or {}
     if not sections:
         return []
-    lines = ["## Guards", "", "| Guard | Mode | Result | Detail |", "|---|---|---|---|"]
+    lines = ["#" * level + " Guards", "", "| Guard | Mode | Result | Detail |",
+             "|---|---|---|---|"]
     for name, g in sections.items():
         lines.append(f"| {name} | {g['mode']} | {_MARK[bool(g['passed'])]} `{g['flag']}` | "
                      f"{_cell(g['reason'])} |")
@@ -138,7 +142,7 @@ def guard_findings(cert: dict[str, Any]) -> list[str]:
         findings = g.get("findings") or []
         if not detail and not findings:
             continue
-        lines += [f"### {name}", "", *detail]
+        lines += ["#" * (level + 1) + f" {name}", "", *detail]
         if detail and findings:
             lines.append("")
         for f in findings[:MAX_FINDINGS]:

@@ -24,7 +24,6 @@ from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_INPUT, Outcome
 _EXIT_MEANING = {EXIT_INPUT: "bad input or configuration",
                  EXIT_EVIDENCE: "the evidence could not be produced"}
 _MAX_BINS = 12
-_MAX_GUARD_ROWS = 10
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ def sections(report: Report) -> list[str]:
         headline(report),
         "#### Gates\n\n" + cert_md.gates_table(cert),
         "#### Primary metric\n\n" + cert_md.metric_table(cert),
-        "#### Guards\n\n" + guard_findings(cert),
+        guard_findings(cert),
         "#### Per-window deltas\n\n" + delta_chart(cert),
         "<details><summary>Models, data and provenance</summary>\n\n"
         + cert_md.models_table(cert) + "\n\n" + cert_md.provenance_table(cert)
@@ -164,25 +163,11 @@ def footer(report: Report) -> str:
 
 
 def guard_findings(cert: dict[str, Any]) -> str:
-    """Whatever per-guard sections the certificate holds, as small tables."""
-    guards = cert.get("guards") or {}
-    if not guards:
-        return "No guard results in this certificate."
-    blocks = []
-    for name in sorted(guards):
-        section = guards[name]
-        lines = [f"**{_plain(name)}**"]
-        scalars = {k: v for k, v in section.items() if _is_scalar(v)}
-        if scalars:
-            lines += ["", "| | |", "|---|---|"]
-            lines += [f"| {_plain(k)} | {_value(v)} |" for k, v in scalars.items()]
-        for key, value in section.items():
-            if isinstance(value, list):
-                lines += ["", _list_block(key, value)]
-            elif isinstance(value, dict):
-                lines += ["", _dict_block(key, value)]
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    """The certificate's guard tables (one row per guard, per-family numbers, findings)."""
+    lines = cert_md.guard_findings(cert, level=4)
+    if not lines:
+        return "#### Guards\n\nNo guard results in this certificate."
+    return "\n".join(lines).rstrip()
 
 
 def delta_chart(cert: dict[str, Any]) -> str:
@@ -324,59 +309,6 @@ def _truncation_notice(report: Report) -> str:
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _list_block(key: str, items: list[Any]) -> str:
-    head = f"_{_plain(key)}_: {len(items)} {'entry' if len(items) == 1 else 'entries'}"
-    rows = [item for item in items if isinstance(item, dict)]
-    if not rows:
-        shown = ", ".join(_value(v) for v in items[:_MAX_GUARD_ROWS] if _is_scalar(v))
-        more = " …" if len(items) > _MAX_GUARD_ROWS else ""
-        return head + (f" ({shown}{more})" if shown else "")
-    columns: list[str] = []
-    for row in rows[:_MAX_GUARD_ROWS]:
-        columns += [k for k, v in row.items() if _is_scalar(v) and k not in columns]
-    if not columns:
-        return head
-    lines = [head, "", "| " + " | ".join(_plain(c) for c in columns) + " |",
-             "|" + "---|" * len(columns)]
-    for row in rows[:_MAX_GUARD_ROWS]:
-        lines.append("| " + " | ".join(_value(row.get(c)) if c in row else ""
-                                       for c in columns) + " |")
-    if len(rows) > _MAX_GUARD_ROWS:
-        lines.append(f"\n… and {len(rows) - _MAX_GUARD_ROWS} more in the certificate.")
-    return "\n".join(lines)
-
-
-def _dict_block(key: str, value: dict[str, Any]) -> str:
-    """`key`: scalars inline, one nested level as `name (k v, k v)`, deeper ones counted."""
-    parts, deeper = [], 0
-    for k, v in value.items():
-        if _is_scalar(v):
-            parts.append(f"{_plain(k)} {_value(v)}")
-        elif isinstance(v, dict) and all(_is_scalar(x) for x in v.values()):
-            inner = ", ".join(f"{_plain(a)} {_value(b)}" for a, b in v.items())
-            parts.append(f"{_plain(k)} ({inner})")
-        else:
-            deeper += 1
-    if deeper:
-        parts.append(f"{deeper} more nested {'field' if deeper == 1 else 'fields'} in the "
-                     "certificate")
-    return f"_{_plain(key)}_: " + "; ".join(parts)
-
-
-def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "✅" if value else "❌"
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return _plain(str(value))
 
 
 def _signed(x: float, decimals: int) -> str:

@@ -32,26 +32,41 @@ def _verdict(cert: dict[str, Any]) -> Outcome:
 
 
 def with_guards(cert: dict[str, Any]) -> dict[str, Any]:
-    """A certificate carrying guard sections in the certificate's shape (rendered generically:
-    scalars, lists and mappings)."""
+    """A certificate whose guard sections have the built-in guards' shape: a spectral FAIL
+    with more violations than the comment lists, RMT and invariants clean."""
     violations = [{"module": f"transformer.h.{i}.mlp.c_fc.weight", "family": "ffn",
-                   "kind": "violation", "message": f"σ changed {31 + i}%",
+                   "kind": "violation", "message": f"σ changed {31 + i}%, z {4.2 + i / 10:.1f}",
                    "relative_change": 0.31 + i / 100, "z": 4.2 + i / 10} for i in range(12)]
+
+    def spectral_family(modules: int, kappa: float, top_z: float, top: str, change: float,
+                        rejected: bool) -> dict[str, Any]:
+        return {"modules": modules, "kappa": kappa, "p_value": 0.001 if rejected else 0.8,
+                "rejected": rejected, "robust_z": True, "top_z": top_z, "top_module": top,
+                "max_abs_change": change}
+
+    def rmt_family(module: str, growth: float, base: float) -> dict[str, Any]:
+        return {"modules": 12, "max_growth": growth, "module": module, "epsilon": 0.08,
+                "stable": True, "baseline_max": base, "subject_max": base * growth}
+
     guards = {
+        "invariants": {"mode": "gate", "flag": "invariants_pass", "passed": True,
+                       "reason": "124 parameters intact before and after evaluation",
+                       "measurements": {"evaluated": True}, "findings": [], "summary": {}},
         "spectral": {
             "mode": "gate", "flag": "spectral_stable", "passed": False,
             "reason": "12 violation(s); largest: transformer.h.11.mlp.c_fc.weight",
-            "measurements": {"modules": 48, "max_caps": 2}, "findings": violations,
-            "summary": {"families": {"attn": {"kappa": 2.5, "modules": 24},
-                                     "ffn": {"kappa": 2.3, "modules": 24}}},
+            "measurements": {"evaluated": True}, "findings": violations,
+            "summary": {"modules": 48, "violations": 12, "warnings": 0, "families": {
+                "attn": spectral_family(24, 3.74, -1.91, "transformer.h.2.attn.c_proj.weight",
+                                        0.0004, False),
+                "ffn": spectral_family(24, 5.78, 5.3, "transformer.h.11.mlp.c_fc.weight",
+                                       0.42, True)}},
         },
-        "rmt": {"mode": "monitor", "flag": "rmt_stable", "passed": True,
-                "reason": "every family within ε", "measurements": {"epsilon": 0.1},
-                "findings": [], "summary": {"growth": {"attn": 1.012, "ffn": 0.994}}},
-        "invariants": {"mode": "gate", "flag": "invariants_pass", "passed": True,
-                       "reason": "intact", "measurements": {
-                           "checks": ["architecture", "tokenizer", "finite weights"]},
-                       "findings": []},
+        "rmt": {"mode": "gate", "flag": "rmt_stable", "passed": True,
+                "reason": "every family within ε", "measurements": {"evaluated": True},
+                "findings": [], "summary": {"families": {
+                    "attn": rmt_family("transformer.h.2.attn.c_proj", 1.012, 5.4),
+                    "ffn": rmt_family("transformer.h.0.mlp.c_proj", 0.994, 3.6)}}},
     }
     body = {k: v for k, v in cert.items() if k != "digest"}
     return document.seal({**body, "guards": guards})

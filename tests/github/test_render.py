@@ -95,13 +95,17 @@ def test_identical_deltas_make_one_bar():
     assert counts == [10] and labels == ["+0.2500"]
 
 
-def test_guards_render_generically_and_empty_guards_say_so(certificates):
-    assert render.guard_findings(certificates["pass"]) == "No guard results in this certificate."
-    text = render.guard_findings({"guards": {"odd": {"nested": {"deep": {"x": [1]}},
-                                                    "items": [1, 2, 3], "empty": []}}})
-    assert "**odd**" in text and "_items_: 3 entries (1, 2, 3)" in text
-    assert "1 more nested field in the certificate" in text
-    assert "_empty_: 0 entries" in text
+def test_guard_findings_lead_with_one_row_per_guard_then_named_modules(certificates):
+    assert render.guard_findings(certificates["pass"]).endswith(
+        "No guard results in this certificate.")
+    section = {"mode": "gate", "flag": "invariants_pass", "passed": False,
+               "reason": "subject has non-finite weights in 1 tensor(s): h.2.mlp",
+               "findings": [{"module": "h.2.mlp", "family": "ffn", "kind": "nonfinite",
+                             "message": "1 non-finite value(s)"}]}
+    text = render.guard_findings({"guards": {"invariants": section}})
+    assert text.startswith("#### Guards\n")
+    assert "| invariants | gate | ❌ `invariants_pass` | subject has non-finite" in text
+    assert "##### invariants" in text and "- `h.2.mlp` (ffn): nonfinite: 1 non-finite" in text
 
 
 def _oversized(cert):
