@@ -125,12 +125,11 @@ def test_nan_weight_fails_invariants_with_the_module_named(bench, tmp_path):
         assert cert["guards"][name]["measurements"]["evaluated"] is False
 
 
+@pytest.mark.parametrize("bench", ["tiny"], indirect=True)  # one model is enough for a copy
 def test_write_ve_subject_writes_a_corrected_copy(bench, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    if bench.dataset == "demo":
-        pytest.skip("one model is enough for the copy")
     subject = kit.damaged_copy(bench.baseline, tmp_path / "s", kit.rescale_block_outputs(0.6))
     before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(subject)
               .state_dict().items()}
