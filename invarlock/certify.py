@@ -125,6 +125,7 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
             raise InputError(f"baseline is {adapter} but subject is {subj_adapter}: "
                              "they must be the same kind of model")
     policy = resolve(req.config, context_length=source.context_length(base_cfg))
+    chain = ChainSettings.from_policy(policy.values.get("guards"))  # bad guard config: fail now
     _seed_everything(policy.windows.seed)
 
     base_tok = loading.load_tokenizer(base_src)
@@ -153,7 +154,6 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
         timer.add(f"{label}_eval_s", t0)
         return scores
 
-    chain = ChainSettings.from_policy(policy.values.get("guards"))
     guards = GuardRun(chain, policy.values.get("guards") or {},
                       run_info(kind, device, plan, chain, policy))
 

@@ -8,7 +8,6 @@ the nearest valid key.
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,7 +18,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from invarlock.config_schema import CONFIG_SCHEMA
-from invarlock.errors import ConfigError
+from invarlock.errors import ConfigError, nearest_hint
 
 _VALIDATOR = Draft202012Validator(CONFIG_SCHEMA)
 
@@ -85,9 +84,7 @@ def describe_error(error: ValidationError) -> str:
         unknown = sorted(set(error.instance) - set(allowed))
         key = unknown[0]
         full = f"{where}.{key}" if where else key
-        near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
-        hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(allowed)}"
-        return f"unknown key '{full}'{hint}"
+        return f"unknown key '{full}'{nearest_hint(key, allowed)}"
     if error.validator == "enum":
         choices = ", ".join(repr(c) for c in error.validator_value)
         return f"{where or 'value'} must be one of {choices}, got {error.instance!r}"

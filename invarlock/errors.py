@@ -7,6 +7,9 @@ HTTP, YAML) are translated into these at exactly one place each.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+
 
 class InvarlockError(Exception):
     """Root of every error the tool reports to a user as one clear line."""
@@ -51,3 +54,9 @@ class EvidenceError(InvarlockError):
 
 class TamperedCertificateError(InputError):
     """A certificate fails its own checks: schema, digest, or recomputed numbers (exit 2)."""
+
+
+def nearest_hint(name: str, known: Sequence[str], listing: str = "valid keys") -> str:
+    """"; did you mean 'x'?" for a near miss, else the list of what is known (for messages)."""
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    return f"; did you mean '{near[0]}'?" if near else f"; {listing}: {', '.join(known)}"

@@ -34,6 +34,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from invarlock import demo  # noqa: E402
+from scripts.train_demo_model import cut_windows, token_stream  # noqa: E402
 
 logger = logging.getLogger("check_demo_model")
 
@@ -51,22 +52,9 @@ def load_demo(model_dir: Path):
 
 
 def corpus_windows(tokenizer, documents: Sequence[str], seq_len: int) -> torch.Tensor:
-    """Unique non-overlapping windows [N, seq_len] of the EOS-joined token stream."""
-    ids: list[int] = []
-    for i, doc in enumerate(documents):
-        if i:
-            ids.append(tokenizer.eos_token_id)
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-    n = len(ids) // seq_len
-    windows = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-    seen: set[bytes] = set()
-    keep = []
-    for i in range(n):
-        key = windows[i].numpy().tobytes()
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    return windows[keep]
+    """Unique non-overlapping windows [N, seq_len] of the EOS-joined token stream, cut as the
+    training script cuts them."""
+    return cut_windows(token_stream(tokenizer, documents), seq_len)
 
 
 @torch.inference_mode()

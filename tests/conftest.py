@@ -29,6 +29,22 @@ def wordpiece_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bpe(bpe_tokenizer_dir):
+    """The tiny byte-level BPE tokenizer, loaded."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bpe_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def wordpiece(wordpiece_tokenizer_dir):
+    """The tiny WordPiece tokenizer, loaded."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, bpe_tokenizer_dir) -> Path:
     from tests.tinymodels import build_gpt2
 

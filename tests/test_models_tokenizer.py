@@ -12,16 +12,6 @@ from tests.tinymodels import train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
-def bpe(bpe_tokenizer_dir):
-    return AutoTokenizer.from_pretrained(bpe_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def wordpiece(wordpiece_tokenizer_dir):
-    return AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
 def bpe_600(tmp_path_factory):
     return AutoTokenizer.from_pretrained(
         train_bpe_tokenizer(tmp_path_factory.mktemp("bpe600"), vocab_size=600))

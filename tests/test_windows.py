@@ -26,20 +26,6 @@ SRC = DatasetSource("text", path="mem")
 
 
 @pytest.fixture(scope="module")
-def bpe(bpe_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(bpe_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def wordpiece(wordpiece_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
 def sonnets(sonnets_path):
     return load_corpus(parse_dataset_spec(str(sonnets_path)), labelled=False)
 

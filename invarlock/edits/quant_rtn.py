@@ -12,7 +12,6 @@ Plan parsing and validation import no torch, so a bad plan is reported before an
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import time
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from invarlock.edits.result import EditResult
 from invarlock.enums import Family
-from invarlock.errors import InputError
+from invarlock.errors import InputError, nearest_hint
 from invarlock.families import block_index, family_of
 
 if TYPE_CHECKING:
@@ -199,6 +198,6 @@ def _check_keys(mapping: Mapping[str, Any], allowed: tuple[str, ...], where: str
                 hint: str = "") -> None:
     for key in mapping:
         if key not in allowed:
-            near = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
-            tip = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(allowed)}"
-            raise InputError(f"unknown key '{where}.{key}'{tip}{hint if not near else ''}")
+            tip = nearest_hint(str(key), allowed)
+            extra = "" if tip.startswith("; did you mean") else hint
+            raise InputError(f"unknown key '{where}.{key}'{tip}{extra}")

@@ -11,7 +11,8 @@ A guard is split in two so that its verdict can be recomputed from a certificate
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -67,6 +68,29 @@ class Guard(Protocol):
                policy: Mapping[str, Any]) -> GuardDecision: ...
 
     def probe(self, policy: Mapping[str, Any]) -> Probe: ...
+
+
+@dataclass(frozen=True)
+class BuiltinGuard:
+    """A built-in guard: its pure decision and where its probe lives.
+
+    The probe is imported only when a run needs it, so deciding (and `verify`) needs no torch.
+    """
+
+    name: str
+    flag: str
+    stages: tuple[Stage, ...]
+    measures: str
+    decide_fn: Callable[[Mapping[str, Any], Mapping[str, Any]], GuardDecision]
+    probe_path: str  # "module:Class" under invarlock.guards.measure
+
+    def decide(self, measurements: Mapping[str, Any],
+               policy: Mapping[str, Any]) -> GuardDecision:
+        return self.decide_fn(measurements, policy)
+
+    def probe(self, policy: Mapping[str, Any]) -> Probe:
+        module, _, cls = self.probe_path.partition(":")
+        return getattr(importlib.import_module(module), cls)(policy)
 
 
 def not_measured(why: str) -> dict[str, Any]:

@@ -14,13 +14,12 @@ activations during the evaluation passes, fingerprints at the end; a failed fata
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from invarlock.enums import GuardMode
-from invarlock.errors import ConfigError
+from invarlock.errors import ConfigError, nearest_hint
 from invarlock.gate import Check
 from invarlock.guards.registry import get_guard, guard_names
 
@@ -51,10 +50,12 @@ class ChainSettings:
         known = guard_names()
         for key in guards:
             if key not in CHAIN_KEYS and key not in known:
-                raise ConfigError(f"unknown guard '{key}'{_near(key, known)}")
+                hint = nearest_hint(key, known, "known guards")
+                raise ConfigError(f"unknown guard '{key}'{hint}")
         for name in order:
             if name not in known:
-                raise ConfigError(f"guards.order: unknown guard '{name}'{_near(name, known)}")
+                hint = nearest_hint(name, known, "known guards")
+                raise ConfigError(f"guards.order: unknown guard '{name}'{hint}")
         repeated = sorted({n for n in order if order.count(n) > 1} - {"invariants"})
         if repeated:
             raise ConfigError(f"guards.order lists {', '.join(repeated)} more than once "
@@ -73,11 +74,6 @@ class ChainSettings:
         if k < 2:
             raise ConfigError(f"guards.calibration_windows must be at least 2, got {k}")
         return cls(order, modes, k)
-
-
-def _near(name: str, known: tuple[str, ...]) -> str:
-    near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    return f"; did you mean '{near[0]}'?" if near else f"; known guards: {', '.join(known)}"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from invarlock.guards.base import GuardDecision, Stage, unmeasured_decision
+from invarlock.guards.base import BuiltinGuard, GuardDecision, Stage, unmeasured_decision
 
 NAME = "invariants"
 FLAG = "invariants_pass"
@@ -108,18 +108,8 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
                          f"{pre.get('parameters', 0)} parameters intact {phases}", findings)
 
 
-class InvariantsGuard:
-    name = NAME
-    flag = FLAG
-    stages = (Stage.STRUCTURE, Stage.END)
-    measures = ("config, parameter names/shapes, tying, finiteness and tokenizer of subject vs "
-                "baseline when the subject loads; its weight fingerprint and logits at the end")
-
-    def decide(self, measurements: Mapping[str, Any],
-               policy: Mapping[str, Any]) -> GuardDecision:
-        return decide(measurements, policy)
-
-    def probe(self, policy: Mapping[str, Any]) -> Any:
-        from invarlock.guards.measure.invariants import InvariantsProbe
-
-        return InvariantsProbe(policy)
+INVARIANTS = BuiltinGuard(
+    NAME, FLAG, (Stage.STRUCTURE, Stage.END),
+    measures=("config, parameter names/shapes, tying, finiteness and tokenizer of subject vs "
+              "baseline when the subject loads; its weight fingerprint and logits at the end"),
+    decide_fn=decide, probe_path="invarlock.guards.measure.invariants:InvariantsProbe")

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from invarlock.errors import InputError
 from invarlock.guards.base import Guard
-from invarlock.guards.invariants import InvariantsGuard
-from invarlock.guards.rmt import RMTGuard
-from invarlock.guards.spectral import SpectralGuard
-from invarlock.guards.variance import VarianceGuard
+from invarlock.guards.invariants import INVARIANTS
+from invarlock.guards.rmt import RMT
+from invarlock.guards.spectral import SPECTRAL
+from invarlock.guards.variance import VARIANCE
 
 ENTRY_POINT_GROUP = "invarlock.guards"
 BUILTIN = ("invariants", "spectral", "rmt", "variance")
 
 _REGISTRY: dict[str, Guard] = {g.name: g for g in (
-    InvariantsGuard(), SpectralGuard(), RMTGuard(), VarianceGuard())}
+    INVARIANTS, SPECTRAL, RMT, VARIANCE)}
 
 
 class UnknownGuardError(InputError):

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from invarlock.guards.base import GuardDecision, Stage, unmeasured_decision
+from invarlock.guards.base import BuiltinGuard, GuardDecision, Stage, unmeasured_decision
 
 NAME = "rmt"
 FLAG = "rmt_stable"
@@ -173,18 +173,8 @@ def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-class RMTGuard:
-    name = NAME
-    flag = FLAG
-    stages = (Stage.ACTIVATIONS,)
-    measures = ("edge risk σ_max/(√m+√n) of standardised linear outputs on the first K final "
-                "windows, baseline pass vs subject pass (taps)")
-
-    def decide(self, measurements: Mapping[str, Any],
-               policy: Mapping[str, Any]) -> GuardDecision:
-        return decide(measurements, policy)
-
-    def probe(self, policy: Mapping[str, Any]) -> Any:
-        from invarlock.guards.measure.rmt import RMTProbe
-
-        return RMTProbe(policy)
+RMT = BuiltinGuard(
+    NAME, FLAG, (Stage.ACTIVATIONS,),
+    measures=("edge risk σ_max/(√m+√n) of standardised linear outputs on the first K final "
+              "windows, baseline pass vs subject pass (taps)"),
+    decide_fn=decide, probe_path="invarlock.guards.measure.rmt:RMTProbe")

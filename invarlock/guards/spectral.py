@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from invarlock.guards.base import GuardDecision, Stage, unmeasured_decision
+from invarlock.guards.base import BuiltinGuard, GuardDecision, Stage, unmeasured_decision
 
 NAME = "spectral"
 FLAG = "spectral_stable"
@@ -237,18 +237,8 @@ def _finding(s: ModuleScore, kind: str, message: str) -> dict[str, Any]:
             "sigma_subject": _json(s.sigma_subject), "edit_size": _json(s.edit_size)}
 
 
-class SpectralGuard:
-    name = NAME
-    flag = FLAG
-    stages = (Stage.WEIGHTS,)
-    measures = ("largest singular value of every 2-D weight, baseline (streamed from its "
-                "files) vs subject, after the subject is loaded")
-
-    def decide(self, measurements: Mapping[str, Any],
-               policy: Mapping[str, Any]) -> GuardDecision:
-        return decide(measurements, policy)
-
-    def probe(self, policy: Mapping[str, Any]) -> Any:
-        from invarlock.guards.measure.spectral import SpectralProbe
-
-        return SpectralProbe(policy)
+SPECTRAL = BuiltinGuard(
+    NAME, FLAG, (Stage.WEIGHTS,),
+    measures=("largest singular value of every 2-D weight, baseline (streamed from its "
+              "files) vs subject, after the subject is loaded"),
+    decide_fn=decide, probe_path="invarlock.guards.measure.spectral:SpectralProbe")

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from invarlock import stats
-from invarlock.guards.base import GuardDecision, Stage, unmeasured_decision
+from invarlock.guards.base import BuiltinGuard, GuardDecision, Stage, unmeasured_decision
 
 NAME = "variance"
 FLAG = "variance_ok"
@@ -165,18 +165,8 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
                                f"({sided}, min effect {min_effect:g})", findings, summary)
 
 
-class VarianceGuard:
-    name = NAME
-    flag = FLAG
-    stages = (Stage.ACTIVATIONS,)
-    measures = ("second moments of block output projections on the preview windows (taps), "
-                "then a paired check of the proposed rescaling on the first K final windows")
-
-    def decide(self, measurements: Mapping[str, Any],
-               policy: Mapping[str, Any]) -> GuardDecision:
-        return decide(measurements, policy)
-
-    def probe(self, policy: Mapping[str, Any]) -> Any:
-        from invarlock.guards.measure.variance import VarianceProbe
-
-        return VarianceProbe(policy)
+VARIANCE = BuiltinGuard(
+    NAME, FLAG, (Stage.ACTIVATIONS,),
+    measures=("second moments of block output projections on the preview windows (taps), "
+              "then a paired check of the proposed rescaling on the first K final windows"),
+    decide_fn=decide, probe_path="invarlock.guards.measure.variance:VarianceProbe")
