@@ -16,13 +16,18 @@ For every 2-D weight in scope the probe measures σ_b = ‖W_b‖₂ (baseline) 
 - a candidate in a rejected family is a *violation*: one is enough to fail, because a single
   blown-up layer is exactly the damage the primary metric can miss; other candidates are
   *warnings*, and more than `max_caps` of them fail (the WARN budget);
+- every module is also compared with its own baseline: |r| > `module_change_limit` is a
+  violation whatever the family's spread, so a change shared by a whole family (every
+  attention matrix ×1.5), which the robust z normalises away, is still caught;
 - with `max_spectral_norm` set, any σ_s above it is a violation too;
 - a family with fewer than `MIN_FAMILY_FOR_Z` modules (embeddings: one or two matrices) has
   no reference to compare a module with: z is 0 there, and any change beyond the deadband
   is a violation.
 
-Limits: z compares modules of a family with each other, so a change shared by the whole
-family (every attention matrix ×3) leaves z small; the primary metric and RMT see that.
+σ is taken of each weight's effective form (the probe folds the scale of the norm feeding
+it in and balances function-preserving channel pairs), so a reparametrisation that leaves
+the function unchanged (SmoothQuant/AWQ scales between a norm and its linears) leaves r at 0.
+A guard that matched no module at all fails ("not measured"): silence is not evidence.
 """
 
 from __future__ import annotations
@@ -169,8 +174,12 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
     scores = score_modules(measurements["modules"], float(policy["sigma_quantile"]),
                            _scope(policy))
     if not scores:
-        return GuardDecision(True, "no 2-D weight in scope")
+        unmatched = list(measurements.get("unmatched") or [])
+        listed = f" (unmatched: {', '.join(unmatched[:5])})" if unmatched else ""
+        return GuardDecision(False, f"not measured: no module matched in scope "
+                                    f"{', '.join(_scope(policy))}{listed}")
     deadband = float(policy["deadband"])
+    own_limit = policy.get("module_change_limit")
     caps = {f: float(v) for f, v in policy["family_caps"].items()}
     mt = policy["multiple_testing"]
     families = sorted({s.family for s in scores})
@@ -188,11 +197,15 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
                                          int(mt.get("m", len(families)))), strict=True))
     violations = [s for s in candidates if reject[s.family] or s.family in small]
     warnings = [s for s in candidates if not reject[s.family] and s.family not in small]
+    if own_limit is not None:
+        beyond = [s for s in scores if abs(s.r) > max(float(own_limit), deadband)]
+        violations += [s for s in beyond if s not in violations]
+        warnings = [s for s in warnings if s not in beyond]
     limit = policy.get("max_spectral_norm")
     above = [] if limit is None else [s for s in scores if s.sigma_subject > float(limit)]
 
-    findings = [_finding(s, "violation", _why(s, caps[s.family], s.family in small))
-                for s in violations]
+    findings = [_finding(s, "violation", _why(s, caps[s.family], s.family in small,
+                                              own_limit)) for s in violations]
     findings += [_finding(s, "violation", f"σ {s.sigma_subject:.4g} above max_spectral_norm "
                           f"{float(limit):.4g}") for s in above]
     findings += [_finding(s, "warning", f"σ changed {s.r:+.1%} (z {s.z:+.1f} > κ "
@@ -223,7 +236,10 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
     return GuardDecision(passed, reason, tuple(findings), summary)
 
 
-def _why(s: ModuleScore, kappa: float, small: bool) -> str:
+def _why(s: ModuleScore, kappa: float, small: bool, own_limit: Any = None) -> str:
+    if own_limit is not None and abs(s.r) > float(own_limit):
+        return (f"σ changed {s.r:+.1%} vs its own baseline, beyond the module limit "
+                f"{float(own_limit):.0%}")
     if small:
         return (f"σ changed {s.r:+.1%}, beyond the deadband, in a family too small for a "
                 "robust z")
