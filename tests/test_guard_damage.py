@@ -69,7 +69,7 @@ def test_identical_subject_all_guards_clean_and_pass(bench, tmp_path):
     for name, section in cert["guards"].items():
         assert section["passed"] and not section["findings"], name
     assert cert["guards"]["spectral"]["summary"]["families"]["attn"]["max_abs_change"] == 0.0
-    assert cert["guards"]["rmt"]["summary"]["families"]["ffn"]["max_growth"] == 1.0
+    assert cert["guards"]["rmt"]["summary"]["families"]["ffn"]["excess"] == 0
     assert {"invariants_pass", "spectral_stable", "rmt_stable"} <= set(cert["gating"])
     assert "variance_ok" not in cert["gating"]  # balanced: VE monitors
 

@@ -57,7 +57,7 @@ def test_norm_fold_rescaling_leaves_every_sigma_unchanged(tiny_llama_dir, tiny_g
     from invarlock.calibration.zoo import BENIGN
 
     for model_dir in (tiny_llama_dir, tiny_gpt2_dir):
-        state, measured, before, after = _probe_after(
+        _state, measured, before, after = _probe_after(
             model_dir, lambda m: BENIGN[family](m, 3))
         assert torch.allclose(before, after, atol=1e-4)  # the edit preserves the function
         changed = [m for m in measured["modules"] if m["changed"]]
@@ -68,7 +68,7 @@ def test_norm_fold_rescaling_leaves_every_sigma_unchanged(tiny_llama_dir, tiny_g
 
 
 def test_balanced_pairs_make_v_o_and_up_down_rescaling_invisible(tiny_llama_dir):
-    state, measured, before, after = _probe_after(tiny_llama_dir, _rescale_pairs)
+    _state, measured, before, after = _probe_after(tiny_llama_dir, _rescale_pairs)
     assert torch.allclose(before, after, atol=1e-4)
     moved = {m["name"]: m["sigma_subject"] / m["sigma_baseline"] - 1
              for m in measured["modules"] if m["changed"]}

@@ -107,3 +107,10 @@ def test_degenerate_inputs():
     with pytest.raises(ValueError):
         rmt.normalized_spectrum(np.eye(3), np.ones(4), 3, 5)
     assert rmt.normalized_spectrum(np.full((3, 3), np.nan), np.ones(5), 3, 5)[0] == np.inf
+
+
+def test_lost_outliers_are_a_change_too():
+    """A block whose output lost its structure (drowned by damage upstream) fails as well."""
+    mods = [_module(f"layers.{i}.mlp.c_fc", "ffn", [6, 6, 7, 6], [1, 1, 1, 1]) for i in range(4)]
+    d = rmt.decide({"evaluated": True, "modules": mods}, POLICY)
+    assert not d.passed and d.summary["families"]["ffn"]["excess"] == -4 * (25 - 4)

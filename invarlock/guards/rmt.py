@@ -1,4 +1,5 @@
-"""RMT guard: did the subject's activations grow outliers the baseline did not have?
+"""RMT guard: did the outlier structure of the subject's activations move away from the
+baseline's?
 
 For a module's output on the calibration windows, Y (m sampled token rows × n features) is
 centred and scaled and compared with the Marchenko–Pastur edge (Marchenko & Pastur 1967): a
@@ -23,13 +24,16 @@ counted per group. Per family, the baseline's counts vary from group to group �
 window-to-window variation of the statistic, measured on the baseline itself. With
 B_g and S_g the family's outlier counts of group g (baseline, subject):
 
-    excess  Δ_f = Σ_g (S_g − B_g)                      outliers the subject added
+    excess  Δ_f = Σ_g (S_g − B_g)                      outliers added (or, < 0, lost)
     spread  s_f = sd_g(B_g)                              the baseline's null spread
     margin  M_f = ε_f · Σ_g B_g + z · s_f · √G + 1       (z = `null_z`)
 
-Family f is stable iff Δ_f ≤ M_f. Because a family sum can dilute a change confined to one
-module, each module is also held to the same rule with its own counts and spread; a module
-beyond its own margin makes its family unstable. The guard passes iff every family is stable.
+Family f is stable iff |Δ_f| ≤ M_f: new outlier directions (blown-up weight rows) add to the
+count; a layer whose output lost its structure (a blown-up block upstream drowning it)
+loses outliers, which is damage too. Because a family sum can dilute a change confined to
+one module, each module is also held to the same rule with its own counts and spread; a
+module beyond its own margin makes its family unstable. The guard passes iff every family
+is stable.
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ def _module_counts(m: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardDecision:
-    """Stable iff no family and no module added more outliers than its null margin."""
+    """Stable iff no family and no module moved its outlier count beyond its null margin."""
     skipped = unmeasured_decision(measurements)
     if skipped is not None:
         return skipped
@@ -137,12 +141,12 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         flagged = []
         for m, (b, s) in zip(members, per_module, strict=True):
             m_excess = float(s.sum() - b.sum())
-            m_limit, m_spread = margin(b, eps[fam], null_z)
-            if m_excess > m_limit:
+            m_limit, _m_spread = margin(b, eps[fam], null_z)
+            if abs(m_excess) > m_limit:
                 flagged.append((m, m_excess, m_limit, b, s))
         worst = max(zip(members, per_module, strict=True),
-                    key=lambda t: float(t[1][1].sum() - t[1][0].sum()))
-        ok = excess <= limit and not flagged
+                    key=lambda t: abs(float(t[1][1].sum() - t[1][0].sum())))
+        ok = abs(excess) <= limit and not flagged
         summary["families"][fam] = {
             "modules": len(members), "epsilon": eps[fam], "stable": ok,
             "baseline_outliers": int(base.sum()), "subject_outliers": int(subj.sum()),
@@ -158,24 +162,25 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
             findings.append({
                 "module": m["name"], "family": fam, "kind": "violation",
                 "message": (f"{int(s.sum())} outliers beyond the Marchenko–Pastur edge vs "
-                            f"{int(b.sum())} in the baseline (+{m_excess:.0f} > margin "
-                            f"{m_limit:.1f})"),
+                            f"{int(b.sum())} in the baseline ({m_excess:+.0f}, beyond the "
+                            f"margin ±{m_limit:.1f})"),
                 "baseline_outliers": int(b.sum()), "subject_outliers": int(s.sum()),
                 "margin": m_limit,
             })
     windows = measurements.get("windows", "?")
     if unstable:
         parts = ", ".join(
-            f"{f} +{e:.0f} outliers (margin {lim:.1f}" + (
+            f"{f} {e:+.0f} outliers (margin ±{lim:.1f}" + (
                 f", {n} module(s) beyond their own margin)" if n else ")")
             for f, e, lim, n in unstable)
         return GuardDecision(False, f"activation outliers beyond the Marchenko–Pastur edge "
-                                    f"grew in {parts}", tuple(findings), summary)
+                                    f"moved beyond the null margin in {parts}",
+                             tuple(findings), summary)
     fams = summary["families"]
-    top = max(fams, key=lambda f: fams[f]["excess"] - fams[f]["margin"])
+    top = max(fams, key=lambda f: abs(fams[f]["excess"]) - fams[f]["margin"])
     return GuardDecision(True, f"{len(modules)} modules on {windows} windows; outlier counts "
                                f"within the null margin in every family (closest: {top} "
-                               f"{fams[top]['excess']:+.0f} of {fams[top]['margin']:.1f})",
+                               f"{fams[top]['excess']:+.0f} of ±{fams[top]['margin']:.1f})",
                          (), summary)
 
 

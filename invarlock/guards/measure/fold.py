@@ -96,7 +96,7 @@ def trace_norm_inputs(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
         ids = (torch.arange(TRACE_TOKENS, device=device) % max(vocab - 1, 1) + 1)[None, :]
         with torch.inference_mode():
             model(input_ids=ids)
-    except Exception as exc:  # noqa: BLE001 - an untraceable model is measured unfolded
+    except Exception as exc:
         log.warning("spectral: could not trace which norm feeds which linear (%s); "
                     "weights are compared without folding", exc)
         return {}

@@ -4,9 +4,10 @@ A tap on every Linear/Conv1D inside a transformer block (families from the polic
 `scope`) keeps, for each of the first K final windows, `ceil(max_rows / K)` token positions
 chosen by a generator seeded with (seed, window id) among the attended positions, so both
 models are sampled at exactly the same tokens. The K windows are split into G groups in
-order (`groups`); when a module has seen every window of a group, that group's rows go to
-the pure `normalized_spectrum` and are dropped, so memory stays below
-modules × (max_rows / G) × features × 4 bytes.
+order (`groups`); when a module has seen all K windows, each group's rows go to the pure
+`normalized_spectrum` and are dropped: memory stays below
+modules × max_rows × features × 4 bytes, and below one module's rows when the K windows
+fit one batch.
 """
 
 from __future__ import annotations
@@ -42,15 +43,15 @@ def linear_modules(model: torch.nn.Module, scope: tuple[str, ...]) -> list[tuple
 
 
 def reduce_rows(y: torch.Tensor) -> list[float | None]:
-    """Centre the sampled rows, form the smaller Gram matrix and feature variances (torch,
-    one thread: small products gain nothing from a thread pool), then the pure spectrum."""
+    """Centre the sampled rows, form the smaller Gram matrix and feature variances (torch),
+    then the pure spectrum. Called inside `single_thread`: small products gain nothing from
+    a thread pool."""
     m, n = y.shape
-    with single_thread():
-        yc = y - y.mean(dim=0, keepdim=True)
-        gram = yc @ yc.T if m <= n else yc.T @ yc
-        col_var = yc.square().mean(dim=0)
-        values = normalized_spectrum(gram.double().cpu().numpy(),
-                                     col_var.double().cpu().numpy(), m, n)
+    yc = y - y.mean(dim=0, keepdim=True)
+    gram = yc @ yc.T if m <= n else yc.T @ yc
+    col_var = yc.square().mean(dim=0)
+    values = normalized_spectrum(gram.double().cpu().numpy(), col_var.double().cpu().numpy(),
+                                 m, n)
     return kept(values)
 
 
@@ -101,9 +102,11 @@ class RowTap:
         started = time.perf_counter()
         try:
             y = output[0] if isinstance(output, tuple) else output
-            if not isinstance(y, torch.Tensor) or y.dim() != 3:
+            if not isinstance(y, torch.Tensor) or y.dim() != 3 or name in self.results:
                 return
             rows, positions, groups = self._select(context)
+            if not rows:
+                return
             for g in sorted(set(groups)):
                 mine = [i for i, gi in enumerate(groups) if gi == g]
                 b = torch.as_tensor(np.repeat([rows[i] for i in mine],
@@ -114,19 +117,24 @@ class RowTap:
                 key = (name, g)
                 self._buffers.setdefault(key, []).append(y[b, t].detach().to(torch.float32))
                 self._seen[key] = self._seen.get(key, 0) + len(mine)
-                if self._seen[key] >= self._sizes[g]:
-                    rows_g = torch.cat(self._buffers.pop(key))
-                    entry = self.results.setdefault(
-                        name, {"groups": [None] * len(self._sizes),
-                               "rows": [0] * len(self._sizes), "features": int(y.shape[-1])})
-                    entry["groups"][g] = reduce_rows(rows_g)
-                    entry["rows"][g] = int(rows_g.shape[0])
+            if all(self._seen.get((name, g), 0) >= size for g, size in enumerate(self._sizes)):
+                self._reduce(name, int(y.shape[-1]))
         finally:
             self._clock.seconds += time.perf_counter() - started
 
+    def _reduce(self, name: str, features: int) -> None:
+        """Every group of a module is in: reduce them all (one thread) and drop the rows."""
+        groups, rows = [], []
+        with single_thread():
+            for g in range(len(self._sizes)):
+                y = torch.cat(self._buffers.pop((name, g)))
+                groups.append(reduce_rows(y))
+                rows.append(int(y.shape[0]))
+        self.results[name] = {"groups": groups, "rows": rows, "features": features}
+
     def complete(self) -> dict[str, dict[str, Any]]:
-        """Modules whose every group was reduced."""
-        return {k: v for k, v in self.results.items() if all(g is not None for g in v["groups"])}
+        """Modules that saw every calibration window (all of their groups reduced)."""
+        return dict(self.results)
 
 
 class RMTProbe(Probe):
