@@ -107,16 +107,16 @@ class RowTap:
             rows, positions, groups = self._select(context)
             if not rows:
                 return
+            sizes = [p.size for p in positions]
+            b = torch.as_tensor(np.repeat(rows, sizes), device=y.device)
+            t = torch.as_tensor(np.concatenate(positions), device=y.device)
+            picked = y[b, t].detach().to(torch.float32)  # one gather for every group
+            owner = np.repeat(groups, sizes)
             for g in sorted(set(groups)):
-                mine = [i for i, gi in enumerate(groups) if gi == g]
-                b = torch.as_tensor(np.repeat([rows[i] for i in mine],
-                                              [positions[i].size for i in mine]),
-                                    device=y.device)
-                t = torch.as_tensor(np.concatenate([positions[i] for i in mine]),
-                                    device=y.device)
                 key = (name, g)
-                self._buffers.setdefault(key, []).append(y[b, t].detach().to(torch.float32))
-                self._seen[key] = self._seen.get(key, 0) + len(mine)
+                index = torch.as_tensor(np.flatnonzero(owner == g), device=y.device)
+                self._buffers.setdefault(key, []).append(picked.index_select(0, index))
+                self._seen[key] = self._seen.get(key, 0) + groups.count(g)
             if all(self._seen.get((name, g), 0) >= size for g, size in enumerate(self._sizes)):
                 self._reduce(name, int(y.shape[-1]))
         finally:
