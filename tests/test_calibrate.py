@@ -185,3 +185,30 @@ def test_shipped_tiers_recompute_from_the_committed_calibration():
             values["min_effect_lognll"]), tier
         for family, slack in values["null_slack"].items():  # ε is chosen; it must cover
             assert guards["rmt"]["epsilon_by_family"][family] >= slack, (tier, family)
+
+
+def test_calibrate_on_zoo_families_derives_the_module_limit(tiny_gpt2_dir, sonnets_path,
+                                                            tmp_path):
+    from click.testing import CliRunner
+
+    from invarlock.cli import main
+
+    fast = tmp_path / "fast.yaml"
+    fast.write_text(kit.FAST)
+    out = tmp_path / "cal"
+    with kit.one_thread():
+        result = CliRunner().invoke(main, [
+            "calibrate", "--baseline", str(tiny_gpt2_dir), "--dataset", str(sonnets_path),
+            "--preset", str(fast), "--edits", "normfold_all", "--edits", "prune",
+            "--seeds", "1", "--out", str(out), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "calibration.json").read_text())
+    assert stats["runs"] == ["zoo:normfold_all:0", "zoo:prune:0"]
+    by_run = {r["run"]: r for r in stats["per_run"]}
+    assert by_run["zoo:normfold_all:0"]["max_abs_change"] < 1e-4  # folded: σ unchanged
+    limit = stats["spectral"]["module_change_limit"]
+    assert limit["limit"] == pytest.approx(max(0.1, np.ceil(
+        2 * limit["largest_null_change"] * 100) / 100))
+    preset = yaml.safe_load((out / "calibration.yaml").read_text())
+    assert preset["guards"]["spectral"]["module_change_limit"] == limit["limit"]
+    assert set(stats["top_abs_z"]) == set(stats["runs"])

@@ -71,7 +71,8 @@ def reference_edits(edits: tuple[str, ...], seeds: int) -> list[tuple[str, dict,
     from invarlock.calibration.zoo_run import BENIGN
 
     runs: list[tuple[str, dict, Any]] = []
-    families = list(BENIGN) if ZOO in edits else [e for e in edits if e in BENIGN]
+    families = list(BENIGN) if ZOO in edits else [e for e in edits if e in BENIGN and
+                                                   e not in EDITS]
     for family in families:
         impl = zoo_edit(family)
         runs += [(f"zoo:{family}:{s}", {"name": impl.name, "plan": {"seed": s}}, impl)
