@@ -131,7 +131,7 @@ def test_zoo_edits_are_seeded_and_do_what_they_say(tiny_llama_dir, tiny_gpt2_dir
     assert set(zoo.BENIGN) == set(zoo_run.BENIGN) and set(zoo.HARMFUL) == set(zoo_run.HARMFUL)
     ids = torch.arange(1, 13)[None, :]
     for model_dir in (tiny_llama_dir, tiny_gpt2_dir):
-        def fresh():
+        def fresh(model_dir=model_dir):
             return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
         base = fresh()

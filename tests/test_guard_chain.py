@@ -133,8 +133,8 @@ def test_editing_a_stored_measurement_changes_the_outcome(int8_cert):
     def triple_sigma(m: dict) -> None:
         m["modules"][3]["sigma_subject"] = 3 * m["modules"][3]["sigma_baseline"]
 
-    def blow_up_edge(m: dict) -> None:
-        m["modules"][0]["subject"] = 10 * m["modules"][0]["baseline"]
+    def new_outliers(m: dict) -> None:  # ten new outliers in every window group
+        m["modules"][0]["subject"] = [[5.0] * 10 + g for g in m["modules"][0]["baseline"]]
 
     def new_fingerprint(m: dict) -> None:
         m["post"]["fingerprint_after"] = "sha256:" + "0" * 64
@@ -143,7 +143,7 @@ def test_editing_a_stored_measurement_changes_the_outcome(int8_cert):
         m["modules"][0]["m2_subject"] = 0.5 * m["modules"][0]["m2_baseline"]
 
     for name, edit, words in (("spectral", triple_sigma, "violation"),
-                              ("rmt", blow_up_edge, "edge risk"),
+                              ("rmt", new_outliers, "Marchenko–Pastur edge"),
                               ("invariants", new_fingerprint, "changed during certification"),
                               ("variance", shift_moment, "not evaluated")):
         assert int8_cert["guards"][name]["passed"]

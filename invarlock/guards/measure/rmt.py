@@ -42,17 +42,14 @@ def linear_modules(model: torch.nn.Module, scope: tuple[str, ...]) -> list[tuple
     return out
 
 
-def reduce_rows(y: torch.Tensor) -> list[float | None]:
-    """Centre the sampled rows, form the smaller Gram matrix and feature variances (torch),
-    then the pure spectrum. Called inside `single_thread`: small products gain nothing from
-    a thread pool."""
+def reduce_rows(y: np.ndarray) -> list[float | None]:
+    """Centre the sampled rows (float32, features in columns), form the smaller Gram matrix
+    and the feature variances, then the pure spectrum (values stored)."""
     m, n = y.shape
-    yc = y - y.mean(dim=0, keepdim=True)
-    gram = yc @ yc.T if m <= n else yc.T @ yc
-    col_var = yc.square().mean(dim=0)
-    values = normalized_spectrum(gram.double().cpu().numpy(), col_var.double().cpu().numpy(),
-                                 m, n)
-    return kept(values)
+    yc = torch.from_numpy(y - y.mean(axis=0, dtype=np.float64).astype(np.float32))
+    gram = (yc @ yc.T if m <= n else yc.T @ yc).double().numpy()
+    col_var = np.square(yc.numpy(), dtype=np.float64).mean(axis=0)
+    return kept(normalized_spectrum(gram, col_var, m, n))
 
 
 def window_groups(ids: np.ndarray, groups: int) -> list[list[int]]:
@@ -107,29 +104,36 @@ class RowTap:
             rows, positions, groups = self._select(context)
             if not rows:
                 return
-            sizes = [p.size for p in positions]
-            b = torch.as_tensor(np.repeat(rows, sizes), device=y.device)
-            t = torch.as_tensor(np.concatenate(positions), device=y.device)
-            picked = y[b, t].detach().to(torch.float32)  # one gather for every group
-            owner = np.repeat(groups, sizes)
-            for g in sorted(set(groups)):
-                key = (name, g)
-                index = torch.as_tensor(np.flatnonzero(owner == g), device=y.device)
-                self._buffers.setdefault(key, []).append(picked.index_select(0, index))
-                self._seen[key] = self._seen.get(key, 0) + groups.count(g)
-            if all(self._seen.get((name, g), 0) >= size for g, size in enumerate(self._sizes)):
-                self._reduce(name, int(y.shape[-1]))
+            # small gathers and products: a busy thread pool costs more than they do
+            with single_thread():
+                self._keep(name, y, rows, positions, groups)
+                if all(self._seen.get((name, g), 0) >= size
+                       for g, size in enumerate(self._sizes)):
+                    self._reduce(name, int(y.shape[-1]))
         finally:
             self._clock.seconds += time.perf_counter() - started
 
+    def _keep(self, name: str, y: torch.Tensor, rows: list[int], positions: list[np.ndarray],
+              groups: list[int]) -> None:
+        """Buffer the sampled rows of this batch, by window group (one gather)."""
+        sizes = [p.size for p in positions]
+        n = y.shape[-1]
+        flat = torch.as_tensor(np.repeat(rows, sizes) * y.shape[1] + np.concatenate(positions),
+                               device=y.device)
+        picked = y.reshape(-1, n).index_select(0, flat).to(torch.float32).cpu().numpy()
+        owner = np.repeat(groups, sizes)
+        for g in sorted(set(groups)):
+            key = (name, g)
+            self._buffers.setdefault(key, []).append(picked[owner == g])
+            self._seen[key] = self._seen.get(key, 0) + groups.count(g)
+
     def _reduce(self, name: str, features: int) -> None:
-        """Every group of a module is in: reduce them all (one thread) and drop the rows."""
+        """Every group of a module is in: reduce them all and drop the rows."""
         groups, rows = [], []
-        with single_thread():
-            for g in range(len(self._sizes)):
-                y = torch.cat(self._buffers.pop((name, g)))
-                groups.append(reduce_rows(y))
-                rows.append(int(y.shape[0]))
+        for g in range(len(self._sizes)):
+            y = np.concatenate(self._buffers.pop((name, g)))
+            groups.append(reduce_rows(y))
+            rows.append(int(y.shape[0]))
         self.results[name] = {"groups": groups, "rows": rows, "features": features}
 
     def complete(self) -> dict[str, dict[str, Any]]:
