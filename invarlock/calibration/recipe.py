@@ -13,8 +13,8 @@ INT8 step with different seeds) certified with every guard in monitor mode. From
   the largest over the family and its modules; ε_f = its `quantile` over runs (the maximum
   for small families), plus a floor.
 - spectral `module_change_limit`: twice the largest |σ_s/σ_b − 1| of any module in any
-  reference run, at least the deadband (a module limit inside the deadband would flag
-  changes the tier calls irrelevant).
+  reference run, at least twice the deadband (the tier calls a change inside the deadband
+  irrelevant; one of twice that against the module's own baseline is damage).
 - VE min effect: from σ_Δ, the standard deviation of per-window paired ΔlogNLL of the
   reference comparisons: min_effect = z·σ_Δ/√K with K the calibration windows and
   z = Φ⁻¹(1 − α) one-sided (balanced) or Φ⁻¹(1 − α/2) two-sided (conservative).
@@ -152,8 +152,8 @@ def epsilon(deltas: Sequence[float], quantile: float, small: bool, floor: float)
 
 
 def module_limit(largest_null_change: float, deadband: float) -> float:
-    """Twice the largest null |σ change|, at least the deadband, rounded up to 0.01."""
-    return _round_up(max(2.0 * largest_null_change, deadband), 2)
+    """Twice the largest null |σ change|, at least twice the deadband, rounded up to 0.01."""
+    return _round_up(2.0 * max(largest_null_change, deadband), 2)
 
 
 def min_effect(sigma_delta: float, windows: int, alpha: float, sided: str) -> float:

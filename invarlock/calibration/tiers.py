@@ -8,7 +8,7 @@ sidedness):
   split by family size, + margin, rounded up to 0.01; the tier value is the largest over the
   models; families too small for a robust z (embed, other) take the largest calibrated κ;
 - spectral `module_change_limit`: twice the largest null |σ change| over every model's runs,
-  at least the tier's deadband, rounded up to 0.01;
+  at least twice the tier's deadband, rounded up to 0.01;
 - VE `min_effect_lognll`: the larger over the models of z·σ_Δ/√K (one-sided for a one-sided
   tier, two-sided otherwise), rounded up to two significant figures;
 - RMT: the largest relative slack the null runs needed beyond the spread term

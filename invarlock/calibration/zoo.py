@@ -325,7 +325,8 @@ HARMFUL: dict[str, Callable[[torch.nn.Module, int], EditResult]] = {
 
 
 def zoo_edit(family: str) -> Any:
-    """The zoo family as an `invarlock.edits.Edit` (plan: {"seed": N}) for `certify`."""
+    """The zoo family as an `invarlock.edits.Edit` named after the family (plan:
+    {"seed": N}) for `certify`; its certificates record the family as the edit name."""
     from invarlock.edits import Edit
 
     fn = BENIGN.get(family) or HARMFUL.get(family)
@@ -336,7 +337,7 @@ def zoo_edit(family: str) -> Any:
         with torch.no_grad():
             return fn(model, int(plan["seed"]))
 
-    return Edit(name=f"zoo:{family}", summary=f"calibration zoo edit {family}",
+    return Edit(name=family, summary=f"calibration zoo edit {family}",
                 parse_plan=lambda section: {"seed": int(((section or {}).get("plan") or {})
                                                         .get("seed", 0))},
                 apply=apply)
