@@ -52,7 +52,7 @@ def bench(request, tmp_path_factory, tiny_gpt2_dir, sonnets_path) -> Bench:
     preset = root / "small.yaml"
     preset.write_text("dataset: {preview_n: 32, final_n: 32}\n"
                       "eval: {bootstrap: {replicates: 300}}\n")
-    return Bench(demo, "demo", preset, "transformer.h.1.mlp.c_fc", 8.0, 0.8, None)
+    return Bench(demo, "demo", preset, "transformer.h.1.mlp.c_fc", 12.0, 0.8, None)
 
 
 def run(bench: Bench, subject: Path, out: Path, *extra: str):
