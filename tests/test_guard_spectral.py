@@ -185,3 +185,16 @@ def test_spectral_probe_streams_baseline_weights_and_measures_changes(tiny_gpt2_
     same = measured["transformer.h.0.attn.c_attn.weight"]
     assert not same["changed"] and same["sigma_subject"] == same["sigma_baseline"]
     assert "transformer.wte.weight" in measured and "lm_head.weight" not in measured  # tied
+
+
+def test_robust_z_uses_the_modules_the_edit_touched():
+    """A LoRA merge into q/v leaves o untouched: those zeros must not shrink the scale."""
+    rng = np.random.default_rng(5)
+    touched = list(rng.normal(0.0, 1e-3, 6))
+    scores = spectral.score_modules(modules({"attn": touched + [0.0] * 6}), 0.5, ["attn"])
+    assert max(abs(s.z) for s in scores) < 4.0
+    assert all(s.z == 0.0 for s in scores if s.r == 0.0)
+    # one blown-up matrix alone in its family is a violation (no reference to compare with)
+    d = spectral.decide({"evaluated": True, "modules": modules({"attn": [2.0] + [0.0] * 11})},
+                        POLICY)
+    assert not d.passed and d.findings[0]["module"] == "layers.0.attn.weight"

@@ -20,9 +20,11 @@ For every 2-D weight in scope the probe measures σ_b = ‖W_b‖₂ (baseline) 
   violation whatever the family's spread, so a change shared by a whole family (every
   attention matrix ×1.5), which the robust z normalises away, is still caught;
 - with `max_spectral_norm` set, any σ_s above it is a violation too;
-- a family with fewer than `MIN_FAMILY_FOR_Z` modules (embeddings: one or two matrices) has
-  no reference to compare a module with: z is 0 there, and any change beyond the deadband
-  is a violation.
+- the robust z of a family is taken over the modules the edit touched (r ≠ 0): a LoRA merge
+  into q/v leaves o untouched, and those zeros would shrink the scale to nothing; a family
+  with fewer than `MIN_FAMILY_FOR_Z` touched modules (embeddings: one or two matrices; one
+  blown-up layer) has no reference to compare a module with: z is 0 there, and any change
+  beyond the deadband is a violation.
 
 σ is taken of each weight's effective form (the probe folds the scale of the norm feeding
 it in and balances function-preserving channel pairs), so a reparametrisation that leaves
@@ -136,8 +138,12 @@ def score_modules(modules: Sequence[Mapping[str, Any]], sigma_quantile: float,
             continue
         r = relative_change(np.array([_sigma(m["sigma_baseline"]) for m in members]),
                             np.array([_sigma(m["sigma_subject"]) for m in members]))
-        small = len(members) < MIN_FAMILY_FOR_Z
-        z = np.zeros_like(r) if small else robust_z(r, sigma_quantile)
+        # the reference is the modules the edit touched: untouched ones (r exactly 0, e.g.
+        # the output projections of a LoRA merge into q/v) would shrink the scale to nothing
+        touched = r != 0
+        z = np.zeros_like(r)
+        if touched.sum() >= MIN_FAMILY_FOR_Z:
+            z[touched] = robust_z(r[touched], sigma_quantile)
         for m, ri, zi in zip(members, r, z, strict=True):
             out.append(ModuleScore(m["name"], family, float(ri), float(zi),
                                    _sigma(m["sigma_baseline"]), _sigma(m["sigma_subject"]),
@@ -184,7 +190,7 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
     caps = {f: float(v) for f, v in policy["family_caps"].items()}
     mt = policy["multiple_testing"]
     families = sorted({s.family for s in scores})
-    sizes = {f: sum(1 for s in scores if s.family == f) for f in families}
+    sizes = {f: sum(1 for s in scores if s.family == f and s.r != 0) for f in families}
     small = {f for f in families if sizes[f] < MIN_FAMILY_FOR_Z}
     candidates = [s for s in scores if abs(s.r) > deadband and (
         s.family in small or abs(s.z) > caps[s.family])]
@@ -229,7 +235,8 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         members = [s for s in scores if s.family == f]
         top = max(members, key=lambda s: abs(s.z))
         summary["families"][f] = {
-            "modules": len(members), "kappa": caps[f], "p_value": family_p[f],
+            "modules": len(members), "touched": sizes[f], "kappa": caps[f],
+            "p_value": family_p[f],
             "rejected": bool(reject[f]), "robust_z": f not in small, "top_z": _json(top.z),
             "top_module": top.name,
             "max_abs_change": _json(max(abs(s.r) for s in members)),
