@@ -79,7 +79,9 @@ def reference_run(label: str, cert: Mapping[str, Any], sigma_quantile: float) ->
     max_change = 0.0
     sp = guards.get("spectral", {}).get("measurements", {})
     if sp.get("evaluated", False):
-        for s in spectral.score_modules(sp["modules"], sigma_quantile, FAMILIES):
+        deadband = float(cert["policy"]["values"]["guards"]["spectral"]["deadband"])
+        for s in spectral.score_modules(sp["modules"], sigma_quantile, FAMILIES,
+                                        spectral.scale_floor(deadband)):
             abs_z.setdefault(s.family, []).append(abs(s.z))
             max_change = max(max_change, abs(s.r))
         sizes = {f: len(v) for f, v in abs_z.items()}

@@ -7,7 +7,7 @@ For every 2-D weight in scope the probe measures σ_b = ‖W_b‖₂ (baseline) 
 - robust z within each family (attn, ffn, embed, other): z = (r − median) / s, where s is the
   `sigma_quantile` quantile of |r − median| divided by Φ⁻¹((1 + q)/2), the same quantile of a
   standard normal's |Z|, so q = 0.5 gives the MAD-based σ (Hampel 1974) and q = 0.95 a
-  scale that a few outliers cannot shrink;
+  scale that a few outliers cannot shrink; s is at least 1% of the deadband;
 - a *candidate* is a module with |r| > `deadband` (a practically relevant change) and
   |z| > κ_f (`family_caps`, calibrated by `invarlock calibrate`);
 - families are screened for significance: a family's p-value is the Bonferroni-adjusted
@@ -50,6 +50,10 @@ FAMILIES = ("attn", "ffn", "embed", "other")
 # relative precision, the power iteration stops at 1e-7): a function-preserving edit leaves
 # changes of that size, and a smaller scale would turn them into huge z.
 SCALE_FLOOR = 1e-6
+# ...and the scale is at least this fraction of the deadband: a family whose changes spread
+# by less than 1% of the smallest change that matters is no yardstick (an fp16 round trip
+# moves σ by 1e-6..1e-3, and z of 500 among such changes says nothing about damage).
+DEADBAND_SCALE_FRACTION = 0.01
 MIN_FAMILY_FOR_Z = 3
 
 
@@ -64,26 +68,26 @@ def relative_change(sigma_baseline: np.ndarray, sigma_subject: np.ndarray) -> np
     return r
 
 
-def robust_scale(r: np.ndarray, sigma_quantile: float) -> float:
+def robust_scale(r: np.ndarray, sigma_quantile: float, floor: float = SCALE_FLOOR) -> float:
     """Normal-equivalent σ from the q-quantile of |r − median| (q = 0.5: MAD/0.6745)."""
     if not 0.0 < sigma_quantile < 1.0:
         raise ValueError(f"sigma_quantile must lie in (0, 1), got {sigma_quantile}")
     r = np.asarray(r, dtype=np.float64)
     finite = r[np.isfinite(r)]
     if finite.size == 0:
-        return SCALE_FLOOR
+        return floor
     dev = np.abs(finite - np.median(finite))
     q = float(np.quantile(dev, sigma_quantile))
-    return max(q / float(ndtri(0.5 + sigma_quantile / 2.0)), SCALE_FLOOR)
+    return max(q / float(ndtri(0.5 + sigma_quantile / 2.0)), floor)
 
 
-def robust_z(r: np.ndarray, sigma_quantile: float) -> np.ndarray:
+def robust_z(r: np.ndarray, sigma_quantile: float, floor: float = SCALE_FLOOR) -> np.ndarray:
     """Robust z of each module's relative change within one family."""
     r = np.asarray(r, dtype=np.float64)
     finite = r[np.isfinite(r)]
     if finite.size == 0:
         return np.where(np.isnan(r), 0.0, np.inf)
-    z = (r - np.median(finite)) / robust_scale(r, sigma_quantile)
+    z = (r - np.median(finite)) / robust_scale(r, sigma_quantile, floor)
     return np.nan_to_num(z, nan=0.0, posinf=np.finfo(np.float64).max,
                          neginf=-np.finfo(np.float64).max)
 
@@ -127,8 +131,13 @@ class ModuleScore:
     edit_size: float
 
 
+def scale_floor(deadband: float) -> float:
+    """The smallest robust scale a z is divided by (see `DEADBAND_SCALE_FRACTION`)."""
+    return max(SCALE_FLOOR, DEADBAND_SCALE_FRACTION * float(deadband))
+
+
 def score_modules(modules: Sequence[Mapping[str, Any]], sigma_quantile: float,
-                  scope: Sequence[str]) -> list[ModuleScore]:
+                  scope: Sequence[str], floor: float = SCALE_FLOOR) -> list[ModuleScore]:
     """r and robust z for the measured modules whose family is in scope."""
     chosen = [m for m in modules if m["family"] in scope]
     out: list[ModuleScore] = []
@@ -143,7 +152,7 @@ def score_modules(modules: Sequence[Mapping[str, Any]], sigma_quantile: float,
         touched = r != 0
         z = np.zeros_like(r)
         if touched.sum() >= MIN_FAMILY_FOR_Z:
-            z[touched] = robust_z(r[touched], sigma_quantile)
+            z[touched] = robust_z(r[touched], sigma_quantile, floor)
         for m, ri, zi in zip(members, r, z, strict=True):
             out.append(ModuleScore(m["name"], family, float(ri), float(zi),
                                    _sigma(m["sigma_baseline"]), _sigma(m["sigma_subject"]),
@@ -179,7 +188,7 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
     if skipped is not None:
         return skipped
     scores = score_modules(measurements["modules"], float(policy["sigma_quantile"]),
-                           _scope(policy))
+                           _scope(policy), scale_floor(float(policy["deadband"])))
     if not scores:
         unmatched = list(measurements.get("unmatched") or [])
         listed = f" (unmatched: {', '.join(unmatched[:5])})" if unmatched else ""
