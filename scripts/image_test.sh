@@ -57,9 +57,9 @@ start=$(date +%s)
 "${bah[@]}" bud --isolation chroot --layers=false "${mounts[@]}" "${build_args[@]}" \
   -f "$root/Dockerfile" -t "$image" "$root"
 build_s=$(( $(date +%s) - start ))
-size_bytes="$("${bah[@]}" inspect --type image --format '{{.Size}}' "$image" 2>/dev/null || echo 0)"
-if [ "$size_bytes" = 0 ] || [ -z "$size_bytes" ]; then
-  size_bytes="$("${bah[@]}" images --json "$image" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["size"])')"
+size="$("${bah[@]}" inspect --type image --format '{{.Size}}' "$image" 2>/dev/null || echo 0)"
+if [ "$size" = 0 ] || [ -z "$size" ]; then
+  size="$("${bah[@]}" images --json "$image" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["size"])')"
 fi
 
 # 3. The demo certification inside the image, on CPU, as the image's user.
@@ -75,7 +75,7 @@ verdict="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["verd
 {
   echo "image: $image (base $base, $torch_requirement)"
   echo "build_seconds: $build_s"
-  echo "image_size_bytes: $size_bytes"
+  echo "image_size: $size"
   echo "demo_seconds: $demo_s"
   echo "demo_verdict: $verdict"
 } | tee "$work/figures.txt"

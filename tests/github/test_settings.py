@@ -69,7 +69,7 @@ def test_booleans(value, expected):
 def test_bad_values_name_the_input():
     with pytest.raises(InputError, match="input 'check-run' must be true or false, not 'maybe'"):
         read_settings({"INPUT_CHECK_RUN": "maybe"})
-    with pytest.raises(InputError, match="input 'mode' must be certify or publish, not 'push'"):
+    with pytest.raises(InputError, match="input 'mode' must be certify or publish or aggregate, not 'push'"):
         read_settings({"INPUT_MODE": "push"})
     with pytest.raises(InputError, match="input 'certificate' is required in publish mode"):
         read_settings({"INPUT_MODE": "publish"})
