@@ -3,7 +3,7 @@
 A separate process because the certifier's contract is its command line (one JSON object on
 stdout, the exit code 0/1/2/3) and because the Action must report whatever happens to it:
 an out-of-memory kill or a CUDA crash ends the child, not the reporter, which then still
-completes the check run (neutral) and updates the comment. It also keeps the job token out
+completes the check run (failure) and updates the comment. It also keeps the job token out
 of the process that loads models: the child's environment has no token and no inputs.
 
 `INVARLOCK_CERTIFY_COMMAND` replaces `invarlock certify` (for example `python -m invarlock
