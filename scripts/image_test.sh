@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the Action's image with buildah on a Debian base made by debootstrap, then run the
-# demo certification inside it on CPU. Needs root, buildah and debootstrap (Debian packages)
+# demo certification inside it on CPU, and the Action's entrypoint (no publishing). Needs root, buildah and debootstrap (Debian packages)
 # and access to Debian's mirror and the Python package index; no registry images are pulled.
 #
 #   scripts/image_test.sh            (or `make image-test`)
@@ -72,11 +72,26 @@ start=$(date +%s)
 demo_s=$(( $(date +%s) - start ))
 verdict="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["verdict"])' "$work/demo.json")"
 
+# 4. The Action's entrypoint inside the image, as action.yml runs it (without publishing):
+#    it certifies (the demo, dev profile, on CPU) and writes the outputs and the report folder.
+start=$(date +%s)
+"${bah[@]}" run --isolation chroot --user 10001 \
+  --env INPUT_DEVICE=cpu --env INPUT_PROFILE=dev --env INPUT_CHECK_RUN=false \
+  --env INPUT_COMMENT=false --env INPUT_OUTPUT_DIR=/home/invarlock/action-report \
+  --env GITHUB_OUTPUT=/home/invarlock/outputs "$ctr" -- /opt/invarlock/entrypoint
+entry_s=$(( $(date +%s) - start ))
+"${bah[@]}" run --isolation chroot --user 10001 "$ctr" -- \
+  sh -c 'test -s /home/invarlock/action-report/evaluation.cert.html && grep -A1 "^verdict<<" /home/invarlock/outputs' \
+  | tee "$work/entrypoint-outputs.txt"
+
 {
   echo "image: $image (base $base, $torch_requirement)"
   echo "build_seconds: $build_s"
   echo "image_size: $size"
   echo "demo_seconds: $demo_s"
   echo "demo_verdict: $verdict"
+  echo "entrypoint_seconds: $entry_s"
+  echo "entrypoint_verdict: $(sed -n 2p "$work/entrypoint-outputs.txt")"
 } | tee "$work/figures.txt"
 [ "$verdict" = PASS ] || { echo "image-test: the demo did not PASS inside the image" >&2; exit 1; }
+[ "$(sed -n 2p "$work/entrypoint-outputs.txt")" = PASS ] || { echo "image-test: the entrypoint did not report PASS inside the image" >&2; exit 1; }
