@@ -85,13 +85,8 @@ class CertifyOutcome:
 
     def stopped_by(self) -> str | None:
         """Why the final set was not evaluated, when a guard (not the preview) stopped it."""
-        cert = self.certificate
-        if cert["pairing"]["final_evaluated"]:
-            return None
-        measured = [name for name, g in cert["guards"].items() if _measured(g)]
-        if len(measured) != 1 or cert["guards"][measured[0]]["passed"]:
-            return None
-        return f"{measured[0]} failed before evaluation"
+        guard = markdown.stopped_by(self.certificate)
+        return f"{guard} failed before evaluation" if guard else None
 
     def summary(self) -> dict[str, Any]:
         """The `--json` object: the verdict, the one number and where the evidence is."""
@@ -514,17 +509,17 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
             raise
         # A subject of another shape may not even read the windows (a smaller vocabulary):
         # the invariants already failed it; record every window as broken.
-        log.warning("the subject cannot score the windows (%s); recorded as broken", exc)
+        log.warning("the subject cannot read the windows (%s): every preview window is "
+                    "recorded as broken", str(exc).split(";")[0])
         preview = _unscored(baseline.sets["preview"], kind)
     catastrophic = gate.is_catastrophic(
         kind, gate.summarize(kind, _paired(baseline.sets["preview"], preview)),
         inputs.policy.primary_metric)
     final = None
-    if catastrophic:
+    if not intact:
+        log.info("%s failed before evaluation (fatal): final set not evaluated", guards.fatal)
+    elif catastrophic:
         log.warning("preview ratio beyond the catastrophic limit: final set not evaluated")
-    elif not intact:
-        log.warning("%s failed before evaluation (fatal): final set not evaluated",
-                    guards.fatal)
     else:
         final = _score(inputs, req, timer, model, plan.windows.final, "subject",
                        guards.taps(model, "subject", "final"))

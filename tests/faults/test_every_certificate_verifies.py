@@ -61,6 +61,9 @@ def test_shape_change_is_reported_as_stopped_not_catastrophic(runs):
     assert "catastrophic" not in text
     assert "stopped: invariants failed before evaluation" in text
     assert "spectral not measured" in text and "spectral FAILED" not in text
+    page = (folder / "evaluation.cert.md").read_text()
+    assert "**Stopped**: the invariants guard failed before evaluation" in page
+    assert "Catastrophic" not in page
 
 
 def test_html_report_of_a_stopped_run_says_it_verifies(runs):
