@@ -28,15 +28,21 @@ def test_doctor_reports_a_truncated_safetensors_file(tiny_gpt2_dir, sonnets_path
     assert "truncated" in messages
 
 
-@pytest.mark.parametrize("value", [".nan", ".inf"])
+@pytest.mark.parametrize("value", ["1.10", ".nan", ".inf"])
 def test_doctor_rejects_a_preset_with_a_non_finite_number(value, tiny_gpt2_dir, sonnets_path,
                                                           tmp_path):
     preset = tmp_path / "p.yaml"
-    preset.write_text(f"model: {{id: {tiny_gpt2_dir}}}\ndataset: {{path: {sonnets_path}}}\n"
+    preset.write_text(f"model: {{id: {tiny_gpt2_dir}, subject: {tiny_gpt2_dir}}}\n"
+                      f"dataset: {{path: {sonnets_path}, seq_len: 32, preview_n: 8, "
+                      "final_n: 8}\nauto: {profile: dev}\n"
                       f"eval: {{primary_metric: {{ratio_limit: {value}}}}}\n")
     code, report, _ = invoke("doctor", "-c", str(preset), "--json")
+    errors = [f for f in report["findings"] if f["severity"] == "ERROR"]
+    if value == "1.10":  # the same preset with a finite limit is clean
+        assert code == 0 and errors == []
+        return
     assert code == 2
-    assert any("ratio_limit" in f["message"] for f in report["findings"])
+    assert [f for f in errors if "ratio_limit" in f["message"]]
 
 
 def test_json_output_never_holds_nan(monkeypatch):
