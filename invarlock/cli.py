@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -84,17 +82,9 @@ def _run_guarded(as_json: bool, body: Callable[[], tuple[int, dict[str, Any] | N
 
 def strict_json(payload: Any) -> str:
     """JSON that every parser accepts: NaN and infinities (not JSON) become null."""
-    return json.dumps(_finite(payload), allow_nan=False)
+    from invarlock.certificate.document import strict_json as dumps
 
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return dumps(payload)
 
 
 def _fail(as_json: bool, message: str, code: int) -> None:

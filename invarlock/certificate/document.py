@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -50,6 +51,21 @@ def schema_errors(cert: dict[str, Any]) -> list[str]:
 def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False)
+
+
+def strict_json(data: Any, **options: Any) -> str:
+    """JSON every parser accepts: NaN and infinities (not JSON) become null."""
+    return json.dumps(_finite(data), allow_nan=False, **options)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def content_digest(cert: dict[str, Any]) -> str:
