@@ -566,9 +566,12 @@ Examples:
               type=click.Path(dir_okay=False, path_type=Path),
               help="Config file(s) merged in order (seed shape); flags win.")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Seeds of the INT8-step noise reference edit.")
-@click.option("--edits", type=click.Choice(["rtn8", "noise"]), multiple=True,
-              help="Reference edits (default: both).")
+              help="Seeds of each seeded reference edit (noise, zoo families).")
+@click.option("--edits", type=click.Choice([
+    "rtn8", "noise", "zoo", "rtn8_channel", "rtn8_group", "fp16", "bf16", "prune",
+    "normfold_one", "normfold_some", "normfold_all", "lowrank"]), multiple=True,
+              help="Reference edits (default: rtn8 and noise); zoo: every benign zoo family, "
+                   "seeds 0..N-1 each.")
 @click.option("--margin", type=click.FloatRange(min=0), default=0.1, show_default=True,
               help="Added to each κ.")
 @click.option("--quantile", type=click.FloatRange(0.5, 1.0), default=0.95, show_default=True,

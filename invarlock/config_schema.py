@@ -143,11 +143,15 @@ GUARDS = {
                 "m": {"type": "integer", "minimum": 1},
             }),
             "family_caps": _FAMILY_NUMBERS,
+            "module_change_limit": {"anyOf": [{"type": "null"}, *_number(
+                exclusiveMinimum=0)["anyOf"]]},
         }),
         "rmt": _obj({
             "mode": _MODE,
             "scope": _FAMILY_SCOPE,
             "max_rows": {"type": "integer", "minimum": 4},
+            "groups": {"type": "integer", "minimum": 2},
+            "null_z": _number(minimum=0),
             "epsilon_by_family": _FAMILY_NUMBERS,
         }),
         "variance": _obj({

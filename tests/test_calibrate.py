@@ -118,3 +118,97 @@ def test_calibrate_writes_a_preset_that_certify_accepts(tiny_gpt2_dir, sonnets_p
     assert again.exit_code == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")} == before
     assert yaml.safe_load((out / "calibration.yaml").read_text()) == preset
+
+
+def test_zoo_edits_are_seeded_and_do_what_they_say(tiny_llama_dir, tiny_gpt2_dir):
+    """Independent zoo edits: same seed, same weights; norm folds keep the outputs; harmful
+    edits change what they name."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.calibration import zoo, zoo_run
+
+    assert set(zoo.BENIGN) == set(zoo_run.BENIGN) and set(zoo.HARMFUL) == set(zoo_run.HARMFUL)
+    ids = torch.arange(1, 13)[None, :]
+    for model_dir in (tiny_llama_dir, tiny_gpt2_dir):
+        def fresh(model_dir=model_dir):
+            return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+        base = fresh()
+        with torch.no_grad():
+            reference = base(input_ids=ids).logits
+        for family, fn in {**zoo.BENIGN, **zoo.HARMFUL}.items():
+            a, b = fresh(), fresh()
+            with torch.no_grad():
+                result = fn(a, 7)
+                fn(b, 7)
+                out = a(input_ids=ids).logits
+            assert result.modules_changed, family
+            for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(),
+                                      strict=True):
+                assert torch.equal(pa.nan_to_num(), pb.nan_to_num()), (family, name)
+            if family.startswith("normfold"):
+                assert torch.allclose(out, reference, atol=1e-4), family
+            elif family in zoo.HARMFUL and family != "nan":
+                assert not torch.allclose(out, reference, atol=1e-3), family
+        with torch.no_grad():
+            pruned = fresh()
+            result = zoo.prune(pruned, 3)
+        sparsity = result.plan["sparsity"]
+        assert 0.02 <= sparsity <= 0.10
+        w = dict(pruned.named_modules())[result.modules_changed[0]].weight
+        assert (w == 0).float().mean().item() == pytest.approx(sparsity, abs=0.01)
+
+
+def test_shipped_tiers_recompute_from_the_committed_calibration():
+    """Every calibrated number in policies/tiers.yaml follows from the calibration.json files
+    committed next to CALIBRATION.md (with their .csv), by the documented rules."""
+    from invarlock.calibration import tiers as derive_tiers
+    from invarlock.policy import policies_dir
+
+    root = policies_dir() / "calibration"
+    calibrations = {}
+    for path in sorted(root.glob("*/calibration.json")):
+        stats = json.loads(path.read_text())
+        rows = (path.parent / "calibration.csv").read_text().splitlines()
+        assert len(rows) == 1 + len(stats["per_run"]), path
+        calibrations[path.parent.name] = stats
+    assert {"demo", "smollm2"} <= set(calibrations)
+    shipped = yaml.safe_load((policies_dir() / "tiers.yaml").read_text())
+    derived = derive_tiers.derive(calibrations, shipped)
+    for tier, values in derived.items():
+        guards = shipped[tier]["guards"]
+        assert guards["spectral"]["family_caps"] == pytest.approx(values["family_caps"]), tier
+        assert guards["spectral"]["module_change_limit"] == pytest.approx(
+            values["module_change_limit"]), tier
+        assert guards["variance"]["gating"]["min_effect_lognll"] == pytest.approx(
+            values["min_effect_lognll"]), tier
+        for family, slack in values["null_slack"].items():  # ε is chosen; it must cover
+            assert guards["rmt"]["epsilon_by_family"][family] >= slack, (tier, family)
+
+
+def test_calibrate_on_zoo_families_derives_the_module_limit(tiny_gpt2_dir, sonnets_path,
+                                                            tmp_path):
+    from click.testing import CliRunner
+
+    from invarlock.cli import main
+
+    fast = tmp_path / "fast.yaml"
+    fast.write_text(kit.FAST)
+    out = tmp_path / "cal"
+    with kit.one_thread():
+        result = CliRunner().invoke(main, [
+            "calibrate", "--baseline", str(tiny_gpt2_dir), "--dataset", str(sonnets_path),
+            "--preset", str(fast), "--edits", "normfold_all", "--edits", "prune",
+            "--seeds", "1", "--out", str(out), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "calibration.json").read_text())
+    assert stats["runs"] == ["zoo:normfold_all:0", "zoo:prune:0"]
+    by_run = {r["run"]: r for r in stats["per_run"]}
+    assert by_run["zoo:normfold_all:0"]["max_abs_change"] < 1e-4  # folded: σ unchanged
+    limit = stats["spectral"]["module_change_limit"]
+    assert limit["limit"] == pytest.approx(max(0.2, np.ceil(
+        2 * limit["largest_null_change"] * 100) / 100))
+    preset = yaml.safe_load((out / "calibration.yaml").read_text())
+    assert preset["guards"]["spectral"]["module_change_limit"] == limit["limit"]
+    assert set(stats["top_abs_z"]) == set(stats["runs"])

@@ -133,8 +133,8 @@ def test_editing_a_stored_measurement_changes_the_outcome(int8_cert):
     def triple_sigma(m: dict) -> None:
         m["modules"][3]["sigma_subject"] = 3 * m["modules"][3]["sigma_baseline"]
 
-    def blow_up_edge(m: dict) -> None:
-        m["modules"][0]["subject"] = 10 * m["modules"][0]["baseline"]
+    def new_outliers(m: dict) -> None:  # ten new outliers in every window group
+        m["modules"][0]["subject"] = [[5.0] * 10 + g for g in m["modules"][0]["baseline"]]
 
     def new_fingerprint(m: dict) -> None:
         m["post"]["fingerprint_after"] = "sha256:" + "0" * 64
@@ -143,7 +143,7 @@ def test_editing_a_stored_measurement_changes_the_outcome(int8_cert):
         m["modules"][0]["m2_subject"] = 0.5 * m["modules"][0]["m2_baseline"]
 
     for name, edit, words in (("spectral", triple_sigma, "violation"),
-                              ("rmt", blow_up_edge, "edge risk"),
+                              ("rmt", new_outliers, "Marchenko–Pastur edge"),
                               ("invariants", new_fingerprint, "changed during certification"),
                               ("variance", shift_moment, "not evaluated")):
         assert int8_cert["guards"][name]["passed"]
@@ -260,3 +260,64 @@ def test_decisions_and_rechecks_need_no_torch(int8_cert, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+class TouchingGuard:
+    """A plugin guard whose measurement writes the subject's weights (a misbehaving pass)."""
+
+    name = "toucher"
+    flag = "toucher_ok"
+    stages = (Stage.ACTIVATIONS,)
+    measures = "nothing; nudges one weight"
+
+    def decide(self, measurements: Mapping[str, Any],
+               policy: Mapping[str, Any]) -> GuardDecision:
+        return GuardDecision(True, "touched")
+
+    def probe(self, policy: Mapping[str, Any]) -> Probe:
+        return TouchingProbe(policy)
+
+
+class TouchingProbe(Probe):
+    def measure(self, ctx: Any, baseline: Mapping[str, Any]) -> dict[str, Any]:
+        import torch
+
+        with torch.no_grad():
+            next(ctx.model.parameters()).view(-1)[0] += 1.0
+        return {"evaluated": True}
+
+
+def test_last_invariants_check_runs_after_every_pass_that_touches_the_subject(
+        tiny_gpt2_dir, fast_preset, sonnets_path, tmp_path):
+    """The fingerprint is taken after every other guard measured (VE's extra forward too),
+    whatever the order lists; a guard that wrote the subject is caught."""
+    guards.register(TouchingGuard())
+    try:
+        preset = tmp_path / "touch.yaml"
+        preset.write_text("guards:\n  order: [invariants, spectral, toucher, invariants]\n"
+                          "  toucher: {mode: monitor}\n")
+        code, _, cert = kit.certify("--baseline", str(tiny_gpt2_dir), "--edit", "quant_rtn",
+                                    "--dataset", str(sonnets_path), "--profile", "dev",
+                                    "--preset", str(fast_preset), "--preset", str(preset),
+                                    "--out", str(tmp_path / "o"))
+    finally:
+        guards.unregister("toucher")
+    assert code == 1 and cert["validation"]["invariants_pass"] is False
+    assert "weights changed during certification" in cert["guards"]["invariants"]["reason"]
+
+
+@pytest.mark.parametrize("mode", ["gate", "monitor"])
+def test_a_guard_that_matched_no_module_is_not_measured(tiny_gpt2_dir, fast_preset,
+                                                        sonnets_path, tmp_path, mode):
+    """RMT taps block linears only; scoped to embeddings it observes nothing: a gating guard
+    fails, a monitoring one records the same and the verdict does not depend on it."""
+    preset = tmp_path / "scope.yaml"
+    preset.write_text(f"guards: {{rmt: {{mode: {mode}, scope: [embed]}}}}\n")
+    code, _, cert = kit.certify("--baseline", str(tiny_gpt2_dir), "--edit", "quant_rtn",
+                                "--dataset", str(sonnets_path), "--profile", "dev",
+                                "--preset", str(fast_preset), "--preset", str(preset),
+                                "--out", str(tmp_path / "o"))
+    section = cert["guards"]["rmt"]
+    assert section["passed"] is False
+    assert section["reason"].startswith("not measured: no module matched")
+    assert code == (1 if mode == "gate" else 0)

@@ -83,7 +83,7 @@ def test_small_changes_inside_deadband_never_count_however_extreme_their_z():
     attn = list(rng.normal(0, 1e-5, 20))
     attn[0] = 0.09  # z is enormous, but a 9% change is inside the 10% deadband
     d = spectral.decide({"modules": modules({"attn": attn})}, POLICY)
-    assert d.passed and d.summary["families"]["attn"]["top_z"] > 1000
+    assert d.passed and d.summary["families"]["attn"]["top_z"] > 50  # scale floored at 0.001
 
 
 def test_candidates_in_a_family_that_is_not_significant_are_budgeted_warnings():
@@ -185,3 +185,16 @@ def test_spectral_probe_streams_baseline_weights_and_measures_changes(tiny_gpt2_
     same = measured["transformer.h.0.attn.c_attn.weight"]
     assert not same["changed"] and same["sigma_subject"] == same["sigma_baseline"]
     assert "transformer.wte.weight" in measured and "lm_head.weight" not in measured  # tied
+
+
+def test_robust_z_uses_the_modules_the_edit_touched():
+    """A LoRA merge into q/v leaves o untouched: those zeros must not shrink the scale."""
+    rng = np.random.default_rng(5)
+    touched = list(rng.normal(0.0, 1e-3, 6))
+    scores = spectral.score_modules(modules({"attn": touched + [0.0] * 6}), 0.5, ["attn"])
+    assert max(abs(s.z) for s in scores) < 4.0
+    assert all(s.z == 0.0 for s in scores if s.r == 0.0)
+    # one blown-up matrix alone in its family is a violation (no reference to compare with)
+    d = spectral.decide({"evaluated": True, "modules": modules({"attn": [2.0] + [0.0] * 11})},
+                        POLICY)
+    assert not d.passed and d.findings[0]["module"] == "layers.0.attn.weight"

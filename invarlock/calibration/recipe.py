@@ -8,9 +8,13 @@ INT8 step with different seeds) certified with every guard in monitor mode. From
   the family plus a margin, so at most B_f − 1 modules exceed it; over runs the largest.
   Parametric alternative: with normal two-sided tails, κ_f = Φ⁻¹(1 − B_f/(2M_f)) + margin
   (about B_f exceedances expected among M_f modules).
-- RMT ε_f: the `quantile` of the null Δ_f = max over the family's modules of
-  e(subject)/e(baseline) − 1, over runs (the maximum for small families, whose few modules
-  make Δ_f jumpy), plus a floor.
+- RMT ε_f: the relative slack on the baseline's outlier count that the null runs needed
+  beyond the spread term, Δ_f = max(0, (|excess| − null_z·spread·√G − 1) / baseline count),
+  the largest over the family and its modules; ε_f = its `quantile` over runs (the maximum
+  for small families), plus a floor.
+- spectral `module_change_limit`: twice the largest |σ_s/σ_b − 1| of any module in any
+  reference run, at least twice the deadband (the tier calls a change inside the deadband
+  irrelevant; one of twice that against the module's own baseline is damage).
 - VE min effect: from σ_Δ, the standard deviation of per-window paired ΔlogNLL of the
   reference comparisons: min_effect = z·σ_Δ/√K with K the calibration windows and
   z = Φ⁻¹(1 − α) one-sided (balanced) or Φ⁻¹(1 − α/2) two-sided (conservative).
@@ -41,15 +45,18 @@ class ReferenceRun:
     label: str                               # e.g. "quant_noise:3"
     abs_z: dict[str, list[float]]            # spectral |z| per module, by family
     family_sizes: dict[str, int]
-    rmt_delta: dict[str, float]              # max module growth e_s/e_b − 1, by family
-    window_delta: list[float]                # per-window paired ΔlogNLL (nats/token), final
-    ratio: float | None
-    flags: dict[str, bool]
+    rmt_delta: dict[str, float]              # relative slack the null run needed, by family
+    max_abs_change: float                    # largest spectral |σ_s/σ_b − 1| of any module
+    top_abs_z: dict[str, list[float]] = field(default_factory=dict)  # recorded, 10 per family
+    window_delta: list[float] = field(default_factory=list)  # per-window paired ΔlogNLL, final
+    ratio: float | None = None
+    flags: dict[str, bool] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         """Flat CSV-ready summary of the run."""
         out: dict[str, Any] = {"run": self.label, "ratio": self.ratio,
-                               "sigma_delta": _std(self.window_delta)}
+                               "sigma_delta": _std(self.window_delta),
+                               "max_abs_change": self.max_abs_change}
         for f in FAMILIES:
             zs = sorted(self.abs_z.get(f, []), reverse=True)
             out[f"{f}_modules"] = self.family_sizes.get(f, 0)
@@ -69,21 +76,48 @@ def reference_run(label: str, cert: Mapping[str, Any], sigma_quantile: float) ->
     guards = cert["guards"]
     abs_z: dict[str, list[float]] = {}
     sizes: dict[str, int] = {}
+    max_change = 0.0
     sp = guards.get("spectral", {}).get("measurements", {})
     if sp.get("evaluated", False):
-        for s in spectral.score_modules(sp["modules"], sigma_quantile, FAMILIES):
+        deadband = float(cert["policy"]["values"]["guards"]["spectral"]["deadband"])
+        for s in spectral.score_modules(sp["modules"], sigma_quantile, FAMILIES,
+                                        spectral.scale_floor(deadband)):
             abs_z.setdefault(s.family, []).append(abs(s.z))
+            max_change = max(max_change, abs(s.r))
         sizes = {f: len(v) for f, v in abs_z.items()}
     rmt_delta: dict[str, float] = {}
     rm = guards.get("rmt", {}).get("measurements", {})
     if rm.get("evaluated", False):
-        rmt_delta = {f: g - 1.0 for f, (g, _) in rmt.family_growth(rm["modules"]).items()}
+        null_z = float(cert["policy"]["values"]["guards"]["rmt"].get("null_z",
+                                                                      rmt.DEFAULT_NULL_Z))
+        rmt_delta = rmt_slack(rm["modules"], null_z)
     final = cert["windows"]["final"]
     deltas = [(s - b) / n for s, b, n in zip(final["subject"], final["baseline"],
                                              final["tokens"], strict=False)
               if s is not None and n > 0]
-    return ReferenceRun(label, abs_z, sizes, rmt_delta, deltas,
-                        cert["primary_metric"]["ratio"], dict(cert["validation"]))
+    top = {f: sorted(v, reverse=True)[:10] for f, v in abs_z.items()}
+    return ReferenceRun(label, abs_z, sizes, rmt_delta, max_change, top_abs_z=top,
+                        window_delta=deltas, ratio=cert["primary_metric"]["ratio"],
+                        flags=dict(cert["validation"]))
+
+
+def rmt_slack(modules: Sequence[Mapping[str, Any]], null_z: float) -> dict[str, float]:
+    """Per family: the ε the run needed (0 when the spread term covered it), family and
+    modules alike (see the module docstring)."""
+    out: dict[str, float] = {}
+    for fam in sorted({m["family"] for m in modules}):
+        members = [m for m in modules if m["family"] == fam]
+        pairs = [(rmt.counts(m["baseline"]), rmt.counts(m["subject"])) for m in members]
+        pairs.append((np.sum([b for b, _ in pairs], axis=0), np.sum([s for _, s in pairs],
+                                                                     axis=0)))
+        need = 0.0
+        for b, s in pairs:
+            excess = abs(float(s.sum() - b.sum()))
+            fixed, _ = rmt.margin(b, 0.0, null_z)
+            if excess > fixed:
+                need = max(need, (excess - fixed) / max(float(b.sum()), 1.0))
+        out[fam] = need
+    return out
 
 
 def budget_split(budget: int, sizes: Mapping[str, int]) -> dict[str, int]:
@@ -117,6 +151,11 @@ def epsilon(deltas: Sequence[float], quantile: float, small: bool, floor: float)
         return float("nan")
     q = float(np.max(values)) if small else float(np.quantile(values, quantile))
     return max(q, 0.0) + floor
+
+
+def module_limit(largest_null_change: float, deadband: float) -> float:
+    """Twice the largest null |σ change|, at least twice the deadband, rounded up to 0.01."""
+    return _round_up(2.0 * max(largest_null_change, deadband), 2)
 
 
 def min_effect(sigma_delta: float, windows: int, alpha: float, sided: str) -> float:
@@ -168,6 +207,7 @@ def calibrate(runs: Sequence[ReferenceRun], tier_guards: Mapping[str, Any],
     caps = dict(tier_guards["spectral"]["family_caps"])
     eps = dict(tier_guards["rmt"]["epsilon_by_family"])
     stats: dict[str, Any] = {"runs": [r.label for r in runs], "spectral": {}, "rmt": {},
+                             "top_abs_z": {r.label: r.top_abs_z for r in runs},
                              "variance": {}, "windows": {}, "settings": settings.__dict__}
     for f, m_f in sizes.items():
         b_f = budgets.get(f, 0)
@@ -189,6 +229,11 @@ def calibrate(runs: Sequence[ReferenceRun], tier_guards: Mapping[str, Any],
         stats["rmt"][f] = {"null_deltas": deltas, "small_family": small,
                            "quantile": 1.0 if small else settings.quantile, "epsilon": value}
         eps[f] = _round_up(value, 3)
+    largest = max(r.max_abs_change for r in runs)
+    deadband = float(tier_guards["spectral"]["deadband"])
+    limit = module_limit(largest, deadband)
+    stats["spectral"]["module_change_limit"] = {"largest_null_change": largest,
+                                                "deadband": deadband, "limit": limit}
     pooled = [d for r in runs for d in r.window_delta]
     sigma = float(np.std(pooled, ddof=1)) if len(pooled) > 1 else float("nan")
     one = min_effect(sigma, settings.windows, settings.alpha, "one-sided")
@@ -201,7 +246,7 @@ def calibrate(runs: Sequence[ReferenceRun], tier_guards: Mapping[str, Any],
                         "recommended_per_set": windows_for_half_width(
                             sigma, settings.half_width, settings.alpha)}
     overrides = {"guards": {
-        "spectral": {"family_caps": caps},
+        "spectral": {"family_caps": caps, "module_change_limit": limit},
         "rmt": {"epsilon_by_family": eps},
         "variance": {"gating": {"min_effect_lognll": _round_up_significant(chosen)}},
     }}

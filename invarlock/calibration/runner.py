@@ -1,10 +1,14 @@
 """`invarlock calibrate`: certify benign reference edits, then apply the recipe.
 
-Every reference run is a full certification of the baseline against an in-memory edit
-(INT8 RTN; INT8-step uniform noise with seeds 0..N−1) with spectral, RMT and VE in monitor
-mode, sharing one baseline cache so the baseline is evaluated once. The certificates stay in
-`OUT/runs/` for audit; `OUT/calibration.yaml` is a preset for `certify --preset`,
-`OUT/calibration.json` and `OUT/calibration.csv` hold the statistics it came from.
+Every reference run is a full certification of the baseline against an in-memory benign
+edit with spectral, RMT and VE in monitor mode, sharing one baseline cache so the baseline
+is evaluated once. Reference edits: `rtn8` (the built-in INT8 RTN), `noise` (INT8-step
+uniform noise, seeds 0..N−1), and any benign family of the edit zoo
+(`invarlock.calibration.zoo`: RTN per channel/group, fp16/bf16 round trips, pruning,
+norm-fold rescalings, low-rank merges), seeds 0..N−1 each; `zoo` stands for all of them.
+The certificates stay in `OUT/runs/` for audit; `OUT/calibration.yaml` is a preset for
+`certify --preset`, `OUT/calibration.json` and `OUT/calibration.csv` hold the statistics
+it came from.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from invarlock.policy import resolve
 log = logging.getLogger(__name__)
 
 EDITS = ("rtn8", "noise")
+ZOO = "zoo"  # every benign zoo family
 MONITORED = ("spectral", "rmt", "variance")
 
 
@@ -62,8 +67,16 @@ class CalibrationOutcome:
 def reference_edits(edits: tuple[str, ...], seeds: int) -> list[tuple[str, dict, Any]]:
     """(label, edit section, edit implementation or None) for every reference run."""
     from invarlock.calibration.perturb import NOISE_EDIT
+    from invarlock.calibration.zoo import zoo_edit
+    from invarlock.calibration.zoo_run import BENIGN
 
     runs: list[tuple[str, dict, Any]] = []
+    families = list(BENIGN) if ZOO in edits else [e for e in edits if e in BENIGN and
+                                                   e not in EDITS]
+    for family in families:
+        impl = zoo_edit(family)
+        runs += [(f"zoo:{family}:{s}", {"name": impl.name, "plan": {"seed": s}}, impl)
+                 for s in range(seeds)]
     if "rtn8" in edits:
         runs.append(("quant_rtn:int8", {"name": "quant_rtn", "plan": {"bitwidth": 8}}, None))
     if "noise" in edits:

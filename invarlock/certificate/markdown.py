@@ -186,12 +186,12 @@ def _guard_families(name: str, summary: dict[str, Any]) -> list[str]:
                         f"{'significant' if v['rejected'] else '—'} |")
         return rows
     if name == "rmt" and families:
-        rows = ["| Family | Modules | Largest growth of edge risk | 1 + ε | Edge risk max "
-                "(baseline → subject) |", "|---|---:|---:|---:|---:|"]
+        rows = ["| Family | Modules | Outliers beyond the MP edge (baseline → subject) | "
+                "Excess | Null margin (spread) |", "|---|---:|---:|---:|---:|"]
         for fam, v in families.items():
-            rows.append(f"| {fam} | {v['modules']} | ×{_num(v['max_growth'])} "
-                        f"(`{_cell(v['module'])}`) | {1 + v['epsilon']:.3f} | "
-                        f"{_num(v['baseline_max'])} → {_num(v['subject_max'])} |")
+            rows.append(f"| {fam} | {v['modules']} | {v['baseline_outliers']} → "
+                        f"{v['subject_outliers']} | {v['excess']:+.0f} | {v['margin']:.1f} "
+                        f"({v['null_spread']:.2f}) |")
         return rows
     return []
 

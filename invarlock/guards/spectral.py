@@ -7,7 +7,7 @@ For every 2-D weight in scope the probe measures σ_b = ‖W_b‖₂ (baseline) 
 - robust z within each family (attn, ffn, embed, other): z = (r − median) / s, where s is the
   `sigma_quantile` quantile of |r − median| divided by Φ⁻¹((1 + q)/2), the same quantile of a
   standard normal's |Z|, so q = 0.5 gives the MAD-based σ (Hampel 1974) and q = 0.95 a
-  scale that a few outliers cannot shrink;
+  scale that a few outliers cannot shrink; s is at least 1% of the deadband;
 - a *candidate* is a module with |r| > `deadband` (a practically relevant change) and
   |z| > κ_f (`family_caps`, calibrated by `invarlock calibrate`);
 - families are screened for significance: a family's p-value is the Bonferroni-adjusted
@@ -16,13 +16,20 @@ For every 2-D weight in scope the probe measures σ_b = ‖W_b‖₂ (baseline) 
 - a candidate in a rejected family is a *violation*: one is enough to fail, because a single
   blown-up layer is exactly the damage the primary metric can miss; other candidates are
   *warnings*, and more than `max_caps` of them fail (the WARN budget);
+- every module is also compared with its own baseline: |r| > `module_change_limit` is a
+  violation whatever the family's spread, so a change shared by a whole family (every
+  attention matrix ×1.5), which the robust z normalises away, is still caught;
 - with `max_spectral_norm` set, any σ_s above it is a violation too;
-- a family with fewer than `MIN_FAMILY_FOR_Z` modules (embeddings: one or two matrices) has
-  no reference to compare a module with: z is 0 there, and any change beyond the deadband
-  is a violation.
+- the robust z of a family is taken over the modules the edit touched (r ≠ 0): a LoRA merge
+  into q/v leaves o untouched, and those zeros would shrink the scale to nothing; a family
+  with fewer than `MIN_FAMILY_FOR_Z` touched modules (embeddings: one or two matrices; one
+  blown-up layer) has no reference to compare a module with: z is 0 there, and any change
+  beyond the deadband is a violation.
 
-Limits: z compares modules of a family with each other, so a change shared by the whole
-family (every attention matrix ×3) leaves z small; the primary metric and RMT see that.
+σ is taken of each weight's effective form (the probe folds the scale of the norm feeding
+it in and balances function-preserving channel pairs), so a reparametrisation that leaves
+the function unchanged (SmoothQuant/AWQ scales between a norm and its linears) leaves r at 0.
+A guard that matched no module at all fails ("not measured"): silence is not evidence.
 """
 
 from __future__ import annotations
@@ -40,8 +47,13 @@ NAME = "spectral"
 FLAG = "spectral_stable"
 FAMILIES = ("attn", "ffn", "embed", "other")
 # Below this the robust scale of relative changes is numerical noise (float32 σ has ~1e-7
-# relative precision); it keeps z finite when most modules did not change at all.
-SCALE_FLOOR = 1e-9
+# relative precision, the power iteration stops at 1e-7): a function-preserving edit leaves
+# changes of that size, and a smaller scale would turn them into huge z.
+SCALE_FLOOR = 1e-6
+# ...and the scale is at least this fraction of the deadband: a family whose changes spread
+# by less than 1% of the smallest change that matters is no yardstick (an fp16 round trip
+# moves σ by 1e-6..1e-3, and z of 500 among such changes says nothing about damage).
+DEADBAND_SCALE_FRACTION = 0.01
 MIN_FAMILY_FOR_Z = 3
 
 
@@ -56,26 +68,26 @@ def relative_change(sigma_baseline: np.ndarray, sigma_subject: np.ndarray) -> np
     return r
 
 
-def robust_scale(r: np.ndarray, sigma_quantile: float) -> float:
+def robust_scale(r: np.ndarray, sigma_quantile: float, floor: float = SCALE_FLOOR) -> float:
     """Normal-equivalent σ from the q-quantile of |r − median| (q = 0.5: MAD/0.6745)."""
     if not 0.0 < sigma_quantile < 1.0:
         raise ValueError(f"sigma_quantile must lie in (0, 1), got {sigma_quantile}")
     r = np.asarray(r, dtype=np.float64)
     finite = r[np.isfinite(r)]
     if finite.size == 0:
-        return SCALE_FLOOR
+        return floor
     dev = np.abs(finite - np.median(finite))
     q = float(np.quantile(dev, sigma_quantile))
-    return max(q / float(ndtri(0.5 + sigma_quantile / 2.0)), SCALE_FLOOR)
+    return max(q / float(ndtri(0.5 + sigma_quantile / 2.0)), floor)
 
 
-def robust_z(r: np.ndarray, sigma_quantile: float) -> np.ndarray:
+def robust_z(r: np.ndarray, sigma_quantile: float, floor: float = SCALE_FLOOR) -> np.ndarray:
     """Robust z of each module's relative change within one family."""
     r = np.asarray(r, dtype=np.float64)
     finite = r[np.isfinite(r)]
     if finite.size == 0:
         return np.where(np.isnan(r), 0.0, np.inf)
-    z = (r - np.median(finite)) / robust_scale(r, sigma_quantile)
+    z = (r - np.median(finite)) / robust_scale(r, sigma_quantile, floor)
     return np.nan_to_num(z, nan=0.0, posinf=np.finfo(np.float64).max,
                          neginf=-np.finfo(np.float64).max)
 
@@ -119,8 +131,13 @@ class ModuleScore:
     edit_size: float
 
 
+def scale_floor(deadband: float) -> float:
+    """The smallest robust scale a z is divided by (see `DEADBAND_SCALE_FRACTION`)."""
+    return max(SCALE_FLOOR, DEADBAND_SCALE_FRACTION * float(deadband))
+
+
 def score_modules(modules: Sequence[Mapping[str, Any]], sigma_quantile: float,
-                  scope: Sequence[str]) -> list[ModuleScore]:
+                  scope: Sequence[str], floor: float = SCALE_FLOOR) -> list[ModuleScore]:
     """r and robust z for the measured modules whose family is in scope."""
     chosen = [m for m in modules if m["family"] in scope]
     out: list[ModuleScore] = []
@@ -130,8 +147,12 @@ def score_modules(modules: Sequence[Mapping[str, Any]], sigma_quantile: float,
             continue
         r = relative_change(np.array([_sigma(m["sigma_baseline"]) for m in members]),
                             np.array([_sigma(m["sigma_subject"]) for m in members]))
-        small = len(members) < MIN_FAMILY_FOR_Z
-        z = np.zeros_like(r) if small else robust_z(r, sigma_quantile)
+        # the reference is the modules the edit touched: untouched ones (r exactly 0, e.g.
+        # the output projections of a LoRA merge into q/v) would shrink the scale to nothing
+        touched = r != 0
+        z = np.zeros_like(r)
+        if touched.sum() >= MIN_FAMILY_FOR_Z:
+            z[touched] = robust_z(r[touched], sigma_quantile, floor)
         for m, ri, zi in zip(members, r, z, strict=True):
             out.append(ModuleScore(m["name"], family, float(ri), float(zi),
                                    _sigma(m["sigma_baseline"]), _sigma(m["sigma_subject"]),
@@ -167,14 +188,18 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
     if skipped is not None:
         return skipped
     scores = score_modules(measurements["modules"], float(policy["sigma_quantile"]),
-                           _scope(policy))
+                           _scope(policy), scale_floor(float(policy["deadband"])))
     if not scores:
-        return GuardDecision(True, "no 2-D weight in scope")
+        unmatched = list(measurements.get("unmatched") or [])
+        listed = f" (unmatched: {', '.join(unmatched[:5])})" if unmatched else ""
+        return GuardDecision(False, f"not measured: no module matched in scope "
+                                    f"{', '.join(_scope(policy))}{listed}")
     deadband = float(policy["deadband"])
+    own_limit = policy.get("module_change_limit")
     caps = {f: float(v) for f, v in policy["family_caps"].items()}
     mt = policy["multiple_testing"]
     families = sorted({s.family for s in scores})
-    sizes = {f: sum(1 for s in scores if s.family == f) for f in families}
+    sizes = {f: sum(1 for s in scores if s.family == f and s.r != 0) for f in families}
     small = {f for f in families if sizes[f] < MIN_FAMILY_FOR_Z}
     candidates = [s for s in scores if abs(s.r) > deadband and (
         s.family in small or abs(s.z) > caps[s.family])]
@@ -188,11 +213,15 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
                                          int(mt.get("m", len(families)))), strict=True))
     violations = [s for s in candidates if reject[s.family] or s.family in small]
     warnings = [s for s in candidates if not reject[s.family] and s.family not in small]
+    if own_limit is not None:
+        beyond = [s for s in scores if abs(s.r) > max(float(own_limit), deadband)]
+        violations += [s for s in beyond if s not in violations]
+        warnings = [s for s in warnings if s not in beyond]
     limit = policy.get("max_spectral_norm")
     above = [] if limit is None else [s for s in scores if s.sigma_subject > float(limit)]
 
-    findings = [_finding(s, "violation", _why(s, caps[s.family], s.family in small))
-                for s in violations]
+    findings = [_finding(s, "violation", _why(s, caps[s.family], s.family in small,
+                                              own_limit)) for s in violations]
     findings += [_finding(s, "violation", f"σ {s.sigma_subject:.4g} above max_spectral_norm "
                           f"{float(limit):.4g}") for s in above]
     findings += [_finding(s, "warning", f"σ changed {s.r:+.1%} (z {s.z:+.1f} > κ "
@@ -215,7 +244,8 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         members = [s for s in scores if s.family == f]
         top = max(members, key=lambda s: abs(s.z))
         summary["families"][f] = {
-            "modules": len(members), "kappa": caps[f], "p_value": family_p[f],
+            "modules": len(members), "touched": sizes[f], "kappa": caps[f],
+            "p_value": family_p[f],
             "rejected": bool(reject[f]), "robust_z": f not in small, "top_z": _json(top.z),
             "top_module": top.name,
             "max_abs_change": _json(max(abs(s.r) for s in members)),
@@ -223,7 +253,10 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
     return GuardDecision(passed, reason, tuple(findings), summary)
 
 
-def _why(s: ModuleScore, kappa: float, small: bool) -> str:
+def _why(s: ModuleScore, kappa: float, small: bool, own_limit: Any = None) -> str:
+    if own_limit is not None and abs(s.r) > float(own_limit):
+        return (f"σ changed {s.r:+.1%} vs its own baseline, beyond the module limit "
+                f"{float(own_limit):.0%}")
     if small:
         return (f"σ changed {s.r:+.1%}, beyond the deadband, in a family too small for a "
                 "robust z")

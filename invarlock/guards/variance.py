@@ -122,7 +122,10 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         return skipped
     modules = list(measurements["modules"])
     if not modules:
-        return GuardDecision(True, "no block output projection was observed")
+        unmatched = list(measurements.get("unmatched") or [])
+        listed = f" (unmatched: {', '.join(unmatched[:5])})" if unmatched else ""
+        return GuardDecision(False, "not measured: no module matched (no block output "
+                                    f"projection observed in both models){listed}")
     alpha = proposal(measurements, policy)
     moved = [(m, a) for m, a in zip(modules, alpha, strict=True) if a != 1.0]
     summary: dict[str, Any] = {"modules": len(modules), "proposed": len(moved)}

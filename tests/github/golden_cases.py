@@ -45,9 +45,11 @@ def with_guards(cert: dict[str, Any]) -> dict[str, Any]:
                 "rejected": rejected, "robust_z": True, "top_z": top_z, "top_module": top,
                 "max_abs_change": change}
 
-    def rmt_family(module: str, growth: float, base: float) -> dict[str, Any]:
-        return {"modules": 12, "max_growth": growth, "module": module, "epsilon": 0.08,
-                "stable": True, "baseline_max": base, "subject_max": base * growth}
+    def rmt_family(module: str, base: int, subject: int, spread: float) -> dict[str, Any]:
+        return {"modules": 12, "module": module, "epsilon": 0.05, "stable": True,
+                "baseline_outliers": base, "subject_outliers": subject,
+                "excess": float(subject - base), "margin": 0.05 * base + 6 * spread + 1,
+                "null_spread": spread}
 
     guards = {
         "invariants": {"mode": "gate", "flag": "invariants_pass", "passed": True,
@@ -66,8 +68,8 @@ def with_guards(cert: dict[str, Any]) -> dict[str, Any]:
         "rmt": {"mode": "gate", "flag": "rmt_stable", "passed": True,
                 "reason": "every family within ε", "measurements": {"evaluated": True},
                 "findings": [], "summary": {"families": {
-                    "attn": rmt_family("transformer.h.2.attn.c_proj", 1.012, 5.4),
-                    "ffn": rmt_family("transformer.h.0.mlp.c_proj", 0.994, 3.6)}}},
+                    "attn": rmt_family("transformer.h.2.attn.c_proj", 152, 153, 1.63),
+                    "ffn": rmt_family("transformer.h.0.mlp.c_proj", 191, 190, 0.96)}}},
     }
     body = {k: v for k, v in cert.items() if k != "digest"}
     return document.seal({**body, "guards": guards})

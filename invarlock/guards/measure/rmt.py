@@ -3,8 +3,9 @@
 A tap on every Linear/Conv1D inside a transformer block (families from the policy's
 `scope`) keeps, for each of the first K final windows, `ceil(max_rows / K)` token positions
 chosen by a generator seeded with (seed, window id) among the attended positions, so both
-models are sampled at exactly the same tokens. When a module has seen all K windows its
-rows go to the pure `edge_risk` and are dropped: memory stays below
+models are sampled at exactly the same tokens. The K windows are split into G groups in
+order (`groups`); when a module has seen all K windows, each group's rows go to the pure
+`normalized_spectrum` and are dropped: memory stays below
 modules × max_rows × features × 4 bytes, and below one module's rows when the K windows
 fit one batch.
 """
@@ -23,9 +24,10 @@ from invarlock.families import block_index, family_of
 from invarlock.guards.base import not_measured
 from invarlock.guards.measure.probe import Probe, SubjectContext
 from invarlock.guards.measure.weights import single_thread
-from invarlock.guards.rmt import FAMILIES, edge_risk_from_gram
+from invarlock.guards.rmt import FAMILIES, kept, normalized_spectrum
 
-DEFAULT_MAX_ROWS = 128
+DEFAULT_MAX_ROWS = 256
+DEFAULT_GROUPS = 4
 
 
 def linear_modules(model: torch.nn.Module, scope: tuple[str, ...]) -> list[tuple[str, Any]]:
@@ -40,45 +42,46 @@ def linear_modules(model: torch.nn.Module, scope: tuple[str, ...]) -> list[tuple
     return out
 
 
-def reduce_rows(y: torch.Tensor) -> dict[str, Any]:
-    """Centre the sampled rows, form the smaller Gram matrix and feature variances (torch,
-    one thread: small products gain nothing from a thread pool), then the pure edge risk."""
+def reduce_rows(y: np.ndarray) -> list[float | None]:
+    """Centre the sampled rows (float32, features in columns), form the smaller Gram matrix
+    and the feature variances, then the pure spectrum (values stored)."""
     m, n = y.shape
-    with single_thread():
-        yc = y - y.mean(dim=0, keepdim=True)
-        gram = yc @ yc.T if m <= n else yc.T @ yc
-        col_var = yc.square().mean(dim=0)
-        risk = edge_risk_from_gram(gram.double().cpu().numpy(), col_var.double().cpu().numpy(),
-                                   m, n)
-    # a non-finite edge risk (inf/NaN activations) is stored as None: JSON has no inf
-    return {"edge_risk": risk if np.isfinite(risk) else None, "rows": int(m),
-            "features": int(n)}
+    yc = torch.from_numpy(y - y.mean(axis=0, dtype=np.float64).astype(np.float32))
+    gram = (yc @ yc.T if m <= n else yc.T @ yc).double().numpy()
+    col_var = np.square(yc.numpy(), dtype=np.float64).mean(axis=0)
+    return kept(normalized_spectrum(gram, col_var, m, n))
+
+
+def window_groups(ids: np.ndarray, groups: int) -> list[list[int]]:
+    """The calibration windows in `groups` consecutive groups (at least 2 windows each)."""
+    g = max(1, min(int(groups), ids.size // 2))
+    return [[int(i) for i in part] for part in np.array_split(ids, g)]
 
 
 class RowTap:
-    """Observing tap that samples rows per window and reduces them to an edge risk."""
+    """Observing tap that samples rows per window and reduces each window group's rows."""
 
-    def __init__(self, modules: list[tuple[str, Any]], ids: np.ndarray, rows_per_window: int,
-                 seed: int, clock: Probe) -> None:
+    def __init__(self, modules: list[tuple[str, Any]], groups: list[list[int]],
+                 rows_per_window: int, seed: int, clock: Probe) -> None:
         self._modules = modules
-        self._wanted = {int(i) for i in ids}
-        self._k = len(self._wanted)
+        self._group_of = {wid: g for g, ids in enumerate(groups) for wid in ids}
+        self._sizes = [len(ids) for ids in groups]
         self._rows = rows_per_window
         self._seed = seed
         self._clock = clock
         self._positions: dict[int, np.ndarray] = {}
-        self._buffers: dict[str, list[torch.Tensor]] = {}
-        self._seen: dict[str, int] = {}
+        self._buffers: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self._seen: dict[tuple[str, int], int] = {}
         self.results: dict[str, dict[str, Any]] = {}
 
     def modules(self, model: Any) -> list[tuple[str, Any]]:
         return self._modules
 
-    def _select(self, context: Any) -> tuple[list[int], list[np.ndarray]]:
-        batch_rows, positions = [], []
+    def _select(self, context: Any) -> tuple[list[int], list[np.ndarray], list[int]]:
+        batch_rows, positions, groups = [], [], []
         mask = None
         for b, wid in enumerate(context.window_ids.tolist()):
-            if wid not in self._wanted:
+            if wid not in self._group_of:
                 continue
             if wid not in self._positions:
                 if mask is None:
@@ -89,7 +92,8 @@ class RowTap:
                 self._positions[wid] = np.sort(rng.choice(attended, size=take, replace=False))
             batch_rows.append(b)
             positions.append(self._positions[wid])
-        return batch_rows, positions
+            groups.append(self._group_of[wid])
+        return batch_rows, positions, groups
 
     def observe(self, name: str, output: Any, context: Any) -> None:
         started = time.perf_counter()
@@ -97,17 +101,44 @@ class RowTap:
             y = output[0] if isinstance(output, tuple) else output
             if not isinstance(y, torch.Tensor) or y.dim() != 3 or name in self.results:
                 return
-            rows, positions = self._select(context)
+            rows, positions, groups = self._select(context)
             if not rows:
                 return
-            b = torch.as_tensor(np.repeat(rows, [p.size for p in positions]), device=y.device)
-            t = torch.as_tensor(np.concatenate(positions), device=y.device)
-            self._buffers.setdefault(name, []).append(y[b, t].detach().to(torch.float32))
-            self._seen[name] = self._seen.get(name, 0) + len(rows)
-            if self._seen[name] >= self._k:
-                self.results[name] = reduce_rows(torch.cat(self._buffers.pop(name)))
+            # small gathers and products: a busy thread pool costs more than they do
+            with single_thread():
+                self._keep(name, y, rows, positions, groups)
+                if all(self._seen.get((name, g), 0) >= size
+                       for g, size in enumerate(self._sizes)):
+                    self._reduce(name, int(y.shape[-1]))
         finally:
             self._clock.seconds += time.perf_counter() - started
+
+    def _keep(self, name: str, y: torch.Tensor, rows: list[int], positions: list[np.ndarray],
+              groups: list[int]) -> None:
+        """Buffer the sampled rows of this batch, by window group (one gather)."""
+        sizes = [p.size for p in positions]
+        n = y.shape[-1]
+        flat = torch.as_tensor(np.repeat(rows, sizes) * y.shape[1] + np.concatenate(positions),
+                               device=y.device)
+        picked = y.reshape(-1, n).index_select(0, flat).to(torch.float32).cpu().numpy()
+        owner = np.repeat(groups, sizes)
+        for g in sorted(set(groups)):
+            key = (name, g)
+            self._buffers.setdefault(key, []).append(picked[owner == g])
+            self._seen[key] = self._seen.get(key, 0) + groups.count(g)
+
+    def _reduce(self, name: str, features: int) -> None:
+        """Every group of a module is in: reduce them all and drop the rows."""
+        groups, rows = [], []
+        for g in range(len(self._sizes)):
+            y = np.concatenate(self._buffers.pop((name, g)))
+            groups.append(reduce_rows(y))
+            rows.append(int(y.shape[0]))
+        self.results[name] = {"groups": groups, "rows": rows, "features": features}
+
+    def complete(self) -> dict[str, dict[str, Any]]:
+        """Modules that saw every calibration window (all of their groups reduced)."""
+        return dict(self.results)
 
 
 class RMTProbe(Probe):
@@ -117,7 +148,9 @@ class RMTProbe(Probe):
         self.scope = FAMILIES if scope == "all" else tuple(
             [scope] if isinstance(scope, str) else scope)
         self.max_rows = int(policy.get("max_rows", DEFAULT_MAX_ROWS))
-        self.cache_settings = {"version": 1, "scope": list(self.scope), "max_rows": self.max_rows}
+        self.groups = int(policy.get("groups", DEFAULT_GROUPS))
+        self.cache_settings = {"version": 2, "scope": list(self.scope), "max_rows": self.max_rows,
+                               "groups": self.groups}
         self._taps: dict[str, RowTap] = {}
 
     def _rows_per_window(self) -> int:
@@ -127,29 +160,38 @@ class RMTProbe(Probe):
     def taps(self, model: Any, role: str, phase: str) -> list[Any]:
         if phase != "final" or self.info is None or self.info.calibration_ids.size == 0:
             return []
-        tap = RowTap(linear_modules(model, self.scope), self.info.calibration_ids,
+        tap = RowTap(linear_modules(model, self.scope),
+                     window_groups(self.info.calibration_ids, self.groups),
                      self._rows_per_window(), self.info.seed, self)
         self._taps[role] = tap
         return [tap]
 
     def baseline_state(self) -> dict[str, Any]:
         tap = self._taps.get("baseline")
-        return {"modules": dict(tap.results) if tap else {}}
+        return {"modules": tap.complete() if tap else {}}
 
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:
         tap = self._taps.get("subject")
         if ctx.scores.get("final") is None or tap is None:
             return not_measured("the final windows were not evaluated")
         base = baseline.get("modules", {})
+        subject = tap.complete()
         modules = []
-        for name, subj in tap.results.items():
-            if name not in base:
+        for name, subj in subject.items():
+            if name not in base or base[name]["rows"] != subj["rows"]:
                 continue
             modules.append({"name": name, "family": str(family_of(name)),
-                            "baseline": base[name]["edge_risk"],
-                            "subject": subj["edge_risk"],
-                            "rows": subj["rows"], "features": subj["features"]})
-        return {"evaluated": True, "windows": int(self.info.calibration_ids.size),
-                "window_ids": [int(i) for i in self.info.calibration_ids],
-                "rows_per_window": self._rows_per_window(), "max_rows": self.max_rows,
-                "standardisation": "column-centred, one global scale", "modules": modules}
+                            "features": subj["features"], "rows": subj["rows"],
+                            "baseline": base[name]["groups"], "subject": subj["groups"]})
+        unmatched = sorted((set(base) ^ set(subject)) | {
+            n for n in set(base) & set(subject) if base[n]["rows"] != subject[n]["rows"]})
+        ids = self.info.calibration_ids
+        common = {"windows": int(ids.size), "window_ids": [int(i) for i in ids],
+                  "groups": window_groups(ids, self.groups),
+                  "rows_per_window": self._rows_per_window(), "max_rows": self.max_rows,
+                  "standardisation": "column-centred, one global scale (median feature sd)",
+                  "unmatched": unmatched}
+        if not modules:
+            return {**not_measured("no module matched: no linear module in scope was observed "
+                                   "in both models"), **common}
+        return {"evaluated": True, **common, "modules": modules}

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from invarlock.guards.base import not_measured
+from invarlock.guards.base import Stage, not_measured
 from invarlock.guards.chain import ChainSettings, GuardOutcome, evaluate, gating_flags
 from invarlock.guards.measure.probe import Probe, RunInfo, SubjectContext
 from invarlock.guards.registry import get_guard
@@ -117,19 +117,30 @@ class GuardRun:
         return True
 
     def finish(self, ctx: SubjectContext) -> list[GuardOutcome]:
-        """Measure and decide every active guard, in chain order."""
-        outcomes = []
-        for name in self.settings.active:
+        """Measure every active guard, then decide them in chain order.
+
+        Guards that check the end state (`Stage.END`: the invariants' fingerprint of the
+        subject) measure after every other guard, so a pass that touches the subject after
+        evaluation (the VE gate's extra forward) is covered by the last check.
+        """
+        measured: dict[str, Any] = {}
+        last = [n for n in self.settings.active if Stage.END in get_guard(n).stages]
+        first = [n for n in self.settings.active if n not in last]
+        for name in [*first, *last]:
             probe = self.probes[name]
             started = time.perf_counter()
             if name in self._early:
-                measurements = self._early[name]
+                measured[name] = self._early[name]
             elif self.fatal is not None:
-                measurements = not_measured(f"the {self.fatal} guard failed before evaluation "
-                                            "(fatal)")
+                measured[name] = not_measured(f"the {self.fatal} guard failed before "
+                                              "evaluation (fatal)")
             else:
-                measurements = probe.measure(ctx, self.baseline.get(name, {}))
-            outcomes.append(evaluate(name, self.settings.modes[name], measurements,
+                measured[name] = probe.measure(ctx, self.baseline.get(name, {}))
+            self._seconds[name] += time.perf_counter() - started
+        outcomes = []
+        for name in self.settings.active:
+            started = time.perf_counter()
+            outcomes.append(evaluate(name, self.settings.modes[name], measured[name],
                                      self.policy[name]))
             self._seconds[name] += time.perf_counter() - started
         return outcomes

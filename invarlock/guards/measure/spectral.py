@@ -1,14 +1,20 @@
 """Spectral probe: σ_max of every 2-D weight, baseline vs subject, one model resident.
 
+σ is taken of each weight's *effective* form (`invarlock.guards.measure.fold`): the scale of
+the norm that feeds it folded in, and function-preserving channel pairs balanced, so that a
+reparametrisation that leaves the function unchanged leaves σ unchanged. The transform plan
+is traced on the baseline and cached with it.
+
 Baseline (when it is loaded for evaluation): σ_b and the top right singular vector v_b of
 every 2-D floating weight (tied weights once), exact SVD for small matrices, otherwise a
 seeded block power iteration for a start vector refined by power iteration. Both are cached
 with the baseline's results.
 
-Subject: each baseline weight is streamed from the baseline's files (`WeightReader`). An
-unchanged weight (bit-identical in the subject's dtype) keeps σ_b; a changed one gets σ_s by
-power iteration warm-started from v_b, and the edit size ‖W_s − W_b‖₂/σ_b by a short power
-iteration on the difference (a lower bound after `EDIT_SIZE_ITERATIONS` steps; diagnostic).
+Subject: each baseline weight (and the norm scales and partners its effective form needs) is
+streamed from the baseline's files (`WeightReader`). An unchanged effective matrix
+(bit-identical) keeps σ_b; a changed one gets σ_s by power iteration warm-started from v_b,
+and the edit size ‖W_s − W_b‖₂/σ_b by a short power iteration on the difference (a lower
+bound after `EDIT_SIZE_ITERATIONS` steps).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import numpy as np
 import torch
 
 from invarlock.families import family_of
+from invarlock.guards.base import not_measured
+from invarlock.guards.measure.fold import effective, transform_plan
 from invarlock.guards.measure.probe import Probe, SubjectContext
 from invarlock.guards.measure.weights import (
     EXACT_SVD_MAX_ELEMENTS,
@@ -78,39 +86,62 @@ def decode_vector(text: str) -> torch.Tensor:
 
 
 class SpectralProbe(Probe):
-    cache_settings: ClassVar[dict[str, Any]] = {"version": 1}
+    cache_settings: ClassVar[dict[str, Any]] = {"version": 2}
 
     def __init__(self, policy: Mapping[str, Any]) -> None:
         super().__init__(policy)
         self._baseline: list[dict[str, Any]] = []
+        self._plan: dict[str, Any] = {}
         self._modules: list[dict[str, Any]] | None = None
+        self._unmatched: list[str] = []
 
     def baseline_loaded(self, model: Any) -> None:
         self._baseline = []
+        params = dict(model.named_parameters(remove_duplicate=False))
+        with single_thread():
+            self._plan = transform_plan(model)
         with torch.inference_mode(), single_thread():
             for i, (name, param) in enumerate(matrices(model)):
-                sigma, v = baseline_top(param.detach().to(torch.float32), seed=i)
+                w = effective(name, lambda n: params[n].detach(), self._plan)
+                sigma, v = baseline_top(w, seed=i)
                 self._baseline.append({"name": name, "family": str(family_of(name)),
                                        "shape": list(param.shape), "sigma": sigma,
                                        "vector": encode_vector(v)})
 
     def baseline_state(self) -> dict[str, Any]:
-        return {"modules": self._baseline}
+        return {"modules": self._baseline, "transforms": self._plan}
 
     def subject_loaded(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> None:
         reader = WeightReader(ctx.baseline_files)
         params = dict(ctx.model.named_parameters(remove_duplicate=False))
+        plan = baseline.get("transforms") or {}
         modules = []
         unmatched = []
+
+        def base_get(name: str) -> torch.Tensor:
+            key = reader.resolve(name, ctx.base_model_prefix)
+            if key is None:
+                raise KeyError(name)
+            # in the subject's dtype, as the baseline was when its σ was taken
+            return reader.get(key).to(params[name].dtype if name in params else None)
+
+        def subject_get(name: str) -> torch.Tensor:
+            return params[name].detach()
+
         with torch.inference_mode(), single_thread():
             for entry in baseline["modules"]:
                 name = entry["name"]
-                key = reader.resolve(name, ctx.base_model_prefix)
                 subject = params.get(name)
-                if key is None or subject is None or list(subject.shape) != entry["shape"]:
+                if subject is None or list(subject.shape) != entry["shape"]:
                     unmatched.append(name)
                     continue
-                modules.append(self._one(entry, subject.detach(), reader.get(key)))
+                try:
+                    ws = effective(name, subject_get, plan)
+                    wb = effective(name, base_get, plan).to(ws.device)
+                except KeyError:
+                    unmatched.append(name)
+                    continue
+                modules.append(self._one(entry, ws, wb, _describe(plan.get(name))))
         if unmatched:
             log.warning("spectral: %d baseline weight(s) not comparable (first: %s)",
                         len(unmatched), unmatched[0])
@@ -118,19 +149,17 @@ class SpectralProbe(Probe):
         self._unmatched = unmatched
 
     @staticmethod
-    def _one(entry: Mapping[str, Any], subject: torch.Tensor,
-             base_raw: torch.Tensor) -> dict[str, Any]:
-        base = base_raw.to(device=subject.device, dtype=subject.dtype)
+    def _one(entry: Mapping[str, Any], ws: torch.Tensor, wb: torch.Tensor,
+             transform: str) -> dict[str, Any]:
         sigma_b = float(entry["sigma"])
         record = {"name": entry["name"], "family": entry["family"], "shape": entry["shape"],
                   "sigma_baseline": sigma_b, "sigma_subject": sigma_b, "edit_size": 0.0,
-                  "changed": False, "iterations": 0}
-        if torch.equal(subject, base):
+                  "changed": False, "iterations": 0, "transform": transform}
+        if torch.equal(ws, wb):
             return record
         start = decode_vector(entry["vector"])
-        ws = subject.to(torch.float32)
         sigma_s, _, iters = power_iteration(ws, start, tol=1e-7, max_iter=200)
-        diff = ws - base.to(torch.float32)
+        diff = ws - wb
         edit, _, _ = power_iteration(diff, start, tol=1e-3, max_iter=EDIT_SIZE_ITERATIONS)
         size = edit / sigma_b if sigma_b > 0 else 0.0
         # JSON has no inf/NaN: a norm that is not finite is stored as None
@@ -141,8 +170,25 @@ class SpectralProbe(Probe):
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:
         if self._modules is None:
             raise RuntimeError("spectral probe measured before the subject was loaded")
+        if not self._modules:
+            return {**not_measured("no module matched: no 2-D weight of the baseline could be "
+                                   "compared with the subject"),
+                    "unmatched": list(self._unmatched)}
         return {"evaluated": True, "modules": self._modules,
                 "unmatched": list(self._unmatched),
-                "method": {"exact_svd_max_elements": EXACT_SVD_MAX_ELEMENTS,
+                "method": {"effective_weights": "norm scale folded in, channel pairs balanced",
+                           "exact_svd_max_elements": EXACT_SVD_MAX_ELEMENTS,
                            "power_iteration_tol": 1e-7,
                            "edit_size_iterations": EDIT_SIZE_ITERATIONS}}
+
+
+def _describe(entry: Mapping[str, Any] | None) -> str:
+    """One line: how the effective matrix was formed (recorded per module)."""
+    if not entry:
+        return "as stored"
+    parts = []
+    if "fold" in entry:
+        parts.append(f"× {entry['fold']['norm']}")
+    if "balance" in entry:
+        parts.append(f"balanced with {entry['balance']['partner']}")
+    return "; ".join(parts)

@@ -140,9 +140,10 @@ class VarianceProbe(Probe):
         edited = _edited(ctx, names)
         modules = [{"name": n, "family": str(family_of(n)), "m2_baseline": _finite(base[n]),
                     "m2_subject": _finite(subj[n]), "edited": edited[n]} for n in names]
+        unmatched = sorted(n for n in set(subj) ^ set(base) if str(family_of(n)) in families)
         measurements: dict[str, Any] = {"evaluated": True, "fit_windows": "preview",
                                         "tap": sorted(families), "modules": modules,
-                                        "gate": None}
+                                        "unmatched": unmatched, "gate": None}
         alpha = pure.proposal(measurements, self.policy) if modules else np.ones(0)
         self.scales = {m["name"]: float(a) for m, a in zip(modules, alpha, strict=True)
                        if a != 1.0}

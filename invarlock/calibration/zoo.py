@@ -1,0 +1,343 @@
+"""Edit zoo for calibration and false-alarm testing: benign families the guards must pass and
+harmful ones they must catch.
+
+Every edit is seeded (the seed picks modules, scales, noise) and written here independently
+of the product's own edits and of the guards' measurement code, so a mistake in one is not
+mirrored in the other. Edits touch weights in place on an in-memory copy of the baseline.
+
+Benign (the function barely moves, or not at all):
+  rtn8_channel   RTN 8-bit, one scale per output channel (seed: which ~75% of the matrices)
+  rtn8_group     RTN 8-bit per group of 32/64/128 inputs (seed: the group size)
+  fp16, bf16     round trip of the block weights through half precision (seed: the matrices)
+  noise          uniform noise of one INT8 step per output channel (`quant_noise`)
+  prune          magnitude pruning at 2–10% sparsity per matrix (seed: the sparsity)
+  normfold_one / normfold_some / normfold_all
+                 function-preserving: per-channel scales s (log-uniform in [1/4, 4]) folded
+                 between a norm and the linears it feeds, (γ, β) ← (γ, β)/s, W ← W·diag(s), in one
+                 layer, a third of the layers, or every layer (SmoothQuant/AWQ)
+  lowrank        a rank-4 update merged into every attention input projection, its spectral
+                 norm 2% of the matrix's (a small LoRA merge)
+
+Harmful (the guards should catch them):
+  scale3         one block matrix ×3
+  outproj_half   one block's attention or FFN output projection ×0.5
+  outlier_rows   8 output channels of one FFN input matrix ×25
+  family_scale   every matrix of one family (attention or FFN) ×1.5
+  swap_layers    two blocks exchange all their weights
+  rtn4           RTN 4-bit per output channel without groups, every block matrix
+  nan            one NaN in one block matrix
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from invarlock.edits.result import EditResult
+
+_BLOCK = re.compile(r"\.(h|layers|layer|blocks)\.(\d+)\.")
+_ATTN_IN = ("q_proj", "k_proj", "v_proj", "c_attn", "query", "key", "value")
+_ATTN_OUT = ("o_proj", "out_proj")
+_FFN_IN = ("gate_proj", "up_proj", "c_fc", "fc1", "w1", "w3")
+_FFN_OUT = ("down_proj", "fc2", "w2")
+# norm → the linears it feeds, by leaf name (LLaMA/Mistral/Qwen, GPT-2)
+_NORM_FEEDS = {"input_layernorm": _ATTN_IN, "post_attention_layernorm": ("gate_proj", "up_proj"),
+               "ln_1": ("c_attn",), "ln_2": ("c_fc",)}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block matrix: module name, module, [out, in] view of its weight, block index."""
+
+    name: str
+    module: Any
+    layer: int
+
+    @property
+    def leaf(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def family(self) -> str:
+        parent = self.name.rsplit(".", 2)[-2] if self.name.count(".") >= 1 else ""
+        if self.leaf in _ATTN_IN + _ATTN_OUT or parent in ("attn", "self_attn", "attention"):
+            return "attn"
+        return "ffn"
+
+    @property
+    def is_output(self) -> bool:
+        return self.leaf in _ATTN_OUT + _FFN_OUT or (
+            self.leaf == "c_proj")  # GPT-2 attn.c_proj and mlp.c_proj
+
+    def rows(self) -> torch.Tensor:
+        """The weight as [out, in] (a view: writes go to the model)."""
+        w = self.module.weight
+        return w.t() if type(self.module).__name__ == "Conv1D" else w
+
+
+def block_matrices(model: torch.nn.Module) -> list[Block]:
+    out = []
+    for name, module in model.named_modules():
+        linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        match = _BLOCK.search(name + ".")
+        if linear and match:
+            out.append(Block(name, module, int(match.group(2))))
+    return out
+
+
+def _rng(seed: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 7919 + salt)
+
+
+def _pick(items: list[Any], gen: torch.Generator) -> Any:
+    return items[int(torch.randint(len(items), (1,), generator=gen))]
+
+
+def _subset(items: list[Any], fraction: float, gen: torch.Generator) -> list[Any]:
+    keep = torch.rand(len(items), generator=gen) < fraction
+    chosen = [x for x, k in zip(items, keep.tolist(), strict=True) if k]
+    return chosen or items[:1]
+
+
+def _write(block: Block, w32: torch.Tensor) -> None:
+    rows = block.rows()
+    rows.copy_(w32.to(rows.dtype))
+
+
+def _result(name: str, seed: int, blocks: list[Block], **plan: Any) -> EditResult:
+    params = sum(b.module.weight.numel() for b in blocks)
+    return EditResult(name, {"seed": seed, **plan}, tuple(b.name for b in blocks), params, 0.0)
+
+
+def rtn(w: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
+    """Symmetric absmax round-to-nearest of a float32 [out, in] matrix, per row or group."""
+    q = 2 ** (bits - 1) - 1
+    out_f, in_f = w.shape
+    g = in_f if group is None or in_f % group else group
+    blocks = w.reshape(out_f, in_f // g, g)
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / q
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(blocks / safe).clamp(-q, q) * scale).reshape(out_f, in_f)
+
+
+# --- benign ------------------------------------------------------------------------------
+
+
+def rtn8_channel(model: torch.nn.Module, seed: int) -> EditResult:
+    blocks = block_matrices(model)
+    chosen = blocks if seed == 0 else _subset(blocks, 0.75, _rng(seed, 1))
+    for b in chosen:
+        _write(b, rtn(b.rows().float(), 8, None))
+    return _result("rtn8_channel", seed, chosen)
+
+
+def rtn8_group(model: torch.nn.Module, seed: int) -> EditResult:
+    group = (32, 64, 128)[seed % 3]
+    blocks = block_matrices(model)
+    for b in blocks:
+        _write(b, rtn(b.rows().float(), 8, group))
+    return _result("rtn8_group", seed, blocks, group_size=group)
+
+
+def _round_trip(dtype: torch.dtype, label: str) -> Callable[[torch.nn.Module, int], EditResult]:
+    def edit(model: torch.nn.Module, seed: int) -> EditResult:
+        blocks = block_matrices(model)
+        chosen = blocks if seed == 0 else _subset(blocks, 0.75, _rng(seed, 2))
+        for b in chosen:
+            _write(b, b.rows().float().to(dtype).float())
+        return _result(label, seed, chosen)
+    return edit
+
+
+def noise(model: torch.nn.Module, seed: int) -> EditResult:
+    blocks = block_matrices(model)
+    gen = _rng(seed, 3)
+    for b in blocks:
+        w = b.rows().float()
+        step = w.abs().amax(dim=1, keepdim=True) / 127
+        _write(b, w + (torch.rand(w.shape, generator=gen).to(w.device) - 0.5) * step)
+    return _result("noise", seed, blocks)
+
+
+def prune(model: torch.nn.Module, seed: int) -> EditResult:
+    gen = _rng(seed, 4)
+    sparsity = 0.02 + 0.08 * float(torch.rand(1, generator=gen))
+    blocks = block_matrices(model)
+    for b in blocks:
+        w = b.rows().float()
+        k = int(sparsity * w.numel())
+        if k:
+            cut = w.abs().flatten().kthvalue(k).values
+            _write(b, torch.where(w.abs() <= cut, torch.zeros_like(w), w))
+    return _result("prune", seed, blocks, sparsity=round(sparsity, 4))
+
+
+def _norm_folds(model: torch.nn.Module) -> list[tuple[int, Any, list[Block]]]:
+    """(layer, norm module, the linears it feeds) for every foldable norm, by name."""
+    modules = dict(model.named_modules())
+    blocks = block_matrices(model)
+    out = []
+    for name, module in modules.items():
+        leaf = name.rsplit(".", 1)[-1]
+        match = _BLOCK.search(name + ".")
+        if leaf not in _NORM_FEEDS or match is None or getattr(module, "weight", None) is None:
+            continue
+        parent = name.rsplit(".", 1)[0]
+        fed = [b for b in blocks if b.name.startswith(parent + ".") and b.leaf in
+               _NORM_FEEDS[leaf] and b.layer == int(match.group(2))]
+        if fed:
+            out.append((int(match.group(2)), module, fed))
+    return out
+
+
+def _normfold(fraction: str) -> Callable[[torch.nn.Module, int], EditResult]:
+    def edit(model: torch.nn.Module, seed: int) -> EditResult:
+        gen = _rng(seed, 5)
+        folds = _norm_folds(model)
+        layers = sorted({layer for layer, _, _ in folds})
+        if fraction == "one":
+            chosen = {_pick(layers, gen)}
+        elif fraction == "some":
+            k = max(1, math.ceil(len(layers) / 3))
+            chosen = {layers[int(i)] for i in torch.randperm(len(layers), generator=gen)[:k]}
+        else:
+            chosen = set(layers)
+        touched: list[Block] = []
+        for layer, norm, fed in folds:
+            if layer not in chosen:
+                continue
+            gamma, beta = norm.weight, getattr(norm, "bias", None)
+            s = torch.exp((torch.rand(gamma.shape[0], generator=gen) * 2 - 1) * math.log(4.0))
+            s = s.to(gamma.device)
+            gamma.copy_((gamma.float() / s).to(gamma.dtype))
+            if beta is not None:  # LayerNorm: γ·x̂ + β, both scaled
+                beta.copy_((beta.float() / s).to(beta.dtype))
+            for b in fed:
+                if type(b.module).__name__ == "Conv1D":  # weight [in, out]: input rows
+                    w = b.module.weight
+                    w.copy_((w.float() * s[:, None]).to(w.dtype))
+                else:
+                    _write(b, b.rows().float() * s[None, :])
+            touched += fed
+        return _result(f"normfold_{fraction}", seed, touched, layers=sorted(chosen))
+    return edit
+
+
+def lowrank(model: torch.nn.Module, seed: int) -> EditResult:
+    gen = _rng(seed, 6)
+    chosen = [b for b in block_matrices(model) if b.leaf in _ATTN_IN]
+    for b in chosen:
+        w = b.rows().float()
+        a = torch.randn(w.shape[0], 4, generator=gen).to(w.device)
+        c = torch.randn(4, w.shape[1], generator=gen).to(w.device)
+        delta = a @ c
+        scale = 0.02 * torch.linalg.matrix_norm(w, ord=2) / torch.linalg.matrix_norm(
+            delta, ord=2)
+        _write(b, w + scale * delta)
+    return _result("lowrank", seed, chosen, rank=4, relative_norm=0.02)
+
+
+# --- harmful -----------------------------------------------------------------------------
+
+
+def scale3(model: torch.nn.Module, seed: int) -> EditResult:
+    b = _pick(block_matrices(model), _rng(seed, 11))
+    _write(b, b.rows().float() * 3.0)
+    return _result("scale3", seed, [b])
+
+
+def outproj_half(model: torch.nn.Module, seed: int) -> EditResult:
+    b = _pick([b for b in block_matrices(model) if b.is_output], _rng(seed, 12))
+    _write(b, b.rows().float() * 0.5)
+    return _result("outproj_half", seed, [b])
+
+
+def outlier_rows(model: torch.nn.Module, seed: int) -> EditResult:
+    gen = _rng(seed, 13)
+    b = _pick([b for b in block_matrices(model) if b.family == "ffn" and not b.is_output], gen)
+    w = b.rows().float()
+    rows = torch.randperm(w.shape[0], generator=gen)[:8]
+    w[rows] *= 25.0
+    _write(b, w)
+    return _result("outlier_rows", seed, [b], rows=sorted(int(r) for r in rows))
+
+
+def family_scale(model: torch.nn.Module, seed: int) -> EditResult:
+    family = ("attn", "ffn")[seed % 2]
+    chosen = [b for b in block_matrices(model) if b.family == family]
+    for b in chosen:
+        _write(b, b.rows().float() * 1.5)
+    return _result("family_scale", seed, chosen, family=family)
+
+
+def swap_layers(model: torch.nn.Module, seed: int) -> EditResult:
+    blocks = block_matrices(model)
+    layers = sorted({b.layer for b in blocks})
+    gen = _rng(seed, 14)
+    order = torch.randperm(len(layers), generator=gen)[:2].tolist()
+    i, j = layers[order[0]], layers[order[1]]
+    by = {(b.layer, b.name.split(f".{b.layer}.", 1)[1]): b for b in blocks}
+    touched = []
+    for (layer, rest), b in by.items():
+        if layer != i or (j, rest) not in by:
+            continue
+        other = by[(j, rest)]
+        wi, wj = b.module.weight, other.module.weight
+        tmp = wi.detach().clone()
+        wi.copy_(wj)
+        wj.copy_(tmp)
+        touched += [b, other]
+    return _result("swap_layers", seed, touched, layers=[i, j])
+
+
+def rtn4(model: torch.nn.Module, seed: int) -> EditResult:
+    blocks = block_matrices(model)
+    for b in blocks:
+        _write(b, rtn(b.rows().float(), 4, None))
+    return _result("rtn4", seed, blocks)
+
+
+def nan(model: torch.nn.Module, seed: int) -> EditResult:
+    gen = _rng(seed, 15)
+    b = _pick(block_matrices(model), gen)
+    w = b.rows()
+    i = int(torch.randint(w.shape[0], (1,), generator=gen))
+    j = int(torch.randint(w.shape[1], (1,), generator=gen))
+    w[i, j] = float("nan")
+    return _result("nan", seed, [b], position=[i, j])
+
+
+BENIGN: dict[str, Callable[[torch.nn.Module, int], EditResult]] = {
+    "rtn8_channel": rtn8_channel, "rtn8_group": rtn8_group,
+    "fp16": _round_trip(torch.float16, "fp16"), "bf16": _round_trip(torch.bfloat16, "bf16"),
+    "noise": noise, "prune": prune, "normfold_one": _normfold("one"),
+    "normfold_some": _normfold("some"), "normfold_all": _normfold("all"), "lowrank": lowrank,
+}
+HARMFUL: dict[str, Callable[[torch.nn.Module, int], EditResult]] = {
+    "scale3": scale3, "outproj_half": outproj_half, "outlier_rows": outlier_rows,
+    "family_scale": family_scale, "swap_layers": swap_layers, "rtn4": rtn4, "nan": nan,
+}
+
+
+def zoo_edit(family: str) -> Any:
+    """The zoo family as an `invarlock.edits.Edit` named after the family (plan:
+    {"seed": N}) for `certify`; its certificates record the family as the edit name."""
+    from invarlock.edits import Edit
+
+    fn = BENIGN.get(family) or HARMFUL.get(family)
+    if fn is None:
+        raise KeyError(f"unknown zoo family {family!r}")
+
+    def apply(model: torch.nn.Module, plan: dict[str, Any]) -> EditResult:
+        with torch.no_grad():
+            return fn(model, int(plan["seed"]))
+
+    return Edit(name=family, summary=f"calibration zoo edit {family}",
+                parse_plan=lambda section: {"seed": int(((section or {}).get("plan") or {})
+                                                        .get("seed", 0))},
+                apply=apply)

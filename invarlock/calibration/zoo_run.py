@@ -1,0 +1,130 @@
+"""Certify the edit zoo against one baseline: one process, one cached baseline evaluation.
+
+Each (family, seed) is a full certification of the baseline edited in memory by the zoo's
+independent edit code (`invarlock.calibration.zoo`), under the tier as shipped (or any preset),
+sharing one baseline cache so the baseline is evaluated once. One row per run: the verdict,
+the primary ratio, each guard's flag, and the numbers that decide it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+BENIGN = ("rtn8_channel", "rtn8_group", "fp16", "bf16", "noise", "prune", "normfold_one",
+          "normfold_some", "normfold_all", "lowrank")
+HARMFUL = ("scale3", "outproj_half", "outlier_rows", "family_scale", "swap_layers", "rtn4",
+           "nan")
+GUARDS = ("invariants", "spectral", "rmt", "variance")
+
+
+def kind_of(family: str) -> str:
+    if family in BENIGN:
+        return "benign"
+    if family in HARMFUL:
+        return "harmful"
+    raise KeyError(f"unknown zoo family {family!r}; benign: {', '.join(BENIGN)}; "
+                   f"harmful: {', '.join(HARMFUL)}")
+
+
+def certify_zoo(base: Any, config: Mapping[str, Any], families: Iterable[str], seeds: int,
+                out: Path, first_seed: int = 0, keep: bool = False,
+                reuse: bool = False) -> list[dict[str, Any]]:
+    """Certify every (family, seed); `base` is a CertifyRequest for the baseline.
+
+    With `reuse`, a run whose certificate is already in OUT/runs/ is not certified again:
+    its stored measurements are decided afresh under `config`'s policy (pure decisions).
+    """
+    from invarlock.calibration.zoo import zoo_edit
+    from invarlock.certify import certify
+
+    rows = []
+    for family in families:
+        kind = kind_of(family)
+        edit = zoo_edit(family)
+        for seed in range(first_seed, first_seed + seeds):
+            section = {"name": edit.name, "plan": {"seed": seed}}
+            started = time.perf_counter()
+            run_dir = out / "runs" / f"zoo-{family}-{seed}"  # the layout of calibrate
+            stored = run_dir / "evaluation.cert.json"
+            if reuse and stored.is_file():
+                row = zoo_row(family, kind, seed, redecide(stored, config))
+                row["seconds"], row["certificate"] = None, str(stored)
+                rows.append(row)
+                continue
+            outcome = certify(replace(base, config={**config, "edit": section}, subject=None,
+                                      edit=section, edit_impl=edit, out_dir=run_dir,
+                                      use_cache=True, cache_dir=base.cache_dir or out / "cache",
+                                      save_subject=None, write_ve_subject=None))
+            row = zoo_row(family, kind, seed, outcome.certificate)
+            row["seconds"] = round(time.perf_counter() - started, 1)
+            row["certificate"] = str(outcome.path) if keep else None
+            log.info("zoo %s:%d %s %s", family, seed, row["verdict"], row["failing"])
+            rows.append(row)
+    return rows
+
+
+def redecide(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored zoo certificate with every guard decided again under `config`'s policy."""
+    import json
+
+    from invarlock.guards import get_guard
+    from invarlock.policy import resolve
+
+    cert = json.loads(Path(path).read_text())
+    values = resolve(dict(config)).values.get("guards") or {}
+    for name, section in (cert.get("guards") or {}).items():
+        decision = get_guard(name).decide(section["measurements"], values.get(name) or {})
+        section.update(passed=bool(decision.passed), reason=decision.reason,
+                       summary=decision.summary)
+        cert["validation"][section["flag"]] = bool(decision.passed)
+    gating = [f for f in cert["gating"]]
+    failed = [f for f in gating if not cert["validation"].get(f, False)]
+    cert["verdict"]["status"] = "FAIL" if failed else "PASS"
+    return cert
+
+
+def zoo_row(family: str, kind: str, seed: int, cert: Mapping[str, Any]) -> dict[str, Any]:
+    """What a zoo table needs from one certificate."""
+    guards = cert.get("guards") or {}
+    pm = cert["primary_metric"]
+    row: dict[str, Any] = {
+        "family": family, "kind": kind, "seed": seed, "verdict": cert["verdict"]["status"],
+        "ratio": pm.get("ratio"), "ratio_ci_high": (pm.get("ratio_ci") or [None, None])[1],
+        "primary_ok": all(ok for flag, ok in cert["validation"].items()
+                          if flag not in {g.get("flag") for g in guards.values()}),
+        "failing": [f for f, ok in cert["validation"].items() if not ok],
+    }
+    for name in GUARDS:
+        section = guards.get(name)
+        row[name] = None if section is None else bool(section["passed"])
+    spectral = (guards.get("spectral") or {}).get("summary", {}).get("families", {})
+    row["spectral_max_abs_change"] = max(
+        (v["max_abs_change"] or 0.0 for v in spectral.values()), default=None)
+    rmt = (guards.get("rmt") or {}).get("summary", {}).get("families", {})
+    row["rmt_excess_over_margin"] = max(
+        (v["excess"] / v["margin"] for v in rmt.values() if v.get("margin")), default=None)
+    return row
+
+
+def rates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per family: runs, and per guard (and the verdict) how many runs it flagged."""
+    table = []
+    for family in dict.fromkeys(r["family"] for r in rows):
+        mine = [r for r in rows if r["family"] == family]
+        entry: dict[str, Any] = {"family": family, "kind": mine[0]["kind"], "runs": len(mine)}
+        for name in GUARDS:
+            entry[name] = sum(1 for r in mine if r[name] is False)
+        entry["primary"] = sum(1 for r in mine if not r["primary_ok"])
+        entry["verdict_fail"] = sum(1 for r in mine if r["verdict"] == "FAIL")
+        ratios = [r["ratio"] for r in mine if r["ratio"] is not None]
+        entry["ratio_min"] = min(ratios) if ratios else None
+        entry["ratio_max"] = max(ratios) if ratios else None
+        table.append(entry)
+    return table
