@@ -57,6 +57,9 @@ class CertifyRequest:
     cache_dir: Path | None = None
     progress: bool = False
     edit_impl: Any = None  # an invarlock.edits.Edit to use instead of looking up edit["name"]
+    gguf_file: str | None = None  # which GGUF file of a folder holding several
+    dequantize: bool = False  # evaluate a quantized subject's float weights (no kernels here)
+    save_format: str = "safetensors"  # --save-subject format: safetensors | gguf
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     from invarlock.guards.measure.probe import SubjectContext
     from invarlock.guards.measure.run import GuardRun, head, run_info
     from invarlock.models import device as devices
-    from invarlock.models import loading, source, tokenizer
+    from invarlock.models import formats, loading, source, tokenizer
 
     started = time.perf_counter()
     timer = _Timer()
@@ -113,29 +116,32 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     device = devices.resolve_device(req.device)
 
     t = time.perf_counter()
-    base_src = source.resolve_model_source(req.baseline, revision=req.revision)
+    base_src = source.resolve_model_source(req.baseline, revision=req.revision,
+                                           gguf_file=req.gguf_file)
     base_cfg = source.read_config(base_src)
     adapter = source.detect_adapter(base_cfg, req.adapter)
     kind = adapter.metric
+    formats.check_loadable(base_src, base_cfg, device, req.dequantize)
     subj_src = None
     if req.subject is not None:
-        subj_src = source.resolve_model_source(req.subject, revision=req.revision)
-        subj_adapter = source.detect_adapter(source.read_config(subj_src), req.adapter)
+        subj_src = source.resolve_model_source(req.subject, revision=req.revision,
+                                               gguf_file=req.gguf_file)
+        subj_cfg = source.read_config(subj_src)
+        subj_adapter = source.detect_adapter(subj_cfg, req.adapter)
         if subj_adapter is not adapter:
             raise InputError(f"baseline is {adapter} but subject is {subj_adapter}: "
                              "they must be the same kind of model")
+        formats.check_same_architecture(base_cfg, subj_cfg, subj_src, base_src)
+        formats.check_loadable(subj_src, subj_cfg, device, req.dequantize)
     policy = resolve(req.config, context_length=source.context_length(base_cfg))
     chain = ChainSettings.from_policy(policy.values.get("guards"))  # bad guard config: fail now
     _seed_everything(policy.windows.seed)
 
     base_tok = loading.load_tokenizer(base_src)
     tok_hash = tokenizer.tokenizer_hash(base_tok)
+    subj_tok_origin = None
     if subj_src is not None:
-        subj_tok = loading.load_tokenizer(subj_src)
-        if tokenizer.tokenizer_hash(subj_tok) != tok_hash:
-            diffs = tokenizer.tokenizer_differences(base_tok, subj_tok)
-            raise EvidenceError("baseline and subject tokenizers differ: " + "; ".join(diffs))
-        del subj_tok
+        subj_tok_origin = formats.check_subject_tokenizer(base_tok, tok_hash, subj_src)
     timer.add("resolve_s", t)
 
     t = time.perf_counter()
@@ -175,7 +181,8 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     else:
         t = time.perf_counter()
         base_model = loading.load_model(base_src, adapter=adapter, device=device,
-                                        dtype=req.dtype, allow_pickle=req.allow_pickle)
+                                        dtype=req.dtype, allow_pickle=req.allow_pickle,
+                                        dequantize=req.dequantize)
         timer.add("load_s", t)
         guards.baseline_loaded(base_model.model)
         base_sets = {name: score(base_model.model, getattr(plan, name), "baseline",
@@ -193,21 +200,26 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     base_record = _model_record(base_src, base_cfg, adapter, key.weights_digest, "files",
                                 dtype=key.dtype, parameters=base_parameters,
                                 from_cache=base_from_cache)
+    base_record["format"] = formats.describe_files(base_src, base_cfg, device, req.dequantize)
 
     # Subject: the baseline edited in memory, or a checkpoint loaded after the baseline left.
     edit_record = None
     t = time.perf_counter()
     if req.edit is not None:
+        from invarlock.edits import formats as edit_formats
         from invarlock.edits import get_edit
 
         edit = req.edit_impl or get_edit(req.edit["name"])
         edit_plan = edit.parse_plan(req.edit)
         if base_model is None:
             base_model = loading.load_model(base_src, adapter=adapter, device=device,
-                                            dtype=req.dtype, allow_pickle=req.allow_pickle)
+                                            dtype=req.dtype, allow_pickle=req.allow_pickle,
+                                            dequantize=req.dequantize)
         subject = base_model
         t_edit = time.perf_counter()
         result = edit.apply(subject.model, edit_plan)
+        if req.save_format != "safetensors":
+            result = edit_formats.shipped_as(req.save_format, subject, result)
         timer.add("edit_s", t_edit)
         edit_record = {"name": result.name, "plan": result.plan,
                        "modules_changed": list(result.modules_changed),
@@ -217,20 +229,26 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
             subject.model), "tensors", dtype=key.dtype, parameters=subject.parameters,
             produced_by=f"edit:{result.name}")
         subj_record["kind"] = "edit"
+        subj_record["format"] = edit_formats.edit_format(req.save_format, result,
+                                                         subject.model)
     else:
         assert subj_src is not None
         del base_model
         base_model = None
         _release_memory()
         subject = loading.load_model(subj_src, adapter=adapter, device=device, dtype=req.dtype,
-                                     allow_pickle=req.allow_pickle)
+                                     allow_pickle=req.allow_pickle, dequantize=req.dequantize)
         subj_record = _model_record(subj_src, subject.config, adapter, subject.weights_digest,
                                     "files", dtype=str(subject.dtype).removeprefix("torch."),
                                     parameters=subject.parameters)
+        subj_record["format"] = subject.format
+        subj_record["tokenizer_source"] = subj_tok_origin
     timer.add("load_s", t)
 
+    base_view, subj_view = (base_cfg, subject.config) if subj_src is None else (
+        formats.comparable_configs(base_src, base_cfg, subj_src, subject.config))
     ctx = SubjectContext(
-        info=guards.info, model=subject.model, config=subject.config, baseline_config=base_cfg,
+        info=guards.info, model=subject.model, config=subj_view, baseline_config=base_view,
         baseline_files=base_files, tokenizer_hashes=(tok_hash, tok_hash),
         fingerprint=subj_record["weights_digest"] if req.edit is not None else None,
         calibration=head(plan.final, int(guards.info.calibration_ids.size)),
@@ -276,7 +294,12 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     save_to = req.save_subject or (out_dir / SAVED_MODEL_DIR if req.save_model else None)
     saved = None
     if save_to is not None:
-        if decision.verdict == "PASS":
+        if decision.verdict == "PASS" and req.save_format != "safetensors":
+            from invarlock.edits import formats as edit_formats
+
+            edit_formats.save_as(req.save_format, subject, edit_record, save_to)
+            saved = str(save_to)
+        elif decision.verdict == "PASS":
             loading.save_checkpoint(subject, save_to)
             saved = str(save_to)
         else:
