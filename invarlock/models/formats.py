@@ -142,6 +142,10 @@ def _normalized(source: ModelSource, config: dict[str, Any]) -> dict[str, Any]:
         return dict(config)
 
 
+def _has(config: dict[str, Any], key: str) -> bool:
+    return key in config or (key == "rope_theta" and _value(config, key) is not None)
+
+
 def _value(config: dict[str, Any], key: str) -> Any:
     if key in config:
         return config[key]
@@ -169,7 +173,9 @@ def comparable_configs(base_src: ModelSource, base_cfg: dict[str, Any], subj_src
     for side in gguf_sides:
         keys |= set(gguf_info(gguf_path(side)).carried_keys)
     base_n, subj_n = _normalized(base_src, base_cfg), _normalized(subj_src, subj_cfg)
-    keys = {k for k in keys if _value(base_n, k) is not None or _value(subj_n, k) is not None}
+    # a key only one side's config class has (GPT-2's GGUF `feed_forward_length`, `n_ctx`)
+    # describes nothing the other side can disagree with; weight shapes are checked anyway
+    keys = {k for k in keys if _has(base_n, k) and _has(subj_n, k)}
     base_view = {k: _value(base_n, k) for k in sorted(keys)}
     subj_view = {k: _value(subj_n, k) for k in sorted(keys)}
     for key, value in subj_view.items():

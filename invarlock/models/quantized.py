@@ -66,9 +66,10 @@ def method_of(config: dict[str, Any]) -> str | None:
 
 
 def known_methods() -> list[str]:
-    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+    """quant_method values transformers can load."""
+    from transformers.utils.quantization_config import QuantizationMethod
 
-    return sorted(AUTO_QUANTIZER_MAPPING)
+    return sorted(str(m.value) for m in QuantizationMethod)
 
 
 def check_runnable(config: dict[str, Any], device: str, dequantize: bool, spec: str) -> None:

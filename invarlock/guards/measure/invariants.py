@@ -40,6 +40,8 @@ def structure(model: torch.nn.Module) -> dict[str, Any]:
         if tensor.numel() == 0:
             continue
         key = (str(tensor.device), tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if name in state.quantized:  # dequantized anew: its address says nothing about tying
+            key = ("dequantized", name)
         by_storage.setdefault(key, []).append(name)
         if key in checked or not tensor.dtype.is_floating_point:
             continue
