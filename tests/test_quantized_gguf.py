@@ -71,7 +71,7 @@ def test_written_gguf_loads_back_bit_for_bit(fixture, qtype, request, tmp_path):
 
 def test_gguf_subject_certifies_with_format_fields(tiny_llama_dir, sonnets_path, tmp_path):
     path, expected = write_gguf(tiny_llama_dir, tmp_path / "g", "Q8_0")
-    code, summary, stderr = certify("--baseline", str(tiny_llama_dir), "--subject", str(path),
+    code, summary, _ = certify("--baseline", str(tiny_llama_dir), "--subject", str(path),
                                     "--dataset", str(sonnets_path), "--profile", "dev",
                                     "--preset", str(_fast(tmp_path)), "--out",
                                     str(tmp_path / "o"))
@@ -171,7 +171,7 @@ def test_folder_with_several_gguf_files_needs_a_choice(tiny_llama_dir, tmp_path)
     with pytest.raises(InputError, match="--gguf-file"):
         resolve_model_source(str(folder))
     assert resolve_model_source(str(folder), gguf_file="b.gguf").gguf_file == "b.gguf"
-    with pytest.raises(InputError, match="c.gguf"):
+    with pytest.raises(InputError, match=r"c\.gguf"):
         resolve_model_source(str(folder), gguf_file="c.gguf")
 
 
