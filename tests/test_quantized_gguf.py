@@ -88,6 +88,23 @@ def test_gguf_subject_certifies_with_format_fields(tiny_llama_dir, sonnets_path,
     spectral = cert["guards"]["spectral"]["measurements"]
     assert any(m["changed"] for m in spectral["modules"]) and not spectral["unmatched"]
     assert cert["guards"]["invariants"]["passed"]
+    # the renderings and `verify` say how the subject is stored and was evaluated
+    from invarlock.enums import Verdict
+    from invarlock.github.outcome import Outcome
+    from invarlock.github.render import Links, Report, headline
+    from invarlock.verify import verify_certificate
+
+    markdown = Path(summary["markdown"]).read_text()
+    assert "| Subject format | GGUF Q8_0 · 8-bit, groups of 32 · gguf " in markdown
+    assert "evaluated with dequantized float weights" in markdown
+    outcome = Outcome(0, Verdict.PASS, cert, Path(summary["certificate"]),
+                      Path(summary["markdown"]))
+    assert "(GGUF Q8_0 · 8-bit, groups of 32" in headline(Report("InvarLock", outcome, Links()))
+    report = verify_certificate(cert)
+    assert report.verified and any("subject format: GGUF Q8_0" in n for n in report.notes)
+    tampered = json.loads(json.dumps(cert))
+    tampered["subject"]["format"]["forward"] = "quantized-kernels"
+    assert not verify_certificate(tampered).verified
 
 
 def test_gguf_baseline_is_read_per_tensor(tiny_llama_dir, sonnets_path, tmp_path):

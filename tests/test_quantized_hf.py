@@ -62,7 +62,7 @@ def quantized_llama(request, tiny_llama_dir, tmp_path_factory):
 def test_quantized_folder_certifies_with_its_kernels(quantized_llama, tiny_llama_dir,
                                                      sonnets_path, tmp_path):
     method, subject = quantized_llama
-    code, summary, stderr = certify("--baseline", str(tiny_llama_dir), "--subject",
+    code, summary, _ = certify("--baseline", str(tiny_llama_dir), "--subject",
                                     str(subject), "--dataset", str(sonnets_path), "--profile",
                                     "dev", "--preset", str(_fast(tmp_path)), "--out",
                                     str(tmp_path / "o"))

@@ -55,7 +55,7 @@ def shipped_as(save_format: str, subject: Any, result: Any) -> Any:
     stored = round_trip_(subject.model, names, qtype)
     logger.info("stored %d edited weight(s) as GGUF %s blocks (%d kept in float: rows do not "
                 "fit the blocks)", len(stored), qtype, len(names) - len(stored))
-    plan = {**result.plan, "stored_as": f"gguf:{qtype}", "stored_weights": stored}
+    plan = {**result.plan, "stored_as": f"gguf:{qtype}", "stored_weights": len(stored)}
     return dataclasses.replace(result, plan=plan)
 
 
@@ -71,7 +71,7 @@ def edit_format(save_format: str, result: Any, model: Any) -> dict[str, Any] | N
             "backend": "gguf", "backend_version": version_of("gguf"),
             "forward": FORWARD_DEQUANTIZED, "dequantize_requested": False,
             "file": GGUF_FILE.format(qtype=qtype), "file_type": qtype,
-            "quantized_modules": len(result.plan.get("stored_weights", [])),
+            "quantized_modules": int(result.plan.get("stored_weights", 0)),
             "module_digests": module_digests(model)}
 
 
@@ -91,7 +91,7 @@ def save_as(save_format: str, subject: Any, edit_record: dict[str, Any], out_dir
     try:
         counts = write_gguf(subject.model, subject.tokenizer,
                             staging / GGUF_FILE.format(qtype=qtype), qtype,
-                            list(plan.get("stored_weights", [])))
+                            [f"{m}.weight" for m in edit_record["modules_changed"]])
         subject.tokenizer.save_pretrained(staging)
         if out_dir.exists():
             out_dir.rmdir()
