@@ -279,6 +279,10 @@ def weight_files(source: ModelSource | Path | str, allow_pickle: bool = False) -
         return files
     other = sorted(p.name for p in directory.glob("*") if p.suffix in {".pt", ".pth"})
     found = f" (found {', '.join(other)}; convert to safetensors)" if other else ""
+    ggufs = sorted(p.name for p in directory.glob("*.gguf"))
+    if ggufs:
+        found = (f" (found {', '.join(ggufs)}: give the .gguf file, or the folder with "
+                 "--gguf-file NAME, to certify it as a GGUF model)")
     raise InputError(
         f"model '{source}' has no weights: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}"
         f"{found}"
