@@ -168,3 +168,35 @@ def test_fp8_on_cuda_runs_quantized_kernels(tiny_llama_dir, sonnets_path, tmp_pa
     assert code in (0, 1), summary
     fmt = document.load_certificate(summary["certificate"])["subject"]["format"]
     assert fmt["method"] == "fp8" and fmt["forward"] == "quantized-kernels"
+
+
+def test_guards_hold_one_dequantized_module_at_a_time(tiny_llama_dir, sonnets_path, tmp_path,
+                                                      monkeypatch):
+    """Every guard reads quantized weights through the effective view; when it asks for the
+    next module, at most one earlier dequantized module is still alive (the one it is done
+    with), however many modules the model has."""
+    import weakref
+
+    from invarlock.models import effective
+
+    pytest.importorskip("torchao", reason="needs the torchao extra")
+    subject = quantized_copy(tiny_llama_dir, tmp_path / "ao", "torchao")
+    made: list[weakref.ref] = []
+    most_alive = 0
+    original = effective.effective_weight
+
+    def tracking(module):
+        nonlocal most_alive
+        out = original(module)
+        if effective.is_quantized(module):
+            most_alive = max(most_alive, sum(r() is not None for r in made))
+            made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(effective, "effective_weight", tracking)
+    code, summary, _ = certify("--baseline", str(tiny_llama_dir), "--subject", str(subject),
+                               "--dataset", str(sonnets_path), "--profile", "dev",
+                               "--preset", str(_fast(tmp_path)), "--out", str(tmp_path / "o"))
+    assert code == 0, summary
+    assert len(made) >= 3 * 14  # invariants, spectral, digests (and variance) all read them
+    assert most_alive <= 1
