@@ -199,3 +199,17 @@ def test_save_format_gguf_needs_8_or_4_bits(tiny_gpt2_dir, tmp_path):
                                "--dataset", "demo", "--save-subject", str(tmp_path / "s"),
                                "--save-format", "gguf", "--out", str(tmp_path / "o"))
     assert code == 2 and "Q8_0 or Q4_0" in summary["error"]
+
+
+def test_doctor_accepts_a_gguf_subject_as_certify_does(tiny_llama_dir, sonnets_path, tmp_path):
+    """The preflight compares a GGUF subject as certify will: on the config keys the file
+    states, and the embedded tokenizer by the ids it gives."""
+    from tests.test_doctor import DEV, codes, doctor
+
+    preset = tmp_path / "dev.yaml"
+    preset.write_text(DEV)
+    path, _ = write_gguf(tiny_llama_dir, tmp_path / "g", "Q8_0")
+    code, payload = doctor("-c", str(preset), "--baseline", str(tiny_llama_dir), "--subject",
+                           str(path), "--dataset", str(sonnets_path))
+    assert code == 0 and not codes(payload, "ERROR"), payload
+    assert any("GGUF file model.gguf (Q8_0)" in f["message"] for f in payload["findings"])
