@@ -76,7 +76,11 @@ def effective_weight(module: torch.nn.Module) -> torch.Tensor:
         if fn is None:
             raise TypeError(f"cannot dequantize {type(module).__name__}")
         with torch.no_grad():
-            return fn(module).detach().to(torch.float32)
+            weight = fn(module).detach().to(torch.float32)
+        out_f, in_f = getattr(module, "out_features", None), getattr(module, "in_features", None)
+        if weight.dim() == 2 and tuple(weight.shape) == (in_f, out_f) and in_f != out_f:
+            weight = weight.T  # packed formats may dequantize to [in, out]
+        return weight
     return module.weight.detach()
 
 
