@@ -111,7 +111,8 @@ def main() -> None:
     run_once(model, model, work / "warm", cache, preset)  # baseline results into the cache
     rows = []
     for label, subject in subjects.items():
-        result = run_once(model, subject, work / label.split()[0].lower(), cache, preset)
+        slug = "-".join(label.split()[:2]).lower().strip("()")
+        result = run_once(model, subject, work / f"run-{slug}", cache, preset)
         cert, summary = result["cert"], result["summary"]
         fmt = cert["subject"].get("format") or {}
         guards = sum(v for k, v in cert["timings"].items() if k.startswith("guard"))
