@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[hf,test]"
+	$(BIN)/python -m pip install --quiet -e ".[hf,gguf,torchao,bitsandbytes,test]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -70,6 +70,9 @@ class CertifyRequest:
     cache_dir: Path | None = None
     progress: bool = False
     edit_impl: Any = None  # an invarlock.edits.Edit to use instead of looking up edit["name"]
+    gguf_file: str | None = None  # which GGUF file of a folder holding several
+    dequantize: bool = False  # evaluate a quantized subject's float weights (no kernels here)
+    save_format: str = "safetensors"  # --save-subject format: safetensors | gguf
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ class RunInputs:
     tokenizer_hash: str
     out_dir: Path
     output: OutputFolder  # claimed (created, probed, locked) until the run ends
+    subject_tokenizer: str | None = None  # where the subject's tokenizer came from
 
     @property
     def kind(self) -> MetricKind:
@@ -261,7 +265,7 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
     On success the output folder is held (locked) for the run: the caller releases it.
     """
     from invarlock.models import device as devices
-    from invarlock.models import loading, source, tokenizer
+    from invarlock.models import formats, loading, source, tokenizer
 
     t = time.perf_counter()
     run_id = _run_id()
@@ -272,10 +276,12 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
             outdir.check_folder_target(path, what)
     check_dataset(req.dataset)
     device = devices.resolve_device(req.device)
-    base_src = source.resolve_model_source(req.baseline, revision=req.revision)
+    base_src = source.resolve_model_source(req.baseline, revision=req.revision,
+                                           gguf_file=req.gguf_file)
     base_cfg = source.read_config(base_src)
     baseline = ModelInput(base_src, base_cfg, source.detect_adapter(base_cfg, req.adapter))
-    subject = (check_subject(req.subject, baseline, req)
+    formats.check_loadable(base_src, base_cfg, device, req.dequantize)
+    subject = (check_subject(req.subject, baseline, req, device)
                if req.subject is not None else None)
     policy = resolve(req.config, context_length=source.context_length(base_cfg))
     chain = ChainSettings.from_policy(policy.values.get("guards"))  # bad guard config: fail now
@@ -284,13 +290,15 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
 
     base_tok = loading.load_tokenizer(base_src)
     tok_hash = tokenizer.tokenizer_hash(base_tok)
+    subject_tokenizer = None
     if subject is not None:
-        check_subject_tokenizer(subject, base_tok, tok_hash)
+        subject_tokenizer = check_subject_tokenizer(subject, base_tok, tok_hash)
     output = outdir.claim(out_dir)  # last: an input error above leaves no folder behind
     timer.add("resolve_s", t)
     return RunInputs(run_id=run_id, device=device, baseline=baseline, subject=subject,
                      edit=edit, policy=policy, chain=chain, tokenizer=base_tok,
-                     tokenizer_hash=tok_hash, out_dir=out_dir, output=output)
+                     tokenizer_hash=tok_hash, out_dir=out_dir, output=output,
+                     subject_tokenizer=subject_tokenizer)
 
 
 def check_dataset(dataset: DatasetSource) -> None:
@@ -310,27 +318,32 @@ def check_dataset(dataset: DatasetSource) -> None:
         raise InputError(f"dataset {outdir.shown(path)} is not readable")
 
 
-def check_subject(spec: str, baseline: ModelInput, req: CertifyRequest) -> ModelInput:
-    """Resolve one subject checkpoint; it must be the same kind of model as the baseline."""
-    from invarlock.models import source
+def check_subject(spec: str, baseline: ModelInput, req: CertifyRequest,
+                  device: str = "cpu") -> ModelInput:
+    """Resolve one subject checkpoint; it must be the same kind of model as the baseline,
+    and a quantized one must be runnable here (its backend installed, kernels or
+    --dequantize)."""
+    from invarlock.models import formats, source
 
-    src = source.resolve_model_source(spec, revision=req.revision)
+    src = source.resolve_model_source(spec, revision=req.revision, gguf_file=req.gguf_file)
     config = source.read_config(src)
     adapter = source.detect_adapter(config, req.adapter)
     if adapter is not baseline.adapter:
         raise InputError(f"baseline is {baseline.adapter} but subject is {adapter}: "
                          "they must be the same kind of model")
+    formats.check_same_architecture(baseline.config, config, src, baseline.source)
+    formats.check_loadable(src, config, device, req.dequantize)
     return ModelInput(src, config, adapter)
 
 
-def check_subject_tokenizer(subject: ModelInput, base_tok: Any, tok_hash: str) -> None:
-    """The subject must tokenize exactly as the baseline does, or no window pairs up."""
-    from invarlock.models import loading, tokenizer
+def check_subject_tokenizer(subject: ModelInput, base_tok: Any, tok_hash: str) -> str:
+    """The subject must tokenize exactly as the baseline does, or no window pairs up.
 
-    subj_tok = loading.load_tokenizer(subject.source)
-    if tokenizer.tokenizer_hash(subj_tok) != tok_hash:
-        diffs = tokenizer.tokenizer_differences(base_tok, subj_tok)
-        raise EvidenceError("baseline and subject tokenizers differ: " + "; ".join(diffs))
+    Returns where the subject's tokenizer came from (a GGUF file may embed one, or none).
+    """
+    from invarlock.models import formats
+
+    return formats.check_subject_tokenizer(base_tok, tok_hash, subject.source)
 
 
 def _parse_edit(req: CertifyRequest) -> EditInput:
@@ -365,7 +378,7 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
     the caller decides how long the model stays resident.
     """
     from invarlock.models import device as devices
-    from invarlock.models import loading, source
+    from invarlock.models import formats, loading, source
 
     base = inputs.baseline
     files = source.weight_files(base.source, req.allow_pickle)
@@ -389,7 +402,8 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
     else:
         t = time.perf_counter()
         model = loading.load_model(base.source, adapter=base.adapter, device=inputs.device,
-                                   dtype=req.dtype, allow_pickle=req.allow_pickle)
+                                   dtype=req.dtype, allow_pickle=req.allow_pickle,
+                                   dequantize=req.dequantize)
         timer.add("load_s", t)
         check_baseline_weights(model.model)
         guards.baseline_loaded(model.model)
@@ -409,6 +423,8 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
                            dtype=key.dtype, parameters=parameters,
                            from_cache=cached is not None)
     record["cache_payload_digest"] = cache_digest
+    record["format"] = formats.describe_files(base.source, base.config, inputs.device,
+                                              req.dequantize)
     evidence = BaselineEvidence(sets=sets, parameters=parameters, files=files, cache_key=key,
                                 cache_digest=cache_digest, guard_payload=guard_payload,
                                 guard_seconds=guards.timings(), record=record)
@@ -440,27 +456,35 @@ def prepare_subject(inputs: RunInputs, req: CertifyRequest, timer: _Timer,
         if base_model is None:
             base_model = loading.load_model(base.source, adapter=base.adapter,
                                             device=inputs.device, dtype=req.dtype,
-                                            allow_pickle=req.allow_pickle)
-        prepared = _edited_subject(inputs, base_model, timer)
+                                            allow_pickle=req.allow_pickle,
+                                            dequantize=req.dequantize)
+        prepared = _edited_subject(inputs, base_model, timer, req.save_format)
     else:
         assert inputs.subject is not None
         subj = inputs.subject
         loaded = loading.load_model(subj.source, adapter=subj.adapter, device=inputs.device,
-                                    dtype=req.dtype, allow_pickle=req.allow_pickle)
+                                    dtype=req.dtype, allow_pickle=req.allow_pickle,
+                                    dequantize=req.dequantize)
         record = _model_record(subj.source, loaded.config, subj.adapter, loaded.weights_digest,
                                "files", dtype=str(loaded.dtype).removeprefix("torch."),
                                parameters=loaded.parameters)
+        record["format"] = loaded.format
+        record["tokenizer_source"] = inputs.subject_tokenizer
         prepared = PreparedSubject(loaded, record, None, None)
     timer.add("load_s", t)
     return prepared
 
 
-def _edited_subject(inputs: RunInputs, base_model: Any, timer: _Timer) -> PreparedSubject:
+def _edited_subject(inputs: RunInputs, base_model: Any, timer: _Timer,
+                    save_format: str = "safetensors") -> PreparedSubject:
+    from invarlock.edits import formats as edit_formats
     from invarlock.models import loading
 
     assert inputs.edit is not None
     t_edit = time.perf_counter()
     result = inputs.edit.impl.apply(base_model.model, inputs.edit.plan)
+    if save_format != "safetensors":  # evaluate exactly what the saved file will hold
+        result = edit_formats.shipped_as(save_format, base_model, result)
     timer.add("edit_s", t_edit)
     edit_record = {"name": result.name, "plan": result.plan,
                    "modules_changed": list(result.modules_changed),
@@ -472,6 +496,7 @@ def _edited_subject(inputs: RunInputs, base_model: Any, timer: _Timer) -> Prepar
                            dtype=str(base_model.dtype).removeprefix("torch."),
                            parameters=base_model.parameters, produced_by=f"edit:{result.name}")
     record["kind"] = "edit"
+    record["format"] = edit_formats.edit_format(save_format, result, base_model.model)
     return PreparedSubject(base_model, record, edit_record, digest)
 
 
@@ -485,14 +510,19 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
     from invarlock import evaluate
     from invarlock.guards.measure.probe import SubjectContext
     from invarlock.guards.measure.run import head
+    from invarlock.models import formats
 
     guards = _guard_run(inputs, plan)
     guards.restore(baseline.guard_payload)
     model = subject.loaded.model
     kind, device = inputs.kind, inputs.device
+    base_cfg, subj_cfg = (inputs.baseline.config, subject.loaded.config)
+    if inputs.subject is not None:  # a GGUF side states only some config keys
+        base_cfg, subj_cfg = formats.comparable_configs(
+            inputs.baseline.source, base_cfg, inputs.subject.source, subj_cfg)
     ctx = SubjectContext(
-        info=guards.info, model=model, config=subject.loaded.config,
-        baseline_config=inputs.baseline.config, baseline_files=baseline.files,
+        info=guards.info, model=model, config=subj_cfg,
+        baseline_config=base_cfg, baseline_files=baseline.files,
         tokenizer_hashes=(inputs.tokenizer_hash, inputs.tokenizer_hash),
         fingerprint=subject.fingerprint,
         calibration=head(plan.windows.final, int(guards.info.calibration_ids.size)),
@@ -578,7 +608,13 @@ def _write_models(inputs: RunInputs, req: CertifyRequest, subject: PreparedSubje
     save_to = req.save_subject or (inputs.out_dir / SAVED_MODEL_DIR if req.save_model else None)
     saved = None
     if save_to is not None:
-        if judgement.decision.verdict == "PASS":
+        if judgement.decision.verdict == "PASS" and req.save_format != "safetensors":
+            from invarlock.edits import formats as edit_formats
+
+            edit_formats.save_as(req.save_format, subject.loaded, evidence.edit_record or {},
+                                 save_to)
+            saved = str(save_to)
+        elif judgement.decision.verdict == "PASS":
             loading.save_checkpoint(subject.loaded, save_to)
             saved = str(save_to)
         else:

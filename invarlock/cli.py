@@ -198,6 +198,14 @@ Examples:
               help="Folder for the certificate (default: runs/<run id>).")
 @click.option("--save-subject", type=click.Path(file_okay=False, path_type=Path),
               help="With --edit: write the edited checkpoint here, only when PASS.")
+@click.option("--save-format", type=click.Choice(["safetensors", "gguf"]),
+              help="Format of --save-subject: safetensors (default) or gguf (Q8_0 for 8 bits, "
+                   "Q4_0 for 4; the certified weights are the stored ones).")
+@click.option("--gguf-file", metavar="NAME",
+              help="The GGUF file to use in a model folder that holds several.")
+@click.option("--dequantize", is_flag=True, default=None,
+              help="Evaluate a quantized model's dequantized float weights where its backend "
+                   "has no kernels for the device (recorded in the certificate).")
 @click.option("--write-ve-subject", type=click.Path(file_okay=False, path_type=Path),
               help="Also write a copy of the subject with the VE guard's proposed scales "
                    "folded into its weights (the subject itself is never changed).")

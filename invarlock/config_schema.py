@@ -29,6 +29,9 @@ MODEL = _obj({
     "dtype": {"type": "string", "enum": ["auto", "float32", "float16", "bfloat16"]},
     "allow_pickle": {"type": "boolean"},
     "revision": _OPT_STR,
+    "gguf_file": {**_OPT_STR, "description": "the GGUF file of a folder holding several"},
+    "dequantize": {"type": "boolean",
+                   "description": "evaluate a quantized model's dequantized float weights"},
 })
 
 DATASET = _obj({
@@ -98,6 +101,7 @@ OUTPUT = _obj({
     "save_model": {"type": "boolean"},
     "save_report": {"type": "boolean"},
     "save_subject": _OPT_STR,
+    "save_format": {"type": "string", "enum": ["safetensors", "gguf"]},
     "write_ve_subject": {**_OPT_STR, "description": "write a VE-corrected copy of the subject"},
     "cache": {"type": "boolean"},
     "cache_dir": _OPT_STR,

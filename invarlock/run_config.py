@@ -85,6 +85,10 @@ def _check_combination(config: dict[str, Any]) -> None:
         from invarlock.edits import get_edit
 
         get_edit(edit.get("name", "")).parse_plan(edit)  # a bad plan fails before any loading
+    if get(config, "output.save_format"):
+        from invarlock.edits.formats import check_save_format
+
+        check_save_format(get(config, "output.save_format"), edit)
 
 
 def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +110,9 @@ def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
     put("model.device", flags.get("device"))
     put("model.dtype", flags.get("dtype"))
     put("model.allow_pickle", flags.get("allow_pickle"))
+    put("model.gguf_file", flags.get("gguf_file"))
+    put("model.dequantize", flags.get("dequantize"))
+    put("output.save_format", flags.get("save_format"))
     if flags.get("dataset_spec"):
         from invarlock.data.corpus import parse_dataset_spec
 
@@ -163,4 +170,7 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False,
         use_cache=bool(get(config, "output.cache", True)),
         cache_dir=Path(cache_dir) if cache_dir else None,
         progress=progress,
+        gguf_file=get(config, "model.gguf_file"),
+        dequantize=bool(get(config, "model.dequantize", False)),
+        save_format=get(config, "output.save_format", "safetensors"),
     )

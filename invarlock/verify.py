@@ -103,11 +103,29 @@ def verify_certificate(cert: Mapping[str, Any],
         arrays = _check_arrays(cert, found)
         if arrays is not None:
             _recompute(cert, policy, arrays, found)
+    _check_formats(cert, found)
     if reference is not None:
         found.checked.append("baseline evidence")
         for line in baseline_evidence_differences(cert, reference):
             found.differ("baseline evidence", line)
     return _report(verdict, found)
+
+
+def _check_formats(cert: Mapping[str, Any], found: _Findings) -> None:
+    """A quantized / GGUF model's format record agrees with itself; it is shown as a note."""
+    from invarlock.certificate.markdown import format_line
+
+    for role in ("baseline", "subject"):
+        fmt = cert[role].get("format")
+        if not fmt:
+            continue
+        found.checked.append(f"{role} format")
+        if fmt["name"] == "gguf" and fmt["forward"] != "dequantized":
+            found.differ(f"{role}.format.forward", "a GGUF model is evaluated dequantized")
+        if fmt.get("dequantize_requested") and fmt["forward"] != "dequantized":
+            found.differ(f"{role}.format.forward", "--dequantize was given but the forward "
+                         "is recorded as quantized kernels")
+        found.notes.append(f"{role} format: {format_line(dict(fmt))}")
 
 
 def _report(verdict: str | None, found: _Findings) -> VerifyReport:

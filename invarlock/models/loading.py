@@ -29,6 +29,7 @@ from invarlock.models.device import (  # torch via device.py: MissingExtraError 
     resolve_dtype,
     torch,
 )
+from invarlock.models.effective import storage_tensors
 from invarlock.models.network import enforce_offline
 from invarlock.models.source import (
     PICKLE_FILE,
@@ -98,6 +99,7 @@ class LoadedModel:
     model_type: str
     parameters: int             # unique parameters (tied weights counted once)
     weights_digest: str         # files on disk; for an edited model, tensor_digest
+    format: dict | None = None  # GGUF / quantized checkpoints: what format.py describes
 
 
 def _auto_class(adapter: AdapterKind) -> Any:
@@ -116,6 +118,7 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     allow_pickle: bool = False,
+    dequantize: bool = False,
 ) -> LoadedModel:
     """Load ``source`` for scoring with the adapter's head, refusing anything unsafe or partial.
 
@@ -137,18 +140,23 @@ def load_model(
             model = plugin.load(source.path, dtype=torch_dtype, device=device)
         logger.info("model %s loaded by adapter plugin %s", source, plugin.name)
     else:
+        from invarlock.models import formats
+
         with _translated(f"load model '{source}'"):
             model, info = _auto_class(kind).from_pretrained(
-                str(source.path), dtype=torch_dtype, use_safetensors=not pickled,
-                weights_only=True, trust_remote_code=False, local_files_only=True,
-                output_loading_info=True,
+                str(source.path), dtype=torch_dtype, weights_only=True,
+                trust_remote_code=False, local_files_only=True, output_loading_info=True,
+                **formats.load_kwargs(source, config, device, pickled),
             )
         _check_loading_info(source, model, info)
-    with _translated(f"move model '{source}' to {device}"):
-        model.to(device)
+        if formats.is_quantized(config) and dequantize:
+            formats.dequantize_(model)
+    if not formats_placed(config):
+        with _translated(f"move model '{source}' to {device}"):
+            model.to(device)
     model.eval()
     model.requires_grad_(False)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, required=False)
     if kind is AdapterKind.SEQ_CLS and model.config.pad_token_id is None:
         # Decoder classifiers find each row's last token through the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -160,9 +168,28 @@ def load_model(
         parameters=sum(p.numel() for p in model.parameters()),
         weights_digest=weights_digest(files),
     )
+    _describe_format(loaded, device, dequantize)
     logger.info("loaded %s (%s, %s params, %s on %s)", source, loaded.architecture,
                 f"{loaded.parameters:,}", str(torch_dtype).replace("torch.", ""), device)
     return loaded
+
+
+def formats_placed(config: dict) -> bool:
+    """Quantized models are placed on their device while loading (device_map)."""
+    from invarlock.models import formats
+
+    return formats.is_quantized(config)
+
+
+def _describe_format(loaded: LoadedModel, device: str, dequantize: bool) -> None:
+    from invarlock.models import formats
+
+    loaded.format = formats.describe(loaded.source, loaded.config, loaded.model, device,
+                                     dequantize)
+    if loaded.format is not None:
+        from invarlock.models.effective import parameter_count
+
+        loaded.parameters = parameter_count(loaded.model)
 
 
 def _check_loading_info(source: ModelSource, model: Any, info: dict) -> None:
@@ -185,13 +212,29 @@ def _check_loading_info(source: ModelSource, model: Any, info: dict) -> None:
                     len(unexpected), type(model).__name__, unexpected[0])
 
 
-def load_tokenizer(source: ModelSource | Path | str) -> Any:
-    """The checkpoint's own tokenizer (AutoTokenizer; local files only, no remote code)."""
+def load_tokenizer(source: ModelSource | Path | str, required: bool = True) -> Any:
+    """The checkpoint's own tokenizer (AutoTokenizer; local files only, no remote code).
+
+    A GGUF checkpoint's tokenizer is the tokenizer files in its folder, else the one embedded
+    in the file; with neither, None when not `required` (the caller uses the baseline's).
+    """
     path = source.path if isinstance(source, ModelSource) else Path(source)
     transformers = _transformers()
+    extra: dict[str, Any] = {}
+    if isinstance(source, ModelSource) and source.gguf_file:
+        from invarlock.models import formats
+
+        origin = formats.tokenizer_origin(source)
+        if origin is None:
+            if required:
+                raise InputError(f"GGUF model '{source}' carries no tokenizer and its folder "
+                                 "holds no tokenizer files")
+            return None
+        if origin == formats.TOKENIZER_GGUF:
+            extra["gguf_file"] = source.gguf_file
     with _translated(f"load the tokenizer of '{source}'"):
         return transformers.AutoTokenizer.from_pretrained(
-            str(path), trust_remote_code=False, local_files_only=True
+            str(path), trust_remote_code=False, local_files_only=True, **extra
         )
 
 
@@ -204,7 +247,8 @@ def tensor_digest(model: torch.nn.Module) -> str:
     """
     digest = hashlib.sha256()
     seen: set[tuple] = set()
-    state = model.state_dict(keep_vars=True)
+    state = dict(plain for name, tensor in model.state_dict(keep_vars=True).items()
+                 for plain in storage_tensors(name, tensor))  # quantized: their inner tensors
     for name in sorted(state):
         tensor = state[name].detach()
         if tensor.numel():

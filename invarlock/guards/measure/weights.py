@@ -31,7 +31,14 @@ class WeightReader:
             path = Path(path)
             if path.name.endswith(".index.json"):
                 continue
-            if path.suffix == ".safetensors":
+            if path.suffix == ".gguf":
+                from invarlock.models.gguf_file import GGUFTensors
+
+                handle = GGUFTensors(path)  # dequantized one tensor at a time
+                self._handles.append(handle)
+                for key in handle.keys():  # noqa: SIM118 - not a mapping
+                    self._where[key] = handle
+            elif path.suffix == ".safetensors":
                 from safetensors import safe_open
 
                 handle = safe_open(str(path), framework="pt", device="cpu")
