@@ -27,7 +27,7 @@ from invarlock.data.windows import WindowPlan, WindowSet, plan_windows
 from invarlock.enums import MetricKind
 from invarlock.errors import EvidenceError, InputError
 from invarlock.guards import ChainSettings
-from invarlock.policy import resolve
+from invarlock.policy import evidence_floor, resolve
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
         if subj_adapter is not adapter:
             raise InputError(f"baseline is {adapter} but subject is {subj_adapter}: "
                              "they must be the same kind of model")
-    policy = resolve(req.config, context_length=source.context_length(base_cfg))
+    context = source.context_length(base_cfg)
+    policy = resolve(req.config, context_length=context)
     chain = ChainSettings.from_policy(policy.values.get("guards"))  # bad guard config: fail now
     _seed_everything(policy.windows.seed)
 
@@ -145,6 +146,9 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
                         preview_n=wp.preview_n, final_n=wp.final_n, seed=wp.seed,
                         strict=wp.strict, tokenizer_hash=tok_hash)
     timer.add("windows_s", t)
+    evidence = gate.Evidence(evidence_floor(policy.profile, context), plan.preview.n,
+                             plan.final.n, plan.seq_len, policy.bootstrap.replicates,
+                             plan.requested, policy.allow_underpowered, context)
 
     def score(model: Any, windows: WindowSet, label: str, taps: Any = None) -> Any:
         t0 = time.perf_counter()
@@ -264,9 +268,10 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
                             "both models")
     pm = gate.primary_metric(kind, preview, final, policy.primary_metric, policy.bootstrap)
     checks = [gate.pairing_check(match, plan.overlap(), plan.preview.n, plan.final.n),
-              *gate.primary_checks(pm, policy.primary_metric),
+              *gate.primary_checks(pm, policy.primary_metric), evidence.check(),
               *(o.check for o in outcomes)]
-    decision = gate.decide(checks, [*gate.PRIMARY_GATING, *guards.gating(outcomes)])
+    decision = gate.decide(checks, [*gate.primary_gating(evidence.floor),
+                                    *guards.gating(outcomes)])
 
     ve_written = None
     if req.write_ve_subject is not None:
@@ -307,6 +312,7 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
                     "final_n": plan.final.n, "final_evaluated": subj_fin is not None},
         "edit": edit_record,
         "primary_metric": pm.as_dict(),
+        "evidence": evidence.as_dict(),
         "policy": policy.as_dict(),
         "guards": {o.name: o.section for o in outcomes},
         "validation": decision.validation,

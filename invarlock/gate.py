@@ -20,7 +20,7 @@ import numpy as np
 
 from invarlock import stats
 from invarlock.enums import MetricKind
-from invarlock.policy import BootstrapPolicy, PrimaryMetricPolicy
+from invarlock.policy import BootstrapPolicy, EvidenceFloor, PrimaryMetricPolicy
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,70 @@ def pairing_check(match: float, overlap: float, preview_n: int, final_n: int) ->
                  f"{preview_n}+{final_n} windows")
 
 
+EVIDENCE_FLAG = "evidence_meets_profile"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The evidence a run collected, against the floor its profile promises.
+
+    It falls short when a window count, the window length or the bootstrap replicates are
+    below the floor (possible only in a profile that records shortfalls, or with
+    `allow_underpowered`), or when the window sets were shrunk to fit the data.
+    """
+
+    floor: EvidenceFloor
+    preview_n: int
+    final_n: int
+    seq_len: int
+    replicates: int
+    requested: tuple[int, int]  # (preview_n, final_n) the policy asked for
+    allow_underpowered: bool
+    context_length: int | None = None  # the model's, when it shortened the seq_len floor
+
+    @property
+    def shrunk(self) -> bool:
+        return (self.preview_n, self.final_n) != self.requested
+
+    @property
+    def shortfalls(self) -> tuple[str, ...]:
+        short = self.floor.shortfalls(preview_n=self.preview_n, final_n=self.final_n,
+                                      seq_len=self.seq_len, replicates=self.replicates)
+        if self.shrunk:
+            short += (f"windows shrunk to fit the data ({self.preview_n}+{self.final_n} of "
+                      f"{self.requested[0]}+{self.requested[1]} requested)",)
+        return short
+
+    @property
+    def meets_profile(self) -> bool:
+        return not self.shortfalls
+
+    def check(self) -> Check:
+        f = self.floor
+        if self.meets_profile:
+            return Check(EVIDENCE_FLAG, True,
+                         f"evidence meets the {f.profile} profile: {self.preview_n}+"
+                         f"{self.final_n} windows of {self.seq_len} tokens, {self.replicates} "
+                         f"bootstrap replicates (floor {f.preview_n}+{f.final_n}, {f.seq_len}, "
+                         f"{f.replicates})")
+        why = " (--allow-underpowered)" if self.allow_underpowered else ""
+        return Check(EVIDENCE_FLAG, False,
+                     f"evidence below the {f.profile} profile{why}: "
+                     + "; ".join(self.shortfalls))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.floor.profile, "floor": self.floor.as_dict(),
+            "actual": {"preview_n": self.preview_n, "final_n": self.final_n,
+                       "seq_len": self.seq_len, "replicates": self.replicates},
+            "requested": {"preview_n": self.requested[0], "final_n": self.requested[1]},
+            "context_length": self.context_length, "below_floor": self.floor.below_floor,
+            "gates": self.floor.gates, "allow_underpowered": self.allow_underpowered,
+            "shrunk_to_fit": self.shrunk, "meets_profile": self.meets_profile,
+            "shortfalls": list(self.shortfalls),
+        }
+
+
 def _finite_or_none(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
@@ -266,3 +330,8 @@ PRIMARY_GATING = (
     "primary_metric_acceptable",
     "preview_final_drift_acceptable",
 )
+
+
+def primary_gating(floor: EvidenceFloor) -> tuple[str, ...]:
+    """The primary gating flags; `evidence_meets_profile` too where the profile gates on it."""
+    return (*PRIMARY_GATING, EVIDENCE_FLAG) if floor.gates else PRIMARY_GATING
