@@ -130,10 +130,11 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     _seed_everything(policy.windows.seed)
 
     base_tok = loading.load_tokenizer(base_src)
-    tok_hash = tokenizer.tokenizer_hash(base_tok)
+    tok_hash = subj_tok_hash = tokenizer.tokenizer_hash(base_tok)  # an edit keeps the tokenizer
     if subj_src is not None:
         subj_tok = loading.load_tokenizer(subj_src)
-        if tokenizer.tokenizer_hash(subj_tok) != tok_hash:
+        subj_tok_hash = tokenizer.tokenizer_hash(subj_tok)
+        if subj_tok_hash != tok_hash:
             diffs = tokenizer.tokenizer_differences(base_tok, subj_tok)
             raise EvidenceError("baseline and subject tokenizers differ: " + "; ".join(diffs))
         del subj_tok
@@ -235,7 +236,7 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
 
     ctx = SubjectContext(
         info=guards.info, model=subject.model, config=subject.config, baseline_config=base_cfg,
-        baseline_files=base_files, tokenizer_hashes=(tok_hash, tok_hash),
+        baseline_files=base_files, tokenizer_hashes=(tok_hash, subj_tok_hash),
         fingerprint=subj_record["weights_digest"] if req.edit is not None else None,
         calibration=head(plan.final, int(guards.info.calibration_ids.size)),
         score=lambda model, windows: evaluate.evaluate_windows(
@@ -262,10 +263,10 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     outcomes = guards.finish(ctx)
     timer.spans.update(guards.timings())
 
-    match = _match(base_sets, {"preview": subj_prev, "final": subj_fin})
+    match = _match(plan, base_sets, {"preview": subj_prev, "final": subj_fin})
     if match < 1.0:
-        raise EvidenceError(f"pairing broken: only {match:.2%} of windows were identical for "
-                            "both models")
+        raise EvidenceError(f"pairing broken: only {match:.2%} of windows were fed to both "
+                            "models exactly as planned")
     pm = gate.primary_metric(kind, preview, final, policy.primary_metric, policy.bootstrap)
     checks = [gate.pairing_check(match, plan.overlap(), plan.preview.n, plan.final.n),
               *gate.primary_checks(pm, policy.primary_metric), evidence.check(),
@@ -391,17 +392,24 @@ def _paired(base: Any, subj: Any) -> gate.PairedArrays:
                              subject=np.asarray(subj.values, dtype=np.float64))
 
 
-def _match(base_sets: dict[str, Any], subj_sets: dict[str, Any]) -> float:
-    """Share of evaluated windows whose token hashes agree between the two models."""
-    same = total = 0
+def _match(plan: WindowPlan, base_sets: dict[str, Any], subj_sets: dict[str, Any]) -> float:
+    """Share of evaluated windows that both models were fed exactly as planned.
+
+    Each side's hashes come from the tensors its evaluation passed to the forward.
+    """
+    from invarlock.evaluate import planned_sha256
+
+    same = total = 0.0
     for name, subj in subj_sets.items():
         if subj is None:
             continue
-        base = base_sets[name]
-        total += len(subj.sha256)
-        same += sum(a == b for a, b in zip(base.sha256, subj.sha256, strict=True))
-        if not np.array_equal(base.window_ids, subj.window_ids):
+        windows, base = getattr(plan, name), base_sets[name]
+        if not (np.array_equal(base.window_ids, windows.window_ids)
+                and np.array_equal(subj.window_ids, windows.window_ids)):
             return 0.0
+        planned = planned_sha256(windows)
+        total += len(planned)
+        same += gate.pairing_match(planned, base.fed_sha256, subj.fed_sha256) * len(planned)
     return same / total if total else 0.0
 
 
@@ -436,13 +444,15 @@ class _CachedScores:
     sha256: tuple[str, ...]
     tokens: np.ndarray
     values: np.ndarray
+    fed_sha256: tuple[str, ...]
     nonfinite_windows: int = 0
 
 
 def _to_payload(sets: dict[str, Any], parameters: int) -> dict[str, Any]:
     return {"parameters": parameters,
             "sets": {name: {"window_ids": [int(i) for i in s.window_ids],
-                            "sha256": list(s.sha256), "tokens": [int(n) for n in s.tokens],
+                            "sha256": list(s.sha256), "fed_sha256": list(s.fed_sha256),
+                            "tokens": [int(n) for n in s.tokens],
                             "values": [float(v) for v in s.values]}
                      for name, s in sets.items()}}
 
@@ -455,7 +465,8 @@ def _from_payload(payload: dict[str, Any] | None,
         sets = {name: _CachedScores(np.asarray(p["window_ids"], dtype=np.int64),
                                     tuple(p["sha256"]),
                                     np.asarray(p["tokens"], dtype=np.int64),
-                                    np.asarray(p["values"], dtype=np.float64))
+                                    np.asarray(p["values"], dtype=np.float64),
+                                    tuple(p["fed_sha256"]))
                 for name in ("preview", "final") for p in [payload["sets"][name]]}
         return sets, int(payload["parameters"])
     except (KeyError, TypeError, ValueError):

@@ -216,6 +216,21 @@ def _catastrophe_check(result: PrimaryMetricResult, policy: PrimaryMetricPolicy)
                  f"{'<' if result.catastrophic else '>='} {1 / policy.catastrophic_ratio:.2f}")
 
 
+def pairing_match(planned: tuple[str, ...], baseline_fed: tuple[str, ...],
+                  subject_fed: tuple[str, ...]) -> float:
+    """Share of planned windows that both models were fed exactly (by per-window hash).
+
+    A window counts only when the baseline's and the subject's fed hashes both equal the
+    plan's; a missing or extra window on either side is a mismatch.
+    """
+    if not planned:
+        return 0.0
+    same = sum(p == b == s for p, b, s in zip(planned, baseline_fed, subject_fed, strict=False))
+    if len(baseline_fed) != len(planned) or len(subject_fed) != len(planned):
+        same = min(same, len(planned) - 1)
+    return same / len(planned)
+
+
 def pairing_check(match: float, overlap: float, preview_n: int, final_n: int) -> Check:
     """Both models saw identical windows, preview and final are disjoint, counts are equal."""
     ok = match == 1.0 and overlap == 0.0 and preview_n == final_n
