@@ -188,7 +188,7 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
                      for name in ("preview", "final")}
         broken = sum(s.nonfinite_windows for s in base_sets.values())
         if broken:
-            raise EvidenceError(f"the baseline produced non-finite losses on {broken} windows; "
+            raise EvidenceError(f"the baseline produced non-finite outputs on {broken} windows; "
                                 "there is nothing sound to compare the subject with")
         base_parameters = int(base_model.parameters)
         guard_payload = guards.baseline_done()

@@ -41,8 +41,8 @@ class SetSummary:
     """Corpus-level metric of each model on one window set."""
 
     baseline: float
-    subject: float | None  # None when the subject's losses were not finite
-    ratio: float | None
+    subject: float | None  # None when the subject's outputs were not finite
+    ratio: float | None  # None also for accuracy against a baseline that scored 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "subject": self.subject, "ratio": self.ratio}
@@ -57,18 +57,24 @@ def summarize(kind: MetricKind, arrays: PairedArrays) -> SetSummary:
         subj = stats.perplexity(arrays.subject, arrays.tokens)
         return SetSummary(base, subj, subj / base)
     base_acc = float(np.mean(arrays.baseline))
+    if arrays.nonfinite:
+        return SetSummary(base_acc, None, None)
     subj_acc = float(np.mean(arrays.subject))
     ratio = subj_acc / base_acc if base_acc > 0 else (1.0 if subj_acc == 0 else None)
     return SetSummary(base_acc, subj_acc, ratio)
 
 
 def is_catastrophic(kind: MetricKind, preview: SetSummary, policy: PrimaryMetricPolicy) -> bool:
-    """Preview so bad that evaluating the final set would waste time: stop and FAIL."""
-    if preview.ratio is None:  # non-finite subject losses
+    """Preview so bad that evaluating the final set would waste time: stop and FAIL.
+
+    Accuracy: the subject kept less than 1/catastrophic_ratio of the baseline's accuracy
+    (compared as a product, so a baseline that scored 0 cannot be lost further).
+    """
+    if preview.subject is None:  # non-finite subject outputs
         return True
     if kind.is_perplexity:
         return preview.ratio > policy.catastrophic_ratio
-    return preview.ratio < 1.0 / policy.catastrophic_ratio
+    return preview.subject * policy.catastrophic_ratio < preview.baseline
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,12 @@ class PrimaryMetricResult:
         if self.final is None or self.final.ratio is None or not self.preview.ratio:
             return None
         return self.final.ratio / self.preview.ratio
+
+    @property
+    def baseline_scored_zero(self) -> bool:
+        """Accuracy only: the baseline got nothing right on a set, so ratios are undefined."""
+        sets = [self.preview] + ([self.final] if self.final else [])
+        return not self.kind.is_perplexity and any(s.baseline == 0.0 for s in sets)
 
     @property
     def gate_value(self) -> float | None:
@@ -175,7 +187,7 @@ def primary_checks(result: PrimaryMetricResult, policy: PrimaryMetricPolicy) -> 
     checks = [_catastrophe_check(result, policy)]
     if result.interval is None or result.gate_value is None:
         why = ("not evaluated: the run stopped after the preview set" if result.final is None
-               else "subject produced non-finite losses on the final set")
+               else f"subject produced non-finite {_outputs(result.kind)} on the final set")
         checks.append(Check("primary_metric_acceptable", False, f"primary metric {why}"))
         checks.append(Check("preview_final_drift_acceptable", False, f"drift {why}"))
         return checks
@@ -193,6 +205,11 @@ def primary_checks(result: PrimaryMetricResult, policy: PrimaryMetricPolicy) -> 
     checks.append(Check("primary_metric_acceptable", ok, reason))
     lo, hi = policy.drift_band
     drift = result.drift
+    if drift is None and result.baseline_scored_zero:
+        checks.append(Check("preview_final_drift_acceptable", True,
+                            "drift not defined: the baseline's accuracy is 0 on a set, so the "
+                            "paired accuracy change alone gates"))
+        return checks
     drift_ok = drift is not None and lo <= drift <= hi
     shown = "undefined" if drift is None else f"{drift:.4f}"
     checks.append(Check("preview_final_drift_acceptable", drift_ok,
@@ -201,19 +218,30 @@ def primary_checks(result: PrimaryMetricResult, policy: PrimaryMetricPolicy) -> 
     return checks
 
 
+def _outputs(kind: MetricKind) -> str:
+    return "losses" if kind.is_perplexity else "outputs (NaN correctness)"
+
+
 def _catastrophe_check(result: PrimaryMetricResult, policy: PrimaryMetricPolicy) -> Check:
-    ratio = result.preview.ratio
-    if ratio is None:
-        return Check("not_catastrophic", False, "subject produced non-finite losses on preview")
+    prev = result.preview
+    if prev.subject is None:
+        return Check("not_catastrophic", False,
+                     f"subject produced non-finite {_outputs(result.kind)} on preview")
     if result.catastrophic and result.final is not None:
-        return Check("not_catastrophic", False, "subject produced non-finite losses on final")
+        return Check("not_catastrophic", False,
+                     f"subject produced non-finite {_outputs(result.kind)} on final")
+    bad = result.catastrophic
     if result.kind.is_perplexity:
-        return Check("not_catastrophic", not result.catastrophic,
-                     f"preview ratio {ratio:.3f} {'>' if result.catastrophic else '<='} "
+        return Check("not_catastrophic", not bad,
+                     f"preview ratio {prev.ratio:.3f} {'>' if bad else '<='} "
                      f"catastrophic limit {policy.catastrophic_ratio:.1f}")
-    return Check("not_catastrophic", not result.catastrophic,
-                 f"preview accuracy ratio {ratio:.3f} "
-                 f"{'<' if result.catastrophic else '>='} {1 / policy.catastrophic_ratio:.2f}")
+    if prev.baseline == 0.0:
+        return Check("not_catastrophic", True,
+                     f"baseline preview accuracy is 0 (subject {prev.subject:.3f}): nothing "
+                     "left to lose")
+    return Check("not_catastrophic", not bad,
+                 f"preview accuracy ratio {prev.ratio:.3f} "
+                 f"{'<' if bad else '>='} {1 / policy.catastrophic_ratio:.2f}")
 
 
 def pairing_match(planned: tuple[str, ...], baseline_fed: tuple[str, ...],
