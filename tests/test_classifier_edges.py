@@ -5,7 +5,6 @@ give the right verdict for the right reason, and a certificate that verifies."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -152,4 +151,4 @@ def test_accuracy_halved_is_catastrophic_and_says_so():
     preview = _acc(np.ones(20), np.r_[np.ones(9), np.zeros(11)])
     result = gate.primary_metric(MetricKind.ACCURACY, preview, None, POLICY, boot)
     check = gate.primary_checks(result, POLICY)[0]
-    assert result.catastrophic and "preview accuracy ratio 0.450 < 0.50" == check.reason
+    assert result.catastrophic and check.reason == "preview accuracy ratio 0.450 < 0.50"
