@@ -23,8 +23,9 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 # Resample indices are drawn in blocks of at most this many integers so that memory stays
-# bounded for large window counts; the block size is part of the algorithm (same seed and
-# same inputs give the same interval, which `verify` relies on).
+# bounded for large window counts; blocks consume the generator's stream in order, so the
+# interval does not depend on the block size (same seed, same inputs, same interval, which
+# `verify` relies on).
 _BLOCK_INTEGERS = 1 << 22
 
 
