@@ -98,7 +98,8 @@ def test_bound_beyond_the_estimate_is_moved_to_it_and_only_then(monkeypatch):
     denom = np.ones_like(numer)
     estimate = numer.mean()
     # 99% of the replicates below the estimate, 1% above it.
-    replicates = np.r_[estimate - np.linspace(0.001, 0.3, 990), estimate + np.linspace(0.001, 0.01, 10)]
+    replicates = np.r_[estimate - np.linspace(0.001, 0.3, 990),
+                       estimate + np.linspace(0.001, 0.01, 10)]
     monkeypatch.setattr(stats, "_bootstrap_ratios", lambda *a, **k: replicates)
     ci = stats.bca_ratio_of_sums(numer, denom, replicates=replicates.size, seed=0)
     z0 = ndtri(0.99)
