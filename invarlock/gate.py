@@ -137,7 +137,8 @@ class PrimaryMetricResult:
             "catastrophic": self.catastrophic,
             "bootstrap": None if iv is None else {
                 "method": iv.method, "replicates": iv.replicates, "seed": iv.seed,
-                "alpha": iv.alpha, "z0": _finite_or_none(iv.z0),
+                "alpha": iv.alpha, "alpha_effective": iv.alpha_effective,
+                "z0": _finite_or_none(iv.z0),
                 "acceleration": iv.acceleration,
             },
         }

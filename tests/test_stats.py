@@ -19,11 +19,22 @@ def _windows(seed: int, n: int = 200, shift: float = 0.02):
 
 
 def _scipy_interval(numer, tokens, method: str, seed: int):
+    """scipy's interval at the level ours uses (the expanded level for this many windows)."""
     return sps.bootstrap(
         (numer, tokens), lambda a, w, axis=-1: a.sum(axis=axis) / w.sum(axis=axis),
         paired=True, vectorized=True, method=method, n_resamples=20000,
-        confidence_level=0.95, rng=np.random.default_rng(seed),
+        confidence_level=1 - stats.expanded_alpha(0.05, numer.size),
+        rng=np.random.default_rng(seed),
     ).confidence_interval
+
+
+def test_expanded_level_known_values():
+    """z* = sqrt(n/(n-1)) * t(0.975, n-1): alpha 0.044 at 64 windows, nominal as n grows."""
+    for n in (8, 64, 200):
+        z_star = np.sqrt(n / (n - 1)) * sps.t.ppf(0.975, n - 1)
+        assert stats.expanded_alpha(0.05, n) == pytest.approx(2 * sps.norm.sf(z_star), rel=1e-9)
+    assert stats.expanded_alpha(0.05, 64) == pytest.approx(0.0440, abs=5e-4)
+    assert 0.0499 < stats.expanded_alpha(0.05, 100_000) < 0.05
 
 
 def test_bca_agrees_with_scipy_where_bca_and_percentile_differ():
@@ -66,7 +77,7 @@ def test_bca_lower_bound_approaches_the_exact_exponential_interval():
         exact_low = 2 * n * m / sps.chi2.ppf(0.975, 2 * n)
         ours = stats.bca_ratio_of_sums(x, np.ones(n), replicates=20000, seed=seed)
         pct = np.quantile(stats._bootstrap_ratios(x, np.ones(n), replicates=20000, seed=seed),
-                          0.025)
+                          stats.expanded_alpha(0.05, n) / 2)
         bca_err.append(abs(ours.low - exact_low))
         pct_err.append(abs(pct - exact_low))
     assert np.mean(bca_err) < 0.5 * np.mean(pct_err)
@@ -92,19 +103,20 @@ def test_point_estimate_is_token_weighted_and_ratio_is_ppl_ratio():
 
 def test_bound_beyond_the_estimate_is_moved_to_it_and_only_then(monkeypatch):
     """BCa's adjusted level can put a bound past the estimate when almost every replicate
-    lies on one side (z0 > 1.96). The interval must still contain the estimate: that bound
+    lies on one side (z0 beyond the critical value). The interval must still contain the estimate: that bound
     becomes the estimate exactly, the other one is the plain BCa quantile."""
     numer = np.array([0.3, -0.1, 0.2, 0.05, -0.2, 0.4, 0.0, 0.1])
     denom = np.ones_like(numer)
     estimate = numer.mean()
-    # 99% of the replicates below the estimate, 1% above it.
-    replicates = np.r_[estimate - np.linspace(0.001, 0.3, 990),
-                       estimate + np.linspace(0.001, 0.01, 10)]
+    # 99.8% of the replicates below the estimate, 0.2% above it.
+    replicates = np.r_[estimate - np.linspace(0.001, 0.3, 998),
+                       estimate + np.linspace(0.001, 0.01, 2)]
     monkeypatch.setattr(stats, "_bootstrap_ratios", lambda *a, **k: replicates)
     ci = stats.bca_ratio_of_sums(numer, denom, replicates=replicates.size, seed=0)
-    z0 = ndtri(0.99)
+    z0 = ndtri(0.998)
     a = stats._jackknife_acceleration(numer, denom)
-    levels = [ndtr(z0 + (z0 + z) / (1 - a * (z0 + z))) for z in (ndtri(0.025), ndtri(0.975))]
+    half = stats.expanded_alpha(0.05, numer.size) / 2
+    levels = [ndtr(z0 + (z0 + z) / (1 - a * (z0 + z))) for z in (ndtri(half), ndtri(1 - half))]
     raw_low, raw_high = np.quantile(replicates, levels)
     assert ci.method == "bca" and ci.z0 == pytest.approx(z0)
     assert raw_low > estimate  # the unclamped BCa bound really excludes the estimate
