@@ -103,8 +103,8 @@ def test_point_estimate_is_token_weighted_and_ratio_is_ppl_ratio():
 
 def test_bound_beyond_the_estimate_is_moved_to_it_and_only_then(monkeypatch):
     """BCa's adjusted level can put a bound past the estimate when almost every replicate
-    lies on one side (z0 beyond the critical value). The interval must still contain the estimate: that bound
-    becomes the estimate exactly, the other one is the plain BCa quantile."""
+    lies on one side (z0 beyond the critical value). The interval must still contain the
+    estimate: that bound becomes the estimate exactly, the other is the plain BCa quantile."""
     numer = np.array([0.3, -0.1, 0.2, 0.05, -0.2, 0.4, 0.0, 0.1])
     denom = np.ones_like(numer)
     estimate = numer.mean()
