@@ -38,7 +38,7 @@ from invarlock.enums import AdapterKind, MetricKind
 from invarlock.errors import EvidenceError, InputError
 from invarlock.guards import ChainSettings
 from invarlock.outdir import OutputFolder
-from invarlock.policy import ResolvedPolicy, resolve
+from invarlock.policy import ResolvedPolicy, evidence_floor, resolve
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ class RunInputs:
     out_dir: Path
     output: OutputFolder  # claimed (created, probed, locked) until the run ends
     subject_tokenizer: str | None = None  # where the subject's tokenizer came from
+    subject_tokenizer_hash: str | None = None  # None: an in-memory edit keeps the baseline's
 
     @property
     def kind(self) -> MetricKind:
@@ -213,6 +214,7 @@ class Judgement:
     match: float
     primary: gate.PrimaryMetricResult
     decision: gate.Decision
+    evidence: gate.Evidence  # the evidence collected against the profile's floor
 
 
 @dataclass
@@ -290,15 +292,15 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
 
     base_tok = loading.load_tokenizer(base_src)
     tok_hash = tokenizer.tokenizer_hash(base_tok)
-    subject_tokenizer = None
+    subject_tokenizer = subj_hash = None
     if subject is not None:
-        subject_tokenizer = check_subject_tokenizer(subject, base_tok, tok_hash)
+        subject_tokenizer, subj_hash = check_subject_tokenizer(subject, base_tok, tok_hash)
     output = outdir.claim(out_dir)  # last: an input error above leaves no folder behind
     timer.add("resolve_s", t)
     return RunInputs(run_id=run_id, device=device, baseline=baseline, subject=subject,
                      edit=edit, policy=policy, chain=chain, tokenizer=base_tok,
                      tokenizer_hash=tok_hash, out_dir=out_dir, output=output,
-                     subject_tokenizer=subject_tokenizer)
+                     subject_tokenizer=subject_tokenizer, subject_tokenizer_hash=subj_hash)
 
 
 def check_dataset(dataset: DatasetSource) -> None:
@@ -336,10 +338,12 @@ def check_subject(spec: str, baseline: ModelInput, req: CertifyRequest,
     return ModelInput(src, config, adapter)
 
 
-def check_subject_tokenizer(subject: ModelInput, base_tok: Any, tok_hash: str) -> str:
+def check_subject_tokenizer(subject: ModelInput, base_tok: Any,
+                            tok_hash: str) -> tuple[str, str]:
     """The subject must tokenize exactly as the baseline does, or no window pairs up.
 
-    Returns where the subject's tokenizer came from (a GGUF file may embed one, or none).
+    Returns where its tokenizer came from (a GGUF file may embed one, or none) and its hash
+    for the invariants guard.
     """
     from invarlock.models import formats
 
@@ -412,7 +416,7 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
                 for name in WINDOW_SETS}
         broken = sum(s.nonfinite_windows for s in sets.values())
         if broken:
-            raise EvidenceError(f"the baseline produced non-finite losses on {broken} windows; "
+            raise EvidenceError(f"the baseline produced non-finite outputs on {broken} windows; "
                                 "there is nothing sound to compare the subject with")
         parameters = int(model.parameters)
         guard_payload = guards.baseline_done()
@@ -523,7 +527,8 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
     ctx = SubjectContext(
         info=guards.info, model=model, config=subj_cfg,
         baseline_config=base_cfg, baseline_files=baseline.files,
-        tokenizer_hashes=(inputs.tokenizer_hash, inputs.tokenizer_hash),
+        tokenizer_hashes=(inputs.tokenizer_hash,
+                          inputs.subject_tokenizer_hash or inputs.tokenizer_hash),
         fingerprint=subject.fingerprint,
         calibration=head(plan.windows.final, int(guards.info.calibration_ids.size)),
         score=lambda m, windows: evaluate.evaluate_windows(
@@ -571,22 +576,28 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
 def judge(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
           subject: SubjectEvidence) -> Judgement:
     """Pairing, the primary metric with its interval, and every check → the verdict."""
-    match = _match(baseline.sets, subject.sets)
-    if match < 1.0:
-        raise EvidenceError(f"pairing broken: only {match:.2%} of windows were identical for "
-                            "both models")
+    from invarlock.models import source
+
     windows = plan.windows
+    match = _match(windows, baseline.sets, subject.sets)
+    if match < 1.0:
+        raise EvidenceError(f"pairing broken: only {match:.2%} of windows were fed to both "
+                            "models exactly as planned")
     preview = _paired(baseline.sets["preview"], subject.sets["preview"])
     final = (_paired(baseline.sets["final"], subject.sets["final"])
              if subject.sets["final"] is not None else None)
     policy = inputs.policy
     pm = gate.primary_metric(inputs.kind, preview, final, policy.primary_metric,
                              policy.bootstrap)
+    context = source.context_length(inputs.baseline.config)
+    evidence = gate.Evidence(evidence_floor(policy.profile, context), windows.preview.n,
+                             windows.final.n, windows.seq_len, policy.bootstrap.replicates,
+                             windows.requested, policy.allow_underpowered, context)
     checks = [gate.pairing_check(match, windows.overlap(), windows.preview.n, windows.final.n),
-              *gate.primary_checks(pm, policy.primary_metric),
+              *gate.primary_checks(pm, policy.primary_metric), evidence.check(),
               *(o.check for o in subject.outcomes)]
-    decision = gate.decide(checks, [*gate.PRIMARY_GATING, *subject.gating])
-    return Judgement(match, pm, decision)
+    decision = gate.decide(checks, [*gate.primary_gating(evidence.floor), *subject.gating])
+    return Judgement(match, pm, decision, evidence)
 
 
 # --- stage 7: write --------------------------------------------------------------------------
@@ -679,6 +690,7 @@ def build_certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: Baselin
                     "final_evaluated": subject.sets["final"] is not None},
         "edit": subject.edit_record,
         "primary_metric": judgement.primary.as_dict(),
+        "evidence": judgement.evidence.as_dict(),
         "policy": inputs.policy.as_dict(),
         "guards": {o.name: o.section for o in subject.outcomes},
         "validation": judgement.decision.validation,
@@ -775,18 +787,26 @@ def _paired(base: Any, subj: Any) -> gate.PairedArrays:
                              subject=np.asarray(subj.values, dtype=np.float64))
 
 
-def _match(base_sets: dict[str, Any], subj_sets: dict[str, Any]) -> float:
-    """Share of evaluated windows whose token hashes agree between the two models."""
-    same = total = 0
+def _match(plan: WindowPlan, base_sets: dict[str, Any], subj_sets: dict[str, Any]) -> float:
+    """Share of evaluated windows that both models were fed exactly as planned.
+
+    Each side's hashes come from the tensors its evaluation passed to the forward. A set the
+    subject could not read at all (nothing fed, every value broken) holds no numbers to pair.
+    """
+    from invarlock.evaluate import planned_sha256
+
+    same = total = 0.0
     for name, subj in subj_sets.items():
-        if subj is None:
+        if subj is None or (not subj.fed_sha256 and subj.nonfinite_windows == subj.n):
             continue
-        base = base_sets[name]
-        total += len(subj.sha256)
-        same += sum(a == b for a, b in zip(base.sha256, subj.sha256, strict=True))
-        if not np.array_equal(base.window_ids, subj.window_ids):
+        windows, base = getattr(plan, name), base_sets[name]
+        if not (np.array_equal(base.window_ids, windows.window_ids)
+                and np.array_equal(subj.window_ids, windows.window_ids)):
             return 0.0
-    return same / total if total else 0.0
+        planned = planned_sha256(windows)
+        total += len(planned)
+        same += gate.pairing_match(planned, base.fed_sha256, subj.fed_sha256) * len(planned)
+    return same / total if total else 1.0
 
 
 def _windows_section(plan: WindowPlan, base_sets: dict[str, Any],

@@ -194,6 +194,9 @@ Examples:
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for windows and bootstrap.")
 @click.option("--allow-pickle", is_flag=True, default=None,
               help="Allow .bin/.pt checkpoints (loaded with weights_only).")
+@click.option("--allow-underpowered", is_flag=True, default=None,
+              help="Run below the ci/release evidence floor; the certificate records "
+                   "evidence_meets_profile: false (a gating flag in release).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the certificate (default: runs/<run id>).")
 @click.option("--save-subject", type=click.Path(file_okay=False, path_type=Path),

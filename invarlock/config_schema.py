@@ -92,6 +92,8 @@ AUTO = _obj({
     "enabled": {"type": "boolean"},
     "tier": {"type": "string", "enum": ["balanced", "conservative", "aggressive"]},
     "profile": {"type": "string", "enum": ["dev", "ci", "release"]},
+    "allow_underpowered": {"type": "boolean",
+                           "description": "run below the profile's evidence floor (flagged)"},
     "probes": {"type": "integer", "minimum": 0, "maximum": 0,
                "description": "reserved; only 0 is accepted"},
 })

@@ -11,6 +11,11 @@ Windows whose logits (at attended positions) contain NaN or Inf are counted in
 ``nonfinite_windows`` and get NaN values instead of raising: a broken subject is evidence,
 not a crash.
 
+Every window's fed ids are hashed from the very tensors passed to the forward (input ids,
+attention mask, token types and labels, as little-endian int64): ``WindowScores.fed_sha256``.
+Comparing those with ``planned_sha256`` of the window set proves that a model saw exactly
+the planned input, so the pairing check can fail when it did not.
+
 Taps let guards observe activations during the same pass: evaluate registers one forward
 hook per tapped module for the duration of the call, passes each output to the tap, and
 always returns None from the hook, so a tap can read outputs but never replace them.
@@ -19,6 +24,7 @@ always returns None from the hook, so a tap can read outputs but never replace t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import sys
 import time
@@ -69,11 +75,12 @@ class WindowScores:
 
     kind: MetricKind
     window_ids: np.ndarray      # int64 [N]
-    sha256: tuple[str, ...]     # hashes of the windows evaluated (copied from the set)
+    sha256: tuple[str, ...]     # content hashes of the windows evaluated (copied from the set)
     tokens: np.ndarray          # int64 [N] tokens scored (1 per example for accuracy)
     values: np.ndarray          # float64 [N]: NLL sum in nats, or 1.0/0.0 correct; NaN if broken
     nonfinite_windows: int      # windows whose logits held NaN/Inf
     seconds: float              # wall time of the evaluation
+    fed_sha256: tuple[str, ...] = ()  # per window, hash of the tensors actually fed (see above)
 
     @property
     def n(self) -> int:
@@ -136,6 +143,7 @@ def evaluate_windows(
     scorer = _SCORERS[kind]
     start = time.perf_counter()
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    fed: list[str] = []
     with (
         torch.inference_mode(),
         _eval_mode(model),
@@ -150,6 +158,7 @@ def evaluate_windows(
             try:
                 logits = _forward(model, batch, kind)
                 parts.append(scorer(logits, batch))
+                fed.extend(_fed_hashes(batch))
             except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one too
                 if not _is_oom(exc):
                     raise
@@ -167,8 +176,36 @@ def evaluate_windows(
     return WindowScores(
         kind=kind, window_ids=np.asarray(windows.window_ids, dtype=np.int64).copy(),
         sha256=tuple(windows.sha256), tokens=tokens, values=values,
-        nonfinite_windows=int(broken.sum()), seconds=seconds,
+        nonfinite_windows=int(broken.sum()), seconds=seconds, fed_sha256=tuple(fed),
     )
+
+
+_FED_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def planned_sha256(windows: Windows) -> tuple[str, ...]:
+    """Per window, the hash its fed tensors must have: what a faithful evaluation feeds."""
+    arrays = {"input_ids": windows.input_ids, "attention_mask": windows.attention_mask,
+              "token_type_ids": windows.token_type_ids, "labels": windows.labels}
+    return _row_hashes({k: v for k, v in arrays.items() if v is not None})
+
+
+def _fed_hashes(batch: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """Hashes of the rows of the batch as it went to the model (one transfer per tensor)."""
+    return _row_hashes({k: batch[k].cpu().numpy() for k in _FED_FIELDS if k in batch})
+
+
+def _row_hashes(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
+    rows = int(arrays["input_ids"].shape[0])
+    digests = [hashlib.sha256() for _ in range(rows)]
+    for name in _FED_FIELDS:
+        if name not in arrays:
+            continue
+        data = np.ascontiguousarray(arrays[name], dtype="<i8").reshape(rows, -1)
+        for digest, row in zip(digests, data, strict=True):
+            digest.update(name.encode())
+            digest.update(row.tobytes())
+    return tuple(d.hexdigest() for d in digests)
 
 
 def auto_batch_size(

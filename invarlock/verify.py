@@ -34,7 +34,7 @@ from invarlock.certificate.document import content_digest, schema_errors
 from invarlock.config import flatten
 from invarlock.enums import AdapterKind, MetricKind
 from invarlock.errors import ConfigError, InvarlockError
-from invarlock.policy import ResolvedPolicy, policy_digest, resolve
+from invarlock.policy import ResolvedPolicy, evidence_floor, policy_digest, resolve
 
 REL_TOL = 1e-12
 ABS_TOL = 1e-15
@@ -380,10 +380,14 @@ def _recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
         found.differ("pairing.final_evaluated", "disagrees with windows.final.subject")
     found.compare("primary_metric", cert["primary_metric"], pm.as_dict())
     checks += gate.primary_checks(pm, policy.primary_metric)
+    evidence = _recheck_evidence(cert, policy, found)
+    if evidence is None:
+        return
+    checks.append(evidence.check())
     checks += guard_checks
 
     found.checked.append("verdict")
-    expected_gating = [*gate.PRIMARY_GATING,
+    expected_gating = [*gate.primary_gating(evidence.floor),
                        *(c.flag for c, mode in zip(guard_checks, _guard_modes(cert), strict=True)
                          if mode == "gate")]
     if sorted(cert["gating"]) != sorted(expected_gating):
@@ -396,6 +400,30 @@ def _recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
         decision = gate.decide(checks, expected_gating)
     found.compare("validation", cert["validation"], decision.validation)
     found.compare("verdict", cert["verdict"], decision.verdict_section())
+
+
+def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy,
+                      found: _Findings) -> gate.Evidence | None:
+    """The evidence section from the window arrays, the policy and this installation's floor."""
+    found.checked.append("evidence")
+    stored, win = cert["evidence"], cert["windows"]
+    try:
+        floor = evidence_floor(policy.profile, stored["context_length"])
+    except ConfigError as exc:
+        found.differ("evidence", f"cannot recompute the floor ({exc})")
+        return None
+    evidence = gate.Evidence(floor, len(win["preview"]["ids"]), len(win["final"]["ids"]),
+                             int(win["seq_len"]), policy.bootstrap.replicates,
+                             (int(win["requested"]["preview_n"]),
+                              int(win["requested"]["final_n"])),
+                             bool(stored["allow_underpowered"]), stored["context_length"])
+    found.compare("evidence", stored, evidence.as_dict())
+    short = floor.shortfalls(preview_n=evidence.requested[0], final_n=evidence.requested[1],
+                             seq_len=evidence.seq_len, replicates=evidence.replicates)
+    if floor.below_floor == "refuse" and short and not evidence.allow_underpowered:
+        found.differ("evidence", f"below the {floor.profile} floor ({', '.join(short)}) "
+                                 "without allow_underpowered: certify refuses such a run")
+    return evidence
 
 
 def _stopped_by(cert: Mapping[str, Any], guard_checks: list[gate.Check]) -> str | None:

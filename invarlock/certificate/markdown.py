@@ -64,6 +64,16 @@ def stopped_by(cert: dict[str, Any]) -> str | None:
 
 
 def summary_sentence(cert: dict[str, Any]) -> str:
+    """The one number against its limit; a warning when the evidence is below the profile."""
+    sentence = _metric_sentence(cert)
+    evidence = cert.get("evidence") or {}
+    if evidence.get("meets_profile") is False:
+        sentence += (f" ⚠️ Evidence below the {evidence['profile']} profile: "
+                     f"{'; '.join(evidence['shortfalls'])}.")
+    return sentence
+
+
+def _metric_sentence(cert: dict[str, Any]) -> str:
     pm = cert["primary_metric"]
     tier = cert["policy"]["tier"]
     if pm["gate_value"] is None:

@@ -82,29 +82,34 @@ def tokenizer_origin(source: ModelSource) -> str | None:
     return TOKENIZER_GGUF if gguf_info(path).has_tokenizer else None
 
 
-def check_subject_tokenizer(base_tok: Any, tok_hash: str, subj_src: ModelSource) -> str:
-    """The subject's tokenizer must give the baseline's ids; returns where it came from.
+def check_subject_tokenizer(base_tok: Any, tok_hash: str,
+                            subj_src: ModelSource) -> tuple[str, str]:
+    """The subject's tokenizer must give the baseline's ids; returns (origin, hash).
 
-    A tokenizer converted from GGUF metadata is rebuilt by transformers with settings that
-    do not change ids (e.g. an empty subword prefix), so it is compared by what decides the
-    ids: the vocabulary, the special tokens and the encodings of probe strings.
+    The hash is the subject tokenizer's own, handed to the invariants guard. A tokenizer
+    converted from GGUF metadata is rebuilt by transformers with settings that do not change
+    ids (e.g. an empty subword prefix), so it is compared by what decides the ids: the
+    vocabulary, the special tokens and the encodings of probe strings; when those agree, the
+    ids are the baseline's and so is the hash it is recorded under.
     """
     from invarlock.models import loading, tokenizer
 
     origin = tokenizer_origin(subj_src)
     if origin is None:
         logger.info("GGUF subject %s carries no tokenizer: the baseline's is used", subj_src)
-        return TOKENIZER_BASELINE
+        return TOKENIZER_BASELINE, tok_hash
     subj_tok = loading.load_tokenizer(subj_src)
-    if tokenizer.tokenizer_hash(subj_tok) == tok_hash:
-        return origin
+    subj_hash = tokenizer.tokenizer_hash(subj_tok)
+    if subj_hash == tok_hash:
+        return origin, subj_hash
     if origin == TOKENIZER_GGUF:
         diffs = converted_differences(base_tok, subj_tok)
+        if not diffs:
+            return origin, tok_hash
     else:
         diffs = tokenizer.tokenizer_differences(base_tok, subj_tok)
-    if diffs:
-        raise EvidenceError("baseline and subject tokenizers differ: " + "; ".join(diffs))
-    return origin
+    raise EvidenceError("baseline and subject tokenizers differ: "
+                        + "; ".join(diffs or ["their hashes differ"]))
 
 
 def converted_differences(base: Any, subj: Any) -> list[str]:
