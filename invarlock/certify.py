@@ -48,6 +48,8 @@ class CertifyRequest:
     device: str = "auto"
     dtype: str = "auto"
     allow_pickle: bool = False
+    device_map: str | None = None  # spread each model over devices through accelerate
+    max_memory: dict[int | str, int] | None = None  # bytes per device for the device map
     revision: str | None = None
     batch_size: int | None = None
     save_subject: Path | None = None
@@ -175,9 +177,11 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     else:
         t = time.perf_counter()
         base_model = loading.load_model(base_src, adapter=adapter, device=device,
-                                        dtype=req.dtype, allow_pickle=req.allow_pickle)
+                                        dtype=req.dtype, allow_pickle=req.allow_pickle,
+                                        **_placement(req))
         timer.add("load_s", t)
-        guards.baseline_loaded(base_model.model)
+        with loading.weights_on_host(base_model.model):
+            guards.baseline_loaded(base_model.model)
         base_sets = {name: score(base_model.model, getattr(plan, name), "baseline",
                                  guards.taps(base_model.model, "baseline", name))
                      for name in ("preview", "final")}
@@ -204,8 +208,12 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
         edit_plan = edit.parse_plan(req.edit)
         if base_model is None:
             base_model = loading.load_model(base_src, adapter=adapter, device=device,
-                                            dtype=req.dtype, allow_pickle=req.allow_pickle)
+                                            dtype=req.dtype, allow_pickle=req.allow_pickle,
+                                        **_placement(req))
         subject = base_model
+        if loading.has_offloaded_weights(subject.model):
+            raise InputError("the edit cannot change weights offloaded by the device map; "
+                             "raise --max-memory, or certify a saved subject with --subject")
         t_edit = time.perf_counter()
         result = edit.apply(subject.model, edit_plan)
         timer.add("edit_s", t_edit)
@@ -223,7 +231,8 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
         base_model = None
         _release_memory()
         subject = loading.load_model(subj_src, adapter=adapter, device=device, dtype=req.dtype,
-                                     allow_pickle=req.allow_pickle)
+                                     allow_pickle=req.allow_pickle,
+                                        **_placement(req))
         subj_record = _model_record(subj_src, subject.config, adapter, subject.weights_digest,
                                     "files", dtype=str(subject.dtype).removeprefix("torch."),
                                     parameters=subject.parameters)
@@ -237,7 +246,8 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
         score=lambda model, windows: evaluate.evaluate_windows(
             model, windows, kind=kind, device=device, batch_size=req.batch_size),
         base_model_prefix=str(getattr(subject.model, "base_model_prefix", "") or ""))
-    intact = guards.subject_loaded(ctx)
+    with loading.weights_on_host(subject.model):
+        intact = guards.subject_loaded(ctx)
 
     subj_prev = score(subject.model, plan.preview, "subject",
                       guards.taps(subject.model, "subject", "preview"))
@@ -255,7 +265,8 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
                          guards.taps(subject.model, "subject", "final"))
     final = _paired(base_sets["final"], subj_fin) if subj_fin is not None else None
     ctx.scores = {"preview": subj_prev, "final": subj_fin}
-    outcomes = guards.finish(ctx)
+    with loading.weights_on_host(subject.model):
+        outcomes = guards.finish(ctx)
     timer.spans.update(guards.timings())
 
     match = _match(base_sets, {"preview": subj_prev, "final": subj_fin})
@@ -319,6 +330,13 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     sealed = document.seal(cert)
     path = document.write_certificate(sealed, out_dir, markdown.render(sealed))
     return CertifyOutcome(sealed, path, out_dir / document.MARKDOWN_FILENAME)
+
+
+def _placement(req: CertifyRequest) -> dict[str, Any]:
+    """Device-map arguments for load_model (none without --device-map)."""
+    if req.device_map is None:
+        return {}
+    return {"device_map": req.device_map, "max_memory": req.max_memory}
 
 
 def _write_ve_subject(guards: Any, subject: Any, out_dir: Path) -> str | None:

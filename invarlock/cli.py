@@ -157,6 +157,11 @@ Examples:
               help="Config file(s) merged in order (seed shape); flags win.")
 @click.option("--adapter", help="auto (default), hf_causal, hf_mlm, hf_seq_cls, or a plugin.")
 @click.option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps.")
+@click.option("--device-map",
+              type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+              help="Spread each model over the GPUs (accelerate), CPU and disk offload last.")
+@click.option("--max-memory", metavar="DEV=SIZE,...",
+              help="Memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--batch-size", type=click.IntRange(min=1), help="Windows per forward pass.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for windows and bootstrap.")

@@ -26,6 +26,11 @@ MODEL = _obj({
     # (checked by invarlock.models.source.detect_adapter, which knows the plugins).
     "adapter": _STR,
     "device": {"type": "string", "pattern": r"^(auto|cpu|mps|cuda(:\d+)?)$"},
+    # spread the model over devices through accelerate; max_memory: "0=20GiB,cpu=64GiB"
+    # or a mapping of GPU index / cpu / mps to a size
+    "device_map": {"type": ["string", "null"],
+                   "enum": ["auto", "balanced", "balanced_low_0", "sequential", None]},
+    "max_memory": {"type": ["string", "object", "null"]},
     "dtype": {"type": "string", "enum": ["auto", "float32", "float16", "bfloat16"]},
     "allow_pickle": {"type": "boolean"},
     "revision": _OPT_STR,

@@ -273,7 +273,12 @@ def _validate(windows: Windows, kind: MetricKind) -> tuple[int, int]:
 
 
 def _check_device(model: torch.nn.Module, device: str) -> None:
-    """The model must already be on ``device``: evaluation moves windows, never weights."""
+    """The model must already be on ``device``: evaluation moves windows, never weights.
+
+    A model spread by a device map (``hf_device_map``) moves each module's inputs itself;
+    the windows go to ``device`` and its hooks take them from there."""
+    if getattr(model, "hf_device_map", None):
+        return
     wanted = torch.device(device)
     actual = next(model.parameters()).device
     if actual.type != wanted.type or (wanted.index is not None and actual.index != wanted.index):

@@ -104,6 +104,8 @@ def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
     put("model.subject", flags.get("subject"))
     put("model.adapter", flags.get("adapter"))
     put("model.device", flags.get("device"))
+    put("model.device_map", flags.get("device_map"))
+    put("model.max_memory", flags.get("max_memory"))
     put("model.dtype", flags.get("dtype"))
     put("model.allow_pickle", flags.get("allow_pickle"))
     if flags.get("dataset_spec"):
@@ -137,6 +139,7 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False) -> An
     """The `CertifyRequest` a merged config describes."""
     from invarlock.certify import CertifyRequest
     from invarlock.data.corpus import dataset_source_from_config
+    from invarlock.models.device import parse_max_memory, resolve_device_map
 
     out = get(config, "output.dir")
     save = get(config, "output.save_subject")
@@ -153,6 +156,8 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False) -> An
         device=get(config, "model.device", "auto"),
         dtype=get(config, "model.dtype", "auto"),
         allow_pickle=bool(get(config, "model.allow_pickle", False)),
+        device_map=resolve_device_map(get(config, "model.device_map")),
+        max_memory=parse_max_memory(get(config, "model.max_memory")),
         revision=get(config, "model.revision"),
         batch_size=get(config, "eval.batch_size"),
         save_subject=Path(save) if save else None,
