@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from invarlock import atomic
 
 log = logging.getLogger(__name__)
@@ -81,3 +83,40 @@ class BaselineCache:
         except (OSError, ValueError) as exc:
             log.warning("could not write baseline cache entry: %s", exc)
             return None
+
+
+@dataclass(frozen=True)
+class CachedScores:
+    """Baseline results as read back from the cache (the fields the pipeline uses)."""
+
+    window_ids: np.ndarray
+    sha256: tuple[str, ...]
+    tokens: np.ndarray
+    values: np.ndarray
+    nonfinite_windows: int = 0
+
+
+def scores_to_payload(sets: dict[str, Any], parameters: int) -> dict[str, Any]:
+    """The JSON form of the baseline's preview/final results."""
+    return {"parameters": parameters,
+            "sets": {name: {"window_ids": [int(i) for i in s.window_ids],
+                            "sha256": list(s.sha256), "tokens": [int(n) for n in s.tokens],
+                            "values": [float(v) for v in s.values]}
+                     for name, s in sets.items()}}
+
+
+def scores_from_payload(payload: dict[str, Any] | None,
+                        ) -> tuple[dict[str, CachedScores], int] | None:
+    """The baseline's preview/final results from a payload, or None if it does not hold them."""
+    if payload is None:
+        return None
+    try:
+        sets = {name: CachedScores(np.asarray(p["window_ids"], dtype=np.int64),
+                                   tuple(p["sha256"]),
+                                   np.asarray(p["tokens"], dtype=np.int64),
+                                   np.asarray(p["values"], dtype=np.float64))
+                for name in ("preview", "final") for p in [payload["sets"][name]]}
+        return sets, int(payload["parameters"])
+    except (KeyError, TypeError, ValueError):
+        log.warning("ignoring malformed baseline cache entry")
+        return None

@@ -1,9 +1,18 @@
-"""The certification pipeline: plan windows → baseline (cached) → subject → gate → certificate.
+"""The certification pipeline, one stage per function, each handing the next a frozen record:
+
+    validate_inputs    every input resolved and checked before anything is evaluated
+    plan_evaluation    corpus → tokenized, deduplicated, disjoint preview/final windows
+    evaluate_baseline  the baseline's per-window results and guard states (or the cache's)
+    prepare_subject    the subject: the baseline edited in memory, or a checkpoint
+    evaluate_subject   the subject on the same windows, its guards measured alongside
+    judge              pairing, primary metric and guard checks → verdict
+    write_outcome      the certificate, sealed and written
 
 One model is resident at a time: the baseline is evaluated (or its results come from the
 cache), then either edited in memory into the subject or dropped before the subject is
-loaded. The subject on disk is never written to. The preview set is scored first and a
-catastrophic preview stops the run before the final set.
+loaded. A baseline evaluated once serves any number of subjects: `certify_subject` runs the
+subject stages for one of them. The subject on disk is never written to. The preview set is
+scored first and a catastrophic preview stops the run before the final set.
 """
 
 from __future__ import annotations
@@ -20,18 +29,19 @@ from typing import Any
 import numpy as np
 
 from invarlock import __version__, environment, gate
-from invarlock.cache import BaselineCache, CacheKey
+from invarlock.cache import BaselineCache, CacheKey, scores_from_payload, scores_to_payload
 from invarlock.certificate import document, markdown
-from invarlock.data.corpus import DatasetSource, load_corpus
+from invarlock.data.corpus import Corpus, DatasetSource, load_corpus
 from invarlock.data.windows import WindowPlan, WindowSet, plan_windows
-from invarlock.enums import MetricKind
+from invarlock.enums import AdapterKind, MetricKind
 from invarlock.errors import EvidenceError, InputError
 from invarlock.guards import ChainSettings
-from invarlock.policy import resolve
+from invarlock.policy import ResolvedPolicy, resolve
 
 log = logging.getLogger(__name__)
 
 SAVED_MODEL_DIR = "model"  # output.save_model: the edited subject goes here, inside out_dir
+WINDOW_SETS = ("preview", "final")
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,98 @@ class CertifyOutcome:
         }
 
 
+# --- records the stages hand each other ------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A checkpoint as resolved before loading: where it is, its config and adapter."""
+
+    source: Any  # invarlock.models.source.ModelSource
+    config: dict[str, Any]
+    adapter: AdapterKind
+
+
+@dataclass(frozen=True)
+class EditInput:
+    """The in-memory edit that builds the subject, its plan already parsed."""
+
+    impl: Any  # invarlock.edits.Edit
+    plan: Any
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """Stage 1 output: every input of the run, resolved and checked."""
+
+    run_id: str
+    device: str
+    baseline: ModelInput
+    subject: ModelInput | None  # None: the subject is the baseline with `edit` applied
+    edit: EditInput | None
+    policy: ResolvedPolicy
+    chain: ChainSettings
+    tokenizer: Any
+    tokenizer_hash: str
+    out_dir: Path
+
+    @property
+    def kind(self) -> MetricKind:
+        return self.baseline.adapter.metric
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """Stage 2 output: the corpus and the windows both models are scored on."""
+
+    corpus: Corpus
+    windows: WindowPlan
+
+
+@dataclass(frozen=True)
+class BaselineEvidence:
+    """Stage 3 output: what every subject is compared with; no model is held here."""
+
+    sets: dict[str, Any]  # "preview"/"final" → WindowScores (or the cache's copy)
+    parameters: int
+    files: list[Path]
+    cache_key: CacheKey
+    guard_payload: dict[str, Any]  # baseline guard states, as the cache stores them
+    guard_seconds: dict[str, float]  # time the guards spent on the baseline pass
+    record: dict[str, Any]  # the certificate's `baseline` section
+
+
+@dataclass(frozen=True)
+class PreparedSubject:
+    """Stage 4 output: the subject resident for scoring, and what the certificate says of it."""
+
+    loaded: Any  # invarlock.models.loading.LoadedModel
+    record: dict[str, Any]
+    edit_record: dict[str, Any] | None
+    fingerprint: str | None  # tensor digest of an in-memory subject, for the invariants
+
+
+@dataclass(frozen=True)
+class SubjectEvidence:
+    """Stage 5 output: the subject's per-window results and every guard's outcome."""
+
+    record: dict[str, Any]  # the certificate's `subject` section
+    edit_record: dict[str, Any] | None
+    sets: dict[str, Any]  # "preview" → WindowScores, "final" → WindowScores or None
+    outcomes: list[Any]  # invarlock.guards.GuardOutcome, chain order
+    gating: list[str]  # gating flags the guards add
+    ve_scales: dict[str, float] | None  # the VE guard's proposal, when it ran
+    guard_seconds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """Stage 6 output: the numbers and the verdict."""
+
+    match: float
+    primary: gate.PrimaryMetricResult
+    decision: gate.Decision
+
+
 @dataclass
 class _Timer:
     spans: dict[str, float] = field(default_factory=dict)
@@ -101,235 +203,276 @@ class _Timer:
         self.spans[name] = round(self.spans.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
+# --- the pipeline ----------------------------------------------------------------------------
+
 def certify(req: CertifyRequest) -> CertifyOutcome:
     """Run one certification and write its certificate; the verdict is in the outcome."""
-    from invarlock import evaluate
-    from invarlock.guards.measure.probe import SubjectContext
-    from invarlock.guards.measure.run import GuardRun, head, run_info
+    started = time.perf_counter()
+    timer = _Timer()
+    inputs = validate_inputs(req, timer)
+    plan = plan_evaluation(inputs, req, timer)
+    baseline, base_model = evaluate_baseline(inputs, plan, req, timer)
+    if inputs.edit is None:
+        base_model = None  # one model resident at a time: the baseline leaves first
+        _release_memory()
+    subject = prepare_subject(inputs, req, timer, base_model)
+    del base_model
+    return certify_subject(inputs, plan, baseline, subject, req, timer, started)
+
+
+def certify_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
+                    subject: PreparedSubject, req: CertifyRequest, timer: _Timer,
+                    started: float) -> CertifyOutcome:
+    """The subject stages for one subject against an already evaluated baseline."""
+    evidence = evaluate_subject(inputs, plan, baseline, subject, req, timer)
+    judgement = judge(inputs, plan, baseline, evidence)
+    artifacts = _write_models(inputs, req, subject, evidence, judgement)
+    del subject
+    _release_memory()
+    timer.spans["total_s"] = round(time.perf_counter() - started, 4)
+    return write_outcome(inputs, plan, baseline, evidence, judgement, artifacts, req, timer)
+
+
+# --- stage 1: inputs -------------------------------------------------------------------------
+
+def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
+    """Resolve models, policy, guard settings and tokenizers; fail here, before evaluating."""
     from invarlock.models import device as devices
     from invarlock.models import loading, source, tokenizer
 
-    started = time.perf_counter()
-    timer = _Timer()
+    t = time.perf_counter()
     run_id = _run_id()
     device = devices.resolve_device(req.device)
-
-    t = time.perf_counter()
     base_src = source.resolve_model_source(req.baseline, revision=req.revision)
     base_cfg = source.read_config(base_src)
-    adapter = source.detect_adapter(base_cfg, req.adapter)
-    kind = adapter.metric
-    subj_src = None
-    if req.subject is not None:
-        subj_src = source.resolve_model_source(req.subject, revision=req.revision)
-        subj_adapter = source.detect_adapter(source.read_config(subj_src), req.adapter)
-        if subj_adapter is not adapter:
-            raise InputError(f"baseline is {adapter} but subject is {subj_adapter}: "
-                             "they must be the same kind of model")
+    baseline = ModelInput(base_src, base_cfg, source.detect_adapter(base_cfg, req.adapter))
+    subject = (check_subject(req.subject, baseline, req)
+               if req.subject is not None else None)
     policy = resolve(req.config, context_length=source.context_length(base_cfg))
     chain = ChainSettings.from_policy(policy.values.get("guards"))  # bad guard config: fail now
+    edit = _parse_edit(req) if req.edit is not None else None
     _seed_everything(policy.windows.seed)
 
     base_tok = loading.load_tokenizer(base_src)
     tok_hash = tokenizer.tokenizer_hash(base_tok)
-    if subj_src is not None:
-        subj_tok = loading.load_tokenizer(subj_src)
-        if tokenizer.tokenizer_hash(subj_tok) != tok_hash:
-            diffs = tokenizer.tokenizer_differences(base_tok, subj_tok)
-            raise EvidenceError("baseline and subject tokenizers differ: " + "; ".join(diffs))
-        del subj_tok
+    if subject is not None:
+        check_subject_tokenizer(subject, base_tok, tok_hash)
     timer.add("resolve_s", t)
+    out_dir = req.out_dir if req.out_dir is not None else Path("runs") / run_id
+    return RunInputs(run_id=run_id, device=device, baseline=baseline, subject=subject,
+                     edit=edit, policy=policy, chain=chain, tokenizer=base_tok,
+                     tokenizer_hash=tok_hash, out_dir=out_dir)
 
+
+def check_subject(spec: str, baseline: ModelInput, req: CertifyRequest) -> ModelInput:
+    """Resolve one subject checkpoint; it must be the same kind of model as the baseline."""
+    from invarlock.models import source
+
+    src = source.resolve_model_source(spec, revision=req.revision)
+    config = source.read_config(src)
+    adapter = source.detect_adapter(config, req.adapter)
+    if adapter is not baseline.adapter:
+        raise InputError(f"baseline is {baseline.adapter} but subject is {adapter}: "
+                         "they must be the same kind of model")
+    return ModelInput(src, config, adapter)
+
+
+def check_subject_tokenizer(subject: ModelInput, base_tok: Any, tok_hash: str) -> None:
+    """The subject must tokenize exactly as the baseline does, or no window pairs up."""
+    from invarlock.models import loading, tokenizer
+
+    subj_tok = loading.load_tokenizer(subject.source)
+    if tokenizer.tokenizer_hash(subj_tok) != tok_hash:
+        diffs = tokenizer.tokenizer_differences(base_tok, subj_tok)
+        raise EvidenceError("baseline and subject tokenizers differ: " + "; ".join(diffs))
+
+
+def _parse_edit(req: CertifyRequest) -> EditInput:
+    from invarlock.edits import get_edit
+
+    assert req.edit is not None
+    impl = req.edit_impl or get_edit(req.edit["name"])
+    return EditInput(impl, impl.parse_plan(req.edit))
+
+
+# --- stage 2: windows ------------------------------------------------------------------------
+
+def plan_evaluation(inputs: RunInputs, req: CertifyRequest, timer: _Timer) -> EvaluationPlan:
+    """Read the corpus and cut the paired windows both models will be scored on."""
     t = time.perf_counter()
-    corpus = load_corpus(req.dataset, labelled=kind is MetricKind.ACCURACY)
-    wp = policy.windows
-    plan = plan_windows(corpus, base_tok, kind=kind, seq_len=wp.seq_len, stride=wp.stride,
-                        preview_n=wp.preview_n, final_n=wp.final_n, seed=wp.seed,
-                        strict=wp.strict, tokenizer_hash=tok_hash)
+    corpus = load_corpus(req.dataset, labelled=inputs.kind is MetricKind.ACCURACY)
+    wp = inputs.policy.windows
+    windows = plan_windows(corpus, inputs.tokenizer, kind=inputs.kind, seq_len=wp.seq_len,
+                           stride=wp.stride, preview_n=wp.preview_n, final_n=wp.final_n,
+                           seed=wp.seed, strict=wp.strict, tokenizer_hash=inputs.tokenizer_hash)
     timer.add("windows_s", t)
+    return EvaluationPlan(corpus, windows)
 
-    def score(model: Any, windows: WindowSet, label: str, taps: Any = None) -> Any:
-        t0 = time.perf_counter()
-        scores = evaluate.evaluate_windows(model, windows, kind=kind, device=device,
-                                           batch_size=req.batch_size, taps=taps or None,
-                                           progress=req.progress)
-        timer.add(f"{label}_eval_s", t0)
-        return scores
 
-    guards = GuardRun(chain, policy.values.get("guards") or {},
-                      run_info(kind, device, plan, chain, policy))
+# --- stage 3: baseline -----------------------------------------------------------------------
 
-    # Baseline: from the cache when this exact evaluation was done before.
-    base_files = source.weight_files(base_src, req.allow_pickle)
-    dtype = devices.resolve_dtype(req.dtype, device, devices.checkpoint_dtype(base_cfg))
-    key = CacheKey(source.weights_digest(base_files), tok_hash, plan.digest, str(kind),
-                   str(dtype).removeprefix("torch."), device.split(":")[0], __version__)
+def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyRequest,
+                      timer: _Timer) -> tuple[BaselineEvidence, Any]:
+    """The baseline's results, from the cache when this exact evaluation was done before.
+
+    Returns the evidence and the loaded baseline model (None when it came from the cache);
+    the caller decides how long the model stays resident.
+    """
+    from invarlock.models import device as devices
+    from invarlock.models import loading, source
+
+    base = inputs.baseline
+    files = source.weight_files(base.source, req.allow_pickle)
+    dtype = devices.resolve_dtype(req.dtype, inputs.device, devices.checkpoint_dtype(base.config))
+    key = CacheKey(source.weights_digest(files), inputs.tokenizer_hash, plan.windows.digest,
+                   str(inputs.kind), str(dtype).removeprefix("torch."),
+                   inputs.device.split(":")[0], __version__)
+    guards = _guard_run(inputs, plan)
     cache = BaselineCache(req.cache_dir) if req.use_cache else None
     payload = cache.load(key) if cache else None
-    cached = _from_payload(payload)
+    cached = scores_from_payload(payload)
     if cached is not None and not guards.restore(payload.get("guards")):
         log.info("baseline cache entry lacks these guard settings; evaluating the baseline")
         cached = None
-    base_from_cache = cached is not None
-    base_model = None
+    model = None
     if cached is not None:
-        base_sets, base_parameters = cached
+        sets, parameters = cached
+        guard_payload = dict(payload.get("guards") or {})
     else:
         t = time.perf_counter()
-        base_model = loading.load_model(base_src, adapter=adapter, device=device,
-                                        dtype=req.dtype, allow_pickle=req.allow_pickle,
-                                        **_placement(req))
+        model = loading.load_model(base.source, adapter=base.adapter, device=inputs.device,
+                                   dtype=req.dtype, allow_pickle=req.allow_pickle,
+                                   **_placement(req))
         timer.add("load_s", t)
-        with loading.weights_on_host(base_model.model):
-            guards.baseline_loaded(base_model.model)
-        base_sets = {name: score(base_model.model, getattr(plan, name), "baseline",
-                                 guards.taps(base_model.model, "baseline", name))
-                     for name in ("preview", "final")}
-        broken = sum(s.nonfinite_windows for s in base_sets.values())
+        with loading.weights_on_host(model.model):
+            guards.baseline_loaded(model.model)
+        sets = {name: _score(inputs, req, timer, model.model, getattr(plan.windows, name),
+                             "baseline", guards.taps(model.model, "baseline", name))
+                for name in WINDOW_SETS}
+        broken = sum(s.nonfinite_windows for s in sets.values())
         if broken:
             raise EvidenceError(f"the baseline produced non-finite losses on {broken} windows; "
                                 "there is nothing sound to compare the subject with")
-        base_parameters = int(base_model.parameters)
+        parameters = int(model.parameters)
         guard_payload = guards.baseline_done()
         if cache:
-            cache.store(key, {**_to_payload(base_sets, base_parameters),
-                              "guards": guard_payload})
-    base_record = _model_record(base_src, base_cfg, adapter, key.weights_digest, "files",
-                                dtype=key.dtype, parameters=base_parameters,
-                                from_cache=base_from_cache)
+            cache.store(key, {**scores_to_payload(sets, parameters), "guards": guard_payload})
+    record = _model_record(base.source, base.config, base.adapter, key.weights_digest, "files",
+                           dtype=key.dtype, parameters=parameters,
+                           from_cache=cached is not None)
+    evidence = BaselineEvidence(sets=sets, parameters=parameters, files=files, cache_key=key,
+                                guard_payload=guard_payload, guard_seconds=guards.timings(),
+                                record=record)
+    return evidence, model
 
-    # Subject: the baseline edited in memory, or a checkpoint loaded after the baseline left.
-    edit_record = None
+
+# --- stage 4: subject ------------------------------------------------------------------------
+
+def prepare_subject(inputs: RunInputs, req: CertifyRequest, timer: _Timer,
+                    base_model: Any = None) -> PreparedSubject:
+    """The baseline edited in memory (loaded again if the cache spared it), or the subject
+    checkpoint (loaded only once the baseline model is gone)."""
+    from invarlock.models import loading
+
     t = time.perf_counter()
-    if req.edit is not None:
-        from invarlock.edits import get_edit
-
-        edit = req.edit_impl or get_edit(req.edit["name"])
-        edit_plan = edit.parse_plan(req.edit)
+    if inputs.edit is not None:
+        base = inputs.baseline
         if base_model is None:
-            base_model = loading.load_model(base_src, adapter=adapter, device=device,
-                                            dtype=req.dtype, allow_pickle=req.allow_pickle,
-                                        **_placement(req))
-        subject = base_model
-        if loading.has_offloaded_weights(subject.model):
-            raise InputError("the edit cannot change weights offloaded by the device map; "
-                             "raise --max-memory, or certify a saved subject with --subject")
-        t_edit = time.perf_counter()
-        result = edit.apply(subject.model, edit_plan)
-        timer.add("edit_s", t_edit)
-        edit_record = {"name": result.name, "plan": result.plan,
-                       "modules_changed": list(result.modules_changed),
-                       "params_changed": int(result.params_changed),
-                       "max_abs_error": float(result.max_abs_error)}
-        subj_record = _model_record(base_src, base_cfg, adapter, loading.tensor_digest(
-            subject.model), "tensors", dtype=key.dtype, parameters=subject.parameters,
-            produced_by=f"edit:{result.name}")
-        subj_record["kind"] = "edit"
+            base_model = loading.load_model(base.source, adapter=base.adapter,
+                                            device=inputs.device, dtype=req.dtype,
+                                            allow_pickle=req.allow_pickle, **_placement(req))
+        prepared = _edited_subject(inputs, base_model, timer)
     else:
-        assert subj_src is not None
-        del base_model
-        base_model = None
-        _release_memory()
-        subject = loading.load_model(subj_src, adapter=adapter, device=device, dtype=req.dtype,
-                                     allow_pickle=req.allow_pickle,
-                                        **_placement(req))
-        subj_record = _model_record(subj_src, subject.config, adapter, subject.weights_digest,
-                                    "files", dtype=str(subject.dtype).removeprefix("torch."),
-                                    parameters=subject.parameters)
+        assert inputs.subject is not None
+        subj = inputs.subject
+        loaded = loading.load_model(subj.source, adapter=subj.adapter, device=inputs.device,
+                                    dtype=req.dtype, allow_pickle=req.allow_pickle,
+                                   **_placement(req))
+        record = _model_record(subj.source, loaded.config, subj.adapter, loaded.weights_digest,
+                               "files", dtype=str(loaded.dtype).removeprefix("torch."),
+                               parameters=loaded.parameters)
+        prepared = PreparedSubject(loaded, record, None, None)
     timer.add("load_s", t)
+    return prepared
 
+
+def _edited_subject(inputs: RunInputs, base_model: Any, timer: _Timer) -> PreparedSubject:
+    from invarlock.models import loading
+
+    assert inputs.edit is not None
+    if loading.has_offloaded_weights(base_model.model):
+        raise InputError("the edit cannot change weights offloaded by the device map; "
+                         "raise --max-memory, or certify a saved subject with --subject")
+    t_edit = time.perf_counter()
+    result = inputs.edit.impl.apply(base_model.model, inputs.edit.plan)
+    timer.add("edit_s", t_edit)
+    edit_record = {"name": result.name, "plan": result.plan,
+                   "modules_changed": list(result.modules_changed),
+                   "params_changed": int(result.params_changed),
+                   "max_abs_error": float(result.max_abs_error)}
+    base = inputs.baseline
+    digest = loading.tensor_digest(base_model.model)
+    record = _model_record(base.source, base.config, base.adapter, digest, "tensors",
+                           dtype=str(base_model.dtype).removeprefix("torch."),
+                           parameters=base_model.parameters, produced_by=f"edit:{result.name}")
+    record["kind"] = "edit"
+    return PreparedSubject(base_model, record, edit_record, digest)
+
+
+# --- stage 5: subject evaluation and guards --------------------------------------------------
+
+def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
+                     subject: PreparedSubject, req: CertifyRequest,
+                     timer: _Timer) -> SubjectEvidence:
+    """Fatal invariants, then the preview set, then (unless stopped) the final set; each
+    guard measured through taps on the same passes and decided against the baseline."""
+    from invarlock import evaluate
+    from invarlock.guards.measure.probe import SubjectContext
+    from invarlock.guards.measure.run import head
+    from invarlock.models import loading
+
+    guards = _guard_run(inputs, plan)
+    guards.restore(baseline.guard_payload)
+    model = subject.loaded.model
+    kind, device = inputs.kind, inputs.device
     ctx = SubjectContext(
-        info=guards.info, model=subject.model, config=subject.config, baseline_config=base_cfg,
-        baseline_files=base_files, tokenizer_hashes=(tok_hash, tok_hash),
-        fingerprint=subj_record["weights_digest"] if req.edit is not None else None,
-        calibration=head(plan.final, int(guards.info.calibration_ids.size)),
-        score=lambda model, windows: evaluate.evaluate_windows(
-            model, windows, kind=kind, device=device, batch_size=req.batch_size),
-        base_model_prefix=str(getattr(subject.model, "base_model_prefix", "") or ""))
-    with loading.weights_on_host(subject.model):
+        info=guards.info, model=model, config=subject.loaded.config,
+        baseline_config=inputs.baseline.config, baseline_files=baseline.files,
+        tokenizer_hashes=(inputs.tokenizer_hash, inputs.tokenizer_hash),
+        fingerprint=subject.fingerprint,
+        calibration=head(plan.windows.final, int(guards.info.calibration_ids.size)),
+        score=lambda m, windows: evaluate.evaluate_windows(
+            m, windows, kind=kind, device=device, batch_size=req.batch_size),
+        base_model_prefix=str(getattr(model, "base_model_prefix", "") or ""))
+    with loading.weights_on_host(model):
         intact = guards.subject_loaded(ctx)
 
-    subj_prev = score(subject.model, plan.preview, "subject",
-                      guards.taps(subject.model, "subject", "preview"))
-    preview = _paired(base_sets["preview"], subj_prev)
-    catastrophic = gate.is_catastrophic(kind, gate.summarize(kind, preview),
-                                        policy.primary_metric)
-    subj_fin = None
+    preview = _score(inputs, req, timer, model, plan.windows.preview, "subject",
+                     guards.taps(model, "subject", "preview"))
+    catastrophic = gate.is_catastrophic(
+        kind, gate.summarize(kind, _paired(baseline.sets["preview"], preview)),
+        inputs.policy.primary_metric)
+    final = None
     if catastrophic:
         log.warning("preview ratio beyond the catastrophic limit: final set not evaluated")
     elif not intact:
         log.warning("%s failed before evaluation (fatal): final set not evaluated",
                     guards.fatal)
     else:
-        subj_fin = score(subject.model, plan.final, "subject",
-                         guards.taps(subject.model, "subject", "final"))
-    final = _paired(base_sets["final"], subj_fin) if subj_fin is not None else None
-    ctx.scores = {"preview": subj_prev, "final": subj_fin}
-    with loading.weights_on_host(subject.model):
+        final = _score(inputs, req, timer, model, plan.windows.final, "subject",
+                       guards.taps(model, "subject", "final"))
+    ctx.scores = {"preview": preview, "final": final}
+    with loading.weights_on_host(model):
         outcomes = guards.finish(ctx)
-    timer.spans.update(guards.timings())
-
-    match = _match(base_sets, {"preview": subj_prev, "final": subj_fin})
-    if match < 1.0:
-        raise EvidenceError(f"pairing broken: only {match:.2%} of windows were identical for "
-                            "both models")
-    pm = gate.primary_metric(kind, preview, final, policy.primary_metric, policy.bootstrap)
-    checks = [gate.pairing_check(match, plan.overlap(), plan.preview.n, plan.final.n),
-              *gate.primary_checks(pm, policy.primary_metric),
-              *(o.check for o in outcomes)]
-    decision = gate.decide(checks, [*gate.PRIMARY_GATING, *guards.gating(outcomes)])
-
-    ve_written = None
-    if req.write_ve_subject is not None:
-        ve_written = _write_ve_subject(guards, subject, req.write_ve_subject)
-
-    out_dir = req.out_dir if req.out_dir is not None else Path("runs") / run_id
-    save_to = req.save_subject or (out_dir / SAVED_MODEL_DIR if req.save_model else None)
-    saved = None
-    if save_to is not None:
-        if decision.verdict == "PASS":
-            loading.save_checkpoint(subject, save_to)
-            saved = str(save_to)
-        else:
-            log.warning("verdict FAIL: the edited subject is discarded, nothing saved to %s",
-                        save_to)
-    del subject
-    _release_memory()
-
-    timer.spans["total_s"] = round(time.perf_counter() - started, 4)
-    cert = {
-        "format": "invarlock.certificate",
-        "schema_version": 1,
-        "run_id": run_id,
-        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "tool": {"name": "invarlock", "version": __version__},
-        "environment": _environment(devices.describe_device(device), base_cfg, req),
-        "seeds": {"windows": wp.seed, "bootstrap": policy.bootstrap.seed, "torch": wp.seed,
-                  "numpy": wp.seed, "python": wp.seed},
-        "baseline": base_record,
-        "subject": subj_record,
-        "tokenizer": {"hash": tok_hash, "class": type(base_tok).__name__,
-                      "vocab_size": len(base_tok), "identical": True},
-        "dataset": {"spec": corpus.source.spec(), "provider": corpus.source.provider,
-                    "digest": corpus.digest, "documents": len(corpus.documents),
-                    "tokens": int(plan.total_tokens)},
-        "windows": _windows_section(plan, base_sets, {"preview": subj_prev, "final": subj_fin}),
-        "pairing": {"match": match, "overlap": plan.overlap(), "preview_n": plan.preview.n,
-                    "final_n": plan.final.n, "final_evaluated": subj_fin is not None},
-        "edit": edit_record,
-        "primary_metric": pm.as_dict(),
-        "policy": policy.as_dict(),
-        "guards": {o.name: o.section for o in outcomes},
-        "validation": decision.validation,
-        "gating": list(decision.gating),
-        "verdict": decision.verdict_section(),
-        "artifacts": {"markdown": document.MARKDOWN_FILENAME, "saved_subject": saved,
-                      "ve_subject": ve_written},
-        "timings": timer.spans,
-    }
-    sealed = document.seal(cert)
-    path = document.write_certificate(sealed, out_dir, markdown.render(sealed))
-    return CertifyOutcome(sealed, path, out_dir / document.MARKDOWN_FILENAME)
+    probe = guards.probes.get("variance")
+    scales = (dict(probe.scales) if probe is not None and guards.fatal is None
+              and getattr(probe, "scales", None) is not None else None)
+    seconds = {name: round(s + baseline.guard_seconds.get(name, 0.0), 4)
+               for name, s in guards.timings().items()}
+    return SubjectEvidence(record=subject.record, edit_record=subject.edit_record,
+                           sets={"preview": preview, "final": final}, outcomes=outcomes,
+                           gating=guards.gating(outcomes), ve_scales=scales,
+                           guard_seconds=seconds)
 
 
 def _placement(req: CertifyRequest) -> dict[str, Any]:
@@ -339,24 +482,141 @@ def _placement(req: CertifyRequest) -> dict[str, Any]:
     return {"device_map": req.device_map, "max_memory": req.max_memory}
 
 
-def _write_ve_subject(guards: Any, subject: Any, out_dir: Path) -> str | None:
-    """Write the VE-corrected copy requested with --write-ve-subject (the subject stays)."""
-    from invarlock.guards.measure.variance import write_corrected_copy
+# --- stage 6: verdict ------------------------------------------------------------------------
 
-    probe = guards.probes.get("variance")
-    if probe is None or guards.fatal is not None:
-        log.warning("no VE-corrected subject written: the variance guard did not run")
-        return None
-    write_corrected_copy(subject, probe.scales, out_dir)
-    return str(out_dir)
+def judge(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
+          subject: SubjectEvidence) -> Judgement:
+    """Pairing, the primary metric with its interval, and every check → the verdict."""
+    match = _match(baseline.sets, subject.sets)
+    if match < 1.0:
+        raise EvidenceError(f"pairing broken: only {match:.2%} of windows were identical for "
+                            "both models")
+    windows = plan.windows
+    preview = _paired(baseline.sets["preview"], subject.sets["preview"])
+    final = (_paired(baseline.sets["final"], subject.sets["final"])
+             if subject.sets["final"] is not None else None)
+    policy = inputs.policy
+    pm = gate.primary_metric(inputs.kind, preview, final, policy.primary_metric,
+                             policy.bootstrap)
+    checks = [gate.pairing_check(match, windows.overlap(), windows.preview.n, windows.final.n),
+              *gate.primary_checks(pm, policy.primary_metric),
+              *(o.check for o in subject.outcomes)]
+    decision = gate.decide(checks, [*gate.PRIMARY_GATING, *subject.gating])
+    return Judgement(match, pm, decision)
+
+
+# --- stage 7: write --------------------------------------------------------------------------
+
+def _write_models(inputs: RunInputs, req: CertifyRequest, subject: PreparedSubject,
+                  evidence: SubjectEvidence, judgement: Judgement) -> dict[str, str | None]:
+    """Checkpoints the user asked for: the VE-corrected copy, the edited subject on PASS."""
+    from invarlock.models import loading
+
+    ve_written = None
+    if req.write_ve_subject is not None:
+        if evidence.ve_scales is None:
+            log.warning("no VE-corrected subject written: the variance guard did not run")
+        else:
+            from invarlock.guards.measure.variance import write_corrected_copy
+
+            write_corrected_copy(subject.loaded, evidence.ve_scales, req.write_ve_subject)
+            ve_written = str(req.write_ve_subject)
+    save_to = req.save_subject or (inputs.out_dir / SAVED_MODEL_DIR if req.save_model else None)
+    saved = None
+    if save_to is not None:
+        if judgement.decision.verdict == "PASS":
+            loading.save_checkpoint(subject.loaded, save_to)
+            saved = str(save_to)
+        else:
+            log.warning("verdict FAIL: the edited subject is discarded, nothing saved to %s",
+                        save_to)
+    return {"saved_subject": saved, "ve_subject": ve_written}
+
+
+def write_outcome(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
+                  subject: SubjectEvidence, judgement: Judgement,
+                  artifacts: dict[str, str | None], req: CertifyRequest,
+                  timer: _Timer) -> CertifyOutcome:
+    """Assemble, seal and write the certificate with its Markdown rendering."""
+    cert = build_certificate(inputs, plan, baseline, subject, judgement, artifacts, req,
+                             {**timer.spans, **subject.guard_seconds})
+    sealed = document.seal(cert)
+    path = document.write_certificate(sealed, inputs.out_dir, markdown.render(sealed))
+    return CertifyOutcome(sealed, path, inputs.out_dir / document.MARKDOWN_FILENAME)
+
+
+def build_certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
+                      subject: SubjectEvidence, judgement: Judgement,
+                      artifacts: dict[str, str | None], req: CertifyRequest,
+                      timings: dict[str, float]) -> dict[str, Any]:
+    """The certificate's content (unsealed): every section the schema describes."""
+    from invarlock.models import device as devices
+
+    wp, windows, corpus = inputs.policy.windows, plan.windows, plan.corpus
+    tok = inputs.tokenizer
+    return {
+        "format": "invarlock.certificate",
+        "schema_version": 1,
+        "run_id": inputs.run_id,
+        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tool": {"name": "invarlock", "version": __version__},
+        "environment": _environment(devices.describe_device(inputs.device),
+                                    inputs.baseline.config, req),
+        "seeds": {"windows": wp.seed, "bootstrap": inputs.policy.bootstrap.seed,
+                  "torch": wp.seed, "numpy": wp.seed, "python": wp.seed},
+        "baseline": baseline.record,
+        "subject": subject.record,
+        "tokenizer": {"hash": inputs.tokenizer_hash, "class": type(tok).__name__,
+                      "vocab_size": len(tok), "identical": True},
+        "dataset": {"spec": corpus.source.spec(), "provider": corpus.source.provider,
+                    "digest": corpus.digest, "documents": len(corpus.documents),
+                    "tokens": int(windows.total_tokens)},
+        "windows": _windows_section(windows, baseline.sets, subject.sets),
+        "pairing": {"match": judgement.match, "overlap": windows.overlap(),
+                    "preview_n": windows.preview.n, "final_n": windows.final.n,
+                    "final_evaluated": subject.sets["final"] is not None},
+        "edit": subject.edit_record,
+        "primary_metric": judgement.primary.as_dict(),
+        "policy": inputs.policy.as_dict(),
+        "guards": {o.name: o.section for o in subject.outcomes},
+        "validation": judgement.decision.validation,
+        "gating": list(judgement.decision.gating),
+        "verdict": judgement.decision.verdict_section(),
+        "artifacts": {"markdown": document.MARKDOWN_FILENAME, **artifacts},
+        "timings": timings,
+    }
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _guard_run(inputs: RunInputs, plan: EvaluationPlan) -> Any:
+    from invarlock.guards.measure.run import GuardRun, run_info
+
+    return GuardRun(inputs.chain, inputs.policy.values.get("guards") or {},
+                    run_info(inputs.kind, inputs.device, plan.windows, inputs.chain,
+                             inputs.policy))
+
+
+def _score(inputs: RunInputs, req: CertifyRequest, timer: _Timer, model: Any,
+           windows: WindowSet, label: str, taps: Any = None) -> Any:
+    from invarlock import evaluate
+
+    t0 = time.perf_counter()
+    scores = evaluate.evaluate_windows(model, windows, kind=inputs.kind, device=inputs.device,
+                                       batch_size=req.batch_size, taps=taps or None,
+                                       progress=req.progress)
+    timer.add(f"{label}_eval_s", t0)
+    return scores
+
+
 def _environment(device: dict[str, Any], config: dict[str, Any],
                  req: CertifyRequest) -> dict[str, Any]:
     """Where the run happened; plugin distributions that loaded or edited a model included."""
-    from invarlock import plugins
+    from invarlock import catalog
 
     described = environment.describe(device)
     edit_name = req.edit.get("name") if req.edit else None
-    described["libraries"].update(plugins.distributions_in_use(config, req.adapter, edit_name))
+    described["libraries"].update(catalog.distributions_in_use(config, req.adapter, edit_name))
     return described
 
 
@@ -438,38 +698,3 @@ def _windows_section(plan: WindowPlan, base_sets: dict[str, Any],
         "requested": {"preview_n": plan.requested[0], "final_n": plan.requested[1]},
         "plan_digest": plan.digest, "preview": one("preview"), "final": one("final"),
     }
-
-
-@dataclass(frozen=True)
-class _CachedScores:
-    """Baseline results as read back from the cache (the fields the pipeline uses)."""
-
-    window_ids: np.ndarray
-    sha256: tuple[str, ...]
-    tokens: np.ndarray
-    values: np.ndarray
-    nonfinite_windows: int = 0
-
-
-def _to_payload(sets: dict[str, Any], parameters: int) -> dict[str, Any]:
-    return {"parameters": parameters,
-            "sets": {name: {"window_ids": [int(i) for i in s.window_ids],
-                            "sha256": list(s.sha256), "tokens": [int(n) for n in s.tokens],
-                            "values": [float(v) for v in s.values]}
-                     for name, s in sets.items()}}
-
-
-def _from_payload(payload: dict[str, Any] | None,
-                  ) -> tuple[dict[str, _CachedScores], int] | None:
-    if payload is None:
-        return None
-    try:
-        sets = {name: _CachedScores(np.asarray(p["window_ids"], dtype=np.int64),
-                                    tuple(p["sha256"]),
-                                    np.asarray(p["tokens"], dtype=np.int64),
-                                    np.asarray(p["values"], dtype=np.float64))
-                for name in ("preview", "final") for p in [payload["sets"][name]]}
-        return sets, int(payload["parameters"])
-    except (KeyError, TypeError, ValueError):
-        log.warning("ignoring malformed baseline cache entry")
-        return None

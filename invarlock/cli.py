@@ -404,7 +404,7 @@ def plugins(kind: str | None, as_json: bool) -> None:
     _configure_logging(quiet=True)
 
     def body() -> tuple[int, dict[str, Any] | None]:
-        from invarlock import plugins as registry
+        from invarlock import catalog as registry
 
         found = registry.components(kind)
         if not as_json:

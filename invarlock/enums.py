@@ -45,6 +45,20 @@ class AdapterKind(StrEnum):
         }[self]
 
 
+# Names `--adapter` accepts for the built-in kinds (a plugin adapter cannot take them).
+ADAPTER_ALIASES: dict[str, AdapterKind] = {
+    "hf_causal": AdapterKind.CAUSAL_LM,
+    "hf_gpt2": AdapterKind.CAUSAL_LM,
+    "hf_llama": AdapterKind.CAUSAL_LM,
+    "hf_mistral": AdapterKind.CAUSAL_LM,
+    "hf_qwen2": AdapterKind.CAUSAL_LM,
+    "hf_mlm": AdapterKind.MASKED_LM,
+    "hf_bert": AdapterKind.MASKED_LM,
+    "hf_seq_cls": AdapterKind.SEQ_CLS,
+    "hf_bert_cls": AdapterKind.SEQ_CLS,
+}
+
+
 class GuardMode(StrEnum):
     OFF = "off"
     MONITOR = "monitor"

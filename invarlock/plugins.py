@@ -12,7 +12,9 @@ Three entry-point groups extend InvarLock without changes to it:
 
 An entry point may name the object itself or a zero-argument callable returning it. A plugin
 that fails to load is listed with its error and otherwise ignored; built-in names win.
-Nothing here imports torch.
+Nothing here imports torch, and nothing here imports the modules that consult it
+(`invarlock.edits`, `invarlock.models`): the full listing, built-ins included, is
+`invarlock.catalog`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from functools import cache
 from importlib import metadata
 from typing import Any
 
-from invarlock.enums import AdapterKind
+from invarlock.enums import ADAPTER_ALIASES, AdapterKind
 
 log = logging.getLogger(__name__)
 
@@ -80,26 +82,22 @@ def refresh() -> None:
     _entry_point_components.cache_clear()
 
 
-def components(kind: str | None = None) -> list[Component]:
-    """Built-in components, then entry-point ones, of one kind or of all kinds."""
-    kinds = KINDS if kind is None else (kind,)
-    out: list[Component] = []
-    for k in kinds:
-        if k not in GROUPS:
-            raise ValueError(f"unknown component kind {k!r}; use one of {', '.join(KINDS)}")
-        builtins = _BUILTINS[k]()
-        taken = {name for c in builtins for name in (c.name, *c.aliases)}
-        out += builtins
-        for comp in _entry_point_components(k):
-            if comp.name in taken and comp.error is None:
-                comp = _with_error(comp, f"name taken by a built-in {k[:-1]}")
-            out.append(comp)
-    return out
+def discovered(kind: str) -> tuple[Component, ...]:
+    """Entry-point components of one kind, those that failed to load included (with error)."""
+    if kind not in GROUPS:
+        raise ValueError(f"unknown component kind {kind!r}; use one of {', '.join(KINDS)}")
+    return _entry_point_components(kind)
 
 
 def adapter_plugins() -> list[AdapterPlugin]:
     """Adapter plugins that loaded, in discovery order."""
-    return [c.obj for c in components("adapters") if c.origin != BUILTIN and c.error is None]
+    reserved = builtin_adapter_names()
+    return [c.obj for c in discovered("adapters") if c.error is None and c.name not in reserved]
+
+
+def builtin_adapter_names() -> set[str]:
+    """Names a plugin adapter cannot take: the built-in kinds and their aliases."""
+    return {*(k.value for k in AdapterKind), *ADAPTER_ALIASES}
 
 
 def adapter_plugin_for(config: dict[str, Any], requested: str = "auto") -> AdapterPlugin | None:
@@ -119,32 +117,17 @@ def adapter_plugin_names() -> list[str]:
 
 
 def edit_plugin(name: str) -> Any | None:
-    """The `Edit` an entry point registers under `name`, if any."""
-    for comp in components("edits"):
-        if comp.origin != BUILTIN and comp.error is None and comp.name == name:
+    """The `Edit` an entry point registers under `name`, if any (built-ins are looked up
+    first by `invarlock.edits.get_edit`)."""
+    for comp in discovered("edits"):
+        if comp.error is None and comp.name == name:
             return comp.obj
     return None
 
 
-def distributions_in_use(config: dict[str, Any], requested_adapter: str = "auto",
-                         edit_name: str | None = None) -> dict[str, str | None]:
-    """Distribution -> version of the plugins a run uses (its adapter, its edit), for the
-    certificate's record of the software that produced it."""
-    used: dict[str, str | None] = {}
-    adapter = adapter_plugin_for(config, requested_adapter)
-    for comp in components():
-        if comp.origin == BUILTIN or comp.error is not None:
-            continue
-        if (comp.kind == "adapters" and adapter is not None and comp.obj is adapter) or (
-                comp.kind == "edits" and comp.name == edit_name):
-            used[comp.origin] = comp.version
-    return used
-
-
 def guard_plugins() -> dict[str, Any]:
     """Guard objects from ``invarlock.guards`` entry points, by name."""
-    return {c.name: c.obj for c in components("guards")
-            if c.origin != BUILTIN and c.error is None}
+    return {c.name: c.obj for c in discovered("guards") if c.error is None}
 
 
 def register_guard_plugins() -> None:
@@ -169,62 +152,6 @@ def register_guard_plugins() -> None:
             log.warning("guard plugin %s cannot be registered: %s", name, exc)
 
 
-# --- built-ins ------------------------------------------------------------------------------
-
-def _builtin_adapters() -> list[Component]:
-    from invarlock import __version__
-    from invarlock.models.source import ADAPTER_ALIASES
-
-    summaries = {
-        AdapterKind.CAUSAL_LM: "causal LMs (*ForCausalLM, *LMHeadModel): perplexity",
-        AdapterKind.MASKED_LM: "masked LMs (*ForMaskedLM): masked-token perplexity",
-        AdapterKind.SEQ_CLS: "sequence classifiers (*ForSequenceClassification): accuracy",
-    }
-    out = []
-    for kind, summary in summaries.items():
-        aliases = tuple(a for a, k in ADAPTER_ALIASES.items() if k is kind and a != kind.value)
-        out.append(Component("adapters", kind.value, BUILTIN, __version__,
-                             "invarlock.models", summary, aliases))
-    return out
-
-
-def _builtin_edits() -> list[Component]:
-    from invarlock import __version__
-    from invarlock.edits import EDITS
-
-    return [Component("edits", e.name, BUILTIN, __version__, "invarlock.edits", e.summary,
-                      obj=e) for e in EDITS.values()]
-
-
-def _builtin_guards() -> list[Component]:
-    from invarlock import __version__
-
-    try:
-        from invarlock import guards
-    except ImportError:
-        return []
-    out = []
-    for name in getattr(guards, "BUILTIN", ()):
-        obj = guards.get_guard(name)
-        out.append(Component("guards", str(name), BUILTIN, __version__, "invarlock.guards",
-                             _summary(obj), obj=obj))
-    return out
-
-
-def _summary(obj: Any) -> str:
-    """A component's one-line description: `summary`, `measures`, or its docstring."""
-    for attr in ("summary", "measures"):
-        value = getattr(obj, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    return (obj.__doc__ or "").strip().split("\n")[0]
-
-
-_BUILTINS: dict[str, Callable[[], list[Component]]] = {
-    "adapters": _builtin_adapters, "edits": _builtin_edits, "guards": _builtin_guards,
-}
-
-
 # --- entry points ---------------------------------------------------------------------------
 
 @cache
@@ -245,7 +172,7 @@ def _entry_point_components(kind: str) -> tuple[Component, ...]:
         except Exception as exc:  # a broken plugin must not break the tool
             log.warning("plugin %s (%s) from %s cannot be used: %s", ep.name, GROUPS[kind],
                         origin, exc)
-            comp = _with_error(comp, f"{type(exc).__name__}: {exc}")
+            comp = with_error(comp, f"{type(exc).__name__}: {exc}")
         out.append(comp)
     return tuple(out)
 
@@ -287,9 +214,18 @@ def _describe(comp: Component, obj: Any) -> Component:
                 raise TypeError(f"an edits entry point must provide an invarlock.edits.Edit "
                                 f"(missing '{attr}')")
     return Component(comp.kind, comp.name, comp.origin, comp.version, comp.target,
-                     _summary(obj), obj=obj)
+                     summary_of(obj), obj=obj)
 
 
-def _with_error(comp: Component, error: str) -> Component:
+def summary_of(obj: Any) -> str:
+    """A component's one-line description: `summary`, `measures`, or its docstring."""
+    for attr in ("summary", "measures"):
+        value = getattr(obj, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return (obj.__doc__ or "").strip().split("\n")[0]
+
+
+def with_error(comp: Component, error: str) -> Component:
     return Component(comp.kind, comp.name, comp.origin, comp.version, comp.target,
                      comp.summary, comp.aliases, error)

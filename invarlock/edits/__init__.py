@@ -49,6 +49,6 @@ def get_edit(name: str) -> Edit:
     found = plugins.edit_plugin(name)
     if found is not None:
         return found
-    known = ", ".join(sorted({*EDITS, *(c.name for c in plugins.components("edits")
+    known = ", ".join(sorted({*EDITS, *(c.name for c in plugins.discovered("edits")
                                          if c.error is None)}))
     raise InputError(f"unknown edit {name!r}; available: {known}")

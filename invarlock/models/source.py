@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from invarlock import plugins
-from invarlock.enums import AdapterKind
+from invarlock.enums import ADAPTER_ALIASES, AdapterKind
 from invarlock.errors import InputError
 from invarlock.models.network import NETWORK_ENV, enforce_offline, network_allowed
 
@@ -33,17 +33,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 # What a hub download fetches: configs, tokenizer files and safetensors (pickles on request).
 _HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
 
-ADAPTER_ALIASES: dict[str, AdapterKind] = {
-    "hf_causal": AdapterKind.CAUSAL_LM,
-    "hf_gpt2": AdapterKind.CAUSAL_LM,
-    "hf_llama": AdapterKind.CAUSAL_LM,
-    "hf_mistral": AdapterKind.CAUSAL_LM,
-    "hf_qwen2": AdapterKind.CAUSAL_LM,
-    "hf_mlm": AdapterKind.MASKED_LM,
-    "hf_bert": AdapterKind.MASKED_LM,
-    "hf_seq_cls": AdapterKind.SEQ_CLS,
-    "hf_bert_cls": AdapterKind.SEQ_CLS,
-}
 # Fallback when config.json lists no architectures: model families by model_type.
 _CAUSAL_TYPES = frozenset({
     "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "mixtral", "qwen2", "qwen3",

@@ -1,0 +1,75 @@
+"""Imports point one way: the plugin registry sits below the modules that consult it.
+
+The graph is read from the source (every `import`, at module level or inside a function,
+since a deferred import is still a dependency), so a circle shows even when Python happens to
+resolve it at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "invarlock"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imported(tree: ast.AST, known: set[str]) -> set[str]:
+    """Modules of the package that a file imports (the most specific module each names)."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" for a in node.names]  # falls back to module
+        for name in names:
+            parts = name.split(".")
+            for i in range(len(parts), 1, -1):
+                if ".".join(parts[:i]) in known:
+                    out.add(".".join(parts[:i]))
+                    break
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    known = set(files)
+    return {name: _imported(ast.parse(path.read_text("utf-8")), known) - {name}
+            for name, path in files.items()}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_graph_reader_sees_deferred_imports():
+    graph = import_graph()
+    assert "invarlock.plugins" in graph["invarlock.edits"]  # imported inside get_edit
+    assert "invarlock.certify" in graph["invarlock.cli"]
+
+
+def test_plugin_registry_is_in_no_import_circle():
+    graph = import_graph()
+    below = reachable(graph, "invarlock.plugins")
+    assert "invarlock.plugins" not in below
+    assert not {"invarlock.edits", "invarlock.models.source", "invarlock.models",
+                "invarlock.catalog"} & below
+
+
+def test_edits_and_model_sources_do_not_import_each_other_back():
+    graph = import_graph()
+    for module in ("invarlock.edits", "invarlock.models.source"):
+        assert module not in reachable(graph, module), f"{module} imports itself back"
