@@ -69,6 +69,7 @@ class CertifyRequest:
     cache_dir: Path | None = None
     progress: bool = False
     edit_impl: Any = None  # an invarlock.edits.Edit to use instead of looking up edit["name"]
+    subjects: tuple[str, ...] = ()  # several subjects: `invarlock.subjects.certify_subjects`
 
 
 @dataclass(frozen=True)

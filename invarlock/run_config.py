@@ -101,7 +101,10 @@ def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
         node[leaf] = value
 
     put("model.id", flags.get("baseline"))
-    put("model.subject", flags.get("subject"))
+    subjects = flags.get("subject")
+    if isinstance(subjects, (tuple, list)):  # --subject may be repeated
+        subjects = subjects[0] if len(subjects) == 1 else list(subjects) or None
+    put("model.subject", subjects)
     put("model.adapter", flags.get("adapter"))
     put("model.device", flags.get("device"))
     put("model.device_map", flags.get("device_map"))
@@ -131,6 +134,14 @@ def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _subjects(config: dict[str, Any]) -> tuple[str, ...]:
+    """model.subject as a tuple: one checkpoint, or several compared with one baseline."""
+    value = get(config, "model.subject")
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
@@ -148,7 +159,8 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False) -> An
     return CertifyRequest(
         config=config,
         baseline=get(config, "model.id", DEMO),
-        subject=get(config, "model.subject"),
+        subject=_subjects(config)[0] if _subjects(config) else None,
+        subjects=_subjects(config),
         edit=get(config, "edit"),
         dataset=dataset_source_from_config(config.get("dataset") or {}),
         out_dir=Path(out) if out else None,
