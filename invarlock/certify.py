@@ -639,7 +639,10 @@ def _seed_everything(seed: int) -> None:
 def _release_memory() -> None:
     import torch
 
+    from invarlock.models.device import trim_host_memory
+
     gc.collect()
+    trim_host_memory()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

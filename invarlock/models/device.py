@@ -166,3 +166,17 @@ def _size_bytes(value: object, device: str) -> int:
     if match is None or unit not in _SIZE_UNITS:
         raise InputError(f"max_memory for {device}: '{value}' is not a size such as 20GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def trim_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it for reuse otherwise), so that a
+    model just dropped does not stay in the process's resident set. No-op elsewhere."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+        return
