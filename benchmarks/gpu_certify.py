@@ -10,6 +10,8 @@ and reserved, the device and the verdict. `benchmarks/gpu.sh` calls it per model
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -56,10 +58,11 @@ def main() -> None:
     extra = ["--preset", str(args.preset)] if args.preset else []
     start = time.perf_counter()
     try:
-        cli(["certify", "--baseline", str(args.baseline), "--edit", "quant_rtn", "--dataset",
-             args.dataset, "--profile", args.profile, "--device", args.device, "--dtype",
-             args.dtype, "--out", str(args.out), "--no-cache", "--json", "--quiet", *extra],
-            standalone_mode=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # certify's summary: not our row
+            cli(["certify", "--baseline", str(args.baseline), "--edit", "quant_rtn",
+                 "--dataset", args.dataset, "--profile", args.profile, "--device", args.device,
+                 "--dtype", args.dtype, "--out", str(args.out), "--no-cache", "--json",
+                 "--quiet", *extra], standalone_mode=False)
     except SystemExit as exc:  # click exits only on errors in this mode
         if exc.code not in (0, 1, None):
             raise
