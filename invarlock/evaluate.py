@@ -15,9 +15,10 @@ O(chunk x vocabulary) whatever the batch size. A model whose forward changes the
 output afterwards (logit soft-capping, scaling) is detected on a short probe pass before the
 windows and scored through its full logits instead.
 
-Windows whose logits (at attended positions; for masked LMs, at scored positions, plus the
-final hidden states at attended ones) contain NaN or Inf are counted in ``nonfinite_windows``
-and get NaN values instead of raising: a broken subject is evidence, not a crash.
+Windows with NaN or Inf in their logits at attended positions (chunked scoring: in the final
+hidden states at attended positions, or NaN/+inf in the logits at scored positions, which
+makes their loss non-finite) are counted in ``nonfinite_windows`` and get NaN values instead
+of raising: a broken subject is evidence, not a crash.
 
 Taps let guards observe activations during the same pass: evaluate registers one forward
 hook per tapped module for the duration of the call, passes each output to the tap, and
@@ -427,7 +428,11 @@ class _ChunkedHead:
     def losses(self, hidden: torch.Tensor, rows: torch.Tensor,
                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy and non-finite flags of hidden[rows] (hidden [M, H], rows and
-        targets [K], IGNORE = not scored); only one [chunk, V] block of logits at a time."""
+        targets [K], IGNORE = not scored); only one [chunk, V] block of logits at a time.
+
+        A row is flagged when its loss is not finite: NaN or +inf anywhere in its logits
+        makes the log-partition non-finite. (Reading every logit again for -inf would cost
+        a third of the cross-entropy; a -inf logit only zeroes one token's probability.)"""
         losses = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device)
         broken = torch.zeros(rows.shape[0], dtype=torch.bool, device=hidden.device)
         self.stop.armed = False
@@ -436,10 +441,11 @@ class _ChunkedHead:
                 hi = min(lo + self.chunk, rows.shape[0])
                 logits = self.module(hidden.index_select(0, rows[lo:hi]))   # [chunk, V]
                 target = targets[lo:hi].to(logits.device)
-                losses[lo:hi] = F.cross_entropy(logits.float(), target, reduction="none",
-                                                ignore_index=IGNORE).to(losses.device)
-                broken[lo:hi] = _nonfinite_positions(logits).to(broken.device)
-                logits = None
+                chunk = F.cross_entropy(logits.float(), target, reduction="none",
+                                        ignore_index=IGNORE)
+                losses[lo:hi] = chunk.to(losses.device)
+                broken[lo:hi] = ~torch.isfinite(chunk).to(broken.device)
+                logits = chunk = None
         finally:
             self.stop.armed = True
         return losses, broken
@@ -514,8 +520,9 @@ def _score_causal_chunked(head: _ChunkedHead, hidden: torch.Tensor,
     per_pos[rows] = losses
     bad = torch.zeros(b * t, dtype=torch.bool, device=hidden.device)
     bad[rows] = broken
+    bad = bad.view(b, t) | (_nonfinite_positions(hidden) & mask.bool())
     return (per_pos.view(b, t).double().sum(dim=1), (targets != IGNORE).sum(dim=1),
-            bad.view(b, t).any(dim=1))
+            bad.any(dim=1))
 
 
 def _score_mlm_chunked(head: _ChunkedHead, hidden: torch.Tensor,
