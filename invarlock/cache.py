@@ -2,8 +2,11 @@
 
 A team certifies many subjects against one baseline; the baseline's results depend only on
 its weights, the tokenizer, the window plan, the metric and how it was run (dtype, device
-type, tool version), so they are computed once. Entries are JSON, written atomically, and
-checked against their key on read: a corrupt or foreign entry is ignored, never trusted.
+type, tool version), so they are computed once. Entries are JSON, written atomically, with a
+sha256 digest of their payload. On read an entry must match its key, its digest and the
+payload schema (equal-length per-window arrays of finite numbers): anything else is ignored
+with one warning, and the run that evaluates the baseline again replaces it. The
+certificate records the digest of the payload it used.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +26,29 @@ from invarlock import atomic
 
 log = logging.getLogger(__name__)
 
-FORMAT = "invarlock.baseline-cache/1"
+FORMAT = "invarlock.baseline-cache/2"
+
+_WINDOW_SET = {
+    "type": "object",
+    "required": ["window_ids", "sha256", "tokens", "values"],
+    "properties": {
+        "window_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "sha256": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "values": {"type": "array", "items": {"type": "number"}},
+    },
+}
+PAYLOAD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["parameters", "sets", "guards"],
+    "properties": {
+        "parameters": {"type": "integer", "minimum": 0},
+        "sets": {"type": "object", "required": ["preview", "final"],
+                 "properties": {"preview": _WINDOW_SET, "final": _WINDOW_SET}},
+        "guards": {"type": "object"},
+    },
+}
+_reported: set[str] = set()  # entries already warned about in this process
 
 
 @dataclass(frozen=True)
@@ -57,32 +83,83 @@ class BaselineCache:
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root is not None else default_cache_dir()
 
-    def _path(self, key: CacheKey) -> Path:
+    def path(self, key: CacheKey) -> Path:
         return self.root / "baseline" / f"{key.digest}.json"
 
-    def load(self, key: CacheKey) -> dict[str, Any] | None:
-        """The stored payload for `key`, or None when absent or unreadable."""
-        path = self._path(key)
+    def load(self, key: CacheKey) -> CacheHit | None:
+        """The stored payload for `key` with its digest, or None when absent or not sound."""
+        path = self.path(key)
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable baseline cache entry %s: %s", path, exc)
-            return None
-        if entry.get("format") != FORMAT or entry.get("key") != asdict(key):
-            log.warning("ignoring baseline cache entry %s: key mismatch", path)
-            return None
-        return entry.get("payload")
-
-    def store(self, key: CacheKey, payload: dict[str, Any]) -> Path | None:
-        """Write an entry atomically; a cache that cannot be written only costs time."""
-        entry = {"format": FORMAT, "key": asdict(key), "payload": payload}
+        except (OSError, ValueError, RecursionError) as exc:
+            return _ignored(path, f"unreadable ({type(exc).__name__})")
+        if not isinstance(entry, dict) or entry.get("format") != FORMAT:
+            return _ignored(path, "not a baseline cache entry of this version")
+        if entry.get("key") != asdict(key):
+            return _ignored(path, "key mismatch")
+        payload = entry.get("payload")
         try:
-            return atomic.write_text(self._path(key), json.dumps(entry, allow_nan=False))
+            digest = payload_digest(payload)
+        except (TypeError, ValueError):
+            return _ignored(path, "payload is not plain JSON")
+        if entry.get("payload_digest") != digest:
+            return _ignored(path, "payload does not match its digest")
+        problem = payload_problem(payload)
+        if problem:
+            return _ignored(path, problem)
+        return CacheHit(payload, digest)
+
+    def store(self, key: CacheKey, payload: dict[str, Any]) -> str:
+        """Write an entry atomically; a cache that cannot be written only costs time.
+
+        Returns the payload digest (the certificate records it either way)."""
+        digest = payload_digest(payload)
+        entry = {"format": FORMAT, "key": asdict(key), "payload_digest": digest,
+                 "payload": payload}
+        try:
+            atomic.write_text(self.path(key), json.dumps(entry, allow_nan=False))
         except (OSError, ValueError) as exc:
             log.warning("could not write baseline cache entry: %s", exc)
-            return None
+        return digest
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    payload: dict[str, Any]
+    digest: str
+
+
+def payload_digest(payload: Any) -> str:
+    """sha256 over the canonical JSON of a payload (sorted keys, compact, no NaN)."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def payload_problem(payload: Any) -> str | None:
+    """Why a payload cannot be the baseline's results, or None when it can."""
+    from jsonschema import Draft202012Validator
+
+    error = next(iter(Draft202012Validator(PAYLOAD_SCHEMA).iter_errors(payload)), None)
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "payload"
+        return f"{where}: {error.message}"[:200]
+    for name in ("preview", "final"):
+        s = payload["sets"][name]
+        if len({len(s["window_ids"]), len(s["sha256"]), len(s["tokens"]), len(s["values"])}) != 1:
+            return f"sets.{name}: per-window arrays of different lengths"
+        if not all(math.isfinite(v) for v in s["values"]):
+            return f"sets.{name}.values: a non-finite value"
+    return None
+
+
+def _ignored(path: Path, why: str) -> None:
+    if str(path) not in _reported:
+        _reported.add(str(path))
+        log.warning("ignoring baseline cache entry %s (%s); the baseline is evaluated again "
+                    "and the entry replaced", path, why)
+    return None
 
 
 @dataclass(frozen=True)
@@ -107,7 +184,7 @@ def scores_to_payload(sets: dict[str, Any], parameters: int) -> dict[str, Any]:
 
 def scores_from_payload(payload: dict[str, Any] | None,
                         ) -> tuple[dict[str, CachedScores], int] | None:
-    """The baseline's preview/final results from a payload, or None if it does not hold them."""
+    """The baseline's preview/final results from a checked payload (None stays None)."""
     if payload is None:
         return None
     try:

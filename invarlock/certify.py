@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from invarlock import __version__, environment, gate
+from invarlock import __version__, environment, gate, outdir
 from invarlock.cache import BaselineCache, CacheKey, scores_from_payload, scores_to_payload
 from invarlock.certificate import document, markdown
 from invarlock.data.corpus import Corpus, DatasetSource, load_corpus
@@ -36,6 +37,7 @@ from invarlock.data.windows import WindowPlan, WindowSet, plan_windows
 from invarlock.enums import AdapterKind, MetricKind
 from invarlock.errors import EvidenceError, InputError
 from invarlock.guards import ChainSettings
+from invarlock.outdir import OutputFolder
 from invarlock.policy import ResolvedPolicy, resolve
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class CertifyRequest:
     save_subject: Path | None = None
     write_ve_subject: Path | None = None  # write a VE-corrected copy of the subject here
     save_model: bool = False  # with an edit: save the edited subject to <out_dir>/model on PASS
+    save_report: bool = False  # also write the HTML report into the certificate set
     use_cache: bool = True
     cache_dir: Path | None = None
     progress: bool = False
@@ -77,10 +80,16 @@ class CertifyOutcome:
     certificate: dict[str, Any]
     path: Path
     markdown_path: Path
+    report_path: Path | None = None
 
     @property
     def verdict(self) -> str:
         return self.certificate["verdict"]["status"]
+
+    def stopped_by(self) -> str | None:
+        """Why the final set was not evaluated, when a guard (not the preview) stopped it."""
+        guard = markdown.stopped_by(self.certificate)
+        return f"{guard} failed before evaluation" if guard else None
 
     def summary(self) -> dict[str, Any]:
         """The `--json` object: the verdict, the one number and where the evidence is."""
@@ -96,12 +105,19 @@ class CertifyOutcome:
             "limit": pm["limit"],
             "catastrophic": pm["catastrophic"],
             "reasons": self.certificate["verdict"]["reasons"],
-            "guards": {name: {"mode": g["mode"], "passed": g["passed"]}
+            "guards": {name: {"mode": g["mode"], "passed": g["passed"],
+                              "measured": _measured(g)}
                        for name, g in self.certificate["guards"].items()},
+            "stopped": self.stopped_by(),
             "run_id": self.certificate["run_id"],
             "certificate": str(self.path),
             "markdown": str(self.markdown_path),
+            **({"report": str(self.report_path)} if self.report_path else {}),
         }
+
+
+def _measured(section: dict[str, Any]) -> bool:
+    return bool((section.get("measurements") or {}).get("evaluated", True))
 
 
 # --- records the stages hand each other ------------------------------------------------------
@@ -137,6 +153,7 @@ class RunInputs:
     tokenizer: Any
     tokenizer_hash: str
     out_dir: Path
+    output: OutputFolder  # claimed (created, probed, locked) until the run ends
 
     @property
     def kind(self) -> MetricKind:
@@ -159,6 +176,7 @@ class BaselineEvidence:
     parameters: int
     files: list[Path]
     cache_key: CacheKey
+    cache_digest: str | None  # digest of the cache payload read or written (None: cache off)
     guard_payload: dict[str, Any]  # baseline guard states, as the cache stores them
     guard_seconds: dict[str, float]  # time the guards spent on the baseline pass
     record: dict[str, Any]  # the certificate's `baseline` section
@@ -211,14 +229,17 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     started = time.perf_counter()
     timer = _Timer()
     inputs = validate_inputs(req, timer)
-    plan = plan_evaluation(inputs, req, timer)
-    baseline, base_model = evaluate_baseline(inputs, plan, req, timer)
-    if inputs.edit is None:
-        base_model = None  # one model resident at a time: the baseline leaves first
-        _release_memory()
-    subject = prepare_subject(inputs, req, timer, base_model)
-    del base_model
-    return certify_subject(inputs, plan, baseline, subject, req, timer, started)
+    try:
+        plan = plan_evaluation(inputs, req, timer)
+        baseline, base_model = evaluate_baseline(inputs, plan, req, timer)
+        if inputs.edit is None:
+            base_model = None  # one model resident at a time: the baseline leaves first
+            _release_memory()
+        subject = prepare_subject(inputs, req, timer, base_model)
+        del base_model
+        return certify_subject(inputs, plan, baseline, subject, req, timer, started)
+    finally:
+        inputs.output.release()
 
 
 def certify_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
@@ -237,12 +258,22 @@ def certify_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineE
 # --- stage 1: inputs -------------------------------------------------------------------------
 
 def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
-    """Resolve models, policy, guard settings and tokenizers; fail here, before evaluating."""
+    """Resolve models, policy, guard settings, data and tokenizers, and claim the output
+    folder; every input error surfaces here, before anything is evaluated.
+
+    On success the output folder is held (locked) for the run: the caller releases it.
+    """
     from invarlock.models import device as devices
     from invarlock.models import loading, source, tokenizer
 
     t = time.perf_counter()
     run_id = _run_id()
+    out_dir = req.out_dir if req.out_dir is not None else Path("runs") / run_id
+    for path, what in ((req.save_subject, "--save-subject folder"),
+                       (req.write_ve_subject, "--write-ve-subject folder")):
+        if path is not None:
+            outdir.check_folder_target(path, what)
+    check_dataset(req.dataset)
     device = devices.resolve_device(req.device)
     base_src = source.resolve_model_source(req.baseline, revision=req.revision)
     base_cfg = source.read_config(base_src)
@@ -258,11 +289,28 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
     tok_hash = tokenizer.tokenizer_hash(base_tok)
     if subject is not None:
         check_subject_tokenizer(subject, base_tok, tok_hash)
+    output = outdir.claim(out_dir)  # last: an input error above leaves no folder behind
     timer.add("resolve_s", t)
-    out_dir = req.out_dir if req.out_dir is not None else Path("runs") / run_id
     return RunInputs(run_id=run_id, device=device, baseline=baseline, subject=subject,
                      edit=edit, policy=policy, chain=chain, tokenizer=base_tok,
-                     tokenizer_hash=tok_hash, out_dir=out_dir)
+                     tokenizer_hash=tok_hash, out_dir=out_dir, output=output)
+
+
+def check_dataset(dataset: DatasetSource) -> None:
+    """A local dataset must be a readable file or folder (read in full at the next stage)."""
+    if dataset.provider not in ("text", "jsonl") or dataset.path is None:
+        return
+    path = Path(str(dataset.path)).expanduser()
+    try:
+        ok = path.is_file() or path.is_dir()
+        readable = os.access(path, os.R_OK)
+    except OSError as exc:
+        raise InputError(f"dataset {outdir.shown(path)} cannot be used: "
+                         f"{exc.strerror or exc}") from None
+    if not ok:
+        raise InputError(f"dataset {outdir.shown(path)} not found")
+    if not readable:
+        raise InputError(f"dataset {outdir.shown(path)} is not readable")
 
 
 def check_subject(spec: str, baseline: ModelInput, req: CertifyRequest) -> ModelInput:
@@ -330,15 +378,17 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
                    inputs.device.split(":")[0], __version__)
     guards = _guard_run(inputs, plan)
     cache = BaselineCache(req.cache_dir) if req.use_cache else None
-    payload = cache.load(key) if cache else None
-    cached = scores_from_payload(payload)
-    if cached is not None and not guards.restore(payload.get("guards")):
+    hit = cache.load(key) if cache else None
+    cached = scores_from_payload(hit.payload) if hit else None
+    if cached is not None and not guards.restore(hit.payload.get("guards")):
         log.info("baseline cache entry lacks these guard settings; evaluating the baseline")
         cached = None
     model = None
-    if cached is not None:
+    cache_digest = None
+    if cached is not None and hit is not None:
         sets, parameters = cached
-        guard_payload = dict(payload.get("guards") or {})
+        guard_payload = dict(hit.payload.get("guards") or {})
+        cache_digest = hit.digest
     else:
         t = time.perf_counter()
         model = loading.load_model(base.source, adapter=base.adapter, device=inputs.device,
@@ -346,6 +396,7 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
                                    **_placement(req))
         timer.add("load_s", t)
         with loading.weights_on_host(model.model):
+            check_baseline_weights(model.model)
             guards.baseline_loaded(model.model)
         sets = {name: _score(inputs, req, timer, model.model, getattr(plan.windows, name),
                              "baseline", guards.taps(model.model, "baseline", name))
@@ -357,14 +408,27 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
         parameters = int(model.parameters)
         guard_payload = guards.baseline_done()
         if cache:
-            cache.store(key, {**scores_to_payload(sets, parameters), "guards": guard_payload})
+            cache_digest = cache.store(key, {**scores_to_payload(sets, parameters),
+                                             "guards": guard_payload})
     record = _model_record(base.source, base.config, base.adapter, key.weights_digest, "files",
                            dtype=key.dtype, parameters=parameters,
                            from_cache=cached is not None)
+    record["cache_payload_digest"] = cache_digest
     evidence = BaselineEvidence(sets=sets, parameters=parameters, files=files, cache_key=key,
-                                guard_payload=guard_payload, guard_seconds=guards.timings(),
-                                record=record)
+                                cache_digest=cache_digest, guard_payload=guard_payload,
+                                guard_seconds=guards.timings(), record=record)
     return evidence, model
+
+
+def check_baseline_weights(model: Any) -> None:
+    """A baseline with NaN or Inf weights is no reference: stop before measuring anything."""
+    from invarlock.models.health import nonfinite_parameters
+
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise EvidenceError(f"the baseline has non-finite weights in {len(bad)} tensor(s) "
+                            f"(first: {bad[0]}); there is nothing sound to compare the subject "
+                            "with")
 
 
 # --- stage 4: subject ------------------------------------------------------------------------
@@ -448,17 +512,25 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
     with loading.weights_on_host(model):
         intact = guards.subject_loaded(ctx)
 
-    preview = _score(inputs, req, timer, model, plan.windows.preview, "subject",
-                     guards.taps(model, "subject", "preview"))
+    try:
+        preview = _score(inputs, req, timer, model, plan.windows.preview, "subject",
+                         guards.taps(model, "subject", "preview"))
+    except InputError as exc:
+        if intact:
+            raise
+        # A subject of another shape may not even read the windows (a smaller vocabulary):
+        # the invariants already failed it; record every window as broken.
+        log.warning("the subject cannot read the windows (%s): every preview window is "
+                    "recorded as broken", str(exc).split(";")[0])
+        preview = _unscored(baseline.sets["preview"], kind)
     catastrophic = gate.is_catastrophic(
         kind, gate.summarize(kind, _paired(baseline.sets["preview"], preview)),
         inputs.policy.primary_metric)
     final = None
-    if catastrophic:
+    if not intact:
+        log.info("%s failed before evaluation (fatal): final set not evaluated", guards.fatal)
+    elif catastrophic:
         log.warning("preview ratio beyond the catastrophic limit: final set not evaluated")
-    elif not intact:
-        log.warning("%s failed before evaluation (fatal): final set not evaluated",
-                    guards.fatal)
     else:
         final = _score(inputs, req, timer, model, plan.windows.final, "subject",
                        guards.taps(model, "subject", "final"))
@@ -538,12 +610,24 @@ def write_outcome(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvi
                   subject: SubjectEvidence, judgement: Judgement,
                   artifacts: dict[str, str | None], req: CertifyRequest,
                   timer: _Timer) -> CertifyOutcome:
-    """Assemble, seal and write the certificate with its Markdown rendering."""
+    """Assemble and seal the certificate, render it, and write the set as a unit."""
     cert = build_certificate(inputs, plan, baseline, subject, judgement, artifacts, req,
                              {**timer.spans, **subject.guard_seconds})
     sealed = document.seal(cert)
-    path = document.write_certificate(sealed, inputs.out_dir, markdown.render(sealed))
-    return CertifyOutcome(sealed, path, inputs.out_dir / document.MARKDOWN_FILENAME)
+    renderings = {}
+    if req.save_report:
+        from invarlock import report
+
+        renderings[document.HTML_FILENAME] = report.render(sealed, "html")
+    try:
+        path = document.write_certificate(sealed, inputs.out_dir, markdown.render(sealed),
+                                          renderings)
+    except OSError as exc:
+        raise EvidenceError(f"cannot write the certificate to {outdir.shown(inputs.out_dir)}: "
+                            f"{exc.strerror or exc}; nothing was written") from None
+    report_path = inputs.out_dir / document.HTML_FILENAME if req.save_report else None
+    return CertifyOutcome(sealed, path, inputs.out_dir / document.MARKDOWN_FILENAME,
+                          report_path)
 
 
 def build_certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
@@ -608,6 +692,16 @@ def _score(inputs: RunInputs, req: CertifyRequest, timer: _Timer, model: Any,
                                        progress=req.progress)
     timer.add(f"{label}_eval_s", t0)
     return scores
+
+
+def _unscored(base: Any, kind: MetricKind) -> Any:
+    """The subject's results for windows it could not score: every value NaN (broken)."""
+    from invarlock.evaluate import WindowScores
+
+    n = len(base.window_ids)
+    return WindowScores(kind=kind, window_ids=np.asarray(base.window_ids, dtype=np.int64),
+                        sha256=tuple(base.sha256), tokens=np.asarray(base.tokens, dtype=np.int64),
+                        values=np.full(n, np.nan), nonfinite_windows=n, seconds=0.0)
 
 
 def _environment(device: dict[str, Any], config: dict[str, Any],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -77,18 +76,51 @@ def _run_guarded(as_json: bool, body: Callable[[], tuple[int, dict[str, Any] | N
         _fail(as_json, f"internal error: {type(exc).__name__}: {exc} "
                        "(set INVARLOCK_DEBUG=1 for the traceback)", EXIT_EVIDENCE)
     if as_json and payload is not None:
-        click.echo(json.dumps(payload))
+        click.echo(strict_json(payload))
     sys.exit(code)
+
+
+def strict_json(payload: Any) -> str:
+    """JSON that every parser accepts: NaN and infinities (not JSON) become null."""
+    from invarlock.certificate.document import strict_json as dumps
+
+    return dumps(payload)
 
 
 def _fail(as_json: bool, message: str, code: int) -> None:
     click.echo(f"invarlock: error: {message}", err=True)
     if as_json:
-        click.echo(json.dumps({"verdict": None, "error": message, "exit_code": code}))
+        click.echo(_error_json(message, code))
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _error_json(message: str, code: int) -> str:
+    """The one JSON object `--json` prints when there is no verdict to report."""
+    return strict_json({"verdict": "ERROR", "exit_code": code, "error": message})
+
+
+class _Commands(click.Group):
+    """With `--json` anywhere on the command line, a usage error (unknown flag, bad value,
+    missing argument) is reported like any other error: one line on stderr and exactly one
+    JSON object on stdout, instead of click's usage block."""
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if "--json" not in argv or not standalone_mode:
+            return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            _fail(True, exc.format_message(), exc.exit_code)
+        except click.Abort:
+            _fail(True, "aborted", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Commands,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "-V", "--version", prog_name="invarlock")
 def main() -> None:
     """InvarLock: certify that an edited checkpoint is still as good as its baseline.
@@ -208,8 +240,6 @@ def _certify_and_report(request: Any, as_json: bool) -> tuple[int, dict[str, Any
         return _certify_many(request, as_json)
     outcome = run_certify(request)
     summary = outcome.summary()
-    if (request.config.get("output") or {}).get("save_report", True):
-        summary["report"] = str(_write_html_report(outcome))
     if not as_json:
         click.echo(_human_summary(summary))
     return (EXIT_PASS if outcome.verdict == "PASS" else EXIT_FAIL), summary
@@ -227,8 +257,6 @@ def _certify_many(request: Any, as_json: bool) -> tuple[int, dict[str, Any] | No
                          "error": r.error})
             continue
         summary = r.outcome.summary()
-        if (request.config.get("output") or {}).get("save_report", True):
-            summary["report"] = str(_write_html_report(r.outcome))
         rows.append({"subject": r.spec, "exit_code": r.exit_code, **summary})
     if not as_json:
         for row in rows:
@@ -242,34 +270,35 @@ def _certify_many(request: Any, as_json: bool) -> tuple[int, dict[str, Any] | No
                            "subjects": rows}
 
 
-def _write_html_report(outcome: Any) -> Path:
-    """output.save_report: the self-contained HTML page next to the certificate."""
-    from invarlock import atomic
-    from invarlock import report as reporting
-
-    path = outcome.path.parent / reporting.HTML_FILENAME
-    return atomic.write_text(path, reporting.render(outcome.certificate, "html"))
-
-
 def _human_summary(s: dict[str, Any]) -> str:
+    """The verdict and the one number, saying exactly what was and was not measured."""
     if s["ratio_ci"] is not None:
         lo, hi = s["ratio_ci"]
         number = f"ratio {s['ratio']:.4f}, 95% CI [{lo:.4f}, {hi:.4f}], limit {s['limit']:.2f}"
     elif s["delta_ci"] is not None:
         lo, hi = s["delta_ci"]
         number = f"accuracy change CI [{lo:+.2f}, {hi:+.2f}] pp, limit {s['limit']:+.2f} pp"
-    else:
+    elif s.get("stopped"):
+        number = f"stopped: {s['stopped']}, final set not evaluated"
+    elif s["catastrophic"]:
         number = "catastrophic preview, final set not evaluated"
+    else:
+        number = "final set not evaluated"
     lines = [f"{s['verdict']}: {number}"]
     if s["verdict"] == "FAIL":
         lines += [f"  - {r}" for r in s["reasons"]]
     if s.get("guards"):
         lines.append("guards: " + ", ".join(
-            f"{name} {'ok' if g['passed'] else 'FAILED'}"
-            f"{' (monitor)' if g['mode'] == 'monitor' else ''}"
+            f"{name} {_guard_word(g)}{' (monitor)' if g['mode'] == 'monitor' else ''}"
             for name, g in s["guards"].items()))
     lines.append(f"certificate: {s['certificate']}")
     return "\n".join(lines)
+
+
+def _guard_word(g: dict[str, Any]) -> str:
+    if not g.get("measured", True):
+        return "not measured"
+    return "ok" if g["passed"] else "FAILED"
 
 
 # ============================================================================================
@@ -641,7 +670,8 @@ def calibrate(as_json: bool, quiet: bool, **flags: Any) -> None:
         certify_flags["edit_name"] = "quant_rtn"
         config = config_from_certify_flags(certify_flags)
         request = CalibrationRequest(
-            base=request_from_config(config), out_dir=flags["out_dir"], seeds=flags["seeds"],
+            base=request_from_config(config, report=False), out_dir=flags["out_dir"],
+            seeds=flags["seeds"],
             edits=tuple(flags["edits"]) or EDITS, margin=flags["margin"],
             quantile=flags["quantile"], epsilon_floor=flags["epsilon_floor"],
             half_width=flags["half_width"], resume=flags["resume"])

@@ -8,8 +8,9 @@ the nearest valid key.
 from __future__ import annotations
 
 import copy
+import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, "
                           f"got {type(data).__name__}")
+    bad = next(nonfinite_numbers(data), None)
+    if bad is not None:
+        raise ConfigError(f"{path}: {bad[0]} is {bad[1]}; every number in a config must be "
+                          "finite")
     return data
+
+
+def nonfinite_numbers(data: Any, where: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every NaN or infinite number (YAML `.nan`, `.inf`) in `data`."""
+    if isinstance(data, float) and not math.isfinite(data):
+        yield where or "value", data
+    elif isinstance(data, Mapping):
+        for key, value in data.items():
+            yield from nonfinite_numbers(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from nonfinite_numbers(value, f"{where}[{i}]")
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

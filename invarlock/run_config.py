@@ -146,8 +146,9 @@ def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def request_from_config(config: dict[str, Any], *, progress: bool = False) -> Any:
-    """The `CertifyRequest` a merged config describes."""
+def request_from_config(config: dict[str, Any], *, progress: bool = False,
+                        report: bool | None = None) -> Any:
+    """The `CertifyRequest` a merged config describes (`report` overrides output.save_report)."""
     from invarlock.certify import CertifyRequest
     from invarlock.data.corpus import dataset_source_from_config
     from invarlock.models.device import parse_max_memory, resolve_device_map
@@ -175,6 +176,7 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False) -> An
         save_subject=Path(save) if save else None,
         write_ve_subject=Path(ve_out) if ve_out else None,
         save_model=bool(get(config, "output.save_model", False)),
+        save_report=bool(get(config, "output.save_report", True) if report is None else report),
         use_cache=bool(get(config, "output.cache", True)),
         cache_dir=Path(cache_dir) if cache_dir else None,
         progress=progress,

@@ -79,12 +79,20 @@ def certify_subjects(req: Any, specs: Sequence[str]) -> SubjectsOutcome:
     started = time.perf_counter()
     shared = pipeline._Timer()
     inputs = pipeline.validate_inputs(dataclasses.replace(req, subject=specs[0]), shared)
+    try:
+        return _run(pipeline, req, specs, inputs, shared, started)
+    finally:
+        inputs.output.release()
+
+
+def _run(pipeline: Any, req: Any, specs: Sequence[str], inputs: Any, shared: Any,
+         started: float) -> SubjectsOutcome:
     checked = [inputs.subject]
     for spec in specs[1:]:  # every subject checked before anything is evaluated
         subject = pipeline.check_subject(spec, inputs.baseline, req)
         pipeline.check_subject_tokenizer(subject, inputs.tokenizer, inputs.tokenizer_hash)
         checked.append(subject)
-    out_dir = req.out_dir if req.out_dir is not None else Path("runs") / inputs.run_id
+    out_dir = inputs.out_dir
     names = folder_names(specs)
     for name in names:
         target = out_dir / name

@@ -349,16 +349,19 @@ def _recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
     except ValueError as exc:
         found.differ("primary_metric", f"cannot be recomputed from the stored arrays: {exc}")
         return
+    guard_checks = _recheck_guards(cert, found)
+    stopped_by = _stopped_by(cert, guard_checks) if sets.final is None else None
     if sets.final is not None and pm.final is None:
         found.differ("windows.final.subject", "filled although the preview was catastrophic "
                                               "(the final set is not evaluated then)")
-    if sets.final is None and not pm.catastrophic:
-        found.differ("windows.final.subject", "empty although the preview was not "
-                                              "catastrophic (the final set must be evaluated)")
+    if sets.final is None and not pm.catastrophic and not stopped_by:
+        found.differ("windows.final.subject", "empty although neither the preview was "
+                                              "catastrophic nor a guard failed before "
+                                              "evaluation (the final set must be evaluated)")
+    if cert["pairing"].get("final_evaluated") is not (sets.final is not None):
+        found.differ("pairing.final_evaluated", "disagrees with windows.final.subject")
     found.compare("primary_metric", cert["primary_metric"], pm.as_dict())
     checks += gate.primary_checks(pm, policy.primary_metric)
-
-    guard_checks = _recheck_guards(cert, found)
     checks += guard_checks
 
     found.checked.append("verdict")
@@ -375,6 +378,27 @@ def _recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
         decision = gate.decide(checks, expected_gating)
     found.compare("validation", cert["validation"], decision.validation)
     found.compare("verdict", cert["verdict"], decision.verdict_section())
+
+
+def _stopped_by(cert: Mapping[str, Any], guard_checks: list[gate.Check]) -> str | None:
+    """The guard whose failure stopped the run before evaluation, as the sections show it:
+    that guard measured and failed (its recomputed check), every other guard was not
+    measured. Then no final set was evaluated, and none may be stored."""
+    sections = list(cert["guards"].items())
+    measured = [(name, check) for (name, section), check in zip(sections, guard_checks,
+                                                                strict=True)
+                if _measured(section)]
+    if len(measured) != 1 or measured[0][1].passed:
+        return None
+    name = measured[0][0]
+    others_unmeasured = all(not _measured(section) for other, section in sections
+                            if other != name)
+    return name if others_unmeasured else None
+
+
+def _measured(section: Mapping[str, Any]) -> bool:
+    measurements = section.get("measurements")
+    return not isinstance(measurements, Mapping) or measurements.get("evaluated", True) is not False
 
 
 def recomputed_overlap(preview_hashes: list[str], final_hashes: list[str]) -> float:

@@ -51,6 +51,8 @@ class PageCheck:
     console_errors: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)  # every URL the page asked for
     svg_count: int = 0
+    drawn_charts: int = 0  # svg elements laid out with a visible area and drawn shapes
+    tables: list[int] = field(default_factory=list)  # body rows of each visible table
     text: str = ""
     overflow_px: int = 0  # how far content sticks out beyond the viewport width
     screenshot: Path | None = None
@@ -171,12 +173,10 @@ def _drive(pipe: _Pipe, result: PageCheck, screenshot: Path | None, settle_s: fl
     while time.monotonic() < end:  # late console messages or requests
         pipe.send("Runtime.evaluate", {"expression": "1"}, session=session)
         time.sleep(0.05)
-    probe = ("JSON.stringify({title: document.title, svgs: document.querySelectorAll('svg')"
-             ".length, text: document.body.innerText, overflow: document.documentElement"
-             ".scrollWidth - window.innerWidth, height: document.documentElement.scrollHeight})")
-    page = json.loads(pipe.send("Runtime.evaluate", {"expression": probe, "returnByValue": True},
+    page = json.loads(pipe.send("Runtime.evaluate", {"expression": _PROBE, "returnByValue": True},
                                 session=session)["result"]["value"])
     result.title, result.svg_count, result.text = page["title"], page["svgs"], page["text"]
+    result.drawn_charts, result.tables = page["drawn"], page["tables"]
     result.overflow_px = max(0, int(page["overflow"]))
     for event in pipe.events:
         _record(event, result)
@@ -191,6 +191,44 @@ def _drive(pipe: _Pipe, result: PageCheck, screenshot: Path | None, settle_s: fl
         shot = pipe.send("Page.captureScreenshot", params, session=session)
         screenshot.write_bytes(base64.b64decode(shot["data"]))
         result.screenshot = screenshot
+
+
+# What the page looks like once laid out: a chart counts as drawn when its box has an area and
+# it holds shapes; a table counts when it is visible, with the number of its data rows.
+_PROBE = """JSON.stringify({
+  title: document.title,
+  svgs: document.querySelectorAll('svg').length,
+  drawn: [...document.querySelectorAll('svg')].filter(s => {
+    const r = s.getBoundingClientRect();
+    return r.width > 0 && r.height > 0 &&
+      s.querySelectorAll('path, rect, circle, line, polyline, polygon').length > 0;
+  }).length,
+  tables: [...document.querySelectorAll('table')]
+    .filter(t => t.getBoundingClientRect().height > 0)
+    .map(t => [...t.querySelectorAll('tr')].filter(r => r.querySelector('td')).length),
+  text: document.body.innerText,
+  overflow: document.documentElement.scrollWidth - window.innerWidth,
+  height: document.documentElement.scrollHeight})"""
+
+
+def png_pixels(path: Path) -> tuple[int, int, bytes]:
+    """Width, height and the decompressed (still filtered) scanlines of a PNG: a page of one
+    flat colour filters to a handful of distinct byte values, a painted one to hundreds."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path} is not a PNG")
+    width, height = struct.unpack(">II", data[16:24])
+    idat, pos = b"", 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        if kind == b"IDAT":
+            idat += data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    return width, height, zlib.decompress(idat)
 
 
 def _record(event: dict[str, Any], result: PageCheck) -> None:
@@ -252,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         result = check_page(page, screenshot=args.screenshot,
                             clip=tuple(args.clip) if args.clip else None)
     print(json.dumps({"url": result.url, "title": result.title, "svgs": result.svg_count,
+                      "drawn_charts": result.drawn_charts, "tables": result.tables,
                       "requests": result.requests, "problems": result.problems(),
                       "screenshot": str(result.screenshot) if result.screenshot else None},
                      indent=2))

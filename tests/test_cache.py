@@ -8,33 +8,35 @@ from invarlock.cache import BaselineCache, CacheKey
 
 KEY = CacheKey("sha256:" + "1" * 64, "sha256:" + "2" * 64, "sha256:" + "3" * 64, "ppl_causal",
                "float32", "cpu", "0.1.0")
-PAYLOAD = {"preview": {"window_ids": [1, 2], "sha256": ["a", "b"], "tokens": [127, 127],
-                       "values": [301.25, 299.5]}}
+_SET = {"window_ids": [1, 2], "sha256": ["a" * 64, "b" * 64], "tokens": [127, 127],
+        "values": [301.25, 299.5]}
+PAYLOAD = {"parameters": 1000, "sets": {"preview": _SET, "final": _SET}, "guards": {}}
 
 
 def test_round_trip_and_key_sensitivity(tmp_path):
     cache = BaselineCache(tmp_path)
     assert cache.load(KEY) is None
-    cache.store(KEY, PAYLOAD)
-    assert cache.load(KEY) == PAYLOAD
+    digest = cache.store(KEY, PAYLOAD)
+    hit = cache.load(KEY)
+    assert hit.payload == PAYLOAD and hit.digest == digest
     for field in ("weights_digest", "plan_digest", "dtype", "device_type", "tool_version"):
         assert cache.load(replace(KEY, **{field: "other"})) is None
 
 
 def test_corrupt_entry_is_ignored(tmp_path, caplog):
     cache = BaselineCache(tmp_path)
-    path = cache.store(KEY, PAYLOAD)
-    path.write_text("{not json")
+    cache.store(KEY, PAYLOAD)
+    cache.path(KEY).write_text("{not json")
     assert cache.load(KEY) is None
     assert "unreadable" in caplog.text
 
 
 def test_entry_with_foreign_key_is_ignored(tmp_path):
     cache = BaselineCache(tmp_path)
-    path = cache.store(KEY, PAYLOAD)
+    cache.store(KEY, PAYLOAD)
     other = replace(KEY, metric="ppl_mlm")
-    other_path = cache.store(other, {"x": 1})
-    path.write_bytes(other_path.read_bytes())  # right file name, wrong content
+    cache.store(other, PAYLOAD)
+    cache.path(KEY).write_bytes(cache.path(other).read_bytes())  # right name, wrong content
     assert cache.load(KEY) is None
 
 

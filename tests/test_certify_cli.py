@@ -142,7 +142,7 @@ def test_different_tokenizers_exit_3_and_say_what_differs(tmp_path, bpe_tokenize
     code, summary, stderr = certify("--baseline", str(base), "--subject", str(subject),
                                     "--dataset", str(sonnets_path), "--profile", "dev",
                                     "--preset", str(fast_preset), "--out", str(tmp_path / "o"))
-    assert code == 3 and summary["verdict"] is None
+    assert code == 3 and summary["verdict"] == "ERROR"
     assert "tokenizers differ" in summary["error"] and "vocab" in summary["error"]
     assert "Traceback" not in stderr
     assert not (tmp_path / "o" / "evaluation.cert.json").exists()

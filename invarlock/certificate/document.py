@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import shutil
+import tempfile
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -17,9 +21,13 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from invarlock import atomic
 from invarlock.errors import InputError, TamperedCertificateError
+from invarlock.outdir import shown
 
 CERT_FILENAME = "evaluation.cert.json"
 MARKDOWN_FILENAME = "evaluation.cert.md"
+HTML_FILENAME = "evaluation.report.html"
+SET_FILENAMES = (CERT_FILENAME, MARKDOWN_FILENAME, HTML_FILENAME)  # one run's certificate set
+MAX_DEPTH = 64  # nesting a certificate never needs; deeper input is refused, not recursed into
 
 
 @cache
@@ -45,6 +53,21 @@ def canonical_json(data: Any) -> str:
                       allow_nan=False)
 
 
+def strict_json(data: Any, **options: Any) -> str:
+    """JSON every parser accepts: NaN and infinities (not JSON) become null."""
+    return json.dumps(_finite(data), allow_nan=False, **options)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def content_digest(cert: dict[str, Any]) -> str:
     body = {k: v for k, v in cert.items() if k != "digest"}
     return "sha256:" + hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
@@ -59,15 +82,57 @@ def seal(cert: dict[str, Any]) -> dict[str, Any]:
     return sealed
 
 
-def write_certificate(cert: dict[str, Any], out_dir: Path, markdown: str) -> Path:
-    """Write the Markdown rendering, then the JSON (each atomically); return the JSON path.
+def write_certificate(cert: dict[str, Any], out_dir: Path, markdown: str,
+                      renderings: dict[str, str] | None = None) -> Path:
+    """Write the certificate set (JSON, Markdown, other renderings) as a unit; the JSON path.
 
-    The JSON goes last: its presence means the whole certificate was written.
+    Every file is first written and synced in a staging folder beside the target, so a full
+    disk or a write error leaves the folder as it was. Then the previous set's JSON is
+    removed, the renderings are renamed in, and the JSON goes last: a certificate JSON
+    present in the folder always belongs with the renderings next to it, and files of an
+    older run that the new set does not replace are removed.
     """
     out_dir = Path(out_dir)
-    atomic.write_text(out_dir / MARKDOWN_FILENAME, markdown)
-    text = json.dumps(cert, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    return atomic.write_text(out_dir / CERT_FILENAME, text)
+    files = {MARKDOWN_FILENAME: markdown, **(renderings or {})}
+    files[CERT_FILENAME] = json.dumps(cert, indent=2, ensure_ascii=False,
+                                      allow_nan=False) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".invarlock-set-", dir=out_dir))
+    try:
+        for name, text in files.items():
+            atomic.write_text(staging / name, text)
+        target = out_dir / CERT_FILENAME
+        target.unlink(missing_ok=True)  # from here on, no older JSON vouches for new files
+        stale = [out_dir / name for name in SET_FILENAMES if name not in files]
+        try:
+            for name in files:
+                if name != CERT_FILENAME:
+                    os.replace(staging / name, out_dir / name)
+            for path in stale:
+                path.unlink(missing_ok=True)
+            os.replace(staging / CERT_FILENAME, target)
+        except BaseException:
+            for name in files:  # renderings never stay without their JSON
+                (out_dir / name).unlink(missing_ok=True)
+            raise
+        _fsync_dir(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames durable (where the platform can open a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_certificate(path: str | Path) -> dict[str, Any]:
@@ -77,6 +142,9 @@ def load_certificate(path: str | Path) -> dict[str, Any]:
         path = path / CERT_FILENAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise TamperedCertificateError(f"{shown(path)}: JSON nested too deeply to be a "
+                                       "certificate") from None
     except FileNotFoundError:
         raise InputError(f"certificate not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -86,4 +154,20 @@ def load_certificate(path: str | Path) -> dict[str, Any]:
             f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
     if not isinstance(data, dict):
         raise TamperedCertificateError(f"{path}: a certificate is a JSON object")
+    if nesting_depth(data) > MAX_DEPTH:
+        raise TamperedCertificateError(f"{shown(path)}: JSON nested deeper than {MAX_DEPTH} "
+                                       "levels; a certificate is not")
     return data
+
+
+def nesting_depth(data: Any) -> int:
+    """Deepest nesting of lists and objects, counted without recursion."""
+    deepest, todo = 0, [(data, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            deepest = max(deepest, depth)
+            todo += [(child, depth + 1) for child in node if isinstance(child, (dict, list))]
+    return deepest

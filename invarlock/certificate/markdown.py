@@ -49,10 +49,28 @@ def headline(cert: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def stopped_by(cert: dict[str, Any]) -> str | None:
+    """The guard that stopped the run before evaluation (a fatal check failed), if one did:
+    the final set was not evaluated, that guard measured and failed, no other guard measured.
+    """
+    if cert["pairing"]["final_evaluated"]:
+        return None
+    guards = cert.get("guards") or {}
+    measured = [name for name, g in guards.items()
+                if (g.get("measurements") or {}).get("evaluated", True) is not False]
+    if len(measured) != 1 or guards[measured[0]]["passed"]:
+        return None
+    return measured[0]
+
+
 def summary_sentence(cert: dict[str, Any]) -> str:
     pm = cert["primary_metric"]
     tier = cert["policy"]["tier"]
     if pm["gate_value"] is None:
+        stopped = stopped_by(cert)
+        if stopped:
+            return (f"**Stopped**: the {stopped} guard failed before evaluation; the final set "
+                    f"was not evaluated ({tier} tier).")
         if pm["catastrophic"]:
             prev = pm["preview"]["ratio"]
             shown = "non-finite" if prev is None else f"{prev:.3f}"

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from invarlock.errors import InputError, MissingExtraError
+from invarlock.errors import EvidenceError, InputError, MissingExtraError
 
 logger = logging.getLogger(__name__)
 
@@ -251,9 +251,14 @@ def map_labels(values: Sequence[Any], *, field: str, where: str,
 
 def _source_from_path(spec: str) -> DatasetSource:
     path = Path(spec).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as exc:  # a name too long, a loop of links
+        shown = spec if len(spec) <= 80 else f"{spec[:40]}…{spec[-30:]}"
+        raise InputError(f"dataset '{shown}' cannot be used: {exc.strerror or exc}") from None
+    if is_dir:
         return DatasetSource("text", path=spec)
-    if path.is_file():
+    if is_file:
         suffix = path.suffix.lower()
         if suffix in JSONL_SUFFIXES:
             return DatasetSource("jsonl", path=spec)
@@ -394,10 +399,16 @@ def _hf_load_dataset(name: str, config: str | None, split: str) -> Any:
 
 def _load_hf_corpus(source: DatasetSource, *, labelled: bool) -> Corpus:
     online = network_allowed()
+    spec = source.spec()
+    unreachable = None
+    if online:
+        from invarlock.models.network import hub_endpoint, hub_unreachable
+
+        unreachable = hub_unreachable()
+        online = unreachable is None
     if not online:
         _force_hf_offline()
     datasets = _import_datasets()
-    spec = source.spec()
     try:
         table = _hf_load_dataset(str(source.name), source.config, str(source.split))
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:
@@ -405,11 +416,18 @@ def _load_hf_corpus(source: DatasetSource, *, labelled: bool) -> Corpus:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, ValueError) and "split" in detail.lower():
             raise InputError(f"dataset '{spec}' has no split '{source.split}': {detail}") from None
+        if unreachable:
+            raise EvidenceError(f"dataset '{spec}' cannot be downloaded: {hub_endpoint()} is "
+                                f"unreachable ({unreachable}) and the dataset is not in the "
+                                "local Hugging Face cache") from None
         if not online and isinstance(exc, (ConnectionError, FileNotFoundError)):
             raise InputError(f"dataset '{spec}' is not in the local Hugging Face cache and "
                              f"network access is off; set {NETWORK_ENV}=1 to download it"
                              ) from None
         raise InputError(f"cannot load dataset '{spec}': {detail}") from None
+    if unreachable:
+        logger.warning("cannot reach %s (%s): dataset '%s' read from the local cache",
+                       hub_endpoint(), unreachable, spec)
     return corpus_from_table(source, table, labelled=labelled)
 
 

@@ -57,6 +57,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             if length > _MAX_HEADER:
                 raise InputError(f"{path}: safetensors header of {length} bytes is implausible")
             header = json.loads(fh.read(length).decode("utf-8"))
+            data_bytes = path.stat().st_size - 8 - length
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -68,10 +69,28 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            tensors[name] = TensorInfo(str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+            info = TensorInfo(str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+            begin, end = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{path}: malformed header entry for tensor '{name}'") from None
+        _check_extent(path, name, info, begin, end, data_bytes)
+        tensors[name] = info
     return tensors
+
+
+def _check_extent(path: Path, name: str, info: TensorInfo, begin: int, end: int,
+                  data_bytes: int) -> None:
+    """The tensor's bytes must lie inside the file and match its dtype and shape: a file cut
+    short (an interrupted copy) keeps an intact header but loses its data."""
+    if not 0 <= begin <= end:
+        raise InputError(f"{path}: tensor '{name}' has invalid data offsets [{begin}, {end}]")
+    if end > data_bytes:
+        raise InputError(f"{path} is truncated: tensor '{name}' ends at byte {end} of the data "
+                         f"section, which holds only {max(data_bytes, 0)} bytes")
+    width = DTYPE_BYTES.get(info.dtype)
+    if width is not None and end - begin != info.numel * width:
+        raise InputError(f"{path}: tensor '{name}' holds {end - begin} bytes but "
+                         f"{info.dtype}{list(info.shape)} needs {info.numel * width}")
 
 
 def checkpoint_tensors(files: list[Path]) -> CheckpointTensors:

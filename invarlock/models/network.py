@@ -33,3 +33,45 @@ def enforce_offline() -> None:
     if datasets_config is not None:
         datasets_config.HF_HUB_OFFLINE = True
         datasets_config.HF_DATASETS_OFFLINE = True
+
+
+HUB_ENDPOINT_ENV = "HF_ENDPOINT"
+DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
+PROBE_TIMEOUT_S = 4.0  # connect and read; the HF libraries would retry for half a minute
+
+
+def hub_endpoint() -> str:
+    return os.environ.get(HUB_ENDPOINT_ENV, "").strip() or DEFAULT_HUB_ENDPOINT
+
+
+def hub_unreachable(timeout: float | None = None) -> str | None:
+    """Why the Hugging Face Hub cannot be reached right now, or None when it answers.
+
+    One HEAD request with a short timeout: any HTTP answer counts as reachable. Called
+    before a download so that a dead network costs seconds and one line, not the HF
+    libraries' retry loop.
+    """
+    import requests
+
+    limit = PROBE_TIMEOUT_S if timeout is None else timeout
+    try:
+        requests.head(hub_endpoint(), timeout=(limit, limit), allow_redirects=False)
+    except requests.Timeout:
+        return f"no answer within {limit:g} s"
+    except requests.RequestException as exc:
+        return _reason(exc)
+    return None
+
+
+def _reason(exc: Exception) -> str:
+    """A few words for why a connection failed (urllib3's messages run to a paragraph)."""
+    text = str(exc)
+    for marker, words in (("NameResolution", "the host name does not resolve"),
+                          ("Name or service not known", "the host name does not resolve"),
+                          ("Connection refused", "connection refused"),
+                          ("Network is unreachable", "network is unreachable"),
+                          ("SSLError", "TLS handshake failed"),
+                          ("ProxyError", "the proxy failed")):
+        if marker in text or marker in type(exc).__name__:
+            return words
+    return type(exc).__name__

@@ -6,12 +6,11 @@ from an edited certificate says so at the top.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from invarlock.certificate import markdown as md
-from invarlock.certificate.document import schema_errors
+from invarlock.certificate.document import schema_errors, strict_json
 from invarlock.errors import TamperedCertificateError
 from invarlock.report import html
 from invarlock.verify import ABS_TOL, REL_TOL, VerifyReport, verify_certificate
@@ -37,7 +36,7 @@ def render(cert: Mapping[str, Any], fmt: str,
     if fmt == "html":
         return html.render(cert, report)
     if fmt == "json":
-        return json.dumps(summary(cert, report), indent=2, ensure_ascii=False) + "\n"
+        return strict_json(summary(cert, report), indent=2, ensure_ascii=False) + "\n"
     return md.render(dict(cert)) + "\n" + _markdown_verification(report)
 
 

@@ -130,7 +130,10 @@ def _primary(cert: Mapping[str, Any]) -> str:
                    f"{_confidence(pm)} BCa interval; PASS needs the lower bound at or above "
                    f"{pm['limit']:+.2f} pp.")
     else:
-        caption = "No interval: the final set was not evaluated (catastrophic preview)."
+        stopped = md.stopped_by(dict(cert))
+        why = (f"the {stopped} guard failed before evaluation" if stopped
+               else "catastrophic preview")
+        caption = f"No interval: the final set was not evaluated ({why})."
     table = _md_table(md.metric_table(dict(cert)))
     fig = f"<figure>{figure}<figcaption>{escape(caption)}</figcaption></figure>"
     if not figure:
