@@ -3,6 +3,8 @@
 #   make test       the default test suite (fast; no network, no GPU)
 #   make test-slow  slow tests (a real pretrained 135M model, many seeds)
 #   make lint       ruff
+#   make image-test build the Action's image with buildah on a debootstrapped Debian base and
+#                   certify the demo inside it on CPU (root, buildah, debootstrap; slow)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +16,7 @@ TORCH ?= torch==2.13.0
 # benchmark and the slow tests.
 SMOLLM2_DIR ?= .cache/models/smollm2-135m
 
-.PHONY: install demo test test-slow lint smollm2 bench clean
+.PHONY: install demo test test-slow lint smollm2 bench clean image-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +46,9 @@ $(SMOLLM2_DIR)/model.safetensors: | install
 bench: smollm2
 	$(BIN)/python benchmarks/certify_smollm2.py --model $(SMOLLM2_DIR) --guards-off
 	$(BIN)/python benchmarks/chunked_scoring.py
+
+image-test:
+	scripts/image_test.sh
 
 lint: install
 	$(BIN)/ruff check .

@@ -31,6 +31,7 @@ OPERATIONS = (
     "issues/delete-comment",
     "pulls/get",
     "rate-limit/get",
+    "users/get-authenticated",
 )
 METHODS = ("get", "put", "post", "patch", "delete")
 

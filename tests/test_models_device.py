@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from invarlock.errors import InputError
+from invarlock.errors import EvidenceError, InputError
 from invarlock.models import device as device_mod
 from invarlock.models.device import checkpoint_dtype, resolve_device, resolve_dtype
 
@@ -34,7 +34,7 @@ def test_auto_prefers_cuda_then_mps_then_cpu(accelerators, cuda, mps, expected):
 def test_explicit_devices_are_validated(accelerators):
     accelerators(cuda=0, mps=False)
     assert resolve_device("CPU") == "cpu"
-    with pytest.raises(InputError, match="device 'cuda' was requested but CUDA is not available"):
+    with pytest.raises(EvidenceError, match="device 'cuda' was requested but CUDA cannot start"):
         resolve_device("cuda")
     with pytest.raises(InputError, match="'mps' was requested but Apple MPS is not available"):
         resolve_device("mps")
@@ -82,3 +82,22 @@ def test_explicit_dtype():
     assert resolve_dtype("float32", "cuda", "float16") is torch.float32
     with pytest.raises(InputError, match="unknown dtype 'int8'; use auto, float32"):
         resolve_dtype("int8", "cpu", None)
+
+
+def test_cuda_that_cannot_start_is_an_evidence_error_naming_both_versions(accelerators,
+                                                                          monkeypatch, tmp_path):
+    """With a GPU expected, a missing or old driver stops the run (exit 3) in one line."""
+    accelerators(cuda=0)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    version = tmp_path / "version"
+    version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19\n")
+    monkeypatch.setattr(device_mod, "_DRIVER_VERSION_FILE", version)
+    with pytest.raises(EvidenceError) as caught:
+        resolve_device("cuda")
+    message = str(caught.value)
+    assert caught.value.exit_code == 3 and "\n" not in message
+    assert "built for CUDA 13.0 (NVIDIA driver 580 or newer)" in message
+    assert "NVIDIA driver 535.104.05 found" in message
+    version.unlink()
+    with pytest.raises(EvidenceError, match="no NVIDIA driver visible"):
+        resolve_device("cuda:0")

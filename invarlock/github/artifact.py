@@ -17,10 +17,11 @@ from invarlock.certificate import document
 from invarlock.enums import Verdict
 from invarlock.errors import InputError, TamperedCertificateError
 from invarlock.github.event import RecordedTarget
-from invarlock.github.outcome import EXIT_FAIL, EXIT_PASS, Outcome
+from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_FAIL, EXIT_PASS, Outcome
 
 RESULT_FILENAME = "invarlock-action.json"
 RESULT_FORMAT = "invarlock.action-result"
+HTML_FILENAME = "evaluation.cert.html"
 
 
 def checked_certificate(path: Path) -> dict[str, Any]:
@@ -45,10 +46,12 @@ def outcome_from_certificate(path: Path) -> Outcome:
                    path.resolve(), markdown.resolve() if markdown.is_file() else None)
 
 
-def write_result(out_dir: Path, outcome: Outcome, target: RecordedTarget | None) -> Path:
+def write_result(out_dir: Path, outcome: Outcome, target: RecordedTarget | None,
+                 name: str = "") -> Path:
     data = {
         "format": RESULT_FORMAT,
         "version": 1,
+        "name": name,
         "exit_code": outcome.exit_code,
         "verdict": None if outcome.verdict is None else str(outcome.verdict),
         "error": outcome.error,
@@ -57,6 +60,46 @@ def write_result(out_dir: Path, outcome: Outcome, target: RecordedTarget | None)
         "target": None if target is None else target.as_dict(),
     }
     return atomic.write_text(Path(out_dir) / RESULT_FILENAME, json.dumps(data, indent=2) + "\n")
+
+
+def write_html(outcome: Outcome) -> Path | None:
+    """The certificate's HTML report next to it (linked from the comment, in the artifact)."""
+    if outcome.certificate is None or outcome.certificate_path is None:
+        return None
+    from invarlock.report import html
+    from invarlock.verify import verify_certificate
+
+    page = html.render(outcome.certificate, verify_certificate(outcome.certificate))
+    return atomic.write_text(outcome.certificate_path.parent / HTML_FILENAME, page)
+
+
+def bind_report(outcome: Outcome, recorded: RecordedTarget | None, head_sha: str) -> Outcome:
+    """The outcome a downloaded report may be published as, for the commit `head_sha`.
+
+    A verdict stands only when the certificate verifies (schema, digest, every number and the
+    verdict recomputed from its own windows and policy) and the report records `head_sha` as
+    the commit it certified; otherwise the outcome is an evidence error saying why, which
+    concludes the check run `failure`.
+    """
+    if recorded is None:
+        return Outcome.failed(EXIT_EVIDENCE, f"the report does not bind to commit "
+                                             f"{head_sha[:12]}: it records no commit (a bare "
+                                             f"certificate or no {RESULT_FILENAME})")
+    if recorded.head_sha != head_sha:
+        return Outcome.failed(EXIT_EVIDENCE, f"the report does not bind to commit "
+                                             f"{head_sha[:12]}: it was made for "
+                                             f"{recorded.head_sha[:12]}")
+    if outcome.certificate is None:
+        return outcome
+    from invarlock.verify import verify_certificate
+
+    report = verify_certificate(outcome.certificate)
+    if not report.verified:
+        shown = "; ".join(report.differences[:3])
+        more = len(report.differences) - 3
+        return Outcome.failed(EXIT_EVIDENCE, "the certificate does not verify: " + shown
+                              + (f" (and {more} more)" if more > 0 else ""))
+    return outcome
 
 
 def load_report(path: Path) -> tuple[Outcome, RecordedTarget | None]:
@@ -81,6 +124,16 @@ def load_report(path: Path) -> tuple[Outcome, RecordedTarget | None]:
     error = result.get("error")
     return Outcome.failed(code, str(error) if error else f"the certifier exited with {code}"), \
         target
+
+
+def recorded_name(folder: Path) -> str:
+    """The subject name a report folder's result file records (empty when none)."""
+    try:
+        result = _read_result(Path(folder) / RESULT_FILENAME)
+    except InputError:
+        return ""
+    name = (result or {}).get("name")
+    return name if isinstance(name, str) else ""
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:

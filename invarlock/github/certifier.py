@@ -3,7 +3,7 @@
 A separate process because the certifier's contract is its command line (one JSON object on
 stdout, the exit code 0/1/2/3) and because the Action must report whatever happens to it:
 an out-of-memory kill or a CUDA crash ends the child, not the reporter, which then still
-completes the check run (neutral) and updates the comment. It also keeps the job token out
+completes the check run (failure) and updates the comment. It also keeps the job token out
 of the process that loads models: the child's environment has no token and no inputs.
 
 `INVARLOCK_CERTIFY_COMMAND` replaces `invarlock certify` (for example `python -m invarlock
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -58,8 +60,12 @@ def child_environment(environ: Mapping[str, str], token: str) -> dict[str, str]:
 
 
 def run_certifier(command: Sequence[str], arguments: Sequence[str], *,
-                  env: Mapping[str, str], log_stream: TextIO | None = None) -> Outcome:
-    """Run the certifier, echo its log, and turn what it left behind into an Outcome."""
+                  env: Mapping[str, str], log_stream: TextIO | None = None,
+                  on_start: Callable[[subprocess.Popen[str]], None] | None = None) -> Outcome:
+    """Run the certifier, echo its log, and turn what it left behind into an Outcome.
+
+    `on_start` receives the child process (the cancellation handler stops it on a signal).
+    """
     log_stream = log_stream if log_stream is not None else sys.stderr
     argv = [*command, *arguments]
     try:
@@ -71,6 +77,8 @@ def run_certifier(command: Sequence[str], arguments: Sequence[str], *,
                                           f"invarlock or set {CERTIFY_COMMAND_VARIABLE})")
     except OSError as exc:
         return Outcome.failed(EXIT_INPUT, f"cannot start {command[0]!r}: {exc}")
+    if on_start is not None:
+        on_start(proc)
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
     echo = threading.Thread(target=_echo, args=(proc.stderr, log_stream, tail), daemon=True)
     echo.start()
@@ -143,3 +151,43 @@ def _tail_message(tail: Sequence[str]) -> str:
 
 def _tail_suffix(tail: Sequence[str]) -> str:
     return (":\n" + "\n".join(tail[-5:])) if tail else ""
+
+
+class Cancellation:
+    """SIGTERM/SIGINT while the certifier runs: stop the child, remember the signal.
+
+    `docker stop` (the Action's cancel and timeout handling) and the runner's own cancel send
+    SIGTERM or SIGINT; the entrypoint then still completes the check run as `cancelled`
+    within the stop grace period instead of leaving it in progress.
+    """
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._child: subprocess.Popen[str] | None = None
+
+    def watch(self, child: subprocess.Popen[str]) -> None:
+        self._child = child
+        if self.signal_number is not None:
+            self._stop_child()
+
+    def handle(self, signal_number: int, frame: object = None) -> None:
+        log.warning("received signal %d: stopping the certifier", signal_number)
+        self.signal_number = signal_number
+        self._stop_child()
+
+    def _stop_child(self) -> None:
+        if self._child is not None and self._child.poll() is None:
+            self._child.terminate()
+
+    @contextmanager
+    def installed(self) -> Iterator[Cancellation]:
+        """Handle SIGTERM and SIGINT in between (only possible in the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)

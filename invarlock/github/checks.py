@@ -9,6 +9,7 @@ that may have been applied (AmbiguousWrite) is found again instead of made twice
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -19,6 +20,22 @@ log = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 65535  # characters in output.summary and output.text (GitHub's maxLength)
 TITLE_LIMIT = 255
+ANNOTATIONS_PER_REQUEST = 50  # GitHub's limit; later requests append to the run's annotations
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """A finding shown on a file of the pull request's diff (line 1: the file as a whole)."""
+
+    path: str  # relative to the repository root
+    message: str
+    title: str
+    level: str = "failure"  # notice | warning | failure
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "start_line": 1, "end_line": 1,
+                "annotation_level": self.level, "title": _clip(self.title, TITLE_LIMIT),
+                "message": _clip(self.message, 64 * 1024 - 1)}
 
 
 @dataclass(frozen=True)
@@ -61,18 +78,34 @@ class CheckRuns:
         return self._create(spec, body)
 
     def complete(self, spec: CheckSpec, run: CheckRun | None, conclusion: str,
-                 output: CheckOutput, fallback: CheckOutput) -> CheckRun:
-        """Complete `run` (or create it completed); on 422 retry once with `fallback`."""
+                 output: CheckOutput, fallback: CheckOutput,
+                 annotations: Sequence[Annotation] = ()) -> CheckRun:
+        """Complete `run` (or create it completed); on 422 retry once with `fallback`.
+
+        Annotations go 50 per request: the first batch with the completion, the rest in
+        further updates (GitHub appends them).
+        """
+        batches = [list(annotations[i:i + ANNOTATIONS_PER_REQUEST])
+                   for i in range(0, len(annotations), ANNOTATIONS_PER_REQUEST)] or [[]]
         try:
-            return self._complete(spec, run, conclusion, output)
+            done = self._complete(spec, run, conclusion, output, batches[0])
         except ValidationFailed as exc:
             log.warning("check run output refused (%s); sending a shorter one", exc)
-            return self._complete(spec, run, conclusion, fallback)
+            done = self._complete(spec, run, conclusion, fallback, batches[0])
+            output = fallback
+        for batch in batches[1:]:
+            self._client.patch(f"{self._base}/check-runs/{done.id}",
+                               {"output": {**output.as_dict(), "annotations":
+                                           [a.as_dict() for a in batch]}})
+        return done
 
     def _complete(self, spec: CheckSpec, run: CheckRun | None, conclusion: str,
-                  output: CheckOutput) -> CheckRun:
+                  output: CheckOutput, annotations: Sequence[Annotation] = ()) -> CheckRun:
+        out: dict[str, Any] = output.as_dict()
+        if annotations:
+            out["annotations"] = [a.as_dict() for a in annotations]
         body = {"status": "completed", "conclusion": conclusion, "completed_at": _now(),
-                "output": output.as_dict()}
+                "output": out}
         if run is None:
             return self._create(spec, {**_identity(spec), **body})
         data = self._client.patch(f"{self._base}/check-runs/{run.id}",
@@ -87,7 +120,8 @@ class CheckRuns:
             if found is None:
                 return _check_run(self._client.post(f"{self._base}/check-runs", body))
             if body.get("status") == "completed":  # the lost create may have been in_progress
-                return self._complete(spec, found, body["conclusion"], _output(body))
+                return self._complete(spec, found, body["conclusion"], _output(body),
+                                      _annotations(body))
             return found
 
     def _find(self, spec: CheckSpec) -> CheckRun | None:
@@ -111,6 +145,11 @@ def _identity(spec: CheckSpec, *, with_sha: bool = True) -> dict[str, Any]:
 def _output(body: dict[str, Any]) -> CheckOutput:
     out = body["output"]
     return CheckOutput(out["title"], out["summary"], out.get("text", ""))
+
+
+def _annotations(body: dict[str, Any]) -> list[Annotation]:
+    return [Annotation(a["path"], a["message"], a["title"], a["annotation_level"])
+            for a in body["output"].get("annotations", [])]
 
 
 def _check_run(data: Any) -> CheckRun:

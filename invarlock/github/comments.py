@@ -1,8 +1,14 @@
 """One sticky comment per pull request and check name, updated in place on every push.
 
-The comment is recognised by a hidden marker on its first line that names the check, so
-two differently named InvarLock checks keep two comments and nothing else is ever edited.
-Listing pages through every comment (a busy pull request has more than one page).
+The comment is recognised by a hidden marker on its first line that names the check **and**
+by its author, the token's own identity: anyone can paste the marker into a comment of their
+own, and such a comment is never edited. Two differently named InvarLock checks keep two
+comments. An unchanged body is not written again. Listing pages through every comment (a
+busy pull request has more than one page).
+
+The identity: `GET /user` answers for personal tokens; installation tokens (the job's
+GITHUB_TOKEN) are refused there, and the job token writes as `github-actions[bot]`. A
+GitHub App's own token writes as `<app-slug>[bot]`: give it as input `comment-author`.
 """
 
 from __future__ import annotations
@@ -12,39 +18,57 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from invarlock.github.http import AmbiguousWrite, GitHubClient, ValidationFailed
+from invarlock.github.http import AmbiguousWrite, GitHubClient, PermissionDenied, ValidationFailed
 
 log = logging.getLogger(__name__)
 
 BODY_LIMIT = 65536  # characters GitHub accepts in a comment body
+JOB_TOKEN_LOGIN = "github-actions[bot]"
 
 
-def marker(check_name: str) -> str:
+def token_login(client: GitHubClient) -> str:
+    """The login comments written with this client's token carry."""
+    try:
+        user = client.get("/user")
+    except PermissionDenied:  # an installation token: the job token's bot
+        return JOB_TOKEN_LOGIN
+    login = user.get("login") if isinstance(user, dict) else None
+    return str(login) if login else JOB_TOKEN_LOGIN
+
+
+def marker(check_name: str, *, aggregate: bool = False) -> str:
     """The hidden first line; the name is percent-encoded so it cannot end the HTML comment."""
-    return f"<!-- invarlock:sticky-comment check={quote(check_name, safe='')} -->"
+    kind = "aggregate-comment" if aggregate else "sticky-comment"
+    return f"<!-- invarlock:{kind} check={quote(check_name, safe='')} -->"
 
 
 @dataclass(frozen=True)
 class Comment:
     id: int
     html_url: str | None
+    body: str = ""
 
 
 class StickyComment:
     def __init__(self, client: GitHubClient, owner: str, repo: str, number: int,
-                 marker_line: str) -> None:
+                 marker_line: str, author: str) -> None:
         self._client = client
         self._base = f"/repos/{owner}/{repo}/issues"
         self._number = number
         self._marker = marker_line
+        self._author = author
 
     def find(self) -> Comment | None:
-        """The first comment whose first line is our marker."""
+        """The first comment by our author whose first line is our marker."""
         for item in self._client.paginate(f"{self._base}/{self._number}/comments",
                                           {"per_page": 100}):
             body = item.get("body") or ""
+            login = (item.get("user") or {}).get("login")
             if body.split("\n", 1)[0].strip() == self._marker:
-                return _comment(item)
+                if login == self._author:
+                    return _comment(item)
+                log.info("comment %s carries the marker but is by %s, not %s: left alone",
+                         item.get("id"), login, self._author)
         return None
 
     def upsert(self, body: str, fallback: str) -> Comment:
@@ -64,6 +88,9 @@ class StickyComment:
         for attempt in (1, 2):
             existing = self.find()
             try:
+                if existing is not None and existing.body == text:
+                    log.info("the comment is unchanged; not rewritten")
+                    return existing
                 if existing is not None:
                     data = self._client.patch(f"{self._base}/comments/{existing.id}",
                                               {"body": text})
@@ -86,4 +113,4 @@ class StickyComment:
 
 
 def _comment(data: Any) -> Comment:
-    return Comment(int(data["id"]), data.get("html_url"))
+    return Comment(int(data["id"]), data.get("html_url"), str(data.get("body") or ""))

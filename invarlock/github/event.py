@@ -33,10 +33,12 @@ class RecordedTarget:
     head_sha: str
     pull_request: int | None
     run_url: str | None
+    files: tuple[str, ...] = ()  # repository paths a FAIL's annotations point at
 
     def as_dict(self) -> dict[str, Any]:
         return {"event_name": self.event_name, "head_sha": self.head_sha,
-                "pull_request": self.pull_request, "run_url": self.run_url}
+                "pull_request": self.pull_request, "run_url": self.run_url,
+                "files": list(self.files)}
 
     @classmethod
     def from_dict(cls, data: Any) -> RecordedTarget | None:
@@ -47,8 +49,17 @@ class RecordedTarget:
         if not isinstance(sha, str) or not (number is None or isinstance(number, int)):
             return None
         run_url = data.get("run_url")
+        files = data.get("files") or []
+        safe = tuple(f for f in files if isinstance(f, str) and is_repository_path(f))
         return cls(str(data.get("event_name", "")), sha, number,
-                   run_url if isinstance(run_url, str) else None)
+                   run_url if isinstance(run_url, str) else None, safe[:50])
+
+
+def is_repository_path(path: str) -> bool:
+    """A relative path that stays inside the repository (annotations need one)."""
+    parts = path.split("/")
+    return (bool(path) and not path.startswith("/") and "\\" not in path
+            and all(p not in ("", ".", "..") for p in parts) and len(path) <= 1024)
 
 
 def load_event(path: Path | None) -> dict[str, Any]:

@@ -1,7 +1,14 @@
-"""The Action entrypoint: read settings, certify (or load a result), report, exit.
+"""The Action entrypoint: read settings, certify (or load results), report, exit.
 
-The exit code is the certifier's: 0 PASS, 1 FAIL, 2 bad input, 3 no evidence. Publishing
-happens after the outputs and the job summary are written and can only add warnings.
+Modes:
+- certify: run the certifier, report its outcome on this run's commit and pull request;
+- publish: report a downloaded report folder from a `workflow_run` workflow (fork pull
+  requests), only when it verifies and binds to the run's head commit;
+- aggregate: one comment with a row per subject for the report folders of a matrix.
+
+The exit code is the certifier's: 0 PASS, 1 FAIL, 2 bad input, 3 no evidence (128 + signal
+when cancelled). Publishing happens after the outputs and the job summary are written and
+can only add warnings.
 """
 
 from __future__ import annotations
@@ -11,12 +18,19 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import TextIO, TypeVar
 
+from invarlock import atomic
 from invarlock.errors import InvarlockError
-from invarlock.github import render
-from invarlock.github.artifact import load_report, write_result
-from invarlock.github.certifier import certify_arguments, child_environment, run_certifier
+from invarlock.github import aggregate, render
+from invarlock.github.artifact import bind_report, load_report, write_html, write_result
+from invarlock.github.certifier import (
+    Cancellation,
+    certify_arguments,
+    child_environment,
+    run_certifier,
+)
 from invarlock.github.commands import WorkflowCommands
 from invarlock.github.event import (
     RecordedTarget,
@@ -61,6 +75,8 @@ def run(environ: Mapping[str, str], *, stdout: TextIO, stderr: TextIO,
         commands.warning("No github-token: the check run and the comment are skipped.",
                          title="InvarLock: not published")
 
+    if settings.mode is Mode.AGGREGATE:
+        return _aggregate(settings, client, commands)
     if settings.mode is Mode.PUBLISH:
         outcome, publisher = _load_for_publishing(settings, client, commands)
     else:
@@ -69,6 +85,8 @@ def run(environ: Mapping[str, str], *, stdout: TextIO, stderr: TextIO,
     _announce(commands, outcome)
     _write_runner_files(settings, outcome)
     published = _publishing(commands, "complete", lambda: publisher.finish(outcome))
+    if publisher.check_completed:
+        _clear_state(settings)
     if published is not None and settings.github.output_path is not None:
         write_outputs(settings.github.output_path,
                       {"check-run-url": published.check_url or "",
@@ -94,25 +112,32 @@ def _certify(settings: Settings, client: GitHubClient | None, commands: Workflow
              environ: Mapping[str, str], stderr: TextIO) -> tuple[Outcome, Publisher]:
     target = _target_of_this_run(settings, commands)
     publisher = Publisher(settings, client, commands, target)
-    _publishing(commands, "start", publisher.start)
-    out_dir = settings.output_dir
-    arguments = certify_arguments(settings.certify, out_dir)
-    log.info("running %s", " ".join([*settings.certify_command, *arguments]))
-    with commands.group("invarlock certify"), commands.stop_commands():
-        try:
-            outcome = run_certifier(settings.certify_command, arguments,
-                                    env=child_environment(environ, settings.token),
-                                    log_stream=stderr)
-        except Exception as exc:  # the reporter must still report
-            log.debug("running the certifier failed", exc_info=True)
-            outcome = Outcome.failed(EXIT_EVIDENCE, f"internal error: {type(exc).__name__}: "
-                                                    f"{exc}")
+    cancellation = Cancellation()
+    with cancellation.installed():
+        _publishing(commands, "start", publisher.start)
+        _record_state(settings, publisher)
+        out_dir = settings.output_dir
+        arguments = certify_arguments(settings.certify, out_dir)
+        log.info("running %s", " ".join([*settings.certify_command, *arguments]))
+        with commands.group("invarlock certify"), commands.stop_commands():
+            try:
+                outcome = run_certifier(settings.certify_command, arguments,
+                                        env=child_environment(environ, settings.token),
+                                        log_stream=stderr, on_start=cancellation.watch)
+            except Exception as exc:  # the reporter must still report
+                log.debug("running the certifier failed", exc_info=True)
+                outcome = Outcome.failed(EXIT_EVIDENCE, f"internal error: {type(exc).__name__}: "
+                                                        f"{exc}")
+    if cancellation.signal_number is not None:
+        outcome = Outcome.stopped(cancellation.signal_number)
     recorded = None if target is None else RecordedTarget(
-        settings.github.event_name, target.head_sha, target.pull_request, target.run_url)
+        settings.github.event_name, target.head_sha, target.pull_request, target.run_url,
+        publisher.annotation_files())
     try:
-        write_result(out_dir, outcome, recorded)
+        write_result(out_dir, outcome, recorded, settings.name)
+        write_html(outcome)
     except OSError as exc:
-        commands.warning(f"Could not write the result file into {out_dir}: {exc}")
+        commands.warning(f"Could not write the result files into {out_dir}: {exc}")
     return outcome, publisher
 
 
@@ -131,6 +156,13 @@ def _target_of_this_run(settings: Settings, commands: WorkflowCommands) -> Targe
 
 def _load_for_publishing(settings: Settings, client: GitHubClient | None,
                          commands: WorkflowCommands) -> tuple[Outcome, Publisher]:
+    """The downloaded report, reported only as what it proves (publish mode).
+
+    The report comes from a workflow run the pull request's author controls. It is published
+    with its verdict only when the certificate verifies (schema, digest, every number and the
+    verdict recomputed) and the commit it records is the `workflow_run` head commit; anything
+    else is published as a failure that says why.
+    """
     assert settings.certificate is not None
     try:
         target = target_for_workflow_run(load_event(settings.github.event_path))
@@ -139,8 +171,11 @@ def _load_for_publishing(settings: Settings, client: GitHubClient | None,
         return Outcome.failed(exc.exit_code, str(exc)), Publisher(settings, None, commands, None)
     try:
         outcome, recorded = load_report(settings.certificate)
-    except InvarlockError as exc:  # reported as a neutral check: the evidence is unusable
-        outcome, recorded = Outcome.failed(exc.exit_code, str(exc)), None
+        outcome = bind_report(outcome, recorded, target.head_sha)
+    except InvarlockError as exc:  # published as a failure: the evidence is unusable
+        outcome, recorded = Outcome.failed(EXIT_EVIDENCE, str(exc)), None
+    if recorded is not None and recorded.head_sha != target.head_sha:
+        recorded = None  # nothing it says about pull requests or files is trusted
     if target.pull_request is None and client is not None and settings.comment:
         try:
             owner, repo = settings.github.owner_and_name
@@ -150,7 +185,48 @@ def _load_for_publishing(settings: Settings, client: GitHubClient | None,
             number = verified_pull_request(client, owner, repo, recorded, target.head_sha,
                                            commands)
             target = replace(target, pull_request=number)
-    return outcome, Publisher(settings, client, commands, target)
+    files = recorded.files if recorded is not None else ()
+    return outcome, Publisher(settings, client, commands, target, recorded_files=files)
+
+
+def _aggregate(settings: Settings, client: GitHubClient | None,
+               commands: WorkflowCommands) -> int:
+    """One comment with a row per subject (mode `aggregate`, after a matrix)."""
+    assert settings.certificate is not None
+    try:
+        rows = aggregate.load_rows(settings.certificate)
+    except InvarlockError as exc:
+        commands.error(str(exc), title="InvarLock: cannot aggregate")
+        return exc.exit_code
+    github = settings.github
+    body = aggregate.render_comment(settings.check_name, rows, run_url=github.run_url)
+    if github.summary_path is not None:
+        append_summary(github.summary_path, body, run_url=github.run_url)
+    code = aggregate.exit_code(rows)
+    if github.output_path is not None:
+        write_outputs(github.output_path, {"exit-code": str(code)})
+    target = _target_of_this_run(settings, commands)
+    publisher = Publisher(settings, client, commands, target)
+    url = _publishing(commands, "comment", lambda: publisher.comment_text(body))
+    if url and github.output_path is not None:
+        write_outputs(github.output_path, {"comment-url": url})
+    return code
+
+
+def _record_state(settings: Settings, publisher: Publisher) -> None:
+    """Record the open check run for the Action's cleanup step (`if: always()`)."""
+    url = publisher.open_check_api_url
+    if settings.state_file is None or url is None:
+        return
+    try:
+        atomic.write_text(settings.state_file, url + "\n")
+    except OSError as exc:
+        log.warning("could not record the check run for cleanup: %s", exc)
+
+
+def _clear_state(settings: Settings) -> None:
+    if settings.state_file is not None:
+        Path(settings.state_file).unlink(missing_ok=True)
 
 
 def _announce(commands: WorkflowCommands, outcome: Outcome) -> None:
@@ -182,4 +258,3 @@ def _configure_logging(stream: TextIO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     root.propagate = False
-

@@ -8,16 +8,20 @@ is expected and explained, not an error.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
+from invarlock.enums import Verdict
 from invarlock.errors import InvarlockError
 from invarlock.github import render
-from invarlock.github.checks import CheckOutput, CheckRun, CheckRuns, CheckSpec
+from invarlock.github.artifact import HTML_FILENAME
+from invarlock.github.checks import Annotation, CheckOutput, CheckRun, CheckRuns, CheckSpec
 from invarlock.github.commands import WorkflowCommands
-from invarlock.github.comments import BODY_LIMIT, StickyComment, marker
-from invarlock.github.event import RecordedTarget, Target
+from invarlock.github.comments import BODY_LIMIT, StickyComment, marker, token_login
+from invarlock.github.event import RecordedTarget, Target, is_repository_path
 from invarlock.github.http import GitHubClient, GitHubError, NotFound, PermissionDenied
 from invarlock.github.outcome import Outcome
 from invarlock.github.settings import Settings
@@ -40,13 +44,16 @@ class Publisher:
     """Reports one outcome for one target. `client` is None when nothing may be sent."""
 
     def __init__(self, settings: Settings, client: GitHubClient | None,
-                 commands: WorkflowCommands, target: Target | None) -> None:
+                 commands: WorkflowCommands, target: Target | None, *,
+                 recorded_files: tuple[str, ...] | None = None) -> None:
         self._settings = settings
         self._client = client
         self._commands = commands
         self._target = target
+        self._recorded_files = recorded_files
         self._run: CheckRun | None = None
         self._checks_refused = False
+        self.check_completed = False  # the check run (if any) is no longer in progress
         if client is not None and target is not None:
             try:
                 owner, repo = settings.github.owner_and_name
@@ -69,13 +76,43 @@ class Publisher:
         with self._reporting_failures("create the check run", checks=True):
             self._run = self._checks.start(self._spec())
 
+    @property
+    def open_check_api_url(self) -> str | None:
+        """The API address of the check run started and not yet completed."""
+        if self._run is None or self.check_completed or self._client is None:
+            return None
+        return f"{self._client.api_url}/repos/{self._owner}/{self._repo}/check-runs/{self._run.id}"
+
+    def annotation_files(self) -> tuple[str, ...]:
+        """Repository paths of the files a FAIL concerns: subject (or edit config), presets."""
+        if self._recorded_files is not None:
+            return self._recorded_files
+        return annotation_files(self._settings)
+
+    def comment_text(self, body: str) -> str | None:
+        """Write `body` as the sticky comment (aggregate mode); its URL, or None."""
+        if not (self.active and self._settings.comment):
+            return None
+        assert self._target is not None
+        number = self._target.pull_request
+        if number is None:
+            log.info("no pull request for this run: no comment")
+            return None
+        line = marker(self._settings.check_name, aggregate=True)
+        with self._reporting_failures(f"update the comment on pull request #{number}"):
+            sticky = StickyComment(self._client, self._owner, self._repo, number, line,
+                                   self._author())
+            return sticky.upsert(body[:BODY_LIMIT - len(line) - 1], body[:2000]).html_url
+        return None
+
     def finish(self, outcome: Outcome) -> Published:
         if not self.active:
             return Published()
         assert self._target is not None
         links = render.Links(run_url=self._target.run_url,
                              artifact_name=self._settings.artifact_name,
-                             head_sha=self._target.head_sha)
+                             head_sha=self._target.head_sha,
+                             html_report=HTML_FILENAME if outcome.certificate else None)
         report = render.Report(self._settings.check_name, outcome, links)
         check_url = self._complete_check(report)
         if check_url:
@@ -87,9 +124,12 @@ class Publisher:
             return None
         output = render.check_output(report)
         fallback = CheckOutput(output.title, render.short_report(report))
+        conclusion = report.outcome.conclusion(self._settings.fail_conclusion)
+        annotations = fail_annotations(report.outcome, self.annotation_files())
         with self._reporting_failures("complete the check run", checks=True):
-            run = self._checks.complete(self._spec(), self._run,
-                                        str(report.outcome.conclusion), output, fallback)
+            run = self._checks.complete(self._spec(), self._run, str(conclusion), output,
+                                        fallback, annotations)
+            self.check_completed = True
             return run.html_url
         return None
 
@@ -103,10 +143,15 @@ class Publisher:
             return None
         line = marker(self._settings.check_name)
         body = render.comment(report, BODY_LIMIT - len(line) - 1)
-        sticky = StickyComment(self._client, self._owner, self._repo, number, line)
         with self._reporting_failures(f"update the comment on pull request #{number}"):
+            sticky = StickyComment(self._client, self._owner, self._repo, number, line,
+                                   self._author())
             return sticky.upsert(body, render.short_report(report)).html_url
         return None
+
+    def _author(self) -> str:
+        assert self._client is not None
+        return self._settings.comment_author or token_login(self._client)
 
     def _spec(self) -> CheckSpec:
         assert self._target is not None
@@ -162,3 +207,58 @@ def verified_pull_request(client: GitHubClient, owner: str, repo: str,
                          "(the run for its new head reports there).")
         return None
     return number
+
+
+def annotation_files(settings: Settings) -> tuple[str, ...]:
+    """Files of the repository the certification read, as paths from its root.
+
+    The subject's `config.json` (else its weights index or weights file), or the edit config
+    when the subject is built from the baseline; then the presets. Paths outside the
+    repository (models mounted from elsewhere) cannot carry annotations and are left out.
+    """
+    root = settings.repository_root
+    if root is None:
+        return ()
+    inputs = settings.certify
+    candidates: list[Path] = []
+    if inputs.subject:
+        candidates.append(_subject_file(Path(inputs.subject)))
+    elif inputs.edit_config:
+        candidates.append(Path(inputs.edit_config))
+    candidates += [Path(p) for p in inputs.presets]
+    found: list[str] = []
+    real_root = Path(os.path.realpath(root))
+    for path in candidates:
+        real = Path(os.path.realpath(path))
+        if real.is_relative_to(real_root) and real.is_file():
+            relative = real.relative_to(real_root).as_posix()
+            if is_repository_path(relative) and relative not in found:
+                found.append(relative)
+    return tuple(found)
+
+
+def _subject_file(subject: Path) -> Path:
+    if not subject.is_dir():
+        return subject
+    for name in ("config.json", "model.safetensors.index.json", "model.safetensors"):
+        if (subject / name).is_file():
+            return subject / name
+    weights = sorted([*subject.glob("*.safetensors"), *subject.glob("*.gguf")])
+    return weights[0] if weights else subject / "config.json"
+
+
+def fail_annotations(outcome: Outcome, files: tuple[str, ...]) -> list[Annotation]:
+    """On FAIL, each reason on the subject's file; the presets named as what judged it."""
+    cert = outcome.certificate
+    if outcome.verdict is not Verdict.FAIL or cert is None or not files:
+        return []
+    reasons = [str(r) for r in cert["verdict"].get("reasons") or []] or ["FAIL"]
+    subject, presets = files[0], files[1:]
+    annotations = [Annotation(subject, reason, "InvarLock FAIL") for reason in reasons]
+    policy = cert.get("policy") or {}
+    for preset in presets:
+        annotations.append(Annotation(
+            preset, f"This preset is part of the configuration the FAIL was judged with "
+                    f"({policy.get('tier', '?')} tier, {policy.get('profile', '?')} profile).",
+            "InvarLock FAIL: configuration", level="notice"))
+    return annotations

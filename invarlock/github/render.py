@@ -34,6 +34,7 @@ class Links:
     check_url: str | None = None
     artifact_name: str | None = None
     head_sha: str | None = None  # the commit that was certified
+    html_report: str | None = None  # file name of the HTML report inside the artifact
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,10 @@ def sections(report: Report) -> list[str]:
     if outcome.certificate is None:
         return [headline(report)]
     cert = outcome.certificate
+    chart = gate_chart(cert)
     return [
         headline(report),
+        *([chart] if chart else []),
         "#### Gates\n\n" + cert_md.gates_table(cert),
         "#### Primary metric\n\n" + cert_md.metric_table(cert),
         guard_findings(cert),
@@ -154,7 +157,11 @@ def footer(report: Report) -> str:
     if links.check_url:
         parts.append(f"[check run]({links.check_url})")
     if links.artifact_name and report.outcome.certificate is not None:
-        parts.append(f"certificate artifact `{_code(links.artifact_name)}`")
+        artifact = f"certificate artifact `{_code(links.artifact_name)}`"
+        if links.html_report and links.run_url:
+            artifact = (f"[HTML report]({links.run_url}#artifacts) (`{_code(links.html_report)}`"
+                        f" in the {artifact})")
+        parts.append(artifact)
     cert = report.outcome.certificate
     if cert is not None:
         parts.append(f"run `{_code(cert['run_id'])}`")
@@ -168,6 +175,45 @@ def guard_findings(cert: dict[str, Any]) -> str:
     if not lines:
         return "#### Guards\n\nNo guard results in this certificate."
     return "\n".join(lines).rstrip()
+
+
+def gate_chart(cert: dict[str, Any]) -> str:
+    """The gated interval as a Mermaid chart: point and CI bounds as bars, the limit a line.
+
+    Empty when there is no interval (a catastrophic preview stops before the final set).
+    """
+    pm = cert["primary_metric"]
+    if pm["gate_value"] is None:
+        return ""
+    if pm["basis"] == "ratio_ci_upper":
+        lo, hi = pm["ratio_ci"]
+        point, what, digits = pm["ratio"], "Perplexity ratio subject / baseline", 4
+        bars = ["CI lower", "ratio", "CI upper (gated)"]
+    else:
+        lo, hi = pm["delta"]["ci"]
+        point, what, digits = pm["delta"]["estimate"], "Accuracy change (pp)", 2
+        bars = ["CI lower (gated)", "change", "CI upper"]
+    limit = float(pm["limit"])
+    values = [float(lo), float(point), float(hi)]
+    low, high = min(*values, limit), max(*values, limit)
+    pad = max((high - low) * 0.25, 10.0 ** -digits * 5)
+    bottom = low - pad if pm["basis"] != "ratio_ci_upper" else max(0.0, low - pad)
+    shown = ", ".join(f"{v:.{digits}f}" for v in values)
+    return "\n".join([
+        "#### Gate: the interval against the limit",
+        "",
+        "```mermaid",
+        "xychart-beta",
+        f'    title "{what}: 95% CI against the limit {limit:.{digits}f}"',
+        f'    x-axis [{", ".join(_quoted(b) for b in bars)}]',
+        f'    y-axis "{what}" {bottom:.{digits}f} --> {high + pad:.{digits}f}',
+        f"    bar [{shown}]",
+        f"    line [{', '.join(f'{limit:.{digits}f}' for _ in values)}]",
+        "```",
+        "",
+        f"Bars: the CI lower bound, the point estimate and the CI upper bound ({shown}); "
+        f"line: the limit ({limit:.{digits}f}).",
+    ])
 
 
 def delta_chart(cert: dict[str, Any]) -> str:

@@ -16,8 +16,12 @@ from pathlib import Path
 
 from invarlock.enums import StrEnum
 from invarlock.errors import InputError
+from invarlock.github.outcome import Conclusion
 
 CERTIFY_COMMAND_VARIABLE = "INVARLOCK_CERTIFY_COMMAND"
+# Set by action.yml: a file in the runner's temp folder where the entrypoint records the check
+# run it opened, so that a later `if: always()` step can complete it if the container dies.
+STATE_FILE_VARIABLE = "INVARLOCK_STATE_FILE"
 DEFAULT_CERTIFY_COMMAND = ("invarlock", "certify")
 
 
@@ -35,7 +39,10 @@ class InputSpec:
 INPUTS: tuple[InputSpec, ...] = (
     InputSpec("mode", "certify",
               "`certify` runs the certifier; `publish` reports a downloaded result "
-              "(fork pull requests, from a `workflow_run` workflow)."),
+              "(fork pull requests, from a `workflow_run` workflow); `aggregate` writes one "
+              "comment for the results of a matrix."),
+    InputSpec("name", "", "Subject name in a matrix: suffixes the check name and the artifact "
+                          "name, and names the subject's row in the aggregate comment."),
     InputSpec("baseline", "", "Baseline model, a directory in the workspace (empty for the "
                               "bundled demo model)."),
     InputSpec("subject", "", "Subject checkpoint to certify against the baseline."),
@@ -54,12 +61,19 @@ INPUTS: tuple[InputSpec, ...] = (
     InputSpec("output-dir", "invarlock-report",
               "Folder for the certificate, relative to `working-directory`."),
     InputSpec("certificate", "", "Publish mode: the downloaded report folder (or certificate "
-                                 "file) to publish."),
+                                 "file) to publish; aggregate mode: the folder holding one "
+                                 "downloaded report folder per subject."),
     InputSpec("github-token", "", "Token for the check run and the comment (default: the job "
                                   "token, or GITHUB_TOKEN outside the action)."),
     InputSpec("check-name", "InvarLock", "Name of the check run; also keys the sticky comment."),
     InputSpec("check-run", "true", "Create a check run on the commit."),
     InputSpec("comment", "true", "Create or update one sticky comment on the pull request."),
+    InputSpec("comment-author", "", "Login the sticky comment is written as (empty: the "
+                                    "token's own identity; the job token writes as "
+                                    "`github-actions[bot]`). Only its comments are updated."),
+    InputSpec("fail-conclusion", "failure",
+              "Check-run conclusion for a FAIL: `failure`, or `neutral` to let branch "
+              "protection pass it (errors always conclude `failure`)."),
     InputSpec("artifact-name", "invarlock-certificate",
               "Name of the certificate artifact (named in the report)."),
 )
@@ -69,6 +83,7 @@ _SPECS = {spec.name: spec for spec in INPUTS}
 class Mode(StrEnum):
     CERTIFY = "certify"
     PUBLISH = "publish"
+    AGGREGATE = "aggregate"
 
 
 @dataclass(frozen=True)
@@ -132,6 +147,11 @@ class Settings:
     certify_command: tuple[str, ...]
     github: GitHubEnvironment
     token: str = field(default="", repr=False)  # never in a repr, a log line or an error
+    name: str = ""  # the subject's name in a matrix
+    comment_author: str = ""  # empty: the token's identity
+    fail_conclusion: Conclusion = Conclusion.FAILURE
+    state_file: Path | None = None  # where the open check run is recorded for the cleanup step
+    repository_root: Path | None = None  # GITHUB_WORKSPACE: annotation paths start here
 
     @property
     def publishes(self) -> bool:
@@ -161,12 +181,21 @@ def read_settings(environ: Mapping[str, str]) -> Settings:
 
     mode = _choice("mode", get("mode"), Mode)
     certificate = Path(get("certificate")) if get("certificate") else None
-    if mode is Mode.PUBLISH and certificate is None:
-        raise InputError("input 'certificate' is required in publish mode: the downloaded "
-                         "report folder or certificate file")
-    check_name = get("check-name")
+    if mode is not Mode.CERTIFY and certificate is None:
+        raise InputError(f"input 'certificate' is required in {mode} mode: the downloaded "
+                         "report folder" + (" or certificate file" if mode is Mode.PUBLISH
+                                            else "s' parent folder"))
+    name = get("name")
+    if not _NAME.fullmatch(name):
+        raise InputError(f"input 'name' must be letters, digits, '.', '_' or '-' (at most 64), "
+                         f"not {name!r}")
+    check_name = f"{get('check-name')} ({name})" if name else get("check-name")
     if len(check_name) > 100:
         raise InputError("input 'check-name' is longer than 100 characters")
+    fail_conclusion = get("fail-conclusion").lower()
+    if fail_conclusion not in (Conclusion.FAILURE, Conclusion.NEUTRAL):
+        raise InputError(f"input 'fail-conclusion' must be failure or neutral, not "
+                         f"{fail_conclusion!r}")
     return Settings(
         mode=mode,
         certify=CertifyInputs(
@@ -179,17 +208,30 @@ def read_settings(environ: Mapping[str, str]) -> Settings:
         check_name=check_name,
         check_run=_boolean("check-run", get("check-run")),
         comment=_boolean("comment", get("comment")),
-        artifact_name=get("artifact-name"),
+        artifact_name=f"{get('artifact-name')}-{name}" if name else get("artifact-name"),
         certify_command=_command(environ.get(CERTIFY_COMMAND_VARIABLE, "")),
         github=_github_environment(environ),
         token=get("github-token") or environ.get("GITHUB_TOKEN", "").strip(),
+        name=name,
+        comment_author=get("comment-author"),
+        fail_conclusion=Conclusion(fail_conclusion),
+        state_file=_optional_path(environ.get(STATE_FILE_VARIABLE, "")),
+        repository_root=_optional_path(environ.get("GITHUB_WORKSPACE", "")),
     )
+
+
+def _optional_path(value: str) -> Path | None:
+    return Path(value) if value.strip() else None
+
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
 # The workflow variables the entrypoint reads (action.yml forwards each into the container).
 GITHUB_VARIABLES = ("GITHUB_ACTIONS", "GITHUB_API_URL", "GITHUB_SERVER_URL", "GITHUB_REPOSITORY",
                     "GITHUB_SHA", "GITHUB_EVENT_NAME", "GITHUB_EVENT_PATH", "GITHUB_RUN_ID",
-                    "GITHUB_RUN_ATTEMPT", "GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY")
+                    "GITHUB_RUN_ATTEMPT", "GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY",
+                    "GITHUB_WORKSPACE")
 
 
 def _github_environment(environ: Mapping[str, str]) -> GitHubEnvironment:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
-from invarlock.errors import InputError, MissingExtraError
+from invarlock.errors import EvidenceError, InputError, MissingExtraError
 
 try:
     import torch
@@ -47,7 +48,7 @@ def resolve_device(requested: str = "auto") -> str:
         return "mps"
     if choice == "cuda" or choice.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise InputError(f"device '{requested}' was requested but CUDA is not available here")
+            raise EvidenceError(cuda_unavailable(requested))
         if choice.startswith("cuda:"):
             index = choice.split(":", 1)[1]
             count = torch.cuda.device_count()
@@ -58,6 +59,42 @@ def resolve_device(requested: str = "auto") -> str:
                 )
         return choice
     raise InputError(f"unknown device '{requested}'; use auto, cpu, cuda, cuda:N or mps")
+
+
+# Oldest NVIDIA Linux driver branch for each CUDA major version (CUDA's minor version
+# compatibility: any 12.x runtime runs on 525+, any 13.x on 580+).
+DRIVER_FLOOR = {12: "525", 13: "580"}
+_DRIVER_VERSION_FILE = Path("/proc/driver/nvidia/version")
+
+
+def cuda_unavailable(requested: str) -> str:
+    """One line for "CUDA was requested but cannot start", naming both versions that matter:
+    the CUDA torch was built for (and the driver that needs) and the driver found."""
+    built = torch.version.cuda
+    if built is None:
+        wanted = f"torch {torch.__version__} is a CPU-only build"
+    else:
+        floor = DRIVER_FLOOR.get(int(built.split(".")[0]))
+        wanted = (f"torch {torch.__version__} is built for CUDA {built}"
+                  + (f" (NVIDIA driver {floor} or newer)" if floor else ""))
+    driver = nvidia_driver_version()
+    found = (f"NVIDIA driver {driver} found" if driver else
+             "no NVIDIA driver visible (no GPU passed to this machine or container)")
+    return (f"device '{requested}' was requested but CUDA cannot start: {wanted}; {found}. "
+            "Use device cpu to run on the CPU")
+
+
+def nvidia_driver_version() -> str | None:
+    """The loaded NVIDIA kernel driver's version, or None when there is none."""
+    try:
+        text = _DRIVER_VERSION_FILE.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for word in text.split():
+        parts = word.split(".")
+        if len(parts) >= 2 and all(p.isdigit() for p in parts):
+            return word
+    return None
 
 
 def checkpoint_dtype(config: dict) -> str | None:

@@ -2,7 +2,7 @@
 
 It accepts the certify flags the entrypoint passes, writes a real, schema-valid synthetic
 certificate (tests/certs.py) into --out, prints the one JSON object and exits 0 or 1 — or
-misbehaves on purpose (`--scenario error2|error3|crash|silent`). `--record FILE` appends the
+misbehaves on purpose (`--scenario error2|error3|crash|silent|hang`). `--record FILE` appends the
 arguments it received, as JSON, one line per run.
 
 Run it as `python tests/github/fake_certifier.py --scenario pass` (set as
@@ -66,6 +66,11 @@ def main() -> int:
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     if args.scenario == "silent":
+        return 0
+    if args.scenario == "hang":  # a long run that is cancelled (the test sends the signal)
+        print("fake certifier: evaluating", file=sys.stderr, flush=True)
+        import time
+        time.sleep(120)
         return 0
 
     from invarlock.certificate import document

@@ -1,27 +1,37 @@
 """A `docker` stand-in for running action.yml's steps on a machine without a Docker engine.
 
-It accepts the `docker run` the certify step builds, records it (FAKE_DOCKER_RECORD), checks
-that every path the entrypoint uses is mounted at the same path, and then does what the image
-does: runs the entrypoint in the working directory with only the forwarded variables.
-FAKE_DOCKER_CERTIFY names the certify command "inside the image".
+`docker run`: records the exact argv (FAKE_DOCKER_RECORD), parses `--gpus` the way Docker does
+(a CSV list: `device=0,1` unquoted reads as device 0 and a count of 1), checks that every path
+the entrypoint uses lies under a mount target (as the container would see it, without
+following host symlinks), and then does what the image does: runs the entrypoint in the
+working directory with only the forwarded variables. FAKE_DOCKER_CERTIFY names the certify
+command "inside the image". `docker stop NAME` sends SIGTERM to that container's entrypoint
+(as Docker does to PID 1 behind `--init`) and records the call. FAKE_DOCKER_KILL_AFTER (seconds)
+kills the container with SIGKILL (the out-of-memory killer) instead of letting it finish.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-WITH_VALUE = {"--user", "--workdir", "--volume", "--env", "--gpus"}
-FLAGS = {"--rm", "--ipc=host"}
+WITH_VALUE = {"--user", "--workdir", "--volume", "--env", "--gpus", "--name", "--shm-size"}
+FLAGS = {"--rm", "--init"}
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["stop"]:
+        return stop(argv[1:])
     if not argv or argv[0] != "run":
-        print(f"fake docker: only `docker run` is supported, not {argv[:1]}", file=sys.stderr)
+        print(f"fake docker: only `docker run` and `docker stop` are supported, not {argv[:1]}",
+              file=sys.stderr)
         return 125
     options: dict[str, list[str]] = {}
     flags: list[str] = []
@@ -37,8 +47,16 @@ def main(argv: list[str]) -> int:
             return 125
     image, command = rest[0], rest[1:]
     volumes = [v.split(":") for v in options.get("--volume", [])]
+    gpus = None
+    if "--gpus" in options:
+        try:
+            gpus = parse_gpus(options["--gpus"][0])
+        except ValueError as exc:
+            print(f"docker: Error response from daemon: {exc}", file=sys.stderr)
+            return 125
     Path(os.environ["FAKE_DOCKER_RECORD"]).write_text(json.dumps({
         "argv": argv, "flags": flags, "options": options, "image": image, "command": command,
+        "gpus": gpus,
     }))
 
     env = {"PATH": os.environ["PATH"], "HOME": os.environ["FAKE_DOCKER_HOME"],
@@ -52,16 +70,72 @@ def main(argv: list[str]) -> int:
             env[name] = os.environ[name]
     workdir = options["--workdir"][0]
     for path in (workdir, env.get("GITHUB_OUTPUT"), env.get("GITHUB_STEP_SUMMARY"),
-                 env.get("GITHUB_EVENT_PATH")):
-        if path and not any(_inside(path, v[0]) and v[0] == v[1] for v in volumes):
-            print(f"fake docker: {path} is not mounted at the same path", file=sys.stderr)
+                 env.get("GITHUB_EVENT_PATH"), env.get("INVARLOCK_STATE_FILE")):
+        if path and not any(_inside(path, v[1]) for v in volumes):
+            print(f"fake docker: {path} is not under a mount target", file=sys.stderr)
             return 125
-    return subprocess.run([sys.executable, str(ROOT / "entrypoint"), *command], cwd=workdir,
-                          env=env).returncode
+    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint"), *command], cwd=workdir,
+                            env=env)
+    name = options.get("--name", ["unnamed"])[0]
+    pid_file = _pid_file(name)
+    pid_file.write_text(str(proc.pid))
+    try:
+        kill_after = float(os.environ.get("FAKE_DOCKER_KILL_AFTER", "0"))
+        if kill_after:
+            try:
+                return proc.wait(timeout=kill_after)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                return 137
+        code = proc.wait()
+        return code if code >= 0 else 128 - code
+    finally:
+        pid_file.unlink(missing_ok=True)
+
+
+def stop(argv: list[str]) -> int:
+    name = argv[-1]
+    with open(os.environ["FAKE_DOCKER_RECORD"] + ".stop", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(argv) + "\n")
+    pid_file = _pid_file(name)
+    if not pid_file.is_file():
+        print(f"Error response from daemon: No such container: {name}", file=sys.stderr)
+        return 1
+    pid = int(pid_file.read_text())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(name)
+    return 0
+
+
+def parse_gpus(value: str) -> dict[str, object]:
+    """Docker's `--gpus` parsing (opts/gpus.go): CSV fields; a bare number is a count."""
+    request: dict[str, object] = {}
+    for field in next(csv.reader([value])):
+        key, sep, val = field.partition("=")
+        if not sep:
+            request["count"] = -1 if key == "all" else int(key)
+        elif key == "device":
+            request["device_ids"] = val.split(",")
+        elif key == "count":
+            request["count"] = -1 if val == "all" else int(val)
+        else:
+            raise ValueError(f"unexpected key '{key}' in '{field}'")
+    if "count" in request and "device_ids" in request:
+        raise ValueError("cannot set both Count and DeviceIDs on device request")
+    return request
+
+
+def _pid_file(name: str) -> Path:
+    return Path(os.environ["FAKE_DOCKER_RECORD"]).with_name(f"container-{name}.pid")
 
 
 def _inside(path: str, folder: str) -> bool:
-    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+    """Lexically: the container has the mount targets, not the host's symlinks."""
+    return Path(os.path.normpath(path)).is_relative_to(Path(os.path.normpath(folder)))
 
 
 if __name__ == "__main__":

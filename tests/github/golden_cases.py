@@ -21,7 +21,8 @@ GOLDEN = Path(__file__).with_name("golden")
 LINKS = render.Links(run_url="https://github.com/Codertocat/Hello-World/actions/runs/4242",
                      check_url="https://github.com/Codertocat/Hello-World/runs/1001",
                      artifact_name="invarlock-certificate",
-                     head_sha="ec26c3e57ca3a959ca5aad62de7213c562f8c821")
+                     head_sha="ec26c3e57ca3a959ca5aad62de7213c562f8c821",
+                     html_report="evaluation.cert.html")
 CERT_PATH = Path("/work/invarlock-report/evaluation.cert.json")
 
 

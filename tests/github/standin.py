@@ -69,9 +69,14 @@ class Recorded:
 
 class GitHubStandIn:
     def __init__(self, *, tokens: dict[str, str] | None = None, prefix: str = "",
-                 repository: str = "Codertocat/Hello-World") -> None:
+                 repository: str = "Codertocat/Hello-World",
+                 personal: dict[str, str] | None = None) -> None:
         self.api = OpenAPI()
         self.tokens = tokens if tokens is not None else {"test-token": "write"}
+        # Tokens of a person (token -> login): GET /user answers and comments are theirs.
+        # Every other token is an installation token, like the job's GITHUB_TOKEN: GET /user
+        # is refused (403) and comments are written as github-actions[bot].
+        self.personal = personal or {}
         self.prefix = prefix.rstrip("/")
         self.repository = repository
         self.log: list[Recorded] = []
@@ -159,7 +164,8 @@ class GitHubStandIn:
         if errors:
             return self._record(method, full_path, op.operation_id, query, body, 422,
                                 _validation(errors), problem=f"{op.operation_id}: {errors}")
-        if f"{params.get('owner')}/{params.get('repo')}" != self.repository:
+        repository_scoped = "owner" in params
+        if repository_scoped and f"{params.get('owner')}/{params.get('repo')}" != self.repository:
             return self._record(method, full_path, op.operation_id, query, body, 404,
                                 {"message": "Not Found", "documentation_url": DOCS},
                                 problem=f"wrong repository {params.get('owner')}/"
@@ -175,7 +181,7 @@ class GitHubStandIn:
                                 {"message": READ_ONLY_MESSAGE, "documentation_url": DOCS})
         with self._lock:
             status, out_headers, answer = self._operate(op.operation_id, params, query, body,
-                                                        path)
+                                                        path, token)
         if status < 300:
             problems = self.api.response_errors(op, status, answer)
             if problems:
@@ -206,7 +212,14 @@ class GitHubStandIn:
     # -------------------------------------------------------------------------- operations
 
     def _operate(self, operation: str, params: dict[str, str], query: dict[str, str],
-                 body: Any, path: str) -> tuple[int, dict[str, str], Any]:
+                 body: Any, path: str, token: str) -> tuple[int, dict[str, str], Any]:
+        if operation == "users/get-authenticated":
+            if token not in self.personal:
+                return 403, {}, {"message": READ_ONLY_MESSAGE, "documentation_url": DOCS}
+            user = copy.deepcopy(self.api.examples[
+                "private-user-response-with-public-and-private-profile-information"])
+            user["login"] = self.personal[token]
+            return 200, {}, user
         if operation == "checks/create":
             run = self._new_check_run(body)
             return 201, {}, run
@@ -227,7 +240,7 @@ class GitHubStandIn:
             if len(body["body"]) > COMMENT_LIMIT:
                 return 422, {}, body_too_long_fault().body
             return 201, {}, self._new_comment(int(params["issue_number"]), body["body"],
-                                              "github-actions[bot]")
+                                              self.personal.get(token, "github-actions[bot]"))
         if operation in ("issues/get-comment", "issues/update-comment"):
             comment = self._find_comment(int(params["comment_id"]))
             if comment is None:

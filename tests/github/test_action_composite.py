@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,16 +38,17 @@ class StepResult:
 class Runner:
     """Runs action.yml's steps for one job, like the Actions runner (without Docker)."""
 
-    def __init__(self, tmp: Path, api_url: str, scenario: str, **with_: str) -> None:
+    def __init__(self, tmp: Path, api_url: str, scenario: str, *,
+                 workspace: Path | None = None, **with_: str) -> None:
         self.tmp = tmp
-        self.workspace = tmp / "work" / "repo" / "repo"
-        self.workspace.mkdir(parents=True)
+        self.workspace = workspace or tmp / "work" / "repo" / "repo"
+        self.workspace.mkdir(parents=True, exist_ok=True)
         temp = tmp / "work" / "_temp"
         (temp / "_github_workflow").mkdir(parents=True)
         self.commands = temp / "_runner_file_commands"
         self.commands.mkdir()
-        event = temp / "_github_workflow" / "event.json"
-        event.write_text(json.dumps(payload("pull_request__synchronize.payload.json")))
+        self.event = temp / "_github_workflow" / "event.json"
+        self.event.write_text(json.dumps(payload("pull_request__synchronize.payload.json")))
         self.summary = self.commands / "step_summary_certify"
         self.summary.touch()
         bin_dir = tmp / "bin"
@@ -56,10 +59,13 @@ class Runner:
         docker.chmod(0o755)
         self.record = tmp / "docker-run.json"
         (tmp / "home").mkdir()
+        (tmp / "tool-cache").mkdir()
         self.env = {
             "PATH": f"{bin_dir}:/usr/bin:/bin",
             "HOME": str(tmp),
+            "PYTHONPATH": str(ROOT),
             "GITHUB_ACTIONS": "true",
+            "GITHUB_ACTION_PATH": str(ROOT),
             "GITHUB_WORKSPACE": str(self.workspace),
             "GITHUB_API_URL": api_url,
             "GITHUB_SERVER_URL": "https://github.com",
@@ -67,20 +73,23 @@ class Runner:
             "GITHUB_SHA": "f" * 40,
             "GITHUB_REF": "refs/pull/2/merge",
             "GITHUB_EVENT_NAME": "pull_request",
-            "GITHUB_EVENT_PATH": str(event),
+            "GITHUB_EVENT_PATH": str(self.event),
             "GITHUB_RUN_ID": "77",
             "GITHUB_RUN_ATTEMPT": "1",
             "GITHUB_STEP_SUMMARY": str(self.summary),
             "RUNNER_TEMP": str(temp),
+            "RUNNER_TOOL_CACHE": str(tmp / "tool-cache"),
             "FAKE_DOCKER_RECORD": str(self.record),
             "FAKE_DOCKER_HOME": str(tmp / "home"),
             "FAKE_DOCKER_CERTIFY": shlex.join([sys.executable, str(FAKE_CERTIFIER),
-                                               "--scenario", scenario]),
+                                               "--scenario", scenario, "--record",
+                                               str(tmp / "certifier-calls.jsonl")]),
         }
         self.inputs = {name: str(spec.get("default", ""))
                        for name, spec in ACTION["inputs"].items()}
         self.inputs.update(with_)
         self.steps: dict[str, StepResult] = {}
+        self.cancelled = False
 
     def expand(self, text: str) -> str:
         def value(match: re.Match[str]) -> str:
@@ -98,35 +107,85 @@ class Runner:
 
         return EXPRESSION.sub(value, text)
 
-    def run(self, step: dict[str, Any]) -> StepResult:
+    def condition(self, text: str, failed: bool) -> bool:
+        """GitHub's `if:` for the forms action.yml uses: status functions, ==, != and &&."""
+        if not text:
+            return not failed and not self.cancelled
+        terms = [t.strip() for t in text.split("&&")]
+        status_given = any(t.lstrip("!") in ("always()", "cancelled()", "success()",
+                                             "failure()") for t in terms)
+        result = True if status_given else (not failed and not self.cancelled)
+        for term in terms:
+            if term == "always()":
+                continue
+            if term == "cancelled()":
+                result = result and self.cancelled
+            elif term == "!cancelled()":
+                result = result and not self.cancelled
+            else:
+                left, op, right = re.fullmatch(r"(\S+) (==|!=) '(.*)'", term).groups()
+                actual = self.expand("${{ " + left + " }}")
+                result = result and ((actual == right) == (op == "=="))
+        return result
+
+    def start(self, step: dict[str, Any]) -> tuple[subprocess.Popen[str], Path]:
         output = self.commands / f"set_output_{step.get('id', 'step')}"
         output.write_text("")
         env = {**self.env, "GITHUB_OUTPUT": str(output)}
         env.update({k: self.expand(str(v)) for k, v in step.get("env", {}).items()})
         cwd = self.expand(step.get("working-directory", str(self.workspace)))
-        proc = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=cwd, env=env,
-                              capture_output=True, text=True)
-        result = StepResult(proc.returncode, parse_outputs(output.read_text()),
-                            proc.stdout + proc.stderr)
+        proc = subprocess.Popen(["bash", "-e", "-c", step["run"]], cwd=cwd, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return proc, output
+
+    def finish(self, step: dict[str, Any], proc: subprocess.Popen[str],
+               output: Path) -> StepResult:
+        stdout, _ = proc.communicate(timeout=120)
+        result = StepResult(proc.returncode, parse_outputs(output.read_text()), stdout)
         if "id" in step:
             self.steps[step["id"]] = result
         return result
 
-    def run_job(self) -> dict[str, StepResult]:
-        results = {}
+    def run(self, step: dict[str, Any]) -> StepResult:
+        return self.finish(step, *self.start(step))
+
+    def run_job(self, *, cancel_during: str | None = None,
+                when: Any = None) -> dict[str, StepResult]:
+        """Run every step; with `cancel_during`, cancel the job (SIGINT to that step, as the
+        runner does) once `when()` is true, then go on as GitHub does after a cancel."""
+        results: dict[str, StepResult] = {}
         for step in ACTION["runs"]["steps"]:
             if "run" not in step:  # actions/upload-artifact: not run here
                 continue
-            condition = step.get("if", "")
             failed = any(r.returncode for r in results.values())
-            if failed and "always()" not in condition:
+            if not self.condition(step.get("if", ""), failed):
                 continue
-            results[step.get("id") or step["name"]] = self.run(step)
+            key = step.get("id") or step["name"]
+            if key == cancel_during:
+                proc, output = self.start(step)
+                deadline = time.monotonic() + 60
+                while not when() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                proc.send_signal(signal.SIGINT)
+                self.cancelled = True
+                results[key] = self.finish(step, proc, output)
+            else:
+                results[key] = self.run(step)
         return results
 
     @property
     def docker_run(self) -> dict[str, Any]:
         return json.loads(self.record.read_text())
+
+    @property
+    def docker_stops(self) -> list[list[str]]:
+        path = Path(str(self.record) + ".stop")
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() \
+            else []
+
+    def certifier_argv(self) -> list[str]:
+        lines = (self.tmp / "certifier-calls.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["argv"]
 
 
 def test_pass_runs_the_image_on_gpus_with_mounts_user_and_inputs_by_name(tmp_path, standin):
@@ -137,49 +196,192 @@ def test_pass_runs_the_image_on_gpus_with_mounts_user_and_inputs_by_name(tmp_pat
     assert certify.returncode == 0, certify.stdout
     assert certify.outputs["exit-code"] == "0"
     assert certify.outputs["verdict"] == "PASS"
+    assert certify.outputs["baseline-cache-key"].startswith("invarlock-baseline-")
     assert results["Gate"].returncode == 0
 
     run = runner.docker_run
-    assert run["image"] == "ghcr.io/invarlock/invarlock:0.1.0"
-    assert run["options"]["--gpus"] == ["all"]
-    assert "--ipc=host" in run["flags"] and "--rm" in run["flags"]
+    assert run["image"] == ACTION["inputs"]["image"]["default"]
+    argv = run["argv"]
+    container = results["prepare"].outputs["container"]
+    assert re.fullmatch(r"invarlock-77-1-[a-z0-9]{8}", container)
+    # the exact head of the command line: named per run, an init process, shared memory
+    assert argv[:8] == ["run", "--rm", "--init", "--name", container, "--shm-size", "2g",
+                        "--user"]
+    assert "--ipc=host" not in argv
+    assert run["options"]["--gpus"] == ["all"] and run["gpus"] == {"count": -1}
     assert run["options"]["--user"] == [f"{os.getuid()}:{os.getgid()}"]
     mounts = run["options"]["--volume"]
-    for folder in (runner.workspace, runner.commands, Path(runner.env["GITHUB_EVENT_PATH"]).parent):
+    for folder in (runner.workspace, runner.commands, runner.event.parent):
         assert f"{folder}:{folder}" in mounts
     assert "INPUT_GITHUB_TOKEN" in run["options"]["--env"]
     assert TOKEN not in json.dumps(run)  # the token travels by name, not on the command line
+    # offline, with a persistent cache folder in the runner's tool cache
+    cache = tmp_path / "tool-cache" / "invarlock"
+    assert f"{cache}:{cache}" in mounts
+    env = run["options"]["--env"]
+    assert f"INVARLOCK_CACHE_DIR={cache}/results" in env and f"HF_HOME={cache}/huggingface" in env
+    assert "HF_HUB_OFFLINE=1" in env and "INVARLOCK_ALLOW_NETWORK=1" not in env
+    # GPUs given and no device: CUDA is required (the certifier stops with exit 3 without it)
+    assert "--device=cuda" in runner.certifier_argv()
     report = Path(results["prepare"].outputs["report-dir"])
     assert report == runner.workspace / "invarlock-report"
     assert (report / "evaluation.cert.json").stat().st_uid == os.getuid()
+    assert (report / "evaluation.cert.html").is_file()
     assert standin.calls() == ["checks/create -> 201", "checks/update -> 200",
+                               "users/get-authenticated -> 403",
                                "issues/list-comments -> 200", "issues/create-comment -> 201"]
+    assert not (Path(results["prepare"].outputs["state-dir"]) / "check-run").exists()
+
+
+@pytest.mark.parametrize(("gpus", "passed", "parsed"), [
+    ("all", "all", {"count": -1}),
+    ("2", "2", {"count": 2}),
+    ("device=0,1", '"device=0,1"', {"device_ids": ["0", "1"]}),
+    ('"device=1"', '"device=1"', {"device_ids": ["1"]}),
+    ("device=GPU-3a9f", '"device=GPU-3a9f"', {"device_ids": ["GPU-3a9f"]}),
+])
+def test_gpus_follow_dockers_grammar_and_reach_docker_quoted(tmp_path, standin, gpus, passed,
+                                                             parsed):
+    runner = Runner(tmp_path, standin.url, "pass", gpus=gpus, comment="false")
+    results = runner.run_job()
+    assert results["Gate"].returncode == 0, results["certify"].stdout
+    assert runner.docker_run["options"]["--gpus"] == [passed]
+    assert runner.docker_run["gpus"] == parsed
+
+
+def test_the_docker_stand_in_reads_an_unquoted_device_list_as_docker_does():
+    """Why the quoting matters: Docker reads `device=0,1` as device 0 plus a count."""
+    from tests.github.fake_docker import parse_gpus
+
+    with pytest.raises(ValueError, match="both Count and DeviceIDs"):
+        parse_gpus("device=0,1")
+    assert parse_gpus('"device=0,1"') == {"device_ids": ["0", "1"]}
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ({"gpus": "device=0;rm"}, "gpus must be all, a count"),
+    ({"gpus": "0"}, "gpus must be all, a count"),
+    ({"shm-size": "lots"}, "shm-size must be a size"),
+    ({"name": "a b"}, "name must be letters"),
+    ({"mode": "deploy"}, "mode must be certify, publish or aggregate"),
+])
+def test_bad_container_inputs_stop_before_docker(tmp_path, standin, inputs, message):
+    runner = Runner(tmp_path, standin.url, "pass", **inputs)
+    results = runner.run_job()
+    assert results["prepare"].returncode == 1
+    assert message in results["prepare"].stdout
+    assert "certify" not in results and not runner.record.exists()
+    assert results["Gate"].returncode == 1
 
 
 def test_fail_fails_the_job_and_gpus_none_leaves_the_flag_out(tmp_path, standin):
-    runner = Runner(tmp_path, standin.url, "fail", gpus="none")
+    runner = Runner(tmp_path, standin.url, "fail", gpus="none", **{"shm-size": "512m"})
     results = runner.run_job()
     assert results["certify"].returncode == 0  # the step records the exit code ...
     assert results["certify"].outputs["exit-code"] == "1"
     assert results["Gate"].returncode == 1  # ... and the last step fails the job
     assert "--gpus" not in runner.docker_run["options"]
+    assert runner.docker_run["options"]["--shm-size"] == ["512m"]
+    assert not any(a.startswith("--device") for a in runner.certifier_argv())
     assert standin.check_runs[min(standin.check_runs)]["conclusion"] == "failure"
 
 
-def test_fail_on_gate_false_makes_the_gate_advisory(tmp_path, standin):
+def test_fail_on_gate_false_passes_the_job_but_the_check_still_fails(tmp_path, standin):
     runner = Runner(tmp_path, standin.url, "fail", **{"fail-on-gate": "false"})
     results = runner.run_job()
     assert results["Gate"].returncode == 0
     assert "::warning title=InvarLock::FAIL, advisory only" in results["Gate"].stdout
+    assert standin.check_runs[min(standin.check_runs)]["conclusion"] == "failure"
 
 
-@pytest.mark.parametrize("gate", ["true", "false"])
-def test_a_certifier_error_always_fails_the_job(tmp_path, standin, gate):
-    runner = Runner(tmp_path, standin.url, "error2", **{"fail-on-gate": gate})
-    results = runner.run_job()
-    assert results["certify"].outputs["exit-code"] == "2"
-    assert results["Gate"].returncode == 1
+def test_a_softer_conclusion_for_a_fail_is_an_explicit_choice(tmp_path, standin):
+    runner = Runner(tmp_path, standin.url, "fail", **{"fail-on-gate": "false",
+                                                     "fail-conclusion": "neutral"})
+    runner.run_job()
     assert standin.check_runs[min(standin.check_runs)]["conclusion"] == "neutral"
+
+
+@pytest.mark.parametrize("scenario", ["error2", "error3", "crash", "silent"])
+@pytest.mark.parametrize("gate", ["true", "false"])
+def test_every_outcome_but_pass_fails_the_check_and_the_job(tmp_path, standin, scenario, gate):
+    """Bad input, no evidence, a crash (out of memory) and a missing report: `failure`, never
+    `neutral`, which branch protection would count as passing."""
+    runner = Runner(tmp_path, standin.url, scenario, **{"fail-on-gate": gate})
+    results = runner.run_job()
+    assert results["certify"].outputs["exit-code"] in {"2", "3"}
+    assert results["Gate"].returncode == 1
+    (run,) = standin.check_runs.values()
+    assert (run["status"], run["conclusion"]) == ("completed", "failure")
+    assert standin.comments[2][0]["body"].count("could not certify") == 1
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_a_killed_container_leaves_no_check_run_in_progress(tmp_path, standin, cancelled):
+    """SIGKILL (the out-of-memory killer, `docker kill`) gives the entrypoint no chance; the
+    `if: always()` step completes the check run it left open."""
+    runner = Runner(tmp_path, standin.url, "hang")
+    runner.env["FAKE_DOCKER_KILL_AFTER"] = "3"
+    results = {}
+    for step in ACTION["runs"]["steps"]:
+        if "run" in step and runner.condition(step.get("if", ""), False):
+            results[step.get("id") or step["name"]] = runner.run(step)
+        if step.get("id") == "certify":
+            runner.cancelled = cancelled  # the job was cancelled while the container died
+    assert results["certify"].outputs["exit-code"] == "137"
+    (run,) = standin.check_runs.values()
+    expected = "cancelled" if cancelled else "failure"
+    assert (run["status"], run["conclusion"]) == ("completed", expected)
+    assert standin.calls()[-1] == "checks/update -> 200"
+    cleanup = [r.stdout for k, r in results.items() if k.startswith("Close")]
+    assert len(cleanup) == 1 and TOKEN not in cleanup[0]
+    assert results["Gate"].returncode == 1
+
+
+def test_cancelling_the_job_stops_the_container_and_concludes_cancelled(tmp_path, standin):
+    runner = Runner(tmp_path, standin.url, "hang")
+
+    def running() -> bool:
+        return any(r["status"] == "in_progress" for r in standin.check_runs.values()) and \
+            (tmp_path / "certifier-calls.jsonl").exists()
+
+    results = runner.run_job(cancel_during="certify", when=running)
+    container = results["prepare"].outputs["container"]
+    assert runner.docker_stops and runner.docker_stops[0][-1] == container
+    (run,) = standin.check_runs.values()
+    assert (run["status"], run["conclusion"]) == ("completed", "cancelled")
+    assert results["certify"].outputs["exit-code"] == "143"  # 128 + SIGTERM
+    assert "Close a check run left in progress (cancelled)" in results
+    assert "Close a check run left in progress" not in results
+    assert results["Gate"].returncode == 1
+
+
+def test_a_symlinked_work_folder_is_mounted_under_both_names(tmp_path, standin):
+    real = tmp_path / "disk" / "work"
+    real.mkdir(parents=True)
+    (tmp_path / "runner").mkdir()
+    (tmp_path / "runner" / "_work").symlink_to(real)
+    workspace = tmp_path / "runner" / "_work" / "repo"
+    runner = Runner(tmp_path, standin.url, "pass", workspace=workspace,
+                    **{"working-directory": "sub"})
+    (workspace / "sub").mkdir()
+    results = runner.run_job()
+    assert results["Gate"].returncode == 0, results["certify"].stdout
+    mounts = runner.docker_run["options"]["--volume"]
+    resolved = real / "repo"
+    assert f"{resolved}:{resolved}" in mounts and f"{resolved}:{workspace}" in mounts
+    assert runner.docker_run["options"]["--workdir"] == [str(resolved / "sub")]
+    assert (resolved / "sub" / "invarlock-report" / "evaluation.cert.json").is_file()
+
+
+def test_allow_network_and_a_named_cache_folder(tmp_path, standin):
+    cache = tmp_path / "models-cache"
+    runner = Runner(tmp_path, standin.url, "pass", **{"allow-network": "true",
+                                                     "cache-dir": str(cache)})
+    runner.run_job()
+    env = runner.docker_run["options"]["--env"]
+    assert "INVARLOCK_ALLOW_NETWORK=1" in env and "HF_HUB_OFFLINE=1" not in env
+    assert f"{cache}:{cache}" in runner.docker_run["options"]["--volume"]
+    assert cache.is_dir()
 
 
 def test_working_directory_outside_the_workspace_is_refused(tmp_path, standin):
@@ -192,15 +394,20 @@ def test_working_directory_outside_the_workspace_is_refused(tmp_path, standin):
     assert standin.log == []
 
 
-def test_publish_mode_needs_no_gpu(tmp_path, standin):
-    runner = Runner(tmp_path, standin.url, "pass", mode="publish", certificate="report")
-    runner.run(next(s for s in ACTION["runs"]["steps"] if s.get("id") == "prepare"))
-    runner.run(next(s for s in ACTION["runs"]["steps"] if s.get("id") == "certify"))
-    assert "--gpus" not in runner.docker_run["options"]
+def test_a_matrix_subject_name_suffixes_check_and_artifact(tmp_path, standin):
+    runner = Runner(tmp_path, standin.url, "pass", name="int4", comment="false")
+    results = runner.run_job()
+    assert results["prepare"].outputs["artifact-name"] == "invarlock-certificate-int4"
+    assert results["certify"].outputs["artifact-name"] == "invarlock-certificate-int4"
+    (run,) = standin.check_runs.values()
+    assert run["name"] == "InvarLock (int4)"
+    report = Path(results["certify"].outputs["report-dir"])
+    assert json.loads((report / "invarlock-action.json").read_text())["name"] == "int4"
 
 
 def test_the_docker_stand_in_refuses_paths_that_are_not_mounted(tmp_path, monkeypatch, capsys):
-    """So the mount checks above can fail: the event folder left out is caught."""
+    """So the mount checks above can fail: the event folder left out is caught, and a
+    symlinked spelling of a mounted folder is not the mount target."""
     from tests.github import fake_docker
 
     event = tmp_path / "events" / "event.json"
@@ -212,4 +419,10 @@ def test_the_docker_stand_in_refuses_paths_that_are_not_mounted(tmp_path, monkey
                              f"{tmp_path / 'work'}:{tmp_path / 'work'}", "--env",
                              "GITHUB_EVENT_PATH", "image"])
     assert code == 125
-    assert f"{event} is not mounted" in capsys.readouterr().err
+    assert f"{event} is not under a mount target" in capsys.readouterr().err
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.delenv("GITHUB_EVENT_PATH")
+    code = fake_docker.main(["run", "--rm", "--workdir", str(tmp_path / "link"), "--volume",
+                             f"{tmp_path / 'real'}:{tmp_path / 'real'}", "image"])
+    assert code == 125

@@ -5,8 +5,10 @@
 - the inputs agree between action.yml, the container's environment (the certify step's
   `env:` and its `--env` list), the entrypoint's settings and docs/action.md;
 - hadolint (Dockerfile) and zizmor (action.yml, workflows) report nothing;
-- the image is built with the torch version CI installs, and the default image tag is the
-  package version.
+- the image is built with the torch version CI installs, pinned with its CUDA variant, on
+  a base given as a build argument, from distribution packages and a package index only;
+- one name for the action (`invarlock/certify-action@v1`) in the docs and examples, and the
+  matrix example in docs/action.md is the workflow file that the checks above cover.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tests.github.conftest import DATA, ROOT
 SCHEMAS = DATA / "schemastore"
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 PUBLISHED_OUTPUTS = {"check-run-url", "comment-url"}  # written after publishing
+COMPOSITE_OUTPUTS = {"report-dir", "artifact-name"}  # written by the certify step itself
 
 
 class _ActionsLoader(yaml.SafeLoader):
@@ -92,7 +95,7 @@ def test_workflow_matches_schemastore(path):
 
 def test_the_expected_workflows_exist():
     names = {p.name for p in WORKFLOWS}
-    assert {"ci.yml", "certify-example.yml", "certify-publish.yml",
+    assert {"ci.yml", "certify-example.yml", "certify-publish.yml", "certify-matrix.yml",
             "release-image.yml"} <= names
     example = load_yaml(ROOT / ".github/workflows/certify-example.yml")
     job = example["jobs"]["certify"]
@@ -103,7 +106,16 @@ def test_the_expected_workflows_exist():
     publish = load_yaml(ROOT / ".github/workflows/certify-publish.yml")
     assert publish["on"]["workflow_run"]["workflows"] == [example["name"]]
     release = load_yaml(ROOT / ".github/workflows/release-image.yml")
-    assert release["on"]["push"]["tags"]
+    assert release["on"]["workflow_dispatch"]["inputs"]["version"]["required"] is True
+    steps = release["jobs"]["release"]["steps"]
+    pin = next(s for s in steps if "pin_image.py" in s.get("run", ""))
+    assert "steps.build.outputs.digest" in pin["env"]["DIGEST"]
+    assert 'git tag --force "v$MAJOR"' in pin["run"]
+    matrix = load_yaml(ROOT / ".github/workflows/certify-matrix.yml")
+    assert matrix["jobs"]["certify"]["needs"] == "baseline"
+    assert set(matrix["jobs"]["comment"]["needs"]) == {"baseline", "certify"}
+    aggregate = matrix["jobs"]["comment"]["steps"][-1]["with"]
+    assert aggregate["mode"] == "aggregate"
 
 
 # ----------------------------------------------------------------------------- security
@@ -193,7 +205,7 @@ def test_inputs_agree_between_action_container_settings_and_docs(action):
 
 
 def test_outputs_agree_between_action_entrypoint_and_docs(action):
-    written = set(Outcome.failed(2, "x").outputs()) | PUBLISHED_OUTPUTS
+    written = set(Outcome.failed(2, "x").outputs()) | PUBLISHED_OUTPUTS | COMPOSITE_OUTPUTS
     for name, spec in action["outputs"].items():
         match = re.fullmatch(r"\$\{\{ steps\.certify\.outputs\.([\w-]+) \}\}", spec["value"])
         assert match and match.group(1) == name, name
@@ -201,19 +213,74 @@ def test_outputs_agree_between_action_entrypoint_and_docs(action):
     assert set(_table(ROOT / "docs" / "action.md", "Output")) == set(action["outputs"])
 
 
-def test_image_tag_is_the_package_version_and_torch_matches_ci(action):
+def test_image_is_pinned_and_torch_matches_ci_with_its_cuda_variant(action):
     version = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(),
                         flags=re.M).group(1)
-    assert action["inputs"]["image"]["default"] == f"ghcr.io/invarlock/invarlock:{version}"
+    default = action["inputs"]["image"]["default"]
+    # a release commit pins the digest; between releases, main names the version's tag
+    assert default == f"ghcr.io/invarlock/invarlock:{version}" or re.fullmatch(
+        r"ghcr\.io/invarlock/invarlock@sha256:[0-9a-f]{64}", default)
     dockerfile = (ROOT / "Dockerfile").read_text()
-    torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, flags=re.M).group(1)
+    requirement = re.search(r"^ARG TORCH_REQUIREMENT=(\S+)$", dockerfile, flags=re.M).group(1)
+    index = re.search(r"^ARG TORCH_INDEX_URL=(\S+)$", dockerfile, flags=re.M).group(1)
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, flags=re.M).group(1)
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r"^TORCH \?= torch==(\S+)$", makefile, flags=re.M).group(1) == torch
-    # the same two install commands as `make install`
-    assert 'python -m pip install "torch==${TORCH_VERSION}"' in dockerfile
-    assert 'python -m pip install ".[hf]"' in dockerfile
+    torch = re.search(r"^TORCH \?= torch==(\S+)$", makefile, flags=re.M).group(1)
+    # the version CI tests, with the CUDA variant pinned, from the index of that variant,
+    # on a base of the same CUDA major version (the driver floor in docs/action.md follows)
+    assert requirement == f"torch=={torch}+cu130"
+    assert index == "https://download.pytorch.org/whl/cu130"
+    assert re.fullmatch(r"nvidia/cuda:13\.0\.\d+-base-ubuntu\d\d\.04", base)
+    docs = (ROOT / "docs" / "action.md").read_text()
+    assert "580 branch or newer" in docs and f"torch=={torch}+cu130" in docs and base in docs
+    # every stage starts from the base argument; installs use apt and pip only
+    assert re.findall(r"^FROM (\S+)", dockerfile, flags=re.M) == ["${BASE_IMAGE}"] * 2
+    for command in ("curl", "wget", "uv ", "ADD http", "github.com/"):
+        assert command not in dockerfile, command
+    assert '"${TORCH_REQUIREMENT}"' in dockerfile
+    assert 'python -m pip install --index-url "${PYPI_INDEX_URL}" ".[hf]"' in dockerfile
     assert re.search(r"^ENTRYPOINT \[\"/opt/invarlock/entrypoint\"\]$", dockerfile, flags=re.M)
     assert "NVIDIA_VISIBLE_DEVICES" in dockerfile and "NVIDIA_DRIVER_CAPABILITIES" in dockerfile
+
+
+def test_pinning_the_image_changes_only_the_default(tmp_path):
+    from scripts.pin_image import pin
+
+    text = (ROOT / "action.yml").read_text()
+    digest = "sha256:" + "0123456789abcdef" * 4
+    pinned = pin(text, "ghcr.io/invarlock/invarlock", digest)
+    before, after = load_yaml(ROOT / "action.yml"), yaml.load(pinned, Loader=_ActionsLoader)
+    assert after["inputs"]["image"]["default"] == f"ghcr.io/invarlock/invarlock@{digest}"
+    after["inputs"]["image"]["default"] = before["inputs"]["image"]["default"]
+    assert after == before
+    assert not list(schema("schemas__json__github-action.json").iter_errors(
+        yaml.load(pinned, Loader=_ActionsLoader)))
+    with pytest.raises(ValueError, match="not an image digest"):
+        pin(text, "ghcr.io/invarlock/invarlock", "sha256:abc")
+
+
+def test_docs_and_examples_use_one_name_for_the_action():
+    texts = {p.name: p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob(
+        "*.md")), *WORKFLOWS]}
+    for name, text in texts.items():
+        for use in re.findall(r"uses: (invarlock/[\w.@/$-]+)", text):
+            # the release workflow names the major tag it moves
+            assert use in ("invarlock/certify-action@v1", "invarlock/certify-action@v$MAJOR"), \
+                (name, use)
+        assert not re.search(r"(?<!ghcr\.io/)invarlock/invarlock@", text), name
+    docs = texts["action.md"]
+    assert docs.count("uses: invarlock/certify-action@v1") >= 4
+
+
+def test_the_matrix_example_in_the_docs_is_the_checked_workflow():
+    docs = (ROOT / "docs" / "action.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", docs, flags=re.S)
+    example = next(b for b in blocks if b.startswith("name: Certify model variants"))
+    workflow = (ROOT / ".github/workflows/certify-matrix.yml").read_text()
+    workflow = workflow[workflow.index("name: Certify model variants"):]
+    assert example == workflow.replace("uses: ./", "uses: invarlock/certify-action@v1")
+    validator = schema("schemas__json__github-workflow.json")
+    assert not list(validator.iter_errors(yaml.load(example, Loader=_ActionsLoader)))
 
 
 def test_entrypoint_is_an_executable_python_script():

@@ -46,12 +46,12 @@ def _result(cert_path: Path, verdict: str) -> str:
 def test_pass_and_fail_read_the_certificate(tmp_path, certificates):
     path = write_report(tmp_path / "p", certificates["pass"])
     outcome = interpret(0, "progress noise\n" + _result(path, "PASS"), [])
-    assert outcome.verdict is Verdict.PASS and outcome.conclusion is Conclusion.SUCCESS
+    assert outcome.verdict is Verdict.PASS and outcome.conclusion() is Conclusion.SUCCESS
     assert outcome.certificate_path == path.resolve()
     assert outcome.markdown_path == (tmp_path / "p" / "evaluation.cert.md").resolve()
     path = write_report(tmp_path / "f", certificates["fail"])
     outcome = interpret(1, _result(path, "FAIL"), [])
-    assert outcome.exit_code == 1 and outcome.conclusion is Conclusion.FAILURE
+    assert outcome.exit_code == 1 and outcome.conclusion() is Conclusion.FAILURE
 
 
 def test_inconsistent_or_missing_results_are_evidence_errors(tmp_path, certificates):
@@ -65,7 +65,7 @@ def test_inconsistent_or_missing_results_are_evidence_errors(tmp_path, certifica
     }
     for (code, stdout), message in cases.items():
         outcome = interpret(code, stdout, [])
-        assert outcome.exit_code == 3 and outcome.conclusion is Conclusion.NEUTRAL
+        assert outcome.exit_code == 3 and outcome.conclusion() is Conclusion.FAILURE
         assert message in outcome.error, (message, outcome.error)
 
 

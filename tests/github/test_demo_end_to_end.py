@@ -26,6 +26,7 @@ def _certify(tmp_path: Path, standin, run_id: str, **inputs: str) -> tuple[int, 
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "GITHUB_WORKSPACE": str(tmp_path),
     })
     done = subprocess.run([sys.executable, str(ROOT / "entrypoint")], env=step.env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -38,6 +39,7 @@ def test_demo_int8_passes_then_2_bit_fails_and_updates_the_comment(tmp_path, sta
     assert outputs["verdict"] == "PASS"
     assert float(outputs["ratio-ci-upper"]) <= float(outputs["limit"])
     assert standin.calls() == ["checks/create -> 201", "checks/update -> 200",
+                               "users/get-authenticated -> 403",
                                "issues/list-comments -> 200", "issues/create-comment -> 201"]
     first = standin.check_runs[min(standin.check_runs)]
     assert (first["head_sha"], first["conclusion"]) == (HEAD_SHA, "success")
@@ -51,9 +53,16 @@ def test_demo_int8_passes_then_2_bit_fails_and_updates_the_comment(tmp_path, sta
     assert code == 1, log
     assert outputs["verdict"] == "FAIL"
     assert standin.calls() == ["checks/create -> 201", "checks/update -> 200",
+                               "users/get-authenticated -> 403",
                                "issues/list-comments -> 200", "issues/update-comment -> 200"]
     second = standin.check_runs[max(standin.check_runs)]
     assert (second["head_sha"], second["conclusion"]) == (HEAD_SHA, "failure")
     assert len(standin.comments[2]) == 1
     assert "### ❌ InvarLock: FAIL" in standin.comments[2][0]["body"]
     assert Path(outputs["certificate-path"]).parent == tmp_path / "report-2bit"
+    # the failure is annotated on the file that made the subject: the edit config
+    update = next(r.body for r in standin.log if r.operation == "checks/update")
+    notes = update["output"]["annotations"]
+    assert notes and {n["path"] for n in notes} == {"rtn2.yaml"}
+    assert all(n["annotation_level"] == "failure" for n in notes)
+    assert (tmp_path / "report-2bit" / "evaluation.cert.html").is_file()

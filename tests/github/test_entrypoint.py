@@ -32,6 +32,7 @@ def test_pass_then_fail_one_check_run_each_and_one_comment_updated(tmp_path, sta
     done = run_entrypoint(first)
     assert done.returncode == 0, done.stderr
     assert standin.calls() == ["checks/create -> 201", "checks/update -> 200",
+                               "users/get-authenticated -> 403",
                                "issues/list-comments -> 200", "issues/create-comment -> 201"]
     create, update = standin.log[0].body, standin.log[1].body
     assert create["head_sha"] == HEAD_SHA and create["status"] == "in_progress"
@@ -49,6 +50,7 @@ def test_pass_then_fail_one_check_run_each_and_one_comment_updated(tmp_path, sta
     done = run_entrypoint(second)
     assert done.returncode == 1, done.stderr
     assert standin.calls() == ["checks/create -> 201", "checks/update -> 200",
+                               "users/get-authenticated -> 403",
                                "issues/list-comments -> 200", "issues/update-comment -> 200"]
     assert [c["id"] for c in standin.comments[2]] == [comment_id]
     assert "### ❌ InvarLock: FAIL" in standin.comments[2][0]["body"]
@@ -63,7 +65,7 @@ def test_pass_then_fail_one_check_run_each_and_one_comment_updated(tmp_path, sta
     assert result["target"] == {"event_name": "pull_request", "head_sha": HEAD_SHA,
                                 "pull_request": 2,
                                 "run_url": "https://github.com/Codertocat/Hello-World/"
-                                           "actions/runs/101"}
+                                           "actions/runs/101", "files": []}
     argv = second.certifier_calls()[-1]["argv"]
     assert "--profile=dev" in argv and "--tier=balanced" in argv and "--json" in argv
 
@@ -87,12 +89,12 @@ def test_the_token_is_masked_and_never_printed_or_passed_on(tmp_path, standin):
     assert standin.log[0].method == "POST"  # and the token did work
 
 
-def test_a_certifier_error_is_a_neutral_check_and_keeps_its_exit_code(tmp_path, standin):
+def test_a_certifier_error_is_a_failed_check_and_keeps_its_exit_code(tmp_path, standin):
     step = pr_step(tmp_path, standin, "error2", "103")
     done = run_entrypoint(step)
     assert done.returncode == 2
     run = standin.check_runs[min(standin.check_runs)]
-    assert run["conclusion"] == "neutral"
+    assert run["conclusion"] == "failure"  # neutral would let branch protection pass it
     assert run["output"]["title"].startswith("Could not certify (exit 2): --dataset is required")
     assert "could not certify" in standin.comments[2][0]["body"]
     assert step.outputs["verdict"] == "" and step.outputs["exit-code"] == "2"
@@ -107,8 +109,8 @@ def test_read_only_token_on_a_fork_skips_publishing_but_not_the_verdict(tmp_path
     step.certify_with("fail")
     done = run_entrypoint(step)
     assert done.returncode == 1  # FAIL stays FAIL
-    assert standin.calls() == ["checks/create -> 403", "issues/list-comments -> 200",
-                               "issues/create-comment -> 403"]
+    assert standin.calls() == ["checks/create -> 403", "users/get-authenticated -> 403",
+                               "issues/list-comments -> 200", "issues/create-comment -> 403"]
     warnings = [line for line in done.stdout.splitlines() if line.startswith("::warning")]
     assert len(warnings) == 2
     assert all("Resource not accessible by integration" in w for w in warnings)
@@ -172,6 +174,7 @@ def test_publish_mode_reports_a_fork_result_after_checking_the_pull_request(tmp_
     done = run_entrypoint(step)
     assert done.returncode == 1, done.stderr
     assert standin.calls() == ["pulls/get -> 200", "checks/create -> 201",
+                               "users/get-authenticated -> 403",
                                "issues/list-comments -> 200", "issues/create-comment -> 201"]
     create = standin.log[1].body
     assert create["head_sha"] == HEAD_SHA and create["conclusion"] == "failure"
@@ -185,8 +188,8 @@ def test_publish_mode_uses_the_pull_request_github_lists(tmp_path, standin):
     report = _certified_fork_report(tmp_path, standin)
     step = _publish_step(tmp_path, standin, report, listed=True)
     assert run_entrypoint(step).returncode == 1
-    assert standin.calls() == ["checks/create -> 201", "issues/list-comments -> 200",
-                               "issues/create-comment -> 201"]
+    assert standin.calls() == ["checks/create -> 201", "users/get-authenticated -> 403",
+                               "issues/list-comments -> 200", "issues/create-comment -> 201"]
 
 
 def test_publish_mode_will_not_comment_on_a_pull_request_that_moved_on(tmp_path, standin):
@@ -198,7 +201,7 @@ def test_publish_mode_will_not_comment_on_a_pull_request_that_moved_on(tmp_path,
     assert "has moved on" in done.stdout
 
 
-def test_publish_mode_refuses_a_tampered_certificate_with_a_neutral_check(tmp_path, standin):
+def test_publish_mode_refuses_a_tampered_certificate_with_a_failed_check(tmp_path, standin):
     report = _certified_fork_report(tmp_path, standin)
     cert = report / "evaluation.cert.json"
     data = json.loads(cert.read_text())
@@ -206,9 +209,51 @@ def test_publish_mode_refuses_a_tampered_certificate_with_a_neutral_check(tmp_pa
     cert.write_text(json.dumps(data))
     standin.pulls[2] = HEAD_SHA
     done = run_entrypoint(_publish_step(tmp_path, standin, report, listed=True))
-    assert done.returncode == 2
+    assert done.returncode == 3
     run = standin.check_runs[min(standin.check_runs)]
-    assert run["conclusion"] == "neutral" and "content digest mismatch" in run["output"]["title"]
+    assert run["conclusion"] == "failure" and "content digest mismatch" in run["output"]["title"]
+
+
+def test_publish_mode_refuses_a_resealed_certificate_whose_numbers_disagree(tmp_path, standin):
+    """A fork can recompute the digest after editing; the recomputed verdict still differs."""
+    from invarlock.certificate import document
+
+    report = _certified_fork_report(tmp_path, standin)
+    cert = report / "evaluation.cert.json"
+    data = json.loads(cert.read_text())
+    data["verdict"]["status"] = "PASS"
+    data["verdict"]["reasons"] = ["all 4 gating checks passed"]
+    data["digest"] = document.content_digest(data)
+    cert.write_text(json.dumps(data))
+    done = run_entrypoint(_publish_step(tmp_path, standin, report, listed=True))
+    assert done.returncode == 3
+    (run,) = standin.check_runs.values()
+    assert run["conclusion"] == "failure"
+    assert "does not verify" in run["output"]["title"]
+    assert "### ✅" not in standin.comments[2][0]["body"]
+
+
+def test_publish_mode_refuses_a_report_made_for_another_commit(tmp_path, standin):
+    report = _certified_fork_report(tmp_path, standin)
+    step = _publish_step(tmp_path, standin, report, listed=True)
+    event = json.loads(Path(step.env["GITHUB_EVENT_PATH"]).read_text())
+    event["workflow_run"]["head_sha"] = "1" * 40  # the run was for another head
+    Path(step.env["GITHUB_EVENT_PATH"]).write_text(json.dumps(event))
+    done = run_entrypoint(step)
+    assert done.returncode == 3
+    (run,) = standin.check_runs.values()
+    assert run["head_sha"] == "1" * 40 and run["conclusion"] == "failure"
+    assert "does not bind to commit 111111111111" in run["output"]["title"]
+    assert step.outputs["verdict"] == ""
+
+
+def test_publish_mode_refuses_a_bare_certificate_that_names_no_commit(tmp_path, standin):
+    report = _certified_fork_report(tmp_path, standin)
+    (report / "invarlock-action.json").unlink()
+    done = run_entrypoint(_publish_step(tmp_path, standin, report, listed=True))
+    assert done.returncode == 3
+    (run,) = standin.check_runs.values()
+    assert run["conclusion"] == "failure" and "records no commit" in run["output"]["title"]
 
 
 def test_ghes_api_base_is_followed(tmp_path):
@@ -217,5 +262,5 @@ def test_ghes_api_base_is_followed(tmp_path):
     with GitHubStandIn(tokens={TOKEN: "write"}, prefix="/api/v3") as ghes:
         step = pr_step(tmp_path, ghes, "pass", "106")
         assert run_entrypoint(step).returncode == 0
-        assert all(r.path.startswith("/api/v3/repos/") for r in ghes.log)
-        assert len(ghes.log) == 4 and ghes.problems == []
+        assert all(r.path.startswith("/api/v3/") for r in ghes.log)
+        assert len(ghes.log) == 5 and ghes.problems == []

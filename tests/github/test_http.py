@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
-from invarlock.github.checks import CheckRuns, CheckSpec
-from invarlock.github.comments import StickyComment, marker
+from invarlock.github.checks import Annotation, CheckOutput, CheckRuns, CheckSpec
+from invarlock.github.comments import StickyComment, marker, token_login
 from invarlock.github.http import (
     AmbiguousWrite,
     GitHubClient,
@@ -48,8 +48,8 @@ def client(server: GitHubStandIn, clock: Clock, *, token: str = TOKEN,
     return GitHubClient(server.url, token, policy=policy, sleep=clock.sleep, clock=clock.time)
 
 
-def sticky(c: GitHubClient) -> StickyComment:
-    return StickyComment(c, "Codertocat", "Hello-World", 2, marker("InvarLock"))
+def sticky(c: GitHubClient, author: str = "github-actions[bot]") -> StickyComment:
+    return StickyComment(c, "Codertocat", "Hello-World", 2, marker("InvarLock"), author)
 
 
 def test_server_errors_are_retried_with_backoff(standin):
@@ -81,8 +81,9 @@ def test_a_failed_create_is_looked_for_before_it_is_repeated(standin):
 def test_a_create_that_was_applied_despite_the_error_is_not_repeated(standin):
     standin.inject("issues/create-comment", Fault(502, applied=True))
     sticky(client(standin, Clock())).upsert("body", "short")
+    # looked for again: found, with the very body, so nothing more is written
     assert standin.calls() == ["issues/list-comments -> 200", "issues/create-comment -> 502",
-                               "issues/list-comments -> 200", "issues/update-comment -> 200"]
+                               "issues/list-comments -> 200"]
     assert len(standin.comments[2]) == 1
 
 
@@ -227,10 +228,62 @@ def test_the_sticky_comment_is_found_on_a_later_page_and_updated(standin):
 
 def test_a_marker_for_another_check_name_is_left_alone(standin):
     c = client(standin, Clock())
-    StickyComment(c, "Codertocat", "Hello-World", 2, marker("InvarLock (int4)")).upsert("a", "a")
+    StickyComment(c, "Codertocat", "Hello-World", 2, marker("InvarLock (int4)"),
+                  "github-actions[bot]").upsert("a", "a")
     sticky(c).upsert("b", "b")
     assert len(standin.comments[2]) == 2
     assert marker("x --> <b>") == "<!-- invarlock:sticky-comment check=x%20--%3E%20%3Cb%3E -->"
+
+
+def test_a_planted_marker_comment_by_someone_else_is_never_edited(standin):
+    planted = standin.add_comment(2, marker("InvarLock") + "\nPASS, trust me", login="mallory")
+    c = client(standin, Clock())
+    ours = sticky(c).upsert("the real report", "short")
+    assert ours.id != planted["id"]
+    bodies = {x["id"]: x["body"] for x in standin.comments[2]}
+    assert bodies[planted["id"]].endswith("PASS, trust me")
+    assert standin.calls()[-1] == "issues/create-comment -> 201"
+    standin.reset_log()
+    again = sticky(c).upsert("the next report", "short")
+    assert again.id == ours.id and standin.calls()[-1] == "issues/update-comment -> 200"
+
+
+def test_an_unchanged_body_is_not_rewritten(standin):
+    c = client(standin, Clock())
+    first = sticky(c).upsert("same report", "short")
+    standin.reset_log()
+    again = sticky(c).upsert("same report", "short")
+    assert again.id == first.id
+    assert standin.calls() == ["issues/list-comments -> 200"]
+
+
+def test_the_token_identity_decides_whose_comment_is_ours():
+    """A personal token is its user (GET /user); the job token is github-actions[bot]."""
+    personal = "ghp_PersonalToken"
+    with GitHubStandIn(tokens={TOKEN: "write", personal: "write"},
+                       personal={personal: "octo-maintainer"}) as server:
+        assert token_login(client(server, Clock())) == "github-actions[bot]"
+        mine = client(server, Clock(), token=personal)
+        assert token_login(mine) == "octo-maintainer"
+        bot = sticky(client(server, Clock())).upsert("by the bot", "s")
+        person = sticky(mine, "octo-maintainer").upsert("by the person", "s")
+        assert bot.id != person.id
+        assert server.calls().count("users/get-authenticated -> 403") == 1
+        assert server.problems == []
+
+
+def test_annotations_go_fifty_per_request(standin):
+    runs = CheckRuns(client(standin, Clock()), "Codertocat", "Hello-World")
+    started = runs.start(SPEC)
+    notes = [Annotation("models/int4/config.json", f"reason {i}", "InvarLock FAIL")
+             for i in range(120)]
+    runs.complete(SPEC, started, "failure", CheckOutput("FAIL", "report"),
+                  CheckOutput("FAIL", "short"), notes)
+    updates = [r.body for r in standin.log if r.operation == "checks/update"]
+    assert [len(u["output"]["annotations"]) for u in updates] == [50, 50, 20]
+    assert updates[0]["conclusion"] == "failure"
+    assert [a["message"] for u in updates for a in u["output"]["annotations"]] == \
+        [f"reason {i}" for i in range(120)]
 
 
 def test_pagination_never_follows_a_link_to_another_host(monkeypatch, standin):

@@ -27,8 +27,8 @@ def test_without_checks_permission_the_comment_is_still_written(tmp_path, standi
     standin.inject("checks/create", read_only_fault())
     code, out, _ = _run(tmp_path, standin, "fail")
     assert code == 1
-    assert standin.calls() == ["checks/create -> 403", "issues/list-comments -> 200",
-                               "issues/create-comment -> 201"]
+    assert standin.calls() == ["checks/create -> 403", "users/get-authenticated -> 403",
+                               "issues/list-comments -> 200", "issues/create-comment -> 201"]
     assert "Could not create the check run" in out and "checks: write" in out
     body = standin.comments[2][0]["body"]
     assert "### ❌ InvarLock: FAIL" in body and "[check run]" not in body

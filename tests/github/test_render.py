@@ -51,8 +51,32 @@ def test_reports_lead_with_the_verdict_and_the_deciding_number(certificates):
     lower = certificates["accuracy"]["primary_metric"]["delta"]["ci"][0]
     assert f"lower bound **{lower:+.2f} ≥" in accuracy.split("\n\n")[1]
     sections = [s.split("\n")[0] for s in fail.split("\n\n") if s.startswith("####")]
-    assert sections == ["#### Gates", "#### Primary metric", "#### Guards",
-                        "#### Per-window deltas"]
+    assert sections == ["#### Gate: the interval against the limit", "#### Gates",
+                        "#### Primary metric", "#### Guards", "#### Per-window deltas"]
+
+
+@pytest.mark.parametrize("name", ["pass", "fail", "accuracy"])
+def test_the_gate_chart_draws_the_certificates_interval_and_limit(certificates, name):
+    """The Mermaid chart's bars are the CI bounds and the point; its line is the limit; the
+    axis holds all of them (what a reviewer reads off the picture is the certificate)."""
+    cert = certificates[name]
+    pm = cert["primary_metric"]
+    chart = render.gate_chart(cert)
+    assert chart.count("```mermaid") == 1 and "xychart-beta" in chart
+    bars = [float(x) for x in re.search(r"bar \[(.*)\]", chart).group(1).split(", ")]
+    line = [float(x) for x in re.search(r"line \[(.*)\]", chart).group(1).split(", ")]
+    low, high = (float(x) for x in re.search(r"y-axis \"[^\"]*\" (\S+) --> (\S+)", chart).groups())
+    if pm["basis"] == "ratio_ci_upper":
+        expected = [pm["ratio_ci"][0], pm["ratio"], pm["ratio_ci"][1]]
+    else:
+        expected = [pm["delta"]["ci"][0], pm["delta"]["estimate"], pm["delta"]["ci"][1]]
+    assert bars == pytest.approx(expected, abs=1e-2)
+    assert line == [pytest.approx(pm["limit"], abs=1e-2)] * 3
+    assert low < min(*bars, *line) and high > max(*bars, *line)
+
+
+def test_no_gate_chart_without_an_interval(certificates):
+    assert render.gate_chart(certificates["catastrophic"]) == ""
 
 
 def test_titles(certificates):

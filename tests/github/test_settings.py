@@ -69,7 +69,8 @@ def test_booleans(value, expected):
 def test_bad_values_name_the_input():
     with pytest.raises(InputError, match="input 'check-run' must be true or false, not 'maybe'"):
         read_settings({"INPUT_CHECK_RUN": "maybe"})
-    with pytest.raises(InputError, match="input 'mode' must be certify or publish, not 'push'"):
+    with pytest.raises(InputError,
+                       match="input 'mode' must be certify or publish or aggregate, not 'push'"):
         read_settings({"INPUT_MODE": "push"})
     with pytest.raises(InputError, match="input 'certificate' is required in publish mode"):
         read_settings({"INPUT_MODE": "publish"})
@@ -107,3 +108,17 @@ def test_bad_repository_is_an_input_error():
 def test_the_token_is_not_in_the_repr():
     s = read_settings({"INPUT_GITHUB_TOKEN": "ghs_secret_value"})
     assert "ghs_secret_value" not in repr(s)
+
+
+def test_a_subject_name_suffixes_check_and_artifact_and_a_softer_fail_is_explicit():
+    settings = read_settings({"INPUT_NAME": "int4", "INPUT_FAIL_CONCLUSION": "Neutral"})
+    assert settings.check_name == "InvarLock (int4)"
+    assert settings.artifact_name == "invarlock-certificate-int4"
+    assert str(settings.fail_conclusion) == "neutral"
+    assert str(read_settings({}).fail_conclusion) == "failure"
+    with pytest.raises(InputError, match="input 'fail-conclusion' must be failure or neutral"):
+        read_settings({"INPUT_FAIL_CONCLUSION": "success"})
+    with pytest.raises(InputError, match="input 'name' must be letters"):
+        read_settings({"INPUT_NAME": "../int4"})
+    with pytest.raises(InputError, match="input 'certificate' is required in aggregate mode"):
+        read_settings({"INPUT_MODE": "aggregate"})

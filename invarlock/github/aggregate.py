@@ -1,0 +1,90 @@
+"""One pull request comment for a matrix of subjects: a row per subject.
+
+The matrix jobs certify one subject each (each with its own check run and artifact, named by
+the input `name`) and write no comment; a last job that `needs:` the matrix downloads every
+report folder and writes this comment once, so parallel jobs never race on one comment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from invarlock.errors import InputError, InvarlockError
+from invarlock.github.artifact import RESULT_FILENAME, load_report, recorded_name
+from invarlock.github.outcome import EXIT_FAIL, EXIT_PASS, Outcome
+
+_ICONS = {"PASS": "✅", "FAIL": "❌"}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    outcome: Outcome
+
+
+def load_rows(folder: Path) -> list[Row]:
+    """Every report folder directly inside `folder` (as actions/download-artifact leaves
+    them), sorted by subject name; a folder that cannot be read is a row saying why."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"no folder {folder}: give the folder the matrix's artifacts were "
+                         "downloaded into")
+    rows = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if not any((sub / n).is_file() for n in (RESULT_FILENAME, "evaluation.cert.json")):
+            continue
+        try:
+            outcome, _ = load_report(sub)
+        except InvarlockError as exc:
+            outcome = Outcome.failed(exc.exit_code, str(exc))
+        rows.append(Row(recorded_name(sub) or sub.name, outcome))
+    if not rows:
+        raise InputError(f"{folder} holds no InvarLock report folders")
+    return sorted(rows, key=lambda r: r.name)
+
+
+def exit_code(rows: list[Row]) -> int:
+    """0 when every subject passed, 1 when some failed, else the first error's code."""
+    codes = [r.outcome.exit_code for r in rows]
+    errors = [c for c in codes if c not in (EXIT_PASS, EXIT_FAIL)]
+    if errors:
+        return errors[0]
+    return EXIT_FAIL if EXIT_FAIL in codes else EXIT_PASS
+
+
+def render_comment(check_name: str, rows: list[Row], *, run_url: str | None) -> str:
+    """The aggregate comment body (without the marker line)."""
+    passed = sum(1 for r in rows if r.outcome.exit_code == EXIT_PASS)
+    lines = [f"### {_plain(check_name)}: {passed} of {len(rows)} subjects pass", "",
+             "| Subject | Verdict | Ratio | 95% CI | Limit |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(_row(row))
+    if run_url:
+        lines += ["", f"<sub>[workflow run]({run_url}) · each subject's certificate is an "
+                      "artifact of this run</sub>"]
+    return "\n".join(lines) + "\n"
+
+
+def _row(row: Row) -> str:
+    outcome = row.outcome
+    name = f"`{row.name.replace('`', chr(39))}`"
+    if outcome.verdict is None or outcome.primary_metric is None:
+        error = _plain((outcome.error or "no verdict").splitlines()[0][:120])
+        return f"| {name} | ⚠️ no verdict (exit {outcome.exit_code}): {error} | | | |"
+    pm = outcome.primary_metric
+    verdict = f"{_ICONS[str(outcome.verdict)]} {outcome.verdict}"
+    if pm["gate_value"] is None:
+        return f"| {name} | {verdict} (catastrophic preview) | | | {pm['limit']} |"
+    if pm["basis"] == "ratio_ci_upper":
+        lo, hi = pm["ratio_ci"]
+        return (f"| {name} | {verdict} | {pm['ratio']:.4f} | [{lo:.4f}, {hi:.4f}] | "
+                f"≤ {pm['limit']:.2f} |")
+    lo, hi = pm["delta"]["ci"]
+    return (f"| {name} | {verdict} | {pm['delta']['estimate']:+.2f} pp | [{lo:+.2f}, {hi:+.2f}]"
+            f" pp | ≥ {pm['limit']:+.2f} pp |")
+
+
+def _plain(text: str) -> str:
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace("|", "\\|")
+            .replace("\n", " "))
