@@ -60,6 +60,8 @@ class CertifyRequest:
     device: str = "auto"
     dtype: str = "auto"
     allow_pickle: bool = False
+    device_map: str | None = None  # spread each model over devices through accelerate
+    max_memory: dict[int | str, int] | None = None  # bytes per device for the device map
     revision: str | None = None
     batch_size: int | None = None
     save_subject: Path | None = None
@@ -73,6 +75,7 @@ class CertifyRequest:
     gguf_file: str | None = None  # which GGUF file of a folder holding several
     dequantize: bool = False  # evaluate a quantized subject's float weights (no kernels here)
     save_format: str = "safetensors"  # --save-subject format: safetensors | gguf
+    subjects: tuple[str, ...] = ()  # several subjects: `invarlock.subjects.certify_subjects`
 
 
 @dataclass(frozen=True)
@@ -407,10 +410,11 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
         t = time.perf_counter()
         model = loading.load_model(base.source, adapter=base.adapter, device=inputs.device,
                                    dtype=req.dtype, allow_pickle=req.allow_pickle,
-                                   dequantize=req.dequantize)
+                                   dequantize=req.dequantize, **_placement(req))
         timer.add("load_s", t)
-        check_baseline_weights(model.model)
-        guards.baseline_loaded(model.model)
+        with loading.weights_on_host(model.model):
+            check_baseline_weights(model.model)
+            guards.baseline_loaded(model.model)
         sets = {name: _score(inputs, req, timer, model.model, getattr(plan.windows, name),
                              "baseline", guards.taps(model.model, "baseline", name))
                 for name in WINDOW_SETS}
@@ -461,14 +465,14 @@ def prepare_subject(inputs: RunInputs, req: CertifyRequest, timer: _Timer,
             base_model = loading.load_model(base.source, adapter=base.adapter,
                                             device=inputs.device, dtype=req.dtype,
                                             allow_pickle=req.allow_pickle,
-                                            dequantize=req.dequantize)
+                                            dequantize=req.dequantize, **_placement(req))
         prepared = _edited_subject(inputs, base_model, timer, req.save_format)
     else:
         assert inputs.subject is not None
         subj = inputs.subject
         loaded = loading.load_model(subj.source, adapter=subj.adapter, device=inputs.device,
                                     dtype=req.dtype, allow_pickle=req.allow_pickle,
-                                    dequantize=req.dequantize)
+                                    dequantize=req.dequantize, **_placement(req))
         record = _model_record(subj.source, loaded.config, subj.adapter, loaded.weights_digest,
                                "files", dtype=str(loaded.dtype).removeprefix("torch."),
                                parameters=loaded.parameters)
@@ -485,6 +489,9 @@ def _edited_subject(inputs: RunInputs, base_model: Any, timer: _Timer,
     from invarlock.models import loading
 
     assert inputs.edit is not None
+    if loading.has_offloaded_weights(base_model.model):
+        raise InputError("the edit cannot change weights offloaded by the device map; "
+                         "raise --max-memory, or certify a saved subject with --subject")
     t_edit = time.perf_counter()
     result = inputs.edit.impl.apply(base_model.model, inputs.edit.plan)
     if save_format != "safetensors":  # evaluate exactly what the saved file will hold
@@ -514,7 +521,7 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
     from invarlock import evaluate
     from invarlock.guards.measure.probe import SubjectContext
     from invarlock.guards.measure.run import head
-    from invarlock.models import formats
+    from invarlock.models import formats, loading
 
     guards = _guard_run(inputs, plan)
     guards.restore(baseline.guard_payload)
@@ -534,7 +541,8 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
         score=lambda m, windows: evaluate.evaluate_windows(
             m, windows, kind=kind, device=device, batch_size=req.batch_size),
         base_model_prefix=str(getattr(model, "base_model_prefix", "") or ""))
-    intact = guards.subject_loaded(ctx)
+    with loading.weights_on_host(model):
+        intact = guards.subject_loaded(ctx)
 
     try:
         preview = _score(inputs, req, timer, model, plan.windows.preview, "subject",
@@ -559,7 +567,8 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
         final = _score(inputs, req, timer, model, plan.windows.final, "subject",
                        guards.taps(model, "subject", "final"))
     ctx.scores = {"preview": preview, "final": final}
-    outcomes = guards.finish(ctx)
+    with loading.weights_on_host(model):
+        outcomes = guards.finish(ctx)
     probe = guards.probes.get("variance")
     scales = (dict(probe.scales) if probe is not None and guards.fatal is None
               and getattr(probe, "scales", None) is not None else None)
@@ -569,6 +578,13 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
                            sets={"preview": preview, "final": final}, outcomes=outcomes,
                            gating=guards.gating(outcomes), ve_scales=scales,
                            guard_seconds=seconds)
+
+
+def _placement(req: CertifyRequest) -> dict[str, Any]:
+    """Device-map arguments for load_model (none without --device-map)."""
+    if req.device_map is None:
+        return {}
+    return {"device_map": req.device_map, "max_memory": req.max_memory}
 
 
 # --- stage 6: verdict ------------------------------------------------------------------------
@@ -762,7 +778,10 @@ def _seed_everything(seed: int) -> None:
 def _release_memory() -> None:
     import torch
 
+    from invarlock.models.device import trim_host_memory
+
     gc.collect()
+    trim_host_memory()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

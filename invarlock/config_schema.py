@@ -21,11 +21,18 @@ def _obj(properties: dict[str, Any], required: list[str] | None = None) -> dict[
 
 MODEL = _obj({
     "id": {**_STR, "description": "baseline: local directory, hub id, hf:ID, or 'demo'"},
-    "subject": {**_OPT_STR, "description": "subject checkpoint (omit to apply `edit`)"},
+    "subject": {"anyOf": [_OPT_STR, {"type": "array", "items": _STR, "minItems": 1}],
+                "description": "subject checkpoint(s) (omit to apply `edit`); several are "
+                               "certified one at a time against one baseline evaluation"},
     # auto, hf_causal, hf_mlm, hf_seq_cls, their aliases, or an adapter plugin's name
     # (checked by invarlock.models.source.detect_adapter, which knows the plugins).
     "adapter": _STR,
     "device": {"type": "string", "pattern": r"^(auto|cpu|mps|cuda(:\d+)?)$"},
+    # spread the model over devices through accelerate; max_memory: "0=20GiB,cpu=64GiB"
+    # or a mapping of GPU index / cpu / mps to a size
+    "device_map": {"type": ["string", "null"],
+                   "enum": ["auto", "balanced", "balanced_low_0", "sequential", None]},
+    "max_memory": {"type": ["string", "object", "null"]},
     "dtype": {"type": "string", "enum": ["auto", "float32", "float16", "bfloat16"]},
     "allow_pickle": {"type": "boolean"},
     "revision": _OPT_STR,

@@ -105,9 +105,14 @@ def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
         node[leaf] = value
 
     put("model.id", flags.get("baseline"))
-    put("model.subject", flags.get("subject"))
+    subjects = flags.get("subject")
+    if isinstance(subjects, (tuple, list)):  # --subject may be repeated
+        subjects = subjects[0] if len(subjects) == 1 else list(subjects) or None
+    put("model.subject", subjects)
     put("model.adapter", flags.get("adapter"))
     put("model.device", flags.get("device"))
+    put("model.device_map", flags.get("device_map"))
+    put("model.max_memory", flags.get("max_memory"))
     put("model.dtype", flags.get("dtype"))
     put("model.allow_pickle", flags.get("allow_pickle"))
     put("model.gguf_file", flags.get("gguf_file"))
@@ -137,6 +142,14 @@ def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _subjects(config: dict[str, Any]) -> tuple[str, ...]:
+    """model.subject as a tuple: one checkpoint, or several compared with one baseline."""
+    value = get(config, "model.subject")
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
@@ -146,6 +159,7 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False,
     """The `CertifyRequest` a merged config describes (`report` overrides output.save_report)."""
     from invarlock.certify import CertifyRequest
     from invarlock.data.corpus import dataset_source_from_config
+    from invarlock.models.device import parse_max_memory, resolve_device_map
 
     out = get(config, "output.dir")
     save = get(config, "output.save_subject")
@@ -154,7 +168,8 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False,
     return CertifyRequest(
         config=config,
         baseline=get(config, "model.id", DEMO),
-        subject=get(config, "model.subject"),
+        subject=_subjects(config)[0] if _subjects(config) else None,
+        subjects=_subjects(config),
         edit=get(config, "edit"),
         dataset=dataset_source_from_config(config.get("dataset") or {}),
         out_dir=Path(out) if out else None,
@@ -162,6 +177,8 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False,
         device=get(config, "model.device", "auto"),
         dtype=get(config, "model.dtype", "auto"),
         allow_pickle=bool(get(config, "model.allow_pickle", False)),
+        device_map=resolve_device_map(get(config, "model.device_map")),
+        max_memory=parse_max_memory(get(config, "model.max_memory")),
         revision=get(config, "model.revision"),
         batch_size=get(config, "eval.batch_size"),
         save_subject=Path(save) if save else None,

@@ -95,10 +95,11 @@ def run_setup(result: DoctorResult, config: dict[str, Any]) -> None:
 
     base = _model(result, "baseline", get(config, "model.id", "demo"), config, "D010")
     subject = None
-    if get(config, "model.subject"):
-        subject = _model(result, "subject", get(config, "model.subject"), config, "D011")
-    if base is not None and subject is not None:
-        _compare_models(result, base, subject)
+    specs = get(config, "model.subject") or []
+    for spec in [specs] if isinstance(specs, str) else specs:  # one subject, or several
+        subject = _model(result, "subject", spec, config, "D011")
+        if base is not None and subject is not None:
+            _compare_models(result, base, subject)
     policy = None
     try:
         from invarlock.models.source import context_length

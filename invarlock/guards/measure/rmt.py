@@ -169,7 +169,7 @@ class RMTProbe(Probe):
         return [tap]
 
     def baseline_state(self) -> dict[str, Any]:
-        tap = self._taps.get("baseline")
+        tap = self._taps.pop("baseline", None)  # drop its module references: the baseline can go
         return {"modules": tap.complete() if tap else {}}
 
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:

@@ -127,7 +127,7 @@ class VarianceProbe(Probe):
         return [tap]
 
     def baseline_state(self) -> dict[str, Any]:
-        tap = self._taps.get("baseline")
+        tap = self._taps.pop("baseline", None)  # drop its module references: the baseline can go
         return {"moments": tap.moments() if tap else {}}
 
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:
