@@ -38,6 +38,11 @@ def _configure_logging(quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False
+    # transformers imports an installed torchao while loading any checkpoint, and torchao
+    # announces each optional kernel it cannot load here (other GPU generations): not news
+    # for a certification, and a kernel a checkpoint really needs fails its load anyway.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _require_hf(feature: str) -> None:
