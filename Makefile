@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[hf,test]"
+	$(BIN)/python -m pip install --quiet -e ".[hf,gguf,torchao,bitsandbytes,test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -45,6 +45,7 @@ $(SMOLLM2_DIR)/model.safetensors: | install
 
 bench: smollm2
 	$(BIN)/python benchmarks/certify_smollm2.py --model $(SMOLLM2_DIR) --guards-off
+	$(BIN)/python benchmarks/chunked_scoring.py
 
 image-test:
 	scripts/image_test.sh

@@ -1,15 +1,25 @@
-"""Benchmark: certify SmolLM2-135M with its INT8 RTN edit and print what it cost.
+"""Benchmark: `invarlock certify` against the forward-pass floor, measured in one run.
 
-Runs `invarlock certify` twice as a separate process (dev profile: 64 + 64 windows of 128
-tokens, on the bundled demo corpus) with a fresh baseline cache: the first run evaluates
-the baseline, the second reuses the cached baseline results. Prints wall time, evaluation
-tokens per second, peak resident memory, the guard share of the wall time and the verdicts.
+On SmolLM2-135M (dev profile: 64 + 64 windows of 128 tokens of the bundled demo corpus) and
+two subject checkpoints made from it (INT8 round-to-nearest per channel, and INT8 in groups
+of 64 inputs), one invocation runs, each as its own process:
 
-The guard share is measured two ways: the guards' own stages in the certificate's timings,
-and (with `--guards-off`) a third run with every guard off and a fresh cache, so the cost of
-the activation hooks inside the evaluation passes is counted too.
+1. the floor: load the baseline, run its bare forward passes (logits only) over the preview
+   and final windows, drop it, load the first subject, run the same passes -- at the batch
+   size certify picks for these windows;
+2. `invarlock certify` of the first subject (fresh baseline cache: the baseline is evaluated);
+3. `invarlock certify` of the second subject against the cached baseline;
+4. with --guards-off, step 2 again with every guard off and a fresh cache.
+
+It prints certify / floor, second subject / first run, the guards' share of the wall time
+(their own stages from the certificate's timings, and the whole difference against the run
+with every guard off), evaluation tokens/s, each process's peak RSS and the RSS budget
+(1.6 x one model's bytes + 0.5 GB). The machine's load average is printed beside each step:
+on a shared machine, compare ratios, not seconds. With --rounds N the three steps repeat N
+times, interleaved, and the ratios are given per round and as medians.
 
     python benchmarks/certify_smollm2.py --model .cache/models/smollm2-135m
+    python benchmarks/certify_smollm2.py --model ... --code /path/to/other/checkout
 (`make bench` prepares the model and runs this.)
 """
 
@@ -18,94 +28,247 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+HERE = Path(__file__).resolve()
+GB = 1e9
+MIB = 2**20
+SUBJECTS = {"int8": {"bitwidth": 8, "per_channel": True, "scope": "all"},
+            "int8-g64": {"bitwidth": 8, "per_channel": True, "group_size": 64, "scope": "all"}}
 
-def run_once(model: Path, out: Path, cache: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "invarlock", "certify", "--baseline", str(model),
-           "--edit", "quant_rtn", "--dataset", "demo", "--profile", "dev", "--out", str(out),
-           "--cache-dir", str(cache), "--json", "--quiet", *extra]
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+
+# --- child processes (run with cwd and PYTHONPATH = the code under test) ---------------------
+
+
+def _request(model: str, subject: str) -> object:
+    from invarlock.run_config import config_from_certify_flags, request_from_config
+
+    config = config_from_certify_flags({"baseline": model, "subject": subject,
+                                        "dataset_spec": "demo", "profile": "dev"})
+    return request_from_config(config)
+
+
+def child_make_subject(model: str, out: str, plan: str) -> None:
+    """Write a quant_rtn-edited copy of the baseline as a subject checkpoint."""
+    from invarlock.edits import get_edit
+    from invarlock.models import loading, source
+
+    edit = get_edit("quant_rtn")
+    loaded = loading.load_model(source.resolve_model_source(model), device="cpu")
+    edit.apply(loaded.model, edit.parse_plan({"name": "quant_rtn", "plan": json.loads(plan)}))
+    loaded.weights_digest = loading.tensor_digest(loaded.model)
+    loading.save_checkpoint(loaded, out)
+
+
+def child_floor(model: str, subject: str) -> None:
+    """Load each model and run its bare forward passes over the certify run's windows."""
+    import torch
+
+    from invarlock import evaluate
+    from invarlock.data.corpus import load_corpus
+    from invarlock.data.windows import plan_windows
+    from invarlock.models import loading, source, tokenizer
+    from invarlock.policy import resolve
+
+    start = time.perf_counter()
+    req = _request(model, subject)
+    src = source.resolve_model_source(model)
+    policy = resolve(req.config, context_length=source.context_length(source.read_config(src)))
+    tok = loading.load_tokenizer(src)
+    wp = policy.windows
+    plan = plan_windows(load_corpus(req.dataset, labelled=False), tok, kind="ppl_causal",
+                        seq_len=wp.seq_len, stride=wp.stride, preview_n=wp.preview_n,
+                        final_n=wp.final_n, seed=wp.seed, strict=wp.strict,
+                        tokenizer_hash=tokenizer.tokenizer_hash(tok))
+    forward_s, batch = 0.0, None
+    for path in (model, subject):
+        loaded = loading.load_model(source.resolve_model_source(path), device="cpu")
+        batch = batch or _certify_batch_size(evaluate, loaded.model, plan)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for windows in (plan.preview, plan.final):
+                for lo in range(0, windows.n, batch):
+                    ids = torch.from_numpy(windows.input_ids[lo:lo + batch])
+                    mask = torch.from_numpy(windows.attention_mask[lo:lo + batch])
+                    logits = loaded.model(input_ids=ids, attention_mask=mask,
+                                          use_cache=False).logits
+                    del logits
+        forward_s += time.perf_counter() - t
+        del loaded
+    tokens = 2 * (plan.preview.input_ids.size + plan.final.input_ids.size)
+    print(json.dumps({"batch": batch, "forward_s": forward_s, "tokens": tokens,
+                      "in_process_s": time.perf_counter() - start}))
+
+
+def _certify_batch_size(evaluate: object, model: object, plan: object) -> int:
+    """The batch size evaluate_windows picks for these windows in the code under test."""
+    n, seq_len = plan.final.input_ids.shape
+    kwargs = {}
+    chunkable = getattr(evaluate, "_chunkable_head", None)
+    if chunkable is not None:  # chunked scoring: the batch is not bounded by the logits
+        import torch
+
+        with torch.inference_mode():
+            kwargs["full_logits"] = chunkable(model, plan.final, "ppl_causal", "cpu") is None
+    return evaluate.auto_batch_size(model, n, seq_len, "cpu", **kwargs)
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+def _spawn(args: list[str], code: Path) -> tuple[float, float, str]:
+    """Run a child; returns (wall seconds, peak RSS bytes, stdout)."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True)
+        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, text=True,
+                                cwd=code, env=env)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB on Linux)
         wall = time.perf_counter() - start
-        code = os.waitstatus_to_exitcode(status)
-        stdout.seek(0)
-        stderr.seek(0)
-        if code not in (0, 1):
-            sys.exit(f"certify failed ({code}):\n{stderr.read()}")
-        summary = json.loads(stdout.read())
+        code_ = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if code_ not in (0, 1):
+            sys.exit(f"{' '.join(args[:3])} failed ({code_}):\n{err.read()[-3000:]}")
+        return wall, usage.ru_maxrss * 1024.0, out.read()
+
+
+def certify(code: Path, model: Path, subject: Path, out: Path, cache: Path,
+            extra: list[str]) -> dict:
+    wall, peak, stdout = _spawn(
+        ["-m", "invarlock", "certify", "--baseline", str(model), "--subject", str(subject),
+         "--dataset", "demo", "--profile", "dev", "--out", str(out), "--cache-dir", str(cache),
+         "--json", "--quiet", *extra], code)
+    summary = json.loads(stdout)
     cert = json.loads(Path(summary["certificate"]).read_text())
-    return {"wall": wall, "peak_mib": usage.ru_maxrss / 1024, "summary": summary, "cert": cert}
+    return {"wall": wall, "peak": peak, "summary": summary, "cert": cert,
+            "load": os.getloadavg()[0]}
 
 
-def eval_tokens_per_second(cert: dict) -> float | None:
+def floor(code: Path, model: Path, subject: Path) -> dict:
+    wall, peak, stdout = _spawn([str(HERE), "--child-floor", str(model), str(subject)], code)
+    return {"wall": wall, "peak": peak, **json.loads(stdout.strip().splitlines()[-1]),
+            "load": os.getloadavg()[0]}
+
+
+def eval_tokens(cert: dict) -> tuple[int, float]:
+    """(tokens scored, seconds in evaluation passes) of one certify run."""
     timings = cert["timings"]
     seconds = sum(v for k, v in timings.items() if k.endswith("_eval_s"))
     tokens = 0
     for name in ("preview", "final"):
         per_window = sum(cert["windows"][name]["tokens"])
-        evaluated_subject = bool(cert["windows"][name]["subject"])
-        from_cache = cert["baseline"]["results_from_cache"]
-        tokens += per_window * ((0 if from_cache else 1) + (1 if evaluated_subject else 0))
-    return tokens / seconds if seconds else None
+        models = (0 if cert["baseline"]["results_from_cache"] else 1) + (
+            1 if cert["windows"][name]["subject"] else 0)
+        tokens += per_window * models
+    return tokens, seconds
 
 
-def report(label: str, result: dict) -> None:
-    cert = result["cert"]
-    timings = cert["timings"]
-    tps = eval_tokens_per_second(cert)
-    guards_s = sum(v for k, v in timings.items() if k.startswith("guard"))
+def guard_seconds(cert: dict) -> float:
+    return sum(v for k, v in cert["timings"].items() if k.startswith("guard_"))
+
+
+def show_certify(label: str, r: dict) -> None:
+    cert, s = r["cert"], r["summary"]
+    tokens, seconds = eval_tokens(cert)
+    total = cert["timings"]["total_s"]
     print(f"{label}:")
-    print(f"  verdict             {result['summary']['verdict']} (ratio "
-          f"{result['summary']['ratio']:.4f}, CI {result['summary']['ratio_ci']})")
-    print(f"  wall time           {result['wall']:.1f} s (in-process total "
-          f"{timings['total_s']:.1f} s)")
+    print(f"  verdict             {s['verdict']} (ratio {s['ratio']:.4f}, CI {s['ratio_ci']})")
+    print(f"  wall time           {r['wall']:.1f} s (in-process {total:.1f} s; "
+          f"load {r['load']:.1f})")
     print(f"  baseline from cache {cert['baseline']['results_from_cache']}")
-    print(f"  evaluation          {tps:,.0f} tokens/s" if tps else "  evaluation          -")
-    if guards_s:
-        share = 100 * guards_s / timings["total_s"]
-        print(f"  guards              {guards_s:.1f} s = {share:.1f}% of the certify wall time")
-    print(f"  peak RSS            {result['peak_mib']:,.0f} MiB")
-    print("  stages              " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    if seconds:
+        print(f"  evaluation          {tokens / seconds:,.0f} tokens/s ({tokens:,} tokens)")
+    g = guard_seconds(cert)
+    print(f"  guards' own stages  {g:.1f} s = {100 * g / r['wall']:.1f}% of the wall time")
+    print(f"  peak RSS            {r['peak'] / MIB:,.0f} MiB")
+    print("  stages              " + ", ".join(f"{k} {v:.1f}" for k, v in cert["timings"].items()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--code", type=Path, default=HERE.parents[1],
+                        help="the invarlock checkout to measure (default: this one)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (OMP_NUM_THREADS) for the child process")
+                        help="torch threads (OMP_NUM_THREADS) for the child processes")
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--guards-off", action="store_true",
                         help="also time a first run with every guard off")
-    parser.add_argument("extra", nargs="*", help="extra certify flags")
+    parser.add_argument("--child-floor", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child-subject", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_floor:
+        return child_floor(*args.child_floor)
+    if args.child_subject:
+        return child_make_subject(*args.child_subject)
+    if args.model is None:
+        parser.error("--model is required")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    model, code = args.model.resolve(), args.code.resolve()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        first = run_once(args.model, tmp_path / "run1", tmp_path / "cache", args.extra)
-        second = run_once(args.model, tmp_path / "run2", tmp_path / "cache", args.extra)
+        subjects = {}
+        for name, plan in SUBJECTS.items():
+            subjects[name] = tmp_path / name
+            _spawn([str(HERE), "--child-subject", str(model), str(subjects[name]),
+                    json.dumps(plan)], code)
+        rounds = []
+        for i in range(args.rounds):
+            cache = tmp_path / f"cache{i}"
+            f = floor(code, model, subjects["int8"])
+            first = certify(code, model, subjects["int8"], tmp_path / f"a{i}", cache, [])
+            second = certify(code, model, subjects["int8-g64"], tmp_path / f"b{i}", cache, [])
+            rounds.append((f, first, second))
         bare = None
         if args.guards_off:
             preset = tmp_path / "guards-off.yaml"
             preset.write_text("guards:\n" + "".join(
                 f"  {name}: {{mode: \"off\"}}\n"
                 for name in ("invariants", "spectral", "rmt", "variance")))
-            bare = run_once(args.model, tmp_path / "run3", tmp_path / "cache-off",
-                            [*args.extra, "--preset", str(preset)])
-    print(f"SmolLM2-135M, INT8 quant_rtn, dev profile ({os.cpu_count()} CPUs visible)")
-    report("first run (baseline evaluated)", first)
-    report("second run (baseline cached)", second)
+            bare = certify(code, model, subjects["int8"], tmp_path / "off", tmp_path / "c-off",
+                           ["--preset", str(preset)])
+    report(code, rounds, bare)
+
+
+def report(code: Path, rounds: list, bare: dict | None) -> None:
+    f, first, second = rounds[-1]
+    params = first["cert"]["baseline"]["parameters"]
+    model_bytes = params * 4  # float32 on CPU
+    budget = 1.6 * model_bytes + 0.5 * GB
+    print(f"SmolLM2-135M ({params:,} parameters, {model_bytes / GB:.2f} GB in float32), "
+          f"dev profile, code {code}, {os.cpu_count()} CPUs visible")
+    print("floor (load both models, bare forward passes, logits only):")
+    print(f"  wall time           {f['wall']:.1f} s (forward passes {f['forward_s']:.1f} s, "
+          f"batch {f['batch']}; load {f['load']:.1f})")
+    print(f"  forward             {f['tokens'] / f['forward_s']:,.0f} tokens/s")
+    print(f"  peak RSS            {f['peak'] / MIB:,.0f} MiB")
+    show_certify("certify, first subject (baseline evaluated)", first)
+    show_certify("certify, second subject (baseline cached)", second)
     if bare is not None:
-        report("first run with every guard off", bare)
-        added = first["wall"] / bare["wall"] - 1
-        print(f"guards add {100 * added:.1f}% to the first run's wall time "
-              f"({bare['wall']:.1f} s -> {first['wall']:.1f} s)")
+        show_certify("certify, first subject, every guard off", bare)
+    print("ratios (targets: certify/floor <= 1.15, second/first <= 0.55, guards <= 15%, "
+          "peak RSS <= budget):")
+    per_round = [(c["wall"] / fl["wall"], s["wall"] / c["wall"]) for fl, c, s in rounds]
+    for i, (a, b) in enumerate(per_round):
+        print(f"  round {i + 1}: certify / floor {a:.3f}, second / first {b:.3f}")
+    if len(rounds) > 1:
+        print(f"  median: certify / floor {statistics.median(a for a, _ in per_round):.3f}, "
+              f"second / first {statistics.median(b for _, b in per_round):.3f}")
+    g = guard_seconds(first["cert"])
+    print(f"  guards' own stages  {100 * g / first['wall']:.1f}% of the first run's wall time")
+    if bare is not None:
+        print(f"  guards, everything  {100 * (1 - bare['wall'] / first['wall']):.1f}% "
+              f"(first run {first['wall']:.1f} s, every guard off {bare['wall']:.1f} s)")
+    peak = max(first["peak"], second["peak"])
+    print(f"  peak RSS            {peak / GB:.2f} GB; budget 1.6 x {model_bytes / GB:.2f} GB "
+          f"+ 0.5 GB = {budget / GB:.2f} GB ({peak / budget:.2f} x budget)")
 
 
 if __name__ == "__main__":

@@ -30,10 +30,12 @@ FORMAT = "invarlock.baseline-cache/2"
 
 _WINDOW_SET = {
     "type": "object",
-    "required": ["window_ids", "sha256", "tokens", "values"],
+    "required": ["window_ids", "sha256", "fed_sha256", "tokens", "values"],
     "properties": {
         "window_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "sha256": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+        "fed_sha256": {"type": "array",
+                       "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
         "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "values": {"type": "array", "items": {"type": "number"}},
     },
@@ -147,7 +149,8 @@ def payload_problem(payload: Any) -> str | None:
         return f"{where}: {error.message}"[:200]
     for name in ("preview", "final"):
         s = payload["sets"][name]
-        if len({len(s["window_ids"]), len(s["sha256"]), len(s["tokens"]), len(s["values"])}) != 1:
+        if len({len(s[k]) for k in ("window_ids", "sha256", "fed_sha256", "tokens",
+                                    "values")}) != 1:
             return f"sets.{name}: per-window arrays of different lengths"
         if not all(math.isfinite(v) for v in s["values"]):
             return f"sets.{name}.values: a non-finite value"
@@ -170,6 +173,7 @@ class CachedScores:
     sha256: tuple[str, ...]
     tokens: np.ndarray
     values: np.ndarray
+    fed_sha256: tuple[str, ...]  # hashes of the tensors the baseline was fed (pairing)
     nonfinite_windows: int = 0
 
 
@@ -177,7 +181,8 @@ def scores_to_payload(sets: dict[str, Any], parameters: int) -> dict[str, Any]:
     """The JSON form of the baseline's preview/final results."""
     return {"parameters": parameters,
             "sets": {name: {"window_ids": [int(i) for i in s.window_ids],
-                            "sha256": list(s.sha256), "tokens": [int(n) for n in s.tokens],
+                            "sha256": list(s.sha256), "fed_sha256": list(s.fed_sha256),
+                            "tokens": [int(n) for n in s.tokens],
                             "values": [float(v) for v in s.values]}
                      for name, s in sets.items()}}
 
@@ -191,7 +196,8 @@ def scores_from_payload(payload: dict[str, Any] | None,
         sets = {name: CachedScores(np.asarray(p["window_ids"], dtype=np.int64),
                                    tuple(p["sha256"]),
                                    np.asarray(p["tokens"], dtype=np.int64),
-                                   np.asarray(p["values"], dtype=np.float64))
+                                   np.asarray(p["values"], dtype=np.float64),
+                                   tuple(p["fed_sha256"]))
                 for name in ("preview", "final") for p in [payload["sets"][name]]}
         return sets, int(payload["parameters"])
     except (KeyError, TypeError, ValueError):

@@ -38,7 +38,7 @@ from invarlock.enums import AdapterKind, MetricKind
 from invarlock.errors import EvidenceError, InputError
 from invarlock.guards import ChainSettings
 from invarlock.outdir import OutputFolder
-from invarlock.policy import ResolvedPolicy, resolve
+from invarlock.policy import ResolvedPolicy, evidence_floor, resolve
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class CertifyRequest:
     device: str = "auto"
     dtype: str = "auto"
     allow_pickle: bool = False
+    device_map: str | None = None  # spread each model over devices through accelerate
+    max_memory: dict[int | str, int] | None = None  # bytes per device for the device map
     revision: str | None = None
     batch_size: int | None = None
     save_subject: Path | None = None
@@ -70,6 +72,10 @@ class CertifyRequest:
     cache_dir: Path | None = None
     progress: bool = False
     edit_impl: Any = None  # an invarlock.edits.Edit to use instead of looking up edit["name"]
+    gguf_file: str | None = None  # which GGUF file of a folder holding several
+    dequantize: bool = False  # evaluate a quantized subject's float weights (no kernels here)
+    save_format: str = "safetensors"  # --save-subject format: safetensors | gguf
+    subjects: tuple[str, ...] = ()  # several subjects: `invarlock.subjects.certify_subjects`
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,8 @@ class RunInputs:
     tokenizer_hash: str
     out_dir: Path
     output: OutputFolder  # claimed (created, probed, locked) until the run ends
+    subject_tokenizer: str | None = None  # where the subject's tokenizer came from
+    subject_tokenizer_hash: str | None = None  # None: an in-memory edit keeps the baseline's
 
     @property
     def kind(self) -> MetricKind:
@@ -209,6 +217,7 @@ class Judgement:
     match: float
     primary: gate.PrimaryMetricResult
     decision: gate.Decision
+    evidence: gate.Evidence  # the evidence collected against the profile's floor
 
 
 @dataclass
@@ -261,7 +270,7 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
     On success the output folder is held (locked) for the run: the caller releases it.
     """
     from invarlock.models import device as devices
-    from invarlock.models import loading, source, tokenizer
+    from invarlock.models import formats, loading, source, tokenizer
 
     t = time.perf_counter()
     run_id = _run_id()
@@ -272,10 +281,12 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
             outdir.check_folder_target(path, what)
     check_dataset(req.dataset)
     device = devices.resolve_device(req.device)
-    base_src = source.resolve_model_source(req.baseline, revision=req.revision)
+    base_src = source.resolve_model_source(req.baseline, revision=req.revision,
+                                           gguf_file=req.gguf_file)
     base_cfg = source.read_config(base_src)
     baseline = ModelInput(base_src, base_cfg, source.detect_adapter(base_cfg, req.adapter))
-    subject = (check_subject(req.subject, baseline, req)
+    formats.check_loadable(base_src, base_cfg, device, req.dequantize)
+    subject = (check_subject(req.subject, baseline, req, device)
                if req.subject is not None else None)
     policy = resolve(req.config, context_length=source.context_length(base_cfg))
     chain = ChainSettings.from_policy(policy.values.get("guards"))  # bad guard config: fail now
@@ -284,13 +295,15 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
 
     base_tok = loading.load_tokenizer(base_src)
     tok_hash = tokenizer.tokenizer_hash(base_tok)
+    subject_tokenizer = subj_hash = None
     if subject is not None:
-        check_subject_tokenizer(subject, base_tok, tok_hash)
+        subject_tokenizer, subj_hash = check_subject_tokenizer(subject, base_tok, tok_hash)
     output = outdir.claim(out_dir)  # last: an input error above leaves no folder behind
     timer.add("resolve_s", t)
     return RunInputs(run_id=run_id, device=device, baseline=baseline, subject=subject,
                      edit=edit, policy=policy, chain=chain, tokenizer=base_tok,
-                     tokenizer_hash=tok_hash, out_dir=out_dir, output=output)
+                     tokenizer_hash=tok_hash, out_dir=out_dir, output=output,
+                     subject_tokenizer=subject_tokenizer, subject_tokenizer_hash=subj_hash)
 
 
 def check_dataset(dataset: DatasetSource) -> None:
@@ -310,27 +323,34 @@ def check_dataset(dataset: DatasetSource) -> None:
         raise InputError(f"dataset {outdir.shown(path)} is not readable")
 
 
-def check_subject(spec: str, baseline: ModelInput, req: CertifyRequest) -> ModelInput:
-    """Resolve one subject checkpoint; it must be the same kind of model as the baseline."""
-    from invarlock.models import source
+def check_subject(spec: str, baseline: ModelInput, req: CertifyRequest,
+                  device: str = "cpu") -> ModelInput:
+    """Resolve one subject checkpoint; it must be the same kind of model as the baseline,
+    and a quantized one must be runnable here (its backend installed, kernels or
+    --dequantize)."""
+    from invarlock.models import formats, source
 
-    src = source.resolve_model_source(spec, revision=req.revision)
+    src = source.resolve_model_source(spec, revision=req.revision, gguf_file=req.gguf_file)
     config = source.read_config(src)
     adapter = source.detect_adapter(config, req.adapter)
     if adapter is not baseline.adapter:
         raise InputError(f"baseline is {baseline.adapter} but subject is {adapter}: "
                          "they must be the same kind of model")
+    formats.check_same_architecture(baseline.config, config, src, baseline.source)
+    formats.check_loadable(src, config, device, req.dequantize)
     return ModelInput(src, config, adapter)
 
 
-def check_subject_tokenizer(subject: ModelInput, base_tok: Any, tok_hash: str) -> None:
-    """The subject must tokenize exactly as the baseline does, or no window pairs up."""
-    from invarlock.models import loading, tokenizer
+def check_subject_tokenizer(subject: ModelInput, base_tok: Any,
+                            tok_hash: str) -> tuple[str, str]:
+    """The subject must tokenize exactly as the baseline does, or no window pairs up.
 
-    subj_tok = loading.load_tokenizer(subject.source)
-    if tokenizer.tokenizer_hash(subj_tok) != tok_hash:
-        diffs = tokenizer.tokenizer_differences(base_tok, subj_tok)
-        raise EvidenceError("baseline and subject tokenizers differ: " + "; ".join(diffs))
+    Returns where its tokenizer came from (a GGUF file may embed one, or none) and its hash
+    for the invariants guard.
+    """
+    from invarlock.models import formats
+
+    return formats.check_subject_tokenizer(base_tok, tok_hash, subject.source)
 
 
 def _parse_edit(req: CertifyRequest) -> EditInput:
@@ -365,7 +385,7 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
     the caller decides how long the model stays resident.
     """
     from invarlock.models import device as devices
-    from invarlock.models import loading, source
+    from invarlock.models import formats, loading, source
 
     base = inputs.baseline
     files = source.weight_files(base.source, req.allow_pickle)
@@ -389,16 +409,18 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
     else:
         t = time.perf_counter()
         model = loading.load_model(base.source, adapter=base.adapter, device=inputs.device,
-                                   dtype=req.dtype, allow_pickle=req.allow_pickle)
+                                   dtype=req.dtype, allow_pickle=req.allow_pickle,
+                                   dequantize=req.dequantize, **_placement(req))
         timer.add("load_s", t)
-        check_baseline_weights(model.model)
-        guards.baseline_loaded(model.model)
+        with loading.weights_on_host(model.model):
+            check_baseline_weights(model.model)
+            guards.baseline_loaded(model.model)
         sets = {name: _score(inputs, req, timer, model.model, getattr(plan.windows, name),
                              "baseline", guards.taps(model.model, "baseline", name))
                 for name in WINDOW_SETS}
         broken = sum(s.nonfinite_windows for s in sets.values())
         if broken:
-            raise EvidenceError(f"the baseline produced non-finite losses on {broken} windows; "
+            raise EvidenceError(f"the baseline produced non-finite outputs on {broken} windows; "
                                 "there is nothing sound to compare the subject with")
         parameters = int(model.parameters)
         guard_payload = guards.baseline_done()
@@ -409,6 +431,8 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
                            dtype=key.dtype, parameters=parameters,
                            from_cache=cached is not None)
     record["cache_payload_digest"] = cache_digest
+    record["format"] = formats.describe_files(base.source, base.config, inputs.device,
+                                              req.dequantize)
     evidence = BaselineEvidence(sets=sets, parameters=parameters, files=files, cache_key=key,
                                 cache_digest=cache_digest, guard_payload=guard_payload,
                                 guard_seconds=guards.timings(), record=record)
@@ -440,27 +464,38 @@ def prepare_subject(inputs: RunInputs, req: CertifyRequest, timer: _Timer,
         if base_model is None:
             base_model = loading.load_model(base.source, adapter=base.adapter,
                                             device=inputs.device, dtype=req.dtype,
-                                            allow_pickle=req.allow_pickle)
-        prepared = _edited_subject(inputs, base_model, timer)
+                                            allow_pickle=req.allow_pickle,
+                                            dequantize=req.dequantize, **_placement(req))
+        prepared = _edited_subject(inputs, base_model, timer, req.save_format)
     else:
         assert inputs.subject is not None
         subj = inputs.subject
         loaded = loading.load_model(subj.source, adapter=subj.adapter, device=inputs.device,
-                                    dtype=req.dtype, allow_pickle=req.allow_pickle)
+                                    dtype=req.dtype, allow_pickle=req.allow_pickle,
+                                    dequantize=req.dequantize, **_placement(req))
         record = _model_record(subj.source, loaded.config, subj.adapter, loaded.weights_digest,
                                "files", dtype=str(loaded.dtype).removeprefix("torch."),
                                parameters=loaded.parameters)
+        record["format"] = loaded.format
+        record["tokenizer_source"] = inputs.subject_tokenizer
         prepared = PreparedSubject(loaded, record, None, None)
     timer.add("load_s", t)
     return prepared
 
 
-def _edited_subject(inputs: RunInputs, base_model: Any, timer: _Timer) -> PreparedSubject:
+def _edited_subject(inputs: RunInputs, base_model: Any, timer: _Timer,
+                    save_format: str = "safetensors") -> PreparedSubject:
+    from invarlock.edits import formats as edit_formats
     from invarlock.models import loading
 
     assert inputs.edit is not None
+    if loading.has_offloaded_weights(base_model.model):
+        raise InputError("the edit cannot change weights offloaded by the device map; "
+                         "raise --max-memory, or certify a saved subject with --subject")
     t_edit = time.perf_counter()
     result = inputs.edit.impl.apply(base_model.model, inputs.edit.plan)
+    if save_format != "safetensors":  # evaluate exactly what the saved file will hold
+        result = edit_formats.shipped_as(save_format, base_model, result)
     timer.add("edit_s", t_edit)
     edit_record = {"name": result.name, "plan": result.plan,
                    "modules_changed": list(result.modules_changed),
@@ -472,6 +507,7 @@ def _edited_subject(inputs: RunInputs, base_model: Any, timer: _Timer) -> Prepar
                            dtype=str(base_model.dtype).removeprefix("torch."),
                            parameters=base_model.parameters, produced_by=f"edit:{result.name}")
     record["kind"] = "edit"
+    record["format"] = edit_formats.edit_format(save_format, result, base_model.model)
     return PreparedSubject(base_model, record, edit_record, digest)
 
 
@@ -485,21 +521,28 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
     from invarlock import evaluate
     from invarlock.guards.measure.probe import SubjectContext
     from invarlock.guards.measure.run import head
+    from invarlock.models import formats, loading
 
     guards = _guard_run(inputs, plan)
     guards.restore(baseline.guard_payload)
     model = subject.loaded.model
     kind, device = inputs.kind, inputs.device
+    base_cfg, subj_cfg = (inputs.baseline.config, subject.loaded.config)
+    if inputs.subject is not None:  # a GGUF side states only some config keys
+        base_cfg, subj_cfg = formats.comparable_configs(
+            inputs.baseline.source, base_cfg, inputs.subject.source, subj_cfg)
     ctx = SubjectContext(
-        info=guards.info, model=model, config=subject.loaded.config,
-        baseline_config=inputs.baseline.config, baseline_files=baseline.files,
-        tokenizer_hashes=(inputs.tokenizer_hash, inputs.tokenizer_hash),
+        info=guards.info, model=model, config=subj_cfg,
+        baseline_config=base_cfg, baseline_files=baseline.files,
+        tokenizer_hashes=(inputs.tokenizer_hash,
+                          inputs.subject_tokenizer_hash or inputs.tokenizer_hash),
         fingerprint=subject.fingerprint,
         calibration=head(plan.windows.final, int(guards.info.calibration_ids.size)),
         score=lambda m, windows: evaluate.evaluate_windows(
             m, windows, kind=kind, device=device, batch_size=req.batch_size),
         base_model_prefix=str(getattr(model, "base_model_prefix", "") or ""))
-    intact = guards.subject_loaded(ctx)
+    with loading.weights_on_host(model):
+        intact = guards.subject_loaded(ctx)
 
     try:
         preview = _score(inputs, req, timer, model, plan.windows.preview, "subject",
@@ -524,7 +567,8 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
         final = _score(inputs, req, timer, model, plan.windows.final, "subject",
                        guards.taps(model, "subject", "final"))
     ctx.scores = {"preview": preview, "final": final}
-    outcomes = guards.finish(ctx)
+    with loading.weights_on_host(model):
+        outcomes = guards.finish(ctx)
     probe = guards.probes.get("variance")
     scales = (dict(probe.scales) if probe is not None and guards.fatal is None
               and getattr(probe, "scales", None) is not None else None)
@@ -536,27 +580,40 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
                            guard_seconds=seconds)
 
 
+def _placement(req: CertifyRequest) -> dict[str, Any]:
+    """Device-map arguments for load_model (none without --device-map)."""
+    if req.device_map is None:
+        return {}
+    return {"device_map": req.device_map, "max_memory": req.max_memory}
+
+
 # --- stage 6: verdict ------------------------------------------------------------------------
 
 def judge(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
           subject: SubjectEvidence) -> Judgement:
     """Pairing, the primary metric with its interval, and every check → the verdict."""
-    match = _match(baseline.sets, subject.sets)
-    if match < 1.0:
-        raise EvidenceError(f"pairing broken: only {match:.2%} of windows were identical for "
-                            "both models")
+    from invarlock.models import source
+
     windows = plan.windows
+    match = _match(windows, baseline.sets, subject.sets)
+    if match < 1.0:
+        raise EvidenceError(f"pairing broken: only {match:.2%} of windows were fed to both "
+                            "models exactly as planned")
     preview = _paired(baseline.sets["preview"], subject.sets["preview"])
     final = (_paired(baseline.sets["final"], subject.sets["final"])
              if subject.sets["final"] is not None else None)
     policy = inputs.policy
     pm = gate.primary_metric(inputs.kind, preview, final, policy.primary_metric,
                              policy.bootstrap)
+    context = source.context_length(inputs.baseline.config)
+    evidence = gate.Evidence(evidence_floor(policy.profile, context), windows.preview.n,
+                             windows.final.n, windows.seq_len, policy.bootstrap.replicates,
+                             windows.requested, policy.allow_underpowered, context)
     checks = [gate.pairing_check(match, windows.overlap(), windows.preview.n, windows.final.n),
-              *gate.primary_checks(pm, policy.primary_metric),
+              *gate.primary_checks(pm, policy.primary_metric), evidence.check(),
               *(o.check for o in subject.outcomes)]
-    decision = gate.decide(checks, [*gate.PRIMARY_GATING, *subject.gating])
-    return Judgement(match, pm, decision)
+    decision = gate.decide(checks, [*gate.primary_gating(evidence.floor), *subject.gating])
+    return Judgement(match, pm, decision, evidence)
 
 
 # --- stage 7: write --------------------------------------------------------------------------
@@ -578,7 +635,13 @@ def _write_models(inputs: RunInputs, req: CertifyRequest, subject: PreparedSubje
     save_to = req.save_subject or (inputs.out_dir / SAVED_MODEL_DIR if req.save_model else None)
     saved = None
     if save_to is not None:
-        if judgement.decision.verdict == "PASS":
+        if judgement.decision.verdict == "PASS" and req.save_format != "safetensors":
+            from invarlock.edits import formats as edit_formats
+
+            edit_formats.save_as(req.save_format, subject.loaded, evidence.edit_record or {},
+                                 save_to)
+            saved = str(save_to)
+        elif judgement.decision.verdict == "PASS":
             loading.save_checkpoint(subject.loaded, save_to)
             saved = str(save_to)
         else:
@@ -643,6 +706,7 @@ def build_certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: Baselin
                     "final_evaluated": subject.sets["final"] is not None},
         "edit": subject.edit_record,
         "primary_metric": judgement.primary.as_dict(),
+        "evidence": judgement.evidence.as_dict(),
         "policy": inputs.policy.as_dict(),
         "guards": {o.name: o.section for o in subject.outcomes},
         "validation": judgement.decision.validation,
@@ -714,7 +778,10 @@ def _seed_everything(seed: int) -> None:
 def _release_memory() -> None:
     import torch
 
+    from invarlock.models.device import trim_host_memory
+
     gc.collect()
+    trim_host_memory()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -739,18 +806,26 @@ def _paired(base: Any, subj: Any) -> gate.PairedArrays:
                              subject=np.asarray(subj.values, dtype=np.float64))
 
 
-def _match(base_sets: dict[str, Any], subj_sets: dict[str, Any]) -> float:
-    """Share of evaluated windows whose token hashes agree between the two models."""
-    same = total = 0
+def _match(plan: WindowPlan, base_sets: dict[str, Any], subj_sets: dict[str, Any]) -> float:
+    """Share of evaluated windows that both models were fed exactly as planned.
+
+    Each side's hashes come from the tensors its evaluation passed to the forward. A set the
+    subject could not read at all (nothing fed, every value broken) holds no numbers to pair.
+    """
+    from invarlock.evaluate import planned_sha256
+
+    same = total = 0.0
     for name, subj in subj_sets.items():
-        if subj is None:
+        if subj is None or (not subj.fed_sha256 and subj.nonfinite_windows == subj.n):
             continue
-        base = base_sets[name]
-        total += len(subj.sha256)
-        same += sum(a == b for a, b in zip(base.sha256, subj.sha256, strict=True))
-        if not np.array_equal(base.window_ids, subj.window_ids):
+        windows, base = getattr(plan, name), base_sets[name]
+        if not (np.array_equal(base.window_ids, windows.window_ids)
+                and np.array_equal(subj.window_ids, windows.window_ids)):
             return 0.0
-    return same / total if total else 0.0
+        planned = planned_sha256(windows)
+        total += len(planned)
+        same += gate.pairing_match(planned, base.fed_sha256, subj.fed_sha256) * len(planned)
+    return same / total if total else 1.0
 
 
 def _windows_section(plan: WindowPlan, base_sets: dict[str, Any],

@@ -38,6 +38,11 @@ def _configure_logging(quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False
+    # transformers imports an installed torchao while loading any checkpoint, and torchao
+    # announces each optional kernel it cannot load here (other GPU generations): not news
+    # for a certification, and a kernel a checkpoint really needs fails its load anyway.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _require_hf(feature: str) -> None:
@@ -170,7 +175,9 @@ Examples:
 @main.command(epilog=_CERTIFY_EPILOG)
 @click.option("--baseline", metavar="MODEL",
               help="Baseline: local directory, hub id (hf:ID), or 'demo' (default).")
-@click.option("--subject", metavar="MODEL", help="Subject checkpoint to compare.")
+@click.option("--subject", metavar="MODEL", multiple=True,
+              help="Subject checkpoint to compare; repeat it to certify several against one "
+                   "baseline evaluation (one folder each, plus index.json / index.md).")
 @click.option("--edit", "edit_name", metavar="NAME",
               help="Build the subject in memory with an edit (quant_rtn, or an edit plugin).")
 @click.option("--edit-config", type=click.Path(dir_okay=False, path_type=Path),
@@ -189,15 +196,31 @@ Examples:
               help="Config file(s) merged in order (seed shape); flags win.")
 @click.option("--adapter", help="auto (default), hf_causal, hf_mlm, hf_seq_cls, or a plugin.")
 @click.option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps.")
+@click.option("--device-map",
+              type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+              help="Spread each model over the GPUs (accelerate), CPU and disk offload last.")
+@click.option("--max-memory", metavar="DEV=SIZE,...",
+              help="Memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--batch-size", type=click.IntRange(min=1), help="Windows per forward pass.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for windows and bootstrap.")
 @click.option("--allow-pickle", is_flag=True, default=None,
               help="Allow .bin/.pt checkpoints (loaded with weights_only).")
+@click.option("--allow-underpowered", is_flag=True, default=None,
+              help="Run below the ci/release evidence floor; the certificate records "
+                   "evidence_meets_profile: false (a gating flag in release).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the certificate (default: runs/<run id>).")
 @click.option("--save-subject", type=click.Path(file_okay=False, path_type=Path),
               help="With --edit: write the edited checkpoint here, only when PASS.")
+@click.option("--save-format", type=click.Choice(["safetensors", "gguf"]),
+              help="Format of --save-subject: safetensors (default) or gguf (Q8_0 for 8 bits, "
+                   "Q4_0 for 4; the certified weights are the stored ones).")
+@click.option("--gguf-file", metavar="NAME",
+              help="The GGUF file to use in a model folder that holds several.")
+@click.option("--dequantize", is_flag=True, default=None,
+              help="Evaluate a quantized model's dequantized float weights where its backend "
+                   "has no kernels for the device (recorded in the certificate).")
 @click.option("--write-ve-subject", type=click.Path(file_okay=False, path_type=Path),
               help="Also write a copy of the subject with the VE guard's proposed scales "
                    "folded into its weights (the subject itself is never changed).")
@@ -229,11 +252,38 @@ def certify(as_json: bool, quiet: bool, **flags: Any) -> None:
 def _certify_and_report(request: Any, as_json: bool) -> tuple[int, dict[str, Any] | None]:
     from invarlock.certify import certify as run_certify
 
+    if len(request.subjects) > 1:
+        return _certify_many(request, as_json)
     outcome = run_certify(request)
     summary = outcome.summary()
     if not as_json:
         click.echo(_human_summary(summary))
     return (EXIT_PASS if outcome.verdict == "PASS" else EXIT_FAIL), summary
+
+
+def _certify_many(request: Any, as_json: bool) -> tuple[int, dict[str, Any] | None]:
+    """Repeated --subject: one baseline evaluation, a certificate per subject, an index."""
+    from invarlock.subjects import certify_subjects
+
+    run = certify_subjects(request, request.subjects)
+    rows = []
+    for r in run.results:
+        if r.outcome is None:
+            rows.append({"subject": r.spec, "verdict": "ERROR", "exit_code": r.exit_code,
+                         "error": r.error})
+            continue
+        summary = r.outcome.summary()
+        rows.append({"subject": r.spec, "exit_code": r.exit_code, **summary})
+    if not as_json:
+        for row in rows:
+            if row["verdict"] == "ERROR":
+                click.echo(f"{row['subject']}: ERROR: {row['error']}")
+            else:
+                click.echo(f"{row['subject']}: " + _human_summary(row))
+        click.echo(f"index: {run.index_path}")
+    return run.exit_code, {"verdict": "PASS" if run.exit_code == 0 else "FAIL",
+                           "exit_code": run.exit_code, "index": str(run.index_path),
+                           "subjects": rows}
 
 
 def _human_summary(s: dict[str, Any]) -> str:
@@ -284,6 +334,9 @@ guard section through its guard's re-check.
 evidence as REF: identical baseline weights digest, tokenizer, dataset, window plan and
 baseline per-window results.
 \b
+A folder written by a run with several --subject holds index.json: each certificate it lists
+is verified, and must match its row (verdict, digest).
+\b
 Exit codes: 0 every certificate verifies and says PASS; 1 they verify and one says FAIL;
 2 a certificate is tampered with, malformed or unreadable, or its baseline evidence differs.
 \b
@@ -305,6 +358,7 @@ def verify(certificates: tuple[str, ...], baseline_cert: str | None, as_json: bo
     def body() -> tuple[int, dict[str, Any] | None]:
         from invarlock import verify as verifying
         from invarlock.certificate.document import load_certificate
+        from invarlock.subjects import read_index
 
         reference = None
         results: list[dict[str, Any]] = []
@@ -315,16 +369,38 @@ def verify(certificates: tuple[str, ...], baseline_cert: str | None, as_json: bo
                 raise TamperedCertificateError(
                     f"the reference certificate {baseline_cert} does not verify: "
                     f"{ref_report.differences[0]}")
-        for path in certificates:
+        def check(path: str, listed: dict[str, Any] | None = None) -> None:
             try:
                 cert = load_certificate(path)
             except InvarlockError as exc:
                 results.append({"path": path, "verified": False, "verdict": None,
                                 "differences": [str(exc)], "notes": [], "checked": [],
                                 "exit_code": exc.exit_code})
+                return
+            result = {"path": path, **verifying.verify_certificate(cert, reference).as_dict()}
+            if listed is not None:  # the index row must describe this very certificate
+                for field, value in (("verdict", cert.get("verdict", {}).get("status")),
+                                     ("digest", cert.get("digest"))):
+                    if listed.get(field) != value:
+                        result["verified"] = False
+                        result["differences"] = [*result["differences"],
+                                                 f"index.json: {field} {listed.get(field)!r} "
+                                                 f"but the certificate says {value!r}"]
+            results.append(result)
+
+        for path in certificates:
+            index = read_index(Path(path))
+            if index is None:
+                check(path)
                 continue
-            report = verifying.verify_certificate(cert, reference)
-            results.append({"path": path, **report.as_dict()})
+            for row in index["subjects"]:  # a multi-subject folder: every subject in it
+                if row.get("certificate"):
+                    check(str(Path(path) / row["certificate"]), row)
+                else:
+                    results.append({"path": f"{path}: {row.get('subject')}", "verified": True,
+                                    "verdict": "ERROR", "differences": [],
+                                    "notes": [f"no certificate: {row.get('error')}"],
+                                    "checked": [], "exit_code": row.get("exit_code")})
         code = _verify_exit_code(results)
         if not as_json:
             click.echo(_verify_text(results))

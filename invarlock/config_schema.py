@@ -21,14 +21,24 @@ def _obj(properties: dict[str, Any], required: list[str] | None = None) -> dict[
 
 MODEL = _obj({
     "id": {**_STR, "description": "baseline: local directory, hub id, hf:ID, or 'demo'"},
-    "subject": {**_OPT_STR, "description": "subject checkpoint (omit to apply `edit`)"},
+    "subject": {"anyOf": [_OPT_STR, {"type": "array", "items": _STR, "minItems": 1}],
+                "description": "subject checkpoint(s) (omit to apply `edit`); several are "
+                               "certified one at a time against one baseline evaluation"},
     # auto, hf_causal, hf_mlm, hf_seq_cls, their aliases, or an adapter plugin's name
     # (checked by invarlock.models.source.detect_adapter, which knows the plugins).
     "adapter": _STR,
     "device": {"type": "string", "pattern": r"^(auto|cpu|mps|cuda(:\d+)?)$"},
+    # spread the model over devices through accelerate; max_memory: "0=20GiB,cpu=64GiB"
+    # or a mapping of GPU index / cpu / mps to a size
+    "device_map": {"type": ["string", "null"],
+                   "enum": ["auto", "balanced", "balanced_low_0", "sequential", None]},
+    "max_memory": {"type": ["string", "object", "null"]},
     "dtype": {"type": "string", "enum": ["auto", "float32", "float16", "bfloat16"]},
     "allow_pickle": {"type": "boolean"},
     "revision": _OPT_STR,
+    "gguf_file": {**_OPT_STR, "description": "the GGUF file of a folder holding several"},
+    "dequantize": {"type": "boolean",
+                   "description": "evaluate a quantized model's dequantized float weights"},
 })
 
 DATASET = _obj({
@@ -89,6 +99,8 @@ AUTO = _obj({
     "enabled": {"type": "boolean"},
     "tier": {"type": "string", "enum": ["balanced", "conservative", "aggressive"]},
     "profile": {"type": "string", "enum": ["dev", "ci", "release"]},
+    "allow_underpowered": {"type": "boolean",
+                           "description": "run below the profile's evidence floor (flagged)"},
     "probes": {"type": "integer", "minimum": 0, "maximum": 0,
                "description": "reserved; only 0 is accepted"},
 })
@@ -98,6 +110,7 @@ OUTPUT = _obj({
     "save_model": {"type": "boolean"},
     "save_report": {"type": "boolean"},
     "save_subject": _OPT_STR,
+    "save_format": {"type": "string", "enum": ["safetensors", "gguf"]},
     "write_ve_subject": {**_OPT_STR, "description": "write a VE-corrected copy of the subject"},
     "cache": {"type": "boolean"},
     "cache_dir": _OPT_STR,

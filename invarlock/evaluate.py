@@ -7,9 +7,23 @@ the masked input. Classifier: 1 if argmax(logits) equals the label, else 0, one 
 example. Values are float64 sums of float32 per-token losses (logits are upcast to float32
 first, whatever the model dtype).
 
-Windows whose logits (at attended positions) contain NaN or Inf are counted in
-``nonfinite_windows`` and get NaN values instead of raising: a broken subject is evidence,
-not a crash.
+Language models are scored without ever holding a whole batch's logits: the forward pass
+stops at the output head (``get_output_embeddings``), and the final hidden states go through
+the head a chunk of positions at a time, each chunk's logits turned into per-token losses
+and dropped. The chunk is sized from a memory budget, so scoring memory is
+O(chunk x vocabulary) whatever the batch size. A model whose forward changes the head's
+output afterwards (logit soft-capping, scaling) is detected on a short probe pass before the
+windows and scored through its full logits instead.
+
+Windows with NaN or Inf in their logits at attended positions (chunked scoring: in the final
+hidden states at attended positions, or NaN/+inf in the logits at scored positions, which
+makes their loss non-finite) are counted in ``nonfinite_windows`` and get NaN values instead
+of raising: a broken subject is evidence, not a crash.
+
+Every window's fed ids are hashed from the very tensors passed to the forward (input ids,
+attention mask, token types and labels, as little-endian int64): ``WindowScores.fed_sha256``.
+Comparing those with ``planned_sha256`` of the window set proves that a model saw exactly
+the planned input, so the pairing check can fail when it did not.
 
 Taps let guards observe activations during the same pass: evaluate registers one forward
 hook per tapped module for the duration of the call, passes each output to the tap, and
@@ -19,6 +33,7 @@ always returns None from the hook, so a tap can read outputs but never replace t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import sys
 import time
@@ -40,9 +55,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without the hf e
 logger = logging.getLogger(__name__)
 
 IGNORE = -100                   # label value for positions that are not scored
-CPU_BUDGET_BYTES = 512 << 20    # per-batch temporaries on CPU (logits, float32 copy, CE)
+CPU_BUDGET_BYTES = 512 << 20    # per-batch temporaries on CPU (activations, logits, CE)
 MPS_BUDGET_BYTES = 2 << 30
 CUDA_BUDGET_FRACTION = 0.5      # of the free device memory, after the model is loaded
+HEAD_BUDGET_SHARE = 8           # one head chunk's logits take 1/8 of the batch budget
+PROBE_TOKENS = 8                # positions in the pass that checks the head is the last step
 MAX_BATCH = {"cpu": 32, "mps": 128, "cuda": 256}  # beyond these, throughput stops growing
 
 
@@ -69,11 +86,12 @@ class WindowScores:
 
     kind: MetricKind
     window_ids: np.ndarray      # int64 [N]
-    sha256: tuple[str, ...]     # hashes of the windows evaluated (copied from the set)
+    sha256: tuple[str, ...]     # content hashes of the windows evaluated (copied from the set)
     tokens: np.ndarray          # int64 [N] tokens scored (1 per example for accuracy)
     values: np.ndarray          # float64 [N]: NLL sum in nats, or 1.0/0.0 correct; NaN if broken
     nonfinite_windows: int      # windows whose logits held NaN/Inf
     seconds: float              # wall time of the evaluation
+    fed_sha256: tuple[str, ...] = ()  # per window, hash of the tensors actually fed (see above)
 
     @property
     def n(self) -> int:
@@ -129,36 +147,41 @@ def evaluate_windows(
     n, seq_len = _validate(windows, kind)
     _check_device(model, device)
     _check_fits(model, windows, seq_len)
-    size = batch_size if batch_size is not None else auto_batch_size(model, n, seq_len, device,
-                                                                      kind=kind)
-    if size < 1:
-        raise InputError(f"batch size must be at least 1, got {size}")
-    scorer = _SCORERS[kind]
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
     start = time.perf_counter()
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    with (
-        torch.inference_mode(),
-        _eval_mode(model),
-        _attached(model, taps) as set_context,
-        _progress_bar(n, kind, progress) as bar,
-    ):
-        lo = 0
-        while lo < n:
-            hi = min(lo + size, n)
-            batch = _to_device(windows, lo, hi, device)
-            set_context(TapContext(np.asarray(windows.window_ids[lo:hi]), batch["attention_mask"]))
-            try:
-                logits = _forward(model, batch, kind)
-                parts.append(scorer(logits, batch))
-            except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one too
-                if not _is_oom(exc):
-                    raise
-                size = _shrink(size, seq_len, device, exc)
-                continue
-            finally:
-                logits = batch = None  # free this batch's logits before the next forward
-            bar.update(hi - lo)
-            lo = hi
+    fed: list[str] = []
+    with torch.inference_mode(), _eval_mode(model):
+        head = _chunkable_head(model, windows, kind, device) if n else None
+        size = batch_size if batch_size is not None else auto_batch_size(
+            model, n, seq_len, device, kind=kind, full_logits=head is None)
+        scorer = _SCORERS[kind] if head is None else _CHUNKED_SCORERS[kind]
+        with (
+            _stopping_at(head, device) as chunked,
+            _attached(model, taps) as set_context,
+            _progress_bar(n, kind, progress) as bar,
+        ):
+            lo = 0
+            while lo < n:
+                hi = min(lo + size, n)
+                batch = _to_device(windows, lo, hi, device)
+                set_context(TapContext(np.asarray(windows.window_ids[lo:hi]),
+                                       batch["attention_mask"]))
+                try:
+                    out = _forward(model, batch, kind, head)
+                    parts.append(scorer(out, batch) if chunked is None
+                                 else scorer(chunked, out, batch))
+                    fed.extend(_fed_hashes(batch))
+                except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one too
+                    if not _is_oom(exc):
+                        raise
+                    size = _shrink(size, seq_len, device, exc)
+                    continue
+                finally:
+                    out = batch = None  # free this batch's outputs before the next forward
+                bar.update(hi - lo)
+                lo = hi
     values, tokens, broken = _collect(parts)
     seconds = time.perf_counter() - start
     values[broken] = np.nan
@@ -167,21 +190,51 @@ def evaluate_windows(
     return WindowScores(
         kind=kind, window_ids=np.asarray(windows.window_ids, dtype=np.int64).copy(),
         sha256=tuple(windows.sha256), tokens=tokens, values=values,
-        nonfinite_windows=int(broken.sum()), seconds=seconds,
+        nonfinite_windows=int(broken.sum()), seconds=seconds, fed_sha256=tuple(fed),
     )
+
+
+_FED_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def planned_sha256(windows: Windows) -> tuple[str, ...]:
+    """Per window, the hash its fed tensors must have: what a faithful evaluation feeds."""
+    arrays = {"input_ids": windows.input_ids, "attention_mask": windows.attention_mask,
+              "token_type_ids": windows.token_type_ids, "labels": windows.labels}
+    return _row_hashes({k: v for k, v in arrays.items() if v is not None})
+
+
+def _fed_hashes(batch: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """Hashes of the rows of the batch as it went to the model (one transfer per tensor)."""
+    return _row_hashes({k: batch[k].cpu().numpy() for k in _FED_FIELDS if k in batch})
+
+
+def _row_hashes(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
+    rows = int(arrays["input_ids"].shape[0])
+    digests = [hashlib.sha256() for _ in range(rows)]
+    for name in _FED_FIELDS:
+        if name not in arrays:
+            continue
+        data = np.ascontiguousarray(arrays[name], dtype="<i8").reshape(rows, -1)
+        for digest, row in zip(digests, data, strict=True):
+            digest.update(name.encode())
+            digest.update(row.tobytes())
+    return tuple(d.hexdigest() for d in digests)
 
 
 def auto_batch_size(
     model: torch.nn.Module, n: int, seq_len: int, device: str,
-    *, kind: MetricKind = MetricKind.PPL_CAUSAL,
+    *, kind: MetricKind = MetricKind.PPL_CAUSAL, full_logits: bool = True,
 ) -> int:
     """Windows per forward pass so the batch's temporaries stay within a memory budget.
 
-    Per window: logits (T x width in the model dtype, plus a float32 copy when that is
-    narrower, the log-softmax inside cross-entropy, a finiteness mask) and a rough bound on
-    activations (12 hidden-size vectors and two heads x T x T attention maps per position).
-    The budget is 512 MiB on CPU (larger logits only add memory traffic there), 2 GiB
-    on MPS and half the free memory on CUDA.
+    Per window: a rough bound on activations (12 hidden-size vectors and two heads x T x T
+    attention maps per position) and, with ``full_logits`` (classifiers, and language
+    models whose head cannot be scored in chunks), the logits (T x width in the model dtype,
+    plus a float32 copy when that is narrower, the log-softmax inside cross-entropy, a
+    finiteness mask). Chunked scoring keeps its logits to one chunk (``head_chunk_rows``),
+    taken off the budget first. The budget is 512 MiB on CPU (larger batches only add
+    memory traffic there), 2 GiB on MPS and half the free memory on CUDA.
     """
     config = getattr(model, "config", None)
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model", default=1024)
@@ -193,20 +246,38 @@ def auto_batch_size(
         width = int(head.weight.shape[0]) if head is not None else _config_int(
             config, "vocab_size", default=50_000)
     elem = next(model.parameters()).element_size()
-    upcast = 4 if elem < 4 else 0
-    per_window = seq_len * width * (elem + upcast + 4 + 1)
-    per_window += 4 * seq_len * (12 * hidden + 2 * heads * seq_len)
-    base = device.split(":")[0]
-    if base == "cuda":
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        budget = int(free * CUDA_BUDGET_FRACTION)
-    elif base == "mps":
-        budget = MPS_BUDGET_BYTES
+    per_position = _logit_bytes(width, elem)
+    per_window = 4 * seq_len * (12 * hidden + 2 * heads * seq_len)
+    budget = _budget(device)
+    if full_logits or kind is MetricKind.ACCURACY:
+        per_window += seq_len * per_position
     else:
-        budget = CPU_BUDGET_BYTES
+        budget -= budget // HEAD_BUDGET_SHARE
+    base = device.split(":")[0]
     size = max(1, min(n, MAX_BATCH.get(base, 32), budget // max(per_window, 1)))
     logger.debug("auto batch size %d (%d windows of %d tokens on %s)", size, n, seq_len, device)
     return size
+
+
+def head_chunk_rows(width: int, elem: int, device: str) -> int:
+    """Positions per chunk of chunked scoring: their logits and losses fit 1/8 of the budget."""
+    return max(1, (_budget(device) // HEAD_BUDGET_SHARE) // _logit_bytes(width, elem))
+
+
+def _logit_bytes(width: int, elem: int) -> int:
+    """Bytes per scored position: logits in the model dtype, a float32 copy when that is
+    narrower, the log-softmax inside cross-entropy, a finiteness flag."""
+    return width * (elem + (4 if elem < 4 else 0) + 4 + 1)
+
+
+def _budget(device: str) -> int:
+    base = device.split(":")[0]
+    if base == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * CUDA_BUDGET_FRACTION)
+    if base == "mps":
+        return MPS_BUDGET_BYTES
+    return CPU_BUDGET_BYTES
 
 
 def _config_int(config: Any, *names: str, default: int) -> int:
@@ -240,7 +311,12 @@ def _validate(windows: Windows, kind: MetricKind) -> tuple[int, int]:
 
 
 def _check_device(model: torch.nn.Module, device: str) -> None:
-    """The model must already be on ``device``: evaluation moves windows, never weights."""
+    """The model must already be on ``device``: evaluation moves windows, never weights.
+
+    A model spread by a device map (``hf_device_map``) moves each module's inputs itself;
+    the windows go to ``device`` and its hooks take them from there."""
+    if getattr(model, "hf_device_map", None):
+        return
     wanted = torch.device(device)
     actual = next(model.parameters()).device
     if actual.type != wanted.type or (wanted.index is not None and actual.index != wanted.index):
@@ -280,11 +356,18 @@ def _to_device(windows: Windows, lo: int, hi: int, device: str) -> dict[str, tor
     return batch
 
 
-def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-             kind: MetricKind) -> torch.Tensor:
+def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: MetricKind,
+             head: torch.nn.Module | None = None) -> torch.Tensor:
+    """The batch's logits, or with ``head`` the final hidden states the head would read."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if kind is MetricKind.PPL_CAUSAL:
         inputs["use_cache"] = False  # no KV cache: one pass, nothing to reuse
+    if head is not None:
+        try:
+            model(**inputs)
+        except _HeadReached as reached:
+            return reached.hidden
+        raise RuntimeError("the forward pass finished without calling the output head")
     logits = model(**inputs).logits
     expected = 2 if kind is MetricKind.ACCURACY else 3
     if logits.ndim != expected:
@@ -346,6 +429,159 @@ _SCORERS: dict[MetricKind, Callable[..., tuple[torch.Tensor, ...]]] = {
     MetricKind.PPL_CAUSAL: _score_causal,
     MetricKind.PPL_MLM: _score_mlm,
     MetricKind.ACCURACY: _score_accuracy,
+}
+
+
+class _HeadReached(BaseException):
+    """Raised by the head's pre-hook to end a forward pass with the head's input.
+
+    A BaseException, so that no ``except Exception`` inside model code swallows it.
+    """
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__("output head reached")
+        self.hidden = hidden
+
+
+class _HeadStop:
+    """Pre-hook state: stop at the head during the model's pass, not during chunk calls."""
+
+    def __init__(self) -> None:
+        self.armed = True
+
+    def __call__(self, _module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if self.armed:
+            raise _HeadReached(args[0])
+
+
+@dataclass
+class _ChunkedHead:
+    """The output head applied to a chunk of positions at a time."""
+
+    module: torch.nn.Module
+    chunk: int           # positions per call: one chunk's logits fit the head budget
+    stop: _HeadStop      # disarmed while the head is called on chunks
+
+    def losses(self, hidden: torch.Tensor, rows: torch.Tensor,
+               targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy and non-finite flags of hidden[rows] (hidden [M, H], rows and
+        targets [K], IGNORE = not scored); only one [chunk, V] block of logits at a time.
+
+        A row is flagged when its loss is not finite: NaN or +inf anywhere in its logits
+        makes the log-partition non-finite. (Reading every logit again for -inf would cost
+        a third of the cross-entropy; a -inf logit only zeroes one token's probability.)"""
+        losses = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device)
+        broken = torch.zeros(rows.shape[0], dtype=torch.bool, device=hidden.device)
+        self.stop.armed = False
+        try:
+            for lo in range(0, rows.shape[0], self.chunk):
+                hi = min(lo + self.chunk, rows.shape[0])
+                logits = self.module(hidden.index_select(0, rows[lo:hi]))   # [chunk, V]
+                target = targets[lo:hi].to(logits.device)
+                chunk = F.cross_entropy(logits.float(), target, reduction="none",
+                                        ignore_index=IGNORE)
+                losses[lo:hi] = chunk.to(losses.device)
+                broken[lo:hi] = ~torch.isfinite(chunk).to(broken.device)
+                logits = chunk = None
+        finally:
+            self.stop.armed = True
+        return losses, broken
+
+
+@contextlib.contextmanager
+def _stopping_at(head: torch.nn.Module | None, device: str) -> Iterator[_ChunkedHead | None]:
+    """While active, a forward pass of the model ends where ``head`` would be called."""
+    if head is None:
+        yield None
+        return
+    stop = _HeadStop()
+    handle = head.register_forward_pre_hook(stop)
+    try:
+        yield _ChunkedHead(head, _head_rows(head, device), stop)
+    finally:
+        handle.remove()
+
+
+def _chunkable_head(model: torch.nn.Module, windows: Windows, kind: MetricKind,
+                    device: str) -> torch.nn.Module | None:
+    """The output head, when the model's logits are exactly the head's output.
+
+    Checked on a probe pass over the first few positions of the first window (before any tap
+    is attached): the head must be called once, on [batch, positions, hidden] input, and the
+    model must return its output unchanged. Anything else (no head, soft-capping, scaling,
+    a head called twice) scores through the full logits.
+    """
+    if kind is MetricKind.ACCURACY or not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Module):
+        return None
+    probe = _to_device(windows, 0, 1, device)
+    probe = {k: v[:, :PROBE_TOKENS] for k, v in probe.items()}
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = head.register_forward_hook(lambda _m, args, out: seen.append((args[0], out)))
+    try:
+        logits = _forward(model, probe, kind)
+    finally:
+        handle.remove()
+    if len(seen) != 1 or not isinstance(seen[0][1], torch.Tensor) or seen[0][0].ndim != 3:
+        return None
+    out = seen[0][1]
+    same = out.shape == logits.shape and torch.equal(out.to(logits.device, logits.dtype),
+                                                     logits)
+    if not same:
+        logger.info("the model changes its head's output; scoring through full logits")
+        return None
+    return head
+
+
+def _head_rows(head: torch.nn.Module, device: str) -> int:
+    weight = getattr(head, "weight", None)
+    width = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 2 \
+        else int(getattr(head, "out_features", 50_000))
+    elem = weight.element_size() if isinstance(weight, torch.Tensor) else 4
+    return head_chunk_rows(width, elem, device)
+
+
+def _score_causal_chunked(head: _ChunkedHead, hidden: torch.Tensor,
+                          batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """_score_causal from the final hidden states [B, T, H], every attended position."""
+    ids, mask = batch["input_ids"].to(hidden.device), batch["attention_mask"].to(hidden.device)
+    b, t = ids.shape
+    targets = torch.full_like(ids, IGNORE)
+    scored = mask[:, :-1].bool() & mask[:, 1:].bool()
+    targets[:, :-1] = torch.where(scored, ids[:, 1:], IGNORE)
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    losses, broken = head.losses(hidden.reshape(b * t, -1), rows, targets.reshape(-1)[rows])
+    per_pos = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
+    per_pos[rows] = losses
+    bad = torch.zeros(b * t, dtype=torch.bool, device=hidden.device)
+    bad[rows] = broken
+    bad = bad.view(b, t) | (_nonfinite_positions(hidden) & mask.bool())
+    return (per_pos.view(b, t).double().sum(dim=1), (targets != IGNORE).sum(dim=1),
+            bad.any(dim=1))
+
+
+def _score_mlm_chunked(head: _ChunkedHead, hidden: torch.Tensor,
+                       batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """_score_mlm from the head's input [B, T, H]: logits at the scored positions only."""
+    labels = batch["labels"].to(hidden.device)
+    mask = batch["attention_mask"].to(hidden.device)
+    b, t = labels.shape
+    chosen = labels != IGNORE
+    rows = chosen.reshape(-1).nonzero().squeeze(1)
+    losses, broken = head.losses(hidden.reshape(b * t, -1), rows, labels.reshape(-1)[rows])
+    per_pos = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
+    per_pos[rows] = losses
+    bad = torch.zeros(b * t, dtype=torch.bool, device=hidden.device)
+    bad[rows] = broken
+    bad = bad.view(b, t) | (_nonfinite_positions(hidden) & mask.bool())
+    return per_pos.view(b, t).double().sum(dim=1), chosen.sum(dim=1), bad.any(dim=1)
+
+
+_CHUNKED_SCORERS: dict[MetricKind, Callable[..., tuple[torch.Tensor, ...]]] = {
+    MetricKind.PPL_CAUSAL: _score_causal_chunked,
+    MetricKind.PPL_MLM: _score_mlm_chunked,
 }
 
 

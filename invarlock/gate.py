@@ -20,7 +20,7 @@ import numpy as np
 
 from invarlock import stats
 from invarlock.enums import MetricKind
-from invarlock.policy import BootstrapPolicy, PrimaryMetricPolicy
+from invarlock.policy import BootstrapPolicy, EvidenceFloor, PrimaryMetricPolicy
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class SetSummary:
     """Corpus-level metric of each model on one window set."""
 
     baseline: float
-    subject: float | None  # None when the subject's losses were not finite
-    ratio: float | None
+    subject: float | None  # None when the subject's outputs were not finite
+    ratio: float | None  # None also for accuracy against a baseline that scored 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "subject": self.subject, "ratio": self.ratio}
@@ -57,18 +57,24 @@ def summarize(kind: MetricKind, arrays: PairedArrays) -> SetSummary:
         subj = stats.perplexity(arrays.subject, arrays.tokens)
         return SetSummary(base, subj, subj / base)
     base_acc = float(np.mean(arrays.baseline))
+    if arrays.nonfinite:
+        return SetSummary(base_acc, None, None)
     subj_acc = float(np.mean(arrays.subject))
     ratio = subj_acc / base_acc if base_acc > 0 else (1.0 if subj_acc == 0 else None)
     return SetSummary(base_acc, subj_acc, ratio)
 
 
 def is_catastrophic(kind: MetricKind, preview: SetSummary, policy: PrimaryMetricPolicy) -> bool:
-    """Preview so bad that evaluating the final set would waste time: stop and FAIL."""
-    if preview.ratio is None:  # non-finite subject losses
+    """Preview so bad that evaluating the final set would waste time: stop and FAIL.
+
+    Accuracy: the subject kept less than 1/catastrophic_ratio of the baseline's accuracy
+    (compared as a product, so a baseline that scored 0 cannot be lost further).
+    """
+    if preview.subject is None:  # non-finite subject outputs
         return True
     if kind.is_perplexity:
         return preview.ratio > policy.catastrophic_ratio
-    return preview.ratio < 1.0 / policy.catastrophic_ratio
+    return preview.subject * policy.catastrophic_ratio < preview.baseline
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,12 @@ class PrimaryMetricResult:
         return self.final.ratio / self.preview.ratio
 
     @property
+    def baseline_scored_zero(self) -> bool:
+        """Accuracy only: the baseline got nothing right on a set, so ratios are undefined."""
+        sets = [self.preview] + ([self.final] if self.final else [])
+        return not self.kind.is_perplexity and any(s.baseline == 0.0 for s in sets)
+
+    @property
     def gate_value(self) -> float | None:
         """The one number compared with the limit: ratio CI upper bound, or Δacc CI lower."""
         if self.interval is None:
@@ -125,7 +137,8 @@ class PrimaryMetricResult:
             "catastrophic": self.catastrophic,
             "bootstrap": None if iv is None else {
                 "method": iv.method, "replicates": iv.replicates, "seed": iv.seed,
-                "alpha": iv.alpha, "z0": _finite_or_none(iv.z0),
+                "alpha": iv.alpha, "alpha_effective": iv.alpha_effective,
+                "z0": _finite_or_none(iv.z0),
                 "acceleration": iv.acceleration,
             },
         }
@@ -175,7 +188,7 @@ def primary_checks(result: PrimaryMetricResult, policy: PrimaryMetricPolicy) -> 
     checks = [_catastrophe_check(result, policy)]
     if result.interval is None or result.gate_value is None:
         why = ("not evaluated: the run stopped after the preview set" if result.final is None
-               else "subject produced non-finite losses on the final set")
+               else f"subject produced non-finite {_outputs(result.kind)} on the final set")
         checks.append(Check("primary_metric_acceptable", False, f"primary metric {why}"))
         checks.append(Check("preview_final_drift_acceptable", False, f"drift {why}"))
         return checks
@@ -193,6 +206,11 @@ def primary_checks(result: PrimaryMetricResult, policy: PrimaryMetricPolicy) -> 
     checks.append(Check("primary_metric_acceptable", ok, reason))
     lo, hi = policy.drift_band
     drift = result.drift
+    if drift is None and result.baseline_scored_zero:
+        checks.append(Check("preview_final_drift_acceptable", True,
+                            "drift not defined: the baseline's accuracy is 0 on a set, so the "
+                            "paired accuracy change alone gates"))
+        return checks
     drift_ok = drift is not None and lo <= drift <= hi
     shown = "undefined" if drift is None else f"{drift:.4f}"
     checks.append(Check("preview_final_drift_acceptable", drift_ok,
@@ -201,19 +219,45 @@ def primary_checks(result: PrimaryMetricResult, policy: PrimaryMetricPolicy) -> 
     return checks
 
 
+def _outputs(kind: MetricKind) -> str:
+    return "losses" if kind.is_perplexity else "outputs (NaN correctness)"
+
+
 def _catastrophe_check(result: PrimaryMetricResult, policy: PrimaryMetricPolicy) -> Check:
-    ratio = result.preview.ratio
-    if ratio is None:
-        return Check("not_catastrophic", False, "subject produced non-finite losses on preview")
+    prev = result.preview
+    if prev.subject is None:
+        return Check("not_catastrophic", False,
+                     f"subject produced non-finite {_outputs(result.kind)} on preview")
     if result.catastrophic and result.final is not None:
-        return Check("not_catastrophic", False, "subject produced non-finite losses on final")
+        return Check("not_catastrophic", False,
+                     f"subject produced non-finite {_outputs(result.kind)} on final")
+    bad = result.catastrophic
     if result.kind.is_perplexity:
-        return Check("not_catastrophic", not result.catastrophic,
-                     f"preview ratio {ratio:.3f} {'>' if result.catastrophic else '<='} "
+        return Check("not_catastrophic", not bad,
+                     f"preview ratio {prev.ratio:.3f} {'>' if bad else '<='} "
                      f"catastrophic limit {policy.catastrophic_ratio:.1f}")
-    return Check("not_catastrophic", not result.catastrophic,
-                 f"preview accuracy ratio {ratio:.3f} "
-                 f"{'<' if result.catastrophic else '>='} {1 / policy.catastrophic_ratio:.2f}")
+    if prev.baseline == 0.0:
+        return Check("not_catastrophic", True,
+                     f"baseline preview accuracy is 0 (subject {prev.subject:.3f}): nothing "
+                     "left to lose")
+    return Check("not_catastrophic", not bad,
+                 f"preview accuracy ratio {prev.ratio:.3f} "
+                 f"{'<' if bad else '>='} {1 / policy.catastrophic_ratio:.2f}")
+
+
+def pairing_match(planned: tuple[str, ...], baseline_fed: tuple[str, ...],
+                  subject_fed: tuple[str, ...]) -> float:
+    """Share of planned windows that both models were fed exactly (by per-window hash).
+
+    A window counts only when the baseline's and the subject's fed hashes both equal the
+    plan's; a missing or extra window on either side is a mismatch.
+    """
+    if not planned:
+        return 0.0
+    same = sum(p == b == s for p, b, s in zip(planned, baseline_fed, subject_fed, strict=False))
+    if len(baseline_fed) != len(planned) or len(subject_fed) != len(planned):
+        same = min(same, len(planned) - 1)
+    return same / len(planned)
 
 
 def pairing_check(match: float, overlap: float, preview_n: int, final_n: int) -> Check:
@@ -222,6 +266,70 @@ def pairing_check(match: float, overlap: float, preview_n: int, final_n: int) ->
     return Check("pairing_acceptable", ok,
                  f"pairing match {match:.2f}, overlap {overlap:.2f}, "
                  f"{preview_n}+{final_n} windows")
+
+
+EVIDENCE_FLAG = "evidence_meets_profile"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The evidence a run collected, against the floor its profile promises.
+
+    It falls short when a window count, the window length or the bootstrap replicates are
+    below the floor (possible only in a profile that records shortfalls, or with
+    `allow_underpowered`), or when the window sets were shrunk to fit the data.
+    """
+
+    floor: EvidenceFloor
+    preview_n: int
+    final_n: int
+    seq_len: int
+    replicates: int
+    requested: tuple[int, int]  # (preview_n, final_n) the policy asked for
+    allow_underpowered: bool
+    context_length: int | None = None  # the model's, when it shortened the seq_len floor
+
+    @property
+    def shrunk(self) -> bool:
+        return (self.preview_n, self.final_n) != self.requested
+
+    @property
+    def shortfalls(self) -> tuple[str, ...]:
+        short = self.floor.shortfalls(preview_n=self.preview_n, final_n=self.final_n,
+                                      seq_len=self.seq_len, replicates=self.replicates)
+        if self.shrunk:
+            short += (f"windows shrunk to fit the data ({self.preview_n}+{self.final_n} of "
+                      f"{self.requested[0]}+{self.requested[1]} requested)",)
+        return short
+
+    @property
+    def meets_profile(self) -> bool:
+        return not self.shortfalls
+
+    def check(self) -> Check:
+        f = self.floor
+        if self.meets_profile:
+            return Check(EVIDENCE_FLAG, True,
+                         f"evidence meets the {f.profile} profile: {self.preview_n}+"
+                         f"{self.final_n} windows of {self.seq_len} tokens, {self.replicates} "
+                         f"bootstrap replicates (floor {f.preview_n}+{f.final_n}, {f.seq_len}, "
+                         f"{f.replicates})")
+        why = " (--allow-underpowered)" if self.allow_underpowered else ""
+        return Check(EVIDENCE_FLAG, False,
+                     f"evidence below the {f.profile} profile{why}: "
+                     + "; ".join(self.shortfalls))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.floor.profile, "floor": self.floor.as_dict(),
+            "actual": {"preview_n": self.preview_n, "final_n": self.final_n,
+                       "seq_len": self.seq_len, "replicates": self.replicates},
+            "requested": {"preview_n": self.requested[0], "final_n": self.requested[1]},
+            "context_length": self.context_length, "below_floor": self.floor.below_floor,
+            "gates": self.floor.gates, "allow_underpowered": self.allow_underpowered,
+            "shrunk_to_fit": self.shrunk, "meets_profile": self.meets_profile,
+            "shortfalls": list(self.shortfalls),
+        }
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -266,3 +374,8 @@ PRIMARY_GATING = (
     "primary_metric_acceptable",
     "preview_final_drift_acceptable",
 )
+
+
+def primary_gating(floor: EvidenceFloor) -> tuple[str, ...]:
+    """The primary gating flags; `evidence_meets_profile` too where the profile gates on it."""
+    return (*PRIMARY_GATING, EVIDENCE_FLAG) if floor.gates else PRIMARY_GATING

@@ -96,6 +96,54 @@ class BootstrapPolicy:
 
 
 @dataclass(frozen=True)
+class EvidenceFloor:
+    """The least evidence a profile promises; its own window counts, length and replicates.
+
+    `seq_len` is the profile's window length, or the model's context length when that is
+    shorter (the model cannot take longer windows, so that is not a shortfall).
+    """
+
+    profile: str
+    preview_n: int
+    final_n: int
+    seq_len: int
+    replicates: int
+    below_floor: str  # "refuse": a config below the floor is an input error; "record": flagged
+    gates: bool  # whether `evidence_meets_profile` is a gating flag in this profile
+
+    def shortfalls(self, *, preview_n: int, final_n: int, seq_len: int,
+                   replicates: int) -> tuple[str, ...]:
+        """One phrase per value below the floor, e.g. 'final_n 50 < 200'."""
+        pairs = (("preview_n", preview_n, self.preview_n), ("final_n", final_n, self.final_n),
+                 ("seq_len", seq_len, self.seq_len),
+                 ("bootstrap replicates", replicates, self.replicates))
+        return tuple(f"{name} {have} < {floor}" for name, have, floor in pairs if have < floor)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"preview_n": self.preview_n, "final_n": self.final_n, "seq_len": self.seq_len,
+                "replicates": self.replicates}
+
+
+def evidence_floor(profile: str, context_length: int | None = None) -> EvidenceFloor:
+    """The floor of `profile` (policies/profiles.yaml), for a model of `context_length`."""
+    if profile not in profiles():
+        raise ConfigError(f"unknown profile '{profile}'; choose one of {', '.join(profiles())}")
+    prof = profiles()[profile]
+    rule = dict(prof.get("evidence") or {})
+    below = str(rule.get("below_floor", "record"))
+    if below not in ("refuse", "record"):
+        raise ConfigError(f"profiles.yaml: {profile}.evidence.below_floor must be 'refuse' or "
+                          f"'record', got {below!r}")
+    seq_len = int(prof["windows"]["seq_len"])
+    if context_length is not None:
+        seq_len = min(seq_len, int(context_length))
+    return EvidenceFloor(profile, int(prof["windows"]["preview_n"]),
+                         int(prof["windows"]["final_n"]), seq_len,
+                         int(prof["bootstrap"]["replicates"]), below,
+                         bool(rule.get("gates", False)))
+
+
+@dataclass(frozen=True)
 class ResolvedPolicy:
     """The rules a certificate was judged by. `values` is what the certificate records."""
 
@@ -103,6 +151,7 @@ class ResolvedPolicy:
     profile: str
     values: dict[str, Any]
     overrides: tuple[str, ...]
+    allow_underpowered: bool = False  # auto.allow_underpowered / --allow-underpowered
 
     @property
     def digest(self) -> str:
@@ -147,6 +196,10 @@ def resolve(config: dict[str, Any], *, context_length: int | None = None) -> Res
 
     With `context_length` (the model's maximum positions), a profile's default window length
     that does not fit is shortened to it; an explicitly configured one is an error.
+
+    Evidence floor: where the profile refuses runs below its floor (ci, release), window
+    counts, replicates or (once the context length is known) a window length below it are an
+    error unless `auto.allow_underpowered` is set. The check needs no data or model weights.
     """
     tier = get(config, "auto.tier", DEFAULT_TIER)
     profile = get(config, "auto.profile", DEFAULT_PROFILE)
@@ -200,8 +253,31 @@ def resolve(config: dict[str, Any], *, context_length: int | None = None) -> Res
         raise ConfigError(f"eval.primary_metric.drift_band must bracket 1.0, got [{lo}, {hi}]")
     if defaults["windows"]["stride"] is None:
         defaults["windows"]["stride"] = defaults["windows"]["seq_len"]
+    allow = get(config, "auto.allow_underpowered", False)
+    if not isinstance(allow, bool):
+        raise ConfigError(f"auto.allow_underpowered must be true or false, got {allow!r}")
+    _check_floor(values, evidence_floor(profile, context_length), allow,
+                 seq_len_known=context_length is not None)
     changed = tuple(sorted(k for k, v in overrides.items() if get(defaults, k) != v))
-    return ResolvedPolicy(tier=tier, profile=profile, values=values, overrides=changed)
+    return ResolvedPolicy(tier=tier, profile=profile, values=values, overrides=changed,
+                          allow_underpowered=allow)
+
+
+def _check_floor(values: dict[str, Any], floor: EvidenceFloor, allow: bool, *,
+                 seq_len_known: bool) -> None:
+    """Refuse a config below a refusing profile's floor unless underpowered runs are allowed."""
+    if floor.below_floor != "refuse" or allow:
+        return
+    windows = values["windows"]
+    short = floor.shortfalls(
+        preview_n=int(windows["preview_n"]), final_n=int(windows["final_n"]),
+        seq_len=int(windows["seq_len"]) if seq_len_known else floor.seq_len,
+        replicates=int(values["bootstrap"]["replicates"]))
+    if short:
+        raise ConfigError(
+            f"below the {floor.profile} profile's evidence floor ({', '.join(short)}); use "
+            f"those values or more, or pass --allow-underpowered (auto.allow_underpowered: "
+            f"true) to run anyway with evidence_meets_profile: false")
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:

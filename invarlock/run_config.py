@@ -85,6 +85,10 @@ def _check_combination(config: dict[str, Any]) -> None:
         from invarlock.edits import get_edit
 
         get_edit(edit.get("name", "")).parse_plan(edit)  # a bad plan fails before any loading
+    if get(config, "output.save_format"):
+        from invarlock.edits.formats import check_save_format
+
+        check_save_format(get(config, "output.save_format"), edit)
 
 
 def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
@@ -101,11 +105,19 @@ def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
         node[leaf] = value
 
     put("model.id", flags.get("baseline"))
-    put("model.subject", flags.get("subject"))
+    subjects = flags.get("subject")
+    if isinstance(subjects, (tuple, list)):  # --subject may be repeated
+        subjects = subjects[0] if len(subjects) == 1 else list(subjects) or None
+    put("model.subject", subjects)
     put("model.adapter", flags.get("adapter"))
     put("model.device", flags.get("device"))
+    put("model.device_map", flags.get("device_map"))
+    put("model.max_memory", flags.get("max_memory"))
     put("model.dtype", flags.get("dtype"))
     put("model.allow_pickle", flags.get("allow_pickle"))
+    put("model.gguf_file", flags.get("gguf_file"))
+    put("model.dequantize", flags.get("dequantize"))
+    put("output.save_format", flags.get("save_format"))
     if flags.get("dataset_spec"):
         from invarlock.data.corpus import parse_dataset_spec
 
@@ -119,6 +131,7 @@ def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
     put("eval.batch_size", flags.get("batch_size"))
     put("auto.profile", flags.get("profile"))
     put("auto.tier", flags.get("tier"))
+    put("auto.allow_underpowered", flags.get("allow_underpowered"))
     put("edit.name", flags.get("edit_name"))
     put("output.dir", _str(flags.get("out_dir")))
     put("output.save_subject", _str(flags.get("save_subject")))
@@ -127,6 +140,14 @@ def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
     if flags.get("no_cache"):
         put("output.cache", False)
     return config
+
+
+def _subjects(config: dict[str, Any]) -> tuple[str, ...]:
+    """model.subject as a tuple: one checkpoint, or several compared with one baseline."""
+    value = get(config, "model.subject")
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (value,)
 
 
 def _str(path: Path | None) -> str | None:
@@ -138,6 +159,7 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False,
     """The `CertifyRequest` a merged config describes (`report` overrides output.save_report)."""
     from invarlock.certify import CertifyRequest
     from invarlock.data.corpus import dataset_source_from_config
+    from invarlock.models.device import parse_max_memory, resolve_device_map
 
     out = get(config, "output.dir")
     save = get(config, "output.save_subject")
@@ -146,7 +168,8 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False,
     return CertifyRequest(
         config=config,
         baseline=get(config, "model.id", DEMO),
-        subject=get(config, "model.subject"),
+        subject=_subjects(config)[0] if _subjects(config) else None,
+        subjects=_subjects(config),
         edit=get(config, "edit"),
         dataset=dataset_source_from_config(config.get("dataset") or {}),
         out_dir=Path(out) if out else None,
@@ -154,6 +177,8 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False,
         device=get(config, "model.device", "auto"),
         dtype=get(config, "model.dtype", "auto"),
         allow_pickle=bool(get(config, "model.allow_pickle", False)),
+        device_map=resolve_device_map(get(config, "model.device_map")),
+        max_memory=parse_max_memory(get(config, "model.max_memory")),
         revision=get(config, "model.revision"),
         batch_size=get(config, "eval.batch_size"),
         save_subject=Path(save) if save else None,
@@ -163,4 +188,7 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False,
         use_cache=bool(get(config, "output.cache", True)),
         cache_dir=Path(cache_dir) if cache_dir else None,
         progress=progress,
+        gguf_file=get(config, "model.gguf_file"),
+        dequantize=bool(get(config, "model.dequantize", False)),
+        save_format=get(config, "output.save_format", "safetensors"),
     )

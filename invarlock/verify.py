@@ -34,7 +34,7 @@ from invarlock.certificate.document import content_digest, schema_errors
 from invarlock.config import flatten
 from invarlock.enums import AdapterKind, MetricKind
 from invarlock.errors import ConfigError, InvarlockError
-from invarlock.policy import ResolvedPolicy, policy_digest, resolve
+from invarlock.policy import ResolvedPolicy, evidence_floor, policy_digest, resolve
 
 REL_TOL = 1e-12
 ABS_TOL = 1e-15
@@ -103,11 +103,29 @@ def verify_certificate(cert: Mapping[str, Any],
         arrays = _check_arrays(cert, found)
         if arrays is not None:
             _recompute(cert, policy, arrays, found)
+    _check_formats(cert, found)
     if reference is not None:
         found.checked.append("baseline evidence")
         for line in baseline_evidence_differences(cert, reference):
             found.differ("baseline evidence", line)
     return _report(verdict, found)
+
+
+def _check_formats(cert: Mapping[str, Any], found: _Findings) -> None:
+    """A quantized / GGUF model's format record agrees with itself; it is shown as a note."""
+    from invarlock.certificate.markdown import format_line
+
+    for role in ("baseline", "subject"):
+        fmt = cert[role].get("format")
+        if not fmt:
+            continue
+        found.checked.append(f"{role} format")
+        if fmt["name"] == "gguf" and fmt["forward"] != "dequantized":
+            found.differ(f"{role}.format.forward", "a GGUF model is evaluated dequantized")
+        if fmt.get("dequantize_requested") and fmt["forward"] != "dequantized":
+            found.differ(f"{role}.format.forward", "--dequantize was given but the forward "
+                         "is recorded as quantized kernels")
+        found.notes.append(f"{role} format: {format_line(dict(fmt))}")
 
 
 def _report(verdict: str | None, found: _Findings) -> VerifyReport:
@@ -362,10 +380,14 @@ def _recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
         found.differ("pairing.final_evaluated", "disagrees with windows.final.subject")
     found.compare("primary_metric", cert["primary_metric"], pm.as_dict())
     checks += gate.primary_checks(pm, policy.primary_metric)
+    evidence = _recheck_evidence(cert, policy, found)
+    if evidence is None:
+        return
+    checks.append(evidence.check())
     checks += guard_checks
 
     found.checked.append("verdict")
-    expected_gating = [*gate.PRIMARY_GATING,
+    expected_gating = [*gate.primary_gating(evidence.floor),
                        *(c.flag for c, mode in zip(guard_checks, _guard_modes(cert), strict=True)
                          if mode == "gate")]
     if sorted(cert["gating"]) != sorted(expected_gating):
@@ -378,6 +400,30 @@ def _recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
         decision = gate.decide(checks, expected_gating)
     found.compare("validation", cert["validation"], decision.validation)
     found.compare("verdict", cert["verdict"], decision.verdict_section())
+
+
+def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy,
+                      found: _Findings) -> gate.Evidence | None:
+    """The evidence section from the window arrays, the policy and this installation's floor."""
+    found.checked.append("evidence")
+    stored, win = cert["evidence"], cert["windows"]
+    try:
+        floor = evidence_floor(policy.profile, stored["context_length"])
+    except ConfigError as exc:
+        found.differ("evidence", f"cannot recompute the floor ({exc})")
+        return None
+    evidence = gate.Evidence(floor, len(win["preview"]["ids"]), len(win["final"]["ids"]),
+                             int(win["seq_len"]), policy.bootstrap.replicates,
+                             (int(win["requested"]["preview_n"]),
+                              int(win["requested"]["final_n"])),
+                             bool(stored["allow_underpowered"]), stored["context_length"])
+    found.compare("evidence", stored, evidence.as_dict())
+    short = floor.shortfalls(preview_n=evidence.requested[0], final_n=evidence.requested[1],
+                             seq_len=evidence.seq_len, replicates=evidence.replicates)
+    if floor.below_floor == "refuse" and short and not evidence.allow_underpowered:
+        found.differ("evidence", f"below the {floor.profile} floor ({', '.join(short)}) "
+                                 "without allow_underpowered: certify refuses such a run")
+    return evidence
 
 
 def _stopped_by(cert: Mapping[str, Any], guard_checks: list[gate.Check]) -> str | None:

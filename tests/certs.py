@@ -15,7 +15,7 @@ from invarlock import gate
 from invarlock.certificate import document
 from invarlock.certificate import markdown as md
 from invarlock.enums import MetricKind
-from invarlock.policy import resolve
+from invarlock.policy import evidence_floor, resolve
 
 
 def _arrays(rng: np.random.Generator, n: int, shift: float, kind: MetricKind):
@@ -37,7 +37,11 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
                           profile: str = "dev", replicates: int = 200) -> dict[str, Any]:
     """A sealed certificate whose subject is `shift` nats/token worse (or `shift` accuracy)."""
     rng = np.random.default_rng(seed)
-    policy = resolve({"auto": {"tier": tier, "profile": profile},
+    floor = evidence_floor(profile)
+    underpowered = floor.below_floor == "refuse" and (
+        n < floor.final_n or replicates < floor.replicates or floor.seq_len > 128)
+    policy = resolve({"auto": {"tier": tier, "profile": profile,
+                               "allow_underpowered": underpowered},
                       "dataset": {"preview_n": n, "final_n": n, "seq_len": 128},
                       "eval": {"bootstrap": {"replicates": replicates}}})
     sets = {name: _arrays(rng, n, shift, kind) for name in ("preview", "final")}
@@ -47,8 +51,10 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
     final = None if catastrophic else paired["final"]
     pm = gate.primary_metric(kind, paired["preview"], final, policy.primary_metric,
                              policy.bootstrap)
-    checks = [gate.pairing_check(1.0, 0.0, n, n), *gate.primary_checks(pm, policy.primary_metric)]
-    decision = gate.decide(checks, gate.PRIMARY_GATING)
+    evidence = gate.Evidence(floor, n, n, 128, replicates, (n, n), underpowered)
+    checks = [gate.pairing_check(1.0, 0.0, n, n), *gate.primary_checks(pm, policy.primary_metric),
+              evidence.check()]
+    decision = gate.decide(checks, gate.primary_gating(floor))
     ids = rng.permutation(4 * n)
 
     def window_set(name: str, offset: int) -> dict[str, Any]:
@@ -92,6 +98,7 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
                     "final_evaluated": not catastrophic},
         "edit": None,
         "primary_metric": pm.as_dict(),
+        "evidence": evidence.as_dict(),
         "policy": policy.as_dict(),
         "guards": {},
         "validation": decision.validation,

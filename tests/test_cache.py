@@ -8,8 +8,8 @@ from invarlock.cache import BaselineCache, CacheKey
 
 KEY = CacheKey("sha256:" + "1" * 64, "sha256:" + "2" * 64, "sha256:" + "3" * 64, "ppl_causal",
                "float32", "cpu", "0.1.0")
-_SET = {"window_ids": [1, 2], "sha256": ["a" * 64, "b" * 64], "tokens": [127, 127],
-        "values": [301.25, 299.5]}
+_SET = {"window_ids": [1, 2], "sha256": ["a" * 64, "b" * 64],
+        "fed_sha256": ["c" * 64, "d" * 64], "tokens": [127, 127], "values": [301.25, 299.5]}
 PAYLOAD = {"parameters": 1000, "sets": {"preview": _SET, "final": _SET}, "guards": {}}
 
 

@@ -148,7 +148,8 @@ def test_tokenizers_that_differ(tmp_path, bpe_tokenizer_dir, sonnets_path, dev_p
 
 def test_window_supply_against_the_profile(tiny_gpt2_dir, sonnets_path, tmp_path):
     many = tmp_path / "many.yaml"
-    many.write_text("dataset: {seq_len: 64, preview_n: 400, final_n: 400}\n")
+    many.write_text("dataset: {seq_len: 64, preview_n: 400, final_n: 400}\n"
+                    "auto: {allow_underpowered: true}\n")  # 64 tokens: below the ci floor
     args = ("--baseline", str(tiny_gpt2_dir), "--edit", "quant_rtn", "--dataset",
             str(sonnets_path), "-c", str(many))
     code, payload = doctor(*args, "--profile", "ci")
@@ -160,7 +161,7 @@ def test_window_supply_against_the_profile(tiny_gpt2_dir, sonnets_path, tmp_path
 def test_dataset_and_context_problems(tiny_gpt2_dir, tiny_classifier_dir, sonnets_path,
                                       tmp_path, dev_preset):
     long = tmp_path / "long.yaml"
-    long.write_text("dataset: {seq_len: 4096, preview_n: 8, final_n: 8}\n")
+    long.write_text("dataset: {seq_len: 4096, preview_n: 8, final_n: 8}\nauto: {profile: dev}\n")
     _, payload = doctor("-c", str(long), "--baseline", str(tiny_gpt2_dir), "--edit",
                         "quant_rtn", "--dataset", str(sonnets_path))
     assert "D034" in codes(payload, "ERROR") and "context length" in message(payload, "D034")

@@ -168,6 +168,83 @@ def test_classifier_correctness_matches_argmax(classifier, labelled):
     assert scores.kind is ACCURACY
 
 
+# --- chunked scoring through the output head ---------------------------------------------
+
+
+def _case(name, request):
+    loaded = request.getfixturevalue(name)
+    if name == "bert":
+        return loaded, mlm_windows(loaded.tokenizer), MLM
+    return loaded, causal_windows(), CAUSAL
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_chunked_scoring_equals_full_logits(name, request, monkeypatch):
+    """Scores from the head applied a few positions at a time equal scores from whole logits."""
+    loaded, windows, kind = _case(name, request)
+    head = loaded.model.get_output_embeddings()
+    rows_seen = []
+    handle = head.register_forward_hook(lambda _m, args, _o: rows_seen.append(args[0].shape))
+    monkeypatch.setattr(evaluate_mod, "head_chunk_rows", lambda *_args: 7)
+    try:
+        chunked = run(loaded, windows, kind, batch_size=4)
+    finally:
+        handle.remove()
+    monkeypatch.setattr(evaluate_mod, "_chunkable_head", lambda *_args: None)
+    full = run(loaded, windows, kind, batch_size=4)
+    np.testing.assert_allclose(chunked.values, full.values, rtol=1e-6)
+    np.testing.assert_array_equal(chunked.tokens, full.tokens)
+    assert chunked.nonfinite_windows == full.nonfinite_windows == 0
+    # after the probe pass, the head only ever saw 2-D chunks of at most 7 positions
+    assert len(rows_seen[0]) == 3
+    assert rows_seen[1:] and all(len(s) == 2 and s[0] <= 7 for s in rows_seen[1:])
+
+
+def test_chunk_size_bounds_logit_memory_not_batch_size():
+    # a 128k vocabulary in float32: one chunk's logits and losses fit 1/8 of the CPU budget
+    rows = evaluate_mod.head_chunk_rows(128_256, 4, "cpu")
+    # per position: float32 logits, the log-softmax inside cross-entropy, a finiteness flag
+    assert rows >= 1 and rows * 128_256 * (4 + 4 + 1) <= evaluate_mod.CPU_BUDGET_BYTES // 8
+    big = _FakeLM(vocab=128_256, hidden=64)
+    full = auto_batch_size(big, n=64, seq_len=1024, device="cpu")
+    chunked = auto_batch_size(big, n=64, seq_len=1024, device="cpu", full_logits=False)
+    assert full == 1 and chunked > 1  # the batch is no longer capped by V x T
+
+
+class _ScaledHeadLM(torch.nn.Module):
+    """A causal LM whose forward rescales the head's output (like logit soft-capping)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.inner.get_output_embeddings()
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.inner.get_input_embeddings()
+
+    def forward(self, **inputs):
+        out = self.inner(**inputs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def test_model_that_changes_head_output_is_scored_through_its_logits(llama):
+    model = _ScaledHeadLM(llama.model)
+    windows = causal_windows(n=3)
+    scores = evaluate_windows(model, windows, kind=CAUSAL, device="cpu")
+    plain = run(llama, windows, CAUSAL)
+    assert not np.allclose(scores.values, plain.values)
+    with torch.no_grad():
+        ids = torch.from_numpy(windows.input_ids)
+        logits = llama.model(input_ids=ids).logits[:, :-1] * 0.5
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:],
+                                                reduction="none").double().sum(dim=1)
+    np.testing.assert_allclose(scores.values, nll.numpy(), rtol=1e-5)
+
+
 # --- invariances -------------------------------------------------------------------------
 
 
@@ -191,12 +268,14 @@ def test_results_independent_of_batch_size(case, request):
 def test_auto_batches_windows_together(gpt2):
     calls = []
     handle = gpt2.model.register_forward_pre_hook(
-        lambda _m, _args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+        lambda _m, _args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True)
     try:
-        run(gpt2, causal_windows(n=20), CAUSAL)
+        run(gpt2, causal_windows(n=20, seq_len=48), CAUSAL)
     finally:
         handle.remove()
-    assert calls == [20]
+    # one short probe pass (is the head the model's last step?), then one batch of all 20
+    assert calls == [(1, evaluate_mod.PROBE_TOKENS), (20, 48)]
 
 
 def test_scores_record_what_was_evaluated(gpt2):
@@ -270,6 +349,7 @@ def test_hooks_removed_when_evaluation_fails(gpt2):
     with pytest.raises(ValueError):
         run(gpt2, broken, ACCURACY, taps=tap)
     assert all(not m._forward_hooks for m in gpt2.model.modules())
+    assert all(not m._forward_pre_hooks for m in gpt2.model.modules())
 
 
 # --- broken models and bad input ---------------------------------------------------------
@@ -381,11 +461,12 @@ def test_out_of_memory_halves_the_batch(gpt2, monkeypatch, caplog):
     real_forward = evaluate_mod._forward
     sizes = []
 
-    def forward(model, batch, kind):
-        sizes.append(batch["input_ids"].shape[0])
-        if batch["input_ids"].shape[0] > 3:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_forward(model, batch, kind)
+    def forward(model, batch, kind, head=None):
+        if batch["input_ids"].shape[1] > evaluate_mod.PROBE_TOKENS:  # not the probe pass
+            sizes.append(batch["input_ids"].shape[0])
+            if batch["input_ids"].shape[0] > 3:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(model, batch, kind, head)
 
     windows = causal_windows(n=10)
     expected = run(gpt2, windows, CAUSAL, batch_size=10)
@@ -397,7 +478,7 @@ def test_out_of_memory_halves_the_batch(gpt2, monkeypatch, caplog):
 
 
 def test_other_runtime_errors_propagate(gpt2, monkeypatch):
-    def forward(model, batch, kind):
+    def forward(model, batch, kind, head=None):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
     monkeypatch.setattr(evaluate_mod, "_forward", forward)

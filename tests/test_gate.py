@@ -101,3 +101,45 @@ def test_verdict_is_and_of_gating_flags_only():
     assert failed.validation == {"a": True, "b": False, "c": False}
     with pytest.raises(ValueError, match="without a check"):
         gate.decide(checks, ["zzz"])
+
+
+# --- evidence against the profile's floor ---------------------------------------------------
+
+def _evidence(profile: str, n: int, seq_len: int, replicates: int,
+              requested: int | None = None, allow: bool = False) -> gate.Evidence:
+    from invarlock.policy import evidence_floor
+
+    req = n if requested is None else requested
+    return gate.Evidence(evidence_floor(profile), n, n, seq_len, replicates, (req, req), allow)
+
+
+def test_evidence_at_the_floor_meets_the_profile():
+    check = _evidence("ci", 200, 512, 1200).check()
+    assert check.flag == "evidence_meets_profile" and check.passed
+
+
+@pytest.mark.parametrize(("n", "seq_len", "replicates", "shortfall"), [
+    (199, 512, 1200, "final_n 199 < 200"),
+    (200, 256, 1200, "seq_len 256 < 512"),
+    (200, 512, 1199, "bootstrap replicates 1199 < 1200"),
+])
+def test_each_value_below_the_floor_fails_the_flag(n, seq_len, replicates, shortfall):
+    check = _evidence("ci", n, seq_len, replicates, allow=True).check()
+    assert not check.passed and shortfall in check.reason and "--allow-underpowered" in check.reason
+
+
+def test_shrinking_to_fit_the_data_fails_the_flag_even_above_the_floor():
+    evidence = _evidence("dev", 80, 128, 500, requested=100)
+    assert evidence.shrunk and not evidence.meets_profile
+    assert "shrunk to fit the data (80+80 of 100+100 requested)" in evidence.check().reason
+
+
+def test_the_evidence_flag_gates_only_in_release():
+    from invarlock.policy import evidence_floor
+
+    assert "evidence_meets_profile" in gate.primary_gating(evidence_floor("release"))
+    for profile in ("dev", "ci"):
+        assert gate.primary_gating(evidence_floor(profile)) == gate.PRIMARY_GATING
+    under = _evidence("release", 12, 512, 3200, allow=True)
+    decision = gate.decide([under.check()], ["evidence_meets_profile"])
+    assert decision.verdict == "FAIL" and "evidence below the release" in decision.reasons[0]

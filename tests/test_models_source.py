@@ -280,7 +280,7 @@ def test_sharded_safetensors(tmp_path):
 
 def test_no_weights(tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    with pytest.raises(InputError, match=r"has no weights.*found model.gguf; convert"):
+    with pytest.raises(InputError, match=r"has no weights.*found model\.gguf: give the \.gguf"):
         weight_files(tmp_path)
 
 

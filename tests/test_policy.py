@@ -99,3 +99,140 @@ def test_yaml_errors_are_one_line(tmp_path):
     listing.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         cfg.load_yaml(listing)
+
+
+# --- evidence floors ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("profile", "config", "shortfall"), [
+    ("ci", {"dataset": {"preview_n": 50, "final_n": 50}}, "preview_n 50 < 200, final_n 50 < 200"),
+    ("ci", {"eval": {"bootstrap": {"replicates": 500}}}, "bootstrap replicates 500 < 1200"),
+    ("release", {"dataset": {"preview_n": 200, "final_n": 200}}, "final_n 200 < 400"),
+    ("release", {"eval": {"bootstrap": {"replicates": 1200}}}, "replicates 1200 < 3200"),
+])
+def test_ci_and_release_refuse_overrides_below_their_floor(profile, config, shortfall):
+    config = {**config, "auto": {"profile": profile}}
+    with pytest.raises(ConfigError, match=f"below the {profile} profile's evidence floor") as exc:
+        policy.resolve(config)
+    assert shortfall in str(exc.value) and "--allow-underpowered" in str(exc.value)
+    assert exc.value.exit_code == 2 and "\n" not in str(exc.value)
+    allowed = policy.resolve({**config, "auto": {"profile": profile, "allow_underpowered": True}})
+    assert allowed.allow_underpowered and allowed.profile == profile
+
+
+def test_dev_records_instead_of_refusing_and_more_evidence_is_always_fine():
+    small = policy.resolve({"auto": {"profile": "dev"}, "dataset": {"preview_n": 8, "final_n": 8}})
+    assert small.windows.preview_n == 8 and not small.allow_underpowered
+    more = policy.resolve({"auto": {"profile": "ci"}, "dataset": {"preview_n": 300, "final_n": 300},
+                           "eval": {"bootstrap": {"replicates": 5000}}})
+    assert more.bootstrap.replicates == 5000
+
+
+def test_window_length_floor_follows_the_model_context():
+    # A model with 256 positions cannot take the ci profile's 512: its floor is 256.
+    assert policy.evidence_floor("ci", context_length=256).seq_len == 256
+    assert policy.resolve({}, context_length=256).windows.seq_len == 256
+    # An explicit window shorter than both the profile and the model is refused once the
+    # model's context is known (still before any data is read).
+    with pytest.raises(ConfigError, match="seq_len 128 < 256"):
+        policy.resolve({"dataset": {"seq_len": 128}}, context_length=256)
+    policy.resolve({"dataset": {"seq_len": 128}})  # context unknown: checked later
+
+
+def test_allow_underpowered_must_be_a_boolean():
+    with pytest.raises(ConfigError, match="allow_underpowered must be true or false"):
+        policy.resolve({"auto": {"allow_underpowered": "yes"}})
+
+
+def _certify(*args: str) -> tuple[int, dict, str]:
+    import json
+
+    from click.testing import CliRunner
+
+    from invarlock.cli import main
+
+    result = CliRunner().invoke(main, ["certify", *args, "--no-cache", "--json"],
+                                catch_exceptions=False)
+    return result.exit_code, json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def test_certify_refuses_below_floor_before_any_evaluation(tiny_gpt2_dir, sonnets_path,
+                                                           tmp_path, monkeypatch):
+    from invarlock import evaluate
+    from invarlock.models import loading
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("nothing may be loaded or evaluated for a refused config")
+
+    monkeypatch.setattr(evaluate, "evaluate_windows", forbidden)
+    monkeypatch.setattr(loading, "load_model", forbidden)
+    preset = tmp_path / "small.yaml"
+    preset.write_text("dataset: {seq_len: 64, preview_n: 12, final_n: 12}\n")
+    code, payload, stderr = _certify("--baseline", str(tiny_gpt2_dir), "--edit", "quant_rtn",
+                                     "--dataset", str(sonnets_path), "--profile", "ci",
+                                     "--preset", str(preset), "--out", str(tmp_path / "o"))
+    assert code == 2 and "preview_n 12 < 200" in payload["error"]
+    assert len([ln for ln in stderr.splitlines() if ln.strip()]) == 1  # one line, no traceback
+    assert not (tmp_path / "o").exists()
+
+
+def test_underpowered_release_run_fails_on_the_evidence_flag_and_verifies(
+        tiny_gpt2_dir, sonnets_path, tmp_path):
+    from click.testing import CliRunner
+
+    from invarlock.certificate import document
+    from invarlock.cli import main
+    from invarlock.verify import verify_certificate
+
+    preset = tmp_path / "small.yaml"
+    preset.write_text("dataset: {seq_len: 64, preview_n: 12, final_n: 12}\n"
+                      "eval: {bootstrap: {replicates: 200}}\n")
+    code, summary, _ = _certify("--baseline", str(tiny_gpt2_dir), "--edit", "quant_rtn",
+                                "--dataset", str(sonnets_path), "--profile", "release",
+                                "--allow-underpowered", "--preset", str(preset),
+                                "--out", str(tmp_path / "o"))
+    cert = document.load_certificate(summary["certificate"])
+    assert code == 1 and cert["verdict"]["status"] == "FAIL"
+    assert cert["validation"]["evidence_meets_profile"] is False
+    assert "evidence_meets_profile" in cert["gating"]
+    assert any(r.startswith("evidence_meets_profile: evidence below the release profile "
+                            "(--allow-underpowered)") for r in cert["verdict"]["reasons"])
+    ev = cert["evidence"]
+    assert ev["floor"] == {"preview_n": 400, "final_n": 400, "seq_len": 128, "replicates": 3200}
+    assert ev["actual"] == {"preview_n": 12, "final_n": 12, "seq_len": 64, "replicates": 200}
+    md = (tmp_path / "o" / document.MARKDOWN_FILENAME).read_text(encoding="utf-8")
+    assert "Evidence below the release profile" in md and "`evidence_meets_profile`" in md
+    html = (tmp_path / "o" / "evaluation.report.html").read_text(encoding="utf-8")
+    assert "Evidence below the release profile" in html
+    assert verify_certificate(cert).differences == ()
+    assert CliRunner().invoke(main, ["verify", summary["certificate"]]).exit_code == 1
+
+    # Claiming the evidence met the profile is caught by verify's recomputation.
+    forged = {k: v for k, v in cert.items() if k != "digest"}
+    forged["evidence"] = {**ev, "meets_profile": True, "shortfalls": []}
+    forged["validation"] = {**cert["validation"], "evidence_meets_profile": True}
+    report = verify_certificate(document.seal(forged))
+    assert any(d.startswith("evidence.meets_profile") for d in report.differences)
+    assert any(d.startswith("validation.evidence_meets_profile") for d in report.differences)
+    # So is hiding that the run was below a refusing floor without the explicit allowance.
+    hidden = {k: v for k, v in cert.items() if k != "digest"}
+    hidden["evidence"] = {**ev, "allow_underpowered": False}
+    report = verify_certificate(document.seal(hidden))
+    assert any("without allow_underpowered" in d for d in report.differences)
+
+
+def test_dev_shrinking_windows_to_fit_the_data_sets_the_flag(tiny_gpt2_dir, sonnets_path,
+                                                             tmp_path):
+    from invarlock.certificate import document
+
+    preset = tmp_path / "big.yaml"
+    preset.write_text("dataset: {seq_len: 64, preview_n: 5000, final_n: 5000}\n"
+                      "eval: {bootstrap: {replicates: 500}}\n")
+    code, summary, _ = _certify("--baseline", str(tiny_gpt2_dir), "--edit", "quant_rtn",
+                                "--dataset", str(sonnets_path), "--profile", "dev",
+                                "--preset", str(preset), "--out", str(tmp_path / "o"))
+    cert = document.load_certificate(summary["certificate"])
+    assert cert["evidence"]["shrunk_to_fit"] is True
+    assert cert["validation"]["evidence_meets_profile"] is False
+    assert "evidence_meets_profile" not in cert["gating"]  # recorded, not gating, in dev
+    assert any("shrunk to fit the data" in s for s in cert["evidence"]["shortfalls"])
+    assert code == (0 if summary["verdict"] == "PASS" else 1)

@@ -202,11 +202,17 @@ def test_seed_minimal_config_runs_as_written(gpt2_512, large_corpus, tmp_path):
                                                              "save_model: true")
     config = write(tmp_path / "seed.yaml", text)
     cache = write(tmp_path / "cache.yaml", f'output: {{cache_dir: "{tmp_path / "cache"}"}}\n')
+    # 64 + 64 windows are below the ci floor (200 + 200): refused unless explicitly allowed.
     code, payload, _ = run("-c", config, "-c", cache)
+    assert code == 2 and "preview_n 64 < 200" in payload["error"], payload
+    allow = write(tmp_path / "allow.yaml", "auto: {allow_underpowered: true}\n")
+    code, payload, _ = run("-c", config, "-c", cache, "-c", allow)
     assert code == 0, payload
     out = tmp_path / "runs"
     cert = document.load_certificate(out)
     assert cert["policy"]["profile"] == "ci" and cert["policy"]["tier"] == "balanced"
+    assert cert["validation"]["evidence_meets_profile"] is False
+    assert "evidence_meets_profile" not in cert["gating"]  # it gates in release only
     assert cert["pairing"]["preview_n"] == cert["pairing"]["final_n"] == 64
     assert cert["windows"]["seq_len"] == 512 and cert["edit"]["plan"]["scope"] == "attn"
     assert (out / "evaluation.report.html").is_file()  # save_report: true

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import stats as sps
+from scipy.special import ndtr, ndtri
 
 from invarlock import stats
 
@@ -17,21 +18,69 @@ def _windows(seed: int, n: int = 200, shift: float = 0.02):
     return base, subj, tokens
 
 
-def test_bca_matches_scipy_on_the_same_data():
-    base, subj, tokens = _windows(0)
-    numer = subj - base
-    ours = stats.bca_ratio_of_sums(numer, tokens, replicates=20000, seed=1)
-    ref = sps.bootstrap(
-        (numer, tokens),
-        lambda a, w, axis=-1: a.sum(axis=axis) / w.sum(axis=axis),
-        paired=True, vectorized=True, method="BCa", n_resamples=20000,
-        confidence_level=0.95, rng=np.random.default_rng(2),
+def _scipy_interval(numer, tokens, method: str, seed: int):
+    """scipy's interval at the level ours uses (the expanded level for this many windows)."""
+    return sps.bootstrap(
+        (numer, tokens), lambda a, w, axis=-1: a.sum(axis=axis) / w.sum(axis=axis),
+        paired=True, vectorized=True, method=method, n_resamples=20000,
+        confidence_level=1 - stats.expanded_alpha(0.05, numer.size),
+        rng=np.random.default_rng(seed),
     ).confidence_interval
-    width = ref.high - ref.low
-    # Different random streams: agreement within Monte Carlo error of the endpoints.
-    assert ours.method == "bca"
-    assert ours.low == pytest.approx(ref.low, abs=0.05 * width)
-    assert ours.high == pytest.approx(ref.high, abs=0.05 * width)
+
+
+def test_expanded_level_known_values():
+    """z* = sqrt(n/(n-1)) * t(0.975, n-1): alpha 0.044 at 64 windows, nominal as n grows."""
+    for n in (8, 64, 200):
+        z_star = np.sqrt(n / (n - 1)) * sps.t.ppf(0.975, n - 1)
+        assert stats.expanded_alpha(0.05, n) == pytest.approx(2 * sps.norm.sf(z_star), rel=1e-9)
+    assert stats.expanded_alpha(0.05, 64) == pytest.approx(0.0440, abs=5e-4)
+    assert 0.0499 < stats.expanded_alpha(0.05, 100_000) < 0.05
+
+
+def test_bca_agrees_with_scipy_where_bca_and_percentile_differ():
+    """Skewed per-window deltas (exponential) on varying token counts: BCa's bias and
+    acceleration corrections move the interval well away from the percentile one, and ours
+    must land on scipy's BCa, not near its percentile interval."""
+    ours_err, pct_gap = [], []
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        tokens = rng.integers(60, 128, size=25).astype(float)
+        numer = tokens * rng.exponential(0.05, size=25)
+        ours = stats.bca_ratio_of_sums(numer, tokens, replicates=20000, seed=seed)
+        bca = _scipy_interval(numer, tokens, "BCa", 100 + seed)
+        pct = _scipy_interval(numer, tokens, "percentile", 100 + seed)
+        assert ours.method == "bca"
+        ours_err += [abs(ours.low - bca.low), abs(ours.high - bca.high)]
+        pct_gap += [abs(pct.low - bca.low), abs(pct.high - bca.high)]
+    # Monte Carlo error of the endpoints is a small fraction of the BCa-percentile gap.
+    assert np.mean(ours_err) < 0.25 * np.mean(pct_gap)
+    assert max(ours_err) < 0.5 * np.mean(pct_gap)
+
+
+def test_acceleration_has_the_known_closed_form_for_the_mean():
+    """For the mean, jackknife acceleration is skewness / (6·sqrt(n)) (Efron 1987)."""
+    x = np.random.default_rng(5).lognormal(0.0, 1.0, size=30)
+    expected = sps.skew(x, bias=True) / (6.0 * np.sqrt(x.size))
+    assert stats._jackknife_acceleration(x, np.ones_like(x)) == pytest.approx(expected,
+                                                                             rel=1e-12)
+    assert expected > 0.04  # a real correction, not rounding noise
+
+
+def test_bca_lower_bound_approaches_the_exact_exponential_interval():
+    """Known answer: for exponential data the exact interval of the mean is pivotal
+    (2·n·mean/θ ~ χ²(2n)). BCa's lower bound is second-order accurate; the plain percentile
+    bound is not, and lies several times farther from the exact one."""
+    bca_err, pct_err = [], []
+    for seed in range(6):
+        x = np.random.default_rng(seed).exponential(1.0, size=25)
+        n, m = x.size, x.mean()
+        exact_low = 2 * n * m / sps.chi2.ppf(0.975, 2 * n)
+        ours = stats.bca_ratio_of_sums(x, np.ones(n), replicates=20000, seed=seed)
+        pct = np.quantile(stats._bootstrap_ratios(x, np.ones(n), replicates=20000, seed=seed),
+                          stats.expanded_alpha(0.05, n) / 2)
+        bca_err.append(abs(ours.low - exact_low))
+        pct_err.append(abs(pct - exact_low))
+    assert np.mean(bca_err) < 0.5 * np.mean(pct_err)
 
 
 def test_same_seed_same_interval_and_different_seed_differs():
@@ -52,14 +101,26 @@ def test_point_estimate_is_token_weighted_and_ratio_is_ppl_ratio():
     assert lo <= result.ratio <= hi
 
 
-@pytest.mark.parametrize("seed", range(25))
-def test_interval_contains_point_estimate_even_under_skew(seed):
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(5, 40))
-    numer = rng.lognormal(0.0, 2.0, size=n) * rng.choice([-1, 1], size=n)
-    denom = rng.integers(1, 10, size=n).astype(float)
-    ci = stats.bca_ratio_of_sums(numer, denom, replicates=300, seed=seed)
-    assert ci.low <= ci.estimate <= ci.high
+def test_bound_beyond_the_estimate_is_moved_to_it_and_only_then(monkeypatch):
+    """BCa's adjusted level can put a bound past the estimate when almost every replicate
+    lies on one side (z0 beyond the critical value). The interval must still contain the
+    estimate: that bound becomes the estimate exactly, the other is the plain BCa quantile."""
+    numer = np.array([0.3, -0.1, 0.2, 0.05, -0.2, 0.4, 0.0, 0.1])
+    denom = np.ones_like(numer)
+    estimate = numer.mean()
+    # 99.8% of the replicates below the estimate, 0.2% above it.
+    replicates = np.r_[estimate - np.linspace(0.001, 0.3, 998),
+                       estimate + np.linspace(0.001, 0.01, 2)]
+    monkeypatch.setattr(stats, "_bootstrap_ratios", lambda *a, **k: replicates)
+    ci = stats.bca_ratio_of_sums(numer, denom, replicates=replicates.size, seed=0)
+    z0 = ndtri(0.998)
+    a = stats._jackknife_acceleration(numer, denom)
+    half = stats.expanded_alpha(0.05, numer.size) / 2
+    levels = [ndtr(z0 + (z0 + z) / (1 - a * (z0 + z))) for z in (ndtri(half), ndtri(1 - half))]
+    raw_low, raw_high = np.quantile(replicates, levels)
+    assert ci.method == "bca" and ci.z0 == pytest.approx(z0)
+    assert raw_low > estimate  # the unclamped BCa bound really excludes the estimate
+    assert ci.low == estimate and ci.high == pytest.approx(raw_high, rel=1e-12)
 
 
 def test_coverage_by_simulation_is_near_nominal():
@@ -91,14 +152,14 @@ def test_resampling_keeps_pairs_together():
     assert ci.low == pytest.approx(0.05) and ci.high == pytest.approx(0.05)
 
 
-def test_blocked_resampling_matches_single_block(monkeypatch):
+def test_block_size_does_not_change_the_interval(monkeypatch):
+    """Resampling in memory-bounded blocks draws the same index stream as one block, so
+    `verify` recomputes identical numbers whatever the block size."""
     base, subj, tokens = _windows(7, n=50)
     whole = stats.bca_ratio_of_sums(subj - base, tokens, replicates=64, seed=3)
-    monkeypatch.setattr(stats, "_BLOCK_INTEGERS", 50 * 8)
-    blocked = stats.bca_ratio_of_sums(subj - base, tokens, replicates=64, seed=3)
-    # Changing the block size is allowed to change the stream; both must still be valid BCa.
-    assert blocked.low <= blocked.estimate <= blocked.high
-    assert whole.estimate == blocked.estimate
+    for block in (50 * 8, 50 * 7 + 3, 50):
+        monkeypatch.setattr(stats, "_BLOCK_INTEGERS", block)
+        assert stats.bca_ratio_of_sums(subj - base, tokens, replicates=64, seed=3) == whole
 
 
 def test_accuracy_difference_in_percentage_points():

@@ -122,7 +122,7 @@ def test_a_declared_override_verifies_and_stays_visible(failing):
 
 def _rejudge(c: dict) -> None:
     """Recompute primary metric, flags and verdict under the certificate's own policy."""
-    from invarlock.policy import ResolvedPolicy
+    from invarlock.policy import ResolvedPolicy, evidence_floor
 
     p = c["policy"]
     policy = ResolvedPolicy(p["tier"], p["profile"], p["values"], tuple(p["overrides"]))
@@ -132,8 +132,13 @@ def _rejudge(c: dict) -> None:
     pm = gate.primary_metric(MetricKind(c["windows"]["kind"]), arrays["preview"],
                              arrays["final"], policy.primary_metric, policy.bootstrap)
     n = len(c["windows"]["final"]["ids"])
-    checks = [gate.pairing_check(1.0, 0.0, n, n), *gate.primary_checks(pm, policy.primary_metric)]
-    decision = gate.decide(checks, gate.PRIMARY_GATING)
+    ev = c["evidence"]
+    evidence = gate.Evidence(evidence_floor(ev["profile"], ev["context_length"]), n, n,
+                             c["windows"]["seq_len"], policy.bootstrap.replicates, (n, n),
+                             ev["allow_underpowered"], ev["context_length"])
+    checks = [gate.pairing_check(1.0, 0.0, n, n), *gate.primary_checks(pm, policy.primary_metric),
+              evidence.check()]
+    decision = gate.decide(checks, gate.primary_gating(evidence.floor))
     c.update(primary_metric=pm.as_dict(), validation=decision.validation,
              verdict=decision.verdict_section())
 

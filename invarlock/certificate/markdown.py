@@ -64,6 +64,16 @@ def stopped_by(cert: dict[str, Any]) -> str | None:
 
 
 def summary_sentence(cert: dict[str, Any]) -> str:
+    """The one number against its limit; a warning when the evidence is below the profile."""
+    sentence = _metric_sentence(cert)
+    evidence = cert.get("evidence") or {}
+    if evidence.get("meets_profile") is False:
+        sentence += (f" ⚠️ Evidence below the {evidence['profile']} profile: "
+                     f"{'; '.join(evidence['shortfalls'])}.")
+    return sentence
+
+
+def _metric_sentence(cert: dict[str, Any]) -> str:
     pm = cert["primary_metric"]
     tier = cert["policy"]["tier"]
     if pm["gate_value"] is None:
@@ -201,9 +211,12 @@ def models_table(cert: dict[str, Any]) -> str:
     rows = ["| | |", "|---|---|",
             f"| Baseline | {_model(base)} |",
             f"| Subject | {_model(subj)} |"]
+    rows += [f"| {role} format | {format_line(m['format'])} |"
+             for role, m in (("Baseline", base), ("Subject", subj)) if m.get("format")]
     edit = cert.get("edit")
     if edit:
-        plan = ", ".join(f"{k}={v}" for k, v in edit["plan"].items() if v is not None)
+        plan = ", ".join(f"{k}={v}" for k, v in edit["plan"].items()
+                         if v is not None and not isinstance(v, list))
         rows.append(f"| Edit | `{edit['name']}` ({plan}); {len(edit['modules_changed'])} "
                     f"modules, {edit['params_changed']:,} parameters changed |")
     rows += [
@@ -234,6 +247,22 @@ def provenance_table(cert: dict[str, Any]) -> str:
             f"| Seeds | {', '.join(f'{k} {v}' for k, v in cert['seeds'].items())} |",
             f"| Certificate digest | `{cert.get('digest', 'unsealed')}` |"]
     return "\n".join(rows)
+
+
+def format_line(fmt: dict[str, Any]) -> str:
+    """One line on how a quantized / GGUF checkpoint is stored and how it was evaluated."""
+    kind = (f"GGUF {fmt.get('file_type', '')}".strip() if fmt["name"] == "gguf"
+            else f"{fmt['method']} (Hugging Face quantization)")
+    bits = f"{fmt['bits']}-bit" if fmt.get("bits") else "bits not stated"
+    group = f", groups of {fmt['group_size']}" if fmt.get("group_size") else ""
+    backend = " ".join(str(x) for x in (fmt.get("backend"), fmt.get("backend_version")) if x)
+    forward = ("quantized kernels" if fmt["forward"] == "quantized-kernels"
+               else "dequantized float weights"
+               + (" (--dequantize)" if fmt.get("dequantize_requested") else ""))
+    digests = len(fmt.get("module_digests") or {})
+    tail = f" · {digests} module digests" if digests else ""
+    return (f"{kind} · {bits}{group} · {backend or 'no backend'} · evaluated with "
+            f"{forward}{tail}")
 
 
 def _model(m: dict[str, Any]) -> str:

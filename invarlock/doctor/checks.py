@@ -95,10 +95,11 @@ def run_setup(result: DoctorResult, config: dict[str, Any]) -> None:
 
     base = _model(result, "baseline", get(config, "model.id", "demo"), config, "D010")
     subject = None
-    if get(config, "model.subject"):
-        subject = _model(result, "subject", get(config, "model.subject"), config, "D011")
-    if base is not None and subject is not None:
-        _compare_models(result, base, subject)
+    specs = get(config, "model.subject") or []
+    for spec in [specs] if isinstance(specs, str) else specs:  # one subject, or several
+        subject = _model(result, "subject", spec, config, "D011")
+        if base is not None and subject is not None:
+            _compare_models(result, base, subject)
     policy = None
     try:
         from invarlock.models.source import context_length
@@ -136,8 +137,10 @@ def _model(result: DoctorResult, role: str, spec: str, config: dict[str, Any],
     allow_pickle = bool(get(config, "model.allow_pickle", False))
     try:
         src = source.resolve_model_source(spec, revision=get(config, "model.revision"),
-                                          allow_pickle=allow_pickle)
+                                          allow_pickle=allow_pickle,
+                                          gguf_file=get(config, "model.gguf_file"))
         cfg = source.read_config(src)
+        _check_format(src, cfg, config)
     except InvarlockError as exc:
         result.add(code, f"{role}: {exc}")
         return None
@@ -164,6 +167,10 @@ def _model(result: DoctorResult, role: str, spec: str, config: dict[str, Any],
     params = tensors.parameters if tensors.tensors else None
     archs = cfg.get("architectures") or ["unknown"]
     shown = f"{params:,} parameters" if params is not None else "parameters not read (pickle)"
+    if src.gguf_file:
+        from invarlock.models.gguf_file import gguf_info
+
+        shown = f"GGUF file {src.gguf_file} ({gguf_info(files[0]).file_type})"
     result.add("D018", f"{role} {spec}: {archs[0]} ({cfg.get('model_type', '?')}), adapter "
                        f"{adapter}, {shown}, {weight_bytes / 2**20:,.1f} MiB of weights")
     record = {"source": spec, "path": str(src.path) if src.path else None,
@@ -173,6 +180,21 @@ def _model(result: DoctorResult, role: str, spec: str, config: dict[str, Any],
     result.resolution[role] = record
     return {"source": src, "config": cfg, "adapter": adapter, "tensors": tensors,
             "record": record}
+
+
+def _check_format(src: Any, cfg: dict[str, Any], config: dict[str, Any]) -> None:
+    """A quantized checkpoint's backend is installed and has kernels for the device."""
+    from invarlock.models import formats
+
+    if not formats.is_quantized(cfg):
+        return
+    try:
+        from invarlock.models.device import resolve_device
+
+        device = resolve_device(get(config, "model.device", "auto"))
+    except Exception:  # no torch here: the hf check reports that
+        device = "cpu"
+    formats.check_loadable(src, cfg, device, bool(get(config, "model.dequantize", False)))
 
 
 def _compare_models(result: DoctorResult, base: dict[str, Any], subj: dict[str, Any]) -> None:
@@ -195,7 +217,10 @@ def _compare_models(result: DoctorResult, base: dict[str, Any], subj: dict[str, 
             result.add("D019", f"weights stored as {', '.join(bt.dtypes)} (baseline) vs "
                                f"{', '.join(st.dtypes)} (subject); both are evaluated in the "
                                "run's compute dtype")
-    lines = config_differences(base["config"], subj["config"])
+    from invarlock.models.formats import comparable_configs
+
+    lines = config_differences(*comparable_configs(base["source"], base["config"],
+                                                   subj["source"], subj["config"]))
     if lines:
         result.add("D017", "config.json differs: " + "; ".join(lines))
 
@@ -220,14 +245,15 @@ def _tokenizers(result: DoctorResult, base: dict[str, Any],
         result.add("D020", f"baseline: {exc}")
         return None
     if subj is not None:
+        from invarlock.errors import EvidenceError
+        from invarlock.models.formats import check_subject_tokenizer
+
         try:
-            subj_tok = loading.load_tokenizer(subj["source"])
+            check_subject_tokenizer(base_tok, tokenizer.tokenizer_hash(base_tok), subj["source"])
+        except EvidenceError as exc:
+            result.add("D021", str(exc))
         except InvarlockError as exc:
             result.add("D020", f"subject: {exc}")
-            return base_tok
-        if tokenizer.tokenizer_hash(base_tok) != tokenizer.tokenizer_hash(subj_tok):
-            diffs = tokenizer.tokenizer_differences(base_tok, subj_tok)
-            result.add("D021", "baseline and subject tokenizers differ: " + "; ".join(diffs))
     return base_tok
 
 

@@ -137,6 +137,8 @@ def headline(report: Report) -> str:
     base, subj = cert["baseline"], cert["subject"]
     subject = (f"`{_code(subj['source'])}`" if subj.get("produced_by") is None
                else f"`{_code(base['source'])}` + {_code(str(subj['produced_by']))}")
+    if subj.get("format"):
+        subject += f" ({cert_md.format_line(subj['format']).split(' · evaluated')[0]})"
     policy = cert["policy"]
     context = (f"{subject} vs baseline `{_code(base['source'])}` · {policy['tier']} tier · "
                f"{policy['profile']} profile · {cert['pairing']['preview_n']} + "

@@ -140,3 +140,80 @@ def describe_device(device: str) -> dict[str, object]:
     else:
         name = platform.processor() or platform.machine() or "cpu"
     return {"type": kind, "name": name, "threads": int(torch.get_num_threads())}
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def resolve_device_map(requested: str | None) -> str | None:
+    """A device-map strategy accelerate understands, or None (the whole model on one device).
+
+    auto/balanced spread the layers evenly over the GPUs, balanced_low_0 keeps GPU 0 lighter,
+    sequential fills GPU 0 first; all of them fall back to CPU and then disk offload when
+    the GPUs (or the --max-memory limits) are full.
+    """
+    if requested is None or str(requested).strip().lower() in ("", "none"):
+        return None
+    choice = str(requested).strip().lower()
+    if choice not in DEVICE_MAPS:
+        raise InputError(f"unknown device map '{requested}'; use {', '.join(DEVICE_MAPS)}")
+    return choice
+
+
+def parse_max_memory(spec: str | dict | None) -> dict[int | str, int] | None:
+    """Per-device memory limits for the device map: "0=20GiB,1=20GiB,cpu=64GiB" or a mapping.
+
+    Keys are GPU indices, "cpu" or "mps"; values are byte counts or sizes with a unit
+    (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB). Returns bytes per device.
+    """
+    if spec is None or spec == "" or spec == {}:
+        return None
+    if isinstance(spec, str):
+        items = []
+        for part in spec.split(","):
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise InputError(f"--max-memory entry '{part.strip()}' is not DEVICE=SIZE "
+                                 "(e.g. 0=20GiB,cpu=64GiB)")
+            items.append((key, value))
+    elif isinstance(spec, dict):
+        items = list(spec.items())
+    else:
+        raise InputError("max_memory must be 'DEVICE=SIZE,...' or a mapping of device to size")
+    limits: dict[int | str, int] = {}
+    for key, value in items:
+        device = str(key).strip().lower()
+        if device.isdigit():
+            limits[int(device)] = _size_bytes(value, device)
+        elif device in ("cpu", "mps"):
+            limits[device] = _size_bytes(value, device)
+        else:
+            raise InputError(f"max_memory device '{key}' is not a GPU index, cpu or mps")
+    return limits
+
+
+def _size_bytes(value: object, device: str) -> int:
+    import re
+
+    text = str(value).strip().replace(" ", "")
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise InputError(f"max_memory for {device}: '{value}' is not a size such as 20GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def trim_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it for reuse otherwise), so that a
+    model just dropped does not stay in the process's resident set. No-op elsewhere."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+        return

@@ -13,6 +13,8 @@ import os
 import pickle
 import shutil
 import tempfile
+import weakref
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -26,9 +28,11 @@ from invarlock.errors import InputError, InvarlockError
 from invarlock.models.device import (  # torch via device.py: MissingExtraError if absent
     checkpoint_dtype,
     resolve_device,
+    resolve_device_map,
     resolve_dtype,
     torch,
 )
+from invarlock.models.effective import storage_tensors
 from invarlock.models.network import enforce_offline
 from invarlock.models.source import (
     PICKLE_FILE,
@@ -98,6 +102,8 @@ class LoadedModel:
     model_type: str
     parameters: int             # unique parameters (tied weights counted once)
     weights_digest: str         # files on disk; for an edited model, tensor_digest
+    format: dict | None = None  # GGUF / quantized checkpoints: what format.py describes
+    device_map: dict | None = None  # module -> device when spread by accelerate
 
 
 def _auto_class(adapter: AdapterKind) -> Any:
@@ -116,6 +122,9 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     allow_pickle: bool = False,
+    dequantize: bool = False,
+    device_map: str | None = None,
+    max_memory: dict[int | str, int] | None = None,
 ) -> LoadedModel:
     """Load ``source`` for scoring with the adapter's head, refusing anything unsafe or partial.
 
@@ -123,32 +132,51 @@ def load_model(
     unpickler); never remote code; never the network (the source is already local). A
     checkpoint that leaves any parameter of the head class uninitialised is an error:
     scoring randomly initialised weights would certify nothing.
+
+    ``device_map`` (auto, balanced, balanced_low_0, sequential) spreads the model over the
+    GPUs through accelerate, within ``max_memory`` bytes per device, offloading what does not
+    fit to CPU memory and then to disk; inputs then go to ``device``.
     """
     config = read_config(source)
     kind = adapter if isinstance(adapter, AdapterKind) else detect_adapter(config, adapter)
     files = weight_files(source, allow_pickle=allow_pickle)
     pickled = files[0].name in (PICKLE_FILE, PICKLE_INDEX)
     device = resolve_device(device)
+    device_map = resolve_device_map(device_map)
     torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
     requested = "auto" if isinstance(adapter, AdapterKind) else adapter
     plugin = plugins.adapter_plugin_for(config, requested)
-    if plugin is not None and plugin.load is not None:
+    from invarlock.models import formats
+
+    if device_map is not None:
+        if plugin is not None and plugin.load is not None:
+            raise InputError(f"adapter plugin '{plugin.name}' loads its own models; "
+                             "--device-map applies to Hugging Face checkpoints only")
+        extra = formats.load_kwargs(source, config, device, pickled)
+        extra.pop("device_map", None)  # the user's map places quantized modules too
+        model, info = _load_dispatched(source, kind, torch_dtype, extra, device_map,
+                                       max_memory)
+        _check_loading_info(source, model, info)
+    elif plugin is not None and plugin.load is not None:
         with _translated(f"load model '{source}' with adapter plugin '{plugin.name}'"):
             model = plugin.load(source.path, dtype=torch_dtype, device=device)
         logger.info("model %s loaded by adapter plugin %s", source, plugin.name)
     else:
         with _translated(f"load model '{source}'"):
             model, info = _auto_class(kind).from_pretrained(
-                str(source.path), dtype=torch_dtype, use_safetensors=not pickled,
-                weights_only=True, trust_remote_code=False, local_files_only=True,
-                output_loading_info=True,
+                str(source.path), dtype=torch_dtype, weights_only=True,
+                trust_remote_code=False, local_files_only=True, output_loading_info=True,
+                **formats.load_kwargs(source, config, device, pickled),
             )
         _check_loading_info(source, model, info)
-    with _translated(f"move model '{source}' to {device}"):
-        model.to(device)
+    if formats.is_quantized(config) and dequantize:
+        formats.dequantize_(model)
+    if device_map is None and not formats_placed(config):
+        with _translated(f"move model '{source}' to {device}"):
+            model.to(device)
     model.eval()
     model.requires_grad_(False)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, required=False)
     if kind is AdapterKind.SEQ_CLS and model.config.pad_token_id is None:
         # Decoder classifiers find each row's last token through the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -159,10 +187,101 @@ def load_model(
         model_type=str(config.get("model_type", "")),
         parameters=sum(p.numel() for p in model.parameters()),
         weights_digest=weights_digest(files),
+        device_map=dict(getattr(model, "hf_device_map", None) or {}) or None,
     )
+    _describe_format(loaded, device, dequantize)
     logger.info("loaded %s (%s, %s params, %s on %s)", source, loaded.architecture,
                 f"{loaded.parameters:,}", str(torch_dtype).replace("torch.", ""), device)
     return loaded
+
+
+def formats_placed(config: dict) -> bool:
+    """Quantized models are placed on their device while loading (device_map)."""
+    from invarlock.models import formats
+
+    return formats.is_quantized(config)
+
+
+def _describe_format(loaded: LoadedModel, device: str, dequantize: bool) -> None:
+    from invarlock.models import formats
+
+    loaded.format = formats.describe(loaded.source, loaded.config, loaded.model, device,
+                                     dequantize)
+    if loaded.format is not None:
+        from invarlock.models.effective import parameter_count
+
+        loaded.parameters = parameter_count(loaded.model)
+
+
+def _load_dispatched(source: ModelSource, kind: AdapterKind, dtype: torch.dtype,
+                     extra: dict[str, Any], device_map: str,
+                     max_memory: dict[int | str, int] | None) -> tuple[Any, dict]:
+    """from_pretrained through accelerate's device map; disk offload goes to a private
+    temporary folder removed with the model."""
+    try:
+        import accelerate  # noqa: F401 - transformers needs it for device maps
+    except ImportError as exc:
+        from invarlock.errors import MissingExtraError
+
+        raise MissingExtraError("--device-map (accelerate)") from exc
+    offload = tempfile.mkdtemp(prefix="invarlock-offload-")
+    try:
+        with _translated(f"load model '{source}' with device map '{device_map}'"):
+            model, info = _auto_class(kind).from_pretrained(
+                str(source.path), dtype=dtype, weights_only=True,
+                trust_remote_code=False, local_files_only=True, output_loading_info=True,
+                device_map=device_map, max_memory=max_memory, offload_folder=offload, **extra,
+            )
+    except BaseException:
+        shutil.rmtree(offload, ignore_errors=True)
+        raise
+    weakref.finalize(model, shutil.rmtree, offload, True)
+    placed = Counter(str(d) for d in (getattr(model, "hf_device_map", None) or {}).values())
+    logger.info("model %s placed by device map '%s': %s", source, device_map,
+                ", ".join(f"{n} module group(s) on {d}" for d, n in sorted(placed.items())))
+    return model, info
+
+
+def has_offloaded_weights(model: torch.nn.Module) -> bool:
+    """Whether some weights live off the model (CPU or disk offload by a device map)."""
+    if not getattr(model, "hf_device_map", None):
+        return False
+    from accelerate.utils import has_offloaded_params
+
+    return any(has_offloaded_params(module) for module in model.modules())
+
+
+@contextlib.contextmanager
+def weights_on_host(model: torch.nn.Module) -> Iterator[None]:
+    """Offloaded weights (device map) brought into CPU memory for the duration of the block.
+
+    Code that reads weights directly (guards, fingerprints) then sees real tensors; those
+    modules compute on the CPU inside the block. Afterwards their weights go back to the
+    offload store (changes made inside the block to disk-offloaded weights are not kept).
+    Without offloaded weights this does nothing.
+    """
+    if not has_offloaded_weights(model):
+        yield
+        return
+    from accelerate.utils import has_offloaded_params
+
+    cpu = torch.device("cpu")
+    resident: list[tuple[torch.nn.Module, Any, Any]] = []
+    try:
+        for module in model.modules():
+            if not has_offloaded_params(module):
+                continue
+            hook = module._hf_hook
+            resident.append((module, hook, hook.execution_device))
+            hook.execution_device = cpu
+            hook.pre_forward(module)       # weights from the offload store onto the CPU
+            hook.offload = False           # forward passes inside the block keep them there
+        yield
+    finally:
+        for module, hook, device in reversed(resident):
+            hook.offload = True
+            hook.post_forward(module, None)  # back to the offload store (meta tensors)
+            hook.execution_device = device
 
 
 def _check_loading_info(source: ModelSource, model: Any, info: dict) -> None:
@@ -185,13 +304,29 @@ def _check_loading_info(source: ModelSource, model: Any, info: dict) -> None:
                     len(unexpected), type(model).__name__, unexpected[0])
 
 
-def load_tokenizer(source: ModelSource | Path | str) -> Any:
-    """The checkpoint's own tokenizer (AutoTokenizer; local files only, no remote code)."""
+def load_tokenizer(source: ModelSource | Path | str, required: bool = True) -> Any:
+    """The checkpoint's own tokenizer (AutoTokenizer; local files only, no remote code).
+
+    A GGUF checkpoint's tokenizer is the tokenizer files in its folder, else the one embedded
+    in the file; with neither, None when not `required` (the caller uses the baseline's).
+    """
     path = source.path if isinstance(source, ModelSource) else Path(source)
     transformers = _transformers()
+    extra: dict[str, Any] = {}
+    if isinstance(source, ModelSource) and source.gguf_file:
+        from invarlock.models import formats
+
+        origin = formats.tokenizer_origin(source)
+        if origin is None:
+            if required:
+                raise InputError(f"GGUF model '{source}' carries no tokenizer and its folder "
+                                 "holds no tokenizer files")
+            return None
+        if origin == formats.TOKENIZER_GGUF:
+            extra["gguf_file"] = source.gguf_file
     with _translated(f"load the tokenizer of '{source}'"):
         return transformers.AutoTokenizer.from_pretrained(
-            str(path), trust_remote_code=False, local_files_only=True
+            str(path), trust_remote_code=False, local_files_only=True, **extra
         )
 
 
@@ -204,7 +339,8 @@ def tensor_digest(model: torch.nn.Module) -> str:
     """
     digest = hashlib.sha256()
     seen: set[tuple] = set()
-    state = model.state_dict(keep_vars=True)
+    state = dict(plain for name, tensor in model.state_dict(keep_vars=True).items()
+                 for plain in storage_tensors(name, tensor))  # quantized: their inner tensors
     for name in sorted(state):
         tensor = state[name].detach()
         if tensor.numel():

@@ -2,9 +2,10 @@
 
 A model is a local checkpoint directory, a Hugging Face Hub id (``org/name`` or ``hf:org/name``;
 downloaded only with INVARLOCK_ALLOW_NETWORK=1, else taken from the local HF cache), or
-``demo``, the model bundled with InvarLock. The adapter (how it is scored) is read from
-config.json, and the weight files are found, vetted (safetensors unless pickles are allowed)
-and digested here.
+``demo``, the model bundled with InvarLock, or a GGUF file (a ``.gguf`` path, or a folder
+holding one). The adapter (how it is scored) is read from config.json (for GGUF, from the
+file's metadata), and the weight files are found, vetted (safetensors unless pickles are
+allowed) and digested here.
 """
 
 from __future__ import annotations
@@ -54,17 +55,21 @@ class ModelSource:
     path: Path | None           # local checkpoint directory (hub: the cached snapshot)
     hub_id: str | None = None
     revision: str | None = None
+    gguf_file: str | None = None  # a GGUF checkpoint: its file name inside `path`
 
     def __str__(self) -> str:
         return self.spec
 
 
 def resolve_model_source(
-    spec: str, *, revision: str | None = None, allow_pickle: bool = False
+    spec: str, *, revision: str | None = None, allow_pickle: bool = False,
+    gguf_file: str | None = None,
 ) -> ModelSource:
     """Resolve ``spec`` to a local checkpoint directory, downloading only when allowed.
 
-    ``allow_pickle`` widens a hub download to pickle weights; it loads nothing.
+    ``allow_pickle`` widens a hub download to pickle weights; it loads nothing. A ``.gguf``
+    file, or a folder with GGUF files and no config.json (or with ``gguf_file`` among them),
+    is a GGUF checkpoint.
     """
     spec = (spec or "").strip()
     if not spec:
@@ -75,12 +80,22 @@ def resolve_model_source(
         return _resolve_hub(spec, spec[3:], revision, allow_pickle)
     path = Path(spec).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise InputError(f"model '{spec}' is a file; give the checkpoint directory instead")
-        if not (path / "config.json").is_file():
-            raise InputError(f"model directory '{spec}' has no config.json")
         if revision:
-            raise InputError(f"a revision applies only to hub models, not to directory '{spec}'")
+            raise InputError(f"a revision applies only to hub models, not to '{spec}'")
+        if path.is_file() and path.suffix.lower() == gguf_file_suffix():
+            return ModelSource(spec=spec, kind="local", path=path.parent.resolve(),
+                               gguf_file=path.name)
+        if not path.is_dir():
+            raise InputError(f"model '{spec}' is a file; give the checkpoint directory or a "
+                             ".gguf file instead")
+        from invarlock.models.gguf_file import choose_gguf
+
+        has_config = (path / "config.json").is_file()
+        chosen = choose_gguf(path, gguf_file, spec) if gguf_file or not has_config else None
+        if chosen is not None:
+            return ModelSource(spec=spec, kind="local", path=path.resolve(), gguf_file=chosen)
+        if not has_config:
+            raise InputError(f"model directory '{spec}' has no config.json")
         return ModelSource(spec=spec, kind="local", path=path.resolve())
     if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
         raise InputError(f"model directory '{spec}' does not exist")
@@ -137,8 +152,27 @@ def _directory(source: ModelSource | Path | str) -> Path:
     return path
 
 
+def gguf_file_suffix() -> str:
+    return ".gguf"
+
+
+def gguf_path(source: ModelSource | Path | str) -> Path | None:
+    """The GGUF file of a GGUF source, else None."""
+    if isinstance(source, ModelSource) and source.gguf_file and source.path is not None:
+        return source.path / source.gguf_file
+    return None
+
+
 def read_config(source: ModelSource | Path | str) -> dict:
-    """config.json as a dict; refuses checkpoints that need the repository's own code."""
+    """config.json as a dict; refuses checkpoints that need the repository's own code.
+
+    A GGUF source's config is the one transformers builds from the file's metadata.
+    """
+    gguf = gguf_path(source)
+    if gguf is not None:
+        from invarlock.models.gguf_file import gguf_info
+
+        return dict(gguf_info(gguf).config)
     path = _directory(source) / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -228,6 +262,9 @@ def weight_files(source: ModelSource | Path | str, allow_pickle: bool = False) -
     Pickle files can run code when unpickled, so they are used only with ``allow_pickle``
     (and are then loaded with torch's weights-only unpickler).
     """
+    gguf = gguf_path(source)
+    if gguf is not None:
+        return [gguf]
     directory = _directory(source)
     for single, index in ((SAFETENSORS_FILE, SAFETENSORS_INDEX), (PICKLE_FILE, PICKLE_INDEX)):
         files = _weights_in(directory, single, index)
@@ -240,8 +277,12 @@ def weight_files(source: ModelSource | Path | str, allow_pickle: bool = False) -
                 "(they are then loaded with torch weights_only=True)"
             )
         return files
-    other = sorted(p.name for p in directory.glob("*") if p.suffix in {".gguf", ".pt", ".pth"})
+    other = sorted(p.name for p in directory.glob("*") if p.suffix in {".pt", ".pth"})
     found = f" (found {', '.join(other)}; convert to safetensors)" if other else ""
+    ggufs = sorted(p.name for p in directory.glob("*.gguf"))
+    if ggufs:
+        found = (f" (found {', '.join(ggufs)}: give the .gguf file, or the folder with "
+                 "--gguf-file NAME, to certify it as a GGUF model)")
     raise InputError(
         f"model '{source}' has no weights: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}"
         f"{found}"

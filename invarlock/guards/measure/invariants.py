@@ -13,6 +13,7 @@ from invarlock.families import family_of, module_name
 from invarlock.guards import invariants as pure
 from invarlock.guards.measure.probe import Probe, SubjectContext
 from invarlock.guards.measure.weights import single_thread
+from invarlock.models.effective import EffectiveWeights
 
 
 def nonfinite_count(tensor: torch.Tensor) -> int:
@@ -28,7 +29,7 @@ def nonfinite_count(tensor: torch.Tensor) -> int:
 
 def structure(model: torch.nn.Module) -> dict[str, Any]:
     """Names, shapes, tied groups and non-finite tensors of a model's state dict."""
-    state = model.state_dict(keep_vars=True)
+    state = EffectiveWeights(model)  # effective float weights; format tensors left out
     shapes: dict[str, list[int]] = {}
     by_storage: dict[tuple, list[str]] = {}
     nonfinite = []
@@ -39,6 +40,8 @@ def structure(model: torch.nn.Module) -> dict[str, Any]:
         if tensor.numel() == 0:
             continue
         key = (str(tensor.device), tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if name in state.quantized:  # dequantized anew: its address says nothing about tying
+            key = ("dequantized", name)
         by_storage.setdefault(key, []).append(name)
         if key in checked or not tensor.dtype.is_floating_point:
             continue

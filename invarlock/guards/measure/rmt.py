@@ -25,6 +25,7 @@ from invarlock.guards.base import not_measured
 from invarlock.guards.measure.probe import Probe, SubjectContext
 from invarlock.guards.measure.weights import single_thread
 from invarlock.guards.rmt import FAMILIES, kept, normalized_spectrum
+from invarlock.models.effective import is_quantized
 
 DEFAULT_MAX_ROWS = 256
 DEFAULT_GROUPS = 4
@@ -35,6 +36,7 @@ def linear_modules(model: torch.nn.Module, scope: tuple[str, ...]) -> list[tuple
     out = []
     for name, module in model.named_modules():
         is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        is_linear = is_linear or is_quantized(module)
         if not is_linear or block_index(name) is None:
             continue
         if str(family_of(name)) in scope:
@@ -167,7 +169,7 @@ class RMTProbe(Probe):
         return [tap]
 
     def baseline_state(self) -> dict[str, Any]:
-        tap = self._taps.get("baseline")
+        tap = self._taps.pop("baseline", None)  # drop its module references: the baseline can go
         return {"modules": tap.complete() if tap else {}}
 
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from invarlock.guards.measure.weights import (
     power_iteration,
     single_thread,
 )
+from invarlock.models.effective import EffectiveWeights, named_matrices
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def matrices(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(parameter name, tensor) of every 2-D floating weight, tied tensors once, in order."""
     seen: set[tuple] = set()
     out = []
-    for name, param in model.named_parameters(remove_duplicate=False):
+    for name, param in named_matrices(model):  # quantized weights dequantized one at a time
         if param.dim() != 2 or not param.dtype.is_floating_point or param.numel() == 0:
             continue
         key = (str(param.device), param.data_ptr(), tuple(param.shape))
@@ -113,7 +114,7 @@ class SpectralProbe(Probe):
 
     def subject_loaded(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> None:
         reader = WeightReader(ctx.baseline_files)
-        params = dict(ctx.model.named_parameters(remove_duplicate=False))
+        params = EffectiveWeights(ctx.model)  # float view; quantized modules dequantized
         plan = baseline.get("transforms") or {}
         modules = []
         unmatched = []

@@ -28,6 +28,7 @@ from invarlock.families import block_index, family_of, is_block_output_projectio
 from invarlock.guards import variance as pure
 from invarlock.guards.base import not_applicable, not_measured
 from invarlock.guards.measure.probe import Probe, SubjectContext
+from invarlock.models.effective import is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def output_projections(model: torch.nn.Module) -> list[tuple[str, Any]]:
     out = []
     for name, module in model.named_modules():
         is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        is_linear = is_linear or is_quantized(module)
         if is_linear and block_index(name) is not None and is_block_output_projection(name):
             out.append((name, module))
     return out
@@ -125,7 +127,7 @@ class VarianceProbe(Probe):
         return [tap]
 
     def baseline_state(self) -> dict[str, Any]:
-        tap = self._taps.get("baseline")
+        tap = self._taps.pop("baseline", None)  # drop its module references: the baseline can go
         return {"moments": tap.moments() if tap else {}}
 
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:
@@ -181,13 +183,14 @@ def _edited(ctx: SubjectContext, names: list[str]) -> dict[str, bool]:
     """Which output projections' weights differ from the baseline's (streamed from its files);
     `targets: edited_modules_only` restricts the proposal to these."""
     from invarlock.guards.measure.weights import WeightReader, single_thread
+    from invarlock.models.effective import effective_weight
 
     reader = WeightReader(ctx.baseline_files)
     modules = dict(ctx.model.named_modules())
     out = {}
     with torch.inference_mode(), single_thread():
         for name in names:
-            weight = modules[name].weight.detach()
+            weight = effective_weight(modules[name])
             key = reader.resolve(f"{name}.weight", ctx.base_model_prefix)
             base = None if key is None else reader.get(key)
             out[name] = base is None or tuple(base.shape) != tuple(weight.shape) or not (

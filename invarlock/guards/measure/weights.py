@@ -1,8 +1,10 @@
 """Weights on disk, one tensor at a time, and the power iteration the spectral guard uses.
 
 `WeightReader` streams the baseline's tensors from its checkpoint files (safetensors through
-`safe_open`, memory-mapped; vetted pickles through torch's weights-only loader with mmap), so
-the baseline never has to be resident next to the subject.
+`safe_open`, each tensor read with pread into its own buffer; vetted pickles through torch's
+weights-only loader with mmap), so the baseline never has to be resident next to the subject:
+a memory map would keep every page read resident in this process until closed, the whole
+baseline file next to the subject by the end of the walk.
 """
 
 from __future__ import annotations
@@ -31,10 +33,20 @@ class WeightReader:
             path = Path(path)
             if path.name.endswith(".index.json"):
                 continue
-            if path.suffix == ".safetensors":
+            if path.suffix == ".gguf":
+                from invarlock.models.gguf_file import GGUFTensors
+
+                handle = GGUFTensors(path)  # dequantized one tensor at a time
+                self._handles.append(handle)
+                for key in handle.keys():  # noqa: SIM118 - not a mapping
+                    self._where[key] = handle
+            elif path.suffix == ".safetensors":
                 from safetensors import safe_open
 
-                handle = safe_open(str(path), framework="pt", device="cpu")
+                try:  # pread: only the tensor being read is resident (safetensors >= 0.6)
+                    handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")
+                except TypeError:
+                    handle = safe_open(str(path), framework="pt", device="cpu")
                 self._handles.append(handle)
                 for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                     self._where[key] = handle
