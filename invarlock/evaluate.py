@@ -547,19 +547,12 @@ def _score_causal_chunked(head: _ChunkedHead, hidden: torch.Tensor,
                           batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """_score_causal from the final hidden states [B, T, H], every attended position."""
     ids, mask = batch["input_ids"].to(hidden.device), batch["attention_mask"].to(hidden.device)
-    b, t = ids.shape
     targets = torch.full_like(ids, IGNORE)
     scored = mask[:, :-1].bool() & mask[:, 1:].bool()
     targets[:, :-1] = torch.where(scored, ids[:, 1:], IGNORE)
     rows = mask.reshape(-1).nonzero().squeeze(1)
-    losses, broken = head.losses(hidden.reshape(b * t, -1), rows, targets.reshape(-1)[rows])
-    per_pos = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
-    per_pos[rows] = losses
-    bad = torch.zeros(b * t, dtype=torch.bool, device=hidden.device)
-    bad[rows] = broken
-    bad = bad.view(b, t) | (_nonfinite_positions(hidden) & mask.bool())
-    return (per_pos.view(b, t).double().sum(dim=1), (targets != IGNORE).sum(dim=1),
-            bad.any(dim=1))
+    sums, bad = _scored_rows(head, hidden, mask, rows, targets.reshape(-1)[rows])
+    return sums, (targets != IGNORE).sum(dim=1), bad
 
 
 def _score_mlm_chunked(head: _ChunkedHead, hidden: torch.Tensor,
@@ -567,16 +560,24 @@ def _score_mlm_chunked(head: _ChunkedHead, hidden: torch.Tensor,
     """_score_mlm from the head's input [B, T, H]: logits at the scored positions only."""
     labels = batch["labels"].to(hidden.device)
     mask = batch["attention_mask"].to(hidden.device)
-    b, t = labels.shape
     chosen = labels != IGNORE
     rows = chosen.reshape(-1).nonzero().squeeze(1)
-    losses, broken = head.losses(hidden.reshape(b * t, -1), rows, labels.reshape(-1)[rows])
+    sums, bad = _scored_rows(head, hidden, mask, rows, labels.reshape(-1)[rows])
+    return sums, chosen.sum(dim=1), bad
+
+
+def _scored_rows(head: _ChunkedHead, hidden: torch.Tensor, mask: torch.Tensor,
+                 rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window: summed loss of the flat positions `rows` against `targets`, and whether
+    any of them (or any attended hidden state) was non-finite."""
+    b, t = mask.shape
+    losses, broken = head.losses(hidden.reshape(b * t, -1), rows, targets)
     per_pos = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
     per_pos[rows] = losses
     bad = torch.zeros(b * t, dtype=torch.bool, device=hidden.device)
     bad[rows] = broken
     bad = bad.view(b, t) | (_nonfinite_positions(hidden) & mask.bool())
-    return per_pos.view(b, t).double().sum(dim=1), chosen.sum(dim=1), bad.any(dim=1)
+    return per_pos.view(b, t).double().sum(dim=1), bad.any(dim=1)
 
 
 _CHUNKED_SCORERS: dict[MetricKind, Callable[..., tuple[torch.Tensor, ...]]] = {

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -127,7 +125,7 @@ def run(req: CalibrationRequest) -> CalibrationOutcome:
     yaml_path = atomic.write_text(req.out_dir / "calibration.yaml",
                                   _yaml_text(result, stats))
     json_path = atomic.write_text(req.out_dir / "calibration.json",
-                                  json.dumps(_finite(stats), indent=2, allow_nan=False) + "\n")
+                                  document.strict_json(stats, indent=2) + "\n")
     csv_path = atomic.write_text(req.out_dir / "calibration.csv", _csv_text(result.rows))
     return CalibrationOutcome(result, yaml_path, json_path, csv_path)
 
@@ -147,17 +145,6 @@ def _reusable(run_dir: Path, baseline: str, section: dict[str, Any]) -> dict[str
             not same_plan):
         return None
     return cert
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf (a statistic with too little data) become null in JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _yaml_text(result: recipe.Calibration, stats: dict[str, Any]) -> str:
