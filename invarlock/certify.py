@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from invarlock import __version__, environment, gate, outdir
+from invarlock import __version__, gate, outdir
 from invarlock.cache import BaselineCache, CacheKey, scores_from_payload, scores_to_payload
-from invarlock.certificate import document, markdown
+from invarlock.certificate import build, document, markdown
 from invarlock.data.corpus import Corpus, DatasetSource, load_corpus
 from invarlock.data.windows import WindowPlan, WindowSet, plan_windows
 from invarlock.enums import AdapterKind, MetricKind
@@ -427,9 +427,9 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
         if cache:
             cache_digest = cache.store(key, {**scores_to_payload(sets, parameters),
                                              "guards": guard_payload})
-    record = _model_record(base.source, base.config, base.adapter, key.weights_digest, "files",
-                           dtype=key.dtype, parameters=parameters,
-                           from_cache=cached is not None)
+    record = build.model_record(base.source, base.config, base.adapter, key.weights_digest,
+                                "files", dtype=key.dtype, parameters=parameters,
+                                from_cache=cached is not None)
     record["cache_payload_digest"] = cache_digest
     record["format"] = formats.describe_files(base.source, base.config, inputs.device,
                                               req.dequantize)
@@ -473,9 +473,10 @@ def prepare_subject(inputs: RunInputs, req: CertifyRequest, timer: _Timer,
         loaded = loading.load_model(subj.source, adapter=subj.adapter, device=inputs.device,
                                     dtype=req.dtype, allow_pickle=req.allow_pickle,
                                     dequantize=req.dequantize, **_placement(req))
-        record = _model_record(subj.source, loaded.config, subj.adapter, loaded.weights_digest,
-                               "files", dtype=str(loaded.dtype).removeprefix("torch."),
-                               parameters=loaded.parameters)
+        record = build.model_record(subj.source, loaded.config, subj.adapter,
+                                    loaded.weights_digest, "files",
+                                    dtype=str(loaded.dtype).removeprefix("torch."),
+                                    parameters=loaded.parameters)
         record["format"] = loaded.format
         record["tokenizer_source"] = inputs.subject_tokenizer
         prepared = PreparedSubject(loaded, record, None, None)
@@ -497,15 +498,13 @@ def _edited_subject(inputs: RunInputs, base_model: Any, timer: _Timer,
     if save_format != "safetensors":  # evaluate exactly what the saved file will hold
         result = edit_formats.shipped_as(save_format, base_model, result)
     timer.add("edit_s", t_edit)
-    edit_record = {"name": result.name, "plan": result.plan,
-                   "modules_changed": list(result.modules_changed),
-                   "params_changed": int(result.params_changed),
-                   "max_abs_error": float(result.max_abs_error)}
+    edit_record = build.edit_record(result)
     base = inputs.baseline
     digest = loading.tensor_digest(base_model.model)
-    record = _model_record(base.source, base.config, base.adapter, digest, "tensors",
-                           dtype=str(base_model.dtype).removeprefix("torch."),
-                           parameters=base_model.parameters, produced_by=f"edit:{result.name}")
+    record = build.model_record(base.source, base.config, base.adapter, digest, "tensors",
+                                dtype=str(base_model.dtype).removeprefix("torch."),
+                                parameters=base_model.parameters,
+                                produced_by=f"edit:{result.name}")
     record["kind"] = "edit"
     record["format"] = edit_formats.edit_format(save_format, result, base_model.model)
     return PreparedSubject(base_model, record, edit_record, digest)
@@ -655,8 +654,8 @@ def write_outcome(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvi
                   artifacts: dict[str, str | None], req: CertifyRequest,
                   timer: _Timer) -> CertifyOutcome:
     """Assemble and seal the certificate, render it, and write the set as a unit."""
-    cert = build_certificate(inputs, plan, baseline, subject, judgement, artifacts, req,
-                             {**timer.spans, **subject.guard_seconds})
+    cert = _certificate(inputs, plan, baseline, subject, judgement, artifacts, req,
+                        {**timer.spans, **subject.guard_seconds})
     sealed = document.seal(cert)
     renderings = {}
     if req.save_report:
@@ -674,47 +673,25 @@ def write_outcome(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvi
                           report_path)
 
 
-def build_certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
-                      subject: SubjectEvidence, judgement: Judgement,
-                      artifacts: dict[str, str | None], req: CertifyRequest,
-                      timings: dict[str, float]) -> dict[str, Any]:
-    """The certificate's content (unsealed): every section the schema describes."""
+def _certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
+                 subject: SubjectEvidence, judgement: Judgement,
+                 artifacts: dict[str, str | None], req: CertifyRequest,
+                 timings: dict[str, float]) -> dict[str, Any]:
+    """The stages' records handed to the certificate's assembly."""
     from invarlock.models import device as devices
 
-    wp, windows, corpus = inputs.policy.windows, plan.windows, plan.corpus
-    tok = inputs.tokenizer
-    return {
-        "format": "invarlock.certificate",
-        "schema_version": 1,
-        "run_id": inputs.run_id,
-        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "tool": {"name": "invarlock", "version": __version__},
-        "environment": _environment(devices.describe_device(inputs.device),
-                                    inputs.baseline.config, req),
-        "seeds": {"windows": wp.seed, "bootstrap": inputs.policy.bootstrap.seed,
-                  "torch": wp.seed, "numpy": wp.seed, "python": wp.seed},
-        "baseline": baseline.record,
-        "subject": subject.record,
-        "tokenizer": {"hash": inputs.tokenizer_hash, "class": type(tok).__name__,
-                      "vocab_size": len(tok), "identical": True},
-        "dataset": {"spec": corpus.source.spec(), "provider": corpus.source.provider,
-                    "digest": corpus.digest, "documents": len(corpus.documents),
-                    "tokens": int(windows.total_tokens)},
-        "windows": _windows_section(windows, baseline.sets, subject.sets),
-        "pairing": {"match": judgement.match, "overlap": windows.overlap(),
-                    "preview_n": windows.preview.n, "final_n": windows.final.n,
-                    "final_evaluated": subject.sets["final"] is not None},
-        "edit": subject.edit_record,
-        "primary_metric": judgement.primary.as_dict(),
-        "evidence": judgement.evidence.as_dict(),
-        "policy": inputs.policy.as_dict(),
-        "guards": {o.name: o.section for o in subject.outcomes},
-        "validation": judgement.decision.validation,
-        "gating": list(judgement.decision.gating),
-        "verdict": judgement.decision.verdict_section(),
-        "artifacts": {"markdown": document.MARKDOWN_FILENAME, **artifacts},
-        "timings": timings,
-    }
+    edit_name = req.edit.get("name") if req.edit else None
+    return build.build_certificate(
+        run_id=inputs.run_id,
+        environment=build.environment_section(devices.describe_device(inputs.device),
+                                              inputs.baseline.config, req.adapter, edit_name),
+        policy=inputs.policy, tokenizer=inputs.tokenizer, tokenizer_hash=inputs.tokenizer_hash,
+        corpus=plan.corpus, windows=plan.windows,
+        baseline=build.Side(baseline.record, baseline.sets),
+        subject=build.Side(subject.record, subject.sets), edit=subject.edit_record,
+        guards={o.name: o.section for o in subject.outcomes}, match=judgement.match,
+        primary=judgement.primary, evidence=judgement.evidence, decision=judgement.decision,
+        artifacts=artifacts, timings=timings)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -749,17 +726,6 @@ def _unscored(base: Any, kind: MetricKind) -> Any:
                         values=np.full(n, np.nan), nonfinite_windows=n, seconds=0.0)
 
 
-def _environment(device: dict[str, Any], config: dict[str, Any],
-                 req: CertifyRequest) -> dict[str, Any]:
-    """Where the run happened; plugin distributions that loaded or edited a model included."""
-    from invarlock import catalog
-
-    described = environment.describe(device)
-    edit_name = req.edit.get("name") if req.edit else None
-    described["libraries"].update(catalog.distributions_in_use(config, req.adapter, edit_name))
-    return described
-
-
 def _run_id() -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{secrets.token_hex(4)}"
@@ -784,20 +750,6 @@ def _release_memory() -> None:
     trim_host_memory()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _model_record(src: Any, config: dict[str, Any], adapter: Any, digest: str, basis: str, *,
-                  dtype: str, parameters: int, from_cache: bool = False,
-                  produced_by: str | None = None) -> dict[str, Any]:
-    archs = config.get("architectures") or ["unknown"]
-    return {
-        "source": src.spec, "kind": src.kind,
-        "path": str(src.path) if src.path else None, "revision": src.revision,
-        "adapter": str(adapter), "architecture": str(archs[0]),
-        "model_type": str(config.get("model_type", "unknown")), "dtype": dtype,
-        "parameters": int(parameters), "weights_digest": digest, "digest_basis": basis,
-        "results_from_cache": from_cache, "produced_by": produced_by,
-    }
 
 
 def _paired(base: Any, subj: Any) -> gate.PairedArrays:
@@ -826,26 +778,3 @@ def _match(plan: WindowPlan, base_sets: dict[str, Any], subj_sets: dict[str, Any
         total += len(planned)
         same += gate.pairing_match(planned, base.fed_sha256, subj.fed_sha256) * len(planned)
     return same / total if total else 1.0
-
-
-def _windows_section(plan: WindowPlan, base_sets: dict[str, Any],
-                     subj_sets: dict[str, Any]) -> dict[str, Any]:
-    def one(name: str) -> dict[str, Any]:
-        windows: WindowSet = getattr(plan, name)
-        base, subj = base_sets[name], subj_sets[name]
-        return {
-            "ids": [int(i) for i in windows.window_ids],
-            "sha256": list(windows.sha256),
-            "tokens": [int(n) for n in base.tokens],
-            "baseline": [float(v) for v in base.values],
-            "subject": [] if subj is None else [
-                float(v) if np.isfinite(v) else None for v in subj.values],
-        }
-
-    return {
-        "kind": str(plan.kind), "seq_len": plan.seq_len, "stride": plan.stride,
-        "seed": plan.seed, "available": int(plan.available),
-        "duplicates_dropped": int(plan.duplicates_dropped),
-        "requested": {"preview_n": plan.requested[0], "final_n": plan.requested[1]},
-        "plan_digest": plan.digest, "preview": one("preview"), "final": one("final"),
-    }

@@ -1,4 +1,5 @@
-"""Imports point one way: the plugin registry sits below the modules that consult it.
+"""Imports point one way: the plugin registry sits below the modules that consult it, and
+the certificate package below the pipeline that fills it.
 
 The graph is read from the source (every `import`, at module level or inside a function,
 since a deferred import is still a dependency), so a circle shows even when Python happens to
@@ -73,3 +74,13 @@ def test_edits_and_model_sources_do_not_import_each_other_back():
     graph = import_graph()
     for module in ("invarlock.edits", "invarlock.models.source"):
         assert module not in reachable(graph, module), f"{module} imports itself back"
+
+
+def test_certificate_package_does_not_import_the_pipeline():
+    """The certificate's shape is built from plain values; the pipeline uses it, not back."""
+    graph = import_graph()
+    certificate = [m for m in graph if m == "invarlock.certificate"
+                   or m.startswith("invarlock.certificate.")]
+    assert "invarlock.certificate.build" in certificate
+    for module in certificate:
+        assert "invarlock.certify" not in reachable(graph, module), module
