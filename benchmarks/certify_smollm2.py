@@ -237,6 +237,25 @@ def main() -> None:
     report(code, rounds, bare)
 
 
+def installed_backends() -> list[str]:
+    """Optional quantization backends installed beside the code under test.
+
+    transformers imports some of them whenever it loads a model or a tokenizer (hqq brings
+    torch.compile's whole stack with it, about 200 MiB of RSS), so they belong with the figures.
+    """
+    from importlib import metadata
+
+    names = ("torchao", "bitsandbytes", "hqq", "optimum-quanto", "compressed-tensors",
+             "gptqmodel", "fbgemm-gpu", "gguf")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def report(code: Path, rounds: list, bare: dict | None) -> None:
     f, first, second = rounds[-1]
     params = first["cert"]["baseline"]["parameters"]
@@ -244,6 +263,7 @@ def report(code: Path, rounds: list, bare: dict | None) -> None:
     budget = 1.6 * model_bytes + 0.5 * GB
     print(f"SmolLM2-135M ({params:,} parameters, {model_bytes / GB:.2f} GB in float32), "
           f"dev profile, code {code}, {os.cpu_count()} CPUs visible")
+    print("optional backends installed: " + (", ".join(installed_backends()) or "none"))
     print("floor (load both models, bare forward passes, logits only):")
     print(f"  wall time           {f['wall']:.1f} s (forward passes {f['forward_s']:.1f} s, "
           f"batch {f['batch']}; load {f['load']:.1f})")
