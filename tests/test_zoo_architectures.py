@@ -1,0 +1,86 @@
+"""The edit zoo and the guards' module view on causal LMs beyond GPT-2 and LLaMA: fused
+q/k/v and gate/up projections, (1 + γ) norms, a norm feeding attention and FFN in parallel,
+biased LayerNorms, post-norm blocks."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.tinymodels import OTHER_CAUSAL
+
+torch = pytest.importorskip("torch")
+
+
+def _load(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_CAUSAL))
+def test_zoo_edits_are_seeded_and_do_what_they_say_on_other_layouts(tiny_causal_dirs, arch):
+    """Every family edits something, the same seed gives the same weights, norm folds keep
+    the outputs (Gemma's (1 + γ) norm included), harmful edits change them."""
+    from invarlock.calibration import zoo
+
+    ids = torch.arange(1, 13)[None, :]
+    base = _load(tiny_causal_dirs[arch])
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+    for family, fn in {**zoo.BENIGN, **zoo.HARMFUL}.items():
+        a, b = _load(tiny_causal_dirs[arch]), _load(tiny_causal_dirs[arch])
+        with torch.no_grad():
+            result = fn(a, 7)
+            fn(b, 7)
+            out = a(input_ids=ids).logits
+        assert result.modules_changed, family
+        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(),
+                                  strict=True):
+            assert torch.equal(pa.nan_to_num(), pb.nan_to_num()), (family, name)
+        if family.startswith("normfold"):
+            assert torch.allclose(out, reference, atol=1e-5), family
+        elif family in zoo.HARMFUL and family != "nan":
+            assert not torch.allclose(out, reference, atol=1e-4), family
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_CAUSAL))
+def test_zoo_roles_agree_with_the_module_families(tiny_causal_dirs, arch):
+    """The zoo's own name tables put fused projections where the guards' families do:
+    attention or FFN, block output projection or not."""
+    from invarlock.calibration.zoo import block_matrices
+    from invarlock.families import family_of, is_block_output_projection
+
+    blocks = block_matrices(_load(tiny_causal_dirs[arch]))
+    assert blocks
+    for b in blocks:
+        assert b.family == family_of(b.name).value, b.name
+        assert b.is_output == is_block_output_projection(b.name), b.name
+        assert b.is_output != b.is_input, b.name
+
+
+def test_norm_folds_refuse_a_post_norm_model(tmp_path, bpe_tokenizer_dir):
+    """A post-norm block sends the norm's output into the residual: no rescaling of it
+    preserves the function, so the norm-fold families say so instead of editing."""
+    from invarlock.calibration import zoo
+    from tests.tinymodels import build_causal
+
+    model = _load(build_causal("opt", tmp_path / "opt-post", bpe_tokenizer_dir,
+                               do_layer_norm_before=False))
+    with torch.no_grad(), pytest.raises(ValueError, match="no pre-norm"):
+        zoo.BENIGN["normfold_one"](model, 0)
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_CAUSAL))
+def test_norm_fold_rescaling_leaves_sigma_unchanged_on_other_layouts(tiny_causal_dirs, arch):
+    """The spectral guard traces which norm feeds which linear (fused, parallel, offset
+    norms alike): a zoo norm fold moves no module's σ."""
+    from invarlock.calibration.zoo import BENIGN
+    from tests.test_guard_fold import _probe_after
+
+    _state, measured, before, after = _probe_after(
+        tiny_causal_dirs[arch], lambda m: BENIGN["normfold_all"](m, 3))
+    assert torch.allclose(before, after, atol=1e-5)
+    changed = [m for m in measured["modules"] if m["changed"]]
+    assert changed
+    for m in changed:
+        assert abs(m["sigma_subject"] / m["sigma_baseline"] - 1) < 1e-4, m["name"]
