@@ -84,3 +84,55 @@ def test_norm_fold_rescaling_leaves_sigma_unchanged_on_other_layouts(tiny_causal
     assert changed
     for m in changed:
         assert abs(m["sigma_subject"] / m["sigma_baseline"] - 1) < 1e-4, m["name"]
+
+
+def _rescale_opt_values(model, seed=0):
+    """t on OPT's v_proj rows (and bias), 1/t on out_proj columns: the same function."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.model.decoder.layers:
+        attn = layer.self_attn
+        t = torch.exp(torch.randn(attn.v_proj.weight.shape[0], generator=gen))
+        attn.v_proj.weight.mul_(t[:, None])
+        attn.v_proj.bias.mul_(t)
+        attn.out_proj.weight.div_(t[None, :])
+
+
+def _rescale_phi3_up(model, seed=0):
+    """u on the up half of Phi-3's fused gate_up_proj, 1/u on down_proj columns."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        half = mlp.down_proj.weight.shape[1]
+        u = torch.exp(torch.randn(half, generator=gen))
+        mlp.gate_up_proj.weight[half:].mul_(u[:, None])
+        mlp.down_proj.weight.div_(u[None, :])
+
+
+@pytest.mark.parametrize(("arch", "rescale", "moved"), [
+    ("opt", _rescale_opt_values, ("v_proj", "out_proj")),
+    ("phi3", _rescale_phi3_up, ("gate_up_proj", "down_proj")),
+])
+def test_balanced_pairs_cover_opt_values_and_phi3_fused_up(tiny_causal_dirs, arch, rescale,
+                                                           moved):
+    """AWQ-style producer/consumer rescalings of these layouts leave every σ unchanged,
+    while the same rescaling of the producer alone is seen."""
+    from tests.test_guard_fold import _probe_after
+
+    _state, measured, before, after = _probe_after(tiny_causal_dirs[arch], rescale)
+    assert torch.allclose(before, after, atol=1e-4)
+    ratios = {m["name"]: m["sigma_subject"] / m["sigma_baseline"] - 1
+              for m in measured["modules"] if m["changed"]}
+    assert {leaf for leaf in moved if any(f".{leaf}." in n for n in ratios)} == set(moved)
+    assert max(abs(r) for r in ratios.values()) < 1e-4
+
+    def producer_only(model):
+        rescale(model)
+        for name, module in model.named_modules():
+            if name.endswith(moved[1]):
+                module.weight.copy_(dict(_load(tiny_causal_dirs[arch]).named_modules())[
+                    name].weight)
+
+    _state, measured, before, after = _probe_after(tiny_causal_dirs[arch], producer_only)
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert max(abs(m["sigma_subject"] / m["sigma_baseline"] - 1)
+               for m in measured["modules"] if m["changed"]) > 0.05
