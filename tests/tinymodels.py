@@ -102,8 +102,8 @@ def build_llama(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
 
 
 # Causal LMs of other layouts: fused q/k/v (GPT-NeoX, Phi-3, Falcon), fused gate/up
-# (Phi-3), (1 + γ) norms (Gemma), one norm feeding attention and FFN in parallel (Falcon),
-# LayerNorm with bias (OPT), grouped-query attention with q/k norms (Qwen3).
+# (Phi-3), (1 + γ) norms (Gemma RMSNorm, Nemotron LayerNorm1P), one norm feeding attention
+# and FFN in parallel (Falcon), LayerNorm with bias (OPT), q/k norms (Qwen3).
 OTHER_CAUSAL = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
                  {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}),
@@ -118,6 +118,9 @@ OTHER_CAUSAL = {
     "opt": ("OPTConfig", "OPTForCausalLM",
             {"hidden_size": 32, "ffn_dim": 64, "num_attention_heads": 4,
              "word_embed_proj_dim": 32}),
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM",
+                 {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 8, "tie_word_embeddings": False}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
               {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
                "num_key_value_heads": 2, "head_dim": 8}),

@@ -33,7 +33,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# RMSNorms that scale by (1 + w) rather than w (Gemma family).
+# RMSNorms that scale by (1 + w) rather than w (Gemma family); others are found by a probe.
 OFFSET_NORM_PREFIXES = ("Gemma",)
 TRACE_TOKENS = 8
 # (producer leaf, consumer leaf, sibling that must exist): channel rescalings that cancel.
@@ -113,10 +113,31 @@ def trace_norm_inputs(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
         weight = f"{lin}.weight"
         if weight in shared:
             continue
-        offset = 1.0 if type(norms[norm]).__name__.startswith(OFFSET_NORM_PREFIXES) else 0.0
+        offset = _scale_offset(norms[norm])
         plan[weight] = {"norm": f"{norm}.weight", "offset": offset,
                         "transposed": type(linears[lin]).__name__ == "Conv1D"}
     return plan
+
+
+def _scale_offset(norm: torch.nn.Module) -> float:
+    """1.0 when the norm scales by (1 + γ), else 0.0. Gemma's RMSNorms by name; any other
+    (Nemotron's LayerNorm1P, Qwen3-Next, VaultGemma) by a probe: with γ and β zero, a plain
+    norm outputs zeros and an offset one its normalised input. Parameters are swapped
+    functionally, the module is not written to."""
+    if type(norm).__name__.startswith(OFFSET_NORM_PREFIXES):
+        return 1.0
+    params = dict(norm.named_parameters(recurse=False))
+    weight = params.get("weight")
+    if weight is None or weight.device.type == "meta" or getattr(norm, "_hf_hook", None):
+        return 0.0
+    zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+    x = torch.linspace(-1.0, 2.0, weight.shape[-1], device=weight.device, dtype=weight.dtype)
+    try:
+        with torch.inference_mode():
+            out = torch.func.functional_call(norm, zeros, (x[None, None, :],))
+    except Exception:  # a norm that cannot run alone keeps the plain form
+        return 0.0
+    return 1.0 if isinstance(out, torch.Tensor) and bool(out.abs().amax() > 0) else 0.0
 
 
 def balanced_pairs(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
