@@ -4,11 +4,17 @@ biased LayerNorms, post-norm blocks."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from tests.tinymodels import OTHER_CAUSAL
 
 torch = pytest.importorskip("torch")
+
+# Gemma 2 normalises every sublayer's output before the residual: halving an output
+# projection changes nothing, so that harmful family does not apply.
+NOT_APPLICABLE = {("gemma2", "outproj_half")}
 
 
 def _load(model_dir):
@@ -28,7 +34,11 @@ def test_zoo_edits_are_seeded_and_do_what_they_say_on_other_layouts(tiny_causal_
     with torch.no_grad():
         reference = base(input_ids=ids).logits
     for family, fn in {**zoo.BENIGN, **zoo.HARMFUL}.items():
-        a, b = _load(tiny_causal_dirs[arch]), _load(tiny_causal_dirs[arch])
+        a, b = copy.deepcopy(base), copy.deepcopy(base)
+        if (arch, family) in NOT_APPLICABLE:
+            with torch.no_grad(), pytest.raises(zoo.NotApplicable):
+                fn(a, 7)
+            continue
         with torch.no_grad():
             result = fn(a, 7)
             fn(b, 7)
@@ -66,7 +76,7 @@ def test_norm_folds_refuse_a_post_norm_model(tmp_path, bpe_tokenizer_dir):
 
     model = _load(build_causal("opt", tmp_path / "opt-post", bpe_tokenizer_dir,
                                do_layer_norm_before=False))
-    with torch.no_grad(), pytest.raises(ValueError, match="no pre-norm"):
+    with torch.no_grad(), pytest.raises(zoo.NotApplicable, match="no pre-norm"):
         zoo.BENIGN["normfold_one"](model, 0)
 
 
@@ -136,3 +146,26 @@ def test_balanced_pairs_cover_opt_values_and_phi3_fused_up(tiny_causal_dirs, arc
     assert not torch.allclose(before, after, atol=1e-3)
     assert max(abs(m["sigma_subject"] / m["sigma_baseline"] - 1)
                for m in measured["modules"] if m["changed"]) > 0.05
+
+
+@pytest.mark.parametrize(("arch", "leaves"), [("qwen3", ("q_proj", "k_proj")),
+                                              ("gemma2", ("o_proj", "down_proj"))])
+def test_scale3_never_picks_a_matrix_whose_output_is_normalised(tiny_causal_dirs, arch,
+                                                                 leaves):
+    """q/k under q/k norms (Qwen3) and output projections under post-sublayer norms
+    (Gemma 2) lose a whole-matrix scale in the next norm: ×3 there is no harmful edit."""
+    from invarlock.calibration import zoo
+
+    model = _load(tiny_causal_dirs[arch])
+    normalised = zoo._normalised_after(model)
+    assert {n.rsplit(".", 1)[-1] for n in normalised} == set(leaves)
+    ids = torch.arange(1, 13)[None, :]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    for seed in range(8):
+        edited = _load(tiny_causal_dirs[arch])
+        with torch.no_grad():
+            result = zoo.scale3(edited, seed)
+            out = edited(input_ids=ids).logits
+        assert result.modules_changed[0] not in normalised
+        assert not torch.allclose(out, reference, atol=1e-4), seed

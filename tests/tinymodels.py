@@ -102,8 +102,9 @@ def build_llama(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
 
 
 # Causal LMs of other layouts: fused q/k/v (GPT-NeoX, Phi-3, Falcon), fused gate/up
-# (Phi-3), (1 + γ) norms (Gemma RMSNorm, Nemotron LayerNorm1P), one norm feeding attention
-# and FFN in parallel (Falcon), LayerNorm with bias (OPT), q/k norms (Qwen3).
+# (Phi-3), (1 + γ) norms (Gemma RMSNorm, Nemotron LayerNorm1P), sandwich norms (Gemma 2),
+# one norm feeding attention and FFN in parallel (Falcon), biased LayerNorms (OPT), q/k
+# norms (Qwen3).
 OTHER_CAUSAL = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
                  {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}),
@@ -113,6 +114,9 @@ OTHER_CAUSAL = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM",
               {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
                "num_key_value_heads": 2, "head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 8}),
     "falcon": ("FalconConfig", "FalconForCausalLM",
                {"hidden_size": 32, "num_attention_heads": 4}),
     "opt": ("OPTConfig", "OPTForCausalLM",

@@ -40,6 +40,11 @@ from typing import Any
 import torch
 
 from invarlock.edits.result import EditResult
+from invarlock.errors import InputError
+
+
+class NotApplicable(InputError):
+    """The zoo family has nothing to edit in this architecture (exit 2, one line)."""
 
 _BLOCK = re.compile(r"\.(h|layers|layer|blocks)\.(\d+)\.")
 # Leaf names by role; fused projections (GPT-NeoX/Falcon/BLOOM `query_key_value`, Phi-3
@@ -116,7 +121,7 @@ def _rng(seed: int, salt: int) -> torch.Generator:
 
 def _pick(items: list[Any], gen: torch.Generator, what: str = "block matrices") -> Any:
     if not items:
-        raise ValueError(f"the model has no {what} this zoo edit can change")
+        raise NotApplicable(f"the model has no {what} this zoo edit can change")
     return items[int(torch.randint(len(items), (1,), generator=gen))]
 
 
@@ -222,8 +227,9 @@ def _norm_folds(model: torch.nn.Module) -> list[tuple[int, Any, list[Block]]]:
         roles = set(_NORM_FEEDS[leaf])
         if leaf == "input_layernorm" and not siblings & set(_FFN_NORMS):
             roles.add("ffn")  # one norm feeds attention and FFN in parallel
-        if leaf == "post_attention_layernorm" and "pre_feedforward_layernorm" in siblings:
-            continue  # normalises the attention output: it feeds no linear
+        if leaf == "post_attention_layernorm" and siblings & {
+                "pre_feedforward_layernorm", "post_feedforward_layernorm"}:
+            continue  # normalises the attention output (Gemma 2/3, OLMo 2): feeds no linear
         fed = [b for b in blocks if b.name.startswith(parent + ".") and b.is_input and
                b.family in roles and b.layer == int(match.group(2))]
         if fed:
@@ -253,7 +259,7 @@ def _normfold(fraction: str) -> Callable[[torch.nn.Module, int], EditResult]:
         folds = _norm_folds(model)
         layers = sorted({layer for layer, _, _ in folds})
         if not layers:
-            raise ValueError(f"normfold_{fraction}: no pre-norm in {type(model).__name__} "
+            raise NotApplicable(f"normfold_{fraction}: no pre-norm in {type(model).__name__} "
                              "feeds a known linear, so no rescaling preserves the function")
         if fraction == "one":
             chosen = {_pick(layers, gen)}
@@ -291,7 +297,7 @@ def lowrank(model: torch.nn.Module, seed: int) -> EditResult:
     gen = _rng(seed, 6)
     chosen = [b for b in block_matrices(model) if b.leaf in _ATTN_IN]
     if not chosen:
-        raise ValueError("lowrank: the model has no attention input projection this zoo "
+        raise NotApplicable("lowrank: the model has no attention input projection this zoo "
                          "edit can change")
     for b in chosen:
         w = b.rows().float()
@@ -308,12 +314,20 @@ def lowrank(model: torch.nn.Module, seed: int) -> EditResult:
 
 
 def _normalised_after(model: torch.nn.Module) -> set[str]:
-    """Projections whose output is normalised before use (Qwen3/Gemma 3/OLMo 2 `q_norm`,
-    `k_norm`): scaling one of them as a whole does not change the function."""
+    """Block matrices whose output is normalised before use, so that scaling one of them as
+    a whole does not change the function: q/k projections under `q_norm`/`k_norm` (Qwen3,
+    Gemma 3, OLMo 2) and the output projections of blocks that normalise each sublayer's
+    output before the residual (`post_feedforward_layernorm`: Gemma 2/3, OLMo 2)."""
     names = {name for name, _ in model.named_modules()}
-    return {f"{name[:-len(norm)]}{proj}" for name in names
-            for norm, proj in (("q_norm", "q_proj"), ("k_norm", "k_proj"))
-            if name.endswith("." + norm)}
+    out = {f"{name[:-len(norm)]}{proj}" for name in names
+           for norm, proj in (("q_norm", "q_proj"), ("k_norm", "k_proj"))
+           if name.endswith("." + norm)}
+    post_ffn = {name[: -len("post_feedforward_layernorm")] for name in names
+                if name.endswith(".post_feedforward_layernorm")}
+    for b in block_matrices(model):
+        if b.is_output and any(b.name.startswith(layer) for layer in post_ffn):
+            out.add(b.name)
+    return out
 
 
 def scale3(model: torch.nn.Module, seed: int) -> EditResult:
@@ -324,8 +338,9 @@ def scale3(model: torch.nn.Module, seed: int) -> EditResult:
 
 
 def outproj_half(model: torch.nn.Module, seed: int) -> EditResult:
-    b = _pick([b for b in block_matrices(model) if b.is_output], _rng(seed, 12),
-              "block output projections")
+    normalised = _normalised_after(model)
+    b = _pick([b for b in block_matrices(model) if b.is_output and b.name not in normalised],
+              _rng(seed, 12), "block output projections whose output is not normalised")
     _write(b, b.rows().float() * 0.5)
     return _result("outproj_half", seed, [b])
 
