@@ -169,3 +169,23 @@ def test_scale3_never_picks_a_matrix_whose_output_is_normalised(tiny_causal_dirs
             out = edited(input_ids=ids).logits
         assert result.modules_changed[0] not in normalised
         assert not torch.allclose(out, reference, atol=1e-4), seed
+
+
+def test_spectral_reads_weights_that_transformers_renames_on_load(tiny_causal_dirs):
+    """GPT-NeoX checkpoints store the head as `embed_out`, loaded as `lm_head`: the baseline
+    weight is still found, so a change to the head is measured, not left unmatched."""
+    from safetensors import safe_open
+
+    from tests.test_guard_fold import _probe_after
+
+    model_dir = tiny_causal_dirs["gpt_neox"]
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        assert "embed_out.weight" in set(f.keys())
+
+    def triple_head(model):
+        model.lm_head.weight.mul_(3.0)
+
+    _state, measured, _before, _after = _probe_after(model_dir, triple_head)
+    assert measured["unmatched"] == []
+    head = {m["name"]: m for m in measured["modules"]}["lm_head.weight"]
+    assert head["sigma_subject"] == pytest.approx(3 * head["sigma_baseline"], rel=1e-3)
