@@ -59,6 +59,15 @@ def tiny_llama_dir(tmp_path_factory, bpe_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_causal_dirs(tmp_path_factory, bpe_tokenizer_dir) -> dict[str, Path]:
+    """{architecture: folder} for every tinymodels.OTHER_CAUSAL architecture."""
+    from tests.tinymodels import OTHER_CAUSAL, build_causal
+
+    return {arch: build_causal(arch, tmp_path_factory.mktemp(arch), bpe_tokenizer_dir)
+            for arch in OTHER_CAUSAL}
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory, wordpiece_tokenizer_dir) -> Path:
     from tests.tinymodels import build_bert_mlm
 

@@ -101,6 +101,52 @@ def build_llama(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     return _save(LlamaForCausalLM(cfg).eval(), tokenizer_dir, out_dir)
 
 
+# Causal LMs of other layouts: fused q/k/v (GPT-NeoX, Phi-3, Falcon), fused gate/up
+# (Phi-3), (1 + γ) norms (Gemma RMSNorm, Nemotron LayerNorm1P), sandwich norms (Gemma 2),
+# one norm feeding attention and FFN in parallel (Falcon), biased LayerNorms (OPT), q/k
+# norms (Qwen3).
+OTHER_CAUSAL = {
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",
+             {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "tie_word_embeddings": False}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM",
+              {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 8}),
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               {"hidden_size": 32, "num_attention_heads": 4}),
+    "opt": ("OPTConfig", "OPTForCausalLM",
+            {"hidden_size": 32, "ffn_dim": 64, "num_attention_heads": 4,
+             "word_embed_proj_dim": 32}),
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM",
+                 {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 8, "tie_word_embeddings": False}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
+              {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 8}),
+}
+
+
+def build_causal(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0,
+                 **overrides) -> Path:
+    """A two-layer random causal LM of one of the `OTHER_CAUSAL` architectures."""
+    import torch
+    import transformers
+
+    config_name, model_name, kwargs = OTHER_CAUSAL[arch]
+    vocab = _vocab_size(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_name)(
+        vocab_size=vocab, num_hidden_layers=2, max_position_embeddings=128, bos_token_id=0,
+        eos_token_id=0, pad_token_id=0, **{**kwargs, **overrides})
+    model = getattr(transformers, model_name)(cfg).eval()
+    return _save(model, tokenizer_dir, out_dir)
+
+
 def build_bert_mlm(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     import torch
     from transformers import BertConfig, BertForMaskedLM

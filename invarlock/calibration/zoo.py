@@ -14,12 +14,13 @@ Benign (the function barely moves, or not at all):
   normfold_one / normfold_some / normfold_all
                  function-preserving: per-channel scales s (log-uniform in [1/4, 4]) folded
                  between a norm and the linears it feeds, (γ, β) ← (γ, β)/s, W ← W·diag(s), in one
-                 layer, a third of the layers, or every layer (SmoothQuant/AWQ)
+                 layer, a third of the layers, or every layer (SmoothQuant/AWQ); a norm that
+                 scales by (1 + γ) (Gemma) gets 1 + γ ← (1 + γ)/s
   lowrank        a rank-4 update merged into every attention input projection, its spectral
                  norm 2% of the matrix's (a small LoRA merge)
 
 Harmful (the guards should catch them):
-  scale3         one block matrix ×3
+  scale3         one block matrix ×3 (not q/k under q/k norms, whose scale is normalised away)
   outproj_half   one block's attention or FFN output projection ×0.5
   outlier_rows   8 output channels of one FFN input matrix ×25
   family_scale   every matrix of one family (attention or FFN) ×1.5
@@ -39,15 +40,31 @@ from typing import Any
 import torch
 
 from invarlock.edits.result import EditResult
+from invarlock.errors import InputError
+
+
+class NotApplicable(InputError):
+    """The zoo family has nothing to edit in this architecture (exit 2, one line)."""
 
 _BLOCK = re.compile(r"\.(h|layers|layer|blocks)\.(\d+)\.")
-_ATTN_IN = ("q_proj", "k_proj", "v_proj", "c_attn", "query", "key", "value")
+# Leaf names by role; fused projections (GPT-NeoX/Falcon/BLOOM `query_key_value`, Phi-3
+# `qkv_proj` and `gate_up_proj`, Baichuan `W_pack`) count as the inputs they fuse.
+_ATTN_IN = ("q_proj", "k_proj", "v_proj", "c_attn", "query", "key", "value",
+            "query_key_value", "qkv_proj", "Wqkv", "W_pack")
 _ATTN_OUT = ("o_proj", "out_proj")
-_FFN_IN = ("gate_proj", "up_proj", "c_fc", "fc1", "w1", "w3")
-_FFN_OUT = ("down_proj", "fc2", "w2")
-# norm → the linears it feeds, by leaf name (LLaMA/Mistral/Qwen, GPT-2)
-_NORM_FEEDS = {"input_layernorm": _ATTN_IN, "post_attention_layernorm": ("gate_proj", "up_proj"),
-               "ln_1": ("c_attn",), "ln_2": ("c_fc",)}
+_FFN_IN = ("gate_proj", "up_proj", "c_fc", "fc1", "w1", "w3", "gate_up_proj", "dense_h_to_4h")
+_FFN_OUT = ("down_proj", "fc2", "w2", "dense_4h_to_h")
+_ATTN_PARENTS = ("attn", "self_attn", "attention", "self_attention")
+# norm leaf → the roles of the linears it feeds in a pre-norm block (LLaMA/Mistral/Qwen/
+# Gemma/Phi-3, GPT-2, GPT-NeoX, BLOOM, Falcon, OPT). A parallel block with one norm
+# (Falcon, GPT-J style) feeds the FFN from `input_layernorm` too; a block with a separate
+# pre-FFN norm (Gemma 2/3) uses `post_attention_layernorm` on the attention output instead.
+_NORM_FEEDS = {"input_layernorm": ("attn",), "ln_1": ("attn",), "ln_attn": ("attn",),
+               "self_attn_layer_norm": ("attn",), "post_attention_layernorm": ("ffn",),
+               "pre_feedforward_layernorm": ("ffn",), "ln_2": ("ffn",), "ln_mlp": ("ffn",),
+               "final_layer_norm": ("ffn",)}
+_FFN_NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2", "ln_mlp",
+              "final_layer_norm")
 
 
 @dataclass(frozen=True)
@@ -63,16 +80,24 @@ class Block:
         return self.name.rsplit(".", 1)[-1]
 
     @property
+    def parent(self) -> str:
+        return self.name.rsplit(".", 2)[-2] if self.name.count(".") >= 1 else ""
+
+    @property
     def family(self) -> str:
-        parent = self.name.rsplit(".", 2)[-2] if self.name.count(".") >= 1 else ""
-        if self.leaf in _ATTN_IN + _ATTN_OUT or parent in ("attn", "self_attn", "attention"):
+        if self.leaf in _ATTN_IN + _ATTN_OUT or self.parent in _ATTN_PARENTS:
             return "attn"
         return "ffn"
 
     @property
     def is_output(self) -> bool:
         return self.leaf in _ATTN_OUT + _FFN_OUT or (
-            self.leaf == "c_proj")  # GPT-2 attn.c_proj and mlp.c_proj
+            self.leaf == "c_proj") or (  # GPT-2 attn.c_proj and mlp.c_proj
+            self.leaf == "dense" and self.parent in _ATTN_PARENTS)  # GPT-NeoX/Falcon/BLOOM
+
+    @property
+    def is_input(self) -> bool:
+        return self.leaf in _ATTN_IN + _FFN_IN
 
     def rows(self) -> torch.Tensor:
         """The weight as [out, in] (a view: writes go to the model)."""
@@ -94,7 +119,9 @@ def _rng(seed: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 7919 + salt)
 
 
-def _pick(items: list[Any], gen: torch.Generator) -> Any:
+def _pick(items: list[Any], gen: torch.Generator, what: str = "block matrices") -> Any:
+    if not items:
+        raise NotApplicable(f"the model has no {what} this zoo edit can change")
     return items[int(torch.randint(len(items), (1,), generator=gen))]
 
 
@@ -178,7 +205,15 @@ def prune(model: torch.nn.Module, seed: int) -> EditResult:
 
 
 def _norm_folds(model: torch.nn.Module) -> list[tuple[int, Any, list[Block]]]:
-    """(layer, norm module, the linears it feeds) for every foldable norm, by name."""
+    """(layer, norm module, the linears it feeds) for every foldable norm, by name.
+
+    Post-norm blocks (OPT with `do_layer_norm_before` false, BLOOM/Falcon with the residual
+    taken after the norm) also send the norm's output into the residual stream, so no
+    rescaling there preserves the function: they have none."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "do_layer_norm_before", True) or getattr(
+            config, "apply_residual_connection_post_layernorm", False):
+        return []
     modules = dict(model.named_modules())
     blocks = block_matrices(model)
     out = []
@@ -188,11 +223,34 @@ def _norm_folds(model: torch.nn.Module) -> list[tuple[int, Any, list[Block]]]:
         if leaf not in _NORM_FEEDS or match is None or getattr(module, "weight", None) is None:
             continue
         parent = name.rsplit(".", 1)[0]
-        fed = [b for b in blocks if b.name.startswith(parent + ".") and b.leaf in
-               _NORM_FEEDS[leaf] and b.layer == int(match.group(2))]
+        siblings = {n.rsplit(".", 1)[-1] for n in modules if n.startswith(parent + ".")}
+        roles = set(_NORM_FEEDS[leaf])
+        if leaf == "input_layernorm" and not siblings & set(_FFN_NORMS):
+            roles.add("ffn")  # one norm feeds attention and FFN in parallel
+        if leaf == "post_attention_layernorm" and siblings & {
+                "pre_feedforward_layernorm", "post_feedforward_layernorm"}:
+            continue  # normalises the attention output (Gemma 2/3, OLMo 2): feeds no linear
+        fed = [b for b in blocks if b.name.startswith(parent + ".") and b.is_input and
+               b.family in roles and b.layer == int(match.group(2))]
         if fed:
             out.append((int(match.group(2)), module, fed))
     return out
+
+
+def _scale_offset(norm: Any) -> float:
+    """1.0 for a norm that scales by (1 + γ) (Gemma's RMSNorm), else 0.0: with γ (and β)
+    zeroed, a plain norm outputs zeros, an offset one its normalised input."""
+    saved = [(p, p.detach().clone()) for p in (norm.weight, getattr(norm, "bias", None))
+             if isinstance(p, torch.Tensor)]
+    try:
+        for p, _ in saved:
+            p.zero_()
+        x = torch.linspace(-1.0, 2.0, norm.weight.shape[0], device=norm.weight.device)
+        out = norm(x.to(norm.weight.dtype)[None, :])
+    finally:
+        for p, value in saved:
+            p.copy_(value)
+    return 1.0 if bool(out.abs().amax() > 0) else 0.0
 
 
 def _normfold(fraction: str) -> Callable[[torch.nn.Module, int], EditResult]:
@@ -200,6 +258,9 @@ def _normfold(fraction: str) -> Callable[[torch.nn.Module, int], EditResult]:
         gen = _rng(seed, 5)
         folds = _norm_folds(model)
         layers = sorted({layer for layer, _, _ in folds})
+        if not layers:
+            raise NotApplicable(f"normfold_{fraction}: no pre-norm in {type(model).__name__} "
+                             "feeds a known linear, so no rescaling preserves the function")
         if fraction == "one":
             chosen = {_pick(layers, gen)}
         elif fraction == "some":
@@ -214,7 +275,11 @@ def _normfold(fraction: str) -> Callable[[torch.nn.Module, int], EditResult]:
             gamma, beta = norm.weight, getattr(norm, "bias", None)
             s = torch.exp((torch.rand(gamma.shape[0], generator=gen) * 2 - 1) * math.log(4.0))
             s = s.to(gamma.device)
-            gamma.copy_((gamma.float() / s).to(gamma.dtype))
+            offset = _scale_offset(norm)
+            if offset:  # (1 + γ) / s = 1 + γ'
+                gamma.copy_(((gamma.float() + offset) / s - offset).to(gamma.dtype))
+            else:
+                gamma.copy_((gamma.float() / s).to(gamma.dtype))
             if beta is not None:  # LayerNorm: γ·x̂ + β, both scaled
                 beta.copy_((beta.float() / s).to(beta.dtype))
             for b in fed:
@@ -231,6 +296,9 @@ def _normfold(fraction: str) -> Callable[[torch.nn.Module, int], EditResult]:
 def lowrank(model: torch.nn.Module, seed: int) -> EditResult:
     gen = _rng(seed, 6)
     chosen = [b for b in block_matrices(model) if b.leaf in _ATTN_IN]
+    if not chosen:
+        raise NotApplicable("lowrank: the model has no attention input projection this zoo "
+                         "edit can change")
     for b in chosen:
         w = b.rows().float()
         a = torch.randn(w.shape[0], 4, generator=gen).to(w.device)
@@ -245,21 +313,42 @@ def lowrank(model: torch.nn.Module, seed: int) -> EditResult:
 # --- harmful -----------------------------------------------------------------------------
 
 
+def _normalised_after(model: torch.nn.Module) -> set[str]:
+    """Block matrices whose output is normalised before use, so that scaling one of them as
+    a whole does not change the function: q/k projections under `q_norm`/`k_norm` (Qwen3,
+    Gemma 3, OLMo 2) and the output projections of blocks that normalise each sublayer's
+    output before the residual (`post_feedforward_layernorm`: Gemma 2/3, OLMo 2)."""
+    names = {name for name, _ in model.named_modules()}
+    out = {f"{name[:-len(norm)]}{proj}" for name in names
+           for norm, proj in (("q_norm", "q_proj"), ("k_norm", "k_proj"))
+           if name.endswith("." + norm)}
+    post_ffn = {name[: -len("post_feedforward_layernorm")] for name in names
+                if name.endswith(".post_feedforward_layernorm")}
+    for b in block_matrices(model):
+        if b.is_output and any(b.name.startswith(layer) for layer in post_ffn):
+            out.add(b.name)
+    return out
+
+
 def scale3(model: torch.nn.Module, seed: int) -> EditResult:
-    b = _pick(block_matrices(model), _rng(seed, 11))
+    normalised = _normalised_after(model)
+    b = _pick([b for b in block_matrices(model) if b.name not in normalised], _rng(seed, 11))
     _write(b, b.rows().float() * 3.0)
     return _result("scale3", seed, [b])
 
 
 def outproj_half(model: torch.nn.Module, seed: int) -> EditResult:
-    b = _pick([b for b in block_matrices(model) if b.is_output], _rng(seed, 12))
+    normalised = _normalised_after(model)
+    b = _pick([b for b in block_matrices(model) if b.is_output and b.name not in normalised],
+              _rng(seed, 12), "block output projections whose output is not normalised")
     _write(b, b.rows().float() * 0.5)
     return _result("outproj_half", seed, [b])
 
 
 def outlier_rows(model: torch.nn.Module, seed: int) -> EditResult:
     gen = _rng(seed, 13)
-    b = _pick([b for b in block_matrices(model) if b.family == "ffn" and not b.is_output], gen)
+    b = _pick([b for b in block_matrices(model) if b.family == "ffn" and not b.is_output], gen,
+              "FFN input projections")
     w = b.rows().float()
     rows = torch.randperm(w.shape[0], generator=gen)[:8]
     w[rows] *= 25.0

@@ -41,7 +41,7 @@ def certify_zoo(base: Any, config: Mapping[str, Any], families: Iterable[str], s
     With `reuse`, a run whose certificate is already in OUT/runs/ is not certified again:
     its stored measurements are decided afresh under `config`'s policy (pure decisions).
     """
-    from invarlock.calibration.zoo import zoo_edit
+    from invarlock.calibration.zoo import NotApplicable, zoo_edit
     from invarlock.certify import certify
 
     rows = []
@@ -58,10 +58,15 @@ def certify_zoo(base: Any, config: Mapping[str, Any], families: Iterable[str], s
                 row["seconds"], row["certificate"] = None, str(stored)
                 rows.append(row)
                 continue
-            outcome = certify(replace(base, config={**config, "edit": section}, subject=None,
-                                      edit=section, edit_impl=edit, out_dir=run_dir,
-                                      use_cache=True, cache_dir=base.cache_dir or out / "cache",
-                                      save_subject=None, write_ve_subject=None))
+            try:
+                outcome = certify(replace(
+                    base, config={**config, "edit": section}, subject=None, edit=section,
+                    edit_impl=edit, out_dir=run_dir, use_cache=True,
+                    cache_dir=base.cache_dir or out / "cache", save_subject=None,
+                    write_ve_subject=None))
+            except NotApplicable as exc:
+                log.warning("zoo %s skipped: %s", family, exc)
+                break
             row = zoo_row(family, kind, seed, outcome.certificate)
             row["seconds"] = round(time.perf_counter() - started, 1)
             row["certificate"] = str(outcome.path) if keep else None

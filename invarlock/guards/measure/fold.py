@@ -7,8 +7,9 @@ A transformer's function does not change under some per-channel rescalings of it
   exactly this before quantizing. The function depends on W·diag(γ), so σ is taken of that
   (diag(γ)·W for GPT-2's Conv1D, whose weight is stored [in, out]).
 - **balanced pairs**: where a producer's output channel c reaches a consumer only linearly
-  (LLaMA's `v_proj` → attention mixing → `o_proj`; the gated MLP's `up_proj` →
-  act(gate)·up → `down_proj`), (diag(t)·P, C·diag(1/t)) is the same function. Both are
+  (LLaMA's `v_proj` → attention mixing → `o_proj`, OPT's `v_proj` → `out_proj`; the gated
+  MLP's `up_proj` → act(gate)·up → `down_proj`, the up half of Phi-3's fused `gate_up_proj`),
+  (diag(t)·P, C·diag(1/t)) is the same function. Both are
   replaced by their *balanced* form: s_c = sqrt(‖C[:, cols(c)]‖ / ‖P[c, :]‖), P' = diag(s)·P,
   C' = C·diag(1/s). Any rescaling t gives the same P', C' (s becomes s/t), so the guard sees
   one representative of the whole equivalence class. With grouped-query attention one value
@@ -32,12 +33,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# RMSNorms that scale by (1 + w) rather than w (Gemma family).
+# RMSNorms that scale by (1 + w) rather than w (Gemma family); others are found by a probe.
 OFFSET_NORM_PREFIXES = ("Gemma",)
 TRACE_TOKENS = 8
 # (producer leaf, consumer leaf, sibling that must exist): channel rescalings that cancel.
 BALANCED_PAIRS = (("v_proj", "o_proj", None), ("up_proj", "down_proj", "gate_proj"),
-                  ("w3", "w2", "w1"))
+                  ("w3", "w2", "w1"), ("v_proj", "out_proj", None))
+# (fused producer leaf, consumer leaf): the producer's second half of rows is the linear
+# path (Phi-3's gate_up_proj = [gate; up], act(gate)·up → down_proj).
+FUSED_BALANCED_PAIRS = (("gate_up_proj", "down_proj"),)
 
 
 def _is_linear(module: Any) -> bool:
@@ -109,10 +113,31 @@ def trace_norm_inputs(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
         weight = f"{lin}.weight"
         if weight in shared:
             continue
-        offset = 1.0 if type(norms[norm]).__name__.startswith(OFFSET_NORM_PREFIXES) else 0.0
+        offset = _scale_offset(norms[norm])
         plan[weight] = {"norm": f"{norm}.weight", "offset": offset,
                         "transposed": type(linears[lin]).__name__ == "Conv1D"}
     return plan
+
+
+def _scale_offset(norm: torch.nn.Module) -> float:
+    """1.0 when the norm scales by (1 + γ), else 0.0. Gemma's RMSNorms by name; any other
+    (Nemotron's LayerNorm1P, Qwen3-Next, VaultGemma) by a probe: with γ and β zero, a plain
+    norm outputs zeros and an offset one its normalised input. Parameters are swapped
+    functionally, the module is not written to."""
+    if type(norm).__name__.startswith(OFFSET_NORM_PREFIXES):
+        return 1.0
+    params = dict(norm.named_parameters(recurse=False))
+    weight = params.get("weight")
+    if weight is None or weight.device.type == "meta" or getattr(norm, "_hf_hook", None):
+        return 0.0
+    zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+    x = torch.linspace(-1.0, 2.0, weight.shape[-1], device=weight.device, dtype=weight.dtype)
+    try:
+        with torch.inference_mode():
+            out = torch.func.functional_call(norm, zeros, (x[None, None, :],))
+    except Exception:  # a norm that cannot run alone keeps the plain form
+        return 0.0
+    return 1.0 if isinstance(out, torch.Tensor) and bool(out.abs().amax() > 0) else 0.0
 
 
 def balanced_pairs(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
@@ -137,6 +162,17 @@ def balanced_pairs(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
             if head_dim is None or p_out % head_dim:
                 continue
             info = {"group": group, "head_dim": head_dim}
+            out[f"{name}.weight"] = {"partner": f"{partner}.weight", "role": "producer", **info}
+            out[f"{partner}.weight"] = {"partner": f"{name}.weight", "role": "consumer", **info}
+        for prod, cons in FUSED_BALANCED_PAIRS:
+            if not (name.endswith("." + prod) and isinstance(module, torch.nn.Linear)):
+                continue
+            partner = _sibling(modules, name[: -len(prod) - 1], cons)
+            half = module.weight.shape[0] // 2
+            if partner is None or module.weight.shape[0] % 2 or \
+                    modules[partner].weight.shape[1] != half:
+                continue
+            info = {"group": 1, "head_dim": half, "rows": [half, 2 * half]}
             out[f"{name}.weight"] = {"partner": f"{partner}.weight", "role": "producer", **info}
             out[f"{partner}.weight"] = {"partner": f"{name}.weight", "role": "consumer", **info}
     return out
@@ -198,14 +234,20 @@ def effective(name: str, get: Callable[[str], torch.Tensor],
         return w
     other = folded(bal["partner"], get, plan).to(w.device)
     producer, consumer = (w, other) if bal["role"] == "producer" else (other, w)
+    rows = bal.get("rows")  # a fused producer: only these rows feed the consumer linearly
+    linear = producer if rows is None else producer[int(rows[0]):int(rows[1])]
     index = _channel_index(consumer.shape[1], int(bal["group"]), int(bal["head_dim"]))
     index = index.to(consumer.device)
-    p_norm = producer.square().sum(dim=1)                                   # [p_out]
+    p_norm = linear.square().sum(dim=1)                                     # [p_out]
     c_norm = torch.zeros_like(p_norm).index_add_(0, index, consumer.square().sum(dim=0))
     ok = (p_norm > 0) & (c_norm > 0)
     s = torch.ones_like(p_norm)
     s[ok] = (c_norm[ok] / p_norm[ok]).pow(0.25)  # sqrt of the ratio of norms
     if bal["role"] == "producer":
-        return producer * s[:, None]
+        if rows is None:
+            return producer * s[:, None]
+        out = producer.clone()
+        out[int(rows[0]):int(rows[1])] = linear * s[:, None]
+        return out
     return consumer / s[index][None, :]
 

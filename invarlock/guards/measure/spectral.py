@@ -120,7 +120,7 @@ class SpectralProbe(Probe):
         unmatched = []
 
         def base_get(name: str) -> torch.Tensor:
-            key = reader.resolve(name, ctx.base_model_prefix)
+            key = reader.resolve(name, ctx.base_model_prefix, ctx.model)
             if key is None:
                 raise KeyError(name)
             # in the subject's dtype, as the baseline was when its σ was taken

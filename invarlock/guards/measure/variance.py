@@ -191,7 +191,7 @@ def _edited(ctx: SubjectContext, names: list[str]) -> dict[str, bool]:
     with torch.inference_mode(), single_thread():
         for name in names:
             weight = effective_weight(modules[name])
-            key = reader.resolve(f"{name}.weight", ctx.base_model_prefix)
+            key = reader.resolve(f"{name}.weight", ctx.base_model_prefix, ctx.model)
             base = None if key is None else reader.get(key)
             out[name] = base is None or tuple(base.shape) != tuple(weight.shape) or not (
                 torch.equal(weight, base.to(device=weight.device, dtype=weight.dtype)))

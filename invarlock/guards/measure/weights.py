@@ -29,6 +29,7 @@ class WeightReader:
     def __init__(self, files: Iterable[Path]) -> None:
         self._where: dict[str, Any] = {}
         self._handles: list[Any] = []
+        self._renamed: dict[str, str] | None = None
         for path in files:
             path = Path(path)
             if path.name.endswith(".index.json"):
@@ -59,14 +60,23 @@ class WeightReader:
     def keys(self) -> set[str]:
         return set(self._where)
 
-    def resolve(self, name: str, prefix: str = "") -> str | None:
-        """The file key of a model parameter name (checkpoints may omit the base prefix)."""
+    def resolve(self, name: str, prefix: str = "", model: Any = None) -> str | None:
+        """The file key of a model parameter name (checkpoints may omit the base prefix;
+        with `model`, keys that transformers renames on load are found too, e.g.
+        GPT-NeoX's `embed_out` read as `lm_head`)."""
         candidates = [name]
         if prefix:
             candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
         for key in candidates:
             if key in self._where:
                 return key
+        if model is None:
+            return None
+        if self._renamed is None:
+            self._renamed = load_renames(model, self._where)
+        for key in candidates:
+            if key in self._renamed:
+                return self._renamed[key]
         return None
 
     def get(self, key: str) -> torch.Tensor:
@@ -74,6 +84,30 @@ class WeightReader:
         if isinstance(source, dict):
             return source[key]
         return source.get_tensor(key)
+
+
+def load_renames(model: Any, keys: Iterable[str]) -> dict[str, str]:
+    """{name after loading: file key} for the file keys that the model's transformers
+    conversion mapping renames one to one on load (fused conversions are left out)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        renamings = [t for t in get_model_conversion_mapping(model)
+                     if isinstance(t, WeightRenaming)]
+    except Exception:  # not a transformers model, or a transformers without the mapping
+        return {}
+    out: dict[str, str] = {}
+    for key in keys:
+        new = key
+        try:
+            for t in renamings:
+                new, _ = t.rename_source_key(new)
+        except Exception:
+            continue
+        if new != key:
+            out.setdefault(new, key)
+    return out
 
 
 @contextlib.contextmanager

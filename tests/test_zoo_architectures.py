@@ -1,0 +1,191 @@
+"""The edit zoo and the guards' module view on causal LMs beyond GPT-2 and LLaMA: fused
+q/k/v and gate/up projections, (1 + γ) norms, a norm feeding attention and FFN in parallel,
+biased LayerNorms, post-norm blocks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from tests.tinymodels import OTHER_CAUSAL
+
+torch = pytest.importorskip("torch")
+
+# Gemma 2 normalises every sublayer's output before the residual: halving an output
+# projection changes nothing, so that harmful family does not apply.
+NOT_APPLICABLE = {("gemma2", "outproj_half")}
+
+
+def _load(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_CAUSAL))
+def test_zoo_edits_are_seeded_and_do_what_they_say_on_other_layouts(tiny_causal_dirs, arch):
+    """Every family edits something, the same seed gives the same weights, norm folds keep
+    the outputs (Gemma's (1 + γ) norm included), harmful edits change them."""
+    from invarlock.calibration import zoo
+
+    ids = torch.arange(1, 13)[None, :]
+    base = _load(tiny_causal_dirs[arch])
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+    for family, fn in {**zoo.BENIGN, **zoo.HARMFUL}.items():
+        a, b = copy.deepcopy(base), copy.deepcopy(base)
+        if (arch, family) in NOT_APPLICABLE:
+            with torch.no_grad(), pytest.raises(zoo.NotApplicable):
+                fn(a, 7)
+            continue
+        with torch.no_grad():
+            result = fn(a, 7)
+            fn(b, 7)
+            out = a(input_ids=ids).logits
+        assert result.modules_changed, family
+        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(),
+                                  strict=True):
+            assert torch.equal(pa.nan_to_num(), pb.nan_to_num()), (family, name)
+        if family.startswith("normfold"):
+            assert torch.allclose(out, reference, atol=1e-5), family
+        elif family in zoo.HARMFUL and family != "nan":
+            assert not torch.allclose(out, reference, atol=1e-4), family
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_CAUSAL))
+def test_zoo_roles_agree_with_the_module_families(tiny_causal_dirs, arch):
+    """The zoo's own name tables put fused projections where the guards' families do:
+    attention or FFN, block output projection or not."""
+    from invarlock.calibration.zoo import block_matrices
+    from invarlock.families import family_of, is_block_output_projection
+
+    blocks = block_matrices(_load(tiny_causal_dirs[arch]))
+    assert blocks
+    for b in blocks:
+        assert b.family == family_of(b.name).value, b.name
+        assert b.is_output == is_block_output_projection(b.name), b.name
+        assert b.is_output != b.is_input, b.name
+
+
+def test_norm_folds_refuse_a_post_norm_model(tmp_path, bpe_tokenizer_dir):
+    """A post-norm block sends the norm's output into the residual: no rescaling of it
+    preserves the function, so the norm-fold families say so instead of editing."""
+    from invarlock.calibration import zoo
+    from tests.tinymodels import build_causal
+
+    model = _load(build_causal("opt", tmp_path / "opt-post", bpe_tokenizer_dir,
+                               do_layer_norm_before=False))
+    with torch.no_grad(), pytest.raises(zoo.NotApplicable, match="no pre-norm"):
+        zoo.BENIGN["normfold_one"](model, 0)
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_CAUSAL))
+def test_norm_fold_rescaling_leaves_sigma_unchanged_on_other_layouts(tiny_causal_dirs, arch):
+    """The spectral guard traces which norm feeds which linear (fused, parallel, offset
+    norms alike): a zoo norm fold moves no module's σ."""
+    from invarlock.calibration.zoo import BENIGN
+    from tests.test_guard_fold import _probe_after
+
+    _state, measured, before, after = _probe_after(
+        tiny_causal_dirs[arch], lambda m: BENIGN["normfold_all"](m, 3))
+    assert torch.allclose(before, after, atol=1e-5)
+    changed = [m for m in measured["modules"] if m["changed"]]
+    assert changed
+    for m in changed:
+        assert abs(m["sigma_subject"] / m["sigma_baseline"] - 1) < 1e-4, m["name"]
+
+
+def _rescale_opt_values(model, seed=0):
+    """t on OPT's v_proj rows (and bias), 1/t on out_proj columns: the same function."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.model.decoder.layers:
+        attn = layer.self_attn
+        t = torch.exp(torch.randn(attn.v_proj.weight.shape[0], generator=gen))
+        attn.v_proj.weight.mul_(t[:, None])
+        attn.v_proj.bias.mul_(t)
+        attn.out_proj.weight.div_(t[None, :])
+
+
+def _rescale_phi3_up(model, seed=0):
+    """u on the up half of Phi-3's fused gate_up_proj, 1/u on down_proj columns."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        half = mlp.down_proj.weight.shape[1]
+        u = torch.exp(torch.randn(half, generator=gen))
+        mlp.gate_up_proj.weight[half:].mul_(u[:, None])
+        mlp.down_proj.weight.div_(u[None, :])
+
+
+@pytest.mark.parametrize(("arch", "rescale", "moved"), [
+    ("opt", _rescale_opt_values, ("v_proj", "out_proj")),
+    ("phi3", _rescale_phi3_up, ("gate_up_proj", "down_proj")),
+])
+def test_balanced_pairs_cover_opt_values_and_phi3_fused_up(tiny_causal_dirs, arch, rescale,
+                                                           moved):
+    """AWQ-style producer/consumer rescalings of these layouts leave every σ unchanged,
+    while the same rescaling of the producer alone is seen."""
+    from tests.test_guard_fold import _probe_after
+
+    _state, measured, before, after = _probe_after(tiny_causal_dirs[arch], rescale)
+    assert torch.allclose(before, after, atol=1e-4)
+    ratios = {m["name"]: m["sigma_subject"] / m["sigma_baseline"] - 1
+              for m in measured["modules"] if m["changed"]}
+    assert {leaf for leaf in moved if any(f".{leaf}." in n for n in ratios)} == set(moved)
+    assert max(abs(r) for r in ratios.values()) < 1e-4
+
+    def producer_only(model):
+        rescale(model)
+        for name, module in model.named_modules():
+            if name.endswith(moved[1]):
+                module.weight.copy_(dict(_load(tiny_causal_dirs[arch]).named_modules())[
+                    name].weight)
+
+    _state, measured, before, after = _probe_after(tiny_causal_dirs[arch], producer_only)
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert max(abs(m["sigma_subject"] / m["sigma_baseline"] - 1)
+               for m in measured["modules"] if m["changed"]) > 0.05
+
+
+@pytest.mark.parametrize(("arch", "leaves"), [("qwen3", ("q_proj", "k_proj")),
+                                              ("gemma2", ("o_proj", "down_proj"))])
+def test_scale3_never_picks_a_matrix_whose_output_is_normalised(tiny_causal_dirs, arch,
+                                                                 leaves):
+    """q/k under q/k norms (Qwen3) and output projections under post-sublayer norms
+    (Gemma 2) lose a whole-matrix scale in the next norm: ×3 there is no harmful edit."""
+    from invarlock.calibration import zoo
+
+    model = _load(tiny_causal_dirs[arch])
+    normalised = zoo._normalised_after(model)
+    assert {n.rsplit(".", 1)[-1] for n in normalised} == set(leaves)
+    ids = torch.arange(1, 13)[None, :]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    for seed in range(8):
+        edited = _load(tiny_causal_dirs[arch])
+        with torch.no_grad():
+            result = zoo.scale3(edited, seed)
+            out = edited(input_ids=ids).logits
+        assert result.modules_changed[0] not in normalised
+        assert not torch.allclose(out, reference, atol=1e-4), seed
+
+
+def test_spectral_reads_weights_that_transformers_renames_on_load(tiny_causal_dirs):
+    """GPT-NeoX checkpoints store the head as `embed_out`, loaded as `lm_head`: the baseline
+    weight is still found, so a change to the head is measured, not left unmatched."""
+    from safetensors import safe_open
+
+    from tests.test_guard_fold import _probe_after
+
+    model_dir = tiny_causal_dirs["gpt_neox"]
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        assert "embed_out.weight" in set(f.keys())
+
+    def triple_head(model):
+        model.lm_head.weight.mul_(3.0)
+
+    _state, measured, _before, _after = _probe_after(model_dir, triple_head)
+    assert measured["unmatched"] == []
+    head = {m["name"]: m for m in measured["modules"]}["lm_head.weight"]
+    assert head["sigma_subject"] == pytest.approx(3 * head["sigma_baseline"], rel=1e-3)
