@@ -212,3 +212,23 @@ def test_calibrate_on_zoo_families_derives_the_module_limit(tiny_gpt2_dir, sonne
     preset = yaml.safe_load((out / "calibration.yaml").read_text())
     assert preset["guards"]["spectral"]["module_change_limit"] == limit["limit"]
     assert set(stats["top_abs_z"]) == set(stats["runs"])
+
+
+def test_zoo_row_counts_the_primary_metric_apart_from_guards_and_the_evidence_floor():
+    from invarlock.calibration.zoo_run import zoo_row
+
+    def cert(primary_ok: bool, spectral_ok: bool) -> dict:
+        return {"verdict": {"status": "PASS" if primary_ok and spectral_ok else "FAIL"},
+                "primary_metric": {"ratio": 1.01, "ratio_ci": [1.0, 1.02]},
+                "guards": {"spectral": {"flag": "spectral_stable", "passed": spectral_ok}},
+                "validation": {"primary_metric_acceptable": primary_ok,
+                               "evidence_meets_profile": False,
+                               "spectral_stable": spectral_ok}}
+
+    small_windows = zoo_row("noise", "benign", 1, cert(True, True))
+    assert small_windows["primary_ok"] is True and small_windows["evidence_ok"] is False
+    assert small_windows["failing"] == ["evidence_meets_profile"]
+    caught_by_spectral = zoo_row("scale3", "harmful", 0, cert(True, False))
+    assert caught_by_spectral["primary_ok"] is True and caught_by_spectral["spectral"] is False
+    caught_by_primary = zoo_row("rtn4", "harmful", 0, cert(False, True))
+    assert caught_by_primary["primary_ok"] is False

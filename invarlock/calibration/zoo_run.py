@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from invarlock.gate import EVIDENCE_FLAG
+
 log = logging.getLogger(__name__)
 
 BENIGN = ("rtn8_channel", "rtn8_group", "fp16", "bf16", "noise", "prune", "normfold_one",
@@ -102,8 +104,12 @@ def zoo_row(family: str, kind: str, seed: int, cert: Mapping[str, Any]) -> dict[
     row: dict[str, Any] = {
         "family": family, "kind": kind, "seed": seed, "verdict": cert["verdict"]["status"],
         "ratio": pm.get("ratio"), "ratio_ci_high": (pm.get("ratio_ci") or [None, None])[1],
+        # the primary metric's own flags: neither a guard's nor the evidence floor's, which
+        # small zoo windows fall below by design (recorded as evidence_ok)
         "primary_ok": all(ok for flag, ok in cert["validation"].items()
-                          if flag not in {g.get("flag") for g in guards.values()}),
+                          if flag not in {g.get("flag") for g in guards.values()}
+                          and flag != EVIDENCE_FLAG),
+        "evidence_ok": cert["validation"].get(EVIDENCE_FLAG),
         "failing": [f for f, ok in cert["validation"].items() if not ok],
     }
     for name in GUARDS:
