@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from child import run_child
 
 
 def prepare_gguf(model_dir: Path, out: Path, qtype: str) -> Path:
@@ -65,19 +64,12 @@ def run_once(model: Path, subject: Path, out: Path, cache: Path, preset: Path) -
     cmd = [sys.executable, "-m", "invarlock", "certify", "--baseline", str(model),
            "--subject", str(subject), "--dataset", "demo", "--profile", "dev", "--out",
            str(out), "--cache-dir", str(cache), "--preset", str(preset), "--json", "--quiet"]
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB on Linux)
-        wall = time.perf_counter() - start
-        code = os.waitstatus_to_exitcode(status)
-        stdout.seek(0)
-        stderr.seek(0)
-        if code not in (0, 1):
-            sys.exit(f"certify {subject} failed ({code}):\n{stderr.read()}")
-        summary = json.loads(stdout.read())
+    child = run_child(cmd)
+    if child.code not in (0, 1):
+        sys.exit(f"certify {subject} failed ({child.code}):\n{child.stderr}")
+    summary = json.loads(child.stdout)
     cert = json.loads(Path(summary["certificate"]).read_text())
-    return {"wall": wall, "peak_mib": usage.ru_maxrss / 1024, "summary": summary, "cert": cert}
+    return {"wall": child.wall, "peak_mib": child.peak / 2**20, "summary": summary, "cert": cert}
 
 
 def subject_tokens_per_second(cert: dict) -> float | None:

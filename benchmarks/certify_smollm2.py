@@ -29,11 +29,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from child import run_child
 
 HERE = Path(__file__).resolve()
 GB = 1e9
@@ -123,19 +124,11 @@ def _certify_batch_size(evaluate: object, model: object, plan: object) -> int:
 
 def _spawn(args: list[str], code: Path) -> tuple[float, float, str]:
     """Run a child; returns (wall seconds, peak RSS bytes, stdout)."""
-    env = {**os.environ, "PYTHONPATH": str(code)}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, text=True,
-                                cwd=code, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB on Linux)
-        wall = time.perf_counter() - start
-        code_ = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if code_ not in (0, 1):
-            sys.exit(f"{' '.join(args[:3])} failed ({code_}):\n{err.read()[-3000:]}")
-        return wall, usage.ru_maxrss * 1024.0, out.read()
+    child = run_child([sys.executable, *args], cwd=code,
+                      env={**os.environ, "PYTHONPATH": str(code)})
+    if child.code not in (0, 1):
+        sys.exit(f"{' '.join(args[:3])} failed ({child.code}):\n{child.stderr[-3000:]}")
+    return child.wall, child.peak, child.stdout
 
 
 def certify(code: Path, model: Path, subject: Path, out: Path, cache: Path,

@@ -1,4 +1,5 @@
-"""Helpers for guard tests: a briefly trained tiny GPT-2, targeted damage, a certify runner."""
+"""Helpers for guard tests: a briefly trained tiny GPT-2, targeted damage, a certify runner,
+and the edit zoo's contract on a model."""
 
 from __future__ import annotations
 
@@ -151,3 +152,36 @@ def certify(*args: str, cache: Path | None = None,
     if summary.get("certificate"):
         cert = document.load_certificate(summary["certificate"])
     return result.exit_code, summary, cert
+
+
+def check_zoo_edits(fresh: Callable[[], object], *, fold_atol: float, harm_atol: float,
+                    not_applicable: frozenset[str] = frozenset()) -> None:
+    """Every zoo family on fresh copies of one model: it edits something, the same seed gives
+    the same weights, norm folds keep the outputs (within `fold_atol`), harmful edits change
+    them (beyond `harm_atol`); families in `not_applicable` refuse with NotApplicable."""
+    import pytest
+    import torch
+
+    from invarlock.calibration import zoo
+
+    ids = torch.arange(1, 13)[None, :]
+    with torch.no_grad():
+        reference = fresh()(input_ids=ids).logits
+    for family, fn in {**zoo.BENIGN, **zoo.HARMFUL}.items():
+        a, b = fresh(), fresh()
+        if family in not_applicable:
+            with torch.no_grad(), pytest.raises(zoo.NotApplicable):
+                fn(a, 7)
+            continue
+        with torch.no_grad():
+            result = fn(a, 7)
+            fn(b, 7)
+            out = a(input_ids=ids).logits
+        assert result.modules_changed, family
+        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(),
+                                  strict=True):
+            assert torch.equal(pa.nan_to_num(), pb.nan_to_num()), (family, name)
+        if family.startswith("normfold"):
+            assert torch.allclose(out, reference, atol=fold_atol), family
+        elif family in zoo.HARMFUL and family != "nan":
+            assert not torch.allclose(out, reference, atol=harm_atol), family

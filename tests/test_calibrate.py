@@ -14,6 +14,21 @@ from invarlock.calibration import recipe
 from tests import guardkit as kit
 
 
+def _calibrate(baseline: Path, dataset: Path, tmp_path: Path, *args: str):
+    """`invarlock calibrate` on the fast preset into tmp_path/cal, single-threaded."""
+    from click.testing import CliRunner
+
+    from invarlock.cli import main
+
+    fast = tmp_path / "fast.yaml"
+    fast.write_text(kit.FAST)
+    with kit.one_thread():
+        return CliRunner().invoke(main, [
+            "calibrate", "--baseline", str(baseline), "--dataset", str(dataset),
+            "--preset", str(fast), "--out", str(tmp_path / "cal"), "--json", *args],
+            catch_exceptions=False)
+
+
 def test_budget_split_by_family_size():
     # 120 modules, budget 5: B_f = floor(5 M_f / 120 + 0.5)
     assert recipe.budget_split(5, {"ffn": 40, "attn": 40, "embed": 8, "other": 32}) == {
@@ -73,18 +88,8 @@ def test_noise_edit_is_one_int8_step_per_channel_and_seeded(tiny_gpt2_dir):
 
 
 def test_calibrate_writes_a_preset_that_certify_accepts(tiny_gpt2_dir, sonnets_path, tmp_path):
-    from click.testing import CliRunner
-
-    from invarlock.cli import main
-
-    fast = tmp_path / "fast.yaml"
-    fast.write_text(kit.FAST)
-    out = tmp_path / "cal"
-    with kit.one_thread():
-        result = CliRunner().invoke(main, [
-            "calibrate", "--baseline", str(tiny_gpt2_dir), "--dataset", str(sonnets_path),
-            "--preset", str(fast), "--seeds", "2", "--out", str(out), "--json"],
-            catch_exceptions=False)
+    result = _calibrate(tiny_gpt2_dir, sonnets_path, tmp_path, "--seeds", "2")
+    fast, out = tmp_path / "fast.yaml", tmp_path / "cal"
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["runs"] == 3
@@ -110,11 +115,7 @@ def test_calibrate_writes_a_preset_that_certify_accepts(tiny_gpt2_dir, sonnets_p
     assert "guards.spectral.family_caps.attn" in cert["policy"]["overrides"]
     # --resume recomputes the statistics from the stored reference certificates
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
-    with kit.one_thread():
-        again = CliRunner().invoke(main, [
-            "calibrate", "--baseline", str(tiny_gpt2_dir), "--dataset", str(sonnets_path),
-            "--preset", str(fast), "--seeds", "2", "--out", str(out), "--resume", "--json"],
-            catch_exceptions=False)
+    again = _calibrate(tiny_gpt2_dir, sonnets_path, tmp_path, "--seeds", "2", "--resume")
     assert again.exit_code == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")} == before
     assert yaml.safe_load((out / "calibration.yaml").read_text()) == preset
@@ -129,28 +130,11 @@ def test_zoo_edits_are_seeded_and_do_what_they_say(tiny_llama_dir, tiny_gpt2_dir
     from invarlock.calibration import zoo, zoo_run
 
     assert set(zoo.BENIGN) == set(zoo_run.BENIGN) and set(zoo.HARMFUL) == set(zoo_run.HARMFUL)
-    ids = torch.arange(1, 13)[None, :]
     for model_dir in (tiny_llama_dir, tiny_gpt2_dir):
         def fresh(model_dir=model_dir):
             return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
-        base = fresh()
-        with torch.no_grad():
-            reference = base(input_ids=ids).logits
-        for family, fn in {**zoo.BENIGN, **zoo.HARMFUL}.items():
-            a, b = fresh(), fresh()
-            with torch.no_grad():
-                result = fn(a, 7)
-                fn(b, 7)
-                out = a(input_ids=ids).logits
-            assert result.modules_changed, family
-            for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(),
-                                      strict=True):
-                assert torch.equal(pa.nan_to_num(), pb.nan_to_num()), (family, name)
-            if family.startswith("normfold"):
-                assert torch.allclose(out, reference, atol=1e-4), family
-            elif family in zoo.HARMFUL and family != "nan":
-                assert not torch.allclose(out, reference, atol=1e-3), family
+        kit.check_zoo_edits(fresh, fold_atol=1e-4, harm_atol=1e-3)
         with torch.no_grad():
             pruned = fresh()
             result = zoo.prune(pruned, 3)
@@ -189,18 +173,9 @@ def test_shipped_tiers_recompute_from_the_committed_calibration():
 
 def test_calibrate_on_zoo_families_derives_the_module_limit(tiny_gpt2_dir, sonnets_path,
                                                             tmp_path):
-    from click.testing import CliRunner
-
-    from invarlock.cli import main
-
-    fast = tmp_path / "fast.yaml"
-    fast.write_text(kit.FAST)
+    result = _calibrate(tiny_gpt2_dir, sonnets_path, tmp_path, "--edits", "normfold_all",
+                        "--edits", "prune", "--seeds", "1")
     out = tmp_path / "cal"
-    with kit.one_thread():
-        result = CliRunner().invoke(main, [
-            "calibrate", "--baseline", str(tiny_gpt2_dir), "--dataset", str(sonnets_path),
-            "--preset", str(fast), "--edits", "normfold_all", "--edits", "prune",
-            "--seeds", "1", "--out", str(out), "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     stats = json.loads((out / "calibration.json").read_text())
     assert stats["runs"] == ["zoo:normfold_all:0", "zoo:prune:0"]

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 
+from tests import guardkit as kit
 from tests.tinymodels import OTHER_CAUSAL
 
 torch = pytest.importorskip("torch")
@@ -27,30 +28,9 @@ def _load(model_dir):
 def test_zoo_edits_are_seeded_and_do_what_they_say_on_other_layouts(tiny_causal_dirs, arch):
     """Every family edits something, the same seed gives the same weights, norm folds keep
     the outputs (Gemma's (1 + γ) norm included), harmful edits change them."""
-    from invarlock.calibration import zoo
-
-    ids = torch.arange(1, 13)[None, :]
     base = _load(tiny_causal_dirs[arch])
-    with torch.no_grad():
-        reference = base(input_ids=ids).logits
-    for family, fn in {**zoo.BENIGN, **zoo.HARMFUL}.items():
-        a, b = copy.deepcopy(base), copy.deepcopy(base)
-        if (arch, family) in NOT_APPLICABLE:
-            with torch.no_grad(), pytest.raises(zoo.NotApplicable):
-                fn(a, 7)
-            continue
-        with torch.no_grad():
-            result = fn(a, 7)
-            fn(b, 7)
-            out = a(input_ids=ids).logits
-        assert result.modules_changed, family
-        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(),
-                                  strict=True):
-            assert torch.equal(pa.nan_to_num(), pb.nan_to_num()), (family, name)
-        if family.startswith("normfold"):
-            assert torch.allclose(out, reference, atol=1e-5), family
-        elif family in zoo.HARMFUL and family != "nan":
-            assert not torch.allclose(out, reference, atol=1e-4), family
+    kit.check_zoo_edits(lambda: copy.deepcopy(base), fold_atol=1e-5, harm_atol=1e-4,
+                        not_applicable=frozenset(f for a, f in NOT_APPLICABLE if a == arch))
 
 
 @pytest.mark.parametrize("arch", sorted(OTHER_CAUSAL))
