@@ -9,9 +9,11 @@ first, whatever the model dtype).
 
 Language models are scored without ever holding a whole batch's logits: the forward pass
 stops at the output head (``get_output_embeddings``), and the final hidden states go through
-the head a chunk of positions at a time, each chunk's logits turned into per-token losses
-and dropped. The chunk is sized from a memory budget, so scoring memory is
-O(chunk x vocabulary) whatever the batch size. A model whose forward changes the head's
+the head in pieces, each piece's logits turned into per-token losses and dropped. A plain
+linear head is applied one slice of the vocabulary at a time to every scored position (a
+running log-sum-exp); any other head a chunk of positions at a time. Pieces are sized from a
+memory budget, so scoring memory is O(positions x slice), or O(chunk x vocabulary), whatever
+the batch size. A model whose forward changes the head's
 output afterwards (logit soft-capping, scaling) is detected on a short probe pass before the
 windows and scored through its full logits instead.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import sys
 import time
@@ -59,6 +62,8 @@ CPU_BUDGET_BYTES = 512 << 20    # per-batch temporaries on CPU (activations, log
 MPS_BUDGET_BYTES = 2 << 30
 CUDA_BUDGET_FRACTION = 0.5      # of the free device memory, after the model is loaded
 HEAD_BUDGET_SHARE = 8           # one head chunk's logits take 1/8 of the batch budget
+CPU_SLICE_BYTES = 8 << 20       # float32 logits of one vocabulary slice on CPU (cache-sized)
+CPU_SLICE_MIN_COLUMNS = 256     # narrower slices make the head's matmul inefficient
 PROBE_TOKENS = 8                # positions in the pass that checks the head is the last step
 MAX_BATCH = {"cpu": 32, "mps": 128, "cuda": 256}  # beyond these, throughput stops growing
 
@@ -117,6 +122,8 @@ class Tap(Protocol):
     ``modules`` names what to observe; ``observe`` receives each forward output (a tensor or
     tuple as the module returns it, under inference mode) with the batch it belongs to. The
     hook evaluate registers ignores any return value; a tap must not modify outputs in place.
+    Taps observe the model's body: a language model's output head is applied outside the
+    forward pass, in slices of its weight, and is not called as a module then.
     """
 
     def modules(self, model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]: ...
@@ -262,6 +269,19 @@ def auto_batch_size(
 def head_chunk_rows(width: int, elem: int, device: str) -> int:
     """Positions per chunk of chunked scoring: their logits and losses fit 1/8 of the budget."""
     return max(1, (_budget(device) // HEAD_BUDGET_SHARE) // _logit_bytes(width, elem))
+
+
+def head_slice_columns(rows: int, width: int, elem: int, device: str) -> int:
+    """Vocabulary entries per slice of sliced scoring: ``rows`` positions' logits of one slice
+    (in the model dtype, a float32 copy when narrower, the exponentials inside log-sum-exp)
+    fit 1/8 of the budget. On CPU a slice is also kept near the size of the last-level cache
+    (its float32 logits ~8 MiB, at least 256 columns), so that log-sum-exp reads back what
+    the matmul just wrote: that is faster than one matmul over the whole vocabulary."""
+    per_column = max(rows, 1) * (elem + (4 if elem < 4 else 0) + 4)
+    columns = (_budget(device) // HEAD_BUDGET_SHARE) // per_column
+    if device.split(":")[0] == "cpu":
+        columns = min(columns, max(CPU_SLICE_MIN_COLUMNS, CPU_SLICE_BYTES // (4 * max(rows, 1))))
+    return max(1, min(width, columns))
 
 
 def _logit_bytes(width: int, elem: int) -> int:
@@ -456,36 +476,98 @@ class _HeadStop:
 
 @dataclass
 class _ChunkedHead:
-    """The output head applied to a chunk of positions at a time."""
+    """The output head applied in pieces, so that a batch's logits never exist at once.
+
+    A plain ``nn.Linear`` head is applied a slice of the vocabulary at a time to every scored
+    position: one large matmul per slice, a running log-sum-exp and the target logits picked
+    from the slice that holds them. Any other head (quantized, hooked, offloaded) is called
+    on a chunk of positions at a time, through its own forward.
+    """
 
     module: torch.nn.Module
-    chunk: int           # positions per call: one chunk's logits fit the head budget
+    device: str
     stop: _HeadStop      # disarmed while the head is called on chunks
+    linear: tuple[torch.Tensor, torch.Tensor | None] | None  # (weight, bias) to slice
 
     def losses(self, hidden: torch.Tensor, rows: torch.Tensor,
                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy and non-finite flags of hidden[rows] (hidden [M, H], rows and
-        targets [K], IGNORE = not scored); only one [chunk, V] block of logits at a time.
+        targets [K], IGNORE = not scored).
 
         A row is flagged when its loss is not finite: NaN or +inf anywhere in its logits
         makes the log-partition non-finite. (Reading every logit again for -inf would cost
         a third of the cross-entropy; a -inf logit only zeroes one token's probability.)"""
+        if self.linear is not None:
+            weight, bias = self.linear
+            x = hidden.index_select(0, rows).to(weight.device)
+            columns = head_slice_columns(x.shape[0], weight.shape[0], weight.element_size(),
+                                         self.device)
+            losses = _vocab_sliced_losses(x, weight, bias, targets.to(weight.device), columns)
+            losses = losses.to(hidden.device)
+            return losses, ~torch.isfinite(losses)
+        return self._position_chunked_losses(hidden, rows, targets)
+
+    def _position_chunked_losses(self, hidden: torch.Tensor, rows: torch.Tensor,
+                                 targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = _head_rows(self.module, self.device)
         losses = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device)
         broken = torch.zeros(rows.shape[0], dtype=torch.bool, device=hidden.device)
         self.stop.armed = False
         try:
-            for lo in range(0, rows.shape[0], self.chunk):
-                hi = min(lo + self.chunk, rows.shape[0])
+            for lo in range(0, rows.shape[0], chunk):
+                hi = min(lo + chunk, rows.shape[0])
                 logits = self.module(hidden.index_select(0, rows[lo:hi]))   # [chunk, V]
                 target = targets[lo:hi].to(logits.device)
-                chunk = F.cross_entropy(logits.float(), target, reduction="none",
-                                        ignore_index=IGNORE)
-                losses[lo:hi] = chunk.to(losses.device)
-                broken[lo:hi] = ~torch.isfinite(chunk).to(broken.device)
-                logits = chunk = None
+                part = F.cross_entropy(logits.float(), target, reduction="none",
+                                       ignore_index=IGNORE)
+                losses[lo:hi] = part.to(losses.device)
+                broken[lo:hi] = ~torch.isfinite(part).to(broken.device)
+                logits = part = None
         finally:
             self.stop.armed = True
         return losses, broken
+
+
+def _linear_parameters(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) when calling ``head`` computes exactly F.linear(x, weight, bias).
+
+    Only a plain ``nn.Linear`` with dense floating-point parameters qualifies: subclasses and
+    tensor subclasses (quantized layers), a replaced ``forward`` (accelerate's offload hooks)
+    and hooks would all be bypassed by slicing the weight."""
+    if (type(head) is not torch.nn.Linear or "forward" in vars(head) or head._forward_hooks
+            or head._forward_pre_hooks):
+        return None
+    params = [head.weight] + ([] if head.bias is None else [head.bias])
+    if any(type(p) not in (torch.Tensor, torch.nn.Parameter) or not p.is_floating_point()
+           or p.device.type == "meta" for p in params):
+        return None
+    return head.weight, head.bias
+
+
+def _vocab_sliced_losses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, columns: int) -> torch.Tensor:
+    """Per-row cross-entropy of F.linear(x, weight, bias) against targets (IGNORE rows: 0),
+    computed ``columns`` vocabulary entries at a time.
+
+    log-partition: log-sum-exp of each slice, combined with logaddexp; target logit: picked
+    from the slice that holds it (rows sorted by target once, so each slice's rows are one
+    contiguous run). A target outside the vocabulary leaves its loss NaN."""
+    n, width = x.shape[0], weight.shape[0]
+    log_z = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
+    picked = torch.full((n,), float("nan"), dtype=torch.float32, device=x.device)
+    bounds = [*range(0, width, columns), width]
+    order = torch.argsort(targets)
+    edges = torch.searchsorted(targets[order],
+                               torch.tensor(bounds, dtype=targets.dtype, device=x.device))
+    edges = edges.tolist()
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        logits = F.linear(x, weight[lo:hi], None if bias is None else bias[lo:hi]).float()
+        log_z = torch.logaddexp(log_z, torch.logsumexp(logits, dim=1))
+        hit = order[edges[i]:edges[i + 1]]
+        if hit.numel():
+            picked[hit] = logits[hit, targets[hit] - lo]
+        logits = None
+    return torch.where(targets == IGNORE, 0.0, log_z - picked)
 
 
 @contextlib.contextmanager
@@ -494,10 +576,11 @@ def _stopping_at(head: torch.nn.Module | None, device: str) -> Iterator[_Chunked
     if head is None:
         yield None
         return
+    linear = _linear_parameters(head)  # decided before our hook and any tap is attached
     stop = _HeadStop()
     handle = head.register_forward_pre_hook(stop)
     try:
-        yield _ChunkedHead(head, _head_rows(head, device), stop)
+        yield _ChunkedHead(head, device, stop, linear)
     finally:
         handle.remove()
 

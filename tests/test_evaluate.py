@@ -179,8 +179,42 @@ def _case(name, request):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
-def test_chunked_scoring_equals_full_logits(name, request, monkeypatch):
-    """Scores from the head applied a few positions at a time equal scores from whole logits."""
+def test_vocabulary_sliced_scoring_equals_full_logits(name, request, monkeypatch):
+    """Scores from the head's weight applied 7 vocabulary entries at a time (a running
+    log-sum-exp) equal scores from whole logits; the head module itself is never called."""
+    loaded, windows, kind = _case(name, request)
+    head = loaded.model.get_output_embeddings()
+    assert type(head) is torch.nn.Linear and (name != "bert" or head.bias is not None)
+    columns_asked = []
+
+    def seven(rows, *args):
+        columns_asked.append(rows)
+        return 7
+
+    monkeypatch.setattr(evaluate_mod, "head_slice_columns", seven)
+    calls = []  # a global hook: it leaves the head itself unhooked, hence sliceable
+
+    def record(module, args, _out):
+        if module is head:
+            calls.append(args[0].shape)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        sliced = run(loaded, windows, kind, batch_size=4)
+    finally:
+        handle.remove()
+    monkeypatch.setattr(evaluate_mod, "_chunkable_head", lambda *_args: None)
+    full = run(loaded, windows, kind, batch_size=4)
+    np.testing.assert_allclose(sliced.values, full.values, rtol=1e-6)
+    np.testing.assert_array_equal(sliced.tokens, full.tokens)
+    assert sliced.nonfinite_windows == full.nonfinite_windows == 0
+    assert columns_asked and len(calls) == 1  # the probe pass only: slices bypass the module
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_position_chunked_scoring_equals_full_logits(name, request, monkeypatch):
+    """A head that cannot be sliced (here: one with a hook, which slicing would bypass) is
+    called on 7 positions at a time, and its scores equal scores from whole logits."""
     loaded, windows, kind = _case(name, request)
     head = loaded.model.get_output_embeddings()
     rows_seen = []
@@ -209,6 +243,39 @@ def test_chunk_size_bounds_logit_memory_not_batch_size():
     full = auto_batch_size(big, n=64, seq_len=1024, device="cpu")
     chunked = auto_batch_size(big, n=64, seq_len=1024, device="cpu", full_logits=False)
     assert full == 1 and chunked > 1  # the batch is no longer capped by V x T
+
+
+@pytest.mark.parametrize("columns", [1, 5, 16, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocabulary_slices_give_cross_entropy(columns, dtype):
+    """Slice by slice (any slice width, targets on slice edges, a bias, ignored rows, a
+    model dtype narrower than float32) the losses are cross-entropy of the whole logits,
+    and a row whose logits hold NaN gets a non-finite loss."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 8, generator=gen).to(dtype)
+    weight, bias = torch.randn(37, 8, generator=gen).to(dtype), torch.randn(37, generator=gen)
+    bias = bias.to(dtype)
+    targets = torch.tensor([0, 4, 5, 15, 16, 36, -100, 7, 31, 32, 3, -100])
+    x[10, 0] = float("nan")
+    losses = evaluate_mod._vocab_sliced_losses(x, weight, bias, targets, columns)
+    expected = torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(x, weight, bias).float(), targets, reduction="none",
+        ignore_index=-100)
+    finite = torch.isfinite(expected)
+    assert finite.tolist() == [i != 10 for i in range(12)]
+    torch.testing.assert_close(losses[finite], expected[finite], rtol=2e-6, atol=2e-6)
+    assert not torch.isfinite(losses[10]) and losses[targets == -100].tolist() == [0.0, 0.0]
+
+
+def test_slice_width_follows_the_budget_and_the_cache():
+    # CPU: one slice's float32 logits near 8 MiB, never under 256 columns, never over V
+    assert evaluate_mod.head_slice_columns(4096, 49_152, 4, "cpu") == 512
+    assert evaluate_mod.head_slice_columns(16_384, 128_256, 4, "cpu") == 256
+    assert evaluate_mod.head_slice_columns(8, 1000, 4, "cpu") == 1000
+    # and within 1/8 of the budget, whatever the rows (logits, exponentials)
+    rows = 2_000_000
+    columns = evaluate_mod.head_slice_columns(rows, 128_256, 4, "cpu")
+    assert columns * rows * 8 <= evaluate_mod.CPU_BUDGET_BYTES // 8 or columns == 1
 
 
 class _ScaledHeadLM(torch.nn.Module):
@@ -313,8 +380,9 @@ class RecordingTap:
         self.tamper = tamper
 
     def modules(self, model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
+        head = model.get_output_embeddings()  # applied outside the pass, in weight slices
         for name, module in model.named_modules():
-            if type(module).__name__ in {"Linear", "Conv1D", "GPT2Block"}:
+            if type(module).__name__ in {"Linear", "Conv1D", "GPT2Block"} and module is not head:
                 yield name, module
 
     def observe(self, name: str, output, context: TapContext):

@@ -159,6 +159,29 @@ def test_power_iteration_and_baseline_top_match_exact_svd():
         assert rel > 1e-5 or iters <= 5
 
 
+def test_large_matrices_get_the_thread_pool_back_inside_a_single_thread_block():
+    import torch
+
+    from invarlock.guards.measure.weights import THREADED_MIN_ELEMENTS, single_thread, threads_for
+
+    big = torch.empty(THREADED_MIN_ELEMENTS)
+    small = torch.empty(THREADED_MIN_ELEMENTS - 1)
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with single_thread():
+            with threads_for(big):
+                assert torch.get_num_threads() == 2
+            with threads_for(small):
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1
+        with threads_for(big):  # outside a single-thread block: nothing to give back
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(outer)
+
+
 def test_spectral_probe_streams_baseline_weights_and_measures_changes(tiny_gpt2_dir):
     import torch
     from transformers import AutoModelForCausalLM

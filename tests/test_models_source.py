@@ -297,6 +297,33 @@ def test_weights_digest_is_stable_and_content_bound(tiny_gpt2_dir, tmp_path):
     assert weights_digest(weight_files(copy)) != first
 
 
+def test_weights_digest_hashes_a_settled_file_once_and_a_changed_one_again(tmp_path,
+                                                                          monkeypatch):
+    import os
+    import time
+
+    opened = []
+    real_open = Path.open
+
+    def counting_open(self, mode="r", *args, **kwargs):
+        if mode == "rb":
+            opened.append(self.name)
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    settled = tmp_path / "model.safetensors"
+    settled.write_bytes(b"a" * 1000)
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(settled, ns=(an_hour_ago, an_hour_ago))
+    first = weights_digest([settled])
+    assert weights_digest([settled]) == first and len(opened) == 1  # remembered
+    settled.write_bytes(b"b" * 1000)  # same size, new modification time
+    changed = weights_digest([settled])
+    assert changed != first and len(opened) == 2
+    # written just now: a second write could keep the timestamp, so it is hashed every time
+    assert weights_digest([settled]) == changed and len(opened) == 3
+
+
 def test_weights_digest_reads_large_files_in_chunks(tmp_path):
     import hashlib
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -307,15 +308,38 @@ def _weights_in(directory: Path, single: str, index: str) -> list[Path]:
 
 
 def weights_digest(files: list[Path]) -> str:
-    """sha256 over each file's name, size and bytes, files sorted by name (1 MiB reads)."""
+    """sha256 over each file's name, size and bytes, files sorted by name (1 MiB reads).
+
+    A run reads the baseline's digest twice (its cache key, then its load). The second time
+    comes from memory when every file still has the same identity, size and modification
+    time, and had not been modified for a while before it was hashed (a write within the
+    file system's timestamp granularity could otherwise keep the modification time)."""
+    ordered = sorted(files, key=lambda p: p.name)
+    key = tuple((str(path.absolute()), _signature(path)) for path in ordered)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    started = time.time_ns()
     digest = hashlib.sha256()
-    for path in sorted(files, key=lambda p: p.name):
-        size = path.stat().st_size
+    for path, (_, (_, _, size, _)) in zip(ordered, key, strict=True):
         digest.update(path.name.encode("utf-8") + b"\0" + size.to_bytes(8, "little"))
         with path.open("rb") as handle:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+    text = f"sha256:{digest.hexdigest()}"
+    if all(signature[3] < started - SETTLED_NS for _, signature in key):
+        while len(_DIGESTS) >= 16:
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+        _DIGESTS[key] = text
+    return text
+
+
+SETTLED_NS = 2_000_000_000  # files unmodified this long before hashing may be remembered
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _signature(path: Path) -> tuple[int, int, int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def context_length(config: dict) -> int | None:

@@ -37,6 +37,7 @@ from invarlock.guards.measure.weights import (
     WeightReader,
     power_iteration,
     single_thread,
+    threads_for,
 )
 from invarlock.models.effective import EffectiveWeights, named_matrices
 
@@ -104,7 +105,8 @@ class SpectralProbe(Probe):
         with torch.inference_mode(), single_thread():
             for i, (name, param) in enumerate(matrices(model)):
                 w = effective(name, lambda n: params[n].detach(), self._plan)
-                sigma, v = baseline_top(w, seed=i)
+                with threads_for(w):
+                    sigma, v = baseline_top(w, seed=i)
                 self._baseline.append({"name": name, "family": str(family_of(name)),
                                        "shape": list(param.shape), "sigma": sigma,
                                        "vector": encode_vector(v)})
@@ -142,7 +144,8 @@ class SpectralProbe(Probe):
                 except KeyError:
                     unmatched.append(name)
                     continue
-                modules.append(self._one(entry, ws, wb, _describe(plan.get(name))))
+                with threads_for(ws):
+                    modules.append(self._one(entry, ws, wb, _describe(plan.get(name))))
         if unmatched:
             log.warning("spectral: %d baseline weight(s) not comparable (first: %s)",
                         len(unmatched), unmatched[0])

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 # Exact SVD below this many elements (a few ms); power iteration above.
 EXACT_SVD_MAX_ELEMENTS = 1 << 16
+# From this many elements, a matrix's products are worth the thread pool (2 MiB in float32).
+THREADED_MIN_ELEMENTS = 1 << 19
 
 
 class WeightReader:
@@ -110,16 +112,39 @@ def load_renames(model: Any, keys: Iterable[str]) -> dict[str, str]:
     return out
 
 
+_replaced_threads: list[int] = []  # the counts single_thread blocks replaced, outermost first
+
+
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Run torch on one thread inside the block (restored afterwards).
 
     The spectral work is matrix-vector products (memory-bound) and small decompositions,
-    which gain nothing from more threads; on a busy machine, waking a thread pool for each
-    small LAPACK call costs far more than the call itself.
+    which gain little from more threads; on a busy machine, waking a thread pool for each
+    small LAPACK call costs far more than the call itself (``threads_for`` makes the
+    exception for large matrices).
     """
     before = torch.get_num_threads()
+    _replaced_threads.append(before)
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _replaced_threads.pop()
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def threads_for(w: torch.Tensor) -> Iterator[None]:
+    """Inside a ``single_thread`` block, the thread pool back for a matrix large enough to
+    use it: products over a few MiB of weights run ~1.4x faster on two threads, where small
+    ones lose more to waking the pool than they gain."""
+    pool = _replaced_threads[0] if _replaced_threads else 1
+    if pool <= 1 or w.device.type != "cpu" or w.numel() < THREADED_MIN_ELEMENTS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(pool)
     try:
         yield
     finally:
