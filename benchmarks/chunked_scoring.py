@@ -1,11 +1,14 @@
 """Benchmark: scoring memory with a 128k vocabulary, full logits versus chunked scoring.
 
 Builds a tiny random LLaMA-architecture model with a 128,256-token vocabulary (hidden size
-64, 2 layers; the output head is what matters here) and scores windows of 2,048 tokens,
-once through whole-batch logits (the path a model takes when its head cannot be scored in
-chunks) and once through chunked scoring. Each mode runs in its own process, so each peak
-RSS is that mode's own. Prints, per mode, the batch size chosen, the peak RSS, the growth
-of RSS during evaluation, tokens/s, and checks that both modes give the same per-window NLL.
+64, 2 layers; the output head is what matters here) and scores windows of 2,048 tokens in
+three ways: through whole-batch logits (the path a model takes when its head's output is
+changed after the head, e.g. soft-capped), through the head's weight a slice of the
+vocabulary at a time (a plain linear head), and through the head module a chunk of positions
+at a time (any other head: quantized, offloaded). Each mode runs in its own process, so each
+peak RSS is that mode's own. Prints, per mode, the batch size chosen, the peak RSS, the
+growth of RSS during evaluation, tokens/s, and checks that all modes give the same
+per-window NLL.
 
     python benchmarks/chunked_scoring.py [--windows 8] [--seq-len 2048]
 """
@@ -25,6 +28,9 @@ import numpy as np
 
 VOCAB = 128_256
 ROOT = Path(__file__).resolve().parents[1]  # the invarlock tree this script belongs to
+MODES = {"full": "whole-batch logits",
+         "chunked": "vocabulary slices (a plain linear head)",
+         "positions": "chunks of positions (a head that cannot be sliced)"}
 
 
 def child(mode: str, windows: int, seq_len: int) -> None:
@@ -52,6 +58,8 @@ def child(mode: str, windows: int, seq_len: int) -> None:
 
     if mode == "full":
         evaluate._chunkable_head = lambda *_args: None  # score through whole-batch logits
+    if mode == "positions":
+        evaluate._linear_parameters = lambda _head: None  # as for a head that cannot be sliced
     size = evaluate.auto_batch_size(model, windows, seq_len, "cpu",
                                     full_logits=mode == "full")
     before = psutil.Process().memory_info().rss
@@ -78,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--child", choices=["full", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.windows, args.seq_len)
@@ -86,19 +94,20 @@ def main() -> None:
     mib = 1 / 2**20
     print(f"tiny LLaMA, vocabulary {VOCAB:,}, {args.windows} windows x {args.seq_len} tokens, "
           f"CPU ({os.cpu_count()} visible)")
-    results = {mode: run(mode, args) for mode in ("full", "chunked")}
-    for label, r in (("before (whole-batch logits)", results["full"]),
-                     ("after (chunked scoring)", results["chunked"])):
-        print(f"{label}:")
+    results = {mode: run(mode, args) for mode in MODES}
+    for mode, r in results.items():
+        print(f"{MODES[mode]}:")
         print(f"  batch size          {r['batch']}")
         print(f"  peak RSS            {r['peak'] * mib:,.0f} MiB")
         print(f"  RSS growth in eval  {(r['peak'] - r['rss_before']) * mib:,.0f} MiB")
         print(f"  evaluation          {r['tokens'] / r['seconds']:,.0f} tokens/s")
-    full, chunked = np.array(results["full"]["values"]), np.array(results["chunked"]["values"])
-    rel = float(np.max(np.abs(chunked - full) / np.abs(full)))
-    print(f"per-window NLL, largest relative difference {rel:.2e}")
-    ratio = results["chunked"]["peak"] / results["full"]["peak"]
-    print(f"peak RSS after / before: {ratio:.2f}")
+    full = np.array(results["full"]["values"])
+    for mode in ("chunked", "positions"):
+        values = np.array(results[mode]["values"])
+        rel = float(np.max(np.abs(values - full) / np.abs(full)))
+        ratio = results[mode]["peak"] / results["full"]["peak"]
+        print(f"{mode}: per-window NLL vs whole logits, largest relative difference {rel:.2e}; "
+              f"peak RSS / whole logits {ratio:.2f}")
 
 
 if __name__ == "__main__":

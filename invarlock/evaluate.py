@@ -281,6 +281,8 @@ def head_slice_columns(rows: int, width: int, elem: int, device: str) -> int:
     columns = (_budget(device) // HEAD_BUDGET_SHARE) // per_column
     if device.split(":")[0] == "cpu":
         columns = min(columns, max(CPU_SLICE_MIN_COLUMNS, CPU_SLICE_BYTES // (4 * max(rows, 1))))
+    if columns > 64:
+        columns -= columns % 64  # rows of whole cache lines: the kernels' vector loads align
     return max(1, min(width, columns))
 
 
@@ -549,9 +551,11 @@ def _vocab_sliced_losses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """Per-row cross-entropy of F.linear(x, weight, bias) against targets (IGNORE rows: 0),
     computed ``columns`` vocabulary entries at a time.
 
-    log-partition: log-sum-exp of each slice, combined with logaddexp; target logit: picked
-    from the slice that holds it (rows sorted by target once, so each slice's rows are one
-    contiguous run). A target outside the vocabulary leaves its loss NaN."""
+    log-partition: each slice's log-sum-exp (shifted by its row maxima), combined with
+    logaddexp; target logit: picked from the slice that holds it (rows sorted by target once,
+    so each slice's rows are one contiguous run). Every slice is computed into the same
+    buffer and exponentiated in place: no allocation per slice, so no page faults of fresh
+    memory in the loop. A target outside the vocabulary leaves its loss NaN."""
     n, width = x.shape[0], weight.shape[0]
     log_z = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
     picked = torch.full((n,), float("nan"), dtype=torch.float32, device=x.device)
@@ -560,13 +564,25 @@ def _vocab_sliced_losses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     edges = torch.searchsorted(targets[order],
                                torch.tensor(bounds, dtype=targets.dtype, device=x.device))
     edges = edges.tolist()
+    size = n * min(columns, width)
+    block = torch.empty(size, dtype=x.dtype, device=x.device)
+    wide = block if x.dtype == torch.float32 else torch.empty(size, dtype=torch.float32,
+                                                               device=x.device)
     for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-        logits = F.linear(x, weight[lo:hi], None if bias is None else bias[lo:hi]).float()
-        log_z = torch.logaddexp(log_z, torch.logsumexp(logits, dim=1))
+        logits = block[:n * (hi - lo)].view(n, hi - lo)
+        if bias is None:
+            torch.matmul(x, weight[lo:hi].T, out=logits)
+        else:
+            torch.addmm(bias[lo:hi], x, weight[lo:hi].T, out=logits)
+        if wide is not block:
+            logits = wide[:n * (hi - lo)].view(n, hi - lo).copy_(logits)
         hit = order[edges[i]:edges[i + 1]]
         if hit.numel():
             picked[hit] = logits[hit, targets[hit] - lo]
-        logits = None
+        top = logits.amax(dim=1)
+        shift = torch.where(torch.isfinite(top), top, 0.0)
+        log_z = torch.logaddexp(log_z, logits.sub_(shift[:, None]).exp_().sum(dim=1).log_()
+                                .add_(shift))
     return torch.where(targets == IGNORE, 0.0, log_z - picked)
 
 

@@ -272,6 +272,7 @@ def test_slice_width_follows_the_budget_and_the_cache():
     assert evaluate_mod.head_slice_columns(4096, 49_152, 4, "cpu") == 512
     assert evaluate_mod.head_slice_columns(16_384, 128_256, 4, "cpu") == 256
     assert evaluate_mod.head_slice_columns(8, 1000, 4, "cpu") == 1000
+    assert evaluate_mod.head_slice_columns(6144, 128_256, 4, "cpu") == 320  # 341, aligned
     # and within 1/8 of the budget, whatever the rows (logits, exponentials)
     rows = 2_000_000
     columns = evaluate_mod.head_slice_columns(rows, 128_256, 4, "cpu")
