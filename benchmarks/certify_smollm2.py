@@ -14,9 +14,10 @@ of 64 inputs), one invocation runs, each as its own process:
 It prints certify / floor, second subject / first run, the guards' share of the wall time
 (their own stages from the certificate's timings, and the whole difference against the run
 with every guard off), evaluation tokens/s, each process's peak RSS and the RSS budget
-(1.6 x one model's bytes + 0.5 GB). The machine's load average is printed beside each step:
-on a shared machine, compare ratios, not seconds. With --rounds N the three steps repeat N
-times, interleaved, and the ratios are given per round and as medians.
+(1.6 x one model's bytes + 0.5 GB; the largest peak of any round). The machine's load
+average is printed beside each step: on a shared machine, compare ratios, not seconds. With
+--rounds N the steps repeat N times, interleaved, and the ratios are given per round and as
+medians.
 
     python benchmarks/certify_smollm2.py --model .cache/models/smollm2-135m
     python benchmarks/certify_smollm2.py --model ... --code /path/to/other/checkout
@@ -212,22 +213,21 @@ def main() -> None:
             subjects[name] = tmp_path / name
             _spawn([str(HERE), "--child-subject", str(model), str(subjects[name]),
                     json.dumps(plan)], code)
+        preset = tmp_path / "guards-off.yaml"
+        preset.write_text("guards:\n" + "".join(
+            f"  {name}: {{mode: \"off\"}}\n"
+            for name in ("invariants", "spectral", "rmt", "variance")))
         rounds = []
         for i in range(args.rounds):
             cache = tmp_path / f"cache{i}"
             f = floor(code, model, subjects["int8"])
             first = certify(code, model, subjects["int8"], tmp_path / f"a{i}", cache, [])
             second = certify(code, model, subjects["int8-g64"], tmp_path / f"b{i}", cache, [])
-            rounds.append((f, first, second))
-        bare = None
-        if args.guards_off:
-            preset = tmp_path / "guards-off.yaml"
-            preset.write_text("guards:\n" + "".join(
-                f"  {name}: {{mode: \"off\"}}\n"
-                for name in ("invariants", "spectral", "rmt", "variance")))
-            bare = certify(code, model, subjects["int8"], tmp_path / "off", tmp_path / "c-off",
-                           ["--preset", str(preset)])
-    report(code, rounds, bare)
+            bare = certify(code, model, subjects["int8"], tmp_path / f"off{i}",
+                           tmp_path / f"c-off{i}", ["--preset", str(preset)]
+                           ) if args.guards_off else None
+            rounds.append((f, first, second, bare))
+    report(code, rounds)
 
 
 def installed_backends() -> list[str]:
@@ -249,8 +249,8 @@ def installed_backends() -> list[str]:
     return found
 
 
-def report(code: Path, rounds: list, bare: dict | None) -> None:
-    f, first, second = rounds[-1]
+def report(code: Path, rounds: list) -> None:
+    f, first, second, bare = rounds[-1]
     params = first["cert"]["baseline"]["parameters"]
     model_bytes = params * 4  # float32 on CPU
     budget = 1.6 * model_bytes + 0.5 * GB
@@ -268,18 +268,26 @@ def report(code: Path, rounds: list, bare: dict | None) -> None:
         show_certify("certify, first subject, every guard off", bare)
     print("ratios (targets: certify/floor <= 1.15, second/first <= 0.55, guards <= 15%, "
           "peak RSS <= budget):")
-    per_round = [(c["wall"] / fl["wall"], s["wall"] / c["wall"]) for fl, c, s in rounds]
-    for i, (a, b) in enumerate(per_round):
-        print(f"  round {i + 1}: certify / floor {a:.3f}, second / first {b:.3f}")
+    per_round = [{"certify / floor": c["wall"] / fl["wall"],
+                  "second / first": s["wall"] / c["wall"],
+                  "guards' own stages": guard_seconds(c["cert"]) / c["wall"],
+                  **({"guards, everything": 1 - b["wall"] / c["wall"]} if b else {})}
+                 for fl, c, s, b in rounds]
+    percent = ("guards' own stages", "guards, everything")
+
+    def line(values: dict) -> str:
+        return ", ".join(f"{k} {100 * v:.1f}%" if k in percent else f"{k} {v:.3f}"
+                         for k, v in values.items())
+
+    for i, values in enumerate(per_round):
+        print(f"  round {i + 1}: {line(values)}")
     if len(rounds) > 1:
-        print(f"  median: certify / floor {statistics.median(a for a, _ in per_round):.3f}, "
-              f"second / first {statistics.median(b for _, b in per_round):.3f}")
-    g = guard_seconds(first["cert"])
-    print(f"  guards' own stages  {100 * g / first['wall']:.1f}% of the first run's wall time")
+        medians = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
+        print(f"  median: {line(medians)}")
     if bare is not None:
-        print(f"  guards, everything  {100 * (1 - bare['wall'] / first['wall']):.1f}% "
-              f"(first run {first['wall']:.1f} s, every guard off {bare['wall']:.1f} s)")
-    peak = max(first["peak"], second["peak"])
+        print("  (guards, everything: 1 - (first run with every guard off) / (first run), "
+              "in the same round)")
+    peak = max(max(c["peak"], s["peak"]) for _, c, s, _ in rounds)
     print(f"  peak RSS            {peak / GB:.2f} GB; budget 1.6 x {model_bytes / GB:.2f} GB "
           f"+ 0.5 GB = {budget / GB:.2f} GB ({peak / budget:.2f} x budget)")
 

@@ -61,7 +61,7 @@ IGNORE = -100                   # label value for positions that are not scored
 CPU_BUDGET_BYTES = 512 << 20    # per-batch temporaries on CPU (activations, logits, CE)
 MPS_BUDGET_BYTES = 2 << 30
 CUDA_BUDGET_FRACTION = 0.5      # of the free device memory, after the model is loaded
-HEAD_BUDGET_SHARE = 8           # one head chunk's logits take 1/8 of the batch budget
+HEAD_BUDGET_SHARE = 8           # one head slice's or chunk's logits: 1/8 of the budget
 CPU_SLICE_BYTES = 8 << 20       # float32 logits of one vocabulary slice on CPU (cache-sized)
 CPU_SLICE_MIN_COLUMNS = 256     # narrower slices make the head's matmul inefficient
 PROBE_TOKENS = 8                # positions in the pass that checks the head is the last step
@@ -239,8 +239,9 @@ def auto_batch_size(
     attention maps per position) and, with ``full_logits`` (classifiers, and language
     models whose head cannot be scored in chunks), the logits (T x width in the model dtype,
     plus a float32 copy when that is narrower, the log-softmax inside cross-entropy, a
-    finiteness mask). Chunked scoring keeps its logits to one chunk (``head_chunk_rows``),
-    taken off the budget first. The budget is 512 MiB on CPU (larger batches only add
+    finiteness mask). Chunked scoring keeps its logits to one vocabulary slice
+    (``head_slice_columns``) or chunk of positions (``head_chunk_rows``), taken off the
+    budget first. The budget is 512 MiB on CPU (larger batches only add
     memory traffic there), 2 GiB on MPS and half the free memory on CUDA.
     """
     config = getattr(model, "config", None)
@@ -273,11 +274,11 @@ def head_chunk_rows(width: int, elem: int, device: str) -> int:
 
 def head_slice_columns(rows: int, width: int, elem: int, device: str) -> int:
     """Vocabulary entries per slice of sliced scoring: ``rows`` positions' logits of one slice
-    (in the model dtype, a float32 copy when narrower, the exponentials inside log-sum-exp)
+    (in the model dtype, plus a float32 copy when that is narrower; exponentiated in place)
     fit 1/8 of the budget. On CPU a slice is also kept near the size of the last-level cache
     (its float32 logits ~8 MiB, at least 256 columns), so that log-sum-exp reads back what
     the matmul just wrote: that is faster than one matmul over the whole vocabulary."""
-    per_column = max(rows, 1) * (elem + (4 if elem < 4 else 0) + 4)
+    per_column = max(rows, 1) * (elem + (4 if elem < 4 else 0))
     columns = (_budget(device) // HEAD_BUDGET_SHARE) // per_column
     if device.split(":")[0] == "cpu":
         columns = min(columns, max(CPU_SLICE_MIN_COLUMNS, CPU_SLICE_BYTES // (4 * max(rows, 1))))

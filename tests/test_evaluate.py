@@ -273,10 +273,12 @@ def test_slice_width_follows_the_budget_and_the_cache():
     assert evaluate_mod.head_slice_columns(16_384, 128_256, 4, "cpu") == 256
     assert evaluate_mod.head_slice_columns(8, 1000, 4, "cpu") == 1000
     assert evaluate_mod.head_slice_columns(6144, 128_256, 4, "cpu") == 320  # 341, aligned
-    # and within 1/8 of the budget, whatever the rows (logits, exponentials)
+    # and within 1/8 of the budget, whatever the rows (logits; a float32 copy of bfloat16)
     rows = 2_000_000
-    columns = evaluate_mod.head_slice_columns(rows, 128_256, 4, "cpu")
-    assert columns * rows * 8 <= evaluate_mod.CPU_BUDGET_BYTES // 8 or columns == 1
+    for elem, per_logit in ((4, 4), (2, 6)):
+        columns = evaluate_mod.head_slice_columns(rows // 8, 128_256, elem, "cpu")
+        assert columns * rows // 8 * per_logit <= evaluate_mod.CPU_BUDGET_BYTES // 8
+        assert evaluate_mod.head_slice_columns(20 * rows, 128_256, elem, "cpu") == 1
 
 
 class _ScaledHeadLM(torch.nn.Module):
