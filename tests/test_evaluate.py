@@ -240,8 +240,8 @@ def test_chunk_size_bounds_logit_memory_not_batch_size():
     # per position: float32 logits, the log-softmax inside cross-entropy, a finiteness flag
     assert rows >= 1 and rows * 128_256 * (4 + 4 + 1) <= evaluate_mod.CPU_BUDGET_BYTES // 8
     big = _FakeLM(vocab=128_256, hidden=64)
-    full = auto_batch_size(big, n=64, seq_len=1024, device="cpu")
-    chunked = auto_batch_size(big, n=64, seq_len=1024, device="cpu", full_logits=False)
+    full = auto_batch_size(big, n=64, seq_len=256, device="cpu")
+    chunked = auto_batch_size(big, n=64, seq_len=256, device="cpu", full_logits=False)
     assert full == 1 and chunked > 1  # the batch is no longer capped by V x T
 
 
@@ -526,6 +526,13 @@ def test_auto_batch_size_bounds_logit_memory():
     assert auto_batch_size(huge, n=64, seq_len=4096, device="cpu") == 1
     half = _FakeLM(vocab=50_257, hidden=768, dtype=torch.bfloat16)
     assert auto_batch_size(half, n=1000, seq_len=1024, device="cpu") <= size
+
+
+def test_cpu_batches_hold_about_a_thousand_tokens():
+    small = _FakeLM(vocab=1000, hidden=64)
+    assert auto_batch_size(small, n=1000, seq_len=128, device="cpu",
+                           full_logits=False) == evaluate_mod.CPU_BATCH_TOKENS // 128
+    assert auto_batch_size(small, n=1000, seq_len=4096, device="cpu", full_logits=False) == 1
 
 
 def test_out_of_memory_halves_the_batch(gpt2, monkeypatch, caplog):

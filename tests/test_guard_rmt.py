@@ -114,3 +114,39 @@ def test_lost_outliers_are_a_change_too():
     mods = [_module(f"layers.{i}.mlp.c_fc", "ffn", [6, 6, 7, 6], [1, 1, 1, 1]) for i in range(4)]
     d = rmt.decide({"evaluated": True, "modules": mods}, POLICY)
     assert not d.passed and d.summary["families"]["ffn"]["excess"] == -4 * (25 - 4)
+
+
+def test_row_tap_reduces_each_group_as_it_completes_whatever_the_batches():
+    """Rows are dropped group by group as soon as a group's windows are all in (never more
+    than one group waiting per module), and the result does not depend on the batching."""
+    import torch
+
+    from invarlock.evaluate import TapContext
+    from invarlock.guards.measure.rmt import RowTap
+
+    class Clock:
+        seconds = 0.0
+
+    groups = [[10, 11], [12, 13], [14, 15]]
+    gen = torch.Generator().manual_seed(0)
+    outputs = torch.randn(6, 9, 12, generator=gen)  # windows 10..15, 9 positions, 12 features
+    mask = torch.ones(6, 9, dtype=torch.int64)
+
+    def observe_in(batches):
+        tap = RowTap([("layers.0.mlp.up_proj", None)], groups, 4, 7, Clock())
+        waiting = []
+        lo = 0
+        for size in batches:
+            ids = np.arange(10 + lo, 10 + lo + size)
+            tap.observe("layers.0.mlp.up_proj", outputs[lo:lo + size],
+                        TapContext(ids, mask[lo:lo + size]))
+            waiting.append(sum(sum(len(r) for r in rows) for rows in tap._buffers.values()))
+            lo += size
+        return tap.complete(), waiting
+
+    whole, _ = observe_in([6])
+    for batches in ([1, 1, 1, 1, 1, 1], [3, 3], [1, 4, 1]):
+        result, waiting = observe_in(batches)
+        assert result == whole
+        assert max(waiting) <= 2 * 4  # at most one group (2 windows x 4 rows) held back
+    assert whole["layers.0.mlp.up_proj"]["rows"] == [8, 8, 8]

@@ -4,10 +4,10 @@ A tap on every Linear/Conv1D inside a transformer block (families from the polic
 `scope`) keeps, for each of the first K final windows, `ceil(max_rows / K)` token positions
 chosen by a generator seeded with (seed, window id) among the attended positions, so both
 models are sampled at exactly the same tokens. The K windows are split into G groups in
-order (`groups`); when a module has seen all K windows, each group's rows go to the pure
-`normalized_spectrum` and are dropped: memory stays below
-modules × max_rows × features × 4 bytes, and below one module's rows when the K windows
-fit one batch.
+order (`groups`); as soon as a module has seen every window of a group, that group's rows
+go to the pure `normalized_spectrum` and are dropped: groups are consecutive windows, so
+at most one group per module waits for the next batch, and memory stays below
+modules × one group's rows × features × 4 bytes.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class RowTap:
         self._positions: dict[int, np.ndarray] = {}
         self._buffers: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._seen: dict[tuple[str, int], int] = {}
+        self._reduced: dict[str, dict[int, tuple[list[float | None], int]]] = {}
         self.results: dict[str, dict[str, Any]] = {}
 
     def modules(self, model: Any) -> list[tuple[str, Any]]:
@@ -109,9 +110,7 @@ class RowTap:
             # small gathers and products: a busy thread pool costs more than they do
             with single_thread():
                 self._keep(name, y, rows, positions, groups)
-                if all(self._seen.get((name, g), 0) >= size
-                       for g, size in enumerate(self._sizes)):
-                    self._reduce(name, int(y.shape[-1]))
+                self._reduce_complete(name, int(y.shape[-1]))
         finally:
             self._clock.seconds += time.perf_counter() - started
 
@@ -129,14 +128,20 @@ class RowTap:
             self._buffers.setdefault(key, []).append(picked[owner == g])
             self._seen[key] = self._seen.get(key, 0) + groups.count(g)
 
-    def _reduce(self, name: str, features: int) -> None:
-        """Every group of a module is in: reduce them all and drop the rows."""
-        groups, rows = [], []
-        for g in range(len(self._sizes)):
-            y = np.concatenate(self._buffers.pop((name, g)))
-            groups.append(reduce_rows(y))
-            rows.append(int(y.shape[0]))
-        self.results[name] = {"groups": groups, "rows": rows, "features": features}
+    def _reduce_complete(self, name: str, features: int) -> None:
+        """Reduce each group of this module whose windows are all in, and drop its rows (so
+        at most one group's rows per module wait for later batches); once every group is
+        reduced, the module's result is complete."""
+        done = self._reduced.setdefault(name, {})
+        for g, size in enumerate(self._sizes):
+            if g not in done and self._seen.get((name, g), 0) >= size:
+                y = np.concatenate(self._buffers.pop((name, g)))
+                done[g] = (reduce_rows(y), int(y.shape[0]))
+        if len(done) == len(self._sizes):
+            del self._reduced[name]
+            self.results[name] = {"groups": [done[g][0] for g in range(len(self._sizes))],
+                                  "rows": [done[g][1] for g in range(len(self._sizes))],
+                                  "features": features}
 
     def complete(self) -> dict[str, dict[str, Any]]:
         """Modules that saw every calibration window (all of their groups reduced)."""
