@@ -13,9 +13,9 @@ the head in pieces, each piece's logits turned into per-token losses and dropped
 linear head is applied one slice of the vocabulary at a time to every scored position (a
 running log-sum-exp); any other head a chunk of positions at a time. Pieces are sized from a
 memory budget, so scoring memory is O(positions x slice), or O(chunk x vocabulary), whatever
-the batch size. A model whose forward changes the head's
-output afterwards (logit soft-capping, scaling) is detected on a short probe pass before the
-windows and scored through its full logits instead.
+the batch size. A model whose forward changes the head's output afterwards (logit
+soft-capping, scaling) is detected on a short probe pass before the windows and scored
+through its full logits instead.
 
 Windows with NaN or Inf in their logits at attended positions (chunked scoring: in the final
 hidden states at attended positions, or NaN/+inf in the logits at scored positions, which
