@@ -29,7 +29,7 @@ import numpy as np
 VOCAB = 128_256
 ROOT = Path(__file__).resolve().parents[1]  # the invarlock tree this script belongs to
 MODES = {"full": "whole-batch logits",
-         "chunked": "vocabulary slices (a plain linear head)",
+         "slices": "vocabulary slices (a plain linear head)",
          "positions": "chunks of positions (a head that cannot be sliced)"}
 
 
@@ -102,7 +102,7 @@ def main() -> None:
         print(f"  RSS growth in eval  {(r['peak'] - r['rss_before']) * mib:,.0f} MiB")
         print(f"  evaluation          {r['tokens'] / r['seconds']:,.0f} tokens/s")
     full = np.array(results["full"]["values"])
-    for mode in ("chunked", "positions"):
+    for mode in ("slices", "positions"):
         values = np.array(results[mode]["values"])
         rel = float(np.max(np.abs(values - full) / np.abs(full)))
         ratio = results[mode]["peak"] / results["full"]["peak"]

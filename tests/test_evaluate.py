@@ -178,6 +178,15 @@ def _case(name, request):
     return loaded, causal_windows(), CAUSAL
 
 
+def _assert_equals_full_logits(scores, loaded, windows, kind, monkeypatch):
+    """``scores`` equal the same windows scored through the model's whole logits."""
+    monkeypatch.setattr(evaluate_mod, "_chunkable_head", lambda *_args: None)
+    full = run(loaded, windows, kind, batch_size=4)
+    np.testing.assert_allclose(scores.values, full.values, rtol=1e-6)
+    np.testing.assert_array_equal(scores.tokens, full.tokens)
+    assert scores.nonfinite_windows == full.nonfinite_windows == 0
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_vocabulary_sliced_scoring_equals_full_logits(name, request, monkeypatch):
     """Scores from the head's weight applied 7 vocabulary entries at a time (a running
@@ -185,10 +194,10 @@ def test_vocabulary_sliced_scoring_equals_full_logits(name, request, monkeypatch
     loaded, windows, kind = _case(name, request)
     head = loaded.model.get_output_embeddings()
     assert type(head) is torch.nn.Linear and (name != "bert" or head.bias is not None)
-    columns_asked = []
+    slices_sized = []
 
-    def seven(rows, *args):
-        columns_asked.append(rows)
+    def seven(*args):
+        slices_sized.append(args)
         return 7
 
     monkeypatch.setattr(evaluate_mod, "head_slice_columns", seven)
@@ -203,12 +212,8 @@ def test_vocabulary_sliced_scoring_equals_full_logits(name, request, monkeypatch
         sliced = run(loaded, windows, kind, batch_size=4)
     finally:
         handle.remove()
-    monkeypatch.setattr(evaluate_mod, "_chunkable_head", lambda *_args: None)
-    full = run(loaded, windows, kind, batch_size=4)
-    np.testing.assert_allclose(sliced.values, full.values, rtol=1e-6)
-    np.testing.assert_array_equal(sliced.tokens, full.tokens)
-    assert sliced.nonfinite_windows == full.nonfinite_windows == 0
-    assert columns_asked and len(calls) == 1  # the probe pass only: slices bypass the module
+    _assert_equals_full_logits(sliced, loaded, windows, kind, monkeypatch)
+    assert slices_sized and len(calls) == 1  # the probe pass only: slices bypass the module
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
@@ -224,11 +229,7 @@ def test_position_chunked_scoring_equals_full_logits(name, request, monkeypatch)
         chunked = run(loaded, windows, kind, batch_size=4)
     finally:
         handle.remove()
-    monkeypatch.setattr(evaluate_mod, "_chunkable_head", lambda *_args: None)
-    full = run(loaded, windows, kind, batch_size=4)
-    np.testing.assert_allclose(chunked.values, full.values, rtol=1e-6)
-    np.testing.assert_array_equal(chunked.tokens, full.tokens)
-    assert chunked.nonfinite_windows == full.nonfinite_windows == 0
+    _assert_equals_full_logits(chunked, loaded, windows, kind, monkeypatch)
     # after the probe pass, the head only ever saw 2-D chunks of at most 7 positions
     assert len(rows_seen[0]) == 3
     assert rows_seen[1:] and all(len(s) == 2 and s[0] <= 7 for s in rows_seen[1:])

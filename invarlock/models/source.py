@@ -17,6 +17,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from invarlock import plugins
 from invarlock.enums import ADAPTER_ALIASES, AdapterKind
@@ -307,6 +308,19 @@ def _weights_in(directory: Path, single: str, index: str) -> list[Path]:
     return [index_path, *(directory / name for name in shards)]
 
 
+class _FileState(NamedTuple):
+    """What changes when a file is replaced or written."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+SETTLED_NS = 2_000_000_000  # files unmodified this long before hashing may be remembered
+_DIGESTS: dict[tuple[tuple[str, _FileState], ...], str] = {}
+
+
 def weights_digest(files: list[Path]) -> str:
     """sha256 over each file's name, size and bytes, files sorted by name (1 MiB reads).
 
@@ -315,31 +329,29 @@ def weights_digest(files: list[Path]) -> str:
     time, and had not been modified for a while before it was hashed (a write within the
     file system's timestamp granularity could otherwise keep the modification time)."""
     ordered = sorted(files, key=lambda p: p.name)
-    key = tuple((str(path.absolute()), _signature(path)) for path in ordered)
+    states = [_state(path) for path in ordered]
+    key = tuple((str(path.absolute()), state) for path, state in zip(ordered, states,
+                                                                        strict=True))
     if key in _DIGESTS:
         return _DIGESTS[key]
     started = time.time_ns()
     digest = hashlib.sha256()
-    for path, (_, (_, _, size, _)) in zip(ordered, key, strict=True):
-        digest.update(path.name.encode("utf-8") + b"\0" + size.to_bytes(8, "little"))
+    for path, state in zip(ordered, states, strict=True):
+        digest.update(path.name.encode("utf-8") + b"\0" + state.size.to_bytes(8, "little"))
         with path.open("rb") as handle:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     text = f"sha256:{digest.hexdigest()}"
-    if all(signature[3] < started - SETTLED_NS for _, signature in key):
+    if all(state.mtime_ns < started - SETTLED_NS for state in states):
         while len(_DIGESTS) >= 16:
             _DIGESTS.pop(next(iter(_DIGESTS)))
         _DIGESTS[key] = text
     return text
 
 
-SETTLED_NS = 2_000_000_000  # files unmodified this long before hashing may be remembered
-_DIGESTS: dict[tuple, str] = {}
-
-
-def _signature(path: Path) -> tuple[int, int, int, int]:
+def _state(path: Path) -> _FileState:
     stat = path.stat()
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+    return _FileState(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def context_length(config: dict) -> int | None:
