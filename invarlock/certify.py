@@ -707,8 +707,10 @@ def _guard_run(inputs: RunInputs, plan: EvaluationPlan) -> Any:
 def _score(inputs: RunInputs, req: CertifyRequest, timer: _Timer, model: Any,
            windows: WindowSet, label: str, taps: Any = None) -> Any:
     from invarlock import evaluate
+    from invarlock.models.device import keep_heap_warm
 
     t0 = time.perf_counter()
+    keep_heap_warm()
     scores = evaluate.evaluate_windows(model, windows, kind=inputs.kind, device=inputs.device,
                                        batch_size=req.batch_size, taps=taps or None,
                                        progress=req.progress)
