@@ -46,6 +46,7 @@ $(SMOLLM2_DIR)/model.safetensors: | install
 bench: smollm2
 	$(BIN)/python benchmarks/certify_smollm2.py --model $(SMOLLM2_DIR) --guards-off
 	$(BIN)/python benchmarks/chunked_scoring.py
+	$(BIN)/python benchmarks/digests.py --model $(SMOLLM2_DIR)
 
 image-test:
 	scripts/image_test.sh

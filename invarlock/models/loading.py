@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -331,29 +331,49 @@ def load_tokenizer(source: ModelSource | Path | str, required: bool = True) -> A
 
 
 def tensor_digest(model: torch.nn.Module) -> str:
-    """``sha256:<hex>`` over the state dict's tensors, in name order.
+    """Digest of the state dict's tensors in name order (`hashing.tree_sha256`).
 
-    Each tensor contributes name, dtype, shape and raw bytes (copied to the CPU, so the
-    digest does not depend on the device). Tied weights appear under several names in the
-    state dict; only the first name in sorted order is hashed.
+    Each tensor contributes a header (name, dtype, shape) and its raw bytes in pieces, each
+    piece copied to the CPU on its own, so the digest does not depend on the device and no
+    whole copy of a GPU model is made. Tied weights appear under several names in the state
+    dict; only the first name in sorted order is hashed.
     """
-    digest = hashlib.sha256()
+    from invarlock.models.hashing import tree_sha256
+
     seen: set[tuple] = set()
     state = dict(plain for name, tensor in model.state_dict(keep_vars=True).items()
                  for plain in storage_tensors(name, tensor))  # quantized: their inner tensors
-    for name in sorted(state):
-        tensor = state[name].detach()
-        if tensor.numel():
-            alias_key = (str(tensor.device), tensor.data_ptr(), tensor.dtype, tuple(tensor.shape),
-                         tensor.stride())
-            if alias_key in seen:
-                continue
-            seen.add(alias_key)
-        header = f"{name}|{str(tensor.dtype).replace('torch.', '')}|{tuple(tensor.shape)}"
-        digest.update(header.encode("utf-8") + b"\0")
-        host = tensor.to("cpu").contiguous().reshape(-1)
-        digest.update(host.view(torch.uint8).numpy().data)
-    return f"sha256:{digest.hexdigest()}"
+
+    def parts() -> Iterator[bytes | Callable[[], bytes]]:
+        for name in sorted(state):
+            tensor = state[name].detach()
+            if tensor.numel():
+                alias_key = (str(tensor.device), tensor.data_ptr(), tensor.dtype,
+                             tuple(tensor.shape), tensor.stride())
+                if alias_key in seen:
+                    continue
+                seen.add(alias_key)
+            header = f"{name}|{str(tensor.dtype).replace('torch.', '')}|{tuple(tensor.shape)}"
+            yield header.encode("utf-8") + b"\0"
+            yield from _tensor_pieces(tensor)
+
+    return tree_sha256(parts())
+
+
+def _tensor_pieces(tensor: torch.Tensor) -> Iterator[Callable[[], bytes]]:
+    from invarlock.models.hashing import piece_bounds
+
+    flat = tensor.contiguous().reshape(-1).view(torch.uint8)
+
+    def piece(offset: int, length: int) -> Callable[[], bytes]:
+        def job() -> bytes:
+            host = flat[offset:offset + length].to("cpu")
+            return hashlib.sha256(host.numpy().data).digest()
+
+        return job
+
+    for offset, length in piece_bounds(flat.numel()):
+        yield piece(offset, length)
 
 
 def save_checkpoint(loaded: LoadedModel, out_dir: Path | str) -> None:

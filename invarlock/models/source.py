@@ -10,11 +10,11 @@ allowed) and digested here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -322,12 +322,15 @@ _DIGESTS: dict[tuple[tuple[str, _FileState], ...], str] = {}
 
 
 def weights_digest(files: list[Path]) -> str:
-    """sha256 over each file's name, size and bytes, files sorted by name (1 MiB reads).
+    """Digest of the weight files (`hashing.tree_sha256`): files sorted by name, each as its
+    name, NUL and size (8 bytes, little-endian), then its pieces.
 
     A run reads the baseline's digest twice (its cache key, then its load). The second time
     comes from memory when every file still has the same identity, size and modification
     time, and had not been modified for a while before it was hashed (a write within the
     file system's timestamp granularity could otherwise keep the modification time)."""
+    from invarlock.models.hashing import file_pieces, tree_sha256
+
     ordered = sorted(files, key=lambda p: p.name)
     states = [_state(path) for path in ordered]
     key = tuple((str(path.absolute()), state) for path, state in zip(ordered, states,
@@ -335,13 +338,16 @@ def weights_digest(files: list[Path]) -> str:
     if key in _DIGESTS:
         return _DIGESTS[key]
     started = time.time_ns()
-    digest = hashlib.sha256()
-    for path, state in zip(ordered, states, strict=True):
-        digest.update(path.name.encode("utf-8") + b"\0" + state.size.to_bytes(8, "little"))
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    text = f"sha256:{digest.hexdigest()}"
+
+    def parts() -> Iterator[bytes | Callable[[], bytes]]:
+        for path, state in zip(ordered, states, strict=True):
+            yield path.name.encode("utf-8") + b"\0" + state.size.to_bytes(8, "little")
+            yield from file_pieces(path, state.size)
+
+    try:
+        text = tree_sha256(parts())
+    except OSError as exc:
+        raise InputError(f"cannot read the weights: {exc.strerror or exc}") from None
     if all(state.mtime_ns < started - SETTLED_NS for state in states):
         while len(_DIGESTS) >= 16:
             _DIGESTS.pop(next(iter(_DIGESTS)))
