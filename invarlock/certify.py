@@ -410,7 +410,8 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
         t = time.perf_counter()
         model = loading.load_model(base.source, adapter=base.adapter, device=inputs.device,
                                    dtype=req.dtype, allow_pickle=req.allow_pickle,
-                                   dequantize=req.dequantize, **_placement(req))
+                                   dequantize=req.dequantize, tokenizer=inputs.tokenizer,
+                                   **_placement(req))
         timer.add("load_s", t)
         with loading.weights_on_host(model.model):
             check_baseline_weights(model.model)
@@ -465,7 +466,8 @@ def prepare_subject(inputs: RunInputs, req: CertifyRequest, timer: _Timer,
             base_model = loading.load_model(base.source, adapter=base.adapter,
                                             device=inputs.device, dtype=req.dtype,
                                             allow_pickle=req.allow_pickle,
-                                            dequantize=req.dequantize, **_placement(req))
+                                            dequantize=req.dequantize,
+                                            tokenizer=inputs.tokenizer, **_placement(req))
         prepared = _edited_subject(inputs, base_model, timer, req.save_format)
     else:
         assert inputs.subject is not None

@@ -107,6 +107,25 @@ def test_second_subject_reuses_cached_baseline(tiny_gpt2_dir, fast_preset, sonne
     assert one["windows"]["final"]["baseline"] == two["windows"]["final"]["baseline"]
 
 
+def test_each_checkpoints_tokenizer_is_loaded_once_per_run(tiny_gpt2_dir, fast_preset,
+                                                           sonnets_path, tmp_path, monkeypatch):
+    """The baseline's tokenizer, loaded to plan the windows, is the one its model load uses."""
+    from invarlock.models import loading
+
+    loads: list[str] = []
+    original = loading.load_tokenizer
+
+    def counted(source, required=True):
+        loads.append(str(source))
+        return original(source, required)
+
+    monkeypatch.setattr(loading, "load_tokenizer", counted)
+    code, _, _ = certify("--baseline", str(tiny_gpt2_dir), "--edit", "quant_rtn",
+                         "--dataset", str(sonnets_path), "--profile", "dev",
+                         "--preset", str(fast_preset), "--out", str(tmp_path / "o"))
+    assert code == 0 and len(loads) == 1
+
+
 def test_masked_lm_certifies_on_masked_positions(tiny_bert_dir, fast_preset, sonnets_path,
                                                  tmp_path):
     code, summary, _ = certify("--baseline", str(tiny_bert_dir), "--edit", "quant_rtn",

@@ -125,6 +125,7 @@ def load_model(
     dequantize: bool = False,
     device_map: str | None = None,
     max_memory: dict[int | str, int] | None = None,
+    tokenizer: Any = None,
 ) -> LoadedModel:
     """Load ``source`` for scoring with the adapter's head, refusing anything unsafe or partial.
 
@@ -136,6 +137,9 @@ def load_model(
     ``device_map`` (auto, balanced, balanced_low_0, sequential) spreads the model over the
     GPUs through accelerate, within ``max_memory`` bytes per device, offloading what does not
     fit to CPU memory and then to disk; inputs then go to ``device``.
+
+    ``tokenizer``: the checkpoint's own tokenizer when the caller has loaded it already
+    (`load_tokenizer`), so that it is not loaded twice.
     """
     config = read_config(source)
     kind = adapter if isinstance(adapter, AdapterKind) else detect_adapter(config, adapter)
@@ -176,7 +180,8 @@ def load_model(
             model.to(device)
     model.eval()
     model.requires_grad_(False)
-    tokenizer = load_tokenizer(source, required=False)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, required=False)
     if kind is AdapterKind.SEQ_CLS and model.config.pad_token_id is None:
         # Decoder classifiers find each row's last token through the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
