@@ -107,23 +107,53 @@ def test_second_subject_reuses_cached_baseline(tiny_gpt2_dir, fast_preset, sonne
     assert one["windows"]["final"]["baseline"] == two["windows"]["final"]["baseline"]
 
 
-def test_each_checkpoints_tokenizer_is_loaded_once_per_run(tiny_gpt2_dir, fast_preset,
-                                                           sonnets_path, tmp_path, monkeypatch):
-    """The baseline's tokenizer, loaded to plan the windows, is the one its model load uses."""
+@pytest.mark.parametrize("subject", ["edit", "copy", "other config"])
+def test_a_tokenizer_is_loaded_once_per_set_of_files(subject, tiny_gpt2_dir, fast_preset,
+                                                      sonnets_path, tmp_path, monkeypatch):
+    """The baseline's tokenizer, loaded to plan the windows, serves its model load and any
+    subject saved with the same files; a subject whose files differ is loaded once."""
+    import shutil
+
+    import transformers
+
     from invarlock.models import loading
 
+    monkeypatch.setattr(loading, "_TOKENIZERS", {})  # nothing from earlier tests
     loads: list[str] = []
-    original = loading.load_tokenizer
+    original = transformers.AutoTokenizer.from_pretrained.__func__
 
-    def counted(source, required=True):
-        loads.append(str(source))
-        return original(source, required)
+    def counted(cls, path, *args, **kwargs):
+        loads.append(Path(path).name)
+        return original(cls, path, *args, **kwargs)
 
-    monkeypatch.setattr(loading, "load_tokenizer", counted)
-    code, _, _ = certify("--baseline", str(tiny_gpt2_dir), "--edit", "quant_rtn",
-                         "--dataset", str(sonnets_path), "--profile", "dev",
-                         "--preset", str(fast_preset), "--out", str(tmp_path / "o"))
-    assert code == 0 and len(loads) == 1
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(counted))
+    if subject == "edit":
+        chosen = ["--edit", "quant_rtn"]
+    else:
+        copy = shutil.copytree(tiny_gpt2_dir, tmp_path / "subject")
+        if subject == "other config":
+            config = json.loads((copy / "config.json").read_text())
+            config["transformers_version"] = "4.0.0"  # re-saved by another version
+            (copy / "config.json").write_text(json.dumps(config))
+        chosen = ["--subject", str(copy)]
+    code, summary, _ = certify("--baseline", str(tiny_gpt2_dir), *chosen,
+                               "--dataset", str(sonnets_path), "--profile", "dev",
+                               "--preset", str(fast_preset), "--out", str(tmp_path / "o"))
+    assert code == 0 and summary["verdict"] == "PASS"
+    expected = [tiny_gpt2_dir.name] + (["subject"] if subject == "other config" else [])
+    assert loads == expected
+    tokenizers = document.load_certificate(summary["certificate"])["guards"]["invariants"][
+        "measurements"]["pre"]["tokenizer"]
+    assert tokenizers["subject"] == tokenizers["baseline"] == cert_hash(tiny_gpt2_dir)
+
+
+def cert_hash(model: Path) -> str:
+    """The tokenizer's hash, from a fresh load (not the one the run used)."""
+    from transformers import AutoTokenizer
+
+    from invarlock.models.tokenizer import tokenizer_hash
+
+    return tokenizer_hash(AutoTokenizer.from_pretrained(model))
 
 
 def test_masked_lm_certifies_on_masked_positions(tiny_bert_dir, fast_preset, sonnets_path,

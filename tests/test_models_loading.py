@@ -13,6 +13,7 @@ import torch
 
 from invarlock.enums import AdapterKind
 from invarlock.errors import InputError
+from invarlock.models import loading
 from invarlock.models.loading import load_model, load_tokenizer, save_checkpoint, tensor_digest
 from invarlock.models.source import resolve_model_source, weight_files, weights_digest
 
@@ -215,3 +216,26 @@ def test_failed_save_leaves_nothing(gpt2, tmp_path, monkeypatch, error):
         save_checkpoint(loaded, out)
     assert not out.exists()
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_folders_with_the_same_tokenizer_files_share_one_tokenizer(tiny_gpt2_dir, tmp_path,
+                                                                   monkeypatch):
+    """Weights may differ; every other file decides whether the tokenizer is loaded again."""
+    monkeypatch.setattr(loading, "_TOKENIZERS", {})
+    first = load_tokenizer(tiny_gpt2_dir)
+    same = shutil.copytree(tiny_gpt2_dir, tmp_path / "same")
+    (same / "model.safetensors").write_bytes(b"other weights")
+    assert load_tokenizer(same) is first
+    other = shutil.copytree(tiny_gpt2_dir, tmp_path / "other")
+    config = other / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 77}))
+    changed = load_tokenizer(other)
+    assert changed is not first and changed.model_max_length == 77
+
+
+def test_a_folder_with_a_large_file_besides_weights_is_always_loaded(tiny_gpt2_dir, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setattr(loading, "_TOKENIZERS", {})
+    monkeypatch.setattr(loading, "_TOKENIZER_INPUT_MAX", 100)
+    assert loading._tokenizer_inputs(tiny_gpt2_dir) is None  # tokenizer.json is larger
+    assert load_tokenizer(tiny_gpt2_dir) is not load_tokenizer(tiny_gpt2_dir)

@@ -99,6 +99,8 @@ def check_subject_tokenizer(base_tok: Any, tok_hash: str,
         logger.info("GGUF subject %s carries no tokenizer: the baseline's is used", subj_src)
         return TOKENIZER_BASELINE, tok_hash
     subj_tok = loading.load_tokenizer(subj_src)
+    if subj_tok is base_tok:  # the same files as the baseline's (`load_tokenizer`)
+        return origin, tok_hash
     subj_hash = tokenizer.tokenizer_hash(subj_tok)
     if subj_hash == tok_hash:
         return origin, subj_hash

@@ -314,6 +314,10 @@ def load_tokenizer(source: ModelSource | Path | str, required: bool = True) -> A
 
     A GGUF checkpoint's tokenizer is the tokenizer files in its folder, else the one embedded
     in the file; with neither, None when not `required` (the caller uses the baseline's).
+
+    A folder whose files other than weights are byte for byte those of a folder loaded before
+    gives the same tokenizer object again (`_tokenizer_inputs`): a subject saved with its
+    baseline's tokenizer is not loaded, nor hashed, a second time.
     """
     path = source.path if isinstance(source, ModelSource) else Path(source)
     transformers = _transformers()
@@ -329,10 +333,38 @@ def load_tokenizer(source: ModelSource | Path | str, required: bool = True) -> A
             return None
         if origin == formats.TOKENIZER_GGUF:
             extra["gguf_file"] = source.gguf_file
+    key = None if extra else _tokenizer_inputs(path)
+    if key is not None and key in _TOKENIZERS:
+        return _TOKENIZERS[key]
     with _translated(f"load the tokenizer of '{source}'"):
-        return transformers.AutoTokenizer.from_pretrained(
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
             str(path), trust_remote_code=False, local_files_only=True, **extra
         )
+    if key is not None:
+        while len(_TOKENIZERS) >= 4:
+            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+        _TOKENIZERS[key] = tokenizer
+    return tokenizer
+
+
+_TOKENIZERS: dict[tuple, Any] = {}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
+                    ".onnx", ".index.json")
+_TOKENIZER_INPUT_MAX = 64 * 2**20
+
+
+def _tokenizer_inputs(folder: Path) -> tuple | None:
+    """Name and sha256 of every file in `folder` that is not weights: all a tokenizer can be
+    loaded from (tokenizer files, configs, templates). None when that cannot be told cheaply
+    (not a folder, unreadable, or a non-weight file over 64 MiB)."""
+    try:
+        files = sorted(p for p in folder.iterdir()
+                       if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES))
+        if any(p.stat().st_size > _TOKENIZER_INPUT_MAX for p in files):
+            return None
+        return tuple((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files)
+    except OSError:
+        return None
 
 
 def tensor_digest(model: torch.nn.Module) -> str:
