@@ -238,7 +238,7 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     try:
         plan = plan_evaluation(inputs, req, timer)
         baseline, base_model = evaluate_baseline(inputs, plan, req, timer)
-        if inputs.edit is None:
+        if inputs.edit is None and base_model is not None:
             base_model = None  # one model resident at a time: the baseline leaves first
             _release_memory()
         subject = prepare_subject(inputs, req, timer, base_model)

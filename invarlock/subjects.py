@@ -101,8 +101,9 @@ def _run(pipeline: Any, req: Any, specs: Sequence[str], inputs: Any, shared: Any
             raise InputError(f"cannot write a certificate folder at '{target}': a file is there")
     plan = pipeline.plan_evaluation(inputs, req, shared)
     baseline, base_model = pipeline.evaluate_baseline(inputs, plan, req, shared)
-    del base_model  # one model resident at a time: the baseline leaves first
-    pipeline._release_memory()
+    if base_model is not None:  # None: its results came from the cache
+        del base_model  # one model resident at a time: the baseline leaves first
+        pipeline._release_memory()
     shared_seconds = time.perf_counter() - started
 
     results = []
