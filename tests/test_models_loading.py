@@ -233,6 +233,21 @@ def test_folders_with_the_same_tokenizer_files_share_one_tokenizer(tiny_gpt2_dir
     assert changed is not first and changed.model_max_length == 77
 
 
+def test_load_options_in_a_tokenizer_config_do_not_make_another_tokenizer(tiny_gpt2_dir,
+                                                                          tmp_path,
+                                                                          monkeypatch):
+    """A tokenizer re-saved after a local load records local_files_only: every load gives
+    that option itself, so the file's value (or its layout) cannot change the tokenizer."""
+    monkeypatch.setattr(loading, "_TOKENIZERS", {})
+    first = load_tokenizer(tiny_gpt2_dir)
+    resaved = shutil.copytree(tiny_gpt2_dir, tmp_path / "resaved")
+    config = resaved / "tokenizer_config.json"
+    settings = json.loads(config.read_text())
+    settings.update(local_files_only=True, trust_remote_code=False)
+    config.write_text(json.dumps(settings, indent=4))
+    assert load_tokenizer(resaved) is first
+
+
 def test_a_folder_with_a_large_file_besides_weights_is_always_loaded(tiny_gpt2_dir, tmp_path,
                                                                      monkeypatch):
     monkeypatch.setattr(loading, "_TOKENIZERS", {})

@@ -131,9 +131,9 @@ def test_invariants_receive_the_subjects_own_tokenizer_hash(tiny_gpt2_dir, sonne
     import shutil
 
     shutil.copytree(tiny_gpt2_dir, subject)
-    # the same tokenizer in other bytes, so that it is loaded (not shared with the baseline)
+    # a setting that does not change the ids, so that its tokenizer is loaded, not shared
     config = subject / "tokenizer_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()), indent=4))
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 99}))
     preset = tmp_path / "fast.yaml"
     preset.write_text(FAST)
     code, _ = _certify(["--baseline", str(tiny_gpt2_dir), "--subject", str(subject),

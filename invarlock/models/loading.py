@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -338,8 +339,7 @@ def load_tokenizer(source: ModelSource | Path | str, required: bool = True) -> A
         return _TOKENIZERS[key]
     with _translated(f"load the tokenizer of '{source}'"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            str(path), trust_remote_code=False, local_files_only=True, **extra
-        )
+            str(path), **_TOKENIZER_LOADING, **extra)
     if key is not None:
         while len(_TOKENIZERS) >= 4:
             _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
@@ -348,6 +348,9 @@ def load_tokenizer(source: ModelSource | Path | str, required: bool = True) -> A
 
 
 _TOKENIZERS: dict[tuple, Any] = {}
+# Given with every load, so these keys of a tokenizer_config.json never matter (a tokenizer
+# re-saved after a local load records local_files_only: true).
+_TOKENIZER_LOADING = {"trust_remote_code": False, "local_files_only": True}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
                     ".onnx", ".index.json")
 _TOKENIZER_INPUT_MAX = 64 * 2**20
@@ -355,16 +358,31 @@ _TOKENIZER_INPUT_MAX = 64 * 2**20
 
 def _tokenizer_inputs(folder: Path) -> tuple | None:
     """Name and sha256 of every file in `folder` that is not weights: all a tokenizer can be
-    loaded from (tokenizer files, configs, templates). None when that cannot be told cheaply
-    (not a folder, unreadable, or a non-weight file over 64 MiB)."""
+    loaded from (tokenizer files, configs, templates); tokenizer_config.json without the
+    options every load overrides. None when that cannot be told cheaply (not a folder,
+    unreadable, or a non-weight file over 64 MiB)."""
     try:
         files = sorted(p for p in folder.iterdir()
                        if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES))
         if any(p.stat().st_size > _TOKENIZER_INPUT_MAX for p in files):
             return None
-        return tuple((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files)
+        return tuple((p.name, hashlib.sha256(_tokenizer_input(p)).hexdigest()) for p in files)
     except OSError:
         return None
+
+
+def _tokenizer_input(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name != "tokenizer_config.json":
+        return data
+    try:
+        config = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return data
+    if not isinstance(config, dict):
+        return data
+    kept = {k: v for k, v in config.items() if k not in _TOKENIZER_LOADING}
+    return json.dumps(kept, sort_keys=True).encode("utf-8")
 
 
 def tensor_digest(model: torch.nn.Module) -> str:
