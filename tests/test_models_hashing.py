@@ -103,3 +103,11 @@ def test_tensor_digest_of_a_transposed_view_hashes_its_values_in_order(small_pie
 
 def test_hash_workers_are_bounded():
     assert 1 <= hashing.hash_workers() <= hashing.MAX_WORKERS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tensor_digest_does_not_depend_on_the_device(small_pieces):
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.LayerNorm(200))
+    model.to(torch.bfloat16)
+    on_host = tensor_digest(model)
+    assert tensor_digest(model.to("cuda")) == on_host

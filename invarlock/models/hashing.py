@@ -21,7 +21,7 @@ from pathlib import Path
 from invarlock.errors import InputError
 
 PIECE_BYTES = 16 * 2**20
-MAX_WORKERS = 8  # at most this many pieces (16 MiB buffers) in memory at once
+MAX_WORKERS = 8  # pieces queued ahead: 4x this, so at most 528 MiB of host copies
 
 Piece = Callable[[], bytes]  # hashes one piece, returns its sha256 digest
 Part = bytes | Piece  # header bytes go into the digest as they are

@@ -18,7 +18,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -416,19 +416,20 @@ def tensor_digest(model: torch.nn.Module) -> str:
 
 
 def _tensor_pieces(tensor: torch.Tensor) -> Iterator[Callable[[], bytes]]:
+    """Jobs hashing `tensor`'s bytes a piece at a time. A piece on an accelerator is copied to
+    the host here, in order on the calling thread (its streams are not shared with the hash
+    threads); the pool hashes it while the next piece is copied."""
     from invarlock.models.hashing import piece_bounds
 
     flat = tensor.contiguous().reshape(-1).view(torch.uint8)
-
-    def piece(offset: int, length: int) -> Callable[[], bytes]:
-        def job() -> bytes:
-            host = flat[offset:offset + length].to("cpu")
-            return hashlib.sha256(host.numpy().data).digest()
-
-        return job
-
+    on_host = flat.device.type == "cpu"
     for offset, length in piece_bounds(flat.numel()):
-        yield piece(offset, length)
+        piece = flat[offset:offset + length]
+        yield partial(_sha256_of, piece if on_host else piece.to("cpu"))
+
+
+def _sha256_of(host: torch.Tensor) -> bytes:
+    return hashlib.sha256(host.numpy().data).digest()
 
 
 def save_checkpoint(loaded: LoadedModel, out_dir: Path | str) -> None:
