@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from pathlib import Path
 
@@ -222,28 +223,28 @@ def keep_heap_warm() -> bool:
     memory goes back to the OS explicitly when a model leaves (`trim_host_memory`). The
     setting is process-wide and lasts, which suits a certification run that owns its process.
     """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl): its allocator has no such knobs
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
-                and mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+                                     and libc.mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
 
 
 def trim_host_memory() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it for reuse otherwise), so that a
     model just dropped does not stay in the process's resident set. No-op elsewhere."""
-    import ctypes
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, for its allocator's entry points; None off Linux or on another C library
+    (musl), whose allocator has neither knob."""
     import sys
 
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl): nothing to trim
-        return
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
