@@ -39,6 +39,7 @@ from invarlock.errors import EvidenceError, InputError
 from invarlock.guards import ChainSettings
 from invarlock.outdir import OutputFolder
 from invarlock.policy import ResolvedPolicy, evidence_floor, resolve
+from invarlock.subject_index import refuse_mixed_results
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,8 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
     subject_tokenizer = subj_hash = None
     if subject is not None:
         subject_tokenizer, subj_hash = check_subject_tokenizer(subject, base_tok, tok_hash)
-    output = outdir.claim(out_dir)  # last: an input error above leaves no folder behind
+    output = outdir.claim(out_dir, check=lambda folder: refuse_mixed_results(
+        folder, req.subjects))  # last: an input error above leaves no folder behind
     timer.add("resolve_s", t)
     return RunInputs(run_id=run_id, device=device, baseline=baseline, subject=subject,
                      edit=edit, policy=policy, chain=chain, tokenizer=base_tok,

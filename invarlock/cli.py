@@ -358,10 +358,8 @@ def verify(certificates: tuple[str, ...], baseline_cert: str | None, as_json: bo
     def body() -> tuple[int, dict[str, Any] | None]:
         from invarlock import verify as verifying
         from invarlock.certificate.document import load_certificate
-        from invarlock.subjects import read_index
 
         reference = None
-        results: list[dict[str, Any]] = []
         if baseline_cert is not None:
             reference = load_certificate(baseline_cert)
             ref_report = verifying.verify_certificate(reference)
@@ -369,38 +367,9 @@ def verify(certificates: tuple[str, ...], baseline_cert: str | None, as_json: bo
                 raise TamperedCertificateError(
                     f"the reference certificate {baseline_cert} does not verify: "
                     f"{ref_report.differences[0]}")
-        def check(path: str, listed: dict[str, Any] | None = None) -> None:
-            try:
-                cert = load_certificate(path)
-            except InvarlockError as exc:
-                results.append({"path": path, "verified": False, "verdict": None,
-                                "differences": [str(exc)], "notes": [], "checked": [],
-                                "exit_code": exc.exit_code})
-                return
-            result = {"path": path, **verifying.verify_certificate(cert, reference).as_dict()}
-            if listed is not None:  # the index row must describe this very certificate
-                for field, value in (("verdict", cert.get("verdict", {}).get("status")),
-                                     ("digest", cert.get("digest"))):
-                    if listed.get(field) != value:
-                        result["verified"] = False
-                        result["differences"] = [*result["differences"],
-                                                 f"index.json: {field} {listed.get(field)!r} "
-                                                 f"but the certificate says {value!r}"]
-            results.append(result)
-
+        results: list[dict[str, Any]] = []
         for path in certificates:
-            index = read_index(Path(path))
-            if index is None:
-                check(path)
-                continue
-            for row in index["subjects"]:  # a multi-subject folder: every subject in it
-                if row.get("certificate"):
-                    check(str(Path(path) / row["certificate"]), row)
-                else:
-                    results.append({"path": f"{path}: {row.get('subject')}", "verified": True,
-                                    "verdict": "ERROR", "differences": [],
-                                    "notes": [f"no certificate: {row.get('error')}"],
-                                    "checked": [], "exit_code": row.get("exit_code")})
+            results += _verify_one(path, reference)
         code = _verify_exit_code(results)
         if not as_json:
             click.echo(_verify_text(results))
@@ -412,24 +381,84 @@ def verify(certificates: tuple[str, ...], baseline_cert: str | None, as_json: bo
     _run_guarded(as_json, body)
 
 
+def _verify_one(path: str, reference: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The results for one argument: a certificate, a run folder, or a folder with an index."""
+    from invarlock import subject_index
+
+    folder = Path(path)
+    kind = subject_index.folder_kind(folder) if folder.is_dir() else None
+    if kind == "mixed":
+        return [_unverified(path, [
+            f"holds both {subject_index.INDEX_JSON} (a run with several subjects) and a "
+            "single-subject certificate set: results of two runs are mixed; certify again into "
+            "an empty folder"])]
+    if kind != "index":
+        return [_verify_certificate(path, reference)]
+    checked = subject_index.check_folder(folder)
+    results = []
+    if checked.problems:
+        results.append(_unverified(str(checked.path), list(checked.problems)))
+    for row, cert_path in checked.certificates:
+        results.append(_verify_certificate(str(cert_path), reference, row, checked.index))
+    for row in checked.errors:
+        results.append({"path": f"{path}: {row.get('subject')}", "verified": True,
+                        "verdict": "ERROR", "differences": [],
+                        "notes": [f"no certificate: {row.get('error')}"], "checked": [],
+                        "exit_code": row.get("exit_code")})
+    return results
+
+
+def _verify_certificate(path: str, reference: dict[str, Any] | None,
+                        row: dict[str, Any] | None = None,
+                        index: dict[str, Any] | None = None) -> dict[str, Any]:
+    from invarlock import subject_index
+    from invarlock import verify as verifying
+    from invarlock.certificate.document import load_certificate
+
+    try:
+        cert = load_certificate(path)
+    except InvarlockError as exc:
+        return {**_unverified(path, [str(exc)]), "exit_code": exc.exit_code}
+    result = {"path": path, **verifying.verify_certificate(cert, reference).as_dict()}
+    if row is not None and index is not None:  # the index row must describe this certificate
+        listed = subject_index.row_differences(row, cert, index)
+        if listed:
+            result.update(verified=False, differences=[*result["differences"], *listed],
+                          exit_code=EXIT_INPUT)
+    return result
+
+
+def _unverified(path: str, differences: list[str]) -> dict[str, Any]:
+    return {"path": path, "verified": False, "verdict": None, "differences": differences,
+            "notes": [], "checked": [], "exit_code": EXIT_INPUT}
+
+
 def _verify_exit_code(results: list[dict[str, Any]]) -> int:
-    if any(not r["verified"] for r in results):
-        return EXIT_INPUT
+    if not results or any(not r["verified"] for r in results):
+        return EXIT_INPUT  # nothing checked is never a pass
     return EXIT_FAIL if any(r["verdict"] != "PASS" for r in results) else EXIT_PASS
 
 
 def _verify_text(results: list[dict[str, Any]]) -> str:
+    """One line per certificate and per difference or note; every piece that comes from a
+    certificate, an index or a path is made inert for a CI log (`untrusted.log_line`)."""
+    from invarlock.untrusted import log_line
+
     lines = []
     for r in results:
+        path = log_line(r["path"], limit=None)
         if r["verified"]:
-            lines.append(f"{r['path']}: verified, verdict {r['verdict']} "
-                         f"({', '.join(r['checked'])})")
+            lines.append(f"{path}: verified, verdict {log_line(r['verdict'])} "
+                         f"({log_line(', '.join(r['checked']), limit=None)})")
         else:
-            lines.append(f"{r['path']}: NOT VERIFIED ({len(r['differences'])} "
+            lines.append(f"{path}: NOT VERIFIED ({len(r['differences'])} "
                          f"difference(s))")
-            lines += [f"  - {d}" for d in r["differences"]]
-        lines += [f"  note: {n}" for n in r["notes"]]
+            lines += [f"  - {log_line(d, limit=_SHOWN_LINE)}" for d in r["differences"]]
+        lines += [f"  note: {log_line(n, limit=_SHOWN_LINE)}" for n in r["notes"]]
     return "\n".join(lines)
+
+
+_SHOWN_LINE = 1000  # characters of one difference or note: enough for any the checks write
 
 
 _REPORT_EPILOG = """\b

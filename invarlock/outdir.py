@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,8 +86,12 @@ def check_folder_target(path: Path, what: str) -> None:
                          "writable")
 
 
-def claim(path: Path, what: str = "output folder") -> OutputFolder:
-    """Create, probe and lock `path`; one clear InputError (exit 2) for anything in the way."""
+def claim(path: Path, what: str = "output folder",
+          check: Callable[[Path], None] | None = None) -> OutputFolder:
+    """Create, probe and lock `path`; one clear InputError (exit 2) for anything in the way.
+
+    `check`, when given, inspects what the folder already holds once the lock is taken (so
+    no other run can change it meanwhile) and raises to refuse it."""
     path = Path(path)
     check_folder_target(path, what)
     folder = OutputFolder(path)
@@ -94,6 +99,8 @@ def claim(path: Path, what: str = "output folder") -> OutputFolder:
         _create(folder, what)
         _probe(path, what)
         folder._fd = _lock(path, what)
+        if check is not None:
+            check(path)
     except BaseException:
         folder.release()
         raise

@@ -14,22 +14,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from invarlock import atomic
-from invarlock.certificate.document import CERT_FILENAME
-from invarlock.errors import InputError, InvarlockError, TamperedCertificateError
+from invarlock import atomic, untrusted
+from invarlock.certificate.document import CERT_FILENAME, SET_FILENAMES
+from invarlock.errors import InputError, InvarlockError
+from invarlock.subject_index import (
+    INDEX_FORMAT,
+    INDEX_JSON,
+    INDEX_MARKDOWN,
+    INDEX_VERSION,
+    folder_names,
+    seal,
+)
 
 log = logging.getLogger(__name__)
 
-INDEX_JSON = "index.json"
-INDEX_MARKDOWN = "index.md"
-INDEX_FORMAT = "invarlock.index"
+__all__ = ["INDEX_JSON", "INDEX_MARKDOWN", "SubjectResult", "SubjectsOutcome",
+           "certify_subjects", "folder_names", "index_document", "write_index"]
 
 
 @dataclass(frozen=True)
@@ -52,19 +58,6 @@ class SubjectsOutcome:
     @property
     def exit_code(self) -> int:
         return max(r.exit_code for r in self.results)
-
-
-def folder_names(specs: Sequence[str]) -> list[str]:
-    """A distinct, filesystem-safe folder name per subject, from the last part of its spec."""
-    names: list[str] = []
-    for spec in specs:
-        tail = re.split(r"[/\\:]", spec.rstrip("/\\"))[-1] or "subject"
-        base = re.sub(r"[^A-Za-z0-9._-]+", "-", tail).strip(".-") or "subject"
-        name, n = base, 2
-        while name in names:
-            name, n = f"{base}-{n}", n + 1
-        names.append(name)
-    return names
 
 
 def certify_subjects(req: Any, specs: Sequence[str]) -> SubjectsOutcome:
@@ -120,7 +113,9 @@ def _run(pipeline: Any, req: Any, specs: Sequence[str], inputs: Any, shared: Any
                 sub_inputs, plan, baseline, prepared, sub_req, timer,
                 time.perf_counter() - shared_seconds)
         except InvarlockError as exc:
-            log.error("subject %s: %s", spec, exc)
+            log.error("subject %s: %s", untrusted.log_line(spec), exc)
+            for stale in SET_FILENAMES:  # an older run's certificate must not stand for this one
+                (out_dir / name / stale).unlink(missing_ok=True)
             results.append(SubjectResult(name, spec, None, str(exc), exc.exit_code))
             continue
         finally:
@@ -132,6 +127,7 @@ def _run(pipeline: Any, req: Any, specs: Sequence[str], inputs: Any, shared: Any
 
 
 def index_document(baseline: dict[str, Any], results: Sequence[SubjectResult]) -> dict[str, Any]:
+    """The index, sealed with its own digest; each row names its certificate's digest."""
     rows = []
     for r in results:
         row: dict[str, Any] = {"name": r.name, "subject": r.spec, "exit_code": r.exit_code,
@@ -144,16 +140,17 @@ def index_document(baseline: dict[str, Any], results: Sequence[SubjectResult]) -
                        digest=cert.get("digest"), ratio=pm.get("ratio"),
                        ratio_ci=pm.get("ratio_ci"), limit=pm.get("limit"))
         rows.append(row)
-    return {"format": INDEX_FORMAT, "version": 1,
-            "baseline": {"source": baseline.get("source"),
-                         "weights_digest": baseline.get("weights_digest"),
-                         "results_from_cache": baseline.get("results_from_cache")},
-            "exit_code": max(r.exit_code for r in results), "subjects": rows}
+    return seal({"format": INDEX_FORMAT, "version": INDEX_VERSION,
+                 "baseline": {"source": baseline.get("source"),
+                              "weights_digest": baseline.get("weights_digest"),
+                              "results_from_cache": baseline.get("results_from_cache")},
+                 "exit_code": max(r.exit_code for r in results), "subjects": rows})
 
 
 def index_markdown(doc: dict[str, Any]) -> str:
+    """The index as a Markdown table; every string from a row is escaped for Markdown."""
     lines = [f"# InvarLock: {len(doc['subjects'])} subjects against "
-             f"`{doc['baseline']['source']}`", "",
+             f"{untrusted.markdown(doc['baseline']['source'])}", "",
              "| subject | verdict | ratio | 95% CI | limit | certificate |",
              "|---|---|---|---|---|---|"]
     for row in doc["subjects"]:
@@ -161,30 +158,17 @@ def index_markdown(doc: dict[str, Any]) -> str:
         ci = (f"[{row['ratio_ci'][0]:.4f}, {row['ratio_ci'][1]:.4f}]"
               if row["ratio_ci"] else "–")
         limit = f"{row['limit']:.2f}" if isinstance(row["limit"], (int, float)) else "–"
-        where = f"[{row['certificate']}]({row['certificate']})" if row["certificate"] else (
-            row["error"] or "–").replace("|", "\\|")
-        lines.append(f"| `{row['subject']}` | {row['verdict']} | {ratio} | {ci} | {limit} | "
-                     f"{where} |")
+        # a link's target is the folder name, which `folder_names` keeps to [A-Za-z0-9._-]
+        where = (f"[{untrusted.markdown(row['certificate'])}]({row['name']}/{CERT_FILENAME})"
+                 if row["certificate"] else untrusted.markdown(row["error"] or "–"))
+        lines.append(f"| {untrusted.markdown(row['subject'])} | {row['verdict']} | {ratio} | "
+                     f"{ci} | {limit} | {where} |")
     return "\n".join(lines) + "\n"
 
 
 def write_index(out_dir: Path, baseline: dict[str, Any],
                 results: Sequence[SubjectResult]) -> Path:
+    """index.md first, index.json last: the JSON never vouches for a table not yet written."""
     doc = index_document(baseline, results)
     atomic.write_text(out_dir / INDEX_MARKDOWN, index_markdown(doc))
     return atomic.write_text(out_dir / INDEX_JSON, json.dumps(doc, indent=2) + "\n")
-
-
-def read_index(folder: Path) -> dict[str, Any] | None:
-    """The index of a multi-subject output folder, or None when ``folder`` is not one."""
-    path = Path(folder) / INDEX_JSON
-    if not Path(folder).is_dir() or not path.is_file() or (Path(folder) / CERT_FILENAME).exists():
-        return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TamperedCertificateError(f"{path} is not a readable index: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT or not isinstance(
-            doc.get("subjects"), list):
-        raise TamperedCertificateError(f"{path} is not an InvarLock index")
-    return doc
