@@ -93,7 +93,9 @@ def strict_json(payload: Any) -> str:
 
 
 def _fail(as_json: bool, message: str, code: int) -> None:
-    click.echo(f"invarlock: error: {message}", err=True)
+    from invarlock.untrusted import log_line  # a message may quote a certificate or a path
+
+    click.echo(f"invarlock: error: {log_line(message, limit=None)}", err=True)
     if as_json:
         click.echo(_error_json(message, code))
     sys.exit(code)
@@ -489,6 +491,7 @@ def report(certificate: str, fmt: str | None, output: Path | None) -> None:
         from invarlock import atomic
         from invarlock import report as reporting
         from invarlock.certificate.document import load_certificate
+        from invarlock.untrusted import log_line
         from invarlock.verify import verify_certificate
 
         chosen = fmt or _format_from_suffix(output)
@@ -497,7 +500,7 @@ def report(certificate: str, fmt: str | None, output: Path | None) -> None:
         text = reporting.render(cert, chosen, verification)
         if not verification.verified:
             log.warning("%s does not verify (%d difference(s)); the report says so at the top",
-                        certificate, len(verification.differences))
+                        log_line(certificate, limit=None), len(verification.differences))
         if output is None:
             click.echo(text, nl=False)
         else:
@@ -505,7 +508,7 @@ def report(certificate: str, fmt: str | None, output: Path | None) -> None:
                 atomic.write_text(output, text)
             except OSError as exc:
                 raise InputError(f"cannot write {output}: {exc.strerror or exc}") from None
-            log.info("wrote %s", output)
+            log.info("wrote %s", log_line(output, limit=None))
         return EXIT_PASS, None
 
     _run_guarded(False, body)

@@ -54,8 +54,12 @@ def canonical_json(data: Any) -> str:
 
 
 def strict_json(data: Any, **options: Any) -> str:
-    """JSON every parser accepts: NaN and infinities (not JSON) become null."""
-    return json.dumps(_finite(data), allow_nan=False, **options)
+    """JSON every parser accepts: NaN and infinities (not JSON) become null.
+
+    Printed to a CI log, no part of it reads as a workflow command: `::` and `##[` (which
+    can only occur inside strings) are written with `\\u` escapes, the same JSON value."""
+    text = json.dumps(_finite(data), allow_nan=False, **options)
+    return text.replace("::", ":\\u003a").replace("##[", "#\\u0023[")
 
 
 def _finite(value: Any) -> Any:

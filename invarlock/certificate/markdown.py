@@ -1,11 +1,22 @@
 """Markdown rendering of a certificate for people: the verdict and the one number first.
 
+A certificate's digest authenticates nothing (anyone can edit a field and recompute it), so
+every string taken from it (names, sources, reasons, the device, versions, keys) goes
+through `invarlock.untrusted.markdown` and renders as exactly its characters: no HTML, no
+links, no code spans, no line breaks, no table cells of its own. Untrusted text is never put
+inside a code span, where escapes do not work. `format_line` returns plain text; callers
+escape it for their medium.
+
 Pure: a certificate dict in, a string out (no I/O, no environment).
 """
 
 from __future__ import annotations
 
+import html
+import re
 from typing import Any
+
+from invarlock import untrusted
 
 _MARK = {True: "✅", False: "❌"}
 _METHOD = {"bca": "BCa", "percentile": "percentile", "degenerate": "zero-width"}
@@ -43,9 +54,9 @@ def headline(cert: dict[str, Any]) -> str:
     """Title with the verdict, then the one number that matters against its limit."""
     status = cert["verdict"]["status"]
     icon = "✅" if status == "PASS" else "❌"
-    lines = [f"# {icon} InvarLock certificate: {status}", "", summary_sentence(cert)]
+    lines = [f"# {icon} InvarLock certificate: {_t(status)}", "", summary_sentence(cert)]
     if status == "FAIL":
-        lines += ["", *[f"- {r}" for r in cert["verdict"]["reasons"]]]
+        lines += ["", *[f"- {_t(r, _LONG)}" for r in cert["verdict"]["reasons"]]]
     return "\n".join(lines)
 
 
@@ -68,18 +79,18 @@ def summary_sentence(cert: dict[str, Any]) -> str:
     sentence = _metric_sentence(cert)
     evidence = cert.get("evidence") or {}
     if evidence.get("meets_profile") is False:
-        sentence += (f" ⚠️ Evidence below the {evidence['profile']} profile: "
-                     f"{'; '.join(evidence['shortfalls'])}.")
+        sentence += (f" ⚠️ Evidence below the {_t(evidence['profile'])} profile: "
+                     f"{'; '.join(_t(s) for s in evidence['shortfalls'])}.")
     return sentence
 
 
 def _metric_sentence(cert: dict[str, Any]) -> str:
     pm = cert["primary_metric"]
-    tier = cert["policy"]["tier"]
+    tier = _t(cert["policy"]["tier"])
     if pm["gate_value"] is None:
         stopped = stopped_by(cert)
         if stopped:
-            return (f"**Stopped**: the {stopped} guard failed before evaluation; the final set "
+            return (f"**Stopped**: the {_t(stopped)} guard failed before evaluation; the final set "
                     f"was not evaluated ({tier} tier).")
         if pm["catastrophic"]:
             prev = pm["preview"]["ratio"]
@@ -111,8 +122,8 @@ def gates_table(cert: dict[str, Any]) -> str:
     explanations = cert["verdict"].get("explanations", {})
     rows = ["| Check | Result | Gating | Detail |", "|---|---|---|---|"]
     for flag, ok in cert["validation"].items():
-        rows.append(f"| `{flag}` | {_MARK[bool(ok)]} | {'gate' if flag in gating else 'monitor'}"
-                    f" | {_cell(explanations.get(flag, ''))} |")
+        rows.append(f"| {_t(flag)} | {_MARK[bool(ok)]} | {'gate' if flag in gating else 'monitor'}"
+                    f" | {_t(explanations.get(flag, ''), _LONG)} |")
     return "\n".join(rows)
 
 
@@ -142,9 +153,9 @@ def _interval_line(cert: dict[str, Any]) -> str:
     unit = "nats/token" if d["unit"] == "nats_per_token" else "pp"
     drift = pm["drift"]
     return (f"Paired Δ = {d['estimate']:+.6f} {unit} (CI {d['ci'][0]:+.6f} to "
-            f"{d['ci'][1]:+.6f}); {_METHOD.get(boot['method'], boot['method'])} bootstrap, "
-            f"{boot['replicates']} replicates, seed {boot['seed']}, "
-            f"α = {boot['alpha']}; drift final/preview "
+            f"{d['ci'][1]:+.6f}); {_t(_METHOD.get(boot['method'], boot['method']))} bootstrap, "
+            f"{_t(boot['replicates'])} replicates, seed {_t(boot['seed'])}, "
+            f"α = {_t(boot['alpha'])}; drift final/preview "
             f"{'—' if drift is None else f'{drift:.4f}'}.")
 
 
@@ -162,21 +173,21 @@ def guard_findings(cert: dict[str, Any], level: int = 2) -> list[str]:
     lines = ["#" * level + " Guards", "", "| Guard | Mode | Result | Detail |",
              "|---|---|---|---|"]
     for name, g in sections.items():
-        lines.append(f"| {name} | {g['mode']} | {_MARK[bool(g['passed'])]} `{g['flag']}` | "
-                     f"{_cell(g['reason'])} |")
+        lines.append(f"| {_t(name)} | {_t(g['mode'])} | {_MARK[bool(g['passed'])]} "
+                     f"{_t(g['flag'])} | {_t(g['reason'], _LONG)} |")
     lines.append("")
     for name, g in sections.items():
         detail = _guard_families(name, g.get("summary") or {})
         findings = g.get("findings") or []
         if not detail and not findings:
             continue
-        lines += ["#" * (level + 1) + f" {name}", "", *detail]
+        lines += ["#" * (level + 1) + f" {_t(name)}", "", *detail]
         if detail and findings:
             lines.append("")
         for f in findings[:MAX_FINDINGS]:
-            family = f" ({f['family']})" if f.get("family") else ""
-            kind = f"{f['kind']}: " if f.get("kind") else ""
-            lines.append(f"- `{_cell(f['module'])}`{family}: {kind}{_cell(f['message'])}")
+            family = f" ({_t(f['family'])})" if f.get("family") else ""
+            kind = f"{_t(f['kind'])}: " if f.get("kind") else ""
+            lines.append(f"- {_t(f['module'])}{family}: {kind}{_t(f['message'], _LONG)}")
         if len(findings) > MAX_FINDINGS:
             lines.append(f"- … and {len(findings) - MAX_FINDINGS} more in the JSON certificate")
         lines.append("")
@@ -191,16 +202,16 @@ def _guard_families(name: str, summary: dict[str, Any]) -> list[str]:
         for fam, v in families.items():
             z = "—" if v["top_z"] is None else f"{v['top_z']:+.2f}"
             change = "—" if v["max_abs_change"] is None else f"{v['max_abs_change']:.2%}"
-            rows.append(f"| {fam} | {v['modules']} | {v['kappa']:.2f} | {z} "
-                        f"(`{_cell(v['top_module'])}`) | {change} | "
+            rows.append(f"| {_t(fam)} | {_t(v['modules'])} | {v['kappa']:.2f} | {z} "
+                        f"({_t(v['top_module'])}) | {change} | "
                         f"{'significant' if v['rejected'] else '—'} |")
         return rows
     if name == "rmt" and families:
         rows = ["| Family | Modules | Outliers beyond the MP edge (baseline → subject) | "
                 "Excess | Null margin (spread) |", "|---|---:|---:|---:|---:|"]
         for fam, v in families.items():
-            rows.append(f"| {fam} | {v['modules']} | {v['baseline_outliers']} → "
-                        f"{v['subject_outliers']} | {v['excess']:+.0f} | {v['margin']:.1f} "
+            rows.append(f"| {_t(fam)} | {_t(v['modules'])} | {_t(v['baseline_outliers'])} → "
+                        f"{_t(v['subject_outliers'])} | {v['excess']:+.0f} | {v['margin']:.1f} "
                         f"({v['null_spread']:.2f}) |")
         return rows
     return []
@@ -211,22 +222,23 @@ def models_table(cert: dict[str, Any]) -> str:
     rows = ["| | |", "|---|---|",
             f"| Baseline | {_model(base)} |",
             f"| Subject | {_model(subj)} |"]
-    rows += [f"| {role} format | {format_line(m['format'])} |"
+    rows += [f"| {role} format | {_t(format_line(m['format']), _LONG)} |"
              for role, m in (("Baseline", base), ("Subject", subj)) if m.get("format")]
     edit = cert.get("edit")
     if edit:
         plan = ", ".join(f"{k}={v}" for k, v in edit["plan"].items()
                          if v is not None and not isinstance(v, list))
-        rows.append(f"| Edit | `{edit['name']}` ({plan}); {len(edit['modules_changed'])} "
-                    f"modules, {edit['params_changed']:,} parameters changed |")
+        rows.append(f"| Edit | {_t(edit['name'])} ({_t(plan, _LONG)}); "
+                    f"{len(edit['modules_changed'])} modules, {edit['params_changed']:,} "
+                    "parameters changed |")
     rows += [
-        f"| Data | `{_cell(data['spec'])}` · {data['documents']:,} documents · "
-        f"{data['tokens']:,} tokens · `{_short(data['digest'])}` |",
+        f"| Data | {_t(data['spec'])} · {data['documents']:,} documents · "
+        f"{data['tokens']:,} tokens · {_t(_short(data['digest']))} |",
         f"| Windows | {cert['pairing']['preview_n']} preview + {cert['pairing']['final_n']} "
         f"final × {win['seq_len']} tokens (stride {win['stride']}, seed {win['seed']}); "
         f"match {cert['pairing']['match']:.2f}, overlap {cert['pairing']['overlap']:.2f} |",
-        f"| Tokenizer | {cert['tokenizer']['class']} · vocab {cert['tokenizer']['vocab_size']:,}"
-        f" · `{_short(cert['tokenizer']['hash'])}` |",
+        f"| Tokenizer | {_t(cert['tokenizer']['class'])} · vocab "
+        f"{cert['tokenizer']['vocab_size']:,} · {_t(_short(cert['tokenizer']['hash']))} |",
     ]
     return "\n".join(rows)
 
@@ -234,18 +246,19 @@ def models_table(cert: dict[str, Any]) -> str:
 def provenance_table(cert: dict[str, Any]) -> str:
     env = cert["environment"]
     policy = cert["policy"]
-    libs = ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v)
-    overrides = ", ".join(f"`{o}`" for o in policy["overrides"]) or "none"
+    libs = ", ".join(f"{_t(k)} {_t(v)}" for k, v in env["libraries"].items() if v)
+    overrides = ", ".join(_t(o) for o in policy["overrides"]) or "none"
+    seeds = ", ".join(f"{_t(k)} {_t(v)}" for k, v in cert["seeds"].items())
     rows = ["| | |", "|---|---|",
-            f"| Run | `{cert['run_id']}` · {cert['created_at']} |",
-            f"| Tool | invarlock {cert['tool']['version']} |",
-            f"| Policy | {policy['tier']} / {policy['profile']} · `{_short(policy['digest'])}` · "
-            f"overrides: {overrides} |",
-            f"| Device | {env['device']['type']} ({_cell(env['device']['name'])}), "
-            f"{env['device']['threads']} threads |",
-            f"| Environment | Python {env['python']}; {libs} |",
-            f"| Seeds | {', '.join(f'{k} {v}' for k, v in cert['seeds'].items())} |",
-            f"| Certificate digest | `{cert.get('digest', 'unsealed')}` |"]
+            f"| Run | {_t(cert['run_id'])} · {_t(cert['created_at'])} |",
+            f"| Tool | invarlock {_t(cert['tool']['version'])} |",
+            f"| Policy | {_t(policy['tier'])} / {_t(policy['profile'])} · "
+            f"{_t(_short(policy['digest']))} · overrides: {overrides} |",
+            f"| Device | {_t(env['device']['type'])} ({_t(env['device']['name'])}), "
+            f"{_t(env['device']['threads'])} threads |",
+            f"| Environment | Python {_t(env['python'])}; {libs} |",
+            f"| Seeds | {seeds} |",
+            f"| Certificate digest | {_t(cert.get('digest', 'unsealed'))} |"]
     return "\n".join(rows)
 
 
@@ -267,8 +280,8 @@ def format_line(fmt: dict[str, Any]) -> str:
 
 def _model(m: dict[str, Any]) -> str:
     cached = " · baseline results from cache" if m.get("results_from_cache") else ""
-    return (f"`{_cell(m['source'])}` · {m['architecture']} · {m['parameters']:,} parameters · "
-            f"{m['dtype']} · `{_short(m['weights_digest'])}`{cached}")
+    return (f"{_t(m['source'])} · {_t(m['architecture'])} · {m['parameters']:,} parameters · "
+            f"{_t(m['dtype'])} · {_t(_short(m['weights_digest']))}{cached}")
 
 
 def _num(x: float | None) -> str:
@@ -278,8 +291,24 @@ def _num(x: float | None) -> str:
 
 
 def _short(digest: str) -> str:
+    digest = str(digest)
     return digest[:19] + "…" if len(digest) > 20 else digest
 
 
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+_LONG = 1000  # characters of a reason, message or format line; other fields get the default
+
+
+def _t(text: Any, limit: int = untrusted.DEFAULT_LIMIT) -> str:
+    """A string from the certificate as inert inline Markdown (one line, literal text)."""
+    return untrusted.markdown(text, limit)
+
+
+_ESCAPED = re.compile(r"\\([!-/:-@\[-`{-~])")
+
+
+def as_text(markdown: str) -> str:
+    """Inline Markdown from this module back to the characters it shows, for renderings
+    that escape for their own medium (the HTML report): escapes undone, entities decoded,
+    the zero-width spaces that break links removed, `**` emphasis dropped."""
+    text = _ESCAPED.sub(r"\1", markdown.replace("**", "").replace("\u200b", ""))
+    return html.unescape(text)

@@ -2,13 +2,21 @@
 
 Every rendering states whether the certificate verifies (`invarlock.verify`), so a page made
 from an edited certificate says so at the top.
+
+`invarlock report` prints these to stdout, which in CI is a log the runner reads for
+workflow commands (a line starting `::`, or `##[` anywhere). Strings from the certificate are
+escaped for each format (Markdown, HTML, JSON), and no rendering holds a line the runner
+would take for a command: the JSON writes `:` and `#` there as `\\u` escapes, the HTML as
+character references, which read back as the same text.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
+from invarlock import untrusted
 from invarlock.certificate import markdown as md
 from invarlock.certificate.document import schema_errors, strict_json
 from invarlock.errors import TamperedCertificateError
@@ -34,23 +42,40 @@ def render(cert: Mapping[str, Any], fmt: str,
                                           if len(problems) > 1 else ""))
     report = verification if verification is not None else verify_certificate(cert)
     if fmt == "html":
-        return html.render(cert, report)
+        return inert_html(html.render(cert, report))
     if fmt == "json":
         return strict_json(summary(cert, report), indent=2, ensure_ascii=False) + "\n"
     return md.render(dict(cert)) + "\n" + _markdown_verification(report)
 
 
+_LINE = 1000  # characters of one difference or note shown
+
+
 def _markdown_verification(report: VerifyReport) -> str:
+    """Differences and notes quote the certificate: each is escaped for Markdown."""
     lines = ["## Verification", ""]
     if report.verified:
-        lines.append(f"Verified: {', '.join(report.checked)} recomputed from the stored numbers "
-                     f"(tolerance {REL_TOL:g} relative, {ABS_TOL:g} absolute).")
-        lines += [f"- note: {n}" for n in report.notes]
+        lines.append(f"Verified: {untrusted.markdown(', '.join(report.checked), _LINE)} "
+                     f"recomputed from the stored numbers (tolerance {REL_TOL:g} relative, "
+                     f"{ABS_TOL:g} absolute).")
+        lines += [f"- note: {untrusted.markdown(n, _LINE)}" for n in report.notes]
     else:
         lines.append(f"**This certificate does not verify** ({len(report.differences)} "
                      "difference(s)); do not rely on it.")
-        lines += ["", *[f"- {d}" for d in report.differences]]
+        lines += ["", *[f"- {untrusted.markdown(d, _LINE)}" for d in report.differences]]
     return "\n".join(lines) + "\n"
+
+
+# A line break as a log reader splits lines (\n, \r), then the spaces it trims, then `::`.
+_COMMAND_START = re.compile(r"(\A|[\r\n])([^\S\r\n]*):(?=:)")
+
+
+def inert_html(page: str) -> str:
+    """`page` with no line a CI runner reads as a workflow command: `##[` anywhere and `::`
+    at a line's start get a character reference, which a browser shows as the same text.
+    (Certificate text in a page is escaped for HTML, which keeps its line breaks.)"""
+    page = page.replace("##[", "#&#35;[")
+    return _COMMAND_START.sub(lambda m: f"{m.group(1)}{m.group(2)}&#58;", page)
 
 
 def summary(cert: Mapping[str, Any], report: VerifyReport) -> dict[str, Any]:

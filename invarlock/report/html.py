@@ -10,7 +10,7 @@ Pure: a certificate and its verification report in, a string out.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from html import escape
+from html import escape, unescape
 from typing import Any
 
 import numpy as np
@@ -88,7 +88,7 @@ def _verdict(cert: Mapping[str, Any]) -> str:
     if status == "FAIL":
         items = "".join(f"<li>{escape(r)}</li>" for r in cert["verdict"]["reasons"])
         reasons = f"<ul>{items}</ul>"
-    sentence = md.summary_sentence(dict(cert)).replace("**", "")
+    sentence = md.as_text(md.summary_sentence(dict(cert)))
     return (f'<div class="verdict {status.lower()}"><h1>{"✔" if status == "PASS" else "✘"} '
             f"{escape(status)}</h1><p>{escape(sentence)}</p>{reasons}</div>")
 
@@ -457,7 +457,7 @@ def _cells(line: str) -> list[str]:
         else:
             current.append(ch)
     cells.append("".join(current).strip())
-    return cells
+    return [unescape(c) for c in cells]  # the renderer writes < > & as entities
 
 
 def _inline(text: str) -> str:
