@@ -336,11 +336,15 @@ guard section through its guard's re-check.
 evidence as REF: identical baseline weights digest, tokenizer, dataset, window plan and
 baseline per-window results.
 \b
-A folder written by a run with several --subject holds index.json: each certificate it lists
-is verified, and must match its row (verdict, digest).
+A folder written by a run with several --subject holds index.json, sealed by its digest: it
+is held to the folder (every certificate at <name>/evaluation.cert.json inside it, no symbolic
+link, every subject folder listed, exit code the worst row's, at least one subject), each
+certificate it lists is verified and must match its row (verdict, digest, subject, baseline).
+A folder holding both an index and a single-subject certificate is rejected.
 \b
-Exit codes: 0 every certificate verifies and says PASS; 1 they verify and one says FAIL;
-2 a certificate is tampered with, malformed or unreadable, or its baseline evidence differs.
+Exit codes: 0 every certificate verifies and says PASS; 1 they verify and one says FAIL (or
+a listed subject has no certificate); 2 a certificate or index is tampered with, malformed or
+unreadable, or its baseline evidence differs.
 \b
 Examples:
   invarlock verify runs/int8/evaluation.cert.json
@@ -388,6 +392,8 @@ def _verify_one(path: str, reference: dict[str, Any] | None) -> list[dict[str, A
     from invarlock import subject_index
 
     folder = Path(path)
+    if folder.name == subject_index.INDEX_JSON and folder.is_file():
+        folder = folder.parent  # the index is checked with the folder it describes
     kind = subject_index.folder_kind(folder) if folder.is_dir() else None
     if kind == "mixed":
         return [_unverified(path, [

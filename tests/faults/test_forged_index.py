@@ -71,6 +71,14 @@ def test_the_genuine_index_verifies_and_fails_with_its_fail_subject(genuine):
     assert doc["version"] == 2 and doc["digest"] == subject_index.seal(doc)["digest"]
 
 
+def test_the_index_file_itself_is_checked_with_its_folder(out):
+    doc = _index(out)
+    doc["subjects"], doc["exit_code"] = doc["subjects"][:1], 0
+    _write(out, doc, resealed=True)
+    code, report, _ = invoke("verify", str(out / "index.json"), "--json")
+    assert code == 2 and "folder 'broken' holds a result" in _problems(report)
+
+
 def test_an_edited_index_without_a_new_seal_is_caught(out):
     doc = _index(out)
     doc["baseline"]["source"] = "somewhere/else"
