@@ -3,9 +3,10 @@
 A certificate's digest authenticates nothing (anyone can edit a field and recompute it), so
 every string taken from it (names, sources, reasons, the device, versions, keys) goes
 through `invarlock.untrusted.markdown` and renders as exactly its characters: no HTML, no
-links, no code spans, no line breaks, no table cells of its own. Untrusted text is never put
-inside a code span, where escapes do not work. `format_line` returns plain text; callers
-escape it for their medium.
+links, no code spans, no line breaks, no table cells of its own. Only a string made of
+identifier characters (a flag, a module, a path, a digest) goes inside a code span, where
+escapes do not work; anything else is shown as escaped text. `format_line` returns plain
+text; callers escape it for their medium.
 
 Pure: a certificate dict in, a string out (no I/O, no environment).
 """
@@ -122,8 +123,9 @@ def gates_table(cert: dict[str, Any]) -> str:
     explanations = cert["verdict"].get("explanations", {})
     rows = ["| Check | Result | Gating | Detail |", "|---|---|---|---|"]
     for flag, ok in cert["validation"].items():
-        rows.append(f"| {_t(flag)} | {_MARK[bool(ok)]} | {'gate' if flag in gating else 'monitor'}"
-                    f" | {_t(explanations.get(flag, ''), _LONG)} |")
+        rows.append(f"| {_code(flag)} | {_MARK[bool(ok)]} | "
+                    f"{'gate' if flag in gating else 'monitor'} | "
+                    f"{_t(explanations.get(flag, ''), _LONG)} |")
     return "\n".join(rows)
 
 
@@ -174,7 +176,7 @@ def guard_findings(cert: dict[str, Any], level: int = 2) -> list[str]:
              "|---|---|---|---|"]
     for name, g in sections.items():
         lines.append(f"| {_t(name)} | {_t(g['mode'])} | {_MARK[bool(g['passed'])]} "
-                     f"{_t(g['flag'])} | {_t(g['reason'], _LONG)} |")
+                     f"{_code(g['flag'])} | {_t(g['reason'], _LONG)} |")
     lines.append("")
     for name, g in sections.items():
         detail = _guard_families(name, g.get("summary") or {})
@@ -187,7 +189,7 @@ def guard_findings(cert: dict[str, Any], level: int = 2) -> list[str]:
         for f in findings[:MAX_FINDINGS]:
             family = f" ({_t(f['family'])})" if f.get("family") else ""
             kind = f"{_t(f['kind'])}: " if f.get("kind") else ""
-            lines.append(f"- {_t(f['module'])}{family}: {kind}{_t(f['message'], _LONG)}")
+            lines.append(f"- {_code(f['module'])}{family}: {kind}{_t(f['message'], _LONG)}")
         if len(findings) > MAX_FINDINGS:
             lines.append(f"- … and {len(findings) - MAX_FINDINGS} more in the JSON certificate")
         lines.append("")
@@ -203,7 +205,7 @@ def _guard_families(name: str, summary: dict[str, Any]) -> list[str]:
             z = "—" if v["top_z"] is None else f"{v['top_z']:+.2f}"
             change = "—" if v["max_abs_change"] is None else f"{v['max_abs_change']:.2%}"
             rows.append(f"| {_t(fam)} | {_t(v['modules'])} | {v['kappa']:.2f} | {z} "
-                        f"({_t(v['top_module'])}) | {change} | "
+                        f"({_code(v['top_module'])}) | {change} | "
                         f"{'significant' if v['rejected'] else '—'} |")
         return rows
     if name == "rmt" and families:
@@ -228,17 +230,17 @@ def models_table(cert: dict[str, Any]) -> str:
     if edit:
         plan = ", ".join(f"{k}={v}" for k, v in edit["plan"].items()
                          if v is not None and not isinstance(v, list))
-        rows.append(f"| Edit | {_t(edit['name'])} ({_t(plan, _LONG)}); "
+        rows.append(f"| Edit | {_code(edit['name'])} ({_t(plan, _LONG)}); "
                     f"{len(edit['modules_changed'])} modules, {edit['params_changed']:,} "
                     "parameters changed |")
     rows += [
-        f"| Data | {_t(data['spec'])} · {data['documents']:,} documents · "
-        f"{data['tokens']:,} tokens · {_t(_short(data['digest']))} |",
+        f"| Data | {_code(data['spec'])} · {data['documents']:,} documents · "
+        f"{data['tokens']:,} tokens · {_code(_short(data['digest']))} |",
         f"| Windows | {cert['pairing']['preview_n']} preview + {cert['pairing']['final_n']} "
         f"final × {win['seq_len']} tokens (stride {win['stride']}, seed {win['seed']}); "
         f"match {cert['pairing']['match']:.2f}, overlap {cert['pairing']['overlap']:.2f} |",
         f"| Tokenizer | {_t(cert['tokenizer']['class'])} · vocab "
-        f"{cert['tokenizer']['vocab_size']:,} · {_t(_short(cert['tokenizer']['hash']))} |",
+        f"{cert['tokenizer']['vocab_size']:,} · {_code(_short(cert['tokenizer']['hash']))} |",
     ]
     return "\n".join(rows)
 
@@ -247,18 +249,18 @@ def provenance_table(cert: dict[str, Any]) -> str:
     env = cert["environment"]
     policy = cert["policy"]
     libs = ", ".join(f"{_t(k)} {_t(v)}" for k, v in env["libraries"].items() if v)
-    overrides = ", ".join(_t(o) for o in policy["overrides"]) or "none"
+    overrides = ", ".join(_code(o) for o in policy["overrides"]) or "none"
     seeds = ", ".join(f"{_t(k)} {_t(v)}" for k, v in cert["seeds"].items())
     rows = ["| | |", "|---|---|",
-            f"| Run | {_t(cert['run_id'])} · {_t(cert['created_at'])} |",
+            f"| Run | {_code(cert['run_id'])} · {_t(cert['created_at'])} |",
             f"| Tool | invarlock {_t(cert['tool']['version'])} |",
             f"| Policy | {_t(policy['tier'])} / {_t(policy['profile'])} · "
-            f"{_t(_short(policy['digest']))} · overrides: {overrides} |",
+            f"{_code(_short(policy['digest']))} · overrides: {overrides} |",
             f"| Device | {_t(env['device']['type'])} ({_t(env['device']['name'])}), "
             f"{_t(env['device']['threads'])} threads |",
             f"| Environment | Python {_t(env['python'])}; {libs} |",
             f"| Seeds | {seeds} |",
-            f"| Certificate digest | {_t(cert.get('digest', 'unsealed'))} |"]
+            f"| Certificate digest | {_code(cert.get('digest', 'unsealed'))} |"]
     return "\n".join(rows)
 
 
@@ -280,8 +282,8 @@ def format_line(fmt: dict[str, Any]) -> str:
 
 def _model(m: dict[str, Any]) -> str:
     cached = " · baseline results from cache" if m.get("results_from_cache") else ""
-    return (f"{_t(m['source'])} · {_t(m['architecture'])} · {m['parameters']:,} parameters · "
-            f"{_t(m['dtype'])} · {_t(_short(m['weights_digest']))}{cached}")
+    return (f"{_code(m['source'])} · {_t(m['architecture'])} · {m['parameters']:,} "
+            f"parameters · {_t(m['dtype'])} · {_code(_short(m['weights_digest']))}{cached}")
 
 
 def _num(x: float | None) -> str:
@@ -301,6 +303,20 @@ _LONG = 1000  # characters of a reason, message or format line; other fields get
 def _t(text: Any, limit: int = untrusted.DEFAULT_LIMIT) -> str:
     """A string from the certificate as inert inline Markdown (one line, literal text)."""
     return untrusted.markdown(text, limit)
+
+
+# Identifiers, paths and digests: nothing in them a code span or a table could read
+# (no backtick, pipe, space or line break), and no `::` or `#` for a CI log to read.
+_CODE_SAFE = re.compile(r"[A-Za-z0-9_./+-][A-Za-z0-9_./:+@=,…-]{0,199}")
+
+
+def _code(text: Any) -> str:
+    """A code span for an identifier, a path or a digest as certify writes them; any other
+    string as escaped text, since escapes do not work inside a code span."""
+    s = str(text)
+    if _CODE_SAFE.fullmatch(s) and "::" not in s:
+        return f"`{s}`"
+    return _t(s)
 
 
 _ESCAPED = re.compile(r"\\([!-/:-@\[-`{-~])")

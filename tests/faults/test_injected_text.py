@@ -84,13 +84,14 @@ def _edited(cert: dict, paths: list[tuple], suffix: str) -> dict:
 
 
 def _structure(markdown: str) -> list[tuple]:
-    """Every element of the parsed Markdown, without its words."""
+    """Every element of the parsed Markdown, without its words. An identifier is shown in a
+    code span, other text as text: both are words here."""
     parser = MarkdownIt("commonmark").enable("table")
     out = []
     for token in parser.parse(markdown):
         out.append((token.type, token.tag, token.nesting))
         out += [(c.type, c.tag, c.nesting) for c in token.children or ()
-                if c.type not in ("text", "text_special")]
+                if c.type not in ("text", "text_special", "code_inline")]
     return out
 
 

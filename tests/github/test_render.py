@@ -128,8 +128,8 @@ def test_guard_findings_lead_with_one_row_per_guard_then_named_modules(certifica
                              "message": "1 non-finite value(s)"}]}
     text = render.guard_findings({"guards": {"invariants": section}})
     assert text.startswith("#### Guards\n")
-    assert "| invariants | gate | ❌ `invariants_pass` | subject has non-finite" in text
-    assert "##### invariants" in text and "- `h.2.mlp` (ffn): nonfinite: 1 non-finite" in text
+    assert "| invariants | gate | ❌ `invariants_pass` | subject has non\\-finite" in text
+    assert "##### invariants" in text and "- `h.2.mlp` (ffn): nonfinite: 1 non\\-finite" in text
 
 
 def _oversized(cert):
