@@ -125,3 +125,9 @@ def test_bad_second_subject_is_found_before_evaluating(tiny_gpt2_dir, sonnets_pa
 def test_folder_names_are_distinct_and_safe():
     assert folder_names(["models/int8", "other/int8", "hf:org/model:v2", "a b/c?d/"]) == [
         "int8", "int8-2", "v2", "c-d"]
+
+
+def test_folder_names_leave_the_names_of_the_result_files_alone():
+    """A subject folder named index.json would stand where the index is written."""
+    assert folder_names(["a/index.json", "b/evaluation.cert.json", "index.md"]) == [
+        "index.json-2", "evaluation.cert.json-2", "index.md-2"]

@@ -11,6 +11,7 @@ the same fields: hostile text may change the words, never the elements.
 from __future__ import annotations
 
 import copy
+import html
 import json
 import re
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from markdown_it import MarkdownIt
 
-from invarlock import subjects
+from invarlock import subjects, untrusted
 from invarlock.certificate import document
 from invarlock.certificate import markdown as md
 from tests.faults.conftest import certify, invoke
@@ -214,6 +215,18 @@ def test_report_prints_no_workflow_command(hostile_folder, fmt):
         assert "##[error]boom" in json.loads(result.stdout)["subject"]  # the same value
     if fmt == "html":
         assert "<img" not in result.stdout
+        assert html.escape(MARKER) in result.stdout  # shown as text, not doubly escaped
+
+
+@pytest.mark.parametrize("text", [HOSTILE, "a_b *c* <d> &amp; `e` [f](g) @h #1 x::y ##[z",
+                                  "models/int8", "final_n 8 < 200"])
+def test_markdown_text_reads_back_as_its_characters(text):
+    """What other media (the HTML report) take from the Markdown renderer is the text."""
+    shown = md.as_text(md.summary_sentence({
+        "primary_metric": {"gate_value": None, "catastrophic": False},
+        "pairing": {"final_evaluated": True}, "policy": {"tier": text},
+        "evidence": {"meets_profile": False, "profile": "dev", "shortfalls": [text]}}))
+    assert untrusted.plain(text).replace("\u200b", "") in shown
 
 
 def test_every_field_broken_prints_no_workflow_command(real_cert, tmp_path):
