@@ -497,10 +497,14 @@ def report(certificate: str, fmt: str | None, output: Path | None) -> None:
         from invarlock import atomic
         from invarlock import report as reporting
         from invarlock.certificate.document import load_certificate
+        from invarlock.subject_index import folder_kind
         from invarlock.untrusted import log_line
         from invarlock.verify import verify_certificate
 
         chosen = fmt or _format_from_suffix(output)
+        if Path(certificate).is_dir() and folder_kind(Path(certificate)) == "index":
+            raise InputError(f"{log_line(certificate, limit=None)} holds the index of a run with "
+                             "several subjects; report one subject's folder inside it")
         cert = load_certificate(certificate)
         verification = verify_certificate(cert)
         text = reporting.render(cert, chosen, verification)

@@ -253,7 +253,7 @@ def _error_row_problems(folder: Path, row: dict[str, Any], where: str) -> list[s
 
 def _verdict_problems(row: dict[str, Any], where: str) -> list[str]:
     verdict, code = row.get("verdict"), row.get("exit_code")
-    if verdict not in _VERDICT_CODE:
+    if not isinstance(verdict, str) or verdict not in _VERDICT_CODE:
         return [f"{where}.verdict: {verdict!r} is not PASS, FAIL or ERROR"]
     if isinstance(code, bool) or code != _VERDICT_CODE[verdict]:
         return [f"{where}.exit_code: {code!r}, but a verified {verdict} exits "

@@ -4,9 +4,10 @@ Every subject is resolved and its tokenizer checked before anything is evaluated
 baseline's results come from one evaluation (or the cache), the baseline model leaves, and
 the subjects are loaded and certified one at a time through `certify.certify_subject`. Each
 gets its own folder ``<out>/<name>/`` with its certificate; the output folder also gets
-``index.json`` and ``index.md``, one row per subject. The run's exit code is the worst of
-the subjects' (PASS 0 < FAIL 1 < input error 2 < evidence error 3): a subject that cannot be
-certified is recorded in the index with its error, and the next one still runs.
+``index.json`` (sealed: see `invarlock.subject_index`) and ``index.md``, one row per
+subject. The run's exit code is the worst of the subjects' (PASS 0 < FAIL 1 < input error 2
+< evidence error 3): a subject that cannot be certified is recorded in the index with its
+error, and the next one still runs.
 """
 
 from __future__ import annotations

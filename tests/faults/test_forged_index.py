@@ -234,8 +234,21 @@ def test_an_unsealed_older_index_is_not_trusted(out):
 
 @pytest.mark.parametrize("content", ["[]", "{", '{"format": "invarlock.index"}',
                                      '{"format": "invarlock.index", "version": 2, '
-                                     '"subjects": "all"}'])
+                                     '"subjects": "all"}',
+                                     '{"format": "invarlock.index", "version": 2, "subjects": '
+                                     '[{"name": "same", "verdict": ["PASS"], "exit_code": [0], '
+                                     '"certificate": {}}, {"name": ["x"]}, 7], "exit_code": NaN}',
+                                     '{"format": "invarlock.index", "version": 2, "subjects": '
+                                     '[{"name": "same", "verdict": {"a": 1}, "exit_code": true, '
+                                     '"certificate": "same/evaluation.cert.json"}], '
+                                     '"exit_code": "0", "baseline": []}'])
 def test_malformed_indexes_are_one_line_not_a_crash(out, content):
     (out / "index.json").write_text(content)
     code, report = _verify(out)
     assert code == 2 and report["certificates"][0]["verified"] is False
+
+
+def test_report_of_an_index_folder_names_what_to_report(genuine):
+    code, _, stderr = invoke("report", str(genuine))
+    assert code == 2 and "holds the index of a run with several subjects" in stderr
+    assert invoke("report", str(genuine / "broken"))[0] == 0
