@@ -642,9 +642,13 @@ Examples:
 @click.option("-c", "--config", "configs", multiple=True, required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Run config file; repeat to layer overrides (later wins).")
+@click.option("--cache-secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="INVARLOCK_CACHE_SECRET_FILE", show_envvar=True,
+              help="Secret that signs baseline cache entries (as for certify).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
-def run(configs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
+def run(configs: tuple[Path, ...], cache_secret_file: Path | None, as_json: bool,
+        quiet: bool) -> None:
     """Certify as a config file describes it (the same pipeline as certify)."""
     _configure_logging(quiet)
 
@@ -654,7 +658,9 @@ def run(configs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
         _require_hf("invarlock run")
         config = config_from_files(configs)
         progress = not quiet and sys.stderr.isatty()
-        return _certify_and_report(request_from_config(config, progress=progress), as_json)
+        trust = {**dict.fromkeys(_TRUST_FLAGS), "cache_secret_file": cache_secret_file}
+        request = _with_trust(request_from_config(config, progress=progress), trust, ())
+        return _certify_and_report(request, as_json)
 
     _run_guarded(as_json, body)
 

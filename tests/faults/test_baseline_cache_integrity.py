@@ -174,3 +174,26 @@ def test_fork_namespace_entry_is_not_read_by_a_trusted_run(
     again, stderr = run("again", "trusted")
     assert again["baseline"]["results_from_cache"] is False
     assert "HMAC does not verify" in stderr
+
+
+@pytest.mark.parametrize("command", ["certify", "run"])
+def test_an_unusable_cache_secret_is_one_line_and_exit_2(
+        command, tiny_gpt2_dir, sonnets_path, fast_preset, tmp_path, monkeypatch):
+    from tests.faults.conftest import error_lines
+
+    secret = tmp_path / "secret"
+    secret.write_text("short\n")
+    monkeypatch.setenv("INVARLOCK_CACHE_SECRET_FILE", str(secret))
+    if command == "certify":
+        code, _summary, stderr = _run(tiny_gpt2_dir, sonnets_path, fast_preset,
+                                      tmp_path / "out", tmp_path / "cache")
+    else:
+        config = tmp_path / "run.yaml"
+        config.write_text(f"model: {{id: {tiny_gpt2_dir}, subject: {tiny_gpt2_dir}}}\n"
+                          f"dataset: {{provider: text, path: {sonnets_path}}}\n"
+                          f"output: {{dir: {tmp_path / 'out'}}}\n")
+        code, _summary, stderr = invoke("run", "-c", str(config), "--json")
+    assert code == 2
+    (line,) = error_lines(stderr)
+    assert "cache secret file" in line and "at least 16" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
