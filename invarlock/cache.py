@@ -91,6 +91,8 @@ class Namespace(StrEnum):
 def read_secret(path: Path) -> bytes:
     """The cache secret from its file (one trailing newline dropped); InputError otherwise."""
     try:
+        if Path(path).stat().st_mode & 0o077:
+            log.warning("cache secret file %s can be read by other users; make it 0600", path)
         secret = Path(path).read_bytes()
     except FileNotFoundError:
         raise InputError(f"cache secret file {path} not found") from None

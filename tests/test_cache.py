@@ -156,10 +156,15 @@ def test_untrusted_namespace_is_never_read_by_a_trusted_run(tmp_path):
     assert unsigned.load(KEY) is None
 
 
-def test_secret_file_is_read_and_checked(tmp_path):
+def test_secret_file_is_read_and_checked(tmp_path, caplog):
     good = tmp_path / "secret"
     good.write_bytes(b"0123456789abcdef0123\n")
+    good.chmod(0o600)
     assert read_secret(good) == b"0123456789abcdef0123"
+    assert "other users" not in caplog.text
+    good.chmod(0o644)
+    read_secret(good)
+    assert "can be read by other users" in caplog.text
     short = tmp_path / "short"
     short.write_bytes(b"abc\n")
     with pytest.raises(InputError, match="at least 16"):

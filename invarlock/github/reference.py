@@ -153,9 +153,18 @@ def compare(items: list[Item]) -> list[Change]:
             changes.append(Change(item, "added by the pull request"))
         elif base and not head:
             changes.append(Change(item, "removed by the pull request"))
-        elif head and tree_digest(item.head) != tree_digest(item.base):
-            changes.append(Change(item, "changed"))
+        elif head and (_listing(item.head) != _listing(item.base)
+                       or tree_digest(item.head) != tree_digest(item.base)):
+            changes.append(Change(item, "changed"))  # names and sizes first: no hashing
     return changes
+
+
+def _listing(path: Path) -> list[tuple[str, int]]:
+    """Names and sizes (links by name only): a cheap first comparison before the digests."""
+    if path.is_symlink() or path.is_file():
+        return [("", -1 if path.is_symlink() else path.stat().st_size)]
+    return [(name, -1 if (path / name).is_symlink() else (path / name).stat().st_size)
+            for name in sorted(_walk(path))]
 
 
 def rebase(inputs: CertifyInputs, items: list[Item]) -> CertifyInputs:

@@ -379,16 +379,23 @@ def test_allow_network_and_a_named_cache_folder(tmp_path, standin):
     runner = Runner(tmp_path, standin.url, "pass", **{"allow-network": "true",
                                                      "cache-dir": str(cache),
                                                      "cache-secret": secret})
+    note = ('printf "%s %s" "$(stat -c %a "$INVARLOCK_CACHE_SECRET_FILE")" '
+            f'"$(cat "$INVARLOCK_CACHE_SECRET_FILE")" > {shlex.quote(str(tmp_path / "seen"))}'
+            '; exec "$@"')
+    runner.env["FAKE_DOCKER_CERTIFY"] = shlex.join(
+        ["sh", "-c", note, "sh", *shlex.split(runner.env["FAKE_DOCKER_CERTIFY"])])
     results = runner.run_job()
     assert results["certify"].outputs["exit-code"] == "0", results["certify"].stdout
     env = runner.docker_run["options"]["--env"]
     assert "INVARLOCK_ALLOW_NETWORK=1" in env and "HF_HUB_OFFLINE=1" not in env
     assert f"{cache}:{cache}" in runner.docker_run["options"]["--volume"]
     assert cache.is_dir()
-    # the secret reaches the certifier as a file named in the environment, never as a value
+    # the secret reaches the certifier as a 0600 file named in the environment, never as a
+    # value (the certify command inside the "image" noted what it found)
     state = Path(results["prepare"].outputs["state-dir"])
     assert f"INVARLOCK_CACHE_SECRET_FILE={state}/cache-secret" in env
     assert secret not in json.dumps(runner.docker_run)
+    assert (tmp_path / "seen").read_text() == f"600 {secret}"
     assert not (state / "cache-secret").exists()  # removed once the container ended
 
 
