@@ -129,25 +129,30 @@ CACHE_SECRET_FILE_VARIABLE = "INVARLOCK_CACHE_SECRET_FILE"
 
 
 def _reference_inputs(environ: Mapping[str, str]) -> ReferenceInputs:
-    """The reference inputs, digests checked; a persistent cache needs a secret."""
+    """The reference inputs (certify mode), digests checked."""
     from invarlock.provenance import parse_digest
 
     def digest(name: str) -> str:
         value = read_input(environ, name)
         return parse_digest(value, f"input '{name}'") if value else ""
 
-    if (environ.get(CACHE_PERSISTENT_VARIABLE, "").strip().lower() in _TRUE
-            and not environ.get(CACHE_SECRET_FILE_VARIABLE, "").strip()):
-        raise InputError("input 'cache-dir' names a cache shared between jobs, which anyone "
-                         "running on this runner could plant results in: set input "
-                         "'cache-secret' (a secret forks cannot read), or leave 'cache-dir' "
-                         "empty for a cache of this job only")
+    _check_shared_cache(environ)
     return ReferenceInputs(
         path=read_input(environ, "reference-path"),
         baseline_digest=digest("baseline-digest"),
         policy_digest=digest("policy-digest"),
         allow_change=_boolean("allow-reference-change",
                               read_input(environ, "allow-reference-change")))
+
+
+def _check_shared_cache(environ: Mapping[str, str]) -> None:
+    """A cache that outlives the job is only used with a secret that signs its entries."""
+    if (environ.get(CACHE_PERSISTENT_VARIABLE, "").strip().lower() in _TRUE
+            and not environ.get(CACHE_SECRET_FILE_VARIABLE, "").strip()):
+        raise InputError("input 'cache-dir' names a cache shared between jobs, which anyone "
+                         "running on this runner could plant results in: set input "
+                         "'cache-secret' (a secret forks cannot read), or leave 'cache-dir' "
+                         "empty for a cache of this job only")
 
 
 @dataclass(frozen=True)

@@ -177,3 +177,16 @@ def test_tree_digest_sees_content_names_and_links(tmp_path):
     assert compare([item]) == []
     (a / "data/eval.txt").write_text("other")
     assert [c.how for c in compare([item])] == ["changed"]
+
+
+def test_reference_settings_are_read_once_and_checked():
+    from invarlock.errors import InputError
+    from invarlock.github.settings import read_settings
+
+    settings = read_settings({"INPUT_REFERENCE_PATH": "base", "INPUT_ALLOW-REFERENCE-CHANGE":
+                              "TRUE", "INPUT_BASELINE_DIGEST": "ab" * 32})
+    ref = settings.reference
+    assert (ref.path, ref.allow_change, ref.baseline_digest, ref.policy_digest) == (
+        "base", True, "sha256:" + "ab" * 32, "")
+    with pytest.raises(InputError, match="input 'allow-reference-change' must be true or false"):
+        read_settings({"INPUT_ALLOW_REFERENCE_CHANGE": "approved"})
