@@ -373,6 +373,7 @@ def plan_evaluation(inputs: RunInputs, req: CertifyRequest, timer: _Timer) -> Ev
     """Read the corpus and cut the paired windows both models will be scored on."""
     t = time.perf_counter()
     corpus = load_corpus(req.dataset, labelled=inputs.kind is MetricKind.ACCURACY)
+    provenance.check_dataset_pin(req.reference, corpus.digest)
     wp = inputs.policy.windows
     windows = plan_windows(corpus, inputs.tokenizer, kind=inputs.kind, seq_len=wp.seq_len,
                            stride=wp.stride, preview_n=wp.preview_n, final_n=wp.final_n,

@@ -240,6 +240,9 @@ Examples:
 @click.option("--policy-digest", metavar="sha256:HEX",
               help="Pin the resolved policy: stop (exit 2) before evaluating when its digest "
                    "differs.")
+@click.option("--dataset-digest", metavar="sha256:HEX",
+              help="Pin the evaluation data: stop (exit 2) before evaluating when the corpus "
+                   "digest differs.")
 @click.option("--reference-origin", type=click.Choice(["local", "base-checkout",
                                                        "pull-request"]),
               help="Where the baseline, dataset and presets were read from (recorded in the "
@@ -269,7 +272,7 @@ def certify(as_json: bool, quiet: bool, **flags: Any) -> None:
 
 
 _TRUST_FLAGS = ("cache_secret_file", "cache_namespace", "baseline_digest", "policy_digest",
-                "reference_origin")
+                "dataset_digest", "reference_origin")
 
 
 def _with_trust(request: Any, trust: dict[str, Any], presets: tuple[Path, ...]) -> Any:
@@ -288,6 +291,8 @@ def _with_trust(request: Any, trust: dict[str, Any], presets: tuple[Path, ...]) 
                          if trust["baseline_digest"] else None),
         policy_digest=(parse_digest(trust["policy_digest"], "--policy-digest")
                        if trust["policy_digest"] else None),
+        dataset_digest=(parse_digest(trust["dataset_digest"], "--dataset-digest")
+                        if trust["dataset_digest"] else None),
         presets=tuple(Path(p) for p in presets))
     return dataclasses.replace(request, cache_secret=secret, cache_namespace=namespace,
                                reference=reference)

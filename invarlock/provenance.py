@@ -5,7 +5,8 @@ the resolved policy (the thresholds). A gate that reads them from the change und
 compares the change with itself, so a run can say where each came from (a checkout of the
 base branch, the pull request, or a local run) and can pin the baseline and the policy by
 digest: a pinned digest that does not match what was loaded stops the run before anything is
-evaluated (exit 2). The certificate's `reference` section records the origin and the digest
+evaluated (exit 2); the dataset can be pinned the same way (checked once it is read, before
+the windows are cut). The certificate's `reference` section records the origin and the digest
 of every item.
 """
 
@@ -40,6 +41,7 @@ class Reference:
     origin: Origin = Origin.LOCAL
     baseline_digest: str | None = None  # pin on the baseline's weights digest
     policy_digest: str | None = None  # pin on the resolved policy's digest
+    dataset_digest: str | None = None  # pin on the corpus digest (checked once it is read)
     presets: tuple[Path, ...] = ()  # the preset files, recorded by content digest
 
 
@@ -71,6 +73,15 @@ def check_baseline_pin(reference: Reference | None, digest: Callable[[], str]) -
                          f"baseline digest {reference.baseline_digest}; nothing was evaluated")
 
 
+def check_dataset_pin(reference: Reference | None, digest: str) -> None:
+    """Stop when the evaluation data is not the pinned corpus (read, not yet evaluated)."""
+    if reference is None or reference.dataset_digest is None:
+        return
+    if digest != reference.dataset_digest:
+        raise InputError(f"the dataset's digest {digest} does not match the pinned dataset "
+                         f"digest {reference.dataset_digest}; nothing was evaluated")
+
+
 def record(reference: Reference | None, *, baseline_digest: str, dataset_digest: str,
            policy_digest: str) -> dict[str, Any]:
     """The certificate's `reference` section: each item's origin and digest."""
@@ -83,7 +94,7 @@ def record(reference: Reference | None, *, baseline_digest: str, dataset_digest:
     return {
         "origin": str(ref.origin),
         "baseline": item(baseline_digest, ref.baseline_digest),
-        "dataset": item(dataset_digest, None),
+        "dataset": item(dataset_digest, ref.dataset_digest),
         "policy": item(policy_digest, ref.policy_digest),
         "presets": [{"path": str(path), "origin": str(ref.origin),
                      "digest": file_digest(path)} for path in ref.presets],

@@ -42,7 +42,7 @@ def test_record_marks_matching_pins_and_hashes_presets(tmp_path):
                   policy_digest=DIGEST)["origin"] == "local"
 
 
-@pytest.mark.parametrize("flag", ["--baseline-digest", "--policy-digest"])
+@pytest.mark.parametrize("flag", ["--baseline-digest", "--policy-digest", "--dataset-digest"])
 def test_pin_mismatch_exits_2_before_anything_is_evaluated(
         flag, tiny_gpt2_dir, sonnets_path, fast_preset, tmp_path, monkeypatch):
     from invarlock import certify as pipeline
@@ -50,7 +50,8 @@ def test_pin_mismatch_exits_2_before_anything_is_evaluated(
     def evaluated(*args, **kwargs):
         raise AssertionError("evaluation started despite a pin mismatch")
 
-    monkeypatch.setattr(pipeline, "plan_evaluation", evaluated)
+    monkeypatch.setattr(pipeline, "plan_windows", evaluated)  # the dataset pin: after reading
+    monkeypatch.setattr(pipeline, "evaluate_baseline", evaluated)
     code, summary, stderr = certify(tiny_gpt2_dir, tiny_gpt2_dir, tmp_path / "out",
                                     sonnets_path, fast_preset, flag, DIGEST, "--no-cache")
     assert code == 2, summary
@@ -69,13 +70,14 @@ def test_matching_pins_are_recorded_and_the_certificate_verifies(
         tiny_gpt2_dir, tiny_gpt2_dir, tmp_path / "pinned", sonnets_path, fast_preset,
         "--no-cache", "--reference-origin", "base-checkout",
         "--baseline-digest", first["baseline"]["weights_digest"],
-        "--policy-digest", first["policy"]["digest"])
+        "--policy-digest", first["policy"]["digest"],
+        "--dataset-digest", first["dataset"]["digest"])
     assert code == 0, summary
     ref = document.load_certificate(summary["certificate"])["reference"]
     assert ref["origin"] == "base-checkout"
     assert ref["baseline"] == {"origin": "pinned-digest",
                                "digest": first["baseline"]["weights_digest"]}
     assert ref["policy"]["origin"] == "pinned-digest"
-    assert ref["dataset"] == {"origin": "base-checkout", "digest": first["dataset"]["digest"]}
+    assert ref["dataset"] == {"origin": "pinned-digest", "digest": first["dataset"]["digest"]}
     assert [p["path"] for p in ref["presets"]] == [str(fast_preset)]
     assert invoke("verify", summary["certificate"], "--json")[0] == 0

@@ -7,9 +7,9 @@ checkout of the base ref) each reference path is read from that checkout instead
 request's copy is compared with it: a pull request that changes, adds or removes any of them
 is refused before anything is evaluated, with the changes named in the check run, unless the
 change was approved (`allow-reference-change`, set only by a job in a protected environment;
-docs/action.md, "A trusted reference"). `baseline-digest` and `policy-digest` pin the two by
-digest on top (checked by the certifier before it evaluates). The certifier records where each
-item came from in the certificate's `reference` section.
+docs/action.md, "A trusted reference"). `baseline-digest`, `policy-digest` and
+`dataset-digest` pin them by digest on top (checked by the certifier before it evaluates).
+The certifier records where each item came from in the certificate's `reference` section.
 
 Trust also decides the baseline cache's namespace: a fork's run reads and writes the
 `untrusted` namespace only, so nothing it computes is ever read by a trusted run.
@@ -87,9 +87,12 @@ def _prepare(settings: Settings, target: Target | None, cwd: Path,
         arguments.append(f"--baseline-digest={ref.baseline_digest}")
     if ref.policy_digest:
         arguments.append(f"--policy-digest={ref.policy_digest}")
+    if ref.dataset_digest:
+        arguments.append(f"--dataset-digest={ref.dataset_digest}")
     pull_request = target is not None and target.pull_request is not None
     if not ref.path:
-        if pull_request and not (ref.baseline_digest and ref.policy_digest):
+        if pull_request and not (ref.baseline_digest and ref.policy_digest
+                                 and ref.dataset_digest):
             warn("The baseline, dataset and presets are read from the pull request under "
                  "test; set reference-path to a checkout of the base ref (docs/action.md, "
                  "\"A trusted reference\").")

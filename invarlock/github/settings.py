@@ -84,6 +84,8 @@ INPUTS: tuple[InputSpec, ...] = (
                                      "a different baseline stops the run (exit 2)."),
     InputSpec("policy-digest", "", "Pin the resolved policy's digest (`sha256:<hex>`): "
                                    "different thresholds stop the run (exit 2)."),
+    InputSpec("dataset-digest", "", "Pin the evaluation data's digest (`sha256:<hex>`): "
+                                    "other data stops the run (exit 2)."),
     InputSpec("allow-reference-change", "false",
               "Approve a pull request that changes the reference; set it only from a job in "
               "a protected environment (docs/action.md, \"A trusted reference\")."),
@@ -119,6 +121,7 @@ class ReferenceInputs:
     path: str = ""  # reference-path: a checkout of the base ref
     baseline_digest: str = ""
     policy_digest: str = ""
+    dataset_digest: str = ""
     allow_change: bool = False
 
 
@@ -141,6 +144,7 @@ def _reference_inputs(environ: Mapping[str, str]) -> ReferenceInputs:
         path=read_input(environ, "reference-path"),
         baseline_digest=digest("baseline-digest"),
         policy_digest=digest("policy-digest"),
+        dataset_digest=digest("dataset-digest"),
         allow_change=_boolean("allow-reference-change",
                               read_input(environ, "allow-reference-change")))
 

@@ -129,10 +129,12 @@ def test_a_reference_removed_or_added_is_a_change(workspace, standin):
 
 def test_pins_reach_the_certifier_and_bad_pins_are_input_errors(workspace, standin):
     digest = "sha256:" + "ab" * 32
-    step = _step(workspace, standin, baseline_digest=digest, policy_digest="AB" * 32)
+    step = _step(workspace, standin, baseline_digest=digest, policy_digest="AB" * 32,
+                 dataset_digest=digest)
     assert run_entrypoint(step).returncode == 0
     flags = _flags(step)
     assert flags["--baseline-digest"] == [digest] == flags["--policy-digest"]
+    assert flags["--dataset-digest"] == [digest]
     bad = _step(workspace, standin, policy_digest="sha256:123")
     done = run_entrypoint(bad)
     assert done.returncode == 2
