@@ -99,7 +99,7 @@ def _prepare(settings: Settings, target: Target | None, cwd: Path,
         origin = "pull-request" if pull_request else "local"
         return Prepared(settings.certify, (f"--reference-origin={origin}", *arguments))
     root = settings.repository_root or cwd
-    base_root = _folder(cwd / ref.path, "reference-path")
+    base_root = _folder(root / ref.path, "reference-path")  # like actions/checkout's `path`
     items = reference_items(settings.certify, cwd=cwd, repository=root, base_root=base_root)
     changes = compare(items)
     if changes and not ref.allow_change:

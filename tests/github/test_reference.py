@@ -192,3 +192,16 @@ def test_reference_settings_are_read_once_and_checked():
         "base", True, "sha256:" + "ab" * 32, "")
     with pytest.raises(InputError, match="input 'allow-reference-change' must be true or false"):
         read_settings({"INPUT_ALLOW_REFERENCE_CHANGE": "approved"})
+
+
+def test_paths_follow_the_working_directory_and_reference_path_the_workspace(tmp_path,
+                                                                            standin):
+    """working-directory: sub, reference-path: base (as actions/checkout's `path`)."""
+    _repository(tmp_path / "sub")
+    _repository(tmp_path / "base" / "sub")
+    step = _step(tmp_path / "sub", standin, reference_path="base")
+    step.env["GITHUB_WORKSPACE"] = str(tmp_path)
+    assert run_entrypoint(step).returncode == 0
+    flags = _flags(step)
+    assert flags["--baseline"] == [str(tmp_path / "base/sub/models/base")]
+    assert flags["--preset"] == [str(tmp_path / "base/sub/presets/ci.yaml")]
