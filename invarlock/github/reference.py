@@ -27,7 +27,7 @@ from typing import Any
 
 from invarlock.errors import InputError, InvarlockError
 from invarlock.github.event import Target
-from invarlock.github.outcome import Outcome
+from invarlock.github.outcome import EXIT_INPUT, Outcome
 from invarlock.github.settings import CertifyInputs, Settings
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,10 @@ def prepare(settings: Settings, target: Target | None, *, cwd: Path | None = Non
         return _prepare(settings, target, Path.cwd() if cwd is None else cwd, warn)
     except InvarlockError as exc:
         return Prepared(settings.certify, refusal=Outcome.failed(exc.exit_code, str(exc)))
+    except OSError as exc:  # an unreadable reference file: no comparison, no evaluation
+        return Prepared(settings.certify, refusal=Outcome.failed(
+            EXIT_INPUT, f"cannot compare the reference with the base checkout: "
+                        f"{exc.strerror or exc}: {exc.filename}"))
 
 
 def _prepare(settings: Settings, target: Target | None, cwd: Path,

@@ -205,3 +205,20 @@ def test_paths_follow_the_working_directory_and_reference_path_the_workspace(tmp
     flags = _flags(step)
     assert flags["--baseline"] == [str(tmp_path / "base/sub/models/base")]
     assert flags["--preset"] == [str(tmp_path / "base/sub/presets/ci.yaml")]
+
+
+def test_an_unreadable_reference_file_is_a_refusal_not_a_crash(workspace, monkeypatch):
+    from invarlock.github import reference
+    from invarlock.github.event import Target
+    from invarlock.github.settings import read_settings
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(reference, "tree_digest", unreadable)
+    settings = read_settings({"INPUT_BASELINE": "models/base", "INPUT_REFERENCE_PATH": "base",
+                              "GITHUB_WORKSPACE": str(workspace)})
+    prepared = reference.prepare(settings, Target("a" * 40, 2, None), cwd=workspace)
+    assert prepared.refusal is not None and prepared.refusal.exit_code == 2
+    assert prepared.refusal.error.startswith("cannot compare the reference with the base "
+                                             "checkout: Permission denied")
