@@ -222,3 +222,22 @@ def test_an_unreadable_reference_file_is_a_refusal_not_a_crash(workspace, monkey
     assert prepared.refusal is not None and prepared.refusal.exit_code == 2
     assert prepared.refusal.error.startswith("cannot compare the reference with the base "
                                              "checkout: Permission denied")
+
+
+def test_the_composite_action_refuses_a_swapped_preset_in_reference_mode(tmp_path, standin):
+    """The same through action.yml's steps and the container's environment (fake docker)."""
+    from tests.github.test_action_composite import Runner
+
+    runner = Runner(tmp_path, standin.url, "pass", baseline="models/base",
+                    subject="models/int8", dataset="data/eval.txt",
+                    preset="presets/ci.yaml", **{"reference-path": "base"})
+    _repository(runner.workspace)
+    _repository(runner.workspace / "base")
+    _swap(runner.workspace, "preset")
+    results = runner.run_job()
+    assert results["certify"].outputs["exit-code"] == "2", results["certify"].stdout
+    assert not (tmp_path / "certifier-calls.jsonl").exists()
+    assert results["Gate"].returncode == 1
+    run = standin.check_runs[min(standin.check_runs)]
+    assert run["conclusion"] == "failure"
+    assert "preset `presets/ci.yaml` (changed)" in run["output"]["summary"]
