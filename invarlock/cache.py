@@ -7,11 +7,19 @@ sha256 digest of their payload. On read an entry must match its key, its digest 
 payload schema (equal-length per-window arrays of finite numbers): anything else is ignored
 with one warning, and the run that evaluates the baseline again replaces it. The
 certificate records the digest of the payload it used.
+
+A self-digest proves only that an entry is intact, not who wrote it: anyone who can write to
+a shared cache folder can plant a self-consistent entry. With a secret (`--cache-secret-file`)
+each entry also carries an HMAC-SHA256 over its canonical content, keyed by the secret and the
+entry's trust namespace; an entry whose HMAC is missing or wrong is ignored like a corrupt
+one. Namespaces (`trusted`, `untrusted`) are separate folders with separate keys, so results
+computed for a fork are never read by a trusted run, even when copied across.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -23,10 +31,14 @@ from typing import Any
 import numpy as np
 
 from invarlock import atomic
+from invarlock.enums import StrEnum
+from invarlock.errors import InputError
 
 log = logging.getLogger(__name__)
 
 FORMAT = "invarlock.baseline-cache/2"
+SECRET_MIN_BYTES = 16  # shorter secrets can be guessed; `openssl rand -hex 32` gives 64
+HMAC_PREFIX = "hmac-sha256:"
 
 _WINDOW_SET = {
     "type": "object",
@@ -69,6 +81,43 @@ class CacheKey:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+class Namespace(StrEnum):
+    """Trust level of the run that reads and writes entries: a folder and a key of its own."""
+
+    TRUSTED = "trusted"
+    UNTRUSTED = "untrusted"  # runs of code nobody with write access vouched for (forks)
+
+
+def read_secret(path: Path) -> bytes:
+    """The cache secret from its file (one trailing newline dropped); InputError otherwise."""
+    try:
+        if Path(path).stat().st_mode & 0o077:
+            log.warning("cache secret file %s can be read by other users; make it 0600", path)
+        secret = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"cache secret file {path} not found") from None
+    except OSError as exc:
+        raise InputError(f"cache secret file {path} cannot be read: "
+                         f"{exc.strerror or exc}") from None
+    secret = secret.removesuffix(b"\n").removesuffix(b"\r")
+    if len(secret) < SECRET_MIN_BYTES:
+        raise InputError(f"cache secret file {path} holds {len(secret)} bytes; a secret needs "
+                         f"at least {SECRET_MIN_BYTES}", hint="openssl rand -hex 32")
+    return secret
+
+
+def entry_hmac(secret: bytes, namespace: str, entry: dict[str, Any]) -> str:
+    """HMAC-SHA256 over the canonical JSON of an entry without its `hmac` field.
+
+    The key is derived from the secret and the namespace (HMAC(secret, namespace)), so an
+    entry moved from one namespace's folder to another's does not verify there."""
+    key = hmac.new(secret, f"invarlock.baseline-cache:{namespace}".encode(),
+                   hashlib.sha256).digest()
+    content = {k: v for k, v in entry.items() if k != "hmac"}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return HMAC_PREFIX + hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 def default_cache_dir() -> Path:
     """$INVARLOCK_CACHE_DIR, else $XDG_CACHE_HOME/invarlock, else ~/.cache/invarlock."""
     explicit = os.environ.get("INVARLOCK_CACHE_DIR")
@@ -80,13 +129,32 @@ def default_cache_dir() -> Path:
 
 
 class BaselineCache:
-    """Per-window baseline results by key, one JSON file per entry."""
+    """Per-window baseline results by key, one JSON file per entry.
 
-    def __init__(self, root: Path | None = None) -> None:
+    `secret`: entries are signed on write and must verify on read. `namespace`: entries live
+    under `<root>/<namespace>/`; without one the folder is `<root>/baseline` (local use)."""
+
+    def __init__(self, root: Path | None = None, *, secret: bytes | None = None,
+                 namespace: Namespace | None = None) -> None:
         self.root = Path(root) if root is not None else default_cache_dir()
+        self._secret = secret
+        self.namespace = namespace
+
+    def __repr__(self) -> str:  # never the secret
+        return (f"BaselineCache({str(self.root)!r}, signed={self._secret is not None}, "
+                f"namespace={self.namespace})")
+
+    @property
+    def signed(self) -> bool:
+        return self._secret is not None
 
     def path(self, key: CacheKey) -> Path:
-        return self.root / "baseline" / f"{key.digest}.json"
+        folder = self.root if self.namespace is None else self.root / str(self.namespace)
+        return folder / "baseline" / f"{key.digest}.json"
+
+    def _hmac(self, entry: dict[str, Any]) -> str:
+        assert self._secret is not None
+        return entry_hmac(self._secret, str(self.namespace or "local"), entry)
 
     def load(self, key: CacheKey) -> CacheHit | None:
         """The stored payload for `key` with its digest, or None when absent or not sound."""
@@ -99,6 +167,20 @@ class BaselineCache:
             return _ignored(path, f"unreadable ({type(exc).__name__})")
         if not isinstance(entry, dict) or entry.get("format") != FORMAT:
             return _ignored(path, "not a baseline cache entry of this version")
+        if self._secret is not None:
+            mac = entry.get("hmac")
+            if not isinstance(mac, str):
+                return _ignored(path, "no HMAC, and this cache is keyed with a secret")
+            try:
+                expected = self._hmac(entry)
+            except (TypeError, ValueError):
+                return _ignored(path, "entry is not plain JSON")
+            if not hmac.compare_digest(mac, expected):
+                return _ignored(path, "HMAC does not verify: not written by a run holding "
+                                      "this cache's secret for this namespace")
+        if entry.get("namespace", None) != (None if self.namespace is None
+                                            else str(self.namespace)):
+            return _ignored(path, "entry of another trust namespace")
         if entry.get("key") != asdict(key):
             return _ignored(path, "key mismatch")
         payload = entry.get("payload")
@@ -118,9 +200,13 @@ class BaselineCache:
 
         Returns the payload digest (the certificate records it either way)."""
         digest = payload_digest(payload)
-        entry = {"format": FORMAT, "key": asdict(key), "payload_digest": digest,
-                 "payload": payload}
+        entry: dict[str, Any] = {"format": FORMAT, "key": asdict(key),
+                                 "payload_digest": digest, "payload": payload}
+        if self.namespace is not None:
+            entry["namespace"] = str(self.namespace)
         try:
+            if self._secret is not None:
+                entry["hmac"] = self._hmac(entry)
             atomic.write_text(self.path(key), json.dumps(entry, allow_nan=False))
         except (OSError, ValueError) as exc:
             log.warning("could not write baseline cache entry: %s", exc)

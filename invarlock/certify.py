@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from invarlock import __version__, gate, outdir
+from invarlock import __version__, gate, outdir, provenance
 from invarlock.cache import BaselineCache, CacheKey, scores_from_payload, scores_to_payload
 from invarlock.certificate import build, document, markdown
 from invarlock.data.corpus import Corpus, DatasetSource, load_corpus
@@ -71,6 +71,9 @@ class CertifyRequest:
     save_report: bool = False  # also write the HTML report into the certificate set
     use_cache: bool = True
     cache_dir: Path | None = None
+    cache_secret: bytes | None = field(default=None, repr=False)  # signs cache entries
+    cache_namespace: Any = None  # invarlock.cache.Namespace; None: the local folder layout
+    reference: Any = None  # invarlock.provenance.Reference: origin and digest pins
     progress: bool = False
     edit_impl: Any = None  # an invarlock.edits.Edit to use instead of looking up edit["name"]
     gguf_file: str | None = None  # which GGUF file of a folder holding several
@@ -290,6 +293,9 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
     subject = (check_subject(req.subject, baseline, req, device)
                if req.subject is not None else None)
     policy = resolve(req.config, context_length=source.context_length(base_cfg))
+    provenance.check_policy_pin(req.reference, policy.digest)
+    provenance.check_baseline_pin(req.reference, lambda: source.weights_digest(
+        source.weight_files(base_src, req.allow_pickle)))
     chain = ChainSettings.from_policy(policy.values.get("guards"))  # bad guard config: fail now
     edit = _parse_edit(req) if req.edit is not None else None
     _seed_everything(policy.windows.seed)
@@ -369,6 +375,7 @@ def plan_evaluation(inputs: RunInputs, req: CertifyRequest, timer: _Timer) -> Ev
     """Read the corpus and cut the paired windows both models will be scored on."""
     t = time.perf_counter()
     corpus = load_corpus(req.dataset, labelled=inputs.kind is MetricKind.ACCURACY)
+    provenance.check_dataset_pin(req.reference, corpus.digest)
     wp = inputs.policy.windows
     windows = plan_windows(corpus, inputs.tokenizer, kind=inputs.kind, seq_len=wp.seq_len,
                            stride=wp.stride, preview_n=wp.preview_n, final_n=wp.final_n,
@@ -396,7 +403,8 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
                    str(inputs.kind), str(dtype).removeprefix("torch."),
                    inputs.device.split(":")[0], __version__)
     guards = _guard_run(inputs, plan)
-    cache = BaselineCache(req.cache_dir) if req.use_cache else None
+    cache = (BaselineCache(req.cache_dir, secret=req.cache_secret,
+                           namespace=req.cache_namespace) if req.use_cache else None)
     hit = cache.load(key) if cache else None
     cached = scores_from_payload(hit.payload) if hit else None
     if cached is not None and not guards.restore(hit.payload.get("guards")):
@@ -695,7 +703,11 @@ def _certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvid
         subject=build.Side(subject.record, subject.sets), edit=subject.edit_record,
         guards={o.name: o.section for o in subject.outcomes}, match=judgement.match,
         primary=judgement.primary, evidence=judgement.evidence, decision=judgement.decision,
-        artifacts=artifacts, timings=timings)
+        artifacts=artifacts, timings=timings,
+        reference=provenance.record(req.reference,
+                                    baseline_digest=baseline.cache_key.weights_digest,
+                                    dataset_digest=plan.corpus.digest,
+                                    policy_digest=inputs.policy.digest))
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -229,6 +229,26 @@ Examples:
 @click.option("--no-cache", is_flag=True, help="Always re-evaluate the baseline.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Baseline cache folder (default: $INVARLOCK_CACHE_DIR or ~/.cache).")
+@click.option("--cache-secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="INVARLOCK_CACHE_SECRET_FILE", show_envvar=True,
+              help="Secret that signs baseline cache entries (HMAC-SHA256); entries without "
+                   "a valid signature are ignored and re-evaluated.")
+@click.option("--cache-namespace", type=click.Choice(["trusted", "untrusted"]),
+              help="Trust level of this run: its own cache folder and key (a fork's run is "
+                   "untrusted; a trusted run never reads untrusted entries).")
+@click.option("--baseline-digest", metavar="sha256:HEX",
+              help="Pin the baseline: stop (exit 2) before evaluating when its weights "
+                   "digest differs.")
+@click.option("--policy-digest", metavar="sha256:HEX",
+              help="Pin the resolved policy: stop (exit 2) before evaluating when its digest "
+                   "differs.")
+@click.option("--dataset-digest", metavar="sha256:HEX",
+              help="Pin the evaluation data: stop (exit 2) before evaluating when the corpus "
+                   "digest differs.")
+@click.option("--reference-origin", type=click.Choice(["local", "base-checkout",
+                                                       "pull-request"]),
+              help="Where the baseline, dataset and presets were read from (recorded in the "
+                   "certificate; default: local).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
 def certify(as_json: bool, quiet: bool, **flags: Any) -> None:
@@ -243,12 +263,41 @@ def certify(as_json: bool, quiet: bool, **flags: Any) -> None:
         from invarlock.run_config import config_from_certify_flags, request_from_config
 
         _require_hf("invarlock certify")
+        trust = {k: flags.pop(k) for k in _TRUST_FLAGS}
         config = config_from_certify_flags(flags)
         progress = not quiet and sys.stderr.isatty()
-        request = request_from_config(config, progress=progress)
+        request = _with_trust(request_from_config(config, progress=progress), trust,
+                              flags.get("presets") or ())
         return _certify_and_report(request, as_json)
 
     _run_guarded(as_json, body)
+
+
+_TRUST_FLAGS = ("cache_secret_file", "cache_namespace", "baseline_digest", "policy_digest",
+                "dataset_digest", "reference_origin")
+
+
+def _with_trust(request: Any, trust: dict[str, Any], presets: tuple[Path, ...]) -> Any:
+    """The request with the cache secret and namespace, and the reference's origin and pins
+    (a bad secret file or digest stops here, before anything is loaded)."""
+    import dataclasses
+
+    from invarlock.cache import Namespace, read_secret
+    from invarlock.provenance import Origin, Reference, parse_digest
+
+    secret = read_secret(trust["cache_secret_file"]) if trust["cache_secret_file"] else None
+    namespace = Namespace(trust["cache_namespace"]) if trust["cache_namespace"] else None
+    reference = Reference(
+        origin=Origin(trust["reference_origin"] or "local"),
+        baseline_digest=(parse_digest(trust["baseline_digest"], "--baseline-digest")
+                         if trust["baseline_digest"] else None),
+        policy_digest=(parse_digest(trust["policy_digest"], "--policy-digest")
+                       if trust["policy_digest"] else None),
+        dataset_digest=(parse_digest(trust["dataset_digest"], "--dataset-digest")
+                        if trust["dataset_digest"] else None),
+        presets=tuple(Path(p) for p in presets))
+    return dataclasses.replace(request, cache_secret=secret, cache_namespace=namespace,
+                               reference=reference)
 
 
 def _certify_and_report(request: Any, as_json: bool) -> tuple[int, dict[str, Any] | None]:
@@ -640,9 +689,13 @@ Examples:
 @click.option("-c", "--config", "configs", multiple=True, required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Run config file; repeat to layer overrides (later wins).")
+@click.option("--cache-secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="INVARLOCK_CACHE_SECRET_FILE", show_envvar=True,
+              help="Secret that signs baseline cache entries (as for certify).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
-def run(configs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
+def run(configs: tuple[Path, ...], cache_secret_file: Path | None, as_json: bool,
+        quiet: bool) -> None:
     """Certify as a config file describes it (the same pipeline as certify)."""
     _configure_logging(quiet)
 
@@ -652,7 +705,9 @@ def run(configs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
         _require_hf("invarlock run")
         config = config_from_files(configs)
         progress = not quiet and sys.stderr.isatty()
-        return _certify_and_report(request_from_config(config, progress=progress), as_json)
+        trust = {**dict.fromkeys(_TRUST_FLAGS), "cache_secret_file": cache_secret_file}
+        request = _with_trust(request_from_config(config, progress=progress), trust, ())
+        return _certify_and_report(request, as_json)
 
     _run_guarded(as_json, body)
 

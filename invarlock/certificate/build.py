@@ -39,12 +39,14 @@ def build_certificate(*, run_id: str, environment: dict[str, Any], policy: Resol
                       edit: dict[str, Any] | None, guards: dict[str, dict[str, Any]],
                       match: float, primary: PrimaryMetricResult, evidence: Evidence,
                       decision: Decision, artifacts: dict[str, str | None],
-                      timings: dict[str, float]) -> dict[str, Any]:
+                      timings: dict[str, float],
+                      reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """The certificate's content (unsealed): every section the schema describes.
 
     `tokenizer` is the loaded baseline tokenizer (its class and vocabulary are recorded);
     `match` is the share of windows both models were fed exactly as planned; `primary`,
-    `evidence` and `decision` are the gate's results the verdict rests on.
+    `evidence` and `decision` are the gate's results the verdict rests on; `reference`
+    (invarlock.provenance.record) says where the baseline, data, presets and policy came from.
     """
     wp = policy.windows
     return {
@@ -77,6 +79,7 @@ def build_certificate(*, run_id: str, environment: dict[str, Any], policy: Resol
         "verdict": decision.verdict_section(),
         "artifacts": {"markdown": MARKDOWN_FILENAME, **artifacts},
         "timings": timings,
+        **({"reference": reference} if reference is not None else {}),
     }
 
 

@@ -23,7 +23,7 @@ from typing import TextIO, TypeVar
 
 from invarlock import atomic
 from invarlock.errors import InvarlockError
-from invarlock.github import aggregate, render
+from invarlock.github import aggregate, reference, render
 from invarlock.github.artifact import bind_report, load_report, write_html, write_result
 from invarlock.github.certifier import (
     Cancellation,
@@ -117,13 +117,15 @@ def _certify(settings: Settings, client: GitHubClient | None, commands: Workflow
         _publishing(commands, "start", publisher.start)
         _record_state(settings, publisher)
         out_dir = settings.output_dir
-        arguments = certify_arguments(settings.certify, out_dir)
+        prepared = reference.prepare(settings, target)
+        arguments = [*certify_arguments(prepared.inputs, out_dir), *prepared.arguments]
         log.info("running %s", " ".join([*settings.certify_command, *arguments]))
         with commands.group("invarlock certify"), commands.stop_commands():
             try:
-                outcome = run_certifier(settings.certify_command, arguments,
-                                        env=child_environment(environ, settings.token),
-                                        log_stream=stderr, on_start=cancellation.watch)
+                outcome = prepared.refusal or run_certifier(
+                    settings.certify_command, arguments,
+                    env=child_environment(environ, settings.token), log_stream=stderr,
+                    on_start=cancellation.watch)
             except Exception as exc:  # the reporter must still report
                 log.debug("running the certifier failed", exc_info=True)
                 outcome = Outcome.failed(EXIT_EVIDENCE, f"internal error: {type(exc).__name__}: "

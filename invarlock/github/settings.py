@@ -76,6 +76,19 @@ INPUTS: tuple[InputSpec, ...] = (
               "protection pass it (errors always conclude `failure`)."),
     InputSpec("artifact-name", "invarlock-certificate",
               "Name of the certificate artifact (named in the report)."),
+    # A trusted reference (invarlock.github.reference)
+    InputSpec("reference-path", "", "A checkout of the pull request's base ref: the "
+                                    "baseline, dataset and presets are read from it, and a "
+                                    "pull request that changes them fails unless approved."),
+    InputSpec("baseline-digest", "", "Pin the baseline's weights digest (`sha256:<hex>`): "
+                                     "a different baseline stops the run (exit 2)."),
+    InputSpec("policy-digest", "", "Pin the resolved policy's digest (`sha256:<hex>`): "
+                                   "different thresholds stop the run (exit 2)."),
+    InputSpec("dataset-digest", "", "Pin the evaluation data's digest (`sha256:<hex>`): "
+                                    "other data stops the run (exit 2)."),
+    InputSpec("allow-reference-change", "false",
+              "Approve a pull request that changes the reference; set it only from a job in "
+              "a protected environment (docs/action.md, \"A trusted reference\")."),
 )
 _SPECS = {spec.name: spec for spec in INPUTS}
 
@@ -99,6 +112,51 @@ class CertifyInputs:
     presets: tuple[str, ...] = ()
     device: str = ""
     dtype: str = ""
+
+
+@dataclass(frozen=True)
+class ReferenceInputs:
+    """Where the reference comes from and what it is pinned to (invarlock.github.reference)."""
+
+    path: str = ""  # reference-path: a checkout of the base ref
+    baseline_digest: str = ""
+    policy_digest: str = ""
+    dataset_digest: str = ""
+    allow_change: bool = False
+
+
+# Set by action.yml: whether cache-dir names a folder that outlives the job, and the file the
+# cache-secret input was written to (0600). A persistent cache without a secret is refused.
+CACHE_PERSISTENT_VARIABLE = "INVARLOCK_CACHE_PERSISTENT"
+CACHE_SECRET_FILE_VARIABLE = "INVARLOCK_CACHE_SECRET_FILE"
+
+
+def _reference_inputs(environ: Mapping[str, str]) -> ReferenceInputs:
+    """The reference inputs (certify mode), digests checked."""
+    from invarlock.provenance import parse_digest
+
+    def digest(name: str) -> str:
+        value = read_input(environ, name)
+        return parse_digest(value, f"input '{name}'") if value else ""
+
+    _check_shared_cache(environ)
+    return ReferenceInputs(
+        path=read_input(environ, "reference-path"),
+        baseline_digest=digest("baseline-digest"),
+        policy_digest=digest("policy-digest"),
+        dataset_digest=digest("dataset-digest"),
+        allow_change=_boolean("allow-reference-change",
+                              read_input(environ, "allow-reference-change")))
+
+
+def _check_shared_cache(environ: Mapping[str, str]) -> None:
+    """A cache that outlives the job is only used with a secret that signs its entries."""
+    if (environ.get(CACHE_PERSISTENT_VARIABLE, "").strip().lower() in _TRUE
+            and not environ.get(CACHE_SECRET_FILE_VARIABLE, "").strip()):
+        raise InputError("input 'cache-dir' names a cache shared between jobs, which anyone "
+                         "running on this runner could plant results in: set input "
+                         "'cache-secret' (a secret forks cannot read), or leave 'cache-dir' "
+                         "empty for a cache of this job only")
 
 
 @dataclass(frozen=True)
@@ -152,6 +210,7 @@ class Settings:
     fail_conclusion: Conclusion = Conclusion.FAILURE
     state_file: Path | None = None  # where the open check run is recorded for the cleanup step
     repository_root: Path | None = None  # GITHUB_WORKSPACE: annotation paths start here
+    reference: ReferenceInputs = field(default_factory=ReferenceInputs)
 
     @property
     def publishes(self) -> bool:
@@ -217,6 +276,7 @@ def read_settings(environ: Mapping[str, str]) -> Settings:
         fail_conclusion=Conclusion(fail_conclusion),
         state_file=_optional_path(environ.get(STATE_FILE_VARIABLE, "")),
         repository_root=_optional_path(environ.get("GITHUB_WORKSPACE", "")),
+        reference=_reference_inputs(environ) if mode is Mode.CERTIFY else ReferenceInputs(),
     )
 
 

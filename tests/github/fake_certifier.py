@@ -44,7 +44,8 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--json", action="store_true")
     for flag in ("--baseline", "--subject", "--edit-config", "--dataset", "--profile", "--tier",
-                 "--device", "--dtype"):
+                 "--device", "--dtype", "--cache-namespace", "--reference-origin",
+                 "--baseline-digest", "--policy-digest", "--dataset-digest"):
         parser.add_argument(flag)
     parser.add_argument("--preset", action="append", default=[])
     args = parser.parse_args()

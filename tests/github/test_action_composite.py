@@ -215,8 +215,8 @@ def test_pass_runs_the_image_on_gpus_with_mounts_user_and_inputs_by_name(tmp_pat
         assert f"{folder}:{folder}" in mounts
     assert "INPUT_GITHUB_TOKEN" in run["options"]["--env"]
     assert TOKEN not in json.dumps(run)  # the token travels by name, not on the command line
-    # offline, with a persistent cache folder in the runner's tool cache
-    cache = tmp_path / "tool-cache" / "invarlock"
+    # offline, with a cache of this job's own in runner.temp (nothing shared to plant in)
+    cache = tmp_path / "work" / "_temp" / "invarlock-cache"
     assert f"{cache}:{cache}" in mounts
     env = run["options"]["--env"]
     assert f"INVARLOCK_CACHE_DIR={cache}/results" in env and f"HF_HOME={cache}/huggingface" in env
@@ -375,13 +375,37 @@ def test_a_symlinked_work_folder_is_mounted_under_both_names(tmp_path, standin):
 
 def test_allow_network_and_a_named_cache_folder(tmp_path, standin):
     cache = tmp_path / "models-cache"
+    secret = "a-cache-secret-forks-cannot-read"
     runner = Runner(tmp_path, standin.url, "pass", **{"allow-network": "true",
-                                                     "cache-dir": str(cache)})
-    runner.run_job()
+                                                     "cache-dir": str(cache),
+                                                     "cache-secret": secret})
+    note = ('printf "%s %s" "$(stat -c %a "$INVARLOCK_CACHE_SECRET_FILE")" '
+            f'"$(cat "$INVARLOCK_CACHE_SECRET_FILE")" > {shlex.quote(str(tmp_path / "seen"))}'
+            '; exec "$@"')
+    runner.env["FAKE_DOCKER_CERTIFY"] = shlex.join(
+        ["sh", "-c", note, "sh", *shlex.split(runner.env["FAKE_DOCKER_CERTIFY"])])
+    results = runner.run_job()
+    assert results["certify"].outputs["exit-code"] == "0", results["certify"].stdout
     env = runner.docker_run["options"]["--env"]
     assert "INVARLOCK_ALLOW_NETWORK=1" in env and "HF_HUB_OFFLINE=1" not in env
     assert f"{cache}:{cache}" in runner.docker_run["options"]["--volume"]
     assert cache.is_dir()
+    # the secret reaches the certifier as a 0600 file named in the environment, never as a
+    # value (the certify command inside the "image" noted what it found)
+    state = Path(results["prepare"].outputs["state-dir"])
+    assert f"INVARLOCK_CACHE_SECRET_FILE={state}/cache-secret" in env
+    assert secret not in json.dumps(runner.docker_run)
+    assert (tmp_path / "seen").read_text() == f"600 {secret}"
+    assert not (state / "cache-secret").exists()  # removed once the container ended
+
+
+def test_a_named_cache_folder_without_a_secret_is_refused(tmp_path, standin):
+    runner = Runner(tmp_path, standin.url, "pass", **{"cache-dir": str(tmp_path / "shared")})
+    results = runner.run_job()
+    assert results["certify"].outputs["exit-code"] == "2"
+    assert "set input 'cache-secret'" in results["certify"].stdout
+    assert not (tmp_path / "certifier-calls.jsonl").exists()
+    assert results["Gate"].returncode == 1
 
 
 def test_working_directory_outside_the_workspace_is_refused(tmp_path, standin):
