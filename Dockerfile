@@ -1,73 +1,81 @@
 # syntax=docker/dockerfile:1
 # The InvarLock certifier for the GitHub Action (and for `docker run --gpus all` by hand).
+# The release workflow builds this file as it stands; `make image-test` builds the same file
+# on a local Debian base of the same release (scripts/image_test.sh).
 #
-# Every install step uses the base's distribution packages (Python from apt) and a package
-# index (pip): nothing is downloaded from release pages, so any Debian or Ubuntu base builds.
-#
-# The released image: the NVIDIA CUDA 13.0 *base* image (runtime settings and the driver check
-# NVIDIA_REQUIRE_CUDA, no toolkit) with torch's CUDA 13.0 build from PyTorch's cu130 index,
-# pinned by its local version (+cu130): the CUDA libraries come with torch's wheels and need an
-# NVIDIA driver 580 or newer (docs/action.md, "Self-hosted GPU runner").
-#
-# A CPU build for testing (`make image-test`, scripts/image_test.sh) passes another base and
-# torch variant, e.g. a Debian base made with debootstrap and `torch==2.13.0+cpu`:
-#   --build-arg BASE_IMAGE=localhost/invarlock-debian:bookworm
-#   --build-arg TORCH_REQUIREMENT=torch==2.13.0+cpu --build-arg TORCH_INDEX_URL=...
+# - Base: Debian 12 (bookworm) slim, pinned by digest; its Python 3.11 is the one the lock
+#   was resolved for. A local base is given with --build-arg BASE_IMAGE=...
+# - torch is PyPI's Linux wheel, the CUDA 13.0 build: the CUDA runtime libraries come as its
+#   `nvidia-*` wheels, so the host's NVIDIA driver (580 or newer, mounted by the NVIDIA
+#   Container Toolkit) is all a GPU container needs from outside.
+# - Every dependency comes from one index, pinned and hashed in docker/requirements.lock
+#   (`--require-hashes`, wheels only), installed before the source is copied: a source change
+#   rebuilds only the last layers, never torch.
 
-ARG BASE_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
-
-FROM ${BASE_IMAGE} AS build
-ARG TORCH_REQUIREMENT=torch==2.13.0+cu130
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
-# Where the certifier's other dependencies come from (PyPI unless a mirror is given).
-ARG PYPI_INDEX_URL=https://pypi.org/simple
-# Optional: a folder of wheels mounted into the build (`buildah bud -v`), searched as well,
-# and a CA bundle for pip (a proxy's).
-ARG PIP_FIND_LINKS
-ARG PIP_CERT
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    DEBIAN_FRONTEND=noninteractive
-# DL3008 asks for pinned apt packages: the base's own Python is wanted, whatever its version.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:${PATH}
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY policies ./policies
-COPY invarlock ./invarlock
-# The same two steps as the project's CI (Makefile `install`): torch, then ".[hf]" (this
-# project; its ranges are in pyproject.toml). torch is pinned with its variant.
-# hadolint ignore=DL3013
-RUN python -m pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url "${PYPI_INDEX_URL}" \
-        "${TORCH_REQUIREMENT}" \
-    && python -m pip install --index-url "${PYPI_INDEX_URL}" ".[hf]" \
-    && invarlock version
+ARG BASE_IMAGE=debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251
 
 FROM ${BASE_IMAGE}
+
+# Where the locked wheels come from (a mirror of PyPI may be given; the hashes still apply).
+ARG PYPI_INDEX_URL=https://pypi.org/simple
+# Optional CA bundle for pip (a TLS-intercepting proxy's), e.g. a file mounted into the build.
+ARG PIP_CERT
+# OCI labels: the release passes the version and the commit it was built from.
+ARG VERSION=unreleased
+ARG REVISION=unknown
+
+LABEL org.opencontainers.image.title="InvarLock certifier" \
+      org.opencontainers.image.description="Certifies an edited model checkpoint against its baseline; the image of the InvarLock GitHub Action." \
+      org.opencontainers.image.source="https://github.com/invarlock/invarlock" \
+      org.opencontainers.image.url="https://github.com/invarlock/certify-action" \
+      org.opencontainers.image.documentation="https://github.com/invarlock/invarlock/blob/main/docs/action.md" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.vendor="InvarLock" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.base.name="debian:bookworm-slim"
+
+# NVIDIA_* tell the NVIDIA Container Toolkit to mount the driver's compute and nvidia-smi
+# libraries and to refuse a driver older than CUDA 13.0 (exit 125 before the certifier starts).
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
     PATH=/opt/venv/bin:${PATH} \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     HOME=/home/invarlock
-# The runtime needs the same Python the build stage's venv points at.
+
+# The base's own Python, whatever its patch version (DL3008 asks to pin apt packages).
+# The Action runs the container as the runner's user (`--user uid:gid`) so that files written
+# into the workspace belong to it; HOME stays writable for any uid.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
-        ca-certificates \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
     && useradd --uid 10001 --no-create-home --home-dir /home/invarlock invarlock \
     && mkdir -p /home/invarlock \
     && chmod 1777 /home/invarlock
-COPY --from=build /opt/venv /opt/venv
+
+# Dependencies: exactly the locked files, from one index, no resolution, no builds.
+COPY docker/requirements.lock /opt/invarlock/requirements.lock
+RUN python -m pip install --index-url "${PYPI_INDEX_URL}" --require-hashes --no-deps \
+        --only-binary=:all: -r /opt/invarlock/requirements.lock
+
+# The certifier from this source, with the locked build backend and no index at all.
+COPY pyproject.toml README.md /opt/invarlock/src/
+COPY policies /opt/invarlock/src/policies
+COPY invarlock /opt/invarlock/src/invarlock
+RUN python -m pip install --no-index --no-deps --no-build-isolation /opt/invarlock/src \
+    && rm -rf /opt/invarlock/src \
+    && python -m pip check \
+    && invarlock version
 COPY entrypoint /opt/invarlock/entrypoint
-# The Action runs the container as the runner's user (`--user uid:gid`) so that files written
-# into the workspace belong to it; HOME stays writable for any uid.
+
 USER 10001
 WORKDIR /home/invarlock
 ENTRYPOINT ["/opt/invarlock/entrypoint"]

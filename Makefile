@@ -3,8 +3,9 @@
 #   make test       the default test suite (fast; no network, no GPU)
 #   make test-slow  slow tests (a real pretrained 135M model, many seeds)
 #   make lint       ruff
-#   make image-test build the Action's image with buildah on a debootstrapped Debian base and
-#                   certify the demo inside it on CPU (root, buildah, debootstrap; slow)
+#   make image-test build the Action's image (the release's Dockerfile and lock) with buildah
+#                   on a debootstrapped Debian base, run the demo and the entrypoint inside it
+#                   on CPU, and on CUDA where a GPU is found (root; slow, not in `make test`)
 
 PYTHON ?= python3
 VENV ?= .venv

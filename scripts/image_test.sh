@@ -1,40 +1,50 @@
 #!/usr/bin/env bash
-# Build the Action's image with buildah on a Debian base made by debootstrap, then run the
-# demo certification inside it on CPU, and the Action's entrypoint (no publishing). Needs root, buildah and debootstrap (Debian packages)
-# and access to Debian's mirror and the Python package index; no registry images are pulled.
+# Build the Action's image from the repository's Dockerfile, exactly as the release does
+# (same file, same lock, torch's CUDA build from PyPI), with buildah on a Debian base of the
+# same release made by debootstrap; then run the demo certification and the Action's
+# entrypoint inside it on CPU, and with CUDA too where this machine has an NVIDIA GPU.
+# Needs root, buildah and debootstrap (installed with apt-get when missing), Debian's mirror
+# and the Python package index; no registry image is pulled.
 #
 #   scripts/image_test.sh            (or `make image-test`)
 #
 # Settings (environment): IMAGE_TEST_DIR (work folder, default /var/tmp/invarlock-image),
-# DEBIAN_SUITE (bookworm), DEBIAN_MIRROR, TORCH_REQUIREMENT (torch==2.13.0+cpu),
-# TORCH_INDEX_URL, PIP_FIND_LINKS (a folder of wheels to search too, mounted into the build),
-# STORAGE_DRIVER (vfs). Prints the figures (build time, image size, demo time) at the end and
-# writes them to $IMAGE_TEST_DIR/figures.txt.
+# DEBIAN_MIRROR, PYPI_INDEX_URL (a mirror of PyPI; the lock's hashes still apply),
+# STORAGE_DRIVER (vfs). Prints the figures (build time, image size, run times) at the end
+# and writes them to $IMAGE_TEST_DIR/figures.txt.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="${IMAGE_TEST_DIR:-/var/tmp/invarlock-image}"
-suite="${DEBIAN_SUITE:-bookworm}"
+# The release's base is debian:bookworm-slim (Dockerfile); the lock is for its Python 3.11.
+suite=bookworm
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-torch_requirement="${TORCH_REQUIREMENT:-torch==2.13.0+cpu}"
-torch_index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
-find_links="${PIP_FIND_LINKS:-}"
+index="${PYPI_INDEX_URL:-https://pypi.org/simple}"
 driver="${STORAGE_DRIVER:-vfs}"
 base="localhost/invarlock-debian:${suite}"
 image="localhost/invarlock:image-test"
 bah=(buildah --storage-driver "$driver")
 
-for tool in buildah debootstrap; do
-  command -v "$tool" >/dev/null || { echo "image-test: $tool is not installed (apt-get install $tool)" >&2; exit 2; }
-done
+fail() { echo "image-test: $*" >&2; exit "${2:-1}"; }
+
+[ "$(id -u)" = 0 ] || fail "needs root (buildah and debootstrap)" 2
+missing=()
+for tool in buildah debootstrap; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+  command -v apt-get >/dev/null || fail "${missing[*]} not installed and no apt-get" 2
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
 mkdir -p "$work"
 
-# 1. The base: a minimal Debian made from Debian's packages, imported as an image.
+# 1. The base: a minimal Debian made from Debian's packages, imported as an image. It
+#    carries ca-certificates already, so the build's read-only mount of this machine's
+#    /etc/ssl/certs (below) never meets the package's install script.
 if ! "${bah[@]}" inspect --type image "$base" >/dev/null 2>&1; then
-  if [ ! -x "$work/rootfs/usr/bin/apt-get" ]; then
+  if [ ! -x "$work/rootfs/usr/bin/apt-get" ] || [ ! -d "$work/rootfs/usr/share/ca-certificates" ]; then
     rm -rf "$work/rootfs"
-    debootstrap --variant=minbase "$suite" "$work/rootfs" "$mirror"
+    debootstrap --variant=minbase --include=ca-certificates "$suite" "$work/rootfs" "$mirror"
   fi
+  rm -rf "$work/rootfs/var/cache/apt/archives/"*.deb "$work/rootfs/var/lib/apt/lists/"*
   tar -C "$work/rootfs" -cf "$work/rootfs.tar" .
   ctr="$("${bah[@]}" from scratch)"
   "${bah[@]}" add "$ctr" "$work/rootfs.tar" /
@@ -43,55 +53,71 @@ if ! "${bah[@]}" inspect --type image "$base" >/dev/null 2>&1; then
   rm -f "$work/rootfs.tar"
 fi
 
-# 2. The image, from the repository's Dockerfile with the CPU variant of torch.
-build_args=(--build-arg "BASE_IMAGE=$base" --build-arg "TORCH_REQUIREMENT=$torch_requirement"
-            --build-arg "TORCH_INDEX_URL=$torch_index")
-# This machine's CA bundle (it may hold a proxy's CA) for pip, beside the base's own store.
-mounts=(-v /etc/ssl/certs:/run/host-certs:ro)
-build_args+=(--build-arg "PIP_CERT=/run/host-certs/ca-certificates.crt")
-if [ -n "$find_links" ]; then
-  build_args+=(--build-arg "PIP_FIND_LINKS=$find_links")
-  mounts+=(-v "$find_links:$find_links:ro")
+# 2. The image: the release's Dockerfile with only the base replaced. This machine's CA
+#    store is mounted read-only (it may hold a proxy's CA) and named to pip.
+version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root/pyproject.toml")"
+revision="$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)"
+build_args=(--build-arg "BASE_IMAGE=$base" --build-arg "PYPI_INDEX_URL=$index"
+            --build-arg "VERSION=$version" --build-arg "REVISION=$revision")
+mounts=()
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+  mounts+=(-v /etc/ssl/certs:/etc/ssl/certs:ro)
+  build_args+=(--build-arg "PIP_CERT=/etc/ssl/certs/ca-certificates.crt")
 fi
 start=$(date +%s)
-"${bah[@]}" bud --isolation chroot --layers=false "${mounts[@]}" "${build_args[@]}" \
+"${bah[@]}" bud --isolation chroot "${mounts[@]}" "${build_args[@]}" \
   -f "$root/Dockerfile" -t "$image" "$root"
 build_s=$(( $(date +%s) - start ))
-size="$("${bah[@]}" inspect --type image --format '{{.Size}}' "$image" 2>/dev/null || echo 0)"
-if [ "$size" = 0 ] || [ -z "$size" ]; then
-  size="$("${bah[@]}" images --json "$image" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["size"])')"
-fi
+size="$("${bah[@]}" images --noheading --format '{{.Size}}' "$image")"
+printf 'build_seconds: %s\nimage_size: %s\n' "$build_s" "$size" > "$work/figures.txt"
 
-# 3. The demo certification inside the image, on CPU, as the image's user.
 ctr="$("${bah[@]}" from "$image")"
 trap '"${bah[@]}" rm "$ctr" >/dev/null 2>&1 || true' EXIT
-start=$(date +%s)
-"${bah[@]}" run --isolation chroot --user 10001 "$ctr" -- \
-  sh -c 'cd /home/invarlock && invarlock certify --device cpu --out /home/invarlock/demo --json' \
-  | tee "$work/demo.json"
-demo_s=$(( $(date +%s) - start ))
-verdict="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["verdict"])' "$work/demo.json")"
+run=("${bah[@]}" run --isolation chroot --user 10001)
 
-# 4. The Action's entrypoint inside the image, as action.yml runs it (without publishing):
-#    it certifies (the demo, dev profile, on CPU) and writes the outputs and the report folder.
-start=$(date +%s)
-"${bah[@]}" run --isolation chroot --user 10001 \
-  --env INPUT_DEVICE=cpu --env INPUT_PROFILE=dev --env INPUT_CHECK_RUN=false \
-  --env INPUT_COMMENT=false --env INPUT_OUTPUT_DIR=/home/invarlock/action-report \
-  --env GITHUB_OUTPUT=/home/invarlock/outputs "$ctr" -- /opt/invarlock/entrypoint
-entry_s=$(( $(date +%s) - start ))
-"${bah[@]}" run --isolation chroot --user 10001 "$ctr" -- \
-  sh -c 'test -s /home/invarlock/action-report/evaluation.cert.html && grep -A1 "^verdict<<" /home/invarlock/outputs' \
-  | tee "$work/entrypoint-outputs.txt"
+# With an NVIDIA GPU here: its device nodes and the driver's libraries (what the NVIDIA
+# Container Toolkit would mount) go into the container, and everything runs on CUDA as well.
+gpu=()
+devices=("cpu")
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  for node in /dev/nvidiactl /dev/nvidia-uvm /dev/nvidia-uvm-tools /dev/nvidia[0-9]*; do
+    [ -e "$node" ] && gpu+=(--device "$node")
+  done
+  while read -r soname path; do
+    gpu+=(-v "$(readlink -f "$path"):/usr/local/nvidia/lib64/$soname:ro")
+  done < <(ldconfig -p | awk '$1 ~ /^lib(cuda|nvidia-ml|nvidia-ptxjitcompiler|nvidia-nvvm)\.so\.[0-9]+$/ && /x86-64/ {print $1, $NF}')
+  gpu+=(--env LD_LIBRARY_PATH=/usr/local/nvidia/lib64)
+  devices+=("cuda")
+fi
 
-{
-  echo "image: $image (base $base, $torch_requirement)"
-  echo "build_seconds: $build_s"
-  echo "image_size: $size"
-  echo "demo_seconds: $demo_s"
-  echo "demo_verdict: $verdict"
-  echo "entrypoint_seconds: $entry_s"
-  echo "entrypoint_verdict: $(sed -n 2p "$work/entrypoint-outputs.txt")"
-} | tee "$work/figures.txt"
-[ "$verdict" = PASS ] || { echo "image-test: the demo did not PASS inside the image" >&2; exit 1; }
-[ "$(sed -n 2p "$work/entrypoint-outputs.txt")" = PASS ] || { echo "image-test: the entrypoint did not report PASS inside the image" >&2; exit 1; }
+figures=("image: $image (Dockerfile on base $base)" "build_seconds: $build_s"
+         "image_size: $size")
+failures=()
+for device in "${devices[@]}"; do
+  extra=()
+  [ "$device" = cuda ] && extra=("${gpu[@]}")
+  # 3. The demo certification inside the image, as the image's user.
+  start=$(date +%s)
+  "${run[@]}" "${extra[@]}" "$ctr" -- invarlock certify --device "$device" \
+    --out "/home/invarlock/demo-$device" --json | tee "$work/demo-$device.json"
+  demo_s=$(( $(date +%s) - start ))
+  verdict="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["verdict"])' \
+    "$work/demo-$device.json")"
+  # 4. The Action's entrypoint, as action.yml runs it but without publishing: it certifies
+  #    the demo (dev profile) and writes the step outputs and the report folder.
+  start=$(date +%s)
+  "${run[@]}" "${extra[@]}" --env "INPUT_DEVICE=$device" --env INPUT_PROFILE=dev \
+    --env INPUT_CHECK_RUN=false --env INPUT_COMMENT=false \
+    --env "INPUT_OUTPUT_DIR=/home/invarlock/action-$device" \
+    --env "GITHUB_OUTPUT=/home/invarlock/outputs-$device" "$ctr" -- /opt/invarlock/entrypoint
+  entry_s=$(( $(date +%s) - start ))
+  "${run[@]}" "$ctr" -- sh -c "test -s /home/invarlock/action-$device/evaluation.cert.html \
+    && grep -A1 '^verdict<<' /home/invarlock/outputs-$device" | tee "$work/entrypoint-$device.txt"
+  entry_verdict="$(sed -n 2p "$work/entrypoint-$device.txt")"
+  figures+=("demo_${device}_seconds: $demo_s" "demo_${device}_verdict: $verdict"
+            "entrypoint_${device}_seconds: $entry_s" "entrypoint_${device}_verdict: $entry_verdict")
+  [ "$verdict" = PASS ] || failures+=("the demo did not PASS inside the image on $device")
+  [ "$entry_verdict" = PASS ] || failures+=("the entrypoint did not report PASS on $device")
+done
+printf '%s\n' "${figures[@]}" | tee "$work/figures.txt"
+[ "${#failures[@]}" = 0 ] || fail "$(IFS=';'; echo "${failures[*]}")"

@@ -5,8 +5,8 @@
 - the inputs agree between action.yml, the container's environment (the certify step's
   `env:` and its `--env` list), the entrypoint's settings and docs/action.md;
 - hadolint (Dockerfile) and zizmor (action.yml, workflows) report nothing;
-- the image is built with the torch version CI installs, pinned with its CUDA variant, on
-  a base given as a build argument, from distribution packages and a package index only;
+- the image is built on a digest-pinned slim Debian with the torch version CI installs
+  (PyPI's CUDA build), every dependency from one index by a hashed lock;
 - one name for the action (`invarlock/certify-action@v1`) in the docs and examples, and the
   matrix example in docs/action.md is the workflow file that the checks above cover.
 """
@@ -106,11 +106,12 @@ def test_the_expected_workflows_exist():
     publish = load_yaml(ROOT / ".github/workflows/certify-publish.yml")
     assert publish["on"]["workflow_run"]["workflows"] == [example["name"]]
     release = load_yaml(ROOT / ".github/workflows/release-image.yml")
+    assert release["on"] == {"workflow_dispatch": release["on"]["workflow_dispatch"]}
     assert release["on"]["workflow_dispatch"]["inputs"]["version"]["required"] is True
     steps = release["jobs"]["release"]["steps"]
     pin = next(s for s in steps if "pin_image.py" in s.get("run", ""))
     assert "steps.build.outputs.digest" in pin["env"]["DIGEST"]
-    assert 'git tag --force "v$MAJOR"' in pin["run"]
+    assert "--force" not in pin["run"]  # the release tag is never overwritten
     matrix = load_yaml(ROOT / ".github/workflows/certify-matrix.yml")
     assert matrix["jobs"]["certify"]["needs"] == "baseline"
     assert set(matrix["jobs"]["comment"]["needs"]) == {"baseline", "certify"}
@@ -213,7 +214,7 @@ def test_outputs_agree_between_action_entrypoint_and_docs(action):
     assert set(_table(ROOT / "docs" / "action.md", "Output")) == set(action["outputs"])
 
 
-def test_image_is_pinned_and_torch_matches_ci_with_its_cuda_variant(action):
+def test_image_is_pinned_and_built_from_the_locked_cuda_torch_ci_tests(action):
     version = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(),
                         flags=re.M).group(1)
     default = action["inputs"]["image"]["default"]
@@ -221,26 +222,33 @@ def test_image_is_pinned_and_torch_matches_ci_with_its_cuda_variant(action):
     assert default == f"ghcr.io/invarlock/invarlock:{version}" or re.fullmatch(
         r"ghcr\.io/invarlock/invarlock@sha256:[0-9a-f]{64}", default)
     dockerfile = (ROOT / "Dockerfile").read_text()
-    requirement = re.search(r"^ARG TORCH_REQUIREMENT=(\S+)$", dockerfile, flags=re.M).group(1)
-    index = re.search(r"^ARG TORCH_INDEX_URL=(\S+)$", dockerfile, flags=re.M).group(1)
     base = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, flags=re.M).group(1)
-    makefile = (ROOT / "Makefile").read_text()
-    torch = re.search(r"^TORCH \?= torch==(\S+)$", makefile, flags=re.M).group(1)
-    # the version CI tests, with the CUDA variant pinned, from the index of that variant,
-    # on a base of the same CUDA major version (the driver floor in docs/action.md follows)
-    assert requirement == f"torch=={torch}+cu130"
-    assert index == "https://download.pytorch.org/whl/cu130"
-    assert re.fullmatch(r"nvidia/cuda:13\.0\.\d+-base-ubuntu\d\d\.04", base)
+    # one stage, on a slim Debian pinned by digest (the lock is for its Python 3.11)
+    assert re.fullmatch(r"debian:bookworm-slim@sha256:[0-9a-f]{64}", base)
+    assert re.findall(r"^FROM (\S+)", dockerfile, flags=re.M) == ["${BASE_IMAGE}"]
+    # torch at the version CI tests, from PyPI (its CUDA build), in the hashed lock
+    lock = (ROOT / "docker" / "requirements.lock").read_text()
+    torch = re.search(r"^TORCH \?= torch==(\S+)$", (ROOT / "Makefile").read_text(),
+                      flags=re.M).group(1)
+    assert re.search(rf"^torch=={re.escape(torch)} \\$", lock, flags=re.M)
+    assert re.search(r"^nvidia-cublas==\S+ \\$", lock, flags=re.M)
     docs = (ROOT / "docs" / "action.md").read_text()
-    assert "580 branch or newer" in docs and f"torch=={torch}+cu130" in docs and base in docs
-    # every stage starts from the base argument; installs use apt and pip only
-    assert re.findall(r"^FROM (\S+)", dockerfile, flags=re.M) == ["${BASE_IMAGE}"] * 2
-    for command in ("curl", "wget", "uv ", "ADD http", "github.com/"):
-        assert command not in dockerfile, command
-    assert '"${TORCH_REQUIREMENT}"' in dockerfile
-    assert 'python -m pip install --index-url "${PYPI_INDEX_URL}" ".[hf]"' in dockerfile
+    assert "580 branch or newer" in docs and f"torch=={torch}" in docs
+    # installs use apt and pip only, from one index, hashes required
+    instructions = re.sub(r"\\\n\s*", " ", re.sub(r"(?m)^\s*#.*\n", "", dockerfile))
+    installs = "\n".join(line for line in instructions.splitlines()
+                         if line.startswith(("RUN ", "ADD ", "COPY ")))
+    assert "pip install" in installs and "apt-get install" in installs
+    for command in ("curl", "wget", "uv ", "ADD ", "github.com/", "--extra-index-url",
+                    "--find-links", "--trusted-host"):
+        assert command not in installs, command
+    assert '--index-url "${PYPI_INDEX_URL}" --require-hashes --no-deps' in dockerfile
+    assert "ARG PYPI_INDEX_URL=https://pypi.org/simple" in dockerfile
     assert re.search(r"^ENTRYPOINT \[\"/opt/invarlock/entrypoint\"\]$", dockerfile, flags=re.M)
-    assert "NVIDIA_VISIBLE_DEVICES" in dockerfile and "NVIDIA_DRIVER_CAPABILITIES" in dockerfile
+    assert "NVIDIA_VISIBLE_DEVICES=all" in dockerfile
+    assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in dockerfile
+    assert re.search(r"^USER 10001$", dockerfile, flags=re.M)
+    assert "org.opencontainers.image.source=" in dockerfile
 
 
 def test_pinning_the_image_changes_only_the_default(tmp_path):
