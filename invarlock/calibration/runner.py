@@ -87,7 +87,11 @@ def run(req: CalibrationRequest) -> CalibrationOutcome:
     """Certify every reference edit, calibrate, and write the three outputs."""
     from invarlock.certify import certify
 
-    monitored = {"guards": {g: {"mode": "monitor"} for g in MONITORED}}
+    # Reference runs measure every guard without letting one stop the run; monitor mode is
+    # weaker than the tier's gate, so the run is explicitly allowed to fall short of the
+    # profile (its certificates say evidence_meets_profile: false; they are not a verdict).
+    monitored = {"guards": {g: {"mode": "monitor"} for g in MONITORED},
+                 "auto": {"allow_underpowered": True}}
     config = deep_merge(req.base.config, monitored)
     policy = resolve(config)
     tier_guards = policy.values["guards"]
