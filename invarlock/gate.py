@@ -138,6 +138,7 @@ class PrimaryMetricResult:
             "bootstrap": None if iv is None else {
                 "method": iv.method, "replicates": iv.replicates, "seed": iv.seed,
                 "alpha": iv.alpha, "alpha_effective": iv.alpha_effective,
+                "bounds_from": list(iv.bounds_from),
                 "z0": _finite_or_none(iv.z0),
                 "acceleration": iv.acceleration,
             },

@@ -159,8 +159,9 @@ def _yaml_text(result: recipe.Calibration, stats: dict[str, Any]) -> str:
         f"# baseline {stats['baseline']}, dataset {stats['dataset']}, tier {stats['tier']}, "
         f"profile {stats['profile']}",
         f"# reference runs: {', '.join(stats['runs'])}",
-        f"# VE: sigma_delta {var['sigma_delta']:.5f} over K={var['windows']} windows "
-        f"({var['sided']}, alpha {var['alpha']})",
+        (f"# VE: own paired sigma_delta {var['sigma_delta']:.5f} from "
+         f"{var['runs_with_gate']} run(s), K={var['windows']} windows ({var['sided']}, "
+         f"alpha {var['alpha']})" if "sigma_delta" in var else f"# VE: {var['note']}"),
         f"# windows: {win['recommended_per_set']} per set for a CI half-width of "
         f"{win['target_half_width']} nats/token",
         "# statistics: calibration.json, calibration.csv",
