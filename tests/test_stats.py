@@ -30,12 +30,31 @@ def _scipy_interval(numer, tokens, method: str, seed: int):
 
 
 def test_expanded_level_known_values():
-    """z* = sqrt(n/(n-1)) * t(0.975, n-1): alpha 0.044 at 64 windows, nominal as n grows."""
-    for n in (8, 64, 200):
-        z_star = np.sqrt(n / (n - 1)) * sps.t.ppf(0.975, n - 1)
-        assert stats.expanded_alpha(0.05, n) == pytest.approx(2 * sps.norm.sf(z_star), rel=1e-9)
-    assert stats.expanded_alpha(0.05, 64) == pytest.approx(0.0440, abs=5e-4)
+    """Values from a printed t table: t(0.975, 7) = 2.365 and t(0.975, 63) = 1.998 give
+    z* = √(8/7)·2.365 = 2.528 and √(64/63)·1.998 = 2.014, whose two-sided normal tails are
+    0.0115 and 0.0440; t(0.975, 199) = 1.972 gives 0.0481, t(0.95, 63) = 1.669 gives 0.0925.
+    Fewer than three windows keep the nominal level; many windows approach it from below."""
+    assert stats.expanded_alpha(0.05, 8) == pytest.approx(0.0115, abs=1e-4)
+    assert stats.expanded_alpha(0.05, 64) == pytest.approx(0.0440, abs=1e-4)
+    assert stats.expanded_alpha(0.05, 200) == pytest.approx(0.0481, abs=1e-4)
+    assert stats.expanded_alpha(0.10, 64) == pytest.approx(0.0925, abs=1e-4)
+    assert stats.expanded_alpha(0.05, 2) == 0.05
     assert 0.0499 < stats.expanded_alpha(0.05, 100_000) < 0.05
+
+
+def test_expanded_bootstrap_interval_is_as_wide_as_students_t_on_symmetric_data():
+    """What the expansion is for: on symmetric data (no bias, no acceleration) the bootstrap
+    interval must be as wide as Student's t interval with the sample's own standard error
+    (scipy), which the plain 95% percentiles are not (11% narrower at 16 windows)."""
+    for n in (16, 24):
+        half = np.random.default_rng(n).normal(size=n // 2)
+        x = np.r_[half, -half] + 1.0
+        ci = stats.bca_ratio_of_sums(x, np.ones(n), replicates=40000, seed=0)
+        lo, hi = sps.t.interval(0.95, n - 1, loc=x.mean(), scale=sps.sem(x))
+        assert ci.high - ci.low == pytest.approx(hi - lo, rel=0.02), n
+        plain = np.quantile(stats._bootstrap_ratios(x, np.ones(n), replicates=40000, seed=0),
+                            [0.025, 0.975])
+        assert plain[1] - plain[0] < 0.95 * (hi - lo)
 
 
 def test_bca_agrees_with_scipy_where_bca_and_percentile_differ():
