@@ -144,7 +144,7 @@ def studentized_ratio_of_sums(
       computed on every replicate from the same resampled windows;
     - Student's t: θ̂ ± t_{n−1}(1 − alpha/2)·se.
     BCa under-covers one-sidedly on skewed or heavy-tailed deltas (the upper bound of a 95%
-    interval misses the truth 3–6% of the time instead of 2.5% on 64–200 windows); the
+    interval misses the truth 3–4.3% of the time instead of 2.5% on 64–200 windows); the
     studentized bound corrects skew, the Student bound heavy symmetric tails. Taking the
     farthest keeps each miss rate at or below the smallest of the three.
     `bounds_from` names the bound that set each end. Deterministic in `seed`.

@@ -26,8 +26,6 @@ class Bench:
     preset: Path
     outlier_module: str
     outlier_size: float
-    rescale: float
-    ve_preset: Path | None  # extra preset for the VE case
 
 
 @pytest.fixture(scope="module", params=["tiny", "demo"])
@@ -36,28 +34,16 @@ def bench(request, tmp_path_factory, tiny_gpt2_dir, sonnets_path) -> Bench:
     if request.param == "tiny":
         preset = root / "fast.yaml"
         preset.write_text(kit.FAST)
-        # The tiny model's loss is nearly flat in the scale of its block outputs, so the VE
-        # case lets the proposal correct fully (max_scale_step 0.5), with 64 gate windows.
-        ve = root / "ve.yaml"
-        ve.write_text("dataset: {preview_n: 64, final_n: 64}\n"
-                      "guards: {calibration_windows: 64,\n"
-                      "         variance: {discovery: {max_scale_step: 0.5},\n"
-                      "                    gating: {min_effect_lognll: 0.0004}}}\n")
         with kit.one_thread():
             model = kit.train_tiny(tiny_gpt2_dir, root / "gpt2", sonnets_path)
-        return Bench(model, str(sonnets_path), preset, "transformer.h.0.mlp.c_fc", 25.0, 0.6,
-                     ve)
+        return Bench(model, str(sonnets_path), preset, "transformer.h.0.mlp.c_fc", 25.0)
     demo = kit.demo_dir()
     if demo is None:
         pytest.skip("the bundled demo model is not installed")
     preset = root / "small.yaml"
     preset.write_text("dataset: {preview_n: 32, final_n: 32}\n"
                       "eval: {bootstrap: {replicates: 300}}\n")
-    # the tier's minimum effect is the larger of the calibrated models' (SmolLM2's); the
-    # demo's own calibration gives 0.00036
-    ve = root / "ve.yaml"
-    ve.write_text("guards: {variance: {gating: {min_effect_lognll: 0.0004}}}\n")
-    return Bench(demo, "demo", preset, "transformer.h.1.mlp.c_fc", 12.0, 0.8, ve)
+    return Bench(demo, "demo", preset, "transformer.h.1.mlp.c_fc", 12.0)
 
 
 def run(bench: Bench, subject: Path, out: Path, *extra: str):
