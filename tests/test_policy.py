@@ -132,7 +132,7 @@ def test_ci_and_release_refuse_overrides_below_their_floor(profile, config, shor
     ("ci", {"guards": {"spectral": {"family_caps": {"ffn": 9.0}}}},
      "guards.spectral.family_caps.ffn 9 > 1.06"),
     ("ci", {"guards": {"spectral": {"module_change_limit": None}}},
-     "guards.spectral.module_change_limit none > 0.2"),
+     "guards.spectral.module_change_limit none > 0.01"),
     ("ci", {"guards": {"rmt": {"mode": "monitor"}}}, "guards.rmt.mode monitor instead of gate"),
     ("release", {"guards": {"invariants": {"mode": "off"}}},
      "guards.invariants.mode off instead of gate"),
