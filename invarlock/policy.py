@@ -242,6 +242,11 @@ def weakened_settings(values: dict[str, Any], tier: str, profile: str) -> tuple[
         elif key.startswith("guards.") and key.endswith(".mode") and (
                 GUARD_MODE_RANK.get(str(mine), 0) < GUARD_MODE_RANK.get(str(default), 0)):
             out.append(f"{key} {mine} instead of {default}")
+    order = (values.get("guards") or {}).get("order")
+    dropped = [g for g in dict.fromkeys(defaults["guards"].get("order") or [])
+               if isinstance(order, list) and g not in order]
+    if dropped:
+        out.append(f"guards.order leaves out {', '.join(dropped)}")
     lo, hi = have.get("primary_metric.drift_band") or (None, None)
     d_lo, d_hi = want["primary_metric.drift_band"]
     if lo is not None and (lo < d_lo or hi > d_hi):

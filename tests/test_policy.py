@@ -136,6 +136,8 @@ def test_ci_and_release_refuse_overrides_below_their_floor(profile, config, shor
     ("ci", {"guards": {"rmt": {"mode": "monitor"}}}, "guards.rmt.mode monitor instead of gate"),
     ("release", {"guards": {"invariants": {"mode": "off"}}},
      "guards.invariants.mode off instead of gate"),
+    ("ci", {"guards": {"order": ["invariants", "rmt", "invariants"]}},
+     "guards.order leaves out spectral, variance"),
     ("release", {"auto": {"tier": "conservative"}, "guards": {"variance": {"mode": "monitor"}}},
      "guards.variance.mode monitor instead of gate"),
 ])
