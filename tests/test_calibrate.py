@@ -246,12 +246,18 @@ def test_removing_the_rmt_null_slack_is_caught():
 
 
 def test_tenfold_sigma_delta_is_caught():
-    """σ_Δ of the primary metric feeds the window recommendation, not a limit; the CSV row
-    that claims a tenfold value no longer matches its run's statistics."""
+    """σ_Δ of the primary metric sizes the windows: ten times it in every row (CSV and the
+    JSON copy alike) no longer gives the recorded σ_Δ or window count."""
     files = _committed()
+    _rewrite_rows(files, "smollm2", _float_field("sigma_delta", lambda v: 10 * v))
+    problems = _mismatches(files)
+    assert any(p.startswith("smollm2: windows.sigma_delta") for p in problems)
+    assert any(p.startswith("smollm2: windows.recommended_per_set 316") for p in problems)
+    assert any("CALIBRATION.md lacks" in p and "0.09065" in p for p in problems)
+    files = _committed()  # in the CSV alone: the rows disagree with their runs' statistics
     _rewrite_rows(files, "smollm2", _float_field("sigma_delta", lambda v: 10 * v),
                   json_too=False)
-    assert _mismatches(files) == ["smollm2: CSV rows differ from calibration.json per_run"]
+    assert "smollm2: CSV rows differ from calibration.json per_run" in _mismatches(files)
 
 
 def test_garbage_rows_are_caught():

@@ -22,7 +22,8 @@ INT8 step with different seeds) certified with every guard in monitor mode. From
   and z = Φ⁻¹(1 − α) one-sided (balanced) or Φ⁻¹(1 − α/2) two-sided (conservative). With no
   such run the minimum effect is not calibrated (the tier's value stays).
 - Windows: the CI half-width of the mean paired Δ of the primary metric is about
-  Φ⁻¹(1 − α/2)·σ_Δ/√n, so a target half-width h needs n = ⌈(Φ⁻¹(1 − α/2)·σ_Δ/h)²⌉ windows.
+  Φ⁻¹(1 − α/2)·σ_Δ/√n, so a target half-width h needs n = ⌈(Φ⁻¹(1 − α/2)·σ_Δ/h)²⌉ windows;
+  σ_Δ is the per-window standard deviation pooled within runs, like VE's.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class ReferenceRun:
         """Flat CSV-ready summary of the run."""
         out: dict[str, Any] = {"run": self.label, "ratio": self.ratio,
                                "sigma_delta": _std(self.window_delta),
+                               "windows": len(self.window_delta),
                                "max_abs_change": self.max_abs_change,
                                "ve_sigma_delta": _std(self.ve_delta),
                                "ve_windows": len(self.ve_delta)}
@@ -269,11 +271,7 @@ def calibrate(runs: Sequence[ReferenceRun], tier_guards: Mapping[str, Any],
                                                 "limit": limit}
     rows = [r.row() for r in runs]
     stats["variance"] = ve_statistics(rows, settings)
-    pooled = [d for r in runs for d in r.window_delta]
-    sigma = float(np.std(pooled, ddof=1)) if len(pooled) > 1 else float("nan")
-    stats["windows"] = {"sigma_delta": sigma, "target_half_width": settings.half_width,
-                        "recommended_per_set": windows_for_half_width(
-                            sigma, settings.half_width, settings.alpha)}
+    stats["windows"] = window_statistics(rows, settings)
     overrides: dict[str, Any] = {"guards": {
         "spectral": {"family_caps": caps, "module_change_limit": limit},
         "rmt": {"epsilon_by_family": eps},
@@ -283,6 +281,19 @@ def calibrate(runs: Sequence[ReferenceRun], tier_guards: Mapping[str, Any],
         overrides["guards"]["variance"] = {"gating": {
             "min_effect_lognll": _round_up_significant(chosen)}}
     return Calibration(overrides, stats, rows)
+
+
+def window_statistics(rows: Sequence[Mapping[str, Any]], settings: Settings) -> dict[str, Any]:
+    """The primary metric's per-window σ_Δ pooled within runs (`sigma_delta` over `windows`
+    of each row: what an interval on one edit sees) and the windows it asks for."""
+    sigma = pooled_sd([r.get("sigma_delta") for r in rows],
+                      [int(r.get("windows") or 0) for r in rows])
+    if sigma is None:
+        return {"target_half_width": settings.half_width,
+                "note": "no run recorded its per-window deltas"}
+    return {"sigma_delta": sigma, "target_half_width": settings.half_width,
+            "recommended_per_set": windows_for_half_width(sigma, settings.half_width,
+                                                          settings.alpha)}
 
 
 def ve_statistics(rows: Sequence[Mapping[str, Any]], settings: Settings) -> dict[str, Any]:

@@ -162,8 +162,9 @@ def _yaml_text(result: recipe.Calibration, stats: dict[str, Any]) -> str:
         (f"# VE: own paired sigma_delta {var['sigma_delta']:.5f} from "
          f"{var['runs_with_gate']} run(s), K={var['windows']} windows ({var['sided']}, "
          f"alpha {var['alpha']})" if "sigma_delta" in var else f"# VE: {var['note']}"),
-        f"# windows: {win['recommended_per_set']} per set for a CI half-width of "
-        f"{win['target_half_width']} nats/token",
+        (f"# windows: {win['recommended_per_set']} per set for a CI half-width of "
+         f"{win['target_half_width']} nats/token" if "recommended_per_set" in win
+         else f"# windows: {win['note']}"),
         "# statistics: calibration.json, calibration.csv",
     ]
     return "\n".join(header) + "\n" + yaml.safe_dump(result.overrides, sort_keys=False)

@@ -143,6 +143,11 @@ def check(model: ModelCalibration) -> list[str]:
         if not _close(entry["epsilon"], eps):
             out.append(f"{model.name}: rmt.{fam}.epsilon {entry['epsilon']} but the rows "
                        f"give {eps}")
+    windows = recipe.window_statistics(rows, settings)
+    for key in ("sigma_delta", "recommended_per_set", "note"):
+        if not _same(stats["windows"].get(key), windows.get(key)):
+            out.append(f"{model.name}: windows.{key} {stats['windows'].get(key)} but the "
+                       f"rows give {windows.get(key)}")
     ve = recipe.ve_statistics(rows, settings)
     for key in ("sigma_delta", "one_sided", "two_sided", "runs_with_gate", "note"):
         if not _same(stats["variance"].get(key), ve.get(key)):
@@ -219,8 +224,9 @@ def _null_slack(models: Sequence[ModelCalibration]) -> dict[str, float]:
 def statistics_table(models: Sequence[ModelCalibration]) -> list[str]:
     """The Markdown table of CALIBRATION.md's per-model statistics, from the raw rows."""
     lines = ["| Model | runs | largest benign \\|σ change\\| (run) | module limit "
-             "| RMT null slack | VE own σ_Δ (runs with a gate) |",
-             "|---|---:|---|---:|---|---|"]
+             "| RMT null slack | VE own σ_Δ (runs with a gate) | primary σ_Δ (windows for "
+             "±0.001) |",
+             "|---|---:|---|---:|---|---|---|"]
     for m in models:
         worst = max(m.rows, key=lambda r: float(r["max_abs_change"]))
         largest = float(worst["max_abs_change"])
@@ -228,9 +234,12 @@ def statistics_table(models: Sequence[ModelCalibration]) -> list[str]:
         ve = recipe.ve_statistics(m.rows, m.settings)
         ve_text = (f"{ve['sigma_delta']:.5f} ({ve['runs_with_gate']})" if "sigma_delta" in ve
                    else "not recorded")
+        win = recipe.window_statistics(m.rows, m.settings)
+        win_text = (f"{win['sigma_delta']:.5f} ({win['recommended_per_set']})"
+                    if "sigma_delta" in win else "not recorded")
         lines.append(f"| {m.name} | {len(m.rows)} | {100 * largest:.4f}% ({worst['run']}) "
                      f"| {recipe.module_limit(largest, m.settings.limit_factor):.2f} "
-                     f"| {slack} | {ve_text} |")
+                     f"| {slack} | {ve_text} | {win_text} |")
     return lines
 
 
