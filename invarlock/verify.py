@@ -433,13 +433,22 @@ def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy,
     return evidence
 
 
+def _is_weakening(phrase: str) -> bool:
+    """Whether a shortfall phrase names a weakened setting (`policy.weakened_settings`
+    phrases start with the policy key; the floor's start with a count's name)."""
+    head = phrase.split(" ")[0]
+    return head == "bootstrap.alpha" or head.startswith(("primary_metric.", "guards."))
+
+
 def _recheck_self_reports(cert: Mapping[str, Any], policy: ResolvedPolicy,
                           found: _Findings) -> tuple[str, ...]:
     """What the evidence section says about itself, checked against the recorded policy.
 
     The weakened settings (a larger α, fewer calibration windows, a higher limit, a guard
     off or in monitor) are recomputed from the recorded policy values against this
-    installation's tier and profile, never read from the certificate. The self-reported
+    installation's tier and profile, never read from the certificate; for a certificate
+    written by another version (whose defaults may differ) a disagreement is a note and the
+    certificate's own list stands, as for the policy defaults. The self-reported
     context length may only lower the window-length floor to a length the model could take:
     it cannot be shorter than the windows it was fed. Returns the weakened settings.
     """
@@ -450,6 +459,14 @@ def _recheck_self_reports(cert: Mapping[str, Any], policy: ResolvedPolicy,
         found.differ("evidence", f"cannot recompute the weakened settings ({exc})")
         return ()
     stored = cert["evidence"]
+    version = cert["tool"]["version"]
+    if version != __version__:
+        listed = tuple(s for s in stored["shortfalls"] if _is_weakening(s))
+        if listed != weakened:
+            found.notes.append(f"weakened settings under this installation's defaults "
+                               f"{list(weakened)}; the certificate (invarlock {version}) "
+                               f"lists {list(listed)}")
+        weakened = listed
     context, seq_len = stored["context_length"], int(cert["windows"]["seq_len"])
     if context is not None and int(context) < seq_len:
         found.differ("evidence.context_length", f"{context} is shorter than the {seq_len}-token "

@@ -154,6 +154,18 @@ def _rejudge_after(change):
     return both
 
 
+def test_another_versions_weakened_settings_are_a_note_not_a_difference(passing):
+    """Defaults change between releases: a certificate from another version whose recorded
+    values differ from this installation's tier keeps its own list, with a note."""
+    def older(c):
+        c["tool"]["version"] = "0.0.1"
+        c["policy"]["values"]["guards"]["spectral"]["module_change_limit"] = 0.2
+
+    report = verify_certificate(reseal(edited(passing, older)))
+    assert not any(d.startswith("evidence") for d in report.differences)
+    assert any("guards.spectral.module_change_limit 0.2 > 0.01" in n for n in report.notes)
+
+
 def test_a_context_length_shorter_than_the_windows_is_caught(passing):
     def shorten(c):
         c["evidence"]["context_length"] = 64  # the windows hold 128 tokens
