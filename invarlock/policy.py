@@ -217,8 +217,9 @@ def weakened_settings(values: dict[str, Any], tier: str, profile: str) -> tuple[
     """One phrase per resolved value that asks for less than the tier and profile defaults.
 
     A confidence level below the profile's (a larger α), fewer calibration windows, a higher
-    limit or a looser guard threshold than the tier's, a guard turned off or down to monitor,
-    a drift band or a guard's absolute cap removed or widened. Such a run does not carry the
+    limit or a looser guard threshold than the tier's, a guard turned off or down to monitor
+    or left out of `guards.order`, a guard's scope narrowed from `all`, a drift band widened,
+    or a cap removed. Such a run does not carry the
     evidence its profile promises: `evidence_meets_profile` is false, and the refusing profiles
     (ci, release) refuse it unless underpowered runs are allowed. Values equal to or stricter
     than the defaults are never listed.
@@ -242,6 +243,8 @@ def weakened_settings(values: dict[str, Any], tier: str, profile: str) -> tuple[
         elif key.startswith("guards.") and key.endswith(".mode") and (
                 GUARD_MODE_RANK.get(str(mine), 0) < GUARD_MODE_RANK.get(str(default), 0)):
             out.append(f"{key} {mine} instead of {default}")
+        elif key.startswith("guards.") and default == "all" and mine != "all":
+            out.append(f"{key} {mine} instead of all")  # a guard that looks at less
     order = (values.get("guards") or {}).get("order")
     dropped = [g for g in dict.fromkeys(defaults["guards"].get("order") or [])
                if isinstance(order, list) and g not in order]

@@ -138,6 +138,10 @@ def test_ci_and_release_refuse_overrides_below_their_floor(profile, config, shor
      "guards.invariants.mode off instead of gate"),
     ("ci", {"guards": {"order": ["invariants", "rmt", "invariants"]}},
      "guards.order leaves out spectral, variance"),
+    ("ci", {"guards": {"spectral": {"scope": ["attn"]}}},
+     "guards.spectral.scope ['attn'] instead of all"),
+    ("release", {"guards": {"variance": {"targets": "edited_modules_only"}}},
+     "guards.variance.targets edited_modules_only instead of all"),
     ("release", {"auto": {"tier": "conservative"}, "guards": {"variance": {"mode": "monitor"}}},
      "guards.variance.mode monitor instead of gate"),
 ])
