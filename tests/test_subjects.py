@@ -87,6 +87,7 @@ def test_repeated_subject_evaluates_the_baseline_once(tiny_gpt2_dir, sonnets_pat
         assert (out / row["name"] / "evaluation.cert.md").is_file()
     table = (out / "index.md").read_text()
     assert table.count("\n| `") == 3 and "| FAIL |" in table
+    assert "| 95% [" in table and all(row["alpha"] == 0.05 for row in index["subjects"])
 
     result = CliRunner().invoke(main, ["verify", str(out), "--json"])
     report = json.loads(result.stdout)
