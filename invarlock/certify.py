@@ -110,6 +110,7 @@ class CertifyOutcome:
             "gate_value": pm["gate_value"],
             "basis": pm["basis"],
             "limit": pm["limit"],
+            "alpha": pm["bootstrap"]["alpha"] if pm["bootstrap"] else None,
             "catastrophic": pm["catastrophic"],
             "reasons": self.certificate["verdict"]["reasons"],
             "guards": {name: {"mode": g["mode"], "passed": g["passed"],
@@ -619,7 +620,8 @@ def judge(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
     context = source.context_length(inputs.baseline.config)
     evidence = gate.Evidence(evidence_floor(policy.profile, context), windows.preview.n,
                              windows.final.n, windows.seq_len, policy.bootstrap.replicates,
-                             windows.requested, policy.allow_underpowered, context)
+                             windows.requested, policy.allow_underpowered, context,
+                             policy.weakened)
     checks = [gate.pairing_check(match, windows.overlap(), windows.preview.n, windows.final.n),
               *gate.primary_checks(pm, policy.primary_metric), evidence.check(),
               *(o.check for o in subject.outcomes)]

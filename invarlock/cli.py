@@ -209,8 +209,10 @@ Examples:
 @click.option("--allow-pickle", is_flag=True, default=None,
               help="Allow .bin/.pt checkpoints (loaded with weights_only).")
 @click.option("--allow-underpowered", is_flag=True, default=None,
-              help="Run below the ci/release evidence floor; the certificate records "
-                   "evidence_meets_profile: false (a gating flag in release).")
+              help="Run below the ci/release evidence floor or with settings weaker than "
+                   "the tier's and profile's (alpha, calibration windows, limits, guard "
+                   "modes); the certificate records evidence_meets_profile: false and lists "
+                   "them (a gating flag in release, which then cannot PASS).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the certificate (default: runs/<run id>).")
 @click.option("--save-subject", type=click.Path(file_okay=False, path_type=Path),
@@ -337,14 +339,21 @@ def _certify_many(request: Any, as_json: bool) -> tuple[int, dict[str, Any] | No
                            "subjects": rows}
 
 
+def _level(alpha: float) -> str:
+    """The interval's confidence level as recorded (1 − α), e.g. '95%'."""
+    return f"{100 * (1 - alpha):g}%"
+
+
 def _human_summary(s: dict[str, Any]) -> str:
     """The verdict and the one number, saying exactly what was and was not measured."""
     if s["ratio_ci"] is not None:
         lo, hi = s["ratio_ci"]
-        number = f"ratio {s['ratio']:.4f}, 95% CI [{lo:.4f}, {hi:.4f}], limit {s['limit']:.2f}"
+        number = (f"ratio {s['ratio']:.4f}, {_level(s['alpha'])} CI [{lo:.4f}, {hi:.4f}], "
+                  f"limit {s['limit']:.2f}")
     elif s["delta_ci"] is not None:
         lo, hi = s["delta_ci"]
-        number = f"accuracy change CI [{lo:+.2f}, {hi:+.2f}] pp, limit {s['limit']:+.2f} pp"
+        number = (f"accuracy change {_level(s['alpha'])} CI [{lo:+.2f}, {hi:+.2f}] pp, "
+                  f"limit {s['limit']:+.2f} pp")
     elif s.get("stopped"):
         number = f"stopped: {s['stopped']}, final set not evaluated"
     elif s["catastrophic"]:

@@ -138,6 +138,7 @@ class PrimaryMetricResult:
             "bootstrap": None if iv is None else {
                 "method": iv.method, "replicates": iv.replicates, "seed": iv.seed,
                 "alpha": iv.alpha, "alpha_effective": iv.alpha_effective,
+                "bounds_from": list(iv.bounds_from),
                 "z0": _finite_or_none(iv.z0),
                 "acceleration": iv.acceleration,
             },
@@ -277,7 +278,9 @@ class Evidence:
 
     It falls short when a window count, the window length or the bootstrap replicates are
     below the floor (possible only in a profile that records shortfalls, or with
-    `allow_underpowered`), or when the window sets were shrunk to fit the data.
+    `allow_underpowered`), when the window sets were shrunk to fit the data, or when the
+    resolved policy weakens a tier or profile setting (`policy.weakened_settings`: a lower
+    confidence level, fewer calibration windows, a higher limit, a guard off or in monitor).
     """
 
     floor: EvidenceFloor
@@ -288,6 +291,7 @@ class Evidence:
     requested: tuple[int, int]  # (preview_n, final_n) the policy asked for
     allow_underpowered: bool
     context_length: int | None = None  # the model's, when it shortened the seq_len floor
+    weakened: tuple[str, ...] = ()  # policy.weakened_settings of the resolved policy
 
     @property
     def shrunk(self) -> bool:
@@ -300,7 +304,7 @@ class Evidence:
         if self.shrunk:
             short += (f"windows shrunk to fit the data ({self.preview_n}+{self.final_n} of "
                       f"{self.requested[0]}+{self.requested[1]} requested)",)
-        return short
+        return short + self.weakened
 
     @property
     def meets_profile(self) -> bool:

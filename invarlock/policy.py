@@ -154,6 +154,11 @@ class ResolvedPolicy:
     allow_underpowered: bool = False  # auto.allow_underpowered / --allow-underpowered
 
     @property
+    def weakened(self) -> tuple[str, ...]:
+        """Overrides that ask for less than the tier and profile promise (`weakened_settings`)."""
+        return weakened_settings(self.values, self.tier, self.profile)
+
+    @property
     def digest(self) -> str:
         return policy_digest(self.values)
 
@@ -186,6 +191,116 @@ class ResolvedPolicy:
                 "overrides": list(self.overrides), "digest": self.digest}
 
 
+# Settings whose override can talk the evidence down, and which direction is the weaker one:
+# +1 a larger value asks for less (a wider interval, a higher limit), −1 a smaller one does.
+# A `*` matches one key (a family). Replicates and window counts are the floor's own checks.
+_WEAKER_WHEN = {
+    "bootstrap.alpha": +1,
+    "guards.calibration_windows": -1,
+    "primary_metric.ratio_limit": +1,
+    "primary_metric.accuracy_delta_min_pp": -1,
+    "primary_metric.catastrophic_ratio": +1,
+    "guards.spectral.deadband": +1,
+    "guards.spectral.max_caps": +1,
+    "guards.spectral.family_caps.*": +1,
+    "guards.spectral.module_change_limit": +1,
+    "guards.spectral.max_spectral_norm": +1,
+    "guards.rmt.null_z": +1,
+    "guards.rmt.epsilon_by_family.*": +1,
+    "guards.variance.discovery.deadband": +1,
+    "guards.variance.gating.min_effect_lognll": +1,
+}
+GUARD_MODE_RANK = {"off": 0, "monitor": 1, "gate": 2}
+
+
+def weakened_settings(values: dict[str, Any], tier: str, profile: str) -> tuple[str, ...]:
+    """One phrase per resolved value that asks for less than the tier and profile defaults.
+
+    A confidence level below the profile's (a larger α), fewer calibration windows, a higher
+    limit or a looser guard threshold than the tier's, a guard turned off or down to monitor
+    or left out of `guards.order`, a guard's scope narrowed from `all`, a drift band widened,
+    or a cap removed. Such a run does not carry the
+    evidence its profile promises: `evidence_meets_profile` is false, and the refusing profiles
+    (ci, release) refuse it unless underpowered runs are allowed. Values equal to or stricter
+    than the defaults are never listed.
+    """
+    defaults = _defaults(tier, profile)
+    have, want = flatten(values), flatten(defaults)
+    out: list[str] = []
+    for key in sorted(want):
+        if key not in have:
+            continue
+        mine, default = have[key], want[key]
+        direction = _direction(key)
+        if key == "bootstrap.alpha" and _looser(mine, default, +1):
+            out.append(f"bootstrap.alpha {mine:g} > {default:g} (a {_pct(mine)} interval, the "
+                       f"profile promises {_pct(default)})")
+        elif direction is not None and _looser(mine, default, direction):
+            op = ">" if direction > 0 else "<"
+            shown = "none" if mine is None else f"{mine:g}"
+            out.append(f"{key} {shown} {op} {default:g}" if default is not None else
+                       f"{key} {shown}")
+        elif key.startswith("guards.") and key.endswith(".mode") and (
+                GUARD_MODE_RANK.get(str(mine), 0) < GUARD_MODE_RANK.get(str(default), 0)):
+            out.append(f"{key} {mine} instead of {default}")
+        elif key.startswith("guards.") and default == "all" and mine != "all":
+            out.append(f"{key} {mine} instead of all")  # a guard that looks at less
+    order = (values.get("guards") or {}).get("order")
+    dropped = [g for g in dict.fromkeys(defaults["guards"].get("order") or [])
+               if isinstance(order, list) and g not in order]
+    if dropped:
+        out.append(f"guards.order leaves out {', '.join(dropped)}")
+    lo, hi = have.get("primary_metric.drift_band") or (None, None)
+    d_lo, d_hi = want["primary_metric.drift_band"]
+    if lo is not None and (lo < d_lo or hi > d_hi):
+        out.append(f"primary_metric.drift_band [{lo:g}, {hi:g}] wider than [{d_lo:g}, {d_hi:g}]")
+    return tuple(out)
+
+
+def _pct(alpha: float) -> str:
+    return f"{100 * (1 - alpha):g}%"
+
+
+def _direction(key: str) -> int | None:
+    if key in _WEAKER_WHEN:
+        return _WEAKER_WHEN[key]
+    head, _, _tail = key.rpartition(".")
+    return _WEAKER_WHEN.get(f"{head}.*")
+
+
+def _looser(mine: Any, default: Any, direction: int) -> bool:
+    """Whether `mine` asks for less than `default`; None (no limit) is the loosest value."""
+    if isinstance(mine, bool) or isinstance(default, bool):
+        return False
+    if mine is None:
+        return default is not None
+    if default is None or not isinstance(mine, (int, float)):
+        return False
+    return (mine - default) * direction > 0
+
+
+@cache
+def _defaults_cached(tier: str, profile: str) -> str:
+    return json.dumps(_defaults_values(tier, profile))
+
+
+def _defaults(tier: str, profile: str) -> dict[str, Any]:
+    return json.loads(_defaults_cached(tier, profile))
+
+
+def _defaults_values(tier: str, profile: str) -> dict[str, Any]:
+    if tier not in tiers():
+        raise ConfigError(f"unknown tier '{tier}'; choose one of {', '.join(tiers())}")
+    if profile not in profiles():
+        raise ConfigError(f"unknown profile '{profile}'; choose one of {', '.join(profiles())}")
+    prof = profiles()[profile]
+    return deep_merge(tiers()[tier], {
+        "windows": {**prof["windows"], "stride": None, "seed": DEFAULT_SEED},
+        "bootstrap": {**prof["bootstrap"], "seed": DEFAULT_SEED},
+        "guards": dict(prof.get("guards") or {}),
+    })
+
+
 def policy_digest(values: dict[str, Any]) -> str:
     canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -208,12 +323,7 @@ def resolve(config: dict[str, Any], *, context_length: int | None = None) -> Res
     if profile not in profiles():
         raise ConfigError(f"unknown profile '{profile}'; choose one of {', '.join(profiles())}")
 
-    prof = profiles()[profile]
-    defaults: dict[str, Any] = deep_merge(tiers()[tier], {
-        "windows": {**prof["windows"], "stride": None, "seed": DEFAULT_SEED},
-        "bootstrap": {**prof["bootstrap"], "seed": DEFAULT_SEED},
-        "guards": dict(prof.get("guards") or {}),
-    })
+    defaults = _defaults(tier, profile)
     overrides: dict[str, Any] = {}
     for cfg_key, pol_key in _CONFIG_TO_POLICY.items():
         value = get(config, cfg_key)
@@ -257,27 +367,30 @@ def resolve(config: dict[str, Any], *, context_length: int | None = None) -> Res
     if not isinstance(allow, bool):
         raise ConfigError(f"auto.allow_underpowered must be true or false, got {allow!r}")
     _check_floor(values, evidence_floor(profile, context_length), allow,
-                 seq_len_known=context_length is not None)
+                 seq_len_known=context_length is not None,
+                 weakened=weakened_settings(values, tier, profile))
     changed = tuple(sorted(k for k, v in overrides.items() if get(defaults, k) != v))
     return ResolvedPolicy(tier=tier, profile=profile, values=values, overrides=changed,
                           allow_underpowered=allow)
 
 
 def _check_floor(values: dict[str, Any], floor: EvidenceFloor, allow: bool, *,
-                 seq_len_known: bool) -> None:
-    """Refuse a config below a refusing profile's floor unless underpowered runs are allowed."""
+                 seq_len_known: bool, weakened: tuple[str, ...] = ()) -> None:
+    """Refuse a config below a refusing profile's floor, or one that weakens the tier's or the
+    profile's settings, unless underpowered runs are allowed."""
     if floor.below_floor != "refuse" or allow:
         return
     windows = values["windows"]
     short = floor.shortfalls(
         preview_n=int(windows["preview_n"]), final_n=int(windows["final_n"]),
         seq_len=int(windows["seq_len"]) if seq_len_known else floor.seq_len,
-        replicates=int(values["bootstrap"]["replicates"]))
+        replicates=int(values["bootstrap"]["replicates"])) + weakened
     if short:
         raise ConfigError(
             f"below the {floor.profile} profile's evidence floor ({', '.join(short)}); use "
-            f"those values or more, or pass --allow-underpowered (auto.allow_underpowered: "
-            f"true) to run anyway with evidence_meets_profile: false")
+            f"the profile's and the tier's values or stricter ones, or pass "
+            f"--allow-underpowered (auto.allow_underpowered: true) to run anyway with "
+            f"evidence_meets_profile: false")
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:

@@ -13,6 +13,12 @@ The central statistic is a ratio of sums over windows, θ = Σ aᵢ / Σ wᵢ:
 Its confidence interval is a BCa bootstrap over windows (Efron 1987): windows are resampled
 with replacement, and baseline and subject stay paired because both arms of a window move
 together (one index array resamples both).
+
+For perplexity the gate reads one end of that interval, so each end must hold on its own
+(a one-sided 1 − α/2 bound) where per-window deltas are heavy-tailed or skewed, which BCa
+alone does not: `paired_log_loss` widens each BCa end to the farther of the studentized
+bootstrap bound (bootstrap-t; Hall 1988, Efron & Tibshirani 1993 ch. 12) and the Student-t
+bound, all from the same replicates. `scripts/ci_coverage.py` measures the result.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class BootstrapInterval:
     z0: float
     acceleration: float
     alpha_effective: float  # the level the percentiles use: `expanded_alpha(alpha, n)`
+    bounds_from: tuple[str, str] = ("bca", "bca")  # which bound set (low, high): see
+    #   `studentized_ratio_of_sums`; "bca" covers the percentile and degenerate fallbacks
 
     def as_tuple(self) -> tuple[float, float]:
         return (self.low, self.high)
@@ -117,6 +125,63 @@ def bca_ratio_of_sums(
                              acceleration, level)
 
 
+def studentized_ratio_of_sums(
+    numer: np.ndarray,
+    denom: np.ndarray,
+    *,
+    replicates: int,
+    seed: int,
+    alpha: float = 0.05,
+) -> BootstrapInterval:
+    """The BCa interval with each end widened to the farther of three one-sided bounds.
+
+    Each end of the returned (1 − alpha) interval is a one-sided (1 − alpha/2) bound: the
+    farthest of
+    - BCa (`bca_ratio_of_sums`, same seed, same replicates);
+    - the studentized bootstrap (bootstrap-t; Hall 1988): T* = (θ* − θ̂)/se*, upper bound
+      θ̂ − q_{alpha/2}(T*)·se, lower bound θ̂ − q_{1−alpha/2}(T*)·se, with se the
+      linearised standard error of a ratio of sums, sqrt(Σ(aᵢ − θ̂wᵢ)² · n/(n − 1))/Σwᵢ,
+      computed on every replicate from the same resampled windows;
+    - Student's t: θ̂ ± t_{n−1}(1 − alpha/2)·se.
+    BCa under-covers one-sidedly on skewed or heavy-tailed deltas (the upper bound of a 95%
+    interval misses the truth 3–4.3% of the time instead of 2.5% on 64–200 windows); the
+    studentized bound corrects skew, the Student bound heavy symmetric tails. Taking the
+    farthest keeps each miss rate at or below the smallest of the three.
+    `bounds_from` names the bound that set each end. Deterministic in `seed`.
+    """
+    numer, denom = _validate_pair(numer, denom)
+    bca = bca_ratio_of_sums(numer, denom, replicates=replicates, seed=seed, alpha=alpha)
+    n = numer.shape[0]
+    if bca.method == "degenerate" or n < 3:
+        return bca
+    theta = bca.estimate
+    scale = np.sqrt(n / (n - 1.0))
+    se = scale * float(np.sqrt(np.sum((numer - theta * denom) ** 2))) / float(denom.sum())
+    tiny = 1e-9 * float(np.max(np.abs(numer / denom)))  # rounding noise of a constant shift
+    if se <= tiny:
+        return bca
+    theta_star, se_star = _bootstrap_studentized(numer, denom, replicates=replicates,
+                                                 seed=seed)
+    se_star *= scale
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_star = np.where(se_star > tiny, (theta_star - theta) / se_star,
+                          np.sign(theta_star - theta) * np.inf)
+    t_star = np.sort(np.nan_to_num(t_star, nan=0.0))
+    k = max(0, int(np.floor(alpha / 2.0 * replicates)) - 1)  # conservative order statistics
+    boot_t = (theta - t_star[replicates - 1 - k] * se, theta - t_star[k] * se)
+    t_crit = float(stdtrit(n - 1.0, 1.0 - alpha / 2.0))
+    student = (theta - t_crit * se, theta + t_crit * se)
+    lows = {"bca": bca.low, "student_t": student[0]}
+    highs = {"bca": bca.high, "student_t": student[1]}
+    if np.isfinite(boot_t[0]) and np.isfinite(boot_t[1]):  # se* = 0 in most replicates: skip
+        lows["studentized"], highs["studentized"] = boot_t
+    low_from = min(lows, key=lambda name: (lows[name], name != "bca"))
+    high_from = max(highs, key=lambda name: (highs[name], name == "bca"))
+    return BootstrapInterval(theta, float(lows[low_from]), float(highs[high_from]), alpha,
+                             replicates, seed, bca.method, bca.z0, bca.acceleration,
+                             bca.alpha_effective, (low_from, high_from))
+
+
 def _validate_pair(numer: np.ndarray, denom: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     numer = np.asarray(numer, dtype=np.float64)
     denom = np.asarray(denom, dtype=np.float64)
@@ -145,6 +210,30 @@ def _bootstrap_ratios(numer: np.ndarray, denom: np.ndarray, *, replicates: int,
         idx = rng.integers(0, n, size=(rows, n))  # [rows, n] window indices
         out[start:start + rows] = numer[idx].sum(axis=1) / denom[idx].sum(axis=1)
     return out
+
+
+def _bootstrap_studentized(numer: np.ndarray, denom: np.ndarray, *, replicates: int,
+                           seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(θ*, plug-in se*) per replicate, from the index stream `_bootstrap_ratios` draws.
+
+    se* = sqrt(Σ(a − θ*w)²)/Σw over the resampled windows, expanded from resampled sums of
+    a², a·w and w² so that no replicate array is materialised twice.
+    """
+    n = numer.shape[0]
+    rng = np.random.default_rng(seed)
+    rows_per_block = max(1, _BLOCK_INTEGERS // n)
+    theta = np.empty(replicates, dtype=np.float64)
+    se = np.empty(replicates, dtype=np.float64)
+    aa, aw, ww = numer * numer, numer * denom, denom * denom
+    for start in range(0, replicates, rows_per_block):
+        rows = min(rows_per_block, replicates - start)
+        idx = rng.integers(0, n, size=(rows, n))  # [rows, n] window indices
+        sum_w = denom[idx].sum(axis=1)
+        t = numer[idx].sum(axis=1) / sum_w
+        ss = aa[idx].sum(axis=1) - 2.0 * t * aw[idx].sum(axis=1) + t * t * ww[idx].sum(axis=1)
+        theta[start:start + rows] = t
+        se[start:start + rows] = np.sqrt(np.maximum(ss, 0.0)) / sum_w
+    return theta, se
 
 
 def _jackknife_acceleration(numer: np.ndarray, denom: np.ndarray) -> float:
@@ -197,14 +286,15 @@ def paired_log_loss(
     seed: int,
     alpha: float = 0.05,
 ) -> PairedLogLoss:
-    """Δ̄ = Σ(NLLˢ − NLLᵇ)/Σn with its BCa CI; ratio = exp(Δ̄) = PPLˢ/PPLᵇ."""
+    """Δ̄ = Σ(NLLˢ − NLLᵇ)/Σn with its CI (`studentized_ratio_of_sums`: BCa, each end
+    widened to the studentized and Student bounds); ratio = exp(Δ̄) = PPLˢ/PPLᵇ."""
     baseline_nll = np.asarray(baseline_nll, dtype=np.float64)
     subject_nll = np.asarray(subject_nll, dtype=np.float64)
     tokens = np.asarray(tokens, dtype=np.float64)
     if baseline_nll.shape != subject_nll.shape:
         raise ValueError("baseline and subject must have one value per window, paired")
-    delta = bca_ratio_of_sums(subject_nll - baseline_nll, tokens, replicates=replicates,
-                              seed=seed, alpha=alpha)
+    delta = studentized_ratio_of_sums(subject_nll - baseline_nll, tokens,
+                                      replicates=replicates, seed=seed, alpha=alpha)
     return PairedLogLoss(
         delta=delta,
         baseline_ppl=perplexity(baseline_nll, tokens),

@@ -133,13 +133,15 @@ def index_document(baseline: dict[str, Any], results: Sequence[SubjectResult]) -
     for r in results:
         row: dict[str, Any] = {"name": r.name, "subject": r.spec, "exit_code": r.exit_code,
                                "error": r.error, "verdict": "ERROR", "certificate": None,
-                               "digest": None, "ratio": None, "ratio_ci": None, "limit": None}
+                               "digest": None, "ratio": None, "ratio_ci": None, "limit": None,
+                               "alpha": None}
         if r.outcome is not None:
             cert = r.outcome.certificate
             pm = cert["primary_metric"]
             row.update(verdict=r.outcome.verdict, certificate=f"{r.name}/{CERT_FILENAME}",
                        digest=cert.get("digest"), ratio=pm.get("ratio"),
-                       ratio_ci=pm.get("ratio_ci"), limit=pm.get("limit"))
+                       ratio_ci=pm.get("ratio_ci"), limit=pm.get("limit"),
+                       alpha=(pm.get("bootstrap") or {}).get("alpha"))
         rows.append(row)
     return seal({"format": INDEX_FORMAT, "version": INDEX_VERSION,
                  "baseline": {"source": baseline.get("source"),
@@ -152,11 +154,13 @@ def index_markdown(doc: dict[str, Any]) -> str:
     """The index as a Markdown table; every string from a row is escaped for Markdown."""
     lines = [f"# InvarLock: {len(doc['subjects'])} subjects against "
              f"{untrusted.markdown(doc['baseline']['source'])}", "",
-             "| subject | verdict | ratio | 95% CI | limit | certificate |",
+             "| subject | verdict | ratio | CI (recorded level) | limit | certificate |",
              "|---|---|---|---|---|---|"]
     for row in doc["subjects"]:
         ratio = f"{row['ratio']:.4f}" if isinstance(row["ratio"], float) else "–"
-        ci = (f"[{row['ratio_ci'][0]:.4f}, {row['ratio_ci'][1]:.4f}]"
+        level = (f"{100 * (1 - row['alpha']):g}% " if isinstance(row.get("alpha"), float)
+                 else "")
+        ci = (f"{level}[{row['ratio_ci'][0]:.4f}, {row['ratio_ci'][1]:.4f}]"
               if row["ratio_ci"] else "–")
         limit = f"{row['limit']:.2f}" if isinstance(row["limit"], (int, float)) else "–"
         # a link's target is the folder name, which `folder_names` keeps to [A-Za-z0-9._-]

@@ -34,7 +34,13 @@ from invarlock.certificate.document import content_digest, schema_errors
 from invarlock.config import flatten
 from invarlock.enums import AdapterKind, MetricKind
 from invarlock.errors import ConfigError, InvarlockError
-from invarlock.policy import ResolvedPolicy, evidence_floor, policy_digest, resolve
+from invarlock.policy import (
+    ResolvedPolicy,
+    evidence_floor,
+    policy_digest,
+    resolve,
+    weakened_settings,
+)
 
 REL_TOL = 1e-12
 ABS_TOL = 1e-15
@@ -416,7 +422,8 @@ def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy,
                              int(win["seq_len"]), policy.bootstrap.replicates,
                              (int(win["requested"]["preview_n"]),
                               int(win["requested"]["final_n"])),
-                             bool(stored["allow_underpowered"]), stored["context_length"])
+                             bool(stored["allow_underpowered"]), stored["context_length"],
+                             _recheck_self_reports(cert, policy, found))
     found.compare("evidence", stored, evidence.as_dict())
     short = floor.shortfalls(preview_n=evidence.requested[0], final_n=evidence.requested[1],
                              seq_len=evidence.seq_len, replicates=evidence.replicates)
@@ -424,6 +431,54 @@ def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy,
         found.differ("evidence", f"below the {floor.profile} floor ({', '.join(short)}) "
                                  "without allow_underpowered: certify refuses such a run")
     return evidence
+
+
+def _is_weakening(phrase: str) -> bool:
+    """Whether a shortfall phrase names a weakened setting (`policy.weakened_settings`
+    phrases start with the policy key; the floor's start with a count's name)."""
+    head = phrase.split(" ")[0]
+    return head == "bootstrap.alpha" or head.startswith(("primary_metric.", "guards."))
+
+
+def _recheck_self_reports(cert: Mapping[str, Any], policy: ResolvedPolicy,
+                          found: _Findings) -> tuple[str, ...]:
+    """What the evidence section says about itself, checked against the recorded policy.
+
+    The weakened settings (a larger α, fewer calibration windows, a higher limit, a guard
+    off or in monitor) are recomputed from the recorded policy values against this
+    installation's tier and profile, never read from the certificate; for a certificate
+    written by another version (whose defaults may differ) a disagreement is a note and the
+    certificate's own list stands, as for the policy defaults. The self-reported
+    context length may only lower the window-length floor to a length the model could take:
+    it cannot be shorter than the windows it was fed. Returns the weakened settings.
+    """
+    found.checked.append("evidence self-reports")
+    try:
+        weakened = weakened_settings(dict(policy.values), policy.tier, policy.profile)
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        found.differ("evidence", f"cannot recompute the weakened settings ({exc})")
+        return ()
+    stored = cert["evidence"]
+    version = cert["tool"]["version"]
+    if version != __version__:
+        listed = tuple(s for s in stored["shortfalls"] if _is_weakening(s))
+        if listed != weakened:
+            found.notes.append(f"weakened settings under this installation's defaults "
+                               f"{list(weakened)}; the certificate (invarlock {version}) "
+                               f"lists {list(listed)}")
+        weakened = listed
+    context, seq_len = stored["context_length"], int(cert["windows"]["seq_len"])
+    if context is not None and int(context) < seq_len:
+        found.differ("evidence.context_length", f"{context} is shorter than the {seq_len}-token "
+                                                "windows the model was fed")
+    level = cert["primary_metric"].get("bootstrap") or {}
+    if level and level.get("alpha") != policy.bootstrap.alpha:
+        found.differ("primary_metric.bootstrap.alpha", f"{level.get('alpha')!r} but the policy "
+                                                       f"records {policy.bootstrap.alpha!r}")
+    if stored["allow_underpowered"] and policy.profile != "dev":
+        found.notes.append(f"run with allow_underpowered in the {policy.profile} profile: "
+                           "evidence below the profile was accepted on request")
+    return weakened
 
 
 def _stopped_by(cert: Mapping[str, Any], guard_checks: list[gate.Check]) -> str | None:

@@ -14,7 +14,9 @@ run to OUT/zoo.csv and OUT/zoo.json.
 The catastrophic-preview stop is disabled here (`catastrophic_ratio` 1000) so that every
 guard measures every harmful edit; the window counts are small (`--windows`, default 24
 preview + 24 final of the profile's length, K = 16 calibration windows): the guards' null
-comes from the K windows, the primary metric's interval is wider than in a real run.
+comes from the K windows, the primary metric's interval is wider than in a real run. Both
+fall short of the profile (a looser catastrophic limit, fewer windows), so the preset allows
+underpowered runs: every row records `evidence_meets_profile: false` (`evidence_ok`).
 
     python scripts/false_alarm_rate.py --baseline demo --seeds 20 --out zoo/demo
     python scripts/false_alarm_rate.py --baseline .cache/models/smollm2-135m \
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     preset.parent.mkdir(parents=True, exist_ok=True)
     preset.write_text(f"dataset: {{preview_n: {args.windows}, final_n: {args.windows}}}\n"
                       f"guards: {{calibration_windows: {args.k}}}\n"
-                      "eval: {primary_metric: {catastrophic_ratio: 1000.0}}\n")
+                      "eval: {primary_metric: {catastrophic_ratio: 1000.0}}\n"
+                      "auto: {allow_underpowered: true}\n")
     config = config_from_certify_flags({
         "baseline": args.baseline, "dataset_spec": args.dataset, "tier": args.tier,
         "profile": args.profile, "presets": (preset, *args.preset), "edit_name": "quant_rtn"})

@@ -114,13 +114,31 @@ def test_taps_do_not_change_outputs(tiny_gpt2_dir, sonnets_path):
 
 
 def test_recheck_reproduces_every_flag_of_a_fresh_certificate(int8_cert):
-    values = int8_cert["policy"]["values"]["guards"]
-    assert set(int8_cert["guards"]) == {"invariants", "spectral", "rmt", "variance"}
-    for name, section in int8_cert["guards"].items():
+    """From the certificate as a reader gets it (JSON), every guard's recheck gives its flag
+    and reason; the recheck reads the recorded policy and measurements, so moving a threshold
+    past what was measured changes the decision (a recheck that ignored them would not)."""
+    import json
+
+    cert = json.loads(json.dumps(int8_cert))
+    values = cert["policy"]["values"]["guards"]
+    assert set(cert["guards"]) == {"invariants", "spectral", "rmt", "variance"}
+    for name, section in cert["guards"].items():
         check = guards.recheck(name, section, values[name])
         assert check.flag == section["flag"]
-        assert check.passed == section["passed"] == int8_cert["validation"][check.flag]
+        assert check.passed == section["passed"] == cert["validation"][check.flag] is True
         assert check.reason == section["reason"]
+    stricter = {
+        "spectral": {"deadband": 0.0, "module_change_limit": 0.0},  # INT8 moves every σ
+        "variance": {"discovery": {**values["variance"]["discovery"], "deadband": 0.0,
+                                   "min_abs_adjust": 0.0}},  # proposals, but no gate ran
+        "rmt": {"epsilon_by_family": {f: -1.0 for f in values["rmt"]["epsilon_by_family"]}},
+    }
+    for name, change in stricter.items():
+        check = guards.recheck(name, cert["guards"][name], {**values[name], **change})
+        assert not check.passed and check.reason != cert["guards"][name]["reason"], name
+    fingerprint = copy.deepcopy(cert["guards"]["invariants"])
+    fingerprint["measurements"]["post"]["fingerprint_after"] = "sha256:" + "1" * 64
+    assert not guards.recheck("invariants", fingerprint, values["invariants"]).passed
 
 
 def _edited(cert: dict, name: str, edit: Any) -> Any:

@@ -28,10 +28,10 @@ def test_defaults_are_balanced_ci_and_digest_is_stable():
 def test_overrides_are_recorded_and_change_the_digest():
     base = policy.resolve({})
     changed = policy.resolve({"dataset": {"seq_len": 128},
-                              "eval": {"primary_metric": {"ratio_limit": 1.2}}})
+                              "eval": {"primary_metric": {"ratio_limit": 1.05}}})
     assert changed.overrides == ("primary_metric.ratio_limit", "windows.seq_len")
     assert changed.digest != base.digest
-    assert changed.primary_metric.ratio_limit == 1.2
+    assert changed.primary_metric.ratio_limit == 1.05
     same = policy.resolve({"dataset": {"seq_len": 512}})  # equal to the profile default
     assert same.overrides == ()
 
@@ -119,6 +119,58 @@ def test_ci_and_release_refuse_overrides_below_their_floor(profile, config, shor
     assert allowed.allow_underpowered and allowed.profile == profile
 
 
+@pytest.mark.parametrize(("profile", "config", "shortfall"), [
+    ("release", {"eval": {"bootstrap": {"alpha": 0.45}}},
+     "bootstrap.alpha 0.45 > 0.05 (a 55% interval, the profile promises 95%)"),
+    ("release", {"guards": {"calibration_windows": 2}}, "guards.calibration_windows 2 < 64"),
+    ("ci", {"eval": {"primary_metric": {"ratio_limit": 1.2}}},
+     "primary_metric.ratio_limit 1.2 > 1.1"),
+    ("ci", {"eval": {"primary_metric": {"accuracy_delta_min_pp": -3.0}}},
+     "primary_metric.accuracy_delta_min_pp -3 < -1"),
+    ("ci", {"eval": {"primary_metric": {"drift_band": [0.5, 2.0]}}},
+     "primary_metric.drift_band [0.5, 2] wider than [0.95, 1.05]"),
+    ("ci", {"guards": {"spectral": {"family_caps": {"ffn": 9.0}}}},
+     "guards.spectral.family_caps.ffn 9 > 1.06"),
+    ("ci", {"guards": {"spectral": {"module_change_limit": None}}},
+     "guards.spectral.module_change_limit none > 0.01"),
+    ("ci", {"guards": {"rmt": {"mode": "monitor"}}}, "guards.rmt.mode monitor instead of gate"),
+    ("release", {"guards": {"invariants": {"mode": "off"}}},
+     "guards.invariants.mode off instead of gate"),
+    ("ci", {"guards": {"order": ["invariants", "rmt", "invariants"]}},
+     "guards.order leaves out spectral, variance"),
+    ("ci", {"guards": {"spectral": {"scope": ["attn"]}}},
+     "guards.spectral.scope ['attn'] instead of all"),
+    ("release", {"guards": {"variance": {"targets": "edited_modules_only"}}},
+     "guards.variance.targets edited_modules_only instead of all"),
+    ("release", {"auto": {"tier": "conservative"}, "guards": {"variance": {"mode": "monitor"}}},
+     "guards.variance.mode monitor instead of gate"),
+])
+def test_ci_and_release_refuse_settings_that_talk_the_evidence_down(profile, config, shortfall):
+    """A lower confidence level, fewer calibration windows, a looser limit or a guard turned
+    down is a shortfall like too few windows: refused, or allowed and recorded as weakened."""
+    config = {**config, "auto": {**config.get("auto", {}), "profile": profile}}
+    with pytest.raises(ConfigError, match=f"below the {profile} profile's evidence floor") as exc:
+        policy.resolve(config)
+    assert shortfall in str(exc.value) and exc.value.exit_code == 2
+    allowed = policy.resolve({**config, "auto": {**config["auto"], "allow_underpowered": True}})
+    assert shortfall in allowed.weakened
+    dev = policy.resolve({**config, "auto": {**config["auto"], "profile": "dev"}})
+    assert any(shortfall.split(" ")[0] in w for w in dev.weakened)  # dev records, no refusal
+
+
+def test_stricter_settings_and_the_tiers_own_monitor_modes_are_not_weakenings():
+    stricter = policy.resolve({"auto": {"profile": "release"},
+                               "eval": {"bootstrap": {"alpha": 0.01},
+                                        "primary_metric": {"ratio_limit": 1.02,
+                                                           "drift_band": [0.97, 1.03]}},
+                               "guards": {"calibration_windows": 128,
+                                          "variance": {"mode": "gate"},
+                                          "spectral": {"family_caps": {"ffn": 0.5}}}})
+    assert stricter.weakened == ()
+    assert policy.resolve({"auto": {"profile": "release"}}).weakened == ()  # VE monitor: tier's
+    assert policy.resolve({"auto": {"profile": "release", "tier": "aggressive"}}).weakened == ()
+
+
 def test_dev_records_instead_of_refusing_and_more_evidence_is_always_fine():
     small = policy.resolve({"auto": {"profile": "dev"}, "dataset": {"preview_n": 8, "final_n": 8}})
     assert small.windows.preview_n == 8 and not small.allow_underpowered
@@ -173,6 +225,14 @@ def test_certify_refuses_below_floor_before_any_evaluation(tiny_gpt2_dir, sonnet
     assert code == 2 and "preview_n 12 < 200" in payload["error"]
     assert len([ln for ln in stderr.splitlines() if ln.strip()]) == 1  # one line, no traceback
     assert not (tmp_path / "o").exists()
+    # A lower confidence level and fewer calibration windows are refused the same way.
+    preset.write_text("eval: {bootstrap: {alpha: 0.45}}\nguards: {calibration_windows: 2}\n")
+    code, payload, _ = _certify("--baseline", str(tiny_gpt2_dir), "--edit", "quant_rtn",
+                                "--dataset", str(sonnets_path), "--profile", "release",
+                                "--preset", str(preset), "--out", str(tmp_path / "o"))
+    assert code == 2 and "bootstrap.alpha 0.45 > 0.05" in payload["error"]
+    assert "guards.calibration_windows 2 < 64" in payload["error"]
+    assert not (tmp_path / "o").exists()
 
 
 def test_underpowered_release_run_fails_on_the_evidence_flag_and_verifies(
@@ -180,12 +240,13 @@ def test_underpowered_release_run_fails_on_the_evidence_flag_and_verifies(
     from click.testing import CliRunner
 
     from invarlock.certificate import document
-    from invarlock.cli import main
+    from invarlock.cli import _human_summary, main
     from invarlock.verify import verify_certificate
 
     preset = tmp_path / "small.yaml"
     preset.write_text("dataset: {seq_len: 64, preview_n: 12, final_n: 12}\n"
-                      "eval: {bootstrap: {replicates: 200}}\n")
+                      "eval: {bootstrap: {replicates: 200, alpha: 0.45}}\n"
+                      "guards: {calibration_windows: 2}\n")
     code, summary, _ = _certify("--baseline", str(tiny_gpt2_dir), "--edit", "quant_rtn",
                                 "--dataset", str(sonnets_path), "--profile", "release",
                                 "--allow-underpowered", "--preset", str(preset),
@@ -197,6 +258,9 @@ def test_underpowered_release_run_fails_on_the_evidence_flag_and_verifies(
     assert any(r.startswith("evidence_meets_profile: evidence below the release profile "
                             "(--allow-underpowered)") for r in cert["verdict"]["reasons"])
     ev = cert["evidence"]
+    assert {"bootstrap.alpha 0.45 > 0.05 (a 55% interval, the profile promises 95%)",
+            "guards.calibration_windows 2 < 64"} <= set(ev["shortfalls"])
+    assert _human_summary(summary).startswith("FAIL: ratio 1.0000, 55% CI [")
     assert ev["floor"] == {"preview_n": 400, "final_n": 400, "seq_len": 128, "replicates": 3200}
     assert ev["actual"] == {"preview_n": 12, "final_n": 12, "seq_len": 64, "replicates": 200}
     md = (tmp_path / "o" / document.MARKDOWN_FILENAME).read_text(encoding="utf-8")

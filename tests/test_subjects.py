@@ -88,6 +88,7 @@ def test_repeated_subject_evaluates_the_baseline_once(tiny_gpt2_dir, sonnets_pat
     table = (out / "index.md").read_text()
     assert len([ln for ln in table.splitlines() if ln.startswith("| ")]) == 1 + 3
     assert "| FAIL |" in table
+    assert "| 95% [" in table and all(row["alpha"] == 0.05 for row in index["subjects"])
 
     result = CliRunner().invoke(main, ["verify", str(out), "--json"])
     report = json.loads(result.stdout)

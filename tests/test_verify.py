@@ -116,8 +116,62 @@ def test_a_declared_override_verifies_and_stays_visible(failing):
         c["policy"]["digest"] = policy_digest(values)
         _rejudge(c)
 
-    report = verify_certificate(reseal(edited(failing, override)))
+    cert = reseal(edited(failing, override))
+    report = verify_certificate(cert)
     assert report.differences == () and report.verdict == "PASS"
+    assert "primary_metric.ratio_limit 1.5 > 1.1" in cert["evidence"]["shortfalls"]
+
+
+def test_a_weakening_override_cannot_claim_the_evidence_meets_the_profile(failing):
+    """Declared overrides that ask for less (a 55% interval, a higher limit, a guard turned
+    down) are recomputed from the recorded policy into the evidence, whatever it claims."""
+    def talk_down(c):
+        values = c["policy"]["values"]
+        values["primary_metric"]["ratio_limit"] = 1.5
+        values["bootstrap"]["alpha"] = 0.45
+        values["guards"]["spectral"]["mode"] = "monitor"
+        c["policy"]["overrides"] = sorted([*c["policy"]["overrides"], "bootstrap.alpha",
+                                           "guards.spectral.mode", "primary_metric.ratio_limit"])
+        c["policy"]["digest"] = policy_digest(values)
+        _rejudge(c)
+        c["evidence"]["shortfalls"] = c["evidence"]["shortfalls"][:3]
+
+    report = verify_certificate(reseal(edited(failing, talk_down)))
+    assert report.differences == ("evidence.shortfalls: certificate has ['preview_n 32 < 64', "
+                                  "'final_n 32 < 64', 'bootstrap replicates 200 < 500'], "
+                                  "recomputed 6 entries",)
+    honest = reseal(edited(failing, _rejudge_after(talk_down)))
+    assert verify_certificate(honest).differences == ()
+    assert {"bootstrap.alpha 0.45 > 0.05 (a 55% interval, the profile promises 95%)",
+            "guards.spectral.mode monitor instead of gate",
+            "primary_metric.ratio_limit 1.5 > 1.1"} <= set(honest["evidence"]["shortfalls"])
+
+
+def _rejudge_after(change):
+    def both(c):
+        change(c)
+        _rejudge(c)
+    return both
+
+
+def test_another_versions_weakened_settings_are_a_note_not_a_difference(passing):
+    """Defaults change between releases: a certificate from another version whose recorded
+    values differ from this installation's tier keeps its own list, with a note."""
+    def older(c):
+        c["tool"]["version"] = "0.0.1"
+        c["policy"]["values"]["guards"]["spectral"]["module_change_limit"] = 0.2
+
+    report = verify_certificate(reseal(edited(passing, older)))
+    assert not any(d.startswith("evidence") for d in report.differences)
+    assert any("guards.spectral.module_change_limit 0.2 > 0.01" in n for n in report.notes)
+
+
+def test_a_context_length_shorter_than_the_windows_is_caught(passing):
+    def shorten(c):
+        c["evidence"]["context_length"] = 64  # the windows hold 128 tokens
+
+    report = verify_certificate(reseal(edited(passing, shorten)))
+    assert mentions(report, "evidence.context_length", "64", "128-token")
 
 
 def _rejudge(c: dict) -> None:
@@ -135,12 +189,12 @@ def _rejudge(c: dict) -> None:
     ev = c["evidence"]
     evidence = gate.Evidence(evidence_floor(ev["profile"], ev["context_length"]), n, n,
                              c["windows"]["seq_len"], policy.bootstrap.replicates, (n, n),
-                             ev["allow_underpowered"], ev["context_length"])
+                             ev["allow_underpowered"], ev["context_length"], policy.weakened)
     checks = [gate.pairing_check(1.0, 0.0, n, n), *gate.primary_checks(pm, policy.primary_metric),
               evidence.check()]
     decision = gate.decide(checks, gate.primary_gating(evidence.floor))
     c.update(primary_metric=pm.as_dict(), validation=decision.validation,
-             verdict=decision.verdict_section())
+             verdict=decision.verdict_section(), evidence=evidence.as_dict())
 
 
 def test_changing_the_verdict_is_caught(failing):

@@ -12,14 +12,18 @@ INT8 step with different seeds) certified with every guard in monitor mode. From
   beyond the spread term, Δ_f = max(0, (|excess| − null_z·spread·√G − 1) / baseline count),
   the largest over the family and its modules; ε_f = its `quantile` over runs (the maximum
   for small families), plus a floor.
-- spectral `module_change_limit`: twice the largest |σ_s/σ_b − 1| of any module in any
-  reference run, at least twice the deadband (the tier calls a change inside the deadband
-  irrelevant; one of twice that against the module's own baseline is damage).
-- VE min effect: from σ_Δ, the standard deviation of per-window paired ΔlogNLL of the
-  reference comparisons: min_effect = z·σ_Δ/√K with K the calibration windows and
-  z = Φ⁻¹(1 − α) one-sided (balanced) or Φ⁻¹(1 − α/2) two-sided (conservative).
-- Windows: the CI half-width of the mean paired Δ is about Φ⁻¹(1 − α/2)·σ_Δ/√n, so a target
-  half-width h needs n = ⌈(Φ⁻¹(1 − α/2)·σ_Δ/h)²⌉ windows per set.
+- spectral `module_change_limit`: `limit_factor` (2) times the largest |σ_s/σ_b − 1| of
+  any module in any reference run, rounded up to 0.01: computed from the null, whatever the
+  deadband (a floor, when a tier wants one, is an explicit setting, not the default).
+- VE min effect: from σ_Δ^VE, the standard deviation of VE's own per-window paired
+  ΔlogNLL (the subject with the proposed scales against the subject as it is, on the
+  gate's K windows) pooled over the reference runs whose VE gate ran,
+  sqrt(Σ(Kᵢ − 1)sᵢ² / Σ(Kᵢ − 1)): min_effect = z·σ_Δ^VE/√K with K the calibration windows
+  and z = Φ⁻¹(1 − α) one-sided (balanced) or Φ⁻¹(1 − α/2) two-sided (conservative). With no
+  such run the minimum effect is not calibrated (the tier's value stays).
+- Windows: the CI half-width of the mean paired Δ of the primary metric is about
+  Φ⁻¹(1 − α/2)·σ_Δ/√n, so a target half-width h needs n = ⌈(Φ⁻¹(1 − α/2)·σ_Δ/h)²⌉ windows;
+  σ_Δ is the per-window standard deviation pooled within runs, like VE's.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class ReferenceRun:
     max_abs_change: float                    # largest spectral |σ_s/σ_b − 1| of any module
     top_abs_z: dict[str, list[float]] = field(default_factory=dict)  # recorded, 10 per family
     window_delta: list[float] = field(default_factory=list)  # per-window paired ΔlogNLL, final
+    ve_delta: list[float] = field(default_factory=list)  # VE gate: scaled − plain, per window
     ratio: float | None = None
     flags: dict[str, bool] = field(default_factory=dict)
 
@@ -56,7 +61,10 @@ class ReferenceRun:
         """Flat CSV-ready summary of the run."""
         out: dict[str, Any] = {"run": self.label, "ratio": self.ratio,
                                "sigma_delta": _std(self.window_delta),
-                               "max_abs_change": self.max_abs_change}
+                               "windows": len(self.window_delta),
+                               "max_abs_change": self.max_abs_change,
+                               "ve_sigma_delta": _std(self.ve_delta),
+                               "ve_windows": len(self.ve_delta)}
         for f in FAMILIES:
             zs = sorted(self.abs_z.get(f, []), reverse=True)
             out[f"{f}_modules"] = self.family_sizes.get(f, 0)
@@ -97,8 +105,27 @@ def reference_run(label: str, cert: Mapping[str, Any], sigma_quantile: float) ->
               if s is not None and n > 0]
     top = {f: sorted(v, reverse=True)[:10] for f, v in abs_z.items()}
     return ReferenceRun(label, abs_z, sizes, rmt_delta, max_change, top_abs_z=top,
-                        window_delta=deltas, ratio=cert["primary_metric"]["ratio"],
-                        flags=dict(cert["validation"]))
+                        window_delta=deltas, ve_delta=ve_window_delta(guards),
+                        ratio=cert["primary_metric"]["ratio"], flags=dict(cert["validation"]))
+
+
+def ve_window_delta(guards: Mapping[str, Any]) -> list[float]:
+    """VE's own paired Δ per window (nats/token), where its predictive gate ran; else []."""
+    gate = ((guards.get("variance") or {}).get("measurements") or {}).get("gate")
+    if not gate:
+        return []
+    return [(s - p) / n for s, p, n in zip(gate["nll_scaled"], gate["nll_plain"],
+                                           gate["tokens"], strict=True) if n > 0]
+
+
+def pooled_sd(sds: Sequence[float], counts: Sequence[int]) -> float | None:
+    """sqrt(Σ(kᵢ − 1)sᵢ² / Σ(kᵢ − 1)) over groups with at least two values; None if none."""
+    pairs = [(float(s), int(k)) for s, k in zip(sds, counts, strict=True)
+             if k > 1 and s is not None]
+    dof = sum(k - 1 for _, k in pairs)
+    if dof == 0:
+        return None
+    return math.sqrt(sum((k - 1) * s * s for s, k in pairs) / dof)
 
 
 def rmt_slack(modules: Sequence[Mapping[str, Any]], null_z: float) -> dict[str, float]:
@@ -153,9 +180,16 @@ def epsilon(deltas: Sequence[float], quantile: float, small: bool, floor: float)
     return max(q, 0.0) + floor
 
 
-def module_limit(largest_null_change: float, deadband: float) -> float:
-    """Twice the largest null |σ change|, at least twice the deadband, rounded up to 0.01."""
-    return _round_up(2.0 * max(largest_null_change, deadband), 2)
+LIMIT_FACTOR = 2.0  # module limit = this × the largest null |σ change|
+
+
+def module_limit(largest_null_change: float, factor: float = LIMIT_FACTOR,
+                 floor: float = 0.0) -> float:
+    """`factor` × the largest null |σ change|, at least `floor`, rounded up to 0.01."""
+    if not (math.isfinite(largest_null_change) and largest_null_change >= 0):
+        raise ValueError(f"largest null change must be a finite |σ change|, got "
+                         f"{largest_null_change!r}")
+    return _round_up(max(factor * largest_null_change, floor), 2)
 
 
 def min_effect(sigma_delta: float, windows: int, alpha: float, sided: str) -> float:
@@ -188,6 +222,7 @@ class Settings:
     alpha: float = 0.05
     sided: str = "one-sided"
     half_width: float = 0.001    # target CI half-width (nats/token) for window sizing
+    limit_factor: float = LIMIT_FACTOR  # module limit = factor × largest null |σ change|
 
 
 @dataclass(frozen=True)
@@ -230,24 +265,54 @@ def calibrate(runs: Sequence[ReferenceRun], tier_guards: Mapping[str, Any],
                            "quantile": 1.0 if small else settings.quantile, "epsilon": value}
         eps[f] = _round_up(value, 3)
     largest = max(r.max_abs_change for r in runs)
-    deadband = float(tier_guards["spectral"]["deadband"])
-    limit = module_limit(largest, deadband)
+    limit = module_limit(largest, settings.limit_factor)
     stats["spectral"]["module_change_limit"] = {"largest_null_change": largest,
-                                                "deadband": deadband, "limit": limit}
-    pooled = [d for r in runs for d in r.window_delta]
-    sigma = float(np.std(pooled, ddof=1)) if len(pooled) > 1 else float("nan")
-    one = min_effect(sigma, settings.windows, settings.alpha, "one-sided")
-    two = min_effect(sigma, settings.windows, settings.alpha, "two-sided")
-    chosen = one if settings.sided == "one-sided" else two
-    stats["variance"] = {"sigma_delta": sigma, "windows": settings.windows,
-                         "alpha": settings.alpha, "one_sided": one, "two_sided": two,
-                         "sided": settings.sided, "min_effect_lognll": chosen}
-    stats["windows"] = {"sigma_delta": sigma, "target_half_width": settings.half_width,
-                        "recommended_per_set": windows_for_half_width(
-                            sigma, settings.half_width, settings.alpha)}
-    overrides = {"guards": {
+                                                "factor": settings.limit_factor,
+                                                "limit": limit}
+    rows = [r.row() for r in runs]
+    stats["variance"] = ve_statistics(rows, settings)
+    stats["windows"] = window_statistics(rows, settings)
+    overrides: dict[str, Any] = {"guards": {
         "spectral": {"family_caps": caps, "module_change_limit": limit},
         "rmt": {"epsilon_by_family": eps},
-        "variance": {"gating": {"min_effect_lognll": _round_up_significant(chosen)}},
     }}
-    return Calibration(overrides, stats, [r.row() for r in runs])
+    chosen = stats["variance"].get("min_effect_lognll")
+    if chosen is not None:
+        overrides["guards"]["variance"] = {"gating": {
+            "min_effect_lognll": _round_up_significant(chosen)}}
+    return Calibration(overrides, stats, rows)
+
+
+def window_statistics(rows: Sequence[Mapping[str, Any]], settings: Settings) -> dict[str, Any]:
+    """The primary metric's per-window σ_Δ pooled within runs (`sigma_delta` over `windows`
+    of each row: what an interval on one edit sees) and the windows it asks for."""
+    sigma = pooled_sd([r.get("sigma_delta") for r in rows],
+                      [int(r.get("windows") or 0) for r in rows])
+    if sigma is None:
+        return {"target_half_width": settings.half_width,
+                "note": "no run recorded its per-window deltas"}
+    return {"sigma_delta": sigma, "target_half_width": settings.half_width,
+            "recommended_per_set": windows_for_half_width(sigma, settings.half_width,
+                                                          settings.alpha)}
+
+
+def ve_statistics(rows: Sequence[Mapping[str, Any]], settings: Settings) -> dict[str, Any]:
+    """VE's σ_Δ pooled over the runs whose gate ran (`ve_sigma_delta`, `ve_windows` of each
+    row) and the minimum effect both ways; without such runs, a note and no minimum effect."""
+    base: dict[str, Any] = {"windows": settings.windows, "alpha": settings.alpha,
+                            "sided": settings.sided}
+    if not any("ve_windows" in r for r in rows):
+        return {**base, "note": "these reference runs did not record VE's paired delta; the "
+                                "minimum effect is not calibrated"}
+    sds = [r.get("ve_sigma_delta") for r in rows]
+    counts = [int(r.get("ve_windows") or 0) for r in rows]
+    sigma = pooled_sd(sds, counts)
+    base["runs_with_gate"] = sum(1 for k in counts if k > 1)
+    if sigma is None:
+        return {**base, "note": "no reference run proposed a VE rescale, so VE's paired "
+                                "delta was never measured; the minimum effect is not "
+                                "calibrated"}
+    one = min_effect(sigma, settings.windows, settings.alpha, "one-sided")
+    two = min_effect(sigma, settings.windows, settings.alpha, "two-sided")
+    return {**base, "sigma_delta": sigma, "one_sided": one, "two_sided": two,
+            "min_effect_lognll": one if settings.sided == "one-sided" else two}

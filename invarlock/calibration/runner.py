@@ -87,7 +87,11 @@ def run(req: CalibrationRequest) -> CalibrationOutcome:
     """Certify every reference edit, calibrate, and write the three outputs."""
     from invarlock.certify import certify
 
-    monitored = {"guards": {g: {"mode": "monitor"} for g in MONITORED}}
+    # Reference runs measure every guard without letting one stop the run; monitor mode is
+    # weaker than the tier's gate, so the run is explicitly allowed to fall short of the
+    # profile (its certificates say evidence_meets_profile: false; they are not a verdict).
+    monitored = {"guards": {g: {"mode": "monitor"} for g in MONITORED},
+                 "auto": {"allow_underpowered": True}}
     config = deep_merge(req.base.config, monitored)
     policy = resolve(config)
     tier_guards = policy.values["guards"]
@@ -155,10 +159,12 @@ def _yaml_text(result: recipe.Calibration, stats: dict[str, Any]) -> str:
         f"# baseline {stats['baseline']}, dataset {stats['dataset']}, tier {stats['tier']}, "
         f"profile {stats['profile']}",
         f"# reference runs: {', '.join(stats['runs'])}",
-        f"# VE: sigma_delta {var['sigma_delta']:.5f} over K={var['windows']} windows "
-        f"({var['sided']}, alpha {var['alpha']})",
-        f"# windows: {win['recommended_per_set']} per set for a CI half-width of "
-        f"{win['target_half_width']} nats/token",
+        (f"# VE: own paired sigma_delta {var['sigma_delta']:.5f} from "
+         f"{var['runs_with_gate']} run(s), K={var['windows']} windows ({var['sided']}, "
+         f"alpha {var['alpha']})" if "sigma_delta" in var else f"# VE: {var['note']}"),
+        (f"# windows: {win['recommended_per_set']} per set for a CI half-width of "
+         f"{win['target_half_width']} nats/token" if "recommended_per_set" in win
+         else f"# windows: {win['note']}"),
         "# statistics: calibration.json, calibration.csv",
     ]
     return "\n".join(header) + "\n" + yaml.safe_dump(result.overrides, sort_keys=False)
