@@ -11,12 +11,14 @@ needs (links, truncation within GitHub's limits).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from invarlock import untrusted
 from invarlock.certificate import markdown as cert_md
 from invarlock.github.checks import OUTPUT_LIMIT, CheckOutput
 from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_INPUT, Outcome
@@ -44,6 +46,16 @@ class Report:
     links: Links
 
 
+def confidence_level(cert: dict[str, Any] | None) -> str:
+    """The interval's confidence level from the certificate's recorded α ("95%" for 0.05)."""
+    pm = (cert or {}).get("primary_metric") or {}
+    boot = pm.get("bootstrap") if isinstance(pm, dict) else None
+    alpha = boot.get("alpha") if isinstance(boot, dict) else None
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < 1:
+        return "level unrecorded"
+    return f"{100 * (1 - float(alpha)):g}%"
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -51,7 +63,8 @@ def title(report: Report) -> str:
     """One line: the verdict and the deciding number (the check run's title)."""
     outcome = report.outcome
     if outcome.verdict is None:
-        return f"Could not certify (exit {outcome.exit_code}): {_first_line(outcome.error)}"
+        return (f"Could not certify (exit {outcome.exit_code}): "
+                f"{untrusted.plain(_first_line(outcome.error))}")
     pm = outcome.primary_metric
     assert pm is not None
     status = str(outcome.verdict)
@@ -124,24 +137,25 @@ def headline(report: Report) -> str:
     name = _plain(report.check_name)
     if outcome.certificate is None:
         meaning = _EXIT_MEANING.get(outcome.exit_code, "the certifier did not finish")
-        error = (outcome.error or "").strip().replace("```", "'''")
+        lines = (outcome.error or "").strip().splitlines()[-20:]
+        error = "  \n".join(_plain(line) for line in lines if line.strip())
         return "\n\n".join(filter(None, [
             f"### ⚠️ {name}: could not certify",
             f"The certifier stopped with exit code {outcome.exit_code} ({meaning}); no verdict "
             "was reached.",
-            f"```text\n{error}\n```" if error else "",
+            error,
         ]))
     cert = outcome.certificate
     status = cert["verdict"]["status"]
     icon = "✅" if status == "PASS" else "❌"
     base, subj = cert["baseline"], cert["subject"]
-    subject = (f"`{_code(subj['source'])}`" if subj.get("produced_by") is None
-               else f"`{_code(base['source'])}` + {_code(str(subj['produced_by']))}")
+    subject = (_plain(subj["source"]) if subj.get("produced_by") is None
+               else f"{_plain(base['source'])} + {_plain(subj['produced_by'])}")
     if subj.get("format"):
-        subject += f" ({cert_md.format_line(subj['format']).split(' · evaluated')[0]})"
+        subject += f" ({_plain(cert_md.format_line(subj['format']).split(' · evaluated')[0])})"
     policy = cert["policy"]
-    context = (f"{subject} vs baseline `{_code(base['source'])}` · {policy['tier']} tier · "
-               f"{policy['profile']} profile · {cert['pairing']['preview_n']} + "
+    context = (f"{subject} vs baseline {_plain(base['source'])} · {_plain(policy['tier'])} tier "
+               f"· {_plain(policy['profile'])} profile · {cert['pairing']['preview_n']} + "
                f"{cert['pairing']['final_n']} windows")
     parts = [f"### {icon} {name}: {status}", cert_md.summary_sentence(cert), context]
     if status == "FAIL":
@@ -153,21 +167,21 @@ def footer(report: Report) -> str:
     links = report.links
     parts = []
     if links.head_sha:
-        parts.append(f"commit `{_code(links.head_sha[:12])}`")
+        parts.append(f"commit {_code(links.head_sha[:12])}")
     if links.run_url:
         parts.append(f"[workflow run]({links.run_url})")
     if links.check_url:
         parts.append(f"[check run]({links.check_url})")
     if links.artifact_name and report.outcome.certificate is not None:
-        artifact = f"certificate artifact `{_code(links.artifact_name)}`"
+        artifact = f"certificate artifact {_code(links.artifact_name)}"
         if links.html_report and links.run_url:
-            artifact = (f"[HTML report]({links.run_url}#artifacts) (`{_code(links.html_report)}`"
+            artifact = (f"[HTML report]({links.run_url}#artifacts) ({_code(links.html_report)}"
                         f" in the {artifact})")
         parts.append(artifact)
     cert = report.outcome.certificate
     if cert is not None:
-        parts.append(f"run `{_code(cert['run_id'])}`")
-        parts.append(f"digest `{_code(cert.get('digest', 'unsealed'))[:19]}…`")
+        parts.append(f"run {_code(cert['run_id'])}")
+        parts.append(f"digest {_code(str(cert.get('digest', 'unsealed'))[:19] + '…')}")
     return f"<sub>{' · '.join(parts)}</sub>" if parts else ""
 
 
@@ -206,7 +220,7 @@ def gate_chart(cert: dict[str, Any]) -> str:
         "",
         "```mermaid",
         "xychart-beta",
-        f'    title "{what}: 95% CI against the limit {limit:.{digits}f}"',
+        f'    title "{what}: {confidence_level(cert)} CI against the limit {limit:.{digits}f}"',
         f'    x-axis [{", ".join(_quoted(b) for b in bars)}]',
         f'    y-axis "{what}" {bottom:.{digits}f} --> {high + pad:.{digits}f}',
         f"    bar [{shown}]",
@@ -368,15 +382,21 @@ def _quoted(label: str) -> str:
     return '"' + label.replace('"', "'") + '"'
 
 
-def _plain(text: str) -> str:
-    """Untrusted text for a table cell or a line: no HTML, no table breaks, one line."""
-    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace("|", "\\|")
-            .replace("\r", " ").replace("\n", " "))
+def _plain(text: object) -> str:
+    """Untrusted text for a table cell or a line (invarlock.untrusted.markdown)."""
+    return untrusted.markdown(text)
 
 
-def _code(text: str) -> str:
-    """Text shown inside backticks: no backticks or line breaks inside."""
-    return str(text).replace("`", "'").replace("\r", " ").replace("\n", " ")
+def _code(text: object) -> str:
+    """Untrusted text that names something (a commit, a digest, a file) in code style when
+    it is a plain token, else as escaped text (backslash escapes do not work in code)."""
+    value = str(text)
+    if _TOKEN.fullmatch(value):
+        return f"`{value}`"
+    return untrusted.markdown(value)
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,79}…?")
 
 
 def _first_line(text: str | None) -> str:

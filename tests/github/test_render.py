@@ -162,8 +162,9 @@ def test_fit_drops_later_parts_first_and_closes_open_blocks():
 
 
 def test_untrusted_text_cannot_inject_html_or_break_tables():
-    assert render._plain("<img src=x> | a\nb") == "&lt;img src=x> \\| a b"
-    assert "`" not in render._code("a`b")
+    assert render._plain("<img src=x> | a\nb") == "&lt;img src\\=x&gt; \\| a b"
+    assert render._code("a`b") == "a\\`b"  # escaped: no code span can open
+    assert render._code("ec26c3e57ca3") == "`ec26c3e57ca3`"  # a plain token keeps code style
 
 
 def test_job_summary_is_bounded_in_bytes(tmp_path):
