@@ -23,9 +23,17 @@ from pathlib import Path
 from typing import TextIO, TypeVar
 
 from invarlock import atomic
+from invarlock.certificate.document import CERT_FILENAME
 from invarlock.errors import InvarlockError
 from invarlock.github import aggregate, render
-from invarlock.github.artifact import bind_report, load_report, write_html, write_result
+from invarlock.github.artifact import (
+    RESULT_FILENAME,
+    bind_report,
+    load_report,
+    recorded_name,
+    write_html,
+    write_result,
+)
 from invarlock.github.certifier import (
     Cancellation,
     certify_arguments,
@@ -45,10 +53,13 @@ from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_FAIL, EXIT_INTERNAL, EX
 from invarlock.github.outputs import write_outputs
 from invarlock.github.publish import Publisher, verified_pull_request
 from invarlock.github.settings import (
+    NAME_PATTERN,
     Mode,
     Settings,
+    check_name_for,
     fallback_settings,
     input_variables,
+    read_input,
     read_settings,
     read_token,
 )
@@ -111,7 +122,13 @@ def _run(settings: Settings, environ: Mapping[str, str], commands: WorkflowComma
 
     if settings.mode is Mode.AGGREGATE:
         return _aggregate(settings, client, commands)
+    if settings.mode is Mode.CERTIFY and not settings.relevant:
+        return _no_change(settings, client, commands, progress)
     if settings.mode is Mode.PUBLISH:
+        assert settings.certificate is not None
+        folders = _report_folders(settings.certificate)
+        if folders:
+            return _publish_many(settings, environ, client, commands, folders, progress)
         outcome, publisher = _load_for_publishing(settings, client, commands)
         progress.publisher = publisher
         return _report(settings, commands, outcome, publisher)
@@ -122,6 +139,24 @@ def _run(settings: Settings, environ: Mapping[str, str], commands: WorkflowComma
         outcome, publisher = _certify(settings, client, commands, environ, stderr,
                                       cancellation, progress)
         return _report(settings, commands, outcome, publisher)
+
+
+def _no_change(settings: Settings, client: GitHubClient | None, commands: WorkflowCommands,
+               progress: _Progress) -> int:
+    """Nothing this check certifies changed: report that as a `success`, so that a required
+    check is reported on every pull request instead of waiting forever."""
+    commands.notice("No model change: nothing to certify (input relevant is false).",
+                    title="InvarLock")
+    publisher = Publisher(settings, client, commands,
+                          _target_of_this_run(settings, client, commands))
+    progress.publisher = publisher
+    published = publisher.finish_no_change()
+    if settings.github.output_path is not None:
+        write_outputs(settings.github.output_path,
+                      {"verdict": "", "exit-code": "0", "skipped": "true", "error": "",
+                       "check-run-url": (published.check_url or "") if published else "",
+                       "check-run-id": (published.check_id or "") if published else ""})
+    return EXIT_PASS
 
 
 def _report(settings: Settings, commands: WorkflowCommands, outcome: Outcome,
@@ -329,6 +364,48 @@ def _load_for_publishing(settings: Settings, client: GitHubClient | None,
             target = replace(target, pull_request=number)
     files = recorded.files if recorded is not None else ()
     return outcome, Publisher(settings, client, commands, target, recorded_files=files)
+
+
+def _report_folders(path: Path) -> list[Path]:
+    """The report folders inside `path` when it holds several (actions/download-artifact
+    with a `pattern` leaves one folder per artifact); empty when `path` is a report itself."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink() or any(
+            os.path.lexists(path / n) for n in (RESULT_FILENAME, CERT_FILENAME)):
+        return []
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink()
+                  and any(os.path.lexists(p / n) for n in (RESULT_FILENAME, CERT_FILENAME)))
+
+
+def _publish_many(settings: Settings, environ: Mapping[str, str], client: GitHubClient | None,
+                  commands: WorkflowCommands, folders: list[Path], progress: _Progress) -> int:
+    """Publish mode for downloaded matrix artifacts: a check run per subject, named after
+    the subject the report records, and one aggregate comment when there are several."""
+    base = read_input(environ, "check-name")
+    rows: list[aggregate.Row] = []
+    target = None
+    for index, folder in enumerate(folders, 1):
+        name = recorded_name(folder)
+        if not NAME_PATTERN.fullmatch(name) or (not name and len(folders) > 1):
+            name = f"subject-{index}"  # the record's name is untrusted text
+        one = replace(settings, certificate=folder, name=name,
+                      check_name=check_name_for(base, name, Mode.PUBLISH),
+                      comment=settings.comment and len(folders) == 1)
+        outcome, publisher = _load_for_publishing(one, client, commands)
+        progress.publisher = publisher
+        _report(one, commands, outcome, publisher)
+        rows.append(aggregate.Row(name, outcome))
+        target = publisher.target or target
+    if len(folders) > 1 and settings.comment:
+        body = aggregate.render_comment(settings.check_name, rows,
+                                        run_url=target.run_url if target else None)
+        publisher = Publisher(settings, client, commands, target)
+        _publishing(commands, "comment", lambda: publisher.comment_text(body))
+    code = aggregate.exit_code(rows)
+    if settings.github.output_path is not None:
+        write_outputs(settings.github.output_path, {"exit-code": str(code), "verdict": {
+            EXIT_PASS: "PASS", EXIT_FAIL: "FAIL"}.get(code, "")})
+    return code
 
 
 def _aggregate(settings: Settings, client: GitHubClient | None,

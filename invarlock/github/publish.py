@@ -68,6 +68,10 @@ class Publisher:
             self._owner, self._repo = owner, repo
 
     @property
+    def target(self) -> Target | None:
+        return self._target
+
+    @property
     def active(self) -> bool:
         return self._client is not None and self._target is not None
 
@@ -133,14 +137,29 @@ class Publisher:
             return None
         assert self._target is not None
         reason = untrusted.plain(outcome.error or "no verdict", 1000)
-        title = f"Could not certify (exit {outcome.exit_code}): {reason}"
-        lines = [f"### ⚠️ {untrusted.markdown(self._settings.check_name)}: could not certify",
-                 "", untrusted.markdown(reason, 1000)]
+        return self._complete_plain(
+            Conclusion.FAILURE, f"Could not certify (exit {outcome.exit_code}): {reason}",
+            f"### ⚠️ {untrusted.markdown(self._settings.check_name)}: could not certify\n\n"
+            + untrusted.markdown(reason, 1000))
+
+    def finish_no_change(self) -> Published | None:
+        """`success`: nothing this check certifies changed, so there was nothing to certify."""
+        return self._complete_plain(
+            Conclusion.SUCCESS, "No model change: nothing to certify",
+            f"### {untrusted.markdown(self._settings.check_name)}: no model change\n\nNothing "
+            "this check certifies changed in this commit (the workflow set `relevant: "
+            "false`), so nothing was certified.")
+
+    def _complete_plain(self, conclusion: Conclusion, title: str,
+                        summary: str) -> Published | None:
+        if not (self.active and self._settings.check_run) or self._checks_refused:
+            return None
+        assert self._target is not None
         if self._target.run_url:
-            lines += ["", f"[workflow run]({self._target.run_url})"]
-        output = CheckOutput(title, "\n".join(lines))
+            summary += f"\n\n[workflow run]({self._target.run_url})"
+        output = CheckOutput(title, summary)
         with self._reporting_failures("complete the check run", checks=True):
-            run = self._checks.complete(self._spec(), self._run, str(Conclusion.FAILURE), output,
+            run = self._checks.complete(self._spec(), self._run, str(conclusion), output,
                                         output)
             self.check_completed = True
             return Published(run.html_url, None, str(run.id))

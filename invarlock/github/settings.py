@@ -84,6 +84,10 @@ INPUTS: tuple[InputSpec, ...] = (
                             "and other events that do not name the pull request's head)."),
     InputSpec("pr-number", "", "Pull request to comment on in place of the event's (with "
                                "`commit`; checked against the pull request's head)."),
+    InputSpec("relevant", "true",
+              "`false`: nothing this check certifies changed (the workflow decides, for "
+              "example with `git diff`); the check run concludes `success` with \"no model "
+              "change\" and nothing is certified."),
     InputSpec("subjects", "", "Aggregate mode: the subject names the matrix was expected to "
                               "certify, one per line (or comma-separated); a subject without "
                               "a report is a failing row."),
@@ -180,6 +184,7 @@ class Settings:
     pr_number: int | None = None  # overrides the event's pull request
     subjects: tuple[str, ...] = ()  # aggregate mode: the names the matrix was expected to give
     cancel_file: Path | None = None  # exists once the job was cancelled (action.yml's trap)
+    relevant: bool = True  # False: nothing to certify changed; the check passes as such
 
     @property
     def publishes(self) -> bool:
@@ -220,7 +225,7 @@ def read_settings(environ: Mapping[str, str]) -> Settings:
     if not _NAME.fullmatch(name):
         raise InputError(f"input 'name' must be letters, digits, '.', '_' or '-' (at most 64), "
                          f"not {name!r}")
-    check_name = _check_name(get("check-name"), name, mode)
+    check_name = check_name_for(get("check-name"), name, mode)
     comment_mode = _comment_mode(get("comment-mode"), _boolean("comment", get("comment")))
     if len(check_name) > 100:
         raise InputError("input 'check-name' is longer than 100 characters")
@@ -253,6 +258,7 @@ def read_settings(environ: Mapping[str, str]) -> Settings:
         commit=_commit(get("commit")),
         pr_number=_pr_number(get("pr-number")),
         subjects=_subjects(get("subjects")),
+        relevant=_boolean("relevant", get("relevant")),
         cancel_file=_optional_path(environ.get(CANCEL_FILE_VARIABLE, "")),
     )
 
@@ -261,7 +267,7 @@ def _optional_path(value: str) -> Path | None:
     return Path(value) if value.strip() else None
 
 
-_NAME = re.compile(r"[A-Za-z0-9._-]{0,64}")
+NAME_PATTERN = _NAME = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
 # The workflow variables the entrypoint reads (action.yml forwards each into the container).
@@ -357,7 +363,8 @@ def read_token(environ: Mapping[str, str]) -> str:
     return environ.get("GITHUB_TOKEN", "").strip()
 
 
-def _check_name(base: str, name: str, mode: Mode) -> str:
+def check_name_for(base: str, name: str, mode: Mode) -> str:
+    """The check run's name: the subject's name in brackets, the fork suffix in publish mode."""
     check_name = f"{base} ({name})" if name else base
     return check_name + FORK_SUFFIX if mode is Mode.PUBLISH else check_name
 
@@ -412,9 +419,9 @@ def fallback_settings(environ: Mapping[str, str]) -> Settings:
     except ValueError:
         mode = Mode.CERTIFY
     name = get("name") if _NAME.fullmatch(get("name")) else ""
-    check_name = _check_name(get("check-name"), name, mode)
+    check_name = check_name_for(get("check-name"), name, mode)
     if len(check_name) > 100:
-        check_name = _check_name(_SPECS["check-name"].default, name, mode)
+        check_name = check_name_for(_SPECS["check-name"].default, name, mode)
     commit = get("commit") if _SHA.fullmatch(get("commit")) else ""
     return Settings(
         mode=mode, certify=CertifyInputs(), output_dir=Path(get("output-dir")),
