@@ -332,7 +332,8 @@ def _pull_request_at(settings: Settings, client: GitHubClient | None, number: in
 
 
 def _load_for_publishing(settings: Settings, client: GitHubClient | None,
-                         commands: WorkflowCommands) -> tuple[Outcome, Publisher]:
+                         commands: WorkflowCommands, *,
+                         find_pull_request: bool | None = None) -> tuple[Outcome, Publisher]:
     """The downloaded report, reported only as what it proves (publish mode).
 
     The report comes from a workflow run the pull request's author controls. It is published
@@ -353,7 +354,9 @@ def _load_for_publishing(settings: Settings, client: GitHubClient | None,
         outcome, recorded = Outcome.failed(EXIT_EVIDENCE, str(exc)), None
     if recorded is not None and recorded.head_sha != target.head_sha:
         recorded = None  # nothing it says about pull requests or files is trusted
-    if target.pull_request is None and client is not None and settings.comment:
+    if find_pull_request is None:
+        find_pull_request = settings.comment
+    if target.pull_request is None and client is not None and find_pull_request:
         try:
             owner, repo = settings.github.owner_and_name
         except InvarlockError:
@@ -391,7 +394,8 @@ def _publish_many(settings: Settings, environ: Mapping[str, str], client: GitHub
         one = replace(settings, certificate=folder, name=name,
                       check_name=check_name_for(base, name, Mode.PUBLISH),
                       comment=settings.comment and len(folders) == 1)
-        outcome, publisher = _load_for_publishing(one, client, commands)
+        outcome, publisher = _load_for_publishing(one, client, commands,
+                                                  find_pull_request=settings.comment)
         progress.publisher = publisher
         _report(one, commands, outcome, publisher)
         rows.append(aggregate.Row(name, outcome))

@@ -16,9 +16,9 @@ Step boundaries on purpose, without timing: FAKE_DOCKER_PAUSE_AT names one of
 entrypoint has not started) and `started` (the entrypoint's process runs, before Python has
 read a line of it). There `docker run` opens the FIFO `<FAKE_DOCKER_RECORD>.pause` for
 reading, which blocks until the test opens it for writing (the test then knows where docker
-is), and reads to its end, which blocks until the test closes it. With FAKE_DOCKER_STOP_FIFO
-set, `docker stop` ends by opening `<FAKE_DOCKER_RECORD>.stopped` for writing, so the test can
-wait for the stop to have happened.
+is), and reads to its end, which blocks until the test closes it. When the FIFO
+`<FAKE_DOCKER_RECORD>.stopped` exists, `docker stop` opens it for writing once it has sent
+its signal (or found nothing to signal), so the test can wait for the stop to have happened.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import csv
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -78,6 +79,7 @@ def main(argv: list[str]) -> int:
     Path(os.environ["FAKE_DOCKER_RECORD"]).write_text(json.dumps({
         "argv": argv, "flags": flags, "options": options, "image": image, "command": command,
         "gpus": gpus, "container_env": env,
+        "token_file_mode": _mode(env.get("INVARLOCK_TOKEN_FILE")),
     }))
     workdir = options["--workdir"][0]
     for path in (workdir, env.get("GITHUB_OUTPUT"), env.get("GITHUB_STEP_SUMMARY"),
@@ -118,24 +120,27 @@ def stop(argv: list[str]) -> int:
     with open(os.environ["FAKE_DOCKER_RECORD"] + ".stop", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(argv) + "\n")
     pid_file = _pid_file(name)
-    try:
-        if not pid_file.is_file():
-            print(f"Error response from daemon: No such container: {name}", file=sys.stderr)
-            return 1
-        state = pid_file.read_text()
-        if state == CREATED:  # not started: Docker's stop does nothing and succeeds
-            print(name)
-            return 0
+    state = pid_file.read_text() if pid_file.is_file() else None
+    if state and state != CREATED:
         os.kill(int(state), signal.SIGTERM)
+    _stopped()
+    if state is None:
+        print(f"Error response from daemon: No such container: {name}", file=sys.stderr)
+        return 1
+    if state and state != CREATED:  # a created container: Docker's stop does nothing
         deadline = time.monotonic() + 30
         while pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        print(name)
-        return 0
-    finally:
-        if os.environ.get("FAKE_DOCKER_STOP_FIFO"):
-            with open(os.environ["FAKE_DOCKER_RECORD"] + ".stopped", "w"):
-                pass
+    print(name)
+    return 0
+
+
+def _stopped() -> None:
+    """Tell a waiting test that the stop has been sent (when it made the FIFO)."""
+    fifo = Path(os.environ["FAKE_DOCKER_RECORD"] + ".stopped")
+    if fifo.exists() and stat.S_ISFIFO(fifo.stat().st_mode):
+        with open(fifo, "w"):
+            pass
 
 
 CREATED = "created"
@@ -149,6 +154,10 @@ with open(fifo) as fh:
 sys.argv.pop(0)
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
+
+
+def _mode(path: str | None) -> str | None:
+    return oct(stat.S_IMODE(os.stat(path).st_mode)) if path and os.path.exists(path) else None
 
 
 def _pause() -> None:
