@@ -272,3 +272,19 @@ def test_ghes_api_base_is_followed(tmp_path):
         assert run_entrypoint(step).returncode == 0
         assert all(r.path.startswith("/api/v3/") for r in ghes.log)
         assert len(ghes.log) == 5 and ghes.problems == []
+
+
+def test_an_entrypoint_that_cannot_load_exits_4_not_the_fail_code(tmp_path):
+    """A traceback exits 1, which is FAIL (advisory with `fail-on-gate: false`)."""
+    (tmp_path / "invarlock" / "github").mkdir(parents=True)
+    (tmp_path / "invarlock" / "__init__.py").write_text("")
+    (tmp_path / "invarlock" / "github" / "__init__.py").write_text("")
+    (tmp_path / "invarlock" / "github" / "main.py").write_text("raise ImportError('broken')\n")
+    script = tmp_path / "entrypoint"
+    script.write_text((ROOT / "entrypoint").read_text())
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 4
+    assert "::error title=InvarLock: internal error::cannot load the Action: ImportError" in \
+        done.stdout
+    assert "Traceback" not in done.stderr
