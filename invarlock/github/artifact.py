@@ -39,7 +39,7 @@ RESULT_DEPTH_LIMIT = 4  # result -> target -> files -> path
 
 def checked_certificate(path: Path) -> dict[str, Any]:
     """Load a certificate and check its schema and digest (TamperedCertificateError if not)."""
-    _check_regular_file(Path(path), CERTIFICATE_SIZE_LIMIT)
+    _check_regular_file(Path(path), CERTIFICATE_SIZE_LIMIT, "certificate")
     cert = document.load_certificate(path)
     problems = document.schema_errors(cert)
     if problems:
@@ -199,12 +199,12 @@ def _read_result(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def _check_regular_file(path: Path, limit: int) -> None:
+def _check_regular_file(path: Path, limit: int, what: str = "file") -> None:
     """A regular file (not a FIFO, device or folder) of at most `limit` bytes."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise InputError(f"no file at {path}") from None
+        raise InputError(f"{what} not found: {path}") from None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(info.st_mode):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO, TypeVar
 
-from invarlock import atomic
+from invarlock import atomic, untrusted
 from invarlock.certificate.document import CERT_FILENAME
 from invarlock.errors import InvarlockError
 from invarlock.github import aggregate, render
@@ -459,8 +459,9 @@ def _clear_state(settings: Settings) -> None:
 def _announce(commands: WorkflowCommands, outcome: Outcome) -> None:
     report = render.Report("InvarLock", outcome, render.Links())
     line = render.title(report)
-    if outcome.verdict is None:
-        commands.error(outcome.error or line, title="InvarLock: could not certify")
+    if outcome.verdict is None:  # the error may quote the certifier or an artifact
+        commands.error(untrusted.log_line(outcome.error or line, 2000),
+                       title="InvarLock: could not certify")
     elif outcome.exit_code == 0:
         commands.notice(line, title="InvarLock")
     else:

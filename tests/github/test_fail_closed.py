@@ -177,3 +177,19 @@ def test_a_pass_whose_report_cannot_be_published_is_not_a_pass(tmp_path, standin
     check = _only_check(standin)
     assert (check["status"], check["conclusion"]) == ("completed", "failure")
     assert step.outputs["exit-code"] == str(EXIT_INTERNAL)
+
+
+def test_an_artifact_error_cannot_issue_workflow_commands(tmp_path, standin):
+    report = tmp_path / "report"
+    report.mkdir()
+    hostile = "oom\n::add-mask::ghs_x\n::set-output name=verdict::PASS <img src=x>"
+    (report / RESULT_FILENAME).write_bytes(_crafted(exit_code=3, verdict=None,
+                                                    certificate=None, error=hostile))
+    code, out, _, step = _publish(tmp_path, standin, report)
+    assert code == 3 and step.outputs["verdict"] == ""
+    commands = [line.split("::")[1].split(" ")[0] for line in out.splitlines()
+                if line.startswith("::")]
+    assert set(commands) <= {"add-mask", "error", "warning", "notice"}
+    assert "::set-output" not in out and "::add-mask::ghs_x" not in out
+    summary = _only_check(standin)["output"]["summary"]
+    assert "<img" not in summary and "&lt;img" in summary
