@@ -147,6 +147,20 @@ def display_certificate(cert: dict[str, Any]) -> dict[str, Any]:
     policy = shown.get("policy")
     if isinstance(policy, dict) and isinstance(policy.get("overrides"), list):
         policy["overrides"] = [_in_code(o) for o in policy["overrides"]]
+    guards = shown.get("guards")
+    for guard in (guards.values() if isinstance(guards, dict) else ()):
+        if not isinstance(guard, dict):
+            continue
+        _update(guard, ("reason",), untrusted.markdown)
+        for finding in guard.get("findings") or ():
+            if isinstance(finding, dict):
+                for key in ("message", "family", "kind"):
+                    _update(finding, (key,), untrusted.markdown)
+                _update(finding, ("module",), _in_code)
+        families = (guard.get("summary") or {}).get("families")
+        for family in (families.values() if isinstance(families, dict) else ()):
+            if isinstance(family, dict):
+                _update(family, ("top_module",), _in_code)
     return shown
 
 

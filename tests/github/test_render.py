@@ -15,7 +15,7 @@ from invarlock.github.comments import BODY_LIMIT
 from invarlock.github.outcome import Outcome
 from invarlock.github.summary import SUMMARY_LIMIT, append_summary, fit_bytes
 from tests.certs import synthetic_certificate
-from tests.github.golden_cases import CASES, GOLDEN, LINKS, rendered
+from tests.github.golden_cases import CASES, GOLDEN, LINKS, rendered, with_guards
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -185,7 +185,7 @@ HOSTILE = ("x</details><img src=x onerror=alert(1)>\n::set-output name=v::1 "
 
 
 def _hostile_certificate(alpha: float = 0.05) -> dict:
-    cert = synthetic_certificate(shift=0.2, seed=2)
+    cert = with_guards(synthetic_certificate(shift=0.2, seed=2))
     cert["environment"]["device"]["name"] = HOSTILE
     cert["environment"]["python"] = HOSTILE
     cert["environment"]["libraries"]["torch"] = HOSTILE
@@ -195,6 +195,11 @@ def _hostile_certificate(alpha: float = 0.05) -> dict:
                                  "backend": HOSTILE, "backend_version": HOSTILE,
                                  "forward": "quantized-kernels"}
     cert["verdict"]["reasons"] = [HOSTILE]
+    assert cert["guards"]
+    for guard in cert["guards"].values():
+        guard["reason"] = HOSTILE
+        guard["findings"] = [{"module": HOSTILE, "family": HOSTILE, "kind": HOSTILE,
+                              "message": HOSTILE}]
     cert["primary_metric"]["bootstrap"]["alpha"] = alpha
     return cert
 
