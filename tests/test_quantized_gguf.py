@@ -94,12 +94,15 @@ def test_gguf_subject_certifies_with_format_fields(tiny_llama_dir, sonnets_path,
     from invarlock.github.render import Links, Report, headline
     from invarlock.verify import verify_certificate
 
-    markdown = Path(summary["markdown"]).read_text()
+    from invarlock.certificate.markdown import as_text
+
+    markdown = as_text(Path(summary["markdown"]).read_text())  # as a reader sees it
     assert "| Subject format | GGUF Q8_0 · 8-bit, groups of 32 · gguf " in markdown
     assert "evaluated with dequantized float weights" in markdown
     outcome = Outcome(0, Verdict.PASS, cert, Path(summary["certificate"]),
                       Path(summary["markdown"]))
-    assert "(GGUF Q8_0 · 8-bit, groups of 32" in headline(Report("InvarLock", outcome, Links()))
+    assert "(GGUF Q8_0 · 8-bit, groups of 32" in as_text(
+        headline(Report("InvarLock", outcome, Links())))
     report = verify_certificate(cert)
     assert report.verified and any("subject format: GGUF Q8_0" in n for n in report.notes)
     tampered = json.loads(json.dumps(cert))

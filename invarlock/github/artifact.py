@@ -9,6 +9,8 @@ match its schema and its content digest before anything is published from it.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +19,27 @@ from invarlock.certificate import document
 from invarlock.enums import Verdict
 from invarlock.errors import InputError, TamperedCertificateError
 from invarlock.github.event import RecordedTarget
-from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_FAIL, EXIT_PASS, Outcome
+from invarlock.github.outcome import (
+    EXIT_EVIDENCE,
+    EXIT_FAIL,
+    EXIT_PASS,
+    KNOWN_EXIT_CODES,
+    Outcome,
+)
 
 RESULT_FILENAME = "invarlock-action.json"
 RESULT_FORMAT = "invarlock.action-result"
 HTML_FILENAME = "evaluation.cert.html"
+# A downloaded report comes from a run the pull request's author controls: its files are
+# checked for size, type and shape before anything reads them.
+RESULT_SIZE_LIMIT = 64 * 1024  # bytes; a genuine result file is well under 2 KiB
+CERTIFICATE_SIZE_LIMIT = 64 * 1024 * 1024  # bytes; release certificates are a few MiB
+RESULT_DEPTH_LIMIT = 4  # result -> target -> files -> path
 
 
 def checked_certificate(path: Path) -> dict[str, Any]:
     """Load a certificate and check its schema and digest (TamperedCertificateError if not)."""
+    _check_regular_file(Path(path), CERTIFICATE_SIZE_LIMIT, "certificate")
     cert = document.load_certificate(path)
     problems = document.schema_errors(cert)
     if problems:
@@ -117,12 +131,12 @@ def load_report(path: Path) -> tuple[Outcome, RecordedTarget | None]:
         return outcome_from_certificate(cert_path), target
     if result is None:
         raise InputError(f"{path} holds neither {document.CERT_FILENAME} nor {RESULT_FILENAME}")
-    code = result.get("exit_code")
-    if not isinstance(code, int) or code in (EXIT_PASS, EXIT_FAIL):
+    code = result["exit_code"]
+    if code in (EXIT_PASS, EXIT_FAIL):
         raise TamperedCertificateError(f"{path / RESULT_FILENAME}: records a verdict but the "
                                        "certificate is missing")
-    error = result.get("error")
-    return Outcome.failed(code, str(error) if error else f"the certifier exited with {code}"), \
+    error = result["error"]
+    return Outcome.failed(code, error if error else f"the certifier exited with {code}"), \
         target
 
 
@@ -137,13 +151,88 @@ def recorded_name(folder: Path) -> str:
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
+    """The result file, checked before use: a regular file of bounded size, UTF-8 JSON of
+    bounded depth, each field of its type and every exit code one the certifier can give."""
+    if not os.path.lexists(path):
         return None
+    _check_regular_file(path, RESULT_SIZE_LIMIT)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise TamperedCertificateError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if _json_depth(text) > RESULT_DEPTH_LIMIT:
+        raise TamperedCertificateError(f"{path}: JSON nested deeper than {RESULT_DEPTH_LIMIT} "
+                                       "levels; an Action result is not")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TamperedCertificateError(f"{path} is not valid JSON (line {exc.lineno}, column "
+                                       f"{exc.colno})") from None
     if not isinstance(data, dict) or data.get("format") != RESULT_FORMAT:
-        raise InputError(f"{path} is not an InvarLock Action result")
+        raise TamperedCertificateError(f"{path} is not an InvarLock Action result")
+    problems = [f"'{key}' must be {what}" for key, what, ok in (
+        ("name", "a string", isinstance(data.get("name", ""), str)),
+        ("exit_code", f"one of {', '.join(map(str, KNOWN_EXIT_CODES))}",
+         type(data.get("exit_code")) is int and data["exit_code"] in KNOWN_EXIT_CODES),
+        ("verdict", "PASS, FAIL or null", data.get("verdict") in (None, "PASS", "FAIL")),
+        ("error", "a string or null", isinstance(data.get("error"), (str, type(None)))),
+        ("certificate", "a string or null",
+         isinstance(data.get("certificate"), (str, type(None)))),
+        ("target", "an object or null", isinstance(data.get("target"), (dict, type(None)))),
+    ) if not ok]
+    target = data.get("target")
+    if isinstance(target, dict):
+        files = target.get("files", [])
+        if not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+            problems.append("'target.files' must be a list of strings")
+        for key in ("event_name", "head_sha", "run_url"):
+            if not isinstance(target.get(key), (str, type(None))):
+                problems.append(f"'target.{key}' must be a string")
+        number = target.get("pull_request")
+        if not (number is None or (type(number) is int and 0 < number < 2**31)):
+            problems.append("'target.pull_request' must be a pull request number or null")
+    if problems:
+        raise TamperedCertificateError(f"{path}: not a valid Action result: "
+                                       + "; ".join(problems[:3]))
     return data
+
+
+def _check_regular_file(path: Path, limit: int, what: str = "file") -> None:
+    """A regular file (not a FIFO, device or folder) of at most `limit` bytes."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise TamperedCertificateError(f"{path} is not a regular file")
+    if info.st_size > limit:
+        raise TamperedCertificateError(f"{path} is {info.st_size} bytes, more than the "
+                                       f"{limit} such a file can be")
+
+
+def _json_depth(text: str) -> int:
+    """Deepest bracket nesting of JSON text, outside strings, counted without parsing
+    (json.loads recurses and a deep document would exhaust the stack first)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 

@@ -159,11 +159,25 @@ class Cancellation:
     `docker stop` (the Action's cancel and timeout handling) and the runner's own cancel send
     SIGTERM or SIGINT; the entrypoint then still completes the check run as `cancelled`
     within the stop grace period instead of leaving it in progress.
+
+    A cancel can also come before there is a container to stop: `docker stop` then finds
+    nothing and the container starts anyway. action.yml's trap therefore creates `marker`
+    before it calls `docker stop`, and `requested()`, asked after the handlers are installed,
+    sees it. Either the marker was there when asked, or the stop came later and reached the
+    running entrypoint's handler: no order of the two leaves the certifier running.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, marker: Path | None = None) -> None:
         self.signal_number: int | None = None
         self._child: subprocess.Popen[str] | None = None
+        self._marker = marker
+
+    def requested(self) -> bool:
+        """Whether the job was cancelled, by a signal or by the trap's marker file."""
+        if self.signal_number is None and self._marker is not None and self._marker.exists():
+            log.warning("the job was cancelled before the certifier started")
+            self.signal_number = int(signal.SIGTERM)
+        return self.signal_number is not None
 
     def watch(self, child: subprocess.Popen[str]) -> None:
         self._child = child

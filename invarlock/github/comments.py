@@ -14,6 +14,7 @@ GitHub App's own token writes as `<app-slug>[bot]`: give it as input `comment-au
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -36,10 +37,26 @@ def token_login(client: GitHubClient) -> str:
     return str(login) if login else JOB_TOKEN_LOGIN
 
 
-def marker(check_name: str, *, aggregate: bool = False) -> str:
-    """The hidden first line; the name is percent-encoded so it cannot end the HTML comment."""
+def marker(check_name: str, *, aggregate: bool = False, head_sha: str = "") -> str:
+    """The hidden first line; the name is percent-encoded so it cannot end the HTML comment.
+
+    The aggregate's marker also names the head commit its rows are for; the comment is still
+    found by kind and check name alone (`marker_key`), whatever commit it names.
+    """
     kind = "aggregate-comment" if aggregate else "sticky-comment"
-    return f"<!-- invarlock:{kind} check={quote(check_name, safe='')} -->"
+    head = f" head={quote(head_sha, safe='')}" if head_sha else ""
+    return f"<!-- invarlock:{kind} check={quote(check_name, safe='')}{head} -->"
+
+
+def marker_key(line: str) -> str:
+    """A marker line without its head commit: what identifies the comment."""
+    return re.sub(r" head=[^ ]*", "", line.strip())
+
+
+def marker_head(line: str) -> str:
+    """The head commit a marker line names (empty when none)."""
+    found = re.search(r" head=([0-9a-f]+)", line)
+    return found.group(1) if found else ""
 
 
 @dataclass(frozen=True)
@@ -64,7 +81,7 @@ class StickyComment:
                                           {"per_page": 100}):
             body = item.get("body") or ""
             login = (item.get("user") or {}).get("login")
-            if body.split("\n", 1)[0].strip() == self._marker:
+            if marker_key(body.split("\n", 1)[0]) == marker_key(self._marker):
                 if login == self._author:
                     return _comment(item)
                 log.info("comment %s carries the marker but is by %s, not %s: left alone",

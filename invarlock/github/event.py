@@ -46,10 +46,11 @@ class RecordedTarget:
             return None
         number = data.get("pull_request")
         sha = data.get("head_sha")
-        if not isinstance(sha, str) or not (number is None or isinstance(number, int)):
+        if not isinstance(sha, str) or not (number is None or type(number) is int):
             return None
         run_url = data.get("run_url")
-        files = data.get("files") or []
+        files = data.get("files")
+        files = files if isinstance(files, list) else []
         safe = tuple(f for f in files if isinstance(f, str) and is_repository_path(f))
         return cls(str(data.get("event_name", "")), sha, number,
                    run_url if isinstance(run_url, str) else None, safe[:50])

@@ -7,24 +7,33 @@ Modes:
 - aggregate: one comment with a row per subject for the report folders of a matrix.
 
 The exit code is the certifier's: 0 PASS, 1 FAIL, 2 bad input, 3 no evidence (128 + signal
-when cancelled). Publishing happens after the outputs and the job summary are written and
-can only add warnings.
+when cancelled), and 4 for a defect of the Action itself. Publishing happens after the
+outputs and the job summary are written; a publishing defect fails the check closed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO, TypeVar
 
-from invarlock import atomic
+from invarlock import atomic, untrusted
+from invarlock.certificate.document import CERT_FILENAME
 from invarlock.errors import InvarlockError
 from invarlock.github import aggregate, reference, render
-from invarlock.github.artifact import bind_report, load_report, write_html, write_result
+from invarlock.github.artifact import (
+    RESULT_FILENAME,
+    bind_report,
+    load_report,
+    recorded_name,
+    write_html,
+    write_result,
+)
 from invarlock.github.certifier import (
     Cancellation,
     certify_arguments,
@@ -40,10 +49,20 @@ from invarlock.github.event import (
     target_for_workflow_run,
 )
 from invarlock.github.http import GitHubClient, RetryPolicy
-from invarlock.github.outcome import EXIT_EVIDENCE, Outcome
+from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_FAIL, EXIT_INTERNAL, EXIT_PASS, Outcome
 from invarlock.github.outputs import write_outputs
 from invarlock.github.publish import Publisher, verified_pull_request
-from invarlock.github.settings import Mode, Settings, input_variables, read_settings
+from invarlock.github.settings import (
+    NAME_PATTERN,
+    Mode,
+    Settings,
+    check_name_for,
+    fallback_settings,
+    input_variables,
+    read_input,
+    read_settings,
+    read_token,
+)
 from invarlock.github.summary import append_summary
 
 log = logging.getLogger("invarlock.github")
@@ -54,20 +73,46 @@ def main() -> int:
     return run(os.environ, stdout=sys.stdout, stderr=sys.stderr)
 
 
+@dataclass
+class _Progress:
+    """How far a run got: the publisher that may hold an open check run, for failing closed."""
+
+    publisher: Publisher | None = None
+
+
 def run(environ: Mapping[str, str], *, stdout: TextIO, stderr: TextIO,
         policy: RetryPolicy | None = None) -> int:
-    """One Action run; `environ` is the only input (tests pass their own)."""
+    """One Action run; `environ` is the only input (tests pass their own).
+
+    Fails closed: bad input and every unexpected exception end as a `failure` check run that
+    says why (exit 2 for input, EXIT_INTERNAL for the Action's own defects), never as a
+    silent exit that branch protection or `fail-on-gate: false` could read as a pass.
+    """
     _configure_logging(stderr)
     commands = WorkflowCommands(stdout, in_actions=environ.get("GITHUB_ACTIONS") == "true")
     tokens = {environ.get(v, "").strip()
               for v in (*input_variables("github-token"), "GITHUB_TOKEN")}
+    tokens.add(read_token(environ))
     for token in sorted(tokens):
         commands.add_mask(token)  # first, whatever comes next
+    progress = _Progress()
     try:
         settings = read_settings(environ)
     except InvarlockError as exc:
         commands.error(str(exc), title="InvarLock: bad input")
+        _fail_closed(environ, commands, Outcome.failed(exc.exit_code, str(exc)), policy,
+                     progress)
         return exc.exit_code
+    except Exception as exc:
+        return _internal_error(environ, commands, exc, policy, progress)
+    try:
+        return _run(settings, environ, commands, stderr, policy, progress)
+    except Exception as exc:
+        return _internal_error(environ, commands, exc, policy, progress)
+
+
+def _run(settings: Settings, environ: Mapping[str, str], commands: WorkflowCommands,
+         stderr: TextIO, policy: RetryPolicy | None, progress: _Progress) -> int:
     client = None
     if settings.token and settings.publishes:
         client = GitHubClient(settings.github.api_url, settings.token, policy=policy)
@@ -77,21 +122,121 @@ def run(environ: Mapping[str, str], *, stdout: TextIO, stderr: TextIO,
 
     if settings.mode is Mode.AGGREGATE:
         return _aggregate(settings, client, commands)
+    if settings.mode is Mode.CERTIFY and not settings.relevant:
+        return _no_change(settings, client, commands, progress)
     if settings.mode is Mode.PUBLISH:
+        assert settings.certificate is not None
+        folders = _report_folders(settings.certificate)
+        if folders:
+            return _publish_many(settings, environ, client, commands, folders, progress)
         outcome, publisher = _load_for_publishing(settings, client, commands)
-    else:
-        outcome, publisher = _certify(settings, client, commands, environ, stderr)
+        progress.publisher = publisher
+        return _report(settings, commands, outcome, publisher)
+    # A cancel that comes while the verdict is being published is recorded, not obeyed: the
+    # verdict is out in seconds, well within docker's stop grace period.
+    cancellation = Cancellation(settings.cancel_file)
+    with cancellation.installed():
+        outcome, publisher = _certify(settings, client, commands, environ, stderr,
+                                      cancellation, progress)
+        return _report(settings, commands, outcome, publisher)
 
+
+def _no_change(settings: Settings, client: GitHubClient | None, commands: WorkflowCommands,
+               progress: _Progress) -> int:
+    """Nothing this check certifies changed: report that as a `success`, so that a required
+    check is reported on every pull request instead of waiting forever."""
+    commands.notice("No model change: nothing to certify (input relevant is false).",
+                    title="InvarLock")
+    publisher = Publisher(settings, client, commands,
+                          _target_of_this_run(settings, client, commands))
+    progress.publisher = publisher
+    published = publisher.finish_no_change()
+    if settings.github.output_path is not None:
+        write_outputs(settings.github.output_path,
+                      {"verdict": "", "exit-code": "0", "skipped": "true", "error": "",
+                       "check-run-url": (published.check_url or "") if published else "",
+                       "check-run-id": (published.check_id or "") if published else ""})
+    return EXIT_PASS
+
+
+def _report(settings: Settings, commands: WorkflowCommands, outcome: Outcome,
+            publisher: Publisher) -> int:
     _announce(commands, outcome)
     _write_runner_files(settings, outcome)
     published = _publishing(commands, "complete", lambda: publisher.finish(outcome))
+    code = outcome.exit_code
+    if publisher.active and settings.check_run and not publisher.check_completed \
+            and published is None:
+        # A defect while publishing: the check must not stay open or read as a pass.
+        failure = Outcome.failed(EXIT_INTERNAL, "the result could not be published (an "
+                                                "internal error; see the job log)")
+        _publishing(commands, "failure", lambda: publisher.finish_failed(failure))
+        code = code if code != EXIT_PASS else EXIT_INTERNAL
     if publisher.check_completed:
         _clear_state(settings)
     if published is not None and settings.github.output_path is not None:
         write_outputs(settings.github.output_path,
                       {"check-run-url": published.check_url or "",
+                       "check-run-id": published.check_id or "",
                        "comment-url": published.comment_url or ""})
-    return outcome.exit_code
+    if code != outcome.exit_code and settings.github.output_path is not None:
+        write_outputs(settings.github.output_path, {"exit-code": str(code)})
+    return code
+
+
+def _internal_error(environ: Mapping[str, str], commands: WorkflowCommands, exc: Exception,
+                    policy: RetryPolicy | None, progress: _Progress) -> int:
+    log.debug("internal error", exc_info=True)
+    message = f"internal error: {type(exc).__name__}: {exc}"
+    commands.error(message, title="InvarLock: internal error")
+    _fail_closed(environ, commands, Outcome.failed(EXIT_INTERNAL, message), policy, progress)
+    return EXIT_INTERNAL
+
+
+def _fail_closed(environ: Mapping[str, str], commands: WorkflowCommands, outcome: Outcome,
+                 policy: RetryPolicy | None, progress: _Progress) -> None:
+    """Publish `outcome` (no verdict) as a `failure` check, on the open check run if any."""
+    try:
+        settings = fallback_settings(environ)
+        if settings.github.output_path is not None:
+            write_outputs(settings.github.output_path,
+                          {"verdict": "", "exit-code": str(outcome.exit_code),
+                           "error": outcome.error or ""})
+        publisher = progress.publisher
+        if publisher is None or not publisher.active:
+            if not (settings.token and settings.check_run):
+                return
+            client = GitHubClient(settings.github.api_url, settings.token, policy=policy)
+            publisher = Publisher(settings, client, commands, _fallback_target(settings))
+        if publisher.check_completed:
+            return
+        published = publisher.finish_failed(outcome)
+        if publisher.check_completed:
+            _clear_state(settings)
+        if published is not None and settings.github.output_path is not None:
+            write_outputs(settings.github.output_path,
+                          {"check-run-url": published.check_url or "",
+                           "check-run-id": published.check_id or ""})
+    except Exception as exc:  # nothing left to fall back on but the log and the exit code
+        log.debug("publishing the failure failed", exc_info=True)
+        commands.warning(f"Could not publish the failure: {type(exc).__name__}: {exc}",
+                         title="InvarLock: not published")
+
+
+def _fallback_target(settings: Settings) -> Target | None:
+    github = settings.github
+    try:
+        payload = load_event(github.event_path)
+        if settings.mode is Mode.PUBLISH:
+            target = target_for_workflow_run(payload)
+        else:
+            target = target_for_run(github.event_name, payload, sha=github.sha,
+                                    run_url=github.run_url)
+    except (InvarlockError, KeyError, TypeError, ValueError):
+        if not (settings.commit or github.sha):
+            return None
+        target = Target(settings.commit or github.sha, None, github.run_url)
+    return replace(target, head_sha=settings.commit) if settings.commit else target
 
 
 def _publishing(commands: WorkflowCommands, stage: str, action: Callable[[], T]) -> T | None:
@@ -109,14 +254,17 @@ def _publishing(commands: WorkflowCommands, stage: str, action: Callable[[], T])
 
 
 def _certify(settings: Settings, client: GitHubClient | None, commands: WorkflowCommands,
-             environ: Mapping[str, str], stderr: TextIO) -> tuple[Outcome, Publisher]:
-    target = _target_of_this_run(settings, commands)
+             environ: Mapping[str, str], stderr: TextIO, cancellation: Cancellation,
+             progress: _Progress) -> tuple[Outcome, Publisher]:
+    target = _target_of_this_run(settings, client, commands)
     publisher = Publisher(settings, client, commands, target)
-    cancellation = Cancellation()
-    with cancellation.installed():
-        _publishing(commands, "start", publisher.start)
-        _record_state(settings, publisher)
-        out_dir = settings.output_dir
+    progress.publisher = publisher
+    _publishing(commands, "start", publisher.start)
+    _record_state(settings, publisher)
+    out_dir = settings.output_dir
+    if cancellation.requested():  # cancelled before the container was there to be stopped
+        outcome = Outcome.stopped(cancellation.signal_number or int(signal.SIGTERM))
+    else:
         prepared = reference.prepare(settings, target)
         arguments = [*certify_arguments(prepared.inputs, out_dir), *prepared.arguments]
         log.info("running %s", " ".join([*settings.certify_command, *arguments]))
@@ -128,9 +276,9 @@ def _certify(settings: Settings, client: GitHubClient | None, commands: Workflow
                     on_start=cancellation.watch)
             except Exception as exc:  # the reporter must still report
                 log.debug("running the certifier failed", exc_info=True)
-                outcome = Outcome.failed(EXIT_EVIDENCE, f"internal error: {type(exc).__name__}: "
+                outcome = Outcome.failed(EXIT_INTERNAL, f"internal error: {type(exc).__name__}: "
                                                         f"{exc}")
-    if cancellation.signal_number is not None:
+    if cancellation.signal_number is not None and outcome.verdict is None:
         outcome = Outcome.stopped(cancellation.signal_number)
     recorded = None if target is None else RecordedTarget(
         settings.github.event_name, target.head_sha, target.pull_request, target.run_url,
@@ -143,21 +291,51 @@ def _certify(settings: Settings, client: GitHubClient | None, commands: Workflow
     return outcome, publisher
 
 
-def _target_of_this_run(settings: Settings, commands: WorkflowCommands) -> Target | None:
-    """The commit and pull request of this run: published to now, or recorded for later."""
+def _target_of_this_run(settings: Settings, client: GitHubClient | None,
+                        commands: WorkflowCommands) -> Target | None:
+    """The commit and pull request of this run: published to now, or recorded for later.
+
+    Inputs `commit` and `pr-number` replace what the event names (for `workflow_run` and
+    other events that do not carry the pull request's head); a pull request given that way
+    is commented on only while its head is that commit.
+    """
     github = settings.github
     try:
         payload = load_event(github.event_path)
-        return target_for_run(github.event_name, payload, sha=github.sha,
-                              run_url=github.run_url)
+        target = target_for_run(github.event_name, payload, sha=github.sha,
+                                run_url=github.run_url)
     except InvarlockError as exc:
-        if settings.publishes:
-            commands.warning(f"Nothing to publish to: {exc}", title="InvarLock: not published")
+        if not settings.commit:
+            if settings.publishes:
+                commands.warning(f"Nothing to publish to: {exc}",
+                                 title="InvarLock: not published")
+            return None
+        target = Target(settings.commit, None, github.run_url)
+    if settings.commit:
+        target = replace(target, head_sha=settings.commit)
+    if settings.pr_number is not None:
+        target = replace(target, pull_request=_pull_request_at(settings, client,
+                                                               settings.pr_number,
+                                                               target.head_sha, commands))
+    return target
+
+
+def _pull_request_at(settings: Settings, client: GitHubClient | None, number: int,
+                     head_sha: str, commands: WorkflowCommands) -> int | None:
+    """`number` if GitHub says that pull request's head is `head_sha` (else None, warned)."""
+    if client is None:
         return None
+    try:
+        owner, repo = settings.github.owner_and_name
+    except InvarlockError:
+        return None
+    recorded = RecordedTarget("", head_sha, number, None)
+    return verified_pull_request(client, owner, repo, recorded, head_sha, commands)
 
 
 def _load_for_publishing(settings: Settings, client: GitHubClient | None,
-                         commands: WorkflowCommands) -> tuple[Outcome, Publisher]:
+                         commands: WorkflowCommands, *,
+                         find_pull_request: bool | None = None) -> tuple[Outcome, Publisher]:
     """The downloaded report, reported only as what it proves (publish mode).
 
     The report comes from a workflow run the pull request's author controls. It is published
@@ -178,7 +356,9 @@ def _load_for_publishing(settings: Settings, client: GitHubClient | None,
         outcome, recorded = Outcome.failed(EXIT_EVIDENCE, str(exc)), None
     if recorded is not None and recorded.head_sha != target.head_sha:
         recorded = None  # nothing it says about pull requests or files is trusted
-    if target.pull_request is None and client is not None and settings.comment:
+    if find_pull_request is None:
+        find_pull_request = settings.comment
+    if target.pull_request is None and client is not None and find_pull_request:
         try:
             owner, repo = settings.github.owner_and_name
         except InvarlockError:
@@ -191,23 +371,70 @@ def _load_for_publishing(settings: Settings, client: GitHubClient | None,
     return outcome, Publisher(settings, client, commands, target, recorded_files=files)
 
 
+def _report_folders(path: Path) -> list[Path]:
+    """The report folders inside `path` when it holds several (actions/download-artifact
+    with a `pattern` leaves one folder per artifact); empty when `path` is a report itself."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink() or any(
+            os.path.lexists(path / n) for n in (RESULT_FILENAME, CERT_FILENAME)):
+        return []
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink()
+                  and any(os.path.lexists(p / n) for n in (RESULT_FILENAME, CERT_FILENAME)))
+
+
+def _publish_many(settings: Settings, environ: Mapping[str, str], client: GitHubClient | None,
+                  commands: WorkflowCommands, folders: list[Path], progress: _Progress) -> int:
+    """Publish mode for downloaded matrix artifacts: a check run per subject, named after
+    the subject the report records, and one aggregate comment when there are several."""
+    base = read_input(environ, "check-name")
+    rows: list[aggregate.Row] = []
+    target = None
+    for index, folder in enumerate(folders, 1):
+        name = recorded_name(folder)
+        if not NAME_PATTERN.fullmatch(name) or (not name and len(folders) > 1):
+            name = f"subject-{index}"  # the record's name is untrusted text
+        one = replace(settings, certificate=folder, name=name,
+                      check_name=check_name_for(base, name, Mode.PUBLISH),
+                      comment=settings.comment and len(folders) == 1)
+        outcome, publisher = _load_for_publishing(one, client, commands,
+                                                  find_pull_request=settings.comment)
+        progress.publisher = publisher
+        _report(one, commands, outcome, publisher)
+        rows.append(aggregate.Row(name, outcome))
+        target = publisher.target or target
+    if len(folders) > 1 and settings.comment:
+        body = aggregate.render_comment(settings.check_name, rows,
+                                        run_url=target.run_url if target else None)
+        publisher = Publisher(settings, client, commands, target)
+        _publishing(commands, "comment", lambda: publisher.comment_text(body))
+    code = aggregate.exit_code(rows)
+    if settings.github.output_path is not None:
+        write_outputs(settings.github.output_path, {"exit-code": str(code), "verdict": {
+            EXIT_PASS: "PASS", EXIT_FAIL: "FAIL"}.get(code, "")})
+    return code
+
+
 def _aggregate(settings: Settings, client: GitHubClient | None,
                commands: WorkflowCommands) -> int:
     """One comment with a row per subject (mode `aggregate`, after a matrix)."""
     assert settings.certificate is not None
+    github = settings.github
     try:
-        rows = aggregate.load_rows(settings.certificate)
+        rows = aggregate.load_rows(settings.certificate, expected=settings.subjects)
     except InvarlockError as exc:
         commands.error(str(exc), title="InvarLock: cannot aggregate")
+        if github.output_path is not None:
+            write_outputs(github.output_path, {"verdict": "", "exit-code": str(exc.exit_code),
+                                               "error": str(exc)})
         return exc.exit_code
-    github = settings.github
     body = aggregate.render_comment(settings.check_name, rows, run_url=github.run_url)
     if github.summary_path is not None:
         append_summary(github.summary_path, body, run_url=github.run_url)
     code = aggregate.exit_code(rows)
     if github.output_path is not None:
-        write_outputs(github.output_path, {"exit-code": str(code)})
-    target = _target_of_this_run(settings, commands)
+        verdict = {EXIT_PASS: "PASS", EXIT_FAIL: "FAIL"}.get(code, "")
+        write_outputs(github.output_path, {"exit-code": str(code), "verdict": verdict})
+    target = _target_of_this_run(settings, client, commands)
     publisher = Publisher(settings, client, commands, target)
     url = _publishing(commands, "comment", lambda: publisher.comment_text(body))
     if url and github.output_path is not None:
@@ -234,8 +461,9 @@ def _clear_state(settings: Settings) -> None:
 def _announce(commands: WorkflowCommands, outcome: Outcome) -> None:
     report = render.Report("InvarLock", outcome, render.Links())
     line = render.title(report)
-    if outcome.verdict is None:
-        commands.error(outcome.error or line, title="InvarLock: could not certify")
+    if outcome.verdict is None:  # the error may quote the certifier or an artifact
+        commands.error(untrusted.log_line(outcome.error or line, 2000),
+                       title="InvarLock: could not certify")
     elif outcome.exit_code == 0:
         commands.notice(line, title="InvarLock")
     else:

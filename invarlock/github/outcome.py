@@ -13,6 +13,11 @@ from typing import Any
 from invarlock.enums import StrEnum, Verdict
 
 EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_EVIDENCE = 0, 1, 2, 3
+# The Action's own defect (an exception it did not expect): never 0 (PASS), never 1 (FAIL,
+# which `fail-on-gate: false` turns green), and not the certifier's 2 or 3.
+EXIT_INTERNAL = 4
+# Exit codes a report may record: anything else (256, -1, "0") is not a result.
+KNOWN_EXIT_CODES = (EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_EVIDENCE)
 
 
 class Conclusion(StrEnum):

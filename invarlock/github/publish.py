@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from invarlock import untrusted
 from invarlock.enums import Verdict
 from invarlock.errors import InvarlockError
 from invarlock.github import render
@@ -23,8 +24,8 @@ from invarlock.github.commands import WorkflowCommands
 from invarlock.github.comments import BODY_LIMIT, StickyComment, marker, token_login
 from invarlock.github.event import RecordedTarget, Target, is_repository_path
 from invarlock.github.http import GitHubClient, GitHubError, NotFound, PermissionDenied
-from invarlock.github.outcome import Outcome
-from invarlock.github.settings import Settings
+from invarlock.github.outcome import Conclusion, Outcome
+from invarlock.github.settings import CommentMode, Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ PERMISSIONS_HINT = "the job needs `permissions: checks: write, pull-requests: wr
 class Published:
     check_url: str | None = None
     comment_url: str | None = None
+    check_id: str | None = None
 
 
 class Publisher:
@@ -64,6 +66,10 @@ class Publisher:
                 return
             self._checks = CheckRuns(client, owner, repo)
             self._owner, self._repo = owner, repo
+
+    @property
+    def target(self) -> Target | None:
+        return self._target
 
     @property
     def active(self) -> bool:
@@ -98,11 +104,65 @@ class Publisher:
         if number is None:
             log.info("no pull request for this run: no comment")
             return None
-        line = marker(self._settings.check_name, aggregate=True)
+        head_sha = self._target.head_sha
+        line = marker(self._settings.check_name, aggregate=True, head_sha=head_sha)
         with self._reporting_failures(f"update the comment on pull request #{number}"):
+            # A superseded run (its pull request has a newer head) must not overwrite the
+            # comment of the run for that newer head.
+            current = self._pull_request_head(number)
+            if current != head_sha:
+                self._commands.notice(f"Pull request #{number} has moved on from "
+                                      f"{head_sha[:12]}; the comment is left to the run for "
+                                      "its new head.", title="InvarLock: comment not written")
+                return None
             sticky = StickyComment(self._client, self._owner, self._repo, number, line,
                                    self._author())
             return sticky.upsert(body[:BODY_LIMIT - len(line) - 1], body[:2000]).html_url
+        return None
+
+    def _pull_request_head(self, number: int) -> str:
+        assert self._client is not None
+        pr = self._client.get(f"/repos/{self._owner}/{self._repo}/pulls/{number}")
+        head = pr.get("head") if isinstance(pr, dict) else None
+        sha = head.get("sha") if isinstance(head, dict) else None
+        return sha if isinstance(sha, str) else ""
+
+    def finish_failed(self, outcome: Outcome) -> Published | None:
+        """Complete the check run as `failure` with the reason, rendered as plainly as can be.
+
+        The last resort when the run could not reach (or publish) a verdict through the full
+        report: it depends on no certificate and no renderer.
+        """
+        if not (self.active and self._settings.check_run) or self._checks_refused:
+            return None
+        assert self._target is not None
+        reason = untrusted.plain(outcome.error or "no verdict", 1000)
+        return self._complete_plain(
+            Conclusion.FAILURE, f"Could not certify (exit {outcome.exit_code}): {reason}",
+            f"### ⚠️ {untrusted.markdown(self._settings.check_name)}: could not certify\n\n"
+            + untrusted.markdown(reason, 1000))
+
+    def finish_no_change(self) -> Published | None:
+        """`success`: nothing this check certifies changed, so there was nothing to certify."""
+        return self._complete_plain(
+            Conclusion.SUCCESS, "No model change: nothing to certify",
+            f"### {untrusted.markdown(self._settings.check_name)}: no model change\n\nNothing "
+            "this check certifies changed in this commit (the workflow set `relevant: "
+            "false`), so nothing was certified.")
+
+    def _complete_plain(self, conclusion: Conclusion, title: str,
+                        summary: str) -> Published | None:
+        if not (self.active and self._settings.check_run) or self._checks_refused:
+            return None
+        assert self._target is not None
+        if self._target.run_url:
+            summary += f"\n\n[workflow run]({self._target.run_url})"
+        output = CheckOutput(title, summary)
+        with self._reporting_failures("complete the check run", checks=True):
+            run = self._checks.complete(self._spec(), self._run, str(conclusion), output,
+                                        output)
+            self.check_completed = True
+            return Published(run.html_url, None, str(run.id))
         return None
 
     def finish(self, outcome: Outcome) -> Published:
@@ -114,12 +174,14 @@ class Publisher:
                              head_sha=self._target.head_sha,
                              html_report=HTML_FILENAME if outcome.certificate else None)
         report = render.Report(self._settings.check_name, outcome, links)
-        check_url = self._complete_check(report)
+        check = self._complete_check(report)
+        check_url = check.html_url if check is not None else None
         if check_url:
             report = replace(report, links=replace(links, check_url=check_url))
-        return Published(check_url, self._update_comment(report))
+        return Published(check_url, self._update_comment(report),
+                         str(check.id) if check is not None else None)
 
-    def _complete_check(self, report: render.Report) -> str | None:
+    def _complete_check(self, report: render.Report) -> CheckRun | None:
         if not self._settings.check_run or self._checks_refused:
             return None
         output = render.check_output(report)
@@ -130,7 +192,7 @@ class Publisher:
             run = self._checks.complete(self._spec(), self._run, str(conclusion), output,
                                         fallback, annotations)
             self.check_completed = True
-            return run.html_url
+            return run
         return None
 
     def _update_comment(self, report: render.Report) -> str | None:
@@ -143,9 +205,20 @@ class Publisher:
             return None
         line = marker(self._settings.check_name)
         body = render.comment(report, BODY_LIMIT - len(line) - 1)
+        mode = self._settings.comment_mode
         with self._reporting_failures(f"update the comment on pull request #{number}"):
             sticky = StickyComment(self._client, self._owner, self._repo, number, line,
                                    self._author())
+            if mode is not CommentMode.ALWAYS:
+                existing = sticky.find()
+                passed = report.outcome.conclusion() is Conclusion.SUCCESS
+                if existing is None and mode is CommentMode.ON_FAILURE and passed:
+                    log.info("comment-mode on-failure: a PASS writes no new comment")
+                    return None
+                if existing is not None and mode is CommentMode.ON_CHANGE \
+                        and _headline(existing.body) == _headline(f"{line}\n{body}"):
+                    log.info("comment-mode on-change: the verdict line is unchanged")
+                    return existing.html_url
             return sticky.upsert(body, render.short_report(report)).html_url
         return None
 
@@ -207,6 +280,11 @@ def verified_pull_request(client: GitHubClient, owner: str, repo: str,
                          "(the run for its new head reports there).")
         return None
     return number
+
+
+def _headline(body: str) -> str:
+    """The verdict line of a comment (its first heading): what `on-change` compares."""
+    return next((line for line in body.splitlines() if line.startswith("### ")), "")
 
 
 def annotation_files(settings: Settings) -> tuple[str, ...]:

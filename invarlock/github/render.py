@@ -10,13 +10,16 @@ needs (links, truncation within GitHub's limits).
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from invarlock import untrusted
 from invarlock.certificate import markdown as cert_md
 from invarlock.github.checks import OUTPUT_LIMIT, CheckOutput
 from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_INPUT, Outcome
@@ -44,6 +47,16 @@ class Report:
     links: Links
 
 
+def confidence_level(cert: dict[str, Any] | None) -> str:
+    """The interval's confidence level from the certificate's recorded α ("95%" for 0.05)."""
+    pm = (cert or {}).get("primary_metric") or {}
+    boot = pm.get("bootstrap") if isinstance(pm, dict) else None
+    alpha = boot.get("alpha") if isinstance(boot, dict) else None
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < 1:
+        return "level unrecorded"
+    return f"{100 * (1 - float(alpha)):g}%"
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -51,7 +64,8 @@ def title(report: Report) -> str:
     """One line: the verdict and the deciding number (the check run's title)."""
     outcome = report.outcome
     if outcome.verdict is None:
-        return f"Could not certify (exit {outcome.exit_code}): {_first_line(outcome.error)}"
+        return (f"Could not certify (exit {outcome.exit_code}): "
+                f"{untrusted.plain(_first_line(outcome.error))}")
     pm = outcome.primary_metric
     assert pm is not None
     status = str(outcome.verdict)
@@ -86,7 +100,7 @@ def check_output(report: Report) -> CheckOutput:
     summary = fit(sections(report), footer(report), OUTPUT_LIMIT, _truncation_notice(report))
     text = ""
     if report.outcome.certificate is not None:
-        full = cert_md.render(report.outcome.certificate)
+        full = cert_md.render(display_certificate(report.outcome.certificate))
         text = fit([full], "", OUTPUT_LIMIT, _truncation_notice(report))
     return CheckOutput(title(report), summary, text)
 
@@ -94,6 +108,72 @@ def check_output(report: Report) -> CheckOutput:
 def short_report(report: Report) -> str:
     """A few lines for when GitHub refuses the full report: headline and links only."""
     return "\n\n".join([headline(report), footer(report)]) + "\n"
+
+
+# ----------------------------------------------------------------------------- untrusted text
+
+# The free text of a certificate that `invarlock.certificate.markdown` writes into Markdown
+# as it is. A certificate's digest authenticates nothing (anyone can recompute it), so for a
+# pull request these are escaped first: plain text with `untrusted.markdown`; the fields it
+# shows in code spans (where a backslash is literal) kept on one line without backticks.
+_TEXT_FIELDS = (("environment", "device", "name"), ("environment", "device", "type"),
+                ("environment", "python"), ("created_at",), ("tool", "version"),
+                ("tokenizer", "class"), ("baseline", "architecture"),
+                ("subject", "architecture"), ("baseline", "dtype"), ("subject", "dtype"),
+                *((role, "format", key) for role in ("baseline", "subject")
+                  for key in ("method", "file_type", "backend", "backend_version")))
+_CODE_FIELDS = (("baseline", "source"), ("subject", "source"), ("dataset", "spec"),
+                ("run_id",), ("edit", "name"))
+
+
+def display_certificate(cert: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `cert` whose free text is safe in Markdown (for rendering only)."""
+    shown = copy.deepcopy(cert)
+    for path in _TEXT_FIELDS:
+        _update(shown, path, untrusted.markdown)
+    for path in _CODE_FIELDS:
+        _update(shown, path, _in_code)
+    env = shown.get("environment")
+    if isinstance(env, dict) and isinstance(env.get("libraries"), dict):
+        env["libraries"] = {untrusted.markdown(k): untrusted.markdown(v) if v else v
+                            for k, v in env["libraries"].items()}
+    verdict = shown.get("verdict")
+    if isinstance(verdict, dict):
+        if isinstance(verdict.get("reasons"), list):
+            verdict["reasons"] = [untrusted.markdown(r) for r in verdict["reasons"]]
+        if isinstance(verdict.get("explanations"), dict):
+            verdict["explanations"] = {k: untrusted.markdown(v)
+                                       for k, v in verdict["explanations"].items()}
+    policy = shown.get("policy")
+    if isinstance(policy, dict) and isinstance(policy.get("overrides"), list):
+        policy["overrides"] = [_in_code(o) for o in policy["overrides"]]
+    guards = shown.get("guards")
+    for guard in (guards.values() if isinstance(guards, dict) else ()):
+        if not isinstance(guard, dict):
+            continue
+        _update(guard, ("reason",), untrusted.markdown)
+        for finding in guard.get("findings") or ():
+            if isinstance(finding, dict):
+                for key in ("message", "family", "kind"):
+                    _update(finding, (key,), untrusted.markdown)
+                _update(finding, ("module",), _in_code)
+        families = (guard.get("summary") or {}).get("families")
+        for family in (families.values() if isinstance(families, dict) else ()):
+            if isinstance(family, dict):
+                _update(family, ("top_module",), _in_code)
+    return shown
+
+
+def _update(data: dict[str, Any], path: tuple[str, ...], escape: Any) -> None:
+    for key in path[:-1]:
+        data = data.get(key) if isinstance(data, dict) else None  # type: ignore[assignment]
+    if isinstance(data, dict) and isinstance(data.get(path[-1]), str):
+        data[path[-1]] = escape(data[path[-1]])
+
+
+def _in_code(text: object) -> str:
+    """Text for inside a code span: one line, no backtick to close it."""
+    return untrusted.plain(text).replace("`", "'")
 
 
 # ----------------------------------------------------------------------------- sections
@@ -104,7 +184,7 @@ def sections(report: Report) -> list[str]:
     outcome = report.outcome
     if outcome.certificate is None:
         return [headline(report)]
-    cert = outcome.certificate
+    cert = display_certificate(outcome.certificate)
     chart = gate_chart(cert)
     return [
         headline(report),
@@ -124,24 +204,26 @@ def headline(report: Report) -> str:
     name = _plain(report.check_name)
     if outcome.certificate is None:
         meaning = _EXIT_MEANING.get(outcome.exit_code, "the certifier did not finish")
-        error = (outcome.error or "").strip().replace("```", "'''")
+        lines = (outcome.error or "").strip().splitlines()[-20:]
+        error = "  \n".join(untrusted.markdown(line, limit=2000) for line in lines
+                             if line.strip())
         return "\n\n".join(filter(None, [
             f"### ⚠️ {name}: could not certify",
             f"The certifier stopped with exit code {outcome.exit_code} ({meaning}); no verdict "
             "was reached.",
-            f"```text\n{error}\n```" if error else "",
+            error,
         ]))
     cert = outcome.certificate
     status = cert["verdict"]["status"]
     icon = "✅" if status == "PASS" else "❌"
     base, subj = cert["baseline"], cert["subject"]
-    subject = (f"`{_code(subj['source'])}`" if subj.get("produced_by") is None
-               else f"`{_code(base['source'])}` + {_code(str(subj['produced_by']))}")
+    subject = (_plain(subj["source"]) if subj.get("produced_by") is None
+               else f"{_plain(base['source'])} + {_plain(subj['produced_by'])}")
     if subj.get("format"):
-        subject += f" ({cert_md.format_line(subj['format']).split(' · evaluated')[0]})"
+        subject += f" ({_plain(cert_md.format_line(subj['format']).split(' · evaluated')[0])})"
     policy = cert["policy"]
-    context = (f"{subject} vs baseline `{_code(base['source'])}` · {policy['tier']} tier · "
-               f"{policy['profile']} profile · {cert['pairing']['preview_n']} + "
+    context = (f"{subject} vs baseline {_plain(base['source'])} · {_plain(policy['tier'])} tier "
+               f"· {_plain(policy['profile'])} profile · {cert['pairing']['preview_n']} + "
                f"{cert['pairing']['final_n']} windows")
     parts = [f"### {icon} {name}: {status}", cert_md.summary_sentence(cert), context]
     if status == "FAIL":
@@ -153,21 +235,21 @@ def footer(report: Report) -> str:
     links = report.links
     parts = []
     if links.head_sha:
-        parts.append(f"commit `{_code(links.head_sha[:12])}`")
+        parts.append(f"commit {_code(links.head_sha[:12])}")
     if links.run_url:
         parts.append(f"[workflow run]({links.run_url})")
     if links.check_url:
         parts.append(f"[check run]({links.check_url})")
     if links.artifact_name and report.outcome.certificate is not None:
-        artifact = f"certificate artifact `{_code(links.artifact_name)}`"
+        artifact = f"certificate artifact {_code(links.artifact_name)}"
         if links.html_report and links.run_url:
-            artifact = (f"[HTML report]({links.run_url}#artifacts) (`{_code(links.html_report)}`"
+            artifact = (f"[HTML report]({links.run_url}#artifacts) ({_code(links.html_report)}"
                         f" in the {artifact})")
         parts.append(artifact)
     cert = report.outcome.certificate
     if cert is not None:
-        parts.append(f"run `{_code(cert['run_id'])}`")
-        parts.append(f"digest `{_code(cert.get('digest', 'unsealed'))[:19]}…`")
+        parts.append(f"run {_code(cert['run_id'])}")
+        parts.append(f"digest {_code(str(cert.get('digest', 'unsealed'))[:19] + '…')}")
     return f"<sub>{' · '.join(parts)}</sub>" if parts else ""
 
 
@@ -206,7 +288,7 @@ def gate_chart(cert: dict[str, Any]) -> str:
         "",
         "```mermaid",
         "xychart-beta",
-        f'    title "{what}: 95% CI against the limit {limit:.{digits}f}"',
+        f'    title "{what}: {confidence_level(cert)} CI against the limit {limit:.{digits}f}"',
         f'    x-axis [{", ".join(_quoted(b) for b in bars)}]',
         f'    y-axis "{what}" {bottom:.{digits}f} --> {high + pad:.{digits}f}',
         f"    bar [{shown}]",
@@ -368,15 +450,21 @@ def _quoted(label: str) -> str:
     return '"' + label.replace('"', "'") + '"'
 
 
-def _plain(text: str) -> str:
-    """Untrusted text for a table cell or a line: no HTML, no table breaks, one line."""
-    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace("|", "\\|")
-            .replace("\r", " ").replace("\n", " "))
+def _plain(text: object) -> str:
+    """Untrusted text for a table cell or a line (invarlock.untrusted.markdown)."""
+    return untrusted.markdown(text)
 
 
-def _code(text: str) -> str:
-    """Text shown inside backticks: no backticks or line breaks inside."""
-    return str(text).replace("`", "'").replace("\r", " ").replace("\n", " ")
+def _code(text: object) -> str:
+    """Untrusted text that names something (a commit, a digest, a file) in code style when
+    it is a plain token, else as escaped text (backslash escapes do not work in code)."""
+    value = str(text)
+    if _TOKEN.fullmatch(value):
+        return f"`{value}`"
+    return untrusted.markdown(value)
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,79}…?")
 
 
 def _first_line(text: str | None) -> str:

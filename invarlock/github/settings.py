@@ -89,6 +89,21 @@ INPUTS: tuple[InputSpec, ...] = (
     InputSpec("allow-reference-change", "false",
               "Approve a pull request that changes the reference; set it only from a job in "
               "a protected environment (docs/action.md, \"A trusted reference\")."),
+    InputSpec("comment-mode", "always",
+              "When to write the sticky comment: `always`, `on-change` (only when the verdict "
+              "line changes), `on-failure` (only when not PASS; an existing comment is always "
+              "brought up to date) or `off`."),
+    InputSpec("commit", "", "Commit to report on in place of the event's (for `workflow_run` "
+                            "and other events that do not name the pull request's head)."),
+    InputSpec("pr-number", "", "Pull request to comment on in place of the event's (with "
+                               "`commit`; checked against the pull request's head)."),
+    InputSpec("relevant", "true",
+              "`false`: nothing this check certifies changed (the workflow decides, for "
+              "example with `git diff`); the check run concludes `success` with \"no model "
+              "change\" and nothing is certified."),
+    InputSpec("subjects", "", "Aggregate mode: the subject names the matrix was expected to "
+                              "certify, one per line (or comma-separated); a subject without "
+                              "a report is a failing row."),
 )
 _SPECS = {spec.name: spec for spec in INPUTS}
 
@@ -97,6 +112,18 @@ class Mode(StrEnum):
     CERTIFY = "certify"
     PUBLISH = "publish"
     AGGREGATE = "aggregate"
+
+
+class CommentMode(StrEnum):
+    ALWAYS = "always"
+    ON_CHANGE = "on-change"
+    ON_FAILURE = "on-failure"
+    OFF = "off"
+
+
+# Results published from a downloaded report (mode `publish`: fork pull requests) carry this
+# suffix, so that only a trusted run can satisfy a required check of the plain name.
+FORK_SUFFIX = " (fork, unverified)"
 
 
 @dataclass(frozen=True)
@@ -211,6 +238,12 @@ class Settings:
     state_file: Path | None = None  # where the open check run is recorded for the cleanup step
     repository_root: Path | None = None  # GITHUB_WORKSPACE: annotation paths start here
     reference: ReferenceInputs = field(default_factory=ReferenceInputs)
+    comment_mode: CommentMode = CommentMode.ALWAYS
+    commit: str = ""  # overrides the event's commit
+    pr_number: int | None = None  # overrides the event's pull request
+    subjects: tuple[str, ...] = ()  # aggregate mode: the names the matrix was expected to give
+    cancel_file: Path | None = None  # exists once the job was cancelled (action.yml's trap)
+    relevant: bool = True  # False: nothing to certify changed; the check passes as such
 
     @property
     def publishes(self) -> bool:
@@ -238,6 +271,9 @@ def read_settings(environ: Mapping[str, str]) -> Settings:
     def get(name: str) -> str:
         return read_input(environ, name)
 
+    early = environ.get(INPUT_ERROR_VARIABLE, "").strip()
+    if early:
+        raise InputError(early)
     mode = _choice("mode", get("mode"), Mode)
     certificate = Path(get("certificate")) if get("certificate") else None
     if mode is not Mode.CERTIFY and certificate is None:
@@ -248,7 +284,8 @@ def read_settings(environ: Mapping[str, str]) -> Settings:
     if not _NAME.fullmatch(name):
         raise InputError(f"input 'name' must be letters, digits, '.', '_' or '-' (at most 64), "
                          f"not {name!r}")
-    check_name = f"{get('check-name')} ({name})" if name else get("check-name")
+    check_name = check_name_for(get("check-name"), name, mode)
+    comment_mode = _comment_mode(get("comment-mode"), _boolean("comment", get("comment")))
     if len(check_name) > 100:
         raise InputError("input 'check-name' is longer than 100 characters")
     fail_conclusion = get("fail-conclusion").lower()
@@ -266,17 +303,23 @@ def read_settings(environ: Mapping[str, str]) -> Settings:
         certificate=certificate,
         check_name=check_name,
         check_run=_boolean("check-run", get("check-run")),
-        comment=_boolean("comment", get("comment")),
+        comment=comment_mode is not CommentMode.OFF,
         artifact_name=f"{get('artifact-name')}-{name}" if name else get("artifact-name"),
         certify_command=_command(environ.get(CERTIFY_COMMAND_VARIABLE, "")),
         github=_github_environment(environ),
-        token=get("github-token") or environ.get("GITHUB_TOKEN", "").strip(),
+        token=read_token(environ),
         name=name,
         comment_author=get("comment-author"),
         fail_conclusion=Conclusion(fail_conclusion),
         state_file=_optional_path(environ.get(STATE_FILE_VARIABLE, "")),
         repository_root=_optional_path(environ.get("GITHUB_WORKSPACE", "")),
         reference=_reference_inputs(environ) if mode is Mode.CERTIFY else ReferenceInputs(),
+        comment_mode=comment_mode,
+        commit=_commit(get("commit")),
+        pr_number=_pr_number(get("pr-number")),
+        subjects=_subjects(get("subjects")),
+        relevant=_boolean("relevant", get("relevant")),
+        cancel_file=_optional_path(environ.get(CANCEL_FILE_VARIABLE, "")),
     )
 
 
@@ -284,7 +327,7 @@ def _optional_path(value: str) -> Path | None:
     return Path(value) if value.strip() else None
 
 
-_NAME = re.compile(r"[A-Za-z0-9._-]{0,64}")
+NAME_PATTERN = _NAME = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
 # The workflow variables the entrypoint reads (action.yml forwards each into the container).
@@ -347,3 +390,104 @@ def _command(value: str) -> tuple[str, ...]:
         raise InputError(f"{CERTIFY_COMMAND_VARIABLE} is not a valid command line: {exc}") \
             from None
     return parts
+
+
+# ----------------------------------------------------------------------------- trust, failures
+# What the runner side of action.yml hands the entrypoint besides the inputs.
+
+# A 0600 file in the (mounted) state folder holding the token: the container gets the token
+# there, never in its environment (`docker inspect`) or on the command line.
+TOKEN_FILE_VARIABLE = "INVARLOCK_TOKEN_FILE"
+# Set by action.yml's cancel trap before `docker stop`: a container that docker had not yet
+# created when the job was cancelled finds it when it starts, and stops before certifying.
+CANCEL_FILE_VARIABLE = "INVARLOCK_CANCEL_FILE"
+# An input the composite's own steps refused (gpus, shm-size, working-directory, ...): the
+# entrypoint reports it as a failed check instead of certifying.
+INPUT_ERROR_VARIABLE = "INVARLOCK_INPUT_ERROR"
+_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def read_token(environ: Mapping[str, str]) -> str:
+    """The token: the input, else the token file action.yml mounts, else GITHUB_TOKEN."""
+    token = read_input(environ, "github-token")
+    if token:
+        return token
+    path = environ.get(TOKEN_FILE_VARIABLE, "").strip()
+    if path:
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            token = ""
+        if token:
+            return token
+    return environ.get("GITHUB_TOKEN", "").strip()
+
+
+def check_name_for(base: str, name: str, mode: Mode) -> str:
+    """The check run's name: the subject's name in brackets, the fork suffix in publish mode."""
+    check_name = f"{base} ({name})" if name else base
+    return check_name + FORK_SUFFIX if mode is Mode.PUBLISH else check_name
+
+
+def _comment_mode(value: str, comment: bool) -> CommentMode:
+    try:
+        mode = CommentMode(value.lower())
+    except ValueError:
+        allowed = ", ".join(m.value for m in CommentMode)
+        raise InputError(f"input 'comment-mode' must be one of {allowed}, not {value!r}") \
+            from None
+    return mode if comment else CommentMode.OFF
+
+
+def _commit(value: str) -> str:
+    if value and not _SHA.fullmatch(value):
+        raise InputError(f"input 'commit' must be a full commit SHA (40 hex digits), not "
+                         f"{value!r}")
+    return value
+
+
+def _pr_number(value: str) -> int | None:
+    if not value:
+        return None
+    if not re.fullmatch(r"[1-9][0-9]{0,9}", value):
+        raise InputError(f"input 'pr-number' must be a pull request number, not {value!r}")
+    return int(value)
+
+
+def _subjects(value: str) -> tuple[str, ...]:
+    names = [n.strip() for n in re.split(r"[\n,]", value) if n.strip()]
+    for n in names:
+        if not _NAME.fullmatch(n) or not n:
+            raise InputError(f"input 'subjects': {n!r} is not a subject name (letters, digits, "
+                             "'.', '_' or '-')")
+    if len(set(names)) != len(names):
+        raise InputError("input 'subjects' names a subject twice")
+    return tuple(names)
+
+
+def fallback_settings(environ: Mapping[str, str]) -> Settings:
+    """Settings good enough to publish a failure when the inputs themselves are bad.
+
+    Every input that does not parse takes its default; publishing a check run stays off only
+    when `check-run` says so plainly. The comment is left out: the check carries the reason.
+    """
+    def get(name: str) -> str:
+        return read_input(environ, name)
+
+    try:
+        mode = Mode(get("mode").lower())
+    except ValueError:
+        mode = Mode.CERTIFY
+    name = get("name") if _NAME.fullmatch(get("name")) else ""
+    check_name = check_name_for(get("check-name"), name, mode)
+    if len(check_name) > 100:
+        check_name = check_name_for(_SPECS["check-name"].default, name, mode)
+    commit = get("commit") if _SHA.fullmatch(get("commit")) else ""
+    return Settings(
+        mode=mode, certify=CertifyInputs(), output_dir=Path(get("output-dir")),
+        certificate=None, check_name=check_name,
+        check_run=get("check-run").lower() not in _FALSE, comment=False,
+        artifact_name="", certify_command=DEFAULT_CERTIFY_COMMAND,
+        github=_github_environment(environ), token=read_token(environ), name=name,
+        state_file=_optional_path(environ.get(STATE_FILE_VARIABLE, "")),
+        comment_mode=CommentMode.OFF, commit=commit)

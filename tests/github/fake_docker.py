@@ -6,8 +6,19 @@ the entrypoint uses lies under a mount target (as the container would see it, wi
 following host symlinks), and then does what the image does: runs the entrypoint in the
 working directory with only the forwarded variables. FAKE_DOCKER_CERTIFY names the certify
 command "inside the image". `docker stop NAME` sends SIGTERM to that container's entrypoint
-(as Docker does to PID 1 behind `--init`) and records the call. FAKE_DOCKER_KILL_AFTER (seconds)
-kills the container with SIGKILL (the out-of-memory killer) instead of letting it finish.
+(as Docker does to PID 1 behind `--init`) and records the call; a container that is created
+but not started yet is left as it is (Docker's stop is then a no-op that succeeds) and one
+that does not exist yet is an error, as with Docker. FAKE_DOCKER_KILL_AFTER (seconds) kills
+the container with SIGKILL (the out-of-memory killer) instead of letting it finish.
+
+Step boundaries on purpose, without timing: FAKE_DOCKER_PAUSE_AT names one of
+`before-create` (docker run called, no container yet), `created` (the container exists, its
+entrypoint has not started) and `started` (the entrypoint's process runs, before Python has
+read a line of it). There `docker run` opens the FIFO `<FAKE_DOCKER_RECORD>.pause` for
+reading, which blocks until the test opens it for writing (the test then knows where docker
+is), and reads to its end, which blocks until the test closes it. When the FIFO
+`<FAKE_DOCKER_RECORD>.stopped` exists, `docker stop` opens it for writing once it has sent
+its signal (or found nothing to signal), so the test can wait for the stop to have happened.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import csv
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -54,11 +66,6 @@ def main(argv: list[str]) -> int:
         except ValueError as exc:
             print(f"docker: Error response from daemon: {exc}", file=sys.stderr)
             return 125
-    Path(os.environ["FAKE_DOCKER_RECORD"]).write_text(json.dumps({
-        "argv": argv, "flags": flags, "options": options, "image": image, "command": command,
-        "gpus": gpus,
-    }))
-
     env = {"PATH": os.environ["PATH"], "HOME": os.environ["FAKE_DOCKER_HOME"],
            "PYTHONPATH": str(ROOT),
            "INVARLOCK_CERTIFY_COMMAND": os.environ["FAKE_DOCKER_CERTIFY"]}
@@ -68,16 +75,30 @@ def main(argv: list[str]) -> int:
             env[name] = value
         elif name in os.environ:
             env[name] = os.environ[name]
+    # What `docker inspect` would show of the container: its environment and command line.
+    Path(os.environ["FAKE_DOCKER_RECORD"]).write_text(json.dumps({
+        "argv": argv, "flags": flags, "options": options, "image": image, "command": command,
+        "gpus": gpus, "container_env": env,
+        "token_file_mode": _mode(env.get("INVARLOCK_TOKEN_FILE")),
+    }))
     workdir = options["--workdir"][0]
     for path in (workdir, env.get("GITHUB_OUTPUT"), env.get("GITHUB_STEP_SUMMARY"),
-                 env.get("GITHUB_EVENT_PATH"), env.get("INVARLOCK_STATE_FILE")):
+                 env.get("GITHUB_EVENT_PATH"), env.get("INVARLOCK_STATE_FILE"),
+                 env.get("INVARLOCK_CANCEL_FILE"), env.get("INVARLOCK_TOKEN_FILE")):
         if path and not any(_inside(path, v[1]) for v in volumes):
             print(f"fake docker: {path} is not under a mount target", file=sys.stderr)
             return 125
-    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint"), *command], cwd=workdir,
-                            env=env)
     name = options.get("--name", ["unnamed"])[0]
     pid_file = _pid_file(name)
+    pause_at = os.environ.get("FAKE_DOCKER_PAUSE_AT", "")
+    if pause_at == "before-create":
+        _pause()
+    pid_file.write_text(CREATED)
+    if pause_at == "created":
+        _pause()
+    boot = [sys.executable, "-c", STARTED_BOOT, os.environ["FAKE_DOCKER_RECORD"] + ".pause"] \
+        if pause_at == "started" else [sys.executable]
+    proc = subprocess.Popen([*boot, str(ROOT / "entrypoint"), *command], cwd=workdir, env=env)
     pid_file.write_text(str(proc.pid))
     try:
         kill_after = float(os.environ.get("FAKE_DOCKER_KILL_AFTER", "0"))
@@ -99,16 +120,49 @@ def stop(argv: list[str]) -> int:
     with open(os.environ["FAKE_DOCKER_RECORD"] + ".stop", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(argv) + "\n")
     pid_file = _pid_file(name)
-    if not pid_file.is_file():
+    state = pid_file.read_text() if pid_file.is_file() else None
+    if state and state != CREATED:
+        os.kill(int(state), signal.SIGTERM)
+    _stopped()
+    if state is None:
         print(f"Error response from daemon: No such container: {name}", file=sys.stderr)
         return 1
-    pid = int(pid_file.read_text())
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    if state and state != CREATED:  # a created container: Docker's stop does nothing
+        deadline = time.monotonic() + 30
+        while pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
     print(name)
     return 0
+
+
+def _stopped() -> None:
+    """Tell a waiting test that the stop has been sent (when it made the FIFO)."""
+    fifo = Path(os.environ["FAKE_DOCKER_RECORD"] + ".stopped")
+    if fifo.exists() and stat.S_ISFIFO(fifo.stat().st_mode):
+        with open(fifo, "w"):
+            pass
+
+
+CREATED = "created"
+# The entrypoint's process, held before it runs a line of the entrypoint (argv: the FIFO,
+# the entrypoint, its arguments).
+STARTED_BOOT = """
+import runpy, sys
+fifo = sys.argv.pop(1)
+with open(fifo) as fh:
+    fh.read()
+sys.argv.pop(0)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _mode(path: str | None) -> str | None:
+    return oct(stat.S_IMODE(os.stat(path).st_mode)) if path and os.path.exists(path) else None
+
+
+def _pause() -> None:
+    with open(os.environ["FAKE_DOCKER_RECORD"] + ".pause") as fh:
+        fh.read()
 
 
 def parse_gpus(value: str) -> dict[str, object]:

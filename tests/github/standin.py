@@ -34,12 +34,21 @@ READ_ONLY_MESSAGE = "Resource not accessible by integration"
 
 
 @dataclass(frozen=True)
+class Hold:
+    """A request held at the stand-in until the test releases it (no timing involved)."""
+
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
 class Fault:
     status: int | None = None  # None: answer normally (after `delay`)
     body: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before answering (with `applied`: after making the change)
     applied: bool = False  # make the change, then answer (with `status` when given)
+    hold: Hold | None = None  # wait for the test's release before answering
 
 
 def read_only_fault() -> Fault:
@@ -171,6 +180,10 @@ class GitHubStandIn:
                                 problem=f"wrong repository {params.get('owner')}/"
                                         f"{params.get('repo')}")
         fault = self._next_fault(op.operation_id)
+        if fault is not None and fault.hold is not None:
+            fault.hold.arrived.set()
+            if not fault.hold.release.wait(60):
+                self.problems.append(f"{op.operation_id}: held and never released")
         if fault is not None and fault.delay and not fault.applied:
             time.sleep(fault.delay)
         if fault is not None and fault.status is not None and not fault.applied:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.github.conftest import FAKE_CERTIFIER, ROOT, TOKEN, parse_outputs, payload
+from tests.github.standin import Fault, Hold
 from tests.github.test_action_files import load_yaml
 
 ACTION = load_yaml(ROOT / "action.yml")
@@ -149,10 +150,11 @@ class Runner:
     def run(self, step: dict[str, Any]) -> StepResult:
         return self.finish(step, *self.start(step))
 
-    def run_job(self, *, cancel_during: str | None = None,
-                when: Any = None) -> dict[str, StepResult]:
+    def run_job(self, *, cancel_during: str | None = None, when: Any = None,
+                cancel: Any = None) -> dict[str, StepResult]:
         """Run every step; with `cancel_during`, cancel the job (SIGINT to that step, as the
-        runner does) once `when()` is true, then go on as GitHub does after a cancel."""
+        runner does) once `when()` is true, then go on as GitHub does after a cancel.
+        `cancel(proc)` replaces the waiting and the signal (the boundary tests' own)."""
         results: dict[str, StepResult] = {}
         for step in ACTION["runs"]["steps"]:
             if "run" not in step:  # actions/upload-artifact: not run here
@@ -161,7 +163,12 @@ class Runner:
             if not self.condition(step.get("if", ""), failed):
                 continue
             key = step.get("id") or step["name"]
-            if key == cancel_during:
+            if key == cancel_during and cancel is not None:
+                proc, output = self.start(step)
+                cancel(proc)
+                self.cancelled = True
+                results[key] = self.finish(step, proc, output)
+            elif key == cancel_during:
                 proc, output = self.start(step)
                 deadline = time.monotonic() + 60
                 while not when() and time.monotonic() < deadline:
@@ -213,8 +220,16 @@ def test_pass_runs_the_image_on_gpus_with_mounts_user_and_inputs_by_name(tmp_pat
     mounts = run["options"]["--volume"]
     for folder in (runner.workspace, runner.commands, runner.event.parent):
         assert f"{folder}:{folder}" in mounts
-    assert "INPUT_GITHUB_TOKEN" in run["options"]["--env"]
-    assert TOKEN not in json.dumps(run)  # the token travels by name, not on the command line
+    # the token reaches the container in a 0600 file, neither in its environment (what
+    # `docker inspect` shows other jobs on the host) nor on the command line
+    assert "INPUT_GITHUB_TOKEN" not in run["options"]["--env"]
+    assert "INPUT_GITHUB_TOKEN" not in run["container_env"]
+    assert TOKEN not in json.dumps(run)
+    token_file = Path(run["container_env"]["INVARLOCK_TOKEN_FILE"])
+    assert token_file.parent == Path(results["prepare"].outputs["state-dir"])
+    assert run["token_file_mode"] == "0o600"
+    assert not token_file.exists()  # removed once the container exited
+    assert standin.log[0].status == 201  # ... and the entrypoint did read it
     # offline, with a cache of this job's own in runner.temp (nothing shared to plant in)
     cache = tmp_path / "work" / "_temp" / "invarlock-cache"
     assert f"{cache}:{cache}" in mounts
@@ -263,14 +278,20 @@ def test_the_docker_stand_in_reads_an_unquoted_device_list_as_docker_does():
     ({"gpus": "0"}, "gpus must be all, a count"),
     ({"shm-size": "lots"}, "shm-size must be a size"),
     ({"name": "a b"}, "name must be letters"),
-    ({"mode": "deploy"}, "mode must be certify, publish or aggregate"),
+    ({"working-directory": "../.."}, "working-directory must be inside the workspace"),
 ])
-def test_bad_container_inputs_stop_before_docker(tmp_path, standin, inputs, message):
+def test_bad_container_inputs_are_a_red_check_not_a_missing_one(tmp_path, standin, inputs,
+                                                                 message):
+    """Caught before docker gets the bad value, reported as a failed check with its line."""
     runner = Runner(tmp_path, standin.url, "pass", **inputs)
     results = runner.run_job()
-    assert results["prepare"].returncode == 1
     assert message in results["prepare"].stdout
-    assert "certify" not in results and not runner.record.exists()
+    assert results["certify"].outputs["exit-code"] == "2"
+    assert not (tmp_path / "certifier-calls.jsonl").exists()  # nothing certified
+    assert "device=0;rm" not in json.dumps(runner.docker_run["argv"])
+    (run,) = standin.check_runs.values()
+    assert (run["status"], run["conclusion"]) == ("completed", "failure")
+    assert message in run["output"]["title"]
     assert results["Gate"].returncode == 1
 
 
@@ -408,16 +429,6 @@ def test_a_named_cache_folder_without_a_secret_is_refused(tmp_path, standin):
     assert results["Gate"].returncode == 1
 
 
-def test_working_directory_outside_the_workspace_is_refused(tmp_path, standin):
-    runner = Runner(tmp_path, standin.url, "pass", **{"working-directory": "../.."})
-    results = runner.run_job()
-    assert results["prepare"].returncode == 1
-    assert "working-directory must be inside the workspace" in results["prepare"].stdout
-    assert "certify" not in results
-    assert results["Gate"].returncode == 1
-    assert standin.log == []
-
-
 def test_a_matrix_subject_name_suffixes_check_and_artifact(tmp_path, standin):
     runner = Runner(tmp_path, standin.url, "pass", name="int4", comment="false")
     results = runner.run_job()
@@ -450,3 +461,139 @@ def test_the_docker_stand_in_refuses_paths_that_are_not_mounted(tmp_path, monkey
     code = fake_docker.main(["run", "--rm", "--workdir", str(tmp_path / "link"), "--volume",
                              f"{tmp_path / 'real'}:{tmp_path / 'real'}", "image"])
     assert code == 125
+
+
+def test_the_gate_never_logs_pass_without_a_pass(tmp_path, standin):
+    """Exit code 0 with no PASS verdict (a certifier that exits 0 and prints nothing is
+    caught by the entrypoint; here the Gate itself is given the bare 0)."""
+    runner = Runner(tmp_path, standin.url, "pass")
+    gate = next(s for s in ACTION["runs"]["steps"] if s.get("name") == "Gate")
+    runner.steps["certify"] = StepResult(0, {"exit-code": "0", "verdict": ""}, "")
+    result = runner.run(gate)
+    assert result.returncode == 1 and "PASS" not in result.stdout.replace(
+        "without a PASS verdict", "")
+    runner.steps["certify"] = StepResult(0, {"exit-code": "4", "verdict": ""}, "")
+    result = runner.run(gate)
+    assert result.returncode == 1 and "internal error" in result.stdout
+
+
+def test_proxy_and_ca_variables_reach_the_container_and_the_bundle_is_mounted(tmp_path,
+                                                                              standin):
+    bundle = tmp_path / "corp-ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    runner = Runner(tmp_path, standin.url, "pass", comment="false")
+    proxies = {"HTTP_PROXY": "http://proxy:3128", "HTTPS_PROXY": "http://proxy:3128",
+               "NO_PROXY": "127.0.0.1,localhost", "http_proxy": "http://proxy:3128",
+               "https_proxy": "http://proxy:3128", "no_proxy": "127.0.0.1,localhost",
+               "SSL_CERT_FILE": str(bundle), "REQUESTS_CA_BUNDLE": str(bundle)}
+    runner.env.update(proxies)
+    results = runner.run_job()
+    assert results["Gate"].returncode == 0, results["certify"].stdout
+    run = runner.docker_run
+    for name, value in proxies.items():
+        assert run["container_env"][name] == value, name
+        assert value not in run["argv"]  # by name only
+    assert f"{bundle}:{bundle}:ro" in run["options"]["--volume"]
+
+
+def test_no_model_change_is_a_success_without_the_image(tmp_path, standin):
+    runner = Runner(tmp_path, standin.url, "pass", relevant="false",
+                    **{"reporter-python": sys.executable})
+    results = runner.run_job()
+    assert not runner.record.exists()  # no docker, no image, no GPU
+    assert results["Gate"].returncode == 0 and "no model change" in results["Gate"].stdout
+    assert results["certify"].outputs["verdict"] == ""  # nothing was certified
+    (run,) = standin.check_runs.values()
+    assert (run["name"], run["conclusion"]) == ("InvarLock", "success")
+    assert run["output"]["title"] == "No model change: nothing to certify"
+
+
+# ----------------------------------------------------------------------------- the cancel race
+# The job can be cancelled at any moment of the certify step. Each boundary below is reached
+# on purpose (the fake docker waits on a FIFO, the stand-in holds a request), the job is
+# cancelled there, and only then does the step go on: no timing decides what is tested.
+
+
+def _rendezvous(path: Path, mode: str) -> Any:
+    """Open a FIFO (blocking until the other side opens it), failing instead of hanging."""
+    import threading
+
+    opened: list[Any] = []
+    thread = threading.Thread(target=lambda: opened.append(open(path, mode)),  # noqa: SIM115
+                              daemon=True)
+    thread.start()
+    thread.join(60)
+    if not opened:  # unblock the thread, then fail
+        with open(path, "r" if mode == "w" else "w"):
+            pass
+        thread.join(5)
+        raise AssertionError(f"nobody opened {path}")
+    return opened[0]
+
+
+def _cancel_at_docker(runner: Runner):
+    def cancel(proc: subprocess.Popen[str]) -> None:
+        pause = _rendezvous(Path(f"{runner.record}.pause"), "w")  # docker is at the boundary
+        proc.send_signal(signal.SIGINT)  # the runner cancels the job
+        stopped = _rendezvous(Path(f"{runner.record}.stopped"), "r")
+        stopped.read()  # the trap has run `docker stop`
+        stopped.close()
+        Path(f"{runner.record}.stopped").unlink()
+        pause.close()  # docker goes on from the boundary
+    return cancel
+
+
+def _cancel_at_request(runner: Runner, hold: Hold):
+    def cancel(proc: subprocess.Popen[str]) -> None:
+        assert hold.arrived.wait(60), "the request never came"
+        proc.send_signal(signal.SIGINT)
+        stopped = _rendezvous(Path(f"{runner.record}.stopped"), "r")
+        stopped.read()  # SIGTERM has been sent to the entrypoint
+        stopped.close()
+        Path(f"{runner.record}.stopped").unlink()
+        hold.release.set()
+    return cancel
+
+
+@pytest.mark.parametrize("boundary", ["before-create", "created", "started"])
+def test_a_cancel_before_the_entrypoint_runs_stops_it_without_certifying(tmp_path, standin,
+                                                                         boundary):
+    """The hang: a cancel before docker has created the container found nothing to stop,
+    and the container then ran to its end ("exited with 0 but printed no verdict")."""
+    runner = Runner(tmp_path, standin.url, "hang")
+    runner.env["FAKE_DOCKER_PAUSE_AT"] = boundary
+    os.mkfifo(f"{runner.record}.pause")
+    os.mkfifo(f"{runner.record}.stopped")
+    results = runner.run_job(cancel_during="certify", cancel=_cancel_at_docker(runner))
+    assert results["certify"].outputs["exit-code"] == "143"
+    assert not (tmp_path / "certifier-calls.jsonl").exists()  # never started
+    for run in standin.check_runs.values():  # none left open; none but `cancelled`
+        assert (run["status"], run["conclusion"]) == ("completed", "cancelled")
+    if boundary != "started":  # there the signal may also end the process before Python
+        (run,) = standin.check_runs.values()
+    assert results["Gate"].returncode == 1
+
+
+def test_a_cancel_while_the_check_run_is_created_concludes_cancelled(tmp_path, standin):
+    hold = Hold()
+    standin.inject("checks/create", Fault(hold=hold))
+    runner = Runner(tmp_path, standin.url, "hang")
+    os.mkfifo(f"{runner.record}.stopped")
+    results = runner.run_job(cancel_during="certify", cancel=_cancel_at_request(runner, hold))
+    assert results["certify"].outputs["exit-code"] == "143"
+    assert not (tmp_path / "certifier-calls.jsonl").exists()
+    (run,) = standin.check_runs.values()
+    assert (run["status"], run["conclusion"]) == ("completed", "cancelled")
+
+
+def test_a_cancel_while_the_verdict_is_published_keeps_the_verdict(tmp_path, standin):
+    """The verdict is out in seconds: a cancel then must not leave the check open or turn
+    a reached PASS into a crash."""
+    hold = Hold()
+    standin.inject("checks/update", Fault(hold=hold))
+    runner = Runner(tmp_path, standin.url, "pass", comment="false")
+    os.mkfifo(f"{runner.record}.stopped")
+    results = runner.run_job(cancel_during="certify", cancel=_cancel_at_request(runner, hold))
+    assert results["certify"].outputs["exit-code"] == "0"
+    (run,) = standin.check_runs.values()
+    assert (run["status"], run["conclusion"]) == ("completed", "success")

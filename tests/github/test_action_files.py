@@ -31,7 +31,7 @@ from tests.github.conftest import DATA, ROOT
 
 SCHEMAS = DATA / "schemastore"
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
-PUBLISHED_OUTPUTS = {"check-run-url", "comment-url"}  # written after publishing
+PUBLISHED_OUTPUTS = {"check-run-url", "check-run-id", "comment-url"}  # written after publishing
 COMPOSITE_OUTPUTS = {"report-dir", "artifact-name"}  # written by the certify step itself
 
 
@@ -104,7 +104,8 @@ def test_the_expected_workflows_exist():
                                   "pull-requests": "write"}
     assert "pull_request" in example["on"]
     publish = load_yaml(ROOT / ".github/workflows/certify-publish.yml")
-    assert publish["on"]["workflow_run"]["workflows"] == [example["name"]]
+    matrix = load_yaml(ROOT / ".github/workflows/certify-matrix.yml")
+    assert publish["on"]["workflow_run"]["workflows"] == [example["name"], matrix["name"]]
     release = load_yaml(ROOT / ".github/workflows/release-image.yml")
     assert release["on"] == {"workflow_dispatch": release["on"]["workflow_dispatch"]}
     assert release["on"]["workflow_dispatch"]["inputs"]["version"]["required"] is True
@@ -112,11 +113,92 @@ def test_the_expected_workflows_exist():
     pin = next(s for s in steps if "pin_image.py" in s.get("run", ""))
     assert "steps.build.outputs.digest" in pin["env"]["DIGEST"]
     assert "--force" not in pin["run"]  # the release tag is never overwritten
-    matrix = load_yaml(ROOT / ".github/workflows/certify-matrix.yml")
-    assert matrix["jobs"]["certify"]["needs"] == "baseline"
-    assert set(matrix["jobs"]["comment"]["needs"]) == {"baseline", "certify"}
+    assert set(matrix["jobs"]["certify"]["needs"]) == {"changes", "baseline"}
+    assert set(matrix["jobs"]["comment"]["needs"]) == {"changes", "baseline", "certify"}
     aggregate = matrix["jobs"]["comment"]["steps"][-1]["with"]
     assert aggregate["mode"] == "aggregate"
+
+
+# ----------------------------------------------------------------------------- required check
+
+DOCUMENTED = [ROOT / ".github/workflows" / n for n in ("certify-example.yml",
+                                                       "certify-matrix.yml")]
+
+
+def _check_names(workflow: dict[str, Any]) -> set[str]:
+    """The check names the action posts from a workflow's jobs (input name / check-name)."""
+    names = set()
+    for job in workflow["jobs"].values():
+        for step_ in job.get("steps", []):
+            if str(step_.get("uses", "")).startswith("./"):
+                with_ = step_.get("with") or {}
+                base = with_.get("check-name", "InvarLock")
+                name = with_.get("name")
+                names.add(f"{base} ({name})" if name else base)
+    return names
+
+
+@pytest.mark.parametrize("path", [*DOCUMENTED, ROOT / ".github/workflows/certify-publish.yml"],
+                         ids=lambda p: p.name)
+def test_no_job_carries_a_check_name_the_action_posts(path):
+    """A job's own check run has the job's name, and branch protection cannot tell it from
+    the action's: a job named `InvarLock` would satisfy the required check by succeeding."""
+    workflow = load_yaml(path)
+    for job_id, job in workflow["jobs"].items():
+        name = str(job.get("name", job_id))
+        assert not name.startswith("InvarLock"), (path.name, name)
+    if path.name != "certify-publish.yml":
+        assert "InvarLock" in _check_names(workflow) or \
+            any(n.startswith("InvarLock (") for n in _check_names(workflow))
+
+
+@pytest.mark.parametrize("path", DOCUMENTED, ids=lambda p: p.name)
+def test_documented_workflows_run_on_every_pull_request_and_in_the_merge_queue(path):
+    """A `paths:` filter leaves a required check pending forever on other pull requests."""
+    workflow = load_yaml(path)
+    assert set(workflow["on"]) == {"pull_request", "merge_group"}
+    assert not (workflow["on"]["pull_request"] or {}).get("paths")
+    # ... and the job decides relevance itself: each certifying step on the GPU runner is
+    # told whether anything it certifies changed
+    steps = [s for job in workflow["jobs"].values() if "self-hosted" in job.get("runs-on", [])
+             for s in job.get("steps", []) if str(s.get("uses", "")).startswith("./")]
+    assert steps and all("relevant" in s["with"] for s in steps)
+
+
+@pytest.mark.parametrize("path", DOCUMENTED, ids=lambda p: p.name)
+def test_fork_pull_requests_never_reach_a_self_hosted_runner(path):
+    workflow = load_yaml(path)
+    jobs = workflow["jobs"]
+    for job_id, job in jobs.items():
+        if "self-hosted" not in job.get("runs-on", []):
+            continue
+        guards = [str(job.get("if", ""))] + [str(jobs[n].get("if", "")) for n in
+                                              ([job["needs"]] if isinstance(job.get("needs"), str)
+                                               else job.get("needs", []))]
+        assert any("head.repo.full_name == github.repository" in g for g in guards), job_id
+
+
+def test_jobs_after_a_matrix_are_not_always_and_aggregate_knows_its_subjects():
+    matrix = load_yaml(ROOT / ".github/workflows/certify-matrix.yml")
+    for job in matrix["jobs"].values():
+        assert "always()" not in str(job.get("if", ""))
+        for step_ in job.get("steps", []):
+            assert "always()" not in str(step_.get("if", ""))
+    subjects = set(matrix["jobs"]["certify"]["strategy"]["matrix"]["subject"])
+    subjects.add(next(s for s in matrix["jobs"]["baseline"]["steps"]
+                      if s.get("id") == "invarlock")["with"]["name"])
+    aggregate = matrix["jobs"]["comment"]["steps"][-1]["with"]
+    assert {n.strip() for n in aggregate["subjects"].split(",")} == subjects
+
+
+def test_the_publish_step_runs_even_without_an_artifact():
+    publish = load_yaml(ROOT / ".github/workflows/certify-publish.yml")
+    steps = publish["jobs"]["publish"]["steps"]
+    download = next(s for s in steps if "download-artifact" in str(s.get("uses")))
+    assert download["continue-on-error"] is True
+    assert download["with"]["pattern"] == "invarlock-certificate*"  # matrix artifacts too
+    step_ = next(s for s in steps if s.get("uses") == "./")
+    assert step_["if"] == "always()" and step_["with"]["mode"] == "publish"
 
 
 # ----------------------------------------------------------------------------- security
@@ -190,7 +272,9 @@ def test_inputs_agree_between_action_container_settings_and_docs(action):
                                 for name in settings_inputs}
     forwarded = set(re.findall(r"^\s+((?:INPUT|GITHUB)_[A-Z_]+)\s*$", certify["run"],
                                flags=re.M))
-    assert {k for k in forwarded if k.startswith("INPUT_")} == set(container_inputs)
+    # ... all but the token, which reaches the container in a 0600 file (INVARLOCK_TOKEN_FILE)
+    assert {k for k in forwarded if k.startswith("INPUT_")} == \
+        set(container_inputs) - {"INPUT_GITHUB_TOKEN"}
     assert set(GITHUB_VARIABLES) <= forwarded
 
     # the inputs only the composite steps use are used there

@@ -137,14 +137,20 @@ def test_nothing_is_sent_when_publishing_is_off(tmp_path, standin):
     assert step.outputs["verdict"] == "PASS"
 
 
-def test_bad_input_stops_before_anything_runs(tmp_path, standin):
+def test_bad_input_stops_before_anything_runs_and_fails_the_check(tmp_path, standin):
+    """Bad input is a red check run with its one line, not a check that never appears."""
     step = pr_step(tmp_path, standin, "pass", "105", comment="sometimes")
     done = run_entrypoint(step)
     assert done.returncode == 2
     assert done.stdout.startswith(f"::add-mask::{TOKEN}\n")  # masked even before validation
     assert "::error title=InvarLock%3A bad input::input 'comment' must be true or false" in \
         done.stdout
-    assert standin.log == [] and not (tmp_path / "certifier-calls.jsonl").exists()
+    assert not (tmp_path / "certifier-calls.jsonl").exists()
+    assert standin.calls() == ["checks/create -> 201"]
+    (run,) = standin.check_runs.values()
+    assert (run["name"], run["head_sha"], run["conclusion"]) == ("InvarLock", HEAD_SHA, "failure")
+    assert "input 'comment' must be true or false" in run["output"]["title"]
+    assert step.outputs["exit-code"] == "2" and step.outputs["check-run-id"] == str(run["id"])
 
 
 def _certified_fork_report(tmp_path: Path, standin) -> Path:
@@ -179,7 +185,9 @@ def test_publish_mode_reports_a_fork_result_after_checking_the_pull_request(tmp_
     create = standin.log[1].body
     assert create["head_sha"] == HEAD_SHA and create["conclusion"] == "failure"
     assert create["details_url"] == "https://github.com/octo-org/octo-repo/actions/runs/289782451"
-    assert "### ❌ InvarLock: FAIL" in standin.comments[2][0]["body"]
+    # published under its own name: a fork's result never satisfies the required check
+    assert create["name"] == "InvarLock (fork, unverified)"
+    assert "### ❌ InvarLock \\(fork, unverified\\): FAIL" in standin.comments[2][0]["body"]
     assert step.outputs["verdict"] == "FAIL"
     assert step.outputs["certificate-path"] == str((report / "evaluation.cert.json").resolve())
 
@@ -264,3 +272,19 @@ def test_ghes_api_base_is_followed(tmp_path):
         assert run_entrypoint(step).returncode == 0
         assert all(r.path.startswith("/api/v3/") for r in ghes.log)
         assert len(ghes.log) == 5 and ghes.problems == []
+
+
+def test_an_entrypoint_that_cannot_load_exits_4_not_the_fail_code(tmp_path):
+    """A traceback exits 1, which is FAIL (advisory with `fail-on-gate: false`)."""
+    (tmp_path / "invarlock" / "github").mkdir(parents=True)
+    (tmp_path / "invarlock" / "__init__.py").write_text("")
+    (tmp_path / "invarlock" / "github" / "__init__.py").write_text("")
+    (tmp_path / "invarlock" / "github" / "main.py").write_text("raise ImportError('broken')\n")
+    script = tmp_path / "entrypoint"
+    script.write_text((ROOT / "entrypoint").read_text())
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 4
+    assert "::error title=InvarLock: internal error::cannot load the Action: ImportError" in \
+        done.stdout
+    assert "Traceback" not in done.stderr

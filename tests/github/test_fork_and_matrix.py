@@ -71,9 +71,11 @@ def test_fork_flow_end_to_end(tmp_path, standin, scenario, conclusion):
     assert (run["head_sha"], run["status"], run["conclusion"]) == (HEAD_SHA, "completed",
                                                                      conclusion)
     assert standin.calls()[0] == "pulls/get -> 200"  # the recorded PR number is confirmed
+    assert run["name"] == "InvarLock (fork, unverified)"  # never the required check's name
     (comment,) = standin.comments[2]
-    assert comment["body"].startswith(marker("InvarLock"))
-    assert ("### ✅ InvarLock: PASS" if scenario == "pass" else "### ❌ InvarLock: FAIL") in \
+    assert comment["body"].startswith(marker("InvarLock (fork, unverified)"))
+    verdict = "✅" if scenario == "pass" else "❌"
+    assert f"### {verdict} InvarLock \\(fork, unverified\\): {scenario.upper()}" in \
         comment["body"]
 
 
@@ -119,12 +121,15 @@ def test_a_matrix_gets_one_aggregate_comment_with_a_row_per_subject(tmp_path, st
         assert results["certify"].outputs["exit-code"] == "3"  # the crashed subject
         return runner
 
+    standin.pulls[2] = HEAD_SHA
     aggregate()
     ours = [c for c in standin.comments[2] if c["user"]["login"] == "github-actions[bot]"]
     assert len(ours) == 1 and standin.comments[2][0]["body"].endswith("planted")
     body = ours[0]["body"]
-    rows = [line for line in body.splitlines() if line.startswith("| `")]
-    assert [r.split(" | ")[0] for r in rows] == ["| `awq`", "| `gptq`", "| `int4`", "| `int8`"]
+    assert body.startswith(marker("InvarLock", aggregate=True, head_sha=HEAD_SHA))
+    rows = [line for line in body.splitlines() if line.startswith("| ") and "---" not in line
+            and not line.startswith("| Subject")]
+    assert [r.split(" | ")[0] for r in rows] == ["| awq", "| gptq", "| int4", "| int8"]
     assert "2 of 4 subjects pass" in body
     assert "❌ FAIL" in rows[2] and "✅ PASS" in rows[3] and "CUDA out of memory" in rows[1]
     assert standin.check_runs == {}
@@ -133,3 +138,80 @@ def test_a_matrix_gets_one_aggregate_comment_with_a_row_per_subject(tmp_path, st
     assert [r.call for r in standin.log[before:]][-1] == "issues/list-comments -> 200"
     assert len([c for c in standin.comments[2]
                 if c["user"]["login"] == "github-actions[bot]"]) == 1
+
+
+def _aggregate_runner(tmp_path: Path, standin, reports: Path, **inputs: str) -> Runner:
+    return Runner(tmp_path / f"run-{len(standin.log)}", standin.url, "pass", mode="aggregate",
+                  certificate=str(reports), **{"reporter-python": sys.executable,
+                                               "check-run": "false", **inputs})
+
+
+def test_a_subject_that_never_uploaded_is_a_failing_row(tmp_path, standin, certificates):
+    reports = tmp_path / "downloads"
+    _matrix_reports(reports, certificates)
+    standin.pulls[2] = HEAD_SHA
+    runner = _aggregate_runner(tmp_path, standin, reports,
+                               subjects="int8, int4, awq, gptq, gguf")
+    results = runner.run_job()
+    assert results["certify"].outputs["exit-code"] == "3"
+    assert results["Gate"].returncode == 1
+    body = standin.comments[2][-1]["body"]
+    assert "2 of 5 subjects pass" in body  # not "2 of 4": the missing one is counted
+    (row,) = [line for line in body.splitlines() if line.startswith("| gguf |")]
+    assert "no verdict" in row and "did not" in row
+
+
+def test_with_no_report_at_all_every_expected_subject_fails(tmp_path, standin):
+    standin.pulls[2] = HEAD_SHA
+    runner = _aggregate_runner(tmp_path, standin, tmp_path / "nothing-downloaded",
+                               subjects="int8\nint4")
+    results = runner.run_job()
+    assert results["certify"].outputs["exit-code"] == "3"
+    assert "0 of 2 subjects pass" in standin.comments[2][-1]["body"]
+
+
+def test_a_superseded_run_does_not_overwrite_the_newer_comment(tmp_path, standin,
+                                                               certificates):
+    reports = tmp_path / "downloads"
+    _matrix_reports(reports, certificates)
+    standin.pulls[2] = "9" * 40  # the pull request has a newer head than this run's
+    runner = _aggregate_runner(tmp_path, standin, reports)
+    results = runner.run_job()
+    assert 2 not in standin.comments
+    assert "has moved on" in results["certify"].stdout
+    assert standin.calls()[-1] == "pulls/get -> 200"
+
+
+def test_a_hostile_subject_name_in_an_artifact_renders_as_text(tmp_path, standin,
+                                                               certificates):
+    reports = tmp_path / "downloads"
+    _matrix_reports(reports, certificates)
+    hostile = "x](https://evil.example) <img src=x onerror=alert(1)> | @org/team"
+    result = reports / "invarlock-certificate-int4" / "invarlock-action.json"
+    data = json.loads(result.read_text())
+    data["name"] = hostile
+    result.write_text(json.dumps(data))
+    standin.pulls[2] = HEAD_SHA
+    _aggregate_runner(tmp_path, standin, reports).run_job()
+    body = standin.comments[2][-1]["body"]
+    assert "<img" not in body and "](https://evil" not in body and "@org" not in body
+    assert "&lt;img" in body
+
+
+def test_fork_publishing_handles_matrix_artifacts(tmp_path, standin, certificates):
+    """actions/download-artifact with a pattern: one folder per subject's artifact."""
+    downloaded = tmp_path / "hosted-runner" / "work" / "_temp" / "invarlock-reports"
+    _matrix_reports(downloaded, certificates)
+    standin.pulls[2] = HEAD_SHA
+    runner = _publish_job(tmp_path, standin, downloaded, HEAD_SHA)
+    results = runner.run_job()
+    names = sorted(run["name"] for run in standin.check_runs.values())
+    assert names == [f"InvarLock ({n}) (fork, unverified)" for n in
+                     ("awq", "gptq", "int4", "int8")]
+    conclusions = {run["name"]: run["conclusion"] for run in standin.check_runs.values()}
+    assert conclusions["InvarLock (gptq) (fork, unverified)"] == "failure"
+    # the synthetic certificates bind to the head but were not made by a run: each verifies
+    # or fails on its own, and the job's exit code is the worst of them
+    assert results["certify"].outputs["exit-code"] == "3"
+    (comment,) = standin.comments[2]
+    assert "of 4 subjects pass" in comment["body"]

@@ -15,7 +15,7 @@ from invarlock.github.comments import BODY_LIMIT
 from invarlock.github.outcome import Outcome
 from invarlock.github.summary import SUMMARY_LIMIT, append_summary, fit_bytes
 from tests.certs import synthetic_certificate
-from tests.github.golden_cases import CASES, GOLDEN, LINKS, rendered
+from tests.github.golden_cases import CASES, GOLDEN, LINKS, rendered, with_guards
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -162,8 +162,9 @@ def test_fit_drops_later_parts_first_and_closes_open_blocks():
 
 
 def test_untrusted_text_cannot_inject_html_or_break_tables():
-    assert render._plain("<img src=x> | a\nb") == "&lt;img src=x> \\| a b"
-    assert "`" not in render._code("a`b")
+    assert render._plain("<img src=x> | a\nb") == "&lt;img src\\=x&gt; \\| a b"
+    assert render._code("a`b") == "a\\`b"  # escaped: no code span can open
+    assert render._code("ec26c3e57ca3") == "`ec26c3e57ca3`"  # a plain token keeps code style
 
 
 def test_job_summary_is_bounded_in_bytes(tmp_path):
@@ -177,3 +178,61 @@ def test_job_summary_is_bounded_in_bytes(tmp_path):
     assert len(added.encode("utf-8")) <= SUMMARY_LIMIT
     assert "Summary truncated" in added and "https://example.com/run" in added
     assert fit_bytes("short", 100, "N") == "short"
+
+
+HOSTILE = ("x</details><img src=x onerror=alert(1)>\n::set-output name=v::1 "
+           "[a](https://evil.example) @org/team `code` | cell")
+
+
+def _hostile_certificate(alpha: float = 0.05) -> dict:
+    cert = with_guards(synthetic_certificate(shift=0.2, seed=2))
+    cert["environment"]["device"]["name"] = HOSTILE
+    cert["environment"]["python"] = HOSTILE
+    cert["environment"]["libraries"]["torch"] = HOSTILE
+    cert["baseline"]["source"] = HOSTILE
+    cert["subject"]["source"] = HOSTILE
+    cert["subject"]["format"] = {"name": "hf_quantized", "method": HOSTILE, "bits": 4,
+                                 "backend": HOSTILE, "backend_version": HOSTILE,
+                                 "forward": "quantized-kernels"}
+    cert["verdict"]["reasons"] = [HOSTILE]
+    assert cert["guards"]
+    for guard in cert["guards"].values():
+        guard["reason"] = HOSTILE
+        guard["findings"] = [{"module": HOSTILE, "family": HOSTILE, "kind": HOSTILE,
+                              "message": HOSTILE}]
+    cert["primary_metric"]["bootstrap"]["alpha"] = alpha
+    return cert
+
+
+def _assert_inert(text: str) -> None:
+    # code spans show their content literally (no HTML, links or mentions inside them)
+    text = re.sub(r"`[^`\n]*`", "CODE", text)
+    assert "<img" not in text
+    assert "](https://evil" not in text and "@org" not in text
+    assert all(not line.lstrip().startswith("::") for line in text.splitlines())
+    assert text.count("</details>") == text.count("<details>")
+
+
+def test_hostile_certificate_text_is_inert_in_every_github_rendering():
+    """A fork's certificate (its digest proves nothing) names a device, a Python version,
+    sources, a backend and reasons: none of it becomes HTML, a link, a mention, a table
+    break or a workflow command in the comment, the check run or the job summary."""
+    report = render.Report("InvarLock", Outcome(1, None, _hostile_certificate(), None, None),
+                           LINKS)
+    output = render.check_output(report)
+    for text in (render.comment(report, BODY_LIMIT), render.job_summary(report),
+                 output.summary, output.text, output.title):
+        _assert_inert(text)
+    assert "&lt;img" in render.comment(report, BODY_LIMIT)  # shown, as text
+
+
+def test_the_confidence_level_printed_is_the_recorded_one():
+    cert = _hostile_certificate(alpha=0.10)
+    report = render.Report("InvarLock", Outcome(1, None, cert, None, None), LINKS)
+    assert render.confidence_level(cert) == "90%"
+    assert "90% CI against the limit" in render.comment(report, BODY_LIMIT)
+    assert "95% CI" not in render.gate_chart(cert)
+    from invarlock.github import aggregate
+
+    row = aggregate.Row("int4", Outcome(1, None, cert, None, None))
+    assert "| 90% CI |" in aggregate.render_comment("InvarLock", [row], run_url=None)

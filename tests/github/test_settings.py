@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ from invarlock.errors import InputError
 from invarlock.github.settings import (
     DEFAULT_CERTIFY_COMMAND,
     INPUTS,
+    CommentMode,
     Mode,
+    fallback_settings,
     input_variables,
     read_input,
     read_settings,
@@ -122,3 +125,37 @@ def test_a_subject_name_suffixes_check_and_artifact_and_a_softer_fail_is_explici
         read_settings({"INPUT_NAME": "../int4"})
     with pytest.raises(InputError, match="input 'certificate' is required in aggregate mode"):
         read_settings({"INPUT_MODE": "aggregate"})
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ({"INPUT_COMMENT_MODE": "sometimes"}, "input 'comment-mode' must be one of always"),
+    ({"INPUT_COMMIT": "main"}, "input 'commit' must be a full commit SHA"),
+    ({"INPUT_PR_NUMBER": "2; rm"}, "input 'pr-number' must be a pull request number"),
+    ({"INPUT_SUBJECTS": "int8, in t4"}, "input 'subjects': 'in t4' is not a subject name"),
+    ({"INPUT_SUBJECTS": "int8, int8"}, "input 'subjects' names a subject twice"),
+    ({"INPUT_RELEVANT": "maybe"}, "input 'relevant' must be true or false"),
+    ({"INVARLOCK_INPUT_ERROR": "gpus must be all, a count"}, "gpus must be all, a count"),
+])
+def test_the_publishing_inputs_are_checked(inputs, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        read_settings(inputs)
+
+
+def test_publishing_inputs_and_the_token_file(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("ghs_FromTheFile\n")
+    s = read_settings({"INPUT_COMMENT_MODE": "On-Failure", "INPUT_PR_NUMBER": "12",
+                       "INPUT_COMMIT": "a" * 40, "INPUT_SUBJECTS": "int8\nint4, awq",
+                       "INVARLOCK_TOKEN_FILE": str(token)})
+    assert s.comment_mode is CommentMode.ON_FAILURE and s.comment
+    assert (s.pr_number, s.commit, s.subjects) == (12, "a" * 40, ("int8", "int4", "awq"))
+    assert s.token == "ghs_FromTheFile"
+    assert read_settings({"INPUT_COMMENT": "false"}).comment_mode is CommentMode.OFF
+    assert not read_settings({"INPUT_COMMENT_MODE": "off"}).comment
+
+
+def test_publish_mode_never_posts_under_the_required_name():
+    s = read_settings({"INPUT_MODE": "publish", "INPUT_CERTIFICATE": "r", "INPUT_NAME": "int4"})
+    assert s.check_name == "InvarLock (int4) (fork, unverified)"
+    fallback = fallback_settings({"INPUT_MODE": "publish", "INPUT_COMMENT": "sometimes"})
+    assert fallback.check_name == "InvarLock (fork, unverified)" and not fallback.comment
