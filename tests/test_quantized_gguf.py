@@ -89,12 +89,11 @@ def test_gguf_subject_certifies_with_format_fields(tiny_llama_dir, sonnets_path,
     assert any(m["changed"] for m in spectral["modules"]) and not spectral["unmatched"]
     assert cert["guards"]["invariants"]["passed"]
     # the renderings and `verify` say how the subject is stored and was evaluated
+    from invarlock.certificate.markdown import as_text
     from invarlock.enums import Verdict
     from invarlock.github.outcome import Outcome
     from invarlock.github.render import Links, Report, headline
     from invarlock.verify import verify_certificate
-
-    from invarlock.certificate.markdown import as_text
 
     markdown = as_text(Path(summary["markdown"]).read_text())  # as a reader sees it
     assert "| Subject format | GGUF Q8_0 · 8-bit, groups of 32 · gguf " in markdown
