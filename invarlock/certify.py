@@ -348,9 +348,9 @@ def check_subject_tokenizer(subject: ModelInput, base_tok: Any,
     Returns where its tokenizer came from (a GGUF file may embed one, or none) and its hash
     for the invariants guard.
     """
-    from invarlock.models import formats
+    from invarlock.models import tokenizer
 
-    return formats.check_subject_tokenizer(base_tok, tok_hash, subject.source)
+    return tokenizer.check_subject_tokenizer(base_tok, tok_hash, subject.source)
 
 
 def _parse_edit(req: CertifyRequest) -> EditInput:

@@ -402,7 +402,7 @@ def _load_hf_corpus(source: DatasetSource, *, labelled: bool) -> Corpus:
     spec = source.spec()
     unreachable = None
     if online:
-        from invarlock.models.network import hub_endpoint, hub_unreachable
+        from invarlock.network import hub_endpoint, hub_unreachable
 
         unreachable = hub_unreachable()
         online = unreachable is None

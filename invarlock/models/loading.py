@@ -34,7 +34,6 @@ from invarlock.models.device import (  # torch via device.py: MissingExtraError 
     torch,
 )
 from invarlock.models.effective import storage_tensors
-from invarlock.models.network import enforce_offline
 from invarlock.models.source import (
     PICKLE_FILE,
     PICKLE_INDEX,
@@ -44,6 +43,7 @@ from invarlock.models.source import (
     weight_files,
     weights_digest,
 )
+from invarlock.network import enforce_offline
 
 logger = logging.getLogger(__name__)
 

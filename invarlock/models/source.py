@@ -22,7 +22,7 @@ from typing import NamedTuple
 from invarlock import plugins
 from invarlock.enums import ADAPTER_ALIASES, AdapterKind
 from invarlock.errors import InputError
-from invarlock.models.network import NETWORK_ENV, enforce_offline, network_allowed
+from invarlock.network import NETWORK_ENV, enforce_offline, network_allowed
 
 logger = logging.getLogger(__name__)
 
