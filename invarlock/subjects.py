@@ -61,7 +61,7 @@ def folder_names(specs: Sequence[str]) -> list[str]:
         tail = re.split(r"[/\\:]", spec.rstrip("/\\"))[-1] or "subject"
         base = re.sub(r"[^A-Za-z0-9._-]+", "-", tail).strip(".-") or "subject"
         name, n = base, 2
-        while name in names:
+        while name in names or name.lower() in (INDEX_JSON, INDEX_MARKDOWN):  # OUT's own
             name, n = f"{base}-{n}", n + 1
         names.append(name)
     return names

@@ -50,8 +50,15 @@ BACKENDS: dict[str, Backend] = {b.method: b for b in (
 
 
 def quantization_config(config: dict[str, Any]) -> dict[str, Any] | None:
+    """config.json's quantization_config (None: a float checkpoint); any other shape than an
+    object is an input error, not a float checkpoint in disguise."""
     value = config.get("quantization_config")
-    return dict(value) if isinstance(value, dict) else None
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InputError(f"config.json's quantization_config must be an object, got "
+                         f"{type(value).__name__}")
+    return dict(value)
 
 
 def method_of(config: dict[str, Any]) -> str | None:
@@ -59,10 +66,13 @@ def method_of(config: dict[str, Any]) -> str | None:
     qc = quantization_config(config)
     if qc is None:
         return None
-    method = str(qc.get("quant_method") or "").strip().lower()
-    if not method:
+    method = qc.get("quant_method")
+    if method is None or method == "":
         raise InputError("config.json has a quantization_config without quant_method")
-    return method
+    if not isinstance(method, str) or not method.strip():
+        raise InputError(f"config.json's quantization_config.quant_method must be a method "
+                         f"name, got {str(method)[:40]!r}")
+    return method.strip().lower()
 
 
 def known_methods() -> list[str]:
