@@ -285,6 +285,9 @@ def _source_from_path(spec: str) -> DatasetSource:
             return DatasetSource("text", path=spec)
         raise InputError(f"dataset file '{spec}' has an unsupported type '{suffix}'; "
                          f"use {_SPEC_FORMS}")
+    if path.exists():
+        raise InputError(f"dataset '{spec}' is not a regular file (a FIFO, socket or device); "
+                         "give a file or folder")
     raise InputError(f"dataset '{spec}' not found: it is not an existing file or folder, "
                      f"nor one of demo, wikitext2, hf:NAME[:CONFIG[:SPLIT]]")
 
