@@ -52,7 +52,16 @@ def dequantize_(model: Any) -> None:
 
 def check_loadable(source: ModelSource, config: dict[str, Any], device: str,
                    dequantize: bool) -> None:
-    """Before anything heavy: the backend is here and can run on the device (see quantized)."""
+    """Before anything heavy: a declared quantization is held by the weights, and its
+    backend is here and can run on the device (see quantized)."""
+    if is_quantized(config):
+        from invarlock.models.source import weight_files
+
+        try:
+            files = weight_files(source, allow_pickle=True)
+        except InputError:
+            files = []  # no weights: loading says so in its own words
+        quantized.check_claim(config, files, source.spec)
     quantized.check_runnable(config, device, dequantize, source.spec)
 
 
