@@ -288,6 +288,9 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
     formats.check_loadable(base_src, base_cfg, device, req.dequantize)
     subject = (check_subject(req.subject, baseline, req, device)
                if req.subject is not None else None)
+    if len(req.subjects) <= 1:  # several subjects: each may be the one a flag is for
+        formats.check_flags_apply([(m.source, m.config) for m in (baseline, subject) if m],
+                                  req.gguf_file, req.dequantize)
     policy = resolve(req.config, context_length=source.context_length(base_cfg))
     chain = ChainSettings.from_policy(policy.values.get("guards"))  # bad guard config: fail now
     edit = _parse_edit(req) if req.edit is not None else None

@@ -65,6 +65,18 @@ def check_loadable(source: ModelSource, config: dict[str, Any], device: str,
     quantized.check_runnable(config, device, dequantize, source.spec)
 
 
+def check_flags_apply(models: list[tuple[ModelSource, dict[str, Any]]], gguf_file: str | None,
+                      dequantize: bool) -> None:
+    """`--gguf-file` and `--dequantize` must apply to one of the models compared (source and
+    config of each): a flag that silently does nothing leaves the user believing it did."""
+    if gguf_file and not any(src.gguf_file for src, _ in models):
+        raise InputError(f"--gguf-file {gguf_file} does nothing: no model folder given holds a "
+                         "GGUF file of that name")
+    if dequantize and not any(is_quantized(config) for _, config in models):
+        raise InputError("--dequantize does nothing: no model given is a quantized checkpoint "
+                         "(a GGUF file is always evaluated dequantized)")
+
+
 def check_same_architecture(base_cfg: dict[str, Any], subj_cfg: dict[str, Any],
                             subj: ModelSource, base: ModelSource) -> None:
     """A GGUF or quantized subject of another model type is input error, found up front."""

@@ -291,6 +291,8 @@ def test_malformed_gguf_is_an_input_error(content, no_evaluation, tiny_gpt2_dir,
     (("--no-cache", "--cache-dir", "CACHE"), "--no-cache"),
     (("--text-field", "body"), "dataset.text_field"),
     (("--label-field", "y"), "dataset.label_field"),
+    (("--dequantize",), "--dequantize"),
+    (("--gguf-file", "model.gguf"), "--gguf-file"),
 ])
 def test_a_flag_that_does_nothing_is_refused_with_why(
         extra, words, no_evaluation, tiny_gpt2_dir, sonnets_path, fast_preset, tmp_path):
