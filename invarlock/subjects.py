@@ -187,4 +187,10 @@ def read_index(folder: Path) -> dict[str, Any] | None:
     if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT or not isinstance(
             doc.get("subjects"), list):
         raise TamperedCertificateError(f"{path} is not an InvarLock index")
+    for number, row in enumerate(doc["subjects"], start=1):
+        if not isinstance(row, dict) or not all(
+                isinstance(row.get(k), str) for k in ("name", "subject")) or not isinstance(
+                row.get("certificate", ""), (str, type(None))):
+            raise TamperedCertificateError(f"{path}: row {number} of subjects is not an index "
+                                           "row (name, subject and certificate as text)")
     return doc

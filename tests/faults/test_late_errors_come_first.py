@@ -339,3 +339,16 @@ def test_a_subject_folder_named_like_the_index_gets_its_own_folder(
     rows = json.loads(index.read_text())["subjects"]
     assert len(rows) == 2 and all((tmp_path / "o" / row["name"]).is_dir() for row in rows)
     assert not {row["name"].lower() for row in rows} & {"index.json", "index.md"}
+
+
+@pytest.mark.parametrize("rows", ["5", "[5]", '[{"certificate": 7}]', '[["a", "b"]]',
+                                  '[{"name": "a", "subject": "s", "certificate": ["x"]}]',
+                                  '[{"name": 1, "subject": "s"}]', '[null]'])
+def test_an_index_of_the_wrong_shape_is_one_line(rows, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "index.json").write_text(
+        f'{{"format": "invarlock.index", "version": 1, "subjects": {rows}}}')
+    code, payload, stderr = invoke("verify", str(out), "--json")
+    assert code == 2 and "internal error" not in stderr, (payload, stderr)
+    assert "index" in payload["error"]
