@@ -293,6 +293,9 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
     formats.check_loadable(base_src, base_cfg, device, req.dequantize)
     subject = (check_subject(req.subject, baseline, req, device)
                if req.subject is not None else None)
+    if len(req.subjects) <= 1:  # several subjects: each may be the one a flag is for
+        formats.check_flags_apply([(m.source, m.config) for m in (baseline, subject) if m],
+                                  req.gguf_file, req.dequantize)
     policy = resolve(req.config, context_length=source.context_length(base_cfg))
     provenance.check_policy_pin(req.reference, policy.digest)
     provenance.check_baseline_pin(req.reference, lambda: source.weights_digest(
@@ -357,9 +360,9 @@ def check_subject_tokenizer(subject: ModelInput, base_tok: Any,
     Returns where its tokenizer came from (a GGUF file may embed one, or none) and its hash
     for the invariants guard.
     """
-    from invarlock.models import formats
+    from invarlock.models import tokenizer
 
-    return formats.check_subject_tokenizer(base_tok, tok_hash, subject.source)
+    return tokenizer.check_subject_tokenizer(base_tok, tok_hash, subject.source)
 
 
 def _parse_edit(req: CertifyRequest) -> EditInput:

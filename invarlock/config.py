@@ -15,13 +15,37 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
-from invarlock.config_schema import CONFIG_SCHEMA
-from invarlock.errors import ConfigError, nearest_hint
+from invarlock.config_schema import CONFIG_SCHEMA, NUMERIC_TEXT_BOUNDS
+from invarlock.errors import ConfigError, InputError, nearest_hint
+from invarlock.input_files import MiB, read_text
 
-_VALIDATOR = Draft202012Validator(CONFIG_SCHEMA)
+MAX_CONFIG_BYTES = 4 * MiB
+MAX_DEPTH = 32          # sections nest three or four deep; more is not a config
+MAX_VALUES = 100_000    # every value counted as often as aliases repeat it
+
+
+def _numeric_text(validator: Any, bounds: dict[str, Any], instance: Any,
+                  schema: Any) -> Iterator[ValidationError]:
+    """A number written as text ("9e-4") meets the same type and range rules as one written
+    as a number: it must be finite and within the bounds of its key."""
+    if not isinstance(instance, str):
+        return
+    try:
+        value = float(instance)
+    except ValueError:
+        return  # not numeric text: the pattern reports it
+    if not math.isfinite(value):
+        yield ValidationError(f"{instance!r} is not a finite number")
+        return
+    for error in validator.evolve(schema={"type": "number", **bounds}).iter_errors(value):
+        yield ValidationError(f"{instance!r}: {error.message}")
+
+
+_VALIDATOR = validators.extend(Draft202012Validator, {NUMERIC_TEXT_BOUNDS: _numeric_text})(
+    CONFIG_SCHEMA)
 
 
 class _Loader(yaml.SafeLoader):
@@ -39,13 +63,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read one YAML mapping; an empty file is an empty mapping."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        text = read_text(path, "config file", MAX_CONFIG_BYTES)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         data = yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -56,11 +80,32 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, "
                           f"got {type(data).__name__}")
+    check_size(data, str(path))
     bad = next(nonfinite_numbers(data), None)
     if bad is not None:
         raise ConfigError(f"{path}: {bad[0]} is {bad[1]}; every number in a config must be "
                           "finite")
     return data
+
+
+def check_size(data: Any, source: str) -> None:
+    """Bound nesting and the number of values, counting a value once per alias that repeats
+    it: a YAML alias bomb (a few lines naming each other a billion times) would otherwise
+    take every later walk over the config (validation, merging) past any time limit."""
+    todo, values = [(data, 1)], 0
+    while todo:
+        node, depth = todo.pop()
+        values += 1
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{source}: nested deeper than {MAX_DEPTH} levels; a config "
+                              "is not")
+        if values > MAX_VALUES:
+            raise ConfigError(f"{source}: expands to more than {MAX_VALUES:,} values "
+                              "(aliases repeating aliases?); a config is far smaller")
+        if isinstance(node, Mapping):
+            todo.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            todo.extend((v, depth + 1) for v in node)
 
 
 def nonfinite_numbers(data: Any, where: str = "") -> Iterator[tuple[str, float]]:
@@ -102,6 +147,14 @@ def describe_error(error: ValidationError) -> str:
         key = unknown[0]
         full = f"{where}.{key}" if where else key
         return f"unknown key '{full}'{nearest_hint(key, allowed)}"
+    if error.validator == "anyOf" and error.context:
+        # the branch of the instance's own type explains the failure ("'-1': -1.0 is less
+        # than the minimum of 0"), not "is not valid under any of the given schemas"
+        typed = [e for e in error.context if e.validator != "type"]
+        if typed and typed[0].validator == "pattern" and NUMERIC_TEXT_BOUNDS in typed[0].schema:
+            return f"{where or 'value'} must be a finite number, got {error.instance!r}"
+        if typed:
+            return f"{where or 'value'}: {typed[0].message}"
     if error.validator == "enum":
         choices = ", ".join(repr(c) for c in error.validator_value)
         return f"{where or 'value'} must be one of {choices}, got {error.instance!r}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 _POS_INT = {"type": "integer", "minimum": 1}
-_SEED = {"type": "integer", "minimum": 0}
+_SEED = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}  # numpy and torch seeds
 _STR = {"type": "string", "minLength": 1}
 _OPT_STR = {"type": ["string", "null"]}
 
@@ -120,12 +120,16 @@ OUTPUT = _obj({
 # strict; other names are left to the guard registry, which accepts registered plugin guards
 # and rejects the rest with the nearest known name. Numbers may also be written as strings
 # such as "9e-4": YAML 1.1 (PyYAML) reads an exponent without a decimal point as a string.
+# Such text is held to the same bounds as the number (`NUMERIC_TEXT_BOUNDS`, checked by
+# invarlock.config), so a quoted '1e999' or '-1' is refused as the unquoted one is.
 _MODE = {"enum": ["off", "monitor", "gate", False]}  # YAML 1.1 reads a bare `off` as false
 _NUMERIC_TEXT = {"type": "string", "pattern": r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"}
+NUMERIC_TEXT_BOUNDS = "numericTextBounds"
 
 
 def _number(**bounds: Any) -> dict[str, Any]:
-    return {"anyOf": [{"type": "number", **bounds}, _NUMERIC_TEXT]}
+    return {"anyOf": [{"type": "number", **bounds},
+                      {**_NUMERIC_TEXT, NUMERIC_TEXT_BOUNDS: bounds}]}
 
 
 _FAMILY_NUMBERS = _obj({f: _number(minimum=0) for f in ("attn", "ffn", "embed", "other")})

@@ -13,6 +13,7 @@ from typing import Any
 
 from invarlock.config import get, load_yaml, merge_sources
 from invarlock.errors import InputError
+from invarlock.outdir import shown
 from invarlock.policy import resolve
 
 DEMO = "demo"
@@ -60,6 +61,8 @@ def finalize(sources: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         if not get(merged, "model.subject") and not get(merged, "edit"):
             merged["edit"] = dict(DEFAULT_DEMO_EDIT)
     _check_combination(merged)
+    _check_flags_that_do_nothing(merged)
+    _check_save_targets(merged)
     resolve(merged)  # tier/profile/window rules fail here, before anything is loaded
     return merged
 
@@ -89,6 +92,38 @@ def _check_combination(config: dict[str, Any]) -> None:
         from invarlock.edits.formats import check_save_format
 
         check_save_format(get(config, "output.save_format"), edit)
+
+
+def _check_flags_that_do_nothing(config: dict[str, Any]) -> None:
+    """A setting the combination ignores is refused with why: the user believes it applies."""
+    if get(config, "model.max_memory") is not None and get(config, "model.device_map") is None:
+        raise InputError("--max-memory sizes the devices of a device map; it does nothing "
+                         "without --device-map")
+    if get(config, "output.cache_dir") and get(config, "output.cache", True) is False:
+        raise InputError("--cache-dir names where the baseline cache lives; it does nothing "
+                         "with --no-cache (output.cache: false)")
+
+
+def _check_save_targets(config: dict[str, Any]) -> None:
+    """Folders a run writes a checkpoint into must be new or empty, found before evaluation
+    (a refusal after both evaluations wastes them and leaves a certificate without its
+    copy)."""
+    targets = [(get(config, key), flag) for key, flag in (
+        ("output.save_subject", "--save-subject"),
+        ("output.write_ve_subject", "--write-ve-subject"))]
+    targets = [(Path(str(t)), flag) for t, flag in targets if t]
+    if len(targets) == 2 and targets[0][0].resolve() == targets[1][0].resolve():
+        raise InputError("--save-subject and --write-ve-subject name the same folder; give "
+                         "each its own")
+    for path, flag in targets:
+        try:
+            occupied = path.is_dir() and any(path.iterdir())
+        except OSError as exc:
+            raise InputError(f"{flag} {shown(path)} cannot be used: "
+                             f"{exc.strerror or exc}") from None
+        if occupied:
+            raise InputError(f"{flag} {shown(path)} exists and is not empty; a checkpoint is "
+                             "never written over other files: give a new or empty folder")
 
 
 def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,8 @@ class PageCheck:
     tables: list[int] = field(default_factory=list)  # body rows of each visible table
     text: str = ""
     overflow_px: int = 0  # how far content sticks out beyond the viewport width
+    sticking_out: int = 0  # tables wider than the page with no box to scroll them in
+    width: int = WIDTH
     screenshot: Path | None = None
 
     @property
@@ -68,7 +70,10 @@ class PageCheck:
         out += [f"console: {e}" for e in self.console_errors]
         out += [f"network request: {u}" for u in self.foreign_requests]
         if self.overflow_px > 0:
-            out.append(f"content overflows the {WIDTH}px viewport by {self.overflow_px}px")
+            out.append(f"content overflows the {self.width}px viewport by {self.overflow_px}px")
+        if self.sticking_out:
+            out.append(f"{self.sticking_out} table(s) stick out of the page at {self.width}px "
+                       "with no box to scroll them in (columns hidden)")
         return out
 
 
@@ -117,13 +122,15 @@ class _Pipe:
 
 
 def check_page(path: Path, *, screenshot: Path | None = None, browser: str | None = None,
-               settle_s: float = 0.5, clip: tuple[int, int] | None = None) -> PageCheck:
-    """Load `path` in a fresh headless browser profile and record what happened."""
+               settle_s: float = 0.5, clip: tuple[int, int] | None = None,
+               width: int = WIDTH) -> PageCheck:
+    """Load `path` in a fresh headless browser profile, `width` CSS pixels wide, and record
+    what happened."""
     browser = browser or find_browser()
     if browser is None:
         raise FileNotFoundError("no Chromium binary found (apt-get install chromium)")
     url = Path(path).resolve().as_uri()
-    result = PageCheck(url=url)
+    result = PageCheck(url=url, width=width)
     to_browser_r, to_browser_w = os.pipe()
     from_browser_r, from_browser_w = os.pipe()
 
@@ -135,7 +142,7 @@ def check_page(path: Path, *, screenshot: Path | None = None, browser: str | Non
     with tempfile.TemporaryDirectory(prefix="invarlock-chromium-") as profile:
         proc = subprocess.Popen(
             [browser, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe",
-             f"--window-size={WIDTH},800", "about:blank"],
+             f"--window-size={width},800", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=wire_pipes, close_fds=False)
         os.close(to_browser_r)
@@ -164,7 +171,8 @@ def _drive(pipe: _Pipe, result: PageCheck, screenshot: Path | None, settle_s: fl
     for domain in ("Page", "Runtime", "Log", "Network"):
         pipe.send(f"{domain}.enable", session=session)
     pipe.send("Emulation.setDeviceMetricsOverride",
-              {"width": WIDTH, "height": 800, "deviceScaleFactor": 1, "mobile": False},
+              {"width": result.width, "height": 800, "deviceScaleFactor": 1,
+               "mobile": False},
               session=session)
     pipe.events.clear()
     pipe.send("Page.navigate", {"url": result.url}, session=session)
@@ -178,15 +186,16 @@ def _drive(pipe: _Pipe, result: PageCheck, screenshot: Path | None, settle_s: fl
     result.title, result.svg_count, result.text = page["title"], page["svgs"], page["text"]
     result.drawn_charts, result.tables = page["drawn"], page["tables"]
     result.overflow_px = max(0, int(page["overflow"]))
+    result.sticking_out = int(page["sticking"])
     for event in pipe.events:
         _record(event, result)
     if screenshot is not None:
         pipe.send("Emulation.setDeviceMetricsOverride",
-                  {"width": WIDTH, "height": int(page["height"]), "deviceScaleFactor": 1,
+                  {"width": result.width, "height": int(page["height"]), "deviceScaleFactor": 1,
                    "mobile": False}, session=session)
         params: dict[str, Any] = {"format": "png"}
         if clip is not None:  # (top, height) in CSS pixels
-            params["clip"] = {"x": 0, "y": clip[0], "width": WIDTH, "height": clip[1],
+            params["clip"] = {"x": 0, "y": clip[0], "width": result.width, "height": clip[1],
                               "scale": 1}
         shot = pipe.send("Page.captureScreenshot", params, session=session)
         screenshot.write_bytes(base64.b64decode(shot["data"]))
@@ -208,6 +217,13 @@ _PROBE = """JSON.stringify({
     .map(t => [...t.querySelectorAll('tr')].filter(r => r.querySelector('td')).length),
   text: document.body.innerText,
   overflow: document.documentElement.scrollWidth - window.innerWidth,
+  sticking: [...document.querySelectorAll('table')].filter(t => {
+    const page = (document.querySelector('main') || document.body).getBoundingClientRect();
+    for (let el = t.parentElement; el && el !== document.body; el = el.parentElement) {
+      if (['auto', 'scroll'].includes(getComputedStyle(el).overflowX)) return false;
+    }
+    return t.getBoundingClientRect().right > page.right + 0.5;
+  }).length,
   height: document.documentElement.scrollHeight})"""
 
 
@@ -274,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--synthetic", choices=("pass", "fail", "catastrophic", "accuracy"),
                         help="render a synthetic certificate first")
     parser.add_argument("--screenshot", type=Path, help="write a full-page PNG here")
+    parser.add_argument("--width", type=int, default=WIDTH, help="viewport width in CSS px")
     parser.add_argument("--clip", type=int, nargs=2, metavar=("TOP", "HEIGHT"),
                         help="screenshot only this band of the page (CSS pixels)")
     args = parser.parse_args(argv)
@@ -288,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.synthetic is not None:
             page = _synthetic_report(args.synthetic, Path(tmp) / "report.html")
         result = check_page(page, screenshot=args.screenshot,
-                            clip=tuple(args.clip) if args.clip else None)
+                            clip=tuple(args.clip) if args.clip else None, width=args.width)
     print(json.dumps({"url": result.url, "title": result.title, "svgs": result.svg_count,
                       "drawn_charts": result.drawn_charts, "tables": result.tables,
                       "requests": result.requests, "problems": result.problems(),

@@ -332,7 +332,7 @@ def test_hf_errors_online_and_unknown_split_are_translated(monkeypatch):
     def no_split(name, config, split):
         raise ValueError('Unknown split "dev". Should be one of [\'train\'].')
 
-    from invarlock.models import network
+    from invarlock import network
 
     monkeypatch.setenv("INVARLOCK_ALLOW_NETWORK", "1")
     monkeypatch.setattr(network, "hub_unreachable", lambda: None)  # the Hub answers

@@ -84,3 +84,36 @@ def test_certificate_package_does_not_import_the_pipeline():
     assert "invarlock.certificate.build" in certificate
     for module in certificate:
         assert "invarlock.certify" not in reachable(graph, module), module
+
+
+def _imports_of(graph: dict[str, set[str]], prefix: str) -> dict[str, set[str]]:
+    """Each module at or under `prefix` mapped to what it imports."""
+    return {m: deps for m, deps in graph.items() if m == prefix or m.startswith(prefix + ".")}
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def test_data_does_not_reach_into_models():
+    """Reading a corpus needs no model code: the network probe lives in a neutral module."""
+    graph = import_graph()
+    for module, deps in _imports_of(graph, "invarlock.data").items():
+        assert not {d for d in deps if _under(d, "invarlock.models")}, module
+
+
+def test_guard_decision_side_does_not_import_the_measurement_side():
+    """`verify` re-decides guards from a certificate without torch: base.py and the
+    guards' decisions stay clear of `invarlock.guards.measure`."""
+    graph = import_graph()
+    deciding = ["invarlock.guards.base", "invarlock.guards.registry"]
+    for module in deciding:
+        below = reachable(graph, module)
+        assert not {d for d in below if _under(d, "invarlock.guards.measure")}, module
+
+
+def test_model_formats_and_loading_do_not_import_each_other():
+    graph = import_graph()
+    assert "invarlock.models.loading" not in reachable(graph, "invarlock.models.formats")
+    for module in ("invarlock.models.formats", "invarlock.models.loading"):
+        assert module not in reachable(graph, module), f"{module} imports itself back"

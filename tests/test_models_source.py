@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from invarlock import network
 from invarlock.enums import AdapterKind
 from invarlock.errors import InputError
-from invarlock.models import network
 from invarlock.models.source import (
     ModelSource,
     detect_adapter,

@@ -117,10 +117,17 @@ def test_dequantize_flag_runs_float_weights(tiny_llama_dir, sonnets_path, tmp_pa
 
 
 def _with_quantization(src: Path, out: Path, qc: dict) -> Path:
+    """A copy of `src` declaring `qc`, whose weights hold a packed int32 code tensor as
+    quantized checkpoints do (a float-only one is refused as float before these checks)."""
+    from safetensors.torch import load_file, save_file
+
     shutil.copytree(src, out)
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = qc
     (out / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(out / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.qweight"] = torch.zeros(4, 8, dtype=torch.int32)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 

@@ -7,6 +7,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -188,3 +189,91 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path):
     result = runner.invoke(main, ["report", str(bad), "--format", "html"])
     assert result.exit_code == 2 and "malformed" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- the spectral chart plots what decides ---------------------------------------------------
+
+def _spectral_policy() -> dict:
+    from tests.certs import synthetic_certificate
+
+    return synthetic_certificate(shift=0.0, seed=1)["policy"]["values"]["guards"]["spectral"]
+
+
+def _sigma_section(changes: dict[str, float], policy: dict) -> dict:
+    """A spectral section as the guard writes it: σ per module, findings from `decide`."""
+    from invarlock.families import family_of
+    from invarlock.guards import spectral
+
+    modules = [{"name": name, "family": str(family_of(name)), "sigma_baseline": 2.0,
+                "sigma_subject": 2.0 * (1.0 + r), "edit_size": abs(r)}
+               for name, r in changes.items()]
+    decision = spectral.decide({"evaluated": True, "modules": modules}, policy)
+    return {"mode": "gate", "flag": "spectral_stable", "passed": decision.passed,
+            "reason": decision.reason, "measurements": {"evaluated": True, "modules": modules},
+            "summary": decision.summary, "findings": list(decision.findings)}
+
+
+def _changes(case: str) -> dict[str, float]:
+    rng = np.random.default_rng(7)
+    out = {}
+    for block in range(8):
+        for leaf, scale in (("attn.c_attn", 1e-3), ("attn.c_proj", 1e-3),
+                            ("mlp.c_fc", 1e-3), ("mlp.c_proj", 1e-3)):
+            out[f"transformer.h.{block}.{leaf}.weight"] = float(rng.normal(0, scale))
+    out["transformer.wte.weight"] = 2e-4
+    if case == "one blown-up layer":
+        out["transformer.h.3.mlp.c_fc.weight"] = 0.6
+    elif case == "whole family scaled":
+        for block in range(8):
+            out[f"transformer.h.{block}.attn.c_attn.weight"] = 0.5 + rng.normal(0, 1e-3)
+    elif case == "small family changed":
+        out["transformer.wte.weight"] = 0.15
+    return out
+
+
+@pytest.mark.parametrize("case", ["quantization noise", "one blown-up layer",
+                                  "whole family scaled", "small family changed"])
+def test_spectral_bars_cross_their_tick_exactly_where_the_guard_flags(case):
+    """A bar past its tick is a module the guard flags (candidate or violation); every other
+    bar stays short of its tick. With quantization noise the guard says "no violation" and
+    no bar crosses, though most modules' |z| exceed the family κ the old chart drew."""
+    from invarlock.report.html import spectral_changes
+
+    policy = _spectral_policy()
+    section = _sigma_section(_changes(case), policy)
+    bars = spectral_changes(section, policy)
+    assert len(bars) == len(_changes(case))
+    flagged = {f["module"] for f in section["findings"]}
+    assert {b.label for b in bars if b.value > b.threshold} == flagged
+    assert {b.label for b in bars if b.flagged} == {
+        f["module"] for f in section["findings"] if f["kind"] == "violation"}
+    if case == "quantization noise":
+        assert section["passed"] and not flagged
+        z_bars = module_scores(section, policy)
+        assert sum(b.value > policy["family_caps"][b.group] for b in z_bars) >= 5
+    else:
+        assert not section["passed"] and flagged
+
+
+def test_spectral_chart_in_the_page_is_the_change_chart():
+    from invarlock import report
+    from tests.certs import synthetic_certificate
+
+    cert = synthetic_certificate(shift=0.0, seed=1)
+    policy = cert["policy"]["values"]["guards"]["spectral"]
+    cert = with_guard_sections(cert, {"spectral": _sigma_section(_changes("quantization noise"),
+                                                                 policy)})
+    page = report.render(cert, "html")
+    assert "|σ change| per module against its limit" in page
+    assert "family cap κ" not in page
+
+
+def test_every_table_scrolls_inside_the_page():
+    """Wide tables (spectral and RMT per family) scroll in their own box, never the page."""
+    from invarlock import report
+    from tests.certs import synthetic_certificate
+
+    page = report.render(with_guard_sections(synthetic_certificate(shift=0.2, seed=2)), "html")
+    assert page.count("<table") >= 3
+    assert page.count("<table") == page.count('<div class="scroll"><table')
+    assert ".scroll { overflow-x: auto" in page

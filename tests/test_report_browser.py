@@ -79,3 +79,34 @@ def test_the_checker_sees_network_requests_and_console_errors(tmp_path):
     problems = result.problems()
     assert any("127.0.0.1:9/style.css" in p for p in problems)
     assert any("boom" in p for p in problems)
+
+
+def _wide_certificate():
+    """Guard sections whose per-family tables carry many columns, as real ones do."""
+    from invarlock.guards import spectral
+    from tests.test_report import _changes, _sigma_section
+
+    cert = synthetic_certificate(shift=0.0, seed=1)
+    policy = cert["policy"]["values"]["guards"]["spectral"]
+    section = _sigma_section(_changes("one blown-up layer"), policy)
+    for info in section["summary"]["families"].values():
+        info.update(top_module="transformer.h.11.mlp.down_proj.weight.with.a.long.name",
+                    p_value_bonferroni_adjusted_over_families=0.0123456789)
+    rmt_families = {f: {f"edge_ratio_window_{i}": 1.0 + i / 1000 for i in range(14)}
+                    for f in spectral.FAMILIES}
+    rmt = {"mode": "gate", "flag": "rmt_stable", "passed": True, "reason": "within",
+           "measurements": {"families": rmt_families}, "findings": []}
+    return with_guard_sections(cert, {"spectral": section, "rmt": rmt})
+
+
+def test_wide_tables_never_overflow_the_page_at_1300px(tmp_path):
+    """Spectral and RMT per-family tables wider than the page scroll in their own box: the
+    page keeps its width and no column is cut off."""
+    page = tmp_path / "wide.html"
+    page.write_text(report.render(_wide_certificate(), "html"), encoding="utf-8")
+    result = browser.check_page(page, screenshot=tmp_path / "wide.png", width=1300)
+    assert result.problems() == []
+    assert result.sticking_out == 0 and result.overflow_px == 0
+    unwrapped = page.read_text().replace('<div class="scroll"><table', "<table")
+    page.write_text(unwrapped, encoding="utf-8")  # the same page without the scroll boxes
+    assert browser.check_page(page, width=1300).sticking_out > 0

@@ -192,7 +192,9 @@ def large_corpus(tmp_path_factory, sonnets_path) -> Path:
 
 def _seed_config(model: Path, corpus: Path, out: Path) -> str:
     text = SEED_MINIMAL.replace('"<set-your-model-id>"', f'"{model}"')
-    text = text.replace('provider: "wikitext2"', f'provider: "text"\n  path: "{corpus}"')
+    # a local text file in place of wikitext2, whose split then names nothing (and is refused)
+    text = text.replace('provider: "wikitext2"\n  split: "validation"',
+                        f'provider: "text"\n  path: "{corpus}"')
     return text.replace("dir: runs", f'dir: "{out}"')
 
 

@@ -21,6 +21,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from invarlock import atomic
 from invarlock.errors import InputError, TamperedCertificateError
+from invarlock.input_files import read_text
 from invarlock.outdir import shown
 
 CERT_FILENAME = "evaluation.cert.json"
@@ -139,13 +140,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+MAX_CERTIFICATE_BYTES = 512 * 2**20
+
+
 def load_certificate(path: str | Path) -> dict[str, Any]:
     """Read a certificate file (or the certificate inside a run folder)."""
     path = Path(path)
     if path.is_dir():
         path = path / CERT_FILENAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "certificate", MAX_CERTIFICATE_BYTES))  # no FIFO
     except RecursionError:
         raise TamperedCertificateError(f"{shown(path)}: JSON nested too deeply to be a "
                                        "certificate") from None

@@ -124,6 +124,7 @@ def dataset_source_from_config(section: dict[str, Any]) -> DatasetSource:
     if provider not in PROVIDERS:
         raise InputError(f"dataset.provider must be one of {', '.join(PROVIDERS)}, "
                          f"got {provider!r}")
+    _check_unused_keys(section, provider)
     if provider == "demo":
         return DatasetSource("demo", **fields)
     if provider in ("text", "jsonl"):
@@ -140,6 +141,24 @@ def dataset_source_from_config(section: dict[str, Any]) -> DatasetSource:
         raise InputError("dataset.provider 'hf' needs dataset.name")
     return DatasetSource("hf", name=name, config=section.get("config"),
                          split=section.get("split") or HF_DEFAULT_SPLIT, **fields)
+
+
+# keys of the dataset section that mean something only for some providers
+_RECORD_KEYS = ("text_field", "text_pair_field", "label_field")   # JSONL and HF records
+_HUB_KEYS = ("name", "config", "split")                           # HF datasets
+
+
+def _check_unused_keys(section: dict[str, Any], provider: str) -> None:
+    """A key the provider ignores is refused: a user who set it believes it applies."""
+    ignored = [k for k in _HUB_KEYS if section.get(k) is not None] if provider in (
+        "demo", "text", "jsonl") else []
+    if provider in ("demo", "text"):
+        ignored += [k for k in _RECORD_KEYS if section.get(k) is not None]
+    if ignored:
+        what = {"demo": "the bundled demo corpus", "text": "a plain-text dataset",
+                "jsonl": "a local JSONL dataset"}[provider]
+        raise InputError(f"dataset.{ignored[0]} does nothing for {what}; remove it (record "
+                         "fields apply to JSONL/HF data, name/config/split to HF datasets)")
 
 
 def load_corpus(source: DatasetSource, *, labelled: bool) -> Corpus:
@@ -266,11 +285,20 @@ def _source_from_path(spec: str) -> DatasetSource:
             return DatasetSource("text", path=spec)
         raise InputError(f"dataset file '{spec}' has an unsupported type '{suffix}'; "
                          f"use {_SPEC_FORMS}")
+    if path.exists():
+        raise InputError(f"dataset '{spec}' is not a regular file (a FIFO, socket or device); "
+                         "give a file or folder")
     raise InputError(f"dataset '{spec}' not found: it is not an existing file or folder, "
                      f"nor one of demo, wikitext2, hf:NAME[:CONFIG[:SPLIT]]")
 
 
+MAX_DATASET_BYTES = 2 * 2**30  # read whole: a corpus this size holds far more windows than used
+
+
 def _read_text(path: Path) -> str:
+    from invarlock.input_files import check_text_file
+
+    check_text_file(path, "dataset file", MAX_DATASET_BYTES)  # binary or huge: refused unread
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -402,7 +430,7 @@ def _load_hf_corpus(source: DatasetSource, *, labelled: bool) -> Corpus:
     spec = source.spec()
     unreachable = None
     if online:
-        from invarlock.models.network import hub_endpoint, hub_unreachable
+        from invarlock.network import hub_endpoint, hub_unreachable
 
         unreachable = hub_unreachable()
         online = unreachable is None

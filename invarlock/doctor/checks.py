@@ -17,7 +17,7 @@ from jsonschema import Draft202012Validator
 from invarlock.config import describe_error, get, load_yaml, merge_sources
 from invarlock.config_schema import CONFIG_SCHEMA
 from invarlock.errors import ConfigError, EvidenceError, InvarlockError
-from invarlock.models.network import NETWORK_ENV, network_allowed
+from invarlock.network import NETWORK_ENV, network_allowed
 
 if TYPE_CHECKING:
     from invarlock.doctor import DoctorResult
@@ -246,7 +246,7 @@ def _tokenizers(result: DoctorResult, base: dict[str, Any],
         return None
     if subj is not None:
         from invarlock.errors import EvidenceError
-        from invarlock.models.formats import check_subject_tokenizer
+        from invarlock.models.tokenizer import check_subject_tokenizer
 
         try:
             check_subject_tokenizer(base_tok, tokenizer.tokenizer_hash(base_tok), subj["source"])

@@ -15,10 +15,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from invarlock.guards.measure.probe import Probe
+from typing import Any, Protocol, runtime_checkable
 
 
 class Stage(str, Enum):
@@ -56,7 +53,9 @@ class Guard(Protocol):
     stages    when its probe measures
     measures  one line: what it measures, for listings
     decide    pure: measurements + policy values → GuardDecision (numpy only)
-    probe     builds the torch-side measurement object for one run (see `Probe`)
+    probe     builds the torch-side measurement object for one run: an
+              `invarlock.guards.measure.probe.Probe`, typed loosely here so that the
+              decision side never imports the measurement side
     """
 
     name: str
@@ -67,7 +66,7 @@ class Guard(Protocol):
     def decide(self, measurements: Mapping[str, Any],
                policy: Mapping[str, Any]) -> GuardDecision: ...
 
-    def probe(self, policy: Mapping[str, Any]) -> Probe: ...
+    def probe(self, policy: Mapping[str, Any]) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ class BuiltinGuard:
                policy: Mapping[str, Any]) -> GuardDecision:
         return self.decide_fn(measurements, policy)
 
-    def probe(self, policy: Mapping[str, Any]) -> Probe:
+    def probe(self, policy: Mapping[str, Any]) -> Any:
         module, _, cls = self.probe_path.partition(":")
         return getattr(importlib.import_module(module), cls)(policy)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from invarlock.models.network import enforce_offline, network_allowed
+from invarlock.network import enforce_offline, network_allowed
 
 enforce_offline()
 

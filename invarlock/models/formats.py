@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from invarlock.errors import EvidenceError, InputError
+from invarlock.errors import InputError
 from invarlock.models import quantized
 from invarlock.models.source import ModelSource, gguf_path
 
@@ -52,8 +52,29 @@ def dequantize_(model: Any) -> None:
 
 def check_loadable(source: ModelSource, config: dict[str, Any], device: str,
                    dequantize: bool) -> None:
-    """Before anything heavy: the backend is here and can run on the device (see quantized)."""
+    """Before anything heavy: a declared quantization is held by the weights, and its
+    backend is here and can run on the device (see quantized)."""
+    if is_quantized(config):
+        from invarlock.models.source import weight_files
+
+        try:
+            files = weight_files(source, allow_pickle=True)
+        except InputError:
+            files = []  # no weights: loading says so in its own words
+        quantized.check_claim(config, files, source.spec)
     quantized.check_runnable(config, device, dequantize, source.spec)
+
+
+def check_flags_apply(models: list[tuple[ModelSource, dict[str, Any]]], gguf_file: str | None,
+                      dequantize: bool) -> None:
+    """`--gguf-file` and `--dequantize` must apply to one of the models compared (source and
+    config of each): a flag that silently does nothing leaves the user believing it did."""
+    if gguf_file and not any(src.gguf_file for src, _ in models):
+        raise InputError(f"--gguf-file {gguf_file} does nothing: no model folder given holds a "
+                         "GGUF file of that name")
+    if dequantize and not any(is_quantized(config) for _, config in models):
+        raise InputError("--dequantize does nothing: no model given is a quantized checkpoint "
+                         "(a GGUF file is always evaluated dequantized)")
 
 
 def check_same_architecture(base_cfg: dict[str, Any], subj_cfg: dict[str, Any],
@@ -80,57 +101,6 @@ def tokenizer_origin(source: ModelSource) -> str | None:
     from invarlock.models.gguf_file import gguf_info
 
     return TOKENIZER_GGUF if gguf_info(path).has_tokenizer else None
-
-
-def check_subject_tokenizer(base_tok: Any, tok_hash: str,
-                            subj_src: ModelSource) -> tuple[str, str]:
-    """The subject's tokenizer must give the baseline's ids; returns (origin, hash).
-
-    The hash is the subject tokenizer's own, handed to the invariants guard. A tokenizer
-    converted from GGUF metadata is rebuilt by transformers with settings that do not change
-    ids (e.g. an empty subword prefix), so it is compared by what decides the ids: the
-    vocabulary, the special tokens and the encodings of probe strings; when those agree, the
-    ids are the baseline's and so is the hash it is recorded under.
-    """
-    from invarlock.models import loading, tokenizer
-
-    origin = tokenizer_origin(subj_src)
-    if origin is None:
-        logger.info("GGUF subject %s carries no tokenizer: the baseline's is used", subj_src)
-        return TOKENIZER_BASELINE, tok_hash
-    subj_tok = loading.load_tokenizer(subj_src)
-    if subj_tok is base_tok:  # the same files as the baseline's (`load_tokenizer`)
-        return origin, tok_hash
-    subj_hash = tokenizer.tokenizer_hash(subj_tok)
-    if subj_hash == tok_hash:
-        return origin, subj_hash
-    if origin == TOKENIZER_GGUF:
-        diffs = converted_differences(base_tok, subj_tok)
-        if not diffs:
-            return origin, tok_hash
-    else:
-        diffs = tokenizer.tokenizer_differences(base_tok, subj_tok)
-    raise EvidenceError("baseline and subject tokenizers differ: "
-                        + "; ".join(diffs or ["their hashes differ"]))
-
-
-def converted_differences(base: Any, subj: Any) -> list[str]:
-    """Differences that change ids between a tokenizer and its GGUF-converted copy."""
-    from invarlock.models.tokenizer import PROBES
-
-    diffs = []
-    if base.get_vocab() != subj.get_vocab():
-        diffs.append("vocabularies differ")
-    for role in ("bos_token_id", "eos_token_id"):
-        b, s = getattr(base, role, None), getattr(subj, role, None)
-        if b is not None and s is not None and b != s:
-            diffs.append(f"{role} {b} vs {s}")
-    for text in PROBES:
-        if base.encode(text, add_special_tokens=False) != subj.encode(
-                text, add_special_tokens=False):
-            diffs.append(f"ids differ on {text[:30]!r}")
-            break
-    return diffs
 
 
 # --- config comparison ------------------------------------------------------------------

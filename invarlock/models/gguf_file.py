@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -78,13 +78,19 @@ class GGUFInfo:
     carried_keys: tuple[str, ...]  # config keys the file states (the rest are defaults)
     tensor_types: dict[str, int]  # GGML type name -> number of tensors
     has_tokenizer: bool
+    type_parameters: dict[str, int] = field(default_factory=dict)  # type -> parameters
 
     @property
     def file_type(self) -> str:
-        """The dominant quantized type of the 2-D tensors (Q8_0, Q4_0, F16, ...)."""
-        quantized = {k: v for k, v in self.tensor_types.items() if k not in ("F32",)}
-        pool = quantized or self.tensor_types
-        return max(pool.items(), key=lambda kv: (kv[1], kv[0]))[0] if pool else "unknown"
+        """The type that holds most of the weights (Q8_0, Q4_0, F16, ...), by parameter count.
+
+        Counting tensors would let many small tensors of one type outvote the few large
+        matrices that hold the model; F32 (norms, biases) is set aside unless it is all there
+        is. A file that mixes types records each type's share (`gguf_format`).
+        """
+        weights = self.type_parameters or self.tensor_types
+        stored = {k: v for k, v in weights.items() if k != "F32"} or weights
+        return max(stored.items(), key=lambda kv: (kv[1], kv[0]))[0] if stored else "unknown"
 
 
 @cache
@@ -116,13 +122,24 @@ def gguf_info(path: Path) -> GGUFInfo:
     config = config_obj.to_dict()
     if not config.get("architectures"):
         config["architectures"] = [_causal_class(model_type)]
-    types = Counter(t.tensor_type.name for t in reader.tensors)
+    types, parameters = type_counts(reader)
     arch_field = reader.fields.get("general.architecture")
     architecture = str(_field_value(arch_field)) if arch_field is not None else model_type
     return GGUFInfo(path=path, architecture=architecture, config=config,
                     carried_keys=tuple(sorted(k for k in carried if not k.startswith("_"))),
                     tensor_types=dict(sorted(types.items())),
+                    type_parameters=dict(sorted(parameters.items())),
                     has_tokenizer="tokenizer.ggml.tokens" in reader.fields)
+
+
+def type_counts(reader: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """Tensors and parameters per GGML type, as the file's tensor table states them."""
+    tensors: Counter[str] = Counter()
+    parameters: Counter[str] = Counter()
+    for tensor in reader.tensors:
+        tensors[tensor.tensor_type.name] += 1
+        parameters[tensor.tensor_type.name] += int(tensor.n_elements)
+    return dict(tensors), dict(parameters)
 
 
 def _silence_progress() -> None:

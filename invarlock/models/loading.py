@@ -34,7 +34,6 @@ from invarlock.models.device import (  # torch via device.py: MissingExtraError 
     torch,
 )
 from invarlock.models.effective import storage_tensors
-from invarlock.models.network import enforce_offline
 from invarlock.models.source import (
     PICKLE_FILE,
     PICKLE_INDEX,
@@ -44,6 +43,7 @@ from invarlock.models.source import (
     weight_files,
     weights_digest,
 )
+from invarlock.network import enforce_offline
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ def _load_dispatched(source: ModelSource, kind: AdapterKind, dtype: torch.dtype,
         shutil.rmtree(offload, ignore_errors=True)
         raise
     weakref.finalize(model, shutil.rmtree, offload, True)
+    _TIED[model] = _tied_groups(model)  # before any forward pass unties offloaded copies
     placed = Counter(str(d) for d in (getattr(model, "hf_device_map", None) or {}).values())
     logger.info("model %s placed by device map '%s': %s", source, device_map,
                 ", ".join(f"{n} module group(s) on {d}" for d, n in sorted(placed.items())))
@@ -272,6 +273,8 @@ def weights_on_host(model: torch.nn.Module) -> Iterator[None]:
     from accelerate.utils import has_offloaded_params
 
     cpu = torch.device("cpu")
+    slots = _parameter_slots(model)
+    tied = _TIED.setdefault(model, _tied_groups(model))
     resident: list[tuple[torch.nn.Module, Any, Any]] = []
     try:
         for module in model.modules():
@@ -282,12 +285,53 @@ def weights_on_host(model: torch.nn.Module) -> Iterator[None]:
             hook.execution_device = cpu
             hook.pre_forward(module)       # weights from the offload store onto the CPU
             hook.offload = False           # forward passes inside the block keep them there
+        _retie(model, tied)
         yield
     finally:
         for module, hook, device in reversed(resident):
             hook.offload = True
             hook.post_forward(module, None)  # back to the offload store (meta tensors)
             hook.execution_device = device
+        for module, name, param in slots:  # the slots as they were before the block
+            module._parameters[name] = param
+
+
+def _parameter_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Any]]:
+    """(module, name, parameter) of every parameter slot; a tied parameter fills several."""
+    return [(module, name, param) for module in model.modules()
+            for name, param in module._parameters.items() if param is not None]
+
+
+# Tied parameter slots of each model placed by a device map, recorded when it is loaded:
+# accelerate's hooks put a fresh parameter in each slot after every forward pass, so the
+# sharing is visible only before the first one.
+_TIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tied_groups(model: torch.nn.Module) -> list[list[tuple[str, str]]]:
+    """(module name, parameter name) of the slots sharing one parameter, per group."""
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    groups: dict[int, list[tuple[str, str]]] = {}
+    for module, name, param in _parameter_slots(model):
+        groups.setdefault(id(param), []).append((names[id(module)], name))
+    return [members for members in groups.values() if len(members) > 1]
+
+
+def _retie(model: torch.nn.Module, tied: list[list[tuple[str, str]]]) -> None:
+    """Make tied slots hold one tensor again once offloaded weights are brought in.
+
+    Each offloaded module loads its own copy of a tied weight (the embedding and the LM
+    head), so without this a model placed by a device map would show no tying, unlike the
+    same model loaded whole: the placement would change what the invariants see.
+    """
+    for members in tied:
+        slots = [(model.get_submodule(m), n) for m, n in members]
+        loaded = [mod._parameters[n] for mod, n in slots
+                  if mod._parameters.get(n) is not None
+                  and mod._parameters[n].device.type != "meta"]
+        if loaded:
+            for module, name in slots:
+                module._parameters[name] = loaded[0]
 
 
 def _check_loading_info(source: ModelSource, model: Any, info: dict) -> None:

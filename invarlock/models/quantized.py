@@ -11,9 +11,12 @@ a dequantized forward), and it describes the format for the certificate.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import struct
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from invarlock.errors import EvidenceError, InputError
@@ -50,8 +53,15 @@ BACKENDS: dict[str, Backend] = {b.method: b for b in (
 
 
 def quantization_config(config: dict[str, Any]) -> dict[str, Any] | None:
+    """config.json's quantization_config (None: a float checkpoint); any other shape than an
+    object is an input error, not a float checkpoint in disguise."""
     value = config.get("quantization_config")
-    return dict(value) if isinstance(value, dict) else None
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InputError(f"config.json's quantization_config must be an object, got "
+                         f"{type(value).__name__}")
+    return dict(value)
 
 
 def method_of(config: dict[str, Any]) -> str | None:
@@ -59,10 +69,13 @@ def method_of(config: dict[str, Any]) -> str | None:
     qc = quantization_config(config)
     if qc is None:
         return None
-    method = str(qc.get("quant_method") or "").strip().lower()
-    if not method:
+    method = qc.get("quant_method")
+    if method is None or method == "":
         raise InputError("config.json has a quantization_config without quant_method")
-    return method
+    if not isinstance(method, str) or not method.strip():
+        raise InputError(f"config.json's quantization_config.quant_method must be a method "
+                         f"name, got {str(method)[:40]!r}")
+    return method.strip().lower()
 
 
 def known_methods() -> list[str]:
@@ -99,6 +112,58 @@ def check_runnable(config: dict[str, Any], device: str, dequantize: bool, spec: 
                             f"evaluated as shipped here; run on "
                             f"{' or '.join(backend.devices)}, or pass --dequantize to evaluate "
                             "its dequantized float weights (recorded in the certificate)")
+
+
+# safetensors dtypes of plain float weights; every quantization method stores something else
+# (int8/uint8/int32 packed codes, float8) for the weights it quantized
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+_MAX_HEADER = 100 * 2**20
+
+
+def stored_dtypes(files: list[Path]) -> dict[str, int] | None:
+    """Tensors per dtype over the safetensors headers of `files` (the header only; no tensor
+    is read). None when a file is not safetensors (pickles say nothing without unpickling)."""
+    counts: dict[str, int] = {}
+    for path in files:
+        if path.name.endswith(".index.json"):
+            continue
+        if path.suffix != ".safetensors":
+            return None
+        try:
+            with open(path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                if length > _MAX_HEADER:
+                    return None
+                header = json.loads(fh.read(length))
+        except (OSError, struct.error, ValueError, RecursionError):
+            return None  # unreadable: the loader reports it in its own words
+        if not isinstance(header, dict):
+            return None
+        for name, entry in header.items():
+            if name != "__metadata__" and isinstance(entry, dict):
+                dtype = str(entry.get("dtype"))
+                counts[dtype] = counts.get(dtype, 0) + 1
+    return counts
+
+
+def check_claim(config: dict[str, Any], files: list[Path], spec: str) -> None:
+    """A quantization method declared in config.json must be held by the weights.
+
+    A float checkpoint whose config names a method would otherwise be certified as that
+    method and bit width with no quantized module (or be quantized while loading, which
+    certifies a model nobody shipped). It is refused, saying what the weights are; removing
+    `quantization_config` certifies it as the float checkpoint it is.
+    """
+    method = method_of(config)
+    if method is None or method == "gguf":
+        return
+    dtypes = stored_dtypes(files)
+    if not dtypes or set(dtypes) - FLOAT_DTYPES:
+        return
+    held = ", ".join(sorted(dtypes))
+    raise InputError(f"model '{spec}' declares quantization method '{method}' in config.json, "
+                     f"but its weights hold no quantized tensor (every tensor is {held}): it is "
+                     "a float checkpoint; remove quantization_config to certify it as one")
 
 
 def _importable(name: str) -> bool:
@@ -208,4 +273,12 @@ def gguf_format(info: Any) -> dict[str, Any]:
         "forward": FORWARD_DEQUANTIZED, "dequantize_requested": False,
         "file": info.path.name, "file_type": file_type,
         "tensor_types": dict(info.tensor_types), "gguf_architecture": info.architecture,
+        "tensor_parameters": dict(info.type_parameters),
+        "mixed_types": _mixed_types(info.type_parameters),
     }
+
+
+def _mixed_types(parameters: dict[str, int]) -> bool:
+    """More than one stored type outside F32 (norms and biases): e.g. Q4_K matrices with Q6_K
+    or Q8_0 ones, so `file_type` and `bits` name the majority, not every weight."""
+    return len([k for k, v in parameters.items() if k != "F32" and v > 0]) > 1

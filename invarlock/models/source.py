@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from invarlock import plugins
 from invarlock.enums import ADAPTER_ALIASES, AdapterKind
 from invarlock.errors import InputError
-from invarlock.models.network import NETWORK_ENV, enforce_offline, network_allowed
+from invarlock.network import NETWORK_ENV, enforce_offline, network_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -176,16 +176,28 @@ def read_config(source: ModelSource | Path | str) -> dict:
 
         return dict(gguf_info(gguf).config)
     path = _directory(source) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    config = _read_json(path, "model config", MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise InputError(f"{path} must hold a JSON object")
     _refuse_remote_code(config, path)
     return config
+
+
+MAX_CONFIG_BYTES = 16 * 2**20   # config.json with a large label map is a few MiB
+MAX_INDEX_BYTES = 64 * 2**20    # a shard index names every tensor once
+
+
+def _read_json(path: Path, what: str, limit: int) -> Any:
+    """A JSON file of a checkpoint: a regular file within `limit`, parsed, one line if not."""
+    from invarlock.input_files import read_text
+
+    text = read_text(path, what, limit)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InputError(f"{path} is nested too deeply to be a {what}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
 def _refuse_remote_code(config: dict, path: Path) -> None:
@@ -297,11 +309,17 @@ def _weights_in(directory: Path, single: str, index: str) -> list[Path]:
     index_path = directory / index
     if not index_path.is_file():
         return []
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"{index_path} is not a valid shard index") from exc
+    index = _read_json(index_path, "shard index", MAX_INDEX_BYTES)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise InputError(f"{index_path} is not a valid shard index: it needs a non-empty "
+                         "\"weight_map\" object of tensor name → shard file name")
+    shards = sorted(set(weight_map.values()))
+    outside = [name for name in shards if Path(name).name != name or name in ("", ".", "..")]
+    if outside:
+        raise InputError(f"{index_path} names shard '{outside[0][:80]}' outside its folder; "
+                         "shards are file names next to the index")
     missing = [name for name in shards if not (directory / name).is_file()]
     if missing:
         raise InputError(f"{index_path} names missing shard(s): {', '.join(missing[:3])}")

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
+
+from invarlock.errors import EvidenceError
+
+if TYPE_CHECKING:
+    from invarlock.models.source import ModelSource
+
+logger = logging.getLogger(__name__)
 
 # Strings that exercise the usual places tokenizers diverge: case, spaces, digits,
 # punctuation, accents, non-Latin scripts, emoji, code and control whitespace.
@@ -174,3 +182,56 @@ def _backend_differences(sa: dict, sb: dict) -> list[str]:
         count_a, count_b = len(sa.get("added_tokens") or ()), len(sb.get("added_tokens") or ())
         lines.append(f"added tokens differ ({count_a} vs {count_b})")
     return lines
+
+
+# --- the subject's tokenizer against the baseline's ------------------------------------
+
+
+def check_subject_tokenizer(base_tok: Any, tok_hash: str,
+                            subj_src: ModelSource) -> tuple[str, str]:
+    """The subject's tokenizer must give the baseline's ids; returns (origin, hash).
+
+    The hash is the subject tokenizer's own, handed to the invariants guard. A tokenizer
+    converted from GGUF metadata is rebuilt by transformers with settings that do not change
+    ids (e.g. an empty subword prefix), so it is compared by what decides the ids: the
+    vocabulary, the special tokens and the encodings of probe strings; when those agree, the
+    ids are the baseline's and so is the hash it is recorded under.
+    """
+    from invarlock.models import loading
+    from invarlock.models.formats import TOKENIZER_BASELINE, TOKENIZER_GGUF, tokenizer_origin
+
+    origin = tokenizer_origin(subj_src)
+    if origin is None:
+        logger.info("GGUF subject %s carries no tokenizer: the baseline's is used", subj_src)
+        return TOKENIZER_BASELINE, tok_hash
+    subj_tok = loading.load_tokenizer(subj_src)
+    if subj_tok is base_tok:  # the same files as the baseline's (`load_tokenizer`)
+        return origin, tok_hash
+    subj_hash = tokenizer_hash(subj_tok)
+    if subj_hash == tok_hash:
+        return origin, subj_hash
+    if origin == TOKENIZER_GGUF:
+        diffs = converted_differences(base_tok, subj_tok)
+        if not diffs:
+            return origin, tok_hash
+    else:
+        diffs = tokenizer_differences(base_tok, subj_tok)
+    raise EvidenceError("baseline and subject tokenizers differ: "
+                        + "; ".join(diffs or ["their hashes differ"]))
+
+
+def converted_differences(base: Any, subj: Any) -> list[str]:
+    """Differences that change ids between a tokenizer and its GGUF-converted copy."""
+    diffs = []
+    if base.get_vocab() != subj.get_vocab():
+        diffs.append("vocabularies differ")
+    for role in ("bos_token_id", "eos_token_id"):
+        b, s = getattr(base, role, None), getattr(subj, role, None)
+        if b is not None and s is not None and b != s:
+            diffs.append(f"{role} {b} vs {s}")
+    for text in PROBES:
+        if base.encode(text, add_special_tokens=False) != subj.encode(
+                text, add_special_tokens=False):
+            diffs.append(f"ids differ on {text[:30]!r}")
+            break
+    return diffs

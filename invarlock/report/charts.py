@@ -187,8 +187,10 @@ class Bar:
     flagged: bool = False  # the guard reported this module (drawn in red)
 
 
-def bar_chart(bars: Sequence[Bar], *, label: str, x_label: str) -> str:
-    """Horizontal bars, one row each, coloured by group, with per-row threshold ticks."""
+def bar_chart(bars: Sequence[Bar], *, label: str, x_label: str, percent: bool = False) -> str:
+    """Horizontal bars, one row each, coloured by group, with per-row threshold ticks
+    (`percent`: values are fractions, labelled as percentages)."""
+    fmt = _percent if percent else _fmt
     row, top, left = 16, 10, 260
     width = 720
     height = top + row * len(bars) + 40
@@ -199,7 +201,7 @@ def bar_chart(bars: Sequence[Bar], *, label: str, x_label: str) -> str:
         x = scale(tick)
         body.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - 30}" '
                     f'stroke="{GRID}" stroke-width="0.5"/>')
-        body.append(_text(x, height - 16, _fmt(tick), size=11, colour=MUTED))
+        body.append(_text(x, height - 16, fmt(tick), size=11, colour=MUTED))
     for i, bar in enumerate(bars):
         y = top + i * row
         colour = FAMILY_COLOURS.get(bar.group, FAMILY_COLOURS["other"])
@@ -208,14 +210,19 @@ def bar_chart(bars: Sequence[Bar], *, label: str, x_label: str) -> str:
                           colour=FAIL_COLOUR if over else INK))
         body.append(f'<rect x="{left}" y="{y + 3}" width="{max(scale(bar.value) - left, 0.5):.1f}" '
                     f'height="{row - 5}" fill="{colour}" fill-opacity="{0.95 if over else 0.6}">'
-                    f"<title>{escape(bar.label)} ({escape(bar.group)}): {_fmt(bar.value)}"
-                    f"</title></rect>")
+                    f"<title>{escape(bar.label)} ({escape(bar.group)}): {fmt(bar.value)}"
+                    + (f", limit {fmt(bar.threshold)}" if bar.threshold is not None else "")
+                    + "</title></rect>")
         if bar.threshold is not None:
             x = scale(bar.threshold)
             body.append(f'<line x1="{x:.1f}" y1="{y + 1}" x2="{x:.1f}" y2="{y + row - 1}" '
                         f'stroke="{FAIL_COLOUR}" stroke-width="2"/>')
     body.append(_text((left + width - 20) / 2, height - 2, x_label, size=12, colour=MUTED))
     return _svg(width, height, body, label)
+
+
+def _percent(value: float) -> str:
+    return "0" if value == 0 else f"{value * 100:.3g}%"
 
 
 def _shorten(text: str, limit: int) -> str:

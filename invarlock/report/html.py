@@ -38,7 +38,8 @@ h3 { font-size: 16px; margin: 20px 0 6px; }
 .check.ok { border-color: var(--pass); background: #dafbe1; }
 .check.bad { border-color: var(--fail); background: #ffebe9; }
 .check ul { margin: 6px 0 0; padding-left: 20px; }
-table { border-collapse: collapse; width: 100%; margin: 8px 0; font-size: 14px; }
+.scroll { overflow-x: auto; max-width: 100%; margin: 8px 0; }
+table { border-collapse: collapse; width: 100%; font-size: 14px; }
 th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line);
          vertical-align: top; }
 th { background: #f6f8fa; font-weight: 600; }
@@ -72,10 +73,18 @@ def render(cert: Mapping[str, Any], verification: VerifyReport) -> str:
         f"<footer>Certificate digest <code>{escape(str(cert.get('digest')))}</code>. "
         f"Re-check it with <code>invarlock verify evaluation.cert.json</code>.</footer>",
     ]
+    body = _scrollable("".join(parts))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{escape(title)}</title><style>{_CSS}</style></head>"
-            f"<body><main>{''.join(parts)}</main></body></html>\n")
+            f"<body><main>{body}</main></body></html>\n")
+
+
+def _scrollable(html: str) -> str:
+    """Every table in a box that scrolls sideways, so a wide one (spectral and RMT per
+    family) never pushes the page wider than the window nor hides columns."""
+    return html.replace("<table", '<div class="scroll"><table').replace(
+        "</table>", "</table></div>")
 
 
 def _section(title: str, body: str) -> str:
@@ -252,8 +261,11 @@ def _guard(name: str, section: Mapping[str, Any], policy: Mapping[str, Any]) -> 
         scalars = {k: v for k, v in data.items() if _is_scalar(v)}
         if scalars:
             parts.append(_kv_table(scalars))
-    bars = module_scores(section, policy)
-    if bars:
+    changes = spectral_changes(section, policy)
+    bars = [] if changes else module_scores(section, policy)
+    if changes:
+        parts.append(_change_chart(name, changes))
+    elif bars:
         parts.append(_module_chart(name, bars))
     findings = section.get("findings") or []
     if findings:
@@ -294,6 +306,61 @@ def module_scores(section: Mapping[str, Any], policy: Mapping[str, Any]) -> list
         family = str(entry.get("family", "other"))
         bars.append(charts.Bar(label, abs(float(z)), family, caps.get(family),
                                flagged=label in reported))
+    return bars
+
+
+def spectral_changes(section: Mapping[str, Any],
+                     policy: Mapping[str, Any]) -> list[charts.Bar]:
+    """|σ change| of each module against the change at which the spectral guard flags it.
+
+    What decides a module is its relative change r = σ_s/σ_b − 1: it is a candidate when |r|
+    exceeds the deadband and its robust z exceeds its family's κ, i.e. when r leaves
+    median ± κ·scale of its family (the deadband alone in a family too small for a z), and
+    a violation at once beyond `module_change_limit`. Each bar's tick is the smaller of the
+    two limits on the side its change went; a bar past its tick is a candidate (a violation
+    when its family is significant: named in red), a bar short of it is not. Empty when the
+    section does not hold σ per module or the policy lacks a setting.
+    """
+    measurements = section.get("measurements")
+    if not isinstance(measurements, Mapping):
+        return []
+    entries = [m for m in measurements.get("modules") or () if isinstance(m, Mapping)]
+    if not entries or any(k not in entries[0] for k in ("sigma_baseline", "sigma_subject")):
+        return []
+    try:
+        from invarlock.guards import spectral
+
+        deadband = float(policy["deadband"])
+        quantile = float(policy.get("sigma_quantile", 0.5))
+        caps = {str(f): float(v) for f, v in (policy.get("family_caps") or {}).items()}
+        own = policy.get("module_change_limit")
+        own_limit = None if own is None else max(float(own), deadband)
+        scope = spectral._scope(policy)
+        floor = spectral.scale_floor(deadband)
+        scores = spectral.score_modules(entries, quantile, scope, floor)
+    except (ImportError, KeyError, TypeError, ValueError):
+        return []
+    reported = {str(f.get("module")) for f in section.get("findings") or []
+                if isinstance(f, Mapping) and f.get("kind", "violation") == "violation"}
+    bars = []
+    for family in spectral.FAMILIES:
+        members = [m for m in scores if m.family == family]
+        if not members:
+            continue
+        r = np.array([m.r for m in members])
+        touched = r[(r != 0) & np.isfinite(r)]
+        robust = touched.size >= spectral.MIN_FAMILY_FOR_Z and family in caps
+        centre = float(np.median(touched)) if robust else 0.0
+        spread = caps[family] * spectral.robust_scale(touched, quantile, floor) if robust else 0
+        for m in members:
+            if not np.isfinite(m.r):
+                continue
+            side = centre + spread if m.r >= 0 else spread - centre  # |r| where |z| = κ
+            limit = max(deadband, side)
+            if own_limit is not None:
+                limit = min(limit, own_limit)
+            bars.append(charts.Bar(m.name, abs(m.r), family, limit,
+                                   flagged=m.name in reported))
     return bars
 
 
@@ -339,6 +406,24 @@ def _module_chart(name: str, bars: list[charts.Bar], limit: int = 60) -> str:
     return (f"<figure>{svg}<figcaption>|z| per module, coloured by family {legend}; red ticks "
             f"mark the family cap κ; modules the guard reported are named in red.{note}"
             "</figcaption></figure>")
+
+
+def _change_chart(name: str, bars: list[charts.Bar], limit: int = 60) -> str:
+    """The modules nearest their limit first: the chart shows what decides."""
+    order = sorted(bars, key=lambda b: -(b.value / b.threshold if b.threshold else b.value))
+    shown = order[:limit]
+    note = (f" The {limit} modules nearest their limit of {len(bars)} are shown."
+            if len(bars) > limit else "")
+    svg = charts.bar_chart(shown, label=f"{name}: |σ change| per module against its limit",
+                           x_label="|σ_subject / σ_baseline − 1|", percent=True)
+    legend = " ".join(f'<span class="tag" style="border-color:{c};color:{c}">{f}</span>'
+                      for f, c in charts.FAMILY_COLOURS.items())
+    return (f"<figure>{svg}<figcaption>Change of each module's largest singular value against "
+            f"its own baseline, coloured by family {legend}; each tick marks the change at "
+            "which that module would be flagged (the deadband, its family's κ·spread around "
+            "the family's median change, or the module change limit, whichever applies "
+            "first). A bar past its tick is a candidate; candidates the guard reported as "
+            f"violations are named in red.{note}</figcaption></figure>")
 
 
 def _findings_tables(findings: Sequence[Any]) -> str:

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from invarlock.models import network
+from invarlock import network
 from tests.faults.conftest import error_lines, invoke
 
 
