@@ -132,6 +132,59 @@ def rescale_block_outputs(factor: float) -> Callable[[object], None]:
     return damage
 
 
+def unseen_tokens(model_dir: Path, documents: list[str]) -> list[int]:
+    """Token ids that tokenizing `documents` (one by one and joined) never produces: rows no
+    evaluation window of that text can read."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    seen = set(tok("\n\n".join(documents))["input_ids"])
+    for doc in documents:
+        seen |= set(tok(doc)["input_ids"])
+    return sorted(set(range(len(tok))) - seen - set(tok.all_special_ids))
+
+
+def parameter(model: object, name: str) -> object:
+    return dict(model.named_parameters())[name]
+
+
+def permute_rows(name: str, rows: list[int]) -> Callable[[object], None]:
+    """Rotate the given rows of a parameter by one (row i gets row i+1's content)."""
+    def damage(model: object) -> None:
+        w = parameter(model, name)
+        w[rows] = w[rows[1:] + rows[:1]].clone()
+    return damage
+
+
+def zero_rows(name: str, rows: list[int]) -> Callable[[object], None]:
+    def damage(model: object) -> None:
+        parameter(model, name)[rows] = 0.0
+    return damage
+
+
+def spike_rows(name: str, rows: list[int], factor: float = 8.0) -> Callable[[object], None]:
+    def damage(model: object) -> None:
+        parameter(model, name)[rows] *= factor
+    return damage
+
+
+def scale_channels(name: str, channels: list[int], factor: float) -> Callable[[object], None]:
+    def damage(model: object) -> None:
+        parameter(model, name)[channels] *= factor
+    return damage
+
+
+def permute_output_rows(path: str, seed: int = 0) -> Callable[[object], None]:
+    """Permute the output rows of one weight (its consumer left as it is): σ is unchanged."""
+    def damage(model: object) -> None:
+        import torch
+
+        w = output_rows(model.get_submodule(path))
+        order = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))
+        w.copy_(w[order].clone())
+    return damage
+
+
 def nan_in(path: str) -> Callable[[object], None]:
     def damage(model: object) -> None:
         model.get_submodule(path).weight.view(-1)[7] = float("nan")
