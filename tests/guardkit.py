@@ -144,6 +144,39 @@ def unseen_tokens(model_dir: Path, documents: list[str]) -> list[int]:
     return sorted(set(range(len(tok))) - seen - set(tok.all_special_ids))
 
 
+def window_stream(model_dir: Path, dataset: str) -> object:
+    """The dataset's token stream as `certify` cuts it (documents joined by EOS)."""
+    from transformers import AutoTokenizer
+
+    from invarlock.data.corpus import load_corpus, parse_dataset_spec
+    from invarlock.data.windows import token_stream
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    corpus = load_corpus(parse_dataset_spec(dataset), labelled=False)
+    return token_stream(corpus.documents, tok, tok.eos_token_id)
+
+
+def window_tokens(cert: dict, stream: object) -> set[int]:
+    """Token ids the certificate's preview and final windows contain, cut again from `stream`."""
+    import numpy as np
+
+    from invarlock.data.windows import cut_windows
+
+    w = cert["windows"]
+    cut = cut_windows(stream, w["seq_len"], w["stride"])
+    return set(np.unique(cut[w["preview"]["ids"] + w["final"]["ids"]]).tolist())
+
+
+def trained_unseen_tokens(cert: dict, stream: object, n: int) -> list[int]:
+    """The `n` tokens the windows never contain that the rest of the corpus uses most: rows
+    the model was trained on (distinct), which the primary metric never reads."""
+    import numpy as np
+
+    counts = np.bincount(stream)
+    counts[sorted(window_tokens(cert, stream))] = 0
+    return [int(i) for i in np.argsort(-counts, kind="stable")[:n] if counts[i] > 0]
+
+
 def parameter(model: object, name: str) -> object:
     return dict(model.named_parameters())[name]
 

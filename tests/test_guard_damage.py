@@ -28,7 +28,6 @@ class Bench:
     outlier_size: float
     rescale: float
     ve_preset: Path | None  # extra preset for the VE case
-    documents: tuple[str, ...]  # the dataset's text: tokens it never contains are unseen
     embedding: str = "transformer.wte.weight"  # tied with the head
     final_norm: str = "transformer.ln_f.weight"
 
@@ -49,7 +48,7 @@ def bench(request, tmp_path_factory, tiny_gpt2_dir, sonnets_path) -> Bench:
         with kit.one_thread():
             model = kit.train_tiny(tiny_gpt2_dir, root / "gpt2", sonnets_path)
         return Bench(model, str(sonnets_path), preset, "transformer.h.0.mlp.c_fc", 25.0, 0.6,
-                     ve, (sonnets_path.read_text(),))
+                     ve)
     demo = kit.demo_dir()
     if demo is None:
         pytest.skip("the bundled demo model is not installed")
@@ -60,10 +59,7 @@ def bench(request, tmp_path_factory, tiny_gpt2_dir, sonnets_path) -> Bench:
     # demo's own calibration gives 0.00036
     ve = root / "ve.yaml"
     ve.write_text("guards: {variance: {gating: {min_effect_lognll: 0.0004}}}\n")
-    from invarlock import demo as demo_package
-
-    return Bench(demo, "demo", preset, "transformer.h.1.mlp.c_fc", 12.0, 0.8, ve,
-                 tuple(demo_package.read_documents()))
+    return Bench(demo, "demo", preset, "transformer.h.1.mlp.c_fc", 12.0, 0.8, ve)
 
 
 def run(bench: Bench, subject: Path, out: Path, *extra: str):
@@ -72,8 +68,14 @@ def run(bench: Bench, subject: Path, out: Path, *extra: str):
                        str(bench.preset), "--out", str(out), *extra)
 
 
-def test_identical_subject_all_guards_clean_and_pass(bench, tmp_path):
-    code, summary, cert = run(bench, bench.baseline, tmp_path)
+@pytest.fixture(scope="module")
+def identical(bench, tmp_path_factory) -> tuple[int, dict, dict]:
+    """The baseline certified against itself (its windows are every run's windows)."""
+    return run(bench, bench.baseline, tmp_path_factory.mktemp("identical"))
+
+
+def test_identical_subject_all_guards_clean_and_pass(bench, identical):
+    code, summary, cert = identical
     assert code == 0 and summary["verdict"] == "PASS"
     for flag in FLAGS:
         assert cert["validation"][flag] is True
@@ -85,6 +87,8 @@ def test_identical_subject_all_guards_clean_and_pass(bench, tmp_path):
         cert["gating"])
     coverage = cert["dataset"]["vocabulary"]
     assert 0 < coverage["share"] < 1 and coverage["vocab_size"] == cert["tokenizer"]["vocab_size"]
+    seen = kit.window_tokens(cert, kit.window_stream(bench.baseline, bench.dataset))
+    assert coverage["tokens_seen"] == len(seen)
     assert cert["guards"]["rows"]["summary"]["vocabulary_coverage"] == coverage["share"]
     assert "variance_ok" not in cert["gating"]  # balanced: VE monitors
 
@@ -171,11 +175,13 @@ def _rows_failure(cert: dict, tensor: str) -> dict:
 
 
 @pytest.mark.parametrize("damage", ["permuted", "zeroed", "spiked"])
-def test_unseen_embedding_rows_of_a_tied_model_fail_the_rows_guard(bench, tmp_path, damage):
-    """Rows of tokens the windows never contain: σ, the activations and the perplexity on
-    the windows barely move, the rows guard fails and counts them as unseen."""
-    unseen = kit.unseen_tokens(bench.baseline, list(bench.documents))[:6]
-    assert len(unseen) == 6
+def test_unseen_embedding_rows_of_a_tied_model_fail_the_rows_guard(bench, identical,
+                                                                   tmp_path, damage):
+    """Trained rows of tokens the windows never contain: σ, the activations and the
+    perplexity on the windows barely move, the rows guard fails and counts them as unseen."""
+    stream = kit.window_stream(bench.baseline, bench.dataset)
+    unseen = kit.trained_unseen_tokens(identical[2], stream, 6)
+    assert len(unseen) == 6 and not set(unseen) & kit.window_tokens(identical[2], stream)
     make = {"permuted": kit.permute_rows, "zeroed": kit.zero_rows,
             "spiked": kit.spike_rows}[damage]
     subject = kit.damaged_copy(bench.baseline, tmp_path / "s", make(bench.embedding, unseen))
