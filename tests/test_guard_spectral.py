@@ -146,11 +146,13 @@ def _spike_orthogonal_to_top(w, factor: float = 2.0, skip: int = 3):
     return (w.double() + factor * s[0] * torch.outer(u[:, skip], vh[skip])).float()
 
 
+@pytest.mark.parametrize("factor", [2.0, 0.4], ids=["tripled", "weak"])
 @pytest.mark.parametrize("exact_limit", [0, 1 << 30], ids=["iterative", "exact"])
 def test_orthogonal_spike_on_gate_and_q_proj_is_measured_as_the_exact_change(
-        tiny_llama_dir, monkeypatch, exact_limit):
-    """A rank-1 spike orthogonal to the baseline's top singular vectors triples σ; a power
-    iteration warm-started at the baseline's top vector alone reports no change."""
+        tiny_llama_dir, monkeypatch, exact_limit, factor):
+    """A rank-1 spike orthogonal to the baseline's top singular vectors (σ ×3, or a few
+    tens of percent); a power iteration warm-started at the baseline's top vector alone
+    reports no change."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -167,7 +169,7 @@ def test_orthogonal_spike_on_gate_and_q_proj_is_measured_as_the_exact_change(
     with torch.no_grad():
         for path in targets:
             w = model.get_submodule(path).weight
-            w.copy_(_spike_orthogonal_to_top(w))
+            w.copy_(_spike_orthogonal_to_top(w, factor))
     ctx = SubjectContext(info=None, model=model, config={}, baseline_config={},
                          baseline_files=weight_files(tiny_llama_dir), tokenizer_hashes=("", ""),
                          base_model_prefix=model.base_model_prefix)
@@ -177,12 +179,12 @@ def test_orthogonal_spike_on_gate_and_q_proj_is_measured_as_the_exact_change(
         w = model.get_submodule(path).weight.detach().double()  # γ = 1: the fold is exact
         record = measured[f"{path}.weight"]
         exact_change = float(torch.linalg.svdvals(w)[0]) / record["sigma_baseline"] - 1
-        assert exact_change > 1.5
+        assert exact_change > (1.5 if factor > 1 else 0.1)
         measured_change = record["sigma_subject"] / record["sigma_baseline"] - 1
-        assert measured_change == pytest.approx(exact_change, rel=1e-4), path
+        assert measured_change == pytest.approx(exact_change, rel=1e-3), path
         assert (record["iterations"] == 0) == (exact_limit > 0)
         assert record["residual"] <= probe_module.RESIDUAL_TOL
-        assert record["edit_size"] == pytest.approx(2.0, rel=1e-2)
+        assert record["edit_size"] == pytest.approx(factor, rel=1e-2)
 
 
 def test_top_singular_is_exact_below_the_limit_and_within_its_residual_beyond():

@@ -15,8 +15,10 @@ streamed from the baseline's files (`WeightReader`). An unchanged effective matr
 Every σ is exact (SVD) up to `EXACT_SVD_MAX_ELEMENTS`; beyond, a block power iteration from
 v_b plus seeded random starts, accepted on a residual check (`top_singular`): a new dominant
 direction orthogonal to v_b (a rank-1 spike) is found, where a single vector warm-started at
-v_b would stay on the baseline's direction and report no change. The edit size runs at most
-`EDIT_SIZE_ITERATIONS` steps on the iterative path: a lower bound there, exact below the limit.
+v_b would stay on the baseline's direction and report no change. The edit size is taken
+first (at most `EDIT_SIZE_ITERATIONS` steps on the iterative path: a lower bound there, exact
+below the limit), and its top right singular vector joins v_b as a start for σ_s, so a new
+dominant direction the edit brings in is in the block from the first step.
 """
 
 from __future__ import annotations
@@ -159,9 +161,12 @@ class SpectralProbe(Probe):
         start = decode_vector(entry["vector"])
         seed = _seed(entry["name"])
         exact = EXACT_SVD_MAX_ELEMENTS
-        top = top_singular(ws, start, seed=seed, tol=SIGMA_TOL, exact_max_elements=exact)
         edit = top_singular(ws - wb, start, seed=seed + 1, tol=1e-3,
                             max_iter=EDIT_SIZE_ITERATIONS, exact_max_elements=exact)
+        # the edit's own top direction joins the warm start: where the edit adds a new
+        # dominant direction (a spike), the block starts on it
+        starts = torch.stack([start.to(edit.vector.device), edit.vector], dim=1)
+        top = top_singular(ws, starts, seed=seed, tol=SIGMA_TOL, exact_max_elements=exact)
         size = edit.sigma / sigma_b if sigma_b > 0 else 0.0
         sigma_s = top.sigma
         # JSON has no inf/NaN: a norm that is not finite is stored as None

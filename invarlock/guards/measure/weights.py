@@ -29,6 +29,9 @@ RANDOM_STARTS = 4
 # Stated tolerance of the iterative σ: the top Ritz pair (σ, u, v) is accepted when
 # ‖Wᵀu − σv‖ <= RESIDUAL_TOL·σ, so σ lies within RESIDUAL_TOL·σ of a singular value of W.
 RESIDUAL_TOL = 1e-4
+# Iterations the block runs at least: the random starts' components along a new dominant
+# direction grow by (σ_new/σ_old)² per step and need a few steps to show in the Ritz value.
+MIN_ITERATIONS = 3
 # From this many elements, a matrix's products are worth the thread pool (2 MiB in float32).
 THREADED_MIN_ELEMENTS = 1 << 19
 
@@ -203,9 +206,10 @@ def top_singular(w: torch.Tensor, start: torch.Tensor | None = None, *, seed: in
     """σ_max(W): exact SVD up to `exact_max_elements`, else block power iteration.
 
     The iterative path (subspace iteration, Rutishauser 1970, with a Rayleigh–Ritz step)
-    starts from `start` (the baseline's top vector: a few steps when σ barely moved) plus
-    `RANDOM_STARTS` seeded Gaussian vectors, so that a new dominant direction orthogonal to
-    `start` is found too. It stops when the top Ritz value changes by at most `tol` and its
+    starts from `start` ([n] or [n, j]: the baseline's top vector, a few steps when σ barely
+    moved, and the top vector of the edit W_s − W_b) plus `RANDOM_STARTS` seeded Gaussian
+    vectors, so that a new dominant direction orthogonal to `start` is found too. After at
+    least `MIN_ITERATIONS` it stops when the top Ritz value changes by at most `tol` and its
     residual ‖Wᵀu − σv‖/σ is at most `residual_tol`; the Ritz value never exceeds σ_max.
     """
     w = w.to(torch.float32)
@@ -218,7 +222,7 @@ def top_singular(w: torch.Tensor, start: torch.Tensor | None = None, *, seed: in
     gen = torch.Generator(device="cpu").manual_seed(seed)
     block = [torch.randn(n, RANDOM_STARTS, generator=gen)]
     if start is not None:
-        block.insert(0, start.detach().to("cpu", torch.float32).reshape(n, 1))
+        block.insert(0, start.detach().to("cpu", torch.float32).reshape(n, -1))
     q, _ = torch.linalg.qr(torch.cat(block, dim=1).to(w.device))
     sigma, prev, residual = 0.0, -1.0, float("inf")
     v = q[:, 0]
@@ -231,7 +235,8 @@ def top_singular(w: torch.Tensor, start: torch.Tensor | None = None, *, seed: in
         v = q @ vh_b[0]
         u = u_b[:, 0]
         residual = float((w.T @ u - sigma * v).norm()) / sigma
-        if abs(sigma - prev) <= tol * sigma and residual <= residual_tol:
+        if i >= MIN_ITERATIONS and abs(sigma - prev) <= tol * sigma and \
+                residual <= residual_tol:
             return TopSingular(sigma, v, i, residual)
         prev = sigma
         q, _ = torch.linalg.qr(w.T @ z)
