@@ -233,19 +233,23 @@ def test_benign_quantization_passes_the_whole_model_checks(bench, tmp_path, plan
     assert code == 0 and summary["verdict"] == "PASS", summary["reasons"]
 
 
-def test_scrambled_unseen_rows_of_an_untied_head_fail_the_rows_guard(tiny_llama_dir,
-                                                                      sonnets_path, tmp_path):
+@pytest.mark.parametrize("tensor", ["lm_head.weight", "model.embed_tokens.weight"])
+def test_scrambled_unseen_rows_of_an_untied_model_fail_the_rows_guard(tiny_llama_dir,
+                                                                      sonnets_path, tmp_path,
+                                                                      tensor):
+    """Head and embedding are separate tensors: each is compared row by row."""
     preset = tmp_path / "fast.yaml"
     preset.write_text(kit.FAST)
     unseen = kit.unseen_tokens(tiny_llama_dir, [sonnets_path.read_text()])[:5]
 
     def scramble(model):
-        head = model.lm_head.weight
-        head[unseen] = head[unseen].flip(1).clone()
+        rows = kit.parameter(model, tensor)
+        rows[unseen] = rows[unseen].flip(1).clone()
 
     subject = kit.damaged_copy(tiny_llama_dir, tmp_path / "s", scramble)
     code, _, cert = kit.certify("--baseline", str(tiny_llama_dir), "--subject", str(subject),
                                 "--dataset", str(sonnets_path), "--profile", "dev",
                                 "--preset", str(preset), "--out", str(tmp_path / "o"))
-    finding = _rows_failure(cert, "lm_head.weight")
+    finding = _rows_failure(cert, tensor)
     assert "5 of tokens the windows never contain" in finding["message"] and code == 1
+    assert [f["module"] for f in cert["guards"]["rows"]["findings"]] == [tensor]
