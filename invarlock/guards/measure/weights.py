@@ -26,8 +26,9 @@ EXACT_SVD_MAX_ELEMENTS = 1 << 18
 # Random start vectors next to the warm start: with them a direction the warm start is
 # orthogonal to (a rank-1 spike away from the baseline's top vectors) is still found.
 RANDOM_STARTS = 2
-# Stated tolerance of the iterative σ: the top Ritz pair (σ, u, v) is accepted when
-# ‖Wᵀu − σv‖ <= RESIDUAL_TOL·σ, so σ lies within RESIDUAL_TOL·σ of a singular value of W.
+# Stated tolerance of the iterative σ: the block stops early once the top Ritz pair has
+# ‖Wᵀu − σv‖ <= RESIDUAL_TOL·σ (σ then lies within RESIDUAL_TOL·σ of a singular value of W);
+# every returned pair carries its residual, recorded per module.
 RESIDUAL_TOL = 1e-3
 # Iterations the block runs at least: the random starts' components along a new dominant
 # direction grow by (σ_new/σ_old)² per step and need a few steps to show in the Ritz value.
