@@ -143,10 +143,14 @@ def test_editing_a_stored_measurement_changes_the_outcome(int8_cert):
     def shift_moment(m: dict) -> None:
         m["modules"][0]["m2_subject"] = 0.5 * m["modules"][0]["m2_baseline"]
 
+    def one_row_beyond(m: dict) -> None:
+        m["tensors"][0]["beyond"]["unseen"] = 1
+
     for name, edit, words in (("spectral", triple_sigma, "violation"),
                               ("rmt", new_outliers, "Marchenko–Pastur edge"),
                               ("invariants", new_fingerprint, "changed during certification"),
-                              ("variance", shift_moment, "not evaluated")):
+                              ("variance", shift_moment, "not evaluated"),
+                              ("rows", one_row_beyond, "beyond τ")):
         assert int8_cert["guards"][name]["passed"]
         check = _edited(int8_cert, name, edit)
         assert not check.passed and words in check.reason, name
