@@ -162,6 +162,13 @@ GUARDS = {
             "family_caps": _FAMILY_NUMBERS,
             "module_change_limit": {"anyOf": [{"type": "null"}, *_number(
                 exclusiveMinimum=0)["anyOf"]]},
+            "edit_size_limit": {"anyOf": [{"type": "null"}, *_number(
+                exclusiveMinimum=0)["anyOf"]]},
+        }),
+        "rows": _obj({
+            "mode": _MODE,
+            "tau": _number(exclusiveMinimum=0),
+            "max_share": _number(minimum=0, maximum=1),
         }),
         "rmt": _obj({
             "mode": _MODE,

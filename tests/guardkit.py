@@ -132,6 +132,92 @@ def rescale_block_outputs(factor: float) -> Callable[[object], None]:
     return damage
 
 
+def unseen_tokens(model_dir: Path, documents: list[str]) -> list[int]:
+    """Token ids that tokenizing `documents` (one by one and joined) never produces: rows no
+    evaluation window of that text can read."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    seen = set(tok("\n\n".join(documents))["input_ids"])
+    for doc in documents:
+        seen |= set(tok(doc)["input_ids"])
+    return sorted(set(range(len(tok))) - seen - set(tok.all_special_ids))
+
+
+def window_stream(model_dir: Path, dataset: str) -> object:
+    """The dataset's token stream as `certify` cuts it (documents joined by EOS)."""
+    from transformers import AutoTokenizer
+
+    from invarlock.data.corpus import load_corpus, parse_dataset_spec
+    from invarlock.data.windows import token_stream
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    corpus = load_corpus(parse_dataset_spec(dataset), labelled=False)
+    return token_stream(corpus.documents, tok, tok.eos_token_id)
+
+
+def window_tokens(cert: dict, stream: object) -> set[int]:
+    """Token ids the certificate's preview and final windows contain, cut again from `stream`."""
+    import numpy as np
+
+    from invarlock.data.windows import cut_windows
+
+    w = cert["windows"]
+    cut = cut_windows(stream, w["seq_len"], w["stride"])
+    return set(np.unique(cut[w["preview"]["ids"] + w["final"]["ids"]]).tolist())
+
+
+def trained_unseen_tokens(cert: dict, stream: object, n: int) -> list[int]:
+    """The `n` tokens the windows never contain that the rest of the corpus uses most: rows
+    the model was trained on (distinct), which the primary metric never reads."""
+    import numpy as np
+
+    counts = np.bincount(stream)
+    counts[sorted(window_tokens(cert, stream))] = 0
+    return [int(i) for i in np.argsort(-counts, kind="stable")[:n] if counts[i] > 0]
+
+
+def parameter(model: object, name: str) -> object:
+    return dict(model.named_parameters())[name]
+
+
+def permute_rows(name: str, rows: list[int]) -> Callable[[object], None]:
+    """Rotate the given rows of a parameter by one (row i gets row i+1's content)."""
+    def damage(model: object) -> None:
+        w = parameter(model, name)
+        w[rows] = w[rows[1:] + rows[:1]].clone()
+    return damage
+
+
+def zero_rows(name: str, rows: list[int]) -> Callable[[object], None]:
+    def damage(model: object) -> None:
+        parameter(model, name)[rows] = 0.0
+    return damage
+
+
+def spike_rows(name: str, rows: list[int], factor: float = 8.0) -> Callable[[object], None]:
+    def damage(model: object) -> None:
+        parameter(model, name)[rows] *= factor
+    return damage
+
+
+def scale_channels(name: str, channels: list[int], factor: float) -> Callable[[object], None]:
+    def damage(model: object) -> None:
+        parameter(model, name)[channels] *= factor
+    return damage
+
+
+def permute_output_rows(path: str, seed: int = 0) -> Callable[[object], None]:
+    """Permute the output rows of one weight (its consumer left as it is): σ is unchanged."""
+    def damage(model: object) -> None:
+        import torch
+
+        w = output_rows(model.get_submodule(path))
+        order = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))
+        w.copy_(w[order].clone())
+    return damage
+
+
 def nan_in(path: str) -> Callable[[object], None]:
     def damage(model: object) -> None:
         model.get_submodule(path).weight.view(-1)[7] = float("nan")

@@ -39,7 +39,8 @@ def int8_cert(tiny_gpt2_dir, fast_preset, sonnets_path, tmp_path_factory) -> dic
 def test_tier_settings_and_validation():
     settings = ChainSettings.from_policy(resolve({"auto": {"profile": "dev"}}).values["guards"])
     assert settings.order == guards.CANONICAL_ORDER
-    assert settings.active == ("invariants", "spectral", "rmt", "variance")
+    assert settings.active == ("invariants", "spectral", "rows", "rmt", "variance")
+    assert settings.modes["rows"] is GuardMode.GATE
     assert settings.modes["variance"] is GuardMode.MONITOR and settings.calibration_windows == 16
     cons = ChainSettings.from_policy(resolve({"auto": {"tier": "conservative"}}).values["guards"])
     assert cons.modes["variance"] is GuardMode.GATE and cons.calibration_windows == 32
@@ -121,7 +122,7 @@ def test_recheck_reproduces_every_flag_of_a_fresh_certificate(int8_cert):
 
     cert = json.loads(json.dumps(int8_cert))
     values = cert["policy"]["values"]["guards"]
-    assert set(cert["guards"]) == {"invariants", "spectral", "rmt", "variance"}
+    assert set(cert["guards"]) == {"invariants", "spectral", "rows", "rmt", "variance"}
     for name, section in cert["guards"].items():
         check = guards.recheck(name, section, values[name])
         assert check.flag == section["flag"]
@@ -160,16 +161,23 @@ def test_editing_a_stored_measurement_changes_the_outcome(int8_cert):
     def shift_moment(m: dict) -> None:
         m["modules"][0]["m2_subject"] = 0.5 * m["modules"][0]["m2_baseline"]
 
+    def one_row_beyond(m: dict) -> None:
+        m["tensors"][0]["beyond"]["unseen"] = 1
+
     for name, edit, words in (("spectral", triple_sigma, "violation"),
                               ("rmt", new_outliers, "Marchenko–Pastur edge"),
                               ("invariants", new_fingerprint, "changed during certification"),
-                              ("variance", shift_moment, "not evaluated")):
+                              ("variance", shift_moment, "not evaluated"),
+                              ("rows", one_row_beyond, "beyond τ")):
         assert int8_cert["guards"][name]["passed"]
         check = _edited(int8_cert, name, edit)
         assert not check.passed and words in check.reason, name
-    # an edit that does not matter leaves the outcome alone
+    # the edit size is gated: a structural edit that keeps σ (permuted rows) fails ...
+    check = _edited(int8_cert, "spectral", lambda m: m["modules"][0].update(edit_size=0.5))
+    assert not check.passed and "edit size" in check.reason
+    # ... and an edit that does not matter leaves the outcome alone
     assert _edited(int8_cert, "spectral", lambda m: m["modules"][0].update(
-        edit_size=0.5)).passed
+        sigma_baseline=m["modules"][0]["sigma_baseline"] * (1 + 1e-9))).passed
 
 
 def test_recheck_of_an_unknown_guard_says_it_is_not_installed(int8_cert):

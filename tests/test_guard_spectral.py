@@ -137,26 +137,92 @@ def test_families_too_small_for_a_z_fail_on_any_change_beyond_the_deadband():
     assert spectral.decide({"modules": modules({"embed": [0.0, 0.05]})}, POLICY).passed
 
 
-def test_power_iteration_and_baseline_top_match_exact_svd():
+def _spike_orthogonal_to_top(w, factor: float = 2.0, skip: int = 3):
+    """W + factor·σ1·x yᵀ with (x, y) a singular pair below the top `skip`: σ_max becomes
+    about (1 + factor)·σ1 along a direction the baseline's top vectors are orthogonal to."""
     import torch
 
-    from invarlock.guards.measure.spectral import baseline_top
-    from invarlock.guards.measure.weights import power_iteration, single_thread
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return (w.double() + factor * s[0] * torch.outer(u[:, skip], vh[skip])).float()
+
+
+@pytest.mark.parametrize("factor", [2.0, 0.4], ids=["tripled", "weak"])
+@pytest.mark.parametrize("exact_limit", [0, 1 << 30], ids=["iterative", "exact"])
+def test_orthogonal_spike_on_gate_and_q_proj_is_measured_as_the_exact_change(
+        tiny_llama_dir, monkeypatch, exact_limit, factor):
+    """A rank-1 spike orthogonal to the baseline's top singular vectors (σ ×3, or a few
+    tens of percent); a power iteration warm-started at the baseline's top vector alone
+    reports no change."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.guards.measure import spectral as probe_module
+    from invarlock.guards.measure.probe import SubjectContext
+    from invarlock.models.source import weight_files
+
+    monkeypatch.setattr(probe_module, "EXACT_SVD_MAX_ELEMENTS", exact_limit)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    probe = probe_module.SpectralProbe({})
+    probe.baseline_loaded(model)
+    state = probe.baseline_state()
+    targets = ("model.layers.0.mlp.gate_proj", "model.layers.1.self_attn.q_proj")
+    with torch.no_grad():
+        for path in targets:
+            w = model.get_submodule(path).weight
+            w.copy_(_spike_orthogonal_to_top(w, factor))
+    ctx = SubjectContext(info=None, model=model, config={}, baseline_config={},
+                         baseline_files=weight_files(tiny_llama_dir), tokenizer_hashes=("", ""),
+                         base_model_prefix=model.base_model_prefix)
+    probe.subject_loaded(ctx, state)
+    measured = {m["name"]: m for m in probe.measure(ctx, state)["modules"]}
+    for path in targets:
+        w = model.get_submodule(path).weight.detach().double()  # γ = 1: the fold is exact
+        record = measured[f"{path}.weight"]
+        exact_change = float(torch.linalg.svdvals(w)[0]) / record["sigma_baseline"] - 1
+        assert exact_change > (1.5 if factor > 1 else 0.1)
+        measured_change = record["sigma_subject"] / record["sigma_baseline"] - 1
+        assert measured_change == pytest.approx(exact_change, rel=1e-3), path
+        assert (record["iterations"] == 0) == (exact_limit > 0)
+        assert record["residual"] <= probe_module.RESIDUAL_TOL
+        assert record["edit_size"] == pytest.approx(factor, rel=1e-2)
+
+
+def test_top_singular_is_exact_below_the_limit_and_within_its_residual_beyond():
+    import torch
+
+    from invarlock.guards.measure.weights import RESIDUAL_TOL, single_thread, top_singular
 
     gen = torch.Generator().manual_seed(0)
-    # small: exact SVD; large with a spectral gap (as trained weights have): converged;
-    # large Gaussian (no gap at the top of the Marchenko–Pastur bulk): within 1e-4
     spike = torch.randn(300, 1, generator=gen) @ torch.randn(1, 500, generator=gen) * 0.2
-    for w, rel in ((torch.randn(40, 30, generator=gen), 1e-6),
-                   (torch.randn(300, 500, generator=gen) + spike, 1e-6),
-                   (torch.randn(300, 500, generator=gen), 1e-4)):
+    for w in (torch.randn(300, 500, generator=gen) + spike,
+              torch.randn(300, 500, generator=gen)):  # no gap at the top of the MP bulk
+        exact = float(torch.linalg.svdvals(w.double())[0])
         with single_thread():
-            exact = float(torch.linalg.svdvals(w.double())[0])
-            sigma, v = baseline_top(w, seed=1)
-            warm, _, iters = power_iteration(w * 1.001, v)  # warm start: a few iterations
-        assert sigma == pytest.approx(exact, rel=rel)
-        assert warm == pytest.approx(1.001 * exact, rel=rel)
-        assert rel > 1e-5 or iters <= 5
+            small = top_singular(w, exact_max_elements=w.numel())
+            big = top_singular(w, seed=1, exact_max_elements=0)
+            warm = top_singular(w * 1.001, big.vector, seed=2, exact_max_elements=0)
+        assert small.exact and small.sigma == pytest.approx(exact, rel=1e-6)
+        assert not big.exact and big.residual <= RESIDUAL_TOL
+        assert big.sigma <= exact * (1 + 1e-6)  # a Ritz value never exceeds σ_max
+        assert big.sigma == pytest.approx(exact, rel=RESIDUAL_TOL)
+        assert warm.sigma == pytest.approx(1.001 * exact, rel=RESIDUAL_TOL)
+
+
+def test_a_spike_orthogonal_to_the_warm_start_is_found_by_the_random_starts():
+    import torch
+
+    from invarlock.guards.measure.weights import power_iteration, top_singular
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=gen)
+    v_b = torch.linalg.svd(w.double())[2][0].float()
+    sigma_b = float(torch.linalg.svdvals(w.double())[0])
+    spiked = _spike_orthogonal_to_top(w)
+    exact = float(torch.linalg.svdvals(spiked.double())[0])
+    stuck, _, _ = power_iteration(spiked, v_b)  # the warm start alone stays on v_b
+    assert stuck / sigma_b - 1 < 1e-3 < exact / sigma_b - 1
+    found = top_singular(spiked, v_b, seed=3, exact_max_elements=0)
+    assert found.sigma == pytest.approx(exact, rel=1e-5)
 
 
 def test_large_matrices_get_the_thread_pool_back_inside_a_single_thread_block():

@@ -288,3 +288,24 @@ def test_a_megabyte_of_text_is_planned_quickly(bpe, sonnets_path):
     plan = _plan(build_corpus(SRC, docs), bpe, seq_len=256, preview_n=200, final_n=200)
     assert plan.total_tokens > 400_000
     assert time.perf_counter() - start < 15.0
+
+
+def test_tokens_seen_are_the_distinct_ids_of_both_sets_and_give_the_coverage(bpe, sonnets):
+    plan = _plan(sonnets, bpe, preview_n=4, final_n=4)
+    seen = plan.tokens_seen()
+    expected = np.unique(np.concatenate([plan.preview.input_ids.ravel(),
+                                         plan.final.input_ids.ravel()]))
+    assert np.array_equal(seen, expected)
+    coverage = plan.vocabulary_coverage(len(bpe))
+    assert coverage == {"vocab_size": len(bpe), "tokens_seen": expected.size,
+                        "share": expected.size / len(bpe)}
+    assert 0 < coverage["share"] < 1  # eight short windows never cover a vocabulary
+
+
+def test_masked_positions_count_by_their_original_token(wordpiece, sonnets):
+    plan = _plan(sonnets, wordpiece, kind="ppl_mlm", preview_n=3, final_n=3)
+    seen = set(plan.tokens_seen().tolist())
+    for s in (plan.preview, plan.final):
+        originals = s.labels[s.labels != IGNORE_INDEX]
+        assert set(originals.tolist()) <= seen
+        assert set(s.input_ids.ravel().tolist()) <= seen

@@ -104,6 +104,25 @@ class WindowPlan:
         text = json.dumps(record, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
+    def tokens_seen(self) -> np.ndarray:
+        """Sorted distinct token ids the evaluation windows contain, preview and final
+        (padding excluded; a masked position by its original token)."""
+        seen = []
+        for s in (self.preview, self.final):
+            seen.append(s.input_ids[s.attention_mask.astype(bool)])
+            if s.labels is not None and s.labels.ndim == 2:
+                seen.append(s.labels[s.labels != IGNORE_INDEX])
+        return np.unique(np.concatenate(seen)).astype(np.int64) if seen else np.zeros(
+            0, dtype=np.int64)
+
+    def vocabulary_coverage(self, vocab_size: int) -> dict[str, Any]:
+        """How much of the vocabulary the windows contain: the rest is never read by the
+        primary metric, so damage to those rows shows only in the weights."""
+        seen = self.tokens_seen()
+        seen = int(np.count_nonzero((seen >= 0) & (seen < vocab_size)))
+        return {"vocab_size": int(vocab_size), "tokens_seen": seen,
+                "share": seen / vocab_size if vocab_size else 0.0}
+
     def overlap(self) -> float:
         """Fraction of final windows whose content also occurs in preview (must be 0.0)."""
         if self.final.n == 0:

@@ -1,6 +1,6 @@
 """Guards: checks that compare the subject with its baseline beyond the primary metric.
 
-The chain runs `invariants → spectral → rmt → variance → invariants` (configurable with
+The chain runs `invariants → spectral → rows → rmt → variance → invariants` (configurable with
 `guards.order`); each guard's `mode` (off | monitor | gate) comes from the tier. Every guard
 that runs writes `cert["guards"][name]` and `cert["validation"][flag]`; only flags of guards
 in `gate` mode are listed in `cert["gating"]` and decide the verdict.

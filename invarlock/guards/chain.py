@@ -23,7 +23,7 @@ from invarlock.errors import ConfigError, nearest_hint
 from invarlock.gate import Check
 from invarlock.guards.registry import get_guard, guard_names
 
-CANONICAL_ORDER = ("invariants", "spectral", "rmt", "variance", "invariants")
+CANONICAL_ORDER = ("invariants", "spectral", "rows", "rmt", "variance", "invariants")
 # Keys of `values.guards` that are chain settings, not guard names.
 CHAIN_KEYS = ("order", "calibration_windows")
 

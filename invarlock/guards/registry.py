@@ -1,4 +1,4 @@
-"""Guards by name: the four built-ins, plus any registered by a plugin."""
+"""Guards by name: the five built-ins, plus any registered by a plugin."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ from invarlock.errors import InputError
 from invarlock.guards.base import Guard
 from invarlock.guards.invariants import INVARIANTS
 from invarlock.guards.rmt import RMT
+from invarlock.guards.rows import ROWS
 from invarlock.guards.spectral import SPECTRAL
 from invarlock.guards.variance import VARIANCE
 
 ENTRY_POINT_GROUP = "invarlock.guards"
-BUILTIN = ("invariants", "spectral", "rmt", "variance")
+BUILTIN = ("invariants", "spectral", "rows", "rmt", "variance")
 
 _REGISTRY: dict[str, Guard] = {g.name: g for g in (
-    INVARIANTS, SPECTRAL, RMT, VARIANCE)}
+    INVARIANTS, SPECTRAL, ROWS, RMT, VARIANCE)}
 
 
 class UnknownGuardError(InputError):

@@ -20,6 +20,9 @@ For every 2-D weight in scope the probe measures σ_b = ‖W_b‖₂ (baseline) 
   violation whatever the family's spread, so a change shared by a whole family (every
   attention matrix ×1.5), which the robust z normalises away, is still caught;
 - with `max_spectral_norm` set, any σ_s above it is a violation too;
+- with `edit_size_limit` set, a module whose edit size ‖W_s − W_b‖₂/σ_b exceeds it is a
+  violation: permuting, swapping or spiking rows can keep σ (and so r) where it was, but not
+  the size of the edit, which benign quantization keeps small (calibrated: CALIBRATION.md);
 - the robust z of a family is taken over the modules the edit touched (r ≠ 0): a LoRA merge
   into q/v leaves o untouched, and those zeros would shrink the scale to nothing; a family
   with fewer than `MIN_FAMILY_FOR_Z` touched modules (embeddings: one or two matrices; one
@@ -219,11 +222,18 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         warnings = [s for s in warnings if s not in beyond]
     limit = policy.get("max_spectral_norm")
     above = [] if limit is None else [s for s in scores if s.sigma_subject > float(limit)]
+    edit_limit = policy.get("edit_size_limit")
+    too_big = [] if edit_limit is None else [
+        s for s in scores if s.edit_size > float(edit_limit) and s not in violations]
+    above += [s for s in too_big if s not in above]
+    warnings = [s for s in warnings if s not in too_big]
 
     findings = [_finding(s, "violation", _why(s, caps[s.family], s.family in small,
                                               own_limit)) for s in violations]
     findings += [_finding(s, "violation", f"σ {s.sigma_subject:.4g} above max_spectral_norm "
-                          f"{float(limit):.4g}") for s in above]
+                          f"{float(limit):.4g}") for s in above if s not in too_big]
+    findings += [_finding(s, "violation", f"edit size ‖ΔW‖₂/σ {s.edit_size:.3g} beyond the "
+                          f"limit {float(edit_limit):.3g}") for s in too_big]
     findings += [_finding(s, "warning", f"σ changed {s.r:+.1%} (z {s.z:+.1f} > κ "
                           f"{caps[s.family]:.2f}, family not significant)") for s in warnings]
     max_caps = int(policy["max_caps"])
@@ -232,6 +242,10 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         worst = max([*violations, *above], key=lambda s: abs(s.r))
         reason = (f"{len(violations) + len(above)} violation(s); largest: {worst.name} "
                   f"σ {worst.r:+.1%} vs baseline")
+        if too_big and all(s in too_big for s in [*violations, *above]):
+            worst = max(too_big, key=lambda s: s.edit_size)
+            reason = (f"{len(too_big)} violation(s); largest: {worst.name} edit size "
+                      f"‖ΔW‖₂/σ {worst.edit_size:.3g} beyond the limit {float(edit_limit):.3g}")
     elif len(warnings) > max_caps:
         reason = f"{len(warnings)} warnings exceed the budget max_caps = {max_caps}"
     else:

@@ -41,6 +41,7 @@ class RunInfo:
     replicates: int               # bootstrap settings for the VE gate's interval
     ci_alpha: float
     bootstrap_seed: int
+    tokens_seen: np.ndarray | None = None  # int64, sorted: token ids the windows contain
 
 
 @dataclass

@@ -161,4 +161,5 @@ def run_info(kind: Any, device: str, plan: Any, settings: ChainSettings, policy:
                    calibration_ids=np.asarray(plan.final.window_ids[:k], dtype=np.int64),
                    replicates=int(policy.bootstrap.replicates),
                    ci_alpha=float(policy.bootstrap.alpha),
-                   bootstrap_seed=int(policy.bootstrap.seed))
+                   bootstrap_seed=int(policy.bootstrap.seed),
+                   tokens_seen=plan.tokens_seen())

@@ -6,20 +6,25 @@ reparametrisation that leaves the function unchanged leaves σ unchanged. The tr
 is traced on the baseline and cached with it.
 
 Baseline (when it is loaded for evaluation): σ_b and the top right singular vector v_b of
-every 2-D floating weight (tied weights once), exact SVD for small matrices, otherwise a
-seeded block power iteration for a start vector refined by power iteration. Both are cached
-with the baseline's results.
+every 2-D floating weight (tied weights once), both cached with the baseline's results.
 
 Subject: each baseline weight (and the norm scales and partners its effective form needs) is
 streamed from the baseline's files (`WeightReader`). An unchanged effective matrix
-(bit-identical) keeps σ_b; a changed one gets σ_s by power iteration warm-started from v_b,
-and the edit size ‖W_s − W_b‖₂/σ_b by a short power iteration on the difference (a lower
-bound after `EDIT_SIZE_ITERATIONS` steps).
+(bit-identical) keeps σ_b; a changed one gets σ_s and the edit size ‖W_s − W_b‖₂/σ_b.
+
+Every σ is exact (SVD) up to `EXACT_SVD_MAX_ELEMENTS`; beyond, a block power iteration from
+v_b plus seeded random starts, accepted on a residual check (`top_singular`): a new dominant
+direction orthogonal to v_b (a rank-1 spike) is found, where a single vector warm-started at
+v_b would stay on the baseline's direction and report no change. The edit size is taken
+first (at most `EDIT_SIZE_ITERATIONS` steps on the iterative path: a lower bound there, exact
+below the limit), and its top right singular vector joins v_b as a start for σ_s, so a new
+dominant direction the edit brings in is in the block from the first step.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import math
 from collections.abc import Mapping
@@ -34,18 +39,20 @@ from invarlock.guards.measure.fold import effective, transform_plan
 from invarlock.guards.measure.probe import Probe, SubjectContext
 from invarlock.guards.measure.weights import (
     EXACT_SVD_MAX_ELEMENTS,
+    RANDOM_STARTS,
+    RESIDUAL_TOL,
     WeightReader,
-    power_iteration,
     single_thread,
     threads_for,
+    top_singular,
 )
 from invarlock.models.effective import EffectiveWeights, named_matrices
 
 log = logging.getLogger(__name__)
 
-EDIT_SIZE_ITERATIONS = 8
-BLOCK_VECTORS = 8
-BLOCK_ITERATIONS = 4
+EDIT_SIZE_ITERATIONS = 12
+SIGMA_TOL = 1e-6
+BASELINE_STARTS = 6  # no warm start for the baseline: a wider random block (computed once)
 
 
 def matrices(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -64,19 +71,10 @@ def matrices(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def baseline_top(w: torch.Tensor, seed: int) -> tuple[float, torch.Tensor]:
-    """σ_max and top right singular vector of a float32 matrix, accurately (computed once)."""
-    if w.numel() <= EXACT_SVD_MAX_ELEMENTS:
-        _, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return float(s[0]), vh[0].clone()
-    # Block power iteration (subspace iteration, Rutishauser) for a start vector whose
-    # convergence depends on σ1/σ9 rather than σ1/σ2, then single-vector refinement.
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(w.shape[1], BLOCK_VECTORS, generator=gen).to(w.device)
-    for _ in range(BLOCK_ITERATIONS):
-        q, _ = torch.linalg.qr(w.T @ (w @ q))
-    _, _, vh = torch.linalg.svd(w @ q, full_matrices=False)
-    sigma, v, _ = power_iteration(w, q @ vh[0], tol=1e-7, max_iter=200)
-    return sigma, v
+    """σ_max and top right singular vector of a float32 matrix (computed once, cached)."""
+    top = top_singular(w, seed=seed, tol=SIGMA_TOL, random_starts=BASELINE_STARTS,
+                       exact_max_elements=EXACT_SVD_MAX_ELEMENTS)
+    return top.sigma, top.vector
 
 
 def encode_vector(v: torch.Tensor) -> str:
@@ -88,7 +86,7 @@ def decode_vector(text: str) -> torch.Tensor:
 
 
 class SpectralProbe(Probe):
-    cache_settings: ClassVar[dict[str, Any]] = {"version": 2}
+    cache_settings: ClassVar[dict[str, Any]] = {"version": 3}
 
     def __init__(self, policy: Mapping[str, Any]) -> None:
         super().__init__(policy)
@@ -162,13 +160,20 @@ class SpectralProbe(Probe):
         if torch.equal(ws, wb):
             return record
         start = decode_vector(entry["vector"])
-        sigma_s, _, iters = power_iteration(ws, start, tol=1e-7, max_iter=200)
-        diff = ws - wb
-        edit, _, _ = power_iteration(diff, start, tol=1e-3, max_iter=EDIT_SIZE_ITERATIONS)
-        size = edit / sigma_b if sigma_b > 0 else 0.0
+        seed = _seed(entry["name"])
+        exact = EXACT_SVD_MAX_ELEMENTS
+        edit = top_singular(ws - wb, start, seed=seed + 1, tol=1e-3,
+                            max_iter=EDIT_SIZE_ITERATIONS, exact_max_elements=exact)
+        # the edit's own top direction joins the warm start: where the edit adds a new
+        # dominant direction (a spike), the block starts on it
+        starts = torch.stack([start.to(edit.vector.device), edit.vector], dim=1)
+        top = top_singular(ws, starts, seed=seed, tol=SIGMA_TOL, exact_max_elements=exact)
+        size = edit.sigma / sigma_b if sigma_b > 0 else 0.0
+        sigma_s = top.sigma
         # JSON has no inf/NaN: a norm that is not finite is stored as None
         record.update(sigma_subject=sigma_s if math.isfinite(sigma_s) else None, changed=True,
-                      iterations=iters, edit_size=size if math.isfinite(size) else None)
+                      iterations=top.iterations, edit_size=size if math.isfinite(size) else None,
+                      residual=top.residual if math.isfinite(top.residual) else None)
         return record
 
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,8 +187,15 @@ class SpectralProbe(Probe):
                 "unmatched": list(self._unmatched),
                 "method": {"effective_weights": "norm scale folded in, channel pairs balanced",
                            "exact_svd_max_elements": EXACT_SVD_MAX_ELEMENTS,
-                           "power_iteration_tol": 1e-7,
+                           "random_starts": RANDOM_STARTS,
+                           "power_iteration_tol": SIGMA_TOL,
+                           "residual_tol": RESIDUAL_TOL,
                            "edit_size_iterations": EDIT_SIZE_ITERATIONS}}
+
+
+def _seed(name: str) -> int:
+    """A seed per module name, stable across runs and processes (not Python's hash)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
 def _describe(entry: Mapping[str, Any] | None) -> str:
