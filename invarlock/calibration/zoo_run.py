@@ -20,7 +20,8 @@ from invarlock.gate import EVIDENCE_FLAG
 log = logging.getLogger(__name__)
 
 BENIGN = ("rtn8_channel", "rtn8_group", "fp16", "bf16", "noise", "prune", "normfold_one",
-          "normfold_some", "normfold_all", "lowrank")
+          "normfold_some", "normfold_all", "lowrank", "rtn4_group", "qk_scale", "awq_scale",
+          "awq_rtn4")
 HARMFUL = ("scale3", "outproj_half", "outlier_rows", "family_scale", "swap_layers", "rtn4",
            "nan")
 GUARDS = ("invariants", "spectral", "rmt", "variance")

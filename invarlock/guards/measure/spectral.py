@@ -88,7 +88,7 @@ def decode_vector(text: str) -> torch.Tensor:
 
 
 class SpectralProbe(Probe):
-    cache_settings: ClassVar[dict[str, Any]] = {"version": 2}
+    cache_settings: ClassVar[dict[str, Any]] = {"version": 3}
 
     def __init__(self, policy: Mapping[str, Any]) -> None:
         super().__init__(policy)
