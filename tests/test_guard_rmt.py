@@ -117,7 +117,8 @@ def test_false_alarm_rate_over_many_module_tests_stays_at_the_target():
     rng = np.random.default_rng(7)
     spectra = _module_spectra(rng, 200)
     band = 0.1
-    tau = max(rmt.null_scale(_null_run(rng, spectra), band) for _ in range(20))
+    tau = max(rmt.null_scale(*rmt.null_inputs(_null_run(rng, spectra), band))
+              for _ in range(20))
     target = 0.05
     policy = {**POLICY, "null_tau": tau, "edge_band": band, "false_alarm_rate": target}
     runs = 300

@@ -24,8 +24,9 @@ the edge across it; values far from it do not cross. So the paired null of a mod
 Δ_m = Σ_g (S_g − B_g) (summed over the G window groups, outliers added or, < 0, lost) is
 modelled as having variance τ²·(N_m + 1), N_m the number of its normalised singular values
 (baseline and subject, every group) within `edge_band` of the edge. τ is calibrated on the
-paired null of benign edits (`null_scale`: RTN 8- and 4-bit, pruning, half precision,
-AWQ/SmoothQuant/SmoothAttention rescalings; see policies/CALIBRATION.md). Every module and
+paired null of benign edits (`null_scale`, an upper 95% bound per run, the largest over the
+runs: RTN 8- and 4-bit, pruning, half precision, AWQ/SmoothQuant/SmoothAttention
+rescalings; see policies/CALIBRATION.md). Every module and
 every family is one test; with T tests and a per-run false-alarm target α
 (`false_alarm_rate`), each is held at Bonferroni's two-sided level α/T. Crossings are
 rare whole events, so Δ is taken as the difference of two Poisson counts (Skellam), not as
@@ -48,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import skellam
+from scipy.stats import chi2, skellam
 
 from invarlock.guards.base import BuiltinGuard, GuardDecision, Stage, unmeasured_decision
 
@@ -62,6 +63,7 @@ KEEP_VALUES = 48
 DEFAULT_NULL_Z = 3.0
 DEFAULT_EDGE_BAND = 0.10
 DEFAULT_FALSE_ALARM_RATE = 0.01
+NULL_CONFIDENCE = 0.95
 
 
 def normalized_spectrum(gram: np.ndarray, column_variances: np.ndarray, m: int,
@@ -150,14 +152,27 @@ def null_margins(variances: Sequence[float], level: float) -> np.ndarray:
     return out
 
 
-def null_scale(modules: Sequence[Mapping[str, Any]], band: float) -> float:
-    """τ̂ of one benign run: the root mean square over modules of Δ_m / √(N_m + 1). The
-    calibrated τ is the largest over the benign runs (the worst benign edit sets it)."""
-    if not modules:
+def null_inputs(modules: Sequence[Mapping[str, Any]],
+                band: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per module of one run: (excess Δ_m, values near the edge N_m) — what `null_scale`
+    calibrates τ from (committed per benign run, so the shipped τ can be recomputed)."""
+    moved = np.array([excess(m) for m in modules], dtype=np.float64)
+    near = np.array([near_edge([*m["baseline"], *m["subject"]], band) for m in modules],
+                    dtype=np.float64)
+    return moved, near
+
+
+def null_scale(moved: Sequence[float], near: Sequence[float],
+               confidence: float = NULL_CONFIDENCE) -> float:
+    """τ of one benign run, as an upper confidence bound: u_m = Δ_m / √(N_m + 1) has
+    variance τ² under the model, so Σ u² / χ²_{1−c}(M) bounds τ² from above with confidence
+    c (a run of 16 modules estimates τ loosely; one of 200 tightly). The shipped τ is the
+    largest over the benign runs (the worst benign edit sets it)."""
+    d = np.asarray(moved, dtype=np.float64)
+    if d.size == 0:
         return 0.0
-    u = [excess(m) / math.sqrt(near_edge([*m["baseline"], *m["subject"]], band) + 1)
-         for m in modules]
-    return float(np.sqrt(np.mean(np.square(u))))
+    u2 = float(np.sum(d * d / (np.asarray(near, dtype=np.float64) + 1.0)))
+    return math.sqrt(u2 / float(chi2.ppf(1.0 - confidence, d.size)))
 
 
 def excess(m: Mapping[str, Any]) -> float:
