@@ -4,11 +4,17 @@ family/module rule."""
 
 from __future__ import annotations
 
+import csv
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 from invarlock.guards import rmt
 
+CALIBRATION = Path(__file__).resolve().parents[1] / "policies" / "calibration" / "demo"
 POLICY = {"epsilon_by_family": {"attn": 0.05, "ffn": 0.05, "embed": 0.05, "other": 0.05},
           "null_tau": 0.5, "edge_band": 0.1, "false_alarm_rate": 0.01}
 
@@ -248,3 +254,33 @@ def test_row_tap_reduces_each_group_as_it_completes_whatever_the_batches():
         assert result == whole
         assert max(waiting) <= 2 * 4  # at most one group (2 windows x 4 rows) held back
     assert whole["layers.0.mlp.up_proj"]["rows"] == [8, 8, 8]
+
+
+def test_shipped_null_tau_recomputes_from_the_committed_benign_runs():
+    """Every benign zoo run's null scale is recomputed from its committed per-module inputs
+    (excess, values near the edge); every tier's `null_tau` is the largest of them rounded
+    up to 0.01, and under it every benign run passed, 4-bit RTN per group of 128 using at
+    most half of any module's margin. Changing a module row or a run's value fails here."""
+    with (CALIBRATION / "zoo-rmt-runs.csv").open() as fh:
+        runs = list(csv.DictReader(fh))
+    with (CALIBRATION / "zoo-rmt-null-modules.csv").open() as fh:
+        modules = list(csv.DictReader(fh))
+    benign = [r for r in runs if r["kind"] == "benign"]
+    by_run: dict[tuple[str, int], list[dict[str, str]]] = {}
+    for m in modules:
+        by_run.setdefault((m["family"], int(m["seed"])), []).append(m)
+    assert set(by_run) == {(r["family"], int(r["seed"])) for r in benign}
+    taus = []
+    for r in benign:
+        rows = by_run[(r["family"], int(r["seed"]))]
+        tau = rmt.null_scale([float(m["excess"]) for m in rows],
+                             [float(m["near_edge"]) for m in rows])
+        assert tau == pytest.approx(float(r["rmt_null_scale"]), rel=1e-9, abs=1e-12), r
+        taus.append(tau)
+    expected = math.ceil(max(taus) * 100) / 100
+    tiers = yaml.safe_load((CALIBRATION.parents[1] / "tiers.yaml").read_text())
+    for tier in ("balanced", "conservative", "aggressive"):
+        assert tiers[tier]["guards"]["rmt"]["null_tau"] == pytest.approx(expected), tier
+    assert all(r["rmt"] == "True" for r in benign)
+    rtn4 = [float(r["rmt_closest_share"]) for r in benign if r["family"] == "rtn4_group"]
+    assert rtn4 and max(rtn4) <= 0.5

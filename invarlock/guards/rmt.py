@@ -215,7 +215,7 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         for m, n, d, limit in zip(members, near, moved, limits, strict=True):
             broken = not _finite(m["subject"]) and _finite(m["baseline"])
             rows.append((m, d, n, float(limit), broken or abs(d) > limit))
-            share = abs(d) / limit if limit > 0 else (math.inf if d else 0.0)
+            share = float(abs(d) / limit) if limit > 0 else (math.inf if d else 0.0)
             if share > closest[0]:
                 closest = (share, m["name"], d, float(limit))
         base = np.sum([counts(m["baseline"]) for m in members], axis=0)
@@ -250,7 +250,8 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
                 "near_edge": near,
             })
     summary["closest_module"] = {"module": closest[1], "excess": closest[2],
-                                 "margin": closest[3], "share": closest[0]}
+                                 "margin": closest[3],  # JSON has no inf: a zero margin moved
+                                 "share": closest[0] if math.isfinite(closest[0]) else None}
     windows = measurements.get("windows", "?")
     if unstable:
         parts = ", ".join(
