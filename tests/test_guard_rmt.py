@@ -204,6 +204,14 @@ def test_nothing_matched_is_not_a_pass():
     assert not d.passed and d.reason.startswith("not measured: no module matched")
 
 
+def test_a_policy_without_the_calibrated_null_is_not_a_pass():
+    """A certificate whose policy predates `null_tau` cannot be decided again as a pass."""
+    mods = [_module("layers.0.mlp.c_fc", "ffn", [3, 3, 3, 3], [3, 3, 3, 3])]
+    old = {k: v for k, v in POLICY.items() if k != "null_tau"}
+    d = rmt.decide({"evaluated": True, "modules": mods}, {**old, "null_z": 3.0})
+    assert not d.passed and "null_tau" in d.reason
+
+
 def test_degenerate_inputs():
     assert rmt.spectrum(np.ones((10, 10))).size == 0
     with pytest.raises(ValueError):

@@ -192,6 +192,9 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
     modules = list(measurements["modules"])
     if not modules:
         return GuardDecision(False, "not measured: no module matched")
+    if policy.get("null_tau") is None:  # a policy written before the calibrated null
+        return GuardDecision(False, "not decided: the policy has no rmt.null_tau (the null "
+                                    "margin's calibrated scale)")
     eps = {f: float(v) for f, v in policy["epsilon_by_family"].items()}
     tau = float(policy["null_tau"])
     band = float(policy.get("edge_band", DEFAULT_EDGE_BAND))
