@@ -3,8 +3,11 @@ balanced, so function-preserving rescalings leave σ unchanged and real changes 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 torch = pytest.importorskip("torch")
 
@@ -194,34 +197,46 @@ RESCALED = {  # architecture → the pairs its q/k, value and up rescalings must
 }
 
 
-@pytest.mark.parametrize("arch", sorted(RESCALED))
+PAIRS = {"qk_scale": ("q_proj", "k_proj"), "awq_scale": ("v_proj", "o_proj", "up_proj",
+                                                        "down_proj")}
+
+
+@pytest.mark.parametrize(("arch", "families"), [
+    *[(arch, ("qk_scale", "awq_scale", "normfold_all")) for arch in sorted(RESCALED)],
+    *[(arch, (family,)) for arch in ("llama", "qwen2", "gemma") for family in PAIRS]])
 def test_rescalings_a_real_method_uses_move_no_sigma_and_no_outlier(
-        arch, tiny_llama_dir, tiny_gpt2_dir, tiny_qwen2_dir, tiny_causal_dirs):
+        arch, families, tiny_llama_dir, tiny_gpt2_dir, tiny_qwen2_dir, tiny_causal_dirs):
     """SmoothAttention q/k scales (per key head and rotary pair, λ in [0.5, 2]), AWQ's
-    activation-aware v→o and up→down scales and norm folds, applied together: the logits do
-    not move (the rescaling really preserves the function), no σ moves, no RMT outlier count
-    moves; the producers' raw outputs did change, so the invariance is the balancing's."""
+    activation-aware v→o and up→down scales and norm folds, each pair alone and all together:
+    the logits do not move (the rescaling really preserves the function), no σ moves (the
+    balanced tier's spectral guard passes), no RMT outlier count moves; the producers' raw
+    outputs did change, so the invariance is the balancing's."""
     import copy
 
     from transformers import AutoModelForCausalLM
 
     from invarlock.calibration.zoo import BENIGN
+    from invarlock.guards import spectral
     from invarlock.guards.measure.fold import transform_plan
 
     model_dir = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir,
                  "qwen2": tiny_qwen2_dir}.get(arch) or tiny_causal_dirs[arch]
 
     def rescale(model):
-        for family in ("qk_scale", "awq_scale", "normfold_all"):
+        for family in families:
             BENIGN[family](model, 5)
+
+    expected = set(RESCALED[arch]) if len(families) > 1 else set(PAIRS[families[0]])
 
     _state, measured, before, after = _probe_after(model_dir, rescale)
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
     moved = {m["name"]: m["sigma_subject"] / m["sigma_baseline"] - 1
              for m in measured["modules"] if m["changed"]}
-    assert {leaf for leaf in RESCALED[arch] if any(f".{leaf}." in n for n in moved)} == \
-        set(RESCALED[arch])
+    assert {leaf for leaf in expected if any(f".{leaf}." in n for n in moved)} == expected
     assert max(abs(r) for r in moved.values()) < 1e-4, max(moved.items(), key=lambda t: abs(t[1]))
+    tiers = yaml.safe_load((Path(__file__).resolve().parents[1] / "policies" /
+                            "tiers.yaml").read_text())
+    assert spectral.decide(measured, tiers["balanced"]["guards"]["spectral"]).passed
 
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     plan = transform_plan(base)
