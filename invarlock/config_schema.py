@@ -176,6 +176,9 @@ GUARDS = {
             "max_rows": {"type": "integer", "minimum": 4},
             "groups": {"type": "integer", "minimum": 2},
             "null_z": _number(minimum=0),
+            "false_alarm_rate": _number(exclusiveMinimum=0, exclusiveMaximum=1),
+            "null_tau": _number(exclusiveMinimum=0),
+            "edge_band": _number(exclusiveMinimum=0, maximum=0.2),
             "epsilon_by_family": _FAMILY_NUMBERS,
         }),
         "variance": _obj({

@@ -3,7 +3,11 @@ balanced, so function-preserving rescalings leave σ unchanged and real changes 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
+import yaml
 
 torch = pytest.importorskip("torch")
 
@@ -90,7 +94,8 @@ def test_trace_finds_the_norm_feeding_each_linear(tiny_llama_dir, tiny_gpt2_dir)
             "model.layers.0.post_attention_layernorm.weight"
     assert llama["lm_head.weight"]["fold"]["norm"] == "model.norm.weight"  # untied here
     assert "fold" not in llama.get("model.layers.0.self_attn.o_proj.weight", {})
-    assert llama["model.layers.0.self_attn.o_proj.weight"]["balance"]["group"] == 2
+    (rel,) = llama["model.layers.0.self_attn.o_proj.weight"]["balance"]["relations"]
+    assert rel["b"]["group"] == 2 and rel["a"]["weight"].endswith("v_proj.weight")
     gpt2 = transform_plan(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir))
     assert gpt2["transformer.h.0.attn.c_attn.weight"]["fold"] == {
         "norm": "transformer.h.0.ln_1.weight", "offset": 0.0, "transposed": True}
@@ -129,3 +134,178 @@ def test_whole_family_scaled_fails_on_the_own_baseline_check():
     d = spectral.decide({"evaluated": True, "modules": mods},
                         {**policy, "module_change_limit": None})
     assert d.passed
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory, bpe_tokenizer_dir):
+    """Qwen2 layout: biased q/k/v projections, grouped-query attention, rotary positions."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.tinymodels import _save, _vocab_size
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=_vocab_size(bpe_tokenizer_dir), hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
+                      eos_token_id=0, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random biases, so that the rescaling must scale them too
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    return _save(model, bpe_tokenizer_dir, tmp_path_factory.mktemp("qwen2"))
+
+
+def _rmt_counts(model, plan, seed=0):
+    """Outlier counts per module and window group of the RMT probe's tap (balancing factors
+    from `plan`) over 8 windows of 48 random tokens, and the balanced module names."""
+    from invarlock.evaluate import TapContext
+    from invarlock.guards import rmt
+    from invarlock.guards.measure.rmt import RowTap, balancing_factors, linear_modules
+
+    class Clock:
+        seconds = 0.0
+
+    modules = linear_modules(model, rmt.FAMILIES)
+    tap = RowTap(modules, [[0, 1, 2, 3], [4, 5, 6, 7]], 24, seed, Clock(),
+                 balancing_factors(model, modules, plan))
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, model.config.vocab_size, (8, 48), generator=gen)
+    context = TapContext(np.arange(8), torch.ones(8, 48, dtype=torch.int64))
+    handles = [m.register_forward_hook(
+        lambda _m, _a, out, name=name: tap.observe(name, out, context)) for name, m in modules]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    done = tap.complete()
+    assert set(done) == {n for n, _ in modules}
+    return {n: [rmt.outliers(g) for g in r["groups"]] for n, r in done.items()}, tap.balanced, \
+        {n: r["groups"] for n, r in done.items()}
+
+
+RESCALED = {  # architecture → the pairs its q/k, value and up rescalings must cover
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+    "qwen3": ("v_proj", "o_proj", "up_proj", "down_proj"),  # q/k scale sits on q_norm/k_norm
+    "gpt2": ("c_attn", "c_proj"),
+    "gpt_neox": ("query_key_value", "dense"),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+}
+
+
+PAIRS = {"qk_scale": ("q_proj", "k_proj"), "awq_scale": ("v_proj", "o_proj", "up_proj",
+                                                        "down_proj")}
+
+
+@pytest.mark.parametrize(("arch", "families"), [
+    *[(arch, ("qk_scale", "awq_scale", "normfold_all")) for arch in sorted(RESCALED)],
+    *[(arch, (family,)) for arch in ("llama", "qwen2", "gemma") for family in PAIRS]])
+def test_rescalings_a_real_method_uses_move_no_sigma_and_no_outlier(
+        arch, families, tiny_llama_dir, tiny_gpt2_dir, tiny_qwen2_dir, tiny_causal_dirs):
+    """SmoothAttention q/k scales (per key head and rotary pair, λ in [0.5, 2]), AWQ's
+    activation-aware v→o and up→down scales and norm folds, each pair alone and all together:
+    the logits do not move (the rescaling really preserves the function), no σ moves (the
+    balanced tier's spectral guard passes), no RMT outlier count moves; the producers' raw
+    outputs did change, so the invariance is the balancing's."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.calibration.zoo import BENIGN
+    from invarlock.guards import spectral
+    from invarlock.guards.measure.fold import transform_plan
+
+    model_dir = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir,
+                 "qwen2": tiny_qwen2_dir}.get(arch) or tiny_causal_dirs[arch]
+
+    def rescale(model):
+        for family in families:
+            BENIGN[family](model, 5)
+
+    expected = set(RESCALED[arch]) if len(families) > 1 else set(PAIRS[families[0]])
+
+    _state, measured, before, after = _probe_after(model_dir, rescale)
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+    moved = {m["name"]: m["sigma_subject"] / m["sigma_baseline"] - 1
+             for m in measured["modules"] if m["changed"]}
+    assert {leaf for leaf in expected if any(f".{leaf}." in n for n in moved)} == expected
+    assert max(abs(r) for r in moved.values()) < 1e-4, max(moved.items(), key=lambda t: abs(t[1]))
+    tiers = yaml.safe_load((Path(__file__).resolve().parents[1] / "policies" /
+                            "tiers.yaml").read_text())
+    assert spectral.decide(measured, tiers["balanced"]["guards"]["spectral"]).passed
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    plan = transform_plan(base)
+    subject = copy.deepcopy(base)
+    with torch.no_grad():
+        rescale(subject)
+    counts_b, balanced, values_b = _rmt_counts(base, plan)
+    counts_s, _, values_s = _rmt_counts(subject, plan)
+    producers = [n for n in balanced if not n.endswith(("o_proj", "down_proj", "dense"))]
+    assert producers
+    assert counts_s == counts_b
+    for name in values_b:  # the largest normalised singular values too (the tail near the
+        for gb, gs in zip(values_b[name], values_s[name], strict=True):  # cut may differ)
+            k = min(len(gb), len(gs), 4)
+            np.testing.assert_allclose(gs[:k], gb[:k], rtol=2e-3, err_msg=name)
+    # without the balancing factors the producers' outputs are not the same
+    raw_b = _rmt_counts(base, {})[2]
+    raw_s = _rmt_counts(subject, {})[2]
+    assert any(raw_b[n] != raw_s[n] for n in producers)
+
+
+def _qk(model, q_scale, k_scale):
+    """Layer 0's q_proj rows × q_scale and k_proj rows × k_scale (biases too)."""
+    attn = model.model.layers[0].self_attn
+    for proj, f in ((attn.q_proj, q_scale), (attn.k_proj, k_scale)):
+        proj.weight.mul_(f[:, None])
+        if proj.bias is not None:
+            proj.bias.mul_(f)
+
+
+@pytest.mark.parametrize(("arch", "case", "preserving"), [
+    ("llama", "pair", True),            # λ on both members of a rotary pair, per key head
+    ("llama", "one_member", False),     # λ on channel 0 only: RoPE no longer commutes
+    ("llama", "per_query_head", False),  # two query heads sharing a key head, different λ
+    ("qwen3", "pair", False),           # q_norm divides the scale out again
+])
+def test_q_k_balancing_absorbs_exactly_the_scales_rope_and_gqa_allow(
+        arch, case, preserving, tiny_llama_dir, tiny_causal_dirs):
+    """The balanced q/k matrices are the same after a rescaling that preserves the function
+    and differ after one that does not (the guard does not balance damage away)."""
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.guards.measure.fold import effective, transform_plan
+
+    model_dir = tiny_llama_dir if arch == "llama" else tiny_causal_dirs[arch]
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    subject = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    cfg = base.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    lam = torch.ones(n_kv, d)
+    lam[0, 0] = 2.0
+    if case == "pair":
+        lam[0, d // 2] = 2.0
+    q = lam.repeat_interleave(n_q // n_kv, dim=0)
+    if case == "per_query_head":
+        lam[0, d // 2] = 2.0
+        q = lam.repeat_interleave(n_q // n_kv, dim=0)
+        q[1] = 1.0  # query head 1 shares key head 0 but keeps its scale
+    ids = torch.arange(1, 17)[None, :]
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        _qk(subject, q.flatten(), 1 / lam.flatten())
+        after = subject(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-5) == preserving
+    plan = transform_plan(base)
+    pb, ps = dict(base.named_parameters()), dict(subject.named_parameters())
+    for leaf in ("q_proj", "k_proj"):
+        name = f"model.layers.0.self_attn.{leaf}.weight"
+        eb = effective(name, lambda n: pb[n].detach(), plan)
+        es = effective(name, lambda n: ps[n].detach(), plan)
+        assert torch.allclose(eb, es, atol=1e-5) == preserving, leaf

@@ -1,15 +1,22 @@
-"""RMT guard: outlier counts beyond the Marchenko–Pastur edge, the baseline's null spread,
-robustness to massive activations, and the family/module rule."""
+"""RMT guard: outlier counts beyond the Marchenko–Pastur edge, the calibrated paired null
+with family-wise control over the module tests, robustness to massive activations, and the
+family/module rule."""
 
 from __future__ import annotations
 
+import csv
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 from invarlock.guards import rmt
 
+CALIBRATION = Path(__file__).resolve().parents[1] / "policies" / "calibration" / "demo"
 POLICY = {"epsilon_by_family": {"attn": 0.05, "ffn": 0.05, "embed": 0.05, "other": 0.05},
-          "null_z": 3.0}
+          "null_tau": 0.5, "edge_band": 0.1, "false_alarm_rate": 0.01}
 
 
 def test_gaussian_noise_has_no_outliers_beyond_the_edge():
@@ -61,12 +68,107 @@ def _module(name, family, base, subject):
             "subject": [[2.0] * c + [0.9] for c in subject]}
 
 
-def test_margin_comes_from_the_baseline_spread_across_window_groups():
-    limit, spread = rmt.margin(np.array([10, 12, 10, 12]), 0.05, 3.0)
-    assert spread == pytest.approx(np.std([10, 12, 10, 12], ddof=1))
-    assert limit == pytest.approx(0.05 * 44 + 3.0 * spread * 2 + 1)
-    flat, zero = rmt.margin(np.array([5, 5, 5, 5]), 0.0, 3.0)
-    assert zero == 0.0 and flat == 1.0  # one new outlier is tolerated, two are not
+def _module_spectra(rng, modules, groups=4, rows=64, features=128):
+    """Per module, `groups` stored spectra of Gaussian rows with 0–6 planted directions whose
+    strengths straddle the edge (the values a benign edit can push across it)."""
+    out = []
+    for _ in range(modules):
+        k = int(rng.integers(0, 7))
+        u = rng.normal(size=(features, k)) / np.sqrt(features)
+        strength = rng.uniform(0.0, 2.5, k)
+        spectra = []
+        for _ in range(groups):
+            z = rng.normal(size=(rows, k)) * strength
+            y = rng.normal(size=(rows, features)) + z @ u.T * np.sqrt(features)
+            values = rmt.spectrum(y)
+            spectra.append(values[values > 0.7])  # lower ones never reach the stored range
+        out.append(spectra)
+    return out
+
+
+def _null_run(rng, spectra, scale=0.02, family="ffn"):
+    """A simulated benign edit: every normalised singular value moves by a small relative
+    amount (a per-run strength, a shared drift and independent jitter), as a small change
+    of the weights moves the spectrum of the outputs; what is stored is what the probe
+    keeps (values above `KEEP_ABOVE`)."""
+    strength = rng.uniform(0.25, 1.0)
+    drift = rng.normal(0.0, scale / 4)
+    mods = []
+    for i, groups in enumerate(spectra):
+        subject = [g * (1 + drift + rng.normal(0.0, scale * strength, g.size)) for g in groups]
+        mods.append({"name": f"layers.{i}.mlp.up_proj", "family": family, "features": 128,
+                     "rows": [64] * len(groups),
+                     "baseline": [g[g > rmt.KEEP_ABOVE].tolist() for g in groups],
+                     "subject": [np.sort(g[g > rmt.KEEP_ABOVE])[::-1].tolist()
+                                 for g in subject]})
+    return mods
+
+
+def _old_rule_flags(mods, epsilon=0.05, null_z=3.0):
+    """Whether the earlier rule (margin from the baseline's window-group spread) fails."""
+    for m in mods:
+        b, s = rmt.counts(m["baseline"]), rmt.counts(m["subject"])
+        limit, _ = rmt.margin(b, epsilon, null_z)
+        if abs(float(s.sum() - b.sum())) > limit:
+            return True
+    return False
+
+
+def test_false_alarm_rate_over_many_module_tests_stays_at_the_target():
+    """Calibrate τ on 20 simulated benign runs of 200 modules (`null_scale`, the largest
+    run), then 300 fresh benign runs: the share of runs with any flag stays at or below the
+    per-run target (Bonferroni over every module and family), where the earlier
+    window-spread margin fails most runs; a module with three new outlier directions is
+    still caught in every run."""
+    rng = np.random.default_rng(7)
+    spectra = _module_spectra(rng, 200)
+    band = 0.1
+    tau = max(rmt.null_scale(*rmt.null_inputs(_null_run(rng, spectra), band))
+              for _ in range(20))
+    target = 0.05
+    policy = {**POLICY, "null_tau": tau, "edge_band": band, "false_alarm_rate": target}
+    runs = 300
+    healthy = rng.normal(size=(64, 128))
+    damaged = healthy.copy()
+    damaged[:, :3] *= 25.0  # three outlier features: blown-up rows of the weight
+    victim = {"name": "layers.17.mlp.up_proj", "family": "ffn", "features": 128,
+              "rows": [64] * 4,
+              "baseline": [rmt.kept(rmt.spectrum(healthy[:, rng.permutation(128)]
+                                                 + rng.normal(0, 0.05, (64, 128))))
+                           for _ in range(4)],
+              "subject": [rmt.kept(rmt.spectrum(damaged + rng.normal(0, 0.05, (64, 128))))
+                          for _ in range(4)]}
+    alarms = old_alarms = caught = 0
+    for _ in range(runs):
+        mods = _null_run(rng, spectra)
+        alarms += not rmt.decide({"evaluated": True, "modules": mods}, policy).passed
+        old_alarms += _old_rule_flags(mods)
+        d = rmt.decide({"evaluated": True, "modules": [*mods[:17], victim, *mods[18:]]},
+                       policy)
+        caught += victim["name"] in [f["module"] for f in d.findings]
+    assert alarms / runs <= target, (alarms, tau)
+    assert old_alarms / runs > 0.5, old_alarms
+    assert caught == runs
+
+
+def test_margin_grows_with_the_values_near_the_edge_and_the_number_of_tests():
+    """A module with no value near the edge tolerates about one crossing; one with many
+    tolerates more; more tests (a deeper model) widen every margin (Bonferroni)."""
+    lonely = _module("layers.0.mlp.c_fc", "ffn", [3, 3, 3, 3], [3, 3, 3, 3])
+    lonely["baseline"] = [[2.0] * 3 for _ in range(4)]
+    lonely["subject"] = [[2.0] * 3 for _ in range(3)] + [[2.0] * 3 + [1.3, 1.4, 1.5]]
+    d = rmt.decide({"evaluated": True, "modules": [lonely]}, POLICY)
+    assert not d.passed and d.findings[0]["near_edge"] == 0  # three new directions far out
+    crowded = dict(lonely, baseline=[[2.0] * 3 + [1.02, 0.98, 1.05, 0.95] for _ in range(4)],
+                   subject=[[2.0] * 3 + [1.02, 0.98, 1.05, 0.95] for _ in range(3)] +
+                   [[2.0] * 3 + [1.03, 1.01, 1.05, 0.95]])
+    assert rmt.decide({"evaluated": True, "modules": [crowded]}, POLICY).passed
+    more_tests = [dict(crowded, name=f"layers.{i}.mlp.c_fc") for i in range(400)]
+    assert rmt.decide({"evaluated": True, "modules": more_tests}, POLICY).summary["tests"] == 401
+    wide = rmt.null_margins([2.0], 0.01 / 401)[0]
+    assert wide > rmt.null_margins([2.0], 0.01 / 2)[0] > rmt.null_margins([0.5], 0.01 / 2)[0]
+    with pytest.raises(ValueError, match="false_alarm_rate"):
+        rmt.decide({"evaluated": True, "modules": [crowded]}, {**POLICY, "false_alarm_rate": 1.5})
 
 
 def test_counts_within_the_null_margin_pass_and_the_spread_is_recorded():
@@ -75,7 +177,9 @@ def test_counts_within_the_null_margin_pass_and_the_spread_is_recorded():
     d = rmt.decide({"evaluated": True, "windows": 16, "modules": mods}, POLICY)
     fam = d.summary["families"]["ffn"]
     assert d.passed and fam["excess"] == 6 and fam["baseline_by_group"] == [24, 30, 24, 30]
-    assert fam["null_spread"] == pytest.approx(np.std([24, 30, 24, 30], ddof=1))
+    # 8 values at 0.9 (within the band) per module: spread τ·√(6·9)
+    assert fam["null_spread"] == pytest.approx(0.5 * np.sqrt(6 * 9))
+    assert d.summary["tests"] == 7 and d.summary["closest_module"]["excess"] == 1
 
 
 def test_new_outliers_in_one_module_fail_even_when_the_family_sum_hides_them():
@@ -98,6 +202,14 @@ def test_non_finite_activations_count_as_outliers_and_fail():
 def test_nothing_matched_is_not_a_pass():
     d = rmt.decide({"evaluated": True, "modules": [], "unmatched": ["a"]}, POLICY)
     assert not d.passed and d.reason.startswith("not measured: no module matched")
+
+
+def test_a_policy_without_the_calibrated_null_is_not_a_pass():
+    """A certificate whose policy predates `null_tau` cannot be decided again as a pass."""
+    mods = [_module("layers.0.mlp.c_fc", "ffn", [3, 3, 3, 3], [3, 3, 3, 3])]
+    old = {k: v for k, v in POLICY.items() if k != "null_tau"}
+    d = rmt.decide({"evaluated": True, "modules": mods}, {**old, "null_z": 3.0})
+    assert not d.passed and "null_tau" in d.reason
 
 
 def test_degenerate_inputs():
@@ -150,3 +262,33 @@ def test_row_tap_reduces_each_group_as_it_completes_whatever_the_batches():
         assert result == whole
         assert max(waiting) <= 2 * 4  # at most one group (2 windows x 4 rows) held back
     assert whole["layers.0.mlp.up_proj"]["rows"] == [8, 8, 8]
+
+
+def test_shipped_null_tau_recomputes_from_the_committed_benign_runs():
+    """Every benign zoo run's null scale is recomputed from its committed per-module inputs
+    (excess, values near the edge); every tier's `null_tau` is the largest of them rounded
+    up to 0.01, and under it every benign run passed, 4-bit RTN per group of 128 using at
+    most half of any module's margin. Changing a module row or a run's value fails here."""
+    with (CALIBRATION / "zoo-rmt-runs.csv").open() as fh:
+        runs = list(csv.DictReader(fh))
+    with (CALIBRATION / "zoo-rmt-null-modules.csv").open() as fh:
+        modules = list(csv.DictReader(fh))
+    benign = [r for r in runs if r["kind"] == "benign"]
+    by_run: dict[tuple[str, int], list[dict[str, str]]] = {}
+    for m in modules:
+        by_run.setdefault((m["family"], int(m["seed"])), []).append(m)
+    assert set(by_run) == {(r["family"], int(r["seed"])) for r in benign}
+    taus = []
+    for r in benign:
+        rows = by_run[(r["family"], int(r["seed"]))]
+        tau = rmt.null_scale([float(m["excess"]) for m in rows],
+                             [float(m["near_edge"]) for m in rows])
+        assert tau == pytest.approx(float(r["rmt_null_scale"]), rel=1e-9, abs=1e-12), r
+        taus.append(tau)
+    expected = math.ceil(max(taus) * 100) / 100
+    tiers = yaml.safe_load((CALIBRATION.parents[1] / "tiers.yaml").read_text())
+    for tier in ("balanced", "conservative", "aggressive"):
+        assert tiers[tier]["guards"]["rmt"]["null_tau"] == pytest.approx(expected), tier
+    assert all(r["rmt"] == "True" for r in benign)
+    rtn4 = [float(r["rmt_closest_share"]) for r in benign if r["family"] == "rtn4_group"]
+    assert rtn4 and max(rtn4) <= 0.5

@@ -16,6 +16,9 @@ torch = pytest.importorskip("torch")
 # Gemma 2 normalises every sublayer's output before the residual: halving an output
 # projection changes nothing, so that harmful family does not apply.
 NOT_APPLICABLE = {("gemma2", "outproj_half")}
+# Falcon's fused query_key_value has several layouts and a GELU MLP: no q/k, value or
+# up/down rescaling is known to preserve its function.
+NOT_APPLICABLE |= {("falcon", f) for f in ("qk_scale", "awq_scale", "awq_rtn4")}
 
 
 def _load(model_dir):
@@ -61,17 +64,23 @@ def test_norm_folds_refuse_a_post_norm_model(tmp_path, bpe_tokenizer_dir):
 
 
 @pytest.mark.parametrize("arch", sorted(OTHER_CAUSAL))
-def test_norm_fold_rescaling_leaves_sigma_unchanged_on_other_layouts(tiny_causal_dirs, arch):
+@pytest.mark.parametrize("family", ["normfold_all", "qk_scale", "awq_scale"])
+def test_rescaling_families_leave_sigma_unchanged_on_other_layouts(tiny_causal_dirs, arch,
+                                                                   family):
     """The spectral guard traces which norm feeds which linear (fused, parallel, offset
-    norms alike): a zoo norm fold moves no module's σ."""
+    norms alike) and balances q/k and value/up channel pairs: a zoo norm fold, q/k scale
+    or AWQ scale keeps the logits and moves no module's σ."""
     from invarlock.calibration.zoo import BENIGN
     from tests.test_guard_fold import _probe_after
 
+    if (arch, family) in NOT_APPLICABLE:
+        pytest.skip(f"{family} does not apply to {arch}")
     _state, measured, before, after = _probe_after(
-        tiny_causal_dirs[arch], lambda m: BENIGN["normfold_all"](m, 3))
-    assert torch.allclose(before, after, atol=1e-5)
+        tiny_causal_dirs[arch], lambda m: BENIGN[family](m, 3))
+    assert torch.allclose(before, after, atol=1e-5, rtol=1e-4)
     changed = [m for m in measured["modules"] if m["changed"]]
-    assert changed
+    # under per-head q/k norms (Qwen3) the q/k scale sits on the norms' 1-D scales
+    assert bool(changed) != (family == "qk_scale" and arch == "qwen3")
     for m in changed:
         assert abs(m["sigma_subject"] / m["sigma_baseline"] - 1) < 1e-4, m["name"]
 

@@ -18,6 +18,14 @@ Benign (the function barely moves, or not at all):
                  scales by (1 + γ) (Gemma) gets 1 + γ ← (1 + γ)/s
   lowrank        a rank-4 update merged into every attention input projection, its spectral
                  norm 2% of the matrix's (a small LoRA merge)
+  rtn4_group     RTN 4-bit per group of 128 inputs (seed: which ~90% of the matrices)
+  qk_scale       function-preserving, SmoothAttention-style: query channels ×λ, key channels
+                 ×1/λ, λ log-uniform in [0.5, 2] per key head (grouped-query aware) and rotary
+                 pair; under per-head q/k norms (Qwen3) their scales instead
+  awq_scale      function-preserving, AWQ-style: activation-aware s (mean |x|^α on a forward
+                 pass of seeded tokens) on the inputs of the value consumer (o_proj, c_proj,
+                 dense) and down_proj, 1/s on the value channels and up rows
+  awq_rtn4       awq_scale, then rtn4_group on every block matrix (AWQ's scale-then-quantize)
 
 Harmful (the guards should catch them):
   scale3         one block matrix ×3 (not q/k under q/k norms, whose scale is normalised away)
@@ -310,6 +318,210 @@ def lowrank(model: torch.nn.Module, seed: int) -> EditResult:
     return _result("lowrank", seed, chosen, rank=4, relative_norm=0.02)
 
 
+def rtn4_group(model: torch.nn.Module, seed: int) -> EditResult:
+    """4-bit RTN per group of 128 inputs (what 4-bit deployments ship), every block matrix;
+    seeds differ only in the matrices kept in full precision (none for seed 0)."""
+    blocks = block_matrices(model)
+    chosen = blocks if seed == 0 else _subset(blocks, 0.9, _rng(seed, 7))
+    for b in chosen:
+        _write(b, rtn(b.rows().float(), 4, 128))
+    return _result("rtn4_group", seed, chosen, group_size=128)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One attention layer's q/k/v outputs and the consumer of its values, as (module,
+    output feature indices); fused projections give index ranges of one module."""
+
+    q: tuple[Any, torch.Tensor]
+    k: tuple[Any, torch.Tensor]
+    v: tuple[Any, torch.Tensor]
+    o: Any
+    qk_norms: tuple[Any, Any] | None  # (q_norm, k_norm) per head, when q/k are normalised
+
+
+def _head_layout(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """(query heads, key/value heads, head dim, rotary dims) from the config."""
+    cfg = model.config
+    n_q = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_q)
+    d = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor", 1.0) if rope else 0.0
+    return n_q, n_kv, d, int(d * float(factor)) // 2 * 2
+
+
+_FUSED_QKV = {"c_attn": "c_proj", "qkv_proj": "o_proj"}  # [q; k; v] → the value consumer
+
+
+def _attentions(model: torch.nn.Module) -> list[Attention]:
+    """Attention layers by module names: separate q/k/v/o projections (LLaMA, Qwen, Gemma,
+    Mistral, OPT), GPT-2 `c_attn` → `c_proj`, Phi-3 `qkv_proj` → `o_proj`, GPT-NeoX
+    per-head `query_key_value` → `dense`."""
+    if getattr(getattr(model, "config", None), "num_attention_heads", None) is None:
+        return []
+    n_q, n_kv, d, _ = _head_layout(model)
+    modules = dict(model.named_modules())
+    out = []
+    for name, m in modules.items():
+        leaf, parent = name.rsplit(".", 1)[-1], name.rsplit(".", 1)[0]
+        norms = (modules.get(f"{parent}.q_norm"), modules.get(f"{parent}.k_norm"))
+        norms = norms if all(n is not None for n in norms) else None
+        if leaf == "q_proj" and all(f"{parent}.{x}" in modules for x in ("k_proj", "v_proj")):
+            o = modules.get(f"{parent}.o_proj") or modules.get(f"{parent}.out_proj")
+            if o is None:
+                continue
+            out.append(Attention((m, torch.arange(n_q * d)),
+                                 (modules[f"{parent}.k_proj"], torch.arange(n_kv * d)),
+                                 (modules[f"{parent}.v_proj"], torch.arange(n_kv * d)), o,
+                                 norms))
+        elif leaf in _FUSED_QKV and f"{parent}.{_FUSED_QKV[leaf]}" in modules:
+            o = modules[f"{parent}.{_FUSED_QKV[leaf]}"]
+            if Block(name, m, 0).rows().shape[0] != (n_q + 2 * n_kv) * d:
+                continue
+            q, k = torch.arange(n_q * d), n_q * d + torch.arange(n_kv * d)
+            out.append(Attention((m, q), (m, k), (m, (n_q + n_kv) * d + torch.arange(n_kv * d)),
+                                 o, norms))
+        elif leaf == "query_key_value" and model.config.model_type == "gpt_neox":
+            per_head = torch.arange(n_q)[:, None] * 3 * d
+            j = torch.arange(d)[None, :]
+            out.append(Attention((m, (per_head + j).flatten()), (m, (per_head + d + j).flatten()),
+                                 (m, (per_head + 2 * d + j).flatten()),
+                                 modules[f"{parent}.dense"], norms))
+    return out
+
+
+def _scale_outputs(module: Any, index: torch.Tensor, factor: torch.Tensor) -> None:
+    """Output features `index` of a Linear/Conv1D (weight and bias) times `factor`."""
+    w = module.weight
+    f = factor.to(device=w.device, dtype=torch.float32)
+    if type(module).__name__ == "Conv1D":  # [in, out]
+        w[:, index] = (w[:, index].float() * f[None, :]).to(w.dtype)
+    else:
+        w[index] = (w[index].float() * f[:, None]).to(w.dtype)
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        bias[index] = (bias[index].float() * f).to(bias.dtype)
+
+
+def _scale_inputs(module: Any, index: torch.Tensor, factor: torch.Tensor) -> None:
+    w = module.weight
+    f = factor.to(device=w.device, dtype=torch.float32)
+    if type(module).__name__ == "Conv1D":
+        w[index] = (w[index].float() * f[:, None]).to(w.dtype)
+    else:
+        w[:, index] = (w[:, index].float() * f[None, :]).to(w.dtype)
+
+
+def _qk_scales(gen: torch.Generator, n_kv: int, d: int, rotary: int) -> torch.Tensor:
+    """λ ∈ [0.5, 2] (log-uniform) per key head and head channel, equal on both members of
+    each rotary pair (j, j + r/2), so that RoPE still commutes with it. [n_kv, d]"""
+    classes = d - rotary // 2
+    lam = torch.exp((torch.rand(n_kv, classes, generator=gen) * 2 - 1) * math.log(2.0))
+    j = torch.arange(d)
+    cls = torch.where(j < rotary, j % max(rotary // 2, 1), rotary // 2 + j - rotary)
+    return lam[:, cls]
+
+
+def qk_scale(model: torch.nn.Module, seed: int) -> EditResult:
+    """SmoothAttention-style: query channels ×λ, key channels ×1/λ, λ per key head (shared
+    by its group of query heads) and rotary pair; under q/k norms, their scales instead."""
+    attentions = _attentions(model)
+    if not attentions:
+        raise NotApplicable("qk_scale: no attention layer with a known q/k layout")
+    gen = _rng(seed, 8)
+    n_q, n_kv, d, rotary = _head_layout(model)
+    touched = []
+    for att in attentions:
+        if att.qk_norms is not None:  # q_norm(x)·γ: a scale on γ_q, its inverse on γ_k
+            lam = _qk_scales(gen, 1, d, rotary)[0]
+            for norm, f in zip(att.qk_norms, (lam, 1 / lam), strict=True):
+                offset = _scale_offset(norm)
+                g = norm.weight
+                g.copy_(((g.float() + offset) * f.to(g.device) - offset).to(g.dtype))
+            touched.append(att.q[0])
+            continue
+        lam = _qk_scales(gen, n_kv, d, rotary)                      # [n_kv, d]
+        q_lam = lam.repeat_interleave(n_q // n_kv, dim=0).flatten()  # query head h: h // group
+        _scale_outputs(att.q[0], att.q[1], q_lam)
+        _scale_outputs(att.k[0], att.k[1], 1 / lam.flatten())
+        touched += [att.q[0]] + ([att.k[0]] if att.k[0] is not att.q[0] else [])
+    blocks = [b for b in block_matrices(model) if any(b.module is m for m in touched)]
+    return _result("qk_scale", seed, blocks)
+
+
+def _input_magnitudes(model: torch.nn.Module, modules: list[Any],
+                      gen: torch.Generator) -> list[torch.Tensor]:
+    """Mean |x| per input channel of each module on one forward pass of seeded random
+    tokens (the activation statistics AWQ sizes its scales from)."""
+    sums: dict[int, torch.Tensor] = {}
+    handles = []
+    for m in modules:
+        def hook(mod: Any, args: Any, key: int = id(m)) -> None:
+            x = args[0].detach().float()
+            sums[key] = x.abs().reshape(-1, x.shape[-1]).mean(dim=0)
+        handles.append(m.register_forward_pre_hook(hook))
+    vocab = int(getattr(model.config, "vocab_size", 2))
+    ids = torch.randint(1, max(vocab, 2), (2, 32), generator=gen)
+    try:
+        model(input_ids=ids.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return [sums[id(m)] for m in modules]
+
+
+def _awq(model: torch.nn.Module, seed: int, label: str, quantize: bool) -> EditResult:
+    """AWQ-style: s = (mean |x|)^α per input channel of the value and down projections
+    (α ∈ [0.25, 0.75] by seed), normalised to geometric mean 1 and kept in [1/4, 4];
+    consumer columns ×s, producer rows (value channels, up rows) ×1/s. With `quantize`,
+    every block matrix is then rounded to 4 bits per group of 128 (scale-then-quantize)."""
+    gen = _rng(seed, 9)
+    alpha = 0.25 + 0.5 * float(torch.rand(1, generator=gen))
+    pairs: list[tuple[Any, torch.Tensor, Any, torch.Tensor]] = []  # producer, rows, consumer,
+    for att in _attentions(model):                                # value channel per column
+        n_q, n_kv, d, _ = _head_layout(model)
+        cols = torch.arange(n_q * d)
+        kv_of_col = (cols // d) // (n_q // n_kv) * d + cols % d
+        pairs.append((att.v[0], att.v[1], att.o, kv_of_col))
+    modules = dict(model.named_modules())
+    for name, m in modules.items():
+        parent, leaf = name.rsplit(".", 1)[0], name.rsplit(".", 1)[-1]
+        down = modules.get(f"{parent}.down_proj")
+        if leaf == "up_proj" and f"{parent}.gate_proj" in modules and down is not None:
+            pairs.append((m, torch.arange(m.weight.shape[0]), down,
+                          torch.arange(m.weight.shape[0])))
+        elif leaf == "gate_up_proj" and down is not None:
+            half = m.weight.shape[0] // 2
+            pairs.append((m, half + torch.arange(half), down, torch.arange(half)))
+    if not pairs:
+        raise NotApplicable(f"{label}: no value/output or up/down pair with a known layout")
+    stats = _input_magnitudes(model, [c for _, _, c, _ in pairs], gen)
+    touched = []
+    for (prod, rows, cons, chan), x in zip(pairs, stats, strict=True):
+        per = torch.zeros(rows.numel()).index_add_(0, chan, x.cpu())
+        per = per / torch.zeros(rows.numel()).index_add_(0, chan, torch.ones_like(x.cpu()))
+        s = (per.clamp_min(1e-8)).pow(alpha)
+        s = (s / s.log().mean().exp()).clamp(0.25, 4.0)
+        _scale_inputs(cons, torch.arange(chan.numel()), s[chan])
+        _scale_outputs(prod, rows, 1 / s)
+        touched += [prod, cons]
+    blocks = [b for b in block_matrices(model) if any(b.module is m for m in touched)]
+    if quantize:
+        blocks = block_matrices(model)
+        for b in blocks:
+            _write(b, rtn(b.rows().float(), 4, 128))
+    return _result(label, seed, blocks, alpha=round(alpha, 3))
+
+
+def awq_scale(model: torch.nn.Module, seed: int) -> EditResult:
+    return _awq(model, seed, "awq_scale", quantize=False)
+
+
+def awq_rtn4(model: torch.nn.Module, seed: int) -> EditResult:
+    return _awq(model, seed, "awq_rtn4", quantize=True)
+
+
 # --- harmful -----------------------------------------------------------------------------
 
 
@@ -406,6 +618,8 @@ BENIGN: dict[str, Callable[[torch.nn.Module, int], EditResult]] = {
     "fp16": _round_trip(torch.float16, "fp16"), "bf16": _round_trip(torch.bfloat16, "bf16"),
     "noise": noise, "prune": prune, "normfold_one": _normfold("one"),
     "normfold_some": _normfold("some"), "normfold_all": _normfold("all"), "lowrank": lowrank,
+    "rtn4_group": rtn4_group, "qk_scale": qk_scale, "awq_scale": awq_scale,
+    "awq_rtn4": awq_rtn4,
 }
 HARMFUL: dict[str, Callable[[torch.nn.Module, int], EditResult]] = {
     "scale3": scale3, "outproj_half": outproj_half, "outlier_rows": outlier_rows,

@@ -20,7 +20,8 @@ from invarlock.gate import EVIDENCE_FLAG
 log = logging.getLogger(__name__)
 
 BENIGN = ("rtn8_channel", "rtn8_group", "fp16", "bf16", "noise", "prune", "normfold_one",
-          "normfold_some", "normfold_all", "lowrank")
+          "normfold_some", "normfold_all", "lowrank", "rtn4_group", "qk_scale", "awq_scale",
+          "awq_rtn4")
 HARMFUL = ("scale3", "outproj_half", "outlier_rows", "family_scale", "swap_layers", "rtn4",
            "nan")
 GUARDS = ("invariants", "spectral", "rmt", "variance")
@@ -118,10 +119,29 @@ def zoo_row(family: str, kind: str, seed: int, cert: Mapping[str, Any]) -> dict[
     spectral = (guards.get("spectral") or {}).get("summary", {}).get("families", {})
     row["spectral_max_abs_change"] = max(
         (v["max_abs_change"] or 0.0 for v in spectral.values()), default=None)
-    rmt = (guards.get("rmt") or {}).get("summary", {}).get("families", {})
+    rmt_section = guards.get("rmt") or {}
+    families = rmt_section.get("summary", {}).get("families", {})
     row["rmt_excess_over_margin"] = max(
-        (v["excess"] / v["margin"] for v in rmt.values() if v.get("margin")), default=None)
+        (v["excess"] / v["margin"] for v in families.values() if v.get("margin")), default=None)
+    closest = rmt_section.get("summary", {}).get("closest_module") or {}
+    row["rmt_closest_module"] = closest.get("module")
+    row["rmt_closest_share"] = closest.get("share")
+    row["rmt_null_scale"] = rmt_null_scale(cert)
     return row
+
+
+def rmt_null_scale(cert: Mapping[str, Any]) -> float | None:
+    """τ of the run (`rmt.null_scale`, an upper 95% bound) at the edge band of its policy:
+    the calibration input of `null_tau` (the largest over the benign runs)."""
+    from invarlock.guards import rmt
+
+    section = (cert.get("guards") or {}).get("rmt") or {}
+    modules = (section.get("measurements") or {}).get("modules")
+    if not modules:
+        return None
+    policy = ((cert.get("policy") or {}).get("values") or {}).get("guards", {}).get("rmt", {})
+    return rmt.null_scale(*rmt.null_inputs(
+        modules, float(policy.get("edge_band", rmt.DEFAULT_EDGE_BAND))))
 
 
 def rates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -19,21 +19,27 @@ their standard deviations: a handful of outlier features cannot move it, and for
 entries it is the common σ, so the edge keeps its Marchenko–Pastur meaning. (Unit variance
 per column would shrink outlier features back to the bulk and hide them.)
 
-Null spread: the K calibration windows are split into G groups; every module's outliers are
-counted per group. Per family, the baseline's counts vary from group to group — the
-window-to-window variation of the statistic, measured on the baseline itself. With
-B_g and S_g the family's outlier counts of group g (baseline, subject):
+Null margin: what a benign edit can do to a count is move singular values that sit near
+the edge across it; values far from it do not cross. So the paired null of a module's excess
+Δ_m = Σ_g (S_g − B_g) (summed over the G window groups, outliers added or, < 0, lost) is
+modelled as having variance τ²·(N_m + 1), N_m the number of its normalised singular values
+(baseline and subject, every group) within `edge_band` of the edge. τ is calibrated on the
+paired null of benign edits (`null_scale`, an upper 95% bound per run, the largest over the
+runs: RTN 8- and 4-bit, pruning, half precision, AWQ/SmoothQuant/SmoothAttention
+rescalings; see policies/CALIBRATION.md). Every module and
+every family is one test; with T tests and a per-run false-alarm target α
+(`false_alarm_rate`), each is held at Bonferroni's two-sided level α/T. Crossings are
+rare whole events, so Δ is taken as the difference of two Poisson counts (Skellam), not as
+normal: with Q(v) the smallest k such that P(|Δ| > k) ≤ α/T when Var Δ = v,
 
-    excess  Δ_f = Σ_g (S_g − B_g)                      outliers added (or, < 0, lost)
-    spread  s_f = sd_g(B_g)                              the baseline's null spread
-    margin  M_f = ε_f · Σ_g B_g + z · s_f · √G + 1       (z = `null_z`)
+    module   |Δ_m| ≤ Q(τ²·(N_m + 1))
+    family   |Σ_m Δ_m| ≤ Q(τ²·Σ_m (N_m + 1)) + ε_f·Σ_m B_m
 
-Family f is stable iff |Δ_f| ≤ M_f: new outlier directions (blown-up weight rows) add to the
-count; a layer whose output lost its structure (a blown-up block upstream drowning it)
-loses outliers, which is damage too. Because a family sum can dilute a change confined to
-one module, each module is also held to the same rule with its own counts and spread; a
-module beyond its own margin makes its family unstable. The guard passes iff every family
-is stable.
+so the chance that a benign edit fails any of the ~200 module tests of a 30-layer model is
+at most α under the model (the test suite checks it on simulated null runs). The family
+sum catches a change spread thinly over many modules; ε_f is its slack for edits that move
+every module a little in the same direction. A non-finite spectrum always fails. The guard
+passes iff no module and no family is beyond its margin.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy.special import chdtri, ive
 
 from invarlock.guards.base import BuiltinGuard, GuardDecision, Stage, unmeasured_decision
 
@@ -54,6 +61,9 @@ FAMILIES = ("attn", "ffn", "embed", "other")
 KEEP_ABOVE = 0.8
 KEEP_VALUES = 48
 DEFAULT_NULL_Z = 3.0
+DEFAULT_EDGE_BAND = 0.10
+DEFAULT_FALSE_ALARM_RATE = 0.01
+NULL_CONFIDENCE = 0.95
 
 
 def normalized_spectrum(gram: np.ndarray, column_variances: np.ndarray, m: int,
@@ -108,65 +118,144 @@ def counts(groups: Sequence[Sequence[float | None]]) -> np.ndarray:
 
 
 def margin(base_counts: np.ndarray, epsilon: float, null_z: float) -> tuple[float, float]:
-    """(margin on the excess, null spread) from the baseline's per-group counts."""
+    """(margin, spread) of the earlier rule that sized the margin from the baseline's
+    window-to-window spread: ε·ΣB + null_z·sd_g(B)·√G + 1. Not the decision any more (3
+    degrees of freedom of window content, no multiplicity control); kept for the calibration
+    recipe's record of the null slack and as the reference the tests compare with."""
     b = np.asarray(base_counts, dtype=np.float64)
     spread = float(np.std(b, ddof=1)) if b.size > 1 else 0.0
     return epsilon * float(b.sum()) + null_z * spread * math.sqrt(b.size) + 1.0, spread
 
 
-def _module_counts(m: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    return counts(m["baseline"]), counts(m["subject"])
+def near_edge(groups: Sequence[Sequence[float | None]], band: float) -> int:
+    """Stored singular values within `band` of the edge (those a small change can move
+    across it), over all groups."""
+    return sum(1 for g in groups for v in g if v is not None and abs(v - 1.0) <= band)
+
+
+def null_margins(variances: Sequence[float], level: float) -> np.ndarray:
+    """Per test, the smallest k with P(|Δ| > k) ≤ `level` for Δ the difference of two
+    Poisson counts of mean variance/2 each (Skellam 1946): crossings up minus crossings
+    down. A count moves by whole outliers, so a normal quantile would call a single
+    crossing significant."""
+    mu = np.asarray(variances, dtype=np.float64) / 2.0
+    out = np.zeros_like(mu)
+    unique = np.unique(mu[mu > 0])
+    if unique.size:
+        # P(Δ = j) = e^(−2μ)·I_j(2μ) (`ive`); P(|Δ| > k) = 2·Σ_{j>k} P(Δ = j), summed from the
+        # far end of a grid wide enough for every μ; the margin is the first k within level
+        j = np.arange(int(np.ceil(2 * unique.max() + 12 * np.sqrt(unique.max()) + 40)))
+        pmf = ive(j[None, :], 2.0 * unique[:, None])
+        beyond = np.cumsum(pmf[:, ::-1], axis=1)[:, ::-1] - pmf    # Σ_{i>j} P(Δ = i)
+        first = np.argmax(2.0 * beyond <= level, axis=1)
+        margins = dict(zip(unique.tolist(), j[first].astype(np.float64).tolist(), strict=True))
+        out[mu > 0] = [margins[v] for v in mu[mu > 0].tolist()]
+    return out
+
+
+def null_inputs(modules: Sequence[Mapping[str, Any]],
+                band: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per module of one run: (excess Δ_m, values near the edge N_m) — what `null_scale`
+    calibrates τ from (committed per benign run, so the shipped τ can be recomputed)."""
+    moved = np.array([excess(m) for m in modules], dtype=np.float64)
+    near = np.array([near_edge([*m["baseline"], *m["subject"]], band) for m in modules],
+                    dtype=np.float64)
+    return moved, near
+
+
+def null_scale(moved: Sequence[float], near: Sequence[float],
+               confidence: float = NULL_CONFIDENCE) -> float:
+    """τ of one benign run, as an upper confidence bound: u_m = Δ_m / √(N_m + 1) has
+    variance τ² under the model, so Σ u² / χ²_{1−c}(M) bounds τ² from above with confidence
+    c (a run of 16 modules estimates τ loosely; one of 200 tightly). The shipped τ is the
+    largest over the benign runs (the worst benign edit sets it)."""
+    d = np.asarray(moved, dtype=np.float64)
+    if d.size == 0:
+        return 0.0
+    u2 = float(np.sum(d * d / (np.asarray(near, dtype=np.float64) + 1.0)))
+    return math.sqrt(u2 / float(chdtri(d.size, confidence)))  # χ² quantile at 1 − c
+
+
+def excess(m: Mapping[str, Any]) -> float:
+    """Outliers added (lost, < 0) by the subject, summed over the window groups."""
+    return float(counts(m["subject"]).sum() - counts(m["baseline"]).sum())
+
+
+def _finite(groups: Sequence[Sequence[float | None]]) -> bool:
+    return all(v is not None for g in groups for v in g)
 
 
 def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardDecision:
-    """Stable iff no family and no module moved its outlier count beyond its null margin."""
+    """Stable iff no module and no family moved its outlier count beyond its null margin."""
     skipped = unmeasured_decision(measurements)
     if skipped is not None:
         return skipped
     modules = list(measurements["modules"])
     if not modules:
         return GuardDecision(False, "not measured: no module matched")
+    if policy.get("null_tau") is None:  # a policy written before the calibrated null
+        return GuardDecision(False, "not decided: the policy has no rmt.null_tau (the null "
+                                    "margin's calibrated scale)")
     eps = {f: float(v) for f, v in policy["epsilon_by_family"].items()}
-    null_z = float(policy.get("null_z", DEFAULT_NULL_Z))
+    tau = float(policy["null_tau"])
+    band = float(policy.get("edge_band", DEFAULT_EDGE_BAND))
+    alpha = float(policy.get("false_alarm_rate", DEFAULT_FALSE_ALARM_RATE))
+    families = [f for f in FAMILIES if any(m["family"] == f for m in modules)]
+    tests = len(modules) + len(families)
+    level = alpha / tests  # Bonferroni: each test at α/T, two-sided
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"false_alarm_rate must lie in (0, 1), got {alpha}")
     findings: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {"families": {}, "null_z": null_z}
+    summary: dict[str, Any] = {"families": {}, "null_tau": tau, "edge_band": band,
+                               "false_alarm_rate": alpha, "tests": tests, "level": level}
     unstable = []
-    for fam in [f for f in FAMILIES if any(m["family"] == f for m in modules)]:
+    closest: tuple[float, str, float, float] = (-1.0, "", 0.0, 0.0)
+    for fam in families:
         members = [m for m in modules if m["family"] == fam]
-        per_module = [_module_counts(m) for m in members]
-        base = np.sum([b for b, _ in per_module], axis=0)
-        subj = np.sum([s for _, s in per_module], axis=0)
-        excess = float(subj.sum() - base.sum())
-        limit, spread = margin(base, eps[fam], null_z)
-        flagged = []
-        for m, (b, s) in zip(members, per_module, strict=True):
-            m_excess = float(s.sum() - b.sum())
-            m_limit, _m_spread = margin(b, eps[fam], null_z)
-            if abs(m_excess) > m_limit:
-                flagged.append((m, m_excess, m_limit, b, s))
-        worst = max(zip(members, per_module, strict=True),
-                    key=lambda t: abs(float(t[1][1].sum() - t[1][0].sum())))
-        ok = abs(excess) <= limit and not flagged
+        near = [near_edge([*m["baseline"], *m["subject"]], band) for m in members]
+        moved = [excess(m) for m in members]
+        limits = null_margins([tau * tau * (n + 1) for n in near], level)
+        rows = []
+        for m, n, d, limit in zip(members, near, moved, limits, strict=True):
+            broken = not _finite(m["subject"]) and _finite(m["baseline"])
+            rows.append((m, d, n, float(limit), broken or abs(d) > limit))
+            share = float(abs(d) / limit) if limit > 0 else (math.inf if d else 0.0)
+            if share > closest[0]:
+                closest = (share, m["name"], d, float(limit))
+        base = np.sum([counts(m["baseline"]) for m in members], axis=0)
+        subj = np.sum([counts(m["subject"]) for m in members], axis=0)
+        fam_excess = float(subj.sum() - base.sum())
+        spread = tau * math.sqrt(sum(r[2] + 1 for r in rows))
+        fam_limit = float(null_margins([spread * spread], level)[0]) + eps[fam] * float(
+            base.sum())
+        flagged = [r for r in rows if r[4]]
+        worst = max(rows, key=lambda r: abs(r[1]) / r[3] if r[3] > 0 else abs(r[1]))
+        ok = abs(fam_excess) <= fam_limit and not flagged
         summary["families"][fam] = {
             "modules": len(members), "epsilon": eps[fam], "stable": ok,
             "baseline_outliers": int(base.sum()), "subject_outliers": int(subj.sum()),
-            "excess": excess, "margin": limit, "null_spread": spread,
+            "excess": fam_excess, "margin": fam_limit, "null_spread": spread,
             "baseline_by_group": [int(v) for v in base],
             "subject_by_group": [int(v) for v in subj],
             "modules_beyond_margin": len(flagged), "module": worst[0]["name"],
+            "module_excess": worst[1], "module_margin": worst[3],
         }
         if ok:
             continue
-        unstable.append((fam, excess, limit, len(flagged)))
-        for m, m_excess, m_limit, b, s in flagged:
+        unstable.append((fam, fam_excess, fam_limit, len(flagged)))
+        for m, d, near, limit, _ in flagged:
+            b, s_ = int(counts(m["baseline"]).sum()), int(counts(m["subject"]).sum())
             findings.append({
                 "module": m["name"], "family": fam, "kind": "violation",
-                "message": (f"{int(s.sum())} outliers beyond the Marchenko–Pastur edge vs "
-                            f"{int(b.sum())} in the baseline ({m_excess:+.0f}, beyond the "
-                            f"margin ±{m_limit:.1f})"),
-                "baseline_outliers": int(b.sum()), "subject_outliers": int(s.sum()),
-                "margin": m_limit,
+                "message": (f"{s_} outliers beyond the Marchenko–Pastur edge vs {b} in the "
+                            f"baseline ({d:+.0f}, beyond the null margin ±{limit:.1f} from "
+                            f"{near} values near the edge)"),
+                "baseline_outliers": b, "subject_outliers": s_, "margin": limit,
+                "near_edge": near,
             })
+    summary["closest_module"] = {"module": closest[1], "excess": closest[2],
+                                 "margin": closest[3],  # JSON has no inf: a zero margin moved
+                                 "share": closest[0] if math.isfinite(closest[0]) else None}
     windows = measurements.get("windows", "?")
     if unstable:
         parts = ", ".join(
@@ -176,11 +265,10 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         return GuardDecision(False, f"activation outliers beyond the Marchenko–Pastur edge "
                                     f"moved beyond the null margin in {parts}",
                              tuple(findings), summary)
-    fams = summary["families"]
-    top = max(fams, key=lambda f: abs(fams[f]["excess"]) - fams[f]["margin"])
     return GuardDecision(True, f"{len(modules)} modules on {windows} windows; outlier counts "
-                               f"within the null margin in every family (closest: {top} "
-                               f"{fams[top]['excess']:+.0f} of ±{fams[top]['margin']:.1f})",
+                               f"within the null margin (per-run false-alarm rate {alpha:g} "
+                               f"over {tests} tests); closest: {closest[1]} "
+                               f"{closest[2]:+.0f} of ±{closest[3]:.1f}",
                          (), summary)
 
 

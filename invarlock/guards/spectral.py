@@ -30,8 +30,10 @@ For every 2-D weight in scope the probe measures σ_b = ‖W_b‖₂ (baseline) 
   beyond the deadband is a violation.
 
 σ is taken of each weight's effective form (the probe folds the scale of the norm feeding
-it in and balances function-preserving channel pairs), so a reparametrisation that leaves
-the function unchanged (SmoothQuant/AWQ scales between a norm and its linears) leaves r at 0.
+it in and balances function-preserving channel pairs: q/k per key head and rotary pair,
+v→o, up→down, the value channels of fused q/k/v; `invarlock.guards.measure.fold`), so a
+reparametrisation that leaves the function unchanged (SmoothQuant/AWQ scales between a norm
+and its linears or across a pair, SmoothAttention's q/k scales) leaves r at 0.
 A guard that matched no module at all fails ("not measured"): silence is not evidence.
 """
 

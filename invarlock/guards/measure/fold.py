@@ -8,19 +8,25 @@ A transformer's function does not change under some per-channel rescalings of it
   (diag(γ)·W for GPT-2's Conv1D, whose weight is stored [in, out]).
 - **balanced pairs**: where a producer's output channel c reaches a consumer only linearly
   (LLaMA's `v_proj` → attention mixing → `o_proj`, OPT's `v_proj` → `out_proj`; the gated
-  MLP's `up_proj` → act(gate)·up → `down_proj`, the up half of Phi-3's fused `gate_up_proj`),
-  (diag(t)·P, C·diag(1/t)) is the same function. Both are
-  replaced by their *balanced* form: s_c = sqrt(‖C[:, cols(c)]‖ / ‖P[c, :]‖), P' = diag(s)·P,
-  C' = C·diag(1/s). Any rescaling t gives the same P', C' (s becomes s/t), so the guard sees
-  one representative of the whole equivalence class. With grouped-query attention one value
-  channel feeds the `o_proj` columns of every query head in its group.
+  MLP's `up_proj` → act(gate)·up → `down_proj`, the up half of Phi-3's fused `gate_up_proj`;
+  the value channels of fused q/k/v projections: GPT-2's `c_attn`, GPT-NeoX's
+  `query_key_value`, Phi-3's `qkv_proj`), (diag(t)·P, C·diag(1/t)) is the same function.
+  So is (diag(t)·W_q, diag(1/t)·W_k) when t is shared by every query head that reads one
+  key head (grouped-query attention) and, under a rotary embedding, by both members of each
+  rotary pair (RoPE rotates them together; SmoothAttention scales exactly so). Every pair is
+  replaced by its *balanced* form: per channel class k, s_k = sqrt(‖b_k‖ / ‖a_k‖), a' = a·s,
+  b' = b/s. Any rescaling t gives the same a', b' (s becomes s/t), so the guards see one
+  representative of the whole equivalence class. q/k under per-head norms (Qwen3's `q_norm`)
+  are not paired: there the scale does not cancel.
 
 Which norm feeds which linear is found by tracing one forward pass of a few tokens: a linear
 whose input tensor *is* a norm's output is fed by that norm, whatever the architecture calls
 its modules. Tied weights (an `lm_head` that is the embedding) are not folded: the rescaling
 would change the embedding's other use. Balanced pairs are recognised by name (the pairs
-above); other per-channel equivalences (through GELU, or across heads) do not preserve the
-function and are left alone.
+above) and sized from the config (heads, key/value heads, head dim, rotary dims); other
+per-channel equivalences (through GELU, or across heads) do not preserve the function and
+are left alone. `output_scales` gives the same balancing for a producer's *outputs* (the
+RMT guard measures y·s, which no such rescaling changes).
 """
 
 from __future__ import annotations
@@ -42,6 +48,16 @@ BALANCED_PAIRS = (("v_proj", "o_proj", None), ("up_proj", "down_proj", "gate_pro
 # (fused producer leaf, consumer leaf): the producer's second half of rows is the linear
 # path (Phi-3's gate_up_proj = [gate; up], act(gate)·up → down_proj).
 FUSED_BALANCED_PAIRS = (("gate_up_proj", "down_proj"),)
+# fused q/k/v projection leaf → (the consumer of its value channels, model types whose
+# layout is known; empty: any): GPT-2 [q; k; v] columns, Phi-3 [q; k; v] rows, GPT-NeoX
+# per head [q; k; v] rows (Falcon's `query_key_value` has other layouts: left alone).
+FUSED_QKV = {"c_attn": ("c_proj", ()), "qkv_proj": ("o_proj", ()),
+             "query_key_value": ("dense", ("gpt_neox",))}
+# per-head norms of q and k (Qwen3, Gemma 3, OLMo 2): a q/k scale no longer cancels
+QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+# config keys that mean a rotary position embedding
+ROPE_KEYS = ("rope_theta", "rotary_emb_base", "rotary_pct", "partial_rotary_factor",
+             "rope_scaling")
 
 
 def _is_linear(module: Any) -> bool:
@@ -141,47 +157,166 @@ def _scale_offset(norm: torch.nn.Module) -> float:
 
 
 def balanced_pairs(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    """{weight name: {"partner": weight name, "role": "producer"|"consumer", "group": g,
-    "head_dim": d}} for the function-preserving producer → consumer pairs of the model."""
+    """{weight name: {"partner": weight name(s), "relations": [relation, ...]}} for every
+    weight in a function-preserving pair of the model (`pair_relations`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for rel in pair_relations(model):
+        a, b = rel["a"]["weight"], rel["b"]["weight"]
+        for mine, other in ((a, b), (b, a)):
+            entry = out.setdefault(mine, {"partners": [], "relations": []})
+            if other != mine and other not in entry["partners"]:
+                entry["partners"].append(other)
+            if not any(r is rel for r in entry["relations"]):  # fused q/k: one weight
+                entry["relations"].append(rel)
+    return {name: {"partner": ", ".join(e["partners"]) or name, "relations": e["relations"]}
+            for name, e in out.items()}
+
+
+def _side(weight: str, axis: int, count: int, *, offset: int = 0, block: int | None = None,
+          step: int = 0, head_dim: int | None = None, group: int = 1, rotary: int = 0,
+          interleaved: bool = False) -> dict[str, Any]:
+    """One side of a pair: `count` channels of `weight` along `axis` (as stored), channel c
+    at index offset + (c // block)·step + c % block; c belongs to head c // head_dim, whose
+    key/value head is head // group, and to the rotary class of c % head_dim."""
+    return {"weight": weight, "axis": axis, "count": count, "offset": offset,
+            "block": block or count, "step": step, "head_dim": head_dim or count,
+            "group": group, "rotary": rotary, "interleaved": interleaved}
+
+
+def pair_relations(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Every function-preserving pair of the model, by name: q/k per key head and rotary
+    pair, v→o per value channel, up→down per channel (see the module docstring).
+
+    A relation {"a": side, "b": side} means: scaling side a's channel k by t and side b's
+    by 1/t leaves the function unchanged."""
     modules = dict(model.named_modules())
     config = getattr(model, "config", None)
-    out: dict[str, dict[str, Any]] = {}
+    heads = _heads(config)
+    rotary, interleaved = _rotary(config, heads[2] if heads else None)
+    out: list[dict[str, Any]] = []
     for name, module in modules.items():
+        if not _is_linear(module):
+            continue
+        leaf, parent = name.rsplit(".", 1)[-1], name.rsplit(".", 1)[0]
         for prod, cons, sibling in BALANCED_PAIRS:
-            if not (name.endswith("." + prod) and isinstance(module, torch.nn.Linear)):
-                continue
-            parent = name[: -len(prod) - 1]
             partner = _sibling(modules, parent, cons)
-            if partner is None or (sibling and _sibling(modules, parent, sibling) is None):
+            if leaf != prod or partner is None or (
+                    sibling and _sibling(modules, parent, sibling) is None):
                 continue
-            p_out, c_in = module.weight.shape[0], modules[partner].weight.shape[1]
-            if c_in % p_out:
+            p_out, c_in = _out_in(module), _in(modules[partner])
+            if not isinstance(module, torch.nn.Linear) or c_in % p_out:
                 continue
             group = c_in // p_out
-            head_dim = _head_dim(config) if group > 1 else p_out
-            if head_dim is None or p_out % head_dim:
+            if group > 1 and heads is None:
                 continue
-            info = {"group": group, "head_dim": head_dim}
-            out[f"{name}.weight"] = {"partner": f"{partner}.weight", "role": "producer", **info}
-            out[f"{partner}.weight"] = {"partner": f"{name}.weight", "role": "consumer", **info}
+            head_dim = heads[2] if heads and group > 1 else p_out
+            if p_out % head_dim:
+                continue
+            out.append({"a": _side(f"{name}.weight", 0, p_out),
+                        "b": _side(f"{partner}.weight", 1, c_in, head_dim=head_dim,
+                                   group=group)})
         for prod, cons in FUSED_BALANCED_PAIRS:
-            if not (name.endswith("." + prod) and isinstance(module, torch.nn.Linear)):
+            partner = _sibling(modules, parent, cons)
+            if leaf != prod or partner is None:
                 continue
-            partner = _sibling(modules, name[: -len(prod) - 1], cons)
             half = module.weight.shape[0] // 2
-            if partner is None or module.weight.shape[0] % 2 or \
-                    modules[partner].weight.shape[1] != half:
+            if module.weight.shape[0] % 2 or _in(modules[partner]) != half:
                 continue
-            info = {"group": 1, "head_dim": half, "rows": [half, 2 * half]}
-            out[f"{name}.weight"] = {"partner": f"{partner}.weight", "role": "producer", **info}
-            out[f"{partner}.weight"] = {"partner": f"{name}.weight", "role": "consumer", **info}
+            out.append({"a": _side(f"{name}.weight", 0, half, offset=half),
+                        "b": _side(f"{partner}.weight", 1, half)})
+        if heads is not None:
+            out += _attention_relations(modules, name, leaf, parent, heads, rotary,
+                                        interleaved, str(getattr(config, "model_type", "")))
     return out
 
 
+def _attention_relations(modules: Mapping[str, Any], name: str, leaf: str, parent: str,
+                         heads: tuple[int, int, int], rotary: int, interleaved: bool,
+                         model_type: str) -> list[dict[str, Any]]:
+    """q/k and v→o relations of one attention projection (separate or fused q/k/v)."""
+    n_q, n_kv, d = heads
+    group = n_q // n_kv
+    rot = {"rotary": rotary, "interleaved": interleaved, "head_dim": d}
+    normalised = any(f"{parent}.{n}" in modules for n in QK_NORMS)
+    out = []
+    weight = f"{name}.weight"
+    if leaf == "q_proj" and not normalised:
+        k = _sibling(modules, parent, "k_proj")
+        if k and _out_in(modules[name]) == n_q * d and _out_in(modules[k]) == n_kv * d:
+            out.append({"a": _side(weight, 0, n_q * d, group=group, **rot),
+                        "b": _side(f"{k}.weight", 0, n_kv * d, **rot)})
+        return out
+    fused = FUSED_QKV.get(leaf)
+    if fused is None or (fused[1] and model_type not in fused[1]):
+        return out
+    consumer = _sibling(modules, parent, fused[0])
+    module = modules[name]
+    conv = type(module).__name__ == "Conv1D"
+    if consumer is None or _out_in(module) != (n_q + 2 * n_kv) * d or \
+            _in(modules[consumer]) != n_q * d:
+        return out
+    axis = 1 if conv else 0
+    if leaf == "query_key_value":  # GPT-NeoX: per head [q; k; v], n_q == n_kv
+        if n_q != n_kv:
+            return out
+        q = _side(weight, axis, n_q * d, block=d, step=3 * d, **rot)
+        k = _side(weight, axis, n_q * d, offset=d, block=d, step=3 * d, **rot)
+        v = _side(weight, axis, n_q * d, offset=2 * d, block=d, step=3 * d)
+    else:  # [q (n_q heads); k (n_kv); v (n_kv)]
+        q = _side(weight, axis, n_q * d, group=group, **rot)
+        k = _side(weight, axis, n_kv * d, offset=n_q * d, **rot)
+        v = _side(weight, axis, n_kv * d, offset=(n_q + n_kv) * d)
+    c_axis = 0 if type(modules[consumer]).__name__ == "Conv1D" else 1
+    o = _side(f"{consumer}.weight", c_axis, n_q * d, head_dim=d, group=group)
+    if not normalised:
+        out.append({"a": q, "b": k})
+    out.append({"a": v, "b": o})
+    return out
+
+
+def _out_in(module: Any) -> int:
+    """Output features of a Linear ([out, in]) or Conv1D ([in, out])."""
+    w = module.weight
+    return int(w.shape[1] if type(module).__name__ == "Conv1D" else w.shape[0])
+
+
+def _in(module: Any) -> int:
+    w = module.weight
+    return int(w.shape[0] if type(module).__name__ == "Conv1D" else w.shape[1])
+
+
+def _heads(config: Any) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head dim) from the config, if it says."""
+    n_q = getattr(config, "num_attention_heads", None)
+    if not n_q:
+        return None
+    n_kv = getattr(config, "num_key_value_heads", None) or n_q
+    head_dim = _head_dim(config)
+    if head_dim is None or int(n_q) % int(n_kv):
+        return None
+    return int(n_q), int(n_kv), int(head_dim)
+
+
+def _rotary(config: Any, head_dim: int | None) -> tuple[int, bool]:
+    """(rotary dims per head, interleaved pairs) of the model's rotary embedding; (0, False)
+    without one (absolute or ALiBi positions: any per-channel scale commutes)."""
+    if head_dim is None:
+        return 0, False
+    rope = getattr(config, "rope_parameters", None) or {}
+    if getattr(config, "rotary_dim", None):  # GPT-J, CodeGen: pairs (2i, 2i + 1)
+        return int(config.rotary_dim), True
+    if not rope and not any(getattr(config, k, None) for k in ROPE_KEYS):
+        return 0, False
+    factor = (rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None) or \
+        getattr(config, "partial_rotary_factor", None) or \
+        getattr(config, "rotary_pct", None) or 1.0
+    return int(head_dim * float(factor)) // 2 * 2, False
+
+
 def _sibling(modules: Mapping[str, Any], parent: str, leaf: str) -> str | None:
-    """The Linear named `leaf` in the same parent module, if any."""
+    """The Linear/Conv1D named `leaf` in the same parent module, if any."""
     name = f"{parent}.{leaf}"
-    if name in modules and isinstance(modules[name], torch.nn.Linear):
+    if name in modules and _is_linear(modules[name]):
         return name
     return None
 
@@ -218,36 +353,104 @@ def folded(name: str, get: Callable[[str], torch.Tensor],
     return gamma[:, None] * w if fold["transposed"] else w * gamma[None, :]
 
 
-def _channel_index(c_in: int, group: int, head_dim: int) -> torch.Tensor:
-    """For each consumer column, the producer channel it reads (grouped-query attention:
-    query head h uses key/value head h // group)."""
-    col = torch.arange(c_in)
-    return (col // head_dim) // group * head_dim + col % head_dim
+def _channels(side: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(index along the axis, channel class, number of classes) of each of the side's
+    channels. Classes: key/value head × (rotary pair or lone channel), so one scale per
+    class is what RoPE commutes with (x_j and its partner rotate together)."""
+    c = torch.arange(int(side["count"]))
+    block, step = int(side["block"]), int(side["step"])
+    index = int(side["offset"]) + (c // block) * step + c % block
+    d, r = int(side["head_dim"]), int(side["rotary"])
+    j = c % d
+    if r and side["interleaved"]:
+        cls = torch.where(j < r, j // 2, r // 2 + j - r)
+    elif r:
+        cls = torch.where(j < r, j % (r // 2), r // 2 + j - r)
+    else:
+        cls = j
+    per_head = d - r // 2
+    kv_head = (c // d) // int(side["group"])
+    return index, kv_head * per_head + cls, int(kv_head.max()) * per_head + per_head
+
+
+def _slice_norms(w: torch.Tensor, side: Mapping[str, Any]) -> torch.Tensor:
+    """Σ of squares per channel class of one side."""
+    index, cls, n = _channels(side)
+    index, cls = index.to(w.device), cls.to(w.device)
+    axis = int(side["axis"])
+    sq = w.index_select(axis, index).square().sum(dim=1 - axis)
+    return torch.zeros(n, dtype=sq.dtype, device=w.device).index_add_(0, cls, sq)
+
+
+def balancing_scale(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
+                    plan: Mapping[str, Any]) -> torch.Tensor:
+    """s per channel class: side a times s and side b over s have equal norms per class,
+    s = (‖b_k‖ / ‖a_k‖)^½; any rescaling (a·t, b/t) turns s into s/t."""
+    a = folded(rel["a"]["weight"], get, plan)
+    b = a if rel["b"]["weight"] == rel["a"]["weight"] else folded(rel["b"]["weight"], get, plan)
+    na, nb = _slice_norms(a, rel["a"]), _slice_norms(b.to(a.device), rel["b"])
+    if na.shape != nb.shape:
+        raise ValueError(f"pair {rel['a']['weight']} / {rel['b']['weight']}: "
+                         f"{na.numel()} vs {nb.numel()} channel classes")
+    ok = (na > 0) & (nb > 0)
+    s = torch.ones_like(na)
+    s[ok] = (nb[ok] / na[ok]).pow(0.25)  # sqrt of the ratio of norms
+    return s
+
+
+def _multiplier(side: Mapping[str, Any], s: torch.Tensor, sign: int) -> tuple[torch.Tensor,
+                                                                             torch.Tensor]:
+    """(indices along the side's axis, the factor each is multiplied by)."""
+    index, cls, _ = _channels(side)
+    return index, s[cls.to(s.device)].pow(sign)
+
+
+def _relations(name: str, plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return list(((plan.get(name) or {}).get("balance") or {}).get("relations") or [])
 
 
 def effective(name: str, get: Callable[[str], torch.Tensor],
               plan: Mapping[str, Any]) -> torch.Tensor:
-    """The matrix whose σ the spectral guard compares: folded, then balanced with its pair."""
+    """The matrix whose σ the spectral guard compares: folded, then balanced in every pair
+    it belongs to (the pairs touch disjoint channels, so their order does not matter)."""
     w = folded(name, get, plan)
-    bal = (plan.get(name) or {}).get("balance")
-    if bal is None:
+    relations = _relations(name, plan)
+    if not relations:
         return w
-    other = folded(bal["partner"], get, plan).to(w.device)
-    producer, consumer = (w, other) if bal["role"] == "producer" else (other, w)
-    rows = bal.get("rows")  # a fused producer: only these rows feed the consumer linearly
-    linear = producer if rows is None else producer[int(rows[0]):int(rows[1])]
-    index = _channel_index(consumer.shape[1], int(bal["group"]), int(bal["head_dim"]))
-    index = index.to(consumer.device)
-    p_norm = linear.square().sum(dim=1)                                     # [p_out]
-    c_norm = torch.zeros_like(p_norm).index_add_(0, index, consumer.square().sum(dim=0))
-    ok = (p_norm > 0) & (c_norm > 0)
-    s = torch.ones_like(p_norm)
-    s[ok] = (c_norm[ok] / p_norm[ok]).pow(0.25)  # sqrt of the ratio of norms
-    if bal["role"] == "producer":
-        if rows is None:
-            return producer * s[:, None]
-        out = producer.clone()
-        out[int(rows[0]):int(rows[1])] = linear * s[:, None]
-        return out
-    return consumer / s[index][None, :]
+    out = w.clone()
+    for rel in relations:
+        s = balancing_scale(rel, get, plan).to(w.device)
+        for key, sign in (("a", 1), ("b", -1)):
+            side = rel[key]
+            if side["weight"] != name:
+                continue
+            index, factor = _multiplier(side, s, sign)
+            axis = int(side["axis"])
+            shape = [1, 1]
+            shape[axis] = -1
+            index = index.to(w.device)
+            out.index_copy_(axis, index, out.index_select(axis, index) * factor.view(shape))
+    return out
 
+
+def output_scales(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
+                  conv1d: bool = False) -> torch.Tensor | None:
+    """Per output feature of the linear `name` (a weight name), the factor that turns its
+    output into that of its balanced form (None: no pair changes it). Producer outputs
+    times this factor are unchanged by every rescaling the pairs absorb."""
+    out_axis = 1 if conv1d else 0
+    factors = None
+    for rel in _relations(name, plan):
+        s = None
+        for key, sign in (("a", 1), ("b", -1)):
+            side = rel[key]
+            if side["weight"] != name or int(side["axis"]) != out_axis:
+                continue
+            if s is None:
+                s = balancing_scale(rel, get, plan)
+            if factors is None:
+                factors = torch.ones(get(name).shape[out_axis], dtype=torch.float32,
+                                     device=s.device)
+            index, factor = _multiplier(side, s, sign)
+            factors[index.to(s.device)] = factor
+    return factors

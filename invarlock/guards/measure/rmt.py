@@ -8,6 +8,13 @@ order (`groups`); as soon as a module has seen every window of a group, that gro
 go to the pure `normalized_spectrum` and are dropped: groups are consecutive windows, so
 at most one group per module waits for the next batch, and memory stays below
 modules × one group's rows × features × 4 bytes.
+
+Rescaling invariance: a function-preserving rescaling (AWQ's v→o and up→down scales,
+SmoothAttention's q/k scales) multiplies a producer's output channels by t and leaves the
+function unchanged, so the sampled rows of a producer are multiplied by the balancing scale
+of its pair (`fold.output_scales`, computed from each model's own weights with the
+baseline's transform plan): y·s is the output of the balanced producer, which no such
+rescaling changes. Consumers' outputs and linears fed by a norm need nothing.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ import torch
 
 from invarlock.families import block_index, family_of
 from invarlock.guards.base import not_measured
+from invarlock.guards.measure.fold import output_scales, transform_plan
 from invarlock.guards.measure.probe import Probe, SubjectContext
 from invarlock.guards.measure.weights import single_thread
 from invarlock.guards.rmt import FAMILIES, kept, normalized_spectrum
-from invarlock.models.effective import is_quantized
+from invarlock.models.effective import EffectiveWeights, is_quantized
 
 DEFAULT_MAX_ROWS = 256
 DEFAULT_GROUPS = 4
@@ -41,6 +49,23 @@ def linear_modules(model: torch.nn.Module, scope: tuple[str, ...]) -> list[tuple
             continue
         if str(family_of(name)) in scope:
             out.append((name, module))
+    return out
+
+
+def balancing_factors(model: torch.nn.Module, modules: list[tuple[str, Any]],
+                      plan: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """{module name: float32 factor per output feature} for the tapped producers of a
+    function-preserving pair (their outputs times it are the balanced producer's)."""
+    weights = EffectiveWeights(model)  # quantized weights dequantized one at a time
+    out = {}
+    with torch.inference_mode(), single_thread():
+        for name, module in modules:
+            if f"{name}.weight" not in plan:
+                continue
+            factor = output_scales(f"{name}.weight", lambda n: weights[n].detach(), plan,
+                                   conv1d=type(module).__name__ == "Conv1D")
+            if factor is not None:
+                out[name] = factor.to(torch.float32).cpu().numpy()
     return out
 
 
@@ -64,8 +89,10 @@ class RowTap:
     """Observing tap that samples rows per window and reduces each window group's rows."""
 
     def __init__(self, modules: list[tuple[str, Any]], groups: list[list[int]],
-                 rows_per_window: int, seed: int, clock: Probe) -> None:
+                 rows_per_window: int, seed: int, clock: Probe,
+                 factors: Mapping[str, np.ndarray] | None = None) -> None:
         self._modules = modules
+        self._factors = dict(factors or {})
         self._group_of = {wid: g for g, ids in enumerate(groups) for wid in ids}
         self._sizes = [len(ids) for ids in groups]
         self._rows = rows_per_window
@@ -79,6 +106,11 @@ class RowTap:
 
     def modules(self, model: Any) -> list[tuple[str, Any]]:
         return self._modules
+
+    @property
+    def balanced(self) -> list[str]:
+        """Modules whose outputs are multiplied by their pair's balancing scale."""
+        return sorted(self._factors)
 
     def _select(self, context: Any) -> tuple[list[int], list[np.ndarray], list[int]]:
         batch_rows, positions, groups = [], [], []
@@ -122,6 +154,9 @@ class RowTap:
         flat = torch.as_tensor(np.repeat(rows, sizes) * y.shape[1] + np.concatenate(positions),
                                device=y.device)
         picked = y.reshape(-1, n).index_select(0, flat).to(torch.float32).cpu().numpy()
+        factor = self._factors.get(name)
+        if factor is not None and factor.shape == (n,):
+            picked = picked * factor[None, :]
         owner = np.repeat(groups, sizes)
         for g in sorted(set(groups)):
             key = (name, g)
@@ -156,26 +191,35 @@ class RMTProbe(Probe):
             [scope] if isinstance(scope, str) else scope)
         self.max_rows = int(policy.get("max_rows", DEFAULT_MAX_ROWS))
         self.groups = int(policy.get("groups", DEFAULT_GROUPS))
-        self.cache_settings = {"version": 2, "scope": list(self.scope), "max_rows": self.max_rows,
+        self.cache_settings = {"version": 3, "scope": list(self.scope), "max_rows": self.max_rows,
                                "groups": self.groups}
         self._taps: dict[str, RowTap] = {}
+        self._plan: dict[str, Any] = {}
 
     def _rows_per_window(self) -> int:
         assert self.info is not None
         return max(2, math.ceil(self.max_rows / max(1, self.info.calibration_ids.size)))
 
+    def baseline_loaded(self, model: Any) -> None:
+        with single_thread():
+            self._plan = transform_plan(model)
+
+    def subject_loaded(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> None:
+        self._plan = dict(baseline.get("transforms") or {})  # the baseline's pairs, both models
+
     def taps(self, model: Any, role: str, phase: str) -> list[Any]:
         if phase != "final" or self.info is None or self.info.calibration_ids.size == 0:
             return []
-        tap = RowTap(linear_modules(model, self.scope),
-                     window_groups(self.info.calibration_ids, self.groups),
-                     self._rows_per_window(), self.info.seed, self)
+        modules = linear_modules(model, self.scope)
+        tap = RowTap(modules, window_groups(self.info.calibration_ids, self.groups),
+                     self._rows_per_window(), self.info.seed, self,
+                     balancing_factors(model, modules, self._plan))
         self._taps[role] = tap
         return [tap]
 
     def baseline_state(self) -> dict[str, Any]:
         tap = self._taps.pop("baseline", None)  # drop its module references: the baseline can go
-        return {"modules": tap.complete() if tap else {}}
+        return {"modules": tap.complete() if tap else {}, "transforms": self._plan}
 
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:
         tap = self._taps.get("subject")
@@ -197,6 +241,7 @@ class RMTProbe(Probe):
                   "groups": window_groups(ids, self.groups),
                   "rows_per_window": self._rows_per_window(), "max_rows": self.max_rows,
                   "standardisation": "column-centred, one global scale (median feature sd)",
+                  "balanced_outputs": tap.balanced,
                   "unmatched": unmatched}
         if not modules:
             return {**not_measured("no module matched: no linear module in scope was observed "
