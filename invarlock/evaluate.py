@@ -604,7 +604,9 @@ def _vocab_sliced_losses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     memory in the loop. A target outside the vocabulary leaves its loss NaN. ``stats`` sees
     each slice's logits before they are exponentiated (distribution evidence)."""
     n, width = x.shape[0], weight.shape[0]
-    log_z = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
+    # float64 running log-partition: float32 over many slices drifts by ~1e-5 nats, the size
+    # of an 8-bit quant's whole KL divergence
+    log_z = torch.full((n,), float("-inf"), dtype=torch.float64, device=x.device)
     picked = torch.full((n,), float("nan"), dtype=torch.float32, device=x.device)
     bounds = [*range(0, width, columns), width]
     order = torch.argsort(targets)
@@ -631,10 +633,10 @@ def _vocab_sliced_losses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         top = logits.amax(dim=1)
         shift = torch.where(torch.isfinite(top), top, 0.0)
         log_z = torch.logaddexp(log_z, logits.sub_(shift[:, None]).exp_().sum(dim=1).log_()
-                                .add_(shift))
+                                .add_(shift).double())
     if stats is not None:
         stats.finish(log_z, picked)
-    return torch.where(targets == IGNORE, 0.0, log_z - picked)
+    return torch.where(targets == IGNORE, 0.0, log_z - picked).float()
 
 
 @contextlib.contextmanager
@@ -798,7 +800,11 @@ class _DistributionPass:
         stats = self.rows(targets)
         stats.update(logits, 0)
         safe = torch.where(targets == IGNORE, 0, targets).clamp(0, logits.shape[1] - 1)
-        stats.finish(torch.logsumexp(logits, dim=1), logits.gather(1, safe[:, None])[:, 0])
+        top = logits.amax(dim=1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, 0.0)
+        # summed in float64, as the sliced pass's running log-partition (see there)
+        log_z = (logits - top).exp_().sum(dim=1, dtype=torch.float64).log_() + top[:, 0]
+        stats.finish(log_z, logits.gather(1, safe[:, None])[:, 0])
 
     def collected(self) -> dict[str, torch.Tensor]:
         if self.reference is not None and self.used != self.reference["ids"].shape[0]:
