@@ -58,6 +58,16 @@ def test_the_markdown_shows_the_distribution_as_llama_cpp_names_it(runs):
         assert label in rendered
 
 
+def test_the_html_report_plots_the_kld_distribution(runs):
+    from invarlock import report
+
+    (cold, _), _ = runs
+    page = report.render(cold, "html")
+    section = page[page.index("<h2>Distribution evidence</h2>"):]
+    assert "Histogram of per-token KL divergence" in section and "<rect" in section
+    assert "Same top p" in section and "Monitor-only" in section
+
+
 def _reseal(cert: dict) -> dict:
     body = {k: v for k, v in cert.items() if k != "digest"}
     return {**body, "digest": document.content_digest(body)}
