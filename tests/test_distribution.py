@@ -300,3 +300,12 @@ def test_tiers_ship_monitor_only_distribution_limits():
 
     for tier, values in tiers().items():
         assert dist.Limits.from_policy(values.get("distribution")) == dist.Limits(), tier
+
+
+@pytest.mark.parametrize("width", [64, 1000, 2048, 8192])
+def test_blockwise_top_k_equals_torch_topk(width):
+    x = torch.randn(37, width, generator=torch.Generator().manual_seed(width))
+    values, ids = evaluate_mod._top_k(x, 64)
+    expected = x.topk(64, dim=1)
+    torch.testing.assert_close(values, expected.values, rtol=0, atol=0)
+    torch.testing.assert_close(x.gather(1, ids), values, rtol=0, atol=0)
