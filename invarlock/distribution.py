@@ -37,7 +37,10 @@ import numpy as np
 from invarlock.stats import BootstrapInterval, bca_ratio_of_sums
 
 TOP_K = 64                  # baseline log-probabilities kept per scored token (see module doc)
-TAIL_FLOOR = 1e-12          # smallest tail mass kept: below it, float32 logits are noise
+# Smallest tail mass kept. A float32 log-partition is good to ~1e-7 relative, so a tail
+# computed as 1 - sum(top-k) below ~1e-6 is noise; flooring both sides there keeps that
+# noise (up to ~1e-5 nats per token otherwise) out of KLD.
+TAIL_FLOOR = 1e-6
 KLD_PERCENTILES = {"median": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p99_9": 99.9}
 DELTA_P_PERCENTILES = {"p0_1": 0.1, "p1": 1.0, "p5": 5.0, "p10": 10.0, "p25": 25.0,
                        "median": 50.0, "p75": 75.0, "p90": 90.0, "p95": 95.0, "p99": 99.0,

@@ -309,3 +309,26 @@ def test_blockwise_top_k_equals_torch_topk(width):
     expected = x.topk(64, dim=1)
     torch.testing.assert_close(values, expected.values, rtol=0, atol=0)
     torch.testing.assert_close(x.gather(1, ids), values, rtol=0, atol=0)
+
+
+def test_masked_lm_is_compared_at_its_masked_positions(tiny_bert_dir):
+    from tests.test_evaluate import mlm_windows
+
+    loaded = load_model(resolve_model_source(str(tiny_bert_dir)))
+    base, subj = loaded.model, _noisy(loaded.model, 0.3)
+    windows = mlm_windows(loaded.tokenizer, n=4)
+    vocab = base.config.vocab_size
+    b = evaluate_windows(base, windows, kind="ppl_mlm", device="cpu", distribution=vocab)
+    s = evaluate_windows(subj, windows, kind="ppl_mlm", device="cpu",
+                         distribution=b.distribution)
+    chosen = torch.as_tensor(windows.labels != -100)
+    with torch.no_grad():
+        inputs = {"input_ids": torch.as_tensor(windows.input_ids),
+                  "attention_mask": torch.as_tensor(windows.attention_mask)}
+        p = torch.log_softmax(base(**inputs).logits.double(), -1)[chosen]
+        q = torch.log_softmax(subj(**inputs).logits.double(), -1)[chosen]
+    assert s.distribution.kld.shape == (int(chosen.sum()),)
+    np.testing.assert_allclose(s.distribution.kld, (p.exp() * (p - q)).sum(-1).numpy(),
+                               rtol=2e-4, atol=1e-6)
+    np.testing.assert_array_equal(s.distribution.same_top,
+                                  (p.argmax(-1) == q.argmax(-1)).numpy())
