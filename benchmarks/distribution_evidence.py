@@ -65,16 +65,16 @@ def _pass(base, subject, windows, on: bool):
     start = time.perf_counter()
     b = evaluate_windows(base, windows, kind="ppl_causal", device="cpu",
                          distribution=distribution.TOP_K if on else None)
+    middle = time.perf_counter()
     s = evaluate_windows(subject, windows, kind="ppl_causal", device="cpu",
                          distribution=b.distribution if on else None)
-    return time.perf_counter() - start, b, s
+    return (middle - start, time.perf_counter() - middle), b, s
 
 
 def child(mode: str, args: argparse.Namespace) -> None:
     """One mode in its own process (for its peak RSS): one pass."""
     base, subject, windows = _setup(args.windows, args.seq_len)
-    seconds, _, _ = _pass(base, subject, windows, mode == "on")
-    print(json.dumps({"seconds": seconds}))
+    _pass(base, subject, windows, mode == "on")
 
 
 def main() -> None:
@@ -82,31 +82,37 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default)")
     parser.add_argument("--child", choices=("on", "off"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         child(args.child, args)
         return
-    import torch
-
     from invarlock import distribution
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     base, subject, windows = _setup(args.windows, args.seq_len)
     _pass(base, subject, windows, True)  # warm-up: first-touch allocations, kernels
-    times: dict[str, list[float]] = {"off": [], "on": []}
+    times: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
     for _ in range(args.repeats):
         for mode in ("off", "on"):
             seconds, b, s = _pass(base, subject, windows, mode == "on")
             times[mode].append(seconds)
-    off, on = statistics.median(times["off"]), statistics.median(times["on"])
     tokens = int(b.tokens.sum())
     print(f"demo model (GPT-2, vocabulary {base.config.vocab_size:,}) vs its 4-bit RTN copy, "
-          f"{args.windows} windows x {args.seq_len} tokens, CPU ({os.cpu_count()} visible), "
-          f"median of {args.repeats} alternating passes (baseline + subject)")
-    print(f"  distribution evidence off  {off:.2f} s  ({2 * tokens / off:,.0f} tokens/s)")
-    print(f"  distribution evidence on   {on:.2f} s  ({2 * tokens / on:,.0f} tokens/s)")
-    print(f"  extra wall time            {100 * (on / off - 1):+.1f}%")
+          f"{args.windows} windows x {args.seq_len} tokens, CPU ({os.cpu_count()} visible, "
+          f"{torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.1f}), median "
+          f"of {args.repeats} alternating rounds")
+    print("                               evidence off   evidence on   extra")
+    for i, part in enumerate(("baseline (capture, cached)", "subject (compare, each run)",
+                              "both")):
+        off = statistics.median(sum(t) if i == 2 else t[i] for t in times["off"])
+        on = statistics.median(sum(t) if i == 2 else t[i] for t in times["on"])
+        print(f"  {part:<28} {off:8.2f} s    {on:8.2f} s   {100 * (on / off - 1):+5.1f}%")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for mode in ("off", "on"):
         run = run_child([sys.executable, __file__, "--child", mode, "--windows",
