@@ -332,3 +332,36 @@ def test_masked_lm_is_compared_at_its_masked_positions(tiny_bert_dir):
                                rtol=2e-4, atol=1e-6)
     np.testing.assert_array_equal(s.distribution.same_top,
                                   (p.argmax(-1) == q.argmax(-1)).numpy())
+
+
+# --- the baseline cache's distribution fields ------------------------------------------------
+
+def test_cache_payload_round_trips_the_compact_form_and_rejects_a_mismatch():
+    from invarlock import cache
+    from invarlock.evaluate import WindowScores
+
+    rng = np.random.default_rng(0)
+
+    def scores(ids):
+        tokens = np.array([3, 2], dtype=np.int64)
+        compact = dist.CompactDistribution(
+            np.asarray(ids), tokens, rng.integers(0, 100, (5, 4)).astype(np.int32),
+            rng.normal(-3, 1, (5, 4)).astype(np.float32), np.full(5, -2, np.float32),
+            np.full(5, -1, np.float32))
+        return WindowScores("ppl_causal", np.asarray(ids), ("a" * 64,) * 2, tokens,
+                            np.array([1.0, 2.0]), 0, 0.0, ("b" * 64,) * 2, compact)
+
+    sets = {"preview": scores([1, 2]), "final": scores([3, 4])}
+    payload = json.loads(json.dumps({**cache.scores_to_payload(sets, 10), "guards": {}}))
+    assert cache.payload_problem(payload) is None
+    back, _ = cache.scores_from_payload(payload)
+    np.testing.assert_array_equal(back["final"].distribution.top_logp,
+                                  sets["final"].distribution.top_logp)
+    payload["distribution"]["final"]["tokens"] = [2, 3]
+    assert "token counts differ" in cache.payload_problem(payload)
+    payload["distribution"]["final"] = {"k": 4}
+    assert cache.payload_problem(payload).startswith("distribution.final")
+    # an entry of a classifier (or an older one) holds none: the sets carry None
+    del payload["distribution"]
+    back, _ = cache.scores_from_payload(payload)
+    assert back["preview"].distribution is None
