@@ -4,8 +4,9 @@ Scores the bundled demo model (the baseline) and its 4-bit round-to-nearest copy
 subject) on windows of the demo corpus, with distribution evidence off (per-window NLL only)
 and on (the baseline keeps its top-k log-probabilities per scored token, the subject is
 compared with them), in alternation so that both modes see the same machine load. Prints the
-median wall time of a baseline + subject pass per mode, the extra time, the peak RSS of each
-mode (each in its own process), the compact form's size and the evidence itself.
+fastest of the repeats per mode and part (on a shared machine the least disturbed run; the
+median follows load spikes), the extra time, the peak RSS of each mode (each in its own
+process), the compact form's size and the evidence itself.
 
     python benchmarks/distribution_evidence.py [--windows 64] [--seq-len 256] [--repeats 5]
 """
@@ -17,7 +18,6 @@ import copy
 import gzip
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default)")
     parser.add_argument("--child", choices=("on", "off"), help=argparse.SUPPRESS)
@@ -105,13 +105,13 @@ def main() -> None:
     tokens = int(b.tokens.sum())
     print(f"demo model (GPT-2, vocabulary {base.config.vocab_size:,}) vs its 4-bit RTN copy, "
           f"{args.windows} windows x {args.seq_len} tokens, CPU ({os.cpu_count()} visible, "
-          f"{torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.1f}), median "
+          f"{torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.1f}), fastest "
           f"of {args.repeats} alternating rounds")
     print("                               evidence off   evidence on   extra")
     for i, part in enumerate(("baseline (capture, cached)", "subject (compare, each run)",
                               "both")):
-        off = statistics.median(sum(t) if i == 2 else t[i] for t in times["off"])
-        on = statistics.median(sum(t) if i == 2 else t[i] for t in times["on"])
+        off = min(sum(t) if i == 2 else t[i] for t in times["off"])
+        on = min(sum(t) if i == 2 else t[i] for t in times["on"])
         print(f"  {part:<28} {off:8.2f} s    {on:8.2f} s   {100 * (on / off - 1):+5.1f}%")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for mode in ("off", "on"):
