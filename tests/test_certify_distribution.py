@@ -68,6 +68,19 @@ def test_the_html_report_plots_the_kld_distribution(runs):
     assert "Same top p" in section and "Monitor-only" in section
 
 
+def test_the_pr_comment_carries_the_distribution_section(runs):
+    from invarlock.enums import Verdict
+    from invarlock.github import render
+    from invarlock.github.outcome import Outcome
+    from tests.github.golden_cases import LINKS
+
+    (cold, _), _ = runs
+    outcome = Outcome(0, Verdict(cold["verdict"]["status"]), cold, None, None)
+    parts = render.sections(render.Report("InvarLock", outcome, LINKS))
+    shown = [p for p in parts if p.startswith("#### Distribution evidence")]
+    assert len(shown) == 1 and "| Same top p |" in shown[0]
+
+
 def _reseal(cert: dict) -> dict:
     body = {k: v for k, v in cert.items() if k != "digest"}
     return {**body, "digest": document.content_digest(body)}
