@@ -412,7 +412,7 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
         cached = None
     top_k = None if inputs.kind is MetricKind.ACCURACY else distribution.TOP_K
     if cached is not None and top_k is not None and any(
-            s.distribution is None or s.distribution.k != top_k for s in cached[0].values()):
+            s.distribution is None for s in cached[0].values()):
         log.info("baseline cache entry lacks the distribution evidence; evaluating the baseline")
         cached = None
     model = None
@@ -711,7 +711,7 @@ def _certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvid
         guards={o.name: o.section for o in subject.outcomes}, match=judgement.match,
         primary=judgement.primary, evidence=judgement.evidence, decision=judgement.decision,
         artifacts=artifacts, timings=timings,
-        distribution=_distribution_section(inputs, subject),
+        distribution=_distribution_section(inputs, baseline, subject),
         reference=provenance.record(req.reference,
                                     baseline_digest=baseline.cache_key.weights_digest,
                                     dataset_digest=plan.corpus.digest,
@@ -742,7 +742,8 @@ def _score(inputs: RunInputs, req: CertifyRequest, timer: _Timer, model: Any,
     return scores
 
 
-def _distribution_section(inputs: RunInputs, subject: SubjectEvidence) -> dict[str, Any] | None:
+def _distribution_section(inputs: RunInputs, baseline: BaselineEvidence,
+                          subject: SubjectEvidence) -> dict[str, Any] | None:
     """The subject's distribution evidence on the set the primary metric rests on (the final
     set, or the preview when the final was not evaluated); None when there is none."""
     name = "final" if subject.sets["final"] is not None else "preview"
@@ -753,7 +754,7 @@ def _distribution_section(inputs: RunInputs, subject: SubjectEvidence) -> dict[s
         return None
     boot = inputs.policy.bootstrap
     return distribution.summarize(
-        comparison, set_name=name, top_k=distribution.TOP_K,
+        comparison, set_name=name, top_k=baseline.sets[name].distribution.k,
         limits=distribution.Limits.from_policy(inputs.policy.values.get("distribution")),
         replicates=boot.replicates, seed=boot.seed, alpha=boot.alpha)
 
