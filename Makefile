@@ -48,6 +48,7 @@ bench: smollm2
 	$(BIN)/python benchmarks/certify_smollm2.py --model $(SMOLLM2_DIR) --guards-off
 	$(BIN)/python benchmarks/chunked_scoring.py
 	$(BIN)/python benchmarks/digests.py --model $(SMOLLM2_DIR)
+	$(BIN)/python benchmarks/distribution_evidence.py
 
 image-test:
 	scripts/image_test.sh

@@ -14,6 +14,10 @@ each entry also carries an HMAC-SHA256 over its canonical content, keyed by the 
 entry's trust namespace; an entry whose HMAC is missing or wrong is ignored like a corrupt
 one. Namespaces (`trusted`, `untrusted`) are separate folders with separate keys, so results
 computed for a fork are never read by a trusted run, even when copied across.
+
+A language model's entry also holds the baseline's compact next-token distribution per set
+(`distribution`: top-k log-probabilities per scored token, as base64 arrays), so a cached
+baseline still gives the subject's KL divergence; an entry without it is evaluated again.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from invarlock import atomic
+from invarlock.distribution import CompactDistribution
 from invarlock.enums import StrEnum
 from invarlock.errors import InputError
 
@@ -60,6 +65,9 @@ PAYLOAD_SCHEMA: dict[str, Any] = {
         "sets": {"type": "object", "required": ["preview", "final"],
                  "properties": {"preview": _WINDOW_SET, "final": _WINDOW_SET}},
         "guards": {"type": "object"},
+        "distribution": {"type": "object", "required": ["preview", "final"],
+                         "properties": {"preview": {"type": "object"},
+                                        "final": {"type": "object"}}},
     },
 }
 _reported: set[str] = set()  # entries already warned about in this process
@@ -240,6 +248,14 @@ def payload_problem(payload: Any) -> str | None:
             return f"sets.{name}: per-window arrays of different lengths"
         if not all(math.isfinite(v) for v in s["values"]):
             return f"sets.{name}.values: a non-finite value"
+        if "distribution" in payload:
+            try:
+                compact = CompactDistribution.from_json(payload["distribution"][name])
+            except (KeyError, TypeError, ValueError) as exc:
+                return f"distribution.{name}: {exc}"[:200]
+            if (compact.window_ids.tolist() != s["window_ids"]
+                    or compact.tokens.tolist() != s["tokens"]):
+                return f"distribution.{name}: windows or token counts differ from the set's"
     return None
 
 
@@ -261,16 +277,22 @@ class CachedScores:
     values: np.ndarray
     fed_sha256: tuple[str, ...]  # hashes of the tensors the baseline was fed (pairing)
     nonfinite_windows: int = 0
+    distribution: CompactDistribution | None = None  # language models: compact next-token
 
 
 def scores_to_payload(sets: dict[str, Any], parameters: int) -> dict[str, Any]:
-    """The JSON form of the baseline's preview/final results."""
-    return {"parameters": parameters,
-            "sets": {name: {"window_ids": [int(i) for i in s.window_ids],
-                            "sha256": list(s.sha256), "fed_sha256": list(s.fed_sha256),
-                            "tokens": [int(n) for n in s.tokens],
-                            "values": [float(v) for v in s.values]}
-                     for name, s in sets.items()}}
+    """The JSON form of the baseline's preview/final results (and compact distributions)."""
+    payload: dict[str, Any] = {
+        "parameters": parameters,
+        "sets": {name: {"window_ids": [int(i) for i in s.window_ids],
+                        "sha256": list(s.sha256), "fed_sha256": list(s.fed_sha256),
+                        "tokens": [int(n) for n in s.tokens],
+                        "values": [float(v) for v in s.values]}
+                 for name, s in sets.items()}}
+    compact = {name: getattr(s, "distribution", None) for name, s in sets.items()}
+    if all(isinstance(c, CompactDistribution) for c in compact.values()):
+        payload["distribution"] = {name: c.to_json() for name, c in compact.items()}
+    return payload
 
 
 def scores_from_payload(payload: dict[str, Any] | None,
@@ -279,11 +301,14 @@ def scores_from_payload(payload: dict[str, Any] | None,
     if payload is None:
         return None
     try:
+        dist = payload.get("distribution")
         sets = {name: CachedScores(np.asarray(p["window_ids"], dtype=np.int64),
                                    tuple(p["sha256"]),
                                    np.asarray(p["tokens"], dtype=np.int64),
                                    np.asarray(p["values"], dtype=np.float64),
-                                   tuple(p["fed_sha256"]))
+                                   tuple(p["fed_sha256"]),
+                                   distribution=None if dist is None
+                                   else CompactDistribution.from_json(dist[name]))
                 for name in ("preview", "final") for p in [payload["sets"][name]]}
         return sets, int(payload["parameters"])
     except (KeyError, TypeError, ValueError):

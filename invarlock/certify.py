@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from invarlock import __version__, gate, outdir, provenance
+from invarlock import __version__, distribution, gate, outdir, provenance
 from invarlock.cache import BaselineCache, CacheKey, scores_from_payload, scores_to_payload
 from invarlock.certificate import build, document, markdown
 from invarlock.data.corpus import Corpus, DatasetSource, load_corpus
@@ -414,6 +414,11 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
     if cached is not None and not guards.restore(hit.payload.get("guards")):
         log.info("baseline cache entry lacks these guard settings; evaluating the baseline")
         cached = None
+    top_k = None if inputs.kind is MetricKind.ACCURACY else distribution.TOP_K
+    if cached is not None and top_k is not None and any(
+            s.distribution is None for s in cached[0].values()):
+        log.info("baseline cache entry lacks the distribution evidence; evaluating the baseline")
+        cached = None
     model = None
     cache_digest = None
     if cached is not None and hit is not None:
@@ -431,7 +436,7 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
             check_baseline_weights(model.model)
             guards.baseline_loaded(model.model)
         sets = {name: _score(inputs, req, timer, model.model, getattr(plan.windows, name),
-                             "baseline", guards.taps(model.model, "baseline", name))
+                             "baseline", guards.taps(model.model, "baseline", name), top_k)
                 for name in WINDOW_SETS}
         broken = sum(s.nonfinite_windows for s in sets.values())
         if broken:
@@ -561,7 +566,8 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
 
     try:
         preview = _score(inputs, req, timer, model, plan.windows.preview, "subject",
-                         guards.taps(model, "subject", "preview"))
+                         guards.taps(model, "subject", "preview"),
+                         baseline.sets["preview"].distribution)
     except InputError as exc:
         if intact:
             raise
@@ -580,7 +586,8 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
         log.warning("preview ratio beyond the catastrophic limit: final set not evaluated")
     else:
         final = _score(inputs, req, timer, model, plan.windows.final, "subject",
-                       guards.taps(model, "subject", "final"))
+                       guards.taps(model, "subject", "final"),
+                       baseline.sets["final"].distribution)
     ctx.scores = {"preview": preview, "final": final}
     with loading.weights_on_host(model):
         outcomes = guards.finish(ctx)
@@ -709,6 +716,7 @@ def _certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvid
         guards={o.name: o.section for o in subject.outcomes}, match=judgement.match,
         primary=judgement.primary, evidence=judgement.evidence, decision=judgement.decision,
         artifacts=artifacts, timings=timings,
+        distribution=_distribution_section(inputs, baseline, subject),
         reference=provenance.record(req.reference,
                                     baseline_digest=baseline.cache_key.weights_digest,
                                     dataset_digest=plan.corpus.digest,
@@ -726,7 +734,7 @@ def _guard_run(inputs: RunInputs, plan: EvaluationPlan) -> Any:
 
 
 def _score(inputs: RunInputs, req: CertifyRequest, timer: _Timer, model: Any,
-           windows: WindowSet, label: str, taps: Any = None) -> Any:
+           windows: WindowSet, label: str, taps: Any = None, dist: Any = None) -> Any:
     from invarlock import evaluate
     from invarlock.models.device import keep_heap_warm
 
@@ -734,9 +742,26 @@ def _score(inputs: RunInputs, req: CertifyRequest, timer: _Timer, model: Any,
     keep_heap_warm()
     scores = evaluate.evaluate_windows(model, windows, kind=inputs.kind, device=inputs.device,
                                        batch_size=req.batch_size, taps=taps or None,
-                                       progress=req.progress)
+                                       progress=req.progress, distribution=dist)
     timer.add(f"{label}_eval_s", t0)
     return scores
+
+
+def _distribution_section(inputs: RunInputs, baseline: BaselineEvidence,
+                          subject: SubjectEvidence) -> dict[str, Any] | None:
+    """The subject's distribution evidence on the set the primary metric rests on (the final
+    set, or the preview when the final was not evaluated); None when there is none."""
+    name = "final" if subject.sets["final"] is not None else "preview"
+    scores = subject.sets[name]
+    comparison = getattr(scores, "distribution", None)
+    if not isinstance(comparison, distribution.TokenComparison) or scores.nonfinite_windows \
+            or comparison.kld.size == 0:
+        return None
+    boot = inputs.policy.bootstrap
+    return distribution.summarize(
+        comparison, set_name=name, top_k=baseline.sets[name].distribution.k,
+        limits=distribution.Limits.from_policy(inputs.policy.values.get("distribution")),
+        replicates=boot.replicates, seed=boot.seed, alpha=boot.alpha)
 
 
 def _unscored(base: Any, kind: MetricKind) -> Any:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from invarlock import __version__, gate
+from invarlock import __version__, distribution, gate
 from invarlock.certificate.document import content_digest, schema_errors
 from invarlock.config import flatten
 from invarlock.enums import AdapterKind, MetricKind
@@ -109,6 +109,7 @@ def verify_certificate(cert: Mapping[str, Any],
         arrays = _check_arrays(cert, found)
         if arrays is not None:
             _recompute(cert, policy, arrays, found)
+        _recheck_distribution(cert, policy, found)
     _check_formats(cert, found)
     if reference is not None:
         found.checked.append("baseline evidence")
@@ -406,6 +407,49 @@ def _recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
         decision = gate.decide(checks, expected_gating)
     found.compare("validation", cert["validation"], decision.validation)
     found.compare("verdict", cert["verdict"], decision.verdict_section())
+
+
+def _recheck_distribution(cert: Mapping[str, Any], policy: ResolvedPolicy,
+                          found: _Findings) -> None:
+    """Means, intervals, RMS Δp and limit checks of the distribution evidence, recomputed
+    from its per-window sums; percentiles need every token and are not recomputed."""
+    d = cert.get("distribution")
+    if not d:
+        return
+    found.checked.append("distribution")
+    where = "distribution"
+    expected_set = "final" if cert["pairing"].get("final_evaluated") else "preview"
+    if d["set"] != expected_set:
+        found.differ(f"{where}.set", f"{d['set']!r}, but the primary metric rests on the "
+                                     f"{expected_set} set")
+    windows = cert["windows"][expected_set]
+    per_window = d["windows"]
+    if per_window["ids"] != windows["ids"] or per_window["tokens"] != windows["tokens"]:
+        found.differ(f"{where}.windows", f"ids or token counts differ from windows."
+                                         f"{expected_set}")
+        return
+    lengths = {len(per_window[f]) for f in ("ids", *distribution.WINDOW_FIELDS)}
+    if len(lengths) != 1:
+        found.differ(f"{where}.windows", "per-window arrays of different lengths")
+        return
+    boot = policy.bootstrap
+    found.compare(f"{where}.bootstrap", d["bootstrap"],
+                  {"replicates": boot.replicates, "seed": boot.seed, "alpha": boot.alpha})
+    try:
+        core = distribution.recomputable(distribution.WindowDistribution.from_dict(per_window),
+                                         replicates=boot.replicates, seed=boot.seed,
+                                         alpha=boot.alpha)
+    except ValueError as exc:
+        found.differ(where, f"cannot be recomputed from the stored windows: {exc}")
+        return
+    found.compare(where, {k: d[k] for k in core}, core)
+    hist = d["histogram"]
+    if sum(hist["counts"]) + hist["below"] + hist["above"] != d["tokens"]:
+        found.differ(f"{where}.histogram", "counts do not add up to the tokens")
+    limits = distribution.Limits.from_policy(policy.values.get("distribution"))
+    found.compare(f"{where}.limits", d["limits"],
+                  {"kld_mean_max": limits.kld_mean_max, "same_top_p_min": limits.same_top_p_min})
+    found.compare(f"{where}.checks", d["checks"], distribution.checks(core, limits))
 
 
 def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy,

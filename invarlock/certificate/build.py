@@ -40,13 +40,15 @@ def build_certificate(*, run_id: str, environment: dict[str, Any], policy: Resol
                       match: float, primary: PrimaryMetricResult, evidence: Evidence,
                       decision: Decision, artifacts: dict[str, str | None],
                       timings: dict[str, float],
-                      reference: dict[str, Any] | None = None) -> dict[str, Any]:
+                      reference: dict[str, Any] | None = None,
+                      distribution: dict[str, Any] | None = None) -> dict[str, Any]:
     """The certificate's content (unsealed): every section the schema describes.
 
     `tokenizer` is the loaded baseline tokenizer (its class and vocabulary are recorded);
     `match` is the share of windows both models were fed exactly as planned; `primary`,
     `evidence` and `decision` are the gate's results the verdict rests on; `reference`
-    (invarlock.provenance.record) says where the baseline, data, presets and policy came from.
+    (invarlock.provenance.record) says where the baseline, data, presets and policy came from;
+    `distribution` (invarlock.distribution.summarize) is the subject's distribution evidence.
     """
     wp = policy.windows
     return {
@@ -81,6 +83,7 @@ def build_certificate(*, run_id: str, environment: dict[str, Any], policy: Resol
         "artifacts": {"markdown": MARKDOWN_FILENAME, **artifacts},
         "timings": timings,
         **({"reference": reference} if reference is not None else {}),
+        **({"distribution": distribution} if distribution is not None else {}),
     }
 
 

@@ -38,6 +38,7 @@ def render(cert: dict[str, Any]) -> str:
         "",
         _interval_line(cert),
         "",
+        *distribution_lines(cert),
         *guard_findings(cert),
         "## Models and data",
         "",
@@ -159,6 +160,43 @@ def _interval_line(cert: dict[str, Any]) -> str:
             f"{_t(boot['replicates'])} replicates, seed {_t(boot['seed'])}, "
             f"α = {_t(boot['alpha'])}; drift final/preview "
             f"{'—' if drift is None else f'{drift:.4f}'}.")
+
+
+_KLD_ROWS = (("median", "Median KLD"), ("p90", "90.0% KLD"), ("p95", "95.0% KLD"),
+             ("p99", "99.0% KLD"), ("p99_9", "99.9% KLD"), ("max", "Maximum KLD"))
+_DP_ROWS = (("max", "Maximum Δp"), ("p99", "99.0% Δp"), ("p95", "95.0% Δp"),
+            ("median", "Median Δp"), ("p5", "5.0% Δp"), ("p1", "1.0% Δp"),
+            ("min", "Minimum Δp"))
+
+
+def distribution_lines(cert: dict[str, Any], level: int = 2) -> list[str]:
+    """The distribution evidence as llama.cpp's `--kl-divergence` prints it, with the
+    intervals over windows; nothing when the certificate has none."""
+    d = cert.get("distribution")
+    if not d:
+        return []
+
+    def ci(x: dict[str, Any], scale: float = 1.0, digits: int = 6, unit: str = "") -> str:
+        return (f"{x['estimate'] * scale:.{digits}f}{unit} (CI {x['low'] * scale:.{digits}f} "
+                f"to {x['high'] * scale:.{digits}f}{unit})")
+
+    rows = ["| Statistic | Value |", "|---|---:|",
+            f"| Mean KLD | {ci(d['kld_mean'])} |",
+            *[f"| {label} | {d['kld'][key]:.6f} |" for key, label in _KLD_ROWS],
+            f"| Mean KLD (subject ‖ baseline) | {d['kld_reverse_mean']:.6f} |",
+            f"| Same top p | {ci(d['same_top_p'], 100.0, 3, '%')} |",
+            f"| Mean Δp | {d['delta_p_mean'] * 100:+.3f}% |",
+            *[f"| {label} | {d['delta_p'][key] * 100:+.3f}% |" for key, label in _DP_ROWS],
+            f"| RMS Δp | {d['delta_p_rms'] * 100:.3f}% |"]
+    checks = [c for c in d["checks"] if c["status"] != "monitor"]
+    limits = ("Monitor-only: no tier limit is calibrated for mean KLD or same top p."
+              if not checks else "; ".join(
+                  f"{_code(c['name'])} bound {c['bound']:.6f} against limit {c['limit']:.6f}: "
+                  f"{_t(c['status'])}" for c in checks) + " (recorded, not gating).")
+    return ["#" * level + " Distribution evidence", "",
+            f"KLD = KL(baseline ‖ subject) per scored token, nats, on the {_t(d['set'])} set "
+            f"({d['tokens']:,} tokens; the baseline's top {d['top_k']} log-probabilities per "
+            f"token); intervals: BCa over windows. {limits}", "", *rows, ""]
 
 
 MAX_FINDINGS = 10

@@ -191,6 +191,8 @@ def sections(report: Report) -> list[str]:
         *([chart] if chart else []),
         "#### Gates\n\n" + cert_md.gates_table(cert),
         "#### Primary metric\n\n" + cert_md.metric_table(cert),
+        *(["\n".join(cert_md.distribution_lines(cert, level=4)).rstrip()]
+          if cert.get("distribution") else []),
         guard_findings(cert),
         "#### Per-window deltas\n\n" + delta_chart(cert),
         "<details><summary>Models, data and provenance</summary>\n\n"

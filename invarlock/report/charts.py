@@ -1,4 +1,4 @@
-"""Inline SVG charts for the HTML report: an interval plot, a histogram, a bar chart.
+"""Inline SVG charts for the HTML report: an interval plot, histograms, a bar chart.
 
 Pure functions from numbers to SVG text (no I/O, no scripts, no external resources), so the
 report stays one self-contained file that renders the same everywhere, printed included.
@@ -171,6 +171,49 @@ def histogram(values: Sequence[float], *, label: str, x_label: str, bins: int = 
         body.append(_text(x, bottom + 17, _fmt(tick), size=11, colour=MUTED))
     for value, name in marks:
         x = scale(value)
+        body.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" '
+                    f'stroke="{INK}" stroke-dasharray="4 3"/>')
+        body.append(_text(x + 4, top + 10, name, anchor="start", size=11))
+    body.append(_text((left + right) / 2, height - 8, x_label, size=12, colour=MUTED))
+    return _svg(width, height, body, label)
+
+
+def log_histogram(edges: Sequence[float], counts: Sequence[int], *, label: str, x_label: str,
+                  marks: Sequence[tuple[float, str]] = ()) -> str:
+    """Counts already binned on log10 edges (e.g. per-token KL divergence), drawn on a log
+    axis with ticks at powers of ten; marks are values (not logs), drawn when positive."""
+    width, height = 720, 220
+    left, right, top, bottom = 50, width - 20, 20, height - 45
+    if len(edges) != len(counts) + 1 or not any(counts):
+        return _svg(width, 60, [_text(width / 2, 35, "no values in range", colour=MUTED)],
+                    label)
+    lo, hi = float(edges[0]), float(edges[-1])
+    scale = Scale(lo, hi, left, right)
+    peak = max(int(c) for c in counts) or 1
+    body = [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="{MUTED}"/>']
+    for tick in nice_ticks(0, peak, 4):
+        y = bottom - tick / peak * (bottom - top)
+        body.append(f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" '
+                    f'stroke="{GRID}" stroke-width="0.5"/>')
+        body.append(_text(left - 6, y + 4, f"{tick:g}", anchor="end", size=11, colour=MUTED))
+    for count, a, b in zip(counts, edges[:-1], edges[1:], strict=True):
+        if not count:
+            continue
+        x0, x1 = scale(a), scale(b)
+        h = int(count) / peak * (bottom - top)
+        body.append(f'<rect x="{x0 + 0.5:.1f}" y="{bottom - h:.1f}" '
+                    f'width="{max(x1 - x0 - 1, 1):.1f}" height="{h:.1f}" fill="#0969da" '
+                    f'fill-opacity="0.7">'
+                    f"<title>{_fmt(10 ** a)} to {_fmt(10 ** b)}: {int(count)}</title></rect>")
+    for power in range(math.ceil(lo), math.floor(hi) + 1):
+        x = scale(power)
+        body.append(f'<line x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 4}" '
+                    f'stroke="{MUTED}"/>')
+        body.append(_text(x, bottom + 17, f"1e{power}", size=11, colour=MUTED))
+    for value, name in marks:
+        if not (math.isfinite(value) and value > 0):
+            continue
+        x = scale(min(max(math.log10(value), lo), hi))
         body.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" '
                     f'stroke="{INK}" stroke-dasharray="4 3"/>')
         body.append(_text(x + 4, top + 10, name, anchor="start", size=11))

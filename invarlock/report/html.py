@@ -66,6 +66,8 @@ def render(cert: Mapping[str, Any], verification: VerifyReport) -> str:
         _verification(verification),
         _section("Primary metric", _primary(cert)),
         _section("Per-window differences", _histogram(cert)),
+        *([_section("Distribution evidence", _distribution(cert))]
+          if cert.get("distribution") else []),
         _section("Gates", _gates(cert)),
         _section("Guards", _guards(cert)),
         _section("Policy", _policy(cert)),
@@ -213,6 +215,24 @@ def _histogram(cert: Mapping[str, Any]) -> str:
     worse = sum(1 for d in deltas if d > 0)
     return (f"<figure>{svg}<figcaption>{len(deltas)} {name} windows; {worse} where the subject "
             f"is worse than the baseline.</figcaption></figure>")
+
+
+def _distribution(cert: Mapping[str, Any]) -> str:
+    """Per-token KL divergence as a log-scale histogram, then llama.cpp's statistics."""
+    d = cert["distribution"]
+    hist = d["histogram"]
+    svg = charts.log_histogram(
+        hist["log10_edges"], hist["counts"],
+        label=f"Histogram of per-token KL divergence, {d['set']} set",
+        x_label="KL(baseline ‖ subject) per token (nats, log scale)",
+        marks=[(d["kld_mean"]["estimate"], "mean"), (d["kld"]["p99"], "99%")])
+    outside = (f" {hist['below']} tokens below 1e{hist['log10_edges'][0]:g} (identical "
+               f"included) and {hist['above']} above 1e{hist['log10_edges'][-1]:g} are not "
+               "drawn." if hist["below"] or hist["above"] else "")
+    lines = md.distribution_lines(dict(cert))
+    return (f"<figure>{svg}<figcaption>{d['tokens']} scored tokens of the {escape(d['set'])} "
+            f"set.{escape(outside)}</figcaption></figure>"
+            f"<p>{escape(md.as_text(lines[2]))}</p>" + _md_table("\n".join(lines)))
 
 
 def _mark(ok: Any) -> str:
