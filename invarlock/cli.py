@@ -211,6 +211,9 @@ Examples:
 @click.option("--allow-underpowered", is_flag=True, default=None,
               help="Run below the ci/release evidence floor; the certificate records "
                    "evidence_meets_profile: false (a gating flag in release).")
+@click.option("--sequential/--no-sequential", default=None,
+              help="Stop the final set as soon as a look decides (default: on in dev and ci, "
+                   "off in release).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the certificate (default: runs/<run id>).")
 @click.option("--save-subject", type=click.Path(file_okay=False, path_type=Path),
@@ -351,6 +354,8 @@ def _human_summary(s: dict[str, Any]) -> str:
         number = "catastrophic preview, final set not evaluated"
     else:
         number = "final set not evaluated"
+    if s.get("sequential"):
+        number += f"; {s['sequential']}"
     lines = [f"{s['verdict']}: {number}"]
     if s["verdict"] == "FAIL":
         lines += [f"  - {r}" for r in s["reasons"]]

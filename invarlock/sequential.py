@@ -190,12 +190,12 @@ class Design:
     @property
     def alpha_boundary(self) -> float:
         """One-sided level of each boundary (PASS side, FAIL side)."""
-        return self.alpha * self.share / 2.0
+        return round(self.alpha * self.share / 2.0, 12)
 
     @property
     def alpha_fixed(self) -> float:
         """Two-sided level of the fixed-design interval at the maximum."""
-        return self.alpha * (1.0 - self.share)
+        return round(self.alpha * (1.0 - self.share), 12)
 
     @property
     def looks(self) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
     floor = evidence_floor(profile)
     underpowered = floor.below_floor == "refuse" and (
         n < floor.final_n or replicates < floor.replicates or floor.seq_len > 128)
-    policy = resolve({"auto": {"tier": tier, "profile": profile,
+    policy = resolve({"auto": {"tier": tier, "profile": profile, "sequential": False,
                                "allow_underpowered": underpowered},
                       "dataset": {"preview_n": n, "final_n": n, "seq_len": 128},
                       "eval": {"bootstrap": {"replicates": replicates}}})

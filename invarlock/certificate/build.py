@@ -40,7 +40,8 @@ def build_certificate(*, run_id: str, environment: dict[str, Any], policy: Resol
                       match: float, primary: PrimaryMetricResult, evidence: Evidence,
                       decision: Decision, artifacts: dict[str, str | None],
                       timings: dict[str, float],
-                      reference: dict[str, Any] | None = None) -> dict[str, Any]:
+                      reference: dict[str, Any] | None = None,
+                      sequential: dict[str, Any] | None = None) -> dict[str, Any]:
     """The certificate's content (unsealed): every section the schema describes.
 
     `tokenizer` is the loaded baseline tokenizer (its class and vocabulary are recorded);
@@ -80,6 +81,7 @@ def build_certificate(*, run_id: str, environment: dict[str, Any], policy: Resol
         "artifacts": {"markdown": MARKDOWN_FILENAME, **artifacts},
         "timings": timings,
         **({"reference": reference} if reference is not None else {}),
+        **({"sequential": sequential} if sequential is not None else {}),
     }
 
 
