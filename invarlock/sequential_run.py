@@ -186,8 +186,8 @@ def concatenate(parts: list[Any]) -> Any:
 
 
 def head_scores(scores: Any, n: int) -> Any:
-    """The first `n` windows of one model's WindowScores (the baseline's, for pairing)."""
-    if scores.n == n:
+    """The first `n` windows of one model's results (WindowScores, or the cache's copy)."""
+    if len(scores.window_ids) == n:
         return scores
     return dataclasses.replace(
         scores, window_ids=scores.window_ids[:n], sha256=tuple(scores.sha256[:n]),

@@ -179,3 +179,14 @@ def test_the_fixed_interval_runs_at_the_alpha_the_sequence_left():
     boot = resolve({"auto": {"profile": "ci"}}).bootstrap
     assert sr.fixed_bootstrap(boot, DESIGN).alpha == pytest.approx(0.04)
     assert sr.fixed_bootstrap(boot, None) is boot
+
+
+def test_the_baselines_cached_results_are_cut_to_the_windows_evaluated():
+    from invarlock.cache import CachedScores
+
+    cached = CachedScores(window_ids=np.arange(5), sha256=tuple("abcde"),
+                          tokens=np.full(5, T), values=np.arange(5.0),
+                          fed_sha256=tuple("abcde"))
+    head = sr.head_scores(cached, 3)
+    assert list(head.window_ids) == [0, 1, 2] and head.fed_sha256 == ("a", "b", "c")
+    assert sr.head_scores(cached, 5) is cached
