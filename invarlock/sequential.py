@@ -30,8 +30,9 @@ bounded by α.
 The guarantee is asymptotic: σ̂_t stands in for σ. Symmetric heavy tails (Student t, 3 degrees
 of freedom) keep the false-pass rate under α from 25 windows on, but strong right skew does not
 at small t (a lognormal with σ = 1 passes at the limit 16% of the time with n_min = 25), and
-damage confined to a few percent of the windows cannot be seen before those windows are:
-`n_min` is the design's answer to both and must be sized for the data it is used on.
+damage confined to a few percent of the windows cannot be seen before those windows are.
+`Design` answers both with `n_min` and a floor on σ̂ from an independent sample (the preview
+set): with it, both cases stay under α in simulation (tests/test_sequential_design.py).
 """
 
 from __future__ import annotations
