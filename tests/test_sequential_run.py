@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +191,36 @@ def test_the_baselines_cached_results_are_cut_to_the_windows_evaluated():
     head = sr.head_scores(cached, 3)
     assert list(head.window_ids) == [0, 1, 2] and head.fed_sha256 == ("a", "b", "c")
     assert sr.head_scores(cached, 5) is cached
+
+
+def test_several_subjects_each_stop_on_their_own_and_every_certificate_verifies(
+        tiny_gpt2_dir, sonnets_path, tmp_path):
+    """One baseline evaluation serves subjects whose sequences stop at different looks."""
+    import json
+
+    from click.testing import CliRunner
+
+    from invarlock.certificate import document
+    from invarlock.cli import main
+    from invarlock.verify import verify_certificate
+    from tests.test_certify_cli import _scaled_copy
+
+    same = __import__("shutil").copytree(tiny_gpt2_dir, tmp_path / "same")
+    broken = _scaled_copy(tiny_gpt2_dir, tmp_path / "broken", 1.3)
+    preset = tmp_path / "seq.yaml"
+    preset.write_text("dataset: {seq_len: 32, preview_n: 48, final_n: 48}\n"
+                      "eval: {bootstrap: {replicates: 200}, "
+                      "primary_metric: {catastrophic_ratio: 50.0}}\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "certify", "--baseline", str(tiny_gpt2_dir), "--dataset", str(sonnets_path),
+        "--profile", "dev", "--preset", str(preset), "--out", str(out), "--no-cache",
+        "--subject", str(same), "--subject", str(broken), "--json"], catch_exceptions=False)
+    rows = {Path(r["subject"]).name: r for r in json.loads(result.stdout)["subjects"]}
+    assert rows["same"]["sequential"] == "decided after 32 of 48 windows (PASS)"
+    certs = sorted(out.rglob(document.CERT_FILENAME))
+    assert len(certs) == 2
+    for path in certs:
+        cert = json.loads(path.read_text(encoding="utf-8"))
+        assert cert["sequential"]["stopped_at"] in (32, 40, 48)
+        assert verify_certificate(cert).differences == ()
