@@ -108,6 +108,7 @@ class CertifyOutcome:
             "ratio": pm["ratio"],
             "ratio_ci": pm["ratio_ci"],
             "delta_ci": pm["delta"]["ci"] if pm["delta"] else None,
+            "ci_level": round(1 - pm["bootstrap"]["alpha"], 12) if pm["bootstrap"] else None,
             "gate_value": pm["gate_value"],
             "basis": pm["basis"],
             "limit": pm["limit"],

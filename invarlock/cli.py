@@ -344,7 +344,8 @@ def _human_summary(s: dict[str, Any]) -> str:
     """The verdict and the one number, saying exactly what was and was not measured."""
     if s["ratio_ci"] is not None:
         lo, hi = s["ratio_ci"]
-        number = f"ratio {s['ratio']:.4f}, 95% CI [{lo:.4f}, {hi:.4f}], limit {s['limit']:.2f}"
+        level = f"{100 * s['ci_level']:g}%" if s.get("ci_level") else "95%"
+        number = f"ratio {s['ratio']:.4f}, {level} CI [{lo:.4f}, {hi:.4f}], limit {s['limit']:.2f}"
     elif s["delta_ci"] is not None:
         lo, hi = s["delta_ci"]
         number = f"accuracy change CI [{lo:+.2f}, {hi:+.2f}] pp, limit {s['limit']:+.2f} pp"

@@ -218,6 +218,7 @@ def test_several_subjects_each_stop_on_their_own_and_every_certificate_verifies(
         "--subject", str(same), "--subject", str(broken), "--json"], catch_exceptions=False)
     rows = {Path(r["subject"]).name: r for r in json.loads(result.stdout)["subjects"]}
     assert rows["same"]["sequential"] == "decided after 32 of 48 windows (PASS)"
+    assert rows["same"]["ci_level"] == 0.96  # the fixed interval at the α the sequence left
     certs = sorted(out.rglob(document.CERT_FILENAME))
     assert len(certs) == 2
     for path in certs:
