@@ -17,6 +17,7 @@ scored first and a catastrophic preview stops the run before the final set.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from invarlock import __version__, distribution, gate, outdir, provenance
+from invarlock import __version__, distribution, gate, outdir, provenance, sequential_run
 from invarlock.cache import BaselineCache, CacheKey, scores_from_payload, scores_to_payload
 from invarlock.certificate import build, document, markdown
 from invarlock.data.corpus import Corpus, DatasetSource, load_corpus
@@ -107,6 +108,7 @@ class CertifyOutcome:
             "ratio": pm["ratio"],
             "ratio_ci": pm["ratio_ci"],
             "delta_ci": pm["delta"]["ci"] if pm["delta"] else None,
+            "ci_level": round(1 - pm["bootstrap"]["alpha"], 12) if pm["bootstrap"] else None,
             "gate_value": pm["gate_value"],
             "basis": pm["basis"],
             "limit": pm["limit"],
@@ -117,6 +119,7 @@ class CertifyOutcome:
                               "measured": _measured(g)}
                        for name, g in self.certificate["guards"].items()},
             "stopped": self.stopped_by(),
+            "sequential": markdown.decided_phrase(self.certificate),
             "run_id": self.certificate["run_id"],
             "certificate": str(self.path),
             "markdown": str(self.markdown_path),
@@ -213,6 +216,7 @@ class SubjectEvidence:
     gating: list[str]  # gating flags the guards add
     ve_scales: dict[str, float] | None  # the VE guard's proposal, when it ran
     guard_seconds: dict[str, float]
+    sequential: Any = None  # invarlock.sequential_run.SequentialOutcome when the design ran
 
 
 @dataclass(frozen=True)
@@ -301,6 +305,7 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
     provenance.check_baseline_pin(req.reference, lambda: source.weights_digest(
         source.weight_files(base_src, req.allow_pickle)))
     chain = ChainSettings.from_policy(policy.values.get("guards"))  # bad guard config: fail now
+    sequential_run.design_for(policy, policy.windows.final_n)  # bad sequential config: too
     edit = _parse_edit(req) if req.edit is not None else None
     _seed_everything(policy.windows.seed)
 
@@ -579,15 +584,15 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
     catastrophic = gate.is_catastrophic(
         kind, gate.summarize(kind, _paired(baseline.sets["preview"], preview)),
         inputs.policy.primary_metric)
-    final = None
+    final = sequential = None
     if not intact:
         log.info("%s failed before evaluation (fatal): final set not evaluated", guards.fatal)
     elif catastrophic:
         log.warning("preview ratio beyond the catastrophic limit: final set not evaluated")
     else:
-        final = _score(inputs, req, timer, model, plan.windows.final, "subject",
-                       guards.taps(model, "subject", "final"),
-                       baseline.sets["final"].distribution)
+        final, sequential = _score_final(inputs, plan, baseline, preview, req, timer, model,
+                                         guards.taps(model, "subject", "final"),
+                                         baseline.sets["final"].distribution)
     ctx.scores = {"preview": preview, "final": final}
     with loading.weights_on_host(model):
         outcomes = guards.finish(ctx)
@@ -599,7 +604,25 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
     return SubjectEvidence(record=subject.record, edit_record=subject.edit_record,
                            sets={"preview": preview, "final": final}, outcomes=outcomes,
                            gating=guards.gating(outcomes), ve_scales=scales,
-                           guard_seconds=seconds)
+                           guard_seconds=seconds, sequential=sequential)
+
+
+def _score_final(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
+                 preview: Any, req: CertifyRequest, timer: _Timer, model: Any,
+                 taps: Any, dist: Any = None) -> tuple[Any, Any]:
+    """The final set, in looks that may stop it early when the sequential design is on;
+    `dist` is the baseline's compact distribution the subject is compared with."""
+    final_set = plan.windows.final
+    design = sequential_run.design_for(inputs.policy, final_set.n)
+    if design is None:
+        return _score(inputs, req, timer, model, final_set, "subject", taps, dist), None
+    base = baseline.sets
+    return sequential_run.evaluate_in_looks(
+        lambda windows: _score(inputs, req, timer, model, windows, "subject", taps, dist),
+        final_set, base["final"], inputs.kind, design,
+        sequential_run.threshold_for(inputs.kind, inputs.policy),
+        sequential_run.preview_floor(inputs.kind, base["preview"].tokens,
+                                     base["preview"].values, preview.values))
 
 
 def _placement(req: CertifyRequest) -> dict[str, Any]:
@@ -617,26 +640,39 @@ def judge(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
     from invarlock.models import source
 
     windows = plan.windows
-    match = _match(windows, baseline.sets, subject.sets)
+    evaluated, base_sets = _evaluated(windows, baseline.sets, subject.sequential)
+    match = _match(evaluated, base_sets, subject.sets)
     if match < 1.0:
         raise EvidenceError(f"pairing broken: only {match:.2%} of windows were fed to both "
                             "models exactly as planned")
-    preview = _paired(baseline.sets["preview"], subject.sets["preview"])
-    final = (_paired(baseline.sets["final"], subject.sets["final"])
+    preview = _paired(base_sets["preview"], subject.sets["preview"])
+    final = (_paired(base_sets["final"], subject.sets["final"])
              if subject.sets["final"] is not None else None)
     policy = inputs.policy
+    design = subject.sequential.design if subject.sequential is not None else None
     pm = gate.primary_metric(inputs.kind, preview, final, policy.primary_metric,
-                             policy.bootstrap)
+                             sequential_run.fixed_bootstrap(policy.bootstrap, design))
     context = source.context_length(inputs.baseline.config)
     evidence = gate.Evidence(evidence_floor(policy.profile, context), windows.preview.n,
                              windows.final.n, windows.seq_len, policy.bootstrap.replicates,
                              windows.requested, policy.allow_underpowered, context,
                              policy.weakened)
     checks = [gate.pairing_check(match, windows.overlap(), windows.preview.n, windows.final.n),
-              *gate.primary_checks(pm, policy.primary_metric), evidence.check(),
+              *sequential_run.primary_checks(pm, policy.primary_metric, subject.sequential),
+              evidence.check(),
               *(o.check for o in subject.outcomes)]
     decision = gate.decide(checks, [*gate.primary_gating(evidence.floor), *subject.gating])
     return Judgement(match, pm, decision, evidence)
+
+
+def _evaluated(windows: WindowPlan, base_sets: dict[str, Any],
+               sequential: Any) -> tuple[WindowPlan, dict[str, Any]]:
+    """The plan and the baseline's results cut to the final windows actually evaluated."""
+    if sequential is None:
+        return windows, base_sets
+    n = sequential.stopped_at
+    return (dataclasses.replace(windows, final=sequential_run.evaluated(windows.final, n)),
+            {**base_sets, "final": sequential_run.head_scores(base_sets["final"], n)})
 
 
 # --- stage 7: write --------------------------------------------------------------------------
@@ -717,6 +753,8 @@ def _certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvid
         primary=judgement.primary, evidence=judgement.evidence, decision=judgement.decision,
         artifacts=artifacts, timings=timings,
         distribution=_distribution_section(inputs, baseline, subject),
+        sequential=(sequential_run.section(subject.sequential)
+                    if subject.sequential is not None else None),
         reference=provenance.record(req.reference,
                                     baseline_digest=baseline.cache_key.weights_digest,
                                     dataset_digest=plan.corpus.digest,

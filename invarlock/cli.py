@@ -213,6 +213,9 @@ Examples:
                    "the tier's and profile's (alpha, calibration windows, limits, guard "
                    "modes); the certificate records evidence_meets_profile: false and lists "
                    "them (a gating flag in release, which then cannot PASS).")
+@click.option("--sequential/--no-sequential", default=None,
+              help="Stop the final set as soon as a look decides (default: on in dev and ci, "
+                   "off in release).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the certificate (default: runs/<run id>).")
 @click.option("--save-subject", type=click.Path(file_okay=False, path_type=Path),
@@ -360,6 +363,8 @@ def _human_summary(s: dict[str, Any]) -> str:
         number = "catastrophic preview, final set not evaluated"
     else:
         number = "final set not evaluated"
+    if s.get("sequential"):
+        number += f"; {s['sequential']}"
     lines = [f"{s['verdict']}: {number}"]
     if s["verdict"] == "FAIL":
         lines += [f"  - {r}" for r in s["reasons"]]

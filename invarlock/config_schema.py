@@ -101,6 +101,8 @@ AUTO = _obj({
     "profile": {"type": "string", "enum": ["dev", "ci", "release"]},
     "allow_underpowered": {"type": "boolean",
                            "description": "run below the profile's evidence floor (flagged)"},
+    "sequential": {"type": "boolean",
+                   "description": "stop the final set early when a look decides"},
     "probes": {"type": "integer", "minimum": 0, "maximum": 0,
                "description": "reserved; only 0 is accepted"},
 })

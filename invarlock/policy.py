@@ -40,6 +40,7 @@ _CONFIG_TO_POLICY = {
     "eval.primary_metric.accuracy_delta_min_pp": "primary_metric.accuracy_delta_min_pp",
     "eval.primary_metric.catastrophic_ratio": "primary_metric.catastrophic_ratio",
     "eval.primary_metric.drift_band": "primary_metric.drift_band",
+    "auto.sequential": "sequential.enabled",
 }
 
 
@@ -298,6 +299,7 @@ def _defaults_values(tier: str, profile: str) -> dict[str, Any]:
         "windows": {**prof["windows"], "stride": None, "seed": DEFAULT_SEED},
         "bootstrap": {**prof["bootstrap"], "seed": DEFAULT_SEED},
         "guards": dict(prof.get("guards") or {}),
+        "sequential": dict(prof.get("sequential") or {}),
     })
 
 

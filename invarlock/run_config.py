@@ -167,6 +167,7 @@ def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
     put("auto.profile", flags.get("profile"))
     put("auto.tier", flags.get("tier"))
     put("auto.allow_underpowered", flags.get("allow_underpowered"))
+    put("auto.sequential", flags.get("sequential"))
     put("edit.name", flags.get("edit_name"))
     put("output.dir", _str(flags.get("out_dir")))
     put("output.save_subject", _str(flags.get("save_subject")))

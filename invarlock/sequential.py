@@ -30,8 +30,9 @@ bounded by α.
 The guarantee is asymptotic: σ̂_t stands in for σ. Symmetric heavy tails (Student t, 3 degrees
 of freedom) keep the false-pass rate under α from 25 windows on, but strong right skew does not
 at small t (a lognormal with σ = 1 passes at the limit 16% of the time with n_min = 25), and
-damage confined to a few percent of the windows cannot be seen before those windows are:
-`n_min` is the design's answer to both and must be sized for the data it is used on.
+damage confined to a few percent of the windows cannot be seen before those windows are.
+`Design` answers both with `n_min` and a floor on σ̂ from an independent sample (the preview
+set): with it, both cases stay under α in simulation (tests/test_sequential_design.py).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class SequentialResult:
     n_min: int
     t_opt: int
     threshold: float
+    sd_floor: float = 0.0
 
 
 def mixing_rho(alpha: float, t_opt: int) -> float:
@@ -111,29 +113,36 @@ def boundary(t: int, alpha: float, rho: float) -> float:
     return float(brentq(lambda s: log_mixture(s, t, rho) - target, 0.0, hi, xtol=1e-12))
 
 
-def confidence_sequence(x: np.ndarray, t: int, alpha: float, rho: float) -> tuple[float, float,
-                                                                                  float, float]:
-    """(mean, sd, low, high) of the first `t` values: μ̂_t ± σ̂_t b_t / t."""
+def confidence_sequence(x: np.ndarray, t: int, alpha: float, rho: float,
+                        sd_floor: float = 0.0) -> tuple[float, float, float, float]:
+    """(mean, sd, low, high) of the first `t` values: μ̂_t ± σ̂_t b_t / t, with
+    σ̂_t = max(sample sd, `sd_floor`)."""
     head = np.asarray(x[:t], dtype=float)
     mean = float(head.mean())
-    sd = float(head.std(ddof=1)) if t > 1 else 0.0
+    sd = max(float(head.std(ddof=1)) if t > 1 else 0.0, sd_floor)
     radius = sd * boundary(t, alpha, rho) / t
     return mean, sd, mean - radius, mean + radius
 
 
 def decide(x: np.ndarray, looks: list[int] | tuple[int, ...], *, threshold: float, alpha: float,
-           n_min: int, t_opt: int | None = None) -> SequentialResult:
+           n_min: int, t_opt: int | None = None, sd_floor: float = 0.0) -> SequentialResult:
     """Run the looks in order over the differences `x` (in evaluation order) and stop at the
-    first that decides. `looks` are increasing window counts, the last one at most len(x)."""
+    first that decides. `looks` are increasing window counts, the last one at most len(x).
+
+    `sd_floor` is a lower bound on the σ̂ used for the radius (see `Design`): an independent
+    estimate of the spread, so that a run that has not yet met a rare bad window cannot
+    stop on a spread it underestimates."""
     x = np.asarray(x, dtype=float)
     _check_looks(looks, len(x), n_min)
     if not np.all(np.isfinite(x)):
         raise ValueError("differences must be finite")
+    if not (math.isfinite(sd_floor) and sd_floor >= 0.0):
+        raise ValueError(f"sd_floor must be finite and >= 0, got {sd_floor}")
     t_opt = n_min if t_opt is None else t_opt
     rho = mixing_rho(alpha, t_opt)
     out: list[Look] = []
     for t in looks:
-        mean, sd, low, high = confidence_sequence(x, t, alpha, rho)
+        mean, sd, low, high = confidence_sequence(x, t, alpha, rho, sd_floor)
         if t >= n_min and high < threshold:
             decision = Decision.PASS
         elif low > threshold:
@@ -145,7 +154,71 @@ def decide(x: np.ndarray, looks: list[int] | tuple[int, ...], *, threshold: floa
             break
     last = out[-1]
     return SequentialResult(tuple(out), last.decision, last.windows, alpha, n_min, t_opt,
-                            threshold)
+                            threshold, sd_floor)
+
+
+@dataclass(frozen=True)
+class Design:
+    """The pre-registered sequential design of one run, fixed before any window is scored.
+
+    α split: `alpha` is the profile's two-sided level (the fixed design's BCa interval is a
+    1 − α interval, so its false-pass rate is α/2). The sequence spends `share` of it and the
+    fixed test at the maximum the rest: each one-sided boundary runs at α·share/2 and the
+    fixed interval at level α·(1 − share), so the total false-pass rate stays ≤ α/2, as
+    without early stopping (a union bound over the two stages).
+
+    Skew and rare damage: PASS needs at least `n_min` windows (≥ 25, and no fewer than the
+    guards' calibration windows, which are the first final windows), and σ̂ is never below
+    the spread of the preview set's differences (`sd_floor`), an independent estimate from
+    windows already scored for the catastrophe check: a run that has not yet met a rare bad
+    window cannot stop on the small spread of its benign ones.
+    """
+
+    alpha: float
+    n_min: int
+    n_max: int
+    step: int
+    share: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_alpha(self.alpha)
+        if not 0.0 < self.share < 1.0:
+            raise ValueError(f"the sequential share of alpha must lie in (0, 1), got {self.share}")
+        if self.n_min < 2:
+            raise ValueError(f"n_min must be at least 2, got {self.n_min}")
+        look_schedule(self.n_min, self.n_max, self.step)
+
+    @property
+    def alpha_boundary(self) -> float:
+        """One-sided level of each boundary (PASS side, FAIL side)."""
+        return round(self.alpha * self.share / 2.0, 12)
+
+    @property
+    def alpha_fixed(self) -> float:
+        """Two-sided level of the fixed-design interval at the maximum."""
+        return round(self.alpha * (1.0 - self.share), 12)
+
+    @property
+    def looks(self) -> tuple[int, ...]:
+        return look_schedule(self.n_min, self.n_max, self.step)
+
+    def next_look(self, done: int) -> int:
+        """The first look after `done` windows (the maximum once every look is past)."""
+        return next((t for t in self.looks if t > done), self.n_max)
+
+    def run(self, x: np.ndarray, *, threshold: float, sd_floor: float = 0.0) -> SequentialResult:
+        """The looks that `x` (the differences scored so far, in evaluation order) reaches."""
+        looks = tuple(t for t in self.looks if t <= len(x))
+        if not looks:
+            raise ValueError(f"{len(x)} differences do not reach the first look at {self.n_min}")
+        return decide(x, looks, threshold=threshold, alpha=self.alpha_boundary,
+                      n_min=self.n_min, sd_floor=sd_floor)
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {"method": "gaussian_mixture_asymptotic_cs", "alpha": self.alpha,
+                "share": self.share, "alpha_boundary": self.alpha_boundary,
+                "alpha_fixed": self.alpha_fixed, "n_min": self.n_min, "n_max": self.n_max,
+                "step": self.step, "t_opt": self.n_min}
 
 
 def look_schedule(n_min: int, n_max: int, step: int) -> tuple[int, ...]:

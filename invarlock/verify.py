@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from invarlock import __version__, distribution, gate
+from invarlock import __version__, distribution, gate, sequential_run
 from invarlock.certificate.document import content_digest, schema_errors
 from invarlock.config import flatten
 from invarlock.enums import AdapterKind, MetricKind
@@ -299,7 +299,8 @@ def _check_arrays(cert: Mapping[str, Any], found: _Findings) -> _Sets | None:
                                                         "window ids")
                 ok = False
         subj_n = len(ws["subject"])
-        if subj_n != n and not (name == "final" and subj_n == 0):
+        stopped = (cert.get("sequential") or {}).get("stopped_at") if name == "final" else None
+        if subj_n != n and not (name == "final" and subj_n in (0, stopped)):
             found.differ(f"windows.{name}.subject", f"{subj_n} entries for {n} window ids")
             ok = False
         if len(set(ws["sha256"])) != len(ws["sha256"]):
@@ -345,11 +346,13 @@ def _check_domain(kind: MetricKind, name: str, ws: Mapping[str, Any], seq_len: i
 
 
 def _paired(ws: Mapping[str, Any]) -> gate.PairedArrays | None:
+    """Both sides on the windows the subject was evaluated on (a prefix after an early stop)."""
     if not ws["subject"]:
         return None
     subject = np.array([np.nan if v is None else v for v in ws["subject"]], dtype=np.float64)
-    return gate.PairedArrays(tokens=np.asarray(ws["tokens"], dtype=np.int64),
-                             baseline=np.asarray(ws["baseline"], dtype=np.float64),
+    n = subject.size
+    return gate.PairedArrays(tokens=np.asarray(ws["tokens"][:n], dtype=np.int64),
+                             baseline=np.asarray(ws["baseline"][:n], dtype=np.float64),
                              subject=subject)
 
 
@@ -368,9 +371,11 @@ def _recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
     if sets.preview is None:
         found.differ("windows.preview.subject", "empty: the preview set is always evaluated")
         return
+    sequence = recheck_sequence(cert, policy, sets, found)
     try:
         pm = gate.primary_metric(sets.kind, sets.preview, sets.final, policy.primary_metric,
-                                 policy.bootstrap)
+                                 sequential_run.fixed_bootstrap(
+                                     policy.bootstrap, sequence.design if sequence else None))
     except ValueError as exc:
         found.differ("primary_metric", f"cannot be recomputed from the stored arrays: {exc}")
         return
@@ -386,7 +391,7 @@ def _recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
     if cert["pairing"].get("final_evaluated") is not (sets.final is not None):
         found.differ("pairing.final_evaluated", "disagrees with windows.final.subject")
     found.compare("primary_metric", cert["primary_metric"], pm.as_dict())
-    checks += gate.primary_checks(pm, policy.primary_metric)
+    checks += sequential_run.primary_checks(pm, policy.primary_metric, sequence)
     evidence = _recheck_evidence(cert, policy, found)
     if evidence is None:
         return
@@ -423,8 +428,9 @@ def _recheck_distribution(cert: Mapping[str, Any], policy: ResolvedPolicy,
         found.differ(f"{where}.set", f"{d['set']!r}, but the primary metric rests on the "
                                      f"{expected_set} set")
     windows = cert["windows"][expected_set]
+    n = len(windows.get("subject") or windows["ids"])  # a sequential run stops at a look
     per_window = d["windows"]
-    if per_window["ids"] != windows["ids"] or per_window["tokens"] != windows["tokens"]:
+    if per_window["ids"] != windows["ids"][:n] or per_window["tokens"] != windows["tokens"][:n]:
         found.differ(f"{where}.windows", f"ids or token counts differ from windows."
                                          f"{expected_set}")
         return
@@ -450,6 +456,47 @@ def _recheck_distribution(cert: Mapping[str, Any], policy: ResolvedPolicy,
     found.compare(f"{where}.limits", d["limits"],
                   {"kld_mean_max": limits.kld_mean_max, "same_top_p_min": limits.same_top_p_min})
     found.compare(f"{where}.checks", d["checks"], distribution.checks(core, limits))
+
+
+def recheck_sequence(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
+                     found: _Findings) -> sequential_run.SequentialOutcome | None:
+    """The `sequential` section recomputed from the policy's design and the window arrays:
+    the σ̂ floor from the preview set, the differences in stored (evaluation) order, every
+    look and the decision; and the run must have stopped exactly at the first deciding look,
+    or at the maximum. An altered, dropped or reordered look or difference shows here."""
+    stored = cert.get("sequential")
+    try:
+        design = sequential_run.design_for(policy, len(cert["windows"]["final"]["ids"]))
+    except ConfigError as exc:
+        found.differ("sequential", f"the policy's sequential design is invalid ({exc})")
+        return None
+    if design is None or sets.final is None or sets.preview is None:
+        if stored is not None:
+            found.differ("sequential", "present although the policy's design is off or the "
+                                       "final set was not evaluated")
+        return None
+    found.checked.append("sequential")
+    if stored is None:
+        found.differ("sequential", "missing although the policy's sequential design is on")
+        return None
+    kind, prev, fin = sets.kind, sets.preview, sets.final
+    outcome = sequential_run.sequence(
+        design, sequential_run.threshold_for(kind, policy),
+        sequential_run.preview_floor(kind, prev.tokens, prev.baseline, prev.subject),
+        sequential_run.differences(kind, fin.tokens, fin.baseline, fin.subject))
+    found.compare("sequential", stored, sequential_run.section(outcome))
+    n, result = outcome.stopped_at, outcome.result
+    if n not in design.looks:
+        found.differ("sequential.stopped_at", f"{n} windows evaluated, which is no look of "
+                                              f"the design {list(design.looks)}")
+    elif result is not None and result.stopped_at != n:
+        found.differ("sequential.stopped_at", f"{n} windows evaluated but the look at "
+                                              f"{result.stopped_at} already decided "
+                                              f"{result.decision.value}")
+    elif result is not None and not outcome.early and n != design.n_max:
+        found.differ("sequential.stopped_at", f"stopped undecided after {n} windows, before "
+                                              f"the maximum {design.n_max}")
+    return outcome
 
 
 def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy,

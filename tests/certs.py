@@ -15,7 +15,7 @@ from invarlock import gate
 from invarlock.certificate import document
 from invarlock.certificate import markdown as md
 from invarlock.enums import MetricKind
-from invarlock.policy import evidence_floor, resolve
+from invarlock.policy import evidence_floor, profiles, resolve
 
 
 def _arrays(rng: np.random.Generator, n: int, shift: float, kind: MetricKind):
@@ -40,7 +40,9 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
     floor = evidence_floor(profile)
     underpowered = floor.below_floor == "refuse" and (
         n < floor.final_n or replicates < floor.replicates or floor.seq_len > 128)
-    policy = resolve({"auto": {"tier": tier, "profile": profile,
+    design = profiles()[profile].get("sequential") or {}
+    fixed = {"sequential": False} if design.get("enabled") and n > design["n_min"] else {}
+    policy = resolve({"auto": {"tier": tier, "profile": profile, **fixed,
                                "allow_underpowered": underpowered},
                       "dataset": {"preview_n": n, "final_n": n, "seq_len": 128},
                       "eval": {"bootstrap": {"replicates": replicates}}})

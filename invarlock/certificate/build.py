@@ -41,7 +41,8 @@ def build_certificate(*, run_id: str, environment: dict[str, Any], policy: Resol
                       decision: Decision, artifacts: dict[str, str | None],
                       timings: dict[str, float],
                       reference: dict[str, Any] | None = None,
-                      distribution: dict[str, Any] | None = None) -> dict[str, Any]:
+                      distribution: dict[str, Any] | None = None,
+                      sequential: dict[str, Any] | None = None) -> dict[str, Any]:
     """The certificate's content (unsealed): every section the schema describes.
 
     `tokenizer` is the loaded baseline tokenizer (its class and vocabulary are recorded);
@@ -84,6 +85,7 @@ def build_certificate(*, run_id: str, environment: dict[str, Any], policy: Resol
         "timings": timings,
         **({"reference": reference} if reference is not None else {}),
         **({"distribution": distribution} if distribution is not None else {}),
+        **({"sequential": sequential} if sequential is not None else {}),
     }
 
 

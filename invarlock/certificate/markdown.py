@@ -39,6 +39,7 @@ def render(cert: dict[str, Any]) -> str:
         _interval_line(cert),
         "",
         *distribution_lines(cert),
+        *sequential_section(cert),
         *guard_findings(cert),
         "## Models and data",
         "",
@@ -79,6 +80,9 @@ def stopped_by(cert: dict[str, Any]) -> str | None:
 def summary_sentence(cert: dict[str, Any]) -> str:
     """The one number against its limit; a warning when the evidence is below the profile."""
     sentence = _metric_sentence(cert)
+    decided = decided_phrase(cert)
+    if decided:
+        sentence += f" Sequential test: {decided}."
     evidence = cert.get("evidence") or {}
     if evidence.get("meets_profile") is False:
         sentence += (f" ⚠️ Evidence below the {_t(evidence['profile'])} profile: "
@@ -113,6 +117,40 @@ def _metric_sentence(cert: dict[str, Any]) -> str:
             f"({tier} tier).")
 
 
+def decided_phrase(cert: dict[str, Any]) -> str | None:
+    """Where the sequential test stopped ("decided after N of M windows"); None without one."""
+    seq = cert.get("sequential")
+    if not seq:
+        return None
+    n, m = _t(seq["stopped_at"]), _t(seq["design"]["n_max"])
+    if seq["early"]:
+        return f"decided after {n} of {m} windows ({_t(seq['decision']).upper()})"
+    if seq["decision"] == "nonfinite":
+        return f"stopped after {n} of {m} windows on non-finite outputs"
+    return f"undecided after {n} of {m} windows, so the fixed-design interval decided"
+
+
+def sequential_section(cert: dict[str, Any]) -> list[str]:
+    """Every look of the sequential test: windows, bounds, decision; then the design."""
+    seq = cert.get("sequential")
+    if not seq:
+        return []
+    d = seq["design"]
+    rows = ["## Sequential test", "",
+            "| Look | Windows | Mean Δ | Lower bound | Upper bound | Decision |",
+            "|---:|---:|---:|---:|---:|---|"]
+    for i, look in enumerate(seq["looks"], 1):
+        rows.append(f"| {i} | {_t(look['windows'])} | {look['mean']:+.6f} | "
+                    f"{look['low']:+.6f} | {look['high']:+.6f} | {_t(look['decision'])} |")
+    rows += ["", f"Threshold {seq['threshold']:+.6f}; {decided_phrase(cert)}. Design: "
+             f"confidence sequence at α = {_t(d['alpha_boundary'])} per side "
+             f"({_t(d['share'])} of α = {_t(d['alpha'])}), fixed interval at α = "
+             f"{_t(d['alpha_fixed'])}; n_min {_t(d['n_min'])}, looks every {_t(d['step'])} "
+             f"windows up to {_t(d['n_max'])}; σ̂ floor {seq['sd_floor']:.6f} (preview set).",
+             ""]
+    return rows
+
+
 def _level(pm: dict[str, Any]) -> str:
     """Confidence level of the interval, from the recorded alpha (95% for alpha 0.05)."""
     alpha = pm["bootstrap"]["alpha"] if pm.get("bootstrap") else 0.05
@@ -138,7 +176,10 @@ def metric_table(cert: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|"]
     for name in ("preview", "final"):
         summary = pm[name]
-        n = len(cert["windows"][name]["ids"])
+        ws = cert["windows"][name]
+        n = len(ws["ids"])
+        if 0 < len(ws["subject"]) < n:  # the sequential test stopped early
+            n = f"{len(ws['subject'])} of {n}"
         if summary is None:
             rows.append(f"| {name} | {n} | — | not evaluated | — |")
             continue

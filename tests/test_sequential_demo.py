@@ -1,0 +1,138 @@
+"""End to end on the bundled demo model (dev profile, 64 + 64 windows of 128 tokens): a clear
+PASS (INT8) and a clear FAIL (2-bit) stop at the first look, a subject at its limit runs to
+the maximum, every certificate verifies, and `verify` rejects altered or reordered looks."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from invarlock.certificate import document
+from invarlock.cli import main
+from invarlock.verify import verify_certificate
+
+pytest.importorskip("transformers")
+
+PRESET = ("dataset: {seq_len: 128, preview_n: 64, final_n: 64}\n"
+          "eval: {bootstrap: {replicates: 500}}\n")
+EDITS = {
+    "int8": "edit: {name: quant_rtn, plan: {bitwidth: 8}}\n",
+    # 2-bit is beyond the catastrophe limit on the preview; raise it so the final set is reached
+    "rtn2": "edit: {name: quant_rtn, plan: {bitwidth: 2}}\n",
+}
+EXTRA = {
+    "int8": "", "rtn2": "eval: {primary_metric: {catastrophic_ratio: 50.0}}\n",
+    # INT8 changes the demo's perplexity by ~1e-4: a limit right there is a borderline subject
+    "borderline": "eval: {primary_metric: {ratio_limit: 1.0001}}\n",
+}
+
+
+def _certify(tmp: Path, name: str, cache: Path) -> tuple[int, dict, dict]:
+    edit = tmp / f"{name}.edit.yaml"
+    edit.write_text(EDITS.get(name, EDITS["int8"]))
+    preset = tmp / f"{name}.yaml"
+    preset.write_text(PRESET + EXTRA[name])
+    result = CliRunner().invoke(main, [
+        "certify", "--profile", "dev", "--edit", "quant_rtn", "--edit-config", str(edit),
+        "--preset", str(preset), "--out", str(tmp / name), "--cache-dir", str(cache), "--json"],
+        catch_exceptions=False)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    cert = json.loads((tmp / name / document.CERT_FILENAME).read_text(encoding="utf-8"))
+    return result.exit_code, summary, cert
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[int, dict, dict]]:
+    tmp = tmp_path_factory.mktemp("seqdemo")
+    cache = tmp / "cache"
+    return {name: _certify(tmp, name, cache) for name in ("int8", "rtn2", "borderline")}
+
+
+def test_int8_passes_at_the_first_look(runs):
+    code, summary, cert = runs["int8"]
+    seq = cert["sequential"]
+    assert (code, summary["verdict"], seq["decision"], seq["stopped_at"]) == (0, "PASS", "pass", 32)
+    assert len(cert["windows"]["final"]["subject"]) == 32 < len(cert["windows"]["final"]["ids"])
+    assert summary["sequential"] == "decided after 32 of 64 windows (PASS)"
+    assert cert["validation"]["evidence_meets_profile"]
+
+
+def test_the_markdown_says_where_it_decided_and_lists_every_look(runs):
+    from invarlock.certificate import markdown
+
+    text = markdown.render(runs["int8"][2])
+    assert "Sequential test: decided after 32 of 64 windows (PASS)." in text.splitlines()[2]
+    assert "| 1 | 32 |" in text and "| final | 32 of 64 |" in text
+    looks = markdown.sequential_section(runs["borderline"][2])
+    assert [row.split("|")[2].strip() for row in looks if row.startswith("| ")][1:] == [
+        "32", "40", "48", "56", "64"]
+    assert "undecided after 64 of 64 windows" in markdown.render(runs["borderline"][2])
+
+
+def test_2bit_fails_at_the_first_look(runs):
+    code, summary, cert = runs["rtn2"]
+    assert (code, summary["verdict"], cert["sequential"]["decision"]) == (1, "FAIL", "fail")
+    assert cert["sequential"]["stopped_at"] == 32
+    assert "decided after 32 of 64" in cert["verdict"]["explanations"]["primary_metric_acceptable"]
+
+
+def test_a_subject_at_its_limit_runs_to_the_maximum(runs):
+    _, _, cert = runs["borderline"]
+    seq = cert["sequential"]
+    assert (seq["decision"], seq["early"], seq["stopped_at"]) == ("continue", False, 64)
+    assert [look["windows"] for look in seq["looks"]] == [32, 40, 48, 56, 64]
+    assert cert["primary_metric"]["bootstrap"]["alpha"] == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize("name", ["int8", "rtn2", "borderline"])
+def test_every_certificate_verifies(runs, name):
+    report = verify_certificate(runs[name][2])
+    assert report.differences == () and "sequential" in report.checked
+
+
+def _resealed(cert: dict, change) -> dict:
+    c = copy.deepcopy({k: v for k, v in cert.items() if k != "digest"})
+    change(c)
+    return document.seal(c)
+
+
+def _swap_final_windows(c: dict, i: int, j: int) -> None:
+    """Reorder the evaluation: two evaluated final windows trade places in every array."""
+    ws = c["windows"]["final"]
+    for key in ("ids", "sha256", "tokens", "baseline", "subject"):
+        ws[key][i], ws[key][j] = ws[key][j], ws[key][i]
+
+
+TAMPERING = {
+    "a bound moved": lambda c: c["sequential"]["looks"][-1].__setitem__("high", -1.0),
+    "differences reordered": lambda c: c["sequential"]["differences"].reverse(),
+    "a look dropped": lambda c: c["sequential"]["looks"].pop(),
+    "a later stop claimed": lambda c: c["sequential"].__setitem__("stopped_at", 40),
+}
+
+
+@pytest.mark.parametrize("what", sorted(TAMPERING))
+def test_verify_rejects_altered_looks(runs, what):
+    report = verify_certificate(_resealed(runs["borderline"][2], TAMPERING[what]))
+    assert any(d.startswith("sequential") for d in report.differences), report.differences
+
+
+def test_verify_rejects_windows_evaluated_past_the_deciding_look(runs):
+    """An early PASS padded with more windows (a run that did not stop where it decided)."""
+    int8, borderline = runs["int8"][2], runs["borderline"][2]
+
+    def pad(c: dict) -> None:
+        c["windows"]["final"]["subject"] = borderline["windows"]["final"]["subject"][:40]
+        c["sequential"]["stopped_at"] = 40
+    report = verify_certificate(_resealed(int8, pad))
+    assert any("already decided" in d for d in report.differences), report.differences
+
+
+def test_verify_rejects_a_reordered_evaluation(runs):
+    report = verify_certificate(_resealed(runs["borderline"][2],
+                                          lambda c: _swap_final_windows(c, 0, 50)))
+    assert any(d.startswith("sequential") for d in report.differences), report.differences
