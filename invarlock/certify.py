@@ -299,7 +299,7 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
     formats.check_loadable(base_src, base_cfg, device, req.dequantize)
     subject = (check_subject(req.subject, baseline, req, device)
                if req.subject is not None else None)
-    _check_runtime(req, baseline, subject)
+    _check_runtime(req, baseline, subject, device)
     policy = resolve(req.config, context_length=source.context_length(base_cfg))
     provenance.check_policy_pin(req.reference, policy.digest)
     provenance.check_baseline_pin(req.reference, lambda: source.weights_digest(
@@ -355,12 +355,12 @@ def check_subject(spec: str, baseline: ModelInput, req: CertifyRequest,
     formats.check_same_architecture(baseline.config, config, src, baseline.source)
     formats.check_loadable(src, config, device, req.dequantize)
     subject = ModelInput(src, config, adapter)
-    _probe_runtime(req, subject, edited=False)
+    _probe_runtime(req, subject, device, edited=False)
     return subject
 
 
 def _check_runtime(req: CertifyRequest, baseline: ModelInput,
-                   subject: ModelInput | None) -> None:
+                   subject: ModelInput | None, device: str) -> None:
     """--runtime: llama.cpp needs its extra and a GGUF side, and reads the baseline's file."""
     from invarlock.models import llamacpp
     from invarlock.models.source import gguf_path
@@ -368,16 +368,18 @@ def _check_runtime(req: CertifyRequest, baseline: ModelInput,
     sides = [baseline] + ([subject] if subject is not None else [])
     ggufs = [p for p in (gguf_path(s.source) for s in sides) if p is not None]
     llamacpp.check_request(llamacpp.parse_runtime(req.runtime), ggufs)
-    _probe_runtime(req, baseline, edited=req.edit is not None)
+    _probe_runtime(req, baseline, device, edited=req.edit is not None)
 
 
-def _probe_runtime(req: CertifyRequest, side: ModelInput, *, edited: bool) -> None:
+def _probe_runtime(req: CertifyRequest, side: ModelInput, device: str, *,
+                   edited: bool) -> None:
     """A GGUF side llama.cpp will evaluate must be readable by it: found before evaluating."""
     from invarlock.models import llamacpp
     from invarlock.models.source import gguf_path
 
     path = gguf_path(side.source)
-    if llamacpp.uses_llamacpp(llamacpp.parse_runtime(req.runtime), path, edited=edited):
+    if llamacpp.uses_llamacpp(llamacpp.parse_runtime(req.runtime), path, edited=edited,
+                              device=device):
         assert path is not None
         vocab = side.config.get("vocab_size")
         llamacpp.probe(path, vocab if isinstance(vocab, int) else None)
@@ -790,7 +792,7 @@ def _runtime_settings(inputs: RunInputs, req: CertifyRequest, label: str,
         return None
     path = gguf_path(side.source)
     if not llamacpp.uses_llamacpp(llamacpp.parse_runtime(req.runtime), path,
-                                  edited=inputs.edit is not None):
+                                  edited=inputs.edit is not None, device=inputs.device):
         return None
     assert path is not None
     return llamacpp.Settings.for_windows(path, seq_len, inputs.device)

@@ -60,6 +60,11 @@ def test_runtime_choice(monkeypatch):
     assert not uses_llamacpp(Runtime.AUTO, None)  # only a GGUF file can be served by it
     assert not uses_llamacpp(Runtime.TRANSFORMERS, gguf)
     assert uses_llamacpp(Runtime.LLAMACPP, gguf, edited=True)
+    monkeypatch.setattr(llamacpp, "_supports_gpu_offload", lambda: False)
+    assert not uses_llamacpp(Runtime.AUTO, gguf, device="cuda:0")  # not built for the GPU
+    assert uses_llamacpp(Runtime.LLAMACPP, gguf, device="cuda:0")  # asked for: its CPU
+    monkeypatch.setattr(llamacpp, "_supports_gpu_offload", lambda: True)
+    assert uses_llamacpp(Runtime.AUTO, gguf, device="cuda:0")
     monkeypatch.setattr(llamacpp, "available", lambda: False)
     assert not uses_llamacpp(Runtime.AUTO, gguf)
     with pytest.raises(MissingExtraError, match="llamacpp"):

@@ -58,16 +58,19 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def uses_llamacpp(requested: Runtime, gguf: Path | None, *, edited: bool = False) -> bool:
-    """Whether one side is scored by llama.cpp: only a GGUF file can be; `auto` does so when
-    the extra is installed and the other side is not a float copy edited in memory (both
-    sides of an in-memory edit share the transformers forward, or the edit is not all that
-    differs)."""
+def uses_llamacpp(requested: Runtime, gguf: Path | None, *, edited: bool = False,
+                  device: str = "cpu") -> bool:
+    """Whether one side is scored by llama.cpp: only a GGUF file can be. `auto` does so when
+    the extra is installed, unless the subject is an edit made in memory (both sides of an
+    edit share the transformers forward, so that the edit is all that differs) or the device
+    is a GPU this llama.cpp was not built for (its CPU would stand in for the GPU asked for)."""
     if gguf is None or requested is Runtime.TRANSFORMERS:
         return False
     if requested is Runtime.LLAMACPP:
         return True
-    return available() and not edited
+    if not available() or edited:
+        return False
+    return not _on_gpu(device) or _supports_gpu_offload()
 
 
 def check_request(requested: Runtime, ggufs: list[Path]) -> None:
@@ -96,7 +99,7 @@ class Settings:
 
     @classmethod
     def for_windows(cls, path: Path, seq_len: int, device: str) -> Settings:
-        on_gpu = device.split(":")[0] in ("cuda", "mps")
+        on_gpu = _on_gpu(device)
         gpu = on_gpu and _supports_gpu_offload()
         if on_gpu and not gpu:
             logger.warning("this llama.cpp was built without GPU support: %s runs on the CPU",
@@ -272,6 +275,10 @@ def _import() -> Any:
     except ImportError as exc:
         raise MissingExtraError("evaluating GGUF with llama.cpp", EXTRA) from exc
     return llama_cpp
+
+
+def _on_gpu(device: str) -> bool:
+    return device.split(":")[0] in ("cuda", "mps")
 
 
 def _supports_gpu_offload() -> bool:
