@@ -29,8 +29,8 @@ needs_llamacpp = pytest.mark.skipif(
     reason="llama.cpp is not installed: pip install '.[llamacpp]'")
 # llama.cpp's per-window mean NLL on an F32 GGUF against transformers' float forward of the
 # same weights: different kernels, an F16 KV cache, another summation order (measured on the
-# demo model: see test_llamacpp_agrees_with_the_dequantized_forward_on_f32).
-AGREEMENT_NATS_PER_TOKEN = 2e-3
+# demo model, 16 windows of 128 tokens: at most 7.8e-5 nats per token).
+AGREEMENT_NATS_PER_TOKEN = 5e-4
 
 
 # --- without llama.cpp -----------------------------------------------------------------------
@@ -221,7 +221,8 @@ def test_demo_gguf_certified_as_served_by_llamacpp(tmp_path):
     assert cert["baseline"]["format"] is None  # the float baseline: transformers, as today
     report = verify_certificate(cert)
     assert report.verified, report.differences
-    assert "llama.cpp's own kernels" in Path(served["markdown"]).read_text()
+    assert any("llama.cpp's own kernels (CPU" in note for note in report.notes)
+    assert "own kernels \\(CPU" in Path(served["markdown"]).read_text()  # escaped Markdown
 
     code, dequantized, _ = certify(*args, "--runtime", "transformers",
                                    "--out", str(tmp_path / "dequantized"))
@@ -276,8 +277,8 @@ def test_baseline_cache_keeps_runtimes_apart(tmp_path):
     base = _demo_gguf(tmp_path, "F32")
     subj = _demo_gguf(tmp_path, "Q8_0")
     cache = tmp_path / "cache"
-    args = ("--baseline", str(base), "--subject", str(subj), "--profile", "dev",
-            "--preset", str(_fast(tmp_path)))
+    args = ("--baseline", str(base), "--subject", str(subj), "--dataset", "demo",
+            "--profile", "dev", "--preset", str(_fast(tmp_path)))
     runs = {}
     for name, runtime in (("a", "llama.cpp"), ("b", "transformers"), ("c", "llama.cpp")):
         code, summary, _ = certify(*args, "--runtime", runtime, "--out", str(tmp_path / name),
@@ -293,16 +294,18 @@ def test_baseline_cache_keeps_runtimes_apart(tmp_path):
 
 @needs_llamacpp
 def test_a_file_llamacpp_cannot_read_is_input_error_before_evaluation(tmp_path):
-    """A GGUF whose architecture llama.cpp does not know stops at the probe (exit 2), with
-    the way out named; nothing is written."""
+    """A GGUF whose embedded pre-tokenizer llama.cpp does not know stops at the probe
+    (exit 2), with the way out named; nothing is written. (transformers reads the same file:
+    its tokenizer comes from the files next to it.)"""
+    import struct
+
     from tests.test_certify_cli import certify
 
     path = _demo_gguf(tmp_path, "Q8_0")
     data = path.read_bytes()
-    # a key llama.cpp requires renamed (same length): transformers falls back to a default,
-    # llama.cpp refuses the file
-    assert data.count(b"gpt2.block_count") == 1
-    path.write_bytes(data.replace(b"gpt2.block_count", b"gpt2.block_cuont"))
+    value = b"tokenizer.ggml.pre" + struct.pack("<IQ", 8, 7)  # a string of 7 bytes
+    assert data.count(value + b"default") == 1
+    path.write_bytes(data.replace(value + b"default", value + b"unknown"))
     code, summary, stderr = certify("--subject", str(path), "--runtime", "llama.cpp",
                                     "--profile", "dev", "--out", str(tmp_path / "o"))
     assert code == 2, summary
