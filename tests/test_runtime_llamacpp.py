@@ -293,6 +293,31 @@ def test_baseline_cache_keeps_runtimes_apart(tmp_path):
 
 
 @needs_llamacpp
+def test_several_subjects_each_get_their_own_runtime(tmp_path):
+    """One baseline, a GGUF subject and a float one: the GGUF file is served by llama.cpp,
+    the float checkpoint by transformers, each certificate says so and verifies."""
+    from click.testing import CliRunner
+
+    from invarlock import demo
+    from invarlock.cli import main
+
+    gguf = _demo_gguf(tmp_path, "Q8_0")
+    args = ["certify", "--subject", str(gguf), "--subject", str(demo.model_dir()),
+            "--profile", "dev", "--preset", str(_fast(tmp_path)), "--out",
+            str(tmp_path / "many"), "--no-cache", "--json"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.stdout
+    index = json.loads((tmp_path / "many" / "index.json").read_text())
+    certs = [json.loads((tmp_path / "many" / row["certificate"]).read_text())
+             for row in index["subjects"]]
+    assert certs[0]["subject"]["format"]["runtime"]["name"] == "llama.cpp"
+    assert certs[1]["subject"]["format"] is None
+    assert certs[1]["primary_metric"]["ratio"] == 1.0  # the baseline itself, same forward
+    verified = CliRunner().invoke(main, ["verify", str(tmp_path / "many"), "--json"])
+    assert verified.exit_code == 0, verified.stdout
+
+
+@needs_llamacpp
 def test_a_file_llamacpp_cannot_read_is_input_error_before_evaluation(tmp_path):
     """A GGUF whose embedded pre-tokenizer llama.cpp does not know stops at the probe
     (exit 2), with the way out named; nothing is written. (transformers reads the same file:
