@@ -11,6 +11,12 @@
 # - Every dependency comes from one index, pinned and hashed in docker/requirements.lock
 #   (`--require-hashes`, wheels only), installed before the source is copied: a source change
 #   rebuilds only the last layers, never torch.
+# - llama.cpp (the `llamacpp` extra, `--runtime llama.cpp`): llama-cpp-python is on PyPI as
+#   source only, so it is built here from its hashed sdist (docker/llamacpp.lock) with a
+#   hashed build backend (docker/llamacpp-build.lock) and Debian's cmake and g++, which are
+#   removed in the same layer. Built for the CPU, x86-64 with AVX2/FMA/F16C (any CPU of the
+#   last decade; not tuned to the build machine); no GPU backend: the image has no CUDA
+#   compiler, so on a GPU the default runtime for GGUF is transformers' (docs/action.md).
 
 ARG BASE_IMAGE=debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251
 
@@ -20,6 +26,8 @@ FROM ${BASE_IMAGE}
 ARG PYPI_INDEX_URL=https://pypi.org/simple
 # Optional CA bundle for pip (a TLS-intercepting proxy's), e.g. a file mounted into the build.
 ARG PIP_CERT
+# CMake options of the image's llama.cpp build (see the header).
+ARG LLAMACPP_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF"
 # OCI labels: the release passes the version and the commit it was built from.
 ARG VERSION=unreleased
 ARG REVISION=unknown
@@ -65,6 +73,23 @@ RUN apt-get update \
 COPY docker/requirements.lock /opt/invarlock/requirements.lock
 RUN python -m pip install --index-url "${PYPI_INDEX_URL}" --require-hashes --no-deps \
         --only-binary=:all: -r /opt/invarlock/requirements.lock
+
+# llama.cpp, built from its hashed source; the compilers leave with this layer (libgomp,
+# llama.cpp's OpenMP runtime, stays).
+COPY docker/llamacpp-build.lock docker/llamacpp.lock /opt/invarlock/
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        cmake g++ make libgomp1 \
+    && python -m pip install --index-url "${PYPI_INDEX_URL}" --require-hashes --no-deps \
+        --only-binary=:all: -r /opt/invarlock/llamacpp-build.lock \
+    && CMAKE_ARGS="${LLAMACPP_CMAKE_ARGS}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+        python -m pip install --index-url "${PYPI_INDEX_URL}" --require-hashes --no-deps \
+        --no-build-isolation -r /opt/invarlock/llamacpp.lock \
+    && python -m pip uninstall -y scikit-build-core pathspec \
+    && DEBIAN_FRONTEND=noninteractive apt-get purge -y --auto-remove cmake g++ make \
+    && rm -rf /var/lib/apt/lists/* \
+    && python -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
 
 # The certifier from this source, with the locked build backend and no index at all.
 COPY pyproject.toml README.md /opt/invarlock/src/

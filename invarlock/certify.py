@@ -81,6 +81,7 @@ class CertifyRequest:
     dequantize: bool = False  # evaluate a quantized subject's float weights (no kernels here)
     save_format: str = "safetensors"  # --save-subject format: safetensors | gguf
     subjects: tuple[str, ...] = ()  # several subjects: `invarlock.subjects.certify_subjects`
+    runtime: str = "auto"  # what evaluates a GGUF side: auto | llama.cpp | transformers
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,8 @@ class RunInputs:
     output: OutputFolder  # claimed (created, probed, locked) until the run ends
     subject_tokenizer: str | None = None  # where the subject's tokenizer came from
     subject_tokenizer_hash: str | None = None  # None: an in-memory edit keeps the baseline's
+    served: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    # ^ llama.cpp models open for this run, by their settings (see `_score`)
 
     @property
     def kind(self) -> MetricKind:
@@ -261,7 +264,11 @@ def certify_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineE
                     subject: PreparedSubject, req: CertifyRequest, timer: _Timer,
                     started: float) -> CertifyOutcome:
     """The subject stages for one subject against an already evaluated baseline."""
-    evidence = evaluate_subject(inputs, plan, baseline, subject, req, timer)
+    try:
+        evidence = evaluate_subject(inputs, plan, baseline, subject, req, timer)
+    finally:
+        _close_served(inputs, "subject")
+    _record_runtime(inputs, req, "subject", plan.windows.seq_len, evidence.record)
     judgement = judge(inputs, plan, baseline, evidence)
     artifacts = _write_models(inputs, req, subject, evidence, judgement)
     del subject
@@ -300,6 +307,7 @@ def validate_inputs(req: CertifyRequest, timer: _Timer) -> RunInputs:
     if len(req.subjects) <= 1:  # several subjects: each may be the one a flag is for
         formats.check_flags_apply([(m.source, m.config) for m in (baseline, subject) if m],
                                   req.gguf_file, req.dequantize)
+    _check_runtime(req, baseline, subject, device)
     policy = resolve(req.config, context_length=source.context_length(base_cfg))
     provenance.check_policy_pin(req.reference, policy.digest)
     provenance.check_baseline_pin(req.reference, lambda: source.weights_digest(
@@ -355,7 +363,35 @@ def check_subject(spec: str, baseline: ModelInput, req: CertifyRequest,
                          "they must be the same kind of model")
     formats.check_same_architecture(baseline.config, config, src, baseline.source)
     formats.check_loadable(src, config, device, req.dequantize)
-    return ModelInput(src, config, adapter)
+    subject = ModelInput(src, config, adapter)
+    _probe_runtime(req, subject, device, edited=False)
+    return subject
+
+
+def _check_runtime(req: CertifyRequest, baseline: ModelInput,
+                   subject: ModelInput | None, device: str) -> None:
+    """--runtime: llama.cpp needs its extra and a GGUF side, and reads the baseline's file."""
+    from invarlock.models import llamacpp
+    from invarlock.models.source import gguf_path
+
+    sides = [baseline] + ([subject] if subject is not None else [])
+    ggufs = [p for p in (gguf_path(s.source) for s in sides) if p is not None]
+    llamacpp.check_request(llamacpp.parse_runtime(req.runtime), ggufs)
+    _probe_runtime(req, baseline, device, edited=req.edit is not None)
+
+
+def _probe_runtime(req: CertifyRequest, side: ModelInput, device: str, *,
+                   edited: bool) -> None:
+    """A GGUF side llama.cpp will evaluate must be readable by it: found before evaluating."""
+    from invarlock.models import llamacpp
+    from invarlock.models.source import gguf_path
+
+    path = gguf_path(side.source)
+    if llamacpp.uses_llamacpp(llamacpp.parse_runtime(req.runtime), path, edited=edited,
+                              device=device):
+        assert path is not None
+        vocab = side.config.get("vocab_size")
+        llamacpp.probe(path, vocab if isinstance(vocab, int) else None)
 
 
 def check_subject_tokenizer(subject: ModelInput, base_tok: Any,
@@ -410,7 +446,7 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
     dtype = devices.resolve_dtype(req.dtype, inputs.device, devices.checkpoint_dtype(base.config))
     key = CacheKey(source.weights_digest(files), inputs.tokenizer_hash, plan.windows.digest,
                    str(inputs.kind), str(dtype).removeprefix("torch."),
-                   inputs.device.split(":")[0], __version__)
+                   _device_tag(inputs, req, plan.windows.seq_len), __version__)
     guards = _guard_run(inputs, plan)
     cache = (BaselineCache(req.cache_dir, secret=req.cache_secret,
                            namespace=req.cache_namespace) if req.use_cache else None)
@@ -447,6 +483,7 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
         if broken:
             raise EvidenceError(f"the baseline produced non-finite outputs on {broken} windows; "
                                 "there is nothing sound to compare the subject with")
+        _close_served(inputs, "baseline")
         parameters = int(model.parameters)
         guard_payload = guards.baseline_done()
         if cache:
@@ -458,6 +495,7 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
     record["cache_payload_digest"] = cache_digest
     record["format"] = formats.describe_files(base.source, base.config, inputs.device,
                                               req.dequantize)
+    _record_runtime(inputs, req, "baseline", plan.windows.seq_len, record)
     evidence = BaselineEvidence(sets=sets, parameters=parameters, files=files, cache_key=key,
                                 cache_digest=cache_digest, guard_payload=guard_payload,
                                 guard_seconds=guards.timings(), record=record)
@@ -773,14 +811,22 @@ def _guard_run(inputs: RunInputs, plan: EvaluationPlan) -> Any:
 
 def _score(inputs: RunInputs, req: CertifyRequest, timer: _Timer, model: Any,
            windows: WindowSet, label: str, taps: Any = None, dist: Any = None) -> Any:
+    """One side's per-window results: from the torch model, or, for a GGUF side llama.cpp
+    evaluates, from llama.cpp (a torch pass then runs only to feed the guards' taps)."""
     from invarlock import evaluate
     from invarlock.models.device import keep_heap_warm
 
     t0 = time.perf_counter()
     keep_heap_warm()
-    scores = evaluate.evaluate_windows(model, windows, kind=inputs.kind, device=inputs.device,
-                                       batch_size=req.batch_size, taps=taps or None,
-                                       progress=req.progress, distribution=dist)
+    served = _served(inputs, req, label, int(windows.input_ids.shape[1]))
+    if served is None or taps:
+        scores = evaluate.evaluate_windows(model, windows, kind=inputs.kind,
+                                           device=inputs.device, batch_size=req.batch_size,
+                                           taps=taps or None, progress=req.progress,
+                                           distribution=dist)
+    if served is not None:
+        scores = evaluate.evaluate_with_runtime(served, windows, kind=inputs.kind,
+                                                progress=req.progress)
     timer.add(f"{label}_eval_s", t0)
     return scores
 
@@ -800,6 +846,69 @@ def _distribution_section(inputs: RunInputs, baseline: BaselineEvidence,
         comparison, set_name=name, top_k=baseline.sets[name].distribution.k,
         limits=distribution.Limits.from_policy(inputs.policy.values.get("distribution")),
         replicates=boot.replicates, seed=boot.seed, alpha=boot.alpha)
+
+
+# --- GGUF evaluated by llama.cpp (invarlock.models.llamacpp) ---------------------------------
+
+def _runtime_settings(inputs: RunInputs, req: CertifyRequest, label: str,
+                      seq_len: int) -> Any:
+    """How llama.cpp runs the side `label`, when it is a GGUF file llama.cpp evaluates."""
+    from invarlock.models import llamacpp
+    from invarlock.models.source import gguf_path
+
+    side = inputs.baseline if label == "baseline" else inputs.subject
+    if side is None:  # the subject is the baseline edited in memory
+        return None
+    path = gguf_path(side.source)
+    if not llamacpp.uses_llamacpp(llamacpp.parse_runtime(req.runtime), path,
+                                  edited=inputs.edit is not None, device=inputs.device):
+        return None
+    assert path is not None
+    return llamacpp.Settings.for_windows(path, seq_len, inputs.device)
+
+
+def _served(inputs: RunInputs, req: CertifyRequest, label: str, seq_len: int) -> Any:
+    """The side's llama.cpp model, loaded once per run and side (None: scored by torch)."""
+    settings = _runtime_settings(inputs, req, label, seq_len)
+    if settings is None:
+        return None
+    if settings not in inputs.served:
+        from invarlock.models.llamacpp import LlamaCppModel
+
+        inputs.served[settings] = LlamaCppModel(settings)
+    return inputs.served[settings]
+
+
+def _close_served(inputs: RunInputs, label: str) -> None:
+    """Unload the side's llama.cpp model once its windows are scored."""
+    from invarlock.models.source import gguf_path
+
+    side = inputs.baseline if label == "baseline" else inputs.subject
+    path = None if side is None else gguf_path(side.source)
+    for settings in [s for s in inputs.served if path is not None and s.path == path]:
+        inputs.served.pop(settings).close()
+
+
+def _record_runtime(inputs: RunInputs, req: CertifyRequest, label: str, seq_len: int,
+                    record: dict[str, Any]) -> None:
+    """A GGUF side evaluated by llama.cpp says so, and how, in its `format` record."""
+    settings = _runtime_settings(inputs, req, label, seq_len)
+    if settings is not None and record.get("format") is not None:
+        from invarlock.models import llamacpp
+
+        record["format"].update(llamacpp.format_fields(settings))
+
+
+def _device_tag(inputs: RunInputs, req: CertifyRequest, seq_len: int) -> str:
+    """The baseline cache key's device: llama.cpp's results also depend on its build and
+    settings, so they are part of the key."""
+    base = inputs.device.split(":")[0]
+    settings = _runtime_settings(inputs, req, "baseline", seq_len)
+    if settings is None:
+        return base
+    from invarlock.models import llamacpp
+
+    return f"{base} {llamacpp.cache_tag(settings)}"
 
 
 def _unscored(base: Any, kind: MetricKind) -> Any:

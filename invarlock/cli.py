@@ -228,6 +228,10 @@ Examples:
 @click.option("--dequantize", is_flag=True, default=None,
               help="Evaluate a quantized model's dequantized float weights where its backend "
                    "has no kernels for the device (recorded in the certificate).")
+@click.option("--runtime", type=click.Choice(["auto", "llama.cpp", "transformers"]),
+              help="What evaluates a GGUF model: llama.cpp's own kernels, as served (the "
+                   "default when the 'llamacpp' extra is installed), or transformers' "
+                   "dequantized float forward.")
 @click.option("--write-ve-subject", type=click.Path(file_okay=False, path_type=Path),
               help="Also write a copy of the subject with the VE guard's proposed scales "
                    "folded into its weights (the subject itself is never changed).")

@@ -39,6 +39,8 @@ MODEL = _obj({
     "gguf_file": {**_OPT_STR, "description": "the GGUF file of a folder holding several"},
     "dequantize": {"type": "boolean",
                    "description": "evaluate a quantized model's dequantized float weights"},
+    "runtime": {"type": "string", "enum": ["auto", "llama.cpp", "transformers"],
+                "description": "what evaluates a GGUF side (auto: llama.cpp when installed)"},
 })
 
 DATASET = _obj({

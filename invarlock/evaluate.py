@@ -230,6 +230,51 @@ def evaluate_windows(
     )
 
 
+class CausalRuntime(Protocol):
+    """A runtime outside torch that scores one causal window from its ids
+    (``invarlock.models.llamacpp.LlamaCppModel``): NLL of ids[1:], tokens, finiteness and
+    the ids it was fed."""
+
+    def score_causal(self, ids: np.ndarray) -> Any: ...
+
+
+def evaluate_with_runtime(runtime: CausalRuntime, windows: Windows, *, kind: MetricKind | str,
+                          progress: bool = False) -> WindowScores:
+    """Score causal windows one at a time through ``runtime``: the same records
+    ``evaluate_windows`` yields (same positions scored, same NaN for a broken window, fed
+    hashes from the ids the runtime reports it was given)."""
+    kind = MetricKind(kind)
+    if kind is not MetricKind.PPL_CAUSAL:
+        raise InputError(f"only causal language models can be evaluated by this runtime, "
+                         f"not {kind}")
+    n, _ = _validate(windows, kind)
+    start = time.perf_counter()
+    values, tokens = np.zeros(n, np.float64), np.zeros(n, np.int64)
+    broken = np.zeros(n, bool)
+    fed: list[str] = []
+    with _progress_bar(n, kind, progress) as bar:
+        for i in range(n):
+            mask = np.asarray(windows.attention_mask[i], dtype=np.int64)
+            length = int(mask.sum())
+            if not mask[:length].all():
+                raise InputError("a window's attention mask is not a prefix of ones "
+                                 "(padding must be on the right)")
+            result = runtime.score_causal(np.asarray(windows.input_ids[i, :length]))
+            values[i], tokens[i], broken[i] = result.nll, result.tokens, not result.finite
+            row = np.array(windows.input_ids[i], dtype=np.int64)
+            row[:length] = result.fed
+            fed.extend(_row_hashes({"input_ids": row[None], "attention_mask": mask[None]}))
+            bar.update(1)
+    values[broken] = np.nan
+    if broken.any():
+        logger.warning("%d of %d windows produced non-finite logits", int(broken.sum()), n)
+    return WindowScores(
+        kind=kind, window_ids=np.asarray(windows.window_ids, dtype=np.int64).copy(),
+        sha256=tuple(windows.sha256), tokens=tokens, values=values,
+        nonfinite_windows=int(broken.sum()), seconds=time.perf_counter() - start,
+        fed_sha256=tuple(fed))
+
+
 _FED_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 

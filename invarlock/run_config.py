@@ -152,6 +152,7 @@ def flags_to_config(flags: dict[str, Any]) -> dict[str, Any]:
     put("model.allow_pickle", flags.get("allow_pickle"))
     put("model.gguf_file", flags.get("gguf_file"))
     put("model.dequantize", flags.get("dequantize"))
+    put("model.runtime", flags.get("runtime"))
     put("output.save_format", flags.get("save_format"))
     if flags.get("dataset_spec"):
         from invarlock.data.corpus import parse_dataset_spec
@@ -226,5 +227,6 @@ def request_from_config(config: dict[str, Any], *, progress: bool = False,
         progress=progress,
         gguf_file=get(config, "model.gguf_file"),
         dequantize=bool(get(config, "model.dequantize", False)),
+        runtime=get(config, "model.runtime", "auto"),
         save_format=get(config, "output.save_format", "safetensors"),
     )

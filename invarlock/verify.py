@@ -127,8 +127,12 @@ def _check_formats(cert: Mapping[str, Any], found: _Findings) -> None:
         if not fmt:
             continue
         found.checked.append(f"{role} format")
-        if fmt["name"] == "gguf" and fmt["forward"] != "dequantized":
-            found.differ(f"{role}.format.forward", "a GGUF model is evaluated dequantized")
+        runtime = fmt.get("runtime")
+        served = isinstance(runtime, Mapping) and runtime.get("name") == "llama.cpp"
+        if fmt["name"] == "gguf" and fmt["forward"] != (
+                "quantized-kernels" if served else "dequantized"):
+            found.differ(f"{role}.format.forward", "a GGUF model is evaluated by llama.cpp's "
+                         "kernels or dequantized, as its `runtime` record says")
         if fmt.get("dequantize_requested") and fmt["forward"] != "dequantized":
             found.differ(f"{role}.format.forward", "--dequantize was given but the forward "
                          "is recorded as quantized kernels")

@@ -74,7 +74,7 @@ def test_gguf_subject_certifies_with_format_fields(tiny_llama_dir, sonnets_path,
     code, summary, _ = certify("--baseline", str(tiny_llama_dir), "--subject", str(path),
                                     "--dataset", str(sonnets_path), "--profile", "dev",
                                     "--preset", str(_fast(tmp_path)), "--out",
-                                    str(tmp_path / "o"))
+                                    str(tmp_path / "o"), "--runtime", "transformers")
     assert code == 0, summary
     cert = document.load_certificate(summary["certificate"])
     fmt = cert["subject"]["format"]
@@ -134,7 +134,7 @@ def test_demo_saved_as_gguf_certifies_again_with_same_verdict(tmp_path):
     assert sorted(p.name for p in saved.iterdir()) == [
         "model-Q8_0.gguf", "tokenizer.json", "tokenizer_config.json"]
     code, again, _ = certify("--profile", "dev", "--subject", str(saved),
-                             "--out", str(tmp_path / "b"))
+                             "--out", str(tmp_path / "b"), "--runtime", "transformers")
     assert code == 0 and again["verdict"] == first["verdict"]
     a = document.load_certificate(first["certificate"])
     b = document.load_certificate(again["certificate"])
@@ -249,7 +249,8 @@ def test_a_gguf_written_by_llama_cpp_reads_as_its_float_conversion(tmp_path):
     (folder / gguf_path.name).symlink_to(gguf_path)
     code, summary, _ = certify("--baseline", str(float_dir), "--subject", str(folder),
                                "--dataset", "demo", "--profile", "dev",
-                               "--preset", str(_fast(tmp_path)), "--out", str(tmp_path / "o"))
+                               "--preset", str(_fast(tmp_path)), "--out", str(tmp_path / "o"),
+                               "--runtime", "transformers")
     assert code == 0 and summary["ratio"] == 1.0, summary
     cert = document.load_certificate(summary["certificate"])
     assert cert["subject"]["format"]["file_type"] in ("Q4_1", "Q6_K", "Q8_0")

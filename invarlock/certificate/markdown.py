@@ -353,6 +353,10 @@ def format_line(fmt: dict[str, Any]) -> str:
     forward = ("quantized kernels" if fmt["forward"] == "quantized-kernels"
                else "dequantized float weights"
                + (" (--dequantize)" if fmt.get("dequantize_requested") else ""))
+    runtime = fmt.get("runtime")
+    if isinstance(runtime, dict) and runtime.get("name") == "llama.cpp":
+        forward = (f"llama.cpp's own kernels ({'+'.join(map(str, runtime.get('backends') or []))}"
+                   f", {runtime.get('threads')} threads, context {runtime.get('n_ctx')})")
     digests = len(fmt.get("module_digests") or {})
     tail = f" · {digests} module digests" if digests else ""
     return (f"{kind} · {bits}{group} · {backend or 'no backend'} · evaluated with "
