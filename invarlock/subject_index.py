@@ -53,13 +53,14 @@ def folder_names(specs: Sequence[str]) -> list[str]:
 
     Names of the files a result folder holds (index.json, evaluation.cert.json, ...) are
     taken by those files, so a subject with such a name gets a numbered one."""
-    taken = {INDEX_JSON, INDEX_MARKDOWN, *SET_FILENAMES}
+    taken = {n.lower() for n in (INDEX_JSON, INDEX_MARKDOWN, *SET_FILENAMES)}
     names: list[str] = []
     for spec in specs:
         tail = re.split(r"[/\\:]", spec.rstrip("/\\"))[-1] or "subject"
         base = re.sub(r"[^A-Za-z0-9._-]+", "-", tail).strip(".-")[:190] or "subject"
         name, n = base, 2
-        while name in names or name in taken:
+        # compared without case: on a case-insensitive file system INDEX.md is index.md
+        while name.lower() in {m.lower() for m in names} or name.lower() in taken:
             name, n = f"{base}-{n}", n + 1
         names.append(name)
     return names

@@ -567,13 +567,26 @@ def _recheck_self_reports(cert: Mapping[str, Any], policy: ResolvedPolicy,
         found.differ("evidence.context_length", f"{context} is shorter than the {seq_len}-token "
                                                 "windows the model was fed")
     level = cert["primary_metric"].get("bootstrap") or {}
-    if level and level.get("alpha") != policy.bootstrap.alpha:
+    expected_alpha = _interval_alpha(cert, policy)
+    if level and level.get("alpha") != expected_alpha:
         found.differ("primary_metric.bootstrap.alpha", f"{level.get('alpha')!r} but the policy "
-                                                       f"records {policy.bootstrap.alpha!r}")
+                                                       f"gives {expected_alpha!r}")
     if stored["allow_underpowered"] and policy.profile != "dev":
         found.notes.append(f"run with allow_underpowered in the {policy.profile} profile: "
                            "evidence below the profile was accepted on request")
     return weakened
+
+
+def _interval_alpha(cert: Mapping[str, Any], policy: ResolvedPolicy) -> float:
+    """The level the primary metric's interval must use: the policy's α, or under a
+    sequential design the share of it left for the fixed test at the maximum."""
+    if cert.get("sequential") is None:
+        return policy.bootstrap.alpha
+    try:
+        design = sequential_run.design_for(policy, len(cert["windows"]["final"]["ids"]))
+    except ConfigError:
+        return policy.bootstrap.alpha  # reported by the sequence's own recheck
+    return policy.bootstrap.alpha if design is None else design.alpha_fixed
 
 
 def _stopped_by(cert: Mapping[str, Any], guard_checks: list[gate.Check]) -> str | None:

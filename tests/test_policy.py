@@ -137,7 +137,7 @@ def test_ci_and_release_refuse_overrides_below_their_floor(profile, config, shor
     ("release", {"guards": {"invariants": {"mode": "off"}}},
      "guards.invariants.mode off instead of gate"),
     ("ci", {"guards": {"order": ["invariants", "rmt", "invariants"]}},
-     "guards.order leaves out spectral, variance"),
+     "guards.order leaves out spectral, rows, variance"),
     ("ci", {"guards": {"spectral": {"scope": ["attn"]}}},
      "guards.spectral.scope ['attn'] instead of all"),
     ("release", {"guards": {"variance": {"targets": "edited_modules_only"}}},
