@@ -477,7 +477,7 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
             check_baseline_weights(model.model)
             guards.baseline_loaded(model.model)
         sets = {name: _score(inputs, req, timer, model.model, getattr(plan.windows, name),
-                             "baseline", guards.taps(model.model, "baseline", name), top_k)
+                             "baseline", _taps(guards, model.model, "baseline", name), top_k)
                 for name in WINDOW_SETS}
         broken = sum(s.nonfinite_windows for s in sets.values())
         if broken:
@@ -609,7 +609,7 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
 
     try:
         preview = _score(inputs, req, timer, model, plan.windows.preview, "subject",
-                         guards.taps(model, "subject", "preview"),
+                         _taps(guards, model, "subject", "preview"),
                          baseline.sets["preview"].distribution)
     except InputError as exc:
         if intact:
@@ -629,7 +629,7 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
         log.warning("preview ratio beyond the catastrophic limit: final set not evaluated")
     else:
         final, sequential = _score_final(inputs, plan, baseline, preview, req, timer, model,
-                                         guards.taps(model, "subject", "final"),
+                                         _taps(guards, model, "subject", "final"),
                                          baseline.sets["final"].distribution)
     ctx.scores = {"preview": preview, "final": final}
     with loading.weights_on_host(model):
@@ -807,6 +807,16 @@ def _guard_run(inputs: RunInputs, plan: EvaluationPlan) -> Any:
     return GuardRun(inputs.chain, inputs.policy.values.get("guards") or {},
                     run_info(inputs.kind, inputs.device, plan.windows, inputs.chain,
                              inputs.policy))
+
+
+def _taps(guards: Any, model: Any, role: str, phase: str) -> list[Any]:
+    """The guards' taps for one pass over `model`. Setting one up may read weights (the RMT
+    probe's balancing scales), so weights a device map offloaded are brought to the host for
+    it, as for every other guard step that reads them."""
+    from invarlock.models import loading
+
+    with loading.weights_on_host(model):
+        return guards.taps(model, role, phase)
 
 
 def _score(inputs: RunInputs, req: CertifyRequest, timer: _Timer, model: Any,
