@@ -17,7 +17,8 @@ computed for a fork are never read by a trusted run, even when copied across.
 
 A language model's entry also holds the baseline's compact next-token distribution per set
 (`distribution`: top-k log-probabilities per scored token, as base64 arrays), so a cached
-baseline still gives the subject's KL divergence; an entry without it is evaluated again.
+baseline still gives the subject's KL divergence; an entry without it is evaluated again,
+unless the baseline cannot have one (scored by llama.cpp, which gives per-token losses only).
 """
 
 from __future__ import annotations

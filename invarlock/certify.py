@@ -455,7 +455,7 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
     if cached is not None and not guards.restore(hit.payload.get("guards")):
         log.info("baseline cache entry lacks these guard settings; evaluating the baseline")
         cached = None
-    top_k = None if inputs.kind is MetricKind.ACCURACY else distribution.TOP_K
+    top_k = _distribution_k(inputs, req, plan.windows.seq_len)
     if cached is not None and top_k is not None and any(
             s.distribution is None for s in cached[0].values()):
         log.info("baseline cache entry lacks the distribution evidence; evaluating the baseline")
@@ -875,6 +875,17 @@ def _runtime_settings(inputs: RunInputs, req: CertifyRequest, label: str,
         return None
     assert path is not None
     return llamacpp.Settings.for_windows(path, seq_len, inputs.device)
+
+
+def _distribution_k(inputs: RunInputs, req: CertifyRequest, seq_len: int) -> int | None:
+    """How many next-token log-probabilities the baseline keeps per scored token: none for a
+    classifier, nor for a baseline llama.cpp scores (it returns per-token losses only), so
+    such a baseline's cache entry is complete without them."""
+    if inputs.kind is MetricKind.ACCURACY:
+        return None
+    if _runtime_settings(inputs, req, "baseline", seq_len) is not None:
+        return None
+    return distribution.TOP_K
 
 
 def _served(inputs: RunInputs, req: CertifyRequest, label: str, seq_len: int) -> Any:

@@ -52,9 +52,9 @@ def zero_baseline(tiny_classifier_dir, tmp_path_factory) -> Path:
                       bias=(50.0, -50.0))
 
 
-def _certify(tmp_path: Path, *args: str) -> tuple[int, dict, dict]:
+def _certify(tmp_path: Path, *args: str, preset_text: str = FAST) -> tuple[int, dict, dict]:
     preset = tmp_path / "fast.yaml"
-    preset.write_text(FAST)
+    preset.write_text(preset_text)
     result = CliRunner().invoke(main, ["certify", *args, "--profile", "dev", "--preset",
                                        str(preset), "--no-cache", "--json", "--out",
                                        str(tmp_path / "o")], catch_exceptions=False)
@@ -69,9 +69,14 @@ def _reasons(cert: dict) -> str:
 
 def test_zero_accuracy_baseline_against_a_subject_that_is_right_passes(
         zero_baseline, all_ones, tmp_path):
+    """The metric's edge case: the subject is right where the baseline is always wrong. Its
+    head bias is flipped, an edit the rows guard rightly sees (recorded here, not gating),
+    so the verdict rests on the metric checks this test is about."""
     subject = _with_head(zero_baseline, tmp_path / "right", bias=(-50.0, 50.0))
     code, summary, cert = _certify(tmp_path, "--baseline", str(zero_baseline), "--subject",
-                                   str(subject), "--dataset", str(all_ones))
+                                   str(subject), "--dataset", str(all_ones),
+                                   preset_text=FAST + "guards: {rows: {mode: monitor}}\n")
+    assert cert["validation"]["rows_stable"] is False and "classifier.bias" in _reasons(cert)
     pm = cert["primary_metric"]
     assert pm["preview"]["baseline"] == 0.0 and pm["final"]["baseline"] == 0.0
     assert pm["final"]["subject"] == 1.0 and pm["ratio"] is None  # undefined, not an error

@@ -229,7 +229,10 @@ def distribution_lines(cert: dict[str, Any], level: int = 2) -> list[str]:
             f"| Mean Δp | {d['delta_p_mean'] * 100:+.3f}% |",
             *[f"| {label} | {d['delta_p'][key] * 100:+.3f}% |" for key, label in _DP_ROWS],
             f"| RMS Δp | {d['delta_p_rms'] * 100:.3f}% |"]
-    checks = [c for c in d["checks"] if c["status"] != "monitor"]
+    # a check is limited when it holds a limit (invarlock.distribution.checks); its status
+    # is text like any other, so the numbers decide what is formatted as a number
+    checks = [c for c in d["checks"] if isinstance(c.get("limit"), (int, float))
+              and isinstance(c.get("bound"), (int, float))]
     limits = ("Monitor-only: no tier limit is calibrated for mean KLD or same top p."
               if not checks else "; ".join(
                   f"{_code(c['name'])} bound {c['bound']:.6f} against limit {c['limit']:.6f}: "

@@ -120,16 +120,23 @@ def planted(tmp_path_factory, tiny_gpt2_dir, damaged, sonnets_path, fast_preset)
     return honest["baseline"]["weights_digest"], entry
 
 
-def test_planted_entry_is_a_false_pass_without_a_secret(
+def test_planted_entry_is_a_false_pass_of_the_metric_without_a_secret(
         planted, tiny_gpt2_dir, damaged, sonnets_path, fast_preset, tmp_path):
-    """The attack, as it works on a shared cache without a secret: the damaged subject
-    passes because the baseline's results were replaced by its own."""
+    """The attack, as it works on a shared cache without a secret: the planted entry is
+    reused and the damaged subject's metric passes, because the baseline's results were
+    replaced by its own. Only the guards that compare the subject's weights with the
+    baseline's files, which no cache entry stands in for, still fail it."""
     digest, entry = planted
     _plant_as_baseline(entry, digest, tmp_path / "shared")
     code, summary, _ = certify(tiny_gpt2_dir, damaged, tmp_path / "out", sonnets_path,
                                fast_preset, "--cache-dir", str(tmp_path / "shared"))
     cert = document.load_certificate(summary["certificate"])
-    assert code == 0 and cert["baseline"]["results_from_cache"] is True
+    assert cert["baseline"]["results_from_cache"] is True
+    pm = cert["primary_metric"]
+    assert pm["ratio"] == 1.0 and pm["delta"]["estimate"] == 0.0  # judged against itself
+    failed = {name for name, ok in cert["validation"].items() if not ok}
+    assert failed == {"evidence_meets_profile", "spectral_stable", "rows_stable"}
+    assert code == 1
 
 
 @pytest.mark.parametrize("tag", ["missing", "forged"])
