@@ -3,8 +3,10 @@
 Benign edits are applied to each reference model and measured by the product's own probes
 (`RowsProbe`, `SpectralProbe`), baseline streamed from its files as in a certification:
 
-- the zoo's benign families (`invarlock.calibration.zoo.BENIGN`: 8-bit RTN, half-precision
-  round trips, quantization noise, light pruning, norm folds, a small LoRA merge);
+- the zoo's benign families (`invarlock.calibration.zoo.BENIGN`: 8-bit RTN, 4-bit RTN per
+  group of 128, half-precision round trips, quantization noise, light pruning, norm folds, a
+  small LoRA merge, SmoothAttention-style q/k and AWQ-style value/up rescalings, AWQ scaling
+  then 4-bit RTN);
 - 4-bit group-wise RTN (groups of 128 inputs) of every block matrix, as `quant_rtn` does;
 - edits real tools make outside the blocks: 8-bit per-row and 4-bit group-wise (32, the
   GGUF block) RTN of every embedding and head row, and an fp16 or bf16 round trip of every

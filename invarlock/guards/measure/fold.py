@@ -413,7 +413,18 @@ def effective(name: str, get: Callable[[str], torch.Tensor],
               plan: Mapping[str, Any]) -> torch.Tensor:
     """The matrix whose σ the spectral guard compares: folded, then balanced in every pair
     it belongs to (the pairs touch disjoint channels, so their order does not matter)."""
-    w = folded(name, get, plan)
+    return _balance(name, folded(name, get, plan), get, plan)
+
+
+def balanced(name: str, get: Callable[[str], torch.Tensor],
+             plan: Mapping[str, Any]) -> torch.Tensor:
+    """The float32 weight balanced in every pair it belongs to, its norm's scale not folded
+    in (the scales s are those of `effective`): what the norm's own channels multiply."""
+    return _balance(name, get(name).to(torch.float32), get, plan)
+
+
+def _balance(name: str, w: torch.Tensor, get: Callable[[str], torch.Tensor],
+             plan: Mapping[str, Any]) -> torch.Tensor:
     relations = _relations(name, plan)
     if not relations:
         return w

@@ -7,8 +7,10 @@ norm feeds which linear. Both are cached with the baseline's results.
 
 Subject: each tensor is compared with the baseline's, streamed from its files. A norm whose
 scale its linears absorb is compared as (γ + offset)·‖W[:, i]‖ (and its shift as β·‖W[:, i]‖)
-over the linears it feeds, and a head fed by such a norm as W·diag(γ), so the
-function-preserving rescalings SmoothQuant and AWQ apply change nothing here. The decision is
+over the linears it feeds, a head fed by such a norm as W·diag(γ), and the bias of a balanced
+pair's producer (fused q/k/v, `v_proj`, `up_proj`) times its outputs' balancing scale
+(`fold.output_scales`), so the function-preserving rescalings SmoothQuant, AWQ and
+SmoothAttention apply change nothing here. The decision is
 `invarlock.guards.rows.decide`.
 """
 
@@ -24,7 +26,7 @@ import torch
 
 from invarlock.families import family_of
 from invarlock.guards.base import not_measured
-from invarlock.guards.measure.fold import folded, transform_plan
+from invarlock.guards.measure.fold import balanced, folded, output_scales, transform_plan
 from invarlock.guards.measure.probe import Probe, SubjectContext
 from invarlock.guards.measure.weights import WeightReader, single_thread
 from invarlock.models.effective import EffectiveWeights
@@ -70,12 +72,14 @@ def norm_consumers(plan: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def channel_norms(consumers: list[Mapping[str, Any]],
-                  get: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """‖W[:, i]‖ over all the linears a norm feeds (GPT-2's Conv1D stores [in, out])."""
+def channel_norms(consumers: list[Mapping[str, Any]], get: Callable[[str], torch.Tensor],
+                  plan: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """‖W[:, i]‖ over all the linears a norm feeds (GPT-2's Conv1D stores [in, out]), each W
+    balanced in its pairs when a plan is given (a q/k or value rescaling moves no column)."""
     total = None
     for c in consumers:
-        w = get(c["linear"]).to(torch.float32)
+        w = get(c["linear"]).to(torch.float32) if plan is None else \
+            balanced(c["linear"], get, plan)
         sq = w.square().sum(dim=1 if c["transposed"] else 0)
         total = sq if total is None else total + sq.to(total.device)
     return total.sqrt()
@@ -86,7 +90,7 @@ def _module_of(param: str) -> str:
 
 
 class RowsProbe(Probe):
-    cache_settings: ClassVar[dict[str, Any]] = {"version": 1}
+    cache_settings: ClassVar[dict[str, Any]] = {"version": 2}
 
     def __init__(self, policy: Mapping[str, Any]) -> None:
         super().__init__(policy)
@@ -99,11 +103,18 @@ class RowsProbe(Probe):
         aliases: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             aliases.setdefault(p.data_ptr(), []).append(name)
+        modules = dict(model.named_modules())
         tensors = []
         for name, p in model.named_parameters():  # tied tensors once, by their first name
             if in_scope(name, p):
-                tensors.append({"name": name, "shape": list(p.shape),
-                                "aliases": [a for a in aliases[p.data_ptr()] if a != name]})
+                entry = {"name": name, "shape": list(p.shape),
+                         "aliases": [a for a in aliases[p.data_ptr()] if a != name]}
+                weight = f"{_module_of(name)}.weight"
+                if name.endswith(".bias") and (plan.get(weight) or {}).get("balance"):
+                    module = modules.get(_module_of(name))
+                    entry["balanced_with"] = {
+                        "weight": weight, "conv1d": type(module).__name__ == "Conv1D"}
+                tensors.append(entry)
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         self._state = {"tensors": tensors, "transforms": plan,
                        "vocab_size": int(vocab) if vocab else None}
@@ -137,7 +148,7 @@ class RowsProbe(Probe):
                     unmatched.append(name)
                     continue
                 try:
-                    kind, b, s = self._forms(name, base_get, subject_get, plan, consumers)
+                    kind, b, s = self._forms(entry, base_get, subject_get, plan, consumers)
                 except KeyError:
                     unmatched.append(name)
                     continue
@@ -154,14 +165,17 @@ class RowsProbe(Probe):
         self._result = {"evaluated": True, "tau": tau, "tensors": records,
                         "unmatched": unmatched, "vocabulary": coverage,
                         "method": {"row_floor": ROW_FLOOR, "top_rows": TOP_ROWS,
-                                   "folded_norms": "(γ + offset)·‖W[:, i]‖, β·‖W[:, i]‖"}}
+                                   "folded_norms": "(γ + offset)·‖W[:, i]‖, β·‖W[:, i]‖",
+                                   "balanced": "W, producer biases in their pairs' balanced "
+                                               "form"}}
 
     @staticmethod
-    def _forms(name: str, base_get: Callable[[str], torch.Tensor],
+    def _forms(entry: Mapping[str, Any], base_get: Callable[[str], torch.Tensor],
                subject_get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
                consumers: Mapping[str, list[dict[str, Any]]]
                ) -> tuple[str, torch.Tensor, torch.Tensor]:
         """(kind, baseline form, subject form) of one tensor, as the function depends on it."""
+        name = entry["name"]
         module = _module_of(name)
         norm = name if name in consumers else f"{module}.weight"
         if norm in consumers and name in (norm, f"{module}.bias"):
@@ -169,10 +183,18 @@ class RowsProbe(Probe):
             forms = []
             for get in (base_get, subject_get):
                 scale = get(name).to(torch.float32) + offset
-                forms.append(scale * channel_norms(consumers[norm], get).to(scale.device))
+                forms.append(scale * channel_norms(consumers[norm], get, plan).to(scale.device))
             return "folded channels", forms[0], forms[1]
         if (plan.get(name) or {}).get("fold"):
             return "folded rows", folded(name, base_get, plan), folded(name, subject_get, plan)
+        pair = entry.get("balanced_with")
+        if pair:  # a producer's bias scales with its outputs: compare the balanced outputs
+            forms = []
+            for get in (base_get, subject_get):
+                bias = get(name).to(torch.float32)
+                factor = output_scales(pair["weight"], get, plan, conv1d=bool(pair["conv1d"]))
+                forms.append(bias if factor is None else bias * factor.to(bias.device))
+            return "balanced channels", forms[0], forms[1]
         b, s = base_get(name), subject_get(name)
         return ("channels" if b.dim() == 1 else "rows"), b, s.to(b.device)
 
