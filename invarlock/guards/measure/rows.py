@@ -28,7 +28,7 @@ from invarlock.families import family_of
 from invarlock.guards.base import not_measured
 from invarlock.guards.measure.fold import balanced, folded, output_scales, transform_plan
 from invarlock.guards.measure.probe import Probe, SubjectContext
-from invarlock.guards.measure.weights import WeightReader, single_thread
+from invarlock.guards.measure.weights import WeightReader, paired_getters, single_thread
 from invarlock.models.effective import EffectiveWeights
 
 log = logging.getLogger(__name__)
@@ -131,14 +131,8 @@ class RowsProbe(Probe):
         seen_ids = None if self.info is None else self.info.tokens_seen
         tau = float(self.policy["tau"])
 
-        def base_get(name: str) -> torch.Tensor:
-            key = reader.resolve(name, ctx.base_model_prefix, ctx.model)
-            if key is None:
-                raise KeyError(name)
-            return reader.get(key).to(params[name].dtype if name in params else None)
-
-        def subject_get(name: str) -> torch.Tensor:
-            return params[name].detach()
+        base_get, subject_get = paired_getters(reader, params, ctx.base_model_prefix,
+                                               ctx.model)
 
         records, unmatched = [], []
         with torch.inference_mode(), single_thread():

@@ -42,6 +42,7 @@ from invarlock.guards.measure.weights import (
     RANDOM_STARTS,
     RESIDUAL_TOL,
     WeightReader,
+    paired_getters,
     single_thread,
     threads_for,
     top_singular,
@@ -119,15 +120,8 @@ class SpectralProbe(Probe):
         modules = []
         unmatched = []
 
-        def base_get(name: str) -> torch.Tensor:
-            key = reader.resolve(name, ctx.base_model_prefix, ctx.model)
-            if key is None:
-                raise KeyError(name)
-            # in the subject's dtype, as the baseline was when its σ was taken
-            return reader.get(key).to(params[name].dtype if name in params else None)
-
-        def subject_get(name: str) -> torch.Tensor:
-            return params[name].detach()
+        base_get, subject_get = paired_getters(reader, params, ctx.base_model_prefix,
+                                               ctx.model)
 
         with torch.inference_mode(), single_thread():
             for entry in baseline["modules"]:

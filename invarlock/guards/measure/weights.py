@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,23 @@ class WeightReader:
         if isinstance(source, dict):
             return source[key]
         return source.get_tensor(key)
+
+
+def paired_getters(reader: WeightReader, params: Any, prefix: str, model: Any
+                   ) -> tuple[Callable[[str], torch.Tensor], Callable[[str], torch.Tensor]]:
+    """(baseline, subject) tensor getters by the subject's parameter name: the baseline read
+    from its files in the subject's dtype (as it was when the baseline was measured), the
+    subject from `params` (its effective weights). A name the baseline lacks is a KeyError."""
+    def base_get(name: str) -> torch.Tensor:
+        key = reader.resolve(name, prefix, model)
+        if key is None:
+            raise KeyError(name)
+        return reader.get(key).to(params[name].dtype if name in params else None)
+
+    def subject_get(name: str) -> torch.Tensor:
+        return params[name].detach()
+
+    return base_get, subject_get
 
 
 def load_renames(model: Any, keys: Iterable[str]) -> dict[str, str]:
