@@ -1,0 +1,57 @@
+"""The `sequential` section recomputed from the policy's design and the window arrays.
+
+A sequential run stops at a look; what it decided there, and that it stopped at the first
+deciding look, follow from the stored differences alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from invarlock import sequential_run
+from invarlock.errors import ConfigError
+from invarlock.policy import ResolvedPolicy
+from invarlock.verification.findings import Findings
+from invarlock.verification.windows import Sets
+
+
+def recheck_sequence(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: Sets,
+                     found: Findings) -> sequential_run.SequentialOutcome | None:
+    """The `sequential` section recomputed from the policy's design and the window arrays:
+    the σ̂ floor from the preview set, the differences in stored (evaluation) order, every
+    look and the decision; and the run must have stopped exactly at the first deciding look,
+    or at the maximum. An altered, dropped or reordered look or difference shows here."""
+    stored = cert.get("sequential")
+    try:
+        design = sequential_run.design_for(policy, len(cert["windows"]["final"]["ids"]))
+    except ConfigError as exc:
+        found.differ("sequential", f"the policy's sequential design is invalid ({exc})")
+        return None
+    if design is None or sets.final is None or sets.preview is None:
+        if stored is not None:
+            found.differ("sequential", "present although the policy's design is off or the "
+                                       "final set was not evaluated")
+        return None
+    found.checked.append("sequential")
+    if stored is None:
+        found.differ("sequential", "missing although the policy's sequential design is on")
+        return None
+    kind, prev, fin = sets.kind, sets.preview, sets.final
+    outcome = sequential_run.sequence(
+        design, sequential_run.threshold_for(kind, policy),
+        sequential_run.preview_floor(kind, prev.tokens, prev.baseline, prev.subject),
+        sequential_run.differences(kind, fin.tokens, fin.baseline, fin.subject))
+    found.compare("sequential", stored, sequential_run.section(outcome))
+    n, result = outcome.stopped_at, outcome.result
+    if n not in design.looks:
+        found.differ("sequential.stopped_at", f"{n} windows evaluated, which is no look of "
+                                              f"the design {list(design.looks)}")
+    elif result is not None and result.stopped_at != n:
+        found.differ("sequential.stopped_at", f"{n} windows evaluated but the look at "
+                                              f"{result.stopped_at} already decided "
+                                              f"{result.decision.value}")
+    elif result is not None and not outcome.early and n != design.n_max:
+        found.differ("sequential.stopped_at", f"stopped undecided after {n} windows, before "
+                                              f"the maximum {design.n_max}")
+    return outcome
