@@ -100,3 +100,43 @@ def test_written_files_follow_the_umask_not_mkstemp(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def _gguf_format(type_parameters: dict[str, int]) -> dict:
+    """The `format` record certify writes for a GGUF file with these tensor types."""
+    pytest.importorskip("gguf", reason="the GGUF record needs the gguf extra")
+    from pathlib import Path
+
+    from invarlock.models.gguf_file import GGUFInfo
+    from invarlock.models.quantized import gguf_format
+
+    info = GGUFInfo(Path("model-Q4_K_M.gguf"), "llama", {}, (), {
+        "Q4_K": 150, "Q6_K": 30, "F32": 60}, True, type_parameters)
+    return gguf_format(info)
+
+
+def test_a_gguf_certificate_with_mixed_types_matches_the_schema():
+    """The GGUF fields (tensor types and their parameters, the mixed-types flag, the
+    architecture) are described by the schema, so a certificate carrying them validates."""
+    record = _gguf_format({"Q4_K": 2_000_000, "Q6_K": 300_000, "F32": 4_000})
+    assert record["file_type"] == "Q4_K" and record["bits"] == 4 and record["mixed_types"]
+    cert = synthetic_certificate()
+    cert["subject"]["format"] = record
+    assert document.schema_errors(cert) == []
+    single = _gguf_format({"Q8_0": 2_000_000, "F32": 4_000})
+    assert single["mixed_types"] is False
+    cert["subject"]["format"] = single
+    assert document.schema_errors(cert) == []
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("tensor_parameters", {"Q4_K": -5}), ("tensor_parameters", {"Q4_K": 1.5}),
+    ("tensor_parameters", "Q4_K"), ("mixed_types", "no"), ("gguf_architecture", 7),
+    ("runtime", {"name": "another-runtime", "version": None}),
+    ("runtime", {"name": "llama.cpp", "version": "0.3", "threads": 0}),
+])
+def test_the_schema_rejects_a_malformed_gguf_record(field, value):
+    cert = synthetic_certificate()
+    cert["subject"]["format"] = {**_gguf_format({"Q4_K": 2_000_000, "F32": 4_000}),
+                                 field: value}
+    assert any(e.startswith("subject.format") for e in document.schema_errors(cert))
