@@ -9,9 +9,10 @@ recompute it. So `check_folder` trusts nothing the index says that the folder ca
 every row's certificate lies at ``<name>/evaluation.cert.json`` inside the folder (no ``..``,
 no absolute path, no symbolic link anywhere on the way), every subject folder in it is
 listed, the index's exit code is the worst of its rows', and at least one subject is listed.
-`row_differences` then holds each certificate to its row (digest, verdict, subject,
-baseline). What it cannot catch is a subject removed together with its folder: the index
-then describes a smaller run, truthfully.
+`row_differences` then holds each certificate to its row (digest, verdict, subject, numbers,
+baseline), and `markdown_problems` holds ``index.md`` to the table index.json renders to.
+What it cannot catch is a subject removed together with its folder: the index then
+describes a smaller run, truthfully.
 
 An output folder holds the result of one run: a single-subject certificate set or an index
 with its subject folders, never both. `refuse_mixed_results` keeps a run from writing one
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from invarlock import untrusted
 from invarlock.certificate.document import (
     CERT_FILENAME,
     MAX_DEPTH,
@@ -64,6 +66,31 @@ def folder_names(specs: Sequence[str]) -> list[str]:
             name, n = f"{base}-{n}", n + 1
         names.append(name)
     return names
+
+
+def index_markdown(doc: dict[str, Any]) -> str:
+    """The index as a Markdown table; every string from a row is escaped for Markdown.
+
+    `verify` re-renders it from index.json and compares it with index.md, so what this
+    writes for a given index is part of the index format: a change to it bumps
+    INDEX_VERSION."""
+    lines = [f"# InvarLock: {len(doc['subjects'])} subjects against "
+             f"{untrusted.markdown(doc['baseline']['source'])}", "",
+             "| subject | verdict | ratio | CI (recorded level) | limit | certificate |",
+             "|---|---|---|---|---|---|"]
+    for row in doc["subjects"]:
+        ratio = f"{row['ratio']:.4f}" if isinstance(row["ratio"], float) else "–"
+        level = (f"{100 * (1 - row['alpha']):g}% " if isinstance(row.get("alpha"), float)
+                 else "")
+        ci = (f"{level}[{row['ratio_ci'][0]:.4f}, {row['ratio_ci'][1]:.4f}]"
+              if row["ratio_ci"] else "–")
+        limit = f"{row['limit']:.2f}" if isinstance(row["limit"], (int, float)) else "–"
+        # a link's target is the folder name, which `folder_names` keeps to [A-Za-z0-9._-]
+        where = (f"[{untrusted.markdown(row['certificate'])}]({row['name']}/{CERT_FILENAME})"
+                 if row["certificate"] else untrusted.markdown(row["error"] or "–"))
+        lines.append(f"| {untrusted.markdown(row['subject'])} | {row['verdict']} | {ratio} | "
+                     f"{ci} | {limit} | {where} |")
+    return "\n".join(lines) + "\n"
 
 
 def seal(doc: dict[str, Any]) -> dict[str, Any]:
@@ -211,7 +238,40 @@ def check_folder(folder: Path) -> IndexCheck:
     unlisted = [n for n in _listing(folder) if n not in names]
     problems += [f"folder '{n}' holds a result but is not listed in {INDEX_JSON}"
                  for n in unlisted]
+    problems += markdown_problems(folder, doc)
     return IndexCheck(path, doc, tuple(problems), tuple(certificates), tuple(errors))
+
+
+def markdown_problems(folder: Path, doc: Mapping[str, Any]) -> list[str]:
+    """index.md must be exactly the table `index_markdown` renders from index.json.
+
+    Re-rendering, rather than a digest of index.md stored in the index, holds the table to
+    what the index says (and the index to its certificates): a digest authenticates nothing,
+    since whoever edits the table can recompute it and re-seal the index."""
+    path = Path(folder) / INDEX_MARKDOWN
+    if path.is_symlink():
+        return [f"{INDEX_MARKDOWN} is a symbolic link; the table lies inside the output folder"]
+    if not path.is_file():
+        return [f"{INDEX_MARKDOWN} is missing; a run writes it beside {INDEX_JSON}"]
+    try:
+        if path.stat().st_size > _MAX_INDEX_BYTES:
+            return [f"{INDEX_MARKDOWN} is larger than any index table ({_MAX_INDEX_BYTES} "
+                    "bytes)"]
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"cannot read {INDEX_MARKDOWN}: {exc}"]
+    try:
+        expected = index_markdown(dict(doc))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        return [f"{INDEX_JSON} cannot be rendered as a table to compare {INDEX_MARKDOWN} with "
+                f"({type(exc).__name__}: {exc})"]
+    if text == expected:
+        return []
+    got, want = text.splitlines(), expected.splitlines()
+    line = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                min(len(got), len(want)))
+    return [f"{INDEX_MARKDOWN} differs from the table {INDEX_JSON} renders to, from line "
+            f"{line + 1} (edited after the run wrote it)"]
 
 
 def _listing(folder: Path) -> list[str]:
@@ -310,13 +370,22 @@ def _exit_code_problems(doc: dict[str, Any], rows: list[Any]) -> list[str]:
 
 def row_differences(row: Mapping[str, Any], cert: Mapping[str, Any],
                     index: Mapping[str, Any]) -> list[str]:
-    """Where a listed certificate and its row (and the index's baseline) disagree."""
+    """Where a listed certificate and its row (and the index's baseline) disagree: every
+    value the row or index.md shows must be the certificate's own."""
     verdict = cert.get("verdict")
     subject, baseline = cert.get("subject"), cert.get("baseline")
     base_row = index.get("baseline") if isinstance(index.get("baseline"), Mapping) else {}
+    pm = cert.get("primary_metric") if isinstance(cert.get("primary_metric"), Mapping) else {}
+    boot = pm.get("bootstrap") if isinstance(pm.get("bootstrap"), Mapping) else {}
     pairs = (
         ("verdict", row.get("verdict"),
          verdict.get("status") if isinstance(verdict, Mapping) else None),
+        ("ratio", row.get("ratio"), pm.get("ratio")),
+        ("ratio_ci", row.get("ratio_ci"), pm.get("ratio_ci")),
+        ("limit", row.get("limit"), pm.get("limit")),
+        ("alpha", row.get("alpha"), boot.get("alpha")),
+        ("baseline.source", base_row.get("source"),
+         baseline.get("source") if isinstance(baseline, Mapping) else None),
         ("digest", row.get("digest"), cert.get("digest")),
         ("subject", row.get("subject"),
          subject.get("source") if isinstance(subject, Mapping) else None),

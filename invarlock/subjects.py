@@ -30,13 +30,15 @@ from invarlock.subject_index import (
     INDEX_MARKDOWN,
     INDEX_VERSION,
     folder_names,
+    index_markdown,
     seal,
 )
 
 log = logging.getLogger(__name__)
 
 __all__ = ["INDEX_JSON", "INDEX_MARKDOWN", "SubjectResult", "SubjectsOutcome",
-           "certify_subjects", "folder_names", "index_document", "write_index"]
+           "certify_subjects", "folder_names", "index_document", "index_markdown",
+           "write_index"]
 
 
 @dataclass(frozen=True)
@@ -148,27 +150,6 @@ def index_document(baseline: dict[str, Any], results: Sequence[SubjectResult]) -
                               "weights_digest": baseline.get("weights_digest"),
                               "results_from_cache": baseline.get("results_from_cache")},
                  "exit_code": max(r.exit_code for r in results), "subjects": rows})
-
-
-def index_markdown(doc: dict[str, Any]) -> str:
-    """The index as a Markdown table; every string from a row is escaped for Markdown."""
-    lines = [f"# InvarLock: {len(doc['subjects'])} subjects against "
-             f"{untrusted.markdown(doc['baseline']['source'])}", "",
-             "| subject | verdict | ratio | CI (recorded level) | limit | certificate |",
-             "|---|---|---|---|---|---|"]
-    for row in doc["subjects"]:
-        ratio = f"{row['ratio']:.4f}" if isinstance(row["ratio"], float) else "–"
-        level = (f"{100 * (1 - row['alpha']):g}% " if isinstance(row.get("alpha"), float)
-                 else "")
-        ci = (f"{level}[{row['ratio_ci'][0]:.4f}, {row['ratio_ci'][1]:.4f}]"
-              if row["ratio_ci"] else "–")
-        limit = f"{row['limit']:.2f}" if isinstance(row["limit"], (int, float)) else "–"
-        # a link's target is the folder name, which `folder_names` keeps to [A-Za-z0-9._-]
-        where = (f"[{untrusted.markdown(row['certificate'])}]({row['name']}/{CERT_FILENAME})"
-                 if row["certificate"] else untrusted.markdown(row["error"] or "–"))
-        lines.append(f"| {untrusted.markdown(row['subject'])} | {row['verdict']} | {ratio} | "
-                     f"{ci} | {limit} | {where} |")
-    return "\n".join(lines) + "\n"
 
 
 def write_index(out_dir: Path, baseline: dict[str, Any],

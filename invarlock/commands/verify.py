@@ -36,7 +36,8 @@ baseline per-window results.
 A folder written by a run with several --subject holds index.json, sealed by its digest: it
 is held to the folder (every certificate at <name>/evaluation.cert.json inside it, no symbolic
 link, every subject folder listed, exit code the worst row's, at least one subject), each
-certificate it lists is verified and must match its row (verdict, digest, subject, baseline).
+certificate it lists is verified and must match its row (verdict, digest, subject, numbers,
+baseline), and index.md must be exactly the table index.json renders to.
 A folder holding both an index and a single-subject certificate is rejected.
 \b
 Exit codes: 0 every certificate verifies and says PASS; 1 they verify and one says FAIL (or

@@ -232,6 +232,74 @@ def test_an_unsealed_older_index_is_not_trusted(out):
     assert code == 2 and "only a version 2 index is sealed" in _problems(report)
 
 
+# --- index.md: the table a reviewer reads is the one index.json renders to ------------------
+
+def _table(out: Path) -> str:
+    return (out / "index.md").read_text(encoding="utf-8")
+
+
+def test_the_genuine_table_is_what_the_index_renders_to(genuine):
+    assert _table(genuine) == subject_index.index_markdown(_index(genuine))
+
+
+def test_an_edited_table_is_rejected(out):
+    """The FAIL row's verdict changed in index.md only: index.json and the certificates
+    still say FAIL, so the table lies."""
+    table = _table(out)
+    assert table.count("| FAIL |") == 1
+    (out / "index.md").write_text(table.replace("| FAIL |", "| PASS |"), encoding="utf-8")
+    code, report = _verify(out)
+    assert code == 2
+    assert "index.md differs from the table index.json renders to, from line 6" in (
+        _problems(report))
+
+
+@pytest.mark.parametrize("edit", ["appended", "trailing newline dropped", "emptied"])
+def test_any_change_to_the_table_is_rejected(out, edit):
+    table = _table(out)
+    changed = {"appended": table + "| extra | PASS | 1.0000 | – | 1.10 | – |\n",
+               "trailing newline dropped": table.rstrip("\n"), "emptied": ""}[edit]
+    (out / "index.md").write_text(changed, encoding="utf-8")
+    code, report = _verify(out)
+    assert code == 2 and "index.md differs" in _problems(report)
+
+
+def test_a_table_that_matches_a_reworded_index_is_still_rejected(out):
+    """Index and table edited together (re-sealed, re-rendered): the row's numbers are held
+    to its certificate, so a better ratio shown for the FAIL subject does not stand."""
+    doc = _index(out)
+    failing = doc["subjects"][1]
+    failing["ratio"], failing["ratio_ci"] = 1.0001, [0.999, 1.001]
+    doc = subject_index.seal(doc)
+    (out / "index.json").write_text(json.dumps(doc, indent=2))
+    (out / "index.md").write_text(subject_index.index_markdown(doc), encoding="utf-8")
+    code, report = _verify(out)
+    assert code == 2 and "index.md differs" not in _problems(report)
+    assert "index.json: ratio 1.0001 but the certificate says" in _problems(report)
+    assert "index.json: ratio_ci [0.999, 1.001] but the certificate says" in _problems(report)
+
+
+def test_a_missing_table_is_rejected(out):
+    (out / "index.md").unlink()
+    code, report = _verify(out)
+    assert code == 2 and "index.md is missing" in _problems(report)
+
+
+def test_a_table_replaced_by_a_symlink_is_rejected(out, tmp_path):
+    elsewhere = tmp_path / "table.md"
+    elsewhere.write_text(_table(out), encoding="utf-8")
+    (out / "index.md").unlink()
+    (out / "index.md").symlink_to(elsewhere)
+    code, report = _verify(out)
+    assert code == 2 and "index.md is a symbolic link" in _problems(report)
+
+
+def test_a_table_that_is_not_text_is_one_line_not_a_crash(out):
+    (out / "index.md").write_bytes(b"\xff\xfe\x00 not utf-8")
+    code, report = _verify(out)
+    assert code == 2 and "cannot read index.md" in _problems(report)
+
+
 @pytest.mark.parametrize("content", ["[]", "{", '{"format": "invarlock.index"}',
                                      '{"format": "invarlock.index", "version": 2, '
                                      '"subjects": "all"}',
