@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from invarlock.errors import InputError
+from invarlock.gguf_types import majority_type
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +89,7 @@ class GGUFInfo:
         matrices that hold the model; F32 (norms, biases) is set aside unless it is all there
         is. A file that mixes types records each type's share (`gguf_format`).
         """
-        weights = self.type_parameters or self.tensor_types
-        stored = {k: v for k, v in weights.items() if k != "F32"} or weights
-        return max(stored.items(), key=lambda kv: (kv[1], kv[0]))[0] if stored else "unknown"
+        return majority_type(self.type_parameters or self.tensor_types)
 
 
 @cache

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from invarlock.errors import EvidenceError, InputError
+from invarlock.gguf_types import GGUF_BITS, mixed_types
 
 logger = logging.getLogger(__name__)
 
@@ -253,10 +254,6 @@ def hf_format(config: dict[str, Any], device: str, dequantized: bool) -> dict[st
     }
 
 
-GGUF_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8, "Q8_1": 8, "Q6_K": 6, "Q5_0": 5,
-             "Q5_1": 5, "Q5_K": 5, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q3_K": 3, "Q2_K": 2}
-
-
 def gguf_format(info: Any) -> dict[str, Any]:
     """The certificate's `format` record of a GGUF file (always a dequantized forward)."""
     import gguf
@@ -274,11 +271,5 @@ def gguf_format(info: Any) -> dict[str, Any]:
         "file": info.path.name, "file_type": file_type,
         "tensor_types": dict(info.tensor_types), "gguf_architecture": info.architecture,
         "tensor_parameters": dict(info.type_parameters),
-        "mixed_types": _mixed_types(info.type_parameters),
+        "mixed_types": mixed_types(info.type_parameters),
     }
-
-
-def _mixed_types(parameters: dict[str, int]) -> bool:
-    """More than one stored type outside F32 (norms and biases): e.g. Q4_K matrices with Q6_K
-    or Q8_0 ones, so `file_type` and `bits` name the majority, not every weight."""
-    return len([k for k, v in parameters.items() if k != "F32" and v > 0]) > 1

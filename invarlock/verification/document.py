@@ -15,6 +15,7 @@ from invarlock.certificate.document import content_digest
 from invarlock.config import flatten
 from invarlock.enums import AdapterKind
 from invarlock.errors import ConfigError
+from invarlock.gguf_types import GGUF_BITS, majority_type, mixed_types
 from invarlock.policy import ResolvedPolicy, policy_digest, resolve
 from invarlock.verification.findings import SETS, Findings
 
@@ -171,4 +172,28 @@ def check_formats(cert: Mapping[str, Any], found: Findings) -> None:
         if fmt.get("dequantize_requested") and fmt["forward"] != "dequantized":
             found.differ(f"{role}.format.forward", "--dequantize was given but the forward "
                          "is recorded as quantized kernels")
+        if fmt["name"] == "gguf":
+            for where, message in _gguf_label_problems(fmt):
+                found.differ(f"{role}.format.{where}", message)
         found.notes.append(f"{role} format: {format_line(dict(fmt))}")
+
+
+def _gguf_label_problems(fmt: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A GGUF record's labels (file_type, bits, mixed_types) re-derived from its own
+    `tensor_parameters`, by the rule that wrote them (`invarlock.gguf_types`); a record
+    without the table (an older certificate, or a subject saved by an edit) is not checked."""
+    parameters = fmt.get("tensor_parameters")
+    if not isinstance(parameters, Mapping) or not parameters:
+        return []
+    problems = []
+    majority = majority_type(parameters)
+    if fmt.get("file_type") != majority:
+        problems.append(("file_type", f"{fmt.get('file_type')!r}, but most weights in "
+                                      f"tensor_parameters are {majority!r}"))
+    elif fmt.get("bits") != GGUF_BITS.get(majority):
+        problems.append(("bits", f"{fmt.get('bits')!r}, but {majority} stores "
+                                 f"{GGUF_BITS.get(majority)!r} bits"))
+    if fmt.get("mixed_types") is not None and fmt["mixed_types"] != mixed_types(parameters):
+        problems.append(("mixed_types", f"{fmt['mixed_types']!r}, but tensor_parameters "
+                                        f"lists {sorted(k for k in parameters if k != 'F32')}"))
+    return problems

@@ -145,3 +145,31 @@ def test_a_single_type_gguf_is_not_called_mixed(tmp_path):
     _write_gguf(path, [("a", "Q8_0", (64, 64)), ("n", "F32", (1, 64))])
     record = quantized.gguf_format(_info(path))
     assert (record["file_type"], record["mixed_types"]) == ("Q8_0", False)
+
+
+@pytest.mark.parametrize("relabel", [
+    {"file_type": "Q8_0", "bits": 8},  # the minority type, with its own bit width
+    {"bits": 8},  # the majority's name with another width
+    {"mixed_types": False},
+])
+def test_verify_rederives_a_gguf_records_labels_from_its_tensor_table(relabel, tmp_path):
+    """`verify` recomputes file_type, bits and mixed_types from the record's own
+    tensor_parameters: a certificate re-sealed after relabelling a mixed file does not
+    verify, the genuine record does."""
+    from invarlock.models import quantized
+    from invarlock.verify import verify_certificate
+    from tests.certs import synthetic_certificate
+    from tests.test_verify import mentions, reseal
+
+    path = tmp_path / "mixed.gguf"
+    _write_gguf(path, [(f"small.{i}", "Q8_0", (32, 32)) for i in range(6)]
+                + [("big", "Q4_0", (256, 256))])
+    record = quantized.gguf_format(_info(path))
+    cert = synthetic_certificate()
+    cert["subject"]["format"] = record
+    genuine = verify_certificate(reseal(cert))
+    assert genuine.verified, genuine.differences
+    cert["subject"]["format"] = {**record, **relabel}
+    report = verify_certificate(reseal(cert))
+    assert mentions(report, f"subject.format.{next(iter(relabel))}")
+    assert not report.verified
