@@ -41,6 +41,7 @@ from invarlock.policy import (
     resolve,
     weakened_settings,
 )
+from invarlock.verify_reference import reference_differences
 
 REL_TOL = 1e-12
 ABS_TOL = 1e-15
@@ -111,6 +112,10 @@ def verify_certificate(cert: Mapping[str, Any],
             _recompute(cert, policy, arrays, found)
         _recheck_distribution(cert, policy, found)
     _check_formats(cert, found)
+    if "reference" in cert:
+        found.checked.append("reference digests")
+        for where, message in reference_differences(cert):
+            found.differ(where, message)
     if reference is not None:
         found.checked.append("baseline evidence")
         for line in baseline_evidence_differences(cert, reference):
