@@ -184,6 +184,11 @@ def test_the_approved_run_posts_the_required_check_on_the_labelled_head(tmp_path
     (run,) = standin.check_runs.values()
     assert (run["name"], run["head_sha"], run["conclusion"]) == ("InvarLock", HEAD_SHA,
                                                                  "success")
+    # the check run (summary and text) and the comment say the bar is the base branch's
+    (comment,) = standin.comments[2]
+    for surface in (run["output"]["summary"], run["output"]["text"], comment["body"]):
+        assert "| Baseline | base branch | `sha256:" in surface
+        assert "| Dataset | base branch | `sha256:" in surface
     argv = runner.certifier_argv()
     assert _argument(argv, "--reference-origin") == "base-checkout"
     assert _argument(argv, "--cache-namespace") == "untrusted"  # the fork's results stay apart
