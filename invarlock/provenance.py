@@ -7,7 +7,8 @@ base branch, the pull request, or a local run) and can pin the baseline and the 
 digest: a pinned digest that does not match what was loaded stops the run before anything is
 evaluated (exit 2); the dataset can be pinned the same way (checked once it is read, before
 the windows are cut). The certificate's `reference` section records the origin and the digest
-of every item.
+of every item and, where the run compared the pull request's copy with the base checkout,
+whether the pull request changed it (an approved change), so a reader need not guess.
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ class Reference:
     policy_digest: str | None = None  # pin on the resolved policy's digest
     dataset_digest: str | None = None  # pin on the corpus digest (checked once it is read)
     presets: tuple[Path, ...] = ()  # the preset files, recorded by content digest
+    # What the pull request changed, compared with the base checkout: `baseline`, `dataset`,
+    # `preset:<path as given>`; empty when nothing changed, None when nothing was compared.
+    changed: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for item in self.changed or ():
+            if item in ("baseline", "dataset"):
+                continue
+            if not (item.startswith("preset:")
+                    and Path(item.removeprefix("preset:")) in self.presets):
+                raise InputError(f"--reference-changed must be baseline, dataset, none or "
+                                 f"preset:<one of the --preset files>, not {item!r}")
 
 
 def parse_digest(value: str, what: str) -> str:
@@ -86,18 +99,26 @@ def record(reference: Reference | None, *, baseline_digest: str, dataset_digest:
            policy_digest: str) -> dict[str, Any]:
     """The certificate's `reference` section: each item's origin and digest."""
     ref = reference or Reference()
+    changed = ref.changed
 
-    def item(digest: str, pinned: str | None) -> dict[str, Any]:
+    def flag(name: str) -> dict[str, bool]:
+        return {} if changed is None else {"changed": name in changed}
+
+    def item(digest: str, pinned: str | None, name: str) -> dict[str, Any]:
         origin = Origin.PINNED if pinned is not None and pinned == digest else ref.origin
-        return {"origin": str(origin), "digest": digest}
+        return {"origin": str(origin), "digest": digest, **flag(name)}
 
+    presets = [{"path": str(path), "origin": str(ref.origin), "digest": file_digest(path),
+                **flag(f"preset:{path}")} for path in ref.presets]
+    policy = item(policy_digest, ref.policy_digest, "policy")
+    if changed is not None:  # the presets set the thresholds: a changed preset moves them
+        policy["changed"] = any(p["changed"] for p in presets)
     return {
         "origin": str(ref.origin),
-        "baseline": item(baseline_digest, ref.baseline_digest),
-        "dataset": item(dataset_digest, ref.dataset_digest),
-        "policy": item(policy_digest, ref.policy_digest),
-        "presets": [{"path": str(path), "origin": str(ref.origin),
-                     "digest": file_digest(path)} for path in ref.presets],
+        "baseline": item(baseline_digest, ref.baseline_digest, "baseline"),
+        "dataset": item(dataset_digest, ref.dataset_digest, "dataset"),
+        "policy": policy,
+        "presets": presets,
     }
 
 

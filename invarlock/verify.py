@@ -39,6 +39,7 @@ from invarlock.verification.document import (
 )
 from invarlock.verification.findings import ABS_TOL, REL_TOL, SETS, Findings, VerifyReport
 from invarlock.verification.recompute import recompute
+from invarlock.verification.reference import reference_differences
 from invarlock.verification.sequential import recheck_sequence
 from invarlock.verification.windows import check_arrays, recomputed_overlap
 
@@ -66,6 +67,10 @@ def verify_certificate(cert: Mapping[str, Any],
             recompute(cert, policy, arrays, found)
         recheck_distribution(cert, policy, found)
     check_formats(cert, found)
+    if "reference" in cert:
+        found.checked.append("reference digests")
+        for where, message in reference_differences(cert):
+            found.differ(where, message)
     if reference is not None:
         found.checked.append("baseline evidence")
         for line in baseline_evidence_differences(cert, reference):

@@ -114,3 +114,32 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
 
 def render(cert: dict[str, Any]) -> str:
     return md.render(cert)
+
+
+def with_reference(cert: dict[str, Any], origin: str = "base-checkout", *,
+                   changed: tuple[str, ...] | None = (), pinned: tuple[str, ...] = (),
+                   presets: tuple[str, ...] = ("presets/ci.yaml",)) -> dict[str, Any]:
+    """`cert` with the `reference` section the certifier records (resealed): every item read
+    from `origin`, those in `pinned` matching a pin, `changed` as --reference-changed names
+    items (None: not compared)."""
+    preset_digest = "sha256:" + "5c" * 32
+
+    def flag(name: str) -> dict[str, bool]:
+        return {} if changed is None else {"changed": name in changed}
+
+    def item(name: str, digest: str) -> dict[str, Any]:
+        return {"origin": "pinned-digest" if name in pinned else origin, "digest": digest,
+                **flag(name)}
+
+    section = {
+        "origin": origin,
+        "baseline": item("baseline", cert["baseline"]["weights_digest"]),
+        "dataset": item("dataset", cert["dataset"]["digest"]),
+        "policy": item("policy", cert["policy"]["digest"]),
+        "presets": [{"path": p, "origin": origin, "digest": preset_digest,
+                     **flag(f"preset:{p}")} for p in presets],
+    }
+    if changed is not None:
+        section["policy"]["changed"] = any(f"preset:{p}" in changed for p in presets)
+    body = {k: v for k, v in cert.items() if k != "digest"}
+    return document.seal({**body, "reference": section})

@@ -158,3 +158,27 @@ def test_the_split_modules_stay_thin():
     graph = import_graph()
     assert {"invarlock.commands.certify", "invarlock.commands.verify"} <= graph["invarlock.cli"]
     assert "invarlock.verification.recompute" in graph["invarlock.verify"]
+
+
+GITHUB_MODULE_LINES = 500  # a module of the Action's package is read in one sitting
+ENTRYPOINT_LINES = 200  # main.py reads settings, dispatches and fails closed, nothing more
+
+
+def test_the_actions_modules_stay_small_and_main_only_dispatches():
+    sizes = {p.name: len(p.read_text("utf-8").splitlines())
+             for p in (PACKAGE / "github").glob("*.py")}
+    assert {n: s for n, s in sizes.items() if s > GITHUB_MODULE_LINES} == {}
+    assert sizes["main.py"] <= ENTRYPOINT_LINES
+    graph = import_graph()
+    for mode in ("invarlock.github.certify_mode", "invarlock.github.downloaded",
+                 "invarlock.github.lifecycle", "invarlock.github.targets"):
+        assert "invarlock.github.main" not in reachable(graph, mode), mode  # one way: main → modes
+
+
+def test_the_reference_table_is_pure_and_renderers_do_not_publish():
+    """The reference table is certificate in, text out; the report renderers never reach
+    the publisher or the entrypoint."""
+    graph = import_graph()
+    assert reachable(graph, "invarlock.github.origin") <= {"invarlock.untrusted"}
+    assert not {"invarlock.github.publish", "invarlock.github.main"} & reachable(
+        graph, "invarlock.github.render")

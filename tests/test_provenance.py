@@ -68,7 +68,7 @@ def test_matching_pins_are_recorded_and_the_certificate_verifies(
     assert first["reference"]["origin"] == "local"
     code, summary, _ = certify(
         tiny_gpt2_dir, tiny_gpt2_dir, tmp_path / "pinned", sonnets_path, fast_preset,
-        "--no-cache", "--reference-origin", "base-checkout",
+        "--no-cache", "--reference-origin", "base-checkout", "--reference-changed", "none",
         "--baseline-digest", first["baseline"]["weights_digest"],
         "--policy-digest", first["policy"]["digest"],
         "--dataset-digest", first["dataset"]["digest"])
@@ -76,8 +76,35 @@ def test_matching_pins_are_recorded_and_the_certificate_verifies(
     ref = document.load_certificate(summary["certificate"])["reference"]
     assert ref["origin"] == "base-checkout"
     assert ref["baseline"] == {"origin": "pinned-digest",
-                               "digest": first["baseline"]["weights_digest"]}
+                               "digest": first["baseline"]["weights_digest"], "changed": False}
     assert ref["policy"]["origin"] == "pinned-digest"
-    assert ref["dataset"] == {"origin": "pinned-digest", "digest": first["dataset"]["digest"]}
+    assert ref["dataset"] == {"origin": "pinned-digest", "digest": first["dataset"]["digest"],
+                              "changed": False}
     assert [p["path"] for p in ref["presets"]] == [str(fast_preset)]
     assert invoke("verify", summary["certificate"], "--json")[0] == 0
+
+
+def test_record_says_what_the_pull_request_changed(tmp_path):
+    """Compared with the base checkout, each item says whether the pull request changed it;
+    the policy changed when a preset did. Not compared: no `changed` at all."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text("auto: {tier: aggressive}\n")
+    digests = {"baseline_digest": DIGEST, "dataset_digest": DIGEST, "policy_digest": DIGEST}
+    section = record(Reference(Origin.PULL_REQUEST, presets=(preset,),
+                               changed=(f"preset:{preset}",)), **digests)
+    assert [section[k]["changed"] for k in ("baseline", "dataset", "policy")] == [
+        False, False, True]
+    assert section["presets"][0]["changed"] is True
+    section = record(Reference(Origin.BASE_CHECKOUT, presets=(preset,), changed=()), **digests)
+    assert not any(section[k]["changed"] for k in ("baseline", "dataset", "policy"))
+    section = record(Reference(Origin.PULL_REQUEST, presets=(preset,)), **digests)
+    assert "changed" not in section["baseline"] and "changed" not in section["presets"][0]
+
+
+def test_an_unknown_changed_item_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="--reference-changed must be baseline, dataset, none "
+                                         "or preset:<one of the --preset files>, not 'models'"):
+        Reference(Origin.PULL_REQUEST, changed=("models",))
+    with pytest.raises(InputError, match=r"not 'preset:other\.yaml'"):
+        Reference(Origin.PULL_REQUEST, presets=(tmp_path / "p.yaml",),
+                  changed=("preset:other.yaml",))

@@ -116,6 +116,10 @@ Examples:
                                                        "pull-request"]),
               help="Where the baseline, dataset and presets were read from (recorded in the "
                    "certificate; default: local).")
+@click.option("--reference-changed", "reference_changed", multiple=True,
+              metavar="baseline|dataset|preset:PATH|none",
+              help="What the pull request changed, compared with the base checkout (repeat; "
+                   "`none` when nothing did); recorded per item in the certificate.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
 def certify(as_json: bool, quiet: bool, **flags: Any) -> None:
@@ -141,7 +145,7 @@ def certify(as_json: bool, quiet: bool, **flags: Any) -> None:
 
 
 _TRUST_FLAGS = ("cache_secret_file", "cache_namespace", "baseline_digest", "policy_digest",
-                "dataset_digest", "reference_origin")
+                "dataset_digest", "reference_origin", "reference_changed")
 
 
 def _with_trust(request: Any, trust: dict[str, Any], presets: tuple[Path, ...]) -> Any:
@@ -162,7 +166,9 @@ def _with_trust(request: Any, trust: dict[str, Any], presets: tuple[Path, ...]) 
                        if trust["policy_digest"] else None),
         dataset_digest=(parse_digest(trust["dataset_digest"], "--dataset-digest")
                         if trust["dataset_digest"] else None),
-        presets=tuple(Path(p) for p in presets))
+        presets=tuple(Path(p) for p in presets),
+        changed=(None if not trust["reference_changed"]
+                 else tuple(c for c in trust["reference_changed"] if c != "none")))
     return dataclasses.replace(request, cache_secret=secret, cache_namespace=namespace,
                                reference=reference)
 

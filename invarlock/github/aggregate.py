@@ -13,6 +13,7 @@ from pathlib import Path
 
 from invarlock import untrusted
 from invarlock.errors import InputError, InvarlockError
+from invarlock.github import origin
 from invarlock.github.artifact import RESULT_FILENAME, load_report, recorded_name
 from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_FAIL, EXIT_PASS, Outcome
 from invarlock.github.render import confidence_level
@@ -84,6 +85,9 @@ def render_comment(check_name: str, rows: list[Row], *, run_url: str | None) -> 
              f"| Subject | Verdict | Ratio | {ci} | Limit |", "|---|---|---|---|---|"]
     for row in rows:
         lines.append(_row(row, per_row_level=len(levels) > 1))
+    reference = origin.aggregate_table([(r.name, r.outcome.certificate) for r in rows])
+    if reference:
+        lines += ["", reference]
     if run_url:
         lines += ["", f"<sub>[workflow run]({run_url}) · each subject's certificate is an "
                       "artifact of this run</sub>"]

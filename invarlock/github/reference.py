@@ -48,6 +48,12 @@ class Item:
     shown: str
     head: Path
     base: Path
+    given: str = ""  # the input as written (a preset is recorded by it)
+
+    @property
+    def recorded(self) -> str:
+        """The item as `invarlock certify --reference-changed` names it."""
+        return f"preset:{self.given}" if self.kind == "preset" else self.kind
 
 
 @dataclass(frozen=True)
@@ -116,9 +122,12 @@ def _prepare(settings: Settings, target: Target | None, cwd: Path,
     if changes:
         warn("Reference change approved (allow-reference-change): "
              + "; ".join(c.describe() for c in changes) + ". The pull request's files are used.")
-        return Prepared(settings.certify, ("--reference-origin=pull-request", *arguments))
+        changed = [f"--reference-changed={c.item.recorded}" for c in changes]
+        return Prepared(settings.certify, ("--reference-origin=pull-request", *changed,
+                                           *arguments))
     return Prepared(rebase(settings.certify, items),
-                    ("--reference-origin=base-checkout", *arguments))
+                    ("--reference-origin=base-checkout", "--reference-changed=none",
+                     *arguments))
 
 
 def reference_items(inputs: CertifyInputs, *, cwd: Path, repository: Path,
@@ -146,7 +155,7 @@ def reference_items(inputs: CertifyInputs, *, cwd: Path, repository: Path,
         except ValueError:
             raise InputError(f"{kind} {value!r} is outside the workspace; in reference mode "
                              "every reference path is a repository path") from None
-        items.append(Item(kind, relative.as_posix(), lexical, base_root / relative))
+        items.append(Item(kind, relative.as_posix(), lexical, base_root / relative, value))
     return items
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from invarlock import untrusted
 from invarlock.certificate import markdown as cert_md
+from invarlock.github import origin
 from invarlock.github.checks import OUTPUT_LIMIT, CheckOutput
 from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_INPUT, Outcome
 
@@ -96,12 +97,14 @@ def job_summary(report: Report) -> str:
 
 
 def check_output(report: Report) -> CheckOutput:
-    """Title, summary (the report) and text (the whole certificate) of the check run."""
+    """Title, summary (the report) and text (the reference, then the whole certificate) of
+    the check run."""
     summary = fit(sections(report), footer(report), OUTPUT_LIMIT, _truncation_notice(report))
     text = ""
-    if report.outcome.certificate is not None:
-        full = cert_md.render(display_certificate(report.outcome.certificate))
-        text = fit([full], "", OUTPUT_LIMIT, _truncation_notice(report))
+    cert = report.outcome.certificate
+    if cert is not None:
+        full = cert_md.render(display_certificate(cert))
+        text = fit([origin.table(cert), full], "", OUTPUT_LIMIT, _truncation_notice(report))
     return CheckOutput(title(report), summary, text)
 
 
@@ -190,6 +193,7 @@ def sections(report: Report) -> list[str]:
         headline(report),
         *([chart] if chart else []),
         "#### Gates\n\n" + cert_md.gates_table(cert),
+        origin.table(outcome.certificate),
         "#### Primary metric\n\n" + cert_md.metric_table(cert),
         *(["\n".join(cert_md.distribution_lines(cert, level=4)).rstrip()]
           if cert.get("distribution") else []),

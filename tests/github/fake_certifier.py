@@ -48,6 +48,7 @@ def main() -> int:
                  "--baseline-digest", "--policy-digest", "--dataset-digest"):
         parser.add_argument(flag)
     parser.add_argument("--preset", action="append", default=[])
+    parser.add_argument("--reference-changed", action="append", default=None)
     args = parser.parse_args()
     if args.record:
         with open(args.record, "a", encoding="utf-8") as fh:
@@ -83,6 +84,13 @@ def main() -> int:
     kind = MetricKind(options.pop("kind", "ppl_causal"))
     cert = synthetic_certificate(kind=kind, profile=args.profile or "ci", tier=args.tier or
                                  "balanced", **options)
+    if args.reference_origin:  # the section the real certifier records
+        from tests.certs import with_reference
+
+        changed = None if args.reference_changed is None else tuple(
+            c for c in args.reference_changed if c != "none")
+        cert = with_reference(cert, args.reference_origin, changed=changed,
+                              presets=tuple(args.preset))
     out = Path(args.out)
     path = document.write_certificate(cert, out, md.render(cert))
     print(json.dumps(summary(cert, path, out / document.MARKDOWN_FILENAME)))

@@ -15,7 +15,7 @@ from invarlock.enums import MetricKind, Verdict
 from invarlock.github import render
 from invarlock.github.comments import BODY_LIMIT, marker
 from invarlock.github.outcome import Outcome
-from tests.certs import synthetic_certificate
+from tests.certs import synthetic_certificate, with_reference
 
 GOLDEN = Path(__file__).with_name("golden")
 LINKS = render.Links(run_url="https://github.com/Codertocat/Hello-World/actions/runs/4242",
@@ -77,12 +77,21 @@ def with_guards(cert: dict[str, Any]) -> dict[str, Any]:
 
 def _cases() -> dict[str, Callable[[], Outcome]]:
     return {
-        "pass": lambda: _verdict(synthetic_certificate(shift=0.0, seed=1)),
-        "fail": lambda: _verdict(synthetic_certificate(shift=0.2, seed=2)),
+        # reference read from the base checkout, compared: nothing changed
+        "pass": lambda: _verdict(with_reference(synthetic_certificate(shift=0.0, seed=1))),
+        # reference read from the pull request, never compared with the base
+        "fail": lambda: _verdict(with_reference(synthetic_certificate(shift=0.2, seed=2),
+                                                "pull-request", changed=None)),
+        # a certificate from before the reference was recorded
         "catastrophic": lambda: _verdict(synthetic_certificate(shift=1.5, seed=3)),
-        "accuracy": lambda: _verdict(synthetic_certificate(kind=MetricKind.ACCURACY, n=64,
-                                                           seed=4)),
-        "guards": lambda: _verdict(with_guards(synthetic_certificate(shift=0.0, seed=5))),
+        # a local run with every digest pinned
+        "accuracy": lambda: _verdict(with_reference(
+            synthetic_certificate(kind=MetricKind.ACCURACY, n=64, seed=4), "local",
+            changed=None, pinned=("baseline", "dataset", "policy"), presets=())),
+        # an approved change of the preset
+        "guards": lambda: _verdict(with_reference(
+            with_guards(synthetic_certificate(shift=0.0, seed=5)), "pull-request",
+            changed=("preset:presets/ci.yaml",))),
         "error-input": lambda: Outcome.failed(2, "--dataset is required unless the baseline "
                                                  "is the bundled demo"),
         "error-crash": lambda: Outcome.failed(3, "the certifier was killed by signal 9:\n"

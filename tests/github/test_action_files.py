@@ -96,7 +96,7 @@ def test_workflow_matches_schemastore(path):
 def test_the_expected_workflows_exist():
     names = {p.name for p in WORKFLOWS}
     assert {"ci.yml", "certify-example.yml", "certify-publish.yml", "certify-matrix.yml",
-            "release-image.yml"} <= names
+            "certify-fork.yml", "release-image.yml"} <= names
     example = load_yaml(ROOT / ".github/workflows/certify-example.yml")
     job = example["jobs"]["certify"]
     assert "self-hosted" in job["runs-on"] and "gpu" in job["runs-on"]

@@ -130,12 +130,12 @@ def _certify_step(tmp_path: Path, standin, scenario: str = "pass", **inputs: str
 
 def test_an_internal_error_while_certifying_completes_the_open_check_as_failure(
         tmp_path, standin, monkeypatch):
-    import invarlock.github.main as main
+    import invarlock.github.certify_mode as certify_mode
 
     def broken(*args, **kwargs):
         raise RuntimeError("writer bug")
 
-    monkeypatch.setattr(main, "write_result", broken)
+    monkeypatch.setattr(certify_mode, "write_result", broken)
     step = _certify_step(tmp_path, standin)
     out, err = io.StringIO(), io.StringIO()
     code = run(step.env, stdout=out, stderr=err, policy=QUICK)

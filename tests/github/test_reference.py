@@ -113,6 +113,7 @@ def test_an_unchanged_reference_is_read_from_the_base_checkout(workspace, standi
     assert flags["--preset"] == [str(base / "presets/ci.yaml")]
     assert flags["--subject"] == ["models/int8"]  # the subject is the pull request's
     assert flags["--reference-origin"] == ["base-checkout"]
+    assert flags["--reference-changed"] == ["none"]  # compared: nothing changed
     assert flags["--cache-namespace"] == ["trusted"]
 
 
@@ -123,6 +124,7 @@ def test_an_approved_change_uses_the_pull_requests_files(workspace, standin):
     flags = _flags(step)
     assert flags["--preset"] == ["presets/ci.yaml"]
     assert flags["--reference-origin"] == ["pull-request"]
+    assert flags["--reference-changed"] == ["preset:presets/ci.yaml"]  # recorded per item
 
 
 def test_a_reference_removed_or_added_is_a_change(workspace, standin):

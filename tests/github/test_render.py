@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -52,7 +53,8 @@ def test_reports_lead_with_the_verdict_and_the_deciding_number(certificates):
     assert f"lower bound **{lower:+.2f} ≥" in accuracy.split("\n\n")[1]
     sections = [s.split("\n")[0] for s in fail.split("\n\n") if s.startswith("####")]
     assert sections == ["#### Gate: the interval against the limit", "#### Gates",
-                        "#### Primary metric", "#### Guards", "#### Per-window deltas"]
+                        "#### Reference", "#### Primary metric", "#### Guards",
+                        "#### Per-window deltas"]
 
 
 @pytest.mark.parametrize("name", ["pass", "fail", "accuracy"])
@@ -133,7 +135,8 @@ def test_guard_findings_lead_with_one_row_per_guard_then_named_modules(certifica
 
 
 def _oversized(cert):
-    body = {k: v for k, v in cert.items() if k != "digest"}
+    body = copy.deepcopy({k: v for k, v in cert.items() if k != "digest"})  # the fixture's own
+    # verdict stays as it is: the session's certificates are shared with other test files
     body["verdict"]["reasons"] = [f"reason {i}: " + "x" * 90 for i in range(2000)]
     return document.seal(body)
 
