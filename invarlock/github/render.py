@@ -21,6 +21,7 @@ import numpy as np
 
 from invarlock import untrusted
 from invarlock.certificate import markdown as cert_md
+from invarlock.certificate import sequential_view
 from invarlock.github.checks import OUTPUT_LIMIT, CheckOutput
 from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_INPUT, Outcome
 
@@ -75,14 +76,17 @@ def title(report: Report) -> str:
             shown = "non-finite" if prev is None else f"{prev:.3f}"
             return f"{status}: catastrophic preview ratio {shown}"
         return f"{status}: primary metric not computed"
+    seq = sequential_view.view(outcome.certificate or {})
+    decided = f"; {untrusted.plain(seq.phrase)}" if seq is not None else ""
     if pm["basis"] == "ratio_ci_upper":
         hi = pm["ratio_ci"][1]
         op = "≤" if hi <= pm["limit"] else ">"
         return (f"{status}: ratio {pm['ratio']:.4f}, upper bound {hi:.4f} {op} "
-                f"{pm['limit']:.2f}")
+                f"{pm['limit']:.2f}{decided}")
     lo = pm["delta"]["ci"][0]
     op = "≥" if lo >= pm["limit"] else "<"
-    return f"{status}: accuracy change lower bound {lo:+.2f} {op} {pm['limit']:+.2f} pp"
+    return (f"{status}: accuracy change lower bound {lo:+.2f} {op} {pm['limit']:+.2f} pp"
+            f"{decided}")
 
 
 def comment(report: Report, limit: int) -> str:
@@ -191,6 +195,8 @@ def sections(report: Report) -> list[str]:
         *([chart] if chart else []),
         "#### Gates\n\n" + cert_md.gates_table(cert),
         "#### Primary metric\n\n" + cert_md.metric_table(cert),
+        *(["\n".join(cert_md.sequential_section(cert, level=4)).rstrip()]
+          if cert.get("sequential") else []),
         *(["\n".join(cert_md.distribution_lines(cert, level=4)).rstrip()]
           if cert.get("distribution") else []),
         guard_findings(cert),
@@ -224,9 +230,12 @@ def headline(report: Report) -> str:
     if subj.get("format"):
         subject += f" ({_plain(cert_md.format_line(subj['format']).split(' · evaluated')[0])})"
     policy = cert["policy"]
+    seq = sequential_view.view(cert)
+    final = (f"{seq.evaluated} of {cert['pairing']['final_n']}" if seq is not None
+             else cert["pairing"]["final_n"])
     context = (f"{subject} vs baseline {_plain(base['source'])} · {_plain(policy['tier'])} tier "
                f"· {_plain(policy['profile'])} profile · {cert['pairing']['preview_n']} + "
-               f"{cert['pairing']['final_n']} windows")
+               f"{final} windows")
     parts = [f"### {icon} {name}: {status}", cert_md.summary_sentence(cert), context]
     if status == "FAIL":
         parts.append("\n".join(f"- {_plain(r)}" for r in cert["verdict"]["reasons"]))
@@ -346,6 +355,9 @@ def window_deltas(cert: dict[str, Any]) -> WindowDeltas:
     base = np.asarray(w["baseline"], dtype=np.float64)
     subj = np.asarray([np.nan if v is None else v for v in w["subject"]], dtype=np.float64)
     tokens = np.asarray(w["tokens"], dtype=np.float64)
+    seq = sequential_view.view(cert)
+    if name == "final" and seq is not None and subj.size == seq.evaluated < base.size:
+        base, tokens = base[:subj.size], tokens[:subj.size]  # the windows evaluated
     if subj.size != base.size:
         return WindowDeltas(name, np.zeros(0), 0)
     if cert["primary_metric"]["kind"] != "accuracy":
@@ -380,7 +392,11 @@ def _delta_caption(cert: dict[str, Any], deltas: WindowDeltas, accuracy: bool) -
         text = (f"Median Δ {_signed(median, 4)} nats/token; 90% of windows between "
                 f"{_signed(p5, 4)} and {_signed(p95, 4)}")
         delta = pm["delta"]
-        if delta is not None and pm["limit"] > 0:
+        seq = sequential_view.view(cert)
+        if seq is not None and seq.early and deltas.set_name == "final":
+            text += (f". Only the first {seq.evaluated} of {seq.maximum} final windows were "
+                     "evaluated: the sequential test decided there, on its own bounds")
+        elif delta is not None and pm["limit"] > 0:
             text += (f". The gate compares the mean's upper bound ({_signed(delta['ci'][1], 4)}) "
                      f"with ln {pm['limit']:.2f} = {_signed(math.log(pm['limit']), 4)}")
     if deltas.nonfinite:

@@ -236,3 +236,42 @@ def test_the_confidence_level_printed_is_the_recorded_one():
 
     row = aggregate.Row("int4", Outcome(1, None, cert, None, None))
     assert "| 90% CI |" in aggregate.render_comment("InvarLock", [row], run_url=None)
+
+
+def _sequential(shift: float, n: int, seed: int) -> Outcome:
+    return _outcome(synthetic_certificate(shift=shift, n=n, seed=seed, sequential=True))
+
+
+def test_every_report_of_an_early_stop_says_where_it_decided():
+    report = _report(_sequential(0.0, 200, 11))
+    output = render.check_output(report)
+    phrase = "decided after 32 of 200 windows"
+    assert output.title.endswith(f"; {phrase} (PASS)")
+    for text in (render.comment(report, BODY_LIMIT), render.job_summary(report),
+                 output.summary, output.text):
+        assert phrase in text and "## Sequential test" in text
+    assert "· 200 + 32 of 200 windows" in render.headline(report)
+
+
+def test_the_delta_chart_of_an_early_stop_uses_the_windows_evaluated():
+    """The baseline holds all 200 planned windows, the subject the 32 evaluated: the chart
+    pairs those 32 (it used to find the lengths unequal and chart nothing)."""
+    cert = _sequential(0.0, 200, 11).certificate
+    deltas = render.window_deltas(cert)
+    assert (deltas.set_name, deltas.values.size, deltas.nonfinite) == ("final", 32, 0)
+    assert "(32 windows)" in render.delta_chart(cert)
+    assert "Only the first 32 of 200 final windows were evaluated" in render.delta_chart(cert)
+
+
+def test_the_matrix_aggregate_shows_the_windows_each_subject_used():
+    from invarlock.github import aggregate
+
+    rows = [aggregate.Row("int8", _sequential(0.0, 200, 11)),
+            aggregate.Row("q2", _sequential(0.2, 200, 12)),
+            aggregate.Row("fixed", _outcome(synthetic_certificate(seed=1))),
+            aggregate.Row("crash", Outcome.failed(3, "killed"))]
+    body = aggregate.render_comment("InvarLock", rows, run_url=None)
+    cells = {line.split("|")[1].strip(): line.split("|")[-2].strip()
+             for line in body.splitlines() if line.startswith("| ") and "Subject" not in line}
+    assert cells == {"int8": "32/200", "q2": "32/200", "fixed": "32/32", "crash": ""}
+    assert "| Limit | Windows |" in body
