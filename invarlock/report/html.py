@@ -9,6 +9,7 @@ Pure: a certificate and its verification report in, a string out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from html import escape, unescape
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from invarlock.certificate import markdown as md
+from invarlock.certificate import sequential_view
 from invarlock.config import flatten
 from invarlock.report import charts
 from invarlock.verify import ABS_TOL, REL_TOL, VerifyReport
@@ -65,6 +67,8 @@ def render(cert: Mapping[str, Any], verification: VerifyReport) -> str:
         _verdict(cert),
         _verification(verification),
         _section("Primary metric", _primary(cert)),
+        *([_section("Sequential test", _sequential(cert))]
+          if sequential_view.view(cert) is not None else []),
         _section("Per-window differences", _histogram(cert)),
         *([_section("Distribution evidence", _distribution(cert))]
           if cert.get("distribution") else []),
@@ -175,6 +179,41 @@ def _interval_line(cert: Mapping[str, Any]) -> str:
             f"replicates, seed {boot['seed']}, α = {boot['alpha']}; drift final/preview {drift}.")
 
 
+def _sequential(cert: Mapping[str, Any]) -> str:
+    """Where the sequential test stopped and why, its bounds narrowing over the looks
+    against the threshold, and the looks as a table."""
+    seq = sequential_view.view(cert)
+    assert seq is not None
+    unit = "pp, negated" if seq.accuracy else "nats/token"
+    limit = (f"limit {-seq.threshold:+.2f} pp" if seq.accuracy
+             else f"ln {math.exp(seq.threshold):.2f} = {seq.threshold:+.4f}")
+    stop = (f"stopped at {seq.evaluated}: {seq.decision.upper()}" if seq.early
+            else f"maximum {seq.evaluated}: fixed interval decides")
+    svg = charts.bounds_plot(
+        [charts.BoundsLook(lk.windows, lk.mean, lk.low, lk.high, lk.decision)
+         for lk in seq.looks],
+        threshold=seq.threshold, threshold_label=limit, maximum=seq.maximum,
+        planned=seq.planned, stop_label=stop, y_label=f"mean Δ and its bounds ({unit})",
+        label="Confidence sequence bounds over the looks, with the threshold and the stop")
+    caption = (f"The confidence sequence's bounds on the mean per-window difference at each "
+               f"look (dots: the planned looks); PASS once the upper bound is below the "
+               f"threshold after {seq.n_min} windows, FAIL once the lower bound is above it.")
+    rows = "".join(
+        f'<tr><td class="num">{lk.number}</td><td class="num">{lk.windows}</td>'
+        f'<td class="num">{lk.mean:+.6f}</td><td class="num">{lk.low:+.6f}</td>'
+        f'<td class="num">{lk.high:+.6f}</td><td>{escape(lk.decision)}</td></tr>'
+        for lk in seq.looks)
+    table = ("<table><tr><th class=\"num\">Look</th><th class=\"num\">Windows</th>"
+             f"<th class=\"num\">Mean Δ ({escape(unit)})</th><th class=\"num\">Lower bound"
+             "</th><th class=\"num\">Upper bound</th><th>Decision</th></tr>"
+             f"{rows}</table>")
+    return (f"<p><strong>{escape(seq.phrase[0].upper() + seq.phrase[1:])}.</strong> "
+            f"{escape(seq.why)}</p>"
+            f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>{table}"
+            f"<p class=\"muted\">Threshold {escape(seq.limit_text)}. "
+            f"{escape(seq.design_text)}</p>")
+
+
 def window_deltas(cert: Mapping[str, Any]) -> tuple[str, list[float]]:
     """Per-window differences of the set the interval was computed on (final, else preview).
 
@@ -213,8 +252,11 @@ def _histogram(cert: Mapping[str, Any]) -> str:
                                          f"{name} set", x_label="Δ log-loss per token "
                                          "(subject − baseline, nats)", marks=marks)
     worse = sum(1 for d in deltas if d > 0)
-    return (f"<figure>{svg}<figcaption>{len(deltas)} {name} windows; {worse} where the subject "
-            f"is worse than the baseline.</figcaption></figure>")
+    seq = sequential_view.view(cert)
+    planned = (f" (of {seq.maximum} planned: the sequential test stopped there)"
+               if seq is not None and name == "final" and seq.evaluated < seq.maximum else "")
+    return (f"<figure>{svg}<figcaption>{len(deltas)} {name} windows evaluated{planned}; "
+            f"{worse} where the subject is worse than the baseline.</figcaption></figure>")
 
 
 def _distribution(cert: Mapping[str, Any]) -> str:
