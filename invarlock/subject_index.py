@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from invarlock.certificate import sequential_view
 from invarlock.certificate.document import (
     CERT_FILENAME,
     MAX_DEPTH,
@@ -308,6 +309,13 @@ def _exit_code_problems(doc: dict[str, Any], rows: list[Any]) -> list[str]:
     return []
 
 
+def row_windows(cert: Mapping[str, Any]) -> dict[str, int] | None:
+    """A row's `final_windows`: final windows evaluated of planned (a sequential run stops
+    at the look that decided)."""
+    counts = sequential_view.final_windows(cert)
+    return None if counts is None else {"evaluated": counts[0], "planned": counts[1]}
+
+
 def row_differences(row: Mapping[str, Any], cert: Mapping[str, Any],
                     index: Mapping[str, Any]) -> list[str]:
     """Where a listed certificate and its row (and the index's baseline) disagree."""
@@ -323,5 +331,9 @@ def row_differences(row: Mapping[str, Any], cert: Mapping[str, Any],
         ("baseline.weights_digest", base_row.get("weights_digest"),
          baseline.get("weights_digest") if isinstance(baseline, Mapping) else None),
     )
+    if "final_windows" in row:  # absent from indexes written before it was recorded
+        pairs += (("final_windows", row["final_windows"], row_windows(cert)),
+                  ("sequential", row.get("sequential"),
+                   getattr(sequential_view.view(cert), "phrase", None)))
     return [f"{INDEX_JSON}: {field} {listed!r} but the certificate says {actual!r}"
             for field, listed, actual in pairs if listed != actual]

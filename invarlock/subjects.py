@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from invarlock import atomic, untrusted
+from invarlock.certificate import sequential_view
 from invarlock.certificate.document import CERT_FILENAME, SET_FILENAMES
 from invarlock.errors import InputError, InvarlockError
 from invarlock.subject_index import (
@@ -30,6 +31,7 @@ from invarlock.subject_index import (
     INDEX_MARKDOWN,
     INDEX_VERSION,
     folder_names,
+    row_windows,
     seal,
 )
 
@@ -134,14 +136,16 @@ def index_document(baseline: dict[str, Any], results: Sequence[SubjectResult]) -
         row: dict[str, Any] = {"name": r.name, "subject": r.spec, "exit_code": r.exit_code,
                                "error": r.error, "verdict": "ERROR", "certificate": None,
                                "digest": None, "ratio": None, "ratio_ci": None, "limit": None,
-                               "alpha": None}
+                               "alpha": None, "final_windows": None, "sequential": None}
         if r.outcome is not None:
             cert = r.outcome.certificate
             pm = cert["primary_metric"]
             row.update(verdict=r.outcome.verdict, certificate=f"{r.name}/{CERT_FILENAME}",
                        digest=cert.get("digest"), ratio=pm.get("ratio"),
                        ratio_ci=pm.get("ratio_ci"), limit=pm.get("limit"),
-                       alpha=(pm.get("bootstrap") or {}).get("alpha"))
+                       alpha=(pm.get("bootstrap") or {}).get("alpha"),
+                       final_windows=row_windows(cert),
+                       sequential=getattr(sequential_view.view(cert), "phrase", None))
         rows.append(row)
     return seal({"format": INDEX_FORMAT, "version": INDEX_VERSION,
                  "baseline": {"source": baseline.get("source"),
@@ -154,8 +158,9 @@ def index_markdown(doc: dict[str, Any]) -> str:
     """The index as a Markdown table; every string from a row is escaped for Markdown."""
     lines = [f"# InvarLock: {len(doc['subjects'])} subjects against "
              f"{untrusted.markdown(doc['baseline']['source'])}", "",
-             "| subject | verdict | ratio | CI (recorded level) | limit | certificate |",
-             "|---|---|---|---|---|---|"]
+             "| subject | verdict | ratio | CI (recorded level) | limit | final windows "
+             "(sequential test) | certificate |",
+             "|---|---|---|---|---|---:|---|"]
     for row in doc["subjects"]:
         ratio = f"{row['ratio']:.4f}" if isinstance(row["ratio"], float) else "–"
         level = (f"{100 * (1 - row['alpha']):g}% " if isinstance(row.get("alpha"), float)
@@ -167,8 +172,21 @@ def index_markdown(doc: dict[str, Any]) -> str:
         where = (f"[{untrusted.markdown(row['certificate'])}]({row['name']}/{CERT_FILENAME})"
                  if row["certificate"] else untrusted.markdown(row["error"] or "–"))
         lines.append(f"| {untrusted.markdown(row['subject'])} | {row['verdict']} | {ratio} | "
-                     f"{ci} | {limit} | {where} |")
+                     f"{ci} | {limit} | {_windows_cell(row)} | {where} |")
     return "\n".join(lines) + "\n"
+
+
+def _windows_cell(row: dict[str, Any]) -> str:
+    """Where the sequential test stopped ("decided after 32 of 200 windows (PASS)"), else
+    the final windows evaluated of planned ("200/200"); "–" when the row says neither."""
+    if isinstance(row.get("sequential"), str):
+        return untrusted.markdown(row["sequential"])
+    counts = row.get("final_windows")
+    if not isinstance(counts, dict) or not all(
+            isinstance(counts.get(k), int) and not isinstance(counts.get(k), bool)
+            for k in ("evaluated", "planned")):
+        return "–"
+    return f"{counts['evaluated']}/{counts['planned']}"
 
 
 def write_index(out_dir: Path, baseline: dict[str, Any],

@@ -116,6 +116,23 @@ def phrase(evaluated: int, maximum: int, decision: str) -> str:
             "interval decided")
 
 
+def final_windows(cert: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(final windows evaluated, planned) of any certificate: where a sequential run stopped,
+    or how many final windows a fixed run scored (0 when the preview stopped it); None when
+    the certificate does not say."""
+    seq = view(cert)
+    if seq is not None:
+        return seq.evaluated, seq.maximum
+    windows = cert.get("windows")
+    final = windows.get("final") if isinstance(windows, Mapping) else None
+    if not isinstance(final, Mapping):
+        return None
+    scored, ids = final.get("subject"), final.get("ids")
+    if not isinstance(scored, list) or not isinstance(ids, list):
+        return None
+    return len(scored), len(ids)
+
+
 def view(cert: Mapping[str, Any]) -> SequentialView | None:
     """The certificate's sequential facts; None without a section or with a malformed one."""
     seq = cert.get("sequential")

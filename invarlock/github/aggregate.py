@@ -117,12 +117,6 @@ def _row(row: Row, *, per_row_level: bool = False) -> str:
 
 
 def windows_cell(cert: dict[str, Any] | None) -> str:
-    """Final windows evaluated of the planned maximum ("32/200"); the sequential section
-    says where a sequential run stopped, the final set's results where a fixed run did."""
-    seq = sequential_view.view(cert or {})
-    if seq is not None:
-        return seq.windows
-    final = ((cert or {}).get("windows") or {}).get("final")
-    if not isinstance(final, dict):
-        return ""
-    return f"{len(final.get('subject') or [])}/{len(final.get('ids') or [])}"
+    """Final windows evaluated of the planned maximum ("32/200"); empty when unknown."""
+    counts = sequential_view.final_windows(cert or {})
+    return "" if counts is None else f"{counts[0]}/{counts[1]}"
