@@ -31,6 +31,7 @@ import numpy as np
 
 from invarlock import __version__, distribution, gate, sequential_run
 from invarlock.certificate.document import content_digest, schema_errors
+from invarlock.certificate.sequential_view import phrase as sequential_phrase
 from invarlock.config import flatten
 from invarlock.enums import AdapterKind, MetricKind
 from invarlock.errors import ConfigError, InvarlockError
@@ -490,6 +491,7 @@ def recheck_sequence(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Set
         sequential_run.differences(kind, fin.tokens, fin.baseline, fin.subject))
     found.compare("sequential", stored, sequential_run.section(outcome))
     n, result = outcome.stopped_at, outcome.result
+    found.notes.append(_sequence_note(outcome))
     if n not in design.looks:
         found.differ("sequential.stopped_at", f"{n} windows evaluated, which is no look of "
                                               f"the design {list(design.looks)}")
@@ -501,6 +503,15 @@ def recheck_sequence(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Set
         found.differ("sequential.stopped_at", f"stopped undecided after {n} windows, before "
                                               f"the maximum {design.n_max}")
     return outcome
+
+
+def _sequence_note(outcome: sequential_run.SequentialOutcome) -> str:
+    """The recomputed decision in the words the reports use (sequential_view.phrase)."""
+    result = outcome.result
+    looks = 0 if result is None else len(result.looks)
+    decision = "nonfinite" if result is None else result.decision.value
+    ended = sequential_phrase(outcome.stopped_at, outcome.design.n_max, decision)
+    return f"sequential test {ended}; {looks} look(s) recomputed from the stored differences"
 
 
 def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy,

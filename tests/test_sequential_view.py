@@ -90,3 +90,28 @@ def test_the_markdown_section_lists_the_looks_and_why(certs):
     assert "No look decided" in section
     headline = markdown.render(certs["pass"]).splitlines()[2]
     assert "Sequential test: decided after 32 of 200 windows \\(PASS\\)." in headline
+
+
+def test_verify_states_the_recomputed_decision(certs):
+    notes = {name: verify_certificate(cert).notes for name, cert in certs.items()}
+    assert ("sequential test decided after 32 of 200 windows (PASS); 1 look(s) recomputed "
+            "from the stored differences") in notes["pass"]
+    assert any(n.startswith("sequential test decided after 32 of 200 windows (FAIL)")
+               for n in notes["fail"])
+    assert any(n.startswith("sequential test ran to the maximum of 64 windows undecided")
+               and "5 look(s)" in n for n in notes["max"])
+
+
+def test_the_verify_command_prints_the_decision(certs, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from invarlock.cli import main
+
+    path = tmp_path / "evaluation.cert.json"
+    path.write_text(json.dumps(certs["fail"]), encoding="utf-8")
+    result = CliRunner().invoke(main, ["verify", str(path)])
+    assert result.exit_code == 1, result.output  # verified, verdict FAIL
+    assert "  note: sequential test decided after 32 of 200 windows (FAIL); 1 look(s)" in (
+        result.output)
