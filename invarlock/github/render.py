@@ -195,8 +195,7 @@ def sections(report: Report) -> list[str]:
         *([chart] if chart else []),
         "#### Gates\n\n" + cert_md.gates_table(cert),
         "#### Primary metric\n\n" + cert_md.metric_table(cert),
-        *(["\n".join(cert_md.sequential_section(cert, level=4)).rstrip()]
-          if cert.get("sequential") else []),
+        *([sequential_report(cert)] if cert.get("sequential") else []),
         *(["\n".join(cert_md.distribution_lines(cert, level=4)).rstrip()]
           if cert.get("distribution") else []),
         guard_findings(cert),
@@ -270,6 +269,46 @@ def guard_findings(cert: dict[str, Any]) -> str:
     if not lines:
         return "#### Guards\n\nNo guard results in this certificate."
     return "\n".join(lines).rstrip()
+
+
+def sequential_report(cert: dict[str, Any]) -> str:
+    """The certificate's sequential section (looks, why it stopped, design) and, when there
+    were several looks, a chart of the bounds narrowing towards the threshold."""
+    section = "\n".join(cert_md.sequential_section(cert, level=4)).rstrip()
+    chart = bounds_chart(cert)
+    return section + ("\n\n" + chart if chart else "")
+
+
+def bounds_chart(cert: dict[str, Any]) -> str:
+    """The confidence sequence's bounds at each look against the threshold, as a Mermaid
+    line chart; empty with fewer than two looks (nothing narrows)."""
+    seq = sequential_view.view(cert)
+    if seq is None or len(seq.looks) < 2:
+        return ""
+    lows = [lk.low for lk in seq.looks]
+    highs = [lk.high for lk in seq.looks]
+    values = [*lows, *highs, seq.threshold]
+    pad = (max(values) - min(values)) * 0.1 or 1e-3
+    unit = "pp, negated" if seq.accuracy else "nats/token"
+    labels = [_quoted(str(lk.windows)) for lk in seq.looks]
+
+    def series(xs: list[float]) -> str:
+        return ", ".join(f"{x:.6f}" for x in xs)
+
+    return "\n".join([
+        "```mermaid",
+        "xychart-beta",
+        f'    title "Sequential test: bounds at each look against the threshold ({unit})"',
+        f'    x-axis "windows evaluated" [{", ".join(labels)}]',
+        f'    y-axis "mean Δ bounds" {min(values) - pad:.6f} --> {max(values) + pad:.6f}',
+        f"    line [{series(highs)}]",
+        f"    line [{series(lows)}]",
+        f"    line [{series([seq.threshold] * len(seq.looks))}]",
+        "```",
+        "",
+        f"Lines: the upper bound, the lower bound and the threshold ({seq.threshold:+.6f}) at "
+        f"each of the {len(seq.looks)} looks.",
+    ])
 
 
 def gate_chart(cert: dict[str, Any]) -> str:

@@ -275,3 +275,14 @@ def test_the_matrix_aggregate_shows_the_windows_each_subject_used():
              for line in body.splitlines() if line.startswith("| ") and "Subject" not in line}
     assert cells == {"int8": "32/200", "q2": "32/200", "fixed": "32/32", "crash": ""}
     assert "| Limit | Windows |" in body
+
+
+def test_the_bounds_chart_draws_every_look_and_only_when_there_are_several():
+    early = _sequential(0.0, 200, 11).certificate
+    assert render.bounds_chart(early) == ""  # one look: nothing narrows
+    chart = render.bounds_chart(_sequential(0.0953, 64, 7).certificate)
+    assert '["32", "40", "48", "56", "64"]' in chart
+    lines = [line for line in chart.splitlines() if line.startswith("    line [")]
+    upper, lower, threshold = ([float(v) for v in line[10:-1].split(", ")] for line in lines)
+    assert all(lo < hi for lo, hi in zip(lower, upper, strict=True))
+    assert set(threshold) == {0.09531} and upper[-1] - lower[-1] < upper[0] - lower[0]
