@@ -331,3 +331,12 @@ def test_bounds_plot_draws_each_look_between_its_bounds_and_the_threshold_across
                   .group(1))
     assert hi1 < y_thr < lo1 and y_thr < hi2  # crossed by look 1, above look 2 on screen
     assert svg.count('r="2" fill=') == 4 and "not evaluated" in svg
+
+
+def test_html_of_a_classifier_that_stopped_early_counts_the_examples_evaluated():
+    cert = synthetic_certificate(kind=MetricKind.ACCURACY, n=96, seed=4, sequential=True)
+    page = report.render(cert, "html")
+    assert parse(page).errors == []
+    assert "Paired outcomes on the final set (32 examples evaluated (of 96 planned" in page
+    assert "<strong>Decided after 32 of 96 windows (PASS).</strong>" in page
+    assert "limit -1.00 pp" in page

@@ -235,13 +235,17 @@ def _histogram(cert: Mapping[str, Any]) -> str:
     if not deltas:
         return "<p>No per-window results.</p>"
     accuracy = cert["windows"]["kind"] == "accuracy"
+    seq = sequential_view.view(cert)
+    planned = (f" (of {seq.maximum} planned: the sequential test stopped there)"
+               if seq is not None and name == "final" and seq.evaluated < seq.maximum else "")
     if accuracy:
         counts = {k: sum(1 for d in deltas if d == k) for k in (-1.0, 0.0, 1.0)}
         rows = "".join(f"<tr><td>{label}</td><td class=\"num\">{counts[k]}</td></tr>"
                        for k, label in ((1.0, "subject right, baseline wrong"),
                                         (0.0, "both agree"),
                                         (-1.0, "subject wrong, baseline right")))
-        return (f"<p>Paired outcomes on the {name} set ({len(deltas)} examples):</p>"
+        return (f"<p>Paired outcomes on the {name} set ({len(deltas)} examples evaluated"
+                f"{planned}):</p>"
                 f"<table><tr><th>Outcome</th><th>Examples</th></tr>{rows}</table>")
     mean = float(np.mean(deltas))
     weighted = cert["primary_metric"]["delta"]
@@ -252,9 +256,6 @@ def _histogram(cert: Mapping[str, Any]) -> str:
                                          f"{name} set", x_label="Δ log-loss per token "
                                          "(subject − baseline, nats)", marks=marks)
     worse = sum(1 for d in deltas if d > 0)
-    seq = sequential_view.view(cert)
-    planned = (f" (of {seq.maximum} planned: the sequential test stopped there)"
-               if seq is not None and name == "final" and seq.evaluated < seq.maximum else "")
     return (f"<figure>{svg}<figcaption>{len(deltas)} {name} windows evaluated{planned}; "
             f"{worse} where the subject is worse than the baseline.</figcaption></figure>")
 
