@@ -422,6 +422,8 @@ def _histogram(values: np.ndarray) -> tuple[list[str], list[int]]:
 def _delta_caption(cert: dict[str, Any], deltas: WindowDeltas, accuracy: bool) -> str:
     pm = cert["primary_metric"]
     values = deltas.values
+    seq = sequential_view.view(cert)
+    early = seq is not None and seq.early and deltas.set_name == "final"
     if accuracy:
         worse = int(np.sum(values < 0))
         better = int(np.sum(values > 0))
@@ -431,13 +433,13 @@ def _delta_caption(cert: dict[str, Any], deltas: WindowDeltas, accuracy: bool) -
         text = (f"Median Δ {_signed(median, 4)} nats/token; 90% of windows between "
                 f"{_signed(p5, 4)} and {_signed(p95, 4)}")
         delta = pm["delta"]
-        seq = sequential_view.view(cert)
-        if seq is not None and seq.early and deltas.set_name == "final":
-            text += (f". Only the first {seq.evaluated} of {seq.maximum} final windows were "
-                     "evaluated: the sequential test decided there, on its own bounds")
-        elif delta is not None and pm["limit"] > 0:
+        if not early and delta is not None and pm["limit"] > 0:
             text += (f". The gate compares the mean's upper bound ({_signed(delta['ci'][1], 4)}) "
                      f"with ln {pm['limit']:.2f} = {_signed(math.log(pm['limit']), 4)}")
+    if early:
+        assert seq is not None
+        text += (f". Only the first {seq.evaluated} of {seq.maximum} final windows were "
+                 "evaluated: the sequential test decided there, on its own bounds")
     if deltas.nonfinite:
         text += f"; {deltas.nonfinite} windows with non-finite subject loss"
     return text + "."

@@ -286,3 +286,11 @@ def test_the_bounds_chart_draws_every_look_and_only_when_there_are_several():
     upper, lower, threshold = ([float(v) for v in line[10:-1].split(", ")] for line in lines)
     assert all(lo < hi for lo, hi in zip(lower, upper, strict=True))
     assert set(threshold) == {0.09531} and upper[-1] - lower[-1] < upper[0] - lower[0]
+
+
+def test_a_classifier_that_stopped_early_says_so_under_its_outcome_chart():
+    from invarlock.enums import MetricKind
+
+    cert = synthetic_certificate(kind=MetricKind.ACCURACY, n=96, seed=4, sequential=True)
+    chart = render.delta_chart(cert)
+    assert "0 examples newly wrong, 0 newly right. Only the first 32 of 96 final" in chart
