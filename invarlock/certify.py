@@ -32,7 +32,7 @@ import numpy as np
 
 from invarlock import __version__, distribution, gate, outdir, provenance, sequential_run
 from invarlock.cache import BaselineCache, CacheKey, scores_from_payload, scores_to_payload
-from invarlock.certificate import build, document, markdown
+from invarlock.certificate import build, document, markdown, sequential_view
 from invarlock.data.corpus import Corpus, DatasetSource, load_corpus
 from invarlock.data.windows import WindowPlan, WindowSet, plan_windows
 from invarlock.enums import AdapterKind, MetricKind
@@ -120,7 +120,7 @@ class CertifyOutcome:
                               "measured": _measured(g)}
                        for name, g in self.certificate["guards"].items()},
             "stopped": self.stopped_by(),
-            "sequential": markdown.decided_phrase(self.certificate),
+            "sequential": getattr(sequential_view.view(self.certificate), "phrase", None),
             "run_id": self.certificate["run_id"],
             "certificate": str(self.path),
             "markdown": str(self.markdown_path),

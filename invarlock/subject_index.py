@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from invarlock import untrusted
+from invarlock.certificate import sequential_view
 from invarlock.certificate.document import (
     CERT_FILENAME,
     MAX_DEPTH,
@@ -43,7 +44,7 @@ from invarlock.outdir import shown
 INDEX_JSON = "index.json"
 INDEX_MARKDOWN = "index.md"
 INDEX_FORMAT = "invarlock.index"
-INDEX_VERSION = 2  # 2: sealed with a content digest; version 1 carried none
+INDEX_VERSION = 3  # 3: rows carry final_windows and sequential; 2: sealed; 1: no digest
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")  # what `folder_names` produces
 _VERDICT_CODE = {"PASS": 0, "FAIL": 1}
 _ERROR_CODES = (2, 3)
@@ -76,8 +77,9 @@ def index_markdown(doc: dict[str, Any]) -> str:
     INDEX_VERSION."""
     lines = [f"# InvarLock: {len(doc['subjects'])} subjects against "
              f"{untrusted.markdown(doc['baseline']['source'])}", "",
-             "| subject | verdict | ratio | CI (recorded level) | limit | certificate |",
-             "|---|---|---|---|---|---|"]
+             "| subject | verdict | ratio | CI (recorded level) | limit | final windows "
+             "(sequential test) | certificate |",
+             "|---|---|---|---|---|---:|---|"]
     for row in doc["subjects"]:
         ratio = f"{row['ratio']:.4f}" if isinstance(row["ratio"], float) else "–"
         level = (f"{100 * (1 - row['alpha']):g}% " if isinstance(row.get("alpha"), float)
@@ -89,8 +91,21 @@ def index_markdown(doc: dict[str, Any]) -> str:
         where = (f"[{untrusted.markdown(row['certificate'])}]({row['name']}/{CERT_FILENAME})"
                  if row["certificate"] else untrusted.markdown(row["error"] or "–"))
         lines.append(f"| {untrusted.markdown(row['subject'])} | {row['verdict']} | {ratio} | "
-                     f"{ci} | {limit} | {where} |")
+                     f"{ci} | {limit} | {_windows_cell(row)} | {where} |")
     return "\n".join(lines) + "\n"
+
+
+def _windows_cell(row: dict[str, Any]) -> str:
+    """Where the sequential test stopped ("decided after 32 of 200 windows (PASS)"), else
+    the final windows evaluated of planned ("200/200"); "–" when the row says neither."""
+    if isinstance(row.get("sequential"), str):
+        return untrusted.markdown(row["sequential"])
+    counts = row.get("final_windows")
+    if not isinstance(counts, dict) or not all(
+            isinstance(counts.get(k), int) and not isinstance(counts.get(k), bool)
+            for k in ("evaluated", "planned")):
+        return "–"
+    return f"{counts['evaluated']}/{counts['planned']}"
 
 
 def seal(doc: dict[str, Any]) -> dict[str, Any]:
@@ -283,8 +298,8 @@ def _listing(folder: Path) -> list[str]:
 
 def _seal_problems(doc: dict[str, Any]) -> list[str]:
     if doc.get("version") != INDEX_VERSION:
-        return [f"version {doc.get('version')!r}: only a version {INDEX_VERSION} index is "
-                "sealed; certify again to write one"]
+        return [f"version {doc.get('version')!r}: only a version {INDEX_VERSION} index "
+                "(sealed, with every row's windows) is read; certify again to write one"]
     try:
         actual = seal(doc)["digest"]
     except (TypeError, ValueError) as exc:  # NaN, Infinity: not canonical JSON
@@ -368,6 +383,13 @@ def _exit_code_problems(doc: dict[str, Any], rows: list[Any]) -> list[str]:
     return []
 
 
+def row_windows(cert: Mapping[str, Any]) -> dict[str, int] | None:
+    """A row's `final_windows`: final windows evaluated of planned (a sequential run stops
+    at the look that decided)."""
+    counts = sequential_view.final_windows(cert)
+    return None if counts is None else {"evaluated": counts[0], "planned": counts[1]}
+
+
 def row_differences(row: Mapping[str, Any], cert: Mapping[str, Any],
                     index: Mapping[str, Any]) -> list[str]:
     """Where a listed certificate and its row (and the index's baseline) disagree: every
@@ -392,5 +414,9 @@ def row_differences(row: Mapping[str, Any], cert: Mapping[str, Any],
         ("baseline.weights_digest", base_row.get("weights_digest"),
          baseline.get("weights_digest") if isinstance(baseline, Mapping) else None),
     )
+    if "final_windows" in row:  # absent from indexes written before it was recorded
+        pairs += (("final_windows", row["final_windows"], row_windows(cert)),
+                  ("sequential", row.get("sequential"),
+                   getattr(sequential_view.view(cert), "phrase", None)))
     return [f"{INDEX_JSON}: {field} {listed!r} but the certificate says {actual!r}"
             for field, listed, actual in pairs if listed != actual]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from invarlock import atomic, untrusted
+from invarlock.certificate import sequential_view
 from invarlock.certificate.document import CERT_FILENAME, SET_FILENAMES
 from invarlock.errors import InputError, InvarlockError
 from invarlock.subject_index import (
@@ -31,6 +32,7 @@ from invarlock.subject_index import (
     INDEX_VERSION,
     folder_names,
     index_markdown,
+    row_windows,
     seal,
 )
 
@@ -136,14 +138,16 @@ def index_document(baseline: dict[str, Any], results: Sequence[SubjectResult]) -
         row: dict[str, Any] = {"name": r.name, "subject": r.spec, "exit_code": r.exit_code,
                                "error": r.error, "verdict": "ERROR", "certificate": None,
                                "digest": None, "ratio": None, "ratio_ci": None, "limit": None,
-                               "alpha": None}
+                               "alpha": None, "final_windows": None, "sequential": None}
         if r.outcome is not None:
             cert = r.outcome.certificate
             pm = cert["primary_metric"]
             row.update(verdict=r.outcome.verdict, certificate=f"{r.name}/{CERT_FILENAME}",
                        digest=cert.get("digest"), ratio=pm.get("ratio"),
                        ratio_ci=pm.get("ratio_ci"), limit=pm.get("limit"),
-                       alpha=(pm.get("bootstrap") or {}).get("alpha"))
+                       alpha=(pm.get("bootstrap") or {}).get("alpha"),
+                       final_windows=row_windows(cert),
+                       sequential=getattr(sequential_view.view(cert), "phrase", None))
         rows.append(row)
     return seal({"format": INDEX_FORMAT, "version": INDEX_VERSION,
                  "baseline": {"source": baseline.get("source"),

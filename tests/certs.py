@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from invarlock import gate
+from invarlock import gate, sequential_run
 from invarlock.certificate import document
 from invarlock.certificate import markdown as md
 from invarlock.enums import MetricKind
@@ -34,14 +34,22 @@ def _arrays(rng: np.random.Generator, n: int, shift: float, kind: MetricKind):
 
 def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
                           kind: MetricKind = MetricKind.PPL_CAUSAL, tier: str = "balanced",
-                          profile: str = "dev", replicates: int = 200) -> dict[str, Any]:
-    """A sealed certificate whose subject is `shift` nats/token worse (or `shift` accuracy)."""
+                          profile: str = "dev", replicates: int = 200,
+                          sequential: bool = False) -> dict[str, Any]:
+    """A sealed certificate whose subject is `shift` nats/token worse (or `shift` accuracy).
+
+    `sequential`: the final set runs under the profile's sequential design (n must exceed
+    its n_min) and stops at the first look that decides, as certify does; otherwise the
+    fixed design."""
     rng = np.random.default_rng(seed)
     floor = evidence_floor(profile)
     underpowered = floor.below_floor == "refuse" and (
         n < floor.final_n or replicates < floor.replicates or floor.seq_len > 128)
     design = profiles()[profile].get("sequential") or {}
-    fixed = {"sequential": False} if design.get("enabled") and n > design["n_min"] else {}
+    on = bool(design.get("enabled")) and n > design["n_min"]
+    if sequential and not on:
+        raise ValueError(f"the {profile} profile runs no sequential design over {n} windows")
+    fixed = {"sequential": False} if on and not sequential else {}
     policy = resolve({"auto": {"tier": tier, "profile": profile, **fixed,
                                "allow_underpowered": underpowered},
                       "dataset": {"preview_n": n, "final_n": n, "seq_len": 128},
@@ -50,24 +58,28 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
     paired = {k: gate.PairedArrays(*v) for k, v in sets.items()}
     prev_summary = gate.summarize(kind, paired["preview"])
     catastrophic = gate.is_catastrophic(kind, prev_summary, policy.primary_metric)
-    final = None if catastrophic else paired["final"]
+    looks = _looks(kind, policy, sets, n) if sequential and not catastrophic else None
+    evaluated = n if looks is None else looks.stopped_at
+    final = None if catastrophic else gate.PairedArrays(*(a[:evaluated] for a in sets["final"]))
     pm = gate.primary_metric(kind, paired["preview"], final, policy.primary_metric,
-                             policy.bootstrap)
+                             sequential_run.fixed_bootstrap(
+                                 policy.bootstrap, looks.design if looks else None))
     evidence = gate.Evidence(floor, n, n, 128, replicates, (n, n), underpowered)
-    checks = [gate.pairing_check(1.0, 0.0, n, n), *gate.primary_checks(pm, policy.primary_metric),
+    checks = [gate.pairing_check(1.0, 0.0, n, n),
+              *sequential_run.primary_checks(pm, policy.primary_metric, looks),
               evidence.check()]
     decision = gate.decide(checks, gate.primary_gating(floor))
     ids = rng.permutation(4 * n)
 
     def window_set(name: str, offset: int) -> dict[str, Any]:
         tokens, base, subj = sets[name]
-        evaluated = name == "preview" or not catastrophic
+        scored = n if name == "preview" else 0 if catastrophic else evaluated
         return {
             "ids": [int(i) for i in ids[offset:offset + n]],
             "sha256": [hashlib.sha256(f"{name}{i}".encode()).hexdigest() for i in range(n)],
             "tokens": [int(t) for t in tokens],
             "baseline": [float(v) for v in base],
-            "subject": [float(v) for v in subj] if evaluated else [],
+            "subject": [float(v) for v in subj[:scored]],
         }
 
     digest = "sha256:" + "ab" * 32
@@ -108,8 +120,22 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
         "verdict": decision.verdict_section(),
         "artifacts": {"markdown": document.MARKDOWN_FILENAME, "saved_subject": None},
         "timings": {"total_s": 1.0},
+        **({"sequential": sequential_run.section(looks)} if looks else {}),
     }
     return document.seal(cert)
+
+
+def _looks(kind: MetricKind, policy: Any, sets: dict[str, Any],
+           n: int) -> sequential_run.SequentialOutcome:
+    """The sequence as certify runs it: the looks over the final differences in order, the
+    run cut at the first look that decides (or at the maximum)."""
+    design = sequential_run.design_for(policy, n)
+    assert design is not None
+    threshold = sequential_run.threshold_for(kind, policy)
+    floor = sequential_run.preview_floor(kind, *sets["preview"])
+    x = sequential_run.differences(kind, *sets["final"])
+    stop = design.run(x, threshold=threshold, sd_floor=floor).stopped_at
+    return sequential_run.sequence(design, threshold, floor, x[:stop])
 
 
 def render(cert: dict[str, Any]) -> str:

@@ -277,3 +277,66 @@ def test_every_table_scrolls_inside_the_page():
     assert page.count("<table") >= 3
     assert page.count("<table") == page.count('<div class="scroll"><table')
     assert ".scroll { overflow-x: auto" in page
+
+
+@pytest.fixture(scope="module")
+def sequential_pages() -> dict[str, str]:
+    cases = {"pass": dict(shift=0.0, n=200, seed=11), "max": dict(shift=0.0953, n=64, seed=7)}
+    return {name: report.render(synthetic_certificate(sequential=True, **kw), "html")
+            for name, kw in cases.items()}
+
+
+def _looks_table(page: str) -> list[list[str]]:
+    section = page[page.index("<h2>Sequential test</h2>"):page.index("<h2>Per-window")]
+    table = section[section.index("<table"):section.index("</table>")]
+    return [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in table.split("<tr>")[2:]]
+
+
+def test_html_shows_an_early_stop_with_its_bounds_plot_and_looks(sequential_pages):
+    page = sequential_pages["pass"]
+    assert parse(page).errors == []
+    order = [page.index(f"<h2>{s}") for s in ("Primary metric", "Sequential test", "Per-window")]
+    assert order == sorted(order)
+    assert "<strong>Decided after 32 of 200 windows (PASS).</strong>" in page
+    assert 'aria-label="Confidence sequence bounds over the looks' in page
+    assert "stopped at 32: PASS" in page and "not evaluated" in page
+    assert "ln 1.10 = +0.0953" in page
+    assert [row[:2] + row[-1:] for row in _looks_table(page)] == [["1", "32", "pass"]]
+    # the histogram draws the 32 windows evaluated, not the 200 planned
+    assert "32 final windows evaluated (of 200 planned" in page
+    assert len(window_deltas(synthetic_certificate(shift=0.0, n=200, seed=11,
+                                                   sequential=True))[1]) == 32
+
+
+def test_html_of_a_run_to_the_maximum_lists_every_look(sequential_pages):
+    page = sequential_pages["max"]
+    assert "Ran to the maximum of 64 windows undecided" in page
+    assert [row[1] for row in _looks_table(page)] == ["32", "40", "48", "56", "64"]
+    assert "maximum 64: fixed interval decides" in page and "not evaluated" not in page
+    assert "64 final windows evaluated;" in page
+
+
+def test_bounds_plot_draws_each_look_between_its_bounds_and_the_threshold_across():
+    looks = [charts.BoundsLook(32, 0.09, 0.05, 0.13, "continue"),
+             charts.BoundsLook(48, 0.02, 0.00, 0.04, "pass")]
+    svg = charts.bounds_plot(looks, threshold=0.0953, threshold_label="ln 1.10",
+                             maximum=200, planned=[32, 48, 64, 200], stop_label="stopped",
+                             label="b", y_label="Δ")
+    bars = re.findall(r'<line x1="([\d.]+)" y1="([\d.]+)" x2="\1" y2="([\d.]+)" '
+                      r'stroke="#[0-9a-f]+" stroke-width="3">', svg)
+    assert len(bars) == 2
+    (x1, lo1, hi1), (x2, lo2, hi2) = [tuple(map(float, b)) for b in bars]
+    assert x1 < x2 and lo2 - hi2 < lo1 - hi1  # narrower at the later look (pixels grow down)
+    y_thr = float(re.search(r'y1="([\d.]+)" x2="[\d.]+" y2="\1" stroke="#cf222e"', svg)
+                  .group(1))
+    assert hi1 < y_thr < lo1 and y_thr < hi2  # crossed by look 1, above look 2 on screen
+    assert svg.count('r="2" fill=') == 4 and "not evaluated" in svg
+
+
+def test_html_of_a_classifier_that_stopped_early_counts_the_examples_evaluated():
+    cert = synthetic_certificate(kind=MetricKind.ACCURACY, n=96, seed=4, sequential=True)
+    page = report.render(cert, "html")
+    assert parse(page).errors == []
+    assert "Paired outcomes on the final set (32 examples evaluated (of 96 planned" in page
+    assert "<strong>Decided after 32 of 96 windows (PASS).</strong>" in page
+    assert "limit -1.00 pp" in page

@@ -38,6 +38,11 @@ CASES = {
     "catastrophic": (lambda: synthetic_certificate(shift=1.5, seed=3), "FAIL", 1),
     "accuracy": (lambda: synthetic_certificate(kind=MetricKind.ACCURACY, n=64, seed=4),
                  "PASS", 1),
+    # interval, bounds over the looks, histogram of the windows evaluated
+    "sequential-early-pass": (lambda: synthetic_certificate(n=200, seed=11, sequential=True),
+                              "PASS", 3),
+    "sequential-to-maximum": (lambda: synthetic_certificate(shift=0.0953, n=64, seed=7,
+                                                            sequential=True), "FAIL", 3),
 }
 
 

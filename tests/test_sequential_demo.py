@@ -65,12 +65,12 @@ def test_the_markdown_says_where_it_decided_and_lists_every_look(runs):
     from invarlock.certificate import markdown
 
     text = markdown.render(runs["int8"][2])
-    assert "Sequential test: decided after 32 of 64 windows (PASS)." in text.splitlines()[2]
+    assert "Sequential test: decided after 32 of 64 windows \\(PASS\\)." in text.splitlines()[2]
     assert "| 1 | 32 |" in text and "| final | 32 of 64 |" in text
     looks = markdown.sequential_section(runs["borderline"][2])
     assert [row.split("|")[2].strip() for row in looks if row.startswith("| ")][1:] == [
         "32", "40", "48", "56", "64"]
-    assert "undecided after 64 of 64 windows" in markdown.render(runs["borderline"][2])
+    assert "ran to the maximum of 64 windows undecided" in markdown.render(runs["borderline"][2])
 
 
 def test_2bit_fails_at_the_first_look(runs):

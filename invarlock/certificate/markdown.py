@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from invarlock import untrusted
+from invarlock.certificate import sequential_view
 
 _MARK = {True: "✅", False: "❌"}
 _METHOD = {"bca": "BCa", "percentile": "percentile", "degenerate": "zero-width"}
@@ -118,36 +119,27 @@ def _metric_sentence(cert: dict[str, Any]) -> str:
 
 
 def decided_phrase(cert: dict[str, Any]) -> str | None:
-    """Where the sequential test stopped ("decided after N of M windows"); None without one."""
-    seq = cert.get("sequential")
-    if not seq:
-        return None
-    n, m = _t(seq["stopped_at"]), _t(seq["design"]["n_max"])
-    if seq["early"]:
-        return f"decided after {n} of {m} windows ({_t(seq['decision']).upper()})"
-    if seq["decision"] == "nonfinite":
-        return f"stopped after {n} of {m} windows on non-finite outputs"
-    return f"undecided after {n} of {m} windows, so the fixed-design interval decided"
+    """Where the sequential test stopped ("decided after N of M windows (PASS)"), as inline
+    Markdown; None without a sequential section."""
+    seq = sequential_view.view(cert)
+    return None if seq is None else _t(seq.phrase)
 
 
-def sequential_section(cert: dict[str, Any]) -> list[str]:
-    """Every look of the sequential test: windows, bounds, decision; then the design."""
-    seq = cert.get("sequential")
-    if not seq:
+def sequential_section(cert: dict[str, Any], level: int = 2) -> list[str]:
+    """Every look of the sequential test (windows, bounds, decision), why it stopped where
+    it did, then the design."""
+    seq = sequential_view.view(cert)
+    if seq is None:
         return []
-    d = seq["design"]
-    rows = ["## Sequential test", "",
-            "| Look | Windows | Mean Δ | Lower bound | Upper bound | Decision |",
+    unit = "pp, negated" if seq.accuracy else "nats/token"
+    rows = ["#" * level + " Sequential test", "",
+            f"**{_t(seq.phrase)}.** {_t(seq.why, _LONG)}", "",
+            f"| Look | Windows | Mean Δ ({unit}) | Lower bound | Upper bound | Decision |",
             "|---:|---:|---:|---:|---:|---|"]
-    for i, look in enumerate(seq["looks"], 1):
-        rows.append(f"| {i} | {_t(look['windows'])} | {look['mean']:+.6f} | "
-                    f"{look['low']:+.6f} | {look['high']:+.6f} | {_t(look['decision'])} |")
-    rows += ["", f"Threshold {seq['threshold']:+.6f}; {decided_phrase(cert)}. Design: "
-             f"confidence sequence at α = {_t(d['alpha_boundary'])} per side "
-             f"({_t(d['share'])} of α = {_t(d['alpha'])}), fixed interval at α = "
-             f"{_t(d['alpha_fixed'])}; n_min {_t(d['n_min'])}, looks every {_t(d['step'])} "
-             f"windows up to {_t(d['n_max'])}; σ̂ floor {seq['sd_floor']:.6f} (preview set).",
-             ""]
+    for look in seq.looks:
+        rows.append(f"| {look.number} | {look.windows} | {look.mean:+.6f} | "
+                    f"{look.low:+.6f} | {look.high:+.6f} | {_t(look.decision)} |")
+    rows += ["", f"Threshold {_t(seq.limit_text)}. {_t(seq.design_text, _LONG)}", ""]
     return rows
 
 

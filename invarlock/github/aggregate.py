@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from invarlock import untrusted
+from invarlock.certificate import sequential_view
 from invarlock.errors import InputError, InvarlockError
 from invarlock.github import origin
 from invarlock.github.artifact import RESULT_FILENAME, load_report, recorded_name
+from invarlock.github.charts import confidence_level
 from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_FAIL, EXIT_PASS, Outcome
-from invarlock.github.render import confidence_level
 
 _ICONS = {"PASS": "✅", "FAIL": "❌"}
 
@@ -82,9 +84,12 @@ def render_comment(check_name: str, rows: list[Row], *, run_url: str | None) -> 
                      if r.outcome.certificate is not None})
     ci = f"{levels[0]} CI" if len(levels) == 1 else "CI"
     lines = [f"### {untrusted.markdown(check_name)}: {passed} of {len(rows)} subjects pass", "",
-             f"| Subject | Verdict | Ratio | {ci} | Limit |", "|---|---|---|---|---|"]
+             f"| Subject | Verdict | Ratio | {ci} | Limit | Windows |",
+             "|---|---|---|---|---|---:|"]
     for row in rows:
         lines.append(_row(row, per_row_level=len(levels) > 1))
+    lines += ["", "Windows: final windows evaluated of the planned maximum (a sequential run "
+                  "stops at the first look that decides)."]
     reference = origin.aggregate_table([(r.name, r.outcome.certificate) for r in rows])
     if reference:
         lines += ["", reference]
@@ -99,16 +104,23 @@ def _row(row: Row, *, per_row_level: bool = False) -> str:
     name = untrusted.markdown(row.name, 64)
     if outcome.verdict is None or outcome.primary_metric is None:
         error = untrusted.markdown((outcome.error or "no verdict").strip(), 120)
-        return f"| {name} | ⚠️ no verdict (exit {outcome.exit_code}): {error} | | | |"
+        return f"| {name} | ⚠️ no verdict (exit {outcome.exit_code}): {error} | | | | |"
     pm = outcome.primary_metric
     level = f" ({confidence_level(outcome.certificate)})" if per_row_level else ""
     verdict = f"{_ICONS[str(outcome.verdict)]} {outcome.verdict}"
+    windows = windows_cell(outcome.certificate)  # two integers: nothing to escape
     if pm["gate_value"] is None:
-        return f"| {name} | {verdict} (catastrophic preview) | | | {pm['limit']} |"
+        return f"| {name} | {verdict} (catastrophic preview) | | | {pm['limit']} | {windows} |"
     if pm["basis"] == "ratio_ci_upper":
         lo, hi = pm["ratio_ci"]
         return (f"| {name} | {verdict} | {pm['ratio']:.4f} | [{lo:.4f}, {hi:.4f}]{level} | "
-                f"≤ {pm['limit']:.2f} |")
+                f"≤ {pm['limit']:.2f} | {windows} |")
     lo, hi = pm["delta"]["ci"]
     return (f"| {name} | {verdict} | {pm['delta']['estimate']:+.2f} pp | [{lo:+.2f}, {hi:+.2f}]"
-            f" pp{level} | ≥ {pm['limit']:+.2f} pp |")
+            f" pp{level} | ≥ {pm['limit']:+.2f} pp | {windows} |")
+
+
+def windows_cell(cert: dict[str, Any] | None) -> str:
+    """Final windows evaluated of the planned maximum ("32/200"); empty when unknown."""
+    counts = sequential_view.final_windows(cert or {})
+    return "" if counts is None else f"{counts[0]}/{counts[1]}"

@@ -11,23 +11,25 @@ needs (links, truncation within GitHub's limits).
 from __future__ import annotations
 
 import copy
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from invarlock import untrusted
 from invarlock.certificate import markdown as cert_md
+from invarlock.certificate import sequential_view
 from invarlock.github import origin
+from invarlock.github.charts import (
+    bounds_chart,
+    delta_chart,
+    gate_chart,
+)
 from invarlock.github.checks import OUTPUT_LIMIT, CheckOutput
 from invarlock.github.outcome import EXIT_EVIDENCE, EXIT_INPUT, Outcome
 
 _EXIT_MEANING = {EXIT_INPUT: "bad input or configuration",
                  EXIT_EVIDENCE: "the evidence could not be produced"}
-_MAX_BINS = 12
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,6 @@ class Report:
     links: Links
 
 
-def confidence_level(cert: dict[str, Any] | None) -> str:
-    """The interval's confidence level from the certificate's recorded α ("95%" for 0.05)."""
-    pm = (cert or {}).get("primary_metric") or {}
-    boot = pm.get("bootstrap") if isinstance(pm, dict) else None
-    alpha = boot.get("alpha") if isinstance(boot, dict) else None
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < 1:
-        return "level unrecorded"
-    return f"{100 * (1 - float(alpha)):g}%"
-
-
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -76,14 +68,17 @@ def title(report: Report) -> str:
             shown = "non-finite" if prev is None else f"{prev:.3f}"
             return f"{status}: catastrophic preview ratio {shown}"
         return f"{status}: primary metric not computed"
+    seq = sequential_view.view(outcome.certificate or {})
+    decided = f"; {untrusted.plain(seq.phrase)}" if seq is not None else ""
     if pm["basis"] == "ratio_ci_upper":
         hi = pm["ratio_ci"][1]
         op = "≤" if hi <= pm["limit"] else ">"
         return (f"{status}: ratio {pm['ratio']:.4f}, upper bound {hi:.4f} {op} "
-                f"{pm['limit']:.2f}")
+                f"{pm['limit']:.2f}{decided}")
     lo = pm["delta"]["ci"][0]
     op = "≥" if lo >= pm["limit"] else "<"
-    return f"{status}: accuracy change lower bound {lo:+.2f} {op} {pm['limit']:+.2f} pp"
+    return (f"{status}: accuracy change lower bound {lo:+.2f} {op} {pm['limit']:+.2f} pp"
+            f"{decided}")
 
 
 def comment(report: Report, limit: int) -> str:
@@ -195,6 +190,7 @@ def sections(report: Report) -> list[str]:
         "#### Gates\n\n" + cert_md.gates_table(cert),
         origin.table(outcome.certificate),
         "#### Primary metric\n\n" + cert_md.metric_table(cert),
+        *([sequential_report(cert)] if cert.get("sequential") else []),
         *(["\n".join(cert_md.distribution_lines(cert, level=4)).rstrip()]
           if cert.get("distribution") else []),
         guard_findings(cert),
@@ -228,9 +224,12 @@ def headline(report: Report) -> str:
     if subj.get("format"):
         subject += f" ({_plain(cert_md.format_line(subj['format']).split(' · evaluated')[0])})"
     policy = cert["policy"]
+    seq = sequential_view.view(cert)
+    final = (f"{seq.evaluated} of {cert['pairing']['final_n']}" if seq is not None
+             else cert["pairing"]["final_n"])
     context = (f"{subject} vs baseline {_plain(base['source'])} · {_plain(policy['tier'])} tier "
                f"· {_plain(policy['profile'])} profile · {cert['pairing']['preview_n']} + "
-               f"{cert['pairing']['final_n']} windows")
+               f"{final} windows")
     parts = [f"### {icon} {name}: {status}", cert_md.summary_sentence(cert), context]
     if status == "FAIL":
         parts.append("\n".join(f"- {_plain(r)}" for r in cert["verdict"]["reasons"]))
@@ -267,129 +266,12 @@ def guard_findings(cert: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip()
 
 
-def gate_chart(cert: dict[str, Any]) -> str:
-    """The gated interval as a Mermaid chart: point and CI bounds as bars, the limit a line.
-
-    Empty when there is no interval (a catastrophic preview stops before the final set).
-    """
-    pm = cert["primary_metric"]
-    if pm["gate_value"] is None:
-        return ""
-    if pm["basis"] == "ratio_ci_upper":
-        lo, hi = pm["ratio_ci"]
-        point, what, digits = pm["ratio"], "Perplexity ratio subject / baseline", 4
-        bars = ["CI lower", "ratio", "CI upper (gated)"]
-    else:
-        lo, hi = pm["delta"]["ci"]
-        point, what, digits = pm["delta"]["estimate"], "Accuracy change (pp)", 2
-        bars = ["CI lower (gated)", "change", "CI upper"]
-    limit = float(pm["limit"])
-    values = [float(lo), float(point), float(hi)]
-    low, high = min(*values, limit), max(*values, limit)
-    pad = max((high - low) * 0.25, 10.0 ** -digits * 5)
-    bottom = low - pad if pm["basis"] != "ratio_ci_upper" else max(0.0, low - pad)
-    shown = ", ".join(f"{v:.{digits}f}" for v in values)
-    return "\n".join([
-        "#### Gate: the interval against the limit",
-        "",
-        "```mermaid",
-        "xychart-beta",
-        f'    title "{what}: {confidence_level(cert)} CI against the limit {limit:.{digits}f}"',
-        f'    x-axis [{", ".join(_quoted(b) for b in bars)}]',
-        f'    y-axis "{what}" {bottom:.{digits}f} --> {high + pad:.{digits}f}',
-        f"    bar [{shown}]",
-        f"    line [{', '.join(f'{limit:.{digits}f}' for _ in values)}]",
-        "```",
-        "",
-        f"Bars: the CI lower bound, the point estimate and the CI upper bound ({shown}); "
-        f"line: the limit ({limit:.{digits}f}).",
-    ])
-
-
-def delta_chart(cert: dict[str, Any]) -> str:
-    """A Mermaid histogram of per-window Δ (subject − baseline), with one line of context."""
-    deltas = window_deltas(cert)
-    if deltas.values.size == 0:
-        return f"No per-window results to chart ({deltas.nonfinite} non-finite)."
-    accuracy = cert["primary_metric"]["kind"] == "accuracy"
-    if accuracy:
-        labels = ["−1 (newly wrong)", "0 (unchanged)", "+1 (newly right)"]
-        counts = [int(np.sum(deltas.values == v)) for v in (-1.0, 0.0, 1.0)]
-        axis, unit = "Δ correct per example", "examples"
-    else:
-        labels, counts = _histogram(deltas.values)
-        axis, unit = "Δ log-loss (nats/token)", "windows"
-    top = max(counts)
-    chart = "\n".join([
-        "```mermaid",
-        "xychart-beta",
-        f'    title "Subject − baseline, {deltas.set_name} set ({deltas.values.size} {unit})"',
-        f'    x-axis "{axis}" [{", ".join(_quoted(label) for label in labels)}]',
-        f'    y-axis "{unit}" 0 --> {max(top, 1)}',
-        f"    bar [{', '.join(str(c) for c in counts)}]",
-        "```",
-    ])
-    return chart + "\n\n" + _delta_caption(cert, deltas, accuracy)
-
-
-# ----------------------------------------------------------------------------- deltas
-
-
-@dataclass(frozen=True)
-class WindowDeltas:
-    set_name: str  # "final", or "preview" when the final set was not evaluated
-    values: np.ndarray  # float64 [N] finite per-window Δ
-    nonfinite: int  # windows whose subject loss was not finite
-
-
-def window_deltas(cert: dict[str, Any]) -> WindowDeltas:
-    """Per-window Δ: subject − baseline per-token log-loss (or correctness for classifiers)."""
-    windows = cert["windows"]
-    name = "final" if windows["final"]["subject"] else "preview"
-    w = windows[name]
-    base = np.asarray(w["baseline"], dtype=np.float64)
-    subj = np.asarray([np.nan if v is None else v for v in w["subject"]], dtype=np.float64)
-    tokens = np.asarray(w["tokens"], dtype=np.float64)
-    if subj.size != base.size:
-        return WindowDeltas(name, np.zeros(0), 0)
-    if cert["primary_metric"]["kind"] != "accuracy":
-        delta = subj / tokens - base / tokens
-    else:
-        delta = subj - base
-    finite = np.isfinite(delta)
-    return WindowDeltas(name, delta[finite], int(np.count_nonzero(~finite)))
-
-
-def _histogram(values: np.ndarray) -> tuple[list[str], list[int]]:
-    bins = max(1, min(_MAX_BINS, math.ceil(math.sqrt(values.size))))
-    lo, hi = float(values.min()), float(values.max())
-    if hi - lo <= 1e-12 * max(1.0, abs(lo)):
-        return [_signed(lo, 4)], [int(values.size)]
-    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    width = edges[1] - edges[0]
-    decimals = max(1, min(6, 1 - math.floor(math.log10(width))))
-    centres = (edges[:-1] + edges[1:]) / 2
-    return [_signed(c, decimals) for c in centres], [int(c) for c in counts]
-
-
-def _delta_caption(cert: dict[str, Any], deltas: WindowDeltas, accuracy: bool) -> str:
-    pm = cert["primary_metric"]
-    values = deltas.values
-    if accuracy:
-        worse = int(np.sum(values < 0))
-        better = int(np.sum(values > 0))
-        text = f"{worse} examples newly wrong, {better} newly right"
-    else:
-        p5, median, p95 = np.percentile(values, [5, 50, 95])
-        text = (f"Median Δ {_signed(median, 4)} nats/token; 90% of windows between "
-                f"{_signed(p5, 4)} and {_signed(p95, 4)}")
-        delta = pm["delta"]
-        if delta is not None and pm["limit"] > 0:
-            text += (f". The gate compares the mean's upper bound ({_signed(delta['ci'][1], 4)}) "
-                     f"with ln {pm['limit']:.2f} = {_signed(math.log(pm['limit']), 4)}")
-    if deltas.nonfinite:
-        text += f"; {deltas.nonfinite} windows with non-finite subject loss"
-    return text + "."
+def sequential_report(cert: dict[str, Any]) -> str:
+    """The certificate's sequential section (looks, why it stopped, design) and, when there
+    were several looks, a chart of the bounds narrowing towards the threshold."""
+    section = "\n".join(cert_md.sequential_section(cert, level=4)).rstrip()
+    chart = bounds_chart(cert)
+    return section + ("\n\n" + chart if chart else "")
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -445,15 +327,6 @@ def _truncation_notice(report: Report) -> str:
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _signed(x: float, decimals: int) -> str:
-    text = f"{x:+.{decimals}f}"
-    return text.replace("-", "−")
-
-
-def _quoted(label: str) -> str:
-    return '"' + label.replace('"', "'") + '"'
 
 
 def _plain(text: object) -> str:

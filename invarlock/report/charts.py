@@ -270,3 +270,88 @@ def _percent(value: float) -> str:
 
 def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1):]
+
+
+@dataclass(frozen=True)
+class BoundsLook:
+    """One look of a confidence sequence: after `windows` values, the mean and its bounds."""
+
+    windows: int
+    mean: float
+    low: float
+    high: float
+    decision: str  # pass | fail | continue
+
+
+_DECISION_COLOURS = {"pass": PASS_COLOUR, "fail": FAIL_COLOUR, "continue": "#0969da"}
+
+
+def bounds_plot(looks: Sequence[BoundsLook], *, threshold: float, threshold_label: str,
+                maximum: int, planned: Sequence[int], stop_label: str, label: str,
+                y_label: str) -> str:
+    """A confidence sequence narrowing over its looks: each look's interval as a bar (the
+    band between them shaded), the threshold as a dashed line, the stop marked, and the
+    windows past the stop, never evaluated, greyed out."""
+    width, height = 720, 260
+    left, right, top, bottom = 64, width - 24, 24, height - 50
+    if not looks:
+        return _svg(width, 60, [_text(width / 2, 35, "no looks recorded", colour=MUTED)], label)
+    values = [threshold, *(v for lk in looks for v in (lk.low, lk.high, lk.mean))]
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.08 or 1.0
+    y = Scale(lo - pad, hi + pad, bottom, top)  # pixels grow downwards
+    x = Scale(0.0, float(max(maximum, looks[-1].windows)), left, right)
+    stop = looks[-1].windows
+    body = [f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>']
+    if stop < maximum:
+        body.append(f'<rect x="{x(stop):.1f}" y="{top}" width="{right - x(stop):.1f}" '
+                    f'height="{bottom - top}" fill="{MUTED}" fill-opacity="0.10"/>')
+        body.append(_text((x(stop) + right) / 2, (top + bottom) / 2, "not evaluated",
+                          size=11, colour=MUTED))
+    for tick in nice_ticks(y.lo, y.hi, 5):
+        body.append(f'<line x1="{left}" y1="{y(tick):.1f}" x2="{right}" y2="{y(tick):.1f}" '
+                    f'stroke="{GRID}" stroke-width="0.5"/>')
+        body.append(_text(left - 6, y(tick) + 4, _fmt(tick), anchor="end", size=11,
+                          colour=MUTED))
+    body.append(f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="{MUTED}"/>')
+    for tick in nice_ticks(0.0, x.hi, 8):
+        body.append(f'<line x1="{x(tick):.1f}" y1="{bottom}" x2="{x(tick):.1f}" '
+                    f'y2="{bottom + 4}" stroke="{MUTED}"/>')
+        body.append(_text(x(tick), bottom + 17, f"{tick:g}", size=11, colour=MUTED))
+    for t in planned:  # where the design allowed a look
+        body.append(f'<circle cx="{x(t):.1f}" cy="{bottom}" r="2" fill="{MUTED}"/>')
+    if len(looks) > 1:
+        edge = [f"{x(lk.windows):.1f},{y(lk.high):.1f}" for lk in looks]
+        edge += [f"{x(lk.windows):.1f},{y(lk.low):.1f}" for lk in reversed(looks)]
+        body.append(f'<polygon points="{" ".join(edge)}" fill="#0969da" fill-opacity="0.10"/>')
+        for side in ("low", "high"):
+            points = " ".join(f"{x(lk.windows):.1f},{y(getattr(lk, side)):.1f}" for lk in looks)
+            body.append(f'<polyline points="{points}" fill="none" stroke="#0969da" '
+                        f'stroke-width="1.5"/>')
+    if y.lo < 0.0 < y.hi:
+        body.append(f'<line x1="{left}" y1="{y(0.0):.1f}" x2="{right}" y2="{y(0.0):.1f}" '
+                    f'stroke="{MUTED}" stroke-dasharray="2 3"/>')
+        body.append(_text(left + 4, y(0.0) + 14, "no change", anchor="start", size=11,
+                          colour=MUTED))
+    body.append(f'<line x1="{left}" y1="{y(threshold):.1f}" x2="{right}" '
+                f'y2="{y(threshold):.1f}" stroke="{FAIL_COLOUR}" stroke-width="2" '
+                f'stroke-dasharray="6 4"/>')
+    body.append(_text(left + 4, y(threshold) - 6, threshold_label, anchor="start", size=11,
+                      colour=FAIL_COLOUR))
+    for lk in looks:
+        colour = _DECISION_COLOURS.get(lk.decision, INK)
+        cx = x(lk.windows)
+        body.append(f'<line x1="{cx:.1f}" y1="{y(lk.low):.1f}" x2="{cx:.1f}" '
+                    f'y2="{y(lk.high):.1f}" stroke="{colour}" stroke-width="3">'
+                    f"<title>{lk.windows} windows: {_fmt(lk.low)} to {_fmt(lk.high)} "
+                    f"({escape(lk.decision)})</title></line>")
+        body.append(f'<circle cx="{cx:.1f}" cy="{y(lk.mean):.1f}" r="3.5" fill="{colour}"/>')
+    colour = _DECISION_COLOURS.get(looks[-1].decision, INK)
+    body.append(f'<line x1="{x(stop):.1f}" y1="{top}" x2="{x(stop):.1f}" y2="{bottom}" '
+                f'stroke="{colour}" stroke-width="1.5" stroke-dasharray="3 3"/>')
+    body.append(_text(x(stop) + (4 if stop < maximum else -4), top + 10, stop_label,
+                      anchor="start" if stop < maximum else "end", size=11, colour=colour,
+                      weight="bold"))
+    body.append(_text((left + right) / 2, height - 10, f"final windows evaluated · {y_label}",
+                      size=12, colour=MUTED))
+    return _svg(width, height, body, label)

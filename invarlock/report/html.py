@@ -9,6 +9,7 @@ Pure: a certificate and its verification report in, a string out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from html import escape, unescape
 from typing import Any
@@ -16,8 +17,15 @@ from typing import Any
 import numpy as np
 
 from invarlock.certificate import markdown as md
+from invarlock.certificate import sequential_view
 from invarlock.config import flatten
 from invarlock.report import charts
+from invarlock.report.guard_charts import (
+    change_chart,
+    module_chart,
+    module_scores,
+    spectral_changes,
+)
 from invarlock.verify import ABS_TOL, REL_TOL, VerifyReport
 
 _CSS = """
@@ -65,6 +73,8 @@ def render(cert: Mapping[str, Any], verification: VerifyReport) -> str:
         _verdict(cert),
         _verification(verification),
         _section("Primary metric", _primary(cert)),
+        *([_section("Sequential test", _sequential(cert))]
+          if sequential_view.view(cert) is not None else []),
         _section("Per-window differences", _histogram(cert)),
         *([_section("Distribution evidence", _distribution(cert))]
           if cert.get("distribution") else []),
@@ -175,6 +185,41 @@ def _interval_line(cert: Mapping[str, Any]) -> str:
             f"replicates, seed {boot['seed']}, α = {boot['alpha']}; drift final/preview {drift}.")
 
 
+def _sequential(cert: Mapping[str, Any]) -> str:
+    """Where the sequential test stopped and why, its bounds narrowing over the looks
+    against the threshold, and the looks as a table."""
+    seq = sequential_view.view(cert)
+    assert seq is not None
+    unit = "pp, negated" if seq.accuracy else "nats/token"
+    limit = (f"limit {-seq.threshold:+.2f} pp" if seq.accuracy
+             else f"ln {math.exp(seq.threshold):.2f} = {seq.threshold:+.4f}")
+    stop = (f"stopped at {seq.evaluated}: {seq.decision.upper()}" if seq.early
+            else f"maximum {seq.evaluated}: fixed interval decides")
+    svg = charts.bounds_plot(
+        [charts.BoundsLook(lk.windows, lk.mean, lk.low, lk.high, lk.decision)
+         for lk in seq.looks],
+        threshold=seq.threshold, threshold_label=limit, maximum=seq.maximum,
+        planned=seq.planned, stop_label=stop, y_label=f"mean Δ and its bounds ({unit})",
+        label="Confidence sequence bounds over the looks, with the threshold and the stop")
+    caption = (f"The confidence sequence's bounds on the mean per-window difference at each "
+               f"look (dots: the planned looks); PASS once the upper bound is below the "
+               f"threshold after {seq.n_min} windows, FAIL once the lower bound is above it.")
+    rows = "".join(
+        f'<tr><td class="num">{lk.number}</td><td class="num">{lk.windows}</td>'
+        f'<td class="num">{lk.mean:+.6f}</td><td class="num">{lk.low:+.6f}</td>'
+        f'<td class="num">{lk.high:+.6f}</td><td>{escape(lk.decision)}</td></tr>'
+        for lk in seq.looks)
+    table = ("<table><tr><th class=\"num\">Look</th><th class=\"num\">Windows</th>"
+             f"<th class=\"num\">Mean Δ ({escape(unit)})</th><th class=\"num\">Lower bound"
+             "</th><th class=\"num\">Upper bound</th><th>Decision</th></tr>"
+             f"{rows}</table>")
+    return (f"<p><strong>{escape(seq.phrase[0].upper() + seq.phrase[1:])}.</strong> "
+            f"{escape(seq.why)}</p>"
+            f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>{table}"
+            f"<p class=\"muted\">Threshold {escape(seq.limit_text)}. "
+            f"{escape(seq.design_text)}</p>")
+
+
 def window_deltas(cert: Mapping[str, Any]) -> tuple[str, list[float]]:
     """Per-window differences of the set the interval was computed on (final, else preview).
 
@@ -196,13 +241,17 @@ def _histogram(cert: Mapping[str, Any]) -> str:
     if not deltas:
         return "<p>No per-window results.</p>"
     accuracy = cert["windows"]["kind"] == "accuracy"
+    seq = sequential_view.view(cert)
+    planned = (f" (of {seq.maximum} planned: the sequential test stopped there)"
+               if seq is not None and name == "final" and seq.evaluated < seq.maximum else "")
     if accuracy:
         counts = {k: sum(1 for d in deltas if d == k) for k in (-1.0, 0.0, 1.0)}
         rows = "".join(f"<tr><td>{label}</td><td class=\"num\">{counts[k]}</td></tr>"
                        for k, label in ((1.0, "subject right, baseline wrong"),
                                         (0.0, "both agree"),
                                         (-1.0, "subject wrong, baseline right")))
-        return (f"<p>Paired outcomes on the {name} set ({len(deltas)} examples):</p>"
+        return (f"<p>Paired outcomes on the {name} set ({len(deltas)} examples evaluated"
+                f"{planned}):</p>"
                 f"<table><tr><th>Outcome</th><th>Examples</th></tr>{rows}</table>")
     mean = float(np.mean(deltas))
     weighted = cert["primary_metric"]["delta"]
@@ -213,8 +262,8 @@ def _histogram(cert: Mapping[str, Any]) -> str:
                                          f"{name} set", x_label="Δ log-loss per token "
                                          "(subject − baseline, nats)", marks=marks)
     worse = sum(1 for d in deltas if d > 0)
-    return (f"<figure>{svg}<figcaption>{len(deltas)} {name} windows; {worse} where the subject "
-            f"is worse than the baseline.</figcaption></figure>")
+    return (f"<figure>{svg}<figcaption>{len(deltas)} {name} windows evaluated{planned}; "
+            f"{worse} where the subject is worse than the baseline.</figcaption></figure>")
 
 
 def _distribution(cert: Mapping[str, Any]) -> str:
@@ -284,166 +333,13 @@ def _guard(name: str, section: Mapping[str, Any], policy: Mapping[str, Any]) -> 
     changes = spectral_changes(section, policy)
     bars = [] if changes else module_scores(section, policy)
     if changes:
-        parts.append(_change_chart(name, changes))
+        parts.append(change_chart(name, changes))
     elif bars:
-        parts.append(_module_chart(name, bars))
+        parts.append(module_chart(name, bars))
     findings = section.get("findings") or []
     if findings:
         parts.append(_findings_tables(findings))
     return "".join(parts)
-
-
-_Z_KEYS = ("abs_z", "z", "z_score")
-
-
-def module_scores(section: Mapping[str, Any], policy: Mapping[str, Any]) -> list[charts.Bar]:
-    """|z| per module from a guard's section, with its family's cap when known.
-
-    `measurements.modules` is a list of {module|name, family, z|abs_z} or a mapping
-    module -> {family, z|abs_z}; spectral measurements ({name, family, sigma_baseline,
-    sigma_subject}) get their z from the spectral guard's own scoring when it is installed.
-    Anything else yields no chart.
-    """
-    measurements = section.get("measurements")
-    if not isinstance(measurements, Mapping):
-        return []
-    modules = measurements.get("modules")
-    if isinstance(modules, Mapping):
-        modules = [{"module": k, **v} for k, v in modules.items() if isinstance(v, Mapping)]
-    if not isinstance(modules, Sequence) or isinstance(modules, str):
-        return []
-    entries = [m for m in modules if isinstance(m, Mapping)]
-    scored = _spectral_z(entries, policy)
-    caps = _family_caps(section, policy)
-    reported = {str(f.get("module")) for f in section.get("findings") or []
-                if isinstance(f, Mapping)}
-    bars = []
-    for entry in entries:
-        label = str(entry.get("module") or entry.get("name") or "?")
-        z = next((entry[k] for k in _Z_KEYS if _is_number(entry.get(k))), scored.get(label))
-        if z is None or not np.isfinite(z):
-            continue
-        family = str(entry.get("family", "other"))
-        bars.append(charts.Bar(label, abs(float(z)), family, caps.get(family),
-                               flagged=label in reported))
-    return bars
-
-
-def spectral_changes(section: Mapping[str, Any],
-                     policy: Mapping[str, Any]) -> list[charts.Bar]:
-    """|σ change| of each module against the change at which the spectral guard flags it.
-
-    What decides a module is its relative change r = σ_s/σ_b − 1: it is a candidate when |r|
-    exceeds the deadband and its robust z exceeds its family's κ, i.e. when r leaves
-    median ± κ·scale of its family (the deadband alone in a family too small for a z), and
-    a violation at once beyond `module_change_limit`. Each bar's tick is the smaller of the
-    two limits on the side its change went; a bar past its tick is a candidate (a violation
-    when its family is significant: named in red), a bar short of it is not. Empty when the
-    section does not hold σ per module or the policy lacks a setting.
-    """
-    measurements = section.get("measurements")
-    if not isinstance(measurements, Mapping):
-        return []
-    entries = [m for m in measurements.get("modules") or () if isinstance(m, Mapping)]
-    if not entries or any(k not in entries[0] for k in ("sigma_baseline", "sigma_subject")):
-        return []
-    try:
-        from invarlock.guards import spectral
-
-        deadband = float(policy["deadband"])
-        quantile = float(policy.get("sigma_quantile", 0.5))
-        caps = {str(f): float(v) for f, v in (policy.get("family_caps") or {}).items()}
-        own = policy.get("module_change_limit")
-        own_limit = None if own is None else max(float(own), deadband)
-        scope = spectral._scope(policy)
-        floor = spectral.scale_floor(deadband)
-        scores = spectral.score_modules(entries, quantile, scope, floor)
-    except (ImportError, KeyError, TypeError, ValueError):
-        return []
-    reported = {str(f.get("module")) for f in section.get("findings") or []
-                if isinstance(f, Mapping) and f.get("kind", "violation") == "violation"}
-    bars = []
-    for family in spectral.FAMILIES:
-        members = [m for m in scores if m.family == family]
-        if not members:
-            continue
-        r = np.array([m.r for m in members])
-        touched = r[(r != 0) & np.isfinite(r)]
-        robust = touched.size >= spectral.MIN_FAMILY_FOR_Z and family in caps
-        centre = float(np.median(touched)) if robust else 0.0
-        spread = caps[family] * spectral.robust_scale(touched, quantile, floor) if robust else 0
-        for m in members:
-            if not np.isfinite(m.r):
-                continue
-            side = centre + spread if m.r >= 0 else spread - centre  # |r| where |z| = κ
-            limit = max(deadband, side)
-            if own_limit is not None:
-                limit = min(limit, own_limit)
-            bars.append(charts.Bar(m.name, abs(m.r), family, limit,
-                                   flagged=m.name in reported))
-    return bars
-
-
-def _spectral_z(entries: Sequence[Mapping[str, Any]],
-                policy: Mapping[str, Any]) -> dict[str, float]:
-    """Robust z per module, computed by the spectral guard from σ baseline/subject."""
-    if not entries or any(k not in entries[0] for k in ("sigma_baseline", "sigma_subject")):
-        return {}
-    try:
-        from invarlock.guards import spectral
-    except ImportError:
-        return {}
-    try:
-        scores = spectral.score_modules(entries, float(policy.get("sigma_quantile", 0.5)),
-                                        spectral.FAMILIES)
-    except (KeyError, TypeError, ValueError):
-        return {}
-    return {s.name: s.z for s in scores}
-
-
-def _family_caps(section: Mapping[str, Any], policy: Mapping[str, Any]) -> dict[str, float]:
-    caps: dict[str, float] = {}
-    measurements = section.get("measurements") or {}
-    for source in (policy.get("family_caps"), measurements.get("family_caps")):
-        if isinstance(source, Mapping):
-            caps.update({str(k): float(v) for k, v in source.items() if _is_number(v)})
-    for part in ("measurements", "summary"):
-        families = (section.get(part) or {}).get("families")
-        if isinstance(families, Mapping):
-            for fam, info in families.items():
-                if isinstance(info, Mapping) and _is_number(info.get("kappa")):
-                    caps[str(fam)] = float(info["kappa"])
-    return caps
-
-
-def _module_chart(name: str, bars: list[charts.Bar], limit: int = 60) -> str:
-    shown = sorted(bars, key=lambda b: -b.value)[:limit] if len(bars) > limit else bars
-    note = (f" The {limit} largest of {len(bars)} modules are shown." if len(bars) > limit
-            else "")
-    svg = charts.bar_chart(shown, label=f"{name}: |z| per module", x_label="|z|")
-    legend = " ".join(f'<span class="tag" style="border-color:{c};color:{c}">{f}</span>'
-                      for f, c in charts.FAMILY_COLOURS.items())
-    return (f"<figure>{svg}<figcaption>|z| per module, coloured by family {legend}; red ticks "
-            f"mark the family cap κ; modules the guard reported are named in red.{note}"
-            "</figcaption></figure>")
-
-
-def _change_chart(name: str, bars: list[charts.Bar], limit: int = 60) -> str:
-    """The modules nearest their limit first: the chart shows what decides."""
-    order = sorted(bars, key=lambda b: -(b.value / b.threshold if b.threshold else b.value))
-    shown = order[:limit]
-    note = (f" The {limit} modules nearest their limit of {len(bars)} are shown."
-            if len(bars) > limit else "")
-    svg = charts.bar_chart(shown, label=f"{name}: |σ change| per module against its limit",
-                           x_label="|σ_subject / σ_baseline − 1|", percent=True)
-    legend = " ".join(f'<span class="tag" style="border-color:{c};color:{c}">{f}</span>'
-                      for f, c in charts.FAMILY_COLOURS.items())
-    return (f"<figure>{svg}<figcaption>Change of each module's largest singular value against "
-            f"its own baseline, coloured by family {legend}; each tick marks the change at "
-            "which that module would be flagged (the deadband, its family's κ·spread around "
-            "the family's median change, or the module change limit, whichever applies "
-            "first). A bar past its tick is a candidate; candidates the guard reported as "
-            f"violations are named in red.{note}</figcaption></figure>")
 
 
 def _findings_tables(findings: Sequence[Any]) -> str:

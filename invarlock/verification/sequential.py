@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from invarlock import sequential_run
+from invarlock.certificate.sequential_view import phrase as sequential_phrase
 from invarlock.errors import ConfigError
 from invarlock.policy import ResolvedPolicy
 from invarlock.verification.findings import Findings
@@ -44,6 +45,7 @@ def recheck_sequence(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: Sets
         sequential_run.differences(kind, fin.tokens, fin.baseline, fin.subject))
     found.compare("sequential", stored, sequential_run.section(outcome))
     n, result = outcome.stopped_at, outcome.result
+    found.notes.append(_sequence_note(outcome))
     if n not in design.looks:
         found.differ("sequential.stopped_at", f"{n} windows evaluated, which is no look of "
                                               f"the design {list(design.looks)}")
@@ -55,3 +57,12 @@ def recheck_sequence(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: Sets
         found.differ("sequential.stopped_at", f"stopped undecided after {n} windows, before "
                                               f"the maximum {design.n_max}")
     return outcome
+
+
+def _sequence_note(outcome: sequential_run.SequentialOutcome) -> str:
+    """The recomputed decision in the words the reports use (sequential_view.phrase)."""
+    result = outcome.result
+    looks = 0 if result is None else len(result.looks)
+    decision = "nonfinite" if result is None else result.decision.value
+    ended = sequential_phrase(outcome.stopped_at, outcome.design.n_max, decision)
+    return f"sequential test {ended}; {looks} look(s) recomputed from the stored differences"

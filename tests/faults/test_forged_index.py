@@ -68,7 +68,8 @@ def test_the_genuine_index_verifies_and_fails_with_its_fail_subject(genuine):
     assert [c["verdict"] for c in report["certificates"]] == ["PASS", "FAIL"]
     assert all(c["verified"] for c in report["certificates"])
     doc = _index(genuine)
-    assert doc["version"] == 2 and doc["digest"] == subject_index.seal(doc)["digest"]
+    assert doc["version"] == subject_index.INDEX_VERSION
+    assert doc["digest"] == subject_index.seal(doc)["digest"]
 
 
 def test_the_index_file_itself_is_checked_with_its_folder(out):
@@ -229,7 +230,8 @@ def test_an_unsealed_older_index_is_not_trusted(out):
     doc["version"] = 1
     _write(out, doc, resealed=False)
     code, report = _verify(out)
-    assert code == 2 and "only a version 2 index is sealed" in _problems(report)
+    assert code == 2 and (f"only a version {subject_index.INDEX_VERSION} index"
+                          in _problems(report))
 
 
 # --- index.md: the table a reviewer reads is the one index.json renders to ------------------
@@ -301,12 +303,12 @@ def test_a_table_that_is_not_text_is_one_line_not_a_crash(out):
 
 
 @pytest.mark.parametrize("content", ["[]", "{", '{"format": "invarlock.index"}',
-                                     '{"format": "invarlock.index", "version": 2, '
+                                     '{"format": "invarlock.index", "version": 3, '
                                      '"subjects": "all"}',
-                                     '{"format": "invarlock.index", "version": 2, "subjects": '
+                                     '{"format": "invarlock.index", "version": 3, "subjects": '
                                      '[{"name": "same", "verdict": ["PASS"], "exit_code": [0], '
                                      '"certificate": {}}, {"name": ["x"]}, 7], "exit_code": NaN}',
-                                     '{"format": "invarlock.index", "version": 2, "subjects": '
+                                     '{"format": "invarlock.index", "version": 3, "subjects": '
                                      '[{"name": "same", "verdict": {"a": 1}, "exit_code": true, '
                                      '"certificate": "same/evaluation.cert.json"}], '
                                      '"exit_code": "0", "baseline": []}'])

@@ -92,6 +92,14 @@ def _cases() -> dict[str, Callable[[], Outcome]]:
         "guards": lambda: _verdict(with_reference(
             with_guards(synthetic_certificate(shift=0.0, seed=5)), "pull-request",
             changed=("preset:presets/ci.yaml",))),
+        # the sequential design: a clear PASS and a clear FAIL decided at the first look of
+        # 200, and a subject at its limit that runs to the maximum
+        "sequential-pass": lambda: _verdict(synthetic_certificate(shift=0.0, n=200, seed=11,
+                                                                  sequential=True)),
+        "sequential-fail": lambda: _verdict(synthetic_certificate(shift=0.2, n=200, seed=12,
+                                                                  sequential=True)),
+        "sequential-max": lambda: _verdict(synthetic_certificate(shift=0.0953, n=64, seed=7,
+                                                                 sequential=True)),
         "error-input": lambda: Outcome.failed(2, "--dataset is required unless the baseline "
                                                  "is the bundled demo"),
         "error-crash": lambda: Outcome.failed(3, "the certifier was killed by signal 9:\n"

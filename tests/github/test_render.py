@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from invarlock.certificate import document
-from invarlock.github import render
+from invarlock.github import charts, render
 from invarlock.github.checks import OUTPUT_LIMIT
 from invarlock.github.comments import BODY_LIMIT
 from invarlock.github.outcome import Outcome
@@ -63,7 +63,7 @@ def test_the_gate_chart_draws_the_certificates_interval_and_limit(certificates, 
     axis holds all of them (what a reviewer reads off the picture is the certificate)."""
     cert = certificates[name]
     pm = cert["primary_metric"]
-    chart = render.gate_chart(cert)
+    chart = charts.gate_chart(cert)
     assert chart.count("```mermaid") == 1 and "xychart-beta" in chart
     bars = [float(x) for x in re.search(r"bar \[(.*)\]", chart).group(1).split(", ")]
     line = [float(x) for x in re.search(r"line \[(.*)\]", chart).group(1).split(", ")]
@@ -78,7 +78,7 @@ def test_the_gate_chart_draws_the_certificates_interval_and_limit(certificates, 
 
 
 def test_no_gate_chart_without_an_interval(certificates):
-    assert render.gate_chart(certificates["catastrophic"]) == ""
+    assert charts.gate_chart(certificates["catastrophic"]) == ""
 
 
 def test_titles(certificates):
@@ -88,7 +88,7 @@ def test_titles(certificates):
 
 def test_the_chart_counts_every_window_and_its_caption_matches_the_data(certificates):
     cert = certificates["fail"]
-    chart = render.delta_chart(cert)
+    chart = charts.delta_chart(cert)
     bars = [int(x) for x in re.search(r"bar \[(.*)\]", chart).group(1).split(", ")]
     labels = re.search(r'x-axis "[^"]*" \[(.*)\]', chart).group(1).split(", ")
     assert sum(bars) == len(cert["windows"]["final"]["ids"])
@@ -104,7 +104,7 @@ def test_the_chart_counts_every_window_and_its_caption_matches_the_data(certific
 
 
 def test_the_chart_uses_the_preview_set_when_the_final_set_was_skipped(certificates):
-    chart = render.delta_chart(certificates["catastrophic"])
+    chart = charts.delta_chart(certificates["catastrophic"])
     assert "preview set" in chart
 
 
@@ -112,12 +112,12 @@ def test_the_chart_reports_non_finite_windows():
     cert = synthetic_certificate(shift=0.0, seed=8)
     body = {k: v for k, v in cert.items() if k != "digest"}
     body["windows"]["final"]["subject"][3] = None
-    deltas = render.window_deltas(document.seal(body))
+    deltas = charts.window_deltas(document.seal(body))
     assert deltas.nonfinite == 1 and deltas.values.size == 31
 
 
 def test_identical_deltas_make_one_bar():
-    labels, counts = render._histogram(np.full(10, 0.25))
+    labels, counts = charts._histogram(np.full(10, 0.25))
     assert counts == [10] and labels == ["+0.2500"]
 
 
@@ -232,10 +232,68 @@ def test_hostile_certificate_text_is_inert_in_every_github_rendering():
 def test_the_confidence_level_printed_is_the_recorded_one():
     cert = _hostile_certificate(alpha=0.10)
     report = render.Report("InvarLock", Outcome(1, None, cert, None, None), LINKS)
-    assert render.confidence_level(cert) == "90%"
+    assert charts.confidence_level(cert) == "90%"
     assert "90% CI against the limit" in render.comment(report, BODY_LIMIT)
-    assert "95% CI" not in render.gate_chart(cert)
+    assert "95% CI" not in charts.gate_chart(cert)
     from invarlock.github import aggregate
 
     row = aggregate.Row("int4", Outcome(1, None, cert, None, None))
     assert "| 90% CI |" in aggregate.render_comment("InvarLock", [row], run_url=None)
+
+
+def _sequential(shift: float, n: int, seed: int) -> Outcome:
+    return _outcome(synthetic_certificate(shift=shift, n=n, seed=seed, sequential=True))
+
+
+def test_every_report_of_an_early_stop_says_where_it_decided():
+    report = _report(_sequential(0.0, 200, 11))
+    output = render.check_output(report)
+    phrase = "decided after 32 of 200 windows"
+    assert output.title.endswith(f"; {phrase} (PASS)")
+    for text in (render.comment(report, BODY_LIMIT), render.job_summary(report),
+                 output.summary, output.text):
+        assert phrase in text and "## Sequential test" in text
+    assert "· 200 + 32 of 200 windows" in render.headline(report)
+
+
+def test_the_delta_chart_of_an_early_stop_uses_the_windows_evaluated():
+    """The baseline holds all 200 planned windows, the subject the 32 evaluated: the chart
+    pairs those 32 (it used to find the lengths unequal and chart nothing)."""
+    cert = _sequential(0.0, 200, 11).certificate
+    deltas = charts.window_deltas(cert)
+    assert (deltas.set_name, deltas.values.size, deltas.nonfinite) == ("final", 32, 0)
+    assert "(32 windows)" in charts.delta_chart(cert)
+    assert "Only the first 32 of 200 final windows were evaluated" in charts.delta_chart(cert)
+
+
+def test_the_matrix_aggregate_shows_the_windows_each_subject_used():
+    from invarlock.github import aggregate
+
+    rows = [aggregate.Row("int8", _sequential(0.0, 200, 11)),
+            aggregate.Row("q2", _sequential(0.2, 200, 12)),
+            aggregate.Row("fixed", _outcome(synthetic_certificate(seed=1))),
+            aggregate.Row("crash", Outcome.failed(3, "killed"))]
+    body = aggregate.render_comment("InvarLock", rows, run_url=None)
+    cells = {line.split("|")[1].strip(): line.split("|")[-2].strip()
+             for line in body.splitlines() if line.startswith("| ") and "Subject" not in line}
+    assert cells == {"int8": "32/200", "q2": "32/200", "fixed": "32/32", "crash": ""}
+    assert "| Limit | Windows |" in body
+
+
+def test_the_bounds_chart_draws_every_look_and_only_when_there_are_several():
+    early = _sequential(0.0, 200, 11).certificate
+    assert charts.bounds_chart(early) == ""  # one look: nothing narrows
+    chart = charts.bounds_chart(_sequential(0.0953, 64, 7).certificate)
+    assert '["32", "40", "48", "56", "64"]' in chart
+    lines = [line for line in chart.splitlines() if line.startswith("    line [")]
+    upper, lower, threshold = ([float(v) for v in line[10:-1].split(", ")] for line in lines)
+    assert all(lo < hi for lo, hi in zip(lower, upper, strict=True))
+    assert set(threshold) == {0.09531} and upper[-1] - lower[-1] < upper[0] - lower[0]
+
+
+def test_a_classifier_that_stopped_early_says_so_under_its_outcome_chart():
+    from invarlock.enums import MetricKind
+
+    cert = synthetic_certificate(kind=MetricKind.ACCURACY, n=96, seed=4, sequential=True)
+    chart = charts.delta_chart(cert)
+    assert "0 examples newly wrong, 0 newly right. Only the first 32 of 96 final" in chart
