@@ -110,7 +110,7 @@ def test_calibrate_writes_a_preset_that_certify_accepts(tiny_gpt2_dir, sonnets_p
                                       "--dataset", str(sonnets_path), "--profile", "dev",
                                       "--preset", str(fast), "--preset",
                                       str(out / "calibration.yaml"), "--out", str(tmp_path / "c"))
-    assert code == 0
+    assert code == 0, summary
     assert cert["policy"]["values"]["guards"]["spectral"]["family_caps"] == caps
     assert "guards.spectral.family_caps.attn" in cert["policy"]["overrides"]
     # --resume recomputes the statistics from the stored reference certificates

@@ -3,9 +3,9 @@
 The RMT guard models a module's outlier excess Δ_m (subject − baseline, summed over the window
 groups) as having variance τ²·(N_m + 1), N_m its normalised singular values within
 `edge_band` of the Marchenko–Pastur edge (`invarlock.guards.rmt`). Each benign reference
-run gives an upper 95% bound on τ from its modules (`rmt.null_scale`); the shipped `null_tau`
-is the largest over the runs, rounded up to 0.01, so the worst benign edit sizes every
-module's margin.
+run gives an upper 95% bound on τ from its modules (`rmt.null_scale`); the shipped
+`null_tau` is the largest over the runs, rounded up to 0.01 (at least 0.01), so the worst
+benign edit sizes every module's margin.
 
 The per-module inputs (Δ_m, N_m) are what calibration commits, one row per module of each
 benign run; `invarlock calibrate` and the tests compute τ from them with `null_tau`, so a
@@ -33,7 +33,7 @@ class NullTau:
     per_run: dict[str, float]
     largest: float
     run: str
-    tau: float            # `largest` rounded up to 0.01
+    tau: float            # `largest` rounded up to 0.01, at least 0.01
 
 
 def module_rows(run: str, modules: Sequence[Mapping[str, Any]],
@@ -57,7 +57,9 @@ def null_tau(rows: Sequence[Mapping[str, Any]]) -> NullTau:
     per_run = {run: rmt.null_scale(moved, near) for run, (moved, near) in by_run.items()}
     worst = max(per_run, key=lambda run: per_run[run])
     largest = per_run[worst]
-    return NullTau(per_run, largest, worst, math.ceil(largest * 100 - 1e-9) / 100)
+    # a null that moved nothing gives τ 0, which no margin can use (every crossing would
+    # fail): the rounding step 0.01 is the floor
+    return NullTau(per_run, largest, worst, max(math.ceil(largest * 100 - 1e-9) / 100, 0.01))
 
 
 def parse_module_rows(text: str, where: str = "rmt-null-modules.csv") -> list[dict[str, Any]]:
