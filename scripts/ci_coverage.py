@@ -24,6 +24,7 @@ exits 1 when a counted row does not hold.
 
     python scripts/ci_coverage.py                       # dev (64) and ci (200), 10,000 runs
     python scripts/ci_coverage.py --runs 20000 --counts 64 200 400 --markdown
+    python scripts/ci_coverage.py --populations skewed sparse --counts 64   # some rows only
 
 Refresh the real population from a new certificate (all its preview and final windows):
 
@@ -135,6 +136,9 @@ def main() -> int:
                         help="window counts to simulate (default: the dev and ci final_n)")
     parser.add_argument("--runs", type=int, default=10_000, help="simulated runs per setting")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--populations", nargs="+", metavar="WORD",
+                        help="only the populations whose name starts with one of these words "
+                             "(benign, near-limit, harmful, heavy-tailed, skewed, sparse)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args()
 
@@ -161,7 +165,11 @@ def main() -> int:
         print("| population | windows | replicates | BCa upper misses | gate upper misses "
               "| nominal | holds |")
         print("|---|---:|---:|---:|---:|---:|---|")
-    for name, population in populations(delta, tokens).items():
+    chosen = {name: population for name, population in populations(delta, tokens).items()
+              if not args.populations or name.startswith(tuple(args.populations))}
+    if not chosen:
+        parser.error(f"--populations {' '.join(args.populations)} matches no population")
+    for name, population in chosen.items():
         for n in counts:
             replicates = next((b for c, b in profile_counts.values() if c == n),
                               profile_counts["ci"][1])

@@ -110,7 +110,7 @@ def test_calibrate_writes_a_preset_that_certify_accepts(tiny_gpt2_dir, sonnets_p
                                       "--dataset", str(sonnets_path), "--profile", "dev",
                                       "--preset", str(fast), "--preset",
                                       str(out / "calibration.yaml"), "--out", str(tmp_path / "c"))
-    assert code == 0
+    assert code == 0, summary
     assert cert["policy"]["values"]["guards"]["spectral"]["family_caps"] == caps
     assert "guards.spectral.family_caps.attn" in cert["policy"]["overrides"]
     # --resume recomputes the statistics from the stored reference certificates
@@ -147,24 +147,33 @@ def test_zoo_edits_are_seeded_and_do_what_they_say(tiny_llama_dir, tiny_gpt2_dir
 # --- the shipped numbers, recomputed from the committed raw inputs ---------------------------
 
 def _committed() -> dict[str, dict[str, object]]:
-    """{model: {"json": calibration.json as a dict, "csv": calibration.csv as text}}."""
+    """{model: {"json": calibration.json as a dict, "csv": calibration.csv as text,
+    "modules": rmt-null-modules.csv, "ve": ve-paired-windows.csv as text, or None}}."""
     from invarlock.policy import policies_dir
 
     root = policies_dir() / "calibration"
-    return {path.parent.name: {"json": json.loads(path.read_text()),
-                               "csv": (path.parent / "calibration.csv").read_text()}
-            for path in sorted(root.glob("*/calibration.json"))}
+    out: dict[str, dict[str, object]] = {}
+    for path in sorted(root.glob("*/calibration.json")):
+        modules, ve = path.parent / "rmt-null-modules.csv", path.parent / "ve-paired-windows.csv"
+        out[path.parent.name] = {"json": json.loads(path.read_text()),
+                                 "csv": (path.parent / "calibration.csv").read_text(),
+                                 "modules": modules.read_text() if modules.is_file() else None,
+                                 "ve": ve.read_text() if ve.is_file() else None}
+    return out
 
 
 def _mismatches(files: dict[str, dict[str, object]]) -> list[str]:
     """Every shipped number (tiers.yaml, the statistics table of CALIBRATION.md, the derived
     fields of calibration.json) that the raw rows do not reproduce, one line each."""
-    from invarlock.calibration import tiers
+    from invarlock.calibration import rmt_null, tiers
     from invarlock.policy import policies_dir
 
     try:
-        models = [tiers.ModelCalibration(name, f["json"], tiers.parse_rows(f["csv"], name))
-                  for name, f in files.items()]
+        models = [tiers.ModelCalibration(
+            name, f["json"], tiers.parse_rows(f["csv"], name),
+            tuple(rmt_null.parse_module_rows(f["modules"], name) if f["modules"] else ()),
+            tiers.parse_ve_windows(f["ve"], name) if f.get("ve") else ())
+            for name, f in files.items()]
     except (ValueError, KeyError) as exc:
         return [f"raw rows unreadable: {exc}"]
     problems = [line for m in models for line in tiers.check(m)]
@@ -184,6 +193,10 @@ def _mismatches(files: dict[str, dict[str, object]]) -> list[str]:
                 values["min_effect_lognll"]):
             problems.append(f"{tier}: min_effect_lognll {effect} but VE's own paired delta "
                             f"gives {values['min_effect_lognll']}")
+        tau = guards["rmt"]["null_tau"]
+        if values["null_tau"] is not None and tau != pytest.approx(values["null_tau"]):
+            problems.append(f"{tier}: rmt null_tau {tau} but the module rows give "
+                            f"{values['null_tau']}")
         for family, slack in values["null_slack"].items():  # ε is chosen; it must cover
             if guards["rmt"]["epsilon_by_family"][family] < slack:
                 problems.append(f"{tier}: rmt ε {family} below the null slack {slack}")
@@ -233,7 +246,7 @@ def test_every_max_sigma_change_at_4_9_percent_is_caught():
     for model in files:
         _rewrite_rows(files, model, _float_field("max_abs_change", lambda _v: 0.049))
     problems = _mismatches(files)
-    assert any("module_change_limit 0.01 but the rows give 0.1" in p for p in problems)
+    assert any("module_change_limit 0.04 but the rows give 0.1" in p for p in problems)
     assert any("CALIBRATION.md lacks" in p and "4.9000%" in p for p in problems)
 
 
@@ -243,6 +256,67 @@ def test_removing_the_rmt_null_slack_is_caught():
     problems = _mismatches(files)
     assert any("rmt.ffn.null_deltas differ from the CSV column" in p for p in problems)
     assert any("CALIBRATION.md lacks" in p and "ffn 0.000" in p for p in problems)
+
+
+def test_changing_one_rmt_module_row_is_caught():
+    """null_tau is recomputed from the committed per-module RMT inputs: one module's excess
+    changed (its run's null scale moves) or a garbled count no longer reproduces the run's
+    recorded null scale, and a larger excess in the worst run moves null_tau itself."""
+    files = _committed()
+    lines = files["demo"]["modules"].splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("zoo:rtn4_group:0,"))
+    run, module, _, near = lines[at].split(",")
+    lines[at] = ",".join([run, module, "9.0", near])
+    files["demo"]["modules"] = "\n".join(lines) + "\n"
+    problems = _mismatches(files)
+    assert any(p.startswith("demo: rmt_null") for p in problems)
+    assert any(p.startswith("demo: zoo:rtn4_group:0 rmt_null_scale") for p in problems)
+    assert any(p.startswith("balanced: rmt null_tau 0.21 but the module rows give")
+               for p in problems)
+    files = _committed()
+    header, first, *rest = files["demo"]["modules"].splitlines()
+    cells = first.split(",")
+    files["demo"]["modules"] = "\n".join([header, ",".join([*cells[:2], "x", cells[3]]),
+                                          *rest]) + "\n"
+    assert "must be numbers" in _mismatches(files)[0]
+
+
+def test_changing_one_ve_window_is_caught():
+    """VE's σ_Δ is recomputed from the committed gate windows (NLL plain and scaled): one
+    window's scaled loss changed no longer gives its run's ve_sigma_delta nor the pooled σ."""
+    files = _committed()
+    header, first, *rest = files["demo"]["ve"].splitlines()
+    cells = first.split(",")
+    cells[4] = str(float(cells[4]) + 5.0)  # nll_scaled of the first window
+    files["demo"]["ve"] = "\n".join([header, ",".join(cells), *rest]) + "\n"
+    problems = _mismatches(files)
+    assert any(p.startswith(f"demo: {cells[0]} ve_sigma_delta") for p in problems)
+    assert any(p.startswith("demo: variance.sigma_delta") for p in problems)
+
+
+def test_ve_min_effect_is_calibrated_only_when_every_model_recorded_it():
+    """σ_Δ is in nats/token of one model's loss: with the demo's VE windows alone the tiers
+    keep their designed minimum effect (None here); once every model has them, the larger
+    model's value is the tier's."""
+    from invarlock.calibration import rmt_null, tiers
+    from invarlock.policy import policies_dir
+
+    shipped = yaml.safe_load((policies_dir() / "tiers.yaml").read_text())
+    files = _committed()
+    models = {name: tiers.ModelCalibration(
+        name, f["json"], tiers.parse_rows(f["csv"], name),
+        tuple(rmt_null.parse_module_rows(f["modules"]) if f["modules"] else ()),
+        tiers.parse_ve_windows(f["ve"]) if f["ve"] else ()) for name, f in files.items()}
+    with_ve = [m for m in models.values() if m.ve_windows]
+    assert with_ve
+    if len(with_ve) < len(models):
+        assert tiers.derive(list(models.values()), shipped)["balanced"][
+            "min_effect_lognll"] is None
+    alone = tiers.derive(with_ve[:1], shipped)["balanced"]["min_effect_lognll"]
+    sigma = recipe.ve_statistics(with_ve[0].ve_rows(), with_ve[0].settings)["sigma_delta"]
+    assert alone == pytest.approx(np.ceil(norm.ppf(0.95) * sigma / 4 * 10 ** (
+        1 - np.floor(np.log10(norm.ppf(0.95) * sigma / 4)))) / 10 ** (
+        1 - np.floor(np.log10(norm.ppf(0.95) * sigma / 4))))
 
 
 def test_tenfold_sigma_delta_is_caught():

@@ -273,19 +273,16 @@ def test_shipped_null_tau_recomputes_from_the_committed_benign_runs():
         runs = list(csv.DictReader(fh))
     with (CALIBRATION / "zoo-rmt-null-modules.csv").open() as fh:
         modules = list(csv.DictReader(fh))
+    from invarlock.calibration import rmt_null
+
     benign = [r for r in runs if r["kind"] == "benign"]
-    by_run: dict[tuple[str, int], list[dict[str, str]]] = {}
-    for m in modules:
-        by_run.setdefault((m["family"], int(m["seed"])), []).append(m)
-    assert set(by_run) == {(r["family"], int(r["seed"])) for r in benign}
-    taus = []
+    null = rmt_null.null_tau([{**m, "run": f"{m['family']}:{m['seed']}"} for m in modules])
+    assert set(null.per_run) == {f"{r['family']}:{r['seed']}" for r in benign}
     for r in benign:
-        rows = by_run[(r["family"], int(r["seed"]))]
-        tau = rmt.null_scale([float(m["excess"]) for m in rows],
-                             [float(m["near_edge"]) for m in rows])
+        tau = null.per_run[f"{r['family']}:{r['seed']}"]
         assert tau == pytest.approx(float(r["rmt_null_scale"]), rel=1e-9, abs=1e-12), r
-        taus.append(tau)
-    expected = math.ceil(max(taus) * 100) / 100
+    expected = math.ceil(max(null.per_run.values()) * 100) / 100
+    assert null.tau == pytest.approx(expected) and null.run == "rtn4_group:0"
     tiers = yaml.safe_load((CALIBRATION.parents[1] / "tiers.yaml").read_text())
     for tier in ("balanced", "conservative", "aggressive"):
         assert tiers[tier]["guards"]["rmt"]["null_tau"] == pytest.approx(expected), tier

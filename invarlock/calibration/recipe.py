@@ -12,6 +12,9 @@ INT8 step with different seeds) certified with every guard in monitor mode. From
   beyond the spread term, Δ_f = max(0, (|excess| − null_z·spread·√G − 1) / baseline count),
   the largest over the family and its modules; ε_f = its `quantile` over runs (the maximum
   for small families), plus a floor.
+- RMT `null_tau`: per run the upper 95% bound on the scale of its modules' outlier excess
+  (`rmt.null_scale` over the (Δ_m, N_m) of its modules), the largest over the runs, rounded
+  up to 0.01 (`invarlock.calibration.rmt_null`).
 - spectral `module_change_limit`: `limit_factor` (2) times the largest |σ_s/σ_b − 1| of
   any module in any reference run, rounded up to 0.01: computed from the null, whatever the
   deadband (a floor, when a tier wants one, is an explicit setting, not the default).
@@ -36,6 +39,7 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtri
 
+from invarlock.calibration import rmt_null
 from invarlock.guards import rmt, spectral
 
 FAMILIES = ("attn", "ffn", "embed", "other")
@@ -54,6 +58,8 @@ class ReferenceRun:
     top_abs_z: dict[str, list[float]] = field(default_factory=dict)  # recorded, 10 per family
     window_delta: list[float] = field(default_factory=list)  # per-window paired ΔlogNLL, final
     ve_delta: list[float] = field(default_factory=list)  # VE gate: scaled − plain, per window
+    rmt_modules: list[dict[str, Any]] = field(default_factory=list)  # (Δ_m, N_m) per module
+    ve_rows: list[dict[str, Any]] = field(default_factory=list)  # VE gate's raw windows
     ratio: float | None = None
     flags: dict[str, bool] = field(default_factory=dict)
 
@@ -64,7 +70,8 @@ class ReferenceRun:
                                "windows": len(self.window_delta),
                                "max_abs_change": self.max_abs_change,
                                "ve_sigma_delta": _std(self.ve_delta),
-                               "ve_windows": len(self.ve_delta)}
+                               "ve_windows": len(self.ve_delta),
+                               "rmt_null_scale": self.rmt_null_scale}
         for f in FAMILIES:
             zs = sorted(self.abs_z.get(f, []), reverse=True)
             out[f"{f}_modules"] = self.family_sizes.get(f, 0)
@@ -73,6 +80,14 @@ class ReferenceRun:
         out.update({k: v for k, v in self.flags.items() if k.endswith(
             ("_pass", "_stable", "_ok"))})
         return out
+
+
+    @property
+    def rmt_null_scale(self) -> float | None:
+        """The run's upper 95% bound on τ (None when RMT was not measured)."""
+        if not self.rmt_modules:
+            return None
+        return rmt_null.null_tau(self.rmt_modules).largest
 
 
 def _std(values: Sequence[float]) -> float | None:
@@ -94,11 +109,14 @@ def reference_run(label: str, cert: Mapping[str, Any], sigma_quantile: float) ->
             max_change = max(max_change, abs(s.r))
         sizes = {f: len(v) for f, v in abs_z.items()}
     rmt_delta: dict[str, float] = {}
+    rmt_modules: list[dict[str, Any]] = []
     rm = guards.get("rmt", {}).get("measurements", {})
     if rm.get("evaluated", False):
-        null_z = float(cert["policy"]["values"]["guards"]["rmt"].get("null_z",
-                                                                      rmt.DEFAULT_NULL_Z))
+        rmt_policy = cert["policy"]["values"]["guards"]["rmt"]
+        null_z = float(rmt_policy.get("null_z", rmt.DEFAULT_NULL_Z))
         rmt_delta = rmt_slack(rm["modules"], null_z)
+        band = float(rmt_policy.get("edge_band", rmt.DEFAULT_EDGE_BAND))
+        rmt_modules = rmt_null.module_rows(label, rm["modules"], band)
     final = cert["windows"]["final"]
     deltas = [(s - b) / n for s, b, n in zip(final["subject"], final["baseline"],
                                              final["tokens"], strict=False)
@@ -106,16 +124,39 @@ def reference_run(label: str, cert: Mapping[str, Any], sigma_quantile: float) ->
     top = {f: sorted(v, reverse=True)[:10] for f, v in abs_z.items()}
     return ReferenceRun(label, abs_z, sizes, rmt_delta, max_change, top_abs_z=top,
                         window_delta=deltas, ve_delta=ve_window_delta(guards),
+                        rmt_modules=rmt_modules, ve_rows=ve_gate_rows(label, guards),
                         ratio=cert["primary_metric"]["ratio"], flags=dict(cert["validation"]))
 
 
 def ve_window_delta(guards: Mapping[str, Any]) -> list[float]:
     """VE's own paired Δ per window (nats/token), where its predictive gate ran; else []."""
+    return [(r["nll_scaled"] - r["nll_plain"]) / r["tokens"] for r in ve_gate_rows("", guards)]
+
+
+VE_COLUMNS = ("run", "window", "tokens", "nll_plain", "nll_scaled")
+
+
+def ve_gate_rows(run: str, guards: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """VE gate's raw per-window inputs (NLL sums of the subject as it is and with the proposed
+    scales, tokens), one row per window with tokens; [] where the gate did not run."""
     gate = ((guards.get("variance") or {}).get("measurements") or {}).get("gate")
     if not gate:
         return []
-    return [(s - p) / n for s, p, n in zip(gate["nll_scaled"], gate["nll_plain"],
-                                           gate["tokens"], strict=True) if n > 0]
+    return [{"run": run, "window": int(w), "tokens": int(n), "nll_plain": float(p),
+             "nll_scaled": float(s)}
+            for w, n, p, s in zip(gate["window_ids"], gate["tokens"], gate["nll_plain"],
+                                  gate["nll_scaled"], strict=True) if n > 0]
+
+
+def ve_per_run(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """{run, ve_sigma_delta, ve_windows} per run of raw VE rows (`ve_gate_rows`): the standard
+    deviation of (NLL_scaled − NLL_plain)/tokens over the run's windows, in first-seen order."""
+    deltas: dict[str, list[float]] = {}
+    for r in rows:
+        deltas.setdefault(str(r["run"]), []).append(
+            (float(r["nll_scaled"]) - float(r["nll_plain"])) / float(r["tokens"]))
+    return [{"run": run, "ve_sigma_delta": _std(d), "ve_windows": len(d)}
+            for run, d in deltas.items()]
 
 
 def pooled_sd(sds: Sequence[float], counts: Sequence[int]) -> float | None:
@@ -230,6 +271,8 @@ class Calibration:
     overrides: dict[str, Any]                 # preset fragment for `certify --preset`
     statistics: dict[str, Any]                # everything the numbers came from
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per reference run
+    rmt_modules: list[dict[str, Any]] = field(default_factory=list)  # (Δ_m, N_m) per module
+    ve_rows: list[dict[str, Any]] = field(default_factory=list)  # VE gate's raw windows
 
 
 def calibrate(runs: Sequence[ReferenceRun], tier_guards: Mapping[str, Any],
@@ -270,17 +313,24 @@ def calibrate(runs: Sequence[ReferenceRun], tier_guards: Mapping[str, Any],
                                                 "factor": settings.limit_factor,
                                                 "limit": limit}
     rows = [r.row() for r in runs]
+    modules = [m for r in runs for m in r.rmt_modules]
+    if modules:
+        tau = rmt_null.null_tau(modules)
+        stats["rmt_null"] = {"null_tau": tau.tau, "largest": tau.largest, "run": tau.run,
+                             "modules": len(modules)}
     stats["variance"] = ve_statistics(rows, settings)
     stats["windows"] = window_statistics(rows, settings)
     overrides: dict[str, Any] = {"guards": {
         "spectral": {"family_caps": caps, "module_change_limit": limit},
         "rmt": {"epsilon_by_family": eps},
     }}
+    if "rmt_null" in stats:
+        overrides["guards"]["rmt"]["null_tau"] = stats["rmt_null"]["null_tau"]
     chosen = stats["variance"].get("min_effect_lognll")
     if chosen is not None:
         overrides["guards"]["variance"] = {"gating": {
             "min_effect_lognll": _round_up_significant(chosen)}}
-    return Calibration(overrides, stats, rows)
+    return Calibration(overrides, stats, rows, modules, [v for r in runs for v in r.ve_rows])
 
 
 def window_statistics(rows: Sequence[Mapping[str, Any]], settings: Settings) -> dict[str, Any]:

@@ -6,9 +6,15 @@ is evaluated once. Reference edits: `rtn8` (the built-in INT8 RTN), `noise` (INT
 uniform noise, seeds 0..N−1), and any benign family of the edit zoo
 (`invarlock.calibration.zoo`: RTN per channel/group, fp16/bf16 round trips, pruning,
 norm-fold rescalings, low-rank merges), seeds 0..N−1 each; `zoo` stands for all of them.
+VE's predictive gate runs in every reference run: its proposal there has no deadband and no
+minimum adjustment (the clip `max_scale_step` stays), so that VE's own paired Δ — the subject
+with its proposed scales against the subject as it is, per calibration window — is measured
+on every benign edit, not only on the few whose variance moved past the tier's deadband; the
+VE minimum effect is sized from that Δ (`recipe.ve_statistics`).
 The certificates stay in `OUT/runs/` for audit; `OUT/calibration.yaml` is a preset for
 `certify --preset`, `OUT/calibration.json` and `OUT/calibration.csv` hold the statistics
-it came from.
+it came from; `OUT/rmt-null-modules.csv` holds the per-module RMT inputs of `null_tau`,
+`OUT/ve-paired-windows.csv` the VE gate's per-window losses its minimum effect comes from.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 import yaml
 
 from invarlock import atomic
-from invarlock.calibration import recipe
+from invarlock.calibration import recipe, rmt_null
 from invarlock.certificate import document
 from invarlock.config import deep_merge
 from invarlock.policy import resolve
@@ -32,8 +38,13 @@ from invarlock.policy import resolve
 log = logging.getLogger(__name__)
 
 EDITS = ("rtn8", "noise")
+RMT_MODULES_CSV = "rmt-null-modules.csv"  # RMT's (Δ_m, N_m) per module of every run
+VE_WINDOWS_CSV = "ve-paired-windows.csv"  # VE gate's NLL per window, plain and scaled
 ZOO = "zoo"  # every benign zoo family
 MONITORED = ("spectral", "rmt", "variance")
+# VE proposes a scale for every block output whose second moment moved at all, so its gate
+# (and the paired Δ the minimum effect comes from) runs on every reference edit.
+VE_PROBE = {"deadband": 0.0, "min_abs_adjust": 0.0}
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ def run(req: CalibrationRequest) -> CalibrationOutcome:
     # profile (its certificates say evidence_meets_profile: false; they are not a verdict).
     monitored = {"guards": {g: {"mode": "monitor"} for g in MONITORED},
                  "auto": {"allow_underpowered": True}}
+    monitored["guards"]["variance"]["discovery"] = dict(VE_PROBE)
     config = deep_merge(req.base.config, monitored)
     policy = resolve(config)
     tier_guards = policy.values["guards"]
@@ -131,6 +143,10 @@ def run(req: CalibrationRequest) -> CalibrationOutcome:
     json_path = atomic.write_text(req.out_dir / "calibration.json",
                                   document.strict_json(stats, indent=2) + "\n")
     csv_path = atomic.write_text(req.out_dir / "calibration.csv", _csv_text(result.rows))
+    if result.rmt_modules:
+        atomic.write_text(req.out_dir / RMT_MODULES_CSV, rmt_null.module_csv(result.rmt_modules))
+    if result.ve_rows:
+        atomic.write_text(req.out_dir / VE_WINDOWS_CSV, _csv_text(result.ve_rows))
     return CalibrationOutcome(result, yaml_path, json_path, csv_path)
 
 
@@ -148,6 +164,10 @@ def _reusable(run_dir: Path, baseline: str, section: dict[str, Any]) -> dict[str
     if cert["baseline"]["source"] != baseline or edit.get("name") != section["name"] or (
             not same_plan):
         return None
+    discovery = cert["policy"]["values"]["guards"]["variance"]["discovery"]
+    if any(float(discovery.get(k, -1)) != v for k, v in VE_PROBE.items()):
+        log.info("not reusing %s: its VE proposal was not the calibration probe's", path)
+        return None
     return cert
 
 
@@ -162,6 +182,9 @@ def _yaml_text(result: recipe.Calibration, stats: dict[str, Any]) -> str:
         (f"# VE: own paired sigma_delta {var['sigma_delta']:.5f} from "
          f"{var['runs_with_gate']} run(s), K={var['windows']} windows ({var['sided']}, "
          f"alpha {var['alpha']})" if "sigma_delta" in var else f"# VE: {var['note']}"),
+        (f"# RMT: null_tau {stats['rmt_null']['null_tau']} from the largest per-run null "
+         f"scale {stats['rmt_null']['largest']:.4f} ({stats['rmt_null']['run']})"
+         if "rmt_null" in stats else "# RMT: not measured, null_tau not calibrated"),
         (f"# windows: {win['recommended_per_set']} per set for a CI half-width of "
          f"{win['target_half_width']} nats/token" if "recommended_per_set" in win
          else f"# windows: {win['note']}"),

@@ -12,10 +12,19 @@ sidedness):
   calibrated κ. Each run's largest |z| in the CSV must be the first of its `top_abs_z`;
 - spectral `module_change_limit`: `limit_factor` × the largest `max_abs_change` of any row of
   any model, rounded up to 0.01 (`recipe.module_limit`), the same for every calibrated tier;
-- VE `min_effect_lognll`: per model, VE's own σ_Δ pooled over the rows whose VE gate ran
-  (`ve_sigma_delta` over `ve_windows`), z·σ_Δ/√K one-sided for a one-sided tier, two-sided
-  otherwise; the larger over the models, rounded up to two significant figures. None when
-  no model has such a row (the tier value is then a design choice);
+- VE `min_effect_lognll`: per model, VE's own σ_Δ from `ve-paired-windows.csv` (the gate's
+  NLL per window of every reference run, the subject as it is and with VE's proposed
+  scales): per run the standard deviation of the per-window Δ, pooled over the runs
+  (`recipe.ve_per_run`, `recipe.ve_statistics`), z·σ_Δ/√K one-sided for a one-sided tier,
+  two-sided otherwise; the larger over the models, rounded up to two significant figures.
+  σ_Δ is in nats/token of one model's loss, so one model's value says nothing of another's:
+  the minimum effect is calibrated only when every model recorded VE's Δ, and is None
+  otherwise (the tier value is then a design choice). The CSV's `ve_sigma_delta` and
+  `ve_windows` must agree with the raw windows;
+- RMT `null_tau`: per model, from `rmt-null-modules.csv` (Δ_m and N_m of every module of
+  every benign run) by `rmt_null.null_tau`: each run's upper 95% bound, the largest rounded
+  up to 0.01; the tier value is the largest over the models (every tier: the null does not
+  depend on the tier). Each row's `rmt_null_scale` must be its run's recomputed bound;
 - RMT `null_slack`: per family, the largest `<family>_rmt_delta` of any row; the shipped ε
   is a design choice that must cover it.
 
@@ -41,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from invarlock.calibration import recipe
+from invarlock.calibration import recipe, rmt_null
 from invarlock.guards import spectral
 
 CALIBRATED_TIERS = ("balanced", "conservative")
@@ -56,12 +65,40 @@ class ModelCalibration:
     name: str
     stats: Mapping[str, Any]
     rows: tuple[dict[str, Any], ...]
+    rmt_modules: tuple[dict[str, Any], ...] = ()   # rmt-null-modules.csv, parsed
+    ve_windows: tuple[dict[str, Any], ...] = ()    # ve-paired-windows.csv, parsed
+
+    def ve_rows(self) -> list[dict[str, Any]]:
+        """Per run {ve_sigma_delta, ve_windows}: from the raw windows where committed, else
+        the CSV's own columns."""
+        return recipe.ve_per_run(self.ve_windows) if self.ve_windows else list(self.rows)
 
     @property
     def settings(self) -> recipe.Settings:
         known = set(recipe.Settings.__dataclass_fields__)
         return recipe.Settings(**{k: v for k, v in self.stats["settings"].items()
                                   if k in known})
+
+
+def parse_ve_windows(text: str, where: str = "ve-paired-windows.csv") -> tuple[
+        dict[str, Any], ...]:
+    """The committed VE gate windows; anything but a number (a positive token count) in a
+    numeric column is an error naming the line."""
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in recipe.VE_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{where}: missing columns {', '.join(missing)}")
+    rows = []
+    for line, raw in enumerate(reader, start=2):
+        row: dict[str, Any] = {"run": raw["run"]}
+        for key in recipe.VE_COLUMNS[1:]:
+            row[key] = _cell(key, raw[key] or "", f"{where}:{line}")
+            if row[key] is None:
+                raise ValueError(f"{where}:{line}: {key} is empty")
+        if row["tokens"] <= 0:
+            raise ValueError(f"{where}:{line}: tokens must be positive")
+        rows.append(row)
+    return tuple(rows)
 
 
 def parse_rows(text: str, where: str = "calibration.csv") -> tuple[dict[str, Any], ...]:
@@ -155,12 +192,64 @@ def check(model: ModelCalibration) -> list[str]:
         if not _same(stats["windows"].get(key), windows.get(key)):
             out.append(f"{model.name}: windows.{key} {stats['windows'].get(key)} but the "
                        f"rows give {windows.get(key)}")
-    ve = recipe.ve_statistics(rows, settings)
+    out += _check_null_tau(model)
+    out += _check_ve_columns(model)
+    ve = recipe.ve_statistics(model.ve_rows(), settings)
     for key in ("sigma_delta", "one_sided", "two_sided", "runs_with_gate", "note"):
         if not _same(stats["variance"].get(key), ve.get(key)):
             out.append(f"{model.name}: variance.{key} {stats['variance'].get(key)} but the "
                        f"rows give {ve.get(key)}")
     return out
+
+
+def _check_ve_columns(model: ModelCalibration) -> list[str]:
+    """Each CSV row's VE columns against its run's raw windows (when those are committed)."""
+    if not model.ve_windows:
+        return []
+    raw = {r["run"]: r for r in model.ve_rows()}
+    out = []
+    for row in model.rows:
+        mine = raw.get(row["run"], {"ve_sigma_delta": None, "ve_windows": 0})
+        if not _close(row.get("ve_sigma_delta"), mine["ve_sigma_delta"]) or int(
+                row.get("ve_windows") or 0) != mine["ve_windows"]:
+            out.append(f"{model.name}: {row['run']} ve_sigma_delta {row.get('ve_sigma_delta')}"
+                       f" over {row.get('ve_windows')} windows but its VE windows give "
+                       f"{mine['ve_sigma_delta']} over {mine['ve_windows']}")
+    extra = sorted(set(raw) - {r["run"] for r in model.rows})
+    if extra:
+        out.append(f"{model.name}: VE windows of runs not in the CSV: {', '.join(extra)}")
+    return out
+
+
+def _check_null_tau(model: ModelCalibration) -> list[str]:
+    """The recorded null_tau and each row's null scale against the per-module rows."""
+    recorded = model.stats.get("rmt_null")
+    if not model.rmt_modules:
+        return [f"{model.name}: calibration.json records rmt_null but no per-module rows "
+                "are committed"] if recorded else []
+    null = rmt_null.null_tau(model.rmt_modules)
+    out = []
+    if recorded is None or not _close(recorded.get("largest"), null.largest) or not _close(
+            recorded.get("null_tau"), null.tau) or recorded.get("run") != null.run:
+        out.append(f"{model.name}: rmt_null {recorded} but the module rows give null_tau "
+                   f"{null.tau} (largest {null.largest} in {null.run})")
+    runs = {r["run"] for r in model.rows}
+    if set(null.per_run) != runs:
+        out.append(f"{model.name}: the RMT module rows cover runs "
+                   f"{sorted(set(null.per_run) ^ runs)} that the CSV rows do not (or the "
+                   "reverse)")
+    for row in model.rows:
+        if row["run"] in null.per_run and not _close(row.get("rmt_null_scale"),
+                                                     null.per_run[row["run"]]):
+            out.append(f"{model.name}: {row['run']} rmt_null_scale {row.get('rmt_null_scale')}"
+                       f" but its module rows give {null.per_run[row['run']]}")
+    return out
+
+
+def null_tau(models: Sequence[ModelCalibration]) -> float | None:
+    """The shipped `null_tau`: the largest model's, None when no model committed its rows."""
+    taus = [rmt_null.null_tau(m.rmt_modules).tau for m in models if m.rmt_modules]
+    return max(taus) if taus else None
 
 
 def _family_sizes(stats: Mapping[str, Any]) -> dict[str, int]:
@@ -184,12 +273,14 @@ def _caps(model: ModelCalibration, budget: int) -> dict[str, float]:
 
 def derive(models: Sequence[ModelCalibration],
            tiers: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """{tier: {"family_caps", "module_change_limit", "min_effect_lognll", "null_slack"}}."""
+    """{tier: {"family_caps", "module_change_limit", "min_effect_lognll", "null_slack",
+    "null_tau"}}."""
     out: dict[str, dict[str, Any]] = {}
     largest = max(float(r["max_abs_change"]) for m in models for r in m.rows)
     factor = max(m.settings.limit_factor for m in models)
     limit = recipe.module_limit(largest, factor)
     slack = _null_slack(models)
+    tau = null_tau(models)
     for tier in CALIBRATED_TIERS:
         guards = tiers[tier]["guards"]
         budget = int(guards["spectral"]["max_caps"])
@@ -201,18 +292,20 @@ def derive(models: Sequence[ModelCalibration],
         family_caps = {f: caps.get(f, top) for f in spectral.FAMILIES}
         side = "one_sided" if guards["variance"]["gating"]["sided"] == "one-sided" else (
             "two_sided")
-        effects = [ve[side] for ve in (recipe.ve_statistics(m.rows, m.settings)
+        effects = [ve[side] for ve in (recipe.ve_statistics(m.ve_rows(), m.settings)
                                        for m in models) if side in ve]
-        effect = recipe._round_up_significant(max(effects)) if effects else None
+        every = effects and len(effects) == len(models)  # σ_Δ is per model's loss scale
+        effect = recipe._round_up_significant(max(effects)) if every else None
         out[tier] = {"family_caps": family_caps, "module_change_limit": limit,
-                     "min_effect_lognll": effect, "null_slack": dict(slack)}
+                     "min_effect_lognll": effect, "null_slack": dict(slack),
+                     "null_tau": tau}
     bal = out["balanced"]
     out["aggressive"] = {
         "family_caps": {f: round(v + 1.0, 2) for f, v in bal["family_caps"].items()},
         "module_change_limit": round(2 * bal["module_change_limit"], 2),
         "min_effect_lognll": (None if bal["min_effect_lognll"] is None
                               else 2 * bal["min_effect_lognll"]),
-        "null_slack": bal["null_slack"]}
+        "null_slack": bal["null_slack"], "null_tau": tau}
     return out
 
 
@@ -238,7 +331,7 @@ def statistics_table(models: Sequence[ModelCalibration]) -> list[str]:
         worst = max(m.rows, key=lambda r: float(r["max_abs_change"]))
         largest = float(worst["max_abs_change"])
         slack = ", ".join(f"{fam} {value:.3f}" for fam, value in _null_slack([m]).items())
-        ve = recipe.ve_statistics(m.rows, m.settings)
+        ve = recipe.ve_statistics(m.ve_rows(), m.settings)
         ve_text = (f"{ve['sigma_delta']:.5f} ({ve['runs_with_gate']})" if "sigma_delta" in ve
                    else "not recorded")
         win = recipe.window_statistics(m.rows, m.settings)

@@ -37,7 +37,8 @@ Examples:
               help="Seeds of each seeded reference edit (noise, zoo families).")
 @click.option("--edits", type=click.Choice([
     "rtn8", "noise", "zoo", "rtn8_channel", "rtn8_group", "fp16", "bf16", "prune",
-    "normfold_one", "normfold_some", "normfold_all", "lowrank"]), multiple=True,
+    "normfold_one", "normfold_some", "normfold_all", "lowrank", "rtn4_group", "qk_scale",
+    "awq_scale", "awq_rtn4"]), multiple=True,
               help="Reference edits (default: rtn8 and noise); zoo: every benign zoo family, "
                    "seeds 0..N-1 each.")
 @click.option("--margin", type=click.FloatRange(min=0), default=0.1, show_default=True,
