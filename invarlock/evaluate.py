@@ -46,7 +46,6 @@ import contextlib
 import hashlib
 import itertools
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -80,6 +79,9 @@ MAX_BATCH = {"mps": 128, "cuda": 256}  # windows; beyond these, throughput stops
 # (SmolLM2-135M, 128-token windows: batches of 8, 16 and 32 take 13.2-14.0, 13.3-14.9 and
 # 14.5-15.9 s for 64 windows); larger batches only add memory and cache misses.
 CPU_BATCH_TOKENS = 1024
+# Top-k selection (distribution evidence): entries are thresholded before they are ranked
+SELECT_MIN_SPAN = 4             # columns per group (of 2k): narrower slices are ranked whole
+SELECT_MAX_CANDIDATES = 4       # x k: more entries than this per row at a floor, re-threshold
 
 
 class Windows(Protocol):
@@ -674,9 +676,9 @@ def _vocab_sliced_losses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         hit = order[edges[i]:edges[i + 1]]
         if hit.numel():
             picked[hit] = logits[hit, targets[hit] - lo]
-        if stats is not None:
-            stats.update(logits, lo)
         top = logits.amax(dim=1)
+        if stats is not None:
+            stats.update(logits, lo, top)
         shift = torch.where(torch.isfinite(top), top, 0.0)
         log_z = torch.logaddexp(log_z, logits.sub_(shift[:, None]).exp_().sum(dim=1).log_()
                                 .add_(shift).double())
@@ -818,7 +820,7 @@ class _DistributionPass:
             return torch.from_numpy(np.ascontiguousarray(array[rows])).to(device, dtype)
 
         return cls(None, {"ids": move(spec.top_ids, torch.int64),
-                          "top": move(spec.top_logp, torch.float64),
+                          "top": move(spec.top_logp, torch.float32),
                           "tail": move(spec.tail_logp, torch.float64),
                           "target": move(spec.target_logp, torch.float64)})
 
@@ -844,9 +846,9 @@ class _DistributionPass:
     def full_rows(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """A group whose logits [n, V] (float32) are all at hand."""
         stats = self.rows(targets)
-        stats.update(logits, 0)
-        safe = torch.where(targets == IGNORE, 0, targets).clamp(0, logits.shape[1] - 1)
         top = logits.amax(dim=1, keepdim=True)
+        stats.update(logits, 0, top[:, 0])
+        safe = torch.where(targets == IGNORE, 0, targets).clamp(0, logits.shape[1] - 1)
         top = torch.where(torch.isfinite(top), top, 0.0)
         # summed in float64, as the sliced pass's running log-partition (see there)
         log_z = (logits - top).exp_().sum(dim=1, dtype=torch.float64).log_() + top[:, 0]
@@ -862,7 +864,14 @@ class _DistributionPass:
 
 
 class _RowStats:
-    """Running per-row state over vocabulary slices (before each slice is exponentiated)."""
+    """Running per-row state over vocabulary slices (before each slice is exponentiated).
+
+    Capture keeps a running top-k; once it is full, its smallest value is a floor that a
+    later slice's entry must reach to enter, so most of a wide vocabulary's slices add few
+    candidates. Comparison picks the subject's logits at the baseline's top ids: one gather
+    when every id falls in the first slice, else the ids sorted once and each slice taking
+    its own run of them, so the work is O(rows x k) over the whole vocabulary, not per slice.
+    """
 
     def __init__(self, owner: _DistributionPass, scored: torch.Tensor, k: int | None,
                  reference: dict[str, torch.Tensor] | None) -> None:
@@ -874,53 +883,78 @@ class _RowStats:
             self.at_ref = torch.full(reference["ids"].shape, float("-inf"),
                                      device=scored.device)
             self.best = torch.full((n,), float("-inf"), device=scored.device)
+            self.order: torch.Tensor | None = None   # flat positions of the ids, by id
+            self.sorted_ids: torch.Tensor | None = None
 
-    def update(self, logits: torch.Tensor, lo: int) -> None:
-        """One slice: logits [n, width] of vocabulary entries lo .. lo + width."""
-        width = logits.shape[1]
+    def update(self, logits: torch.Tensor, lo: int, row_max: torch.Tensor) -> None:
+        """One slice: logits [n, width] of vocabulary entries lo .. lo + width, and each
+        row's largest logit in it (which the log-partition has computed already)."""
         if self.reference is None:
-            assert self.k is not None
-            values, ids = _top_k(logits, self.k)
-            ids += lo
-            if self.values is not None:
-                values = torch.cat([self.values, values], dim=1)
-                ids = torch.cat([self.ids, ids], dim=1)
-                values, pick = values.topk(min(self.k, values.shape[1]), dim=1)
-                ids = ids.gather(1, pick)
-            self.values, self.ids = values, ids
+            self._capture(logits, lo)
             return
+        width = logits.shape[1]
         wanted = self.reference["ids"]
-        inside = (wanted >= lo) & (wanted < lo + width)
-        here = logits.gather(1, (wanted - lo).clamp(0, width - 1))
-        self.at_ref = torch.where(inside, here, self.at_ref)
-        self.best = torch.maximum(self.best, logits.amax(dim=1))
+        if self.order is None and lo == 0 and int(wanted.max()) < width:
+            self.at_ref = logits.gather(1, wanted)
+        else:
+            if self.order is None:
+                flat = wanted.reshape(-1)
+                self.order = torch.argsort(flat)
+                self.sorted_ids = flat[self.order]
+            assert self.sorted_ids is not None
+            bounds = torch.tensor([lo, lo + width], dtype=wanted.dtype, device=wanted.device)
+            a, b = torch.searchsorted(self.sorted_ids, bounds).tolist()
+            if b > a:
+                at = self.order[a:b]
+                self.at_ref.view(-1)[at] = logits[at // wanted.shape[1],
+                                                  self.sorted_ids[a:b] - lo]
+        self.best = torch.maximum(self.best, row_max)
+
+    def _capture(self, logits: torch.Tensor, lo: int) -> None:
+        assert self.k is not None
+        full = self.values is not None and self.values.shape[1] >= self.k
+        values, ids = _top_k(logits, self.k, self.values[:, -1] if full else None)
+        ids += lo
+        if self.values is not None:
+            values = torch.cat([self.values, values], dim=1)
+            ids = torch.cat([self.ids, ids], dim=1)
+            values, pick = values.topk(min(self.k, values.shape[1]), dim=1)
+            ids = ids.gather(1, pick)
+        self.values, self.ids = values, ids
 
     def finish(self, log_z: torch.Tensor, target_logit: torch.Tensor) -> None:
-        """Turn the running state into per-token evidence for the scored rows."""
+        """Turn the running state into per-token evidence for the scored rows.
+
+        Log-probabilities are differences taken in float64 (a logit minus the float64
+        log-partition) and kept in float32; sums over the k entries are float64."""
         s = self.scored
         log_z = log_z[s].double()
         target = target_logit[s].double() - log_z
         if self.reference is None:
             assert self.values is not None and self.ids is not None
-            top = self.values[s].double() - log_z[:, None]
-            self.owner.out.append({"top_ids": self.ids[s].int(), "top_logp": top.float(),
-                                   "tail_logp": _tail(top).float(),
-                                   "target_logp": target.float()})
+            top = (self.values[s].double() - log_z[:, None]).float()
+            self.owner.out.append({"top_ids": self.ids[s].int(), "top_logp": top,
+                                   "tail_logp": _tail(top.exp().sum(dim=1, dtype=torch.float64))
+                                   .float(), "target_logp": target.float()})
             return
         ref = self.reference
         p_top, p_tail = ref["top"][s], ref["tail"][s]
-        q_top = self.at_ref[s].double() - log_z[:, None]
-        q_tail = _tail(q_top)
+        q_top = (self.at_ref[s].double() - log_z[:, None]).float()
+        p, q = p_top.exp(), q_top.exp()
+        p_mass, q_mass = p.sum(dim=1, dtype=torch.float64), q.sum(dim=1, dtype=torch.float64)
+        q_tail = _tail(q_mass).float().double()  # rounded as the baseline's stored tail
+        d = p_top - q_top
+        fwd_top = (p * d).sum(dim=1, dtype=torch.float64)      # Σ_top p log(p/q)
+        rev_top = -(q * d).sum(dim=1, dtype=torch.float64)     # Σ_top q log(q/p)
         # the top entries and the tail as one outcome, plus the tail's own divergence
-        # estimated by that of the top entries renormalised (invarlock.distribution)
-        p_in = p_top - torch.logsumexp(p_top, dim=1, keepdim=True)
-        q_in = q_top - torch.logsumexp(q_top, dim=1, keepdim=True)
-        forward = ((p_top.exp() * (p_top - q_top)).sum(dim=1)
-                   + p_tail.exp() * (p_tail - q_tail)
-                   + p_tail.exp() * (p_in.exp() * (p_in - q_in)).sum(dim=1))
-        reverse = ((q_top.exp() * (q_top - p_top)).sum(dim=1)
-                   + q_tail.exp() * (q_tail - p_tail)
-                   + q_tail.exp() * (q_in.exp() * (q_in - p_in)).sum(dim=1))
+        # estimated by that of the top entries renormalised (invarlock.distribution):
+        # Σ (p/P)(log(p/P) − log(q/Q)) = Σ_top p log(p/q) / P − log(P/Q), P and Q the top masses
+        log_ratio = p_mass.log() - q_mass.log()
+        p_rest, q_rest = p_tail.exp(), q_tail.exp()
+        forward = (fwd_top + p_rest * (p_tail - q_tail)
+                   + p_rest * (fwd_top / p_mass - log_ratio))
+        reverse = (rev_top + q_rest * (q_tail - p_tail)
+                   + q_rest * (rev_top / q_mass + log_ratio))
         self.owner.out.append({
             "kld": forward.clamp(min=0.0), "kld_reverse": reverse.clamp(min=0.0),
             # the subject's largest logit is its logit at the baseline's top token (a tie
@@ -929,26 +963,55 @@ class _RowStats:
             "delta_p": target.exp() - ref["target"][s].exp()})
 
 
-def _top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk along rows, about three times faster on CPU for wide rows: the k blocks
-    with the largest maxima hold the k largest entries (any entry of another block has k
-    block maxima above it), so only their k x block entries are ranked."""
+def _top_k(logits: torch.Tensor, k: int, floor: torch.Tensor | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row, largest first, and their columns; with ``floor``
+    (per row) only entries >= floor need be exact (the rest may be -inf fillers).
+
+    torch.topk on CPU costs several times an elementwise pass per entry, so most entries
+    are ruled out first by a threshold that every top-k entry reaches: the floor, or the
+    k-th largest of the maxima of 2k groups of columns (k groups have a maximum at least
+    that large, so at least k entries do). The groups are strided (column j in group
+    j mod 2k), so their maxima are elementwise maxima of contiguous runs. Only entries at
+    or above the threshold (about 1.5k per row) are packed into a narrow array and ranked."""
     n, width = logits.shape
     k = min(k, width)
-    block = 1 << max(0, int(math.log2(math.sqrt(width / k)))) if k else 1
-    if block < 2 or width % block or not logits.is_contiguous():
-        return logits.topk(k, dim=1)
-    maxima = logits.view(n, width // block, block).amax(dim=2)
-    blocks = maxima.topk(k, dim=1).indices                                # [n, k]
-    columns = (blocks[:, :, None] * block
-               + torch.arange(block, device=logits.device)).reshape(n, k * block)
-    values, pick = logits.gather(1, columns).topk(k, dim=1)
-    return values, columns.gather(1, pick)
+    mask = None
+    if floor is not None:
+        mask = logits >= floor[:, None]
+        if int(mask.sum(dim=1).amax()) > SELECT_MAX_CANDIDATES * k:
+            mask = None  # a slice far above the running top-k: threshold it by groups
+    if mask is None:
+        groups = 2 * k
+        span = width // groups
+        if span < SELECT_MIN_SPAN:
+            return logits.topk(k, dim=1)
+        maxima = logits[:, :span * groups].unflatten(1, (span, groups)).amax(dim=1)
+        rest = width - span * groups  # fewer than `groups` columns: one more in each of the first
+        if rest:
+            maxima[:, :rest] = torch.maximum(maxima[:, :rest], logits[:, span * groups:])
+        threshold = maxima.kthvalue(groups - k + 1, dim=1).values
+        if floor is not None:
+            threshold = torch.maximum(threshold, floor)
+        mask = logits >= threshold[:, None]
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    rows = flat // width
+    counts = torch.bincount(rows, minlength=n)
+    wide = max(k, int(counts.max())) if flat.numel() else k
+    slot = torch.arange(flat.numel(), device=logits.device) - (counts.cumsum(0) - counts)[rows]
+    dest = rows * wide + slot
+    values = logits.new_full((n * wide,), float("-inf")).index_copy_(
+        0, dest, logits.reshape(-1).index_select(0, flat))
+    ids = torch.zeros(n * wide, dtype=torch.int64, device=logits.device).index_copy_(
+        0, dest, flat - rows * width)
+    top, pick = values.view(n, wide).topk(k, dim=1)
+    return top, ids.view(n, wide).gather(1, pick)
 
 
-def _tail(top_logp: torch.Tensor) -> torch.Tensor:
-    """log of the probability outside the top entries (float64 in, floored at TAIL_FLOOR)."""
-    return torch.log((1.0 - top_logp.exp().sum(dim=1)).clamp(min=TAIL_FLOOR))
+def _tail(top_mass: torch.Tensor) -> torch.Tensor:
+    """log of the probability outside the top entries, given their float64 total (floored
+    at TAIL_FLOOR)."""
+    return torch.log((1.0 - top_mass).clamp(min=TAIL_FLOOR))
 
 
 def _distribution_result(spec: int | CompactDistribution, parts: list[dict[str, torch.Tensor]],
