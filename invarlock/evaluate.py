@@ -913,13 +913,13 @@ class _RowStats:
     def _capture(self, logits: torch.Tensor, lo: int) -> None:
         assert self.k is not None
         full = self.values is not None and self.values.shape[1] >= self.k
-        values, ids = _top_k(logits, self.k, self.values[:, -1] if full else None)
+        values, ids = _top_k(logits, self.k, self.values.amin(dim=1) if full else None)
         ids += lo
         if self.values is not None:
             values = torch.cat([self.values, values], dim=1)
             ids = torch.cat([self.ids, ids], dim=1)
-            values, pick = values.topk(min(self.k, values.shape[1]), dim=1)
-            ids = ids.gather(1, pick)
+            values, pick = values.topk(min(self.k, values.shape[1]), dim=1, sorted=False)
+            values, ids = _largest_first(values, ids.gather(1, pick))
         self.values, self.ids = values, ids
 
     def finish(self, log_z: torch.Tensor, target_logit: torch.Tensor) -> None:
@@ -965,8 +965,9 @@ class _RowStats:
 
 def _top_k(logits: torch.Tensor, k: int, floor: torch.Tensor | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest entries of each row, largest first, and their columns; with ``floor``
-    (per row) only entries >= floor need be exact (the rest may be -inf fillers).
+    """The k largest entries of each row and their columns, the largest first and the rest
+    in no particular order; with ``floor`` (per row) only entries >= floor need be exact
+    (the rest may be -inf fillers).
 
     torch.topk on CPU costs several times an elementwise pass per entry, so most entries
     are ruled out first by a threshold that every top-k entry reaches: the floor, or the
@@ -985,12 +986,13 @@ def _top_k(logits: torch.Tensor, k: int, floor: torch.Tensor | None = None,
         groups = 2 * k
         span = width // groups
         if span < SELECT_MIN_SPAN:
-            return logits.topk(k, dim=1)
+            top, pick = logits.topk(k, dim=1, sorted=False)
+            return _largest_first(top, pick)
         maxima = logits[:, :span * groups].unflatten(1, (span, groups)).amax(dim=1)
         rest = width - span * groups  # fewer than `groups` columns: one more in each of the first
         if rest:
             maxima[:, :rest] = torch.maximum(maxima[:, :rest], logits[:, span * groups:])
-        threshold = maxima.kthvalue(groups - k + 1, dim=1).values
+        threshold = maxima.topk(k, dim=1, sorted=False).values.amin(dim=1)
         if floor is not None:
             threshold = torch.maximum(threshold, floor)
         mask = logits >= threshold[:, None]
@@ -1004,8 +1006,21 @@ def _top_k(logits: torch.Tensor, k: int, floor: torch.Tensor | None = None,
         0, dest, logits.reshape(-1).index_select(0, flat))
     ids = torch.zeros(n * wide, dtype=torch.int64, device=logits.device).index_copy_(
         0, dest, flat - rows * width)
-    top, pick = values.view(n, wide).topk(k, dim=1)
-    return top, ids.view(n, wide).gather(1, pick)
+    top, pick = values.view(n, wide).topk(k, dim=1, sorted=False)
+    return _largest_first(top, ids.view(n, wide).gather(1, pick))
+
+
+def _largest_first(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An unsorted top-k with each row's largest entry swapped into column 0 (the top token,
+    which agreement reads); ranking the rest would cost as much again as selecting them."""
+    first = values.argmax(dim=1, keepdim=True)
+    swapped = []
+    for t in (values, ids):
+        largest = t.gather(1, first)
+        t = t.scatter(1, first, t[:, :1])  # column 0's entry goes where the largest was
+        t[:, :1] = largest
+        swapped.append(t)
+    return swapped[0], swapped[1]
 
 
 def _tail(top_mass: torch.Tensor) -> torch.Tensor:
