@@ -33,7 +33,8 @@ every scored token are kept (``invarlock.distribution.CompactDistribution``); wi
 compact form of another model (the baseline) on the same windows, every scored token is
 compared with it: KL divergence both ways, top-token agreement, Δp of the target
 (``TokenComparison``). Both work a vocabulary slice at a time beside the running
-log-sum-exp, so their memory is O(positions x k), independent of the vocabulary.
+log-sum-exp (``invarlock.distribution_pass``), so their memory is O(positions x k),
+independent of the vocabulary.
 
 Taps let guards observe activations during the same pass: evaluate registers one forward
 hook per tapped module for the duration of the call, passes each output to the tap, and
@@ -54,9 +55,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from invarlock.distribution import TAIL_FLOOR, CompactDistribution, TokenComparison
+from invarlock.distribution import CompactDistribution, TokenComparison
 from invarlock.enums import MetricKind
-from invarlock.errors import EvidenceError, InputError, MissingExtraError
+from invarlock.errors import InputError, MissingExtraError
 
 try:
     import torch
@@ -64,9 +65,10 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the hf extra
     raise MissingExtraError("evaluating models") from exc
 
+from invarlock.distribution_pass import IGNORE, DistributionPass, RowStats, distribution_result
+
 logger = logging.getLogger(__name__)
 
-IGNORE = -100                   # label value for positions that are not scored
 CPU_BUDGET_BYTES = 512 << 20    # per-batch temporaries on CPU (activations, logits, CE)
 MPS_BUDGET_BYTES = 2 << 30
 CUDA_BUDGET_FRACTION = 0.5      # of the free device memory, after the model is loaded
@@ -79,9 +81,6 @@ MAX_BATCH = {"mps": 128, "cuda": 256}  # windows; beyond these, throughput stops
 # (SmolLM2-135M, 128-token windows: batches of 8, 16 and 32 take 13.2-14.0, 13.3-14.9 and
 # 14.5-15.9 s for 64 windows); larger batches only add memory and cache misses.
 CPU_BATCH_TOKENS = 1024
-# Top-k selection (distribution evidence): entries are thresholded before they are ranked
-SELECT_MIN_SPAN = 4             # columns per group (of 2k): narrower slices are ranked whole
-SELECT_MAX_CANDIDATES = 4       # x k: more entries than this per row at a floor, re-threshold
 
 
 class Windows(Protocol):
@@ -199,7 +198,7 @@ def evaluate_windows(
                 set_context(TapContext(np.asarray(windows.window_ids[lo:hi]),
                                        batch["attention_mask"]))
                 dist = (None if distribution is None else
-                        _DistributionPass.for_windows(distribution, windows.window_ids[lo:hi],
+                        DistributionPass.for_windows(distribution, windows.window_ids[lo:hi],
                                                       device))
                 try:
                     out = _forward(model, batch, kind, head)
@@ -221,7 +220,7 @@ def evaluate_windows(
     seconds = time.perf_counter() - start
     values[broken] = np.nan
     evidence = (None if distribution is None else
-                _distribution_result(distribution, dist_parts, windows.window_ids, tokens))
+                distribution_result(distribution, dist_parts, windows.window_ids, tokens))
     if broken.any():
         logger.warning("%d of %d windows produced non-finite logits", int(broken.sum()), n)
     return WindowScores(
@@ -495,7 +494,7 @@ def _nonfinite_rows(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _score_causal(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
-                  dist: _DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
+                  dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, t, v = logits.shape
     # Position t predicts token t+1; the last position predicts nothing. Targets are laid
@@ -514,7 +513,7 @@ def _score_causal(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
 
 
 def _score_mlm(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
-               dist: _DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
+               dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
     labels, mask = batch["labels"], batch["attention_mask"]
     chosen = labels != IGNORE                              # [B, T]
     # Cross-entropy only over the masked rows (about 15%), not the whole [B, T, V].
@@ -529,7 +528,7 @@ def _score_mlm(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
 
 
 def _score_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
-                    dist: _DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
+                    dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
     correct = (logits.argmax(dim=-1) == batch["labels"]).double()
     ones = torch.ones_like(batch["labels"])
     return correct, ones, _nonfinite_positions(logits)
@@ -580,7 +579,7 @@ class _ChunkedHead:
     linear: tuple[torch.Tensor, torch.Tensor | None] | None  # (weight, bias) to slice
 
     def losses(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
-               dist: _DistributionPass | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               dist: DistributionPass | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy and non-finite flags of hidden[rows] (hidden [M, H], rows and
         targets [K], IGNORE = not scored).
 
@@ -600,7 +599,7 @@ class _ChunkedHead:
         return self._position_chunked_losses(hidden, rows, targets, dist)
 
     def _position_chunked_losses(self, hidden: torch.Tensor, rows: torch.Tensor,
-                                 targets: torch.Tensor, dist: _DistributionPass | None = None,
+                                 targets: torch.Tensor, dist: DistributionPass | None = None,
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
         chunk = _head_rows(self.module, self.device)
         losses = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device)
@@ -641,7 +640,7 @@ def _linear_parameters(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tenso
 
 def _vocab_sliced_losses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor, columns: int,
-                         stats: _RowStats | None = None) -> torch.Tensor:
+                         stats: RowStats | None = None) -> torch.Tensor:
     """Per-row cross-entropy of F.linear(x, weight, bias) against targets (IGNORE rows: 0),
     computed ``columns`` vocabulary entries at a time.
 
@@ -745,7 +744,7 @@ def _head_rows(head: torch.nn.Module, device: str) -> int:
 
 def _score_causal_chunked(head: _ChunkedHead, hidden: torch.Tensor,
                           batch: dict[str, torch.Tensor], *,
-                          dist: _DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
+                          dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
     """_score_causal from the final hidden states [B, T, H], every attended position."""
     ids, mask = batch["input_ids"].to(hidden.device), batch["attention_mask"].to(hidden.device)
     targets = torch.full_like(ids, IGNORE)
@@ -758,7 +757,7 @@ def _score_causal_chunked(head: _ChunkedHead, hidden: torch.Tensor,
 
 def _score_mlm_chunked(head: _ChunkedHead, hidden: torch.Tensor,
                        batch: dict[str, torch.Tensor], *,
-                       dist: _DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
+                       dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
     """_score_mlm from the head's input [B, T, H]: logits at the scored positions only."""
     labels = batch["labels"].to(hidden.device)
     mask = batch["attention_mask"].to(hidden.device)
@@ -770,7 +769,7 @@ def _score_mlm_chunked(head: _ChunkedHead, hidden: torch.Tensor,
 
 def _scored_rows(head: _ChunkedHead, hidden: torch.Tensor, mask: torch.Tensor,
                  rows: torch.Tensor, targets: torch.Tensor,
-                 dist: _DistributionPass | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 dist: DistributionPass | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per window: summed loss of the flat positions `rows` against `targets`, and whether
     any of them (or any attended hidden state) was non-finite."""
     b, t = mask.shape
@@ -787,273 +786,6 @@ _CHUNKED_SCORERS: dict[MetricKind, Callable[..., tuple[torch.Tensor, ...]]] = {
     MetricKind.PPL_CAUSAL: _score_causal_chunked,
     MetricKind.PPL_MLM: _score_mlm_chunked,
 }
-
-
-class _DistributionPass:
-    """One batch's distribution evidence: capture this model's top-k, or compare it with a
-    reference (the baseline's compact form at the batch's scored tokens, in order).
-
-    Rows reach it in the order the scorers walk them (window-major, then position), in one
-    or more groups (`rows`, `full_rows`); each group's scored rows take the next rows of the
-    reference, so the scored tokens must be exactly those the reference was captured at."""
-
-    def __init__(self, k: int | None, reference: dict[str, torch.Tensor] | None) -> None:
-        self.k = k
-        self.reference = reference
-        self.used = 0
-        self.out: list[dict[str, torch.Tensor]] = []
-
-    @classmethod
-    def for_windows(cls, spec: int | CompactDistribution, window_ids: np.ndarray,
-                    device: str) -> _DistributionPass:
-        if not isinstance(spec, CompactDistribution):
-            if int(spec) < 1:
-                raise InputError(f"distribution evidence needs k >= 1, got {spec}")
-            return cls(int(spec), None)
-        try:
-            rows = spec.rows_of(np.asarray(window_ids))
-        except ValueError as exc:
-            raise EvidenceError(f"the baseline's stored distribution does not cover the "
-                                f"windows: {exc}") from None
-
-        def move(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array[rows])).to(device, dtype)
-
-        return cls(None, {"ids": move(spec.top_ids, torch.int64),
-                          "top": move(spec.top_logp, torch.float32),
-                          "tail": move(spec.tail_logp, torch.float64),
-                          "target": move(spec.target_logp, torch.float64)})
-
-    def rows(self, targets: torch.Tensor) -> _RowStats:
-        """Statistics for a group of rows with these targets (IGNORE: not scored)."""
-        scored = targets != IGNORE
-        if self.reference is None:
-            return _RowStats(self, scored, self.k, None)
-        m = int(scored.sum())
-        total = self.reference["ids"].shape[0]
-        if self.used + m > total:
-            raise EvidenceError("the baseline's stored distribution holds fewer scored tokens "
-                                "than the windows; it belongs to other windows")
-        ref = {}
-        for name, part in self.reference.items():
-            full = torch.zeros((targets.shape[0], *part.shape[1:]), dtype=part.dtype,
-                               device=targets.device)
-            full[scored] = part[self.used:self.used + m].to(targets.device)
-            ref[name] = full
-        self.used += m
-        return _RowStats(self, scored, None, ref)
-
-    def full_rows(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """A group whose logits [n, V] (float32) are all at hand."""
-        stats = self.rows(targets)
-        top = logits.amax(dim=1, keepdim=True)
-        stats.update(logits, 0, top[:, 0])
-        safe = torch.where(targets == IGNORE, 0, targets).clamp(0, logits.shape[1] - 1)
-        top = torch.where(torch.isfinite(top), top, 0.0)
-        # summed in float64, as the sliced pass's running log-partition (see there)
-        log_z = (logits - top).exp_().sum(dim=1, dtype=torch.float64).log_() + top[:, 0]
-        stats.finish(log_z, logits.gather(1, safe[:, None])[:, 0])
-
-    def collected(self) -> dict[str, torch.Tensor]:
-        if self.reference is not None and self.used != self.reference["ids"].shape[0]:
-            raise EvidenceError("the baseline's stored distribution holds more scored tokens "
-                                "than the windows; it belongs to other windows")
-        if not self.out:
-            return {}
-        return {name: torch.cat([part[name] for part in self.out]) for name in self.out[0]}
-
-
-class _RowStats:
-    """Running per-row state over vocabulary slices (before each slice is exponentiated).
-
-    Capture keeps a running top-k; once it is full, its smallest value is a floor that a
-    later slice's entry must reach to enter, so most of a wide vocabulary's slices add few
-    candidates. Comparison picks the subject's logits at the baseline's top ids: one gather
-    when every id falls in the first slice, else the ids sorted once and each slice taking
-    its own run of them, so the work is O(rows x k) over the whole vocabulary, not per slice.
-    """
-
-    def __init__(self, owner: _DistributionPass, scored: torch.Tensor, k: int | None,
-                 reference: dict[str, torch.Tensor] | None) -> None:
-        self.owner, self.scored, self.k, self.reference = owner, scored, k, reference
-        n = scored.shape[0]
-        self.values: torch.Tensor | None = None   # capture: running top-k logits [n, k]
-        self.ids: torch.Tensor | None = None
-        if reference is not None:
-            self.at_ref = torch.full(reference["ids"].shape, float("-inf"),
-                                     device=scored.device)
-            self.best = torch.full((n,), float("-inf"), device=scored.device)
-            self.order: torch.Tensor | None = None   # flat positions of the ids, by id
-            self.sorted_ids: torch.Tensor | None = None
-
-    def update(self, logits: torch.Tensor, lo: int, row_max: torch.Tensor) -> None:
-        """One slice: logits [n, width] of vocabulary entries lo .. lo + width, and each
-        row's largest logit in it (which the log-partition has computed already)."""
-        if self.reference is None:
-            self._capture(logits, lo)
-            return
-        width = logits.shape[1]
-        wanted = self.reference["ids"]
-        if self.order is None and lo == 0 and int(wanted.max()) < width:
-            self.at_ref = logits.gather(1, wanted)
-        else:
-            if self.order is None:
-                flat = wanted.reshape(-1)
-                self.order = torch.argsort(flat)
-                self.sorted_ids = flat[self.order]
-            assert self.sorted_ids is not None
-            bounds = torch.tensor([lo, lo + width], dtype=wanted.dtype, device=wanted.device)
-            a, b = torch.searchsorted(self.sorted_ids, bounds).tolist()
-            if b > a:
-                at = self.order[a:b]
-                self.at_ref.view(-1)[at] = logits[at // wanted.shape[1],
-                                                  self.sorted_ids[a:b] - lo]
-        self.best = torch.maximum(self.best, row_max)
-
-    def _capture(self, logits: torch.Tensor, lo: int) -> None:
-        assert self.k is not None
-        full = self.values is not None and self.values.shape[1] >= self.k
-        values, ids = _top_k(logits, self.k, self.values.amin(dim=1) if full else None)
-        ids += lo
-        if self.values is not None:
-            values = torch.cat([self.values, values], dim=1)
-            ids = torch.cat([self.ids, ids], dim=1)
-            values, pick = values.topk(min(self.k, values.shape[1]), dim=1, sorted=False)
-            values, ids = _largest_first(values, ids.gather(1, pick))
-        self.values, self.ids = values, ids
-
-    def finish(self, log_z: torch.Tensor, target_logit: torch.Tensor) -> None:
-        """Turn the running state into per-token evidence for the scored rows.
-
-        Log-probabilities are differences taken in float64 (a logit minus the float64
-        log-partition) and kept in float32; sums over the k entries are float64."""
-        s = self.scored
-        log_z = log_z[s].double()
-        target = target_logit[s].double() - log_z
-        if self.reference is None:
-            assert self.values is not None and self.ids is not None
-            top = (self.values[s].double() - log_z[:, None]).float()
-            self.owner.out.append({"top_ids": self.ids[s].int(), "top_logp": top,
-                                   "tail_logp": _tail(top.exp().sum(dim=1, dtype=torch.float64))
-                                   .float(), "target_logp": target.float()})
-            return
-        ref = self.reference
-        p_top, p_tail = ref["top"][s], ref["tail"][s]
-        q_top = (self.at_ref[s].double() - log_z[:, None]).float()
-        p, q = p_top.exp(), q_top.exp()
-        p_mass, q_mass = p.sum(dim=1, dtype=torch.float64), q.sum(dim=1, dtype=torch.float64)
-        q_tail = _tail(q_mass).float().double()  # rounded as the baseline's stored tail
-        d = p_top - q_top
-        fwd_top = (p * d).sum(dim=1, dtype=torch.float64)      # Σ_top p log(p/q)
-        rev_top = -(q * d).sum(dim=1, dtype=torch.float64)     # Σ_top q log(q/p)
-        # the top entries and the tail as one outcome, plus the tail's own divergence
-        # estimated by that of the top entries renormalised (invarlock.distribution):
-        # Σ (p/P)(log(p/P) − log(q/Q)) = Σ_top p log(p/q) / P − log(P/Q), P and Q the top masses
-        log_ratio = p_mass.log() - q_mass.log()
-        p_rest, q_rest = p_tail.exp(), q_tail.exp()
-        forward = (fwd_top + p_rest * (p_tail - q_tail)
-                   + p_rest * (fwd_top / p_mass - log_ratio))
-        reverse = (rev_top + q_rest * (q_tail - p_tail)
-                   + q_rest * (rev_top / q_mass + log_ratio))
-        self.owner.out.append({
-            "kld": forward.clamp(min=0.0), "kld_reverse": reverse.clamp(min=0.0),
-            # the subject's largest logit is its logit at the baseline's top token (a tie
-            # counts as agreement); no argmax needed
-            "same_top": self.at_ref[s][:, 0] >= self.best[s],
-            "delta_p": target.exp() - ref["target"][s].exp()})
-
-
-def _top_k(logits: torch.Tensor, k: int, floor: torch.Tensor | None = None,
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest entries of each row and their columns, the largest first and the rest
-    in no particular order; with ``floor`` (per row) only entries >= floor need be exact
-    (the rest may be -inf fillers).
-
-    torch.topk on CPU costs several times an elementwise pass per entry, so most entries
-    are ruled out first by a threshold that every top-k entry reaches: the floor, or the
-    k-th largest of the maxima of 2k groups of columns (k groups have a maximum at least
-    that large, so at least k entries do). The groups are strided (column j in group
-    j mod 2k), so their maxima are elementwise maxima of contiguous runs. Only entries at
-    or above the threshold (about 1.5k per row) are packed into a narrow array and ranked."""
-    n, width = logits.shape
-    k = min(k, width)
-    mask = None
-    if floor is not None:
-        mask = logits >= floor[:, None]
-        if int(mask.sum(dim=1).amax()) > SELECT_MAX_CANDIDATES * k:
-            mask = None  # a slice far above the running top-k: threshold it by groups
-    if mask is None:
-        groups = 2 * k
-        span = width // groups
-        if span < SELECT_MIN_SPAN:
-            top, pick = logits.topk(k, dim=1, sorted=False)
-            return _largest_first(top, pick)
-        maxima = logits[:, :span * groups].unflatten(1, (span, groups)).amax(dim=1)
-        rest = width - span * groups  # fewer than `groups` columns: one more in each of the first
-        if rest:
-            maxima[:, :rest] = torch.maximum(maxima[:, :rest], logits[:, span * groups:])
-        threshold = maxima.topk(k, dim=1, sorted=False).values.amin(dim=1)
-        if floor is not None:
-            threshold = torch.maximum(threshold, floor)
-        mask = logits >= threshold[:, None]
-    flat = mask.reshape(-1).nonzero().squeeze(1)
-    rows = flat // width
-    counts = torch.bincount(rows, minlength=n)
-    wide = max(k, int(counts.max())) if flat.numel() else k
-    slot = torch.arange(flat.numel(), device=logits.device) - (counts.cumsum(0) - counts)[rows]
-    dest = rows * wide + slot
-    values = logits.new_full((n * wide,), float("-inf")).index_copy_(
-        0, dest, logits.reshape(-1).index_select(0, flat))
-    ids = torch.zeros(n * wide, dtype=torch.int64, device=logits.device).index_copy_(
-        0, dest, flat - rows * width)
-    top, pick = values.view(n, wide).topk(k, dim=1, sorted=False)
-    return _largest_first(top, ids.view(n, wide).gather(1, pick))
-
-
-def _largest_first(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An unsorted top-k with each row's largest entry swapped into column 0 (the top token,
-    which agreement reads); ranking the rest would cost as much again as selecting them."""
-    first = values.argmax(dim=1, keepdim=True)
-    swapped = []
-    for t in (values, ids):
-        largest = t.gather(1, first)
-        t = t.scatter(1, first, t[:, :1])  # column 0's entry goes where the largest was
-        t[:, :1] = largest
-        swapped.append(t)
-    return swapped[0], swapped[1]
-
-
-def _tail(top_mass: torch.Tensor) -> torch.Tensor:
-    """log of the probability outside the top entries, given their float64 total (floored
-    at TAIL_FLOOR)."""
-    return torch.log((1.0 - top_mass).clamp(min=TAIL_FLOOR))
-
-
-def _distribution_result(spec: int | CompactDistribution, parts: list[dict[str, torch.Tensor]],
-                         window_ids: np.ndarray, tokens: np.ndarray,
-                         ) -> CompactDistribution | TokenComparison:
-    """The per-batch evidence joined and brought to the host."""
-    names = (("kld", "kld_reverse", "same_top", "delta_p")
-             if isinstance(spec, CompactDistribution)
-             else ("top_ids", "top_logp", "tail_logp", "target_logp"))
-    joined = {name: torch.cat([p[name] for p in parts if p]).cpu().numpy()
-              if any(parts) else None for name in names}
-    ids = np.asarray(window_ids, dtype=np.int64).copy()
-    counts = np.asarray(tokens, dtype=np.int64).copy()
-    if isinstance(spec, CompactDistribution):
-        empty = np.zeros(0)
-        return TokenComparison(
-            ids, counts, *(empty if joined[n] is None else joined[n].astype(np.float64)
-                           for n in ("kld", "kld_reverse")),
-            np.zeros(0, bool) if joined["same_top"] is None else joined["same_top"],
-            empty if joined["delta_p"] is None else joined["delta_p"].astype(np.float64))
-    k = int(spec)
-    if joined["top_ids"] is None:
-        return CompactDistribution(ids, counts, np.zeros((0, k), np.int32),
-                                   np.zeros((0, k), np.float32), np.zeros(0, np.float32),
-                                   np.zeros(0, np.float32))
-    return CompactDistribution(ids, counts, joined["top_ids"], joined["top_logp"],
-                               joined["tail_logp"], joined["target_logp"])
 
 
 def _collect(parts: list[tuple[torch.Tensor, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
