@@ -61,6 +61,7 @@ bench: smollm2
 	$(BIN)/python benchmarks/chunked_scoring.py
 	$(BIN)/python benchmarks/digests.py --model $(SMOLLM2_DIR)
 	$(BIN)/python benchmarks/distribution_evidence.py
+	$(BIN)/python benchmarks/llamacpp_throughput.py --smollm2 $(SMOLLM2_DIR)
 
 image-test:
 	scripts/image_test.sh

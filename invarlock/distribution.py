@@ -58,7 +58,7 @@ class CompactDistribution:
 
     window_ids: np.ndarray   # int64 [N]
     tokens: np.ndarray       # int64 [N] scored tokens per window (rows)
-    top_ids: np.ndarray      # int32 [M, k] most probable token ids, most probable first
+    top_ids: np.ndarray      # int32 [M, k] most probable token ids, the most probable first
     top_logp: np.ndarray     # float32 [M, k] their log-probabilities
     tail_logp: np.ndarray    # float32 [M] log of the probability outside top_ids
     target_logp: np.ndarray  # float32 [M] log-probability of the token that came next

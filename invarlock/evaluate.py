@@ -33,7 +33,8 @@ every scored token are kept (``invarlock.distribution.CompactDistribution``); wi
 compact form of another model (the baseline) on the same windows, every scored token is
 compared with it: KL divergence both ways, top-token agreement, Δp of the target
 (``TokenComparison``). Both work a vocabulary slice at a time beside the running
-log-sum-exp, so their memory is O(positions x k), independent of the vocabulary.
+log-sum-exp (``invarlock.distribution_pass``), so their memory is O(positions x k),
+independent of the vocabulary.
 
 Taps let guards observe activations during the same pass: evaluate registers one forward
 hook per tapped module for the duration of the call, passes each output to the tap, and
@@ -46,7 +47,6 @@ import contextlib
 import hashlib
 import itertools
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -55,9 +55,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from invarlock.distribution import TAIL_FLOOR, CompactDistribution, TokenComparison
+from invarlock.distribution import CompactDistribution, TokenComparison
 from invarlock.enums import MetricKind
-from invarlock.errors import EvidenceError, InputError, MissingExtraError
+from invarlock.errors import InputError, MissingExtraError
 
 try:
     import torch
@@ -65,9 +65,10 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the hf extra
     raise MissingExtraError("evaluating models") from exc
 
+from invarlock.distribution_pass import IGNORE, DistributionPass, RowStats, distribution_result
+
 logger = logging.getLogger(__name__)
 
-IGNORE = -100                   # label value for positions that are not scored
 CPU_BUDGET_BYTES = 512 << 20    # per-batch temporaries on CPU (activations, logits, CE)
 MPS_BUDGET_BYTES = 2 << 30
 CUDA_BUDGET_FRACTION = 0.5      # of the free device memory, after the model is loaded
@@ -197,7 +198,7 @@ def evaluate_windows(
                 set_context(TapContext(np.asarray(windows.window_ids[lo:hi]),
                                        batch["attention_mask"]))
                 dist = (None if distribution is None else
-                        _DistributionPass.for_windows(distribution, windows.window_ids[lo:hi],
+                        DistributionPass.for_windows(distribution, windows.window_ids[lo:hi],
                                                       device))
                 try:
                     out = _forward(model, batch, kind, head)
@@ -219,7 +220,7 @@ def evaluate_windows(
     seconds = time.perf_counter() - start
     values[broken] = np.nan
     evidence = (None if distribution is None else
-                _distribution_result(distribution, dist_parts, windows.window_ids, tokens))
+                distribution_result(distribution, dist_parts, windows.window_ids, tokens))
     if broken.any():
         logger.warning("%d of %d windows produced non-finite logits", int(broken.sum()), n)
     return WindowScores(
@@ -493,7 +494,7 @@ def _nonfinite_rows(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _score_causal(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
-                  dist: _DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
+                  dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, t, v = logits.shape
     # Position t predicts token t+1; the last position predicts nothing. Targets are laid
@@ -512,7 +513,7 @@ def _score_causal(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
 
 
 def _score_mlm(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
-               dist: _DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
+               dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
     labels, mask = batch["labels"], batch["attention_mask"]
     chosen = labels != IGNORE                              # [B, T]
     # Cross-entropy only over the masked rows (about 15%), not the whole [B, T, V].
@@ -527,7 +528,7 @@ def _score_mlm(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
 
 
 def _score_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
-                    dist: _DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
+                    dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
     correct = (logits.argmax(dim=-1) == batch["labels"]).double()
     ones = torch.ones_like(batch["labels"])
     return correct, ones, _nonfinite_positions(logits)
@@ -578,7 +579,7 @@ class _ChunkedHead:
     linear: tuple[torch.Tensor, torch.Tensor | None] | None  # (weight, bias) to slice
 
     def losses(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
-               dist: _DistributionPass | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               dist: DistributionPass | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy and non-finite flags of hidden[rows] (hidden [M, H], rows and
         targets [K], IGNORE = not scored).
 
@@ -598,7 +599,7 @@ class _ChunkedHead:
         return self._position_chunked_losses(hidden, rows, targets, dist)
 
     def _position_chunked_losses(self, hidden: torch.Tensor, rows: torch.Tensor,
-                                 targets: torch.Tensor, dist: _DistributionPass | None = None,
+                                 targets: torch.Tensor, dist: DistributionPass | None = None,
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
         chunk = _head_rows(self.module, self.device)
         losses = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device)
@@ -639,7 +640,7 @@ def _linear_parameters(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tenso
 
 def _vocab_sliced_losses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor, columns: int,
-                         stats: _RowStats | None = None) -> torch.Tensor:
+                         stats: RowStats | None = None) -> torch.Tensor:
     """Per-row cross-entropy of F.linear(x, weight, bias) against targets (IGNORE rows: 0),
     computed ``columns`` vocabulary entries at a time.
 
@@ -674,9 +675,9 @@ def _vocab_sliced_losses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         hit = order[edges[i]:edges[i + 1]]
         if hit.numel():
             picked[hit] = logits[hit, targets[hit] - lo]
-        if stats is not None:
-            stats.update(logits, lo)
         top = logits.amax(dim=1)
+        if stats is not None:
+            stats.update(logits, lo, top)
         shift = torch.where(torch.isfinite(top), top, 0.0)
         log_z = torch.logaddexp(log_z, logits.sub_(shift[:, None]).exp_().sum(dim=1).log_()
                                 .add_(shift).double())
@@ -743,7 +744,7 @@ def _head_rows(head: torch.nn.Module, device: str) -> int:
 
 def _score_causal_chunked(head: _ChunkedHead, hidden: torch.Tensor,
                           batch: dict[str, torch.Tensor], *,
-                          dist: _DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
+                          dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
     """_score_causal from the final hidden states [B, T, H], every attended position."""
     ids, mask = batch["input_ids"].to(hidden.device), batch["attention_mask"].to(hidden.device)
     targets = torch.full_like(ids, IGNORE)
@@ -756,7 +757,7 @@ def _score_causal_chunked(head: _ChunkedHead, hidden: torch.Tensor,
 
 def _score_mlm_chunked(head: _ChunkedHead, hidden: torch.Tensor,
                        batch: dict[str, torch.Tensor], *,
-                       dist: _DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
+                       dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
     """_score_mlm from the head's input [B, T, H]: logits at the scored positions only."""
     labels = batch["labels"].to(hidden.device)
     mask = batch["attention_mask"].to(hidden.device)
@@ -768,7 +769,7 @@ def _score_mlm_chunked(head: _ChunkedHead, hidden: torch.Tensor,
 
 def _scored_rows(head: _ChunkedHead, hidden: torch.Tensor, mask: torch.Tensor,
                  rows: torch.Tensor, targets: torch.Tensor,
-                 dist: _DistributionPass | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 dist: DistributionPass | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per window: summed loss of the flat positions `rows` against `targets`, and whether
     any of them (or any attended hidden state) was non-finite."""
     b, t = mask.shape
@@ -785,197 +786,6 @@ _CHUNKED_SCORERS: dict[MetricKind, Callable[..., tuple[torch.Tensor, ...]]] = {
     MetricKind.PPL_CAUSAL: _score_causal_chunked,
     MetricKind.PPL_MLM: _score_mlm_chunked,
 }
-
-
-class _DistributionPass:
-    """One batch's distribution evidence: capture this model's top-k, or compare it with a
-    reference (the baseline's compact form at the batch's scored tokens, in order).
-
-    Rows reach it in the order the scorers walk them (window-major, then position), in one
-    or more groups (`rows`, `full_rows`); each group's scored rows take the next rows of the
-    reference, so the scored tokens must be exactly those the reference was captured at."""
-
-    def __init__(self, k: int | None, reference: dict[str, torch.Tensor] | None) -> None:
-        self.k = k
-        self.reference = reference
-        self.used = 0
-        self.out: list[dict[str, torch.Tensor]] = []
-
-    @classmethod
-    def for_windows(cls, spec: int | CompactDistribution, window_ids: np.ndarray,
-                    device: str) -> _DistributionPass:
-        if not isinstance(spec, CompactDistribution):
-            if int(spec) < 1:
-                raise InputError(f"distribution evidence needs k >= 1, got {spec}")
-            return cls(int(spec), None)
-        try:
-            rows = spec.rows_of(np.asarray(window_ids))
-        except ValueError as exc:
-            raise EvidenceError(f"the baseline's stored distribution does not cover the "
-                                f"windows: {exc}") from None
-
-        def move(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array[rows])).to(device, dtype)
-
-        return cls(None, {"ids": move(spec.top_ids, torch.int64),
-                          "top": move(spec.top_logp, torch.float64),
-                          "tail": move(spec.tail_logp, torch.float64),
-                          "target": move(spec.target_logp, torch.float64)})
-
-    def rows(self, targets: torch.Tensor) -> _RowStats:
-        """Statistics for a group of rows with these targets (IGNORE: not scored)."""
-        scored = targets != IGNORE
-        if self.reference is None:
-            return _RowStats(self, scored, self.k, None)
-        m = int(scored.sum())
-        total = self.reference["ids"].shape[0]
-        if self.used + m > total:
-            raise EvidenceError("the baseline's stored distribution holds fewer scored tokens "
-                                "than the windows; it belongs to other windows")
-        ref = {}
-        for name, part in self.reference.items():
-            full = torch.zeros((targets.shape[0], *part.shape[1:]), dtype=part.dtype,
-                               device=targets.device)
-            full[scored] = part[self.used:self.used + m].to(targets.device)
-            ref[name] = full
-        self.used += m
-        return _RowStats(self, scored, None, ref)
-
-    def full_rows(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """A group whose logits [n, V] (float32) are all at hand."""
-        stats = self.rows(targets)
-        stats.update(logits, 0)
-        safe = torch.where(targets == IGNORE, 0, targets).clamp(0, logits.shape[1] - 1)
-        top = logits.amax(dim=1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, 0.0)
-        # summed in float64, as the sliced pass's running log-partition (see there)
-        log_z = (logits - top).exp_().sum(dim=1, dtype=torch.float64).log_() + top[:, 0]
-        stats.finish(log_z, logits.gather(1, safe[:, None])[:, 0])
-
-    def collected(self) -> dict[str, torch.Tensor]:
-        if self.reference is not None and self.used != self.reference["ids"].shape[0]:
-            raise EvidenceError("the baseline's stored distribution holds more scored tokens "
-                                "than the windows; it belongs to other windows")
-        if not self.out:
-            return {}
-        return {name: torch.cat([part[name] for part in self.out]) for name in self.out[0]}
-
-
-class _RowStats:
-    """Running per-row state over vocabulary slices (before each slice is exponentiated)."""
-
-    def __init__(self, owner: _DistributionPass, scored: torch.Tensor, k: int | None,
-                 reference: dict[str, torch.Tensor] | None) -> None:
-        self.owner, self.scored, self.k, self.reference = owner, scored, k, reference
-        n = scored.shape[0]
-        self.values: torch.Tensor | None = None   # capture: running top-k logits [n, k]
-        self.ids: torch.Tensor | None = None
-        if reference is not None:
-            self.at_ref = torch.full(reference["ids"].shape, float("-inf"),
-                                     device=scored.device)
-            self.best = torch.full((n,), float("-inf"), device=scored.device)
-
-    def update(self, logits: torch.Tensor, lo: int) -> None:
-        """One slice: logits [n, width] of vocabulary entries lo .. lo + width."""
-        width = logits.shape[1]
-        if self.reference is None:
-            assert self.k is not None
-            values, ids = _top_k(logits, self.k)
-            ids += lo
-            if self.values is not None:
-                values = torch.cat([self.values, values], dim=1)
-                ids = torch.cat([self.ids, ids], dim=1)
-                values, pick = values.topk(min(self.k, values.shape[1]), dim=1)
-                ids = ids.gather(1, pick)
-            self.values, self.ids = values, ids
-            return
-        wanted = self.reference["ids"]
-        inside = (wanted >= lo) & (wanted < lo + width)
-        here = logits.gather(1, (wanted - lo).clamp(0, width - 1))
-        self.at_ref = torch.where(inside, here, self.at_ref)
-        self.best = torch.maximum(self.best, logits.amax(dim=1))
-
-    def finish(self, log_z: torch.Tensor, target_logit: torch.Tensor) -> None:
-        """Turn the running state into per-token evidence for the scored rows."""
-        s = self.scored
-        log_z = log_z[s].double()
-        target = target_logit[s].double() - log_z
-        if self.reference is None:
-            assert self.values is not None and self.ids is not None
-            top = self.values[s].double() - log_z[:, None]
-            self.owner.out.append({"top_ids": self.ids[s].int(), "top_logp": top.float(),
-                                   "tail_logp": _tail(top).float(),
-                                   "target_logp": target.float()})
-            return
-        ref = self.reference
-        p_top, p_tail = ref["top"][s], ref["tail"][s]
-        q_top = self.at_ref[s].double() - log_z[:, None]
-        q_tail = _tail(q_top)
-        # the top entries and the tail as one outcome, plus the tail's own divergence
-        # estimated by that of the top entries renormalised (invarlock.distribution)
-        p_in = p_top - torch.logsumexp(p_top, dim=1, keepdim=True)
-        q_in = q_top - torch.logsumexp(q_top, dim=1, keepdim=True)
-        forward = ((p_top.exp() * (p_top - q_top)).sum(dim=1)
-                   + p_tail.exp() * (p_tail - q_tail)
-                   + p_tail.exp() * (p_in.exp() * (p_in - q_in)).sum(dim=1))
-        reverse = ((q_top.exp() * (q_top - p_top)).sum(dim=1)
-                   + q_tail.exp() * (q_tail - p_tail)
-                   + q_tail.exp() * (q_in.exp() * (q_in - p_in)).sum(dim=1))
-        self.owner.out.append({
-            "kld": forward.clamp(min=0.0), "kld_reverse": reverse.clamp(min=0.0),
-            # the subject's largest logit is its logit at the baseline's top token (a tie
-            # counts as agreement); no argmax needed
-            "same_top": self.at_ref[s][:, 0] >= self.best[s],
-            "delta_p": target.exp() - ref["target"][s].exp()})
-
-
-def _top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk along rows, about three times faster on CPU for wide rows: the k blocks
-    with the largest maxima hold the k largest entries (any entry of another block has k
-    block maxima above it), so only their k x block entries are ranked."""
-    n, width = logits.shape
-    k = min(k, width)
-    block = 1 << max(0, int(math.log2(math.sqrt(width / k)))) if k else 1
-    if block < 2 or width % block or not logits.is_contiguous():
-        return logits.topk(k, dim=1)
-    maxima = logits.view(n, width // block, block).amax(dim=2)
-    blocks = maxima.topk(k, dim=1).indices                                # [n, k]
-    columns = (blocks[:, :, None] * block
-               + torch.arange(block, device=logits.device)).reshape(n, k * block)
-    values, pick = logits.gather(1, columns).topk(k, dim=1)
-    return values, columns.gather(1, pick)
-
-
-def _tail(top_logp: torch.Tensor) -> torch.Tensor:
-    """log of the probability outside the top entries (float64 in, floored at TAIL_FLOOR)."""
-    return torch.log((1.0 - top_logp.exp().sum(dim=1)).clamp(min=TAIL_FLOOR))
-
-
-def _distribution_result(spec: int | CompactDistribution, parts: list[dict[str, torch.Tensor]],
-                         window_ids: np.ndarray, tokens: np.ndarray,
-                         ) -> CompactDistribution | TokenComparison:
-    """The per-batch evidence joined and brought to the host."""
-    names = (("kld", "kld_reverse", "same_top", "delta_p")
-             if isinstance(spec, CompactDistribution)
-             else ("top_ids", "top_logp", "tail_logp", "target_logp"))
-    joined = {name: torch.cat([p[name] for p in parts if p]).cpu().numpy()
-              if any(parts) else None for name in names}
-    ids = np.asarray(window_ids, dtype=np.int64).copy()
-    counts = np.asarray(tokens, dtype=np.int64).copy()
-    if isinstance(spec, CompactDistribution):
-        empty = np.zeros(0)
-        return TokenComparison(
-            ids, counts, *(empty if joined[n] is None else joined[n].astype(np.float64)
-                           for n in ("kld", "kld_reverse")),
-            np.zeros(0, bool) if joined["same_top"] is None else joined["same_top"],
-            empty if joined["delta_p"] is None else joined["delta_p"].astype(np.float64))
-    k = int(spec)
-    if joined["top_ids"] is None:
-        return CompactDistribution(ids, counts, np.zeros((0, k), np.int32),
-                                   np.zeros((0, k), np.float32), np.zeros(0, np.float32),
-                                   np.zeros(0, np.float32))
-    return CompactDistribution(ids, counts, joined["top_ids"], joined["top_logp"],
-                               joined["tail_logp"], joined["target_logp"])
 
 
 def _collect(parts: list[tuple[torch.Tensor, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """Distribution evidence: per-token KL divergence both ways, top-token agreement and Δp,
 against a full-logits reference; the compact baseline form against the exact value; the
 per-window sums and summaries the certificate stores (invarlock/distribution.py, and the
-scoring pass in invarlock/evaluate.py)."""
+scoring pass in invarlock/evaluate.py and invarlock/distribution_pass.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from invarlock import distribution as dist
+from invarlock import distribution_pass
 from invarlock import evaluate as evaluate_mod
 from invarlock.errors import EvidenceError
 from invarlock.evaluate import evaluate_windows
@@ -238,14 +239,14 @@ def test_a_128k_vocabulary_is_compared_a_slice_at_a_time(monkeypatch):
     subj = _noisy(base, 0.1)
     windows = causal_windows(n=2, seq_len=32, vocab=128_000)
     widths: list[tuple[int, int]] = []
-    update = evaluate_mod._RowStats.update
+    update = distribution_pass.RowStats.update
 
-    def watched(self, logits, lo):
-        update(self, logits, lo)
+    def watched(self, logits, lo, row_max):
+        update(self, logits, lo, row_max)
         state = self.values if self.reference is None else self.at_ref
         widths.append((logits.shape[1], state.shape[1]))
 
-    monkeypatch.setattr(evaluate_mod._RowStats, "update", watched)
+    monkeypatch.setattr(distribution_pass.RowStats, "update", watched)
     _, s = _pair(base, subj, windows, dist.TOP_K)
     assert widths and max(w for w, _ in widths) < 128_256  # slices, not the vocabulary
     assert {state for _, state in widths} == {dist.TOP_K}
@@ -302,13 +303,37 @@ def test_tiers_ship_monitor_only_distribution_limits():
         assert dist.Limits.from_policy(values.get("distribution")) == dist.Limits(), tier
 
 
-@pytest.mark.parametrize("width", [64, 1000, 2048, 8192])
-def test_blockwise_top_k_equals_torch_topk(width):
+@pytest.mark.parametrize("width", [64, 511, 1000, 2048, 2100, 8192])
+def test_thresholded_top_k_equals_torch_topk(width):
+    """The group-maxima threshold never drops a top-k entry, whatever the width (a
+    remainder of columns beyond whole groups included), and ranks them as topk does."""
     x = torch.randn(37, width, generator=torch.Generator().manual_seed(width))
-    values, ids = evaluate_mod._top_k(x, 64)
+    x[0] = torch.linspace(0.0, 1.0, width)     # sorted: the top-k sit in one run of columns
+    x[1, ::2] = 5.0                            # ties across half the row
+    values, ids = distribution_pass._top_k(x, 64)
     expected = x.topk(64, dim=1)
-    torch.testing.assert_close(values, expected.values, rtol=0, atol=0)
+    assert torch.equal(values[:, 0], expected.values[:, 0])  # the top token first
+    torch.testing.assert_close(values.sort(dim=1, descending=True).values, expected.values,
+                               rtol=0, atol=0)
     torch.testing.assert_close(x.gather(1, ids), values, rtol=0, atol=0)
+    assert all(len(set(row.tolist())) == 64 for row in ids)
+
+
+def test_top_k_above_a_floor_is_exact_for_the_entries_that_reach_it():
+    """A running top-k passes its smallest value as a floor: entries above it are found
+    exactly, the rest may be fillers (-inf), and a floor that admits too many re-thresholds."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 4096, generator=gen)
+    exact = x.topk(64, dim=1)
+    for floor in (exact.values[:, 10], torch.full((50,), -10.0)):
+        values, ids = distribution_pass._top_k(x, 64, floor)
+        values_sorted = values.sort(dim=1, descending=True).values
+        reach = exact.values >= floor[:, None]
+        torch.testing.assert_close(values_sorted[reach], exact.values[reach], rtol=0, atol=0)
+        assert torch.equal(values_sorted[~reach], torch.full_like(values_sorted[~reach],
+                                                                  float("-inf")))
+        kept = values > float("-inf")
+        torch.testing.assert_close(x.gather(1, ids)[kept], values[kept], rtol=0, atol=0)
 
 
 def test_masked_lm_is_compared_at_its_masked_positions(tiny_bert_dir):
