@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from invarlock import __version__, distribution, gate, sequential_run
+from invarlock import __version__, distribution, distribution_gate, gate, sequential_run
 from invarlock.certificate.document import content_digest, schema_errors
 from invarlock.config import flatten
 from invarlock.enums import AdapterKind, MetricKind
@@ -107,9 +107,9 @@ def verify_certificate(cert: Mapping[str, Any],
     if policy is not None:
         _check_layout(cert, policy, found)
         arrays = _check_arrays(cert, found)
+        records = _recheck_distribution(cert, policy, found)
         if arrays is not None:
-            _recompute(cert, policy, arrays, found)
-        _recheck_distribution(cert, policy, found)
+            _recompute(cert, policy, arrays, found, records)
     _check_formats(cert, found)
     if reference is not None:
         found.checked.append("baseline evidence")
@@ -363,7 +363,9 @@ def _paired(ws: Mapping[str, Any]) -> gate.PairedArrays | None:
 # --- recomputation --------------------------------------------------------------------------
 
 def _recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
-               found: _Findings) -> None:
+               found: _Findings, distribution_records: list[dict[str, Any]] | None) -> None:
+    """Pairing, the primary metric, the guards, the evidence and the verdict, recomputed;
+    `distribution_records` are the distribution limits' records (None: not measured)."""
     found.checked.append("pairing")
     win = cert["windows"]
     overlap = recomputed_overlap(win["preview"]["sha256"], win["final"]["sha256"])
@@ -396,19 +398,25 @@ def _recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
         found.differ("pairing.final_evaluated", "disagrees with windows.final.subject")
     found.compare("primary_metric", cert["primary_metric"], pm.as_dict())
     checks += sequential_run.primary_checks(pm, policy.primary_metric, sequence)
-    evidence = _recheck_evidence(cert, policy, found)
+    limits = distribution_gate.Limits.from_policy(policy.values.get("distribution"))
+    measured = distribution_records is not None
+    evidence = _recheck_evidence(cert, policy, found, distribution_gate.shortfall(
+        limits, measured, sets.kind.is_perplexity))
     if evidence is None:
         return
     checks.append(evidence.check())
+    if distribution_records is not None:
+        checks.append(distribution_gate.check(distribution_records))
     checks += guard_checks
 
     found.checked.append("verdict")
     expected_gating = [*gate.primary_gating(evidence.floor),
+                       *distribution_gate.gating(limits, measured),
                        *(c.flag for c, mode in zip(guard_checks, _guard_modes(cert), strict=True)
                          if mode == "gate")]
     if sorted(cert["gating"]) != sorted(expected_gating):
-        found.differ("gating", f"{cert['gating']} but the primary flags and the gate-mode "
-                               f"guards give {expected_gating}")
+        found.differ("gating", f"{cert['gating']} but the primary flags, the distribution "
+                               f"limits and the gate-mode guards give {expected_gating}")
     try:
         decision = gate.decide(checks, cert["gating"])
     except ValueError as exc:
@@ -419,12 +427,14 @@ def _recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
 
 
 def _recheck_distribution(cert: Mapping[str, Any], policy: ResolvedPolicy,
-                          found: _Findings) -> None:
+                          found: _Findings) -> list[dict[str, Any]] | None:
     """Means, intervals, RMS Δp and limit checks of the distribution evidence, recomputed
-    from its per-window sums; percentiles need every token and are not recomputed."""
+    from its per-window sums; percentiles need every token and are not recomputed (a limit
+    on one is decided again from the stored value). Returns the limits' records (the stored
+    ones where the sums cannot be recomputed, already reported), None when not measured."""
     d = cert.get("distribution")
     if not d:
-        return
+        return None
     found.checked.append("distribution")
     where = "distribution"
     expected_set = "final" if cert["pairing"].get("final_evaluated") else "preview"
@@ -437,11 +447,11 @@ def _recheck_distribution(cert: Mapping[str, Any], policy: ResolvedPolicy,
     if per_window["ids"] != windows["ids"][:n] or per_window["tokens"] != windows["tokens"][:n]:
         found.differ(f"{where}.windows", f"ids or token counts differ from windows."
                                          f"{expected_set}")
-        return
+        return list(d["checks"])
     lengths = {len(per_window[f]) for f in ("ids", *distribution.WINDOW_FIELDS)}
     if len(lengths) != 1:
         found.differ(f"{where}.windows", "per-window arrays of different lengths")
-        return
+        return list(d["checks"])
     boot = policy.bootstrap
     found.compare(f"{where}.bootstrap", d["bootstrap"],
                   {"replicates": boot.replicates, "seed": boot.seed, "alpha": boot.alpha})
@@ -451,15 +461,16 @@ def _recheck_distribution(cert: Mapping[str, Any], policy: ResolvedPolicy,
                                          alpha=boot.alpha)
     except ValueError as exc:
         found.differ(where, f"cannot be recomputed from the stored windows: {exc}")
-        return
+        return list(d["checks"])
     found.compare(where, {k: d[k] for k in core}, core)
     hist = d["histogram"]
     if sum(hist["counts"]) + hist["below"] + hist["above"] != d["tokens"]:
         found.differ(f"{where}.histogram", "counts do not add up to the tokens")
-    limits = distribution.Limits.from_policy(policy.values.get("distribution"))
-    found.compare(f"{where}.limits", d["limits"],
-                  {"kld_mean_max": limits.kld_mean_max, "same_top_p_min": limits.same_top_p_min})
-    found.compare(f"{where}.checks", d["checks"], distribution.checks(core, limits))
+    limits = distribution_gate.Limits.from_policy(policy.values.get("distribution"))
+    found.compare(f"{where}.limits", d["limits"], limits.as_dict())
+    records = distribution_gate.checks({**core, "kld": d["kld"]}, limits)
+    found.compare(f"{where}.checks", d["checks"], records)
+    return records
 
 
 def recheck_sequence(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Sets,
@@ -503,9 +514,10 @@ def recheck_sequence(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Set
     return outcome
 
 
-def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy,
-                      found: _Findings) -> gate.Evidence | None:
-    """The evidence section from the window arrays, the policy and this installation's floor."""
+def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy, found: _Findings,
+                      unmeasured: tuple[str, ...] = ()) -> gate.Evidence | None:
+    """The evidence section from the window arrays, the policy and this installation's floor;
+    `unmeasured`: the shortfall of a limited distribution the run did not measure."""
     found.checked.append("evidence")
     stored, win = cert["evidence"], cert["windows"]
     try:
@@ -518,7 +530,7 @@ def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy,
                              (int(win["requested"]["preview_n"]),
                               int(win["requested"]["final_n"])),
                              bool(stored["allow_underpowered"]), stored["context_length"],
-                             _recheck_self_reports(cert, policy, found))
+                             _recheck_self_reports(cert, policy, found) + unmeasured)
     found.compare("evidence", stored, evidence.as_dict())
     short = floor.shortfalls(preview_n=evidence.requested[0], final_n=evidence.requested[1],
                              seq_len=evidence.seq_len, replicates=evidence.replicates)
@@ -532,7 +544,8 @@ def _is_weakening(phrase: str) -> bool:
     """Whether a shortfall phrase names a weakened setting (`policy.weakened_settings`
     phrases start with the policy key; the floor's start with a count's name)."""
     head = phrase.split(" ")[0]
-    return head == "bootstrap.alpha" or head.startswith(("primary_metric.", "guards."))
+    return head == "bootstrap.alpha" or head.startswith(("primary_metric.", "guards.",
+                                                         "distribution"))
 
 
 def _recheck_self_reports(cert: Mapping[str, Any], policy: ResolvedPolicy,

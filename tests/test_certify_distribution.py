@@ -100,6 +100,6 @@ def test_verify_recomputes_the_distribution_and_catches_edits(runs):
     report = verify_certificate(_reseal(edited))
     assert any(d.startswith("distribution.same_top_p.low") for d in report.differences)
     edited = copy.deepcopy(cold)
-    edited["distribution"]["limits"]["kld_mean_max"] = 1.0
+    edited["distribution"]["limits"]["kld_mean_upper"] = 1.0
     report = verify_certificate(_reseal(edited))
     assert any(d.startswith("distribution.limits") for d in report.differences)
