@@ -545,7 +545,7 @@ def _is_weakening(phrase: str) -> bool:
     phrases start with the policy key; the floor's start with a count's name)."""
     head = phrase.split(" ")[0]
     return head == "bootstrap.alpha" or head.startswith(("primary_metric.", "guards.",
-                                                         "distribution"))
+                                                         "distribution."))
 
 
 def _recheck_self_reports(cert: Mapping[str, Any], policy: ResolvedPolicy,

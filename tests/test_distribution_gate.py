@@ -82,3 +82,27 @@ def test_a_preset_that_loosens_a_shipped_limit_is_a_shortfall_of_the_evidence(ke
         listed = any(w.startswith(f"distribution.{key}") for w in policy.weakened)
         # without a shipped limit (monitor-only) no value is weaker than the tier
         assert listed is (weaker and shipped is not None), (key, value)
+
+
+def test_renderings_say_which_quantities_gate_and_which_are_monitored():
+    from invarlock import report
+    from invarlock.certificate import markdown
+    from tests.certs import synthetic_certificate
+
+    cert = synthetic_certificate(seed=6, kld_scale=0.05)
+    assert cert["verdict"]["status"] == "FAIL" and dg.FLAG in cert["gating"]
+    from invarlock.verify import verify_certificate
+
+    assert verify_certificate(cert).differences == ()  # built as certify builds it
+    text = markdown.render(cert)
+    assert "| Mean KLD (CI upper bound) | " in text and "| gate | ❌ fail |" in text
+    assert "| 99.0% KLD | " in text and "| monitor | no calibrated limit |" in text
+    assert "<td>gate</td>" in report.render(cert, "html")
+    # the same evidence under a tier without limits: every quantity monitor-only
+    d = cert["distribution"]
+    monitored = {**cert, "gating": [g for g in cert["gating"] if g != dg.FLAG],
+                 "distribution": {**d, "checks": [dict(c, limit=None, status="monitor")
+                                                  for c in d["checks"]]}}
+    text = markdown.render(monitored)
+    assert "Monitor-only: no tier limit gates the distribution evidence" in text
+    assert "| gate |" not in text.split("## Distribution evidence")[1]

@@ -2,13 +2,14 @@
 
 Per run the zoo (or `invarlock calibrate`) records the upper bound of mean KLD's paired
 interval (`kld_mean_high`), the lower bound of "same top p" (`same_top_p_low`) and the 99%
-KLD point (`kld_p99`); the committed rows are `policies/calibration/distribution.csv`.
-The rule, one factor f per tier (conservative 1.5, balanced 2, aggressive 4 — the "twice
-the largest benign value" of the whole-model limits for balanced):
+KLD point (`kld_p99`) and whether the primary metric passed (`primary_ok`); the committed
+rows are `policies/calibration/distribution.csv`. The null is the benign runs the primary
+metric passes (`benign`). The rule, one factor f per tier (conservative 1.5, balanced 2,
+aggressive 4 — the "twice the largest benign value" of the whole-model limits for balanced):
 
-- `kld_mean_upper` = f × the largest benign `kld_mean_high` over every model, rounded up to
+- `kld_mean_upper` = f × the largest null `kld_mean_high` over every model, rounded up to
   two significant digits;
-- `same_top_p_lower` = 1 − f × the largest benign disagreement (1 − `same_top_p_low`),
+- `same_top_p_lower` = 1 − f × the largest null disagreement (1 − `same_top_p_low`),
   rounded down to 0.001 (at least 0);
 - `kld_p99_upper` is not derived: the percentile has no interval, so a limit on it could not
   hold a false-alarm rate across window counts; it is recorded for comparison only.
@@ -26,9 +27,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 FACTORS = {"conservative": 1.5, "balanced": 2.0, "aggressive": 4.0}
-COLUMNS = ("model", "family", "kind", "seed", "ratio", "kld_mean", "kld_mean_high",
-           "same_top_p", "same_top_p_low", "kld_p99", "tokens")
+COLUMNS = ("model", "family", "kind", "seed", "ratio", "primary_ok", "kld_mean",
+           "kld_mean_high", "same_top_p", "same_top_p_low", "kld_p99", "tokens")
+MEASURED = COLUMNS[6:]
 _TEXT = ("model", "family", "kind")
+_PRIMARY_FLAGS = ("not_catastrophic", "primary_metric_acceptable")
 
 
 def round_up(x: float, digits: int = 2) -> float:
@@ -47,8 +50,12 @@ def round_down(x: float, step: float = 0.001) -> float:
 
 
 def benign(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The benign rows that measured the distribution evidence."""
-    return [r for r in rows if r["kind"] == "benign" and r.get("kld_mean_high") is not None]
+    """The null: benign rows that measured the distribution evidence and that the primary
+    metric passes. A "benign" family the perplexity gate already fails on a model (4-bit RTN
+    of SmolLM2-135M doubles its perplexity) is no reference for a finer measure: its
+    verdict is FAIL whatever the distribution limits say."""
+    return [r for r in rows if r["kind"] == "benign" and r.get("kld_mean_high") is not None
+            and r.get("primary_ok")]
 
 
 def derive(rows: Sequence[Mapping[str, Any]],
@@ -75,10 +82,12 @@ def row_of(model: str, family: str, kind: str, seed: int,
            cert: Mapping[str, Any]) -> dict[str, Any]:
     """One CSV row from a certificate's `distribution` section (None where not measured)."""
     d = cert.get("distribution") or {}
+    validation = cert.get("validation") or {}
     row: dict[str, Any] = {"model": model, "family": family, "kind": kind, "seed": seed,
-                           "ratio": cert["primary_metric"].get("ratio")}
+                           "ratio": cert["primary_metric"].get("ratio"),
+                           "primary_ok": all(validation.get(f) for f in _PRIMARY_FLAGS)}
     if not d:
-        return {**row, **dict.fromkeys(COLUMNS[5:])}
+        return {**row, **dict.fromkeys(MEASURED)}
     return {**row, "kld_mean": d["kld_mean"]["estimate"], "kld_mean_high": d["kld_mean"]["high"],
             "same_top_p": d["same_top_p"]["estimate"],
             "same_top_p_low": d["same_top_p"]["low"], "kld_p99": d["kld"]["p99"],
@@ -97,11 +106,18 @@ def read_rows(text: str, where: str = "distribution.csv") -> list[dict[str, Any]
         for key, value in raw.items():
             if key is None or value is None:
                 raise ValueError(f"{where}:{line}: wrong number of fields")
-            row[key] = value if key in _TEXT else _number(value, f"{where}:{line}: {key}")
+            row[key] = (value if key in _TEXT else _flag(value, f"{where}:{line}: {key}")
+                        if key == "primary_ok" else _number(value, f"{where}:{line}: {key}"))
         if row["kind"] not in ("benign", "harmful"):
             raise ValueError(f"{where}:{line}: kind must be benign or harmful")
         rows.append(row)
     return rows
+
+
+def _flag(value: str, where: str) -> bool:
+    if value not in ("True", "False"):
+        raise ValueError(f"{where} must be True or False, got {value!r}")
+    return value == "True"
 
 
 def _number(value: str, where: str) -> float | None:
@@ -128,8 +144,8 @@ def table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """CALIBRATION.md's table per model: benign runs, the largest benign bounds and the
     run that set them, and the harmful runs the balanced limits catch."""
     limits = derive(rows)["balanced"]
-    lines = ["| Model | benign runs | largest mean KLD upper bound (run) | lowest same top p "
-             "lower bound (run) | largest 99% KLD | harmful runs caught (balanced) |",
+    lines = ["| Model | benign runs (null) | largest mean KLD upper bound (run) | lowest same "
+             "top p lower bound (run) | largest 99% KLD | harmful runs caught (balanced) |",
              "|---|---:|---|---|---:|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
@@ -141,7 +157,10 @@ def table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         harmful = [r for r in mine if r["kind"] == "harmful"
                    and r.get("kld_mean_high") is not None]
         caught = sum(1 for r in harmful if not decide(r, limits))
-        lines.append(f"| {model} | {len(null)} | {float(kld['kld_mean_high']):.5f} "
+        measured = [r for r in mine if r["kind"] == "benign"
+                    and r.get("kld_mean_high") is not None]
+        lines.append(f"| {model} | {len(measured)} ({len(null)}) | "
+                     f"{float(kld['kld_mean_high']):.5f} "
                      f"({kld['family']}:{int(kld['seed'])}) | "
                      f"{100 * float(top['same_top_p_low']):.2f}% "
                      f"({top['family']}:{int(top['seed'])}) | "

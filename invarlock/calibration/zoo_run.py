@@ -129,7 +129,7 @@ def zoo_row(family: str, kind: str, seed: int, cert: Mapping[str, Any]) -> dict[
     row["rmt_closest_share"] = closest.get("share")
     row["rmt_null_scale"] = rmt_null_scale(cert)
     row.update({k: v for k, v in distribution_limits.row_of("", family, kind, seed, cert).items()
-                if k in distribution_limits.COLUMNS[5:]})  # the distribution limits' inputs
+                if k in distribution_limits.MEASURED})  # the distribution limits' inputs
     return row
 
 

@@ -210,8 +210,8 @@ _DP_ROWS = (("max", "Maximum Δp"), ("p99", "99.0% Δp"), ("p95", "95.0% Δp"),
             ("min", "Minimum Δp"))
 
 
-_LIMITED = {"kld_mean": ("Mean KLD, CI upper bound", "≤", 1.0, 6, ""),
-            "same_top_p": ("Same top p, CI lower bound", "≥", 100.0, 3, "%"),
+_LIMITED = {"kld_mean": ("Mean KLD (CI upper bound)", "≤", 1.0, 6, ""),
+            "same_top_p": ("Same top p (CI lower bound)", "≥", 100.0, 3, "%"),
             "kld_p99": ("99.0% KLD", "≤", 1.0, 6, "")}
 
 

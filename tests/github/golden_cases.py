@@ -83,6 +83,8 @@ def _cases() -> dict[str, Callable[[], Outcome]]:
         "accuracy": lambda: _verdict(synthetic_certificate(kind=MetricKind.ACCURACY, n=64,
                                                            seed=4)),
         "guards": lambda: _verdict(with_guards(synthetic_certificate(shift=0.0, seed=5))),
+        "distribution": lambda: _verdict(synthetic_certificate(shift=0.0, seed=6,
+                                                               kld_scale=0.05)),
         "error-input": lambda: Outcome.failed(2, "--dataset is required unless the baseline "
                                                  "is the bundled demo"),
         "error-crash": lambda: Outcome.failed(3, "the certifier was killed by signal 9:\n"
