@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from invarlock import __version__, distribution, gate, outdir, provenance, sequential_run
+from invarlock import (
+    __version__,
+    distribution,
+    distribution_gate,
+    gate,
+    outdir,
+    provenance,
+    sequential_run,
+)
 from invarlock.cache import BaselineCache, CacheKey, scores_from_payload, scores_to_payload
 from invarlock.certificate import build, document, markdown, sequential_view
 from invarlock.data.corpus import Corpus, DatasetSource, load_corpus
@@ -230,6 +238,7 @@ class Judgement:
     primary: gate.PrimaryMetricResult
     decision: gate.Decision
     evidence: gate.Evidence  # the evidence collected against the profile's floor
+    distribution: dict[str, Any] | None = None  # the distribution evidence, when measured
 
 
 @dataclass
@@ -690,17 +699,23 @@ def judge(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
     design = subject.sequential.design if subject.sequential is not None else None
     pm = gate.primary_metric(inputs.kind, preview, final, policy.primary_metric,
                              sequential_run.fixed_bootstrap(policy.bootstrap, design))
+    dist = _distribution_section(inputs, baseline, subject)
+    limits = distribution_gate.Limits.from_policy(policy.values.get("distribution"))
     context = source.context_length(inputs.baseline.config)
     evidence = gate.Evidence(evidence_floor(policy.profile, context), windows.preview.n,
                              windows.final.n, windows.seq_len, policy.bootstrap.replicates,
                              windows.requested, policy.allow_underpowered, context,
-                             policy.weakened)
+                             policy.weakened + distribution_gate.shortfall(
+                                 limits, dist is not None, inputs.kind.is_perplexity))
     checks = [gate.pairing_check(match, windows.overlap(), windows.preview.n, windows.final.n),
               *sequential_run.primary_checks(pm, policy.primary_metric, subject.sequential),
               evidence.check(),
+              *([distribution_gate.check(dist["checks"])] if dist is not None else []),
               *(o.check for o in subject.outcomes)]
-    decision = gate.decide(checks, [*gate.primary_gating(evidence.floor), *subject.gating])
-    return Judgement(match, pm, decision, evidence)
+    decision = gate.decide(checks, [*gate.primary_gating(evidence.floor),
+                                    *distribution_gate.gating(limits, dist is not None),
+                                    *subject.gating])
+    return Judgement(match, pm, decision, evidence, dist)
 
 
 def _evaluated(windows: WindowPlan, base_sets: dict[str, Any],
@@ -790,7 +805,7 @@ def _certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvid
         guards={o.name: o.section for o in subject.outcomes}, match=judgement.match,
         primary=judgement.primary, evidence=judgement.evidence, decision=judgement.decision,
         artifacts=artifacts, timings=timings,
-        distribution=_distribution_section(inputs, baseline, subject),
+        distribution=judgement.distribution,
         sequential=(sequential_run.section(subject.sequential)
                     if subject.sequential is not None else None),
         reference=provenance.record(req.reference,
@@ -854,7 +869,7 @@ def _distribution_section(inputs: RunInputs, baseline: BaselineEvidence,
     boot = inputs.policy.bootstrap
     return distribution.summarize(
         comparison, set_name=name, top_k=baseline.sets[name].distribution.k,
-        limits=distribution.Limits.from_policy(inputs.policy.values.get("distribution")),
+        limits=distribution_gate.Limits.from_policy(inputs.policy.values.get("distribution")),
         replicates=boot.replicates, seed=boot.seed, alpha=boot.alpha)
 
 

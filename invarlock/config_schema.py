@@ -83,6 +83,13 @@ PRIMARY_METRIC = _obj({
                    "minItems": 2, "maxItems": 2},
 })
 
+# Limits on the distribution evidence (invarlock.distribution_gate); a number gates.
+DISTRIBUTION = _obj({
+    "kld_mean_upper": {"type": "number", "exclusiveMinimum": 0},
+    "same_top_p_lower": {"type": "number", "minimum": 0, "maximum": 1},
+    "kld_p99_upper": {"type": "number", "exclusiveMinimum": 0},
+})
+
 EVAL = _obj({
     "metric": _obj({"kind": {"type": "string",
                              "enum": ["auto", "ppl_causal", "ppl_mlm", "accuracy"]}}),
@@ -95,6 +102,7 @@ EVAL = _obj({
         "seed": _SEED,
     }),
     "primary_metric": PRIMARY_METRIC,
+    "distribution": DISTRIBUTION,
 })
 
 AUTO = _obj({

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from invarlock.distribution_gate import Limits, checks
 from invarlock.stats import BootstrapInterval, bca_ratio_of_sums
 
 TOP_K = 64                  # baseline log-probabilities kept per scored token (see module doc)
@@ -169,20 +170,6 @@ class WindowDistribution:
                    np.asarray(data["tokens"], dtype=np.int64), *arrays)
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Tier limits; None keeps a quantity monitor-only (recorded and shown, never failing)."""
-
-    kld_mean_max: float | None = None      # on the upper bound of mean KLD's interval
-    same_top_p_min: float | None = None    # on the lower bound of agreement's interval
-
-    @classmethod
-    def from_policy(cls, section: dict[str, Any] | None) -> Limits:
-        section = section or {}
-        kld, top = section.get("kld_mean_max"), section.get("same_top_p_min")
-        return cls(None if kld is None else float(kld), None if top is None else float(top))
-
-
 def recomputable(windows: WindowDistribution, *, replicates: int, seed: int,
                  alpha: float) -> dict[str, Any]:
     """Everything that follows from the per-window sums alone (what `verify` recomputes)."""
@@ -201,37 +188,24 @@ def recomputable(windows: WindowDistribution, *, replicates: int, seed: int,
             "delta_p_rms": float(np.sqrt(max(windows.delta_p_sq.sum() / total, 0.0)))}
 
 
-def checks(stored: dict[str, Any], limits: Limits) -> list[dict[str, Any]]:
-    """One record per limit: `monitor` without a calibrated limit, else pass or fail."""
-    out = []
-    for name, limit, bound, ok in (
-            ("kld_mean", limits.kld_mean_max, stored["kld_mean"]["high"],
-             lambda b, lim: b <= lim),
-            ("same_top_p", limits.same_top_p_min, stored["same_top_p"]["low"],
-             lambda b, lim: b >= lim)):
-        status = "monitor" if limit is None else ("pass" if ok(bound, limit) else "fail")
-        out.append({"name": name, "bound": bound, "limit": limit, "status": status})
-    return out
-
-
 def summarize(comparison: TokenComparison, *, set_name: str, top_k: int, limits: Limits,
               replicates: int, seed: int, alpha: float) -> dict[str, Any]:
     """The certificate's `distribution` section from the per-token comparison."""
     windows = comparison.per_window()
     core = recomputable(windows, replicates=replicates, seed=seed, alpha=alpha)
     kld, rev, dp = comparison.kld, comparison.kld_reverse, comparison.delta_p
+    kld_points = {**_percentiles(kld, KLD_PERCENTILES), "max": float(kld.max())}
     return {
         "set": set_name, "top_k": top_k,
         "bootstrap": {"replicates": replicates, "seed": seed, "alpha": alpha},
         **core,
-        "kld": {**_percentiles(kld, KLD_PERCENTILES), "max": float(kld.max())},
+        "kld": kld_points,
         "kld_reverse": {**_percentiles(rev, KLD_PERCENTILES), "max": float(rev.max())},
         "delta_p": {"min": float(dp.min()), **_percentiles(dp, DELTA_P_PERCENTILES),
                     "max": float(dp.max())},
         "histogram": histogram(kld),
-        "limits": {"kld_mean_max": limits.kld_mean_max,
-                   "same_top_p_min": limits.same_top_p_min},
-        "checks": checks(core, limits),
+        "limits": limits.as_dict(),
+        "checks": checks({**core, "kld": kld_points}, limits),
         "windows": windows.as_dict(),
     }
 

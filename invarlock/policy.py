@@ -40,6 +40,9 @@ _CONFIG_TO_POLICY = {
     "eval.primary_metric.accuracy_delta_min_pp": "primary_metric.accuracy_delta_min_pp",
     "eval.primary_metric.catastrophic_ratio": "primary_metric.catastrophic_ratio",
     "eval.primary_metric.drift_band": "primary_metric.drift_band",
+    "eval.distribution.kld_mean_upper": "distribution.kld_mean_upper",
+    "eval.distribution.same_top_p_lower": "distribution.same_top_p_lower",
+    "eval.distribution.kld_p99_upper": "distribution.kld_p99_upper",
     "auto.sequential": "sequential.enabled",
 }
 
@@ -201,6 +204,9 @@ _WEAKER_WHEN = {
     "primary_metric.ratio_limit": +1,
     "primary_metric.accuracy_delta_min_pp": -1,
     "primary_metric.catastrophic_ratio": +1,
+    "distribution.kld_mean_upper": +1,
+    "distribution.same_top_p_lower": -1,
+    "distribution.kld_p99_upper": +1,
     "guards.spectral.deadband": +1,
     "guards.spectral.max_caps": +1,
     "guards.spectral.family_caps.*": +1,

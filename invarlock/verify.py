@@ -63,9 +63,9 @@ def verify_certificate(cert: Mapping[str, Any],
     if policy is not None:
         check_layout(cert, policy, found)
         arrays = check_arrays(cert, found)
+        records = recheck_distribution(cert, policy, found)
         if arrays is not None:
-            recompute(cert, policy, arrays, found)
-        recheck_distribution(cert, policy, found)
+            recompute(cert, policy, arrays, found, records)
     check_formats(cert, found)
     if "reference" in cert:
         found.checked.append("reference digests")

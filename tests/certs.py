@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from invarlock import gate, sequential_run
+from invarlock import distribution, distribution_gate, gate, sequential_run
 from invarlock.certificate import document
 from invarlock.certificate import markdown as md
 from invarlock.enums import MetricKind
@@ -35,12 +35,14 @@ def _arrays(rng: np.random.Generator, n: int, shift: float, kind: MetricKind):
 def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
                           kind: MetricKind = MetricKind.PPL_CAUSAL, tier: str = "balanced",
                           profile: str = "dev", replicates: int = 200,
-                          sequential: bool = False) -> dict[str, Any]:
+                          sequential: bool = False,
+                          kld_scale: float | None = None) -> dict[str, Any]:
     """A sealed certificate whose subject is `shift` nats/token worse (or `shift` accuracy).
 
     `sequential`: the final set runs under the profile's sequential design (n must exceed
     its n_min) and stops at the first look that decides, as certify does; otherwise the
-    fixed design."""
+    fixed design. With `kld_scale`, distribution evidence whose per-token KLD has that
+    median."""
     rng = np.random.default_rng(seed)
     floor = evidence_floor(profile)
     underpowered = floor.below_floor == "refuse" and (
@@ -64,12 +66,22 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
     pm = gate.primary_metric(kind, paired["preview"], final, policy.primary_metric,
                              sequential_run.fixed_bootstrap(
                                  policy.bootstrap, looks.design if looks else None))
-    evidence = gate.Evidence(floor, n, n, 128, replicates, (n, n), underpowered)
+    ids = rng.permutation(4 * n)
+    limits = distribution_gate.Limits.from_policy(policy.values.get("distribution"))
+    dist = (None if kld_scale is None or final is None else
+            _distribution(rng, ids[n:n + evaluated], sets["final"][0][:evaluated], kld_scale,
+                          limits))
+    # without distribution evidence where the tier limits it, certify records the shortfall
+    unmeasured = distribution_gate.shortfall(limits, measured=dist is not None,
+                                             language_model=kind.is_perplexity)
+    evidence = gate.Evidence(floor, n, n, 128, replicates, (n, n), underpowered,
+                             weakened=unmeasured)
     checks = [gate.pairing_check(1.0, 0.0, n, n),
               *sequential_run.primary_checks(pm, policy.primary_metric, looks),
-              evidence.check()]
-    decision = gate.decide(checks, gate.primary_gating(floor))
-    ids = rng.permutation(4 * n)
+              evidence.check(),
+              *([distribution_gate.check(dist["checks"])] if dist is not None else [])]
+    decision = gate.decide(checks, [*gate.primary_gating(floor),
+                                    *distribution_gate.gating(limits, dist is not None)])
 
     def window_set(name: str, offset: int) -> dict[str, Any]:
         tokens, base, subj = sets[name]
@@ -121,6 +133,7 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
         "artifacts": {"markdown": document.MARKDOWN_FILENAME, "saved_subject": None},
         "timings": {"total_s": 1.0},
         **({"sequential": sequential_run.section(looks)} if looks else {}),
+        **({"distribution": dist} if dist is not None else {}),
     }
     return document.seal(cert)
 
@@ -136,6 +149,19 @@ def _looks(kind: MetricKind, policy: Any, sets: dict[str, Any],
     x = sequential_run.differences(kind, *sets["final"])
     stop = design.run(x, threshold=threshold, sd_floor=floor).stopped_at
     return sequential_run.sequence(design, threshold, floor, x[:stop])
+
+
+def _distribution(rng: np.random.Generator, ids: np.ndarray, tokens: np.ndarray,
+                  kld_scale: float, limits: distribution_gate.Limits) -> dict[str, Any]:
+    """A distribution section: per-token KLD log-normal with median `kld_scale`, the top
+    token kept less often as it grows."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    kld = kld_scale * rng.lognormal(0.0, 1.5, size=int(tokens.sum()))
+    comparison = distribution.TokenComparison(
+        np.asarray(ids, dtype=np.int64), tokens, kld, 1.2 * kld,
+        rng.random(kld.size) > min(0.9, 2 * kld_scale), rng.normal(0, kld_scale, kld.size))
+    return distribution.summarize(comparison, set_name="final", top_k=64, limits=limits,
+                                  replicates=200, seed=42, alpha=0.05)
 
 
 def render(cert: dict[str, Any]) -> str:

@@ -106,12 +106,22 @@ def test_calibrate_writes_a_preset_that_certify_accepts(tiny_gpt2_dir, sonnets_p
     for cert_path in stats["certificates"]:
         cert = json.loads(Path(cert_path).read_text())
         assert cert["guards"]["spectral"]["mode"] == "monitor"
+    # the distribution limits of the preset follow from the reference runs' rows by the rule
+    # the shipped tiers use (invarlock.calibration.distribution_limits)
+    from invarlock.calibration import distribution_limits
+
+    rows = stats["distribution"]["rows"]
+    assert [r["family"] for r in rows] == ["quant_rtn_int8", "quant_noise", "quant_noise"]
+    assert preset["eval"]["distribution"] == distribution_limits.derive(
+        rows, {"balanced": 2.0})["balanced"] == stats["distribution"]["limits"]
     code, summary, cert = kit.certify("--baseline", str(tiny_gpt2_dir), "--edit", "quant_rtn",
                                       "--dataset", str(sonnets_path), "--profile", "dev",
                                       "--preset", str(fast), "--preset",
                                       str(out / "calibration.yaml"), "--out", str(tmp_path / "c"))
     assert code == 0, summary
     assert cert["policy"]["values"]["guards"]["spectral"]["family_caps"] == caps
+    assert {k: cert["policy"]["values"]["distribution"][k]
+            for k in preset["eval"]["distribution"]} == preset["eval"]["distribution"]
     assert "guards.spectral.family_caps.attn" in cert["policy"]["overrides"]
     # --resume recomputes the statistics from the stored reference certificates
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}

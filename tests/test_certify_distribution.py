@@ -54,8 +54,11 @@ def test_the_markdown_shows_the_distribution_as_llama_cpp_names_it(runs):
     (cold, _), _ = runs
     rendered = markdown.render(cold)
     for label in ("## Distribution evidence", "| Mean KLD |", "| 99.9% KLD |",
-                  "| Maximum KLD |", "| Same top p |", "| RMS Δp |", "Monitor-only"):
+                  "| Maximum KLD |", "| Same top p |", "| RMS Δp |",
+                  "Gated by the tier: Mean KLD (CI upper bound), Same top p (CI lower bound)",
+                  "| Mean KLD (CI upper bound) |", "| 99.0% KLD | "):
         assert label in rendered
+    assert "| gate |" in rendered and "| monitor | no calibrated limit |" in rendered
 
 
 def test_the_html_report_plots_the_kld_distribution(runs):
@@ -65,7 +68,8 @@ def test_the_html_report_plots_the_kld_distribution(runs):
     page = report.render(cold, "html")
     section = page[page.index("<h2>Distribution evidence</h2>"):]
     assert "Histogram of per-token KL divergence" in section and "<rect" in section
-    assert "Same top p" in section and "Monitor-only" in section
+    assert "Same top p" in section and "Gated by the tier" in section
+    assert "<td>gate</td>" in section and "<td>monitor</td>" in section
 
 
 def test_the_pr_comment_carries_the_distribution_section(runs):
@@ -100,6 +104,52 @@ def test_verify_recomputes_the_distribution_and_catches_edits(runs):
     report = verify_certificate(_reseal(edited))
     assert any(d.startswith("distribution.same_top_p.low") for d in report.differences)
     edited = copy.deepcopy(cold)
-    edited["distribution"]["limits"]["kld_mean_max"] = 1.0
+    edited["distribution"]["limits"]["kld_mean_upper"] = 1.0
     report = verify_certificate(_reseal(edited))
     assert any(d.startswith("distribution.limits") for d in report.differences)
+
+
+def test_the_tier_limits_gate_the_verdict_and_verify_decides_them_again(runs):
+    """Balanced sets both limits: the flag gates, its record names limit, bound and outcome,
+    and a tampered limit, bound, outcome or gating list is caught by verify."""
+    from invarlock.policy import tiers
+
+    (cold, _), _ = runs
+    d = cold["distribution"]
+    shipped = tiers()["balanced"]["distribution"]
+    assert d["limits"] == shipped and "distribution_acceptable" in cold["gating"]
+    by_name = {c["name"]: c for c in d["checks"]}
+    assert by_name["kld_mean"]["limit"] == shipped["kld_mean_upper"]
+    assert by_name["kld_mean"]["bound"] == d["kld_mean"]["high"]
+    assert by_name["kld_mean"]["status"] == (
+        "pass" if d["kld_mean"]["high"] <= shipped["kld_mean_upper"] else "fail")
+    assert by_name["kld_p99"]["status"] == "monitor"
+    assert cold["validation"]["distribution_acceptable"] is all(
+        c["status"] != "fail" for c in d["checks"])
+    assert "mean KLD upper bound" in cold["verdict"]["explanations"]["distribution_acceptable"]
+
+    def tampered(change) -> list[str]:
+        edited = copy.deepcopy(cold)
+        change(edited)
+        report = verify_certificate(_reseal(edited))
+        assert not report.verified
+        return report.differences
+
+    def loosen(c):
+        c["distribution"]["limits"]["kld_mean_upper"] = 100.0
+        c["distribution"]["checks"][0].update(limit=100.0, status="pass")
+    assert any(x.startswith("distribution.limits") for x in tampered(loosen))
+
+    def lower_bound(c):
+        c["distribution"]["kld_mean"]["high"] = 0.0
+        c["distribution"]["checks"][0]["bound"] = 0.0
+    assert any(x.startswith("distribution.kld_mean.high") for x in tampered(lower_bound))
+
+    def flip(c):
+        c["distribution"]["checks"][0]["status"] = (
+            "fail" if c["distribution"]["checks"][0]["status"] == "pass" else "pass")
+    assert any(x.startswith("distribution.checks") for x in tampered(flip))
+
+    def ungate(c):
+        c["gating"].remove("distribution_acceptable")
+    assert any(x.startswith("gating") for x in tampered(ungate))

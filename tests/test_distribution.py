@@ -287,22 +287,6 @@ def test_per_window_sums_give_the_token_means():
     assert again == {k: s[k] for k in again}
 
 
-def test_limits_are_monitor_only_until_set():
-    core = dist.recomputable(_comparison().per_window(), replicates=200, seed=1, alpha=0.05)
-    assert {c["status"] for c in dist.checks(core, dist.Limits())} == {"monitor"}
-    tight = dist.checks(core, dist.Limits(kld_mean_max=1e-9, same_top_p_min=0.999))
-    loose = dist.checks(core, dist.Limits(kld_mean_max=10.0, same_top_p_min=0.1))
-    assert [c["status"] for c in tight] == ["fail", "fail"]
-    assert [c["status"] for c in loose] == ["pass", "pass"]
-
-
-def test_tiers_ship_monitor_only_distribution_limits():
-    from invarlock.policy import tiers
-
-    for tier, values in tiers().items():
-        assert dist.Limits.from_policy(values.get("distribution")) == dist.Limits(), tier
-
-
 @pytest.mark.parametrize("width", [64, 511, 1000, 2048, 2100, 8192])
 def test_thresholded_top_k_equals_torch_topk(width):
     """The group-maxima threshold never drops a top-k entry, whatever the width (a

@@ -139,7 +139,7 @@ def test_a_weakening_override_cannot_claim_the_evidence_meets_the_profile(failin
     report = verify_certificate(reseal(edited(failing, talk_down)))
     assert report.differences == ("evidence.shortfalls: certificate has ['preview_n 32 < 64', "
                                   "'final_n 32 < 64', 'bootstrap replicates 200 < 500'], "
-                                  "recomputed 6 entries",)
+                                  "recomputed 7 entries",)
     honest = reseal(edited(failing, _rejudge_after(talk_down)))
     assert verify_certificate(honest).differences == ()
     assert {"bootstrap.alpha 0.45 > 0.05 (a 55% interval, the profile promises 95%)",
@@ -176,6 +176,7 @@ def test_a_context_length_shorter_than_the_windows_is_caught(passing):
 
 def _rejudge(c: dict) -> None:
     """Recompute primary metric, flags and verdict under the certificate's own policy."""
+    from invarlock import distribution_gate
     from invarlock.policy import ResolvedPolicy, evidence_floor
 
     p = c["policy"]
@@ -189,7 +190,10 @@ def _rejudge(c: dict) -> None:
     ev = c["evidence"]
     evidence = gate.Evidence(evidence_floor(ev["profile"], ev["context_length"]), n, n,
                              c["windows"]["seq_len"], policy.bootstrap.replicates, (n, n),
-                             ev["allow_underpowered"], ev["context_length"], policy.weakened)
+                             ev["allow_underpowered"], ev["context_length"],
+                             policy.weakened + distribution_gate.shortfall(
+                                 distribution_gate.Limits.from_policy(p["values"].get(
+                                     "distribution")), "distribution" in c, True))
     checks = [gate.pairing_check(1.0, 0.0, n, n), *gate.primary_checks(pm, policy.primary_metric),
               evidence.check()]
     decision = gate.decide(checks, gate.primary_gating(evidence.floor))

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from invarlock import atomic
-from invarlock.calibration import recipe, rmt_null
+from invarlock.calibration import distribution_limits, recipe, rmt_null
 from invarlock.certificate import document
 from invarlock.config import deep_merge
 from invarlock.policy import resolve
@@ -135,9 +135,13 @@ def run(req: CalibrationRequest) -> CalibrationOutcome:
         alpha=policy.bootstrap.alpha, sided=str(tier_guards["variance"]["gating"]["sided"]),
         half_width=req.half_width)
     result = recipe.calibrate(runs, tier_guards, settings)
+    result, dist_stats = distribution_limits.calibrate(
+        result, [(r.label, document.load_certificate(Path(c)))
+                 for r, c in zip(runs, certificates, strict=True)], policy.tier)
     stats = {**result.statistics, "tier": policy.tier, "profile": policy.profile,
              "baseline": req.base.baseline, "dataset": req.base.dataset.spec(),
-             "certificates": certificates, "per_run": result.rows}
+             "certificates": certificates, "per_run": result.rows,
+             "distribution": dist_stats}
     yaml_path = atomic.write_text(req.out_dir / "calibration.yaml",
                                   _yaml_text(result, stats))
     json_path = atomic.write_text(req.out_dir / "calibration.json",

@@ -34,6 +34,7 @@ Harmful (the guards should catch them):
   family_scale   every matrix of one family (attention or FFN) ×1.5
   swap_layers    two blocks exchange all their weights
   rtn4           RTN 4-bit per output channel without groups, every block matrix
+  rtn2_group     RTN 2-bit per group of 32 inputs, every block matrix
   nan            one NaN in one block matrix
 """
 
@@ -603,6 +604,15 @@ def rtn4(model: torch.nn.Module, seed: int) -> EditResult:
     return _result("rtn4", seed, blocks)
 
 
+def rtn2_group(model: torch.nn.Module, seed: int) -> EditResult:
+    """2-bit RTN per group of 32 inputs, every block matrix: a quant too coarse to ship
+    (llama.cpp's q2_K on Llama-3-8B keeps 71% of top tokens); seed unused."""
+    blocks = block_matrices(model)
+    for b in blocks:
+        _write(b, rtn(b.rows().float(), 2, 32))
+    return _result("rtn2_group", seed, blocks, group=32)
+
+
 def nan(model: torch.nn.Module, seed: int) -> EditResult:
     gen = _rng(seed, 15)
     b = _pick(block_matrices(model), gen)
@@ -623,7 +633,8 @@ BENIGN: dict[str, Callable[[torch.nn.Module, int], EditResult]] = {
 }
 HARMFUL: dict[str, Callable[[torch.nn.Module, int], EditResult]] = {
     "scale3": scale3, "outproj_half": outproj_half, "outlier_rows": outlier_rows,
-    "family_scale": family_scale, "swap_layers": swap_layers, "rtn4": rtn4, "nan": nan,
+    "family_scale": family_scale, "swap_layers": swap_layers, "rtn4": rtn4,
+    "rtn2_group": rtn2_group, "nan": nan,
 }
 
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from invarlock.calibration import distribution_limits
 from invarlock.gate import EVIDENCE_FLAG
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ BENIGN = ("rtn8_channel", "rtn8_group", "fp16", "bf16", "noise", "prune", "normf
           "normfold_some", "normfold_all", "lowrank", "rtn4_group", "qk_scale", "awq_scale",
           "awq_rtn4")
 HARMFUL = ("scale3", "outproj_half", "outlier_rows", "family_scale", "swap_layers", "rtn4",
-           "nan")
+           "rtn2_group", "nan")
 GUARDS = ("invariants", "spectral", "rmt", "variance")
 
 
@@ -127,6 +128,8 @@ def zoo_row(family: str, kind: str, seed: int, cert: Mapping[str, Any]) -> dict[
     row["rmt_closest_module"] = closest.get("module")
     row["rmt_closest_share"] = closest.get("share")
     row["rmt_null_scale"] = rmt_null_scale(cert)
+    row.update({k: v for k, v in distribution_limits.row_of("", family, kind, seed, cert).items()
+                if k in distribution_limits.MEASURED})  # the distribution limits' inputs
     return row
 
 

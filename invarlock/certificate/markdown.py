@@ -202,18 +202,49 @@ _DP_ROWS = (("max", "Maximum Δp"), ("p99", "99.0% Δp"), ("p95", "95.0% Δp"),
             ("min", "Minimum Δp"))
 
 
-def distribution_lines(cert: dict[str, Any], level: int = 2) -> list[str]:
-    """The distribution evidence as llama.cpp's `--kl-divergence` prints it, with the
-    intervals over windows; nothing when the certificate has none."""
-    d = cert.get("distribution")
-    if not d:
-        return []
+_LIMITED = {"kld_mean": ("Mean KLD (CI upper bound)", "≤", 1.0, 6, ""),
+            "same_top_p": ("Same top p (CI lower bound)", "≥", 100.0, 3, "%"),
+            "kld_p99": ("99.0% KLD", "≤", 1.0, 6, "")}
+
+
+def _limited(cert: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """(check, role) per recorded quantity: `gate` where a limit is set and
+    `distribution_acceptable` is a gating flag, else `monitor`. The numbers decide what is
+    formatted as a number; a status is text like any other."""
+    d = cert.get("distribution") or {}
+    gating = "distribution_acceptable" in (cert.get("gating") or [])
+    out = []
+    for c in d.get("checks") or []:
+        if c.get("name") in _LIMITED and isinstance(c.get("bound"), (int, float)):
+            limited = isinstance(c.get("limit"), (int, float))
+            out.append((c, "gate" if limited and gating else "monitor"))
+    return out
+
+
+def distribution_limits(cert: dict[str, Any]) -> list[str]:
+    """One row per limited quantity: its bound, the tier's limit, whether it gates the
+    verdict or is only monitored (no calibrated limit), and the outcome."""
+    rows = ["| Quantity | Bound | Limit | Role | Result |", "|---|---:|---:|---|---|"]
+    for c, role in _limited(cert):
+        label, op, scale, digits, unit = _LIMITED[c["name"]]
+        bound = f"{c['bound'] * scale:.{digits}f}{unit}"
+        if not isinstance(c.get("limit"), (int, float)):
+            rows.append(f"| {label} | {bound} | — | {role} | no calibrated limit |")
+            continue
+        mark = {"pass": _MARK[True], "fail": _MARK[False]}.get(c.get("status"), "")
+        rows.append(f"| {label} | {bound} | {op} {c['limit'] * scale:.{digits}f}{unit} | "
+                    f"{role} | {mark} {_t(c.get('status'))} |")
+    return rows
+
+
+def distribution_table(d: dict[str, Any]) -> list[str]:
+    """llama.cpp's `--kl-divergence` statistics, with the intervals over windows."""
 
     def ci(x: dict[str, Any], scale: float = 1.0, digits: int = 6, unit: str = "") -> str:
         return (f"{x['estimate'] * scale:.{digits}f}{unit} (CI {x['low'] * scale:.{digits}f} "
                 f"to {x['high'] * scale:.{digits}f}{unit})")
 
-    rows = ["| Statistic | Value |", "|---|---:|",
+    return ["| Statistic | Value |", "|---|---:|",
             f"| Mean KLD | {ci(d['kld_mean'])} |",
             *[f"| {label} | {d['kld'][key]:.6f} |" for key, label in _KLD_ROWS],
             f"| Mean KLD (subject ‖ baseline) | {d['kld_reverse_mean']:.6f} |",
@@ -221,18 +252,31 @@ def distribution_lines(cert: dict[str, Any], level: int = 2) -> list[str]:
             f"| Mean Δp | {d['delta_p_mean'] * 100:+.3f}% |",
             *[f"| {label} | {d['delta_p'][key] * 100:+.3f}% |" for key, label in _DP_ROWS],
             f"| RMS Δp | {d['delta_p_rms'] * 100:.3f}% |"]
-    # a check is limited when it holds a limit (invarlock.distribution.checks); its status
-    # is text like any other, so the numbers decide what is formatted as a number
-    checks = [c for c in d["checks"] if isinstance(c.get("limit"), (int, float))
-              and isinstance(c.get("bound"), (int, float))]
-    limits = ("Monitor-only: no tier limit is calibrated for mean KLD or same top p."
-              if not checks else "; ".join(
-                  f"{_code(c['name'])} bound {c['bound']:.6f} against limit {c['limit']:.6f}: "
-                  f"{_t(c['status'])}" for c in checks) + " (recorded, not gating).")
-    return ["#" * level + " Distribution evidence", "",
-            f"KLD = KL(baseline ‖ subject) per scored token, nats, on the {_t(d['set'])} set "
+
+
+def distribution_summary(cert: dict[str, Any]) -> str:
+    """One sentence: what KLD is here, and which quantities gate and which are monitored."""
+    d = cert["distribution"]
+    roles = _limited(cert)
+    gated = [_LIMITED[c["name"]][0] for c, role in roles if role == "gate"]
+    monitored = [_LIMITED[c["name"]][0] for c, role in roles if role == "monitor"]
+    said = (f"Gated by the tier: {', '.join(gated)}" if gated
+            else "Monitor-only: no tier limit gates the distribution evidence")
+    if gated and monitored:
+        said += f"; monitor-only: {', '.join(monitored)}"
+    return (f"KLD = KL(baseline ‖ subject) per scored token, nats, on the {_t(d['set'])} set "
             f"({d['tokens']:,} tokens; the baseline's top {d['top_k']} log-probabilities per "
-            f"token); intervals: BCa over windows. {limits}", "", *rows, ""]
+            f"token); intervals: BCa over windows. {said}.")
+
+
+def distribution_lines(cert: dict[str, Any], level: int = 2) -> list[str]:
+    """The distribution evidence: which limits gate, then the statistics as llama.cpp's
+    `--kl-divergence` prints them; nothing when the certificate has none."""
+    d = cert.get("distribution")
+    if not d:
+        return []
+    return ["#" * level + " Distribution evidence", "", distribution_summary(cert), "",
+            *distribution_limits(cert), "", *distribution_table(d), ""]
 
 
 MAX_FINDINGS = 10

@@ -278,10 +278,11 @@ def _distribution(cert: Mapping[str, Any]) -> str:
     outside = (f" {hist['below']} tokens below 1e{hist['log10_edges'][0]:g} (identical "
                f"included) and {hist['above']} above 1e{hist['log10_edges'][-1]:g} are not "
                "drawn." if hist["below"] or hist["above"] else "")
-    lines = md.distribution_lines(dict(cert))
     return (f"<figure>{svg}<figcaption>{d['tokens']} scored tokens of the {escape(d['set'])} "
             f"set.{escape(outside)}</figcaption></figure>"
-            f"<p>{escape(md.as_text(lines[2]))}</p>" + _md_table("\n".join(lines)))
+            f"<p>{escape(md.as_text(md.distribution_summary(dict(cert))))}</p>"
+            + _md_table("\n".join(md.distribution_limits(dict(cert))))
+            + _md_table("\n".join(md.distribution_table(dict(d)))))
 
 
 def _mark(ok: Any) -> str:

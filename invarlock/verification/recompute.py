@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from invarlock import __version__, gate, sequential_run
+from invarlock import __version__, distribution_gate, gate, sequential_run
 from invarlock.errors import ConfigError
 from invarlock.policy import ResolvedPolicy, evidence_floor, weakened_settings
 from invarlock.verification.findings import Findings
@@ -20,9 +20,10 @@ from invarlock.verification.windows import Sets, recomputed_overlap
 
 
 def recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: Sets,
-              found: Findings) -> None:
+              found: Findings, distribution_records: list[dict[str, Any]] | None) -> None:
     """Pairing, the primary metric, the evidence, every flag and the verdict, each compared
-    with what the certificate stores."""
+    with what the certificate stores; `distribution_records` are the distribution limits'
+    records (None: not measured)."""
     found.checked.append("pairing")
     win = cert["windows"]
     overlap = recomputed_overlap(win["preview"]["sha256"], win["final"]["sha256"])
@@ -55,19 +56,25 @@ def recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: Sets,
         found.differ("pairing.final_evaluated", "disagrees with windows.final.subject")
     found.compare("primary_metric", cert["primary_metric"], pm.as_dict())
     checks += sequential_run.primary_checks(pm, policy.primary_metric, sequence)
-    evidence = _recheck_evidence(cert, policy, found)
+    limits = distribution_gate.Limits.from_policy(policy.values.get("distribution"))
+    measured = distribution_records is not None
+    evidence = _recheck_evidence(cert, policy, found, distribution_gate.shortfall(
+        limits, measured, sets.kind.is_perplexity))
     if evidence is None:
         return
     checks.append(evidence.check())
+    if distribution_records is not None:
+        checks.append(distribution_gate.check(distribution_records))
     checks += guard_checks
 
     found.checked.append("verdict")
     expected_gating = [*gate.primary_gating(evidence.floor),
+                       *distribution_gate.gating(limits, measured),
                        *(c.flag for c, mode in zip(guard_checks, guard_modes(cert), strict=True)
                          if mode == "gate")]
     if sorted(cert["gating"]) != sorted(expected_gating):
-        found.differ("gating", f"{cert['gating']} but the primary flags and the gate-mode "
-                               f"guards give {expected_gating}")
+        found.differ("gating", f"{cert['gating']} but the primary flags, the distribution "
+                               f"limits and the gate-mode guards give {expected_gating}")
     try:
         decision = gate.decide(checks, cert["gating"])
     except ValueError as exc:
@@ -77,9 +84,10 @@ def recompute(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: Sets,
     found.compare("verdict", cert["verdict"], decision.verdict_section())
 
 
-def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy,
-                      found: Findings) -> gate.Evidence | None:
-    """The evidence section from the window arrays, the policy and this installation's floor."""
+def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy, found: Findings,
+                      unmeasured: tuple[str, ...] = ()) -> gate.Evidence | None:
+    """The evidence section from the window arrays, the policy and this installation's floor;
+    `unmeasured`: the shortfall of a limited distribution the run did not measure."""
     found.checked.append("evidence")
     stored, win = cert["evidence"], cert["windows"]
     try:
@@ -92,7 +100,7 @@ def _recheck_evidence(cert: Mapping[str, Any], policy: ResolvedPolicy,
                              (int(win["requested"]["preview_n"]),
                               int(win["requested"]["final_n"])),
                              bool(stored["allow_underpowered"]), stored["context_length"],
-                             _recheck_self_reports(cert, policy, found))
+                             _recheck_self_reports(cert, policy, found) + unmeasured)
     found.compare("evidence", stored, evidence.as_dict())
     short = floor.shortfalls(preview_n=evidence.requested[0], final_n=evidence.requested[1],
                              seq_len=evidence.seq_len, replicates=evidence.replicates)
@@ -106,7 +114,8 @@ def _is_weakening(phrase: str) -> bool:
     """Whether a shortfall phrase names a weakened setting (`policy.weakened_settings`
     phrases start with the policy key; the floor's start with a count's name)."""
     head = phrase.split(" ")[0]
-    return head == "bootstrap.alpha" or head.startswith(("primary_metric.", "guards."))
+    return head == "bootstrap.alpha" or head.startswith(("primary_metric.", "guards.",
+                                                         "distribution."))
 
 
 def _recheck_self_reports(cert: Mapping[str, Any], policy: ResolvedPolicy,

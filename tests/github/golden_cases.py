@@ -100,6 +100,8 @@ def _cases() -> dict[str, Callable[[], Outcome]]:
                                                                   sequential=True)),
         "sequential-max": lambda: _verdict(synthetic_certificate(shift=0.0953, n=64, seed=7,
                                                                  sequential=True)),
+        "distribution": lambda: _verdict(synthetic_certificate(shift=0.0, seed=6,
+                                                               kld_scale=0.05)),
         "error-input": lambda: Outcome.failed(2, "--dataset is required unless the baseline "
                                                  "is the bundled demo"),
         "error-crash": lambda: Outcome.failed(3, "the certifier was killed by signal 9:\n"
