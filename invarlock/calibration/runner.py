@@ -5,7 +5,9 @@ edit with spectral, RMT and VE in monitor mode, sharing one baseline cache so th
 is evaluated once. Reference edits: `rtn8` (the built-in INT8 RTN), `noise` (INT8-step
 uniform noise, seeds 0..N−1), and any benign family of the edit zoo
 (`invarlock.calibration.zoo`: RTN per channel/group, fp16/bf16 round trips, pruning,
-norm-fold rescalings, low-rank merges), seeds 0..N−1 each; `zoo` stands for all of them.
+norm-fold rescalings, low-rank merges, GPTQ, q/k, value and up rescalings), seeds 0..N−1
+each; `zoo` stands for all of them but 50% pruning (`zoo_run.UNCALIBRATED`), which can be
+named on its own.
 The certificates stay in `OUT/runs/` for audit; `OUT/calibration.yaml` is a preset for
 `certify --preset`, `OUT/calibration.json` and `OUT/calibration.csv` hold the statistics
 it came from.
@@ -32,7 +34,7 @@ from invarlock.policy import resolve
 log = logging.getLogger(__name__)
 
 EDITS = ("rtn8", "noise")
-ZOO = "zoo"  # every benign zoo family
+ZOO = "zoo"  # every benign zoo family but the uncalibrated ones (zoo_run.UNCALIBRATED)
 MONITORED = ("spectral", "rmt", "variance")
 
 
@@ -66,11 +68,11 @@ def reference_edits(edits: tuple[str, ...], seeds: int) -> list[tuple[str, dict,
     """(label, edit section, edit implementation or None) for every reference run."""
     from invarlock.calibration.perturb import NOISE_EDIT
     from invarlock.calibration.zoo import zoo_edit
-    from invarlock.calibration.zoo_run import BENIGN
+    from invarlock.calibration.zoo_run import BENIGN, CALIBRATION
 
     runs: list[tuple[str, dict, Any]] = []
-    families = list(BENIGN) if ZOO in edits else [e for e in edits if e in BENIGN and
-                                                   e not in EDITS]
+    families = list(CALIBRATION) if ZOO in edits else [e for e in edits if e in BENIGN and
+                                                        e not in EDITS]
     for family in families:
         impl = zoo_edit(family)
         runs += [(f"zoo:{family}:{s}", {"name": impl.name, "plan": {"seed": s}}, impl)
