@@ -5,7 +5,9 @@ edit with spectral, RMT and VE in monitor mode, sharing one baseline cache so th
 is evaluated once. Reference edits: `rtn8` (the built-in INT8 RTN), `noise` (INT8-step
 uniform noise, seeds 0..N−1), and any benign family of the edit zoo
 (`invarlock.calibration.zoo`: RTN per channel/group, fp16/bf16 round trips, pruning,
-norm-fold rescalings, low-rank merges), seeds 0..N−1 each; `zoo` stands for all of them.
+norm-fold rescalings, low-rank merges, GPTQ, q/k, value and up rescalings), seeds 0..N−1
+each; `zoo` stands for all of them but 50% pruning (`zoo_run.UNCALIBRATED`), which can be
+named on its own.
 VE's predictive gate runs in every reference run: its proposal there has no deadband and no
 minimum adjustment (the clip `max_scale_step` stays), so that VE's own paired Δ — the subject
 with its proposed scales against the subject as it is, per calibration window — is measured
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 EDITS = ("rtn8", "noise")
 RMT_MODULES_CSV = "rmt-null-modules.csv"  # RMT's (Δ_m, N_m) per module of every run
 VE_WINDOWS_CSV = "ve-paired-windows.csv"  # VE gate's NLL per window, plain and scaled
-ZOO = "zoo"  # every benign zoo family
+ZOO = "zoo"  # every benign zoo family but the uncalibrated ones (zoo_run.UNCALIBRATED)
 MONITORED = ("spectral", "rmt", "variance")
 # VE proposes a scale for every block output whose second moment moved at all, so its gate
 # (and the paired Δ the minimum effect comes from) runs on every reference edit.
@@ -77,11 +79,11 @@ def reference_edits(edits: tuple[str, ...], seeds: int) -> list[tuple[str, dict,
     """(label, edit section, edit implementation or None) for every reference run."""
     from invarlock.calibration.perturb import NOISE_EDIT
     from invarlock.calibration.zoo import zoo_edit
-    from invarlock.calibration.zoo_run import BENIGN
+    from invarlock.calibration.zoo_run import BENIGN, CALIBRATION
 
     runs: list[tuple[str, dict, Any]] = []
-    families = list(BENIGN) if ZOO in edits else [e for e in edits if e in BENIGN and
-                                                   e not in EDITS]
+    families = list(CALIBRATION) if ZOO in edits else [e for e in edits if e in BENIGN and
+                                                        e not in EDITS]
     for family in families:
         impl = zoo_edit(family)
         runs += [(f"zoo:{family}:{s}", {"name": impl.name, "plan": {"seed": s}}, impl)

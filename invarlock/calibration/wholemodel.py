@@ -5,8 +5,10 @@ Benign edits are applied to each reference model and measured by the product's o
 
 - the zoo's benign families (`invarlock.calibration.zoo.BENIGN`: 8-bit RTN, 4-bit RTN per
   group of 128, half-precision round trips, quantization noise, light pruning, norm folds, a
-  small LoRA merge, SmoothAttention-style q/k and AWQ-style value/up rescalings, AWQ scaling
-  then 4-bit RTN);
+  small LoRA merge, SmoothAttention-style q/k and AWQ-style value/up rescalings, together
+  and apart, AWQ scaling then 4-bit RTN; not the 50% pruning families,
+  `zoo_run.UNCALIBRATED`, nor GPTQ, `PENDING`); a family that does not apply to a model is
+  skipped;
 - 4-bit group-wise RTN (groups of 128 inputs) of every block matrix, as `quant_rtn` does;
 - edits real tools make outside the blocks: 8-bit per-row and 4-bit group-wise (32, the
   GGUF block) RTN of every embedding and head row, and an fp16 or bf16 round trip of every
@@ -31,6 +33,11 @@ from typing import Any
 
 MARGIN = 2.0
 SEEDS = (0, 1, 2)
+# GPTQ's error feedback moves weights further than RTN (edit size: tiny GPT-2 0.38, demo
+# 0.22): in the null it would raise the edit-size limit to 0.77, under which a permutation of
+# the demo's MLP rows passes spectral. It stays out until the edit size is measured in a form
+# that GPTQ leaves small (CALIBRATION.md, "The whole model").
+PENDING = ("gptq4",)
 COLUMNS = ("model", "edit", "seed", "max_row_change", "row_tensor", "max_edit_size",
            "edit_module")
 
@@ -101,7 +108,10 @@ def benign_edits() -> dict[str, Callable[[Any, int], None]]:
                     p.copy_(p.to(dtype).to(p.dtype))
         return edit
 
-    edits: dict[str, Callable[[Any, int], Any]] = dict(zoo.BENIGN)
+    from invarlock.calibration.zoo_run import UNCALIBRATED
+
+    edits: dict[str, Callable[[Any, int], Any]] = {
+        k: v for k, v in zoo.BENIGN.items() if k not in UNCALIBRATED + PENDING}
     edits.update({"blocks_rtn4_g128": blocks_rtn4_g128, "rows_rtn8": rows_rtn(8, None),
                   "rows_rtn4_g32": rows_rtn(4, 32), "all_fp16": round_trip(torch.float16),
                   "all_bf16": round_trip(torch.bfloat16)})
@@ -144,12 +154,17 @@ def _num(x: Any) -> float:
 
 def measure_models(models: Mapping[str, Path], seeds: Sequence[int] = SEEDS
                    ) -> list[dict[str, Any]]:
+    from invarlock.calibration import zoo
+
     runs = []
     for label, path in models.items():
         for name, edit in benign_edits().items():
             for seed in seeds:
-                runs.append({"model": label, "edit": name, "seed": seed,
-                             **measure_edit(path, edit, seed)})
+                try:
+                    measured = measure_edit(path, edit, seed)
+                except zoo.NotApplicable:  # e.g. up/down pairs in GPT-2's ungated MLP
+                    break
+                runs.append({"model": label, "edit": name, "seed": seed, **measured})
     return runs
 
 

@@ -26,6 +26,11 @@ Benign (the function barely moves, or not at all):
                  pass of seeded tokens) on the inputs of the value consumer (o_proj, c_proj,
                  dense) and down_proj, 1/s on the value channels and up rows
   awq_rtn4       awq_scale, then rtn4_group on every block matrix (AWQ's scale-then-quantize)
+  vo_scale, updown_scale
+                 awq_scale's value → output pair alone, and its up → down pair alone
+  gptq4          GPTQ-style 4-bit per group of 128 with error feedback through the inverse
+                 Hessian of seeded calibration inputs (`zoo_gptq`)
+  prune24, wanda 2:4 magnitude pruning; Wanda |W|·‖x‖ pruning at 50% per row (`zoo_prune`)
 
 Harmful (the guards should catch them):
   scale3         one block matrix ×3 (not q/k under q/k norms, whose scale is normalised away)
@@ -36,130 +41,39 @@ Harmful (the guards should catch them):
   rtn4           RTN 4-bit per output channel without groups, every block matrix
   rtn2_group     RTN 2-bit per group of 32 inputs, every block matrix
   nan            one NaN in one block matrix
+  vocab_permute, rows_zero, rows_spike
+                 embedding/head rows of tokens the evaluation windows never contain:
+                 permuted among themselves, 16 zeroed, 16 with one spiked entry (`zoo_vocab`)
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from invarlock.calibration.zoo_base import (
+    _ATTN_IN,
+    _BLOCK,
+    _FFN_NORMS,
+    _NORM_FEEDS,
+    Block,
+    NotApplicable,
+    _pick,
+    _result,
+    _rng,
+    _subset,
+    _write,
+    block_matrices,
+    rtn,
+)
+from invarlock.calibration.zoo_gptq import gptq4
+from invarlock.calibration.zoo_prune import prune24, wanda
+from invarlock.calibration.zoo_vocab import VOCAB
 from invarlock.edits.result import EditResult
-from invarlock.errors import InputError
-
-
-class NotApplicable(InputError):
-    """The zoo family has nothing to edit in this architecture (exit 2, one line)."""
-
-_BLOCK = re.compile(r"\.(h|layers|layer|blocks)\.(\d+)\.")
-# Leaf names by role; fused projections (GPT-NeoX/Falcon/BLOOM `query_key_value`, Phi-3
-# `qkv_proj` and `gate_up_proj`, Baichuan `W_pack`) count as the inputs they fuse.
-_ATTN_IN = ("q_proj", "k_proj", "v_proj", "c_attn", "query", "key", "value",
-            "query_key_value", "qkv_proj", "Wqkv", "W_pack")
-_ATTN_OUT = ("o_proj", "out_proj")
-_FFN_IN = ("gate_proj", "up_proj", "c_fc", "fc1", "w1", "w3", "gate_up_proj", "dense_h_to_4h")
-_FFN_OUT = ("down_proj", "fc2", "w2", "dense_4h_to_h")
-_ATTN_PARENTS = ("attn", "self_attn", "attention", "self_attention")
-# norm leaf → the roles of the linears it feeds in a pre-norm block (LLaMA/Mistral/Qwen/
-# Gemma/Phi-3, GPT-2, GPT-NeoX, BLOOM, Falcon, OPT). A parallel block with one norm
-# (Falcon, GPT-J style) feeds the FFN from `input_layernorm` too; a block with a separate
-# pre-FFN norm (Gemma 2/3) uses `post_attention_layernorm` on the attention output instead.
-_NORM_FEEDS = {"input_layernorm": ("attn",), "ln_1": ("attn",), "ln_attn": ("attn",),
-               "self_attn_layer_norm": ("attn",), "post_attention_layernorm": ("ffn",),
-               "pre_feedforward_layernorm": ("ffn",), "ln_2": ("ffn",), "ln_mlp": ("ffn",),
-               "final_layer_norm": ("ffn",)}
-_FFN_NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2", "ln_mlp",
-              "final_layer_norm")
-
-
-@dataclass(frozen=True)
-class Block:
-    """One block matrix: module name, module, [out, in] view of its weight, block index."""
-
-    name: str
-    module: Any
-    layer: int
-
-    @property
-    def leaf(self) -> str:
-        return self.name.rsplit(".", 1)[-1]
-
-    @property
-    def parent(self) -> str:
-        return self.name.rsplit(".", 2)[-2] if self.name.count(".") >= 1 else ""
-
-    @property
-    def family(self) -> str:
-        if self.leaf in _ATTN_IN + _ATTN_OUT or self.parent in _ATTN_PARENTS:
-            return "attn"
-        return "ffn"
-
-    @property
-    def is_output(self) -> bool:
-        return self.leaf in _ATTN_OUT + _FFN_OUT or (
-            self.leaf == "c_proj") or (  # GPT-2 attn.c_proj and mlp.c_proj
-            self.leaf == "dense" and self.parent in _ATTN_PARENTS)  # GPT-NeoX/Falcon/BLOOM
-
-    @property
-    def is_input(self) -> bool:
-        return self.leaf in _ATTN_IN + _FFN_IN
-
-    def rows(self) -> torch.Tensor:
-        """The weight as [out, in] (a view: writes go to the model)."""
-        w = self.module.weight
-        return w.t() if type(self.module).__name__ == "Conv1D" else w
-
-
-def block_matrices(model: torch.nn.Module) -> list[Block]:
-    out = []
-    for name, module in model.named_modules():
-        linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
-        match = _BLOCK.search(name + ".")
-        if linear and match:
-            out.append(Block(name, module, int(match.group(2))))
-    return out
-
-
-def _rng(seed: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) * 7919 + salt)
-
-
-def _pick(items: list[Any], gen: torch.Generator, what: str = "block matrices") -> Any:
-    if not items:
-        raise NotApplicable(f"the model has no {what} this zoo edit can change")
-    return items[int(torch.randint(len(items), (1,), generator=gen))]
-
-
-def _subset(items: list[Any], fraction: float, gen: torch.Generator) -> list[Any]:
-    keep = torch.rand(len(items), generator=gen) < fraction
-    chosen = [x for x, k in zip(items, keep.tolist(), strict=True) if k]
-    return chosen or items[:1]
-
-
-def _write(block: Block, w32: torch.Tensor) -> None:
-    rows = block.rows()
-    rows.copy_(w32.to(rows.dtype))
-
-
-def _result(name: str, seed: int, blocks: list[Block], **plan: Any) -> EditResult:
-    params = sum(b.module.weight.numel() for b in blocks)
-    return EditResult(name, {"seed": seed, **plan}, tuple(b.name for b in blocks), params, 0.0)
-
-
-def rtn(w: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
-    """Symmetric absmax round-to-nearest of a float32 [out, in] matrix, per row or group."""
-    q = 2 ** (bits - 1) - 1
-    out_f, in_f = w.shape
-    g = in_f if group is None or in_f % group else group
-    blocks = w.reshape(out_f, in_f // g, g)
-    scale = blocks.abs().amax(dim=-1, keepdim=True) / q
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.round(blocks / safe).clamp(-q, q) * scale).reshape(out_f, in_f)
-
 
 # --- benign ------------------------------------------------------------------------------
 
@@ -472,19 +386,24 @@ def _input_magnitudes(model: torch.nn.Module, modules: list[Any],
     return [sums[id(m)] for m in modules]
 
 
-def _awq(model: torch.nn.Module, seed: int, label: str, quantize: bool) -> EditResult:
-    """AWQ-style: s = (mean |x|)^α per input channel of the value and down projections
-    (α ∈ [0.25, 0.75] by seed), normalised to geometric mean 1 and kept in [1/4, 4];
-    consumer columns ×s, producer rows (value channels, up rows) ×1/s. With `quantize`,
-    every block matrix is then rounded to 4 bits per group of 128 (scale-then-quantize)."""
-    gen = _rng(seed, 9)
-    alpha = 0.25 + 0.5 * float(torch.rand(1, generator=gen))
-    pairs: list[tuple[Any, torch.Tensor, Any, torch.Tensor]] = []  # producer, rows, consumer,
-    for att in _attentions(model):                                # value channel per column
+_Pair = tuple[Any, torch.Tensor, Any, torch.Tensor]  # producer, its rows, consumer,
+                                                     # the producer row of each column
+
+
+def _value_pairs(model: torch.nn.Module) -> list[_Pair]:
+    """Value channels → the output projection's columns (grouped-query aware)."""
+    pairs = []
+    for att in _attentions(model):
         n_q, n_kv, d, _ = _head_layout(model)
         cols = torch.arange(n_q * d)
         kv_of_col = (cols // d) // (n_q // n_kv) * d + cols % d
         pairs.append((att.v[0], att.v[1], att.o, kv_of_col))
+    return pairs
+
+
+def _up_down_pairs(model: torch.nn.Module) -> list[_Pair]:
+    """Up rows → down columns of gated MLPs (separate or fused gate/up)."""
+    pairs: list[_Pair] = []
     modules = dict(model.named_modules())
     for name, m in modules.items():
         parent, leaf = name.rsplit(".", 1)[0], name.rsplit(".", 1)[-1]
@@ -495,8 +414,25 @@ def _awq(model: torch.nn.Module, seed: int, label: str, quantize: bool) -> EditR
         elif leaf == "gate_up_proj" and down is not None:
             half = m.weight.shape[0] // 2
             pairs.append((m, half + torch.arange(half), down, torch.arange(half)))
+    return pairs
+
+
+def _awq(model: torch.nn.Module, seed: int, label: str, quantize: bool,
+         parts: tuple[str, ...] = ("vo", "updown")) -> EditResult:
+    """AWQ-style: s = (mean |x|)^α per input channel of the value and down projections
+    (α ∈ [0.25, 0.75] by seed), normalised to geometric mean 1 and kept in [1/4, 4];
+    consumer columns ×s, producer rows (value channels, up rows) ×1/s. `parts` picks the
+    pairs: "vo" (value → output projection), "updown" (up → down projection). With
+    `quantize`, every block matrix is then rounded to 4 bits per group of 128
+    (scale-then-quantize)."""
+    gen = _rng(seed, 9)
+    alpha = 0.25 + 0.5 * float(torch.rand(1, generator=gen))
+    pairs = (_value_pairs(model) if "vo" in parts else []) + (
+        _up_down_pairs(model) if "updown" in parts else [])
     if not pairs:
-        raise NotApplicable(f"{label}: no value/output or up/down pair with a known layout")
+        what = {"vo": "value/output", "updown": "up/down"}
+        raise NotApplicable(f"{label}: no {' or '.join(what[p] for p in parts)} pair with a "
+                            "known layout")
     stats = _input_magnitudes(model, [c for _, _, c, _ in pairs], gen)
     touched = []
     for (prod, rows, cons, chan), x in zip(pairs, stats, strict=True):
@@ -521,6 +457,16 @@ def awq_scale(model: torch.nn.Module, seed: int) -> EditResult:
 
 def awq_rtn4(model: torch.nn.Module, seed: int) -> EditResult:
     return _awq(model, seed, "awq_rtn4", quantize=True)
+
+
+def vo_scale(model: torch.nn.Module, seed: int) -> EditResult:
+    """`awq_scale`'s value → output pair alone."""
+    return _awq(model, seed, "vo_scale", quantize=False, parts=("vo",))
+
+
+def updown_scale(model: torch.nn.Module, seed: int) -> EditResult:
+    """`awq_scale`'s up → down pair alone (gated MLPs: LLaMA, Qwen, Gemma, Phi-3)."""
+    return _awq(model, seed, "updown_scale", quantize=False, parts=("updown",))
 
 
 # --- harmful -----------------------------------------------------------------------------
@@ -629,18 +575,21 @@ BENIGN: dict[str, Callable[[torch.nn.Module, int], EditResult]] = {
     "noise": noise, "prune": prune, "normfold_one": _normfold("one"),
     "normfold_some": _normfold("some"), "normfold_all": _normfold("all"), "lowrank": lowrank,
     "rtn4_group": rtn4_group, "qk_scale": qk_scale, "awq_scale": awq_scale,
-    "awq_rtn4": awq_rtn4,
+    "awq_rtn4": awq_rtn4, "vo_scale": vo_scale, "updown_scale": updown_scale,
+    "gptq4": gptq4, "prune24": prune24, "wanda": wanda,
 }
 HARMFUL: dict[str, Callable[[torch.nn.Module, int], EditResult]] = {
     "scale3": scale3, "outproj_half": outproj_half, "outlier_rows": outlier_rows,
     "family_scale": family_scale, "swap_layers": swap_layers, "rtn4": rtn4,
-    "rtn2_group": rtn2_group, "nan": nan,
+    "rtn2_group": rtn2_group, "nan": nan, **VOCAB,
 }
 
 
-def zoo_edit(family: str) -> Any:
+def zoo_edit(family: str, seen_tokens: Any = None) -> Any:
     """The zoo family as an `invarlock.edits.Edit` named after the family (plan:
-    {"seed": N}) for `certify`; its certificates record the family as the edit name."""
+    {"seed": N}) for `certify`; its certificates record the family as the edit name.
+    `seen_tokens`: the token ids of the evaluation windows, which the vocabulary families
+    leave alone (`zoo_vocab`)."""
     from invarlock.edits import Edit
 
     fn = BENIGN.get(family) or HARMFUL.get(family)
@@ -649,6 +598,8 @@ def zoo_edit(family: str) -> Any:
 
     def apply(model: torch.nn.Module, plan: dict[str, Any]) -> EditResult:
         with torch.no_grad():
+            if family in VOCAB:
+                return VOCAB[family](model, int(plan["seed"]), seen=seen_tokens)
             return fn(model, int(plan["seed"]))
 
     return Edit(name=family, summary=f"calibration zoo edit {family}",
