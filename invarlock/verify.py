@@ -106,6 +106,7 @@ def verify_certificate(cert: Mapping[str, Any],
     policy = _check_policy(cert, found)
     if policy is not None:
         _check_layout(cert, policy, found)
+        check_evaluated_counts(cert, policy, found)
         arrays = _check_arrays(cert, found)
         if arrays is not None:
             _recompute(cert, policy, arrays, found)
@@ -297,15 +298,22 @@ def _check_arrays(cert: Mapping[str, Any], found: _Findings) -> _Sets | None:
     for name in SETS:
         ws = win[name]
         n = len(ws["ids"])
-        for field in ("sha256", "tokens", "baseline"):
-            if len(ws[field]) != n:
-                found.differ(f"windows.{name}.{field}", f"{len(ws[field])} entries for {n} "
-                                                        "window ids")
-                ok = False
+        m = len(ws["baseline"])  # the windows evaluated: a prefix of the plan
+        if len(ws["sha256"]) != n:
+            found.differ(f"windows.{name}.sha256", f"{len(ws['sha256'])} entries for {n} "
+                                                   "window ids")
+            ok = False
+        if m > n:
+            found.differ(f"windows.{name}.baseline", f"{m} entries for {n} window ids")
+            ok = False
+        if len(ws["tokens"]) != m:
+            found.differ(f"windows.{name}.tokens", f"{len(ws['tokens'])} entries for {m} "
+                                                   "baseline values")
+            ok = False
         subj_n = len(ws["subject"])
-        stopped = (cert.get("sequential") or {}).get("stopped_at") if name == "final" else None
-        if subj_n != n and not (name == "final" and subj_n in (0, stopped)):
-            found.differ(f"windows.{name}.subject", f"{subj_n} entries for {n} window ids")
+        if subj_n != m and not (name == "final" and subj_n == 0 and m == 0):
+            found.differ(f"windows.{name}.subject", f"{subj_n} entries for {m} baseline "
+                                                    "values")
             ok = False
         if len(set(ws["sha256"])) != len(ws["sha256"]):
             found.differ(f"windows.{name}.sha256", "repeats a window hash (windows are "
@@ -470,7 +478,7 @@ def recheck_sequence(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: _Set
     or at the maximum. An altered, dropped or reordered look or difference shows here."""
     stored = cert.get("sequential")
     try:
-        design = sequential_run.design_for(policy, len(cert["windows"]["final"]["ids"]))
+        design = _design(cert, policy)
     except ConfigError as exc:
         found.differ("sequential", f"the policy's sequential design is invalid ({exc})")
         return None
@@ -577,13 +585,37 @@ def _recheck_self_reports(cert: Mapping[str, Any], policy: ResolvedPolicy,
     return weakened
 
 
+def _design(cert: Mapping[str, Any], policy: ResolvedPolicy) -> Any:
+    """The policy's sequential design for the planned sets of this certificate (None: off)."""
+    win = cert["windows"]
+    return sequential_run.design_for(policy, len(win["final"]["ids"]), len(win["preview"]["ids"]))
+
+
+def check_evaluated_counts(cert: Mapping[str, Any], policy: ResolvedPolicy,
+                           found: _Findings) -> None:
+    """The preview windows evaluated are exactly the design's cut (the whole set without a
+    design): a run that scored fewer, or more and kept the ones it liked, shows here."""
+    win = cert["windows"]
+    try:
+        design = _design(cert, policy)
+    except ConfigError:
+        return  # reported by the sequence's own recheck
+    planned = len(win["preview"]["ids"])
+    expected = sequential_run.preview_needed(design, planned)
+    n = len(win["preview"]["subject"])
+    if n != expected:
+        why = (f"the design scores the first {expected}" if design is not None
+               else f"the fixed design scores all {planned}")
+        found.differ("windows.preview.subject", f"{n} windows evaluated, but {why}")
+
+
 def _interval_alpha(cert: Mapping[str, Any], policy: ResolvedPolicy) -> float:
     """The level the primary metric's interval must use: the policy's α, or under a
     sequential design the share of it left for the fixed test at the maximum."""
     if cert.get("sequential") is None:
         return policy.bootstrap.alpha
     try:
-        design = sequential_run.design_for(policy, len(cert["windows"]["final"]["ids"]))
+        design = _design(cert, policy)
     except ConfigError:
         return policy.bootstrap.alpha  # reported by the sequence's own recheck
     return policy.bootstrap.alpha if design is None else design.alpha_fixed

@@ -65,8 +65,8 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
         return {
             "ids": [int(i) for i in ids[offset:offset + n]],
             "sha256": [hashlib.sha256(f"{name}{i}".encode()).hexdigest() for i in range(n)],
-            "tokens": [int(t) for t in tokens],
-            "baseline": [float(v) for v in base],
+            "tokens": [int(t) for t in tokens] if evaluated else [],
+            "baseline": [float(v) for v in base] if evaluated else [],
             "subject": [float(v) for v in subj] if evaluated else [],
         }
 
