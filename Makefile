@@ -58,6 +58,7 @@ $(SMOLLM2_DIR)/model.safetensors: | install
 
 bench: smollm2
 	$(BIN)/python benchmarks/certify_smollm2.py --model $(SMOLLM2_DIR) --guards-off
+	$(BIN)/python benchmarks/sequential_smollm2.py --model $(SMOLLM2_DIR)
 	$(BIN)/python benchmarks/chunked_scoring.py
 	$(BIN)/python benchmarks/digests.py --model $(SMOLLM2_DIR)
 	$(BIN)/python benchmarks/distribution_evidence.py

@@ -8,11 +8,15 @@
     judge              pairing, primary metric and guard checks → verdict
     write_outcome      the certificate, sealed and written
 
-One model is resident at a time: the baseline is evaluated (or its results come from the
-cache), then either edited in memory into the subject or dropped before the subject is
-loaded. A baseline evaluated once serves any number of subjects: `certify_subject` runs the
-subject stages for one of them. The subject on disk is never written to. The preview set is
-scored first and a catastrophic preview stops the run before the final set.
+The baseline is scored only on the windows the decision needs (`invarlock.baseline_run`):
+the design's preview windows and the final windows up to the first look first; then either
+it stays resident beside the subject and scores each look's block on demand (lockstep, when
+two models fit the memory budget), or it scores the rest of the plan and is edited in memory
+into the subject or dropped before the subject is loaded (blocks: one model at a time). Its
+results come from the cache when this evaluation was done before, and later windows extend
+the entry. A baseline evaluated once serves any number of subjects: `certify_subject` runs
+the subject stages for one of them. The subject on disk is never written to. The preview set
+is scored first and a catastrophic preview stops the run before the final set.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 
 from invarlock import (
     __version__,
+    baseline_run,
     distribution,
     distribution_gate,
     gate,
@@ -204,6 +209,8 @@ class BaselineEvidence:
     guard_payload: dict[str, Any]  # baseline guard states, as the cache stores them
     guard_seconds: dict[str, float]  # time the guards spent on the baseline pass
     record: dict[str, Any]  # the certificate's `baseline` section
+    scores: Any = None  # invarlock.baseline_run.BaselineScores: `sets`, extended on demand
+    resident: Any = None  # _ResidentBaseline: the baseline model while lockstep keeps it
 
 
 @dataclass(frozen=True)
@@ -239,6 +246,8 @@ class Judgement:
     decision: gate.Decision
     evidence: gate.Evidence  # the evidence collected against the profile's floor
     distribution: dict[str, Any] | None = None  # the distribution evidence, when measured
+    base_sets: dict[str, Any] = field(default_factory=dict)  # the baseline's, cut to the
+    # windows the subject was evaluated on: what the certificate pairs
 
 
 @dataclass
@@ -259,14 +268,70 @@ def certify(req: CertifyRequest) -> CertifyOutcome:
     try:
         plan = plan_evaluation(inputs, req, timer)
         baseline, base_model = evaluate_baseline(inputs, plan, req, timer)
-        if inputs.edit is None and base_model is not None:
-            base_model = None  # one model resident at a time: the baseline leaves first
-            _release_memory()
-        subject = prepare_subject(inputs, req, timer, base_model)
-        del base_model
-        return certify_subject(inputs, plan, baseline, subject, req, timer, started)
+        del base_model  # held by baseline.resident until the schedule says otherwise
+        handed = settle_baseline(inputs, plan, req, baseline)
+        subject = prepare_subject(inputs, req, timer, handed)
+        del handed
+        try:
+            return certify_subject(inputs, plan, baseline, subject, req, timer, started)
+        finally:
+            baseline.resident.release()
     finally:
         inputs.output.release()
+
+
+def settle_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyRequest,
+                    baseline: BaselineEvidence) -> Any:
+    """Choose how the baseline keeps pace with the subject (`baseline_run.schedule`).
+
+    Lockstep keeps the baseline model resident beside the subject, scoring each look's block
+    on demand (an in-memory edit then gets its own copy). Blocks scores the rest of the plan
+    now, with only the baseline resident, and lets the model go; returned (for an edit to
+    consume) instead of dropped. Returns the model handed to `prepare_subject`, or None."""
+    resident = baseline.resident
+    schedule = _schedule(inputs, req, plan, resident)
+    baseline.record["schedule"] = schedule.value
+    log.info("baseline schedule: %s", schedule.value)
+    if schedule is baseline_run.Schedule.LOCKSTEP:
+        return None
+    for name in WINDOW_SETS:
+        baseline.scores.upto(name, _needed(inputs, plan, name))
+    model = resident.take()
+    if inputs.edit is None and model is not None:
+        model = None  # one model resident at a time: the baseline leaves first
+        _release_memory()
+    return model
+
+
+def _needed(inputs: RunInputs, plan: EvaluationPlan, name: str) -> int:
+    """Windows of set `name` the decision can need at most: all planned final windows, the
+    design's cut of the preview."""
+    if name == "final":
+        return plan.windows.final.n
+    return sequential_run.preview_needed(_design(inputs, plan), plan.windows.preview.n)
+
+
+def _design(inputs: RunInputs, plan: EvaluationPlan) -> Any:
+    return sequential_run.design_for(inputs.policy, plan.windows.final.n,
+                                     plan.windows.preview.n)
+
+
+def _schedule(inputs: RunInputs, req: CertifyRequest, plan: EvaluationPlan,
+              resident: _ResidentBaseline) -> baseline_run.Schedule:
+    """Lockstep when a design may stop early and a second model fits the memory budget
+    beside the first (or two fit, when the cache spared loading the baseline); blocks for a
+    device map, and when llama.cpp serves a side (its models are opened per side)."""
+    from invarlock.models import device as devices
+
+    if _design(inputs, plan) is None:
+        return baseline_run.Schedule.BLOCKS  # nothing to save: the plan is scored anyway
+    seq_len = plan.windows.seq_len
+    served = any(_runtime_settings(inputs, req, side, seq_len) is not None
+                 for side in ("baseline", "subject"))
+    one = resident.model_bytes()
+    needed = one if resident.model is not None else 2 * one
+    return baseline_run.schedule(needed, devices.free_memory(inputs.device),
+                                 placed=req.device_map is not None or served)
 
 
 def certify_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
@@ -442,13 +507,16 @@ def plan_evaluation(inputs: RunInputs, req: CertifyRequest, timer: _Timer) -> Ev
 
 def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyRequest,
                       timer: _Timer) -> tuple[BaselineEvidence, Any]:
-    """The baseline's results, from the cache when this exact evaluation was done before.
+    """The baseline's results on the windows every run needs (the design's preview windows
+    and the final windows up to its first look; the whole plan without a design), from the
+    cache when this evaluation was done before. Further windows are scored on demand through
+    the evidence's `scores` (`invarlock.baseline_run`).
 
     Returns the evidence and the loaded baseline model (None when it came from the cache);
-    the caller decides how long the model stays resident.
+    the model is also held by the evidence's `resident` until the schedule lets it go.
     """
     from invarlock.models import device as devices
-    from invarlock.models import formats, loading, source
+    from invarlock.models import formats, source
 
     base = inputs.baseline
     files = source.weight_files(base.source, req.allow_pickle)
@@ -456,59 +524,134 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
     key = CacheKey(source.weights_digest(files), inputs.tokenizer_hash, plan.windows.digest,
                    str(inputs.kind), str(dtype).removeprefix("torch."),
                    _device_tag(inputs, req, plan.windows.seq_len), __version__)
+    design = _design(inputs, plan)
+    need = {"preview": sequential_run.preview_needed(design, plan.windows.preview.n),
+            "final": sequential_run.final_needed_first(design, plan.windows.final.n)}
     guards = _guard_run(inputs, plan)
     cache = (BaselineCache(req.cache_dir, secret=req.cache_secret,
                            namespace=req.cache_namespace) if req.use_cache else None)
     hit = cache.load(key) if cache else None
-    cached = scores_from_payload(hit.payload) if hit else None
-    if cached is not None and not guards.restore(hit.payload.get("guards")):
-        log.info("baseline cache entry lacks these guard settings; evaluating the baseline")
-        cached = None
     top_k = _distribution_k(inputs, req, plan.windows.seq_len)
-    if cached is not None and top_k is not None and any(
-            s.distribution is None for s in cached[0].values()):
-        log.info("baseline cache entry lacks the distribution evidence; evaluating the baseline")
-        cached = None
-    model = None
+    cached = _usable(hit, plan, need, guards, top_k)
+    resident = _ResidentBaseline(inputs, req, timer, top_k, files)
     cache_digest = None
     if cached is not None and hit is not None:
         sets, parameters = cached
         guard_payload = dict(hit.payload.get("guards") or {})
         cache_digest = hit.digest
     else:
-        t = time.perf_counter()
-        model = loading.load_model(base.source, adapter=base.adapter, device=inputs.device,
-                                   dtype=req.dtype, allow_pickle=req.allow_pickle,
-                                   dequantize=req.dequantize, tokenizer=inputs.tokenizer,
-                                   **_placement(req))
-        timer.add("load_s", t)
-        with loading.weights_on_host(model.model):
-            check_baseline_weights(model.model)
+        model = resident.load()
+        with _weights_on_host(model.model):
             guards.baseline_loaded(model.model)
-        sets = {name: _score(inputs, req, timer, model.model, getattr(plan.windows, name),
+        sets = {name: _score(inputs, req, timer, model.model,
+                             sequential_run.evaluated(getattr(plan.windows, name), need[name]),
                              "baseline", _taps(guards, model.model, "baseline", name), top_k)
                 for name in WINDOW_SETS}
         broken = sum(s.nonfinite_windows for s in sets.values())
         if broken:
             raise EvidenceError(f"the baseline produced non-finite outputs on {broken} windows; "
                                 "there is nothing sound to compare the subject with")
-        _close_served(inputs, "baseline")
         parameters = int(model.parameters)
         guard_payload = guards.baseline_done()
-        if cache:
-            cache_digest = cache.store(key, {**scores_to_payload(sets, parameters),
-                                             "guards": guard_payload})
     record = build.model_record(base.source, base.config, base.adapter, key.weights_digest,
                                 "files", dtype=key.dtype, parameters=parameters,
                                 from_cache=cached is not None)
-    record["cache_payload_digest"] = cache_digest
     record["format"] = formats.describe_files(base.source, base.config, inputs.device,
                                               req.dequantize)
     _record_runtime(inputs, req, "baseline", plan.windows.seq_len, record)
-    evidence = BaselineEvidence(sets=sets, parameters=parameters, files=files, cache_key=key,
-                                cache_digest=cache_digest, guard_payload=guard_payload,
-                                guard_seconds=guards.timings(), record=record)
-    return evidence, model
+
+    def stored(current: dict[str, Any]) -> None:
+        """The cache entry rewritten with every window scored so far (a later subject
+        finds them there); the certificate records the digest of the entry it rests on."""
+        if cache:
+            record["cache_payload_digest"] = cache.store(
+                key, {**scores_to_payload(current, parameters), "guards": guard_payload})
+
+    record["cache_payload_digest"] = cache_digest
+    scores = baseline_run.BaselineScores(plan.windows, sets, score=resident.score,
+                                         stored=stored)
+    if cached is None:
+        stored(scores.sets)
+    evidence = BaselineEvidence(sets=scores.sets, parameters=parameters, files=files,
+                                cache_key=key, cache_digest=cache_digest,
+                                guard_payload=guard_payload, guard_seconds=guards.timings(),
+                                record=record, scores=scores, resident=resident)
+    return evidence, resident.model
+
+
+def _usable(hit: Any, plan: EvaluationPlan, need: dict[str, int], guards: Any,
+            top_k: int | None) -> tuple[dict[str, Any], int] | None:
+    """The cache entry's results when they can stand for this run's baseline: a prefix of
+    each planned set, at least the windows every run scores, the guards' states for these
+    settings and, for a language model, the distribution evidence."""
+    cached = scores_from_payload(hit.payload) if hit else None
+    if cached is None:
+        return None
+    if not guards.restore(hit.payload.get("guards")):
+        log.info("baseline cache entry lacks these guard settings; evaluating the baseline")
+        return None
+    if top_k is not None and any(s.distribution is None for s in cached[0].values()):
+        log.info("baseline cache entry lacks the distribution evidence; evaluating the baseline")
+        return None
+    for name in WINDOW_SETS:
+        ids = cached[0][name].window_ids
+        if not baseline_run.is_prefix(getattr(plan.windows, name).window_ids, ids) \
+                or ids.size < need[name]:
+            log.info("baseline cache entry holds too few %s windows; evaluating the baseline",
+                     name)
+            return None
+    return cached
+
+
+class _ResidentBaseline:
+    """The baseline model, loaded when a block of windows needs it and held until released
+    (lockstep keeps it beside the subject; blocks lets it go before the subject loads)."""
+
+    def __init__(self, inputs: RunInputs, req: CertifyRequest, timer: _Timer,
+                 top_k: int | None, files: list[Path]) -> None:
+        self.inputs, self.req, self.timer, self.top_k = inputs, req, timer, top_k
+        self.files = files
+        self.model: Any = None  # invarlock.models.loading.LoadedModel
+
+    def load(self) -> Any:
+        from invarlock.models import loading
+
+        if self.model is None:
+            base, req = self.inputs.baseline, self.req
+            t = time.perf_counter()
+            self.model = loading.load_model(base.source, adapter=base.adapter,
+                                            device=self.inputs.device, dtype=req.dtype,
+                                            allow_pickle=req.allow_pickle,
+                                            dequantize=req.dequantize,
+                                            tokenizer=self.inputs.tokenizer, **_placement(req))
+            self.timer.add("load_s", t)
+            with loading.weights_on_host(self.model.model):
+                check_baseline_weights(self.model.model)
+        return self.model
+
+    def score(self, windows: WindowSet) -> Any:
+        """The baseline's results on `windows` (no guard taps: the guards' windows are
+        among the first ones, scored before any subject)."""
+        model = self.load()
+        return _score(self.inputs, self.req, self.timer, model.model, windows, "baseline",
+                      None, self.top_k)
+
+    def model_bytes(self) -> int:
+        """Bytes one model of this architecture holds: its parameters once loaded, its
+        weight files' size before."""
+        if self.model is not None:
+            return sum(p.numel() * p.element_size() for p in self.model.model.parameters())
+        return sum(Path(f).stat().st_size for f in self.files)
+
+    def take(self) -> Any:
+        """Hand the model over (an edit consumes it) and hold it no longer."""
+        model, self.model = self.model, None
+        _close_served(self.inputs, "baseline")
+        return model
+
+    def release(self) -> None:
+        if self.take() is not None:
+            _release_memory()
 
 
 def check_baseline_weights(model: Any) -> None:
@@ -616,10 +759,12 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
     with loading.weights_on_host(model):
         intact = guards.subject_loaded(ctx)
 
+    preview_n = sequential_run.preview_needed(_design(inputs, plan), plan.windows.preview.n)
+    base_preview = baseline.scores.upto("preview", preview_n)
     try:
-        preview = _score(inputs, req, timer, model, plan.windows.preview, "subject",
-                         _taps(guards, model, "subject", "preview"),
-                         baseline.sets["preview"].distribution)
+        preview = _score(inputs, req, timer, model,
+                         sequential_run.evaluated(plan.windows.preview, preview_n), "subject",
+                         _taps(guards, model, "subject", "preview"), base_preview.distribution)
     except InputError as exc:
         if intact:
             raise
@@ -627,9 +772,9 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
         # the invariants already failed it; record every window as broken.
         log.warning("the subject cannot read the windows (%s): every preview window is "
                     "recorded as broken", str(exc).split(";")[0])
-        preview = _unscored(baseline.sets["preview"], kind)
+        preview = _unscored(base_preview, kind)
     catastrophic = gate.is_catastrophic(
-        kind, gate.summarize(kind, _paired(baseline.sets["preview"], preview)),
+        kind, gate.summarize(kind, _paired(base_preview, preview)),
         inputs.policy.primary_metric)
     final = sequential = None
     if not intact:
@@ -637,9 +782,8 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
     elif catastrophic:
         log.warning("preview ratio beyond the catastrophic limit: final set not evaluated")
     else:
-        final, sequential = _score_final(inputs, plan, baseline, preview, req, timer, model,
-                                         _taps(guards, model, "subject", "final"),
-                                         baseline.sets["final"].distribution)
+        final, sequential = _score_final(inputs, plan, baseline, base_preview, preview, req,
+                                         timer, model, _taps(guards, model, "subject", "final"))
     ctx.scores = {"preview": preview, "final": final}
     with loading.weights_on_host(model):
         outcomes = guards.finish(ctx)
@@ -655,21 +799,27 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
 
 
 def _score_final(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
-                 preview: Any, req: CertifyRequest, timer: _Timer, model: Any,
-                 taps: Any, dist: Any = None) -> tuple[Any, Any]:
-    """The final set, in looks that may stop it early when the sequential design is on;
-    `dist` is the baseline's compact distribution the subject is compared with."""
+                 base_preview: Any, preview: Any, req: CertifyRequest, timer: _Timer,
+                 model: Any, taps: Any) -> tuple[Any, Any]:
+    """The final set, in looks that may stop it early when the sequential design is on; the
+    baseline scores each block first (when it has not yet), and the subject's token
+    distributions are compared with the baseline's on the same windows."""
     final_set = plan.windows.final
-    design = sequential_run.design_for(inputs.policy, final_set.n)
+    scores = baseline.scores
+
+    def score(windows: WindowSet) -> Any:
+        return _score(inputs, req, timer, model, windows, "subject", taps,
+                      scores.sets["final"].distribution)
+
+    design = _design(inputs, plan)
     if design is None:
-        return _score(inputs, req, timer, model, final_set, "subject", taps, dist), None
-    base = baseline.sets
+        scores.upto("final", final_set.n)
+        return score(final_set), None
     return sequential_run.evaluate_in_looks(
-        lambda windows: _score(inputs, req, timer, model, windows, "subject", taps, dist),
-        final_set, base["final"], inputs.kind, design,
+        score, final_set, lambda n: scores.upto("final", n), inputs.kind, design,
         sequential_run.threshold_for(inputs.kind, inputs.policy),
-        sequential_run.preview_floor(inputs.kind, base["preview"].tokens,
-                                     base["preview"].values, preview.values))
+        sequential_run.preview_floor(inputs.kind, base_preview.tokens, base_preview.values,
+                                     preview.values))
 
 
 def _placement(req: CertifyRequest) -> dict[str, Any]:
@@ -687,7 +837,7 @@ def judge(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
     from invarlock.models import source
 
     windows = plan.windows
-    evaluated, base_sets = _evaluated(windows, baseline.sets, subject.sequential)
+    evaluated, base_sets = _evaluated(windows, baseline.sets, subject.sets)
     match = _match(evaluated, base_sets, subject.sets)
     if match < 1.0:
         raise EvidenceError(f"pairing broken: only {match:.2%} of windows were fed to both "
@@ -715,17 +865,21 @@ def judge(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvidence,
     decision = gate.decide(checks, [*gate.primary_gating(evidence.floor),
                                     *distribution_gate.gating(limits, dist is not None),
                                     *subject.gating])
-    return Judgement(match, pm, decision, evidence, dist)
+    return Judgement(match, pm, decision, evidence, dist, base_sets)
 
 
 def _evaluated(windows: WindowPlan, base_sets: dict[str, Any],
-               sequential: Any) -> tuple[WindowPlan, dict[str, Any]]:
-    """The plan and the baseline's results cut to the final windows actually evaluated."""
-    if sequential is None:
-        return windows, base_sets
-    n = sequential.stopped_at
-    return (dataclasses.replace(windows, final=sequential_run.evaluated(windows.final, n)),
-            {**base_sets, "final": sequential_run.head_scores(base_sets["final"], n)})
+               subj_sets: dict[str, Any]) -> tuple[WindowPlan, dict[str, Any]]:
+    """The plan and the baseline's results cut to the windows the subject was evaluated on
+    (the design's preview cut, the final windows up to the look that decided; none of the
+    final set when it was not evaluated)."""
+    cut = {name: 0 if subj_sets[name] is None else len(subj_sets[name].window_ids)
+           for name in WINDOW_SETS}
+    plan = dataclasses.replace(windows, **{
+        name: sequential_run.evaluated(getattr(windows, name), n)
+        for name, n in cut.items() if subj_sets[name] is not None})
+    return plan, {name: sequential_run.head_scores(base_sets[name], n)
+                  for name, n in cut.items()}
 
 
 # --- stage 7: write --------------------------------------------------------------------------
@@ -800,7 +954,7 @@ def _certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvid
                                               inputs.baseline.config, req.adapter, edit_name),
         policy=inputs.policy, tokenizer=inputs.tokenizer, tokenizer_hash=inputs.tokenizer_hash,
         corpus=plan.corpus, windows=plan.windows,
-        baseline=build.Side(baseline.record, baseline.sets),
+        baseline=build.Side(dict(baseline.record), judgement.base_sets),
         subject=build.Side(subject.record, subject.sets), edit=subject.edit_record,
         guards={o.name: o.section for o in subject.outcomes}, match=judgement.match,
         primary=judgement.primary, evidence=judgement.evidence, decision=judgement.decision,
@@ -816,12 +970,19 @@ def _certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvid
 
 # --- helpers ---------------------------------------------------------------------------------
 
+def _weights_on_host(model: Any) -> Any:
+    from invarlock.models import loading
+
+    return loading.weights_on_host(model)
+
+
 def _guard_run(inputs: RunInputs, plan: EvaluationPlan) -> Any:
     from invarlock.guards.measure.run import GuardRun, run_info
 
+    preview_n = sequential_run.preview_needed(_design(inputs, plan), plan.windows.preview.n)
     return GuardRun(inputs.chain, inputs.policy.values.get("guards") or {},
                     run_info(inputs.kind, inputs.device, plan.windows, inputs.chain,
-                             inputs.policy))
+                             inputs.policy, preview_n=preview_n))
 
 
 def _taps(guards: Any, model: Any, role: str, phase: str) -> list[Any]:

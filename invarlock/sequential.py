@@ -172,6 +172,12 @@ class Design:
     the spread of the preview set's differences (`sd_floor`), an independent estimate from
     windows already scored for the catastrophe check: a run that has not yet met a rare bad
     window cannot stop on the small spread of its benign ones.
+
+    Preview: only the first `preview_n` preview windows are scored (the catastrophe check,
+    the VE guard's fit and the σ̂ floor need no more); 0 means the whole preview set. Damage
+    confined to a share r of the windows is unseen, and an early PASS possible, with
+    probability about (1 − r)^(preview_n + n_min): the price of stopping at a small fraction
+    of the windows, which no boundary can avoid.
     """
 
     alpha: float
@@ -179,6 +185,7 @@ class Design:
     n_max: int
     step: int
     share: float = 0.5
+    preview_n: int = 0
 
     def __post_init__(self) -> None:
         _check_alpha(self.alpha)
@@ -186,6 +193,9 @@ class Design:
             raise ValueError(f"the sequential share of alpha must lie in (0, 1), got {self.share}")
         if self.n_min < 2:
             raise ValueError(f"n_min must be at least 2, got {self.n_min}")
+        if self.preview_n != 0 and self.preview_n < 2:
+            raise ValueError(f"preview_n must be at least 2 (or 0: the whole preview set), "
+                             f"got {self.preview_n}")
         look_schedule(self.n_min, self.n_max, self.step)
 
     @property
@@ -218,7 +228,7 @@ class Design:
         return {"method": "gaussian_mixture_asymptotic_cs", "alpha": self.alpha,
                 "share": self.share, "alpha_boundary": self.alpha_boundary,
                 "alpha_fixed": self.alpha_fixed, "n_min": self.n_min, "n_max": self.n_max,
-                "step": self.step, "t_opt": self.n_min}
+                "step": self.step, "t_opt": self.n_min, "preview_n": self.preview_n}
 
 
 def look_schedule(n_min: int, n_max: int, step: int) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.stats import chi2
 
 from invarlock import gate
 from invarlock import sequential as sq
@@ -71,10 +72,13 @@ class SequentialOutcome:
         return f"undecided after {n} of {m} windows: the fixed-design test decides"
 
 
-def design_for(policy: ResolvedPolicy, final_n: int) -> sq.Design | None:
+def design_for(policy: ResolvedPolicy, final_n: int,
+               preview_n: int | None = None) -> sq.Design | None:
     """The run's design from the policy's `sequential` section; None when it is off.
 
-    A set shrunk below n_min (dev, small data) runs the fixed design: there is nothing to save.
+    `final_n` and `preview_n` are the planned set sizes: the design scores at most the
+    section's `preview_n` preview windows (all of them when it names none). A set shrunk
+    below n_min (dev, small data) runs the fixed design: there is nothing to save.
     """
     section = policy.section("sequential")
     enabled = section.get("enabled", False)
@@ -89,6 +93,10 @@ def design_for(policy: ResolvedPolicy, final_n: int) -> sq.Design | None:
     if n_min < calibration:
         raise ConfigError(f"sequential.n_min ({n_min}) is below guards.calibration_windows "
                           f"({calibration}): the guards read that many final windows")
+    planned_preview = policy.windows.preview_n if preview_n is None else preview_n
+    preview_cut = section.get("preview_n", planned_preview)
+    if not isinstance(preview_cut, int) or isinstance(preview_cut, bool) or preview_cut < 2:
+        raise ConfigError(f"sequential.preview_n must be an integer >= 2, got {preview_cut!r}")
     if n_min >= final_n:
         log.info("sequential design off: %d final windows leave no look before the maximum",
                  final_n)
@@ -96,9 +104,22 @@ def design_for(policy: ResolvedPolicy, final_n: int) -> sq.Design | None:
     try:
         return sq.Design(alpha=policy.bootstrap.alpha, n_min=n_min, n_max=final_n,
                          step=int(section.get("step", 0)),
-                         share=float(section.get("alpha_share", 0.0)))
+                         share=float(section.get("alpha_share", 0.0)),
+                         preview_n=min(preview_cut, planned_preview))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"sequential: {exc}") from None
+
+
+def preview_needed(design: sq.Design | None, planned: int) -> int:
+    """Preview windows scored: the design's cut, or the whole set without a design."""
+    return planned if design is None or design.preview_n == 0 else min(design.preview_n,
+                                                                        planned)
+
+
+def final_needed_first(design: sq.Design | None, planned: int) -> int:
+    """Final windows every run scores: up to the first look (the guards' calibration windows
+    are among them), or the whole set without a design."""
+    return planned if design is None else design.looks[0]
 
 
 def threshold_for(kind: MetricKind, policy: ResolvedPolicy) -> float:
@@ -131,9 +152,16 @@ def sequence(design: sq.Design, threshold: float, sd_floor: float,
 
 def preview_floor(kind: MetricKind, tokens: np.ndarray, baseline: np.ndarray,
                   subject: np.ndarray) -> float:
-    """σ̂ floor: the spread of the preview set's differences (0 when it is not finite)."""
+    """σ̂ floor: a one-sided 95% upper confidence bound on the spread of the preview set's
+    differences, s·√((n − 1)/χ²₀.₀₅(n − 1)) (0 when it is not finite).
+
+    The bound, not s itself: the design scores few preview windows, and a floor that is
+    itself underestimated half the time lets skewed subjects pass too often (lognormal at
+    the limit, 32 preview windows: 0.8% with s, 0.4% with the bound, against α 0.5%)."""
     x = differences(kind, tokens, baseline, subject)
-    sd = float(np.std(x, ddof=1)) if x.size > 1 else 0.0
+    if x.size < 2:
+        return 0.0
+    sd = float(np.std(x, ddof=1)) * math.sqrt((x.size - 1) / float(chi2.ppf(0.05, x.size - 1)))
     return sd if math.isfinite(sd) else 0.0
 
 
@@ -142,15 +170,21 @@ def evaluate_in_looks(score: Callable[[Any], Any], windows: Any, baseline: Any, 
                       sd_floor: float) -> tuple[Any, SequentialOutcome]:
     """Score `windows` (the final WindowSet) in blocks ending at the looks and stop at the
     first look that decides; returns the subject's scores on the windows evaluated (a prefix
-    of the plan) and the sequence."""
+    of the plan) and the sequence.
+
+    `baseline` is the baseline's results on the plan, or a callable giving its results on
+    the first n windows (scoring them when needed): it is asked for each block before the
+    subject scores it, so the baseline never runs past the look that decides."""
+    upto_baseline = baseline if callable(baseline) else lambda n: head_scores(baseline, n)
     parts: list[Any] = []
     done = 0
     while True:
         upto = design.next_look(done)
+        base = upto_baseline(upto)
         parts.append(score(window_range(windows, done, upto)))
         done = upto
         scores = concatenate(parts)
-        x = differences(kind, baseline.tokens[:done], baseline.values[:done], scores.values)
+        x = differences(kind, base.tokens, base.values, scores.values)
         outcome = sequence(design, threshold, sd_floor, x)
         if outcome.result is None or outcome.early or done >= design.n_max:
             log.info("sequential: %s", outcome.reason)

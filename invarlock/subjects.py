@@ -1,8 +1,10 @@
 """Several subjects against one baseline in one run: the baseline is evaluated once.
 
 Every subject is resolved and its tokenizer checked before anything is evaluated; then the
-baseline's results come from one evaluation (or the cache), the baseline model leaves, and
-the subjects are loaded and certified one at a time through `certify.certify_subject`. Each
+baseline's results come from one evaluation (or the cache), the baseline either stays
+resident beside each subject (lockstep: later windows are scored as a subject's looks need
+them, and every later subject reuses them) or scores the whole plan and leaves, and the
+subjects are loaded and certified one at a time through `certify.certify_subject`. Each
 gets its own folder ``<out>/<name>/`` with its certificate; the output folder also gets
 ``index.json`` (sealed: see `invarlock.subject_index`) and ``index.md``, one row per
 subject. The run's exit code is the worst of the subjects' (PASS 0 < FAIL 1 < input error 2
@@ -99,9 +101,20 @@ def _run(pipeline: Any, req: Any, specs: Sequence[str], inputs: Any, shared: Any
             raise InputError(f"cannot write a certificate folder at '{target}': a file is there")
     plan = pipeline.plan_evaluation(inputs, req, shared)
     baseline, base_model = pipeline.evaluate_baseline(inputs, plan, req, shared)
-    if base_model is not None:  # None: its results came from the cache
-        del base_model  # one model resident at a time: the baseline leaves first
-        pipeline._release_memory()
+    del base_model  # the baseline's schedule decides whether it stays beside each subject
+    pipeline.settle_baseline(inputs, plan, req, baseline)
+    try:
+        return _each(pipeline, req, specs, inputs, shared, started, checked, names, plan,
+                     baseline)
+    finally:
+        baseline.resident.release()
+
+
+def _each(pipeline: Any, req: Any, specs: Sequence[str], inputs: Any, shared: Any,
+          started: float, checked: list[Any], names: list[str], plan: Any,
+          baseline: Any) -> SubjectsOutcome:
+    """Certify the subjects one at a time against the shared baseline; write the index."""
+    out_dir = inputs.out_dir
     shared_seconds = time.perf_counter() - started
 
     results = []

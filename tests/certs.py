@@ -57,13 +57,16 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
                       "dataset": {"preview_n": n, "final_n": n, "seq_len": 128},
                       "eval": {"bootstrap": {"replicates": replicates}}})
     sets = {name: _arrays(rng, n, shift, kind) for name in ("preview", "final")}
-    paired = {k: gate.PairedArrays(*v) for k, v in sets.items()}
-    prev_summary = gate.summarize(kind, paired["preview"])
+    # a design scores only its preview cut, as certify does; the fixed design all of it
+    previewed = sequential_run.preview_needed(
+        sequential_run.design_for(policy, n, n) if sequential else None, n)
+    preview = gate.PairedArrays(*(a[:previewed] for a in sets["preview"]))
+    prev_summary = gate.summarize(kind, preview)
     catastrophic = gate.is_catastrophic(kind, prev_summary, policy.primary_metric)
-    looks = _looks(kind, policy, sets, n) if sequential and not catastrophic else None
+    looks = _looks(kind, policy, preview, sets, n) if sequential and not catastrophic else None
     evaluated = n if looks is None else looks.stopped_at
     final = None if catastrophic else gate.PairedArrays(*(a[:evaluated] for a in sets["final"]))
-    pm = gate.primary_metric(kind, paired["preview"], final, policy.primary_metric,
+    pm = gate.primary_metric(kind, preview, final, policy.primary_metric,
                              sequential_run.fixed_bootstrap(
                                  policy.bootstrap, looks.design if looks else None))
     ids = rng.permutation(4 * n)
@@ -85,12 +88,13 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
 
     def window_set(name: str, offset: int) -> dict[str, Any]:
         tokens, base, subj = sets[name]
-        scored = n if name == "preview" else 0 if catastrophic else evaluated
+        scored = previewed if name == "preview" else 0 if catastrophic else evaluated
         return {
             "ids": [int(i) for i in ids[offset:offset + n]],
             "sha256": [hashlib.sha256(f"{name}{i}".encode()).hexdigest() for i in range(n)],
-            "tokens": [int(t) for t in tokens],
-            "baseline": [float(v) for v in base],
+            # the baseline is evaluated on the windows the subject is: a prefix of the plan
+            "tokens": [int(t) for t in tokens[:scored]],
+            "baseline": [float(v) for v in base[:scored]],
             "subject": [float(v) for v in subj[:scored]],
         }
 
@@ -138,14 +142,16 @@ def synthetic_certificate(*, shift: float = 0.0, n: int = 32, seed: int = 0,
     return document.seal(cert)
 
 
-def _looks(kind: MetricKind, policy: Any, sets: dict[str, Any],
+def _looks(kind: MetricKind, policy: Any, preview: gate.PairedArrays, sets: dict[str, Any],
            n: int) -> sequential_run.SequentialOutcome:
     """The sequence as certify runs it: the looks over the final differences in order, the
-    run cut at the first look that decides (or at the maximum)."""
-    design = sequential_run.design_for(policy, n)
+    run cut at the first look that decides (or at the maximum); the standard-deviation floor
+    from the preview windows scored."""
+    design = sequential_run.design_for(policy, n, n)
     assert design is not None
     threshold = sequential_run.threshold_for(kind, policy)
-    floor = sequential_run.preview_floor(kind, *sets["preview"])
+    floor = sequential_run.preview_floor(kind, preview.tokens, preview.baseline,
+                                         preview.subject)
     x = sequential_run.differences(kind, *sets["final"])
     stop = design.run(x, threshold=threshold, sd_floor=floor).stopped_at
     return sequential_run.sequence(design, threshold, floor, x[:stop])

@@ -1,6 +1,9 @@
 """End to end on the bundled demo model (dev profile, 64 + 64 windows of 128 tokens): a clear
-PASS (INT8) and a clear FAIL (2-bit) stop at the first look, a subject at its limit runs to
-the maximum, every certificate verifies, and `verify` rejects altered or reordered looks."""
+PASS (INT8) and a clear FAIL (2-bit) stop at the first look and score only the design's 32
+preview windows, with the baseline scored no further than the decision needed (windows
+forwarded are counted, not timed); a subject at its limit runs to the maximum and extends the
+cached baseline; one model at a time (blocks) gives the same decision; every certificate
+verifies, and `verify` rejects altered or reordered looks."""
 
 from __future__ import annotations
 
@@ -31,29 +34,98 @@ EXTRA = {
 }
 
 
-def _certify(tmp: Path, name: str, cache: Path) -> tuple[int, dict, dict]:
+def _certify(tmp: Path, name: str, cache: Path, out: str | None = None,
+             ) -> tuple[int, dict, dict, dict[str, int]]:
+    """One certify run; also the windows each side forwarded through its model."""
+    from invarlock import certify
+
+    forwarded = {"baseline": 0, "subject": 0}
+    score = certify._score
+
+    def counted(inputs, req, timer, model, windows, label, *args, **kwargs):
+        forwarded[label] += windows.n
+        return score(inputs, req, timer, model, windows, label, *args, **kwargs)
+
     edit = tmp / f"{name}.edit.yaml"
     edit.write_text(EDITS.get(name, EDITS["int8"]))
     preset = tmp / f"{name}.yaml"
     preset.write_text(PRESET + EXTRA[name])
-    result = CliRunner().invoke(main, [
-        "certify", "--profile", "dev", "--edit", "quant_rtn", "--edit-config", str(edit),
-        "--preset", str(preset), "--out", str(tmp / name), "--cache-dir", str(cache), "--json"],
-        catch_exceptions=False)
+    out_dir = tmp / (out or name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(certify, "_score", counted)
+        result = CliRunner().invoke(main, [
+            "certify", "--profile", "dev", "--edit", "quant_rtn", "--edit-config", str(edit),
+            "--preset", str(preset), "--out", str(out_dir), "--cache-dir", str(cache),
+            "--json"], catch_exceptions=False)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    cert = json.loads((tmp / name / document.CERT_FILENAME).read_text(encoding="utf-8"))
-    return result.exit_code, summary, cert
+    cert = json.loads((out_dir / document.CERT_FILENAME).read_text(encoding="utf-8"))
+    return result.exit_code, summary, cert, forwarded
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[int, dict, dict]]:
+def runs(tmp_path_factory) -> dict[str, tuple[int, dict, dict, dict[str, int]]]:
+    """In order, one cache: int8 fills it (32 preview + 32 final baseline windows), rtn2
+    reads it, borderline extends it to every final window."""
     tmp = tmp_path_factory.mktemp("seqdemo")
     cache = tmp / "cache"
-    return {name: _certify(tmp, name, cache) for name in ("int8", "rtn2", "borderline")}
+    out = {name: _certify(tmp, name, cache) for name in ("int8", "rtn2", "borderline")}
+    entries = list(cache.rglob("*.json"))
+    assert len(entries) == 1
+    out["cache_entry"] = json.loads(entries[0].read_text(encoding="utf-8"))
+    return out
+
+
+def test_clear_cases_score_only_the_preview_cut_and_the_baseline_the_decision_needs(runs):
+    """Fixed design: 64 + 64 windows through each model (256). INT8 with a fresh cache
+    forwards 32 + 32 per side; 2-bit, with the baseline from the cache, only its own."""
+    for name in ("int8", "rtn2"):
+        cert = runs[name][2]
+        assert [len(cert["windows"]["preview"][k]) for k in ("ids", "subject", "baseline")] \
+            == [64, 32, 32]
+        assert len(cert["windows"]["final"]["baseline"]) == 32
+        assert cert["sequential"]["design"]["preview_n"] == 32
+        assert cert["baseline"]["schedule"] == "lockstep"
+    assert runs["int8"][3] == {"baseline": 64, "subject": 64}
+    assert runs["rtn2"][3] == {"baseline": 0, "subject": 64}
+    assert runs["rtn2"][2]["baseline"]["results_from_cache"]
+
+
+def test_a_borderline_run_extends_the_cached_baseline_look_by_look(runs):
+    """The cache held 32 final windows: the borderline run scores the baseline's other 32
+    beside its own, and the entry then holds all 64 for later subjects."""
+    assert runs["borderline"][3] == {"baseline": 32, "subject": 32 + 64}
+    sets = runs["cache_entry"]["payload"]["sets"]
+    assert (len(sets["preview"]["values"]), len(sets["final"]["values"])) == (32, 64)
+    cert = runs["borderline"][2]
+    assert cert["baseline"]["cache_payload_digest"] == runs["cache_entry"]["payload_digest"]
+
+
+def test_one_model_at_a_time_scores_the_baseline_ahead_and_decides_the_same(
+        runs, tmp_path, monkeypatch):
+    """With no memory for a second model (blocks) the baseline scores the rest of the plan
+    before the subject loads; the subject still stops at its first look."""
+    from invarlock.models import device
+
+    monkeypatch.setattr(device, "free_memory", lambda _device: 0)
+    code, _, cert, forwarded = _certify(tmp_path, "int8", tmp_path / "cache")
+    assert (code, cert["sequential"]["stopped_at"]) == (0, 32)
+    assert cert["baseline"]["schedule"] == "blocks"
+    assert forwarded == {"baseline": 32 + 64, "subject": 32 + 32}
+    assert cert["sequential"] == runs["int8"][2]["sequential"]
+    assert verify_certificate(cert).differences == ()
+
+
+def test_verify_rejects_a_preview_other_than_the_designs_cut(runs):
+    def more(c: dict) -> None:
+        ws = c["windows"]["preview"]
+        for field in ("tokens", "baseline", "subject"):
+            ws[field] = ws[field] + ws[field][:1]
+    report = verify_certificate(_resealed(runs["int8"][2], more))
+    assert any("the design scores the first 32" in d for d in report.differences)
 
 
 def test_int8_passes_at_the_first_look(runs):
-    code, summary, cert = runs["int8"]
+    code, summary, cert, _ = runs["int8"]
     seq = cert["sequential"]
     assert (code, summary["verdict"], seq["decision"], seq["stopped_at"]) == (0, "PASS", "pass", 32)
     assert len(cert["windows"]["final"]["subject"]) == 32 < len(cert["windows"]["final"]["ids"])
@@ -74,14 +146,14 @@ def test_the_markdown_says_where_it_decided_and_lists_every_look(runs):
 
 
 def test_2bit_fails_at_the_first_look(runs):
-    code, summary, cert = runs["rtn2"]
+    code, summary, cert, _ = runs["rtn2"]
     assert (code, summary["verdict"], cert["sequential"]["decision"]) == (1, "FAIL", "fail")
     assert cert["sequential"]["stopped_at"] == 32
     assert "decided after 32 of 64" in cert["verdict"]["explanations"]["primary_metric_acceptable"]
 
 
 def test_a_subject_at_its_limit_runs_to_the_maximum(runs):
-    _, _, cert = runs["borderline"]
+    _, _, cert, _ = runs["borderline"]
     seq = cert["sequential"]
     assert (seq["decision"], seq["early"], seq["stopped_at"]) == ("continue", False, 64)
     assert [look["windows"] for look in seq["looks"]] == [32, 40, 48, 56, 64]
@@ -126,7 +198,8 @@ def test_verify_rejects_windows_evaluated_past_the_deciding_look(runs):
     int8, borderline = runs["int8"][2], runs["borderline"][2]
 
     def pad(c: dict) -> None:
-        c["windows"]["final"]["subject"] = borderline["windows"]["final"]["subject"][:40]
+        for field in ("tokens", "baseline", "subject"):
+            c["windows"]["final"][field] = borderline["windows"]["final"][field][:40]
         c["sequential"]["stopped_at"] = 40
     report = verify_certificate(_resealed(int8, pad))
     assert any("already decided" in d for d in report.differences), report.differences

@@ -123,11 +123,11 @@ def _policy(profile: str):
 
 
 def test_the_profiles_turn_it_on_in_dev_and_ci_and_off_in_release():
-    assert sr.design_for(_policy("dev"), 64) == sq.Design(0.05, 32, 64, 8, 0.2)
-    assert sr.design_for(_policy("ci"), 200) == sq.Design(0.05, 32, 200, 16, 0.2)
+    assert sr.design_for(_policy("dev"), 64) == sq.Design(0.05, 32, 64, 8, 0.2, 32)
+    assert sr.design_for(_policy("ci"), 200) == sq.Design(0.05, 32, 200, 16, 0.2, 32)
     assert sr.design_for(_policy("release"), 400) is None
     on = resolve({"auto": {"profile": "release", "sequential": True}})
-    assert sr.design_for(on, 400) == sq.Design(0.05, 64, 400, 32, 0.2)
+    assert sr.design_for(on, 400) == sq.Design(0.05, 64, 400, 32, 0.2, 64)
     off = resolve({"auto": {"profile": "ci", "sequential": False}})
     assert sr.design_for(off, 200) is None
 
@@ -136,11 +136,23 @@ def test_a_set_no_larger_than_n_min_runs_the_fixed_design():
     assert sr.design_for(_policy("dev"), 32) is None
 
 
+def test_the_preview_is_cut_to_the_profiles_count_and_never_past_the_plan():
+    """Only the preview windows the catastrophe check, the VE fit and the σ̂ floor use are
+    scored; without a design the whole preview set is."""
+    ci = sr.design_for(_policy("ci"), 200, 200)
+    assert ci.preview_n == 32 and ci.as_dict()["preview_n"] == 32
+    assert sr.preview_needed(ci, 200) == 32
+    assert sr.design_for(_policy("dev"), 64, 20).preview_n == 20  # a shrunk plan
+    assert sr.preview_needed(None, 200) == 200
+    assert sr.final_needed_first(ci, 200) == 32 and sr.final_needed_first(None, 200) == 200
+
+
 @pytest.mark.parametrize("values, message", [
     ({"n_min": 10}, "n_min must be an integer >= 25"),
     ({"n_min": 30}, "below guards.calibration_windows"),
     ({"enabled": "yes"}, "true or false"),
     ({"alpha_share": 1.5}, "share"),
+    ({"preview_n": 1}, "preview_n must be an integer >= 2"),
 ])
 def test_bad_sequential_policies_are_named(values, message):
     policy = resolve({"auto": {"profile": "ci"}})
@@ -225,3 +237,12 @@ def test_several_subjects_each_stop_on_their_own_and_every_certificate_verifies(
         cert = json.loads(path.read_text(encoding="utf-8"))
         assert cert["sequential"]["stopped_at"] in (32, 40, 48)
         assert verify_certificate(cert).differences == ()
+
+
+def test_the_sigma_floor_is_an_upper_confidence_bound_on_the_preview_spread():
+    """s·√((n−1)/χ²₀.₀₅(n−1)): 1.268 × s for the 32 preview windows of ci and dev."""
+    x = np.random.default_rng(4).normal(0.0, 0.05, 32)
+    ones = np.ones(32)
+    floor = sr.preview_floor(MetricKind.PPL_CAUSAL, ones, np.zeros(32), x)
+    assert floor == pytest.approx(1.2680049 * x.std(ddof=1), rel=1e-6)
+    assert sr.preview_floor(MetricKind.PPL_CAUSAL, ones[:1], np.zeros(1), x[:1]) == 0.0

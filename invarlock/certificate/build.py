@@ -128,8 +128,10 @@ def edit_record(result: Any) -> dict[str, Any]:
 
 def windows_section(plan: WindowPlan, base_sets: Mapping[str, Any],
                      subj_sets: Mapping[str, Any]) -> dict[str, Any]:
-    """The plan and every window's value on each side, so a verifier can recompute the
-    interval; a subject window that broke is null."""
+    """The plan (ids, hashes) and each side's values on the windows the subject was
+    evaluated on (a prefix of each set: the design's preview cut, the final windows up to
+    the look that decided), so a verifier can recompute the interval; a subject window
+    that broke is null."""
     def one(name: str) -> dict[str, Any]:
         windows: WindowSet = getattr(plan, name)
         base, subj = base_sets[name], subj_sets[name]

@@ -248,3 +248,21 @@ def _glibc() -> ctypes.CDLL | None:
     except OSError:
         return None
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def free_memory(device: str, meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes a second model could still take on `device`: the free memory of a CUDA device,
+    the host's MemAvailable otherwise (the model lives in host memory); None when unknown."""
+    if device.startswith("cuda"):
+        try:
+            free, _total = torch.cuda.mem_get_info(torch.device(device))
+        except (RuntimeError, AssertionError):
+            return None
+        return int(free)
+    try:
+        for line in meminfo.read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -15,7 +15,7 @@ from invarlock.errors import ConfigError
 from invarlock.policy import ResolvedPolicy, evidence_floor, weakened_settings
 from invarlock.verification.findings import Findings
 from invarlock.verification.guards import guard_modes, recheck_guards, stopping_guard
-from invarlock.verification.sequential import recheck_sequence
+from invarlock.verification.sequential import planned_design, recheck_sequence
 from invarlock.verification.windows import Sets, recomputed_overlap
 
 
@@ -166,7 +166,7 @@ def _interval_alpha(cert: Mapping[str, Any], policy: ResolvedPolicy) -> float:
     if cert.get("sequential") is None:
         return policy.bootstrap.alpha
     try:
-        design = sequential_run.design_for(policy, len(cert["windows"]["final"]["ids"]))
+        design = planned_design(cert, policy)
     except ConfigError:
         return policy.bootstrap.alpha  # reported by the sequence's own recheck
     return policy.bootstrap.alpha if design is None else design.alpha_fixed

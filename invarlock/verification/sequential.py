@@ -25,7 +25,7 @@ def recheck_sequence(cert: Mapping[str, Any], policy: ResolvedPolicy, sets: Sets
     or at the maximum. An altered, dropped or reordered look or difference shows here."""
     stored = cert.get("sequential")
     try:
-        design = sequential_run.design_for(policy, len(cert["windows"]["final"]["ids"]))
+        design = planned_design(cert, policy)
     except ConfigError as exc:
         found.differ("sequential", f"the policy's sequential design is invalid ({exc})")
         return None
@@ -66,3 +66,27 @@ def _sequence_note(outcome: sequential_run.SequentialOutcome) -> str:
     decision = "nonfinite" if result is None else result.decision.value
     ended = sequential_phrase(outcome.stopped_at, outcome.design.n_max, decision)
     return f"sequential test {ended}; {looks} look(s) recomputed from the stored differences"
+
+
+def planned_design(cert: Mapping[str, Any], policy: ResolvedPolicy) -> Any:
+    """The policy's sequential design for the planned sets of this certificate (None: off)."""
+    win = cert["windows"]
+    return sequential_run.design_for(policy, len(win["final"]["ids"]), len(win["preview"]["ids"]))
+
+
+def check_evaluated_counts(cert: Mapping[str, Any], policy: ResolvedPolicy,
+                           found: Findings) -> None:
+    """The preview windows evaluated are exactly the design's cut (the whole set without a
+    design): a run that scored fewer, or more and kept the ones it liked, shows here."""
+    win = cert["windows"]
+    try:
+        design = planned_design(cert, policy)
+    except ConfigError:
+        return  # reported by the sequence's own recheck
+    planned = len(win["preview"]["ids"])
+    expected = sequential_run.preview_needed(design, planned)
+    n = len(win["preview"]["subject"])
+    if n != expected:
+        why = (f"the design scores the first {expected}" if design is not None
+               else f"the fixed design scores all {planned}")
+        found.differ("windows.preview.subject", f"{n} windows evaluated, but {why}")

@@ -65,8 +65,12 @@ class GuardRun:
             self._seconds[name] += time.perf_counter() - started
 
     def _settings_of(self, name: str) -> dict[str, Any]:
-        return {"format": CACHE_FORMAT, "calibration_windows": int(self.info.calibration_ids.size),
-                "seed": self.info.seed, **dict(self.probes[name].cache_settings)}
+        settings = {"format": CACHE_FORMAT,
+                    "calibration_windows": int(self.info.calibration_ids.size),
+                    "seed": self.info.seed, **dict(self.probes[name].cache_settings)}
+        if settings.get("fit") == "preview":  # a state summed over the preview windows
+            settings["preview_windows"] = int(self.info.preview_ids.size)
+        return settings
 
     def restore(self, payload: Mapping[str, Any] | None) -> bool:
         """Take the baseline states from a cache payload; False if any is missing or stale."""
@@ -154,10 +158,13 @@ class GuardRun:
         return gating_flags(outcomes)
 
 
-def run_info(kind: Any, device: str, plan: Any, settings: ChainSettings, policy: Any) -> RunInfo:
+def run_info(kind: Any, device: str, plan: Any, settings: ChainSettings, policy: Any,
+             preview_n: int | None = None) -> RunInfo:
+    """`preview_n`: the preview windows the run scores (a sequential design's cut; all of
+    them by default)."""
     k = min(settings.calibration_windows, plan.final.n)
     return RunInfo(kind=kind, device=device, seed=int(plan.seed),
-                   preview_ids=np.asarray(plan.preview.window_ids, dtype=np.int64),
+                   preview_ids=np.asarray(plan.preview.window_ids[:preview_n], dtype=np.int64),
                    calibration_ids=np.asarray(plan.final.window_ids[:k], dtype=np.int64),
                    replicates=int(policy.bootstrap.replicates),
                    ci_alpha=float(policy.bootstrap.alpha),
