@@ -10,7 +10,6 @@ needs (links, truncation within GitHub's limits).
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,7 +97,7 @@ def check_output(report: Report) -> CheckOutput:
     text = ""
     cert = report.outcome.certificate
     if cert is not None:
-        full = cert_md.render(display_certificate(cert))
+        full = cert_md.render(cert)
         text = fit([origin.table(cert), full], "", OUTPUT_LIMIT, _truncation_notice(report))
     return CheckOutput(title(report), summary, text)
 
@@ -106,72 +105,6 @@ def check_output(report: Report) -> CheckOutput:
 def short_report(report: Report) -> str:
     """A few lines for when GitHub refuses the full report: headline and links only."""
     return "\n\n".join([headline(report), footer(report)]) + "\n"
-
-
-# ----------------------------------------------------------------------------- untrusted text
-
-# The free text of a certificate that `invarlock.certificate.markdown` writes into Markdown
-# as it is. A certificate's digest authenticates nothing (anyone can recompute it), so for a
-# pull request these are escaped first: plain text with `untrusted.markdown`; the fields it
-# shows in code spans (where a backslash is literal) kept on one line without backticks.
-_TEXT_FIELDS = (("environment", "device", "name"), ("environment", "device", "type"),
-                ("environment", "python"), ("created_at",), ("tool", "version"),
-                ("tokenizer", "class"), ("baseline", "architecture"),
-                ("subject", "architecture"), ("baseline", "dtype"), ("subject", "dtype"),
-                *((role, "format", key) for role in ("baseline", "subject")
-                  for key in ("method", "file_type", "backend", "backend_version")))
-_CODE_FIELDS = (("baseline", "source"), ("subject", "source"), ("dataset", "spec"),
-                ("run_id",), ("edit", "name"))
-
-
-def display_certificate(cert: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `cert` whose free text is safe in Markdown (for rendering only)."""
-    shown = copy.deepcopy(cert)
-    for path in _TEXT_FIELDS:
-        _update(shown, path, untrusted.markdown)
-    for path in _CODE_FIELDS:
-        _update(shown, path, _in_code)
-    env = shown.get("environment")
-    if isinstance(env, dict) and isinstance(env.get("libraries"), dict):
-        env["libraries"] = {untrusted.markdown(k): untrusted.markdown(v) if v else v
-                            for k, v in env["libraries"].items()}
-    verdict = shown.get("verdict")
-    if isinstance(verdict, dict):
-        if isinstance(verdict.get("reasons"), list):
-            verdict["reasons"] = [untrusted.markdown(r) for r in verdict["reasons"]]
-        if isinstance(verdict.get("explanations"), dict):
-            verdict["explanations"] = {k: untrusted.markdown(v)
-                                       for k, v in verdict["explanations"].items()}
-    policy = shown.get("policy")
-    if isinstance(policy, dict) and isinstance(policy.get("overrides"), list):
-        policy["overrides"] = [_in_code(o) for o in policy["overrides"]]
-    guards = shown.get("guards")
-    for guard in (guards.values() if isinstance(guards, dict) else ()):
-        if not isinstance(guard, dict):
-            continue
-        _update(guard, ("reason",), untrusted.markdown)
-        for finding in guard.get("findings") or ():
-            if isinstance(finding, dict):
-                for key in ("message", "family", "kind"):
-                    _update(finding, (key,), untrusted.markdown)
-                _update(finding, ("module",), _in_code)
-        families = (guard.get("summary") or {}).get("families")
-        for family in (families.values() if isinstance(families, dict) else ()):
-            if isinstance(family, dict):
-                _update(family, ("top_module",), _in_code)
-    return shown
-
-
-def _update(data: dict[str, Any], path: tuple[str, ...], escape: Any) -> None:
-    for key in path[:-1]:
-        data = data.get(key) if isinstance(data, dict) else None  # type: ignore[assignment]
-    if isinstance(data, dict) and isinstance(data.get(path[-1]), str):
-        data[path[-1]] = escape(data[path[-1]])
-
-
-def _in_code(text: object) -> str:
-    """Text for inside a code span: one line, no backtick to close it."""
-    return untrusted.plain(text).replace("`", "'")
 
 
 # ----------------------------------------------------------------------------- sections
@@ -182,7 +115,7 @@ def sections(report: Report) -> list[str]:
     outcome = report.outcome
     if outcome.certificate is None:
         return [headline(report)]
-    cert = display_certificate(outcome.certificate)
+    cert = outcome.certificate  # the certificate's renderers escape every string they take
     chart = gate_chart(cert)
     return [
         headline(report),
