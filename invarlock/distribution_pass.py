@@ -172,20 +172,25 @@ class RowStats:
         p_top, p_tail = ref["top"][s], ref["tail"][s]
         q_top = (self.at_ref[s].double() - log_z[:, None]).float()
         p, q = p_top.exp(), q_top.exp()
-        p_mass, q_mass = p.sum(dim=1, dtype=torch.float64), q.sum(dim=1, dtype=torch.float64)
+        q_mass = q.sum(dim=1, dtype=torch.float64)
         q_tail = _tail(q_mass).float().double()  # rounded as the baseline's stored tail
         d = p_top - q_top
         fwd_top = (p * d).sum(dim=1, dtype=torch.float64)      # Σ_top p log(p/q)
         rev_top = -(q * d).sum(dim=1, dtype=torch.float64)     # Σ_top q log(q/p)
         # the top entries and the tail as one outcome, plus the tail's own divergence
         # estimated by that of the top entries renormalised (invarlock.distribution):
-        # Σ (p/P)(log(p/P) − log(q/Q)) = Σ_top p log(p/q) / P − log(P/Q), P and Q the top masses
-        log_ratio = p_mass.log() - q_mass.log()
+        # Σ (p/P)(log(p/P) − log(q/Q)) = Σ_top (p/P) log(p/q) − log(P/Q), P and Q the top
+        # masses. Taken in log space: a subject that moves its mass off the baseline's top
+        # entries (a spiked logit elsewhere) has Q below float range, not 0/0.
+        p_top64, q_top64 = p_top.double(), q_top.double()
+        log_ratio = p_top64.logsumexp(dim=1) - q_top64.logsumexp(dim=1)
+        fwd_norm = (p_top64.softmax(dim=1) * d).sum(dim=1)      # Σ_top (p/P) log(p/q)
+        rev_norm = -(q_top64.softmax(dim=1) * d).sum(dim=1)     # Σ_top (q/Q) log(q/p)
         p_rest, q_rest = p_tail.exp(), q_tail.exp()
         forward = (fwd_top + p_rest * (p_tail - q_tail)
-                   + p_rest * (fwd_top / p_mass - log_ratio))
+                   + p_rest * (fwd_norm - log_ratio))
         reverse = (rev_top + q_rest * (q_tail - p_tail)
-                   + q_rest * (rev_top / q_mass + log_ratio))
+                   + q_rest * (rev_norm + log_ratio))
         self.owner.out.append({
             "kld": forward.clamp(min=0.0), "kld_reverse": reverse.clamp(min=0.0),
             # the subject's largest logit is its logit at the baseline's top token (a tie

@@ -144,6 +144,26 @@ def test_results_do_not_depend_on_the_batch_size_or_window_subset(gpt2):
                                atol=1e-8)
 
 
+def test_mass_moved_off_the_baseline_top_entries_gives_finite_large_divergences(gpt2):
+    """A logit spiked far above the rest (the zoo's spiked embedding rows): the subject's
+    mass on the baseline's top entries is below float range. Both divergences stay finite
+    (not 0/0) and the forward one large (not a −inf clamped to 0)."""
+    subj = copy.deepcopy(gpt2)
+    spike = torch.zeros(gpt2.config.vocab_size)
+    spike[int(np.argmin(np.bincount(causal_windows(n=3, seq_len=16).input_ids.ravel(),
+                                    minlength=spike.numel())))] = 1e4
+    head = subj.get_output_embeddings()
+    hook = head.register_forward_hook(lambda _m, _i, out: out + spike)
+    try:
+        _, s = _pair(gpt2, subj, causal_windows(n=3, seq_len=16), 8)
+    finally:
+        hook.remove()
+    c = s.distribution
+    assert np.isfinite(c.kld).all() and np.isfinite(c.kld_reverse).all()
+    assert c.kld.min() > 10.0  # nats: q ≈ e^-10000 on every top entry
+    assert not c.same_top.any()
+
+
 def test_a_reference_from_other_windows_is_an_evidence_error(gpt2):
     b = evaluate_windows(gpt2, causal_windows(n=2, seq_len=16), kind="ppl_causal",
                          device="cpu", distribution=8)

@@ -4,8 +4,9 @@ Per run the zoo (or `invarlock calibrate`) records the upper bound of mean KLD's
 interval (`kld_mean_high`), the lower bound of "same top p" (`same_top_p_low`) and the 99%
 KLD point (`kld_p99`) and whether the primary metric passed (`primary_ok`); the committed
 rows are `policies/calibration/distribution.csv`. The null is the benign runs the primary
-metric passes (`benign`). The rule, one factor f per tier (conservative 1.5, balanced 2,
-aggressive 4 — the "twice the largest benign value" of the whole-model limits for balanced):
+metric passes, less the zoo's uncalibrated families (`benign`). The rule, one factor f per
+tier (conservative 1.5, balanced 2, aggressive 4 — the "twice the largest benign value" of
+the whole-model limits for balanced):
 
 - `kld_mean_upper` = f × the largest null `kld_mean_high` over every model, rounded up to
   two significant digits;
@@ -32,6 +33,9 @@ COLUMNS = ("model", "family", "kind", "seed", "ratio", "primary_ok", "kld_mean",
 MEASURED = COLUMNS[6:]
 _TEXT = ("model", "family", "kind")
 _PRIMARY_FLAGS = ("not_catastrophic", "primary_metric_acceptable")
+# zoo_run.UNCALIBRATED (this module is the zoo runner's dependency, not the other way round):
+# 50% sparsity without the fine-tuning it assumes, recorded but no reference for the null
+UNCALIBRATED = ("prune24", "wanda")
 
 
 def round_up(x: float, digits: int = 2) -> float:
@@ -49,19 +53,23 @@ def round_down(x: float, step: float = 0.001) -> float:
     return max(0.0, math.floor(round(x / step, 9)) * step)
 
 
-def benign(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def benign(rows: Iterable[Mapping[str, Any]],
+           excluded: Sequence[str] = UNCALIBRATED) -> list[Mapping[str, Any]]:
     """The null: benign rows that measured the distribution evidence and that the primary
-    metric passes. A "benign" family the perplexity gate already fails on a model (4-bit RTN
-    of SmolLM2-135M doubles its perplexity) is no reference for a finer measure: its
-    verdict is FAIL whatever the distribution limits say."""
+    metric passes, of families not `excluded`. A "benign" family the perplexity gate already
+    fails on a model (4-bit RTN of SmolLM2-135M doubles its perplexity) is no reference for a
+    finer measure: its verdict is FAIL whatever the distribution limits say. The zoo's
+    uncalibrated families (50% pruning without fine-tuning) are recorded, not references,
+    even on a model whose perplexity they happen to spare."""
     return [r for r in rows if r["kind"] == "benign" and r.get("kld_mean_high") is not None
-            and r.get("primary_ok")]
+            and r.get("primary_ok") and r["family"] not in excluded]
 
 
-def derive(rows: Sequence[Mapping[str, Any]],
-           factors: Mapping[str, float] = FACTORS) -> dict[str, dict[str, float]]:
-    """{tier: {"kld_mean_upper", "same_top_p_lower"}} from the benign rows of every model."""
-    null = benign(rows)
+def derive(rows: Sequence[Mapping[str, Any]], factors: Mapping[str, float] = FACTORS,
+           excluded: Sequence[str] = UNCALIBRATED) -> dict[str, dict[str, float]]:
+    """{tier: {"kld_mean_upper", "same_top_p_lower"}} from the benign rows of every model
+    (`benign`: the families in `excluded` are no part of the null)."""
+    null = benign(rows, excluded)
     if not null:
         raise ValueError("no benign run recorded distribution evidence")
     kld = max(float(r["kld_mean_high"]) for r in null)
@@ -185,10 +193,11 @@ def calibrate(result: Any, references: Sequence[tuple[str, Mapping[str, Any]]],
     stats: dict[str, Any] = {"rule": f"factor {FACTORS.get(tier)} ({tier}) x the largest "
                                      "benign bound (distribution_limits.derive)",
                              "rows": rows}
-    if tier not in FACTORS or not benign(rows):
+    # references are what the user named: a 50% pruning named on its own is one (runner.py)
+    if tier not in FACTORS or not benign(rows, excluded=()):
         stats["note"] = "not calibrated: no benign run measured the distribution evidence"
         return result, stats
-    limits = derive(rows, {tier: FACTORS[tier]})[tier]
+    limits = derive(rows, {tier: FACTORS[tier]}, excluded=())[tier]
     stats["limits"] = limits
     overrides = {**result.overrides, "eval": {**result.overrides.get("eval", {}),
                                               "distribution": limits}}
