@@ -26,11 +26,22 @@ HEAVY = ("torch", "transformers", "datasets", "tokenizers", "safetensors", "hugg
          "accelerate")
 
 # Runs each argv through the CLI in one process where HEAVY modules cannot be imported, and
-# prints one JSON object: exit code and output per command, plus what got imported.
+# prints one JSON object: exit code and output per command, plus what got imported. Every
+# import finder is wrapped so that it does not see them, as in an environment without them:
+# `import torch` fails and `find_spec("torch")` is None (no `None` placeholders in
+# sys.modules, which libraries probing for torch, such as scipy's array API layer, trip over).
 _DRIVER = """
-import contextlib, io, json, sys
-for name in {heavy!r}:
-    sys.modules[name] = None  # `import name` now raises ModuleNotFoundError
+import json, sys
+class Hidden:
+    def __init__(self, finder):
+        self.finder = finder
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {heavy!r}:
+            return None
+        return self.finder.find_spec(name, path, target)
+    def invalidate_caches(self):
+        getattr(self.finder, "invalidate_caches", lambda: None)()
+sys.meta_path[:] = [Hidden(f) for f in sys.meta_path]
 from click.testing import CliRunner
 from invarlock.cli import main
 results = []

@@ -105,7 +105,19 @@ def test_certify_with_device_map_equals_the_plain_run(tiny_llama_dir, sonnets_pa
         for arm in ("baseline", "subject"):
             np.testing.assert_allclose(spread["windows"][name][arm],
                                        whole["windows"][name][arm], rtol=1e-6)
-    assert spread["verdict"] == whole["verdict"]
+    # the same verdict for the same reasons; the distribution evidence's explanation quotes
+    # a KLD near 1e-8, where float32 rounding of the spread forward shows in the 3rd digit
+    assert {k: v for k, v in spread["verdict"].items() if k != "explanations"} == {
+        k: v for k, v in whole["verdict"].items() if k != "explanations"}
+    close = {"distribution_acceptable"}
+    assert ({k: v for k, v in spread["verdict"]["explanations"].items() if k not in close}
+            == {k: v for k, v in whole["verdict"]["explanations"].items() if k not in close})
+    assert spread["validation"] == whole["validation"]
+    for key in ("kld_mean", "kld_reverse_mean"):
+        assert spread["distribution"][key] == pytest.approx(whole["distribution"][key],
+                                                            abs=1e-8)
+    assert spread["distribution"]["same_top_p"] == pytest.approx(
+        whole["distribution"]["same_top_p"], abs=1e-9)
     sigmas = {m["name"]: m["sigma_subject"]
               for m in whole["guards"]["spectral"]["measurements"]["modules"]}
     spread_sigmas = {m["name"]: m["sigma_subject"]
