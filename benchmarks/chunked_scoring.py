@@ -39,6 +39,7 @@ def child(mode: str, windows: int, seq_len: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from invarlock import evaluate
+    from invarlock.evaluation import sliced_head
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
@@ -59,7 +60,7 @@ def child(mode: str, windows: int, seq_len: int) -> None:
     if mode == "full":
         evaluate._chunkable_head = lambda *_args: None  # score through whole-batch logits
     if mode == "positions":
-        evaluate._linear_parameters = lambda _head: None  # as for a head that cannot be sliced
+        sliced_head._linear_parameters = lambda _head: None  # as for a head that cannot be sliced
     size = evaluate.auto_batch_size(model, windows, seq_len, "cpu",
                                     full_logits=mode == "full")
     before = psutil.Process().memory_info().rss

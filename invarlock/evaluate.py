@@ -15,7 +15,9 @@ running log-sum-exp); any other head a chunk of positions at a time. Pieces are 
 memory budget, so scoring memory is O(positions x slice), or O(chunk x vocabulary), whatever
 the batch size. A model whose forward changes the head's output afterwards (logit
 soft-capping, scaling) is detected on a short probe pass before the windows and scored
-through its full logits instead.
+through its full logits instead. The parts live in ``invarlock.evaluation``: ``batching``
+(batch size and the memory budget), ``losses`` (scores from whole logits) and
+``sliced_head`` (the head applied in pieces).
 
 Windows with NaN or Inf in their logits at attended positions (chunked scoring: in the final
 hidden states at attended positions, or NaN/+inf in the logits at scored positions, which
@@ -45,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import logging
 import sys
 import time
@@ -61,26 +62,17 @@ from invarlock.errors import InputError, MissingExtraError
 
 try:
     import torch
-    import torch.nn.functional as F
 except ImportError as exc:  # pragma: no cover - exercised only without the hf extra
     raise MissingExtraError("evaluating models") from exc
 
-from invarlock.distribution_pass import IGNORE, DistributionPass, RowStats, distribution_result
+from invarlock.distribution_pass import DistributionPass, distribution_result
+from invarlock.evaluation.batching import auto_batch_size, config_int, is_oom, shrink_batch
+from invarlock.evaluation.losses import SCORERS
+from invarlock.evaluation.sliced_head import CHUNKED_SCORERS, HeadReached, stopping_at
 
 logger = logging.getLogger(__name__)
 
-CPU_BUDGET_BYTES = 512 << 20    # per-batch temporaries on CPU (activations, logits, CE)
-MPS_BUDGET_BYTES = 2 << 30
-CUDA_BUDGET_FRACTION = 0.5      # of the free device memory, after the model is loaded
-HEAD_BUDGET_SHARE = 8           # one head slice's or chunk's logits: 1/8 of the budget
-CPU_SLICE_BYTES = 8 << 20       # float32 logits of one vocabulary slice on CPU (cache-sized)
-CPU_SLICE_MIN_COLUMNS = 256     # narrower slices make the head's matmul inefficient
 PROBE_TOKENS = 8                # positions in the pass that checks the head is the last step
-MAX_BATCH = {"mps": 128, "cuda": 256}  # windows; beyond these, throughput stops growing
-# On CPU a pass over about a thousand tokens is already as fast per token as any larger one
-# (SmolLM2-135M, 128-token windows: batches of 8, 16 and 32 take 13.2-14.0, 13.3-14.9 and
-# 14.5-15.9 s for 64 windows); larger batches only add memory and cache misses.
-CPU_BATCH_TOKENS = 1024
 
 
 class Windows(Protocol):
@@ -185,9 +177,9 @@ def evaluate_windows(
         head = _chunkable_head(model, windows, kind, device) if n else None
         size = batch_size if batch_size is not None else auto_batch_size(
             model, n, seq_len, device, kind=kind, full_logits=head is None)
-        scorer = _SCORERS[kind] if head is None else _CHUNKED_SCORERS[kind]
+        scorer = SCORERS[kind] if head is None else CHUNKED_SCORERS[kind]
         with (
-            _stopping_at(head, device) as chunked,
+            stopping_at(head, device) as chunked,
             _attached(model, taps) as set_context,
             _progress_bar(n, kind, progress) as bar,
         ):
@@ -208,9 +200,9 @@ def evaluate_windows(
                     if dist is not None:
                         dist_parts.append(dist.collected())
                 except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one too
-                    if not _is_oom(exc):
+                    if not is_oom(exc):
                         raise
-                    size = _shrink(size, seq_len, device, exc)
+                    size = shrink_batch(size, seq_len, device, exc)
                     continue
                 finally:
                     out = batch = None  # free this batch's outputs before the next forward
@@ -303,90 +295,6 @@ def _row_hashes(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
             digest.update(row.tobytes())
     return tuple(d.hexdigest() for d in digests)
 
-
-def auto_batch_size(
-    model: torch.nn.Module, n: int, seq_len: int, device: str,
-    *, kind: MetricKind = MetricKind.PPL_CAUSAL, full_logits: bool = True,
-) -> int:
-    """Windows per forward pass so the batch's temporaries stay within a memory budget.
-
-    Per window: a rough bound on activations (12 hidden-size vectors and two heads x T x T
-    attention maps per position) and, with ``full_logits`` (classifiers, and language
-    models whose head cannot be scored in chunks), the logits (T x width in the model dtype,
-    plus a float32 copy when that is narrower, the log-softmax inside cross-entropy, a
-    finiteness mask). Chunked scoring keeps its logits to one vocabulary slice
-    (``head_slice_columns``) or chunk of positions (``head_chunk_rows``), taken off the
-    budget first. The budget is 512 MiB on CPU (where a batch also holds at most
-    ``CPU_BATCH_TOKENS`` tokens), 2 GiB on MPS and half the free memory on CUDA.
-    """
-    config = getattr(model, "config", None)
-    hidden = _config_int(config, "hidden_size", "n_embd", "d_model", default=1024)
-    heads = _config_int(config, "num_attention_heads", "n_head", default=16)
-    if kind is MetricKind.ACCURACY:
-        width = _config_int(config, "num_labels", default=2)
-    else:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        width = int(head.weight.shape[0]) if head is not None else _config_int(
-            config, "vocab_size", default=50_000)
-    elem = next(model.parameters()).element_size()
-    per_position = _logit_bytes(width, elem)
-    per_window = 4 * seq_len * (12 * hidden + 2 * heads * seq_len)
-    budget = _budget(device)
-    if full_logits or kind is MetricKind.ACCURACY:
-        per_window += seq_len * per_position
-    else:
-        budget -= budget // HEAD_BUDGET_SHARE
-    base = device.split(":")[0]
-    most = CPU_BATCH_TOKENS // seq_len if base == "cpu" else MAX_BATCH.get(base, 32)
-    size = max(1, min(n, most, budget // max(per_window, 1)))
-    logger.debug("auto batch size %d (%d windows of %d tokens on %s)", size, n, seq_len, device)
-    return size
-
-
-def head_chunk_rows(width: int, elem: int, device: str) -> int:
-    """Positions per chunk of chunked scoring: their logits and losses fit 1/8 of the budget."""
-    return max(1, (_budget(device) // HEAD_BUDGET_SHARE) // _logit_bytes(width, elem))
-
-
-def head_slice_columns(rows: int, width: int, elem: int, device: str) -> int:
-    """Vocabulary entries per slice of sliced scoring: ``rows`` positions' logits of one slice
-    (in the model dtype, plus a float32 copy when that is narrower; exponentiated in place)
-    fit 1/8 of the budget. On CPU a slice is also kept near the size of the last-level cache
-    (its float32 logits ~8 MiB, at least 256 columns), so that log-sum-exp reads back what
-    the matmul just wrote: that is faster than one matmul over the whole vocabulary."""
-    per_column = max(rows, 1) * (elem + (4 if elem < 4 else 0))
-    columns = (_budget(device) // HEAD_BUDGET_SHARE) // per_column
-    if device.split(":")[0] == "cpu":
-        columns = min(columns, max(CPU_SLICE_MIN_COLUMNS, CPU_SLICE_BYTES // (4 * max(rows, 1))))
-    if columns > 64:
-        columns -= columns % 64  # rows of whole cache lines: the kernels' vector loads align
-    return max(1, min(width, columns))
-
-
-def _logit_bytes(width: int, elem: int) -> int:
-    """Bytes per scored position: logits in the model dtype, a float32 copy when that is
-    narrower, the log-softmax inside cross-entropy, a finiteness flag."""
-    return width * (elem + (4 if elem < 4 else 0) + 4 + 1)
-
-
-def _budget(device: str) -> int:
-    base = device.split(":")[0]
-    if base == "cuda":
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * CUDA_BUDGET_FRACTION)
-    if base == "mps":
-        return MPS_BUDGET_BYTES
-    return CPU_BUDGET_BYTES
-
-
-def _config_int(config: Any, *names: str, default: int) -> int:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return default
-
-
 def _validate(windows: Windows, kind: MetricKind) -> tuple[int, int]:
     """Shapes must agree with each other and with the metric; returns (N, T)."""
     ids = windows.input_ids
@@ -425,7 +333,7 @@ def _check_device(model: torch.nn.Module, device: str) -> None:
 def _check_fits(model: torch.nn.Module, windows: Windows, seq_len: int) -> None:
     """Window length and token ids must fit the model (else torch fails with an index error)."""
     config = getattr(model, "config", None)
-    positions = _config_int(config, "max_position_embeddings", "n_positions", default=0)
+    positions = config_int(config, "max_position_embeddings", "n_positions", default=0)
     if positions and seq_len > positions:
         raise InputError(
             f"windows of {seq_len} tokens exceed the model's {positions} positions; "
@@ -464,7 +372,7 @@ def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: Metri
     if head is not None:
         try:
             model(**inputs)
-        except _HeadReached as reached:
+        except HeadReached as reached:
             return reached.hidden
         raise RuntimeError("the forward pass finished without calling the output head")
     logits = model(**inputs).logits
@@ -473,232 +381,6 @@ def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: Metri
         raise ValueError(f"{kind.value} needs a model with {expected}-D logits, "
                          f"got shape {tuple(logits.shape)}")
     return logits
-
-
-def _nonfinite_positions(logits: torch.Tensor) -> torch.Tensor:
-    """Bool over all but the last dim: does that row of logits hold NaN or Inf?
-
-    A float32 sum propagates NaN/Inf and reads the logits once without a [.., V] mask
-    (isfinite().all() is ~30x slower on CPU); rows it flags are re-checked exactly, so a
-    finite row whose sum overflows is not miscounted.
-    """
-    suspect = ~torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
-    if suspect.any():
-        suspect[suspect.clone()] = ~torch.isfinite(logits[suspect]).all(dim=-1)
-    return suspect
-
-
-def _nonfinite_rows(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B] bool: any attended position whose logits hold NaN/Inf."""
-    return (_nonfinite_positions(logits) & mask.bool()).any(dim=-1)
-
-
-def _score_causal(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
-                  dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    b, t, v = logits.shape
-    # Position t predicts token t+1; the last position predicts nothing. Targets are laid
-    # out on the logits' own grid so the [B*T, V] view below needs no copy.
-    targets = torch.full_like(ids, IGNORE)
-    scored = mask[:, :-1].bool() & mask[:, 1:].bool()
-    targets[:, :-1] = torch.where(scored, ids[:, 1:], IGNORE)
-    flat = logits.reshape(b * t, v).float()
-    losses = F.cross_entropy(flat, targets.reshape(-1),
-                             reduction="none", ignore_index=IGNORE).view(b, t)
-    if dist is not None:
-        dist.full_rows(flat, targets.reshape(-1))
-    flat = None
-    return (losses.double().sum(dim=1), (targets != IGNORE).sum(dim=1),
-            _nonfinite_rows(logits, mask))
-
-
-def _score_mlm(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
-               dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
-    labels, mask = batch["labels"], batch["attention_mask"]
-    chosen = labels != IGNORE                              # [B, T]
-    # Cross-entropy only over the masked rows (about 15%), not the whole [B, T, V].
-    rows = logits[chosen].float()
-    row_losses = F.cross_entropy(rows, labels[chosen], reduction="none")
-    if dist is not None:
-        dist.full_rows(rows, labels[chosen])
-    rows = None
-    losses = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-    losses[chosen] = row_losses
-    return losses.double().sum(dim=1), chosen.sum(dim=1), _nonfinite_rows(logits, mask)
-
-
-def _score_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
-                    dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
-    correct = (logits.argmax(dim=-1) == batch["labels"]).double()
-    ones = torch.ones_like(batch["labels"])
-    return correct, ones, _nonfinite_positions(logits)
-
-
-_SCORERS: dict[MetricKind, Callable[..., tuple[torch.Tensor, ...]]] = {
-    MetricKind.PPL_CAUSAL: _score_causal,
-    MetricKind.PPL_MLM: _score_mlm,
-    MetricKind.ACCURACY: _score_accuracy,
-}
-
-
-class _HeadReached(BaseException):
-    """Raised by the head's pre-hook to end a forward pass with the head's input.
-
-    A BaseException, so that no ``except Exception`` inside model code swallows it.
-    """
-
-    def __init__(self, hidden: torch.Tensor) -> None:
-        super().__init__("output head reached")
-        self.hidden = hidden
-
-
-class _HeadStop:
-    """Pre-hook state: stop at the head during the model's pass, not during chunk calls."""
-
-    def __init__(self) -> None:
-        self.armed = True
-
-    def __call__(self, _module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        if self.armed:
-            raise _HeadReached(args[0])
-
-
-@dataclass
-class _ChunkedHead:
-    """The output head applied in pieces, so that a batch's logits never exist at once.
-
-    A plain ``nn.Linear`` head is applied a slice of the vocabulary at a time to every scored
-    position: one large matmul per slice, a running log-sum-exp and the target logits picked
-    from the slice that holds them. Any other head (quantized, hooked, offloaded) is called
-    on a chunk of positions at a time, through its own forward.
-    """
-
-    module: torch.nn.Module
-    device: str
-    stop: _HeadStop      # disarmed while the head is called on chunks
-    linear: tuple[torch.Tensor, torch.Tensor | None] | None  # (weight, bias) to slice
-
-    def losses(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
-               dist: DistributionPass | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy and non-finite flags of hidden[rows] (hidden [M, H], rows and
-        targets [K], IGNORE = not scored).
-
-        A row is flagged when its loss is not finite: NaN or +inf anywhere in its logits
-        makes the log-partition non-finite. (Reading every logit again for -inf would cost
-        a third of the cross-entropy; a -inf logit only zeroes one token's probability.)"""
-        if self.linear is not None:
-            weight, bias = self.linear
-            x = hidden.index_select(0, rows).to(weight.device)
-            columns = head_slice_columns(x.shape[0], weight.shape[0], weight.element_size(),
-                                         self.device)
-            stats = None if dist is None else dist.rows(targets.to(weight.device))
-            losses = _vocab_sliced_losses(x, weight, bias, targets.to(weight.device), columns,
-                                          stats)
-            losses = losses.to(hidden.device)
-            return losses, ~torch.isfinite(losses)
-        return self._position_chunked_losses(hidden, rows, targets, dist)
-
-    def _position_chunked_losses(self, hidden: torch.Tensor, rows: torch.Tensor,
-                                 targets: torch.Tensor, dist: DistributionPass | None = None,
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        chunk = _head_rows(self.module, self.device)
-        losses = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device)
-        broken = torch.zeros(rows.shape[0], dtype=torch.bool, device=hidden.device)
-        self.stop.armed = False
-        try:
-            for lo in range(0, rows.shape[0], chunk):
-                hi = min(lo + chunk, rows.shape[0])
-                logits = self.module(hidden.index_select(0, rows[lo:hi]))   # [chunk, V]
-                target = targets[lo:hi].to(logits.device)
-                part = F.cross_entropy(logits.float(), target, reduction="none",
-                                       ignore_index=IGNORE)
-                losses[lo:hi] = part.to(losses.device)
-                broken[lo:hi] = ~torch.isfinite(part).to(broken.device)
-                if dist is not None:
-                    dist.full_rows(logits.float(), target)
-                logits = part = None
-        finally:
-            self.stop.armed = True
-        return losses, broken
-
-
-def _linear_parameters(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) when calling ``head`` computes exactly F.linear(x, weight, bias).
-
-    Only a plain ``nn.Linear`` with dense floating-point parameters qualifies: subclasses and
-    tensor subclasses (quantized layers), a replaced ``forward`` (accelerate's offload hooks)
-    and hooks would all be bypassed by slicing the weight."""
-    if (type(head) is not torch.nn.Linear or "forward" in vars(head) or head._forward_hooks
-            or head._forward_pre_hooks):
-        return None
-    params = [head.weight] + ([] if head.bias is None else [head.bias])
-    if any(type(p) not in (torch.Tensor, torch.nn.Parameter) or not p.is_floating_point()
-           or p.device.type == "meta" for p in params):
-        return None
-    return head.weight, head.bias
-
-
-def _vocab_sliced_losses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, columns: int,
-                         stats: RowStats | None = None) -> torch.Tensor:
-    """Per-row cross-entropy of F.linear(x, weight, bias) against targets (IGNORE rows: 0),
-    computed ``columns`` vocabulary entries at a time.
-
-    log-partition: each slice's log-sum-exp (shifted by its row maxima), combined with
-    logaddexp; target logit: picked from the slice that holds it (rows sorted by target once,
-    so each slice's rows are one contiguous run). Every slice is computed into the same
-    buffer and exponentiated in place: no allocation per slice, so no page faults of fresh
-    memory in the loop. A target outside the vocabulary leaves its loss NaN. ``stats`` sees
-    each slice's logits before they are exponentiated (distribution evidence)."""
-    n, width = x.shape[0], weight.shape[0]
-    # float64 running log-partition: float32 over many slices drifts by ~1e-5 nats, the size
-    # of an 8-bit quant's whole KL divergence
-    log_z = torch.full((n,), float("-inf"), dtype=torch.float64, device=x.device)
-    picked = torch.full((n,), float("nan"), dtype=torch.float32, device=x.device)
-    bounds = [*range(0, width, columns), width]
-    order = torch.argsort(targets)
-    edges = torch.searchsorted(targets[order],
-                               torch.tensor(bounds, dtype=targets.dtype, device=x.device))
-    edges = edges.tolist()
-    size = n * min(columns, width)
-    block = torch.empty(size, dtype=x.dtype, device=x.device)
-    wide = block if x.dtype == torch.float32 else torch.empty(size, dtype=torch.float32,
-                                                               device=x.device)
-    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-        logits = block[:n * (hi - lo)].view(n, hi - lo)
-        if bias is None:
-            torch.matmul(x, weight[lo:hi].T, out=logits)
-        else:
-            torch.addmm(bias[lo:hi], x, weight[lo:hi].T, out=logits)
-        if wide is not block:
-            logits = wide[:n * (hi - lo)].view(n, hi - lo).copy_(logits)
-        hit = order[edges[i]:edges[i + 1]]
-        if hit.numel():
-            picked[hit] = logits[hit, targets[hit] - lo]
-        top = logits.amax(dim=1)
-        if stats is not None:
-            stats.update(logits, lo, top)
-        shift = torch.where(torch.isfinite(top), top, 0.0)
-        log_z = torch.logaddexp(log_z, logits.sub_(shift[:, None]).exp_().sum(dim=1).log_()
-                                .add_(shift).double())
-    if stats is not None:
-        stats.finish(log_z, picked)
-    return torch.where(targets == IGNORE, 0.0, log_z - picked).float()
-
-
-@contextlib.contextmanager
-def _stopping_at(head: torch.nn.Module | None, device: str) -> Iterator[_ChunkedHead | None]:
-    """While active, a forward pass of the model ends where ``head`` would be called."""
-    if head is None:
-        yield None
-        return
-    linear = _linear_parameters(head)  # decided before our hook and any tap is attached
-    stop = _HeadStop()
-    handle = head.register_forward_pre_hook(stop)
-    try:
-        yield _ChunkedHead(head, device, stop, linear)
-    finally:
-        handle.remove()
 
 
 def _chunkable_head(model: torch.nn.Module, windows: Windows, kind: MetricKind,
@@ -733,61 +415,6 @@ def _chunkable_head(model: torch.nn.Module, windows: Windows, kind: MetricKind,
         return None
     return head
 
-
-def _head_rows(head: torch.nn.Module, device: str) -> int:
-    weight = getattr(head, "weight", None)
-    width = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 2 \
-        else int(getattr(head, "out_features", 50_000))
-    elem = weight.element_size() if isinstance(weight, torch.Tensor) else 4
-    return head_chunk_rows(width, elem, device)
-
-
-def _score_causal_chunked(head: _ChunkedHead, hidden: torch.Tensor,
-                          batch: dict[str, torch.Tensor], *,
-                          dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
-    """_score_causal from the final hidden states [B, T, H], every attended position."""
-    ids, mask = batch["input_ids"].to(hidden.device), batch["attention_mask"].to(hidden.device)
-    targets = torch.full_like(ids, IGNORE)
-    scored = mask[:, :-1].bool() & mask[:, 1:].bool()
-    targets[:, :-1] = torch.where(scored, ids[:, 1:], IGNORE)
-    rows = mask.reshape(-1).nonzero().squeeze(1)
-    sums, bad = _scored_rows(head, hidden, mask, rows, targets.reshape(-1)[rows], dist)
-    return sums, (targets != IGNORE).sum(dim=1), bad
-
-
-def _score_mlm_chunked(head: _ChunkedHead, hidden: torch.Tensor,
-                       batch: dict[str, torch.Tensor], *,
-                       dist: DistributionPass | None = None) -> tuple[torch.Tensor, ...]:
-    """_score_mlm from the head's input [B, T, H]: logits at the scored positions only."""
-    labels = batch["labels"].to(hidden.device)
-    mask = batch["attention_mask"].to(hidden.device)
-    chosen = labels != IGNORE
-    rows = chosen.reshape(-1).nonzero().squeeze(1)
-    sums, bad = _scored_rows(head, hidden, mask, rows, labels.reshape(-1)[rows], dist)
-    return sums, chosen.sum(dim=1), bad
-
-
-def _scored_rows(head: _ChunkedHead, hidden: torch.Tensor, mask: torch.Tensor,
-                 rows: torch.Tensor, targets: torch.Tensor,
-                 dist: DistributionPass | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per window: summed loss of the flat positions `rows` against `targets`, and whether
-    any of them (or any attended hidden state) was non-finite."""
-    b, t = mask.shape
-    losses, broken = head.losses(hidden.reshape(b * t, -1), rows, targets, dist)
-    per_pos = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
-    per_pos[rows] = losses
-    bad = torch.zeros(b * t, dtype=torch.bool, device=hidden.device)
-    bad[rows] = broken
-    bad = bad.view(b, t) | (_nonfinite_positions(hidden) & mask.bool())
-    return per_pos.view(b, t).double().sum(dim=1), bad.any(dim=1)
-
-
-_CHUNKED_SCORERS: dict[MetricKind, Callable[..., tuple[torch.Tensor, ...]]] = {
-    MetricKind.PPL_CAUSAL: _score_causal_chunked,
-    MetricKind.PPL_MLM: _score_mlm_chunked,
-}
-
-
 def _collect(parts: list[tuple[torch.Tensor, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Concatenate per-batch results and bring them to the host in one transfer each."""
     if not parts:
@@ -795,27 +422,6 @@ def _collect(parts: list[tuple[torch.Tensor, ...]]) -> tuple[np.ndarray, np.ndar
     columns = zip(*parts, strict=True)
     values, tokens, broken = (torch.cat(column).cpu().numpy() for column in columns)
     return values.astype(np.float64), tokens.astype(np.int64), broken.astype(bool)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return "out of memory" in text or "can't allocate memory" in text
-
-
-def _shrink(size: int, seq_len: int, device: str, exc: BaseException) -> int:
-    """Halve the batch after running out of memory; at one window, give up clearly."""
-    if size <= 1:
-        raise InputError(
-            f"out of memory on {device} evaluating one window of {seq_len} tokens; "
-            "use a smaller seq_len or another device"
-        ) from exc
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    logger.warning("out of memory at batch size %d on %s; retrying with %d",
-                   size, device, size // 2)
-    return size // 2
 
 
 @contextlib.contextmanager

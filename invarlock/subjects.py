@@ -77,7 +77,7 @@ def certify_subjects(req: Any, specs: Sequence[str]) -> SubjectsOutcome:
     if len(specs) < 2:
         raise InputError("certify_subjects needs at least two subjects")
     started = time.perf_counter()
-    shared = pipeline._Timer()
+    shared = pipeline.Timer()
     inputs = pipeline.validate_inputs(dataclasses.replace(req, subject=specs[0]), shared)
     try:
         return _run(pipeline, req, specs, inputs, shared, started)
@@ -120,11 +120,11 @@ def _each(pipeline: Any, req: Any, specs: Sequence[str], inputs: Any, shared: An
     results = []
     for spec, (subject, origin, tok_hash), name in zip(specs, checked, names, strict=True):
         sub_req = dataclasses.replace(req, subject=spec, out_dir=out_dir / name)
-        sub_inputs = dataclasses.replace(inputs, run_id=pipeline._run_id(), subject=subject,
+        sub_inputs = dataclasses.replace(inputs, run_id=pipeline.new_run_id(), subject=subject,
                                          subject_tokenizer=origin,
                                          subject_tokenizer_hash=tok_hash,
                                          out_dir=out_dir / name)
-        timer = pipeline._Timer(dict(shared.spans))
+        timer = pipeline.Timer(dict(shared.spans))
         try:
             prepared = pipeline.prepare_subject(sub_inputs, sub_req, timer)
             outcome = pipeline.certify_subject(
@@ -137,7 +137,7 @@ def _each(pipeline: Any, req: Any, specs: Sequence[str], inputs: Any, shared: An
             results.append(SubjectResult(name, spec, None, str(exc), exc.exit_code))
             continue
         finally:
-            pipeline._release_memory()
+            pipeline.release_memory()
         code = 0 if outcome.verdict == "PASS" else 1
         results.append(SubjectResult(name, spec, outcome, None, code))
     index = write_index(out_dir, baseline.record, results)

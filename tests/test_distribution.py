@@ -19,6 +19,7 @@ from invarlock import distribution_pass
 from invarlock import evaluate as evaluate_mod
 from invarlock.errors import EvidenceError
 from invarlock.evaluate import evaluate_windows
+from invarlock.evaluation import sliced_head
 from invarlock.models.loading import load_model
 from invarlock.models.source import resolve_model_source
 from tests.test_evaluate import causal_windows, make_windows
@@ -94,11 +95,11 @@ def test_kld_agreement_and_delta_p_equal_a_full_logits_reference(name, path, req
     subj = _noisy(base, 0.3)
     windows = causal_windows(n=5, seq_len=24)
     if path == "vocabulary slices":
-        monkeypatch.setattr(evaluate_mod, "head_slice_columns", lambda *_a: 7)
+        monkeypatch.setattr(sliced_head, "head_slice_columns", lambda *_a: 7)
     elif path == "position chunks":
         base.get_output_embeddings().register_forward_hook(lambda *_a: None)  # unsliceable
         subj.get_output_embeddings().register_forward_hook(lambda *_a: None)
-        monkeypatch.setattr(evaluate_mod, "head_chunk_rows", lambda *_a: 7)
+        monkeypatch.setattr(sliced_head, "head_chunk_rows", lambda *_a: 7)
     else:
         monkeypatch.setattr(evaluate_mod, "_chunkable_head", lambda *_a: None)
     vocab = base.config.vocab_size

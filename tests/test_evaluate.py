@@ -22,6 +22,7 @@ from invarlock.evaluate import (
     auto_batch_size,
     evaluate_windows,
 )
+from invarlock.evaluation import batching, sliced_head
 from invarlock.models.loading import load_model
 from invarlock.models.source import resolve_model_source
 
@@ -200,7 +201,7 @@ def test_vocabulary_sliced_scoring_equals_full_logits(name, request, monkeypatch
         slices_sized.append(args)
         return 7
 
-    monkeypatch.setattr(evaluate_mod, "head_slice_columns", seven)
+    monkeypatch.setattr(sliced_head, "head_slice_columns", seven)
     calls = []  # a global hook: it leaves the head itself unhooked, hence sliceable
 
     def record(module, args, _out):
@@ -224,7 +225,7 @@ def test_position_chunked_scoring_equals_full_logits(name, request, monkeypatch)
     head = loaded.model.get_output_embeddings()
     rows_seen = []
     handle = head.register_forward_hook(lambda _m, args, _o: rows_seen.append(args[0].shape))
-    monkeypatch.setattr(evaluate_mod, "head_chunk_rows", lambda *_args: 7)
+    monkeypatch.setattr(sliced_head, "head_chunk_rows", lambda *_args: 7)
     try:
         chunked = run(loaded, windows, kind, batch_size=4)
     finally:
@@ -237,9 +238,9 @@ def test_position_chunked_scoring_equals_full_logits(name, request, monkeypatch)
 
 def test_chunk_size_bounds_logit_memory_not_batch_size():
     # a 128k vocabulary in float32: one chunk's logits and losses fit 1/8 of the CPU budget
-    rows = evaluate_mod.head_chunk_rows(128_256, 4, "cpu")
+    rows = batching.head_chunk_rows(128_256, 4, "cpu")
     # per position: float32 logits, the log-softmax inside cross-entropy, a finiteness flag
-    assert rows >= 1 and rows * 128_256 * (4 + 4 + 1) <= evaluate_mod.CPU_BUDGET_BYTES // 8
+    assert rows >= 1 and rows * 128_256 * (4 + 4 + 1) <= batching.CPU_BUDGET_BYTES // 8
     big = _FakeLM(vocab=128_256, hidden=64)
     full = auto_batch_size(big, n=64, seq_len=256, device="cpu")
     chunked = auto_batch_size(big, n=64, seq_len=256, device="cpu", full_logits=False)
@@ -258,7 +259,7 @@ def test_vocabulary_slices_give_cross_entropy(columns, dtype):
     bias = bias.to(dtype)
     targets = torch.tensor([0, 4, 5, 15, 16, 36, -100, 7, 31, 32, 3, -100])
     x[10, 0] = float("nan")
-    losses = evaluate_mod._vocab_sliced_losses(x, weight, bias, targets, columns)
+    losses = sliced_head._vocab_sliced_losses(x, weight, bias, targets, columns)
     expected = torch.nn.functional.cross_entropy(
         torch.nn.functional.linear(x, weight, bias).float(), targets, reduction="none",
         ignore_index=-100)
@@ -270,16 +271,16 @@ def test_vocabulary_slices_give_cross_entropy(columns, dtype):
 
 def test_slice_width_follows_the_budget_and_the_cache():
     # CPU: one slice's float32 logits near 8 MiB, never under 256 columns, never over V
-    assert evaluate_mod.head_slice_columns(4096, 49_152, 4, "cpu") == 512
-    assert evaluate_mod.head_slice_columns(16_384, 128_256, 4, "cpu") == 256
-    assert evaluate_mod.head_slice_columns(8, 1000, 4, "cpu") == 1000
-    assert evaluate_mod.head_slice_columns(6144, 128_256, 4, "cpu") == 320  # 341, aligned
+    assert batching.head_slice_columns(4096, 49_152, 4, "cpu") == 512
+    assert batching.head_slice_columns(16_384, 128_256, 4, "cpu") == 256
+    assert batching.head_slice_columns(8, 1000, 4, "cpu") == 1000
+    assert batching.head_slice_columns(6144, 128_256, 4, "cpu") == 320  # 341, aligned
     # and within 1/8 of the budget, whatever the rows (logits; a float32 copy of bfloat16)
     rows = 2_000_000
     for elem, per_logit in ((4, 4), (2, 6)):
-        columns = evaluate_mod.head_slice_columns(rows // 8, 128_256, elem, "cpu")
-        assert columns * rows // 8 * per_logit <= evaluate_mod.CPU_BUDGET_BYTES // 8
-        assert evaluate_mod.head_slice_columns(20 * rows, 128_256, elem, "cpu") == 1
+        columns = batching.head_slice_columns(rows // 8, 128_256, elem, "cpu")
+        assert columns * rows // 8 * per_logit <= batching.CPU_BUDGET_BYTES // 8
+        assert batching.head_slice_columns(20 * rows, 128_256, elem, "cpu") == 1
 
 
 class _ScaledHeadLM(torch.nn.Module):
@@ -532,7 +533,7 @@ def test_auto_batch_size_bounds_logit_memory():
 def test_cpu_batches_hold_about_a_thousand_tokens():
     small = _FakeLM(vocab=1000, hidden=64)
     assert auto_batch_size(small, n=1000, seq_len=128, device="cpu",
-                           full_logits=False) == evaluate_mod.CPU_BATCH_TOKENS // 128
+                           full_logits=False) == batching.CPU_BATCH_TOKENS // 128
     assert auto_batch_size(small, n=1000, seq_len=4096, device="cpu", full_logits=False) == 1
 
 

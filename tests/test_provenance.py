@@ -46,11 +46,12 @@ def test_record_marks_matching_pins_and_hashes_presets(tmp_path):
 def test_pin_mismatch_exits_2_before_anything_is_evaluated(
         flag, tiny_gpt2_dir, sonnets_path, fast_preset, tmp_path, monkeypatch):
     from invarlock import certify as pipeline
+    from invarlock.stages import plan as plan_stage
 
     def evaluated(*args, **kwargs):
         raise AssertionError("evaluation started despite a pin mismatch")
 
-    monkeypatch.setattr(pipeline, "plan_windows", evaluated)  # the dataset pin: after reading
+    monkeypatch.setattr(plan_stage, "plan_windows", evaluated)  # the dataset pin: after reading
     monkeypatch.setattr(pipeline, "evaluate_baseline", evaluated)
     code, summary, stderr = certify(tiny_gpt2_dir, tiny_gpt2_dir, tmp_path / "out",
                                     sonnets_path, fast_preset, flag, DIGEST, "--no-cache")

@@ -37,10 +37,10 @@ EXTRA = {
 def _certify(tmp: Path, name: str, cache: Path, out: str | None = None,
              ) -> tuple[int, dict, dict, dict[str, int]]:
     """One certify run; also the windows each side forwarded through its model."""
-    from invarlock import certify
+    from invarlock.stages import common
 
     forwarded = {"baseline": 0, "subject": 0}
-    score = certify._score
+    score = common.score
 
     def counted(inputs, req, timer, model, windows, label, *args, **kwargs):
         forwarded[label] += windows.n
@@ -52,7 +52,7 @@ def _certify(tmp: Path, name: str, cache: Path, out: str | None = None,
     preset.write_text(PRESET + EXTRA[name])
     out_dir = tmp / (out or name)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(certify, "_score", counted)
+        mp.setattr(common, "score", counted)
         result = CliRunner().invoke(main, [
             "certify", "--profile", "dev", "--edit", "quant_rtn", "--edit-config", str(edit),
             "--preset", str(preset), "--out", str(out_dir), "--cache-dir", str(cache),

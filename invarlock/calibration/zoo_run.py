@@ -100,14 +100,14 @@ def window_tokens(base: Any) -> Any:
     the same windows every zoo run is scored on (the plan is seeded)."""
     import tempfile
 
-    from invarlock.certify import _Timer, plan_evaluation, validate_inputs
+    from invarlock.certify import Timer, plan_evaluation, validate_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         probe = replace(base, out_dir=Path(tmp) / "plan", subject=None, edit=None,
                         edit_impl=None, save_subject=None, write_ve_subject=None)
-        inputs = validate_inputs(probe, _Timer())
+        inputs = validate_inputs(probe, Timer())
         try:
-            return plan_evaluation(inputs, probe, _Timer()).windows.tokens_seen()
+            return plan_evaluation(inputs, probe, Timer()).windows.tokens_seen()
         finally:
             inputs.output.release()
 
