@@ -79,8 +79,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int,
 
 def output_error(w: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor) -> float:
     """‖X(W − Q)ᵀ‖²_F = tr((W − Q) H (W − Q)ᵀ): what GPTQ minimises, on the inputs of H."""
-    d = (w.double() - q.double())
-    return float(torch.einsum("oi,ij,oj->", d, hessian.double(), d))
+    d = w.detach().double() - q.detach().double()
+    return float(torch.einsum("oi,ij,oj->", d, hessian.detach().double(), d))
 
 
 def _chunks(blocks: list[Block]) -> list[list[Block]]:
