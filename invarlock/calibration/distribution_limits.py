@@ -27,6 +27,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from invarlock.calibration import csv_cells
+
 FACTORS = {"conservative": 1.5, "balanced": 2.0, "aggressive": 4.0}
 COLUMNS = ("model", "family", "kind", "seed", "ratio", "primary_ok", "kld_mean",
            "kld_mean_high", "same_top_p", "same_top_p_low", "kld_p99", "tokens")
@@ -114,30 +116,13 @@ def read_rows(text: str, where: str = "distribution.csv") -> list[dict[str, Any]
         for key, value in raw.items():
             if key is None or value is None:
                 raise ValueError(f"{where}:{line}: wrong number of fields")
-            row[key] = (value if key in _TEXT else _flag(value, f"{where}:{line}: {key}")
-                        if key == "primary_ok" else _number(value, f"{where}:{line}: {key}"))
+            cell = f"{where}:{line}: {key}"
+            row[key] = (value if key in _TEXT else csv_cells.flag(value, cell)
+                        if key == "primary_ok" else csv_cells.number(value, cell))
         if row["kind"] not in ("benign", "harmful"):
             raise ValueError(f"{where}:{line}: kind must be benign or harmful")
         rows.append(row)
     return rows
-
-
-def _flag(value: str, where: str) -> bool:
-    if value not in ("True", "False"):
-        raise ValueError(f"{where} must be True or False, got {value!r}")
-    return value == "True"
-
-
-def _number(value: str, where: str) -> float | None:
-    if value == "":
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{where} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{where} must be finite, got {value!r}")
-    return number
 
 
 def write_rows(rows: Iterable[Mapping[str, Any]]) -> str:

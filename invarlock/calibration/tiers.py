@@ -50,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from invarlock.calibration import recipe, rmt_null
+from invarlock.calibration import csv_cells, recipe, rmt_null
 from invarlock.guards import spectral
 
 CALIBRATED_TIERS = ("balanced", "conservative")
@@ -125,18 +125,8 @@ def _cell(key: str, value: str, where: str) -> Any:
     if key in _TEXT_COLUMNS:
         return value
     if key.endswith(_FLAG_SUFFIXES):
-        if value not in ("True", "False"):
-            raise ValueError(f"{where}: {key} must be True or False, got {value!r}")
-        return value == "True"
-    if value == "":
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{where}: {key} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{where}: {key} must be finite, got {value!r}")
-    return number
+        return csv_cells.flag(value, f"{where}: {key}")
+    return csv_cells.number(value, f"{where}: {key}")
 
 
 def check(model: ModelCalibration) -> list[str]:

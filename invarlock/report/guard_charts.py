@@ -14,7 +14,7 @@ import numpy as np
 from invarlock.report import charts
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -45,7 +45,7 @@ def module_scores(section: Mapping[str, Any], policy: Mapping[str, Any]) -> list
     bars = []
     for entry in entries:
         label = str(entry.get("module") or entry.get("name") or "?")
-        z = next((entry[k] for k in _Z_KEYS if _is_number(entry.get(k))), scored.get(label))
+        z = next((entry[k] for k in _Z_KEYS if is_number(entry.get(k))), scored.get(label))
         if z is None or not np.isfinite(z):
             continue
         family = str(entry.get("family", "other"))
@@ -131,12 +131,12 @@ def _family_caps(section: Mapping[str, Any], policy: Mapping[str, Any]) -> dict[
     measurements = section.get("measurements") or {}
     for source in (policy.get("family_caps"), measurements.get("family_caps")):
         if isinstance(source, Mapping):
-            caps.update({str(k): float(v) for k, v in source.items() if _is_number(v)})
+            caps.update({str(k): float(v) for k, v in source.items() if is_number(v)})
     for part in ("measurements", "summary"):
         families = (section.get(part) or {}).get("families")
         if isinstance(families, Mapping):
             for fam, info in families.items():
-                if isinstance(info, Mapping) and _is_number(info.get("kappa")):
+                if isinstance(info, Mapping) and is_number(info.get("kappa")):
                     caps[str(fam)] = float(info["kappa"])
     return caps
 

@@ -22,6 +22,7 @@ from invarlock.config import flatten
 from invarlock.report import charts
 from invarlock.report.guard_charts import (
     change_chart,
+    is_number,
     module_chart,
     module_scores,
     spectral_changes,
@@ -363,7 +364,7 @@ def _findings_tables(findings: Sequence[Any]) -> str:
 def _dict_table(rows: Mapping[str, Any], first: str) -> str:
     keys = sorted({k for v in rows.values() if isinstance(v, Mapping) for k in v
                    if _is_scalar(v[k])})
-    numeric = {k for k in keys if all(_is_number(v.get(k)) for v in rows.values()
+    numeric = {k for k in keys if all(is_number(v.get(k)) for v in rows.values()
                                       if isinstance(v, Mapping) and k in v)}
     head = f"<th>{escape(first)}</th>" + "".join(
         (f'<th class="num">{escape(k)}</th>' if k in numeric else f"<th>{escape(k)}</th>")
@@ -385,19 +386,15 @@ def _kv_table(values: Mapping[str, Any]) -> str:
 
 
 def _cell(value: Any) -> str:
-    if _is_number(value):
+    if is_number(value):
         return f'<td class="num">{escape(_num(value))}</td>'
     if isinstance(value, bool):
         return f"<td>{'✔' if value else '✘'}</td>"
     if value is None:
         return "<td class=\"muted\">—</td>"
     if isinstance(value, (list, tuple)) and all(_is_scalar(v) for v in value):
-        return f"<td>{escape(', '.join(_num(v) if _is_number(v) else str(v) for v in value))}</td>"
+        return f"<td>{escape(', '.join(_num(v) if is_number(v) else str(v) for v in value))}</td>"
     return f"<td>{escape(str(value))}</td>"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_scalar(value: Any) -> bool:
