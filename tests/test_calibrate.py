@@ -461,3 +461,19 @@ def test_the_zoo_calibration_set_leaves_out_half_sparsity_unless_named():
     assert {"gptq4", "vo_scale", "updown_scale"} <= zoo_labels
     named = reference_edits(("wanda",), 2)
     assert [label for label, _, _ in named] == ["zoo:wanda:0", "zoo:wanda:1"]
+
+
+def test_every_benign_family_can_be_named_on_the_command_line(tmp_path):
+    """A family added to the zoo is a valid `--edits` value at once: the option reaches the
+    baseline check (exit 2 on a missing folder), not click's invalid-choice error."""
+    from click.testing import CliRunner
+
+    from invarlock.calibration.zoo_run import BENIGN
+    from invarlock.cli import main
+
+    for family in BENIGN:
+        result = CliRunner().invoke(main, [
+            "calibrate", "--baseline", str(tmp_path / "missing"), "--edits", family,
+            "--out", str(tmp_path / "cal")])
+        assert result.exit_code == 2, (family, result.output)
+        assert "Invalid value for '--edits'" not in result.output, family

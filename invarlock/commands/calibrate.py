@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from invarlock.calibration.zoo_run import BENIGN
 from invarlock.commands.common import EXIT_PASS, configure_logging, require_hf, run_guarded
 
 _CALIBRATE_EPILOG = """\b
@@ -35,10 +36,7 @@ Examples:
               help="Config file(s) merged in order (seed shape); flags win.")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
               help="Seeds of each seeded reference edit (noise, zoo families).")
-@click.option("--edits", type=click.Choice([
-    "rtn8", "noise", "zoo", "rtn8_channel", "rtn8_group", "fp16", "bf16", "prune",
-    "normfold_one", "normfold_some", "normfold_all", "lowrank", "rtn4_group", "qk_scale",
-    "awq_scale", "awq_rtn4"]), multiple=True,
+@click.option("--edits", type=click.Choice(["rtn8", "noise", "zoo", *BENIGN]), multiple=True,
               help="Reference edits (default: rtn8 and noise); zoo: every benign zoo family, "
                    "seeds 0..N-1 each.")
 @click.option("--margin", type=click.FloatRange(min=0), default=0.1, show_default=True,
