@@ -13,12 +13,15 @@ FFN outputs before the residual add) for both models on the preview windows. Her
    proposal was fitted on: the subject scored with α applied through forward hooks against the
    subject as it is, per window. Δ = Σ(NLL_α − NLL)/Σ tokens with its BCa interval
    (invarlock.stats). Equalisation *helps* when CI_hi <= −min_effect and Δ <= −min_effect;
-   two-sided, it also *matters* when CI_lo >= +min_effect (the subject depends on its
-   changed variance).
-3. `variance_ok` is False when the gate shows a significant effect (help, or either direction
-   when two-sided): the subject's activation variance moved away from the baseline's in a
-   way the loss notices. The subject is never modified; `certify --write-ve-subject DIR`
-   writes a copy with α folded into the weights.
+   two-sided, a CI_lo >= +min_effect is recorded as a regression (equalising would hurt: the
+   subject depends on its changed variance, and VE stays off).
+3. `variance_ok` is False when equalisation helps: the subject's activation variance moved
+   away from the baseline's in a way the loss notices, and moving it back would repair it.
+   Both sidednesses gate on improvement only (the calibration seed's "two-sided,
+   improvement-only"); they differ in the minimum effect (z one- or two-sided). A regression
+   is not damage: benign edits such as pruning shift variance in ways the subject then relies
+   on. The subject is never modified; `certify --write-ve-subject DIR` writes a copy with α
+   folded into the weights.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class GateResult:
     low: float
     high: float
     helps: bool
-    hurts: bool           # only evaluated two-sided
+    hurts: bool           # only evaluated two-sided; recorded, never a failure
     method: str
 
 
@@ -161,9 +164,11 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
     if result.helps:
         return GuardDecision(False, f"equalising variance would help: {span}, "
                                     f"below -{min_effect:g}", findings, summary)
-    if result.hurts:
-        return GuardDecision(False, f"the subject relies on its changed variance: {span}, "
-                                    f"above +{min_effect:g}", findings, summary)
+    if result.hurts:  # recorded, not a failure: VE stays off, the subject is not damaged
+        summary["regression"] = True
+        return GuardDecision(True, f"equalising variance would hurt (the subject relies on "
+                                   f"its changed variance; VE stays off): {span}, above "
+                                   f"+{min_effect:g}", findings, summary)
     return GuardDecision(True, f"no significant effect of equalising variance: {span} "
                                f"({sided}, min effect {min_effect:g})", findings, summary)
 
