@@ -49,6 +49,9 @@ def _certify(tmp: Path, name: str, cache: Path, out: str | None = None, *,
 
     def counted(inputs, req, timer, model, windows, label, *args, **kwargs):
         forwarded[label] += windows.n
+        if blocks and label == "baseline":
+            forwarded["weights_beside_baseline"] = max(
+                forwarded.get("weights_beside_baseline", 0), _weights_beside(model))
         return score(inputs, req, timer, model, windows, label, *args, **kwargs)
 
     edit = tmp / f"{name}.edit.yaml"
@@ -69,6 +72,17 @@ def _certify(tmp: Path, name: str, cache: Path, out: str | None = None, *,
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     cert = json.loads((out_dir / document.CERT_FILENAME).read_text(encoding="utf-8"))
     return result.exit_code, summary, cert, forwarded
+
+
+def _weights_beside(model) -> int:
+    """Parameters held by every other live model while `model` scores (the subject's)."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    own = {id(m) for m in model.modules()}  # its body is a PreTrainedModel too
+    return sum(p.numel() for m in gc.get_objects()
+               if isinstance(m, PreTrainedModel) and id(m) not in own for p in m.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +151,7 @@ def test_one_model_at_a_time_a_clear_run_scores_the_baseline_on_the_first_block_
     assert cert["baseline"]["schedule"] == "blocks"
     assert "blocks end at 32, 64 windows" in cert["baseline"]["schedule_note"]
     assert cert["baseline"]["final_blocks"] == [[0, 32]]
-    assert forwarded == {"baseline": 32 + 32, "subject": 32 + 32}
+    assert forwarded == {"baseline": 32 + 32, "subject": 32 + 32, "weights_beside_baseline": 0}
     assert cert["sequential"] == runs["int8"][2]["sequential"]
     assert verify_certificate(cert).differences == ()
 
@@ -145,11 +159,12 @@ def test_one_model_at_a_time_a_clear_run_scores_the_baseline_on_the_first_block_
 def test_one_model_at_a_time_an_undecided_edit_swaps_the_models_for_the_next_block(
         runs, blocks):
     """The borderline edit is undecided at 32 windows, past the 32 the cache held: the
-    subject is let go, the baseline scores windows 32..64, the edit is applied again to that
-    baseline and the subject carries on from its look. Nothing is scored twice, and the
-    looks, differences and decision are the lockstep run's."""
+    subject is let go (its parameters hold nothing while the baseline scores), the baseline
+    scores windows 32..64, the edit is applied again to that baseline and the subject carries
+    on from its look. Nothing is scored twice, and the looks, differences and decision are
+    the lockstep run's."""
     code, _, cert, forwarded = blocks["borderline"]
-    assert forwarded == {"baseline": 32, "subject": 32 + 64}
+    assert forwarded == {"baseline": 32, "subject": 32 + 64, "weights_beside_baseline": 0}
     assert cert["baseline"]["final_blocks"] == [[32, 64]]
     assert cert["baseline"]["results_from_cache"]
     lockstep = runs["borderline"]
@@ -166,7 +181,8 @@ def test_one_model_at_a_time_a_subject_from_its_path_is_read_again_after_each_bl
     subject read from its path again after the second, with the same decision and per-window
     differences as the in-memory edit in lockstep."""
     code, _, cert, forwarded = blocks["path"]
-    assert forwarded == {"baseline": 32 + 32 + 32, "subject": 32 + 64}
+    assert forwarded == {"baseline": 32 + 32 + 32, "subject": 32 + 64,
+                         "weights_beside_baseline": 0}
     assert cert["baseline"]["final_blocks"] == [[0, 32], [32, 64]]
     lockstep = runs["borderline"][2]["sequential"]
     assert (code, cert["sequential"]["decision"]) == (runs["borderline"][0], lockstep["decision"])
@@ -208,7 +224,7 @@ def test_an_edit_not_known_to_reproduce_keeps_the_whole_plan_ahead(tmp_path, mon
     monkeypatch.setitem(edits.EDITS, "quant_rtn",
                         dataclasses.replace(edits.EDITS["quant_rtn"], reproducible=False))
     code, _, cert, forwarded = _certify(tmp_path, "int8", tmp_path / "cache", blocks=True)
-    assert (code, forwarded["baseline"]) == (0, 32 + 64)
+    assert (code, forwarded["baseline"], forwarded["weights_beside_baseline"]) == (0, 32 + 64, 0)
     assert cert["baseline"]["final_blocks"] == [[0, 32], [32, 64]]
     assert "does not declare that it reproduces" in cert["baseline"]["schedule_note"]
     assert verify_certificate(cert).differences == ()
