@@ -111,3 +111,10 @@ def test_an_edit_that_does_not_reproduce_its_weights_stops_the_run():
     swap, _, _ = _swap(noise)
     with pytest.raises(EvidenceError, match="is not the one let go"):
         swap.score(SimpleNamespace(name="final[32:64]"))
+
+
+def test_a_device_map_keeps_the_model_loaded_once():
+    """A model spread over the budget by a device map is not let go between blocks: the
+    baseline's whole plan is scored ahead, for this reason."""
+    why = alternate.obstacle(SimpleNamespace(), SimpleNamespace(device_map="balanced"), 64)
+    assert why == "a device map places the model: it is loaded once and kept"
