@@ -68,6 +68,9 @@ class _Resident:
         model, self.model = self.model, None
         return model
 
+    def release(self) -> None:
+        self.model = None
+
 
 def _swap(apply):
     """An Alternation over an edited subject (`apply` is the edit), as `stages.subject`
@@ -118,3 +121,18 @@ def test_a_device_map_keeps_the_model_loaded_once():
     baseline's whole plan is scored ahead, for this reason."""
     why = alternate.obstacle(SimpleNamespace(), SimpleNamespace(device_map="balanced"), 64)
     assert why == "a device map places the model: it is loaded once and kept"
+
+
+def test_a_baseline_block_that_fails_leaves_no_model_behind():
+    """A run that stops in the baseline's block (say, non-finite outputs) does not keep the
+    baseline resident for whatever is certified next (the next of several subjects)."""
+    swap, _, resident = _swap(lambda model, _plan: None)
+
+    def broken(windows):
+        resident.model = SimpleNamespace(model=_model())
+        raise EvidenceError("the baseline produced non-finite outputs")
+
+    resident.score = broken
+    with pytest.raises(EvidenceError, match="non-finite"):
+        swap.score(SimpleNamespace(name="final[32:64]"))
+    assert resident.model is None

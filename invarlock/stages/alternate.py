@@ -98,7 +98,11 @@ class Alternation:
                  windows.name)
         let_go(self.model)
         release_memory()
-        scores = self.resident.score(windows)
+        try:
+            scores = self.resident.score(windows)
+        except BaseException:
+            self.resident.release()  # the run stops here; no model is left behind for the next
+            raise
         self._bring_back()
         self.swaps += 1
         return scores
