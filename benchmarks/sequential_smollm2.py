@@ -15,9 +15,12 @@ invocation, each step in its own process:
 Prints per run: verdict, where it decided, windows forwarded (baseline preview + final,
 subject preview + final), wall time and its ratio to the floor, and peak RSS; the machine's
 load average beside each step (on a shared machine, compare ratios, not seconds).
+`--blocks` forces the one-model-at-a-time schedule (as when a second model does not fit
+the memory budget: certify is told no memory is free), and prints the baseline's final
+blocks.
 
     python benchmarks/sequential_smollm2.py --model .cache/models/smollm2-135m \
-        [--seq-len 512 --dataset kjv.txt]
+        [--seq-len 512 --dataset kjv.txt] [--blocks]
 
 The demo corpus holds about 150k SmolLM2 tokens: enough for 400 windows up to 256 tokens
 (shorter than ci's 512, so those runs are underpowered, which ci records and does not gate
@@ -91,15 +94,26 @@ def child_floor(model: str, seq_len: str, dataset: str) -> None:
                       "windows": plan.preview.n + plan.final.n}))
 
 
+def child_blocks(argv: list[str]) -> int:
+    """certify with no memory free for a second model: the blocks schedule."""
+    from invarlock.cli import main
+    from invarlock.models import device
+
+    device.free_memory = lambda _device: 0
+    main.main(argv, prog_name="invarlock")  # exits with certify's exit code
+    return 0
+
+
 def certify(tmp: Path, model: Path, name: str, plan: str, seq_len: int, dataset: str,
-            extra: str, *, underpowered: bool = False) -> dict:
+            extra: str, *, underpowered: bool = False, blocks: bool = False) -> dict:
     edit = tmp / f"{name}.edit.yaml"
     edit.write_text(f"edit: {{name: quant_rtn, plan: {plan}}}\n")
     preset = tmp / f"{name}.preset.yaml"
     preset.write_text(_preset(seq_len, extra, underpowered=underpowered))
     out, cache = tmp / name, tmp / f"{name}.cache"
     load = os.getloadavg()[0]
-    child = run_child([sys.executable, "-m", "invarlock", "certify", "--baseline", str(model),
+    command = [str(HERE), "--child-blocks"] if blocks else ["-m", "invarlock"]
+    child = run_child([sys.executable, *command, "certify", "--baseline", str(model),
                        "--dataset", dataset, "--profile", "ci", "--edit", "quant_rtn",
                        "--edit-config", str(edit), "--preset", str(preset), "--cache-dir",
                        str(cache), "--out", str(out), "--json", "-q"],
@@ -115,7 +129,8 @@ def certify(tmp: Path, model: Path, name: str, plan: str, seq_len: int, dataset:
             "subject": (len(win["preview"]["subject"]), len(win["final"]["subject"])),
             "planned": len(win["preview"]["ids"]) + len(win["final"]["ids"]),
             "wall": child.wall, "peak": child.peak, "load": load,
-            "decided": (cert.get("sequential") or {}).get("reason", "fixed design")}
+            "decided": (cert.get("sequential") or {}).get("reason", "fixed design"),
+            "blocks": cert["baseline"].get("final_blocks")}
 
 
 def borderline_limit(cert: dict) -> float:
@@ -139,7 +154,11 @@ def main() -> int:
     parser.add_argument("--floor", type=float, metavar="SECONDS",
                         help="the floor an earlier invocation measured on the same windows "
                              "(skips measuring it: at 512 tokens on 2 cores it takes an hour)")
+    parser.add_argument("--blocks", action="store_true",
+                        help="one model resident at a time (the blocks schedule)")
     parser.add_argument("--child-floor", nargs=3, help=argparse.SUPPRESS)
+    if sys.argv[1:2] == ["--child-blocks"]:
+        return child_blocks(sys.argv[2:])
     args = parser.parse_args()
     if args.child_floor:
         child_floor(*args.child_floor)
@@ -149,7 +168,8 @@ def main() -> int:
     model = args.model.resolve()
     dataset = args.dataset if args.dataset in ("demo", "wikitext2") or \
         args.dataset.startswith("hf:") else str(Path(args.dataset).resolve())
-    print(f"SmolLM2-135M, ci profile, windows of {args.seq_len} tokens ({args.dataset})")
+    print(f"SmolLM2-135M, ci profile, windows of {args.seq_len} tokens ({args.dataset}), "
+          f"{'blocks: one model resident at a time' if args.blocks else 'schedule by memory'}")
     if args.floor is not None:
         floor = args.floor
         print(f"fixed-design forward floor: {floor:.1f} s (given)", flush=True)
@@ -174,15 +194,18 @@ def main() -> int:
             if name not in args.subjects or (name == "borderline" and "int8" not in runs):
                 continue
             if name == "int8":
-                runs[name] = certify(tmp, model, name, PLANS["int8"], args.seq_len, dataset, "")
+                runs[name] = certify(tmp, model, name, PLANS["int8"], args.seq_len, dataset, "",
+                                     blocks=args.blocks)
             elif name == "rtn2":
                 runs[name] = certify(tmp, model, name, PLANS["rtn2"], args.seq_len, dataset,
                                      "eval: {primary_metric: {catastrophic_ratio: 1000.0}}\n",
-                                     underpowered=True)  # above ci's catastrophe limit
+                                     underpowered=True,  # above ci's catastrophe limit
+                                     blocks=args.blocks)
             else:
                 limit = borderline_limit(runs["int8"]["cert"])
                 runs[name] = certify(tmp, model, name, PLANS["int8"], args.seq_len, dataset,
-                                     f"eval: {{primary_metric: {{ratio_limit: {limit}}}}}\n")
+                                     f"eval: {{primary_metric: {{ratio_limit: {limit}}}}}\n",
+                                     blocks=args.blocks)
                 print(f"borderline: INT8 against ratio_limit {limit} (its own ratio on its "
                       "final windows)", flush=True)
             r = runs[name]
@@ -190,7 +213,7 @@ def main() -> int:
             print(f"{name:<11} {r['verdict']:<7} {b[0]:>4}+{b[1]:<4} {s[0]:>4}+{s[1]:<4} "
                   f"{sum(b) + sum(s):>4}/{2 * r['planned']:<4} {r['wall']:7.1f} "
                   f"{r['wall'] / floor:7.2f} {r['peak'] / MIB:9,.0f} {r['load']:5.1f}  "
-                  f"{r['decided']}", flush=True)
+                  f"{r['decided']}; baseline final blocks {r['blocks']}", flush=True)
     return 0
 
 

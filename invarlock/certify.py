@@ -11,10 +11,11 @@
 The baseline is scored only on the windows the decision needs (`invarlock.baseline_run`):
 the design's preview windows and the final windows up to the first look first; then either
 it stays resident beside the subject and scores each look's block on demand (lockstep, when
-two models fit the memory budget), or it scores the rest of the plan and is edited in memory
-into the subject or dropped before the subject is loaded (blocks: one model at a time). Its
-results come from the cache when this evaluation was done before, and later windows extend
-the entry. A baseline evaluated once serves any number of subjects: `certify_subject` runs
+two models fit the memory budget), or it is edited in memory into the subject or dropped
+before the subject is loaded, and a look past its windows swaps the two for the next block,
+doubling the windows held (blocks: one model at a time, `stages.alternate`). Its results
+come from the cache when this evaluation was done before, and later windows extend the
+entry. A baseline evaluated once serves any number of subjects: `certify_subject` runs
 the subject stages for one of them. The subject on disk is never written to. The preview set
 is scored first and a catastrophic preview stops the run before the final set.
 

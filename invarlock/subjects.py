@@ -2,9 +2,10 @@
 
 Every subject is resolved and its tokenizer checked before anything is evaluated; then the
 baseline's results come from one evaluation (or the cache), the baseline either stays
-resident beside each subject (lockstep: later windows are scored as a subject's looks need
-them, and every later subject reuses them) or scores the whole plan and leaves, and the
-subjects are loaded and certified one at a time through `certify.certify_subject`. Each
+resident beside each subject (lockstep) or leaves before each subject loads and comes back
+in its place for the next block (blocks); either way later windows are scored as a
+subject's looks need them, and every later subject reuses them. The subjects are loaded and
+certified one at a time through `certify.certify_subject`. Each
 gets its own folder ``<out>/<name>/`` with its certificate; the output folder also gets
 ``index.json`` (sealed: see `invarlock.subject_index`) and ``index.md``, one row per
 subject. The run's exit code is the worst of the subjects' (PASS 0 < FAIL 1 < input error 2

@@ -40,7 +40,11 @@ from invarlock.verification.document import (
 from invarlock.verification.findings import ABS_TOL, REL_TOL, SETS, Findings, VerifyReport
 from invarlock.verification.recompute import recompute
 from invarlock.verification.reference import reference_differences
-from invarlock.verification.sequential import check_evaluated_counts, recheck_sequence
+from invarlock.verification.sequential import (
+    check_baseline_blocks,
+    check_evaluated_counts,
+    recheck_sequence,
+)
 from invarlock.verification.windows import check_arrays, recomputed_overlap
 
 __all__ = ["ABS_TOL", "REL_TOL", "SETS", "VerifyReport", "baseline_evidence_differences",
@@ -63,6 +67,7 @@ def verify_certificate(cert: Mapping[str, Any],
     if policy is not None:
         check_layout(cert, policy, found)
         check_evaluated_counts(cert, policy, found)
+        check_baseline_blocks(cert, policy, found)
         arrays = check_arrays(cert, found)
         records = recheck_distribution(cert, policy, found)
         if arrays is not None:

@@ -99,3 +99,59 @@ def test_a_prefix_is_the_plans_first_windows_in_order():
     assert br.is_prefix(planned, np.arange(10, 13)) and br.is_prefix(planned, planned[:0])
     assert not br.is_prefix(planned, np.array([11, 12]))
     assert not br.is_prefix(planned, np.arange(10, 21))
+
+
+@pytest.mark.parametrize(("n_min", "step", "n_max", "ends"), [
+    (32, 8, 64, (32, 64)),  # the demo: one block past the first
+    (32, 8, 800, (32, 64, 128, 256, 512, 800)),  # doubling, capped at the maximum
+    (25, 10, 200, (25, 55, 105, 200)),  # 50 and 100 are no looks: rounded up to one
+    (40, 40, 100, (40, 80, 100)),  # the maximum is a look however the step falls
+    (30, 50, 100, (30, 80, 100)),  # looks 30, 80, 100: 60 rounds up to 80, 120 caps
+    (25, 1, 26, (25, 26)),
+])
+def test_blocks_double_from_the_first_look_and_end_at_looks(n_min, step, n_max, ends):
+    from invarlock.sequential import look_schedule
+
+    looks = look_schedule(n_min, n_max, step)
+    got = br.block_ends(looks)
+    assert got == ends
+    assert got[0] == looks[0] and got[-1] == n_max and set(got) <= set(looks)
+    # each block at least doubles the windows the first one held, never more than one look
+    # past the doubled count
+    for k, end in enumerate(got[1:], start=1):
+        assert end >= min(n_min * 2**k, n_max)
+        assert end == n_max or [t for t in looks if n_min * 2**k <= t < end] == []
+
+
+def test_block_arithmetic_refuses_what_is_no_look_schedule():
+    for looks in ([], [5, 5], [8, 4], [0, 4]):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            br.block_ends(looks)
+    assert [br.block_end((4, 8, 16), n) for n in (1, 4, 5, 8, 16)] == [4, 4, 8, 8, 16]
+    with pytest.raises(ValueError, match="past the last block end 16"):
+        br.block_end((4, 8, 16), 17)
+
+
+def test_with_block_ends_a_request_is_rounded_up_to_its_block_and_recorded():
+    """One model at a time: a look at 6 has the baseline score to the block end 10, and the
+    next look inside that block asks for nothing; every range scored is recorded."""
+    scored: list[tuple[int, int]] = []
+
+    def score(windows):
+        ids = windows.window_ids
+        scored.append((int(ids[0]), int(ids[-1]) + 1))
+        return _scores(ids)
+
+    sets = {"preview": _scores(np.arange(0, 4)), "final": _scores(np.arange(100, 105))}
+    blocks = [[0, 5]]
+    scores = br.BaselineScores(PLAN, sets, score=score, blocks=blocks)
+    scores.ends = (5, 10, 20)
+    assert scores.upto("final", 6).window_ids.size == 6
+    assert scored == [(105, 110)] and scores.have("final") == 10
+    scores.upto("final", 8)
+    assert len(scored) == 1
+    scores.upto("final", 11)
+    assert scored[-1] == (110, 120) and scores.scored["final"] == 15
+    assert blocks == [[0, 5], [5, 10], [10, 20]]
+    scores.upto("preview", 6)  # the preview is no block schedule: exactly what is asked
+    assert scored[-1] == (4, 6) and blocks[-1] == [10, 20]

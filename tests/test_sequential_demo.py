@@ -2,8 +2,9 @@
 PASS (INT8) and a clear FAIL (2-bit) stop at the first look and score only the design's 32
 preview windows, with the baseline scored no further than the decision needed (windows
 forwarded are counted, not timed); a subject at its limit runs to the maximum and extends the
-cached baseline; one model at a time (blocks) gives the same decision; every certificate
-verifies, and `verify` rejects altered or reordered looks."""
+cached baseline; one model at a time (blocks) scores the baseline in blocks doubling from
+the first look, swapping the models when a look needs the next block, and gives the same
+decision; every certificate verifies, and `verify` rejects altered or reordered looks."""
 
 from __future__ import annotations
 
@@ -34,9 +35,13 @@ EXTRA = {
 }
 
 
-def _certify(tmp: Path, name: str, cache: Path, out: str | None = None,
+def _certify(tmp: Path, name: str, cache: Path, out: str | None = None, *,
+             blocks: bool = False, subject: Path | None = None, save: Path | None = None,
              ) -> tuple[int, dict, dict, dict[str, int]]:
-    """One certify run; also the windows each side forwarded through its model."""
+    """One certify run (the edit `name`, or the checkpoint `subject` with `name`'s preset;
+    `blocks`: no memory for a second model); also the windows each side forwarded through
+    its model."""
+    from invarlock.models import device
     from invarlock.stages import common
 
     forwarded = {"baseline": 0, "subject": 0}
@@ -44,6 +49,9 @@ def _certify(tmp: Path, name: str, cache: Path, out: str | None = None,
 
     def counted(inputs, req, timer, model, windows, label, *args, **kwargs):
         forwarded[label] += windows.n
+        if blocks and label == "baseline":
+            forwarded["weights_beside_baseline"] = max(
+                forwarded.get("weights_beside_baseline", 0), _weights_beside(model))
         return score(inputs, req, timer, model, windows, label, *args, **kwargs)
 
     edit = tmp / f"{name}.edit.yaml"
@@ -51,15 +59,30 @@ def _certify(tmp: Path, name: str, cache: Path, out: str | None = None,
     preset = tmp / f"{name}.yaml"
     preset.write_text(PRESET + EXTRA[name])
     out_dir = tmp / (out or name)
+    side = (["--edit", "quant_rtn", "--edit-config", str(edit)] if subject is None else
+            ["--baseline", "demo", "--dataset", "demo", "--subject", str(subject)])
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(common, "score", counted)
+        if blocks:
+            mp.setattr(device, "free_memory", lambda _device: 0)
         result = CliRunner().invoke(main, [
-            "certify", "--profile", "dev", "--edit", "quant_rtn", "--edit-config", str(edit),
-            "--preset", str(preset), "--out", str(out_dir), "--cache-dir", str(cache),
-            "--json"], catch_exceptions=False)
+            "certify", "--profile", "dev", *side, "--preset", str(preset), "--out", str(out_dir),
+            "--cache-dir", str(cache), "--json",
+            *(["--save-subject", str(save)] if save else [])], catch_exceptions=False)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     cert = json.loads((out_dir / document.CERT_FILENAME).read_text(encoding="utf-8"))
     return result.exit_code, summary, cert, forwarded
+
+
+def _weights_beside(model) -> int:
+    """Parameters held by every other live model while `model` scores (the subject's)."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    own = {id(m) for m in model.modules()}  # its body is a PreTrainedModel too
+    return sum(p.numel() for m in gc.get_objects()
+               if isinstance(m, PreTrainedModel) and id(m) not in own for p in m.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -100,18 +123,110 @@ def test_a_borderline_run_extends_the_cached_baseline_look_by_look(runs):
     assert cert["baseline"]["cache_payload_digest"] == runs["cache_entry"]["payload_digest"]
 
 
-def test_one_model_at_a_time_scores_the_baseline_ahead_and_decides_the_same(
-        runs, tmp_path, monkeypatch):
-    """With no memory for a second model (blocks) the baseline scores the rest of the plan
-    before the subject loads; the subject still stops at its first look."""
-    from invarlock.models import device
+@pytest.fixture(scope="module")
+def blocks(tmp_path_factory) -> dict[str, tuple[int, dict, dict, dict[str, int]]]:
+    """No memory for a second model (blocks), in order: INT8 fills a fresh cache with the
+    first block and saves its subject; the borderline edit reads that block and has the
+    baseline score the next one in the subject's place; the saved INT8 checkpoint, as a
+    borderline subject from its path with a fresh cache, scores both blocks itself."""
+    tmp = tmp_path_factory.mktemp("blocks")
+    saved = tmp / "int8-subject"
+    out = {"int8": _certify(tmp, "int8", tmp / "cache", blocks=True, save=saved),
+           "borderline": _certify(tmp, "borderline", tmp / "cache", blocks=True),
+           "path": _certify(tmp, "borderline", tmp / "fresh", "path", blocks=True,
+                            subject=saved)}
+    entries = list((tmp / "cache").rglob("*.json"))
+    assert len(entries) == 1
+    out["cache_entry"] = json.loads(entries[0].read_text(encoding="utf-8"))
+    return out
 
-    monkeypatch.setattr(device, "free_memory", lambda _device: 0)
-    code, _, cert, forwarded = _certify(tmp_path, "int8", tmp_path / "cache")
+
+def test_one_model_at_a_time_a_clear_run_scores_the_baseline_on_the_first_block_only(
+        runs, blocks):
+    """With no memory for a second model the baseline scores the final windows up to the
+    first look before the subject loads, and a subject decided there needs no more: 32 + 32
+    baseline windows, as in lockstep, where the whole plan (32 + 64) used to be scored."""
+    code, _, cert, forwarded = blocks["int8"]
     assert (code, cert["sequential"]["stopped_at"]) == (0, 32)
     assert cert["baseline"]["schedule"] == "blocks"
-    assert forwarded == {"baseline": 32 + 64, "subject": 32 + 32}
+    assert "blocks end at 32, 64 windows" in cert["baseline"]["schedule_note"]
+    assert cert["baseline"]["final_blocks"] == [[0, 32]]
+    assert forwarded == {"baseline": 32 + 32, "subject": 32 + 32, "weights_beside_baseline": 0}
     assert cert["sequential"] == runs["int8"][2]["sequential"]
+    assert verify_certificate(cert).differences == ()
+
+
+def test_one_model_at_a_time_an_undecided_edit_swaps_the_models_for_the_next_block(
+        runs, blocks):
+    """The borderline edit is undecided at 32 windows, past the 32 the cache held: the
+    subject is let go (its parameters hold nothing while the baseline scores), the baseline
+    scores windows 32..64, the edit is applied again to that baseline and the subject carries
+    on from its look. Nothing is scored twice, and the looks, differences and decision are
+    the lockstep run's."""
+    code, _, cert, forwarded = blocks["borderline"]
+    assert forwarded == {"baseline": 32, "subject": 32 + 64, "weights_beside_baseline": 0}
+    assert cert["baseline"]["final_blocks"] == [[32, 64]]
+    assert cert["baseline"]["results_from_cache"]
+    lockstep = runs["borderline"]
+    assert code == lockstep[0]
+    assert cert["sequential"] == lockstep[2]["sequential"]
+    assert cert["windows"]["final"] == lockstep[2]["windows"]["final"]
+    assert cert["subject"]["weights_digest"] == lockstep[2]["subject"]["weights_digest"]
+    assert verify_certificate(cert).differences == ()
+
+
+def test_one_model_at_a_time_a_subject_from_its_path_is_read_again_after_each_block(
+        runs, blocks):
+    """The saved INT8 checkpoint against a fresh cache: both baseline blocks are scored, the
+    subject read from its path again after the second, with the same decision and per-window
+    differences as the in-memory edit in lockstep."""
+    code, _, cert, forwarded = blocks["path"]
+    assert forwarded == {"baseline": 32 + 32 + 32, "subject": 32 + 64,
+                         "weights_beside_baseline": 0}
+    assert cert["baseline"]["final_blocks"] == [[0, 32], [32, 64]]
+    lockstep = runs["borderline"][2]["sequential"]
+    assert (code, cert["sequential"]["decision"]) == (runs["borderline"][0], lockstep["decision"])
+    assert cert["sequential"]["differences"] == pytest.approx(lockstep["differences"],
+                                                              abs=1e-9)
+    assert verify_certificate(cert).differences == ()
+
+
+def test_one_model_at_a_time_the_cache_is_extended_for_later_subjects(blocks):
+    sets = blocks["cache_entry"]["payload"]["sets"]
+    assert (len(sets["preview"]["values"]), len(sets["final"]["values"])) == (32, 64)
+    cert = blocks["borderline"][2]
+    assert cert["baseline"]["cache_payload_digest"] == blocks["cache_entry"]["payload_digest"]
+
+
+BLOCK_TAMPERING = {
+    "a block past the doubling": ([[0, 32], [32, 40]], "which is not a block end"),
+    "a gap": ([[0, 32], [40, 64]], "does not follow on"),
+    "too few for the subject": ([[0, 32]], "the baseline was scored on 32"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BLOCK_TAMPERING))
+def test_verify_rejects_baseline_blocks_the_schedule_cannot_have_scored(blocks, what):
+    ranges, message = BLOCK_TAMPERING[what]
+    report = verify_certificate(_resealed(
+        blocks["path"][2], lambda c: c["baseline"].__setitem__("final_blocks", ranges)))
+    assert any(d.startswith("baseline.final_blocks") and message in d
+               for d in report.differences), report.differences
+
+
+def test_an_edit_not_known_to_reproduce_keeps_the_whole_plan_ahead(tmp_path, monkeypatch):
+    """The subject could not be rebuilt after a swap: the baseline scores the whole plan
+    before the subject loads, and the certificate says why."""
+    import dataclasses
+
+    from invarlock import edits
+
+    monkeypatch.setitem(edits.EDITS, "quant_rtn",
+                        dataclasses.replace(edits.EDITS["quant_rtn"], reproducible=False))
+    code, _, cert, forwarded = _certify(tmp_path, "int8", tmp_path / "cache", blocks=True)
+    assert (code, forwarded["baseline"], forwarded["weights_beside_baseline"]) == (0, 32 + 64, 0)
+    assert cert["baseline"]["final_blocks"] == [[0, 32], [32, 64]]
+    assert "does not declare that it reproduces" in cert["baseline"]["schedule_note"]
     assert verify_certificate(cert).differences == ()
 
 

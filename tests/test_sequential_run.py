@@ -205,17 +205,24 @@ def test_the_baselines_cached_results_are_cut_to_the_windows_evaluated():
     assert sr.head_scores(cached, 5) is cached
 
 
+@pytest.mark.parametrize("blocks", [False, True], ids=["by-memory", "one-model-at-a-time"])
 def test_several_subjects_each_stop_on_their_own_and_every_certificate_verifies(
-        tiny_gpt2_dir, sonnets_path, tmp_path):
-    """One baseline evaluation serves subjects whose sequences stop at different looks."""
+        tiny_gpt2_dir, sonnets_path, tmp_path, monkeypatch, blocks):
+    """One baseline evaluation serves subjects whose sequences stop at different looks, with
+    both models resident or one at a time (each subject read again from its path after a
+    baseline block it needed)."""
     import json
 
     from click.testing import CliRunner
 
     from invarlock.certificate import document
     from invarlock.cli import main
+    from invarlock.models import device
     from invarlock.verify import verify_certificate
     from tests.test_certify_cli import _scaled_copy
+
+    if blocks:
+        monkeypatch.setattr(device, "free_memory", lambda _device: 0)
 
     same = __import__("shutil").copytree(tiny_gpt2_dir, tmp_path / "same")
     broken = _scaled_copy(tiny_gpt2_dir, tmp_path / "broken", 1.3)
@@ -237,6 +244,10 @@ def test_several_subjects_each_stop_on_their_own_and_every_certificate_verifies(
         cert = json.loads(path.read_text(encoding="utf-8"))
         assert cert["sequential"]["stopped_at"] in (32, 40, 48)
         assert verify_certificate(cert).differences == ()
+        if blocks:
+            assert cert["baseline"]["schedule"] == "blocks"
+            assert cert["baseline"]["final_blocks"][0] == [0, 32]
+            assert cert["baseline"]["final_blocks"][-1][1] >= cert["sequential"]["stopped_at"]
 
 
 def test_the_sigma_floor_is_an_upper_confidence_bound_on_the_preview_spread():

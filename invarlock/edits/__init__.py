@@ -21,12 +21,17 @@ __all__ = ["EDITS", "Edit", "EditResult", "QuantRTNPlan", "apply_quant_rtn",
 
 @dataclass(frozen=True)
 class Edit:
-    """A named edit: `parse_plan(edit_section) -> plan`, `apply(model, plan) -> EditResult`."""
+    """A named edit: `parse_plan(edit_section) -> plan`, `apply(model, plan) -> EditResult`.
+
+    `reproducible`: the same plan applied to the same weights always gives the same tensors,
+    so a subject let go can be rebuilt from a fresh baseline load (one model resident at a
+    time, `invarlock.stages.alternate`); an edit that does not say so is never rebuilt."""
 
     name: str
     summary: str
     parse_plan: Callable[[Mapping[str, Any] | None], Any]
     apply: Callable[[Any, Any], EditResult]
+    reproducible: bool = False
 
 
 EDITS: dict[str, Edit] = {
@@ -36,6 +41,7 @@ EDITS: dict[str, Edit] = {
                 "per channel / group / tensor",
         parse_plan=edit_plan_from_config,
         apply=apply_quant_rtn,
+        reproducible=True,  # round to nearest: no randomness, no data read
     ),
 }
 

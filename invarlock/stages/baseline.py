@@ -14,7 +14,7 @@ from invarlock.cache import BaselineCache, CacheKey, scores_from_payload, scores
 from invarlock.certificate import build
 from invarlock.data.windows import WindowSet
 from invarlock.errors import EvidenceError
-from invarlock.stages import common
+from invarlock.stages import alternate, common
 from invarlock.stages.common import guard_run, guard_taps, placement, release_memory, run_design
 from invarlock.stages.records import (
     WINDOW_SETS,
@@ -99,8 +99,9 @@ def evaluate_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyReque
                 key, {**scores_to_payload(current, parameters), "guards": guard_payload})
 
     record["cache_payload_digest"] = cache_digest
+    record["final_blocks"] = [] if cached is not None else [[0, need["final"]]]
     scores = baseline_run.BaselineScores(plan.windows, sets, score=resident.score,
-                                         stored=stored)
+                                         stored=stored, blocks=record["final_blocks"])
     if cached is None:
         stored(scores.sets)
     evidence = BaselineEvidence(sets=scores.sets, parameters=parameters, files=files,
@@ -201,17 +202,34 @@ def settle_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyRequest
     """Choose how the baseline keeps pace with the subject (`baseline_run.schedule`).
 
     Lockstep keeps the baseline model resident beside the subject, scoring each look's block
-    on demand (an in-memory edit then gets its own copy). Blocks scores the rest of the plan
-    now, with only the baseline resident, and lets the model go; returned (for an edit to
+    on demand (an in-memory edit then gets its own copy). Blocks lets the model go before
+    the subject loads, holding the final windows up to the first look; a later look past
+    them swaps the models for the next, doubled block (`stages.alternate`). Where the
+    subject cannot be let go and brought back exactly, or no design may stop early, the
+    baseline scores the rest of the plan now instead. The model is returned (for an edit to
     consume) instead of dropped. Returns the model handed to `prepare_subject`, or None."""
     resident = baseline.resident
     schedule = _schedule(inputs, req, plan, resident)
     baseline.record["schedule"] = schedule.value
     log.info("baseline schedule: %s", schedule.value)
     if schedule is baseline_run.Schedule.LOCKSTEP:
+        baseline.record["schedule_note"] = ("both models resident: the baseline scores each "
+                                            "look's windows just before the subject")
         return None
+    design = run_design(inputs, plan)
+    why = ("no sequential design: the plan is scored whole" if design is None
+           else alternate.obstacle(inputs, req, plan.windows.seq_len))
+    if why is None:
+        ends = baseline_run.block_ends(design.looks)
+        baseline.scores.ends = ends
+        baseline.record["schedule_note"] = (
+            "one model resident at a time: the baseline's final blocks end at "
+            f"{', '.join(map(str, ends))} windows, each swapped in as a look needs it")
+    else:
+        baseline.record["schedule_note"] = ("one model resident at a time, the whole plan "
+                                            f"scored ahead: {why}")
     for name in WINDOW_SETS:
-        baseline.scores.upto(name, _needed(inputs, plan, name))
+        baseline.scores.upto(name, _needed(inputs, plan, name, whole=why is not None))
     model = resident.take()
     if inputs.edit is None and model is not None:
         model = None  # one model resident at a time: the baseline leaves first
@@ -219,12 +237,13 @@ def settle_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyRequest
     return model
 
 
-def _needed(inputs: RunInputs, plan: EvaluationPlan, name: str) -> int:
-    """Windows of set `name` the decision can need at most: all planned final windows, the
-    design's cut of the preview."""
+def _needed(inputs: RunInputs, plan: EvaluationPlan, name: str, *, whole: bool) -> int:
+    """Windows of set `name` the baseline scores before the subject loads: the design's cut
+    of the preview; the final windows up to the first look, or all of them (`whole`)."""
+    design = run_design(inputs, plan)
     if name == "final":
-        return plan.windows.final.n
-    return sequential_run.preview_needed(run_design(inputs, plan), plan.windows.preview.n)
+        return plan.windows.final.n if whole else design.looks[0]
+    return sequential_run.preview_needed(design, plan.windows.preview.n)
 
 
 def _schedule(inputs: RunInputs, req: CertifyRequest, plan: EvaluationPlan,

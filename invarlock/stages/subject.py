@@ -15,7 +15,7 @@ from invarlock.certificate import build
 from invarlock.data.windows import WindowSet
 from invarlock.enums import MetricKind
 from invarlock.errors import InputError
-from invarlock.stages import common
+from invarlock.stages import alternate, common
 from invarlock.stages.common import guard_run, guard_taps, paired, placement, run_design
 from invarlock.stages.records import (
     BaselineEvidence,
@@ -49,9 +49,7 @@ def prepare_subject(inputs: RunInputs, req: CertifyRequest, timer: Timer,
     else:
         assert inputs.subject is not None
         subj = inputs.subject
-        loaded = loading.load_model(subj.source, adapter=subj.adapter, device=inputs.device,
-                                    dtype=req.dtype, allow_pickle=req.allow_pickle,
-                                    dequantize=req.dequantize, **placement(req))
+        loaded = load_checkpoint(inputs, req)
         record = build.model_record(subj.source, loaded.config, subj.adapter,
                                     loaded.weights_digest, "files",
                                     dtype=str(loaded.dtype).removeprefix("torch."),
@@ -63,8 +61,21 @@ def prepare_subject(inputs: RunInputs, req: CertifyRequest, timer: Timer,
     return prepared
 
 
-def _edited_subject(inputs: RunInputs, base_model: Any, timer: Timer,
-                    save_format: str = "safetensors") -> PreparedSubject:
+def load_checkpoint(inputs: RunInputs, req: CertifyRequest) -> Any:
+    """The subject checkpoint loaded from its path (read, never written to)."""
+    from invarlock.models import loading
+
+    assert inputs.subject is not None
+    subj = inputs.subject
+    return loading.load_model(subj.source, adapter=subj.adapter, device=inputs.device,
+                              dtype=req.dtype, allow_pickle=req.allow_pickle,
+                              dequantize=req.dequantize, **placement(req))
+
+
+def apply_edit(inputs: RunInputs, base_model: Any, timer: Timer,
+               save_format: str = "safetensors") -> Any:
+    """The run's edit applied to `base_model` in place (then through the saved format's
+    quantizer, so what is scored is what the file will hold); the EditResult."""
     from invarlock.edits import formats as edit_formats
     from invarlock.models import loading
 
@@ -77,6 +88,15 @@ def _edited_subject(inputs: RunInputs, base_model: Any, timer: Timer,
     if save_format != "safetensors":  # evaluate exactly what the saved file will hold
         result = edit_formats.shipped_as(save_format, base_model, result)
     timer.add("edit_s", t_edit)
+    return result
+
+
+def _edited_subject(inputs: RunInputs, base_model: Any, timer: Timer,
+                    save_format: str = "safetensors") -> PreparedSubject:
+    from invarlock.edits import formats as edit_formats
+    from invarlock.models import loading
+
+    result = apply_edit(inputs, base_model, timer, save_format)
     edit_record = build.edit_record(result)
     base = inputs.baseline
     digest = loading.tensor_digest(base_model.model)
@@ -144,9 +164,10 @@ def evaluate_subject(inputs: RunInputs, plan: EvaluationPlan, baseline: Baseline
     elif catastrophic:
         log.warning("preview ratio beyond the catastrophic limit: final set not evaluated")
     else:
-        final, sequential = _score_final(
-            inputs, plan, baseline, base_preview, preview, req, timer, model,
-            guard_taps(guards, model, "subject", "final"))
+        with alternate.alternating(inputs, req, timer, baseline, subject):
+            final, sequential = _score_final(
+                inputs, plan, baseline, base_preview, preview, req, timer, model,
+                guard_taps(guards, model, "subject", "final"))
     ctx.scores = {"preview": preview, "final": final}
     with loading.weights_on_host(model):
         outcomes = guards.finish(ctx)
@@ -165,8 +186,9 @@ def _score_final(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvid
                  base_preview: Any, preview: Any, req: CertifyRequest, timer: Timer,
                  model: Any, taps: Any) -> tuple[Any, Any]:
     """The final set, in looks that may stop it early when the sequential design is on; the
-    baseline scores each block first (when it has not yet), and the subject's token
-    distributions are compared with the baseline's on the same windows."""
+    baseline scores each block first (when it has not yet: beside the subject in lockstep,
+    in its place under blocks, `stages.alternate`), and the subject's token distributions
+    are compared with the baseline's on the same windows."""
     final_set = plan.windows.final
     scores = baseline.scores
 

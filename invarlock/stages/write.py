@@ -95,7 +95,7 @@ def _certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvid
                                               inputs.baseline.config, req.adapter, edit_name),
         policy=inputs.policy, tokenizer=inputs.tokenizer, tokenizer_hash=inputs.tokenizer_hash,
         corpus=plan.corpus, windows=plan.windows,
-        baseline=build.Side(dict(baseline.record), judgement.base_sets),
+        baseline=build.Side(_record_now(baseline.record), judgement.base_sets),
         subject=build.Side(subject.record, subject.sets), edit=subject.edit_record,
         guards={o.name: o.section for o in subject.outcomes}, match=judgement.match,
         primary=judgement.primary, evidence=judgement.evidence, decision=judgement.decision,
@@ -107,3 +107,10 @@ def _certificate(inputs: RunInputs, plan: EvaluationPlan, baseline: BaselineEvid
                                     baseline_digest=baseline.cache_key.weights_digest,
                                     dataset_digest=plan.corpus.digest,
                                     policy_digest=inputs.policy.digest))
+
+
+def _record_now(record: dict[str, Any]) -> dict[str, Any]:
+    """The baseline's record as it stands: its blocks list grows while later subjects of
+    the same run extend the baseline, and a sealed certificate must not change with it."""
+    blocks = record.get("final_blocks")
+    return {**record, **({} if blocks is None else {"final_blocks": [list(b) for b in blocks]})}

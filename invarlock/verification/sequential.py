@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from invarlock import sequential_run
+from invarlock import baseline_run, sequential_run
 from invarlock.certificate.sequential_view import phrase as sequential_phrase
 from invarlock.errors import ConfigError
 from invarlock.policy import ResolvedPolicy
@@ -90,3 +90,44 @@ def check_evaluated_counts(cert: Mapping[str, Any], policy: ResolvedPolicy,
         why = (f"the design scores the first {expected}" if design is not None
                else f"the fixed design scores all {planned}")
         found.differ("windows.preview.subject", f"{n} windows evaluated, but {why}")
+
+
+def check_baseline_blocks(cert: Mapping[str, Any], policy: ResolvedPolicy,
+                          found: Findings) -> None:
+    """The final ranges the baseline was scored on (`baseline.final_blocks`) follow its
+    schedule: consecutive, each ending at a look (lockstep), at a block end of the doubling
+    (blocks), or at the plan's end without a design; from window 0 unless the cache held the
+    first ones, and covering every final window the subject was compared on."""
+    base = cert.get("baseline") or {}
+    blocks = base.get("final_blocks")
+    if blocks is None:
+        return  # a certificate from before the record
+    found.checked.append("baseline blocks")
+    win = cert["windows"]
+    planned = len(win["final"]["ids"])
+    try:
+        design = planned_design(cert, policy)
+    except ConfigError:
+        return  # reported by the sequence's own recheck
+    if design is None:
+        ends, what = {planned}, f"the end of the {planned}-window plan (no design)"
+    elif base.get("schedule") == baseline_run.Schedule.BLOCKS.value:
+        ends = set(baseline_run.block_ends(design.looks))
+        what = f"a block end of the doubling {sorted(ends)}"
+    else:
+        ends, what = set(design.looks), "a look of the design"
+    start = 0 if not base.get("results_from_cache") else None
+    for lo, hi in blocks:
+        if (start is not None and lo != start) or not lo < hi:
+            found.differ("baseline.final_blocks", f"[{lo}, {hi}) does not follow on from "
+                                                  f"the windows held before it ({start})")
+            return
+        if hi not in ends:
+            found.differ("baseline.final_blocks", f"[{lo}, {hi}) ends at {hi}, which is not "
+                                                  f"{what}")
+            return
+        start = hi
+    used = len(win["final"].get("subject") or [])
+    if blocks and not base.get("results_from_cache") and blocks[-1][1] < used:
+        found.differ("baseline.final_blocks", f"the baseline was scored on {blocks[-1][1]} "
+                                              f"final windows, the subject on {used}")
