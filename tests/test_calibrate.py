@@ -477,3 +477,31 @@ def test_every_benign_family_can_be_named_on_the_command_line(tmp_path):
             "--out", str(tmp_path / "cal")])
         assert result.exit_code == 2, (family, result.output)
         assert "Invalid value for '--edits'" not in result.output, family
+
+
+def test_ve_rescales_that_do_not_move_the_loss_are_left_out_of_the_pool():
+    """A function-preserving edit leaves VE's scales at 1 to float rounding: its Δ is rounding,
+    which would dilute σ_Δ^VE (and shrink the minimum effect) if pooled. Only runs whose scales
+    moved some window's loss by more than `VE_NO_EFFECT` are pooled; the rest are counted."""
+    rng = np.random.default_rng(3)
+    settings = recipe.Settings(budget=2, windows=16, alpha=0.05, sided="one-sided")
+
+    def rows(run: str, deltas: np.ndarray) -> list[dict]:
+        return [{"run": run, "window": i, "tokens": 100, "nll_plain": 300.0,
+                 "nll_scaled": 300.0 + 100 * d} for i, d in enumerate(deltas)]
+
+    real = rng.normal(0.0, 1e-3, 16)
+    rounding = rng.normal(0.0, 1e-8, 16)
+    raw = rows("zoo:prune:0", real) + rows("zoo:normfold_all:0", rounding) + rows(
+        "zoo:qk_scale:0", rounding)
+    per_run = recipe.ve_per_run(raw)
+    assert [r["ve_max_abs_delta"] > recipe.VE_NO_EFFECT for r in per_run] == [
+        True, False, False]
+    ve = recipe.ve_statistics(per_run, settings)
+    assert ve["runs_with_gate"] == 1 and ve["runs_without_effect"] == 2
+    assert ve["sigma_delta"] == pytest.approx(np.std(real, ddof=1), rel=1e-6)
+    assert ve["one_sided"] == pytest.approx(norm.ppf(0.95) * np.std(real, ddof=1) / 4,
+                                            rel=1e-6)
+    # rows read from a CSV without the largest |Δ| are pooled as before
+    legacy = [{k: v for k, v in r.items() if k != "ve_max_abs_delta"} for r in per_run]
+    assert recipe.ve_statistics(legacy, settings)["runs_with_gate"] == 3

@@ -20,10 +20,14 @@ INT8 step with different seeds) certified with every guard in monitor mode. From
   deadband (a floor, when a tier wants one, is an explicit setting, not the default).
 - VE min effect: from σ_Δ^VE, the standard deviation of VE's own per-window paired
   ΔlogNLL (the subject with the proposed scales against the subject as it is, on the
-  gate's K windows) pooled over the reference runs whose VE gate ran,
-  sqrt(Σ(Kᵢ − 1)sᵢ² / Σ(Kᵢ − 1)): min_effect = z·σ_Δ^VE/√K with K the calibration windows
-  and z = Φ⁻¹(1 − α) one-sided (balanced) or Φ⁻¹(1 − α/2) two-sided (conservative). With no
-  such run the minimum effect is not calibrated (the tier's value stays).
+  gate's K windows) pooled over the reference runs whose VE gate ran and whose scales
+  moved the loss (some window's |Δ| above `VE_NO_EFFECT`: a function-preserving edit leaves
+  the block outputs' second moments as they were, VE's scales are 1 to float rounding and
+  their Δ is rounding, which says nothing of the noise of a real rescale and would only
+  dilute the pool), sqrt(Σ(Kᵢ − 1)sᵢ² / Σ(Kᵢ − 1)): min_effect = z·σ_Δ^VE/√K with K the
+  calibration windows and z = Φ⁻¹(1 − α) one-sided (balanced) or Φ⁻¹(1 − α/2) two-sided
+  (conservative). With no such run the minimum effect is not calibrated (the tier's value
+  stays).
 - Windows: the CI half-width of the mean paired Δ of the primary metric is about
   Φ⁻¹(1 − α/2)·σ_Δ/√n, so a target half-width h needs n = ⌈(Φ⁻¹(1 − α/2)·σ_Δ/h)²⌉ windows;
   σ_Δ is the per-window standard deviation pooled within runs, like VE's.
@@ -71,6 +75,7 @@ class ReferenceRun:
                                "max_abs_change": self.max_abs_change,
                                "ve_sigma_delta": _std(self.ve_delta),
                                "ve_windows": len(self.ve_delta),
+                               "ve_max_abs_delta": _largest_abs(self.ve_delta),
                                "rmt_null_scale": self.rmt_null_scale}
         for f in FAMILIES:
             zs = sorted(self.abs_z.get(f, []), reverse=True)
@@ -92,6 +97,15 @@ class ReferenceRun:
 
 def _std(values: Sequence[float]) -> float | None:
     return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def _largest_abs(values: Sequence[float]) -> float | None:
+    return float(np.max(np.abs(values))) if len(values) else None
+
+
+# nats/token: a VE rescale whose per-window |Δ| never exceeds this changed nothing the loss
+# can see. Float32 rounding of a window's mean log-loss (a few nats) is ~1e-7; 100× that.
+VE_NO_EFFECT = 1e-5
 
 
 def reference_run(label: str, cert: Mapping[str, Any], sigma_quantile: float) -> ReferenceRun:
@@ -149,14 +163,15 @@ def ve_gate_rows(run: str, guards: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def ve_per_run(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """{run, ve_sigma_delta, ve_windows} per run of raw VE rows (`ve_gate_rows`): the standard
-    deviation of (NLL_scaled − NLL_plain)/tokens over the run's windows, in first-seen order."""
+    """{run, ve_sigma_delta, ve_windows, ve_max_abs_delta} per run of raw VE rows
+    (`ve_gate_rows`): the standard deviation and the largest |·| of (NLL_scaled −
+    NLL_plain)/tokens over the run's windows, in first-seen order."""
     deltas: dict[str, list[float]] = {}
     for r in rows:
         deltas.setdefault(str(r["run"]), []).append(
             (float(r["nll_scaled"]) - float(r["nll_plain"])) / float(r["tokens"]))
-    return [{"run": run, "ve_sigma_delta": _std(d), "ve_windows": len(d)}
-            for run, d in deltas.items()]
+    return [{"run": run, "ve_sigma_delta": _std(d), "ve_windows": len(d),
+             "ve_max_abs_delta": _largest_abs(d)} for run, d in deltas.items()]
 
 
 def pooled_sd(sds: Sequence[float], counts: Sequence[int]) -> float | None:
@@ -347,17 +362,22 @@ def window_statistics(rows: Sequence[Mapping[str, Any]], settings: Settings) -> 
 
 
 def ve_statistics(rows: Sequence[Mapping[str, Any]], settings: Settings) -> dict[str, Any]:
-    """VE's σ_Δ pooled over the runs whose gate ran (`ve_sigma_delta`, `ve_windows` of each
-    row) and the minimum effect both ways; without such runs, a note and no minimum effect."""
+    """VE's σ_Δ pooled over the runs whose gate ran and moved the loss (`ve_sigma_delta`,
+    `ve_windows`, `ve_max_abs_delta` of each row; a row without the largest |Δ| counts as
+    moved) and the minimum effect both ways; without such runs, a note and no minimum
+    effect."""
     base: dict[str, Any] = {"windows": settings.windows, "alpha": settings.alpha,
                             "sided": settings.sided}
     if not any("ve_windows" in r for r in rows):
         return {**base, "note": "these reference runs did not record VE's paired delta; the "
                                 "minimum effect is not calibrated"}
-    sds = [r.get("ve_sigma_delta") for r in rows]
-    counts = [int(r.get("ve_windows") or 0) for r in rows]
-    sigma = pooled_sd(sds, counts)
-    base["runs_with_gate"] = sum(1 for k in counts if k > 1)
+    ran = [r for r in rows if int(r.get("ve_windows") or 0) > 1]
+    moved = [r for r in ran if r.get("ve_max_abs_delta") is None
+             or float(r["ve_max_abs_delta"]) > VE_NO_EFFECT]
+    sigma = pooled_sd([r.get("ve_sigma_delta") for r in moved],
+                      [int(r["ve_windows"]) for r in moved])
+    base["runs_with_gate"] = len(moved)
+    base["runs_without_effect"] = len(ran) - len(moved)
     if sigma is None:
         return {**base, "note": "no reference run proposed a VE rescale, so VE's paired "
                                 "delta was never measured; the minimum effect is not "

@@ -185,7 +185,8 @@ def check(model: ModelCalibration) -> list[str]:
     out += _check_null_tau(model)
     out += _check_ve_columns(model)
     ve = recipe.ve_statistics(model.ve_rows(), settings)
-    for key in ("sigma_delta", "one_sided", "two_sided", "runs_with_gate", "note"):
+    for key in ("sigma_delta", "one_sided", "two_sided", "runs_with_gate",
+                "runs_without_effect", "note"):
         if not _same(stats["variance"].get(key), ve.get(key)):
             out.append(f"{model.name}: variance.{key} {stats['variance'].get(key)} but the "
                        f"rows give {ve.get(key)}")
