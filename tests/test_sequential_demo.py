@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,13 @@ def _certify(tmp: Path, name: str, cache: Path, out: str | None = None, *,
     forwarded = {"baseline": 0, "subject": 0}
     score = common.score
 
+    earlier = _live_models()  # other tests' models still alive are not this run's
+
     def counted(inputs, req, timer, model, windows, label, *args, **kwargs):
         forwarded[label] += windows.n
         if blocks and label == "baseline":
             forwarded["weights_beside_baseline"] = max(
-                forwarded.get("weights_beside_baseline", 0), _weights_beside(model))
+                forwarded.get("weights_beside_baseline", 0), _weights_beside(model, earlier))
         return score(inputs, req, timer, model, windows, label, *args, **kwargs)
 
     edit = tmp / f"{name}.edit.yaml"
@@ -74,15 +77,20 @@ def _certify(tmp: Path, name: str, cache: Path, out: str | None = None, *,
     return result.exit_code, summary, cert, forwarded
 
 
-def _weights_beside(model) -> int:
-    """Parameters held by every other live model while `model` scores (the subject's)."""
+def _live_models() -> weakref.WeakSet:
     import gc
 
     from transformers import PreTrainedModel
 
+    return weakref.WeakSet(m for m in gc.get_objects() if isinstance(m, PreTrainedModel))
+
+
+def _weights_beside(model, earlier: weakref.WeakSet) -> int:
+    """Parameters held by every other live model of this run while `model` scores (the
+    subject's); models alive before the run started (`earlier`) are not counted."""
     own = {id(m) for m in model.modules()}  # its body is a PreTrainedModel too
-    return sum(p.numel() for m in gc.get_objects()
-               if isinstance(m, PreTrainedModel) and id(m) not in own for p in m.parameters())
+    return sum(p.numel() for m in _live_models()
+               if id(m) not in own and m not in earlier for p in m.parameters())
 
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,7 @@ class GitHubStandIn:
         fault = self._next_fault(op.operation_id)
         if fault is not None and fault.hold is not None:
             fault.hold.arrived.set()
-            if not fault.hold.release.wait(60):
+            if not fault.hold.release.wait(600):  # a hang guard, generous under load
                 self.problems.append(f"{op.operation_id}: held and never released")
         if fault is not None and fault.delay and not fault.applied:
             time.sleep(fault.delay)

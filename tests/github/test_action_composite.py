@@ -27,6 +27,9 @@ from tests.github.test_action_files import load_yaml
 
 ACTION = load_yaml(ROOT / "action.yml")
 EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
+# How long a step or a rendezvous may take before the test calls it a hang: generous, as a
+# loaded machine starts interpreters slowly; nothing waits this long when all goes well.
+HANG = 600
 
 
 @dataclass
@@ -141,7 +144,7 @@ class Runner:
 
     def finish(self, step: dict[str, Any], proc: subprocess.Popen[str],
                output: Path) -> StepResult:
-        stdout, _ = proc.communicate(timeout=120)
+        stdout, _ = proc.communicate(timeout=HANG)
         result = StepResult(proc.returncode, parse_outputs(output.read_text()), stdout)
         if "id" in step:
             self.steps[step["id"]] = result
@@ -522,7 +525,7 @@ def _rendezvous(path: Path, mode: str) -> Any:
     thread = threading.Thread(target=lambda: opened.append(open(path, mode)),  # noqa: SIM115
                               daemon=True)
     thread.start()
-    thread.join(60)
+    thread.join(HANG)
     if not opened:  # unblock the thread, then fail
         with open(path, "r" if mode == "w" else "w"):
             pass
@@ -545,7 +548,7 @@ def _cancel_at_docker(runner: Runner):
 
 def _cancel_at_request(runner: Runner, hold: Hold):
     def cancel(proc: subprocess.Popen[str]) -> None:
-        assert hold.arrived.wait(60), "the request never came"
+        assert hold.arrived.wait(HANG), "the request never came"
         proc.send_signal(signal.SIGINT)
         stopped = _rendezvous(Path(f"{runner.record}.stopped"), "r")
         stopped.read()  # SIGTERM has been sent to the entrypoint
