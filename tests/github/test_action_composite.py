@@ -27,6 +27,10 @@ from tests.github.test_action_files import load_yaml
 
 ACTION = load_yaml(ROOT / "action.yml")
 EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # How long a step or a rendezvous may take before the test calls it a hang: generous, as a
 # loaded machine starts interpreters slowly; nothing waits this long when all goes well.
 HANG = 600
@@ -138,8 +142,11 @@ class Runner:
         env = {**self.env, "GITHUB_OUTPUT": str(output)}
         env.update({k: self.expand(str(v)) for k, v in step.get("env", {}).items()})
         cwd = self.expand(step.get("working-directory", str(self.workspace)))
+        # SIGINT at its default, as a runner starts a step: bash cannot trap a signal it was
+        # started with ignored, which is how a shell's background job (`pytest … &`) has it
         proc = subprocess.Popen(["bash", "-e", "-c", step["run"]], cwd=cwd, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_default_sigint)
         return proc, output
 
     def finish(self, step: dict[str, Any], proc: subprocess.Popen[str],
