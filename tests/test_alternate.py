@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from invarlock.errors import EvidenceError
+from invarlock.models import loading
 from invarlock.stages import alternate
 
 torch = pytest.importorskip("torch")
@@ -28,28 +29,26 @@ def _logits(model) -> torch.Tensor:
 
 
 def test_a_subject_let_go_holds_nothing_and_refilled_is_the_same_model():
-    from invarlock.models.loading import tensor_digest
-
     subject = _model()
-    before, digest = _logits(subject), tensor_digest(subject)
+    before, digest = _logits(subject), loading.tensor_digest(subject)
     modules = dict(subject.named_modules())
-    alternate.let_go(subject)
+    loading.empty_parameters(subject)
     assert sum(p.numel() for p in subject.parameters()) == 0
     assert subject.lm_head.weight is subject.transformer.wte.weight  # still tied
-    alternate.refill(subject, _model())
+    loading.refill_parameters(subject, _model())
     assert dict(subject.named_modules()) == modules  # the same module objects
-    assert tensor_digest(subject) == digest
+    assert loading.tensor_digest(subject) == digest
     assert torch.equal(_logits(subject), before)
     assert subject.lm_head.weight is subject.transformer.wte.weight
 
 
 def test_a_copy_of_another_architecture_is_refused():
     subject = _model()
-    alternate.let_go(subject)
+    loading.empty_parameters(subject)
     other = _model()
     other.transformer.h = other.transformer.h[:1]
     with pytest.raises(EvidenceError, match="other parameters than the one let go"):
-        alternate.refill(subject, other)
+        loading.refill_parameters(subject, other)
 
 
 class _Resident:
@@ -75,13 +74,11 @@ class _Resident:
 def _swap(apply):
     """An Alternation over an edited subject (`apply` is the edit), as `stages.subject`
     builds it: the edit applied to a baseline load, its digest the fingerprint."""
-    from invarlock.models.loading import tensor_digest
-
     edit = SimpleNamespace(impl=SimpleNamespace(name="e", apply=apply), plan=None)
     subject = _model()
     apply(subject, None)
     prepared = SimpleNamespace(loaded=SimpleNamespace(model=subject),
-                               fingerprint=tensor_digest(subject))
+                               fingerprint=loading.tensor_digest(subject))
     resident = _Resident()
     inputs = SimpleNamespace(edit=edit)
     req = SimpleNamespace(save_format="safetensors")

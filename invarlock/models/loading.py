@@ -25,7 +25,7 @@ from typing import Any
 from invarlock import plugins
 from invarlock.atomic import default_mode
 from invarlock.enums import AdapterKind
-from invarlock.errors import InputError, InvarlockError
+from invarlock.errors import EvidenceError, InputError, InvarlockError
 from invarlock.models.device import (  # torch via device.py: MissingExtraError if absent
     checkpoint_dtype,
     resolve_device,
@@ -294,6 +294,25 @@ def weights_on_host(model: torch.nn.Module) -> Iterator[None]:
             hook.execution_device = device
         for module, name, param in slots:  # the slots as they were before the block
             module._parameters[name] = param
+
+
+def empty_parameters(model: torch.nn.Module) -> None:
+    """Empty every parameter of `model` in place (tied weights are one parameter): its
+    memory is let go while the modules, their hooks and everyone holding them stay."""
+    for p in model.parameters():
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+def refill_parameters(model: torch.nn.Module, fresh: torch.nn.Module) -> None:
+    """Give `model`'s (emptied) parameters the tensors of `fresh`, the same architecture,
+    by name."""
+    mine, theirs = dict(model.named_parameters()), dict(fresh.named_parameters())
+    if mine.keys() != theirs.keys():
+        missing = sorted(set(mine) ^ set(theirs))
+        raise EvidenceError(f"the subject loaded again has other parameters than the one let "
+                            f"go ({len(missing)} differ, first: {missing[0]})")
+    for name, p in mine.items():
+        p.data = theirs[name].data
 
 
 def _parameter_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Any]]:

@@ -90,13 +90,13 @@ class Alternation:
         self.swaps = 0
 
     def score(self, windows: WindowSet) -> Any:
-        from invarlock.models.loading import tensor_digest
+        from invarlock.models import loading
 
         if self.digest is None:
-            self.digest = tensor_digest(self.model)
+            self.digest = loading.tensor_digest(self.model)
         log.info("one model at a time: the subject leaves while the baseline scores %s",
                  windows.name)
-        let_go(self.model)
+        loading.empty_parameters(self.model)
         release_memory()
         try:
             scores = self.resident.score(windows)
@@ -108,13 +108,13 @@ class Alternation:
         return scores
 
     def _bring_back(self) -> None:
-        from invarlock.models.loading import tensor_digest
+        from invarlock.models import loading
 
         fresh = self._fresh_subject()
-        refill(self.model, fresh.model)
+        loading.refill_parameters(self.model, fresh.model)
         del fresh
         release_memory()
-        now = tensor_digest(self.model)
+        now = loading.tensor_digest(self.model)
         if now != self.digest:
             raise EvidenceError(f"the subject brought back after the baseline's block is not "
                                 f"the one let go (tensor digest {now} != {self.digest}); "
@@ -134,23 +134,3 @@ class Alternation:
             fresh = load_checkpoint(self.inputs, self.req)
         self.timer.add("load_s", t)
         return fresh
-
-
-def let_go(model: Any) -> None:
-    """Empty every parameter of `model` in place (tied weights are one parameter); the
-    modules, their hooks and everyone holding them stay."""
-    import torch
-
-    for p in model.parameters():
-        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-
-
-def refill(model: Any, fresh: Any) -> None:
-    """Give `model`'s parameters the tensors of `fresh` (the same architecture), by name."""
-    mine, theirs = dict(model.named_parameters()), dict(fresh.named_parameters())
-    if mine.keys() != theirs.keys():
-        missing = sorted(set(mine) ^ set(theirs))
-        raise EvidenceError(f"the subject loaded again has other parameters than the one let "
-                            f"go ({len(missing)} differ, first: {missing[0]})")
-    for name, p in mine.items():
-        p.data = theirs[name].data

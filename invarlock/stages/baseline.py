@@ -229,7 +229,7 @@ def settle_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyRequest
         baseline.record["schedule_note"] = ("one model resident at a time, the whole plan "
                                             f"scored ahead: {why}")
     for name in WINDOW_SETS:
-        baseline.scores.upto(name, _needed(inputs, plan, name, whole=why is not None))
+        baseline.scores.upto(name, _needed(design, plan, name, whole=why is not None))
     model = resident.take()
     if inputs.edit is None and model is not None:
         model = None  # one model resident at a time: the baseline leaves first
@@ -237,10 +237,10 @@ def settle_baseline(inputs: RunInputs, plan: EvaluationPlan, req: CertifyRequest
     return model
 
 
-def _needed(inputs: RunInputs, plan: EvaluationPlan, name: str, *, whole: bool) -> int:
+def _needed(design: Any, plan: EvaluationPlan, name: str, *, whole: bool) -> int:
     """Windows of set `name` the baseline scores before the subject loads: the design's cut
-    of the preview; the final windows up to the first look, or all of them (`whole`)."""
-    design = run_design(inputs, plan)
+    of the preview; the final windows up to the first look, or all of them (`whole`, always
+    when there is no design)."""
     if name == "final":
         return plan.windows.final.n if whole else design.looks[0]
     return sequential_run.preview_needed(design, plan.windows.preview.n)
