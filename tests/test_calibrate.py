@@ -154,6 +154,9 @@ def test_zoo_edits_are_seeded_and_do_what_they_say(tiny_llama_dir, tiny_gpt2_dir
         assert 0.02 <= sparsity <= 0.10
         w = dict(pruned.named_modules())[result.modules_changed[0]].weight
         assert (w == 0).float().mean().item() == pytest.approx(sparsity, abs=0.01)
+        # seed 0 is the top of the range: the reference runs hold the family's largest change
+        with torch.no_grad():
+            assert zoo.prune(fresh(), 0).plan["sparsity"] == zoo.PRUNE_SPARSITY[1] == 0.10
 
 
 # --- the shipped numbers, recomputed from the committed raw inputs ---------------------------
@@ -264,10 +267,10 @@ def test_every_max_sigma_change_at_4_9_percent_is_caught():
 
 def test_removing_the_rmt_null_slack_is_caught():
     files = _committed()
-    _rewrite_rows(files, "smollm2", _float_field("ffn_rmt_delta", lambda _v: 0.0))
+    _rewrite_rows(files, "smollm2", _float_field("attn_rmt_delta", lambda _v: 0.0))
     problems = _mismatches(files)
-    assert any("rmt.ffn.null_deltas differ from the CSV column" in p for p in problems)
-    assert any("CALIBRATION.md lacks" in p and "ffn 0.000" in p for p in problems)
+    assert any("rmt.attn.null_deltas differ from the CSV column" in p for p in problems)
+    assert any("CALIBRATION.md lacks" in p and "attn 0.000, ffn" in p for p in problems)
 
 
 def test_changing_one_rmt_module_row_is_caught():
@@ -275,15 +278,15 @@ def test_changing_one_rmt_module_row_is_caught():
     changed (its run's null scale moves) or a garbled count no longer reproduces the run's
     recorded null scale, and a larger excess in the worst run moves null_tau itself."""
     files = _committed()
-    lines = files["demo"]["modules"].splitlines()
-    at = next(i for i, line in enumerate(lines) if line.startswith("zoo:rtn4_group:0,"))
+    lines = files["smollm2"]["modules"].splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("zoo:prune:0,"))
     run, module, _, near = lines[at].split(",")
-    lines[at] = ",".join([run, module, "9.0", near])
-    files["demo"]["modules"] = "\n".join(lines) + "\n"
+    lines[at] = ",".join([run, module, "30.0", near])
+    files["smollm2"]["modules"] = "\n".join(lines) + "\n"
     problems = _mismatches(files)
-    assert any(p.startswith("demo: rmt_null") for p in problems)
-    assert any(p.startswith("demo: zoo:rtn4_group:0 rmt_null_scale") for p in problems)
-    assert any(p.startswith("balanced: rmt null_tau 0.21 but the module rows give")
+    assert any(p.startswith("smollm2: rmt_null") for p in problems)
+    assert any(p.startswith("smollm2: zoo:prune:0 rmt_null_scale") for p in problems)
+    assert any(p.startswith("balanced: rmt null_tau 0.31 but the module rows give")
                for p in problems)
     files = _committed()
     header, first, *rest = files["demo"]["modules"].splitlines()
@@ -338,8 +341,8 @@ def test_tenfold_sigma_delta_is_caught():
     _rewrite_rows(files, "smollm2", _float_field("sigma_delta", lambda v: 10 * v))
     problems = _mismatches(files)
     assert any(p.startswith("smollm2: windows.sigma_delta") for p in problems)
-    assert any(p.startswith("smollm2: windows.recommended_per_set 215") for p in problems)
-    assert any("CALIBRATION.md lacks" in p and "0.07481" in p for p in problems)
+    assert any(p.startswith("smollm2: windows.recommended_per_set 575") for p in problems)
+    assert any("CALIBRATION.md lacks" in p and "0.12228" in p for p in problems)
     files = _committed()  # in the CSV alone: the rows disagree with their runs' statistics
     _rewrite_rows(files, "smollm2", _float_field("sigma_delta", lambda v: 10 * v),
                   json_too=False)
@@ -400,6 +403,28 @@ def test_calibrate_on_zoo_families_derives_the_module_limit(tiny_gpt2_dir, sonne
     preset = yaml.safe_load((out / "calibration.yaml").read_text())
     assert preset["guards"]["spectral"]["module_change_limit"] == limit["limit"]
     assert set(stats["top_abs_z"]) == set(stats["runs"])
+
+
+def test_calibrate_zoo_skips_a_family_the_model_has_no_place_for(tiny_gpt2_dir, sonnets_path,
+                                                                 tmp_path, monkeypatch):
+    """`--edits zoo` means every family that applies: GPT-2's ungated MLP has no up/down
+    pair, so `updown_scale` is skipped with its reason and the rest calibrates. Named on its
+    own, the same family is an input error (exit 2, one line)."""
+    from invarlock.calibration import zoo_run
+
+    monkeypatch.setattr(zoo_run, "CALIBRATION", ("updown_scale", "prune"))
+    result = _calibrate(tiny_gpt2_dir, sonnets_path, tmp_path, "--edits", "zoo", "--seeds", "1")
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert stats["runs"] == ["zoo:prune:0"]
+    assert [s["run"] for s in stats["skipped"]] == ["zoo:updown_scale:0"]
+    assert "up/down" in stats["skipped"][0]["reason"]
+
+    (tmp_path / "named").mkdir()
+    named = _calibrate(tiny_gpt2_dir, sonnets_path, tmp_path / "named", "--edits",
+                       "updown_scale", "--seeds", "1")
+    assert named.exit_code == 2
+    assert "Traceback" not in named.output and "up/down" in named.output
 
 
 def test_zoo_row_counts_the_primary_metric_apart_from_guards_and_the_evidence_floor():

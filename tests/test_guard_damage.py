@@ -117,9 +117,9 @@ def test_uniform_rescale_of_block_outputs_is_reported_by_the_ve_gate(bench, tmp_
     ve = cert["guards"]["variance"]
     tier = cert["policy"]["values"]["guards"]["variance"]
     assert "guards.variance.gating.min_effect_lognll" not in cert["policy"]["overrides"]
-    assert ve["summary"]["min_effect"] == tier["gating"]["min_effect_lognll"] == 0.00054
+    assert ve["summary"]["min_effect"] == tier["gating"]["min_effect_lognll"] == 0.00095
     assert ve["passed"] is False and "would help" in ve["reason"]
-    assert ve["summary"]["ci"][1] <= -0.00054 and ve["summary"]["delta"] <= -0.00054
+    assert ve["summary"]["ci"][1] <= -0.00095 and ve["summary"]["delta"] <= -0.00095
     assert ve["summary"]["proposed"] == len(ve["measurements"]["modules"])
     assert cert["validation"]["variance_ok"] is False
     assert "variance_ok" not in cert["gating"]  # monitor in balanced: recorded, not gating

@@ -3,8 +3,13 @@
 The RMT guard models a module's outlier excess Δ_m (subject − baseline, summed over the window
 groups) as having variance τ²·(N_m + 1), N_m its normalised singular values within
 `edge_band` of the Marchenko–Pastur edge (`invarlock.guards.rmt`). Each benign reference
-run gives an upper 95% bound on τ from its modules (`rmt.null_scale`); the shipped
-`null_tau` is the largest over the runs, rounded up to 0.01 (at least 0.01), so the worst
+run gives the larger of two scales: an upper 95% bound on τ from the mean square of its
+modules (`rmt.null_scale`), and the smallest τ under which every one of its modules is
+within its margin at the level of the reference false-alarm rate (`rmt.covering_scale`, at
+α/M for M modules: the guard tests M modules and a few families, so its level is lower
+and its margins no narrower). The second matters when one module moves far more than the
+rest: a mean square averages such a module away. The shipped `null_tau` is the largest over
+the runs, rounded up to 0.01 (at least 0.01), so the worst benign module of the worst
 benign edit sizes every module's margin.
 
 The per-module inputs (Δ_m, N_m) are what calibration commits, one row per module of each
@@ -24,11 +29,16 @@ from typing import Any
 from invarlock.guards import rmt
 
 MODULE_COLUMNS = ("run", "module", "excess", "near_edge")
+# The per-run false-alarm rate τ is sized at: the default (balanced) tier's. A tier with a
+# higher rate (conservative, 0.05) is stricter than the null's worst module; one with a
+# lower rate (aggressive, 0.001) looser.
+REFERENCE_RATE = 0.01
 
 
 @dataclass(frozen=True)
 class NullTau:
-    """τ per benign run (upper 95% bound), the largest, its run, and the shipped value."""
+    """τ per benign run (the larger of its two bounds), the largest, its run, and the shipped
+    value."""
 
     per_run: dict[str, float]
     largest: float
@@ -44,6 +54,14 @@ def module_rows(run: str, modules: Sequence[Mapping[str, Any]],
             for m, d, n in zip(modules, moved, near, strict=True)]
 
 
+def run_scale(moved: Sequence[float], near: Sequence[float]) -> float:
+    """One benign run's τ: the larger of the mean-square bound and the covering scale."""
+    if not len(moved):
+        return 0.0
+    return max(rmt.null_scale(moved, near),
+               rmt.covering_scale(moved, near, REFERENCE_RATE / len(moved)))
+
+
 def null_tau(rows: Sequence[Mapping[str, Any]]) -> NullTau:
     """τ from per-module rows of benign runs (`run`, `excess`, `near_edge`); the runs keep
     the order of their first row."""
@@ -54,7 +72,7 @@ def null_tau(rows: Sequence[Mapping[str, Any]]) -> NullTau:
         near.append(float(row["near_edge"]))
     if not by_run:
         raise ValueError("null_tau needs the per-module rows of at least one benign run")
-    per_run = {run: rmt.null_scale(moved, near) for run, (moved, near) in by_run.items()}
+    per_run = {run: run_scale(moved, near) for run, (moved, near) in by_run.items()}
     worst = max(per_run, key=lambda run: per_run[run])
     largest = per_run[worst]
     # a null that moved nothing gives τ 0, which no margin can use (every crossing would

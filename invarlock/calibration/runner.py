@@ -98,6 +98,7 @@ def reference_edits(edits: tuple[str, ...], seeds: int) -> list[tuple[str, dict,
 
 def run(req: CalibrationRequest) -> CalibrationOutcome:
     """Certify every reference edit, calibrate, and write the three outputs."""
+    from invarlock.calibration.zoo_base import NotApplicable
     from invarlock.certify import certify
 
     # Reference runs measure every guard without letting one stop the run; monitor mode is
@@ -112,6 +113,7 @@ def run(req: CalibrationRequest) -> CalibrationOutcome:
     cache_dir = req.base.cache_dir or (req.out_dir / "cache")
     runs = []
     certificates = []
+    skipped: list[dict[str, str]] = []
     sigma_quantile = float(tier_guards["spectral"]["sigma_quantile"])
     for label, section, impl in reference_edits(req.edits, req.seeds):
         run_dir = req.out_dir / "runs" / label.replace(":", "-")
@@ -125,7 +127,15 @@ def run(req: CalibrationRequest) -> CalibrationOutcome:
         one = replace(req.base, config={**config, "edit": section}, subject=None, edit=section,
                       edit_impl=impl, out_dir=run_dir, use_cache=True, cache_dir=cache_dir,
                       save_subject=None, write_ve_subject=None)
-        outcome = certify(one)
+        try:
+            outcome = certify(one)
+        except NotApplicable as exc:
+            if ZOO not in req.edits:  # named on its own: the user asked for this very edit
+                raise
+            # `zoo` means every family that applies: GPT-2's ungated MLP has no up/down pair
+            log.warning("reference %s skipped: %s", label, exc)
+            skipped.append({"run": label, "reason": str(exc)})
+            continue
         runs.append(recipe.reference_run(label, outcome.certificate, sigma_quantile))
         certificates.append(str(outcome.path))
         log.info("reference %s: %s in %.0fs", label, outcome.verdict,
@@ -142,7 +152,7 @@ def run(req: CalibrationRequest) -> CalibrationOutcome:
                  for r, c in zip(runs, certificates, strict=True)], policy.tier)
     stats = {**result.statistics, "tier": policy.tier, "profile": policy.profile,
              "baseline": req.base.baseline, "dataset": req.base.dataset.spec(),
-             "certificates": certificates, "per_run": result.rows,
+             "certificates": certificates, "skipped": skipped, "per_run": result.rows,
              "distribution": dist_stats}
     yaml_path = atomic.write_text(req.out_dir / "calibration.yaml",
                                   _yaml_text(result, stats))

@@ -167,8 +167,9 @@ def zoo_row(family: str, kind: str, seed: int, cert: Mapping[str, Any]) -> dict[
 
 
 def rmt_null_scale(cert: Mapping[str, Any]) -> float | None:
-    """τ of the run (`rmt.null_scale`, an upper 95% bound) at the edge band of its policy:
-    the calibration input of `null_tau` (the largest over the benign runs)."""
+    """τ of the run (`rmt_null.run_scale`) at the edge band of its policy: the calibration
+    input of `null_tau` (the largest over the benign runs)."""
+    from invarlock.calibration import rmt_null
     from invarlock.guards import rmt
 
     section = (cert.get("guards") or {}).get("rmt") or {}
@@ -176,7 +177,7 @@ def rmt_null_scale(cert: Mapping[str, Any]) -> float | None:
     if not modules:
         return None
     policy = ((cert.get("policy") or {}).get("values") or {}).get("guards", {}).get("rmt", {})
-    return rmt.null_scale(*rmt.null_inputs(
+    return rmt_null.run_scale(*rmt.null_inputs(
         modules, float(policy.get("edge_band", rmt.DEFAULT_EDGE_BAND))))
 
 
