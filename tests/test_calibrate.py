@@ -427,6 +427,31 @@ def test_calibrate_zoo_skips_a_family_the_model_has_no_place_for(tiny_gpt2_dir, 
     assert "Traceback" not in named.output and "up/down" in named.output
 
 
+def test_redecide_applies_the_current_distribution_limits(tmp_path):
+    """`false_alarm_rate.py --reuse` decides stored runs under the policy of now: the
+    distribution limits too, not only the guards (a limit recalibrated since the run was
+    certified changes its flag and its verdict)."""
+    from invarlock.calibration.zoo_run import redecide
+    from tests.certs import synthetic_certificate
+
+    cert = synthetic_certificate(kld_scale=0.05)
+    assert "distribution_acceptable" in cert["gating"]
+    bound = cert["distribution"]["kld_mean"]["high"]
+    path = tmp_path / "evaluation.cert.json"
+    path.write_text(json.dumps(cert))
+
+    def decided(limit: float) -> dict:
+        return redecide(path, {"auto": {"tier": "balanced", "profile": "dev",
+                                        "allow_underpowered": True},
+                               "eval": {"distribution": {"kld_mean_upper": limit,
+                                                         "same_top_p_lower": 0.0}}})
+
+    tight, loose = decided(bound / 2), decided(bound * 2)
+    assert tight["validation"]["distribution_acceptable"] is False
+    assert tight["verdict"]["status"] == "FAIL"
+    assert loose["validation"]["distribution_acceptable"] is True
+
+
 def test_zoo_row_counts_the_primary_metric_apart_from_guards_and_the_evidence_floor():
     from invarlock.calibration.zoo_run import zoo_row
 

@@ -113,19 +113,26 @@ def window_tokens(base: Any) -> Any:
 
 
 def redecide(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored zoo certificate with every guard decided again under `config`'s policy."""
+    """A stored zoo certificate with every guard and the distribution limits decided again
+    under `config`'s policy (both are pure functions of what the certificate recorded)."""
     import json
 
+    from invarlock import distribution_gate
     from invarlock.guards import get_guard
     from invarlock.policy import resolve
 
     cert = json.loads(Path(path).read_text())
-    values = resolve(dict(config)).values.get("guards") or {}
+    policy = resolve(dict(config)).values
+    values = policy.get("guards") or {}
     for name, section in (cert.get("guards") or {}).items():
         decision = get_guard(name).decide(section["measurements"], values.get(name) or {})
         section.update(passed=bool(decision.passed), reason=decision.reason,
                        summary=decision.summary)
         cert["validation"][section["flag"]] = bool(decision.passed)
+    limits = distribution_gate.Limits.from_policy(policy.get("distribution"))
+    if cert.get("distribution") and distribution_gate.FLAG in cert["validation"]:
+        decided = distribution_gate.check(distribution_gate.checks(cert["distribution"], limits))
+        cert["validation"][distribution_gate.FLAG] = decided.passed
     gating = [f for f in cert["gating"]]
     failed = [f for f in gating if not cert["validation"].get(f, False)]
     cert["verdict"]["status"] = "FAIL" if failed else "PASS"
