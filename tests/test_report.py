@@ -236,7 +236,7 @@ def _changes(case: str) -> dict[str, float]:
 def test_spectral_bars_cross_their_tick_exactly_where_the_guard_flags(case):
     """A bar past its tick is a module the guard flags (candidate or violation); every other
     bar stays short of its tick. With quantization noise the guard says "no violation" and
-    no bar crosses, though most modules' |z| exceed the family κ the old chart drew."""
+    no bar crosses, though some modules' |z| exceed the family κ the old chart drew."""
     from invarlock.report.html import spectral_changes
 
     policy = _spectral_policy()
@@ -250,7 +250,7 @@ def test_spectral_bars_cross_their_tick_exactly_where_the_guard_flags(case):
     if case == "quantization noise":
         assert section["passed"] and not flagged
         z_bars = module_scores(section, policy)
-        assert sum(b.value > policy["family_caps"][b.group] for b in z_bars) >= 5
+        assert sum(b.value > policy["family_caps"][b.group] for b in z_bars) >= 2
     else:
         assert not section["passed"] and flagged
 
