@@ -29,9 +29,9 @@ from typing import Any
 from invarlock.guards import rmt
 
 MODULE_COLUMNS = ("run", "module", "excess", "near_edge")
-# The per-run false-alarm rate τ is sized at: the default (balanced) tier's. A tier with a
-# higher rate (conservative, 0.05) is stricter than the null's worst module; one with a
-# lower rate (aggressive, 0.001) looser.
+# τ is sized at the default (balanced) tier's per-run false-alarm rate. A tier with a higher
+# rate (conservative, 0.05) is stricter than the null's worst module; one with a lower rate
+# (aggressive, 0.001) looser.
 REFERENCE_RATE = 0.01
 
 
