@@ -176,6 +176,8 @@ GUARDS = {
                 exclusiveMinimum=0)["anyOf"]]},
             "edit_size_limit": {"anyOf": [{"type": "null"}, *_number(
                 exclusiveMinimum=0)["anyOf"]]},
+            "edit_along_data_limit": {"anyOf": [{"type": "null"}, *_number(
+                exclusiveMinimum=0)["anyOf"]]},
         }),
         "rows": _obj({
             "mode": _MODE,

@@ -130,8 +130,10 @@ class Tap(Protocol):
     ``modules`` names what to observe; ``observe`` receives each forward output (a tensor or
     tuple as the module returns it, under inference mode) with the batch it belongs to. The
     hook evaluate registers ignores any return value; a tap must not modify outputs in place.
-    Taps observe the model's body: a language model's output head is applied outside the
-    forward pass, in slices of its weight, and is not called as a module then.
+    A tap whose ``observes_inputs`` is true receives each module's first positional input
+    instead of its output. Taps observe the model's body: a language model's output head is
+    applied outside the forward pass, in slices of its weight, and is not called as a module
+    then.
     """
 
     def modules(self, model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]: ...
@@ -446,8 +448,11 @@ def _attached(model: torch.nn.Module,
         (taps,) if isinstance(taps, Tap) else tuple(taps))
 
     def observer(tap: Tap, name: str) -> Callable[..., None]:
-        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-            tap.observe(name, output, current[0])  # type: ignore[arg-type]
+        inputs = bool(getattr(tap, "observes_inputs", False))
+
+        def hook(_module: torch.nn.Module, args: Any, output: Any) -> None:
+            seen = (args[0] if args else None) if inputs else output
+            tap.observe(name, seen, current[0])  # type: ignore[arg-type]
             return None  # never replace the module's output
 
         return hook

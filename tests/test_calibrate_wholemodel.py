@@ -31,7 +31,9 @@ def test_every_tier_carries_the_limits_derived_from_the_committed_runs():
     for tier, values in tiers.items():
         guards = values["guards"]
         assert guards["rows"]["tau"] == limits["tau"], tier
-        assert guards["spectral"]["edit_size_limit"] == limits["edit_size_limit"], tier
+        assert guards["spectral"]["edit_size_limit"] is None, tier  # recorded, see below
+        assert guards["spectral"]["edit_along_data_limit"] == \
+            limits["edit_along_data_limit"], tier
         assert guards["rows"]["mode"] == "gate", tier  # gated in every tier
 
 
@@ -41,10 +43,36 @@ def test_the_largest_benign_run_sets_each_limit():
     raised = [dict(r) for r in runs]
     raised[runs.index(top)]["max_row_change"] = 2 * float(top["max_row_change"])
     assert wholemodel.derive(raised)["tau"] > wholemodel.derive(runs)["tau"]
+    top = max(runs, key=lambda r: float(r["max_edit_along_data"]))
+    raised = [dict(r) for r in runs]
+    raised[runs.index(top)]["max_edit_along_data"] = 2 * float(top["max_edit_along_data"])
+    assert wholemodel.derive(raised)["edit_along_data_limit"] > \
+        wholemodel.derive(runs)["edit_along_data_limit"]
+
+
+def test_gptq_is_in_the_null_largest_in_weight_space_and_not_along_the_data():
+    """GPTQ's error feedback is the largest benign edit in weight space (which is why that
+    size has no limit) and no larger than RTN's along the data (which is gated)."""
+    runs = wholemodel.read_runs(RUNS)
+    assert wholemodel.PENDING == ()
+    gptq = [r for r in runs if r["edit"] == "gptq4"]
+    assert {r["model"] for r in gptq} == {"tiny_gpt2", "tiny_llama", "demo"}
+    top = max(runs, key=lambda r: float(r["max_edit_size"]))
+    assert top["edit"] == "gptq4"
+    along = max(runs, key=lambda r: float(r["max_edit_along_data"]))
+    assert along["edit"] != "gptq4"
+    def along_per_size(r: dict) -> float:
+        return float(r["max_edit_along_data"]) / float(r["max_edit_size"])
+
+    for r in gptq:  # RTN's error is about as large along the data as in weight space
+        rtn = [q for q in runs if (q["model"], q["edit"], q["seed"]) ==
+               (r["model"], "rtn4_group", r["seed"])]
+        assert along_per_size(r) < 0.9 * along_per_size(rtn[0]), r["model"]
 
 
 def test_the_demo_runs_are_measured_again(tmp_path):
     from invarlock.calibration import zoo
+    from invarlock.data.corpus import demo_corpus_path
     from tests.guardkit import demo_dir, one_thread
 
     demo = demo_dir()
@@ -53,14 +81,16 @@ def test_the_demo_runs_are_measured_again(tmp_path):
     stored = {(r["edit"], int(r["seed"])): r for r in wholemodel.read_runs(RUNS)
               if r["model"] == "demo"}
     seed = 1
+    text = demo_corpus_path()
     with one_thread():
+        baseline = wholemodel.measure_baseline(demo, text)
         for name, edit in wholemodel.benign_edits().items():
             if (name, seed) not in stored:  # up/down pairs: the demo's GPT-2 MLP has no gate
                 with pytest.raises(zoo.NotApplicable):
-                    wholemodel.measure_edit(demo, edit, seed)
+                    wholemodel.measure_edit(demo, text, edit, seed, baseline)
                 continue
-            again = wholemodel.measure_edit(demo, edit, seed)
+            again = wholemodel.measure_edit(demo, text, edit, seed, baseline)
             row = stored[(name, seed)]
-            for key in ("max_row_change", "max_edit_size"):
+            for key in ("max_row_change", "max_edit_size", "max_edit_along_data"):
                 assert again[key] == pytest.approx(float(row[key]), rel=1e-3, abs=1e-6), (
                     name, key)

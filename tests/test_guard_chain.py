@@ -172,9 +172,12 @@ def test_editing_a_stored_measurement_changes_the_outcome(int8_cert):
         assert int8_cert["guards"][name]["passed"]
         check = _edited(int8_cert, name, edit)
         assert not check.passed and words in check.reason, name
-    # the edit size is gated: a structural edit that keeps σ (permuted rows) fails ...
-    check = _edited(int8_cert, "spectral", lambda m: m["modules"][0].update(edit_size=0.5))
-    assert not check.passed and "edit size" in check.reason
+    # the edit size along the data is gated: a structural edit that keeps σ (permuted
+    # rows) fails ...
+    check = _edited(int8_cert, "spectral", lambda m: next(
+        x for x in m["modules"] if x["edit_along_data"] is not None).update(
+            edit_along_data=0.5))
+    assert not check.passed and "along the data" in check.reason
     # ... and an edit that does not matter leaves the outcome alone
     assert _edited(int8_cert, "spectral", lambda m: m["modules"][0].update(
         sigma_baseline=m["modules"][0]["sigma_baseline"] * (1 + 1e-9))).passed

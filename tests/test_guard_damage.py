@@ -204,16 +204,17 @@ def test_a_changed_final_norm_of_a_tied_model_fails_the_rows_guard(bench, tmp_pa
     assert finding["message"].startswith("3 of ") and code == 1
 
 
-def test_a_permutation_of_mlp_rows_keeps_sigma_and_fails_on_the_edit_size(bench, tmp_path):
+def test_a_permutation_of_mlp_rows_keeps_sigma_and_fails_on_the_edit_along_the_data(
+        bench, tmp_path):
     module = "transformer.h.1.mlp.c_fc"
     subject = kit.damaged_copy(bench.baseline, tmp_path / "s", kit.permute_output_rows(module))
     code, _, cert = run(bench, subject, tmp_path / "o")
     spectral = cert["guards"]["spectral"]
     finding = next(f for f in spectral["findings"] if f["module"] == f"{module}.weight")
-    assert finding["kind"] == "violation" and "edit size" in finding["message"]
+    assert finding["kind"] == "violation" and "along the data" in finding["message"]
     assert abs(finding["relative_change"]) < 1e-5  # σ kept
-    assert finding["edit_size"] > cert["policy"]["values"]["guards"]["spectral"][
-        "edit_size_limit"]
+    limits = cert["policy"]["values"]["guards"]["spectral"]
+    assert finding["edit_along_data"] > limits["edit_along_data_limit"]
     assert cert["validation"]["spectral_stable"] is False and code == 1
 
 

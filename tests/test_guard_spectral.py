@@ -108,6 +108,25 @@ def test_absolute_cap_and_scope():
     assert scoped.summary["modules"] == 1
 
 
+def test_the_edit_along_the_data_fails_a_module_that_keeps_sigma_and_its_edit_size():
+    """A permutation keeps σ and can stay under the edit-size limit (GPTQ's error feedback
+    sets that one high); along the data it is as large as the outputs themselves."""
+    mods = modules({"ffn": [0.0, 0.0, 0.0, 0.0]})
+    for m in mods:
+        m.update(edit_size=0.3, edit_along_data=0.05)
+    mods[2].update(edit_along_data=0.5)
+    mods[3].update(edit_along_data=None)  # no input sketch: nothing to gate on
+    policy = {**POLICY, "edit_size_limit": 0.77, "edit_along_data_limit": 0.28}
+    decision = spectral.decide({"modules": mods}, policy)
+    assert not decision.passed
+    (finding,) = decision.findings
+    assert finding["module"] == mods[2]["name"] and "along the data" in finding["message"]
+    assert finding["edit_along_data"] == 0.5 and "0.5 beyond the limit 0.28" in decision.reason
+    assert spectral.decide({"modules": mods}, {**policy, "edit_along_data_limit": None}).passed
+    mods[2].update(edit_along_data=0.2)
+    assert spectral.decide({"modules": mods}, policy).passed
+
+
 def test_bonferroni_is_stricter_than_bh_for_several_families():
     rng = np.random.default_rng(5)
     fams = {f: list(rng.normal(0, 1e-3, 10)) for f in ("attn", "ffn")}

@@ -21,8 +21,13 @@ For every 2-D weight in scope the probe measures σ_b = ‖W_b‖₂ (baseline) 
   attention matrix ×1.5), which the robust z normalises away, is still caught;
 - with `max_spectral_norm` set, any σ_s above it is a violation too;
 - with `edit_size_limit` set, a module whose edit size ‖W_s − W_b‖₂/σ_b exceeds it is a
-  violation: permuting, swapping or spiking rows can keep σ (and so r) where it was, but not
-  the size of the edit, which benign quantization keeps small (calibrated: CALIBRATION.md);
+  violation: spiking a matrix can keep σ (and so r) where it was, but not the size of the
+  edit, which benign quantization keeps small (calibrated: CALIBRATION.md);
+- with `edit_along_data_limit` set, a module whose edit along the baseline's inputs,
+  ‖ΔW·X‖_F/‖W_b·X‖_F (X: the calibration windows' input sketch,
+  `invarlock.guards.measure.sketch`), exceeds it is a violation: a permutation or swap of
+  rows moves the outputs the data produces by about as much as the outputs themselves, while
+  GPTQ's error feedback, large in weight space, keeps this small by construction;
 - the robust z of a family is taken over the modules the edit touched (r ≠ 0): a LoRA merge
   into q/v leaves o untouched, and those zeros would shrink the scale to nothing; a family
   with fewer than `MIN_FAMILY_FOR_Z` touched modules (embeddings: one or two matrices; one
@@ -134,6 +139,7 @@ class ModuleScore:
     sigma_baseline: float
     sigma_subject: float
     edit_size: float
+    along_data: float | None = None  # edit size along the baseline's inputs (None: unmeasured)
 
 
 def scale_floor(deadband: float) -> float:
@@ -161,13 +167,18 @@ def score_modules(modules: Sequence[Mapping[str, Any]], sigma_quantile: float,
         for m, ri, zi in zip(members, r, z, strict=True):
             out.append(ModuleScore(m["name"], family, float(ri), float(zi),
                                    _sigma(m["sigma_baseline"]), _sigma(m["sigma_subject"]),
-                                   _sigma(m.get("edit_size", 0.0))))
+                                   _sigma(m.get("edit_size", 0.0)),
+                                   _optional(m.get("edit_along_data"))))
     return out
 
 
 def _sigma(x: Any) -> float:
     """A stored norm; None (not finite when measured) reads as inf."""
     return float("inf") if x is None else float(x)
+
+
+def _optional(x: Any) -> float | None:
+    return None if x is None else float(x)
 
 
 def _json(x: float) -> float | None:
@@ -227,6 +238,11 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
     edit_limit = policy.get("edit_size_limit")
     too_big = [] if edit_limit is None else [
         s for s in scores if s.edit_size > float(edit_limit) and s not in violations]
+    data_limit = policy.get("edit_along_data_limit")
+    along = [] if data_limit is None else [
+        s for s in scores if s.along_data is not None and s.along_data > float(data_limit)
+        and s not in violations and s not in too_big]
+    too_big += along
     above += [s for s in too_big if s not in above]
     warnings = [s for s in warnings if s not in too_big]
 
@@ -234,8 +250,8 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
                                               own_limit)) for s in violations]
     findings += [_finding(s, "violation", f"σ {s.sigma_subject:.4g} above max_spectral_norm "
                           f"{float(limit):.4g}") for s in above if s not in too_big]
-    findings += [_finding(s, "violation", f"edit size ‖ΔW‖₂/σ {s.edit_size:.3g} beyond the "
-                          f"limit {float(edit_limit):.3g}") for s in too_big]
+    findings += [_finding(s, "violation", _edit_why(s, edit_limit, data_limit))
+                 for s in too_big]
     findings += [_finding(s, "warning", f"σ changed {s.r:+.1%} (z {s.z:+.1f} > κ "
                           f"{caps[s.family]:.2f}, family not significant)") for s in warnings]
     max_caps = int(policy["max_caps"])
@@ -245,9 +261,9 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
         reason = (f"{len(violations) + len(above)} violation(s); largest: {worst.name} "
                   f"σ {worst.r:+.1%} vs baseline")
         if too_big and all(s in too_big for s in [*violations, *above]):
-            worst = max(too_big, key=lambda s: s.edit_size)
-            reason = (f"{len(too_big)} violation(s); largest: {worst.name} edit size "
-                      f"‖ΔW‖₂/σ {worst.edit_size:.3g} beyond the limit {float(edit_limit):.3g}")
+            worst = max(too_big, key=lambda s: _edit_excess(s, edit_limit, data_limit))
+            reason = (f"{len(too_big)} violation(s); largest: {worst.name} "
+                      f"{_edit_why(worst, edit_limit, data_limit)}")
     elif len(warnings) > max_caps:
         reason = f"{len(warnings)} warnings exceed the budget max_caps = {max_caps}"
     else:
@@ -279,11 +295,29 @@ def _why(s: ModuleScore, kappa: float, small: bool, own_limit: Any = None) -> st
     return f"σ changed {s.r:+.1%} (z {s.z:+.1f} > κ {kappa:.2f}, family significant)"
 
 
+def _edit_excess(s: ModuleScore, edit_limit: Any, data_limit: Any) -> float:
+    """How far past its limit a module's edit is (the larger ratio of the two sizes)."""
+    ratios = [0.0]
+    if edit_limit is not None and float(edit_limit) > 0:
+        ratios.append(s.edit_size / float(edit_limit))
+    if data_limit is not None and float(data_limit) > 0 and s.along_data is not None:
+        ratios.append(s.along_data / float(data_limit))
+    return max(ratios)
+
+
+def _edit_why(s: ModuleScore, edit_limit: Any, data_limit: Any) -> str:
+    if edit_limit is not None and s.edit_size > float(edit_limit):
+        return f"edit size ‖ΔW‖₂/σ {s.edit_size:.3g} beyond the limit {float(edit_limit):.3g}"
+    return (f"edit size along the data ‖ΔW·X‖/‖W·X‖ {s.along_data:.3g} beyond the limit "
+            f"{float(data_limit):.3g}")
+
+
 def _finding(s: ModuleScore, kind: str, message: str) -> dict[str, Any]:
     return {"module": s.name, "family": s.family, "kind": kind, "message": message,
             "relative_change": _json(s.r), "z": _json(s.z),
             "sigma_baseline": _json(s.sigma_baseline),
-            "sigma_subject": _json(s.sigma_subject), "edit_size": _json(s.edit_size)}
+            "sigma_subject": _json(s.sigma_subject), "edit_size": _json(s.edit_size),
+            "edit_along_data": None if s.along_data is None else _json(s.along_data)}
 
 
 SPECTRAL = BuiltinGuard(

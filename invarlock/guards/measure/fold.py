@@ -465,3 +465,30 @@ def output_scales(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[s
             index, factor = _multiplier(side, s, sign)
             factors[index.to(s.device)] = factor
     return factors
+
+
+def input_scales(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
+                 conv1d: bool = False) -> torch.Tensor | None:
+    """Per input feature of the linear `name` (a weight name), the factor `effective`
+    multiplies that input by (the feeding norm's scale; the balancing scale of each pair
+    whose consumer it is); None: no factor. The effective matrix applied to x / factor gives
+    the stored weight's output on x, so the edit size along the data is taken on x / factor."""
+    in_axis = 0 if conv1d else 1
+    factors = None
+    fold = (plan.get(name) or {}).get("fold")
+    if fold is not None:
+        factors = get(fold["norm"]).to(torch.float32) + float(fold["offset"])
+    for rel in _relations(name, plan):
+        s = None
+        for key, sign in (("a", 1), ("b", -1)):
+            side = rel[key]
+            if side["weight"] != name or int(side["axis"]) != in_axis:
+                continue
+            if s is None:
+                s = balancing_scale(rel, get, plan)
+            if factors is None:
+                factors = torch.ones(get(name).shape[in_axis], dtype=torch.float32)
+            factors = factors.to(s.device)
+            index, factor = _multiplier(side, s, sign)
+            factors[index.to(s.device)] *= factor
+    return factors

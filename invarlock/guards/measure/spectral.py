@@ -8,9 +8,15 @@ is traced on the baseline and cached with it.
 Baseline (when it is loaded for evaluation): σ_b and the top right singular vector v_b of
 every 2-D floating weight (tied weights once), both cached with the baseline's results.
 
+Baseline passes (final phase): every block linear's inputs at seeded token positions of the
+calibration windows, reduced to an input sketch per distinct input (`sketch`), cached with
+the baseline too.
+
 Subject: each baseline weight (and the norm scales and partners its effective form needs) is
 streamed from the baseline's files (`WeightReader`). An unchanged effective matrix
-(bit-identical) keeps σ_b; a changed one gets σ_s and the edit size ‖W_s − W_b‖₂/σ_b.
+(bit-identical) keeps σ_b; a changed one gets σ_b again from the files (a planted cache
+entry cannot move it), σ_s, the edit size ‖W_s − W_b‖₂/σ_b and, for
+a block linear, the edit size along the data ‖ΔW·X‖_F/‖W_b·X‖_F on its input sketch.
 
 Every σ is exact (SVD) up to `EXACT_SVD_MAX_ELEMENTS`; beyond, a block power iteration from
 v_b plus seeded random starts, accepted on a residual check (`top_singular`): a new dominant
@@ -35,8 +41,10 @@ import torch
 
 from invarlock.families import family_of
 from invarlock.guards.base import not_measured
-from invarlock.guards.measure.fold import effective, transform_plan
+from invarlock.guards.measure import sketch
+from invarlock.guards.measure.fold import effective, input_scales, transform_plan
 from invarlock.guards.measure.probe import Probe, SubjectContext
+from invarlock.guards.measure.rmt import linear_modules
 from invarlock.guards.measure.weights import (
     EXACT_SVD_MAX_ELEMENTS,
     RANDOM_STARTS,
@@ -47,11 +55,13 @@ from invarlock.guards.measure.weights import (
     threads_for,
     top_singular,
 )
+from invarlock.guards.rmt import FAMILIES
 from invarlock.models.effective import EffectiveWeights, named_matrices
 
 log = logging.getLogger(__name__)
 
 EDIT_SIZE_ITERATIONS = 12
+CACHED_SIGMA_RTOL = 1e-4  # cached σ_b and the files' σ_b agree to this unless the cache lies
 SIGMA_TOL = 1e-6
 BASELINE_STARTS = 6  # no warm start for the baseline: a wider random block (computed once)
 
@@ -87,12 +97,16 @@ def decode_vector(text: str) -> torch.Tensor:
 
 
 class SpectralProbe(Probe):
-    cache_settings: ClassVar[dict[str, Any]] = {"version": 3}
+    cache_settings: ClassVar[dict[str, Any]] = {
+        "version": 4, "sketch_rows": sketch.SKETCH_ROWS, "sketch_rank": sketch.SKETCH_RANK}
 
     def __init__(self, policy: Mapping[str, Any]) -> None:
         super().__init__(policy)
         self._baseline: list[dict[str, Any]] = []
         self._plan: dict[str, Any] = {}
+        self._linears: list[tuple[str, Any]] = []
+        self._input_scales: dict[str, np.ndarray] = {}
+        self._tap: sketch.InputTap | None = None
         self._modules: list[dict[str, Any]] | None = None
         self._unmatched: list[str] = []
 
@@ -109,9 +123,40 @@ class SpectralProbe(Probe):
                 self._baseline.append({"name": name, "family": str(family_of(name)),
                                        "shape": list(param.shape), "sigma": sigma,
                                        "vector": encode_vector(v)})
+        self._linears = linear_modules(model, FAMILIES)
+        self._input_scales = {}
+        with torch.inference_mode(), single_thread():
+            for name, module in self._linears:
+                try:
+                    scale = input_scales(f"{name}.weight", lambda n: params[n].detach(),
+                                         self._plan, conv1d=_is_conv1d(module))
+                except KeyError:  # a weight the plan needs is not a plain parameter
+                    scale = None
+                if scale is not None:
+                    self._input_scales[name] = scale.float().cpu().numpy()
+
+    def taps(self, model: Any, role: str, phase: str) -> list[Any]:
+        info = self.info
+        if role != "baseline" or phase != "final" or info is None or \
+                info.calibration_ids.size == 0 or not self._linears:
+            return []
+        per_window = max(1, math.ceil(sketch.SKETCH_ROWS / info.calibration_ids.size))
+        self._tap = sketch.InputTap(self._linears, info.calibration_ids, per_window, info.seed,
+                                    self, self._input_scales)
+        return [self._tap]
 
     def baseline_state(self) -> dict[str, Any]:
-        return {"modules": self._baseline, "transforms": self._plan}
+        state = {"modules": self._baseline, "transforms": self._plan}
+        tap, self._tap = self._tap, None  # drop its module references: the baseline can go
+        if tap is not None:
+            conv1d = {name for name, module in self._linears if _is_conv1d(module)}
+            with single_thread():
+                table, index = sketch.sketches(tap.rows)
+            state["sketches"] = table
+            state["sketch_index"] = {f"{name}.weight": {"sketch": i, "conv1d": name in conv1d}
+                                     for name, i in index.items()}
+        self._linears = []
+        return state
 
     def subject_loaded(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> None:
         reader = WeightReader(ctx.baseline_files)
@@ -122,6 +167,18 @@ class SpectralProbe(Probe):
 
         base_get, subject_get = paired_getters(reader, params, ctx.base_model_prefix,
                                                ctx.model)
+        table = baseline.get("sketches") or []
+        index = baseline.get("sketch_index") or {}
+        decoded: dict[int, torch.Tensor] = {}
+
+        def along(name: str) -> tuple[torch.Tensor, bool] | None:
+            entry = index.get(name)
+            if entry is None or not 0 <= int(entry["sketch"]) < len(table):
+                return None
+            i = int(entry["sketch"])
+            if i not in decoded:
+                decoded[i] = sketch.decode(table[i])
+            return decoded[i], bool(entry["conv1d"])
 
         with torch.inference_mode(), single_thread():
             for entry in baseline["modules"]:
@@ -137,7 +194,8 @@ class SpectralProbe(Probe):
                     unmatched.append(name)
                     continue
                 with threads_for(ws):
-                    modules.append(self._one(entry, ws, wb, _describe(plan.get(name))))
+                    modules.append(self._one(entry, ws, wb, _describe(plan.get(name)),
+                                             along(name)))
         if unmatched:
             log.warning("spectral: %d baseline weight(s) not comparable (first: %s)",
                         len(unmatched), unmatched[0])
@@ -145,17 +203,33 @@ class SpectralProbe(Probe):
         self._unmatched = unmatched
 
     @staticmethod
-    def _one(entry: Mapping[str, Any], ws: torch.Tensor, wb: torch.Tensor,
-             transform: str) -> dict[str, Any]:
+    def _one(entry: Mapping[str, Any], ws: torch.Tensor, wb: torch.Tensor, transform: str,
+             along: tuple[torch.Tensor, bool] | None = None) -> dict[str, Any]:
         sigma_b = float(entry["sigma"])
         record = {"name": entry["name"], "family": entry["family"], "shape": entry["shape"],
                   "sigma_baseline": sigma_b, "sigma_subject": sigma_b, "edit_size": 0.0,
+                  "edit_along_data": None if along is None else 0.0,
                   "changed": False, "iterations": 0, "transform": transform}
         if torch.equal(ws, wb):
             return record
+        if along is not None:
+            b, conv1d = along
+            base, delta = (wb.T, (ws - wb).T) if conv1d else (wb, ws - wb)
+            record["edit_along_data"] = sketch.edit_along_data(delta, base, b)
         start = decode_vector(entry["vector"])
         seed = _seed(entry["name"])
         exact = EXACT_SVD_MAX_ELEMENTS
+        # σ_b of a changed matrix is taken again from the baseline's files: a cached state is
+        # only as trustworthy as whoever could write the cache, and the files are what the
+        # subject is compared with (warm-started at the cached vector: cheap when honest)
+        files = top_singular(wb, start, seed=seed + 2, tol=SIGMA_TOL, exact_max_elements=exact)
+        if math.isfinite(files.sigma):
+            if abs(files.sigma - sigma_b) > CACHED_SIGMA_RTOL * max(abs(sigma_b), 1e-30):
+                record["sigma_baseline_cached"] = sigma_b
+                log.warning("spectral: %s: the cached baseline σ %.6g is not the files' %.6g",
+                            entry["name"], sigma_b, files.sigma)
+            sigma_b = files.sigma
+            record["sigma_baseline"] = sigma_b
         edit = top_singular(ws - wb, start, seed=seed + 1, tol=1e-3,
                             max_iter=EDIT_SIZE_ITERATIONS, exact_max_elements=exact)
         # the edit's own top direction joins the warm start: where the edit adds a new
@@ -184,7 +258,16 @@ class SpectralProbe(Probe):
                            "random_starts": RANDOM_STARTS,
                            "power_iteration_tol": SIGMA_TOL,
                            "residual_tol": RESIDUAL_TOL,
-                           "edit_size_iterations": EDIT_SIZE_ITERATIONS}}
+                           "edit_size_iterations": EDIT_SIZE_ITERATIONS,
+                           "input_sketch": {"rows": sketch.SKETCH_ROWS,
+                                            "rank": sketch.SKETCH_RANK,
+                                            "windows": "calibration",
+                                            "modules": len(baseline.get("sketch_index")
+                                                           or {})}}}
+
+
+def _is_conv1d(module: Any) -> bool:
+    return type(module).__name__ == "Conv1D"
 
 
 def _seed(name: str) -> int:

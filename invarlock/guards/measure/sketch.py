@@ -1,0 +1,157 @@
+"""Input sketches: the directions the baseline's data drives each block linear along.
+
+An edit's size in weight space, ‖ΔW‖₂/σ_b, is large for GPTQ-style error feedback by design:
+GPTQ pushes each column's rounding error onto the inputs the data barely uses, so the error
+is small where it matters, ‖ΔW·X‖, and large elsewhere (SmolLM2-135M: 1.9 on the module that
+carries its massive activations). A permutation or swap of rows is large in both. The
+spectral probe therefore also measures the edit along the data,
+
+    ‖ΔW_eff Bᵀ‖_F / ‖W_b,eff Bᵀ‖_F,
+
+the root-mean-square change of the module's output relative to the output itself, over the
+sampled inputs, with B [r, in] the baseline's input sketch: the top `SKETCH_RANK` right
+singular directions of its sampled input rows X (`SKETCH_ROWS`, taken at seeded token
+positions of the calibration windows), scaled by their singular values over √n, so Bᵀ B is
+XᵀX/n along them. The Frobenius norm weighs every direction by the data's energy along it (a
+spectral norm would be decided by the one direction whose output is smallest: on SmolLM2 it
+made 10% magnitude pruning look twice as large). Inputs are taken in the effective matrix's
+own coordinates (x divided by `fold.input_scales`), so a norm fold or a balanced rescaling
+changes neither side. Modules that read the same input (q/k/v, gate/up) share one sketch.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from invarlock.guards.measure.probe import Probe
+from invarlock.guards.measure.weights import single_thread
+
+SKETCH_ROWS = 128   # sampled input rows per module over the calibration windows
+SKETCH_RANK = 32    # directions kept per input
+SALT = 0x5E7C       # the sampled positions differ from RMT's output rows
+
+
+class InputTap:
+    """Observing tap on block linears' *inputs*: keeps the sampled rows of each module on
+    the calibration windows, as float32 on the CPU, divided by the module's input scales."""
+
+    observes_inputs = True
+
+    def __init__(self, modules: list[tuple[str, Any]], window_ids: np.ndarray,
+                 rows_per_window: int, seed: int, clock: Probe,
+                 scales: Mapping[str, np.ndarray]) -> None:
+        self._modules = modules
+        self._windows = {int(w) for w in window_ids}
+        self._rows = rows_per_window
+        self._seed = seed
+        self._clock = clock
+        self._scales = dict(scales)
+        self._positions: dict[int, np.ndarray] = {}
+        self.rows: dict[str, list[np.ndarray]] = {}
+
+    def modules(self, model: Any) -> list[tuple[str, Any]]:
+        return self._modules
+
+    def observe(self, name: str, x: Any, context: Any) -> None:
+        started = time.perf_counter()
+        try:
+            if not isinstance(x, torch.Tensor) or x.dim() != 3:
+                return
+            batch, positions = [], []
+            mask = None
+            for b, wid in enumerate(context.window_ids.tolist()):
+                if wid not in self._windows:
+                    continue
+                if wid not in self._positions:
+                    if mask is None:
+                        mask = context.attention_mask.detach().cpu().numpy()
+                    attended = np.flatnonzero(mask[b])
+                    rng = np.random.default_rng([self._seed, SALT, wid])
+                    take = min(self._rows, attended.size)
+                    self._positions[wid] = np.sort(rng.choice(attended, size=take,
+                                                              replace=False))
+                batch.append(b)
+                positions.append(self._positions[wid])
+            if not batch:
+                return
+            with single_thread():
+                sizes = [p.size for p in positions]
+                flat = torch.as_tensor(np.repeat(batch, sizes) * x.shape[1]
+                                       + np.concatenate(positions), device=x.device)
+                picked = x.reshape(-1, x.shape[-1]).index_select(0, flat)
+                picked = picked.to(torch.float32).cpu().numpy()
+                scale = self._scales.get(name)
+                if scale is not None and scale.shape == (picked.shape[1],):
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        picked = np.where(scale != 0, picked / scale, 0.0).astype(np.float32)
+                self.rows.setdefault(name, []).append(picked)
+        finally:
+            self._clock.seconds += time.perf_counter() - started
+
+
+def sketch(rows: np.ndarray, rank: int = SKETCH_RANK) -> np.ndarray:
+    """B [r, in], float32: the top right singular directions of the rows times their
+    singular values over √n (Bᵀ B ≈ XᵀX / n along them). Rows that are not finite are left
+    out: they carry no direction."""
+    x = rows[np.isfinite(rows).all(axis=1)].astype(np.float64)
+    if x.shape[0] == 0:
+        return np.zeros((0, rows.shape[1]), dtype=np.float32)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    r = min(rank, int(np.count_nonzero(s > s[0] * 1e-7)) if s.size and s[0] > 0 else 0)
+    return (s[:r, None] * vt[:r] / math.sqrt(x.shape[0])).astype(np.float32)
+
+
+def encode(b: np.ndarray) -> dict[str, Any]:
+    """A sketch as JSON: float16 bytes in base64 and the shape (what the cache keeps). The
+    edit along the data is a ratio, so B is stored divided by its largest |value|: float16
+    then neither overflows nor loses the small directions' precision to a large one."""
+    peak = float(np.abs(b).max()) if b.size else 0.0
+    b = b / peak if peak > 0 and math.isfinite(peak) else b
+    data = np.ascontiguousarray(b, dtype=np.float16).tobytes()
+    return {"shape": list(b.shape), "float16": base64.b64encode(data).decode()}
+
+
+def decode(entry: Mapping[str, Any]) -> torch.Tensor:
+    shape = tuple(int(n) for n in entry["shape"])
+    data = np.frombuffer(base64.b64decode(entry["float16"]), dtype=np.float16)
+    if data.size != math.prod(shape):
+        raise ValueError(f"input sketch of {data.size} values, shape {shape}")
+    return torch.from_numpy(data.astype(np.float32).reshape(shape))
+
+
+def sketches(rows: Mapping[str, list[np.ndarray]]) -> tuple[list[dict[str, Any]],
+                                                           dict[str, int]]:
+    """(distinct sketches, {module: index}): modules whose sampled inputs are identical (one
+    tensor read by q, k and v) share one."""
+    table: list[dict[str, Any]] = []
+    index: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for name, parts in rows.items():
+        x = np.concatenate(parts)
+        digest = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+        if digest not in seen:
+            seen[digest] = len(table)
+            table.append(encode(sketch(x)))
+        index[name] = seen[digest]
+    return table, index
+
+
+def edit_along_data(delta: torch.Tensor, base: torch.Tensor, b: torch.Tensor) -> float | None:
+    """‖ΔW Bᵀ‖_F / ‖W_b Bᵀ‖_F for [out, in] matrices; None where the baseline's output along
+    the sketch is zero (nothing to compare with)."""
+    b = b.to(device=base.device, dtype=torch.float32)
+    if b.shape[0] == 0 or b.shape[1] != base.shape[1]:
+        return None
+    denominator = float(torch.linalg.matrix_norm(base @ b.T))
+    if not denominator > 0:
+        return None
+    value = float(torch.linalg.matrix_norm(delta @ b.T)) / denominator
+    return value if math.isfinite(value) else None

@@ -1,0 +1,107 @@
+"""The edit size along the data: the baseline's input sketch, the effective coordinates its
+inputs are taken in, and why it separates GPTQ's error from rearranged rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from invarlock.calibration import zoo
+from invarlock.calibration.zoo_gptq import gptq
+from invarlock.guards.measure import sketch
+from invarlock.guards.measure.fold import effective, input_scales, output_scales, transform_plan
+from invarlock.guards.measure.rmt import linear_modules
+
+
+def _inputs(n: int, d: int, seed: int) -> np.ndarray:
+    """Rows whose second moment falls off steeply, as a language model's inputs do."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    scales = 10.0 ** -np.linspace(0, 2.5, d)
+    return (rng.normal(size=(n, d)) * scales) @ basis.T
+
+
+def _along(delta: np.ndarray, w: np.ndarray, b: np.ndarray) -> float:
+    value = sketch.edit_along_data(torch.from_numpy(delta).float(), torch.from_numpy(w).float(),
+                                   torch.from_numpy(b))
+    assert value is not None
+    return value
+
+
+def test_gptq_error_is_large_in_weight_space_and_small_along_the_data():
+    d, out = 128, 96
+    x = _inputs(512, d, 0)
+    w = np.random.default_rng(1).normal(size=(out, d))
+    b = sketch.sketch(x[:sketch.SKETCH_ROWS].astype(np.float32))
+    hessian = torch.from_numpy(x.T @ x)
+    q_gptq = gptq(torch.from_numpy(w).float(), hessian, 4, None).double().numpy()
+    q_rtn = zoo.rtn(torch.from_numpy(w).float(), 4, None).double().numpy()
+    sigma = np.linalg.norm(w, 2)
+    weight_space = {k: np.linalg.norm(q - w, 2) / sigma for k, q in
+                    (("gptq", q_gptq), ("rtn", q_rtn))}
+    along = {k: _along(q - w, w, b) for k, q in (("gptq", q_gptq), ("rtn", q_rtn))}
+    permuted = w[np.random.default_rng(2).permutation(out)]
+    # GPTQ moves the weights further than RTN, onto inputs the data barely drives ...
+    assert weight_space["gptq"] > 1.5 * weight_space["rtn"]
+    # ... so along the data it is the smaller edit, and a permutation is 5x beyond either
+    assert along["gptq"] < along["rtn"]
+    assert _along(permuted - w, w, b) > 5 * max(along.values())
+
+
+def test_a_sketch_survives_float16_storage_whatever_the_input_scale():
+    x = _inputs(128, 64, 3).astype(np.float32) * 1e5   # float16 overflows at 65504
+    w = np.random.default_rng(4).normal(size=(32, 64)).astype(np.float32)
+    delta = w[::-1] - w
+    b = sketch.sketch(x)
+    stored = sketch.decode(sketch.encode(b)).numpy()
+    assert np.isfinite(stored).all()
+    assert _along(delta, w, stored) == pytest.approx(_along(delta, w, b), rel=1e-2)
+
+
+def test_modules_reading_one_input_share_one_sketch():
+    x = _inputs(64, 16, 5).astype(np.float32)
+    table, index = sketch.sketches({"q": [x[:32], x[32:]], "k": [x], "o": [2 * x]})
+    assert len(table) == 2 and index["q"] == index["k"] != index["o"]
+
+
+@pytest.mark.parametrize("rescale", ["normfold_all", "awq_scale", "qk_scale", "vo_scale"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_effective_matrix_reads_its_input_over_the_input_scales(
+        arch, rescale, tiny_llama_dir, tiny_gpt2_dir):
+    """W_eff·(x / input_scales) is the stored weight's output times the producer's balancing
+    scale, for every block linear, so the edit along the data is taken on the same function
+    whatever rescaling the subject carries."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_llama_dir if arch == "llama" else tiny_gpt2_dir
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        try:
+            zoo.BENIGN[rescale](model, 0)
+        except zoo.NotApplicable:
+            pytest.skip(f"{rescale} does not apply to {arch}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def get(n: str) -> torch.Tensor:
+        return params[n].detach()
+
+    plan = transform_plan(model)
+    scaled = 0
+    for name, module in linear_modules(model, ("attn", "ffn", "embed", "other")):
+        conv1d = type(module).__name__ == "Conv1D"
+        weight = f"{name}.weight"
+        w = get(weight).float()
+        w_eff = effective(weight, get, plan)
+        if conv1d:
+            w, w_eff = w.T, w_eff.T
+        x = torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(0))
+        factor = input_scales(weight, get, plan, conv1d=conv1d)
+        out_factor = output_scales(weight, get, plan, conv1d=conv1d)
+        seen = x if factor is None else x / factor
+        expected = x @ w.T
+        if out_factor is not None:
+            expected = expected * out_factor
+        torch.testing.assert_close(seen @ w_eff.T, expected, rtol=1e-4, atol=1e-4)
+        scaled += factor is not None
+    assert scaled > 0  # norm folds and consumers of balanced pairs were exercised
