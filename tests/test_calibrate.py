@@ -470,6 +470,14 @@ def test_zoo_row_counts_the_primary_metric_apart_from_guards_and_the_evidence_fl
     assert caught_by_spectral["primary_ok"] is True and caught_by_spectral["spectral"] is False
     caught_by_primary = zoo_row("rtn4", "harmful", 0, cert(False, True))
     assert caught_by_primary["primary_ok"] is False
+    measured = cert(True, True)
+    measured["guards"]["spectral"]["measurements"] = {"modules": [
+        {"name": "a.weight", "edit_along_data": 0.02}, {"name": "b.weight",
+                                                        "edit_along_data": 0.07},
+        {"name": "c.weight", "edit_along_data": None}]}
+    row = zoo_row("gptq4", "benign", 0, measured)  # the closest module to its limit
+    assert row["spectral_max_edit_along_data"] == 0.07
+    assert row["spectral_along_data_module"] == "b.weight"
 
 
 @pytest.mark.parametrize("tier", ["balanced", "conservative", "aggressive"])

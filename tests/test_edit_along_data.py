@@ -105,3 +105,44 @@ def test_the_effective_matrix_reads_its_input_over_the_input_scales(
         torch.testing.assert_close(seen @ w_eff.T, expected, rtol=1e-4, atol=1e-4)
         scaled += factor is not None
     assert scaled > 0  # norm folds and consumers of balanced pairs were exercised
+
+
+def test_a_cached_state_cannot_talk_a_changed_module_down(tiny_gpt2_dir):
+    """What a planted cache entry can and cannot do to the spectral probe: an unreadable
+    sketch leaves that module unmeasured along the data (recorded as null, no crash), and a
+    σ_b that is not the baseline files' own is replaced by the files' (so a ×1.5 matrix
+    still reads +50%)."""
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.guards.measure.probe import SubjectContext
+    from invarlock.guards.measure.spectral import SpectralProbe
+    from invarlock.models.source import weight_files
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    probe = SpectralProbe({})
+    probe.baseline_loaded(model)
+    state = probe.baseline_state()
+    grown, permuted = "transformer.h.1.mlp.c_proj.weight", "transformer.h.0.mlp.c_fc.weight"
+    d_in = {m["name"]: m["shape"][0] for m in state["modules"]}  # Conv1D: [in, out]
+    state["sketches"] = [sketch.encode(np.eye(d_in[grown], dtype=np.float32)),
+                         {"shape": [2, 2], "float16": "not base64!"}]
+    state["sketch_index"] = {grown: {"sketch": 0, "conv1d": True},
+                             permuted: {"sketch": 1, "conv1d": True}}
+    for m in state["modules"]:
+        if m["name"] == grown:
+            m["sigma"] *= 1.5  # the subject's σ, as a planted entry would claim
+    with torch.no_grad():
+        model.get_submodule("transformer.h.1.mlp.c_proj").weight.mul_(1.5)
+        w = model.get_submodule("transformer.h.0.mlp.c_fc").weight
+        w.copy_(w[:, torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(0))])
+    ctx = SubjectContext(info=None, model=model, config={}, baseline_config={},
+                         baseline_files=weight_files(tiny_gpt2_dir), tokenizer_hashes=("", ""),
+                         base_model_prefix=model.base_model_prefix)
+    probe.subject_loaded(ctx, state)
+    measured = {m["name"]: m for m in probe.measure(ctx, state)["modules"]}
+    assert measured[grown]["sigma_subject"] == pytest.approx(
+        1.5 * measured[grown]["sigma_baseline"], rel=1e-4)
+    assert measured[grown]["sigma_baseline_cached"] == pytest.approx(
+        1.5 * measured[grown]["sigma_baseline"], rel=1e-4)
+    assert measured[grown]["edit_along_data"] == pytest.approx(0.5, rel=1e-2)
+    assert measured[permuted]["changed"] and measured[permuted]["edit_along_data"] is None

@@ -160,6 +160,11 @@ def zoo_row(family: str, kind: str, seed: int, cert: Mapping[str, Any]) -> dict[
     spectral = (guards.get("spectral") or {}).get("summary", {}).get("families", {})
     row["spectral_max_abs_change"] = max(
         (v["max_abs_change"] or 0.0 for v in spectral.values()), default=None)
+    modules = ((guards.get("spectral") or {}).get("measurements") or {}).get("modules") or []
+    along = [m for m in modules if m.get("edit_along_data") is not None]
+    top = max(along, key=lambda m: float(m["edit_along_data"]), default=None)
+    row["spectral_max_edit_along_data"] = None if top is None else top["edit_along_data"]
+    row["spectral_along_data_module"] = None if top is None else top["name"]
     rmt_section = guards.get("rmt") or {}
     families = rmt_section.get("summary", {}).get("families", {})
     row["rmt_excess_over_margin"] = max(

@@ -14,8 +14,9 @@ the baseline too.
 
 Subject: each baseline weight (and the norm scales and partners its effective form needs) is
 streamed from the baseline's files (`WeightReader`). An unchanged effective matrix
-(bit-identical) keeps σ_b; a changed one gets σ_b again from the files (a planted cache
-entry cannot move it), σ_s, the edit size ‖W_s − W_b‖₂/σ_b and, for
+(bit-identical) keeps σ_b; a changed one is checked against the files (a cached σ_b the
+files' matrix does not have along the cached v_b is taken again from the files, so a planted
+cache entry cannot claim the subject's σ), and gets σ_s, the edit size ‖W_s − W_b‖₂/σ_b and, for
 a block linear, the edit size along the data ‖ΔW·X‖_F/‖W_b·X‖_F on its input sketch.
 
 Every σ is exact (SVD) up to `EXACT_SVD_MAX_ELEMENTS`; beyond, a block power iteration from
@@ -172,13 +173,19 @@ class SpectralProbe(Probe):
         decoded: dict[int, torch.Tensor] = {}
 
         def along(name: str) -> tuple[torch.Tensor, bool] | None:
-            entry = index.get(name)
-            if entry is None or not 0 <= int(entry["sketch"]) < len(table):
+            """The module's input sketch; None where the state has none it can read (the
+            module is then not measured along the data, and says so by a null)."""
+            try:
+                entry = index.get(name)
+                if entry is None or not 0 <= int(entry["sketch"]) < len(table):
+                    return None
+                i = int(entry["sketch"])
+                if i not in decoded:
+                    decoded[i] = sketch.decode(table[i])
+                return decoded[i], bool(entry["conv1d"])
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("spectral: unreadable input sketch for %s (%s)", name, exc)
                 return None
-            i = int(entry["sketch"])
-            if i not in decoded:
-                decoded[i] = sketch.decode(table[i])
-            return decoded[i], bool(entry["conv1d"])
 
         with torch.inference_mode(), single_thread():
             for entry in baseline["modules"]:
@@ -219,17 +226,19 @@ class SpectralProbe(Probe):
         start = decode_vector(entry["vector"])
         seed = _seed(entry["name"])
         exact = EXACT_SVD_MAX_ELEMENTS
-        # σ_b of a changed matrix is taken again from the baseline's files: a cached state is
-        # only as trustworthy as whoever could write the cache, and the files are what the
-        # subject is compared with (warm-started at the cached vector: cheap when honest)
-        files = top_singular(wb, start, seed=seed + 2, tol=SIGMA_TOL, exact_max_elements=exact)
-        if math.isfinite(files.sigma):
-            if abs(files.sigma - sigma_b) > CACHED_SIGMA_RTOL * max(abs(sigma_b), 1e-30):
+        # a cached state is only as trustworthy as whoever could write the cache, and the
+        # files are what the subject is compared with: where the files' matrix does not have
+        # the cached σ_b along the cached vector (one product), σ_b is taken from the files
+        gain = float(torch.linalg.vector_norm(wb @ start.to(device=wb.device, dtype=wb.dtype)))
+        if not abs(gain - sigma_b) <= CACHED_SIGMA_RTOL * max(abs(sigma_b), 1e-30):
+            files = top_singular(wb, start, seed=seed + 2, tol=SIGMA_TOL,
+                                 exact_max_elements=exact)
+            if math.isfinite(files.sigma):
                 record["sigma_baseline_cached"] = sigma_b
                 log.warning("spectral: %s: the cached baseline σ %.6g is not the files' %.6g",
                             entry["name"], sigma_b, files.sigma)
-            sigma_b = files.sigma
-            record["sigma_baseline"] = sigma_b
+                sigma_b = files.sigma
+                record["sigma_baseline"] = sigma_b
         edit = top_singular(ws - wb, start, seed=seed + 1, tol=1e-3,
                             max_iter=EDIT_SIZE_ITERATIONS, exact_max_elements=exact)
         # the edit's own top direction joins the warm start: where the edit adds a new
