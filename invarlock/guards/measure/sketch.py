@@ -99,14 +99,17 @@ class InputTap:
 
 def sketch(rows: np.ndarray, rank: int = SKETCH_RANK) -> np.ndarray:
     """B [r, in], float32: the top right singular directions of the rows times their
-    singular values over √n (Bᵀ B ≈ XᵀX / n along them). Rows that are not finite are left
-    out: they carry no direction."""
+    singular values over √n (Bᵀ B = XᵀX / n along them), as U_rᵀ X / √n from the small
+    n × n Gram matrix X Xᵀ = U S² Uᵀ (n rows ≪ in features). Rows that are not finite are
+    left out: they carry no direction."""
     x = rows[np.isfinite(rows).all(axis=1)].astype(np.float64)
     if x.shape[0] == 0:
         return np.zeros((0, rows.shape[1]), dtype=np.float32)
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    r = min(rank, int(np.count_nonzero(s > s[0] * 1e-7)) if s.size and s[0] > 0 else 0)
-    return (s[:r, None] * vt[:r] / math.sqrt(x.shape[0])).astype(np.float32)
+    eigenvalues, u = np.linalg.eigh(x @ x.T)
+    order = np.argsort(eigenvalues)[::-1]
+    top = eigenvalues[order[0]]
+    r = min(rank, int(np.count_nonzero(eigenvalues > top * 1e-14))) if top > 0 else 0
+    return (u[:, order[:r]].T @ x / math.sqrt(x.shape[0])).astype(np.float32)
 
 
 def encode(b: np.ndarray) -> dict[str, Any]:
