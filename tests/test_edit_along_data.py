@@ -146,3 +146,38 @@ def test_a_cached_state_cannot_talk_a_changed_module_down(tiny_gpt2_dir):
         1.5 * measured[grown]["sigma_baseline"], rel=1e-4)
     assert measured[grown]["edit_along_data"] == pytest.approx(0.5, rel=1e-2)
     assert measured[permuted]["changed"] and measured[permuted]["edit_along_data"] is None
+
+
+def test_modules_fed_by_one_norm_keep_one_copy_of_their_rows(tiny_llama_dir, sonnets_path):
+    """q/k/v (and gate/up) read one norm's output: the tap keeps their sampled rows once,
+    and the state holds one sketch for them; o and down read their own inputs."""
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.calibration import wholemodel
+    from invarlock.enums import MetricKind
+    from invarlock.evaluate import evaluate_windows
+    from invarlock.guards.measure.probe import RunInfo
+    from invarlock.guards.measure.spectral import SpectralProbe
+
+    windows = wholemodel.calibration_windows(tiny_llama_dir, sonnets_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    probe = SpectralProbe({})
+    probe.bind(RunInfo(kind=MetricKind.PPL_CAUSAL, device="cpu", seed=0,
+                       preview_ids=np.zeros(0, dtype=np.int64),
+                       calibration_ids=windows.window_ids, replicates=0, ci_alpha=0.05,
+                       bootstrap_seed=0))
+    probe.baseline_loaded(model)
+    (tap,) = probe.taps(model, "baseline", "final")
+    evaluate_windows(model, windows, kind=MetricKind.PPL_CAUSAL, device="cpu", batch_size=4,
+                     taps=[tap])
+    layer = "model.layers.0"
+    q, k, v = (tap.rows[f"{layer}.self_attn.{m}_proj"] for m in "qkv")
+    gate, up, down = (tap.rows[f"{layer}.mlp.{m}_proj"] for m in ("gate", "up", "down"))
+    assert all(a is b is c for a, b, c in zip(q, k, v, strict=True))
+    assert all(a is b for a, b in zip(gate, up, strict=True))
+    assert not any(a is b for a, b in zip(down, up, strict=True))
+    state = probe.baseline_state()
+    index = state["sketch_index"]
+    layers = model.config.num_hidden_layers
+    assert len(state["sketches"]) == 4 * layers  # attention in, o in, MLP in, down in
+    assert index[f"{layer}.self_attn.q_proj.weight"] == index[f"{layer}.self_attn.v_proj.weight"]

@@ -47,14 +47,22 @@ class InputTap:
 
     def __init__(self, modules: list[tuple[str, Any]], window_ids: np.ndarray,
                  rows_per_window: int, seed: int, clock: Probe,
-                 scales: Mapping[str, np.ndarray]) -> None:
+                 scales: Mapping[str, np.ndarray],
+                 readers: Mapping[str, str] | None = None) -> None:
         self._modules = modules
         self._windows = {int(w) for w in window_ids}
         self._rows = rows_per_window
         self._seed = seed
         self._clock = clock
         self._scales = dict(scales)
+        # modules that read one norm's output with the same scales (q/k/v, gate/up) share
+        # their rows: `readers` maps a module to the norm it reads (`fold.trace_norm_inputs`)
+        self._shared = {
+            name: (norm, hashlib.sha256(np.ascontiguousarray(
+                self._scales[name]).tobytes()).hexdigest() if name in self._scales else "")
+            for name, norm in (readers or {}).items()}
         self._positions: dict[int, np.ndarray] = {}
+        self._batch: tuple[Any, dict[tuple, np.ndarray]] = (None, {})
         self.rows: dict[str, list[np.ndarray]] = {}
 
     def modules(self, model: Any) -> list[tuple[str, Any]]:
@@ -82,6 +90,13 @@ class InputTap:
                 positions.append(self._positions[wid])
             if not batch:
                 return
+            if self._batch[0] is not context:
+                self._batch = (context, {})
+            key = self._shared.get(name)
+            shared = None if key is None else self._batch[1].get(key)
+            if shared is not None:  # one copy in memory, one sketch later
+                self.rows.setdefault(name, []).append(shared)
+                return
             with single_thread():
                 sizes = [p.size for p in positions]
                 flat = torch.as_tensor(np.repeat(batch, sizes) * x.shape[1]
@@ -93,6 +108,8 @@ class InputTap:
                     with np.errstate(divide="ignore", invalid="ignore"):
                         picked = np.where(scale != 0, picked / scale, 0.0).astype(np.float32)
                 self.rows.setdefault(name, []).append(picked)
+                if key is not None:
+                    self._batch[1][key] = picked
         finally:
             self._clock.seconds += time.perf_counter() - started
 
@@ -137,13 +154,19 @@ def sketches(rows: Mapping[str, list[np.ndarray]]) -> tuple[list[dict[str, Any]]
     table: list[dict[str, Any]] = []
     index: dict[str, int] = {}
     seen: dict[str, int] = {}
+    same_parts: dict[tuple[int, ...], int] = {}  # rows the tap kept once for several modules
     for name, parts in rows.items():
-        x = np.concatenate(parts)
+        ids = tuple(id(p) for p in parts)
+        if ids in same_parts:
+            index[name] = same_parts[ids]
+            continue
+        x = np.concatenate(parts) if len(parts) > 1 else parts[0]
         digest = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
         if digest not in seen:
             seen[digest] = len(table)
             table.append(encode(sketch(x)))
-        index[name] = seen[digest]
+        index[name] = same_parts[ids] = seen[digest]
+        del x
     return table, index
 
 

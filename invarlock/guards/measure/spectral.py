@@ -142,8 +142,10 @@ class SpectralProbe(Probe):
                 info.calibration_ids.size == 0 or not self._linears:
             return []
         per_window = max(1, math.ceil(sketch.SKETCH_ROWS / info.calibration_ids.size))
+        readers = {name: str(fold["norm"]) for name, _ in self._linears
+                   if (fold := (self._plan.get(f"{name}.weight") or {}).get("fold"))}
         self._tap = sketch.InputTap(self._linears, info.calibration_ids, per_window, info.seed,
-                                    self, self._input_scales)
+                                    self, self._input_scales, readers)
         return [self._tap]
 
     def baseline_state(self) -> dict[str, Any]:
