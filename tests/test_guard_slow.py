@@ -32,12 +32,20 @@ def test_smollm2_int8_rtn_raises_no_spectral_or_rmt_alarm(tmp_path):
 
 def test_benign_zoo_passes_the_guards_and_harmful_zoo_fails(tmp_path):
     """Every benign zoo family (seeds 100-101, not used for calibration) passes every guard
-    on the demo model; every harmful family fails the verdict, except 4-bit RTN, which moves
-    the demo's perplexity by 1.1% only (policies/CALIBRATION.md)."""
+    on the demo model, but the 50% pruning families, which are damage on a model not
+    fine-tuned after them (`UNCALIBRATED`, failed by the primary metric too); every harmful
+    family fails the verdict, except 4-bit RTN, which moves the demo's perplexity by 1.1%
+    only (policies/CALIBRATION.md)."""
     baseline = kit.demo_dir()
     if baseline is None:
         pytest.skip("the bundled demo model is not installed")
-    from invarlock.calibration.zoo_run import BENIGN, GUARDS, HARMFUL, certify_zoo
+    from invarlock.calibration.zoo_run import (
+        BENIGN,
+        GUARDS,
+        HARMFUL,
+        UNCALIBRATED,
+        certify_zoo,
+    )
     from invarlock.run_config import config_from_certify_flags, request_from_config
 
     preset = tmp_path / "windows.yaml"
@@ -46,7 +54,8 @@ def test_benign_zoo_passes_the_guards_and_harmful_zoo_fails(tmp_path):
                                         "profile": "dev", "presets": (preset,),
                                         "edit_name": "quant_rtn"})
     base = request_from_config(config)
-    benign = certify_zoo(base, config, BENIGN, 2, tmp_path, first_seed=100)
+    benign = certify_zoo(base, config, [f for f in BENIGN if f not in UNCALIBRATED], 2,
+                         tmp_path, first_seed=100)
     alarms = [(r["family"], r["seed"], g) for r in benign for g in GUARDS if r[g] is False]
     assert not alarms
     harmful = certify_zoo(base, config, [f for f in HARMFUL if f != "rtn4"], 1, tmp_path,
