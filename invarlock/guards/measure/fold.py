@@ -444,27 +444,32 @@ def _balance(name: str, w: torch.Tensor, get: Callable[[str], torch.Tensor],
     return out
 
 
+def _pair_factors(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
+                  axis: int, factors: torch.Tensor | None) -> torch.Tensor | None:
+    """`factors` (None: ones) times the balancing scale of every pair side of the weight
+    `name` along `axis` (as stored): what `effective` multiplies that axis by."""
+    for rel in _relations(name, plan):
+        s = None
+        for key, sign in (("a", 1), ("b", -1)):
+            side = rel[key]
+            if side["weight"] != name or int(side["axis"]) != axis:
+                continue
+            if s is None:
+                s = balancing_scale(rel, get, plan)
+            if factors is None:
+                factors = torch.ones(get(name).shape[axis], dtype=torch.float32)
+            factors = factors.to(s.device)
+            index, factor = _multiplier(side, s, sign)
+            factors[index.to(s.device)] *= factor
+    return factors
+
+
 def output_scales(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
                   conv1d: bool = False) -> torch.Tensor | None:
     """Per output feature of the linear `name` (a weight name), the factor that turns its
     output into that of its balanced form (None: no pair changes it). Producer outputs
     times this factor are unchanged by every rescaling the pairs absorb."""
-    out_axis = 1 if conv1d else 0
-    factors = None
-    for rel in _relations(name, plan):
-        s = None
-        for key, sign in (("a", 1), ("b", -1)):
-            side = rel[key]
-            if side["weight"] != name or int(side["axis"]) != out_axis:
-                continue
-            if s is None:
-                s = balancing_scale(rel, get, plan)
-            if factors is None:
-                factors = torch.ones(get(name).shape[out_axis], dtype=torch.float32,
-                                     device=s.device)
-            index, factor = _multiplier(side, s, sign)
-            factors[index.to(s.device)] = factor
-    return factors
+    return _pair_factors(name, get, plan, 1 if conv1d else 0, None)
 
 
 def input_scales(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
@@ -473,22 +478,7 @@ def input_scales(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[st
     multiplies that input by (the feeding norm's scale; the balancing scale of each pair
     whose consumer it is); None: no factor. The effective matrix applied to x / factor gives
     the stored weight's output on x, so the edit size along the data is taken on x / factor."""
-    in_axis = 0 if conv1d else 1
-    factors = None
     fold = (plan.get(name) or {}).get("fold")
-    if fold is not None:
-        factors = get(fold["norm"]).to(torch.float32) + float(fold["offset"])
-    for rel in _relations(name, plan):
-        s = None
-        for key, sign in (("a", 1), ("b", -1)):
-            side = rel[key]
-            if side["weight"] != name or int(side["axis"]) != in_axis:
-                continue
-            if s is None:
-                s = balancing_scale(rel, get, plan)
-            if factors is None:
-                factors = torch.ones(get(name).shape[in_axis], dtype=torch.float32)
-            factors = factors.to(s.device)
-            index, factor = _multiplier(side, s, sign)
-            factors[index.to(s.device)] *= factor
-    return factors
+    gamma = None if fold is None else (
+        get(fold["norm"]).to(torch.float32) + float(fold["offset"]))
+    return _pair_factors(name, get, plan, 0 if conv1d else 1, gamma)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,6 +85,45 @@ def window_groups(ids: np.ndarray, groups: int) -> list[list[int]]:
     return [[int(i) for i in part] for part in np.array_split(ids, g)]
 
 
+class TokenSampler:
+    """Seeded token positions per window: `rows` among the attended positions of each window
+    in `windows`, drawn by a generator seeded with (*seed, window id), so that both models
+    are sampled at exactly the same tokens."""
+
+    def __init__(self, windows: Container[int], rows: int, seed: Sequence[int]) -> None:
+        self._windows = windows
+        self._rows = rows
+        self._seed = list(seed)
+        self._positions: dict[int, np.ndarray] = {}
+
+    def select(self, context: Any) -> tuple[list[int], list[np.ndarray]]:
+        """(batch rows of the sampled windows, their positions) in this batch."""
+        batch_rows, positions = [], []
+        mask = None
+        for b, wid in enumerate(context.window_ids.tolist()):
+            if wid not in self._windows:
+                continue
+            if wid not in self._positions:
+                if mask is None:
+                    mask = context.attention_mask.detach().cpu().numpy()
+                attended = np.flatnonzero(mask[b])
+                rng = np.random.default_rng([*self._seed, wid])
+                take = min(self._rows, attended.size)
+                self._positions[wid] = np.sort(rng.choice(attended, size=take, replace=False))
+            batch_rows.append(b)
+            positions.append(self._positions[wid])
+        return batch_rows, positions
+
+
+def gather(y: torch.Tensor, batch_rows: list[int], positions: list[np.ndarray]) -> np.ndarray:
+    """The sampled rows of a [batch, tokens, features] tensor, float32 on the CPU (one
+    gather)."""
+    sizes = [p.size for p in positions]
+    flat = torch.as_tensor(np.repeat(batch_rows, sizes) * y.shape[1] + np.concatenate(positions),
+                           device=y.device)
+    return y.reshape(-1, y.shape[-1]).index_select(0, flat).to(torch.float32).cpu().numpy()
+
+
 class RowTap:
     """Observing tap that samples rows per window and reduces each window group's rows."""
 
@@ -95,10 +134,8 @@ class RowTap:
         self._factors = dict(factors or {})
         self._group_of = {wid: g for g, ids in enumerate(groups) for wid in ids}
         self._sizes = [len(ids) for ids in groups]
-        self._rows = rows_per_window
-        self._seed = seed
         self._clock = clock
-        self._positions: dict[int, np.ndarray] = {}
+        self._sampler = TokenSampler(self._group_of, rows_per_window, (seed,))
         self._buffers: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._seen: dict[tuple[str, int], int] = {}
         self._reduced: dict[str, dict[int, tuple[list[float | None], int]]] = {}
@@ -113,21 +150,8 @@ class RowTap:
         return sorted(self._factors)
 
     def _select(self, context: Any) -> tuple[list[int], list[np.ndarray], list[int]]:
-        batch_rows, positions, groups = [], [], []
-        mask = None
-        for b, wid in enumerate(context.window_ids.tolist()):
-            if wid not in self._group_of:
-                continue
-            if wid not in self._positions:
-                if mask is None:
-                    mask = context.attention_mask.detach().cpu().numpy()
-                attended = np.flatnonzero(mask[b])
-                rng = np.random.default_rng([self._seed, wid])
-                take = min(self._rows, attended.size)
-                self._positions[wid] = np.sort(rng.choice(attended, size=take, replace=False))
-            batch_rows.append(b)
-            positions.append(self._positions[wid])
-            groups.append(self._group_of[wid])
+        batch_rows, positions = self._sampler.select(context)
+        groups = [self._group_of[int(context.window_ids[b])] for b in batch_rows]
         return batch_rows, positions, groups
 
     def observe(self, name: str, output: Any, context: Any) -> None:
@@ -151,9 +175,7 @@ class RowTap:
         """Buffer the sampled rows of this batch, by window group (one gather)."""
         sizes = [p.size for p in positions]
         n = y.shape[-1]
-        flat = torch.as_tensor(np.repeat(rows, sizes) * y.shape[1] + np.concatenate(positions),
-                               device=y.device)
-        picked = y.reshape(-1, n).index_select(0, flat).to(torch.float32).cpu().numpy()
+        picked = gather(y, rows, positions)
         factor = self._factors.get(name)
         if factor is not None and factor.shape == (n,):
             picked = picked * factor[None, :]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from invarlock.guards.measure.probe import Probe
+from invarlock.guards.measure.rmt import TokenSampler, gather
 from invarlock.guards.measure.weights import single_thread
 
 SKETCH_ROWS = 128   # sampled input rows per module over the calibration windows
@@ -50,9 +51,8 @@ class InputTap:
                  scales: Mapping[str, np.ndarray],
                  readers: Mapping[str, str] | None = None) -> None:
         self._modules = modules
-        self._windows = {int(w) for w in window_ids}
-        self._rows = rows_per_window
-        self._seed = seed
+        self._sampler = TokenSampler({int(w) for w in window_ids}, rows_per_window,
+                                     (seed, SALT))
         self._clock = clock
         self._scales = dict(scales)
         # modules that read one norm's output with the same scales (q/k/v, gate/up) share
@@ -61,7 +61,6 @@ class InputTap:
             name: (norm, hashlib.sha256(np.ascontiguousarray(
                 self._scales[name]).tobytes()).hexdigest() if name in self._scales else "")
             for name, norm in (readers or {}).items()}
-        self._positions: dict[int, np.ndarray] = {}
         self._batch: tuple[Any, dict[tuple, np.ndarray]] = (None, {})
         self.rows: dict[str, list[np.ndarray]] = {}
 
@@ -73,21 +72,7 @@ class InputTap:
         try:
             if not isinstance(x, torch.Tensor) or x.dim() != 3:
                 return
-            batch, positions = [], []
-            mask = None
-            for b, wid in enumerate(context.window_ids.tolist()):
-                if wid not in self._windows:
-                    continue
-                if wid not in self._positions:
-                    if mask is None:
-                        mask = context.attention_mask.detach().cpu().numpy()
-                    attended = np.flatnonzero(mask[b])
-                    rng = np.random.default_rng([self._seed, SALT, wid])
-                    take = min(self._rows, attended.size)
-                    self._positions[wid] = np.sort(rng.choice(attended, size=take,
-                                                              replace=False))
-                batch.append(b)
-                positions.append(self._positions[wid])
+            batch, positions = self._sampler.select(context)
             if not batch:
                 return
             if self._batch[0] is not context:
@@ -98,11 +83,7 @@ class InputTap:
                 self.rows.setdefault(name, []).append(shared)
                 return
             with single_thread():
-                sizes = [p.size for p in positions]
-                flat = torch.as_tensor(np.repeat(batch, sizes) * x.shape[1]
-                                       + np.concatenate(positions), device=x.device)
-                picked = x.reshape(-1, x.shape[-1]).index_select(0, flat)
-                picked = picked.to(torch.float32).cpu().numpy()
+                picked = gather(x, batch, positions)
                 scale = self._scales.get(name)
                 if scale is not None and scale.shape == (picked.shape[1],):
                     with np.errstate(divide="ignore", invalid="ignore"):
