@@ -31,7 +31,10 @@ RMT guard measures y·s, which no such rescaling changes).
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,6 +42,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# {pair: balancing scale} of one model under one plan (`balancing_scale`)
+Memo = dict[str, torch.Tensor]
 # RMSNorms that scale by (1 + w) rather than w (Gemma family); others are found by a probe.
 OFFSET_NORM_PREFIXES = ("Gemma",)
 TRACE_TOKENS = 8
@@ -333,7 +338,24 @@ def _head_dim(config: Any) -> int | None:
 
 
 def transform_plan(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    """Everything `effective` needs per weight name (norm fold and balanced pair)."""
+    """Everything `effective` needs per weight name (norm fold and balanced pair).
+
+    The plan depends on the model's structure only, so it is traced once per model object
+    (each guard asks for it on the same baseline) and handed out as a copy."""
+    try:
+        traced = _plans.get(model)
+    except TypeError:  # not weakly referable: trace every time
+        return _trace_plan(model)
+    if traced is None:
+        traced = _plans[model] = _trace_plan(model)
+    return copy.deepcopy(traced)
+
+
+_plans: weakref.WeakKeyDictionary[Any, dict[str, dict[str, Any]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _trace_plan(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     plan: dict[str, dict[str, Any]] = {}
     for name, entry in trace_norm_inputs(model).items():
         plan.setdefault(name, {})["fold"] = entry
@@ -356,36 +378,55 @@ def folded(name: str, get: Callable[[str], torch.Tensor],
 def _channels(side: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(index along the axis, channel class, number of classes) of each of the side's
     channels. Classes: key/value head × (rotary pair or lone channel), so one scale per
-    class is what RoPE commutes with (x_j and its partner rotate together)."""
-    c = torch.arange(int(side["count"]))
-    block, step = int(side["block"]), int(side["step"])
-    index = int(side["offset"]) + (c // block) * step + c % block
-    d, r = int(side["head_dim"]), int(side["rotary"])
+    class is what RoPE commutes with (x_j and its partner rotate together). Shared between
+    calls: read, never written."""
+    return _channel_layout(*(int(side[k]) for k in ("count", "block", "step", "offset",
+                                                     "head_dim", "rotary", "group")),
+                           bool(side["interleaved"]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _channel_layout(count: int, block: int, step: int, offset: int, d: int, r: int,
+                    group: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    c = torch.arange(count)
+    index = offset + (c // block) * step + c % block
     j = c % d
-    if r and side["interleaved"]:
+    if r and interleaved:
         cls = torch.where(j < r, j // 2, r // 2 + j - r)
     elif r:
         cls = torch.where(j < r, j % (r // 2), r // 2 + j - r)
     else:
         cls = j
     per_head = d - r // 2
-    kv_head = (c // d) // int(side["group"])
+    kv_head = (c // d) // group
     return index, kv_head * per_head + cls, int(kv_head.max()) * per_head + per_head
 
 
 def _slice_norms(w: torch.Tensor, side: Mapping[str, Any]) -> torch.Tensor:
     """Σ of squares per channel class of one side."""
     index, cls, n = _channels(side)
-    index, cls = index.to(w.device), cls.to(w.device)
     axis = int(side["axis"])
-    sq = w.index_select(axis, index).square().sum(dim=1 - axis)
+    cls = cls.to(w.device)
+    if index.numel() == w.shape[axis] and bool((index == torch.arange(index.numel())).all()):
+        picked = w  # every channel in order: no copy
+    else:
+        picked = w.index_select(axis, index.to(w.device))
+    sq = picked.square().sum(dim=1 - axis)
     return torch.zeros(n, dtype=sq.dtype, device=w.device).index_add_(0, cls, sq)
 
 
 def balancing_scale(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
-                    plan: Mapping[str, Any]) -> torch.Tensor:
+                    plan: Mapping[str, Any], memo: Memo | None = None) -> torch.Tensor:
     """s per channel class: side a times s and side b over s have equal norms per class,
-    s = (‖b_k‖ / ‖a_k‖)^½; any rescaling (a·t, b/t) turns s into s/t."""
+    s = (‖b_k‖ / ‖a_k‖)^½; any rescaling (a·t, b/t) turns s into s/t.
+
+    With `memo` (one per model and plan), each pair's s is formed once: both sides of a pair
+    need it, and forming it reads and folds both weights."""
+    if memo is not None:
+        key = _pair_key(rel)
+        if key not in memo:
+            memo[key] = balancing_scale(rel, get, plan)
+        return memo[key]
     a = folded(rel["a"]["weight"], get, plan)
     b = a if rel["b"]["weight"] == rel["a"]["weight"] else folded(rel["b"]["weight"], get, plan)
     na, nb = _slice_norms(a, rel["a"]), _slice_norms(b.to(a.device), rel["b"])
@@ -405,49 +446,47 @@ def _multiplier(side: Mapping[str, Any], s: torch.Tensor, sign: int) -> tuple[to
     return index, s[cls.to(s.device)].pow(sign)
 
 
+def _pair_key(rel: Mapping[str, Any]) -> str:
+    return repr([sorted(rel[k].items()) for k in ("a", "b")])
+
+
 def _relations(name: str, plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(((plan.get(name) or {}).get("balance") or {}).get("relations") or [])
 
 
 def effective(name: str, get: Callable[[str], torch.Tensor],
-              plan: Mapping[str, Any]) -> torch.Tensor:
+              plan: Mapping[str, Any], memo: Memo | None = None) -> torch.Tensor:
     """The matrix whose σ the spectral guard compares: folded, then balanced in every pair
     it belongs to (the pairs touch disjoint channels, so their order does not matter)."""
-    return _balance(name, folded(name, get, plan), get, plan)
+    return _balance(name, folded(name, get, plan), get, plan, memo)
 
 
 def balanced(name: str, get: Callable[[str], torch.Tensor],
-             plan: Mapping[str, Any]) -> torch.Tensor:
+             plan: Mapping[str, Any], memo: Memo | None = None) -> torch.Tensor:
     """The float32 weight balanced in every pair it belongs to, its norm's scale not folded
     in (the scales s are those of `effective`): what the norm's own channels multiply."""
-    return _balance(name, get(name).to(torch.float32), get, plan)
+    return _balance(name, get(name).to(torch.float32), get, plan, memo)
 
 
 def _balance(name: str, w: torch.Tensor, get: Callable[[str], torch.Tensor],
-             plan: Mapping[str, Any]) -> torch.Tensor:
-    relations = _relations(name, plan)
-    if not relations:
+             plan: Mapping[str, Any], memo: Memo | None) -> torch.Tensor:
+    if not _relations(name, plan):
         return w
-    out = w.clone()
-    for rel in relations:
-        s = balancing_scale(rel, get, plan).to(w.device)
-        for key, sign in (("a", 1), ("b", -1)):
-            side = rel[key]
-            if side["weight"] != name:
-                continue
-            index, factor = _multiplier(side, s, sign)
-            axis = int(side["axis"])
+    for axis in (0, 1):  # one product per axis (a channel is in at most one pair per axis)
+        factors = _pair_factors(name, get, plan, axis, None, memo, int(w.shape[axis]))
+        if factors is not None:
             shape = [1, 1]
             shape[axis] = -1
-            index = index.to(w.device)
-            out.index_copy_(axis, index, out.index_select(axis, index) * factor.view(shape))
-    return out
+            w = w * factors.to(w.device).view(shape)
+    return w
 
 
 def _pair_factors(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
-                  axis: int, factors: torch.Tensor | None) -> torch.Tensor | None:
+                  axis: int, factors: torch.Tensor | None, memo: Memo | None,
+                  size: int | None = None) -> torch.Tensor | None:
     """`factors` (None: ones) times the balancing scale of every pair side of the weight
-    `name` along `axis` (as stored): what `effective` multiplies that axis by."""
+    `name` along `axis` (as stored; `size` long, read from the weight when not given): what
+    `effective` multiplies that axis by."""
     for rel in _relations(name, plan):
         s = None
         for key, sign in (("a", 1), ("b", -1)):
@@ -455,9 +494,10 @@ def _pair_factors(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[s
             if side["weight"] != name or int(side["axis"]) != axis:
                 continue
             if s is None:
-                s = balancing_scale(rel, get, plan)
+                s = balancing_scale(rel, get, plan, memo)
             if factors is None:
-                factors = torch.ones(get(name).shape[axis], dtype=torch.float32)
+                n = get(name).shape[axis] if size is None else size
+                factors = torch.ones(n, dtype=torch.float32)
             factors = factors.to(s.device)
             index, factor = _multiplier(side, s, sign)
             factors[index.to(s.device)] *= factor
@@ -465,15 +505,15 @@ def _pair_factors(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[s
 
 
 def output_scales(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
-                  conv1d: bool = False) -> torch.Tensor | None:
+                  conv1d: bool = False, memo: Memo | None = None) -> torch.Tensor | None:
     """Per output feature of the linear `name` (a weight name), the factor that turns its
     output into that of its balanced form (None: no pair changes it). Producer outputs
     times this factor are unchanged by every rescaling the pairs absorb."""
-    return _pair_factors(name, get, plan, 1 if conv1d else 0, None)
+    return _pair_factors(name, get, plan, 1 if conv1d else 0, None, memo)
 
 
 def input_scales(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
-                 conv1d: bool = False) -> torch.Tensor | None:
+                 conv1d: bool = False, memo: Memo | None = None) -> torch.Tensor | None:
     """Per input feature of the linear `name` (a weight name), the factor `effective`
     multiplies that input by (the feeding norm's scale; the balancing scale of each pair
     whose consumer it is); None: no factor. The effective matrix applied to x / factor gives
@@ -481,4 +521,4 @@ def input_scales(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[st
     fold = (plan.get(name) or {}).get("fold")
     gamma = None if fold is None else (
         get(fold["norm"]).to(torch.float32) + float(fold["offset"]))
-    return _pair_factors(name, get, plan, 0 if conv1d else 1, gamma)
+    return _pair_factors(name, get, plan, 0 if conv1d else 1, gamma, memo)

@@ -58,12 +58,13 @@ def balancing_factors(model: torch.nn.Module, modules: list[tuple[str, Any]],
     function-preserving pair (their outputs times it are the balanced producer's)."""
     weights = EffectiveWeights(model)  # quantized weights dequantized one at a time
     out = {}
+    memo: dict[str, torch.Tensor] = {}  # each pair's scale formed once, for both sides
     with torch.inference_mode(), single_thread():
         for name, module in modules:
             if f"{name}.weight" not in plan:
                 continue
             factor = output_scales(f"{name}.weight", lambda n: weights[n].detach(), plan,
-                                   conv1d=type(module).__name__ == "Conv1D")
+                                   conv1d=type(module).__name__ == "Conv1D", memo=memo)
             if factor is not None:
                 out[name] = factor.to(torch.float32).cpu().numpy()
     return out

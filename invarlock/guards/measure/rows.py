@@ -73,13 +73,14 @@ def norm_consumers(plan: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def channel_norms(consumers: list[Mapping[str, Any]], get: Callable[[str], torch.Tensor],
-                  plan: Mapping[str, Any] | None = None) -> torch.Tensor:
+                  plan: Mapping[str, Any] | None = None,
+                  memo: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """‖W[:, i]‖ over all the linears a norm feeds (GPT-2's Conv1D stores [in, out]), each W
     balanced in its pairs when a plan is given (a q/k or value rescaling moves no column)."""
     total = None
     for c in consumers:
         w = get(c["linear"]).to(torch.float32) if plan is None else \
-            balanced(c["linear"], get, plan)
+            balanced(c["linear"], get, plan, memo)
         sq = w.square().sum(dim=1 if c["transposed"] else 0)
         total = sq if total is None else total + sq.to(total.device)
     return total.sqrt()
@@ -135,6 +136,7 @@ class RowsProbe(Probe):
                                                ctx.model)
 
         records, unmatched = [], []
+        memos: tuple[dict, dict] = ({}, {})  # each model's pair scales, formed once
         with torch.inference_mode(), single_thread():
             for entry in baseline.get("tensors") or []:
                 name = entry["name"]
@@ -142,7 +144,8 @@ class RowsProbe(Probe):
                     unmatched.append(name)
                     continue
                 try:
-                    kind, b, s = self._forms(entry, base_get, subject_get, plan, consumers)
+                    kind, b, s = self._forms(entry, base_get, subject_get, plan, consumers,
+                                             memos)
                 except KeyError:
                     unmatched.append(name)
                     continue
@@ -166,8 +169,8 @@ class RowsProbe(Probe):
     @staticmethod
     def _forms(entry: Mapping[str, Any], base_get: Callable[[str], torch.Tensor],
                subject_get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
-               consumers: Mapping[str, list[dict[str, Any]]]
-               ) -> tuple[str, torch.Tensor, torch.Tensor]:
+               consumers: Mapping[str, list[dict[str, Any]]],
+               memos: tuple[dict, dict] = ({}, {})) -> tuple[str, torch.Tensor, torch.Tensor]:
         """(kind, baseline form, subject form) of one tensor, as the function depends on it."""
         name = entry["name"]
         module = _module_of(name)
@@ -175,18 +178,20 @@ class RowsProbe(Probe):
         if norm in consumers and name in (norm, f"{module}.bias"):
             offset = consumers[norm][0]["offset"] if name == norm else 0.0
             forms = []
-            for get in (base_get, subject_get):
+            for get, memo in zip((base_get, subject_get), memos, strict=True):
                 scale = get(name).to(torch.float32) + offset
-                forms.append(scale * channel_norms(consumers[norm], get, plan).to(scale.device))
+                forms.append(scale * channel_norms(consumers[norm], get, plan, memo).to(
+                    scale.device))
             return "folded channels", forms[0], forms[1]
         if (plan.get(name) or {}).get("fold"):
             return "folded rows", folded(name, base_get, plan), folded(name, subject_get, plan)
         pair = entry.get("balanced_with")
         if pair:  # a producer's bias scales with its outputs: compare the balanced outputs
             forms = []
-            for get in (base_get, subject_get):
+            for get, memo in zip((base_get, subject_get), memos, strict=True):
                 bias = get(name).to(torch.float32)
-                factor = output_scales(pair["weight"], get, plan, conv1d=bool(pair["conv1d"]))
+                factor = output_scales(pair["weight"], get, plan, conv1d=bool(pair["conv1d"]),
+                                       memo=memo)
                 forms.append(bias if factor is None else bias * factor.to(bias.device))
             return "balanced channels", forms[0], forms[1]
         b, s = base_get(name), subject_get(name)

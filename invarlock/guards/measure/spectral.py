@@ -19,13 +19,17 @@ files' matrix does not have along the cached v_b is taken again from the files, 
 cache entry cannot claim the subject's σ), and gets σ_s, the edit size ‖W_s − W_b‖₂/σ_b and, for
 a block linear, the edit size along the data ‖ΔW·X‖_F/‖W_b·X‖_F on its input sketch.
 
-Every σ is exact (SVD) up to `EXACT_SVD_MAX_ELEMENTS`; beyond, a block power iteration from
-v_b plus seeded random starts, accepted on a residual check (`top_singular`): a new dominant
+Every σ is exact (the smaller Gram matrix's top eigenvector, σ = ‖Wv‖) up to
+`EXACT_SVD_MAX_ELEMENTS`; beyond, a block power iteration from v_b plus seeded random
+starts, accepted on a residual check (`top_singular`): a new dominant
 direction orthogonal to v_b (a rank-1 spike) is found, where a single vector warm-started at
 v_b would stay on the baseline's direction and report no change. The edit size is taken
 first (at most `EDIT_SIZE_ITERATIONS` steps on the iterative path: a lower bound there, exact
 below the limit), and its top right singular vector joins v_b as a start for σ_s, so a new
 dominant direction the edit brings in is in the block from the first step.
+
+On the CPU the matrices are measured on a few threads, one matrix each (`map_matrices`),
+while this thread reads and forms the next; every record is the same for any number.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import base64
 import hashlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -51,9 +55,10 @@ from invarlock.guards.measure.weights import (
     RANDOM_STARTS,
     RESIDUAL_TOL,
     WeightReader,
+    map_matrices,
+    matrix_workers,
     paired_getters,
     single_thread,
-    threads_for,
     top_singular,
 )
 from invarlock.guards.rmt import FAMILIES
@@ -116,11 +121,15 @@ class SpectralProbe(Probe):
         params = dict(model.named_parameters(remove_duplicate=False))
         with single_thread():
             self._plan = transform_plan(model)
+        get = lambda n: params[n].detach()  # noqa: E731
+        memo: dict[str, torch.Tensor] = {}  # each pair's balancing scale, formed once
         with torch.inference_mode(), single_thread():
-            for i, (name, param) in enumerate(matrices(model)):
-                w = effective(name, lambda n: params[n].detach(), self._plan)
-                with threads_for(w):
-                    sigma, v = baseline_top(w, seed=i)
+            listed = matrices(model)
+            forms = ((i, effective(name, get, self._plan, memo))
+                     for i, (name, _) in enumerate(listed))
+            tops = map_matrices(lambda job: baseline_top(job[1], seed=job[0]), forms,
+                                matrix_workers(_device_of(model)), lambda job: job[1])
+            for (name, param), (sigma, v) in zip(listed, tops, strict=True):
                 self._baseline.append({"name": name, "family": str(family_of(name)),
                                        "shape": list(param.shape), "sigma": sigma,
                                        "vector": encode_vector(v)})
@@ -129,8 +138,8 @@ class SpectralProbe(Probe):
         with torch.inference_mode(), single_thread():
             for name, module in self._linears:
                 try:
-                    scale = input_scales(f"{name}.weight", lambda n: params[n].detach(),
-                                         self._plan, conv1d=_is_conv1d(module))
+                    scale = input_scales(f"{name}.weight", get, self._plan,
+                                         conv1d=_is_conv1d(module), memo=memo)
                 except KeyError:  # a weight the plan needs is not a plain parameter
                     scale = None
                 if scale is not None:
@@ -165,14 +174,15 @@ class SpectralProbe(Probe):
         reader = WeightReader(ctx.baseline_files)
         params = EffectiveWeights(ctx.model)  # float view; quantized modules dequantized
         plan = baseline.get("transforms") or {}
-        modules = []
-        unmatched = []
+        unmatched: list[str] = []
 
         base_get, subject_get = paired_getters(reader, params, ctx.base_model_prefix,
                                                ctx.model)
         table = baseline.get("sketches") or []
         index = baseline.get("sketch_index") or {}
         decoded: dict[int, torch.Tensor] = {}
+        base_memo: dict[str, torch.Tensor] = {}  # each model's pair scales, formed once
+        subject_memo: dict[str, torch.Tensor] = {}
 
         def along(name: str) -> tuple[torch.Tensor, bool] | None:
             """The module's input sketch; None where the state has none it can read (the
@@ -189,7 +199,9 @@ class SpectralProbe(Probe):
                 log.warning("spectral: unreadable input sketch for %s (%s)", name, exc)
                 return None
 
-        with torch.inference_mode(), single_thread():
+        def pairs() -> Iterator[tuple[Any, ...]]:
+            """(entry, W_s, W_b, how formed, sketch) of each comparable matrix, formed here
+            (reads from the files stay on this thread)."""
             for entry in baseline["modules"]:
                 name = entry["name"]
                 subject = params.get(name)
@@ -197,14 +209,16 @@ class SpectralProbe(Probe):
                     unmatched.append(name)
                     continue
                 try:
-                    ws = effective(name, subject_get, plan)
-                    wb = effective(name, base_get, plan).to(ws.device)
+                    ws = effective(name, subject_get, plan, subject_memo)
+                    wb = effective(name, base_get, plan, base_memo).to(ws.device)
                 except KeyError:
                     unmatched.append(name)
                     continue
-                with threads_for(ws):
-                    modules.append(self._one(entry, ws, wb, _describe(plan.get(name)),
-                                             along(name)))
+                yield entry, ws, wb, _describe(plan.get(name)), along(name)
+
+        with torch.inference_mode(), single_thread():
+            modules = map_matrices(lambda job: self._one(*job), pairs(),
+                                   matrix_workers(_device_of(ctx.model)), lambda job: job[1])
         if unmatched:
             log.warning("spectral: %d baseline weight(s) not comparable (first: %s)",
                         len(unmatched), unmatched[0])
@@ -221,10 +235,11 @@ class SpectralProbe(Probe):
                   "changed": False, "iterations": 0, "transform": transform}
         if torch.equal(ws, wb):
             return record
+        delta = ws - wb
         if along is not None:
             b, conv1d = along
-            base, delta = (wb.T, (ws - wb).T) if conv1d else (wb, ws - wb)
-            record["edit_along_data"] = sketch.edit_along_data(delta, base, b)
+            base, change = (wb.T, delta.T) if conv1d else (wb, delta)
+            record["edit_along_data"] = sketch.edit_along_data(change, base, b)
         start = decode_vector(entry["vector"])
         seed = _seed(entry["name"])
         exact = EXACT_SVD_MAX_ELEMENTS
@@ -241,7 +256,7 @@ class SpectralProbe(Probe):
                             entry["name"], sigma_b, files.sigma)
                 sigma_b = files.sigma
                 record["sigma_baseline"] = sigma_b
-        edit = top_singular(ws - wb, start, seed=seed + 1, tol=1e-3,
+        edit = top_singular(delta, start, seed=seed + 1, tol=1e-3,
                             max_iter=EDIT_SIZE_ITERATIONS, exact_max_elements=exact)
         # the edit's own top direction joins the warm start: where the edit adds a new
         # dominant direction (a spike), the block starts on it
@@ -275,6 +290,12 @@ class SpectralProbe(Probe):
                                             "windows": "calibration",
                                             "modules": len(baseline.get("sketch_index")
                                                            or {})}}}
+
+
+def _device_of(model: Any) -> torch.device:
+    """Where the model's first parameter lives (the CPU for a model without any)."""
+    param = next(iter(model.parameters()), None)
+    return torch.device("cpu") if param is None else param.device
 
 
 def _is_conv1d(module: Any) -> bool:

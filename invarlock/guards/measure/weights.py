@@ -10,18 +10,22 @@ baseline file next to the subject by the end of the walk.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
 
-# Exact SVD up to this many elements (512 x 512: ~15 ms on one core); beyond, a randomized
-# block power iteration with a residual check (`top_singular`).
+# Exact (`exact_top`) up to this many elements (512 x 512: ~25 ms on one core); beyond, a
+# randomized block power iteration with a residual check (`top_singular`).
 EXACT_SVD_MAX_ELEMENTS = 1 << 18
 # Random start vectors next to the warm start: with them a direction the warm start is
 # orthogonal to (a rank-1 spike away from the baseline's top vectors) is still found.
@@ -38,6 +42,12 @@ MIN_ITERATIONS = 3
 BLOCK_ITERATIONS = 8
 # From this many elements, a matrix's products are worth the thread pool (2 MiB in float32).
 THREADED_MIN_ELEMENTS = 1 << 19
+# Threads for per-matrix work on the CPU (`matrix_workers`): the products are memory-bound,
+# so a few threads use the bandwidth a single one leaves idle, and more only contend.
+MAX_MATRIX_WORKERS = 4
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class WeightReader:
@@ -147,20 +157,36 @@ def load_renames(model: Any, keys: Iterable[str]) -> dict[str, str]:
 _replaced_threads: list[int] = []  # the counts single_thread blocks replaced, outermost first
 
 
+@functools.cache
+def _blas_pools() -> Any:
+    """The BLAS libraries loaded in this process (numpy's OpenBLAS among them; found on
+    first use), or None."""
+    try:
+        from threadpoolctl import ThreadpoolController
+
+        return ThreadpoolController().select(user_api="blas")
+    except Exception:  # threadpoolctl missing or unable to inspect this process
+        return None
+
+
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
-    """Run torch on one thread inside the block (restored afterwards).
+    """Run torch, and numpy's BLAS, on one thread inside the block (restored afterwards).
 
-    The spectral work is matrix-vector products (memory-bound) and small decompositions,
+    The guards' work is matrix-vector products (memory-bound) and small decompositions,
     which gain little from more threads; on a busy machine, waking a thread pool for each
     small LAPACK call costs far more than the call itself (``threads_for`` makes the
-    exception for large matrices).
+    exception for large matrices). numpy's OpenBLAS keeps a pool of its own: right after a
+    forward pass, with torch's OpenMP workers still spinning, its threads make a 64 × 64
+    eigendecomposition take 2 ms instead of 0.2.
     """
     before = torch.get_num_threads()
     _replaced_threads.append(before)
     torch.set_num_threads(1)
+    pools = _blas_pools()
     try:
-        yield
+        with pools.limit(limits=1) if pools is not None else contextlib.nullcontext():
+            yield
     finally:
         _replaced_threads.pop()
         torch.set_num_threads(before)
@@ -181,6 +207,54 @@ def threads_for(w: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def matrix_workers(device: str | torch.device) -> int:
+    """Threads for per-matrix work inside a ``single_thread`` block: the torch thread pool
+    that block replaced (the user's OMP_NUM_THREADS or the cores), at most
+    `MAX_MATRIX_WORKERS`; one on an accelerator, which queues its kernels anyway."""
+    if torch.device(device).type != "cpu":
+        return 1
+    pool = _replaced_threads[0] if _replaced_threads else torch.get_num_threads()
+    return max(1, min(pool, MAX_MATRIX_WORKERS))
+
+
+def map_matrices(fn: Callable[[T], R], items: Iterable[T], workers: int,
+                 matrix_of: Callable[[T], torch.Tensor]) -> list[R]:
+    """[fn(item) for item in items], the calls on `workers` threads (torch and BLAS on one
+    thread each: call inside ``single_thread``), results in order.
+
+    One matrix per thread: the products of a matrix are too small to split well, while
+    matrices are independent, and torch releases the GIL in its kernels. The items are formed
+    on the calling thread (reading weights from files stays there), at most `workers` ahead
+    of the results, so memory holds a bounded number of them. With one worker, each call
+    runs on the calling thread with the thread pool back for a large matrix
+    (``threads_for(matrix_of(item))``)."""
+    if workers <= 1:
+        out = []
+        for item in items:
+            with threads_for(matrix_of(item)):
+                out.append(fn(item))
+        return out
+
+    def call(item: T) -> R:
+        with torch.inference_mode():  # thread-local: each worker enters it
+            return fn(item)
+
+    out: list[R] = []
+    pending: deque[Future[R]] = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="invarlock-matrix") as pool:
+        try:
+            for item in items:
+                while len(pending) >= workers:
+                    out.append(pending.popleft().result())
+                pending.append(pool.submit(call, item))
+            while pending:
+                out.append(pending.popleft().result())
+        finally:
+            for future in pending:
+                future.cancel()
+    return out
 
 
 def power_iteration(w: torch.Tensor, start: torch.Tensor | None = None, *, tol: float = 1e-7,
@@ -213,19 +287,43 @@ class TopSingular:
 
     sigma: float
     vector: torch.Tensor  # float32 [n], unit norm
-    iterations: int       # 0: exact SVD
-    residual: float       # ‖Wᵀu − σv‖/σ of the returned pair (0 for the exact SVD)
+    iterations: int       # 0: exact (`exact_top`)
+    residual: float       # ‖Wᵀu − σv‖/σ of the returned pair (0 when exact)
 
     @property
     def exact(self) -> bool:
         return self.iterations == 0
 
 
+def exact_top(w: torch.Tensor) -> TopSingular:
+    """σ_max and the top right singular vector of a float32 matrix, exactly: the top
+    eigenvector of the smaller Gram matrix (WᵀW or WWᵀ; 2-4x faster than an SVD), mapped to
+    the right side, and σ = ‖Wv‖. σ is a Rayleigh quotient, so it is as accurate as the
+    products even where a float32 Gram matrix blurs the vector (an error δ in v moves σ by
+    δ²σ); where the top is degenerate, any vector of the top space is a top vector."""
+    m, n = w.shape
+    if m == 0 or n == 0:
+        return TopSingular(0.0, torch.zeros(n, device=w.device), 0, 0.0)
+    if not bool(torch.isfinite(w).all()):  # no decomposition: the norm is not finite
+        return TopSingular(math.inf, torch.zeros(n, device=w.device), 0, math.inf)
+    if n <= m:
+        v = torch.linalg.eigh(w.T @ w)[1][:, -1]
+    else:
+        v = w.T @ torch.linalg.eigh(w @ w.T)[1][:, -1]
+    norm = float(v.norm())
+    if not norm > 0:  # W = 0: σ is 0 and every unit vector is a top vector
+        v = torch.zeros(n, device=w.device)
+        v[0] = 1.0
+        return TopSingular(0.0, v, 0, 0.0)
+    v = v / norm
+    return TopSingular(float(torch.linalg.vector_norm(w @ v)), v, 0, 0.0)
+
+
 def top_singular(w: torch.Tensor, start: torch.Tensor | None = None, *, seed: int = 0,
                  tol: float = 1e-7, residual_tol: float = RESIDUAL_TOL, max_iter: int = 200,
                  random_starts: int = RANDOM_STARTS,
                  exact_max_elements: int = EXACT_SVD_MAX_ELEMENTS) -> TopSingular:
-    """σ_max(W): exact SVD up to `exact_max_elements`, else block power iteration.
+    """σ_max(W): exact up to `exact_max_elements` (`exact_top`), else block power iteration.
 
     The iterative path (subspace iteration, Rutishauser 1970, with a Rayleigh–Ritz step)
     starts from `start` ([n] or [n, j]: the baseline's top vector, a few steps when σ barely
@@ -239,33 +337,32 @@ def top_singular(w: torch.Tensor, start: torch.Tensor | None = None, *, seed: in
     w = w.to(torch.float32)
     m, n = w.shape
     if w.numel() <= exact_max_elements or min(m, n) <= random_starts + 3:
-        _, s, vh = torch.linalg.svd(w, full_matrices=False)
-        if s.numel() == 0:
-            return TopSingular(0.0, torch.zeros(n, device=w.device), 0, 0.0)
-        return TopSingular(float(s[0]), vh[0].clone(), 0, 0.0)
+        return exact_top(w)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     block = [torch.randn(n, random_starts, generator=gen)]
     if start is not None:
         block.insert(0, start.detach().to("cpu", torch.float32).reshape(n, -1))
-    q, _ = torch.linalg.qr(torch.cat(block, dim=1).to(w.device))
+    # the block is kept as rows, [k, n]: a few rows times the matrix is a fast product,
+    # where the matrix times a few columns takes torch's CPU kernels 5x as long
+    q = torch.linalg.qr(torch.cat(block, dim=1).to(w.device))[0].T
     sigma, prev, residual = 0.0, -1.0, float("inf")
-    v = q[:, 0]
+    v = q[0]
     for i in range(1, min(max_iter, BLOCK_ITERATIONS) + 1):
-        z = w @ q                                       # [m, k]
-        y = w.T @ z                                     # [n, k]: the next block, and Wᵀu
-        evals, evecs = torch.linalg.eigh(z.T @ z)       # Rayleigh–Ritz on the k×k Gram
+        z = q @ w.T                                     # [k, m]: (W Qᵀ)ᵀ
+        y = z @ w                                       # [k, n]: the next block, and Wᵀu
+        evals, evecs = torch.linalg.eigh(z @ z.T)       # Rayleigh–Ritz on the k×k Gram
         top = evecs[:, -1]
         sigma = float(evals[-1].clamp_min(0).sqrt())
         if sigma == 0.0:
             return TopSingular(0.0, v, i, 0.0)
-        v = q @ top
+        v = top @ q
         if i >= MIN_ITERATIONS and abs(sigma - prev) <= tol * sigma:
-            # u = Wv/σ, so Wᵀu = (WᵀW Q)·top/σ: the residual costs no product
-            residual = float((y @ top / sigma - sigma * v).norm()) / sigma
+            # u = Wv/σ, so Wᵀu = (WᵀW Qᵀ)·top/σ: the residual costs no product
+            residual = float((top @ y / sigma - sigma * v).norm()) / sigma
             if residual <= residual_tol:
                 return TopSingular(sigma, v, i, residual)
         prev = sigma
-        q, _ = torch.linalg.qr(y)
+        q = torch.linalg.qr(y.T)[0].T
     steps = min(max_iter, BLOCK_ITERATIONS)
     if max_iter > steps:
         sigma, v, more = power_iteration(w, v, tol=tol, max_iter=max_iter - steps)

@@ -1,0 +1,182 @@
+"""The guards' per-matrix work is fast without changing what it measures: matrices on a few
+threads with results in order, the exact σ from the small Gram matrix, numpy's BLAS kept to
+one thread, each pair's balancing scale and each model's transform plan formed once."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def test_map_matrices_keeps_order_and_stays_a_bounded_number_of_items_ahead():
+    from invarlock.guards.measure.weights import map_matrices
+
+    workers = 2
+    done = []  # item numbers whose call has returned
+    lock = threading.Lock()
+    formed_ahead = []
+    threads, inference = set(), set()
+
+    def items():
+        for j in range(40):
+            with lock:  # how many items are formed but not yet finished
+                formed_ahead.append(j - len(done))
+            yield j
+
+    def fn(j):
+        threads.add(threading.current_thread().name)
+        inference.add(torch.is_inference_mode_enabled())
+        with lock:
+            done.append(j)
+        return j * j
+
+    out = map_matrices(fn, items(), workers, lambda j: torch.empty(0))
+    assert out == [j * j for j in range(40)]
+    assert max(formed_ahead) <= workers  # the results of all but the last `workers` are in
+    assert threads and all(t.startswith("invarlock-matrix") for t in threads)
+    assert inference == {True}  # each worker enters inference mode itself
+
+
+def test_map_matrices_with_one_worker_runs_on_the_calling_thread():
+    from invarlock.guards.measure.weights import map_matrices
+
+    names = []
+    out = map_matrices(lambda j: names.append(threading.current_thread().name) or -j,
+                       range(5), 1, lambda j: torch.empty(0))
+    assert out == [0, -1, -2, -3, -4]
+    assert set(names) == {threading.current_thread().name}
+
+
+def test_map_matrices_passes_a_worker_error_on():
+    from invarlock.guards.measure.weights import map_matrices
+
+    def fn(j):
+        if j == 3:
+            raise ValueError("bad matrix")
+        return j
+
+    with pytest.raises(ValueError, match="bad matrix"):
+        map_matrices(fn, range(10), 2, lambda j: torch.empty(0))
+
+
+@pytest.mark.parametrize("shape", [(192, 576), (576, 192), (40, 40), (7, 1), (1, 7)])
+def test_exact_top_is_the_svd_top_pair(shape):
+    from invarlock.guards.measure.weights import exact_top
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    w = torch.randn(*shape, generator=gen)
+    w[0] *= 3  # a gap at the top, so the vector is defined
+    _, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    top = exact_top(w)
+    assert top.exact and top.sigma == pytest.approx(float(s[0]), rel=1e-6)
+    assert abs(float(top.vector.double() @ vh[0])) == pytest.approx(1.0, abs=1e-5)
+    assert float(top.vector.norm()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_exact_top_of_a_zero_or_non_finite_matrix():
+    from invarlock.guards.measure.weights import exact_top
+
+    zero = exact_top(torch.zeros(3, 5))
+    assert zero.sigma == 0.0 and float(zero.vector.norm()) == 1.0
+    bad = torch.ones(4, 3)
+    bad[1, 2] = float("nan")
+    assert exact_top(bad).sigma == float("inf")
+
+
+def test_single_thread_also_keeps_numpy_blas_on_one_thread():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import numpy as np  # noqa: F401 - its BLAS is the pool this is about
+
+    from invarlock.guards.measure.weights import single_thread
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info()
+                if p["user_api"] == "blas"]
+
+    outside = blas_threads()
+    assert outside, "numpy's BLAS was not found"
+    with single_thread():
+        assert set(blas_threads()) == {1}
+        assert torch.get_num_threads() == 1
+    assert blas_threads() == outside
+
+
+def test_the_memo_changes_no_effective_matrix(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.guards.measure.fold import effective, input_scales, transform_plan
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    params = dict(model.named_parameters())
+    plan = transform_plan(model)
+    reads = []
+
+    def get(name):
+        reads.append(name)
+        return params[name].detach()
+
+    memo: dict = {}
+    paired = [n for n, e in plan.items() if "balance" in e]
+    assert paired
+    for name in paired:
+        assert torch.equal(effective(name, get, plan, memo), effective(name, get, plan))
+        scale = input_scales(name, get, plan, memo=memo)
+        plain = input_scales(name, get, plan)
+        assert (scale is None) == (plain is None)
+        assert scale is None or torch.equal(scale, plain)
+    pairs = {rel["a"]["weight"] + rel["b"]["weight"] for n in paired
+             for rel in plan[n]["balance"]["relations"]}
+    assert len(memo) == len(pairs)  # one scale per pair, however many sides asked
+
+
+def test_transform_plan_is_traced_once_per_model_and_handed_out_as_a_copy(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.guards.measure.fold import transform_plan
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    first = transform_plan(model)
+    second = transform_plan(model)
+    assert len(calls) == 1
+    assert first == second and first is not second
+    first.clear()
+    assert transform_plan(model) == second
+    other = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    other.register_forward_pre_hook(lambda *_: calls.append(1))
+    transform_plan(other)
+    assert len(calls) == 2  # another model object is traced for itself
+
+
+def test_spectral_records_do_not_depend_on_the_number_of_threads(tiny_llama_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.guards.measure import spectral
+    from invarlock.guards.measure.probe import SubjectContext
+    from invarlock.models.source import weight_files
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    subject = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in subject.named_parameters():
+            if p.dim() == 2 and "layers" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02 * p.std())
+    results = []
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(spectral, "matrix_workers", lambda device, w=workers: w)
+        probe = spectral.SpectralProbe({})
+        probe.baseline_loaded(base)
+        state = probe.baseline_state()
+        ctx = SubjectContext(info=None, model=subject, config={}, baseline_config={},
+                             baseline_files=weight_files(tiny_llama_dir),
+                             tokenizer_hashes=("", ""), base_model_prefix="model")
+        probe.subject_loaded(ctx, state)
+        results.append((state["modules"], probe.measure(ctx, state)["modules"]))
+    changed = [m for m in results[0][1] if m["changed"]]
+    assert len(changed) > 10
+    assert results[1] == results[0] and results[2] == results[0]
