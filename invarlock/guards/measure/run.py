@@ -20,6 +20,7 @@ from invarlock.guards.base import Stage, not_measured
 from invarlock.guards.chain import ChainSettings, GuardOutcome, evaluate, gating_flags
 from invarlock.guards.measure.probe import Probe, RunInfo, SubjectContext
 from invarlock.guards.registry import get_guard
+from invarlock.host_memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,18 @@ class GuardRun:
         self.baseline = states
         return True
 
+    def _weights_stage(self, name: str, fn: Any, *args: Any) -> Any:
+        """A probe's work on whole weights, then the heap's free pages handed back: matrix
+        copies freed on worker threads stay in their threads' heaps otherwise, and the next
+        probe's copies come on top (`invarlock.host_memory`)."""
+        try:
+            return self._timed(name, fn, *args)
+        finally:
+            self._timed(name, release_free_memory)
+
     def baseline_loaded(self, model: Any) -> None:
         for name, probe in self.probes.items():
-            self._timed(name, probe.baseline_loaded, model)
+            self._weights_stage(name, probe.baseline_loaded, model)
 
     def taps(self, model: Any, role: str, phase: str) -> list[Any]:
         if self.fatal is not None:
@@ -108,7 +118,7 @@ class GuardRun:
     def subject_loaded(self, ctx: SubjectContext) -> bool:
         """Pre-evaluation measurements; False when a fatal check (the invariants) fails."""
         for name, probe in self.probes.items():
-            self._timed(name, probe.subject_loaded, ctx, self.baseline.get(name, {}))
+            self._weights_stage(name, probe.subject_loaded, ctx, self.baseline.get(name, {}))
             early = probe.fatal_check()
             if early is None:
                 continue
