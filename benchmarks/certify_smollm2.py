@@ -9,12 +9,16 @@ of 64 inputs), one invocation runs, each as its own process:
    size certify picks for these windows;
 2. `invarlock certify` of the first subject (fresh baseline cache: the baseline is evaluated);
 3. `invarlock certify` of the second subject against the cached baseline;
-4. with --guards-off, step 2 again with every guard off and a fresh cache.
+4. with --guards-off, step 2 again with every guard off and a fresh cache;
+5. with --blocks, step 2 again one model resident at a time (the blocks schedule, as when a
+   second model does not fit: no memory is reported free for it) and a fresh cache.
 
 It prints certify / floor, second subject / first run, the guards' share of the wall time
 (their own stages from the certificate's timings, and the whole difference against the run
 with every guard off), evaluation tokens/s, each process's peak RSS and the RSS budget
-(1.6 x one model's bytes + 0.5 GB; the largest peak of any round). The machine's load
+(1.6 x one model's bytes + 0.5 GB with one model resident, one model's bytes more in the
+lockstep schedule, which keeps the baseline beside the subject when both fit; the largest
+peak of each schedule over the rounds). The machine's load
 average is printed beside each step: on a shared machine, compare ratios, not seconds. With
 --rounds N the steps repeat N times, interleaved, and the ratios are given per round and as
 medians.
@@ -107,6 +111,15 @@ def child_floor(model: str, subject: str) -> None:
                       "in_process_s": time.perf_counter() - start}))
 
 
+def child_blocks(argv: list[str]) -> None:
+    """certify with no memory free for a second model: the blocks schedule."""
+    from invarlock.cli import main
+    from invarlock.models import device
+
+    device.free_memory = lambda _device: 0
+    main.main(argv, prog_name="invarlock")  # exits with certify's exit code
+
+
 def _certify_batch_size(evaluate: object, model: object, plan: object) -> int:
     """The batch size evaluate_windows picks for these windows in the code under test."""
     n, seq_len = plan.final.input_ids.shape
@@ -133,9 +146,10 @@ def _spawn(args: list[str], code: Path) -> tuple[float, float, str]:
 
 
 def certify(code: Path, model: Path, subject: Path, out: Path, cache: Path,
-            extra: list[str]) -> dict:
+            extra: list[str], *, blocks: bool = False) -> dict:
+    entry = [str(HERE), "--child-blocks"] if blocks else ["-m", "invarlock"]
     wall, peak, stdout = _spawn(
-        ["-m", "invarlock", "certify", "--baseline", str(model), "--subject", str(subject),
+        [*entry, "certify", "--baseline", str(model), "--subject", str(subject),
          "--dataset", "demo", "--profile", "dev", "--out", str(out), "--cache-dir", str(cache),
          "--json", "--quiet", *extra], code)
     summary = json.loads(stdout)
@@ -175,7 +189,8 @@ def show_certify(label: str, r: dict) -> None:
     print(f"  verdict             {s['verdict']} (ratio {s['ratio']:.4f}, CI {s['ratio_ci']})")
     print(f"  wall time           {r['wall']:.1f} s (in-process {total:.1f} s; "
           f"load {r['load']:.1f})")
-    print(f"  baseline from cache {cert['baseline']['results_from_cache']}")
+    print(f"  baseline from cache {cert['baseline']['results_from_cache']}, schedule "
+          f"{cert['baseline'].get('schedule')}")
     if seconds:
         print(f"  evaluation          {tokens / seconds:,.0f} tokens/s ({tokens:,} tokens)")
     g = guard_seconds(cert)
@@ -194,8 +209,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--guards-off", action="store_true",
                         help="also time a first run with every guard off")
+    parser.add_argument("--blocks", action="store_true",
+                        help="also time a first run one model resident at a time")
     parser.add_argument("--child-floor", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-subject", nargs=3, help=argparse.SUPPRESS)
+    if sys.argv[1:2] == ["--child-blocks"]:
+        return child_blocks(sys.argv[2:])
     args = parser.parse_args()
     if args.child_floor:
         return child_floor(*args.child_floor)
@@ -214,9 +233,10 @@ def main() -> None:
             _spawn([str(HERE), "--child-subject", str(model), str(subjects[name]),
                     json.dumps(plan)], code)
         preset = tmp_path / "guards-off.yaml"
-        preset.write_text("guards:\n" + "".join(
-            f"  {name}: {{mode: \"off\"}}\n"
-            for name in ("invariants", "spectral", "rmt", "variance")))
+        _, _, names = _spawn(["-c", "from invarlock.guards.registry import guard_names; "
+                                    "print(*guard_names())"], code)  # the code under test's
+        preset.write_text("guards:\n" + "".join(f"  {name}: {{mode: \"off\"}}\n"
+                                                for name in names.split()))
         rounds = []
         for i in range(args.rounds):
             cache = tmp_path / f"cache{i}"
@@ -226,7 +246,9 @@ def main() -> None:
             bare = certify(code, model, subjects["int8"], tmp_path / f"off{i}",
                            tmp_path / f"c-off{i}", ["--preset", str(preset)]
                            ) if args.guards_off else None
-            rounds.append((f, first, second, bare))
+            alone = certify(code, model, subjects["int8"], tmp_path / f"blocks{i}",
+                            tmp_path / f"c-blocks{i}", [], blocks=True) if args.blocks else None
+            rounds.append((f, first, second, bare, alone))
     report(code, rounds)
 
 
@@ -250,7 +272,7 @@ def installed_backends() -> list[str]:
 
 
 def report(code: Path, rounds: list) -> None:
-    f, first, second, bare = rounds[-1]
+    f, first, second, bare, alone = rounds[-1]
     params = first["cert"]["baseline"]["parameters"]
     model_bytes = params * 4  # float32 on CPU
     budget = 1.6 * model_bytes + 0.5 * GB
@@ -266,13 +288,15 @@ def report(code: Path, rounds: list) -> None:
     show_certify("certify, second subject (baseline cached)", second)
     if bare is not None:
         show_certify("certify, first subject, every guard off", bare)
+    if alone is not None:
+        show_certify("certify, first subject, one model at a time (blocks)", alone)
     print("ratios (targets: certify/floor <= 1.15, second/first <= 0.55, guards <= 15%, "
           "peak RSS <= budget):")
     per_round = [{"certify / floor": c["wall"] / fl["wall"],
                   "second / first": s["wall"] / c["wall"],
                   "guards' own stages": guard_seconds(c["cert"]) / c["wall"],
                   **({"guards, everything": 1 - b["wall"] / c["wall"]} if b else {})}
-                 for fl, c, s, b in rounds]
+                 for fl, c, s, b, _ in rounds]
     percent = ("guards' own stages", "guards, everything")
 
     def line(values: dict) -> str:
@@ -287,9 +311,26 @@ def report(code: Path, rounds: list) -> None:
     if bare is not None:
         print("  (guards, everything: 1 - (first run with every guard off) / (first run), "
               "in the same round)")
-    peak = max(max(c["peak"], s["peak"]) for _, c, s, _ in rounds)
-    print(f"  peak RSS            {peak / GB:.2f} GB; budget 1.6 x {model_bytes / GB:.2f} GB "
-          f"+ 0.5 GB = {budget / GB:.2f} GB ({peak / budget:.2f} x budget)")
+    peaks: dict[str, int] = {}
+    for _, *runs in rounds:
+        for r in runs:
+            if r is not None:
+                kind = _residency(r["cert"])
+                peaks[kind] = max(peaks.get(kind, 0), r["peak"])
+    for kind, peak in sorted(peaks.items()):
+        # lockstep holds the baseline beside the subject: one model's bytes more
+        two = kind == "lockstep"
+        allowed = budget + (model_bytes if two else 0)
+        extra = f" + {model_bytes / GB:.2f} GB (the baseline beside)" if two else ""
+        print(f"  peak RSS, {kind:<9} {peak / GB:.2f} GB; budget 1.6 x {model_bytes / GB:.2f}"
+              f" GB + 0.5 GB{extra} = {allowed / GB:.2f} GB ({peak / allowed:.2f} x budget)")
+
+
+def _residency(cert: dict) -> str:
+    """lockstep (both models resident), blocks (one at a time), or cached (the baseline's
+    results from the cache: no baseline model loaded)."""
+    base = cert["baseline"]
+    return "cached" if base["results_from_cache"] else base.get("schedule") or "blocks"
 
 
 if __name__ == "__main__":

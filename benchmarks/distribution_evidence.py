@@ -67,7 +67,7 @@ def _rtn4(model):
 
 
 def _setup(windows: int, seq_len: int):
-    from invarlock.models.device import keep_heap_warm
+    from invarlock.host_memory import keep_heap_warm
     from invarlock.models.loading import load_model
     from invarlock.models.source import resolve_model_source
 
@@ -124,7 +124,7 @@ def wide_child(vocab: int, on: bool, windows: int, seq_len: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from invarlock.models.device import keep_heap_warm
+    from invarlock.host_memory import keep_heap_warm
 
     keep_heap_warm()
     torch.manual_seed(0)

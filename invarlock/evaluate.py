@@ -69,7 +69,6 @@ from invarlock.distribution_pass import DistributionPass, distribution_result
 from invarlock.evaluation.batching import auto_batch_size, config_int, is_oom, shrink_batch
 from invarlock.evaluation.losses import SCORERS
 from invarlock.evaluation.sliced_head import CHUNKED_SCORERS, HeadReached, stopping_at
-from invarlock.host_memory import release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +208,6 @@ def evaluate_windows(
                     continue
                 finally:
                     out = batch = None  # free this batch's outputs before the next forward
-                if taps and device.split(":")[0] == "cpu":
-                    release_free_memory()  # the taps' kept rows fragment the heap
                 bar.update(hi - lo)
                 lo = hi
     values, tokens, broken = _collect(parts)

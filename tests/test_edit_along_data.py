@@ -3,6 +3,9 @@ inputs are taken in, and why it separates GPTQ's error from rearranged rows."""
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import numpy as np
 import pytest
 import torch
@@ -59,10 +62,34 @@ def test_a_sketch_survives_float16_storage_whatever_the_input_scale():
     assert _along(delta, w, stored) == pytest.approx(_along(delta, w, b), rel=1e-2)
 
 
+def _store(*parts: np.ndarray, capacity: int = 64) -> sketch.RowStore:
+    store = sketch.RowStore(capacity)
+    for part in parts:
+        store.add(part)
+    return store
+
+
 def test_modules_reading_one_input_share_one_sketch():
     x = _inputs(64, 16, 5).astype(np.float32)
-    table, index = sketch.sketches({"q": [x[:32], x[32:]], "k": [x], "o": [2 * x]})
-    assert len(table) == 2 and index["q"] == index["k"] != index["o"]
+    shared = _store(x[:32], x[32:])
+    table, index = sketch.sketches({"q": shared, "k": shared, "v": _store(x), "o": _store(2 * x)})
+    # q and k hold one store, v equal rows in another: one sketch for the three
+    assert len(table) == 2 and index["q"] == index["k"] == index["v"] != index["o"]
+
+
+def test_a_row_store_keeps_rows_in_order_and_grows_past_its_capacity():
+    x = _inputs(40, 8, 6).astype(np.float32)
+    store = _store(x[:16], x[16:24], capacity=24)
+    np.testing.assert_array_equal(store.array(), x[:24])
+    store.add(x[24:])  # a batch seen twice: more rows than the sampler planned
+    np.testing.assert_array_equal(store.array(), x)
+    assert store.array().flags.writeable and store.array().dtype == np.float32
+    assert sketch.RowStore(4).array().shape == (0, 0)
+    owner = store.array()
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    owner = owner.obj if isinstance(owner, memoryview) else owner
+    assert isinstance(owner, mmap.mmap)  # kept off the heap the batches' activations use
 
 
 @pytest.mark.parametrize("rescale", ["normfold_all", "awq_scale", "qk_scale", "vo_scale"])
@@ -173,9 +200,9 @@ def test_modules_fed_by_one_norm_keep_one_copy_of_their_rows(tiny_llama_dir, son
     layer = "model.layers.0"
     q, k, v = (tap.rows[f"{layer}.self_attn.{m}_proj"] for m in "qkv")
     gate, up, down = (tap.rows[f"{layer}.mlp.{m}_proj"] for m in ("gate", "up", "down"))
-    assert all(a is b is c for a, b, c in zip(q, k, v, strict=True))
-    assert all(a is b for a, b in zip(gate, up, strict=True))
-    assert not any(a is b for a, b in zip(down, up, strict=True))
+    assert q is k is v and gate is up and down is not up  # one store per distinct input
+    assert q.array().shape[0] == windows.n * math.ceil(sketch.SKETCH_ROWS / windows.n)
+    assert not np.shares_memory(q.array(), gate.array())
     state = probe.baseline_state()
     index = state["sketch_index"]
     layers = model.config.num_hidden_layers

@@ -1,27 +1,28 @@
-"""Free heap pages handed back to the system: the tapped passes and the guards' weight stages
-call `release_free_memory`, and on glibc it returns memory that plain `free` keeps."""
+"""The heap kept warm between batches and handed back when it is not needed: a warm heap
+serves each batch without fresh page faults, a trim returns memory that plain `free` keeps,
+and the guards' weight stages trim after each probe, failed or not."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 
-from invarlock import evaluate as evaluate_module
 from invarlock import host_memory
-from tests.test_evaluate import CAUSAL, RecordingTap, causal_windows, gpt2, run  # noqa: F401
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * PAGE
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.skipif(host_memory._malloc_trim() is None, reason="needs glibc's malloc_trim")
+@pytest.mark.skipif(host_memory._glibc() is None, reason="needs glibc's malloc_trim")
 def test_trim_returns_free_pages_pinned_below_a_live_block():
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
@@ -38,28 +39,18 @@ def test_trim_returns_free_pages_pinned_below_a_live_block():
         for block in blocks:
             libc.free(block)
         before = _resident_bytes()
-        assert host_memory.release_free_memory() is True
+        assert host_memory.trim_host_memory() is True
         after = _resident_bytes()
     finally:
         libc.free(pin)
     assert before - after > chunk * count // 2, (before, after)
 
 
-def test_a_tapped_pass_on_the_cpu_trims_after_every_batch(gpt2, monkeypatch):  # noqa: F811
-    calls = []
-    monkeypatch.setattr(evaluate_module, "release_free_memory", lambda: calls.append(1))
-    run(gpt2, causal_windows(n=6), CAUSAL, batch_size=4)
-    assert calls == []  # an untapped pass keeps nothing between batches
-    tapped = run(gpt2, causal_windows(n=6), CAUSAL, batch_size=4, taps=[RecordingTap()])
-    assert np.isfinite(tapped.values).all()
-    assert len(calls) == 2  # two batches
-
-
 def test_the_guards_weight_stages_trim_even_when_a_probe_fails(monkeypatch):
     from invarlock.guards.measure import run as guard_run
 
     calls = []
-    monkeypatch.setattr(guard_run, "release_free_memory", lambda: calls.append(1))
+    monkeypatch.setattr(guard_run, "trim_host_memory", lambda: calls.append(1) or True)
     owner = guard_run.GuardRun.__new__(guard_run.GuardRun)
     owner._timed = lambda name, fn, *args: fn(*args)
 
@@ -69,3 +60,47 @@ def test_the_guards_weight_stages_trim_even_when_a_probe_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="probe failed"):
         owner._weights_stage("spectral", broken, object())
     assert calls == [1]
+
+
+_BATCHES = """
+import resource, sys
+import numpy as np
+if sys.argv[1] == "warm":
+    from invarlock.host_memory import keep_heap_warm
+    assert keep_heap_warm()
+faults = []
+for _ in range(4):  # four "batches" of forty 4 MiB temporaries, all freed at the end
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    temporaries = [np.ones(2**20, dtype=np.float32) for _ in range(40)]
+    del temporaries
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's allocator settings")
+def test_a_warm_heap_serves_each_batch_without_fresh_page_faults():
+    """By default glibc gives a batch's freed temporaries back to the OS, so the next batch
+    faults every page in again; with the heap kept warm only the first batch does."""
+
+    def faults(mode: str) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", _BATCHES, mode], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).parents[1])
+        return [int(n) for n in out.stdout.split()]
+
+    pages = 40 * 4 * 2**20 // resource.getpagesize()
+    cold, warm = faults("cold"), faults("warm")
+    assert all(n > pages // 2 for n in cold[1:]), cold
+    assert warm[0] > pages // 2 and all(n < pages // 20 for n in warm[1:]), warm
+
+
+def test_heap_settings_are_left_alone_off_linux(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    host_memory._glibc.cache_clear()
+    try:
+        assert host_memory.keep_heap_warm() is False
+        assert host_memory.trim_host_memory() is False
+    finally:
+        monkeypatch.undo()
+        host_memory._glibc.cache_clear()

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-import resource
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -107,41 +101,3 @@ def test_cuda_that_cannot_start_is_an_evidence_error_naming_both_versions(accele
     version.unlink()
     with pytest.raises(EvidenceError, match="no NVIDIA driver visible"):
         resolve_device("cuda:0")
-
-
-_BATCHES = """
-import resource, sys
-import numpy as np
-if sys.argv[1] == "warm":
-    from invarlock.models.device import keep_heap_warm
-    assert keep_heap_warm()
-faults = []
-for _ in range(4):  # four "batches" of forty 4 MiB temporaries, all freed at the end
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    temporaries = [np.ones(2**20, dtype=np.float32) for _ in range(40)]
-    del temporaries
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(*faults)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="glibc's allocator settings")
-def test_a_warm_heap_serves_each_batch_without_fresh_page_faults():
-    """By default glibc gives a batch's freed temporaries back to the OS, so the next batch
-    faults every page in again; with the heap kept warm only the first batch does."""
-
-    def faults(mode: str) -> list[int]:
-        out = subprocess.run([sys.executable, "-c", _BATCHES, mode], capture_output=True,
-                             text=True, check=True, cwd=Path(__file__).parents[1])
-        return [int(n) for n in out.stdout.split()]
-
-    pages = 40 * 4 * 2**20 // resource.getpagesize()
-    cold, warm = faults("cold"), faults("warm")
-    assert all(n > pages // 2 for n in cold[1:]), cold
-    assert warm[0] > pages // 2 and all(n < pages // 20 for n in warm[1:]), warm
-
-
-def test_heap_settings_are_left_alone_off_linux(monkeypatch):
-    monkeypatch.setattr(sys, "platform", "darwin")
-    assert device_mod.keep_heap_warm() is False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from pathlib import Path
 
@@ -204,50 +203,6 @@ def _size_bytes(value: object, device: str) -> int:
     if match is None or unit not in _SIZE_UNITS:
         raise InputError(f"max_memory for {device}: '{value}' is not a size such as 20GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
-
-
-# glibc's mallopt parameters (malloc.h) and the values evaluation runs under
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-HEAP_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest on 64-bit: blocks below come from the heap
-HEAP_TRIM_THRESHOLD = 2**30  # free memory kept at the top of the heap before it goes back
-
-
-def keep_heap_warm() -> bool:
-    """Keep freed batch temporaries in the heap for the next batch; True where glibc took it.
-
-    By default glibc maps blocks above a moving threshold straight from the OS and unmaps them
-    on free, and hands the top of the heap back once 128 KiB or more lies free there, so each
-    batch's activations (a few MiB apiece) can be faulted in afresh: on CPU that was 170,000
-    page faults and a tenth of the time of every SmolLM2 batch. Fixed thresholds keep them;
-    memory goes back to the OS explicitly when a model leaves (`trim_host_memory`). The
-    setting is process-wide and lasts, which suits a certification run that owns its process.
-    """
-    libc = _glibc()
-    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
-                                     and libc.mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
-
-
-def trim_host_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it for reuse otherwise), so that a
-    model just dropped does not stay in the process's resident set. No-op elsewhere."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def _glibc() -> ctypes.CDLL | None:
-    """glibc, for its allocator's entry points; None off Linux or on another C library
-    (musl), whose allocator has neither knob."""
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def free_memory(device: str, meminfo: Path = Path("/proc/meminfo")) -> int | None:

@@ -45,7 +45,7 @@ def score(inputs: RunInputs, req: CertifyRequest, timer: Timer, model: Any,
     """One side's per-window results: from the torch model, or, for a GGUF side llama.cpp
     evaluates, from llama.cpp (a torch pass then runs only to feed the guards' taps)."""
     from invarlock import evaluate
-    from invarlock.models.device import keep_heap_warm
+    from invarlock.host_memory import keep_heap_warm
 
     t0 = time.perf_counter()
     keep_heap_warm()
@@ -72,7 +72,7 @@ def placement(req: CertifyRequest) -> dict[str, Any]:
 def release_memory() -> None:
     import torch
 
-    from invarlock.models.device import trim_host_memory
+    from invarlock.host_memory import trim_host_memory
 
     gc.collect()
     trim_host_memory()

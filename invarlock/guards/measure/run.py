@@ -20,7 +20,7 @@ from invarlock.guards.base import Stage, not_measured
 from invarlock.guards.chain import ChainSettings, GuardOutcome, evaluate, gating_flags
 from invarlock.guards.measure.probe import Probe, RunInfo, SubjectContext
 from invarlock.guards.registry import get_guard
-from invarlock.host_memory import release_free_memory
+from invarlock.host_memory import trim_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class GuardRun:
         try:
             return self._timed(name, fn, *args)
         finally:
-            self._timed(name, release_free_memory)
+            self._timed(name, trim_host_memory)
 
     def baseline_loaded(self, model: Any) -> None:
         for name, probe in self.probes.items():
