@@ -180,3 +180,88 @@ def test_spectral_records_do_not_depend_on_the_number_of_threads(tiny_llama_dir,
     changed = [m for m in results[0][1] if m["changed"]]
     assert len(changed) > 10
     assert results[1] == results[0] and results[2] == results[0]
+
+
+def test_large_plain_matrices_read_by_row_blocks_give_the_same_records(tiny_llama_dir,
+                                                                         monkeypatch):
+    """An embedding or head compared by row blocks read from the files (never whole beside
+    its difference) is recorded exactly as when it is read whole, a lying cached σ_b
+    included."""
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.guards.measure import spectral
+    from invarlock.guards.measure.probe import SubjectContext
+    from invarlock.models.source import weight_files
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    subject = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        embed = subject.get_input_embeddings().weight
+        rows = torch.randperm(embed.shape[0], generator=gen)[:8]
+        embed[rows] = embed[rows.flip(0)].clone()  # eight rows swapped around
+        embed[3] *= 4.0  # and one spiked
+    probe = spectral.SpectralProbe({})
+    probe.baseline_loaded(base)
+    state = probe.baseline_state()
+    embed_name = next(m["name"] for m in state["modules"] if "embed" in m["name"])
+    lying = {**state, "modules": [{**m, "sigma": m["sigma"] * 0.5} if m["name"] == embed_name
+                                  else m for m in state["modules"]]}
+    blockwise = []
+    real_difference = spectral.BaselineRows.difference
+    monkeypatch.setattr(spectral.BaselineRows, "difference",
+                        lambda self, ws, start: blockwise.append(self.rows)
+                        or real_difference(self, ws, start))
+
+    def records(cached: dict, limit: int) -> list[dict]:
+        monkeypatch.setattr(spectral, "BLOCKWISE_MIN_ELEMENTS", limit)
+        monkeypatch.setattr(spectral, "ROW_BLOCK_ELEMENTS", 3 * embed.shape[1])  # 3 rows
+        ctx = SubjectContext(info=None, model=subject, config={}, baseline_config={},
+                             baseline_files=weight_files(tiny_llama_dir),
+                             tokenizer_hashes=("", ""), base_model_prefix="model")
+        probe.subject_loaded(ctx, cached)
+        return probe.measure(ctx, cached)["modules"]
+
+    for cached in (state, lying):
+        whole = records(cached, 2**62)
+        assert blockwise == []
+        by_rows = records(cached, 1)
+        assert embed_name in {m["name"] for m in by_rows} and len(blockwise) >= 1
+        blockwise.clear()
+        changed = next(m for m in whole if m["name"] == embed_name)
+        assert changed["changed"] and changed["edit_size"] > 0
+        if cached is lying:
+            assert changed["sigma_baseline_cached"] == pytest.approx(
+                0.5 * changed["sigma_baseline"], rel=1e-6)
+            # the files' σ_b from W_s − ΔW instead of the file's matrix: equal to rounding
+            pairs = zip(whole, by_rows, strict=True)
+            assert all(a["sigma_baseline"] == pytest.approx(b["sigma_baseline"], rel=1e-6)
+                       for a, b in pairs)
+            for records_ in (whole, by_rows):
+                for m in records_:
+                    m.pop("sigma_baseline", None)
+                    m.pop("edit_size", None)
+        assert by_rows == whole
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+def test_safetensors_rows_read_exactly_the_rows_asked_for(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    from invarlock.guards.measure.weights import WeightReader, safetensors_rows
+
+    gen = torch.Generator().manual_seed(2)
+    matrix = (torch.randn(37, 11, generator=gen) * 20).to(dtype)
+    path = tmp_path / "model.safetensors"
+    save_file({"a.bias": torch.ones(5), "b.weight": matrix}, str(path))
+    rows, shape = safetensors_rows(path, "b.weight")
+    assert shape == (37, 11)
+    for lo, hi in ((0, 37), (0, 1), (5, 19), (36, 37), (12, 12)):
+        block = rows(lo, hi)
+        assert block.dtype == dtype and torch.equal(block, matrix[lo:hi])
+    with pytest.raises(IndexError):
+        rows(30, 38)
+    assert safetensors_rows(path, "a.bias") is None  # not a matrix: read whole
+    assert safetensors_rows(path, "missing") is None
+    found = WeightReader([path]).row_reader("b.weight")
+    assert found is not None and torch.equal(found[0](3, 9), matrix[3:9])

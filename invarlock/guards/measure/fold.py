@@ -450,6 +450,11 @@ def _pair_key(rel: Mapping[str, Any]) -> str:
     return repr([sorted(rel[k].items()) for k in ("a", "b")])
 
 
+def is_plain(name: str, plan: Mapping[str, Any]) -> bool:
+    """The effective matrix is the stored weight itself (no norm folded in, no pair)."""
+    return (plan.get(name) or {}).get("fold") is None and not _relations(name, plan)
+
+
 def _relations(name: str, plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(((plan.get(name) or {}).get("balance") or {}).get("relations") or [])
 

@@ -19,6 +19,11 @@ files' matrix does not have along the cached v_b is taken again from the files, 
 cache entry cannot claim the subject's σ), and gets σ_s, the edit size ‖W_s − W_b‖₂/σ_b and, for
 a block linear, the edit size along the data ‖ΔW·X‖_F/‖W_b·X‖_F on its input sketch.
 
+A plain matrix (neither folded nor balanced) of `BLOCKWISE_MIN_ELEMENTS` or more without an
+input sketch (an embedding, an untied head) is read from the files a block of rows at a
+time into its difference from the subject (`BaselineRows`): the baseline's copy of it is
+never whole in memory beside the difference.
+
 Every σ is exact (the smaller Gram matrix's top eigenvector, σ = ‖Wv‖) up to
 `EXACT_SVD_MAX_ELEMENTS`; beyond, a block power iteration from v_b plus seeded random
 starts, accepted on a residual check (`top_singular`): a new dominant
@@ -38,7 +43,8 @@ import base64
 import hashlib
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -47,7 +53,7 @@ import torch
 from invarlock.families import family_of
 from invarlock.guards.base import not_measured
 from invarlock.guards.measure import sketch
-from invarlock.guards.measure.fold import effective, input_scales, transform_plan
+from invarlock.guards.measure.fold import effective, input_scales, is_plain, transform_plan
 from invarlock.guards.measure.probe import Probe, SubjectContext
 from invarlock.guards.measure.rmt import linear_modules
 from invarlock.guards.measure.weights import (
@@ -70,6 +76,35 @@ EDIT_SIZE_ITERATIONS = 12
 CACHED_SIGMA_RTOL = 1e-4  # cached σ_b and the files' σ_b agree to this unless the cache lies
 SIGMA_TOL = 1e-6
 BASELINE_STARTS = 6  # no warm start for the baseline: a wider random block (computed once)
+BLOCKWISE_MIN_ELEMENTS = 2**24  # 64 MiB in float32: plain matrices this large by row blocks
+ROW_BLOCK_ELEMENTS = 2**20  # elements per row block read from the files (4 MiB in float32)
+
+
+@dataclass(frozen=True)
+class BaselineRows:
+    """A plain baseline matrix read from its files a block of rows at a time, as the
+    subject's parameter dtype (what the whole read would have been converted to)."""
+
+    read: Callable[[int, int], torch.Tensor]
+    rows: int
+    dtype: torch.dtype
+
+    def difference(self, ws: torch.Tensor, start: torch.Tensor
+                   ) -> tuple[torch.Tensor | None, float]:
+        """(W_s − W_b, None where the two are bit-identical; ‖W_b v‖ for the cached v)."""
+        delta = None  # formed at the first block that differs: zeros above it
+        step = max(1, ROW_BLOCK_ELEMENTS // max(1, int(ws.shape[1])))
+        v = start.to(device=ws.device, dtype=ws.dtype)
+        gain_squared = 0.0
+        for lo in range(0, self.rows, step):
+            hi = min(lo + step, self.rows)
+            block = self.read(lo, hi).to(self.dtype).to(device=ws.device, dtype=ws.dtype)
+            if delta is None and not torch.equal(ws[lo:hi], block):
+                delta = torch.zeros_like(ws)
+            if delta is not None:
+                torch.sub(ws[lo:hi], block, out=delta[lo:hi])
+            gain_squared += float(torch.linalg.vector_norm(block @ v)) ** 2
+        return delta, math.sqrt(gain_squared)
 
 
 def matrices(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -210,11 +245,28 @@ class SpectralProbe(Probe):
                     continue
                 try:
                     ws = effective(name, subject_get, plan, subject_memo)
-                    wb = effective(name, base_get, plan, base_memo).to(ws.device)
+                    sketched = along(name)
+                    wb = None if sketched is not None or not is_plain(name, plan) else \
+                        baseline_rows(name, ws, subject.dtype)
+                    if wb is None:
+                        wb = effective(name, base_get, plan, base_memo).to(ws.device)
                 except KeyError:
                     unmatched.append(name)
                     continue
-                yield entry, ws, wb, _describe(plan.get(name)), along(name)
+                yield entry, ws, wb, _describe(plan.get(name)), sketched
+
+        def baseline_rows(name: str, ws: torch.Tensor, dtype: torch.dtype
+                          ) -> BaselineRows | None:
+            """The baseline's matrix by row blocks, where it is large and the files allow."""
+            if ws.numel() < BLOCKWISE_MIN_ELEMENTS:
+                return None
+            key = reader.resolve(name, ctx.base_model_prefix, ctx.model)
+            if key is None:
+                raise KeyError(name)
+            found = reader.row_reader(key)
+            if found is None or found[1] != tuple(ws.shape):
+                return None
+            return BaselineRows(found[0], int(ws.shape[0]), dtype)
 
         with torch.inference_mode(), single_thread():
             modules = map_matrices(lambda job: self._one(*job), pairs(),
@@ -226,30 +278,38 @@ class SpectralProbe(Probe):
         self._unmatched = unmatched
 
     @staticmethod
-    def _one(entry: Mapping[str, Any], ws: torch.Tensor, wb: torch.Tensor, transform: str,
+    def _one(entry: Mapping[str, Any], ws: torch.Tensor, wb: torch.Tensor | BaselineRows,
+             transform: str,
              along: tuple[torch.Tensor, bool] | None = None) -> dict[str, Any]:
         sigma_b = float(entry["sigma"])
         record = {"name": entry["name"], "family": entry["family"], "shape": entry["shape"],
                   "sigma_baseline": sigma_b, "sigma_subject": sigma_b, "edit_size": 0.0,
                   "edit_along_data": None if along is None else 0.0,
                   "changed": False, "iterations": 0, "transform": transform}
-        if torch.equal(ws, wb):
-            return record
-        delta = ws - wb
-        if along is not None:
+        start = decode_vector(entry["vector"])
+        if isinstance(wb, BaselineRows):  # read by row blocks: never whole beside delta
+            found, gain = wb.difference(ws, start)
+            if found is None:
+                return record
+            delta, wb = found, None
+        else:
+            if torch.equal(ws, wb):
+                return record
+            delta = ws - wb
+            gain = float(torch.linalg.vector_norm(
+                wb @ start.to(device=wb.device, dtype=wb.dtype)))
+        if along is not None and wb is not None:
             b, conv1d = along
             base, change = (wb.T, delta.T) if conv1d else (wb, delta)
             record["edit_along_data"] = sketch.edit_along_data(change, base, b)
-        start = decode_vector(entry["vector"])
         seed = _seed(entry["name"])
         exact = EXACT_SVD_MAX_ELEMENTS
         # a cached state is only as trustworthy as whoever could write the cache, and the
         # files are what the subject is compared with: where the files' matrix does not have
         # the cached σ_b along the cached vector (one product), σ_b is taken from the files
-        gain = float(torch.linalg.vector_norm(wb @ start.to(device=wb.device, dtype=wb.dtype)))
         if not abs(gain - sigma_b) <= CACHED_SIGMA_RTOL * max(abs(sigma_b), 1e-30):
-            files = top_singular(wb, start, seed=seed + 2, tol=SIGMA_TOL,
-                                 exact_max_elements=exact)
+            files = top_singular(wb if wb is not None else ws - delta, start, seed=seed + 2,
+                                 tol=SIGMA_TOL, exact_max_elements=exact)
             if math.isfinite(files.sigma):
                 record["sigma_baseline_cached"] = sigma_b
                 log.warning("spectral: %s: the cached baseline σ %.6g is not the files' %.6g",

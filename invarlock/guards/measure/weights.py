@@ -55,6 +55,7 @@ class WeightReader:
 
     def __init__(self, files: Iterable[Path]) -> None:
         self._where: dict[str, Any] = {}
+        self._files: dict[str, Path] = {}  # safetensors: row blocks are read from the file
         self._handles: list[Any] = []
         self._renamed: dict[str, str] | None = None
         for path in files:
@@ -78,6 +79,7 @@ class WeightReader:
                 self._handles.append(handle)
                 for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                     self._where[key] = handle
+                    self._files[key] = path
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 self._handles.append(state)
@@ -111,6 +113,67 @@ class WeightReader:
         if isinstance(source, dict):
             return source[key]
         return source.get_tensor(key)
+
+    def row_reader(self, key: str) -> tuple[Callable[[int, int], torch.Tensor],
+                                            tuple[int, ...]] | None:
+        """(rows(lo, hi), shape) of a tensor whose row blocks are read without the rest;
+        None where the file format gives a tensor only whole (GGUF, dequantized a tensor
+        at a time)."""
+        source = self._where[key]
+        if isinstance(source, dict):
+            whole = source[key]  # mapped from the file: a slice reads only its pages
+            return (lambda lo, hi: whole[lo:hi]), tuple(whole.shape)
+        if key in self._files:
+            return safetensors_rows(self._files[key], key)
+        return None
+
+
+# safetensors' dtype names (the format's header) as torch dtypes
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+
+
+def safetensors_rows(path: Path, key: str) -> tuple[Callable[[int, int], torch.Tensor],
+                                                    tuple[int, ...]] | None:
+    """(rows(lo, hi), shape) of a tensor in a safetensors file, each block read from the
+    file with one positioned read (a row-major tensor's rows are contiguous bytes); None
+    for a dtype or layout this does not read (the whole tensor is read instead)."""
+    import json
+    import os
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(size)).get(key)
+    except (OSError, ValueError, struct.error):
+        return None
+    if not isinstance(entry, dict) or entry.get("dtype") not in _SAFETENSORS_DTYPES:
+        return None
+    dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+    shape = tuple(int(n) for n in entry.get("shape") or ())
+    begin, end = (int(n) for n in entry["data_offsets"])
+    item = torch.empty((), dtype=dtype).element_size()
+    if len(shape) != 2 or end - begin != shape[0] * shape[1] * item:
+        return None
+    row_bytes, data = shape[1] * item, 8 + size + begin
+
+    def rows(lo: int, hi: int) -> torch.Tensor:
+        if not 0 <= lo <= hi <= shape[0]:
+            raise IndexError(f"rows [{lo}, {hi}) of {key} {list(shape)}")
+        if hi == lo:
+            return torch.empty((0, shape[1]), dtype=dtype)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            raw = bytearray(os.pread(fd, (hi - lo) * row_bytes, data + lo * row_bytes))
+        finally:
+            os.close(fd)
+        if len(raw) != (hi - lo) * row_bytes:
+            raise OSError(f"{path}: short read of {key}")
+        return torch.frombuffer(raw, dtype=dtype).reshape(hi - lo, shape[1])
+
+    return rows, shape
 
 
 def paired_getters(reader: WeightReader, params: Any, prefix: str, model: Any
