@@ -3,9 +3,11 @@
 Two opposite needs. Evaluation frees each batch's activations (a few MiB apiece) and asks
 for the same again for the next batch: glibc's defaults hand them back to the OS and fault
 them in afresh, so the heap is kept warm (`keep_heap_warm`). But memory that is free and
-kept is still resident: a model that leaves, and the guards' matrix copies (freed on worker
-threads, in those threads' heaps, which the evaluation on the main thread does not reuse),
-are handed back explicitly (`trim_host_memory`). Data kept across batches stays off the
+kept is still resident: a model that leaves, and the guards' matrix copies (megabytes
+apiece, hundreds of them, with small results kept between them, so that the freed holes
+are split and not reused: SmolLM2-135M's 211 matrices grew the process by 200 MB) are
+handed back explicitly (`trim_host_memory`: after each model, after each weight stage, and
+every few dozen matrices within one). Data kept across batches stays off the
 heap instead (`invarlock.guards.measure.sketch.RowStore`): small arrays kept between the
 freed activations fragment it. Elsewhere (macOS, musl) every call here is a no-op.
 """

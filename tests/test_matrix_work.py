@@ -265,3 +265,15 @@ def test_safetensors_rows_read_exactly_the_rows_asked_for(tmp_path, dtype):
     assert safetensors_rows(path, "missing") is None
     found = WeightReader([path]).row_reader("b.weight")
     assert found is not None and torch.equal(found[0](3, 9), matrix[3:9])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_heap_is_handed_back_every_few_dozen_matrices(monkeypatch, workers):
+    from invarlock.guards.measure import weights
+
+    trims = []
+    monkeypatch.setattr(weights, "trim_host_memory", lambda: trims.append(1) or True)
+    out = weights.map_matrices(lambda i: i * i, range(2 * weights.TRIM_EVERY + 5), workers,
+                               lambda _i: torch.empty(0))
+    assert out == [i * i for i in range(2 * weights.TRIM_EVERY + 5)]
+    assert len(trims) == 2

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from invarlock.host_memory import trim_host_memory
+
 log = logging.getLogger(__name__)
 
 # Exact (`exact_top`) up to this many elements (512 x 512: ~25 ms on one core); beyond, a
@@ -45,6 +47,8 @@ THREADED_MIN_ELEMENTS = 1 << 19
 # Threads for per-matrix work on the CPU (`matrix_workers`): the products are memory-bound,
 # so a few threads use the bandwidth a single one leaves idle, and more only contend.
 MAX_MATRIX_WORKERS = 4
+# Matrices between hand-backs of the heap's free pages (`invarlock.host_memory`).
+TRIM_EVERY = 32
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -298,6 +302,7 @@ def map_matrices(fn: Callable[[T], R], items: Iterable[T], workers: int,
         for item in items:
             with threads_for(matrix_of(item)):
                 out.append(fn(item))
+            _settle(len(out))
         return out
 
     def call(item: T) -> R:
@@ -311,6 +316,7 @@ def map_matrices(fn: Callable[[T], R], items: Iterable[T], workers: int,
             for item in items:
                 while len(pending) >= workers:
                     out.append(pending.popleft().result())
+                    _settle(len(out))
                 pending.append(pool.submit(call, item))
             while pending:
                 out.append(pending.popleft().result())
@@ -318,6 +324,12 @@ def map_matrices(fn: Callable[[T], R], items: Iterable[T], workers: int,
             for future in pending:
                 future.cancel()
     return out
+
+
+def _settle(done: int) -> None:
+    """Every `TRIM_EVERY` matrices, hand the heap's free pages back (`host_memory`)."""
+    if done % TRIM_EVERY == 0:
+        trim_host_memory()
 
 
 def power_iteration(w: torch.Tensor, start: torch.Tensor | None = None, *, tol: float = 1e-7,
