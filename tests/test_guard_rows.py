@@ -203,3 +203,31 @@ def test_a_changed_bias_of_a_balanced_producer_is_still_seen(tiny_gpt2_dir):
 
     _, by_name = _probe(tiny_gpt2_dir, damage)
     assert by_name["transformer.h.0.attn.c_attn.bias"]["beyond"]["seen"] == 3
+
+
+@pytest.mark.parametrize("damage", ["permute", "none"])
+def test_an_embedding_read_by_row_blocks_gives_the_record_a_whole_read_gives(
+        tiny_gpt2_dir, monkeypatch, damage):
+    """A large embedding is compared a block of rows at a time from the files (never whole
+    beside the subject's): every record is the one the whole read gives, unchanged or not."""
+    from invarlock.guards.measure import rows as rows_probe
+    from invarlock.guards.measure import weights
+
+    def edit(model):
+        if damage == "permute":
+            wte = model.transformer.wte.weight
+            wte[[5, 300, 301]] = wte[[301, 5, 300]].clone()
+            wte[7] *= 3.0
+
+    seen = np.arange(0, 200)
+    whole, _ = _probe(tiny_gpt2_dir, edit, tokens_seen=seen)
+    blocks = []
+    real = rows_probe.blockwise_row_change
+    monkeypatch.setattr(rows_probe, "blockwise_row_change",
+                        lambda *a: blocks.append(a[1].shape) or real(*a))
+    monkeypatch.setattr(rows_probe, "ROW_BLOCKS_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(weights, "ROW_BLOCK_ELEMENTS", 200)  # a few rows per block
+    by_blocks, by_name = _probe(tiny_gpt2_dir, edit, tokens_seen=seen)
+    assert by_name["transformer.wte.weight"]["rows"] in {int(s[0]) for s in blocks}
+    assert by_blocks == whole
+    assert by_name["transformer.wte.weight"]["changed"] is (damage == "permute")

@@ -189,7 +189,7 @@ def test_large_plain_matrices_read_by_row_blocks_give_the_same_records(tiny_llam
     included."""
     from transformers import AutoModelForCausalLM
 
-    from invarlock.guards.measure import spectral
+    from invarlock.guards.measure import spectral, weights
     from invarlock.guards.measure.probe import SubjectContext
     from invarlock.models.source import weight_files
 
@@ -214,8 +214,8 @@ def test_large_plain_matrices_read_by_row_blocks_give_the_same_records(tiny_llam
                         or real_difference(self, ws, start))
 
     def records(cached: dict, limit: int) -> list[dict]:
-        monkeypatch.setattr(spectral, "BLOCKWISE_MIN_ELEMENTS", limit)
-        monkeypatch.setattr(spectral, "ROW_BLOCK_ELEMENTS", 3 * embed.shape[1])  # 3 rows
+        monkeypatch.setattr(spectral, "ROW_BLOCKS_MIN_ELEMENTS", limit)
+        monkeypatch.setattr(weights, "ROW_BLOCK_ELEMENTS", 3 * embed.shape[1])  # 3 rows
         ctx = SubjectContext(info=None, model=subject, config={}, baseline_config={},
                              baseline_files=weight_files(tiny_llama_dir),
                              tokenizer_hashes=("", ""), base_model_prefix="model")

@@ -28,7 +28,13 @@ from invarlock.families import family_of
 from invarlock.guards.base import not_measured
 from invarlock.guards.measure.fold import balanced, folded, output_scales, transform_plan
 from invarlock.guards.measure.probe import Probe, SubjectContext
-from invarlock.guards.measure.weights import WeightReader, paired_getters, single_thread
+from invarlock.guards.measure.weights import (
+    ROW_BLOCKS_MIN_ELEMENTS,
+    WeightReader,
+    paired_getters,
+    row_blocks,
+    single_thread,
+)
 from invarlock.models.effective import EffectiveWeights
 
 log = logging.getLogger(__name__)
@@ -50,10 +56,33 @@ def in_scope(name: str, tensor: torch.Tensor) -> bool:
 def relative_row_change(base: torch.Tensor, subject: torch.Tensor) -> torch.Tensor:
     """‖s_i − b_i‖ / max(‖b_i‖, ROW_FLOOR·rms_j ‖b_j‖) per row of [rows, ...] tensors
     (1-D: per element); a change of an all-zero tensor is infinite."""
+    return _relative(*_row_norms(base, subject))
+
+
+def _row_norms(base: torch.Tensor, subject: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖s_i − b_i‖, ‖b_i‖) per row."""
     b = base.to(torch.float32).reshape(base.shape[0], -1)
-    s = subject.to(torch.float32).reshape(b.shape)
-    diff = (s - b).norm(dim=1)
-    norm = b.norm(dim=1)
+    s = subject.to(device=b.device, dtype=torch.float32).reshape(b.shape)
+    return (s - b).norm(dim=1), b.norm(dim=1)
+
+
+def blockwise_row_change(read: Callable[[int, int], torch.Tensor], subject: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor | None:
+    """`relative_row_change` of a baseline read by row blocks (as `dtype`, the subject
+    parameter's: what a whole read is converted to); None where bit-identical."""
+    rows = int(subject.shape[0])
+    columns = subject.numel() // max(1, rows)
+    diffs, norms, same = [], [], True
+    for lo, hi, block in row_blocks(read, rows, columns):
+        b = block.to(dtype).to(subject.device)
+        same = same and torch.equal(b, subject[lo:hi])
+        diff, norm = _row_norms(b, subject[lo:hi])
+        diffs.append(diff)
+        norms.append(norm)
+    return None if same else _relative(torch.cat(diffs), torch.cat(norms))
+
+
+def _relative(diff: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     floor = ROW_FLOOR * float(norm.square().mean().sqrt())
     if floor == 0.0:
         return torch.where(diff > 0, torch.inf, 0.0)
@@ -143,14 +172,22 @@ class RowsProbe(Probe):
                 if name not in params or list(params.shape(name)) != entry["shape"]:
                     unmatched.append(name)
                     continue
+                seen = _seen_rows(entry["shape"][0], vocab, seen_ids)
                 try:
+                    blocks = self._by_row_blocks(entry, params, reader, ctx, plan, consumers)
+                    if blocks is not None:  # an embedding or head: never whole beside s
+                        change = blockwise_row_change(*blocks)
+                        records.append(_record(name, "rows", entry, entry["shape"][0],
+                                               change, seen, tau))
+                        continue
                     kind, b, s = self._forms(entry, base_get, subject_get, plan, consumers,
                                              memos)
                 except KeyError:
                     unmatched.append(name)
                     continue
-                seen = _seen_rows(entry["shape"][0], vocab, seen_ids)
-                records.append(_record(name, kind, entry, b, s, seen, tau))
+                s = s.to(b.device)
+                change = None if torch.equal(b, s) else relative_row_change(b, s)
+                records.append(_record(name, kind, entry, int(b.shape[0]), change, seen, tau))
         if unmatched:
             log.warning("rows: %d baseline tensor(s) not comparable (first: %s)",
                         len(unmatched), unmatched[0])
@@ -165,6 +202,29 @@ class RowsProbe(Probe):
                                    "folded_norms": "(γ + offset)·‖W[:, i]‖, β·‖W[:, i]‖",
                                    "balanced": "W, producer biases in their pairs' balanced "
                                                "form"}}
+
+    @staticmethod
+    def _by_row_blocks(entry: Mapping[str, Any], params: Any, reader: WeightReader,
+                       ctx: SubjectContext, plan: Mapping[str, Any],
+                       consumers: Mapping[str, Any]
+                       ) -> tuple[Callable[[int, int], torch.Tensor], torch.Tensor,
+                                  torch.dtype] | None:
+        """(row reader, subject tensor, dtype) for a plain 2-D tensor of
+        `ROW_BLOCKS_MIN_ELEMENTS` or more that the files give by rows; None otherwise."""
+        name = entry["name"]
+        shape = tuple(int(n) for n in entry["shape"])
+        if len(shape) != 2 or math.prod(shape) < ROW_BLOCKS_MIN_ELEMENTS or \
+                name in consumers or (plan.get(name) or {}).get("fold") or \
+                entry.get("balanced_with"):
+            return None
+        key = reader.resolve(name, ctx.base_model_prefix, ctx.model)
+        if key is None:
+            raise KeyError(name)
+        found = reader.row_reader(key)
+        if found is None or found[1] != shape:
+            return None
+        subject = params[name].detach()
+        return found[0], subject, subject.dtype
 
     @staticmethod
     def _forms(entry: Mapping[str, Any], base_get: Callable[[str], torch.Tensor],
@@ -218,18 +278,18 @@ def _seen_rows(rows: int, vocab: int | None, seen_ids: np.ndarray | None) -> np.
     return seen
 
 
-def _record(name: str, kind: str, entry: Mapping[str, Any], b: torch.Tensor,
-            s: torch.Tensor, seen: np.ndarray | None, tau: float) -> dict[str, Any]:
-    rows = int(b.shape[0])
+def _record(name: str, kind: str, entry: Mapping[str, Any], rows: int,
+            change_rows: torch.Tensor | None, seen: np.ndarray | None,
+            tau: float) -> dict[str, Any]:
+    """The tensor's record from its per-row change (None: bit-identical)."""
     record: dict[str, Any] = {
         "name": name, "family": str(family_of(name)), "kind": kind, "rows": rows,
         "aliases": list(entry.get("aliases") or []), "vocabulary": seen is not None,
         "unseen_rows": None if seen is None else int(rows - seen.sum()),
         "changed": False, "max_change": 0.0, "beyond": {"seen": 0, "unseen": 0}, "top": []}
-    s = s.to(b.device)
-    if torch.equal(b, s):
+    if change_rows is None:
         return record
-    change = relative_row_change(b, s).cpu().numpy().astype(np.float64)
+    change = change_rows.cpu().numpy().astype(np.float64)
     over = change > tau
     unseen = np.zeros(rows, dtype=bool) if seen is None else ~seen
     top = np.argsort(-change, kind="stable")[:TOP_ROWS]

@@ -19,7 +19,7 @@ files' matrix does not have along the cached v_b is taken again from the files, 
 cache entry cannot claim the subject's σ), and gets σ_s, the edit size ‖W_s − W_b‖₂/σ_b and, for
 a block linear, the edit size along the data ‖ΔW·X‖_F/‖W_b·X‖_F on its input sketch.
 
-A plain matrix (neither folded nor balanced) of `BLOCKWISE_MIN_ELEMENTS` or more without an
+A plain matrix (neither folded nor balanced) of `ROW_BLOCKS_MIN_ELEMENTS` or more without an
 input sketch (an embedding, an untied head) is read from the files a block of rows at a
 time into its difference from the subject (`BaselineRows`): the baseline's copy of it is
 never whole in memory beside the difference.
@@ -60,10 +60,12 @@ from invarlock.guards.measure.weights import (
     EXACT_SVD_MAX_ELEMENTS,
     RANDOM_STARTS,
     RESIDUAL_TOL,
+    ROW_BLOCKS_MIN_ELEMENTS,
     WeightReader,
     map_matrices,
     matrix_workers,
     paired_getters,
+    row_blocks,
     single_thread,
     top_singular,
 )
@@ -76,8 +78,6 @@ EDIT_SIZE_ITERATIONS = 12
 CACHED_SIGMA_RTOL = 1e-4  # cached σ_b and the files' σ_b agree to this unless the cache lies
 SIGMA_TOL = 1e-6
 BASELINE_STARTS = 6  # no warm start for the baseline: a wider random block (computed once)
-BLOCKWISE_MIN_ELEMENTS = 2**24  # 64 MiB in float32: plain matrices this large by row blocks
-ROW_BLOCK_ELEMENTS = 2**20  # elements per row block read from the files (4 MiB in float32)
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,10 @@ class BaselineRows:
                    ) -> tuple[torch.Tensor | None, float]:
         """(W_s − W_b, None where the two are bit-identical; ‖W_b v‖ for the cached v)."""
         delta = None  # formed at the first block that differs: zeros above it
-        step = max(1, ROW_BLOCK_ELEMENTS // max(1, int(ws.shape[1])))
         v = start.to(device=ws.device, dtype=ws.dtype)
         gain_squared = 0.0
-        for lo in range(0, self.rows, step):
-            hi = min(lo + step, self.rows)
-            block = self.read(lo, hi).to(self.dtype).to(device=ws.device, dtype=ws.dtype)
+        for lo, hi, read in row_blocks(self.read, self.rows, int(ws.shape[1])):
+            block = read.to(self.dtype).to(device=ws.device, dtype=ws.dtype)
             if delta is None and not torch.equal(ws[lo:hi], block):
                 delta = torch.zeros_like(ws)
             if delta is not None:
@@ -258,7 +256,7 @@ class SpectralProbe(Probe):
         def baseline_rows(name: str, ws: torch.Tensor, dtype: torch.dtype
                           ) -> BaselineRows | None:
             """The baseline's matrix by row blocks, where it is large and the files allow."""
-            if ws.numel() < BLOCKWISE_MIN_ELEMENTS:
+            if ws.numel() < ROW_BLOCKS_MIN_ELEMENTS:
                 return None
             key = reader.resolve(name, ctx.base_model_prefix, ctx.model)
             if key is None:

@@ -49,6 +49,10 @@ THREADED_MIN_ELEMENTS = 1 << 19
 MAX_MATRIX_WORKERS = 4
 # Matrices between hand-backs of the heap's free pages (`invarlock.host_memory`).
 TRIM_EVERY = 32
+# A plain tensor this large (64 MiB in float32: an embedding, an untied head) is compared by
+# row blocks of ROW_BLOCK_ELEMENTS read from the files, never whole beside its difference.
+ROW_BLOCKS_MIN_ELEMENTS = 1 << 24
+ROW_BLOCK_ELEMENTS = 1 << 20
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -178,6 +182,15 @@ def safetensors_rows(path: Path, key: str) -> tuple[Callable[[int, int], torch.T
         return torch.frombuffer(raw, dtype=dtype).reshape(hi - lo, shape[1])
 
     return rows, shape
+
+
+def row_blocks(read: Callable[[int, int], torch.Tensor], rows: int, columns: int
+               ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(lo, hi, rows lo..hi) of a tensor read `ROW_BLOCK_ELEMENTS` at a time."""
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, columns))
+    for lo in range(0, rows, step):
+        hi = min(lo + step, rows)
+        yield lo, hi, read(lo, hi)
 
 
 def paired_getters(reader: WeightReader, params: Any, prefix: str, model: Any
