@@ -10,7 +10,9 @@ scale its linears absorb is compared as (γ + offset)·‖W[:, i]‖ (and its sh
 over the linears it feeds, a head fed by such a norm as W·diag(γ), and the bias of a balanced
 pair's producer (fused q/k/v, `v_proj`, `up_proj`) times its outputs' balancing scale
 (`fold.output_scales`), so the function-preserving rescalings SmoothQuant, AWQ and
-SmoothAttention apply change nothing here. The decision is
+SmoothAttention apply change nothing here. A plain 2-D tensor of `ROW_BLOCKS_MIN_ELEMENTS`
+or more (an embedding, an untied head) is read from the files a block of rows at a time
+(`blockwise_row_change`), never whole beside the subject's. The decision is
 `invarlock.guards.rows.decide`.
 """
 
