@@ -277,3 +277,21 @@ def test_the_heap_is_handed_back_every_few_dozen_matrices(monkeypatch, workers):
                                lambda _i: torch.empty(0))
     assert out == [i * i for i in range(2 * weights.TRIM_EVERY + 5)]
     assert len(trims) == 2
+
+
+def test_safetensors_rows_decline_a_header_that_lies(tmp_path):
+    """The files are untrusted: a header too long to be real, or offsets past the end of the
+    file, give no row reader (the whole-tensor read then reports the file in its own words)."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from invarlock.guards.measure.weights import safetensors_rows
+
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    assert safetensors_rows(huge, "w") is None
+    path = tmp_path / "cut.safetensors"
+    save_file({"w": torch.ones(64, 8)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])  # the data section cut short
+    assert safetensors_rows(path, "w") is None

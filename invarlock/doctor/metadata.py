@@ -7,15 +7,13 @@ neither torch nor the safetensors package.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from invarlock.errors import InputError
+from invarlock.safetensors_header import read_header
 
-_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4,
                "U64": 8}
@@ -49,21 +47,12 @@ class CheckpointTensors:
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Tensor names, dtypes and shapes of one .safetensors file (header only)."""
     try:
-        with path.open("rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise InputError(f"{path} is too short to be a safetensors file")
-            (length,) = struct.unpack("<Q", raw)
-            if length > _MAX_HEADER:
-                raise InputError(f"{path}: safetensors header of {length} bytes is implausible")
-            header = json.loads(fh.read(length).decode("utf-8"))
-            data_bytes = path.stat().st_size - 8 - length
+        header, data_start = read_header(path)
+        data_bytes = path.stat().st_size - data_start
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: safetensors header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise InputError(f"{path}: safetensors header is not a JSON object")
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":

@@ -11,9 +11,7 @@ a dequantized forward), and it describes the format for the certificate.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
-import struct
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 from invarlock.errors import EvidenceError, InputError
 from invarlock.gguf_types import GGUF_BITS, mixed_types
+from invarlock.safetensors_header import read_header
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +117,6 @@ def check_runnable(config: dict[str, Any], device: str, dequantize: bool, spec: 
 # safetensors dtypes of plain float weights; every quantization method stores something else
 # (int8/uint8/int32 packed codes, float8) for the weights it quantized
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-_MAX_HEADER = 100 * 2**20
 
 
 def stored_dtypes(files: list[Path]) -> dict[str, int] | None:
@@ -131,15 +129,9 @@ def stored_dtypes(files: list[Path]) -> dict[str, int] | None:
         if path.suffix != ".safetensors":
             return None
         try:
-            with open(path, "rb") as fh:
-                (length,) = struct.unpack("<Q", fh.read(8))
-                if length > _MAX_HEADER:
-                    return None
-                header = json.loads(fh.read(length))
-        except (OSError, struct.error, ValueError, RecursionError):
+            header, _ = read_header(path)
+        except (OSError, ValueError):
             return None  # unreadable: the loader reports it in its own words
-        if not isinstance(header, dict):
-            return None
         for name, entry in header.items():
             if name != "__metadata__" and isinstance(entry, dict):
                 dtype = str(entry.get("dtype"))

@@ -147,25 +147,26 @@ def safetensors_rows(path: Path, key: str) -> tuple[Callable[[int, int], torch.T
     """(rows(lo, hi), shape) of a tensor in a safetensors file, each block read from the
     file with one positioned read (a row-major tensor's rows are contiguous bytes); None
     for a dtype or layout this does not read (the whole tensor is read instead)."""
-    import json
     import os
-    import struct
+
+    from invarlock.safetensors_header import read_header
 
     try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            entry = json.loads(f.read(size)).get(key)
-    except (OSError, ValueError, struct.error):
+        header, data_start = read_header(path)
+        entry = header.get(key)
+        if not isinstance(entry, dict) or entry.get("dtype") not in _SAFETENSORS_DTYPES:
+            return None
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        shape = tuple(int(n) for n in entry.get("shape") or ())
+        begin, end = (int(n) for n in entry["data_offsets"])
+        size = path.stat().st_size
+    except (OSError, ValueError, TypeError, KeyError):
         return None
-    if not isinstance(entry, dict) or entry.get("dtype") not in _SAFETENSORS_DTYPES:
-        return None
-    dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-    shape = tuple(int(n) for n in entry.get("shape") or ())
-    begin, end = (int(n) for n in entry["data_offsets"])
     item = torch.empty((), dtype=dtype).element_size()
-    if len(shape) != 2 or end - begin != shape[0] * shape[1] * item:
+    if len(shape) != 2 or not 0 <= begin <= end or data_start + end > size or \
+            end - begin != shape[0] * shape[1] * item:
         return None
-    row_bytes, data = shape[1] * item, 8 + size + begin
+    row_bytes, data = shape[1] * item, data_start + begin
 
     def rows(lo: int, hi: int) -> torch.Tensor:
         if not 0 <= lo <= hi <= shape[0]:
