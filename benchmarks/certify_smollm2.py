@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from child import run_child
+from child import certify_command, run_child
 
 HERE = Path(__file__).resolve()
 GB = 1e9
@@ -111,15 +111,6 @@ def child_floor(model: str, subject: str) -> None:
                       "in_process_s": time.perf_counter() - start}))
 
 
-def child_blocks(argv: list[str]) -> None:
-    """certify with no memory free for a second model: the blocks schedule."""
-    from invarlock.cli import main
-    from invarlock.models import device
-
-    device.free_memory = lambda _device: 0
-    main.main(argv, prog_name="invarlock")  # exits with certify's exit code
-
-
 def _certify_batch_size(evaluate: object, model: object, plan: object) -> int:
     """The batch size evaluate_windows picks for these windows in the code under test."""
     n, seq_len = plan.final.input_ids.shape
@@ -147,11 +138,10 @@ def _spawn(args: list[str], code: Path) -> tuple[float, float, str]:
 
 def certify(code: Path, model: Path, subject: Path, out: Path, cache: Path,
             extra: list[str], *, blocks: bool = False) -> dict:
-    entry = [str(HERE), "--child-blocks"] if blocks else ["-m", "invarlock"]
     wall, peak, stdout = _spawn(
-        [*entry, "certify", "--baseline", str(model), "--subject", str(subject),
-         "--dataset", "demo", "--profile", "dev", "--out", str(out), "--cache-dir", str(cache),
-         "--json", "--quiet", *extra], code)
+        [*certify_command(blocks=blocks), "certify", "--baseline", str(model),
+         "--subject", str(subject), "--dataset", "demo", "--profile", "dev", "--out", str(out),
+         "--cache-dir", str(cache), "--json", "--quiet", *extra], code)
     summary = json.loads(stdout)
     cert = json.loads(Path(summary["certificate"]).read_text())
     return {"wall": wall, "peak": peak, "summary": summary, "cert": cert,
@@ -213,8 +203,6 @@ def main() -> None:
                         help="also time a first run one model resident at a time")
     parser.add_argument("--child-floor", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-subject", nargs=3, help=argparse.SUPPRESS)
-    if sys.argv[1:2] == ["--child-blocks"]:
-        return child_blocks(sys.argv[2:])
     args = parser.parse_args()
     if args.child_floor:
         return child_floor(*args.child_floor)

@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from child import run_child
+from child import certify_command, run_child
 
 HERE = Path(__file__).resolve()
 MIB = 2**20
@@ -94,16 +94,6 @@ def child_floor(model: str, seq_len: str, dataset: str) -> None:
                       "windows": plan.preview.n + plan.final.n}))
 
 
-def child_blocks(argv: list[str]) -> int:
-    """certify with no memory free for a second model: the blocks schedule."""
-    from invarlock.cli import main
-    from invarlock.models import device
-
-    device.free_memory = lambda _device: 0
-    main.main(argv, prog_name="invarlock")  # exits with certify's exit code
-    return 0
-
-
 def certify(tmp: Path, model: Path, name: str, plan: str, seq_len: int, dataset: str,
             extra: str, *, underpowered: bool = False, blocks: bool = False) -> dict:
     edit = tmp / f"{name}.edit.yaml"
@@ -112,11 +102,10 @@ def certify(tmp: Path, model: Path, name: str, plan: str, seq_len: int, dataset:
     preset.write_text(_preset(seq_len, extra, underpowered=underpowered))
     out, cache = tmp / name, tmp / f"{name}.cache"
     load = os.getloadavg()[0]
-    command = [str(HERE), "--child-blocks"] if blocks else ["-m", "invarlock"]
-    child = run_child([sys.executable, *command, "certify", "--baseline", str(model),
-                       "--dataset", dataset, "--profile", "ci", "--edit", "quant_rtn",
-                       "--edit-config", str(edit), "--preset", str(preset), "--cache-dir",
-                       str(cache), "--out", str(out), "--json", "-q"],
+    child = run_child([sys.executable, *certify_command(blocks=blocks), "certify",
+                       "--baseline", str(model), "--dataset", dataset, "--profile", "ci",
+                       "--edit", "quant_rtn", "--edit-config", str(edit), "--preset",
+                       str(preset), "--cache-dir", str(cache), "--out", str(out), "--json", "-q"],
                       cwd=HERE.parents[1], env={**os.environ, "PYTHONPATH": str(HERE.parents[1])})
     if child.code not in (0, 1):
         raise SystemExit(f"{name} exited {child.code}: {child.stderr.strip()[-600:]}")
@@ -157,8 +146,6 @@ def main() -> int:
     parser.add_argument("--blocks", action="store_true",
                         help="one model resident at a time (the blocks schedule)")
     parser.add_argument("--child-floor", nargs=3, help=argparse.SUPPRESS)
-    if sys.argv[1:2] == ["--child-blocks"]:
-        return child_blocks(sys.argv[2:])
     args = parser.parse_args()
     if args.child_floor:
         child_floor(*args.child_floor)

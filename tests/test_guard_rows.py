@@ -225,7 +225,7 @@ def test_an_embedding_read_by_row_blocks_gives_the_record_a_whole_read_gives(
     real = rows_probe.blockwise_row_change
     monkeypatch.setattr(rows_probe, "blockwise_row_change",
                         lambda *a: blocks.append(a[1].shape) or real(*a))
-    monkeypatch.setattr(rows_probe, "ROW_BLOCKS_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(weights, "ROW_BLOCKS_MIN_ELEMENTS", 1)
     monkeypatch.setattr(weights, "ROW_BLOCK_ELEMENTS", 200)  # a few rows per block
     by_blocks, by_name = _probe(tiny_gpt2_dir, edit, tokens_seen=seen)
     assert by_name["transformer.wte.weight"]["rows"] in {int(s[0]) for s in blocks}

@@ -214,7 +214,7 @@ def test_large_plain_matrices_read_by_row_blocks_give_the_same_records(tiny_llam
                         or real_difference(self, ws, start))
 
     def records(cached: dict, limit: int) -> list[dict]:
-        monkeypatch.setattr(spectral, "ROW_BLOCKS_MIN_ELEMENTS", limit)
+        monkeypatch.setattr(weights, "ROW_BLOCKS_MIN_ELEMENTS", limit)
         monkeypatch.setattr(weights, "ROW_BLOCK_ELEMENTS", 3 * embed.shape[1])  # 3 rows
         ctx = SubjectContext(info=None, model=subject, config={}, baseline_config={},
                              baseline_files=weight_files(tiny_llama_dir),

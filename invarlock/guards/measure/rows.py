@@ -28,10 +28,15 @@ import torch
 
 from invarlock.families import family_of
 from invarlock.guards.base import not_measured
-from invarlock.guards.measure.fold import balanced, folded, output_scales, transform_plan
+from invarlock.guards.measure.fold import (
+    balanced,
+    folded,
+    is_plain,
+    output_scales,
+    transform_plan,
+)
 from invarlock.guards.measure.probe import Probe, SubjectContext
 from invarlock.guards.measure.weights import (
-    ROW_BLOCKS_MIN_ELEMENTS,
     WeightReader,
     paired_getters,
     row_blocks,
@@ -176,9 +181,11 @@ class RowsProbe(Probe):
                     continue
                 seen = _seen_rows(entry["shape"][0], vocab, seen_ids)
                 try:
-                    blocks = self._by_row_blocks(entry, params, reader, ctx, plan, consumers)
-                    if blocks is not None:  # an embedding or head: never whole beside s
-                        change = blockwise_row_change(*blocks)
+                    read = None if not is_plain(name, plan) else reader.large_rows(
+                        name, tuple(entry["shape"]), ctx.base_model_prefix, ctx.model)
+                    if read is not None:  # an embedding or head: never whole beside s
+                        subject = params[name].detach()
+                        change = blockwise_row_change(read, subject, subject.dtype)
                         records.append(_record(name, "rows", entry, entry["shape"][0],
                                                change, seen, tau))
                         continue
@@ -204,29 +211,6 @@ class RowsProbe(Probe):
                                    "folded_norms": "(γ + offset)·‖W[:, i]‖, β·‖W[:, i]‖",
                                    "balanced": "W, producer biases in their pairs' balanced "
                                                "form"}}
-
-    @staticmethod
-    def _by_row_blocks(entry: Mapping[str, Any], params: Any, reader: WeightReader,
-                       ctx: SubjectContext, plan: Mapping[str, Any],
-                       consumers: Mapping[str, Any]
-                       ) -> tuple[Callable[[int, int], torch.Tensor], torch.Tensor,
-                                  torch.dtype] | None:
-        """(row reader, subject tensor, dtype) for a plain 2-D tensor of
-        `ROW_BLOCKS_MIN_ELEMENTS` or more that the files give by rows; None otherwise."""
-        name = entry["name"]
-        shape = tuple(int(n) for n in entry["shape"])
-        if len(shape) != 2 or math.prod(shape) < ROW_BLOCKS_MIN_ELEMENTS or \
-                name in consumers or (plan.get(name) or {}).get("fold") or \
-                entry.get("balanced_with"):
-            return None
-        key = reader.resolve(name, ctx.base_model_prefix, ctx.model)
-        if key is None:
-            raise KeyError(name)
-        found = reader.row_reader(key)
-        if found is None or found[1] != shape:
-            return None
-        subject = params[name].detach()
-        return found[0], subject, subject.dtype
 
     @staticmethod
     def _forms(entry: Mapping[str, Any], base_get: Callable[[str], torch.Tensor],

@@ -90,9 +90,9 @@ class InputTap:
                  scales: Mapping[str, np.ndarray],
                  readers: Mapping[str, str] | None = None) -> None:
         self._modules = modules
-        self._sampler = TokenSampler({int(w) for w in window_ids}, rows_per_window,
-                                     (seed, SALT))
-        self._capacity = rows_per_window * len({int(w) for w in window_ids})
+        windows = {int(w) for w in window_ids}
+        self._sampler = TokenSampler(windows, rows_per_window, (seed, SALT))
+        self._capacity = rows_per_window * len(windows)
         self._clock = clock
         self._scales = dict(scales)
         # modules that read one norm's output with the same scales (q/k/v, gate/up) share

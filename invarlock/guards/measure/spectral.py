@@ -60,7 +60,6 @@ from invarlock.guards.measure.weights import (
     EXACT_SVD_MAX_ELEMENTS,
     RANDOM_STARTS,
     RESIDUAL_TOL,
-    ROW_BLOCKS_MIN_ELEMENTS,
     WeightReader,
     map_matrices,
     matrix_workers,
@@ -244,27 +243,15 @@ class SpectralProbe(Probe):
                 try:
                     ws = effective(name, subject_get, plan, subject_memo)
                     sketched = along(name)
-                    wb = None if sketched is not None or not is_plain(name, plan) else \
-                        baseline_rows(name, ws, subject.dtype)
-                    if wb is None:
-                        wb = effective(name, base_get, plan, base_memo).to(ws.device)
+                    rows = None if sketched is not None or not is_plain(name, plan) else \
+                        reader.large_rows(name, tuple(ws.shape), ctx.base_model_prefix,
+                                          ctx.model)
+                    wb = BaselineRows(rows, int(ws.shape[0]), subject.dtype) if rows else \
+                        effective(name, base_get, plan, base_memo).to(ws.device)
                 except KeyError:
                     unmatched.append(name)
                     continue
                 yield entry, ws, wb, _describe(plan.get(name)), sketched
-
-        def baseline_rows(name: str, ws: torch.Tensor, dtype: torch.dtype
-                          ) -> BaselineRows | None:
-            """The baseline's matrix by row blocks, where it is large and the files allow."""
-            if ws.numel() < ROW_BLOCKS_MIN_ELEMENTS:
-                return None
-            key = reader.resolve(name, ctx.base_model_prefix, ctx.model)
-            if key is None:
-                raise KeyError(name)
-            found = reader.row_reader(key)
-            if found is None or found[1] != tuple(ws.shape):
-                return None
-            return BaselineRows(found[0], int(ws.shape[0]), dtype)
 
         with torch.inference_mode(), single_thread():
             modules = map_matrices(lambda job: self._one(*job), pairs(),

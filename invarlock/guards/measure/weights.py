@@ -122,6 +122,19 @@ class WeightReader:
             return source[key]
         return source.get_tensor(key)
 
+    def large_rows(self, name: str, shape: tuple[int, ...], prefix: str = "",
+                   model: Any = None) -> Callable[[int, int], torch.Tensor] | None:
+        """rows(lo, hi) of the baseline tensor behind model parameter `name`, where it is
+        2-D, `ROW_BLOCKS_MIN_ELEMENTS` or larger, of `shape`, and its file gives row blocks
+        (None otherwise: read it whole). A name the files lack is a KeyError."""
+        if len(shape) != 2 or math.prod(shape) < ROW_BLOCKS_MIN_ELEMENTS:
+            return None
+        key = self.resolve(name, prefix, model)
+        if key is None:
+            raise KeyError(name)
+        found = self.row_reader(key)
+        return found[0] if found is not None and found[1] == tuple(shape) else None
+
     def row_reader(self, key: str) -> tuple[Callable[[int, int], torch.Tensor],
                                             tuple[int, ...]] | None:
         """(rows(lo, hi), shape) of a tensor whose row blocks are read without the rest;
