@@ -9,7 +9,10 @@ swapped layers, 4-bit RTN, a NaN, permuted / zeroed / spiked embedding rows of t
 windows never contain) over seeds, against one baseline evaluated once (shared cache, one
 process), under a tier (balanced by default). `--reuse` decides certificates already in
 OUT/runs/ again under the current policy instead of certifying them anew (the decisions are
-pure), so seeds can be added run by run. On a benign edit any guard that fails is a false
+pure), so seeds can be added run by run. `--text-calibration` has the data-aware families
+(GPTQ, Wanda, AWQ-style scales) calibrate on up to 64 windows of the dataset that neither
+evaluation set contains, as a real quantizer is calibrated on text; by default they draw
+seeded random tokens. On a benign edit any guard that fails is a false
 alarm; on a harmful edit a failing guard is a detection. Prints both tables as markdown and
 writes every run to OUT/zoo.csv and OUT/zoo.json as soon as it ends.
 
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     harmful = [f for f in args.families if f in HARMFUL]
     if benign:
         certify_zoo(base, config, benign, args.seeds, out, args.first_seed,
-                    reuse=args.reuse, on_row=written)
+                    reuse=args.reuse, on_row=written, text_calibration=args.text_calibration)
     if harmful:
         certify_zoo(base, config, harmful, args.harmful_seeds or args.seeds, out,
                     args.first_seed, reuse=args.reuse, on_row=written)
@@ -132,6 +135,9 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="decide certificates already in OUT/runs/ again instead of "
                              "certifying those runs anew")
+    parser.add_argument("--text-calibration", action="store_true",
+                        help="GPTQ, Wanda and the AWQ-style families calibrate on held-out "
+                             "windows of the dataset instead of seeded random tokens")
     args = parser.parse_args()
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in args.families if f not in BENIGN + HARMFUL]

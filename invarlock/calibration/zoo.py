@@ -58,6 +58,7 @@ import torch
 
 from invarlock.calibration.zoo_base import (
     _ATTN_IN,
+    CalibrationText,
     NotApplicable,
     _pick,
     _result,
@@ -279,11 +280,17 @@ HARMFUL: dict[str, Callable[[torch.nn.Module, int], EditResult]] = {
 }
 
 
-def zoo_edit(family: str, seen_tokens: Any = None) -> Any:
+# Families that size their edit from activations on calibration inputs.
+DATA_AWARE = ("gptq4", "wanda", "awq_scale", "awq_rtn4", "vo_scale", "updown_scale")
+
+
+def zoo_edit(family: str, seen_tokens: Any = None,
+             calibration_text: CalibrationText | None = None) -> Any:
     """The zoo family as an `invarlock.edits.Edit` named after the family (plan:
     {"seed": N}) for `certify`; its certificates record the family as the edit name.
     `seen_tokens`: the token ids of the evaluation windows, which the vocabulary families
-    leave alone (`zoo_vocab`)."""
+    leave alone (`zoo_vocab`). `calibration_text`: held-out windows the `DATA_AWARE`
+    families calibrate on instead of seeded random tokens."""
     from invarlock.edits import Edit
 
     fn = BENIGN.get(family) or HARMFUL.get(family)
@@ -294,6 +301,8 @@ def zoo_edit(family: str, seen_tokens: Any = None) -> Any:
         with torch.no_grad():
             if family in VOCAB:
                 return VOCAB[family](model, int(plan["seed"]), seen=seen_tokens)
+            if family in DATA_AWARE:
+                return fn(model, int(plan["seed"]), text=calibration_text)
             return fn(model, int(plan["seed"]))
 
     return Edit(name=family, summary=f"calibration zoo edit {family}",

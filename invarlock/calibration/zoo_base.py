@@ -126,13 +126,50 @@ def rtn(w: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
     return (torch.round(blocks / safe).clamp(-q, q) * scale).reshape(out_f, in_f)
 
 
+@dataclass(frozen=True, eq=False)
+class CalibrationText:
+    """Token windows of the evaluation corpus that no evaluation window contains: the text
+    that data-aware families (GPTQ, Wanda, AWQ) size their edits from when a run asks for
+    text calibration, as a real quantizer is calibrated on text, not on random tokens."""
+
+    windows: torch.Tensor  # int64 [n, T], n >= 1
+
+    def draw(self, gen: torch.Generator, sequences: int, length: int) -> torch.Tensor:
+        """`sequences` windows drawn by `gen` (without replacement while the pool lasts),
+        each cut to its first `length` tokens."""
+        n = self.windows.shape[0]
+        order = torch.randperm(n, generator=gen)
+        pick = order[torch.arange(sequences) % n]
+        return self.windows[pick, :length]
+
+
+def calibration_ids(model: torch.nn.Module, gen: torch.Generator, sequences: int, length: int,
+                    text: CalibrationText | None) -> torch.Tensor:
+    """[sequences, length] input ids for a data-aware family: drawn from `text`, or seeded
+    random tokens of the model's vocabulary without it."""
+    if text is not None:
+        return text.draw(gen, sequences, length)
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
+    return torch.randint(1, max(vocab, 2), (sequences, length), generator=gen)
+
+
+def calibration_record(text: CalibrationText | None, sequences: int, length: int
+                       ) -> dict[str, Any]:
+    """What the edit's plan records about its calibration inputs (random tokens: only
+    their count, as such plans have always been recorded)."""
+    if text is None:
+        return {"calibration_tokens": sequences * length}
+    length = min(length, int(text.windows.shape[1]))
+    return {"calibration": "held-out windows", "calibration_tokens": sequences * length}
+
+
 def input_grams(model: torch.nn.Module, blocks: list[Block], gen: torch.Generator,
-                diagonal: bool = False, sequences: int = 8,
-                length: int = 128) -> list[torch.Tensor]:
+                diagonal: bool = False, sequences: int = 8, length: int = 128,
+                text: CalibrationText | None = None) -> list[torch.Tensor]:
     """XᵀX [in, in] (float64; only its diagonal [in] with `diagonal`) of each block
-    matrix's inputs X [tokens, in] over one forward pass of `sequences` × `length` seeded
-    random tokens: the calibration statistics that GPTQ (the Hessian) and Wanda
-    (‖x_j‖ = √(XᵀX)_jj) size their edits from. The same seed gives the same tokens."""
+    matrix's inputs X [tokens, in] over one forward pass of `sequences` × `length`
+    calibration ids (`calibration_ids`): the statistics that GPTQ (the Hessian) and Wanda
+    (‖x_j‖ = √(XᵀX)_jj) size their edits from. The same seed gives the same ids."""
     grams: dict[int, torch.Tensor] = {}
     handles = []
     for b in blocks:
@@ -141,8 +178,7 @@ def input_grams(model: torch.nn.Module, blocks: list[Block], gen: torch.Generato
             g = (x * x).sum(dim=0) if diagonal else x.t() @ x
             grams[key] = grams[key] + g if key in grams else g
         handles.append(b.module.register_forward_pre_hook(hook))
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
-    ids = torch.randint(1, max(vocab, 2), (sequences, length), generator=gen)
+    ids = calibration_ids(model, gen, sequences, length, text)
     try:
         model(input_ids=ids.to(next(model.parameters()).device))
     finally:

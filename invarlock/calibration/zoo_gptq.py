@@ -6,7 +6,8 @@ inputs X), is pushed onto the columns not yet quantized along the matching row o
 Cholesky factor, so that the layer's output XWᵀ moves as little as the grid allows. Written
 here from the paper for the zoo, independent of any quantizer the product ships.
 
-Calibration inputs: seeded random tokens (8 × 128), one forward pass per chunk of matrices
+Calibration inputs: 8 × 128 seeded random tokens, or windows of held-out text
+(`zoo_base.CalibrationText`), one forward pass per chunk of matrices
 whose Hessians fit in memory together; a chunk's inputs come from the model with the chunks
 before it already quantized (GPTQ proper re-runs every layer on its quantized
 predecessors).
@@ -18,11 +19,13 @@ import torch
 
 from invarlock.calibration.zoo_base import (
     Block,
+    CalibrationText,
     _result,
     _rng,
     _subset,
     _write,
     block_matrices,
+    calibration_record,
     input_grams,
 )
 from invarlock.edits.result import EditResult
@@ -97,13 +100,14 @@ def _chunks(blocks: list[Block]) -> list[list[Block]]:
     return out
 
 
-def gptq4(model: torch.nn.Module, seed: int) -> EditResult:
+def gptq4(model: torch.nn.Module, seed: int, text: CalibrationText | None = None
+          ) -> EditResult:
     """4-bit GPTQ per group of 128 inputs, every block matrix (seed 0) or a random ~90% of
-    them; the seed also draws the calibration tokens."""
+    them; the seed also draws the calibration inputs (from `text` when given)."""
     blocks = block_matrices(model)
     chosen = blocks if seed == 0 else _subset(blocks, 0.9, _rng(seed, 16))
     for chunk in _chunks(chosen):
-        grams = input_grams(model, chunk, _rng(seed, 17))  # same tokens for every chunk
+        grams = input_grams(model, chunk, _rng(seed, 17), text=text)  # same ids per chunk
         for b, h in zip(chunk, grams, strict=True):
             _write(b, gptq(b.rows().float(), h, 4, 128))
-    return _result("gptq4", seed, chosen, group_size=128, calibration_tokens=8 * 128)
+    return _result("gptq4", seed, chosen, group_size=128, **calibration_record(text, 8, 128))

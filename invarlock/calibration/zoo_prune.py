@@ -8,12 +8,14 @@ from __future__ import annotations
 import torch
 
 from invarlock.calibration.zoo_base import (
+    CalibrationText,
     NotApplicable,
     _result,
     _rng,
     _subset,
     _write,
     block_matrices,
+    calibration_record,
     input_grams,
 )
 from invarlock.edits.result import EditResult
@@ -52,13 +54,15 @@ def wanda_mask(w: torch.Tensor, input_norm: torch.Tensor, sparsity: float) -> to
     return keep
 
 
-def wanda(model: torch.nn.Module, seed: int) -> EditResult:
-    """Wanda at 50% of every block matrix; the seed draws the calibration tokens."""
+def wanda(model: torch.nn.Module, seed: int, text: CalibrationText | None = None
+          ) -> EditResult:
+    """Wanda at 50% of every block matrix; the seed draws the calibration inputs (from
+    `text` when given)."""
     blocks = block_matrices(model)
-    norms = input_grams(model, blocks, _rng(seed, 19), diagonal=True)
+    norms = input_grams(model, blocks, _rng(seed, 19), diagonal=True, text=text)
     for b, sq in zip(blocks, norms, strict=True):
         w = b.rows().float()
         keep = wanda_mask(w, sq.sqrt().float().to(w.device), WANDA_SPARSITY)
         _write(b, torch.where(keep, w, torch.zeros_like(w)))
     return _result("wanda", seed, blocks, sparsity=WANDA_SPARSITY,
-                   calibration_tokens=8 * 128)
+                   **calibration_record(text, 8, 128))

@@ -18,12 +18,15 @@ from invarlock.calibration.zoo_base import (
     _FFN_NORMS,
     _NORM_FEEDS,
     Block,
+    CalibrationText,
     NotApplicable,
     _pick,
     _result,
     _rng,
     _write,
     block_matrices,
+    calibration_ids,
+    calibration_record,
     rtn,
 )
 from invarlock.edits.result import EditResult
@@ -240,10 +243,14 @@ def qk_scale(model: torch.nn.Module, seed: int) -> EditResult:
     return _result("qk_scale", seed, blocks)
 
 
-def _input_magnitudes(model: torch.nn.Module, modules: list[Any],
-                      gen: torch.Generator) -> list[torch.Tensor]:
-    """Mean |x| per input channel of each module on one forward pass of seeded random
-    tokens (the activation statistics AWQ sizes its scales from)."""
+AWQ_SEQUENCES, AWQ_LENGTH = 2, 32  # the calibration inputs of the AWQ-style families
+
+
+def _input_magnitudes(model: torch.nn.Module, modules: list[Any], gen: torch.Generator,
+                      text: CalibrationText | None) -> list[torch.Tensor]:
+    """Mean |x| per input channel of each module on one forward pass of calibration ids
+    (`calibration_ids`: seeded random tokens, or held-out `text`): the activation
+    statistics AWQ sizes its scales from."""
     sums: dict[int, torch.Tensor] = {}
     handles = []
     for m in modules:
@@ -251,8 +258,7 @@ def _input_magnitudes(model: torch.nn.Module, modules: list[Any],
             x = args[0].detach().float()
             sums[key] = x.abs().reshape(-1, x.shape[-1]).mean(dim=0)
         handles.append(m.register_forward_pre_hook(hook))
-    vocab = int(getattr(model.config, "vocab_size", 2))
-    ids = torch.randint(1, max(vocab, 2), (2, 32), generator=gen)
+    ids = calibration_ids(model, gen, AWQ_SEQUENCES, AWQ_LENGTH, text)
     try:
         model(input_ids=ids.to(next(model.parameters()).device))
     finally:
@@ -293,13 +299,14 @@ def _up_down_pairs(model: torch.nn.Module) -> list[_Pair]:
 
 
 def _awq(model: torch.nn.Module, seed: int, label: str, quantize: bool,
-         parts: tuple[str, ...] = ("vo", "updown")) -> EditResult:
+         parts: tuple[str, ...] = ("vo", "updown"), text: CalibrationText | None = None
+         ) -> EditResult:
     """AWQ-style: s = (mean |x|)^α per input channel of the value and down projections
     (α ∈ [0.25, 0.75] by seed), normalised to geometric mean 1 and kept in [1/4, 4];
     consumer columns ×s, producer rows (value channels, up rows) ×1/s. `parts` picks the
     pairs: "vo" (value → output projection), "updown" (up → down projection). With
     `quantize`, every block matrix is then rounded to 4 bits per group of 128
-    (scale-then-quantize)."""
+    (scale-then-quantize). The activations come from `text` when given."""
     gen = _rng(seed, 9)
     alpha = 0.25 + 0.5 * float(torch.rand(1, generator=gen))
     pairs = (_value_pairs(model) if "vo" in parts else []) + (
@@ -308,7 +315,7 @@ def _awq(model: torch.nn.Module, seed: int, label: str, quantize: bool,
         what = {"vo": "value/output", "updown": "up/down"}
         raise NotApplicable(f"{label}: no {' or '.join(what[p] for p in parts)} pair with a "
                             "known layout")
-    stats = _input_magnitudes(model, [c for _, _, c, _ in pairs], gen)
+    stats = _input_magnitudes(model, [c for _, _, c, _ in pairs], gen, text)
     touched = []
     for (prod, rows, cons, chan), x in zip(pairs, stats, strict=True):
         per = torch.zeros(rows.numel()).index_add_(0, chan, x.cpu())
@@ -323,22 +330,29 @@ def _awq(model: torch.nn.Module, seed: int, label: str, quantize: bool,
         blocks = block_matrices(model)
         for b in blocks:
             _write(b, rtn(b.rows().float(), 4, 128))
-    return _result(label, seed, blocks, alpha=round(alpha, 3))
+    plan: dict[str, Any] = {"alpha": round(alpha, 3)}
+    if text is not None:  # plans made without text stay as they were recorded
+        plan.update(calibration_record(text, AWQ_SEQUENCES, AWQ_LENGTH))
+    return _result(label, seed, blocks, **plan)
 
 
-def awq_scale(model: torch.nn.Module, seed: int) -> EditResult:
-    return _awq(model, seed, "awq_scale", quantize=False)
+def awq_scale(model: torch.nn.Module, seed: int, text: CalibrationText | None = None
+              ) -> EditResult:
+    return _awq(model, seed, "awq_scale", quantize=False, text=text)
 
 
-def awq_rtn4(model: torch.nn.Module, seed: int) -> EditResult:
-    return _awq(model, seed, "awq_rtn4", quantize=True)
+def awq_rtn4(model: torch.nn.Module, seed: int, text: CalibrationText | None = None
+             ) -> EditResult:
+    return _awq(model, seed, "awq_rtn4", quantize=True, text=text)
 
 
-def vo_scale(model: torch.nn.Module, seed: int) -> EditResult:
+def vo_scale(model: torch.nn.Module, seed: int, text: CalibrationText | None = None
+             ) -> EditResult:
     """`awq_scale`'s value → output pair alone."""
-    return _awq(model, seed, "vo_scale", quantize=False, parts=("vo",))
+    return _awq(model, seed, "vo_scale", quantize=False, parts=("vo",), text=text)
 
 
-def updown_scale(model: torch.nn.Module, seed: int) -> EditResult:
+def updown_scale(model: torch.nn.Module, seed: int, text: CalibrationText | None = None
+                 ) -> EditResult:
     """`awq_scale`'s up → down pair alone (gated MLPs: LLaMA, Qwen, Gemma, Phi-3)."""
-    return _awq(model, seed, "updown_scale", quantize=False, parts=("updown",))
+    return _awq(model, seed, "updown_scale", quantize=False, parts=("updown",), text=text)

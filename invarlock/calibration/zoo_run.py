@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,30 +48,36 @@ def kind_of(family: str) -> str:
 def certify_zoo(base: Any, config: Mapping[str, Any], families: Iterable[str], seeds: int,
                 out: Path, first_seed: int = 0, keep: bool = False, reuse: bool = False,
                 on_row: Callable[[dict[str, Any]], None] | None = None,
-                ) -> list[dict[str, Any]]:
+                text_calibration: bool = False) -> list[dict[str, Any]]:
     """Certify every (family, seed); `base` is a CertifyRequest for the baseline.
 
     With `reuse`, a run whose certificate is already in OUT/runs/ is not certified again:
     its stored measurements are decided afresh under `config`'s policy (pure decisions).
     `on_row` sees every row as soon as its run ends (to write results as they come).
+    With `text_calibration`, the data-aware families (`zoo.DATA_AWARE`) calibrate on
+    held-out windows of the corpus (`held_out_text`) instead of seeded random tokens.
     """
-    from invarlock.calibration.zoo import NotApplicable, zoo_edit
+    from invarlock.calibration.zoo import DATA_AWARE, NotApplicable, zoo_edit
     from invarlock.certify import certify
 
     families = list(families)
-    seen = (window_tokens(replace(base, config=dict(config)))
-            if set(families) & set(NEEDS_WINDOW_TOKENS) else None)
+    planned = replace(base, config=dict(config))
+    seen = window_tokens(planned) if set(families) & set(NEEDS_WINDOW_TOKENS) else None
+    text = (held_out_text(planned) if text_calibration and set(families) & set(DATA_AWARE)
+            else None)
     rows = []
     for family in families:
         kind = kind_of(family)
-        edit = zoo_edit(family, seen_tokens=seen)
+        edit = zoo_edit(family, seen_tokens=seen, calibration_text=text)
         for seed in range(first_seed, first_seed + seeds):
             section = {"name": edit.name, "plan": {"seed": seed}}
             started = time.perf_counter()
             run_dir = out / "runs" / f"zoo-{family}-{seed}"  # the layout of calibrate
             stored = run_dir / "evaluation.cert.json"
             if reuse and stored.is_file():
-                row = zoo_row(family, kind, seed, redecide(stored, config))
+                cert = redecide(stored, config)
+                row = zoo_row(family, kind, seed, cert)
+                row["calibration"] = calibration_source(cert)
                 row["seconds"], row["certificate"] = None, str(stored)
                 rows.append(row)
                 if on_row is not None:
@@ -86,6 +93,7 @@ def certify_zoo(base: Any, config: Mapping[str, Any], families: Iterable[str], s
                 log.warning("zoo %s skipped: %s", family, exc)
                 break
             row = zoo_row(family, kind, seed, outcome.certificate)
+            row["calibration"] = calibration_source(outcome.certificate)
             row["seconds"] = round(time.perf_counter() - started, 1)
             row["certificate"] = str(outcome.path) if keep else None
             log.info("zoo %s:%d %s %s", family, seed, row["verdict"], row["failing"])
@@ -95,8 +103,12 @@ def certify_zoo(base: Any, config: Mapping[str, Any], families: Iterable[str], s
     return rows
 
 
-def window_tokens(base: Any) -> Any:
-    """The distinct token ids of the evaluation windows `base` (a CertifyRequest) plans:
+HELD_OUT_POOL = 64  # held-out windows the data-aware families draw calibration text from
+
+
+@contextmanager
+def _planned(base: Any) -> Iterator[tuple[Any, Any]]:
+    """(validated inputs, evaluation plan) of `base` (a CertifyRequest) without a subject:
     the same windows every zoo run is scored on (the plan is seeded)."""
     import tempfile
 
@@ -107,9 +119,42 @@ def window_tokens(base: Any) -> Any:
                         edit_impl=None, save_subject=None, write_ve_subject=None)
         inputs = validate_inputs(probe, Timer())
         try:
-            return plan_evaluation(inputs, probe, Timer()).windows.tokens_seen()
+            yield inputs, plan_evaluation(inputs, probe, Timer())
         finally:
             inputs.output.release()
+
+
+def window_tokens(base: Any) -> Any:
+    """The distinct token ids of the evaluation windows `base` plans."""
+    with _planned(base) as (_, plan):
+        return plan.windows.tokens_seen()
+
+
+def held_out_text(base: Any, pool: int = HELD_OUT_POOL) -> Any:
+    """Up to `pool` windows of `base`'s corpus that neither evaluation set contains
+    (`zoo_base.CalibrationText`): the next windows of the plan's seeded order, cut the
+    same way, so GPTQ, Wanda and AWQ calibrate on text they are never scored on."""
+    import torch
+
+    from invarlock.calibration.zoo_base import CalibrationText, NotApplicable
+    from invarlock.data.windows import plan_windows
+    from invarlock.enums import MetricKind
+
+    with _planned(base) as (inputs, plan):
+        w = plan.windows
+        if w.kind is not MetricKind.PPL_CAUSAL:
+            raise NotApplicable("text calibration needs a causal language model's windows")
+        extra = min(pool, w.available - w.preview.n - w.final.n)
+        if extra < 1 or w.shrunk:  # a shrunk plan already wanted more than the corpus has
+            raise NotApplicable(f"the corpus has no window beyond the {w.preview.n} + "
+                                f"{w.final.n} evaluation windows to calibrate on")
+        longer = plan_windows(plan.corpus, inputs.tokenizer, kind=w.kind, seq_len=w.seq_len,
+                              stride=w.stride, preview_n=w.preview.n,
+                              final_n=w.final.n + extra, seed=w.seed, strict=True,
+                              tokenizer_hash=inputs.tokenizer_hash)
+    scored = set(w.preview.sha256) | set(w.final.sha256)
+    held = [i for i, h in enumerate(longer.final.sha256) if h not in scored]
+    return CalibrationText(torch.from_numpy(longer.final.input_ids[held].copy()))
 
 
 def redecide(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,6 +221,15 @@ def zoo_row(family: str, kind: str, seed: int, cert: Mapping[str, Any]) -> dict[
     row.update({k: v for k, v in distribution_limits.row_of("", family, kind, seed, cert).items()
                 if k in distribution_limits.MEASURED})  # the distribution limits' inputs
     return row
+
+
+def calibration_source(cert: Mapping[str, Any]) -> str | None:
+    """What a data-aware family calibrated on ("held-out windows", "random tokens"), or
+    None for a family that reads no calibration input."""
+    plan = (cert.get("edit") or {}).get("plan") or {}
+    if "calibration" in plan:
+        return str(plan["calibration"])
+    return "random tokens" if "calibration_tokens" in plan or "alpha" in plan else None
 
 
 def rmt_null_scale(cert: Mapping[str, Any]) -> float | None:
