@@ -65,14 +65,20 @@ def test_gptq4_family_beats_rtn_on_its_own_calibration_inputs(tiny_llama_dir):
     block matrix's output error is no larger than 4-bit g128 RTN's, and smaller in total
     (by ~5% here: 32–64-wide inputs of random tokens leave little to feed back)."""
     from invarlock.calibration import zoo
-    from invarlock.calibration.zoo_base import _rng, block_matrices, input_grams, rtn
+    from invarlock.calibration.zoo_base import (
+        _rng,
+        block_matrices,
+        calibration_ids,
+        input_grams,
+        rtn,
+    )
     from invarlock.calibration.zoo_gptq import output_error
 
     model = _load(tiny_llama_dir)
     blocks = block_matrices(model)
     with torch.no_grad():
         original = [b.rows().detach().float().clone() for b in blocks]
-        grams = input_grams(model, blocks, _rng(0, 17))
+        grams = input_grams(model, blocks, calibration_ids(model, _rng(0, 17), None))
         result = zoo.BENIGN["gptq4"](model, 0)
     assert set(result.modules_changed) == {b.name for b in blocks}
     g_err = [output_error(w, b.rows().float(), h) for w, b, h in zip(original, blocks, grams,

@@ -66,15 +66,17 @@ def test_a_corpus_with_no_window_to_spare_is_refused_in_one_line(tiny_llama_dir,
         held_out_text(_request(tiny_llama_dir, corpus, tmp_path, preview=100, final=100))
 
 
-def test_draw_is_seeded_cut_to_length_and_without_repeats_while_the_pool_lasts():
+def test_draw_is_seeded_whole_windows_without_repeats_while_the_pool_lasts():
     from invarlock.calibration.zoo_base import CalibrationText
 
     text = CalibrationText(torch.arange(10 * 8).reshape(10, 8))
-    a = text.draw(torch.Generator().manual_seed(1), 6, 5)
-    assert a.shape == (6, 5)
-    assert torch.equal(a, text.draw(torch.Generator().manual_seed(1), 6, 5))
+    a = text.draw(torch.Generator().manual_seed(1), 6)
+    assert a.shape == (6, 8)
+    assert torch.equal(a, text.draw(torch.Generator().manual_seed(1), 6))
+    assert not torch.equal(a, text.draw(torch.Generator().manual_seed(2), 6))
+    assert all(int(r[0]) % 8 == 0 and torch.equal(r, r[0] + torch.arange(8)) for r in a)
     assert len({int(r[0]) for r in a}) == 6
-    assert len({int(r[0]) for r in text.draw(torch.Generator().manual_seed(1), 14, 8)}) == 10
+    assert len({int(r[0]) for r in text.draw(torch.Generator().manual_seed(1), 14)}) == 10
 
 
 @pytest.mark.parametrize("family", ["gptq4", "wanda", "awq_scale", "awq_rtn4", "vo_scale",
@@ -85,6 +87,7 @@ def test_every_data_aware_family_edits_from_the_text_it_is_given(tiny_llama_dir,
     """With text the edit differs from the random-token edit of the same seed, is the same
     for the same text, and its plan says what it calibrated on."""
     from invarlock.calibration.zoo import DATA_AWARE, zoo_edit
+    from invarlock.calibration.zoo_base import TEXT_WINDOWS
 
     assert family in DATA_AWARE
     text = _text(bpe_tokenizer_dir, sonnets_path)
@@ -100,6 +103,7 @@ def test_every_data_aware_family_edits_from_the_text_it_is_given(tiny_llama_dir,
     assert all(torch.equal(weights[n], weights_again[n]) for n in weights)
     assert any(not torch.equal(weights[n], random_weights[n]) for n in weights)
     assert with_text.plan["calibration"] == "held-out windows"
+    assert with_text.plan["calibration_tokens"] == TEXT_WINDOWS * 32  # whole windows
     assert "calibration" not in without.plan
 
 
@@ -109,7 +113,7 @@ def test_gptq_calibrated_on_text_has_the_smaller_output_error_on_that_text(tiny_
     """What text calibration is for: on the text's own layer inputs, GPTQ fitted to them
     moves the outputs less, in total, than GPTQ fitted to random tokens."""
     from invarlock.calibration import zoo
-    from invarlock.calibration.zoo_base import _rng, block_matrices, input_grams
+    from invarlock.calibration.zoo_base import _rng, block_matrices, calibration_ids, input_grams
     from invarlock.calibration.zoo_gptq import output_error
 
     text = _text(bpe_tokenizer_dir, sonnets_path)
@@ -119,7 +123,8 @@ def test_gptq_calibrated_on_text_has_the_smaller_output_error_on_that_text(tiny_
         blocks = block_matrices(model)
         with torch.no_grad():
             original = [b.rows().detach().float().clone() for b in blocks]
-            grams = input_grams(model, blocks, _rng(0, 17), text=text)  # the text's inputs
+            ids = calibration_ids(model, _rng(0, 17), text)
+            grams = input_grams(model, blocks, ids)  # the layer inputs on the text
             zoo.BENIGN["gptq4"](model, 0, text=source)
         errors[name] = sum(output_error(w, b.rows().float(), h)
                            for w, b, h in zip(original, blocks, grams, strict=True))

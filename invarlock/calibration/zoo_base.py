@@ -126,6 +126,10 @@ def rtn(w: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
     return (torch.round(blocks / safe).clamp(-q, q) * scale).reshape(out_f, in_f)
 
 
+TEXT_WINDOWS = 32  # held-out windows one data-aware edit calibrates on
+BATCH = 8          # sequences per calibration forward pass
+
+
 @dataclass(frozen=True, eq=False)
 class CalibrationText:
     """Token windows of the evaluation corpus that no evaluation window contains: the text
@@ -134,42 +138,48 @@ class CalibrationText:
 
     windows: torch.Tensor  # int64 [n, T], n >= 1
 
-    def draw(self, gen: torch.Generator, sequences: int, length: int) -> torch.Tensor:
-        """`sequences` windows drawn by `gen` (without replacement while the pool lasts),
-        each cut to its first `length` tokens."""
+    def draw(self, gen: torch.Generator, sequences: int = TEXT_WINDOWS) -> torch.Tensor:
+        """`sequences` whole windows drawn by `gen` (without replacement while the pool
+        lasts)."""
         n = self.windows.shape[0]
         order = torch.randperm(n, generator=gen)
-        pick = order[torch.arange(sequences) % n]
-        return self.windows[pick, :length]
+        return self.windows[order[torch.arange(sequences) % n]]
 
 
-def calibration_ids(model: torch.nn.Module, gen: torch.Generator, sequences: int, length: int,
-                    text: CalibrationText | None) -> torch.Tensor:
-    """[sequences, length] input ids for a data-aware family: drawn from `text`, or seeded
-    random tokens of the model's vocabulary without it."""
+def calibration_ids(model: torch.nn.Module, gen: torch.Generator,
+                    text: CalibrationText | None, sequences: int = 8,
+                    length: int = 128) -> torch.Tensor:
+    """Input ids a data-aware family calibrates on: `TEXT_WINDOWS` whole windows drawn
+    from `text` (at least as many tokens as the widest matrix has inputs, so that XᵀX is
+    not rank-deficient), or, without text, `sequences` × `length` seeded random tokens of
+    the model's vocabulary (the zoo's recorded runs)."""
     if text is not None:
-        return text.draw(gen, sequences, length)
+        return text.draw(gen)
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
     return torch.randint(1, max(vocab, 2), (sequences, length), generator=gen)
 
 
-def calibration_record(text: CalibrationText | None, sequences: int, length: int
-                       ) -> dict[str, Any]:
+def calibration_record(ids: torch.Tensor, text: CalibrationText | None) -> dict[str, Any]:
     """What the edit's plan records about its calibration inputs (random tokens: only
     their count, as such plans have always been recorded)."""
     if text is None:
-        return {"calibration_tokens": sequences * length}
-    length = min(length, int(text.windows.shape[1]))
-    return {"calibration": "held-out windows", "calibration_tokens": sequences * length}
+        return {"calibration_tokens": int(ids.numel())}
+    return {"calibration": "held-out windows", "calibration_tokens": int(ids.numel())}
 
 
-def input_grams(model: torch.nn.Module, blocks: list[Block], gen: torch.Generator,
-                diagonal: bool = False, sequences: int = 8, length: int = 128,
-                text: CalibrationText | None = None) -> list[torch.Tensor]:
+def forward_batches(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    """Run `ids` through the model `BATCH` sequences at a time (hooks collect what they
+    need), so that many long windows never hold their activations at once."""
+    device = next(model.parameters()).device
+    for i in range(0, ids.shape[0], BATCH):
+        model(input_ids=ids[i:i + BATCH].to(device))
+
+
+def input_grams(model: torch.nn.Module, blocks: list[Block], ids: torch.Tensor,
+                diagonal: bool = False) -> list[torch.Tensor]:
     """XᵀX [in, in] (float64; only its diagonal [in] with `diagonal`) of each block
-    matrix's inputs X [tokens, in] over one forward pass of `sequences` × `length`
-    calibration ids (`calibration_ids`): the statistics that GPTQ (the Hessian) and Wanda
-    (‖x_j‖ = √(XᵀX)_jj) size their edits from. The same seed gives the same ids."""
+    matrix's inputs X [tokens, in] over the calibration ids (`calibration_ids`): the
+    statistics that GPTQ (the Hessian) and Wanda (‖x_j‖ = √(XᵀX)_jj) size their edits from."""
     grams: dict[int, torch.Tensor] = {}
     handles = []
     for b in blocks:
@@ -178,9 +188,8 @@ def input_grams(model: torch.nn.Module, blocks: list[Block], gen: torch.Generato
             g = (x * x).sum(dim=0) if diagonal else x.t() @ x
             grams[key] = grams[key] + g if key in grams else g
         handles.append(b.module.register_forward_pre_hook(hook))
-    ids = calibration_ids(model, gen, sequences, length, text)
     try:
-        model(input_ids=ids.to(next(model.parameters()).device))
+        forward_batches(model, ids)
     finally:
         for h in handles:
             h.remove()

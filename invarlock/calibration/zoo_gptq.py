@@ -6,8 +6,8 @@ inputs X), is pushed onto the columns not yet quantized along the matching row o
 Cholesky factor, so that the layer's output XWᵀ moves as little as the grid allows. Written
 here from the paper for the zoo, independent of any quantizer the product ships.
 
-Calibration inputs: 8 × 128 seeded random tokens, or windows of held-out text
-(`zoo_base.CalibrationText`), one forward pass per chunk of matrices
+Calibration inputs: 8 × 128 seeded random tokens, or 32 windows of held-out text
+(`zoo_base.CalibrationText`), one pass over them per chunk of matrices
 whose Hessians fit in memory together; a chunk's inputs come from the model with the chunks
 before it already quantized (GPTQ proper re-runs every layer on its quantized
 predecessors).
@@ -25,6 +25,7 @@ from invarlock.calibration.zoo_base import (
     _subset,
     _write,
     block_matrices,
+    calibration_ids,
     calibration_record,
     input_grams,
 )
@@ -106,8 +107,9 @@ def gptq4(model: torch.nn.Module, seed: int, text: CalibrationText | None = None
     them; the seed also draws the calibration inputs (from `text` when given)."""
     blocks = block_matrices(model)
     chosen = blocks if seed == 0 else _subset(blocks, 0.9, _rng(seed, 16))
+    ids = calibration_ids(model, _rng(seed, 17), text)  # the same ids for every chunk
     for chunk in _chunks(chosen):
-        grams = input_grams(model, chunk, _rng(seed, 17), text=text)  # same ids per chunk
+        grams = input_grams(model, chunk, ids)
         for b, h in zip(chunk, grams, strict=True):
             _write(b, gptq(b.rows().float(), h, 4, 128))
-    return _result("gptq4", seed, chosen, group_size=128, **calibration_record(text, 8, 128))
+    return _result("gptq4", seed, chosen, group_size=128, **calibration_record(ids, text))

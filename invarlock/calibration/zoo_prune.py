@@ -15,6 +15,7 @@ from invarlock.calibration.zoo_base import (
     _subset,
     _write,
     block_matrices,
+    calibration_ids,
     calibration_record,
     input_grams,
 )
@@ -59,10 +60,11 @@ def wanda(model: torch.nn.Module, seed: int, text: CalibrationText | None = None
     """Wanda at 50% of every block matrix; the seed draws the calibration inputs (from
     `text` when given)."""
     blocks = block_matrices(model)
-    norms = input_grams(model, blocks, _rng(seed, 19), diagonal=True, text=text)
+    ids = calibration_ids(model, _rng(seed, 19), text)
+    norms = input_grams(model, blocks, ids, diagonal=True)
     for b, sq in zip(blocks, norms, strict=True):
         w = b.rows().float()
         keep = wanda_mask(w, sq.sqrt().float().to(w.device), WANDA_SPARSITY)
         _write(b, torch.where(keep, w, torch.zeros_like(w)))
     return _result("wanda", seed, blocks, sparsity=WANDA_SPARSITY,
-                   **calibration_record(text, 8, 128))
+                   **calibration_record(ids, text))

@@ -27,6 +27,7 @@ from invarlock.calibration.zoo_base import (
     block_matrices,
     calibration_ids,
     calibration_record,
+    forward_batches,
     rtn,
 )
 from invarlock.edits.result import EditResult
@@ -243,28 +244,30 @@ def qk_scale(model: torch.nn.Module, seed: int) -> EditResult:
     return _result("qk_scale", seed, blocks)
 
 
-AWQ_SEQUENCES, AWQ_LENGTH = 2, 32  # the calibration inputs of the AWQ-style families
+AWQ_SEQUENCES, AWQ_LENGTH = 2, 32  # the random-token inputs of the AWQ-style families
 
 
-def _input_magnitudes(model: torch.nn.Module, modules: list[Any], gen: torch.Generator,
-                      text: CalibrationText | None) -> list[torch.Tensor]:
-    """Mean |x| per input channel of each module on one forward pass of calibration ids
-    (`calibration_ids`: seeded random tokens, or held-out `text`): the activation
-    statistics AWQ sizes its scales from."""
+def _input_magnitudes(model: torch.nn.Module, modules: list[Any],
+                      ids: torch.Tensor) -> list[torch.Tensor]:
+    """Mean |x| per input channel of each module over the calibration ids
+    (`calibration_ids`: seeded random tokens, or held-out text): the activation statistics
+    AWQ sizes its scales from."""
     sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
     handles = []
     for m in modules:
         def hook(mod: Any, args: Any, key: int = id(m)) -> None:
-            x = args[0].detach().float()
-            sums[key] = x.abs().reshape(-1, x.shape[-1]).mean(dim=0)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            part = x.abs().double().sum(dim=0)
+            sums[key] = sums[key] + part if key in sums else part
+            counts[key] = counts.get(key, 0) + x.shape[0]
         handles.append(m.register_forward_pre_hook(hook))
-    ids = calibration_ids(model, gen, AWQ_SEQUENCES, AWQ_LENGTH, text)
     try:
-        model(input_ids=ids.to(next(model.parameters()).device))
+        forward_batches(model, ids)
     finally:
         for h in handles:
             h.remove()
-    return [sums[id(m)] for m in modules]
+    return [(sums[id(m)] / counts[id(m)]).float() for m in modules]
 
 
 _Pair = tuple[Any, torch.Tensor, Any, torch.Tensor]  # producer, its rows, consumer,
@@ -315,7 +318,8 @@ def _awq(model: torch.nn.Module, seed: int, label: str, quantize: bool,
         what = {"vo": "value/output", "updown": "up/down"}
         raise NotApplicable(f"{label}: no {' or '.join(what[p] for p in parts)} pair with a "
                             "known layout")
-    stats = _input_magnitudes(model, [c for _, _, c, _ in pairs], gen, text)
+    ids = calibration_ids(model, gen, text, AWQ_SEQUENCES, AWQ_LENGTH)
+    stats = _input_magnitudes(model, [c for _, _, c, _ in pairs], ids)
     touched = []
     for (prod, rows, cons, chan), x in zip(pairs, stats, strict=True):
         per = torch.zeros(rows.numel()).index_add_(0, chan, x.cpu())
@@ -332,7 +336,7 @@ def _awq(model: torch.nn.Module, seed: int, label: str, quantize: bool,
             _write(b, rtn(b.rows().float(), 4, 128))
     plan: dict[str, Any] = {"alpha": round(alpha, 3)}
     if text is not None:  # plans made without text stay as they were recorded
-        plan.update(calibration_record(text, AWQ_SEQUENCES, AWQ_LENGTH))
+        plan.update(calibration_record(ids, text))
     return _result(label, seed, blocks, **plan)
 
 
