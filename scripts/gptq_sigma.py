@@ -46,6 +46,12 @@ def main() -> None:
     from invarlock.calibration.zoo_run import held_out_text
     from invarlock.run_config import config_from_certify_flags, request_from_config
 
+    model = AutoModelForCausalLM.from_pretrained(args.baseline).eval()
+    blocks = [b for b in block_matrices(model) if b.name in set(args.modules)]
+    missing = set(args.modules) - {b.name for b in blocks}
+    if missing:
+        print(f"error: no block matrix named {sorted(missing)[0]}", file=sys.stderr)
+        sys.exit(2)
     with tempfile.TemporaryDirectory() as tmp:
         preset = Path(tmp) / "windows.yaml"
         preset.write_text(f"dataset: {{preview_n: {args.windows}, final_n: {args.windows}}}\n"
@@ -54,11 +60,6 @@ def main() -> None:
             "baseline": args.baseline, "dataset_spec": args.dataset, "profile": "dev",
             "presets": (preset,), "edit_name": "quant_rtn"})
         text = held_out_text(request_from_config(config))
-    model = AutoModelForCausalLM.from_pretrained(args.baseline).eval()
-    blocks = [b for b in block_matrices(model) if b.name in set(args.modules)]
-    missing = set(args.modules) - {b.name for b in blocks}
-    if missing:
-        sys.exit(f"error: no block matrix named {sorted(missing)[0]}")
     with torch.no_grad():
         ids = calibration_ids(model, _rng(args.seed, 17), text)
         grams = input_grams(model, blocks, ids)

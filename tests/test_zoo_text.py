@@ -129,3 +129,33 @@ def test_gptq_calibrated_on_text_has_the_smaller_output_error_on_that_text(tiny_
         errors[name] = sum(output_error(w, b.rows().float(), h)
                            for w, b, h in zip(original, blocks, grams, strict=True))
     assert errors["text"] < errors["random"]
+
+
+def test_gptq_sigma_script_reports_both_sigmas_for_every_method(tiny_llama_dir, sonnets_path,
+                                                                monkeypatch, capsys):
+    """The diagnostic that compares weight-space σ with σ along the data: one row per
+    module, method and width, and the 8-bit rounding moves the output less than 4-bit; an
+    unknown module is refused (exit 2) before any text is planned."""
+    import runpy
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parent.parent / "scripts" / "gptq_sigma.py")
+    name = "model.layers.0.mlp.down_proj"
+
+    def run(*modules):
+        monkeypatch.setattr("sys.argv", ["gptq_sigma.py", "--baseline", str(tiny_llama_dir),
+                                         "--dataset", str(sonnets_path), "--windows", "6",
+                                         *modules])
+        runpy.run_path(script, run_name="__main__")
+
+    run(name)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(f"| {name} ")]
+    assert [r[1].strip() for r in rows] == ["8-bit GPTQ", "8-bit RTN", "4-bit GPTQ", "4-bit RTN"]
+    error = {r[1].strip(): float(r[5]) for r in rows}
+    assert error["8-bit GPTQ"] < error["4-bit GPTQ"] and error["8-bit RTN"] < error["4-bit RTN"]
+    assert error["4-bit GPTQ"] < error["4-bit RTN"]
+    with pytest.raises(SystemExit) as exc:
+        run("no.such.module")
+    assert exc.value.code == 2
+    assert "no block matrix named no.such.module" in capsys.readouterr().err
