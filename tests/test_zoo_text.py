@@ -159,3 +159,18 @@ def test_gptq_sigma_script_reports_both_sigmas_for_every_method(tiny_llama_dir, 
         run("no.such.module")
     assert exc.value.code == 2
     assert "no block matrix named no.such.module" in capsys.readouterr().err
+
+
+def test_zoo_rows_name_the_calibration_source_of_data_aware_families_only():
+    """A data-aware family's row says what it calibrated on (plans recorded before text
+    calibration existed mean random tokens); other families read no calibration input."""
+    from invarlock.calibration.zoo_run import calibration_source
+
+    def cert(**plan):
+        return {"edit": {"plan": {"seed": 0, **plan}}}
+
+    assert calibration_source("gptq4", cert(calibration="held-out windows",
+                                            calibration_tokens=4096)) == "held-out windows"
+    assert calibration_source("gptq4", cert(calibration_tokens=1024)) == "random tokens"
+    assert calibration_source("vo_scale", cert(alpha=0.4)) == "random tokens"
+    assert calibration_source("prune", cert(sparsity=0.1)) is None

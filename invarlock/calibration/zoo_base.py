@@ -162,9 +162,8 @@ def calibration_ids(model: torch.nn.Module, gen: torch.Generator,
 def calibration_record(ids: torch.Tensor, text: CalibrationText | None) -> dict[str, Any]:
     """What the edit's plan records about its calibration inputs (random tokens: only
     their count, as such plans have always been recorded)."""
-    if text is None:
-        return {"calibration_tokens": int(ids.numel())}
-    return {"calibration": "held-out windows", "calibration_tokens": int(ids.numel())}
+    source = {} if text is None else {"calibration": "held-out windows"}
+    return {**source, "calibration_tokens": int(ids.numel())}
 
 
 def forward_batches(model: torch.nn.Module, ids: torch.Tensor) -> None:

@@ -61,10 +61,13 @@ def certify_zoo(base: Any, config: Mapping[str, Any], families: Iterable[str], s
     from invarlock.certify import certify
 
     families = list(families)
-    planned = replace(base, config=dict(config))
-    seen = window_tokens(planned) if set(families) & set(NEEDS_WINDOW_TOKENS) else None
-    text = (held_out_text(planned) if text_calibration and set(families) & set(DATA_AWARE)
-            else None)
+    want_seen = bool(set(families) & set(NEEDS_WINDOW_TOKENS))
+    want_text = text_calibration and bool(set(families) & set(DATA_AWARE))
+    seen = text = None
+    if want_seen or want_text:  # one plan of the windows serves both
+        with _planned(replace(base, config=dict(config))) as (inputs, plan):
+            seen = plan.windows.tokens_seen() if want_seen else None
+            text = _held_out(inputs, plan, HELD_OUT_POOL) if want_text else None
     rows = []
     for family in families:
         kind = kind_of(family)
@@ -77,7 +80,7 @@ def certify_zoo(base: Any, config: Mapping[str, Any], families: Iterable[str], s
             if reuse and stored.is_file():
                 cert = redecide(stored, config)
                 row = zoo_row(family, kind, seed, cert)
-                row["calibration"] = calibration_source(cert)
+                row["calibration"] = calibration_source(family, cert)
                 row["seconds"], row["certificate"] = None, str(stored)
                 rows.append(row)
                 if on_row is not None:
@@ -93,7 +96,7 @@ def certify_zoo(base: Any, config: Mapping[str, Any], families: Iterable[str], s
                 log.warning("zoo %s skipped: %s", family, exc)
                 break
             row = zoo_row(family, kind, seed, outcome.certificate)
-            row["calibration"] = calibration_source(outcome.certificate)
+            row["calibration"] = calibration_source(family, outcome.certificate)
             row["seconds"] = round(time.perf_counter() - started, 1)
             row["certificate"] = str(outcome.path) if keep else None
             log.info("zoo %s:%d %s %s", family, seed, row["verdict"], row["failing"])
@@ -124,34 +127,31 @@ def _planned(base: Any) -> Iterator[tuple[Any, Any]]:
             inputs.output.release()
 
 
-def window_tokens(base: Any) -> Any:
-    """The distinct token ids of the evaluation windows `base` plans."""
-    with _planned(base) as (_, plan):
-        return plan.windows.tokens_seen()
-
-
 def held_out_text(base: Any, pool: int = HELD_OUT_POOL) -> Any:
     """Up to `pool` windows of `base`'s corpus that neither evaluation set contains
     (`zoo_base.CalibrationText`): the next windows of the plan's seeded order, cut the
     same way, so GPTQ, Wanda and AWQ calibrate on text they are never scored on."""
+    with _planned(base) as (inputs, plan):
+        return _held_out(inputs, plan, pool)
+
+
+def _held_out(inputs: Any, plan: Any, pool: int) -> Any:
     import torch
 
     from invarlock.calibration.zoo_base import CalibrationText, NotApplicable
     from invarlock.data.windows import plan_windows
     from invarlock.enums import MetricKind
 
-    with _planned(base) as (inputs, plan):
-        w = plan.windows
-        if w.kind is not MetricKind.PPL_CAUSAL:
-            raise NotApplicable("text calibration needs a causal language model's windows")
-        extra = min(pool, w.available - w.preview.n - w.final.n)
-        if extra < 1 or w.shrunk:  # a shrunk plan already wanted more than the corpus has
-            raise NotApplicable(f"the corpus has no window beyond the {w.preview.n} + "
-                                f"{w.final.n} evaluation windows to calibrate on")
-        longer = plan_windows(plan.corpus, inputs.tokenizer, kind=w.kind, seq_len=w.seq_len,
-                              stride=w.stride, preview_n=w.preview.n,
-                              final_n=w.final.n + extra, seed=w.seed, strict=True,
-                              tokenizer_hash=inputs.tokenizer_hash)
+    w = plan.windows
+    if w.kind is not MetricKind.PPL_CAUSAL:
+        raise NotApplicable("text calibration needs a causal language model's windows")
+    extra = min(pool, w.available - w.preview.n - w.final.n)
+    if extra < 1 or w.shrunk:  # a shrunk plan already wanted more than the corpus has
+        raise NotApplicable(f"the corpus has no window beyond the {w.preview.n} + "
+                            f"{w.final.n} evaluation windows to calibrate on")
+    longer = plan_windows(plan.corpus, inputs.tokenizer, kind=w.kind, seq_len=w.seq_len,
+                          stride=w.stride, preview_n=w.preview.n, final_n=w.final.n + extra,
+                          seed=w.seed, strict=True, tokenizer_hash=inputs.tokenizer_hash)
     scored = set(w.preview.sha256) | set(w.final.sha256)
     held = [i for i, h in enumerate(longer.final.sha256) if h not in scored]
     return CalibrationText(torch.from_numpy(longer.final.input_ids[held].copy()))
@@ -223,13 +223,15 @@ def zoo_row(family: str, kind: str, seed: int, cert: Mapping[str, Any]) -> dict[
     return row
 
 
-def calibration_source(cert: Mapping[str, Any]) -> str | None:
+def calibration_source(family: str, cert: Mapping[str, Any]) -> str | None:
     """What a data-aware family calibrated on ("held-out windows", "random tokens"), or
     None for a family that reads no calibration input."""
+    from invarlock.calibration.zoo import DATA_AWARE
+
+    if family not in DATA_AWARE:
+        return None
     plan = (cert.get("edit") or {}).get("plan") or {}
-    if "calibration" in plan:
-        return str(plan["calibration"])
-    return "random tokens" if "calibration_tokens" in plan or "alpha" in plan else None
+    return str(plan.get("calibration", "random tokens"))
 
 
 def rmt_null_scale(cert: Mapping[str, Any]) -> float | None:
