@@ -30,22 +30,29 @@ def main() -> None:
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--windows", type=int, default=24, help="preview and final windows")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibration-windows", type=int, default=None,
+                        help="held-out windows GPTQ calibrates on (default: the zoo's "
+                             "TEXT_WINDOWS)")
     args = parser.parse_args()
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from invarlock.calibration.zoo_base import (
+        TEXT_WINDOWS,
         _rng,
         block_matrices,
-        calibration_ids,
         input_grams,
         rtn,
     )
     from invarlock.calibration.zoo_gptq import gptq, output_error
-    from invarlock.calibration.zoo_run import held_out_text
+    from invarlock.calibration.zoo_run import HELD_OUT_POOL, held_out_text
     from invarlock.run_config import config_from_certify_flags, request_from_config
 
+    windows = args.calibration_windows or TEXT_WINDOWS
+    if windows < 1:
+        print("error: --calibration-windows must be at least 1", file=sys.stderr)
+        sys.exit(2)
     model = AutoModelForCausalLM.from_pretrained(args.baseline).eval()
     blocks = [b for b in block_matrices(model) if b.name in set(args.modules)]
     missing = set(args.modules) - {b.name for b in blocks}
@@ -59,9 +66,10 @@ def main() -> None:
         config = config_from_certify_flags({
             "baseline": args.baseline, "dataset_spec": args.dataset, "profile": "dev",
             "presets": (preset,), "edit_name": "quant_rtn"})
-        text = held_out_text(request_from_config(config))
+        text = held_out_text(request_from_config(config),
+                             pool=max(HELD_OUT_POOL, windows))
     with torch.no_grad():
-        ids = calibration_ids(model, _rng(args.seed, 17), text)
+        ids = text.draw(_rng(args.seed, 17), min(windows, text.windows.shape[0]))
         grams = input_grams(model, blocks, ids)
     print(f"calibration: {ids.shape[0]} held-out windows, {ids.numel()} tokens")
     print("| module | method | σ change (weight space) | σ change (along the data) | "

@@ -207,4 +207,9 @@ def test_modules_fed_by_one_norm_keep_one_copy_of_their_rows(tiny_llama_dir, son
     index = state["sketch_index"]
     layers = model.config.num_hidden_layers
     assert len(state["sketches"]) == 4 * layers  # attention in, o in, MLP in, down in
-    assert index[f"{layer}.self_attn.q_proj.weight"] == index[f"{layer}.self_attn.v_proj.weight"]
+    sketch_of = {name: entry["sketch"] for name, entry in index.items()}
+    assert sketch_of[f"{layer}.self_attn.q_proj.weight"] == \
+        sketch_of[f"{layer}.self_attn.v_proj.weight"]
+    # each module has its own gain along the shared sketch
+    assert index[f"{layer}.self_attn.q_proj.weight"]["data_sigma"] != \
+        index[f"{layer}.self_attn.v_proj.weight"]["data_sigma"]

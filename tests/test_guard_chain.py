@@ -149,8 +149,10 @@ def _edited(cert: dict, name: str, edit: Any) -> Any:
 
 
 def test_editing_a_stored_measurement_changes_the_outcome(int8_cert):
-    def triple_sigma(m: dict) -> None:
-        m["modules"][3]["sigma_subject"] = 3 * m["modules"][3]["sigma_baseline"]
+    def triple_sigma(m: dict) -> None:  # the σ a block linear is gated on: along the data
+        module = m["modules"][3]
+        assert module["sigma_basis"] == "data"
+        module["sigma_data_subject"] = 3 * module["sigma_data_baseline"]
 
     def new_outliers(m: dict) -> None:  # ten new outliers in every window group
         m["modules"][0]["subject"] = [[5.0] * 10 + g for g in m["modules"][0]["baseline"]]
@@ -172,6 +174,14 @@ def test_editing_a_stored_measurement_changes_the_outcome(int8_cert):
         assert int8_cert["guards"][name]["passed"]
         check = _edited(int8_cert, name, edit)
         assert not check.passed and words in check.reason, name
+    # an embedding has no input sketch: its σ is gated in weight space
+    embedding = next(i for i, m in enumerate(int8_cert["guards"]["spectral"]["measurements"]
+                                             ["modules"]) if m["sigma_basis"] == "weights")
+
+    def triple_weight_sigma(m: dict) -> None:
+        m["modules"][embedding]["sigma_subject"] = 3 * m["modules"][embedding]["sigma_baseline"]
+
+    assert not _edited(int8_cert, "spectral", triple_weight_sigma).passed
     # the edit size along the data is gated: a structural edit that keeps σ (permuted
     # rows) fails ...
     check = _edited(int8_cert, "spectral", lambda m: next(

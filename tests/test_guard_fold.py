@@ -12,8 +12,10 @@ import yaml
 torch = pytest.importorskip("torch")
 
 
-def _probe_after(model_dir, edit, tied_prefix=True):
-    """Measure spectral on the baseline, apply `edit` in place, measure the subject."""
+def _probe_after(model_dir, edit, tied_prefix=True, text: Path | None = None):
+    """Measure spectral on the baseline, apply `edit` in place, measure the subject. With
+    `text`, the baseline's calibration pass runs on its windows first (input sketches: the
+    block linears are then measured along the data too)."""
     from transformers import AutoModelForCausalLM
 
     from invarlock.guards.measure.probe import SubjectContext
@@ -22,7 +24,22 @@ def _probe_after(model_dir, edit, tied_prefix=True):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     probe = SpectralProbe({})
+    if text is not None:
+        from invarlock.calibration import wholemodel
+        from invarlock.enums import MetricKind
+        from invarlock.evaluate import evaluate_windows
+        from invarlock.guards.measure.probe import RunInfo
+
+        windows = wholemodel.calibration_windows(model_dir, text)
+        probe.bind(RunInfo(kind=MetricKind.PPL_CAUSAL, device="cpu", seed=0,
+                           preview_ids=np.zeros(0, dtype=np.int64),
+                           calibration_ids=windows.window_ids, replicates=0, ci_alpha=0.05,
+                           bootstrap_seed=0))
     probe.baseline_loaded(model)
+    if text is not None:
+        (tap,) = probe.taps(model, "baseline", "final")
+        evaluate_windows(model, windows, kind=MetricKind.PPL_CAUSAL, device="cpu",
+                         batch_size=4, taps=[tap])
     state = probe.baseline_state()
     ids = torch.arange(1, 17)[None, :]
     with torch.no_grad():
@@ -205,12 +222,14 @@ PAIRS = {"qk_scale": ("q_proj", "k_proj"), "awq_scale": ("v_proj", "o_proj", "up
     *[(arch, ("qk_scale", "awq_scale", "normfold_all")) for arch in sorted(RESCALED)],
     *[(arch, (family,)) for arch in ("llama", "qwen2", "gemma") for family in PAIRS]])
 def test_rescalings_a_real_method_uses_move_no_sigma_and_no_outlier(
-        arch, families, tiny_llama_dir, tiny_gpt2_dir, tiny_qwen2_dir, tiny_causal_dirs):
+        arch, families, tiny_llama_dir, tiny_gpt2_dir, tiny_qwen2_dir, tiny_causal_dirs,
+        sonnets_path):
     """SmoothAttention q/k scales (per key head and rotary pair, λ in [0.5, 2]), AWQ's
     activation-aware v→o and up→down scales and norm folds, each pair alone and all together:
-    the logits do not move (the rescaling really preserves the function), no σ moves (the
-    balanced tier's spectral guard passes), no RMT outlier count moves; the producers' raw
-    outputs did change, so the invariance is the balancing's."""
+    the logits do not move (the rescaling really preserves the function), no σ moves, in
+    weight space or along the data (the balanced tier's spectral guard passes), no RMT
+    outlier count moves; the producers' raw outputs did change, so the invariance is the
+    balancing's."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -228,12 +247,16 @@ def test_rescalings_a_real_method_uses_move_no_sigma_and_no_outlier(
 
     expected = set(RESCALED[arch]) if len(families) > 1 else set(PAIRS[families[0]])
 
-    _state, measured, before, after = _probe_after(model_dir, rescale)
+    _state, measured, before, after = _probe_after(model_dir, rescale, text=sonnets_path)
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
     moved = {m["name"]: m["sigma_subject"] / m["sigma_baseline"] - 1
              for m in measured["modules"] if m["changed"]}
     assert {leaf for leaf in expected if any(f".{leaf}." in n for n in moved)} == expected
     assert max(abs(r) for r in moved.values()) < 1e-4, max(moved.items(), key=lambda t: abs(t[1]))
+    along = {m["name"]: m["sigma_data_subject"] / m["sigma_data_baseline"] - 1
+             for m in measured["modules"] if m["changed"] and m["sigma_basis"] == "data"}
+    assert set(along) == {n for n in moved if ".h." in n or ".layers." in n}
+    assert max(abs(r) for r in along.values()) < 1e-4, max(along.items(), key=lambda t: abs(t[1]))
     tiers = yaml.safe_load((Path(__file__).resolve().parents[1] / "policies" /
                             "tiers.yaml").read_text())
     assert spectral.decide(measured, tiers["balanced"]["guards"]["spectral"]).passed

@@ -1,9 +1,14 @@
 """Spectral guard: did any weight matrix's largest singular value move abnormally?
 
 For every 2-D weight in scope the probe measures σ_b = ‖W_b‖₂ (baseline) and σ_s = ‖W_s‖₂
-(subject) and the edit size ‖W_s − W_b‖₂ / σ_b. Here, with numpy only:
+(subject) and the edit size ‖W_s − W_b‖₂ / σ_b; for a block linear with an input sketch also
+its gain along the data, σ_max(W·C̃^½) with C̃ the baseline's sampled inputs' second moment
+(`invarlock.guards.measure.sketch`). Here, with numpy only:
 
-- relative change r = σ_s/σ_b − 1 per module;
+- relative change r = σ_s/σ_b − 1 per module, of the gain along the data where the module
+  has one (`sigma_basis: data`), else of the weight-space σ: GPTQ's error feedback can
+  triple a matrix's weight-space σ on inputs the text never drives while its outputs stay
+  put, a change no gate should call damage (the weight-space change stays in the record);
 - robust z within each family (attn, ffn, embed, other): z = (r − median) / s, where s is the
   `sigma_quantile` quantile of |r − median| divided by Φ⁻¹((1 + q)/2), the same quantile of a
   standard normal's |Z|, so q = 0.5 gives the MAD-based σ (Hampel 1974) and q = 0.95 a
@@ -140,6 +145,8 @@ class ModuleScore:
     sigma_subject: float
     edit_size: float
     along_data: float | None = None  # edit size along the baseline's inputs (None: unmeasured)
+    basis: str = "weights"  # r is σ's change in weight space, or along the data
+    weight_r: float = 0.0   # σ's change in weight space (= r where basis is weights)
 
 
 def scale_floor(deadband: float) -> float:
@@ -156,20 +163,34 @@ def score_modules(modules: Sequence[Mapping[str, Any]], sigma_quantile: float,
         members = [m for m in chosen if m["family"] == family]
         if not members:
             continue
-        r = relative_change(np.array([_sigma(m["sigma_baseline"]) for m in members]),
-                            np.array([_sigma(m["sigma_subject"]) for m in members]))
+        weight_r = relative_change(np.array([_sigma(m["sigma_baseline"]) for m in members]),
+                                   np.array([_sigma(m["sigma_subject"]) for m in members]))
+        data = [_on_data(m) for m in members]
+        r = weight_r.copy()
+        along = [m for m, d in zip(members, data, strict=True) if d]
+        if along:
+            r[np.array(data)] = relative_change(
+                np.array([_sigma(m["sigma_data_baseline"]) for m in along]),
+                np.array([_sigma(m["sigma_data_subject"]) for m in along]))
         # the reference is the modules the edit touched: untouched ones (r exactly 0, e.g.
         # the output projections of a LoRA merge into q/v) would shrink the scale to nothing
         touched = r != 0
         z = np.zeros_like(r)
         if touched.sum() >= MIN_FAMILY_FOR_Z:
             z[touched] = robust_z(r[touched], sigma_quantile, floor)
-        for m, ri, zi in zip(members, r, z, strict=True):
+        for m, ri, zi, wi, d in zip(members, r, z, weight_r, data, strict=True):
             out.append(ModuleScore(m["name"], family, float(ri), float(zi),
                                    _sigma(m["sigma_baseline"]), _sigma(m["sigma_subject"]),
                                    _sigma(m.get("edit_size", 0.0)),
-                                   _optional(m.get("edit_along_data"))))
+                                   _optional(m.get("edit_along_data")),
+                                   "data" if d else "weights", float(wi)))
     return out
+
+
+def _on_data(m: Mapping[str, Any]) -> bool:
+    """Whether a module's σ is gated along the data: measured there, with its baseline."""
+    return m.get("sigma_basis") == "data" and m.get("sigma_data_baseline") is not None \
+        and "sigma_data_subject" in m
 
 
 def _sigma(x: Any) -> float:
@@ -252,14 +273,14 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
                           f"{float(limit):.4g}") for s in above if s not in too_big]
     findings += [_finding(s, "violation", _edit_why(s, edit_limit, data_limit))
                  for s in too_big]
-    findings += [_finding(s, "warning", f"σ changed {s.r:+.1%} (z {s.z:+.1f} > κ "
+    findings += [_finding(s, "warning", f"{_sigma_name(s)} changed {s.r:+.1%} (z {s.z:+.1f} > κ "
                           f"{caps[s.family]:.2f}, family not significant)") for s in warnings]
     max_caps = int(policy["max_caps"])
     passed = not violations and not above and len(warnings) <= max_caps
     if violations or above:
         worst = max([*violations, *above], key=lambda s: abs(s.r))
         reason = (f"{len(violations) + len(above)} violation(s); largest: {worst.name} "
-                  f"σ {worst.r:+.1%} vs baseline")
+                  f"{_sigma_name(worst)} {worst.r:+.1%} vs baseline")
         if too_big and all(s in too_big for s in [*violations, *above]):
             worst = max(too_big, key=lambda s: _edit_excess(s, edit_limit, data_limit))
             reason = (f"{len(too_big)} violation(s); largest: {worst.name} "
@@ -281,18 +302,25 @@ def decide(measurements: Mapping[str, Any], policy: Mapping[str, Any]) -> GuardD
             "rejected": bool(reject[f]), "robust_z": f not in small, "top_z": _json(top.z),
             "top_module": top.name,
             "max_abs_change": _json(max(abs(s.r) for s in members)),
+            "max_abs_change_weights": _json(max(abs(s.weight_r) for s in members)),
+            "along_the_data": sum(1 for s in members if s.basis == "data"),
         }
     return GuardDecision(passed, reason, tuple(findings), summary)
 
 
+def _sigma_name(s: ModuleScore) -> str:
+    return "σ along the data" if s.basis == "data" else "σ"
+
+
 def _why(s: ModuleScore, kappa: float, small: bool, own_limit: Any = None) -> str:
+    what = _sigma_name(s)
     if own_limit is not None and abs(s.r) > float(own_limit):
-        return (f"σ changed {s.r:+.1%} vs its own baseline, beyond the module limit "
+        return (f"{what} changed {s.r:+.1%} vs its own baseline, beyond the module limit "
                 f"{float(own_limit):.0%}")
     if small:
-        return (f"σ changed {s.r:+.1%}, beyond the deadband, in a family too small for a "
-                "robust z")
-    return f"σ changed {s.r:+.1%} (z {s.z:+.1f} > κ {kappa:.2f}, family significant)"
+        return (f"{what} changed {s.r:+.1%}, beyond the deadband, in a family too small for "
+                "a robust z")
+    return f"{what} changed {s.r:+.1%} (z {s.z:+.1f} > κ {kappa:.2f}, family significant)"
 
 
 def _edit_excess(s: ModuleScore, edit_limit: Any, data_limit: Any) -> float:
@@ -314,7 +342,8 @@ def _edit_why(s: ModuleScore, edit_limit: Any, data_limit: Any) -> str:
 
 def _finding(s: ModuleScore, kind: str, message: str) -> dict[str, Any]:
     return {"module": s.name, "family": s.family, "kind": kind, "message": message,
-            "relative_change": _json(s.r), "z": _json(s.z),
+            "relative_change": _json(s.r), "basis": s.basis,
+            "relative_change_weights": _json(s.weight_r), "z": _json(s.z),
             "sigma_baseline": _json(s.sigma_baseline),
             "sigma_subject": _json(s.sigma_subject), "edit_size": _json(s.edit_size),
             "edit_along_data": None if s.along_data is None else _json(s.along_data)}

@@ -439,6 +439,51 @@ def balancing_scale(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
     return s
 
 
+def class_norm(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
+               plan: Mapping[str, Any], memo: Memo | None = None) -> torch.Tensor:
+    """n per channel class: the norm both sides of the balanced pair have there,
+    n_k = (‖a_k‖·‖b_k‖)^½, the same whatever rescaling the pair carries (0 where either
+    side is zero)."""
+    if memo is not None:
+        key = "norm " + _pair_key(rel)
+        if key not in memo:
+            memo[key] = class_norm(rel, get, plan)
+        return memo[key]
+    a = folded(rel["a"]["weight"], get, plan)
+    b = a if rel["b"]["weight"] == rel["a"]["weight"] else folded(rel["b"]["weight"], get, plan)
+    return (_slice_norms(a, rel["a"]) * _slice_norms(b.to(a.device), rel["b"])).pow(0.25)
+
+
+def data_factors(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
+                 axis: int, size: int, base_get: Callable[[str], torch.Tensor],
+                 memo: Memo | None = None, base_memo: Memo | None = None
+                 ) -> torch.Tensor | None:
+    """Per index along `axis` of the subject's effective matrix `name` (None: no pair there),
+    the factor that moves a pair's change of magnitude onto its side b: side a × n_b/n_s,
+    side b × n_s/n_b per class (n: `class_norm`, of the baseline `base_get` and the subject
+    `get`). The baseline's form is its balanced one (factors 1); a rescaling the pair absorbs
+    leaves n, and so the factors, at 1. On v→o and up→down the magnitude then sits on the
+    consumer, whose input energy says whether the channel is used: GPTQ's error pushed into
+    a down_proj column the data never drives (balanced, half of it lands on up_proj's row)
+    moves neither side's gain along the data. On q/k it sits on k: the logits' scale."""
+    factors = None
+    for rel in _relations(name, plan):
+        for key, sign in (("a", -1), ("b", 1)):
+            side = rel[key]
+            if side["weight"] != name or int(side["axis"]) != axis:
+                continue
+            n = class_norm(rel, get, plan, memo)
+            nb = class_norm(rel, base_get, plan, base_memo).to(n.device)
+            ok = (n > 0) & (nb > 0)
+            ratio = torch.ones_like(n)
+            ratio[ok] = (n[ok] / nb[ok]).pow(sign)
+            if factors is None:
+                factors = torch.ones(size, dtype=torch.float32, device=n.device)
+            index, cls, _ = _channels(side)
+            factors[index.to(n.device)] *= ratio[cls.to(n.device)].to(torch.float32)
+    return factors
+
+
 def _multiplier(side: Mapping[str, Any], s: torch.Tensor, sign: int) -> tuple[torch.Tensor,
                                                                              torch.Tensor]:
     """(indices along the side's axis, the factor each is multiplied by)."""

@@ -18,6 +18,13 @@ made 10% magnitude pruning look twice as large). Inputs are taken in the effecti
 own coordinates (x divided by `fold.input_scales`), so a norm fold or a balanced rescaling
 changes neither side. Modules that read the same input (q/k/v, gate/up) share one sketch.
 
+The same sketch, with each input channel's mean square (`energy`), gives the module's gain
+along the data (`data_matrix`): σ_max of W_eff·C̃^½, where C̃ = BᵀB + diag(d²) is the
+sampled inputs' second moment kept to its top directions plus, per channel, the energy
+those directions leave out (d² = diag(XᵀX/n) − diag(BᵀB)). An edit that moves W only where
+the data never goes (GPTQ's error feedback into input channels the text barely drives)
+leaves it unchanged; a change of the gain on any input the data does drive moves it.
+
 The sampled rows wait in anonymous memory maps (`RowStore`), not on the heap: kept between
 the batches' freed activations, small heap arrays fragmented it (on SmolLM2-135M the
 baseline's tapped pass grew the process by 200-500 MB of free but unusable heap).
@@ -149,14 +156,30 @@ def sketch(rows: np.ndarray, rank: int = SKETCH_RANK) -> np.ndarray:
     return (u[:, order[:r]].T @ x / math.sqrt(x.shape[0])).astype(np.float32)
 
 
-def encode(b: np.ndarray) -> dict[str, Any]:
+def energy(rows: np.ndarray) -> np.ndarray:
+    """diag(XᵀX/n) [in], float32: each input channel's mean square over the finite rows."""
+    x = rows[np.isfinite(rows).all(axis=1)].astype(np.float64)
+    if x.shape[0] == 0:
+        return np.zeros(rows.shape[1], dtype=np.float32)
+    return np.mean(x * x, axis=0).astype(np.float32)
+
+
+def encode(b: np.ndarray, channel_energy: np.ndarray | None = None) -> dict[str, Any]:
     """A sketch as JSON: float16 bytes in base64 and the shape (what the cache keeps). The
     edit along the data is a ratio, so B is stored divided by its largest |value|: float16
-    then neither overflows nor loses the small directions' precision to a large one."""
+    then neither overflows nor loses the small directions' precision to a large one. The
+    channels' energy, divided by the same peak squared, is kept as float32 (it spans many
+    orders of magnitude)."""
     peak = float(np.abs(b).max()) if b.size else 0.0
-    b = b / peak if peak > 0 and math.isfinite(peak) else b
+    scaled = peak > 0 and math.isfinite(peak)
+    b = b / peak if scaled else b
     data = np.ascontiguousarray(b, dtype=np.float16).tobytes()
-    return {"shape": list(b.shape), "float16": base64.b64encode(data).decode()}
+    entry = {"shape": list(b.shape), "float16": base64.b64encode(data).decode()}
+    if channel_energy is not None:
+        e = channel_energy / peak**2 if scaled else channel_energy
+        entry["energy"] = base64.b64encode(
+            np.ascontiguousarray(e, dtype=np.float32).tobytes()).decode()
+    return entry
 
 
 def decode(entry: Mapping[str, Any]) -> torch.Tensor:
@@ -165,6 +188,33 @@ def decode(entry: Mapping[str, Any]) -> torch.Tensor:
     if data.size != math.prod(shape):
         raise ValueError(f"input sketch of {data.size} values, shape {shape}")
     return torch.from_numpy(data.astype(np.float32).reshape(shape))
+
+
+def decode_energy(entry: Mapping[str, Any]) -> torch.Tensor | None:
+    """The channels' energy on the decoded sketch's scale; None where the entry has none."""
+    if "energy" not in entry:
+        return None
+    data = np.frombuffer(base64.b64decode(entry["energy"]), dtype=np.float32)
+    width = int(entry["shape"][1])
+    if data.size != width:
+        raise ValueError(f"channel energy of {data.size} values for {width} inputs")
+    if not np.isfinite(data).all() or (data < 0).any():
+        raise ValueError("channel energy not finite and non-negative")
+    return torch.from_numpy(data.copy())
+
+
+def residual_scales(b: torch.Tensor, channel_energy: torch.Tensor) -> torch.Tensor:
+    """d [in]: per channel, the root of the energy the sketch's directions leave out."""
+    kept = (b.to(torch.float32) ** 2).sum(dim=0)
+    return (channel_energy.to(torch.float32) - kept).clamp_min(0.0).sqrt()
+
+
+def data_matrix(w: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """[W Bᵀ | W·diag(d)] [out, r + in]: its Gram matrix M Mᵀ = W (BᵀB + diag(d²)) Wᵀ, so its
+    σ_max is the gain of W_eff along the data's second moment C̃ (module docstring)."""
+    w = w.to(torch.float32)
+    b = b.to(device=w.device, dtype=torch.float32)
+    return torch.cat([w @ b.T, w * d.to(device=w.device, dtype=torch.float32)], dim=1)
 
 
 def sketches(rows: Mapping[str, RowStore]) -> tuple[list[dict[str, Any]], dict[str, int]]:
@@ -182,7 +232,7 @@ def sketches(rows: Mapping[str, RowStore]) -> tuple[list[dict[str, Any]], dict[s
         digest = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
         if digest not in seen:
             seen[digest] = len(table)
-            table.append(encode(sketch(x)))
+            table.append(encode(sketch(x), energy(x)))
         index[name] = of_store[id(store)] = seen[digest]
     return table, index
 

@@ -19,6 +19,15 @@ files' matrix does not have along the cached v_b is taken again from the files, 
 cache entry cannot claim the subject's σ), and gets σ_s, the edit size ‖W_s − W_b‖₂/σ_b and, for
 a block linear, the edit size along the data ‖ΔW·X‖_F/‖W_b·X‖_F on its input sketch.
 
+A block linear with an input sketch also gets its gain along the data, σ_max(W_eff·C̃^½)
+(`sketch.data_matrix`), for the baseline when the sketches are made (cached with its top
+vector, checked against the files like σ_b) and for the subject: the σ the guard gates for
+that module (`sigma_basis: data`). Weight-space σ stays in the record: GPTQ's error feedback
+can raise it by 175% on an input channel the text never drives with the outputs unchanged.
+The subject's matrix is taken with a balanced pair's change of magnitude moved onto the
+pair's side b (`fold.data_factors`: the consumer of v→o and up→down, k of q/k), so a change
+confined to a channel the data never drives is not seen on the producer through the balance.
+
 A plain matrix (neither folded nor balanced) of `ROW_BLOCKS_MIN_ELEMENTS` or more without an
 input sketch (an embedding, an untied head) is read from the files a block of rows at a
 time into its difference from the subject (`BaselineRows`): the baseline's copy of it is
@@ -44,7 +53,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,7 +62,13 @@ import torch
 from invarlock.families import family_of
 from invarlock.guards.base import not_measured
 from invarlock.guards.measure import sketch
-from invarlock.guards.measure.fold import effective, input_scales, is_plain, transform_plan
+from invarlock.guards.measure.fold import (
+    data_factors,
+    effective,
+    input_scales,
+    is_plain,
+    transform_plan,
+)
 from invarlock.guards.measure.probe import Probe, SubjectContext
 from invarlock.guards.measure.rmt import linear_modules
 from invarlock.guards.measure.weights import (
@@ -136,7 +151,7 @@ def decode_vector(text: str) -> torch.Tensor:
 
 class SpectralProbe(Probe):
     cache_settings: ClassVar[dict[str, Any]] = {
-        "version": 4, "sketch_rows": sketch.SKETCH_ROWS, "sketch_rank": sketch.SKETCH_RANK}
+        "version": 5, "sketch_rows": sketch.SKETCH_ROWS, "sketch_rank": sketch.SKETCH_RANK}
 
     def __init__(self, policy: Mapping[str, Any]) -> None:
         super().__init__(policy)
@@ -147,9 +162,13 @@ class SpectralProbe(Probe):
         self._tap: sketch.InputTap | None = None
         self._modules: list[dict[str, Any]] | None = None
         self._unmatched: list[str] = []
+        self._get: Callable[[str], torch.Tensor] | None = None
+        self._memo: dict[str, torch.Tensor] = {}
+        self._device = torch.device("cpu")
 
     def baseline_loaded(self, model: Any) -> None:
         self._baseline = []
+        self._device = _device_of(model)
         params = dict(model.named_parameters(remove_duplicate=False))
         with single_thread():
             self._plan = transform_plan(model)
@@ -176,6 +195,8 @@ class SpectralProbe(Probe):
                     scale = None
                 if scale is not None:
                     self._input_scales[name] = scale.float().cpu().numpy()
+        # the gain along the data needs the effective weights again once the sketches exist
+        self._get, self._memo = get, memo
 
     def taps(self, model: Any, role: str, phase: str) -> list[Any]:
         info = self.info
@@ -192,6 +213,7 @@ class SpectralProbe(Probe):
     def baseline_state(self) -> dict[str, Any]:
         state = {"modules": self._baseline, "transforms": self._plan}
         tap, self._tap = self._tap, None  # drop its module references: the baseline can go
+        get, self._get, memo, self._memo = self._get, None, self._memo, {}
         if tap is not None:
             conv1d = {name for name, module in self._linears if _is_conv1d(module)}
             with single_thread():
@@ -199,8 +221,34 @@ class SpectralProbe(Probe):
             state["sketches"] = table
             state["sketch_index"] = {f"{name}.weight": {"sketch": i, "conv1d": name in conv1d}
                                      for name, i in index.items()}
+            if get is not None:
+                self._data_gains(state["sketch_index"], table, get, memo)
         self._linears = []
         return state
+
+    def _data_gains(self, index: dict[str, dict[str, Any]], table: list[dict[str, Any]],
+                    get: Callable[[str], torch.Tensor], memo: dict[str, torch.Tensor]) -> None:
+        """σ and top vector of each sketched module's baseline along the data, into its
+        index entry (computed once, cached with the sketches)."""
+        decoded = {i: _sketch_pair(entry) for i, entry in enumerate(table)}
+
+        def jobs() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, entry in index.items():
+                pair = decoded[entry["sketch"]]
+                if pair is None:
+                    continue
+                w = effective(name, get, self._plan, memo)  # the baseline: its balanced form
+                w = w.T if entry["conv1d"] else w
+                yield name, sketch.data_matrix(w, *pair)
+
+        def top(job: tuple[str, torch.Tensor]) -> tuple[str, float, torch.Tensor]:
+            return job[0], *baseline_top(job[1], seed=_seed(job[0]))
+
+        with torch.inference_mode(), single_thread():  # formed as the threads take them
+            tops = map_matrices(top, jobs(), matrix_workers(self._device), lambda job: job[1])
+        for name, sigma, v in tops:
+            index[name]["data_sigma"] = sigma
+            index[name]["data_vector"] = encode_vector(v)
 
     def subject_loaded(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> None:
         reader = WeightReader(ctx.baseline_files)
@@ -212,11 +260,11 @@ class SpectralProbe(Probe):
                                                ctx.model)
         table = baseline.get("sketches") or []
         index = baseline.get("sketch_index") or {}
-        decoded: dict[int, torch.Tensor] = {}
+        decoded: dict[int, tuple[torch.Tensor, Any]] = {}
         base_memo: dict[str, torch.Tensor] = {}  # each model's pair scales, formed once
         subject_memo: dict[str, torch.Tensor] = {}
 
-        def along(name: str) -> tuple[torch.Tensor, bool] | None:
+        def along(name: str) -> Along | None:
             """The module's input sketch; None where the state has none it can read (the
             module is then not measured along the data, and says so by a null)."""
             try:
@@ -225,8 +273,15 @@ class SpectralProbe(Probe):
                     return None
                 i = int(entry["sketch"])
                 if i not in decoded:
-                    decoded[i] = sketch.decode(table[i])
-                return decoded[i], bool(entry["conv1d"])
+                    decoded[i] = (sketch.decode(table[i]), _sketch_pair(table[i]))
+                b, pair = decoded[i]
+                gain = None
+                if pair is not None and entry.get("data_sigma") is not None:
+                    gain = (pair[1], float(entry["data_sigma"]),
+                            decode_vector(entry["data_vector"]))
+                    if gain[2].numel() != b.shape[0] + b.shape[1]:
+                        raise ValueError("the data's top vector does not fit the sketch")
+                return Along(b, bool(entry["conv1d"]), *(gain or (None, None, None)))
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("spectral: unreadable input sketch for %s (%s)", name, exc)
                 return None
@@ -248,6 +303,11 @@ class SpectralProbe(Probe):
                                           ctx.model)
                     wb = BaselineRows(rows, int(ws.shape[0]), subject.dtype) if rows else \
                         effective(name, base_get, plan, base_memo).to(ws.device)
+                    if sketched is not None and sketched.sigma is not None:
+                        sketched = replace(sketched, factors=tuple(
+                            data_factors(name, subject_get, plan, axis, int(ws.shape[axis]),
+                                         base_get, subject_memo, base_memo)
+                            for axis in (0, 1)))
                 except KeyError:
                     unmatched.append(name)
                     continue
@@ -264,13 +324,17 @@ class SpectralProbe(Probe):
 
     @staticmethod
     def _one(entry: Mapping[str, Any], ws: torch.Tensor, wb: torch.Tensor | BaselineRows,
-             transform: str,
-             along: tuple[torch.Tensor, bool] | None = None) -> dict[str, Any]:
+             transform: str, along: Along | None = None) -> dict[str, Any]:
         sigma_b = float(entry["sigma"])
         record = {"name": entry["name"], "family": entry["family"], "shape": entry["shape"],
                   "sigma_baseline": sigma_b, "sigma_subject": sigma_b, "edit_size": 0.0,
                   "edit_along_data": None if along is None else 0.0,
-                  "changed": False, "iterations": 0, "transform": transform}
+                  "changed": False, "iterations": 0, "transform": transform,
+                  "sigma_basis": "weights"}
+        data = along is not None and along.sigma is not None
+        if data:
+            record.update(sigma_basis="data", sigma_data_baseline=along.sigma,
+                          sigma_data_subject=along.sigma)
         start = decode_vector(entry["vector"])
         if isinstance(wb, BaselineRows):  # read by row blocks: never whole beside delta
             found, gain = wb.difference(ws, start)
@@ -284,9 +348,8 @@ class SpectralProbe(Probe):
             gain = float(torch.linalg.vector_norm(
                 wb @ start.to(device=wb.device, dtype=wb.dtype)))
         if along is not None and wb is not None:
-            b, conv1d = along
-            base, change = (wb.T, delta.T) if conv1d else (wb, delta)
-            record["edit_along_data"] = sketch.edit_along_data(change, base, b)
+            base, change = (wb.T, delta.T) if along.conv1d else (wb, delta)
+            record["edit_along_data"] = sketch.edit_along_data(change, base, along.b)
         seed = _seed(entry["name"])
         exact = EXACT_SVD_MAX_ELEMENTS
         # a cached state is only as trustworthy as whoever could write the cache, and the
@@ -313,6 +376,8 @@ class SpectralProbe(Probe):
         record.update(sigma_subject=sigma_s if math.isfinite(sigma_s) else None, changed=True,
                       iterations=top.iterations, edit_size=size if math.isfinite(size) else None,
                       residual=top.residual if math.isfinite(top.residual) else None)
+        if data and wb is not None:
+            record.update(_data_gain(entry["name"], along, ws, wb, delta, edit.vector, seed))
         return record
 
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:
@@ -337,10 +402,81 @@ class SpectralProbe(Probe):
                                                            or {})}}}
 
 
+@dataclass(frozen=True)
+class Along:
+    """A block linear's input sketch B, whether its effective matrix is stored transposed
+    (GPT-2's Conv1D), and, where the baseline state has them, the residual channel scales
+    d and the baseline's σ and top vector along the data."""
+
+    b: torch.Tensor
+    conv1d: bool
+    d: torch.Tensor | None = None
+    sigma: float | None = None
+    vector: torch.Tensor | None = None
+    # per axis of the subject's stored effective matrix, `fold.data_factors`
+    factors: tuple[torch.Tensor | None, ...] = (None, None)
+
+
+def _apply(w: torch.Tensor, factors: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+    """The effective matrix (stored orientation) in the form its data gain is taken of."""
+    rows, columns = factors
+    if rows is not None:
+        w = w * rows.to(device=w.device, dtype=w.dtype)[:, None]
+    if columns is not None:
+        w = w * columns.to(device=w.device, dtype=w.dtype)[None, :]
+    return w
+
+
+def _data_gain(name: str, along: Along, ws: torch.Tensor, wb: torch.Tensor, delta: torch.Tensor,
+               edit_vector: torch.Tensor, seed: int) -> dict[str, Any]:
+    """The subject's σ along the data (and the baseline's, taken again from the files where
+    the cached one does not hold along its cached vector)."""
+    b, d, v = along.b, along.d, along.vector
+    ws = _apply(ws, along.factors)
+    base, subject = (wb.T, ws.T) if along.conv1d else (wb, ws)
+    r = b.shape[0]
+    v = v.to(device=base.device, dtype=torch.float32)
+    mapped = b.to(base.device).T @ v[:r] + d.to(base.device) * v[r:]
+    gain = float(torch.linalg.vector_norm(base.float() @ mapped))
+    out: dict[str, Any] = {}
+    sigma_b = float(along.sigma)
+    exact = EXACT_SVD_MAX_ELEMENTS
+    if not abs(gain - sigma_b) <= CACHED_SIGMA_RTOL * max(abs(sigma_b), 1e-30):
+        files = top_singular(sketch.data_matrix(base, b, d), v, seed=seed + 4, tol=SIGMA_TOL,
+                             exact_max_elements=exact)
+        if math.isfinite(files.sigma):
+            log.warning("spectral: %s: the cached σ along the data %.6g is not the files' "
+                        "%.6g", name, sigma_b, files.sigma)
+            out["sigma_data_baseline_cached"] = sigma_b
+            out["sigma_data_baseline"] = sigma_b = files.sigma
+    m = sketch.data_matrix(subject, b, d)
+    # the edit's top output direction, pulled back through the subject's data matrix:
+    # where the edit brings in a new dominant direction, the block starts on it
+    left = edit_vector if along.conv1d else delta @ edit_vector.to(delta.dtype)
+    out_factor = along.factors[1 if along.conv1d else 0]
+    if out_factor is not None:
+        left = left * out_factor.to(left.device)
+    pulled = m.T @ left.to(device=m.device, dtype=torch.float32)
+    starts = torch.stack([v, pulled], dim=1) if float(pulled.norm()) > 0 else v
+    top = top_singular(m, starts, seed=seed + 3, tol=SIGMA_TOL, exact_max_elements=exact)
+    out["sigma_data_subject"] = top.sigma if math.isfinite(top.sigma) else None
+    return out
+
+
 def _device_of(model: Any) -> torch.device:
     """Where the model's first parameter lives (the CPU for a model without any)."""
     param = next(iter(model.parameters()), None)
     return torch.device("cpu") if param is None else param.device
+
+
+def _sketch_pair(entry: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B, d) of a stored sketch, for `sketch.data_matrix`; None where it keeps no channel
+    energy (the module is then gated in weight space)."""
+    energy = sketch.decode_energy(entry)
+    if energy is None:
+        return None
+    b = sketch.decode(entry)
+    return b, sketch.residual_scales(b, energy)
 
 
 def _is_conv1d(module: Any) -> bool:
