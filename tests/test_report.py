@@ -194,9 +194,12 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path):
 # --- the spectral chart plots what decides ---------------------------------------------------
 
 def _spectral_policy() -> dict:
+    """The certificate's spectral policy with κ = 1.5 in every family: low enough that
+    quantization noise's robust z exceeds it, which must still not make a bar cross."""
     from tests.certs import synthetic_certificate
 
-    return synthetic_certificate(shift=0.0, seed=1)["policy"]["values"]["guards"]["spectral"]
+    policy = synthetic_certificate(shift=0.0, seed=1)["policy"]["values"]["guards"]["spectral"]
+    return {**policy, "family_caps": {f: 1.5 for f in policy["family_caps"]}}
 
 
 def _sigma_section(changes: dict[str, float], policy: dict) -> dict:

@@ -12,11 +12,9 @@ import torch
 
 from invarlock.guards import spectral
 from invarlock.guards.measure import sketch
+from invarlock.policy import tiers
 
-BALANCED = {"sigma_quantile": 0.5, "deadband": 0.10, "max_caps": 5, "family_caps":
-            {"attn": 2.15, "ffn": 1.53, "embed": 2.15, "other": 2.15},
-            "module_change_limit": 0.04, "multiple_testing": {"method": "bh", "alpha": 0.05,
-                                                              "m": 4}}
+BALANCED = tiers()["balanced"]["guards"]["spectral"]  # the shipped policy
 
 
 def _rows(n: int, d: int, seed: int) -> np.ndarray:
@@ -138,6 +136,8 @@ def test_a_change_where_the_data_never_goes_is_gated_by_the_data_not_the_weights
     up = records["model.layers.1.mlp.up_proj.weight"]
     assert up["sigma_subject"] / up["sigma_baseline"] - 1 > 0.5
     assert up["sigma_data_subject"] == pytest.approx(up["sigma_data_baseline"], rel=1e-4)
+    # so is the edit along the data, on both sides of the pair
+    assert up["edit_along_data"] < 1e-4 and record["edit_along_data"] < 1e-4
     assert decision.passed, decision.reason
     family = decision.summary["families"]["ffn"]
     assert family["max_abs_change"] < 1e-3 and family["max_abs_change_weights"] > 2.0

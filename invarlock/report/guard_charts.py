@@ -164,8 +164,9 @@ def change_chart(name: str, bars: list[charts.Bar], limit: int = 60) -> str:
     legend = " ".join(f'<span class="tag" style="border-color:{c};color:{c}">{f}</span>'
                       for f, c in charts.FAMILY_COLOURS.items())
     return (f"<figure>{svg}<figcaption>Change of each module's largest singular value against "
-            f"its own baseline, coloured by family {legend}; each tick marks the change at "
-            "which that module would be flagged (the deadband, its family's κ·spread around "
-            "the family's median change, or the module change limit, whichever applies "
-            "first). A bar past its tick is a candidate; candidates the guard reported as "
-            f"violations are named in red.{note}</figcaption></figure>")
+            "its own baseline (a block linear's along the calibration windows' inputs, other "
+            f"matrices' in weight space), coloured by family {legend}; each tick marks the "
+            "change at which that module would be flagged (the deadband, its family's "
+            "κ·spread around the family's median change, or the module change limit, "
+            "whichever applies first). A bar past its tick is a candidate; candidates the "
+            f"guard reported as violations are named in red.{note}</figcaption></figure>")

@@ -348,7 +348,12 @@ class SpectralProbe(Probe):
             gain = float(torch.linalg.vector_norm(
                 wb @ start.to(device=wb.device, dtype=wb.dtype)))
         if along is not None and wb is not None:
-            base, change = (wb.T, delta.T) if along.conv1d else (wb, delta)
+            # a balanced pair's change of magnitude on its side b (`fold.data_factors`), as
+            # for the gain along the data: a change of an undriven down_proj column is not
+            # counted again on up_proj's row through the balance
+            moved = delta if all(f is None for f in along.factors) else \
+                _apply(ws, along.factors) - wb
+            base, change = (wb.T, moved.T) if along.conv1d else (wb, moved)
             record["edit_along_data"] = sketch.edit_along_data(change, base, along.b)
         seed = _seed(entry["name"])
         exact = EXACT_SVD_MAX_ELEMENTS
