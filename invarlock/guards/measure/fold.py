@@ -422,11 +422,23 @@ def balancing_scale(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
 
     With `memo` (one per model and plan), each pair's s is formed once: both sides of a pair
     need it, and forming it reads and folds both weights."""
-    if memo is not None:
-        key = _pair_key(rel)
-        if key not in memo:
-            memo[key] = balancing_scale(rel, get, plan)
-        return memo[key]
+    return _pair_stats(rel, get, plan, memo)[0]
+
+
+def class_norm(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
+               plan: Mapping[str, Any], memo: Memo | None = None) -> torch.Tensor:
+    """n per channel class: the norm both sides of the balanced pair have there,
+    n_k = (‖a_k‖·‖b_k‖)^½, the same whatever rescaling the pair carries (0 where either
+    side is zero). Formed with the pair's balancing scale, from the same reads."""
+    return _pair_stats(rel, get, plan, memo)[1]
+
+
+def _pair_stats(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
+                plan: Mapping[str, Any], memo: Memo | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(balancing scale s, class norm n) of a pair, from one read and fold of each side."""
+    key = _pair_key(rel)
+    if memo is not None and key in memo and "norm " + key in memo:
+        return memo[key], memo["norm " + key]
     a = folded(rel["a"]["weight"], get, plan)
     b = a if rel["b"]["weight"] == rel["a"]["weight"] else folded(rel["b"]["weight"], get, plan)
     na, nb = _slice_norms(a, rel["a"]), _slice_norms(b.to(a.device), rel["b"])
@@ -436,22 +448,10 @@ def balancing_scale(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
     ok = (na > 0) & (nb > 0)
     s = torch.ones_like(na)
     s[ok] = (nb[ok] / na[ok]).pow(0.25)  # sqrt of the ratio of norms
-    return s
-
-
-def class_norm(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
-               plan: Mapping[str, Any], memo: Memo | None = None) -> torch.Tensor:
-    """n per channel class: the norm both sides of the balanced pair have there,
-    n_k = (‖a_k‖·‖b_k‖)^½, the same whatever rescaling the pair carries (0 where either
-    side is zero)."""
+    n = (na * nb).pow(0.25)
     if memo is not None:
-        key = "norm " + _pair_key(rel)
-        if key not in memo:
-            memo[key] = class_norm(rel, get, plan)
-        return memo[key]
-    a = folded(rel["a"]["weight"], get, plan)
-    b = a if rel["b"]["weight"] == rel["a"]["weight"] else folded(rel["b"]["weight"], get, plan)
-    return (_slice_norms(a, rel["a"]) * _slice_norms(b.to(a.device), rel["b"])).pow(0.25)
+        memo[key], memo["norm " + key] = s, n
+    return s, n
 
 
 def data_factors(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],

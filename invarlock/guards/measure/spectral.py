@@ -91,6 +91,10 @@ log = logging.getLogger(__name__)
 EDIT_SIZE_ITERATIONS = 12
 CACHED_SIGMA_RTOL = 1e-4  # cached σ_b and the files' σ_b agree to this unless the cache lies
 SIGMA_TOL = 1e-6
+# σ along the data is compared at the deadband's scale (5-20%) and its robust z divides by at
+# least 1% of it: 1e-5 relative is ample, and the gain costs a second σ per module
+DATA_SIGMA_TOL = 1e-5
+DIAGNOSTIC_SIGMA_TOL = 1e-4  # a weight-space σ that no gate reads (recorded to 0.01%)
 BASELINE_STARTS = 6  # no warm start for the baseline: a wider random block (computed once)
 
 
@@ -134,9 +138,12 @@ def matrices(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def baseline_top(w: torch.Tensor, seed: int) -> tuple[float, torch.Tensor]:
-    """σ_max and top right singular vector of a float32 matrix (computed once, cached)."""
-    top = top_singular(w, seed=seed, tol=SIGMA_TOL, random_starts=BASELINE_STARTS,
+def baseline_top(w: torch.Tensor, seed: int, diagnostic: bool = False
+                 ) -> tuple[float, torch.Tensor]:
+    """σ_max and top right singular vector of a float32 matrix (computed once, cached); a
+    diagnostic σ (a matrix gated along the data) with the subject's looser settings."""
+    top = top_singular(w, seed=seed, tol=DIAGNOSTIC_SIGMA_TOL if diagnostic else SIGMA_TOL,
+                       random_starts=RANDOM_STARTS if diagnostic else BASELINE_STARTS,
                        exact_max_elements=EXACT_SVD_MAX_ELEMENTS)
     return top.sigma, top.vector
 
@@ -174,17 +181,22 @@ class SpectralProbe(Probe):
             self._plan = transform_plan(model)
         get = lambda n: params[n].detach()  # noqa: E731
         memo: dict[str, torch.Tensor] = {}  # each pair's balancing scale, formed once
+        self._linears = linear_modules(model, FAMILIES)
+        # block linears get input sketches where there are calibration windows: their σ is
+        # then gated along the data, and the weight-space σ is a diagnostic
+        sketched = {f"{name}.weight" for name, _ in self._linears} if \
+            self.info is not None and self.info.calibration_ids.size else set()
         with torch.inference_mode(), single_thread():
             listed = matrices(model)
-            forms = ((i, effective(name, get, self._plan, memo))
+            forms = ((i, effective(name, get, self._plan, memo), name in sketched)
                      for i, (name, _) in enumerate(listed))
-            tops = map_matrices(lambda job: baseline_top(job[1], seed=job[0]), forms,
-                                matrix_workers(_device_of(model)), lambda job: job[1])
+            tops = map_matrices(lambda job: baseline_top(job[1], seed=job[0],
+                                                         diagnostic=job[2]),
+                                forms, matrix_workers(_device_of(model)), lambda job: job[1])
             for (name, param), (sigma, v) in zip(listed, tops, strict=True):
                 self._baseline.append({"name": name, "family": str(family_of(name)),
                                        "shape": list(param.shape), "sigma": sigma,
                                        "vector": encode_vector(v)})
-        self._linears = linear_modules(model, FAMILIES)
         self._input_scales = {}
         with torch.inference_mode(), single_thread():
             for name, module in self._linears:
@@ -232,17 +244,22 @@ class SpectralProbe(Probe):
         index entry (computed once, cached with the sketches)."""
         decoded = {i: _sketch_pair(entry) for i, entry in enumerate(table)}
 
-        def jobs() -> Iterator[tuple[str, torch.Tensor]]:
+        def jobs() -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
             for name, entry in index.items():
                 pair = decoded[entry["sketch"]]
                 if pair is None:
                     continue
                 w = effective(name, get, self._plan, memo)  # the baseline: its balanced form
-                w = w.T if entry["conv1d"] else w
-                yield name, sketch.data_matrix(w, *pair)
+                yield name, (w.T if entry["conv1d"] else w), pair
 
-        def top(job: tuple[str, torch.Tensor]) -> tuple[str, float, torch.Tensor]:
-            return job[0], *baseline_top(job[1], seed=_seed(job[0]))
+        def top(job: tuple[str, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[str, float, torch.Tensor]:
+            name, w, pair = job  # the data matrix formed on the worker's thread
+            m = sketch.data_matrix(w, *pair)
+            # warm start: one power step from the data's top direction (column 0 is W·b₁)
+            found = top_singular(m, m.T @ m[:, 0], seed=_seed(name), tol=DATA_SIGMA_TOL,
+                                 exact_max_elements=EXACT_SVD_MAX_ELEMENTS)
+            return name, found.sigma, found.vector
 
         with torch.inference_mode(), single_thread():  # formed as the threads take them
             tops = map_matrices(top, jobs(), matrix_workers(self._device), lambda job: job[1])
@@ -348,11 +365,12 @@ class SpectralProbe(Probe):
             gain = float(torch.linalg.vector_norm(
                 wb @ start.to(device=wb.device, dtype=wb.dtype)))
         if along is not None and wb is not None:
-            # a balanced pair's change of magnitude on its side b (`fold.data_factors`), as
-            # for the gain along the data: a change of an undriven down_proj column is not
-            # counted again on up_proj's row through the balance
-            moved = delta if all(f is None for f in along.factors) else \
-                _apply(ws, along.factors) - wb
+            # the subject with a balanced pair's change of magnitude on its side b
+            # (`fold.data_factors`), as for the gain along the data (`_data_gain`): a change
+            # of an undriven down_proj column is not counted again on up_proj's row
+            along_ws = ws if all(f is None for f in along.factors) else \
+                _apply(ws, along.factors)
+            moved = delta if along_ws is ws else along_ws - wb
             base, change = (wb.T, moved.T) if along.conv1d else (wb, moved)
             record["edit_along_data"] = sketch.edit_along_data(change, base, along.b)
         seed = _seed(entry["name"])
@@ -374,7 +392,11 @@ class SpectralProbe(Probe):
         # the edit's own top direction joins the warm start: where the edit adds a new
         # dominant direction (a spike), the block starts on it
         starts = torch.stack([start.to(edit.vector.device), edit.vector], dim=1)
-        top = top_singular(ws, starts, seed=seed, tol=SIGMA_TOL, exact_max_elements=exact)
+        # where σ is gated along the data, the weight-space σ is a recorded diagnostic: its
+        # block is the warm starts alone (the edit's top vector finds a spike) at a looser tol
+        top = top_singular(ws, starts, seed=seed, tol=DIAGNOSTIC_SIGMA_TOL if data else SIGMA_TOL,
+                           random_starts=0 if data else RANDOM_STARTS,
+                           exact_max_elements=0 if data else exact)
         size = edit.sigma / sigma_b if sigma_b > 0 else 0.0
         sigma_s = top.sigma
         # JSON has no inf/NaN: a norm that is not finite is stored as None
@@ -382,7 +404,8 @@ class SpectralProbe(Probe):
                       iterations=top.iterations, edit_size=size if math.isfinite(size) else None,
                       residual=top.residual if math.isfinite(top.residual) else None)
         if data and wb is not None:
-            record.update(_data_gain(entry["name"], along, ws, wb, delta, edit.vector, seed))
+            record.update(_data_gain(entry["name"], along, along_ws, wb, delta, edit.vector,
+                                     seed))
         return record
 
     def measure(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> dict[str, Any]:
@@ -398,6 +421,8 @@ class SpectralProbe(Probe):
                            "exact_svd_max_elements": EXACT_SVD_MAX_ELEMENTS,
                            "random_starts": RANDOM_STARTS,
                            "power_iteration_tol": SIGMA_TOL,
+                           "data_power_iteration_tol": DATA_SIGMA_TOL,
+                           "diagnostic_power_iteration_tol": DIAGNOSTIC_SIGMA_TOL,
                            "residual_tol": RESIDUAL_TOL,
                            "edit_size_iterations": EDIT_SIZE_ITERATIONS,
                            "input_sketch": {"rows": sketch.SKETCH_ROWS,
@@ -432,12 +457,11 @@ def _apply(w: torch.Tensor, factors: tuple[torch.Tensor | None, ...]) -> torch.T
     return w
 
 
-def _data_gain(name: str, along: Along, ws: torch.Tensor, wb: torch.Tensor, delta: torch.Tensor,
-               edit_vector: torch.Tensor, seed: int) -> dict[str, Any]:
-    """The subject's σ along the data (and the baseline's, taken again from the files where
-    the cached one does not hold along its cached vector)."""
+def _data_gain(name: str, along: Along, ws: torch.Tensor, wb: torch.Tensor,
+               delta: torch.Tensor, edit_vector: torch.Tensor, seed: int) -> dict[str, Any]:
+    """The subject's σ along the data, `ws` in its form along the data (and the baseline's,
+    taken again from the files where the cached one does not hold along its cached vector)."""
     b, d, v = along.b, along.d, along.vector
-    ws = _apply(ws, along.factors)
     base, subject = (wb.T, ws.T) if along.conv1d else (wb, ws)
     r = b.shape[0]
     v = v.to(device=base.device, dtype=torch.float32)
@@ -447,7 +471,7 @@ def _data_gain(name: str, along: Along, ws: torch.Tensor, wb: torch.Tensor, delt
     sigma_b = float(along.sigma)
     exact = EXACT_SVD_MAX_ELEMENTS
     if not abs(gain - sigma_b) <= CACHED_SIGMA_RTOL * max(abs(sigma_b), 1e-30):
-        files = top_singular(sketch.data_matrix(base, b, d), v, seed=seed + 4, tol=SIGMA_TOL,
+        files = top_singular(sketch.data_matrix(base, b, d), v, seed=seed + 4, tol=DATA_SIGMA_TOL,
                              exact_max_elements=exact)
         if math.isfinite(files.sigma):
             log.warning("spectral: %s: the cached σ along the data %.6g is not the files' "
@@ -463,7 +487,7 @@ def _data_gain(name: str, along: Along, ws: torch.Tensor, wb: torch.Tensor, delt
         left = left * out_factor.to(left.device)
     pulled = m.T @ left.to(device=m.device, dtype=torch.float32)
     starts = torch.stack([v, pulled], dim=1) if float(pulled.norm()) > 0 else v
-    top = top_singular(m, starts, seed=seed + 3, tol=SIGMA_TOL, exact_max_elements=exact)
+    top = top_singular(m, starts, seed=seed + 3, tol=DATA_SIGMA_TOL, exact_max_elements=exact)
     out["sigma_data_subject"] = top.sigma if math.isfinite(top.sigma) else None
     return out
 
