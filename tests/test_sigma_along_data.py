@@ -55,8 +55,9 @@ def test_a_stored_energy_that_does_not_fit_is_refused():
         sketch.decode_energy(negative)
 
 
-def _measured(baseline_dir, windows_dir, sonnets_path, edit):
-    """The spectral probe's records and decision for the saved baseline edited by `edit`."""
+def _measured(baseline_dir, windows_dir, sonnets_path, edit, tamper=None):
+    """The spectral probe's records and decision for the saved baseline edited by `edit`
+    (with `tamper`, the baseline state is changed first, as a planted cache entry would)."""
     from transformers import AutoModelForCausalLM
 
     from invarlock.calibration import wholemodel
@@ -78,6 +79,8 @@ def _measured(baseline_dir, windows_dir, sonnets_path, edit):
     evaluate_windows(model, windows, kind=MetricKind.PPL_CAUSAL, device="cpu", batch_size=4,
                      taps=[tap])
     state = probe.baseline_state()
+    if tamper is not None:
+        tamper(state)
     ids = torch.from_numpy(windows.input_ids[:2])
     with torch.no_grad():
         before = model(ids).logits
@@ -165,3 +168,35 @@ def test_a_module_without_a_gain_along_the_data_is_gated_in_weight_space():
     assert (d.basis, d.r, d.weight_r) == ("data", 0.0, pytest.approx(0.3))
     assert not spectral.decide({"modules": [weights]}, BALANCED).passed
     assert spectral.decide({"modules": [data]}, BALANCED).passed
+
+
+def test_a_planted_gain_along_the_data_cannot_hide_a_change(dead_channel, tiny_llama_dir,
+                                                            sonnets_path):
+    """The baseline's gain along the data comes from the cache: a lying σ is taken again from
+    the files' matrix (it must hold along its cached vector), and a zero or unreadable one
+    leaves the module gated in weight space with its edit along the data still measured."""
+    folder, _ = dead_channel
+    lying, zero, garbage = ("model.layers.0.self_attn.k_proj.weight",
+                            "model.layers.1.self_attn.o_proj.weight",
+                            "model.layers.0.mlp.down_proj.weight")
+
+    def tamper(state):
+        index = state["sketch_index"]
+        index[lying]["data_sigma"] *= 0.5  # the subject's ×2 below would read as unchanged
+        index[zero]["data_sigma"] = 0.0
+        index[garbage]["data_vector"] = "not base64!"
+
+    def double(model):
+        for name in (lying, zero, garbage):
+            model.get_submodule(name.removesuffix(".weight")).weight.mul_(2.0)
+
+    records, decision, _ = _measured(folder, tiny_llama_dir, sonnets_path, double, tamper)
+    assert records[lying]["sigma_basis"] == "data"
+    assert records[lying]["sigma_data_baseline_cached"] == pytest.approx(
+        0.5 * records[lying]["sigma_data_baseline"], rel=1e-4)
+    assert records[lying]["sigma_data_subject"] > 1.5 * records[lying]["sigma_data_baseline"]
+    for name in (zero, garbage):
+        assert records[name]["sigma_basis"] == "weights"
+        assert records[name]["edit_along_data"] > 0.3  # the balanced form: √2 − 1
+    assert not decision.passed
+    assert {lying, zero, garbage} <= {f["module"] for f in decision.findings}

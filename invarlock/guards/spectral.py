@@ -189,7 +189,8 @@ def score_modules(modules: Sequence[Mapping[str, Any]], sigma_quantile: float,
 
 def _on_data(m: Mapping[str, Any]) -> bool:
     """Whether a module's σ is gated along the data: measured there, with its baseline."""
-    return m.get("sigma_basis") == "data" and m.get("sigma_data_baseline") is not None \
+    base = m.get("sigma_data_baseline")
+    return m.get("sigma_basis") == "data" and isinstance(base, int | float) and base > 0 \
         and "sigma_data_subject" in m
 
 

@@ -290,18 +290,24 @@ class SpectralProbe(Probe):
                     return None
                 i = int(entry["sketch"])
                 if i not in decoded:
-                    decoded[i] = (sketch.decode(table[i]), _sketch_pair(table[i]))
+                    b = sketch.decode(table[i])
+                    decoded[i] = (b, _sketch_pair(table[i], b))
                 b, pair = decoded[i]
-                gain = None
-                if pair is not None and entry.get("data_sigma") is not None:
-                    gain = (pair[1], float(entry["data_sigma"]),
-                            decode_vector(entry["data_vector"]))
-                    if gain[2].numel() != b.shape[0] + b.shape[1]:
-                        raise ValueError("the data's top vector does not fit the sketch")
-                return Along(b, bool(entry["conv1d"]), *(gain or (None, None, None)))
+                sketched = Along(b, bool(entry["conv1d"]))
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("spectral: unreadable input sketch for %s (%s)", name, exc)
                 return None
+            try:  # without a usable gain along the data the module is gated in weight space
+                sigma = float(entry.get("data_sigma") or 0.0)
+                if pair is None or not (math.isfinite(sigma) and sigma > 0):
+                    return sketched
+                v = decode_vector(entry["data_vector"])
+                if v.numel() != b.shape[0] + b.shape[1]:
+                    raise ValueError("the data's top vector does not fit the sketch")
+                return replace(sketched, d=pair[1], sigma=sigma, vector=v)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("spectral: unreadable gain along the data for %s (%s)", name, exc)
+                return sketched
 
         def pairs() -> Iterator[tuple[Any, ...]]:
             """(entry, W_s, W_b, how formed, sketch) of each comparable matrix, formed here
@@ -498,13 +504,14 @@ def _device_of(model: Any) -> torch.device:
     return torch.device("cpu") if param is None else param.device
 
 
-def _sketch_pair(entry: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(B, d) of a stored sketch, for `sketch.data_matrix`; None where it keeps no channel
-    energy (the module is then gated in weight space)."""
+def _sketch_pair(entry: Mapping[str, Any], b: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B, d) of a stored sketch (B: decoded here unless given), for `sketch.data_matrix`;
+    None where it keeps no channel energy (the module is then gated in weight space)."""
     energy = sketch.decode_energy(entry)
     if energy is None:
         return None
-    b = sketch.decode(entry)
+    b = sketch.decode(entry) if b is None else b
     return b, sketch.residual_scales(b, energy)
 
 
