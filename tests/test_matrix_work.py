@@ -129,7 +129,8 @@ def test_the_memo_changes_no_effective_matrix(tiny_llama_dir):
         assert scale is None or torch.equal(scale, plain)
     pairs = {rel["a"]["weight"] + rel["b"]["weight"] for n in paired
              for rel in plan[n]["balance"]["relations"]}
-    assert len(memo) == len(pairs)  # one scale per pair, however many sides asked
+    # one balancing scale and one class norm per pair, however many sides asked
+    assert len(memo) == 2 * len(pairs)
 
 
 def test_transform_plan_is_traced_once_per_model_and_handed_out_as_a_copy(tiny_llama_dir):
