@@ -271,3 +271,28 @@ def check_zoo_edits(fresh: Callable[[], object], *, fold_atol: float, harm_atol:
             assert torch.allclose(out, reference, atol=fold_atol), family
         elif family in zoo.HARMFUL and family != "nan":
             assert not torch.allclose(out, reference, atol=harm_atol), family
+
+
+def sketched_spectral_baseline(model: object, windows_dir: Path, text: Path) -> tuple:
+    """(probe, windows, tap): a spectral probe bound to the first calibration windows of
+    `text` (cut by `windows_dir`'s tokenizer), its baseline measured on `model` with its input
+    tap run over those windows; `probe.baseline_state()` then holds the sketches."""
+    import numpy as np
+
+    from invarlock.calibration import wholemodel
+    from invarlock.enums import MetricKind
+    from invarlock.evaluate import evaluate_windows
+    from invarlock.guards.measure.probe import RunInfo
+    from invarlock.guards.measure.spectral import SpectralProbe
+
+    windows = wholemodel.calibration_windows(windows_dir, text)
+    probe = SpectralProbe({})
+    probe.bind(RunInfo(kind=MetricKind.PPL_CAUSAL, device="cpu", seed=0,
+                       preview_ids=np.zeros(0, dtype=np.int64),
+                       calibration_ids=windows.window_ids, replicates=0, ci_alpha=0.05,
+                       bootstrap_seed=0))
+    probe.baseline_loaded(model)
+    (tap,) = probe.taps(model, "baseline", "final")
+    evaluate_windows(model, windows, kind=MetricKind.PPL_CAUSAL, device="cpu", batch_size=4,
+                     taps=[tap])
+    return probe, windows, tap

@@ -180,23 +180,10 @@ def test_modules_fed_by_one_norm_keep_one_copy_of_their_rows(tiny_llama_dir, son
     and the state holds one sketch for them; o and down read their own inputs."""
     from transformers import AutoModelForCausalLM
 
-    from invarlock.calibration import wholemodel
-    from invarlock.enums import MetricKind
-    from invarlock.evaluate import evaluate_windows
-    from invarlock.guards.measure.probe import RunInfo
-    from invarlock.guards.measure.spectral import SpectralProbe
+    from tests.guardkit import sketched_spectral_baseline
 
-    windows = wholemodel.calibration_windows(tiny_llama_dir, sonnets_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    probe = SpectralProbe({})
-    probe.bind(RunInfo(kind=MetricKind.PPL_CAUSAL, device="cpu", seed=0,
-                       preview_ids=np.zeros(0, dtype=np.int64),
-                       calibration_ids=windows.window_ids, replicates=0, ci_alpha=0.05,
-                       bootstrap_seed=0))
-    probe.baseline_loaded(model)
-    (tap,) = probe.taps(model, "baseline", "final")
-    evaluate_windows(model, windows, kind=MetricKind.PPL_CAUSAL, device="cpu", batch_size=4,
-                     taps=[tap])
+    probe, windows, tap = sketched_spectral_baseline(model, tiny_llama_dir, sonnets_path)
     layer = "model.layers.0"
     q, k, v = (tap.rows[f"{layer}.self_attn.{m}_proj"] for m in "qkv")
     gate, up, down = (tap.rows[f"{layer}.mlp.{m}_proj"] for m in ("gate", "up", "down"))

@@ -23,23 +23,13 @@ def _probe_after(model_dir, edit, tied_prefix=True, text: Path | None = None):
     from invarlock.models.source import weight_files
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    probe = SpectralProbe({})
-    if text is not None:
-        from invarlock.calibration import wholemodel
-        from invarlock.enums import MetricKind
-        from invarlock.evaluate import evaluate_windows
-        from invarlock.guards.measure.probe import RunInfo
+    if text is None:
+        probe = SpectralProbe({})
+        probe.baseline_loaded(model)
+    else:
+        from tests.guardkit import sketched_spectral_baseline
 
-        windows = wholemodel.calibration_windows(model_dir, text)
-        probe.bind(RunInfo(kind=MetricKind.PPL_CAUSAL, device="cpu", seed=0,
-                           preview_ids=np.zeros(0, dtype=np.int64),
-                           calibration_ids=windows.window_ids, replicates=0, ci_alpha=0.05,
-                           bootstrap_seed=0))
-    probe.baseline_loaded(model)
-    if text is not None:
-        (tap,) = probe.taps(model, "baseline", "final")
-        evaluate_windows(model, windows, kind=MetricKind.PPL_CAUSAL, device="cpu",
-                         batch_size=4, taps=[tap])
+        probe, _, _ = sketched_spectral_baseline(model, model_dir, text)
     state = probe.baseline_state()
     ids = torch.arange(1, 17)[None, :]
     with torch.no_grad():

@@ -60,24 +60,12 @@ def _measured(baseline_dir, windows_dir, sonnets_path, edit, tamper=None):
     (with `tamper`, the baseline state is changed first, as a planted cache entry would)."""
     from transformers import AutoModelForCausalLM
 
-    from invarlock.calibration import wholemodel
-    from invarlock.enums import MetricKind
-    from invarlock.evaluate import evaluate_windows
-    from invarlock.guards.measure.probe import RunInfo, SubjectContext
-    from invarlock.guards.measure.spectral import SpectralProbe
+    from invarlock.guards.measure.probe import SubjectContext
     from invarlock.models.source import weight_files
+    from tests.guardkit import sketched_spectral_baseline
 
-    windows = wholemodel.calibration_windows(windows_dir, sonnets_path)
     model = AutoModelForCausalLM.from_pretrained(baseline_dir).eval()
-    probe = SpectralProbe({})
-    probe.bind(RunInfo(kind=MetricKind.PPL_CAUSAL, device="cpu", seed=0,
-                       preview_ids=np.zeros(0, dtype=np.int64),
-                       calibration_ids=windows.window_ids, replicates=0, ci_alpha=0.05,
-                       bootstrap_seed=0))
-    probe.baseline_loaded(model)
-    (tap,) = probe.taps(model, "baseline", "final")
-    evaluate_windows(model, windows, kind=MetricKind.PPL_CAUSAL, device="cpu", batch_size=4,
-                     taps=[tap])
+    probe, windows, _ = sketched_spectral_baseline(model, windows_dir, sonnets_path)
     state = probe.baseline_state()
     if tamper is not None:
         tamper(state)

@@ -476,11 +476,11 @@ def data_factors(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[st
             nb = class_norm(rel, base_get, plan, base_memo).to(n.device)
             ok = (n > 0) & (nb > 0)
             ratio = torch.ones_like(n)
-            ratio[ok] = (n[ok] / nb[ok]).pow(sign)
+            ratio[ok] = n[ok] / nb[ok]
             if factors is None:
                 factors = torch.ones(size, dtype=torch.float32, device=n.device)
-            index, cls, _ = _channels(side)
-            factors[index.to(n.device)] *= ratio[cls.to(n.device)].to(torch.float32)
+            index, factor = _multiplier(side, ratio, sign)
+            factors[index.to(n.device)] *= factor.to(torch.float32)
     return factors
 
 

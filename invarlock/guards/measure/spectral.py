@@ -192,7 +192,7 @@ class SpectralProbe(Probe):
                      for i, (name, _) in enumerate(listed))
             tops = map_matrices(lambda job: baseline_top(job[1], seed=job[0],
                                                          diagnostic=job[2]),
-                                forms, matrix_workers(_device_of(model)), lambda job: job[1])
+                                forms, matrix_workers(self._device), lambda job: job[1])
             for (name, param), (sigma, v) in zip(listed, tops, strict=True):
                 self._baseline.append({"name": name, "family": str(family_of(name)),
                                        "shape": list(param.shape), "sigma": sigma,
