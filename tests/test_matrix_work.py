@@ -133,6 +133,40 @@ def test_the_memo_changes_no_effective_matrix(tiny_llama_dir):
     assert len(memo) == 2 * len(pairs)
 
 
+def test_a_walk_of_effective_matrices_reads_each_paired_weight_once(tiny_llama_dir):
+    """With a memo, a pair's norms are taken from the folded matrices its sides' own
+    `effective` calls form (the partner's waits for its call and is then dropped): each
+    weight is read once per walk, and nothing is left waiting at the end."""
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.guards.measure.fold import FOLDING, effective, transform_plan
+    from invarlock.guards.measure.spectral import matrices
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    params = dict(model.named_parameters())
+    plan = transform_plan(model)
+    reads: list[str] = []
+
+    def get(name):
+        reads.append(name)
+        return params[name].detach()
+
+    names = [name for name, _ in matrices(model)]
+    paired = {n for n, e in plan.items() if "balance" in e}
+    assert paired <= set(names)
+    for memo in ({}, None):
+        reads.clear()
+        walked = {name: effective(name, get, plan, memo) for name in names}
+        counts = {name: reads.count(name) for name in paired}
+        if memo is None:  # without one, a pair's norms read both sides again
+            assert max(counts.values()) > 1
+            continue
+        assert set(counts.values()) == {1}
+        assert not [key for key in memo if key.startswith(FOLDING)]
+        for name in names:
+            torch.testing.assert_close(walked[name], effective(name, get, plan), rtol=0, atol=0)
+
+
 def test_transform_plan_is_traced_once_per_model_and_handed_out_as_a_copy(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 

@@ -44,6 +44,35 @@ def test_the_data_matrix_is_the_gain_along_the_kept_second_moment():
     torch.testing.assert_close(sketch.decode_energy(big), energy, rtol=1e-3, atol=1e-9)
 
 
+def test_the_gain_along_the_data_is_taken_without_forming_the_data_matrix():
+    """`DataMatrix`'s row products are the formed matrix's, and the iterative σ of it is the
+    formed matrix's exact σ: not forming [W Bᵀ | W·diag(d)] changes no gated value. A sketch
+    with no kept direction (r = 0) leaves the per-channel part alone."""
+    from invarlock.guards.measure.weights import exact_top, top_singular
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(60, 48, generator=gen)
+    w[:, 5] *= 20.0  # a dominant input channel: a top vector that is not generic
+    for rank in (8, 0):
+        x = _rows(128, 48, 4)
+        entry = sketch.encode(sketch.sketch(x, rank=rank) if rank else np.zeros((0, 48),
+                              dtype=np.float32), sketch.energy(x))
+        b = sketch.decode(entry)
+        d = sketch.residual_scales(b, sketch.decode_energy(entry))
+        dense = sketch.data_matrix(w, b, d)
+        m = sketch.DataMatrix(w, b, d)
+        assert m.shape == tuple(dense.shape)
+        q, z = torch.randn(3, m.shape[1], generator=gen), torch.randn(3, 60, generator=gen)
+        torch.testing.assert_close(m.by_transpose(q), q @ dense.T, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(m.by(z), z @ dense, rtol=1e-5, atol=1e-4)
+        exact = exact_top(dense)
+        iterative = top_singular(m, seed=0, tol=1e-7, exact_max_elements=0)
+        assert iterative.iterations > 0  # the products' path, not the formed matrix's
+        assert iterative.sigma == pytest.approx(exact.sigma, rel=1e-5)
+        assert abs(float(iterative.vector @ exact.vector)) == pytest.approx(1.0, abs=1e-4)
+        assert top_singular(m, seed=0).sigma == exact.sigma  # small: formed, exact
+
+
 def test_a_stored_energy_that_does_not_fit_is_refused():
     x = _rows(32, 8, 2)
     entry = sketch.encode(sketch.sketch(x), sketch.energy(x))

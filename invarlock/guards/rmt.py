@@ -105,8 +105,9 @@ def spectrum(y: np.ndarray) -> np.ndarray:
 
 def kept(values: np.ndarray) -> list[float | None]:
     """The values stored in the certificate (None stands for a non-finite one)."""
-    top = [float(v) for v in values[:KEEP_VALUES] if not np.isfinite(v) or v > KEEP_ABOVE]
-    return [round(v, 5) if np.isfinite(v) else None for v in top]
+    head = np.asarray(values[:KEEP_VALUES], dtype=np.float64)
+    top = head[~np.isfinite(head) | (head > KEEP_ABOVE)].tolist()  # one pass, not per value
+    return [round(v, 5) if math.isfinite(v) else None for v in top]
 
 
 def outliers(values: Sequence[float | None]) -> int:

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 # {pair: balancing scale} of one model under one plan (`balancing_scale`)
 Memo = dict[str, torch.Tensor]
+FOLDING = "folded "  # memo key prefix: a folded matrix read for a pair's norms, not yet used
 # RMSNorms that scale by (1 + w) rather than w (Gemma family); others are found by a probe.
 OFFSET_NORM_PREFIXES = ("Gemma",)
 TRACE_TOKENS = 8
@@ -439,8 +440,14 @@ def _pair_stats(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
     key = _pair_key(rel)
     if memo is not None and key in memo and "norm " + key in memo:
         return memo[key], memo["norm " + key]
-    a = folded(rel["a"]["weight"], get, plan)
-    b = a if rel["b"]["weight"] == rel["a"]["weight"] else folded(rel["b"]["weight"], get, plan)
+    names = (rel["a"]["weight"], rel["b"]["weight"])
+    inside = memo is not None and any(FOLDING + n in memo for n in names)
+    a = _pending_fold(names[0], get, plan, memo)
+    b = a if names[1] == names[0] else _pending_fold(names[1], get, plan, memo)
+    if inside:
+        # inside `effective` of one side: the other side's fold waits for its own call
+        # (the pair's sides come next to each other in a walk: one matrix held briefly)
+        memo.update({FOLDING + n: w for n, w in zip(names, (a, b), strict=True)})
     na, nb = _slice_norms(a, rel["a"]), _slice_norms(b.to(a.device), rel["b"])
     if na.shape != nb.shape:
         raise ValueError(f"pair {rel['a']['weight']} / {rel['b']['weight']}: "
@@ -508,7 +515,22 @@ def effective(name: str, get: Callable[[str], torch.Tensor],
               plan: Mapping[str, Any], memo: Memo | None = None) -> torch.Tensor:
     """The matrix whose σ the spectral guard compares: folded, then balanced in every pair
     it belongs to (the pairs touch disjoint channels, so their order does not matter)."""
-    return _balance(name, folded(name, get, plan), get, plan, memo)
+    w = _pending_fold(name, get, plan, memo)
+    if memo is None or not _relations(name, plan):
+        return _balance(name, w, get, plan, memo)
+    memo[FOLDING + name] = w  # the pair's norms are taken from it, not from a second read
+    try:
+        return _balance(name, w, get, plan, memo)
+    finally:
+        memo.pop(FOLDING + name, None)
+
+
+def _pending_fold(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
+                  memo: Memo | None) -> torch.Tensor:
+    """`folded(name)`, taken (and dropped) from the memo where a pair's norms formed it."""
+    if memo is not None and FOLDING + name in memo:
+        return memo.pop(FOLDING + name)
+    return folded(name, get, plan)
 
 
 def balanced(name: str, get: Callable[[str], torch.Tensor],

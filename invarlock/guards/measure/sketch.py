@@ -217,6 +217,34 @@ def data_matrix(w: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tens
     return torch.cat([w @ b.T, w * d.to(device=w.device, dtype=torch.float32)], dim=1)
 
 
+class DataMatrix:
+    """`data_matrix(w, b, d)` known by its products (`weights.RowProducts`), never formed:
+    q Mᵀ = (q_r B + q_d·d) Wᵀ and z M = [(z W) Bᵀ | (z W)·d], two passes over W per step,
+    where forming M reads W three times and writes a copy of it."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> None:
+        self.w = w.to(torch.float32)
+        self.b = b.to(device=self.w.device, dtype=torch.float32)
+        self.d = d.to(device=self.w.device, dtype=torch.float32)
+        self.rank = int(self.b.shape[0])
+        self.shape = (int(self.w.shape[0]), self.rank + int(self.w.shape[1]))
+        self.device = self.w.device
+
+    def inputs(self, q: torch.Tensor) -> torch.Tensor:
+        """The input-space rows [k, in] that rows q [k, r + in] of the data's space are."""
+        return q[:, :self.rank] @ self.b + q[:, self.rank:] * self.d
+
+    def by_transpose(self, q: torch.Tensor) -> torch.Tensor:
+        return self.inputs(q) @ self.w.T
+
+    def by(self, z: torch.Tensor) -> torch.Tensor:
+        y = z @ self.w
+        return torch.cat([y @ self.b.T, y * self.d], dim=1)
+
+    def dense(self) -> torch.Tensor:
+        return data_matrix(self.w, self.b, self.d)
+
+
 def sketches(rows: Mapping[str, RowStore]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """(distinct sketches, {module: index}): modules whose sampled inputs are identical (one
     tensor read by q, k and v, kept once) share one."""

@@ -5,8 +5,10 @@ the norm that feeds it folded in, and function-preserving channel pairs balanced
 reparametrisation that leaves the function unchanged leaves σ unchanged. The transform plan
 is traced on the baseline and cached with it.
 
-Baseline (when it is loaded for evaluation): σ_b and the top right singular vector v_b of
-every 2-D floating weight (tied weights once), both cached with the baseline's results.
+Baseline: σ_b and the top right singular vector v_b of every 2-D floating weight (tied
+weights once), both cached with the baseline's results; taken when the baseline is loaded,
+except for the block linears that get input sketches, whose σ_b is taken beside their gain
+along the data once the sketches exist (one formed effective matrix for both).
 
 Baseline passes (final phase): every block linear's inputs at seeded token positions of the
 calibration windows, reduced to an input sketch per distinct input (`sketch`), cached with
@@ -20,7 +22,8 @@ cache entry cannot claim the subject's σ), and gets σ_s, the edit size ‖W_s 
 a block linear, the edit size along the data ‖ΔW·X‖_F/‖W_b·X‖_F on its input sketch.
 
 A block linear with an input sketch also gets its gain along the data, σ_max(W_eff·C̃^½)
-(`sketch.data_matrix`), for the baseline when the sketches are made (cached with its top
+(`sketch.data_matrix`, iterated on by its products: `sketch.DataMatrix`), for the baseline
+when the sketches are made (cached with its top
 vector, checked against the files like σ_b) and for the subject: the σ the guard gates for
 that module (`sigma_basis: data`). Weight-space σ stays in the record: GPTQ's error feedback
 can raise it by 175% on an input channel the text never drives with the outputs unchanged.
@@ -75,6 +78,7 @@ from invarlock.guards.measure.weights import (
     EXACT_SVD_MAX_ELEMENTS,
     RANDOM_STARTS,
     RESIDUAL_TOL,
+    TopSingular,
     WeightReader,
     map_matrices,
     matrix_workers,
@@ -170,6 +174,7 @@ class SpectralProbe(Probe):
         self._modules: list[dict[str, Any]] | None = None
         self._unmatched: list[str] = []
         self._get: Callable[[str], torch.Tensor] | None = None
+        self._deferred: list[tuple[int, str]] = []  # (index, name): σ taken with the sketches
         self._memo: dict[str, torch.Tensor] = {}
         self._device = torch.device("cpu")
 
@@ -183,20 +188,22 @@ class SpectralProbe(Probe):
         memo: dict[str, torch.Tensor] = {}  # each pair's balancing scale, formed once
         self._linears = linear_modules(model, FAMILIES)
         # block linears get input sketches where there are calibration windows: their σ is
-        # then gated along the data, and the weight-space σ is a diagnostic
+        # then gated along the data, and their weight-space σ is taken with the gain along the
+        # data once the sketches exist (`baseline_state`), from one formed effective matrix
         sketched = {f"{name}.weight" for name, _ in self._linears} if \
             self.info is not None and self.info.calibration_ids.size else set()
         with torch.inference_mode(), single_thread():
             listed = matrices(model)
-            forms = ((i, effective(name, get, self._plan, memo), name in sketched)
-                     for i, (name, _) in enumerate(listed))
-            tops = map_matrices(lambda job: baseline_top(job[1], seed=job[0],
-                                                         diagnostic=job[2]),
+            self._baseline = [{"name": name, "family": str(family_of(name)),
+                               "shape": list(param.shape)} for name, param in listed]
+            self._deferred = [(i, name) for i, (name, _) in enumerate(listed)
+                              if name in sketched]
+            forms = ((i, effective(name, get, self._plan, memo))
+                     for i, (name, _) in enumerate(listed) if name not in sketched)
+            tops = map_matrices(lambda job: (job[0], baseline_top(job[1], seed=job[0])),
                                 forms, matrix_workers(self._device), lambda job: job[1])
-            for (name, param), (sigma, v) in zip(listed, tops, strict=True):
-                self._baseline.append({"name": name, "family": str(family_of(name)),
-                                       "shape": list(param.shape), "sigma": sigma,
-                                       "vector": encode_vector(v)})
+            for i, (sigma, v) in tops:
+                self._baseline[i].update(sigma=sigma, vector=encode_vector(v))
         self._input_scales = {}
         with torch.inference_mode(), single_thread():
             for name, module in self._linears:
@@ -207,7 +214,7 @@ class SpectralProbe(Probe):
                     scale = None
                 if scale is not None:
                     self._input_scales[name] = scale.float().cpu().numpy()
-        # the gain along the data needs the effective weights again once the sketches exist
+        # the deferred modules' σ need the effective weights once the sketches exist
         self._get, self._memo = get, memo
 
     def taps(self, model: Any, role: str, phase: str) -> list[Any]:
@@ -226,46 +233,62 @@ class SpectralProbe(Probe):
         state = {"modules": self._baseline, "transforms": self._plan}
         tap, self._tap = self._tap, None  # drop its module references: the baseline can go
         get, self._get, memo, self._memo = self._get, None, self._memo, {}
+        index: dict[str, dict[str, Any]] = {}
+        table: list[dict[str, Any]] = []
         if tap is not None:
             conv1d = {name for name, module in self._linears if _is_conv1d(module)}
             with single_thread():
-                table, index = sketch.sketches(tap.rows)
+                table, rows = sketch.sketches(tap.rows)
+            index = {f"{name}.weight": {"sketch": i, "conv1d": name in conv1d}
+                     for name, i in rows.items()}
             state["sketches"] = table
-            state["sketch_index"] = {f"{name}.weight": {"sketch": i, "conv1d": name in conv1d}
-                                     for name, i in index.items()}
-            if get is not None:
-                self._data_gains(state["sketch_index"], table, get, memo)
+            state["sketch_index"] = index
+        if get is not None and self._deferred:
+            self._sketched_tops(index, table, get, memo)
+        self._deferred = []
         self._linears = []
         return state
 
-    def _data_gains(self, index: dict[str, dict[str, Any]], table: list[dict[str, Any]],
-                    get: Callable[[str], torch.Tensor], memo: dict[str, torch.Tensor]) -> None:
-        """σ and top vector of each sketched module's baseline along the data, into its
-        index entry (computed once, cached with the sketches)."""
+    def _sketched_tops(self, index: dict[str, dict[str, Any]], table: list[dict[str, Any]],
+                       get: Callable[[str], torch.Tensor], memo: dict[str, torch.Tensor]
+                       ) -> None:
+        """The deferred block linears' weight-space σ (into their module records) and, where
+        they have a sketch with channel energy, their σ along the data and its top vector
+        (into their index entries, cached with the sketches): both of one effective matrix.
+        A module left without a gain along the data is gated in weight space: its σ then
+        gets the baseline's full settings, not the diagnostic's."""
         decoded = {i: _sketch_pair(entry) for i, entry in enumerate(table)}
 
-        def jobs() -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
-            for name, entry in index.items():
-                pair = decoded[entry["sketch"]]
-                if pair is None:
-                    continue
+        def jobs() -> Iterator[tuple[int, str, torch.Tensor, Any]]:
+            for i, name in self._deferred:
+                entry = index.get(name)
+                pair = None if entry is None else decoded[entry["sketch"]]
                 w = effective(name, get, self._plan, memo)  # the baseline: its balanced form
-                yield name, (w.T if entry["conv1d"] else w), pair
+                yield i, name, w, None if pair is None else (bool(entry["conv1d"]), pair)
 
-        def top(job: tuple[str, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
-                ) -> tuple[str, float, torch.Tensor]:
-            name, w, pair = job  # the data matrix formed on the worker's thread
-            m = sketch.data_matrix(w, *pair)
-            # warm start: one power step from the data's top direction (column 0 is W·b₁)
-            found = top_singular(m, m.T @ m[:, 0], seed=_seed(name), tol=DATA_SIGMA_TOL,
-                                 exact_max_elements=EXACT_SVD_MAX_ELEMENTS)
-            return name, found.sigma, found.vector
+        def tops(job: tuple[int, str, torch.Tensor, Any]
+                 ) -> tuple[int, str, tuple[float, torch.Tensor], TopSingular | None]:
+            i, name, w, along = job
+            weights = baseline_top(w, seed=i, diagnostic=along is not None)
+            if along is None:
+                return i, name, weights, None
+            conv1d, pair = along
+            m = sketch.DataMatrix(w.T if conv1d else w, *pair)
+            # warm start: one power step from the data's top direction (M's column 0, W·b₁)
+            first = torch.zeros(1, m.shape[1], device=m.device)
+            first[0, 0] = 1.0
+            data = top_singular(m, m.by(m.by_transpose(first))[0], seed=_seed(name),
+                                tol=DATA_SIGMA_TOL, exact_max_elements=EXACT_SVD_MAX_ELEMENTS)
+            return i, name, weights, data
 
         with torch.inference_mode(), single_thread():  # formed as the threads take them
-            tops = map_matrices(top, jobs(), matrix_workers(self._device), lambda job: job[1])
-        for name, sigma, v in tops:
-            index[name]["data_sigma"] = sigma
-            index[name]["data_vector"] = encode_vector(v)
+            found = map_matrices(tops, jobs(), matrix_workers(self._device),
+                                 lambda job: job[2])
+        for i, name, (sigma, v), data in found:
+            self._baseline[i].update(sigma=sigma, vector=encode_vector(v))
+            if data is not None:
+                index[name]["data_sigma"] = data.sigma
+                index[name]["data_vector"] = encode_vector(data.vector)
 
     def subject_loaded(self, ctx: SubjectContext, baseline: Mapping[str, Any]) -> None:
         reader = WeightReader(ctx.baseline_files)
@@ -477,21 +500,21 @@ def _data_gain(name: str, along: Along, ws: torch.Tensor, wb: torch.Tensor,
     sigma_b = float(along.sigma)
     exact = EXACT_SVD_MAX_ELEMENTS
     if not abs(gain - sigma_b) <= CACHED_SIGMA_RTOL * max(abs(sigma_b), 1e-30):
-        files = top_singular(sketch.data_matrix(base, b, d), v, seed=seed + 4, tol=DATA_SIGMA_TOL,
-                             exact_max_elements=exact)
+        files = top_singular(sketch.DataMatrix(base, b, d), v, seed=seed + 4,
+                             tol=DATA_SIGMA_TOL, exact_max_elements=exact)
         if math.isfinite(files.sigma):
             log.warning("spectral: %s: the cached σ along the data %.6g is not the files' "
                         "%.6g", name, sigma_b, files.sigma)
             out["sigma_data_baseline_cached"] = sigma_b
             out["sigma_data_baseline"] = sigma_b = files.sigma
-    m = sketch.data_matrix(subject, b, d)
+    m = sketch.DataMatrix(subject, b, d)
     # the edit's top output direction, pulled back through the subject's data matrix:
     # where the edit brings in a new dominant direction, the block starts on it
     left = edit_vector if along.conv1d else delta @ edit_vector.to(delta.dtype)
     out_factor = along.factors[1 if along.conv1d else 0]
     if out_factor is not None:
         left = left * out_factor.to(left.device)
-    pulled = m.T @ left.to(device=m.device, dtype=torch.float32)
+    pulled = m.by(left.to(device=m.device, dtype=torch.float32)[None])[0]
     starts = torch.stack([v, pulled], dim=1) if float(pulled.norm()) > 0 else v
     top = top_singular(m, starts, seed=seed + 3, tol=DATA_SIGMA_TOL, exact_max_elements=exact)
     out["sigma_data_subject"] = top.sigma if math.isfinite(top.sigma) else None

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -359,23 +359,58 @@ def _settle(done: int) -> None:
         trim_host_memory()
 
 
-def power_iteration(w: torch.Tensor, start: torch.Tensor | None = None, *, tol: float = 1e-7,
+class RowProducts(Protocol):
+    """A matrix known by its products with a few rows, never formed whole (`top_singular`):
+    where it is a product of a stored matrix and a thin one, forming it costs more passes over
+    the stored matrix than the iteration itself."""
+
+    shape: tuple[int, int]
+    device: torch.device
+
+    def by_transpose(self, q: torch.Tensor) -> torch.Tensor:
+        """q Wᵀ for rows q [k, n]: [k, m]."""
+
+    def by(self, z: torch.Tensor) -> torch.Tensor:
+        """z W for rows z [k, m]: [k, n]."""
+
+    def dense(self) -> torch.Tensor:
+        """W itself, float32 (for the exact path)."""
+
+
+Matrix = torch.Tensor | RowProducts
+
+
+def _products(w: Matrix) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                  Callable[[torch.Tensor], torch.Tensor]]:
+    """(q ↦ q Wᵀ, z ↦ z W) on blocks of rows."""
+    if isinstance(w, torch.Tensor):
+        return (lambda q: q @ w.T), (lambda z: z @ w)
+    return w.by_transpose, w.by
+
+
+def power_iteration(w: Matrix, start: torch.Tensor | None = None, *, tol: float = 1e-7,
                     max_iter: int = 300) -> tuple[float, torch.Tensor, int]:
     """Power iteration for σ_max(W) (von Mises): v ← WᵀWv/‖WᵀWv‖, σ = ‖Wv‖."""
+    if isinstance(w, torch.Tensor):
+        forward, backward = (lambda v: w @ v), (lambda u: w.T @ u)
+    else:
+        rows_t, rows = _products(w)
+        forward, backward = (lambda v: rows_t(v[None])[0]), (lambda u: rows(u[None])[0])
+    device = w.device
     n = w.shape[1]
     if start is None:
         gen = torch.Generator(device="cpu").manual_seed(n)
-        v = torch.randn(n, generator=gen, dtype=torch.float32).to(w.device)
+        v = torch.randn(n, generator=gen, dtype=torch.float32).to(device)
     else:
-        v = start.to(device=w.device, dtype=torch.float32)
+        v = start.to(device=device, dtype=torch.float32)
     v = v / v.norm().clamp_min(1e-30)
     sigma = 0.0
     for i in range(1, max_iter + 1):
-        u = w @ v
+        u = forward(v)
         new_sigma = float(u.norm())
         if new_sigma == 0.0:
             return 0.0, v, i
-        v = w.T @ (u / new_sigma)
+        v = backward(u / new_sigma)
         v = v / v.norm().clamp_min(1e-30)
         if abs(new_sigma - sigma) <= tol * new_sigma:
             return new_sigma, v, i
@@ -421,7 +456,7 @@ def exact_top(w: torch.Tensor) -> TopSingular:
     return TopSingular(float(torch.linalg.vector_norm(w @ v)), v, 0, 0.0)
 
 
-def top_singular(w: torch.Tensor, start: torch.Tensor | None = None, *, seed: int = 0,
+def top_singular(w: Matrix, start: torch.Tensor | None = None, *, seed: int = 0,
                  tol: float = 1e-7, residual_tol: float = RESIDUAL_TOL, max_iter: int = 200,
                  random_starts: int = RANDOM_STARTS,
                  exact_max_elements: int = EXACT_SVD_MAX_ELEMENTS) -> TopSingular:
@@ -434,12 +469,15 @@ def top_singular(w: torch.Tensor, start: torch.Tensor | None = None, *, seed: in
     least `MIN_ITERATIONS` it stops when the top Ritz value changes by at most `tol` and its
     residual ‖Wᵀu − σv‖/σ is at most `residual_tol`; after `BLOCK_ITERATIONS` the top Ritz
     vector is refined by single-vector power iteration to `tol`, and its residual is
-    recorded. The Ritz value never exceeds σ_max.
+    recorded. The Ritz value never exceeds σ_max. `w` may be known by its products alone
+    (`RowProducts`): it is then formed only for the exact path.
     """
-    w = w.to(torch.float32)
+    if isinstance(w, torch.Tensor):
+        w = w.to(torch.float32)
     m, n = w.shape
-    if w.numel() <= exact_max_elements or min(m, n) <= random_starts + 3:
-        return exact_top(w)
+    if m * n <= exact_max_elements or min(m, n) <= random_starts + 3:
+        return exact_top(w if isinstance(w, torch.Tensor) else w.dense())
+    by_transpose, by = _products(w)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     block = [torch.randn(n, random_starts, generator=gen)]
     if start is not None:
@@ -450,8 +488,8 @@ def top_singular(w: torch.Tensor, start: torch.Tensor | None = None, *, seed: in
     sigma, prev, residual = 0.0, -1.0, float("inf")
     v = q[0]
     for i in range(1, min(max_iter, BLOCK_ITERATIONS) + 1):
-        z = q @ w.T                                     # [k, m]: (W Qᵀ)ᵀ
-        y = z @ w                                       # [k, n]: the next block, and Wᵀu
+        z = by_transpose(q)                             # [k, m]: (W Qᵀ)ᵀ
+        y = by(z)                                       # [k, n]: the next block, and Wᵀu
         evals, evecs = torch.linalg.eigh(z @ z.T)       # Rayleigh–Ritz on the k×k Gram
         top = evecs[:, -1]
         sigma = float(evals[-1].clamp_min(0).sqrt())
@@ -471,7 +509,7 @@ def top_singular(w: torch.Tensor, start: torch.Tensor | None = None, *, seed: in
         steps += more
     if sigma == 0.0:
         return TopSingular(0.0, v, steps, 0.0)
-    residual = float((w.T @ (w @ v) / sigma - sigma * v).norm()) / sigma
+    residual = float((by(by_transpose(v[None]))[0] / sigma - sigma * v).norm()) / sigma
     if residual > residual_tol:
         log.debug("top_singular: residual %.2e after %d iterations", residual, steps)
     return TopSingular(sigma, v, steps, residual)
