@@ -490,18 +490,17 @@ def _data_gain(name: str, along: Along, ws: torch.Tensor, wb: torch.Tensor,
                delta: torch.Tensor, edit_vector: torch.Tensor, seed: int) -> dict[str, Any]:
     """The subject's σ along the data, `ws` in its form along the data (and the baseline's,
     taken again from the files where the cached one does not hold along its cached vector)."""
-    b, d, v = along.b, along.d, along.vector
+    b, d = along.b, along.d
     base, subject = (wb.T, ws.T) if along.conv1d else (wb, ws)
-    r = b.shape[0]
-    v = v.to(device=base.device, dtype=torch.float32)
-    mapped = b.to(base.device).T @ v[:r] + d.to(base.device) * v[r:]
-    gain = float(torch.linalg.vector_norm(base.float() @ mapped))
+    files_m = sketch.DataMatrix(base, b, d)
+    v = along.vector.to(device=files_m.device, dtype=torch.float32)
+    gain = float(torch.linalg.vector_norm(files_m.by_transpose(v[None])))  # ‖M_b v‖
     out: dict[str, Any] = {}
     sigma_b = float(along.sigma)
     exact = EXACT_SVD_MAX_ELEMENTS
     if not abs(gain - sigma_b) <= CACHED_SIGMA_RTOL * max(abs(sigma_b), 1e-30):
-        files = top_singular(sketch.DataMatrix(base, b, d), v, seed=seed + 4,
-                             tol=DATA_SIGMA_TOL, exact_max_elements=exact)
+        files = top_singular(files_m, v, seed=seed + 4, tol=DATA_SIGMA_TOL,
+                             exact_max_elements=exact)
         if math.isfinite(files.sigma):
             log.warning("spectral: %s: the cached σ along the data %.6g is not the files' "
                         "%.6g", name, sigma_b, files.sigma)
