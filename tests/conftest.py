@@ -59,6 +59,27 @@ def tiny_llama_dir(tmp_path_factory, bpe_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, bpe_tokenizer_dir):
+    """Qwen2 layout: biased q/k/v projections, grouped-query attention, rotary positions."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.tinymodels import _save, _vocab_size
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=_vocab_size(bpe_tokenizer_dir), hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
+                      eos_token_id=0, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random biases, so that the rescaling must scale them too
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    return _save(model, bpe_tokenizer_dir, tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="session")
 def tiny_causal_dirs(tmp_path_factory, bpe_tokenizer_dir) -> dict[str, Path]:
     """{architecture: folder} for every tinymodels.OTHER_CAUSAL architecture."""
     from tests.tinymodels import OTHER_CAUSAL, build_causal

@@ -243,8 +243,8 @@ def certify(*args: str, cache: Path | None = None,
 def check_zoo_edits(fresh: Callable[[], object], *, fold_atol: float, harm_atol: float,
                     not_applicable: frozenset[str] = frozenset()) -> None:
     """Every zoo family on fresh copies of one model: it edits something, the same seed gives
-    the same weights, norm folds keep the outputs (within `fold_atol`), harmful edits change
-    them (beyond `harm_atol`); families in `not_applicable` refuse with NotApplicable."""
+    the same weights, norm folds and sign flips keep the outputs (within `fold_atol`), harmful
+    edits change them (beyond `harm_atol`); families in `not_applicable` refuse with NotApplicable."""
     import pytest
     import torch
 
@@ -267,7 +267,7 @@ def check_zoo_edits(fresh: Callable[[], object], *, fold_atol: float, harm_atol:
         for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(),
                                   strict=True):
             assert torch.equal(pa.nan_to_num(), pb.nan_to_num()), (family, name)
-        if family.startswith("normfold"):
+        if family.startswith("normfold") or family == "sign_flip":
             assert torch.allclose(out, reference, atol=fold_atol), family
         elif family in zoo.HARMFUL and family != "nan":
             assert not torch.allclose(out, reference, atol=harm_atol), family

@@ -521,10 +521,10 @@ def test_the_zoo_calibration_set_leaves_out_half_sparsity_unless_named():
     """`--edits zoo` sizes limits from edits that keep perplexity near the baseline: the
     50% pruning families (PPL ×1.4–1.5 on the demo) only run when named."""
     from invarlock.calibration.runner import reference_edits
-    from invarlock.calibration.zoo_run import BENIGN, UNCALIBRATED
+    from invarlock.calibration.zoo_run import BENIGN, NOT_IN_SHIPPED_CALIBRATION, UNCALIBRATED
 
     zoo_labels = {label.split(":")[1] for label, _, _ in reference_edits(("zoo",), 1)}
-    assert zoo_labels == set(BENIGN) - set(UNCALIBRATED)
+    assert zoo_labels == set(BENIGN) - set(UNCALIBRATED) - set(NOT_IN_SHIPPED_CALIBRATION)
     assert {"gptq4", "vo_scale", "updown_scale"} <= zoo_labels
     named = reference_edits(("wanda",), 2)
     assert [label for label, _, _ in named] == ["zoo:wanda:0", "zoo:wanda:1"]

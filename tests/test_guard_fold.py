@@ -143,26 +143,6 @@ def test_whole_family_scaled_fails_on_the_own_baseline_check():
     assert d.passed
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen2_dir(tmp_path_factory, bpe_tokenizer_dir):
-    """Qwen2 layout: biased q/k/v projections, grouped-query attention, rotary positions."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from tests.tinymodels import _save, _vocab_size
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=_vocab_size(bpe_tokenizer_dir), hidden_size=32,
-                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
-                      eos_token_id=0, tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():  # random biases, so that the rescaling must scale them too
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0.0, 0.5)
-    return _save(model, bpe_tokenizer_dir, tmp_path_factory.mktemp("qwen2"))
-
-
 def _rmt_counts(model, plan, seed=0):
     """Outlier counts per module and window group of the RMT probe's tap (balancing factors
     from `plan`) over 8 windows of 48 random tokens, and the balanced module names."""
@@ -209,13 +189,15 @@ PAIRS = {"qk_scale": ("q_proj", "k_proj"), "awq_scale": ("v_proj", "o_proj", "up
 
 
 @pytest.mark.parametrize(("arch", "families"), [
-    *[(arch, ("qk_scale", "awq_scale", "normfold_all")) for arch in sorted(RESCALED)],
+    *[(arch, ("qk_scale", "awq_scale", "normfold_all", "sign_flip"))
+      for arch in sorted(RESCALED)],
     *[(arch, (family,)) for arch in ("llama", "qwen2", "gemma") for family in PAIRS]])
 def test_rescalings_a_real_method_uses_move_no_sigma_and_no_outlier(
         arch, families, tiny_llama_dir, tiny_gpt2_dir, tiny_qwen2_dir, tiny_causal_dirs,
         sonnets_path):
     """SmoothAttention q/k scales (per key head and rotary pair, λ in [0.5, 2]), AWQ's
-    activation-aware v→o and up→down scales and norm folds, each pair alone and all together:
+    activation-aware v→o and up→down scales and norm folds, each pair alone and all together
+    (with sign flips of the pairs' classes on top):
     the logits do not move (the rescaling really preserves the function), no σ moves, in
     weight space or along the data (the balanced tier's spectral guard passes), no RMT
     outlier count moves; the producers' raw outputs did change, so the invariance is the

@@ -167,6 +167,49 @@ def test_a_walk_of_effective_matrices_reads_each_paired_weight_once(tiny_llama_d
             torch.testing.assert_close(walked[name], effective(name, get, plan), rtol=0, atol=0)
 
 
+def test_a_subject_walk_aligned_with_its_baseline_reads_each_weight_once(tiny_llama_dir):
+    """The spectral walk over both models (subject with its signs against the baseline, then
+    the baseline): the baseline's sides read for the signs are handed over to its own
+    `effective` calls, so each paired weight of either model is still read once, nothing is
+    left waiting, and the baseline's matrices are the memo-less ones."""
+    from transformers import AutoModelForCausalLM
+
+    from invarlock.guards.measure.fold import FOLDING, Reference, effective, transform_plan
+    from invarlock.guards.measure.spectral import matrices
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    subject = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    with torch.no_grad():
+        for p in subject.parameters():
+            p.mul_(1.01)
+    plan = transform_plan(base)
+    reads: dict[str, list[str]] = {"base": [], "subject": []}
+
+    def getter(model, role):
+        params = dict(model.named_parameters())
+
+        def get(name):
+            reads[role].append(name)
+            return params[name].detach()
+        return get
+
+    base_get, subject_get = getter(base, "base"), getter(subject, "subject")
+    base_memo, subject_memo = {}, {}
+    reference = Reference(base_get, base_memo, hand_over=True)
+    paired = {n for n, e in plan.items() if "balance" in e}
+    walked = {}
+    for name, _ in matrices(base):
+        effective(name, subject_get, plan, subject_memo, reference)
+        walked[name] = effective(name, base_get, plan, base_memo)
+    for role in reads:
+        assert {reads[role].count(name) for name in paired} == {1}, role
+    for memo in (base_memo, subject_memo):
+        assert not [key for key in memo if key.startswith(FOLDING)]
+    for name, w in walked.items():
+        torch.testing.assert_close(w, effective(name, getter(base, "base"), plan), rtol=0,
+                                   atol=0)
+
+
 def test_transform_plan_is_traced_once_per_model_and_handed_out_as_a_copy(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 

@@ -19,7 +19,7 @@ NOT_APPLICABLE = {("gemma2", "outproj_half")}
 # Falcon's fused query_key_value has several layouts and a GELU MLP: no q/k, value or
 # up/down rescaling is known to preserve its function.
 NOT_APPLICABLE |= {("falcon", f) for f in ("qk_scale", "awq_scale", "awq_rtn4", "vo_scale",
-                                            "updown_scale")}
+                                            "updown_scale", "sign_flip")}
 # Only gated MLPs (gate/up → down) have an up → down pair to rescale.
 NOT_APPLICABLE |= {(a, "updown_scale") for a in ("gpt_neox", "opt", "nemotron")}
 

@@ -30,7 +30,10 @@ Benign (the function barely moves, or not at all):
   awq_rtn4       awq_scale, then rtn4_group on every block matrix (AWQ's scale-then-quantize)
   vo_scale, updown_scale
                  awq_scale's value → output pair alone, and its up → down pair alone
-                 (normfold_*, qk_scale and the AWQ-style scales: `zoo_rescale`)
+  sign_flip      function-preserving negative scales: each value → output, up → down and q/k
+                 class (per key head and rotary pair) flipped in sign on both sides with
+                 probability ½ (normfold_*, qk_scale, the AWQ-style scales and sign_flip:
+                 `zoo_rescale`)
   gptq4          GPTQ-style 4-bit per group of 128 with error feedback through the inverse
                  Hessian of seeded calibration inputs (`zoo_gptq`)
   prune24, wanda 2:4 magnitude pruning; Wanda |W|·‖x‖ pruning at 50% per row (`zoo_prune`)
@@ -75,6 +78,7 @@ from invarlock.calibration.zoo_rescale import (
     awq_scale,
     normfold,
     qk_scale,
+    sign_flip,
     updown_scale,
     vo_scale,
 )
@@ -271,7 +275,7 @@ BENIGN: dict[str, Callable[[torch.nn.Module, int], EditResult]] = {
     "normfold_some": normfold("some"), "normfold_all": normfold("all"), "lowrank": lowrank,
     "rtn4_group": rtn4_group, "qk_scale": qk_scale, "awq_scale": awq_scale,
     "awq_rtn4": awq_rtn4, "vo_scale": vo_scale, "updown_scale": updown_scale,
-    "gptq4": gptq4, "prune24": prune24, "wanda": wanda,
+    "sign_flip": sign_flip, "gptq4": gptq4, "prune24": prune24, "wanda": wanda,
 }
 HARMFUL: dict[str, Callable[[torch.nn.Module, int], EditResult]] = {
     "scale3": scale3, "outproj_half": outproj_half, "outlier_rows": outlier_rows,

@@ -1,8 +1,9 @@
 """Function-preserving rescalings of the edit zoo: scales moved between two weights so that
 the model computes the same function (up to rounding) while every touched matrix changes.
 Norm folds (per-channel s between a norm and the linears it feeds, SmoothQuant/AWQ), q/k
-scales (SmoothAttention: query ×λ, key ×1/λ) and AWQ-style activation-aware scales on the
-value → output and up → down pairs, alone or followed by 4-bit rounding (`awq_rtn4`)."""
+scales (SmoothAttention: query ×λ, key ×1/λ), AWQ-style activation-aware scales on the
+value → output and up → down pairs, alone or followed by 4-bit rounding (`awq_rtn4`), and
+sign flips of those pairs' channels (`sign_flip`: a negative scale)."""
 
 from __future__ import annotations
 
@@ -212,9 +213,46 @@ def _qk_scales(gen: torch.Generator, n_kv: int, d: int, rotary: int) -> torch.Te
     each rotary pair (j, j + r/2), so that RoPE still commutes with it. [n_kv, d]"""
     classes = d - rotary // 2
     lam = torch.exp((torch.rand(n_kv, classes, generator=gen) * 2 - 1) * math.log(2.0))
+    return lam[:, _rotary_classes(d, rotary)]
+
+
+def _rotary_classes(d: int, rotary: int) -> torch.Tensor:
+    """The class of each head channel: its rotary pair (j, j + r/2), or itself beyond r."""
     j = torch.arange(d)
-    cls = torch.where(j < rotary, j % max(rotary // 2, 1), rotary // 2 + j - rotary)
-    return lam[:, cls]
+    return torch.where(j < rotary, j % max(rotary // 2, 1), rotary // 2 + j - rotary)
+
+
+def _signs(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    """±1, each −1 with probability ½."""
+    return torch.where(torch.rand(*shape, generator=gen) < 0.5, -1.0, 1.0)
+
+
+def sign_flip(model: torch.nn.Module, seed: int) -> EditResult:
+    """Function-preserving negative scales: each value channel (on v and on the output
+    projection's columns that read it), each up/down channel, and each q/k class (per key
+    head and rotary pair; not under q/k norms) flipped in sign on both sides with
+    probability ½. No norm of either side sees a sign; only the pair does."""
+    gen = _rng(seed, 10)
+    touched = []
+    for prod, rows, cons, chan in _value_pairs(model) + _up_down_pairs(model):
+        t = _signs(gen, rows.numel())
+        _scale_inputs(cons, torch.arange(chan.numel()), t[chan])
+        _scale_outputs(prod, rows, t)
+        touched += [prod, cons]
+    attentions = _attentions(model)
+    if attentions:
+        n_q, n_kv, d, rotary = _head_layout(model)
+        for att in attentions:
+            if att.qk_norms is not None:
+                continue
+            t = _signs(gen, n_kv, d - rotary // 2)[:, _rotary_classes(d, rotary)]  # [n_kv, d]
+            _scale_outputs(att.q[0], att.q[1], t.repeat_interleave(n_q // n_kv, dim=0).flatten())
+            _scale_outputs(att.k[0], att.k[1], t.flatten())
+            touched += [att.q[0], att.k[0]]
+    if not touched:
+        raise NotApplicable("sign_flip: no value/output, up/down or q/k pair with a known layout")
+    blocks = [b for b in block_matrices(model) if any(b.module is m for m in touched)]
+    return _result("sign_flip", seed, blocks)
 
 
 def qk_scale(model: torch.nn.Module, seed: int) -> EditResult:

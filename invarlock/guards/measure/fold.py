@@ -15,9 +15,13 @@ A transformer's function does not change under some per-channel rescalings of it
   key head (grouped-query attention) and, under a rotary embedding, by both members of each
   rotary pair (RoPE rotates them together; SmoothAttention scales exactly so). Every pair is
   replaced by its *balanced* form: per channel class k, s_k = sqrt(‖b_k‖ / ‖a_k‖), a' = a·s,
-  b' = b/s. Any rescaling t gives the same a', b' (s becomes s/t), so the guards see one
-  representative of the whole equivalence class. q/k under per-head norms (Qwen3's `q_norm`)
-  are not paired: there the scale does not cancel.
+  b' = b/s. Any rescaling t > 0 gives the same a', b' (s becomes s/t), so the guards see one
+  representative of the whole equivalence class. A negative t (a sign flip of a class on
+  both sides) preserves the function too, and no norm sees it: a subject compared with its
+  baseline (`Reference`) has each class's sign aligned with the baseline's, by the sign of
+  the two sides' summed cosines with the baseline's (+1 on any edit that keeps the channel).
+  q/k under per-head norms (Qwen3's `q_norm`) are not paired: there the scale does not
+  cancel.
 
 Which norm feeds which linear is found by tracing one forward pass of a few tokens: a linear
 whose input tensor *is* a norm's output is fed by that norm, whatever the architecture calls
@@ -36,6 +40,7 @@ import functools
 import logging
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 # {pair: balancing scale} of one model under one plan (`balancing_scale`)
 Memo = dict[str, torch.Tensor]
 FOLDING = "folded "  # memo key prefix: a folded matrix read for a pair's norms, not yet used
+SIGN = "sign "  # memo key prefix: a pair's class signs against the reference
 # RMSNorms that scale by (1 + w) rather than w (Gemma family); others are found by a probe.
 OFFSET_NORM_PREFIXES = ("Gemma",)
 TRACE_TOKENS = 8
@@ -405,15 +411,60 @@ def _channel_layout(count: int, block: int, step: int, offset: int, d: int, r: i
 
 def _slice_norms(w: torch.Tensor, side: Mapping[str, Any]) -> torch.Tensor:
     """Σ of squares per channel class of one side."""
+    return _class_sums(w, None, side)
+
+
+def _class_sums(w: torch.Tensor, r: torch.Tensor | None,
+                side: Mapping[str, Any]) -> torch.Tensor:
+    """Σ w·r (r None: Σ w²) per channel class of one side."""
     index, cls, n = _channels(side)
     axis = int(side["axis"])
     cls = cls.to(w.device)
-    if index.numel() == w.shape[axis] and bool((index == torch.arange(index.numel())).all()):
-        picked = w  # every channel in order: no copy
-    else:
-        picked = w.index_select(axis, index.to(w.device))
-    sq = picked.square().sum(dim=1 - axis)
-    return torch.zeros(n, dtype=sq.dtype, device=w.device).index_add_(0, cls, sq)
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        if index.numel() == x.shape[axis] and bool(
+                (index == torch.arange(index.numel())).all()):
+            return x  # every channel in order: no copy
+        return x.index_select(axis, index.to(x.device))
+
+    picked = pick(w)
+    products = picked.square() if r is None else picked * pick(r.to(w.device))
+    sums = products.sum(dim=1 - axis)
+    return torch.zeros(n, dtype=sums.dtype, device=w.device).index_add_(0, cls, sums)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The model a subject's pairs are aligned to (its baseline): its weights by name and
+    its memo. With `hand_over`, the reference's folded sides read for the signs are left
+    waiting in its memo (`FOLDING`) for its own `effective` calls, which come next in a walk
+    over both models: each weight is still read once."""
+
+    get: Callable[[str], torch.Tensor]
+    memo: Memo | None = None
+    hand_over: bool = False
+
+
+def _class_signs(rel: Mapping[str, Any], a: torch.Tensor, b: torch.Tensor,
+                 plan: Mapping[str, Any], reference: Reference) -> torch.Tensor:
+    """±1 per channel class: −1 where the subject's class (folded sides a, b) points against
+    the reference's, by the sum of the two sides' cosines with it. A sign flip on both sides
+    (function-preserving) gives −2 and is undone; a flip of one side only gives about 0 and
+    the remaining side still shows it."""
+    names = (rel["a"]["weight"], rel["b"]["weight"])
+    ra = _pending_fold(names[0], reference.get, plan, reference.memo)
+    rb = ra if names[1] == names[0] else _pending_fold(names[1], reference.get, plan,
+                                                         reference.memo)
+    if reference.hand_over and reference.memo is not None:
+        reference.memo.update({FOLDING + n: w for n, w in zip(names, (ra, rb), strict=True)})
+    total = None
+    for w, r, side in ((a, ra, rel["a"]), (b, rb, rel["b"])):
+        dots = _class_sums(w, r, side)
+        scale = (_class_sums(w, None, side) * _class_sums(r.to(w.device), None, side)).sqrt()
+        cos = torch.where(scale > 0, dots / scale.clamp_min(1e-30), torch.zeros_like(dots))
+        total = cos if total is None else total + cos.to(total.device)
+    assert total is not None
+    return torch.where(total < 0, -1.0, 1.0).to(torch.float32)
 
 
 def balancing_scale(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
@@ -434,12 +485,27 @@ def class_norm(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
     return _pair_stats(rel, get, plan, memo)[1]
 
 
+def signed_scale(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
+                 plan: Mapping[str, Any], memo: Memo | None = None,
+                 reference: Reference | None = None) -> torch.Tensor:
+    """`balancing_scale` times each class's sign against `reference` (None: the plain
+    scale): the factor that takes a subject's pair to the reference's balanced form."""
+    if reference is None:
+        return balancing_scale(rel, get, plan, memo)
+    s, _, sign = _pair_stats(rel, get, plan, memo, reference, with_sign=True)
+    return s * sign.to(s.device)
+
+
 def _pair_stats(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
-                plan: Mapping[str, Any], memo: Memo | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(balancing scale s, class norm n) of a pair, from one read and fold of each side."""
+                plan: Mapping[str, Any], memo: Memo | None, reference: Reference | None = None,
+                with_sign: bool = False) -> tuple[torch.Tensor, ...]:
+    """(balancing scale s, class norm n) of a pair, from one read and fold of each side;
+    with a `reference`, the class signs against it too (kept in the memo; with `with_sign`
+    also returned)."""
     key = _pair_key(rel)
-    if memo is not None and key in memo and "norm " + key in memo:
-        return memo[key], memo["norm " + key]
+    if memo is not None and key in memo and "norm " + key in memo and (
+            reference is None or SIGN + key in memo):
+        return (memo[key], memo["norm " + key]) + ((memo[SIGN + key],) if with_sign else ())
     names = (rel["a"]["weight"], rel["b"]["weight"])
     inside = memo is not None and any(FOLDING + n in memo for n in names)
     a = _pending_fold(names[0], get, plan, memo)
@@ -456,9 +522,13 @@ def _pair_stats(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
     s = torch.ones_like(na)
     s[ok] = (nb[ok] / na[ok]).pow(0.25)  # sqrt of the ratio of norms
     n = (na * nb).pow(0.25)
+    sign = None if reference is None else _class_signs(rel, a, b.to(a.device), plan,
+                                                        reference)
     if memo is not None:
         memo[key], memo["norm " + key] = s, n
-    return s, n
+        if sign is not None:
+            memo[SIGN + key] = sign
+    return (s, n) + ((sign,) if with_sign else ())
 
 
 def data_factors(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
@@ -512,15 +582,17 @@ def _relations(name: str, plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def effective(name: str, get: Callable[[str], torch.Tensor],
-              plan: Mapping[str, Any], memo: Memo | None = None) -> torch.Tensor:
+              plan: Mapping[str, Any], memo: Memo | None = None,
+              reference: Reference | None = None) -> torch.Tensor:
     """The matrix whose σ the spectral guard compares: folded, then balanced in every pair
-    it belongs to (the pairs touch disjoint channels, so their order does not matter)."""
+    it belongs to (the pairs touch disjoint channels, so their order does not matter); with
+    a `reference`, each class's sign aligned with the reference's (`signed_scale`)."""
     w = _pending_fold(name, get, plan, memo)
     if memo is None or not _relations(name, plan):
-        return _balance(name, w, get, plan, memo)
+        return _balance(name, w, get, plan, memo, reference)
     memo[FOLDING + name] = w  # the pair's norms are taken from it, not from a second read
     try:
-        return _balance(name, w, get, plan, memo)
+        return _balance(name, w, get, plan, memo, reference)
     finally:
         memo.pop(FOLDING + name, None)
 
@@ -541,11 +613,13 @@ def balanced(name: str, get: Callable[[str], torch.Tensor],
 
 
 def _balance(name: str, w: torch.Tensor, get: Callable[[str], torch.Tensor],
-             plan: Mapping[str, Any], memo: Memo | None) -> torch.Tensor:
+             plan: Mapping[str, Any], memo: Memo | None,
+             reference: Reference | None = None) -> torch.Tensor:
     if not _relations(name, plan):
         return w
     for axis in (0, 1):  # one product per axis (a channel is in at most one pair per axis)
-        factors = _pair_factors(name, get, plan, axis, None, memo, int(w.shape[axis]))
+        factors = _pair_factors(name, get, plan, axis, None, memo, int(w.shape[axis]),
+                                reference)
         if factors is not None:
             shape = [1, 1]
             shape[axis] = -1
@@ -555,10 +629,12 @@ def _balance(name: str, w: torch.Tensor, get: Callable[[str], torch.Tensor],
 
 def _pair_factors(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
                   axis: int, factors: torch.Tensor | None, memo: Memo | None,
-                  size: int | None = None) -> torch.Tensor | None:
-    """`factors` (None: ones) times the balancing scale of every pair side of the weight
-    `name` along `axis` (as stored; `size` long, read from the weight when not given): what
-    `effective` multiplies that axis by."""
+                  size: int | None = None,
+                  reference: Reference | None = None) -> torch.Tensor | None:
+    """`factors` (None: ones) times the balancing scale (`signed_scale`: with its signs
+    against `reference`) of every pair side of the weight `name` along `axis` (as stored;
+    `size` long, read from the weight when not given): what `effective` multiplies that
+    axis by. A sign is its own inverse: both sides are multiplied by it."""
     for rel in _relations(name, plan):
         s = None
         for key, sign in (("a", 1), ("b", -1)):
@@ -566,7 +642,7 @@ def _pair_factors(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[s
             if side["weight"] != name or int(side["axis"]) != axis:
                 continue
             if s is None:
-                s = balancing_scale(rel, get, plan, memo)
+                s = signed_scale(rel, get, plan, memo, reference)
             if factors is None:
                 n = get(name).shape[axis] if size is None else size
                 factors = torch.ones(n, dtype=torch.float32)
@@ -577,11 +653,13 @@ def _pair_factors(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[s
 
 
 def output_scales(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
-                  conv1d: bool = False, memo: Memo | None = None) -> torch.Tensor | None:
+                  conv1d: bool = False, memo: Memo | None = None,
+                  reference: Reference | None = None) -> torch.Tensor | None:
     """Per output feature of the linear `name` (a weight name), the factor that turns its
-    output into that of its balanced form (None: no pair changes it). Producer outputs
-    times this factor are unchanged by every rescaling the pairs absorb."""
-    return _pair_factors(name, get, plan, 1 if conv1d else 0, None, memo)
+    output into that of its balanced form (None: no pair changes it; with a `reference`,
+    signs aligned with it). Producer outputs times this factor are unchanged by every
+    rescaling the pairs absorb."""
+    return _pair_factors(name, get, plan, 1 if conv1d else 0, None, memo, None, reference)
 
 
 def input_scales(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],

@@ -29,6 +29,7 @@ import torch
 from invarlock.families import family_of
 from invarlock.guards.base import not_measured
 from invarlock.guards.measure.fold import (
+    Reference,
     balanced,
     folded,
     is_plain,
@@ -233,11 +234,12 @@ class RowsProbe(Probe):
             return "folded rows", folded(name, base_get, plan), folded(name, subject_get, plan)
         pair = entry.get("balanced_with")
         if pair:  # a producer's bias scales with its outputs: compare the balanced outputs
-            forms = []
-            for get, memo in zip((base_get, subject_get), memos, strict=True):
+            forms = []  # (the subject's with its pairs' signs aligned with the baseline's)
+            references = (None, Reference(base_get, memos[0]))
+            for get, memo, ref in zip((base_get, subject_get), memos, references, strict=True):
                 bias = get(name).to(torch.float32)
                 factor = output_scales(pair["weight"], get, plan, conv1d=bool(pair["conv1d"]),
-                                       memo=memo)
+                                       memo=memo, reference=ref)
                 forms.append(bias if factor is None else bias * factor.to(bias.device))
             return "balanced channels", forms[0], forms[1]
         b, s = base_get(name), subject_get(name)

@@ -66,6 +66,7 @@ from invarlock.families import family_of
 from invarlock.guards.base import not_measured
 from invarlock.guards.measure import sketch
 from invarlock.guards.measure.fold import (
+    Reference,
     data_factors,
     effective,
     input_scales,
@@ -303,6 +304,9 @@ class SpectralProbe(Probe):
         decoded: dict[int, tuple[torch.Tensor, Any]] = {}
         base_memo: dict[str, torch.Tensor] = {}  # each model's pair scales, formed once
         subject_memo: dict[str, torch.Tensor] = {}
+        # the subject's pair classes take the baseline's signs; the baseline's sides read for
+        # them wait in its memo for its own `effective` calls, next in this walk
+        reference = Reference(base_get, base_memo, hand_over=True)
 
         def along(name: str) -> Along | None:
             """The module's input sketch; None where the state has none it can read (the
@@ -342,7 +346,7 @@ class SpectralProbe(Probe):
                     unmatched.append(name)
                     continue
                 try:
-                    ws = effective(name, subject_get, plan, subject_memo)
+                    ws = effective(name, subject_get, plan, subject_memo, reference)
                     sketched = along(name)
                     rows = None if sketched is not None or not is_plain(name, plan) else \
                         reader.large_rows(name, tuple(ws.shape), ctx.base_model_prefix,
