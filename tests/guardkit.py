@@ -243,8 +243,9 @@ def certify(*args: str, cache: Path | None = None,
 def check_zoo_edits(fresh: Callable[[], object], *, fold_atol: float, harm_atol: float,
                     not_applicable: frozenset[str] = frozenset()) -> None:
     """Every zoo family on fresh copies of one model: it edits something, the same seed gives
-    the same weights, norm folds and sign flips keep the outputs (within `fold_atol`), harmful
-    edits change them (beyond `harm_atol`); families in `not_applicable` refuse with NotApplicable."""
+    the same weights, norm folds and sign flips keep the outputs (within `fold_atol`),
+    harmful edits change them (beyond `harm_atol`); families in `not_applicable` refuse with
+    NotApplicable."""
     import pytest
     import torch
 
