@@ -2,17 +2,17 @@
 
 Certifies every family of the edit zoo (`invarlock/calibration/zoo.py`: benign RTN 8-bit per
 channel and per group, fp16/bf16 round trips, INT8-step noise, 2–10% magnitude pruning,
-norm-fold rescalings of one/some/all layers, small low-rank merges, 4-bit RTN g128, GPTQ-
-style 4-bit, q/k, value/output and up/down rescalings and their sign flips, AWQ-style scale-
-then-4-bit, 2:4 and Wanda pruning; harmful ×3 matrix, halved output projection, ×25 outlier
-rows, whole family ×1.5, swapped layers, 4-bit RTN, a NaN, permuted / zeroed / spiked
-embedding rows of tokens the windows never contain) over seeds, against one baseline
+norm-fold rescalings of one/some/all layers, small low-rank merges, 4-bit RTN g128,
+GPTQ-style 4-bit, q/k, value/output and up/down rescalings and their sign flips, AWQ-style
+scale-then-4-bit, 2:4 and Wanda pruning; harmful ×3 matrix, halved output projection, ×25
+outlier rows, whole family ×1.5, swapped layers, 4-bit RTN, a NaN, permuted / zeroed /
+spiked embedding rows of tokens the windows never contain) over seeds, against one baseline
 evaluated once (shared cache, one process), under a tier (balanced by default). `--reuse`
 decides certificates already in OUT/runs/ again under the current policy instead of
-certifying them anew (the decisions are pure), so seeds can be added run by run. `--text-
-calibration` has the data-aware families (GPTQ, Wanda, AWQ-style scales) calibrate on up to
-64 windows of the dataset that neither evaluation set contains, as a real quantizer is
-calibrated on text; by default they draw seeded random tokens. On a benign edit any guard
+certifying them anew (the decisions are pure), so seeds can be added run by run.
+`--text-calibration` has the data-aware families (GPTQ, Wanda, AWQ-style scales) calibrate
+on up to 64 windows of the dataset that neither evaluation set contains, as a real quantizer
+is calibrated on text; by default they draw seeded random tokens. On a benign edit any guard
 that fails is a false alarm; on a harmful edit a failing guard is a detection. Prints both
 tables as markdown and writes every run to OUT/zoo.csv and OUT/zoo.json as soon as it ends.
 
