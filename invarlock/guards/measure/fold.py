@@ -446,11 +446,12 @@ class Reference:
 
 
 def _class_signs(rel: Mapping[str, Any], a: torch.Tensor, b: torch.Tensor,
-                 plan: Mapping[str, Any], reference: Reference) -> torch.Tensor:
-    """±1 per channel class: −1 where the subject's class (folded sides a, b) points against
-    the reference's, by the sum of the two sides' cosines with it. A sign flip on both sides
-    (function-preserving) gives −2 and is undone; a flip of one side only gives about 0 and
-    the remaining side still shows it."""
+                 norms: tuple[torch.Tensor, torch.Tensor], plan: Mapping[str, Any],
+                 reference: Reference) -> torch.Tensor:
+    """±1 per channel class: −1 where the subject's class (folded sides a, b, their squared
+    class norms `norms`) points against the reference's, by the sum of the two sides'
+    cosines with it. A sign flip on both sides (function-preserving) gives −2 and is undone;
+    a flip of one side only gives about 0 and the remaining side still shows it."""
     names = (rel["a"]["weight"], rel["b"]["weight"])
     ra = _pending_fold(names[0], reference.get, plan, reference.memo)
     rb = ra if names[1] == names[0] else _pending_fold(names[1], reference.get, plan,
@@ -458,9 +459,9 @@ def _class_signs(rel: Mapping[str, Any], a: torch.Tensor, b: torch.Tensor,
     if reference.hand_over and reference.memo is not None:
         reference.memo.update({FOLDING + n: w for n, w in zip(names, (ra, rb), strict=True)})
     total = None
-    for w, r, side in ((a, ra, rel["a"]), (b, rb, rel["b"])):
+    for w, r, side, own in ((a, ra, rel["a"], norms[0]), (b, rb, rel["b"], norms[1])):
         dots = _class_sums(w, r, side)
-        scale = (_class_sums(w, None, side) * _class_sums(r.to(w.device), None, side)).sqrt()
+        scale = (own.to(w.device) * _class_sums(r.to(w.device), None, side)).sqrt()
         cos = torch.where(scale > 0, dots / scale.clamp_min(1e-30), torch.zeros_like(dots))
         total = cos if total is None else total + cos.to(total.device)
     assert total is not None
@@ -522,8 +523,8 @@ def _pair_stats(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
     s = torch.ones_like(na)
     s[ok] = (nb[ok] / na[ok]).pow(0.25)  # sqrt of the ratio of norms
     n = (na * nb).pow(0.25)
-    sign = None if reference is None else _class_signs(rel, a, b.to(a.device), plan,
-                                                        reference)
+    sign = None if reference is None else _class_signs(rel, a, b.to(a.device), (na, nb),
+                                                        plan, reference)
     if memo is not None:
         memo[key], memo["norm " + key] = s, n
         if sign is not None:
