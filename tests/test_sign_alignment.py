@@ -19,7 +19,8 @@ TIERS = yaml.safe_load((Path(__file__).resolve().parents[1] / "policies" /
 def _flip(model, seed: int, sides: tuple[str, ...] = ("a", "b")) -> int:
     """A random sign per channel class of every pair the guards balance, on `sides` of each
     (weights and, on a producer's output axis, its bias). Returns the classes flipped."""
-    from invarlock.guards.measure.fold import _channels, pair_relations
+    from invarlock.guards.measure.fold import _channels
+    from invarlock.guards.measure.pairs import pair_relations
 
     gen = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())

@@ -9,8 +9,9 @@ Subject: each tensor is compared with the baseline's, streamed from its files. A
 scale its linears absorb is compared as (γ + offset)·‖W[:, i]‖ (and its shift as β·‖W[:, i]‖)
 over the linears it feeds, a head fed by such a norm as W·diag(γ), and the bias of a balanced
 pair's producer (fused q/k/v, `v_proj`, `up_proj`) times its outputs' balancing scale
-(`fold.output_scales`), so the function-preserving rescalings SmoothQuant, AWQ and
-SmoothAttention apply change nothing here. A plain 2-D tensor of `ROW_BLOCKS_MIN_ELEMENTS`
+(`fold.output_scales`; the subject's with its classes' signs aligned with the baseline's), so
+the function-preserving rescalings SmoothQuant, AWQ and SmoothAttention apply, and sign
+flips of a pair's channels, change nothing here. A plain 2-D tensor of `ROW_BLOCKS_MIN_ELEMENTS`
 or more (an embedding, an untied head) is read from the files a block of rows at a time
 (`blockwise_row_change`), never whole beside the subject's. The decision is
 `invarlock.guards.rows.decide`.

@@ -15,7 +15,9 @@ calibration windows, reduced to an input sketch per distinct input (`sketch`), c
 the baseline too.
 
 Subject: each baseline weight (and the norm scales and partners its effective form needs) is
-streamed from the baseline's files (`WeightReader`). An unchanged effective matrix
+streamed from the baseline's files (`WeightReader`); the subject's effective form takes each
+pair class's sign from the baseline's (`fold.Reference`: a sign flip of both sides of a
+pair changes no norm, only this alignment sees it). An unchanged effective matrix
 (bit-identical) keeps σ_b; a changed one is checked against the files (a cached σ_b the
 files' matrix does not have along the cached v_b is taken again from the files, so a planted
 cache entry cannot claim the subject's σ), and gets σ_s, the edit size ‖W_s − W_b‖₂/σ_b and, for
