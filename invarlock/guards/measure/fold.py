@@ -261,12 +261,7 @@ def _class_signs(rel: Mapping[str, Any], a: torch.Tensor, b: torch.Tensor,
     class norms `norms`) points against the reference's, by the sum of the two sides'
     cosines with it. A sign flip on both sides (function-preserving) gives −2 and is undone;
     a flip of one side only gives about 0 and the remaining side still shows it."""
-    names = (rel["a"]["weight"], rel["b"]["weight"])
-    ra = _pending_fold(names[0], reference.get, plan, reference.memo)
-    rb = ra if names[1] == names[0] else _pending_fold(names[1], reference.get, plan,
-                                                         reference.memo)
-    if reference.hand_over and reference.memo is not None:
-        reference.memo.update({FOLDING + n: w for n, w in zip(names, (ra, rb), strict=True)})
+    ra, rb = _pair_sides(rel, reference.get, plan, reference.memo, wait=reference.hand_over)
     total = _class_cosines(a, ra, rel["a"], norms[0])
     total = total + _class_cosines(b, rb, rel["b"], norms[1]).to(total.device)
     return torch.where(total < 0, -1.0, 1.0).to(torch.float32)
@@ -320,14 +315,10 @@ def _pair_stats(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
     if memo is not None and key in memo and "norm " + key in memo and (
             reference is None or SIGN + key in memo):
         return (memo[key], memo["norm " + key]) + ((memo[SIGN + key],) if with_sign else ())
-    names = (rel["a"]["weight"], rel["b"]["weight"])
-    inside = memo is not None and any(FOLDING + n in memo for n in names)
-    a = _pending_fold(names[0], get, plan, memo)
-    b = a if names[1] == names[0] else _pending_fold(names[1], get, plan, memo)
-    if inside:
-        # inside `effective` of one side: the other side's fold waits for its own call
-        # (the pair's sides come next to each other in a walk: one matrix held briefly)
-        memo.update({FOLDING + n: w for n, w in zip(names, (a, b), strict=True)})
+    # inside `effective` of one side, the other side's fold waits for its own call (the
+    # pair's sides come next to each other in a walk: one matrix held briefly)
+    inside = memo is not None and any(FOLDING + rel[k]["weight"] in memo for k in ("a", "b"))
+    a, b = _pair_sides(rel, get, plan, memo, wait=inside)
     na, nb = _slice_norms(a, rel["a"]), _slice_norms(b.to(a.device), rel["b"])
     if na.shape != nb.shape:
         raise ValueError(f"pair {rel['a']['weight']} / {rel['b']['weight']}: "
@@ -409,6 +400,19 @@ def effective(name: str, get: Callable[[str], torch.Tensor],
         return _balance(name, w, get, plan, memo, reference)
     finally:
         memo.pop(FOLDING + name, None)
+
+
+def _pair_sides(rel: Mapping[str, Any], get: Callable[[str], torch.Tensor],
+                plan: Mapping[str, Any], memo: Memo | None, *, wait: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pair's folded sides (a, b), taken from the memo where they wait, else read; with
+    `wait`, left waiting in the memo again for their own `effective` calls."""
+    names = (rel["a"]["weight"], rel["b"]["weight"])
+    a = _pending_fold(names[0], get, plan, memo)
+    b = a if names[1] == names[0] else _pending_fold(names[1], get, plan, memo)
+    if wait and memo is not None:
+        memo.update({FOLDING + n: w for n, w in zip(names, (a, b), strict=True)})
+    return a, b
 
 
 def _pending_fold(name: str, get: Callable[[str], torch.Tensor], plan: Mapping[str, Any],
